@@ -1,0 +1,17 @@
+# The two commands of the README: `make compare` runs the main job, `make test` the tests.
+# Both set up .venv on first use (CPU torch first when no torch is installed).
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup compare test lint
+setup:
+	@./scripts/setup.sh
+
+compare: setup
+	$(BIN)/pvae compare $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy pvae

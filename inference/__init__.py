@@ -1,0 +1,1 @@
+"""Inference engines (installed as ``pvae.inference``)."""

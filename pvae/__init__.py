@@ -1,0 +1,1 @@
+"""pvae: probabilistic-programming VAEs on Pyro."""
