@@ -1,1 +1,5 @@
-"""The model zoo (installed as ``pvae.models``)."""
+"""The model zoo (installed as ``pvae.models``): one file per family."""
+
+from .vae import VAE
+
+__all__ = ["VAE"]

@@ -1,0 +1,152 @@
+"""The one importance-sampled log-likelihood estimator every evaluation uses.
+
+    log p(x_n) ~= log (1/K) sum_k p(x_n, z_k) / q(z_k | x_n),   z_k ~ q(z | x_n)
+
+It is the IWAE_K bound per datapoint: a lower bound in expectation that tightens as K grows
+and equals log p(x_n) for every K when q is the exact posterior.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from pvae.protocol import (
+    Reducer,
+    find_data_frame,
+    get_traces,
+    guess_max_plate_nesting,
+    latent_sites,
+    log_weights,
+)
+
+Data = Any  # a tensor, a tuple of tensors, or a torch Dataset
+
+
+def as_tensors(data: Data) -> tuple[torch.Tensor, ...]:
+    """The data as a tuple of tensors sharing their first dimension."""
+    if isinstance(data, torch.Tensor):
+        return (data,)
+    if isinstance(data, tuple | list) and all(isinstance(t, torch.Tensor) for t in data):
+        lengths = {t.shape[0] for t in data}
+        if len(lengths) != 1:
+            raise ValueError(f"tensors in the data tuple have different lengths: {lengths}")
+        return tuple(data)
+    if isinstance(data, torch.utils.data.Dataset):
+        batch = get_batch(data, torch.arange(len(data)))  # type: ignore[arg-type]
+        return batch
+    raise TypeError(
+        f"data must be a tensor, a tuple of tensors or a torch Dataset, got {type(data).__name__}"
+    )
+
+
+def num_items(data: Data) -> int:
+    if isinstance(data, torch.Tensor):
+        return data.shape[0]
+    if isinstance(data, tuple | list):
+        return as_tensors(data)[0].shape[0]
+    return len(data)  # type: ignore[arg-type]
+
+
+def get_batch(data: Data, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Rows ``index`` of the data, as a tuple of tensors (the model's positional args)."""
+    if isinstance(data, torch.Tensor):
+        return (data[index],)
+    if isinstance(data, tuple | list):
+        return tuple(t[index] for t in data)
+    if hasattr(data, "__getitems__"):
+        batch = data.__getitems__(index.tolist())
+    else:
+        batch = torch.utils.data.default_collate([data[int(i)] for i in index])
+    return batch if isinstance(batch, tuple | list) and not torch.is_tensor(batch) else (batch,)
+
+
+def iter_batches(data: Data, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Consecutive batches of ``batch_size`` rows (the last may be smaller)."""
+    n = num_items(data)
+    for start in range(0, n, batch_size):
+        yield get_batch(data, torch.arange(start, min(n, start + batch_size)))
+
+
+def log_likelihood(
+    model: Callable,
+    guide: Callable,
+    data: Data,
+    num_samples: int = 5000,
+    chunk_size: int | None = None,
+    batch_size: int = 100,
+    progress: bool = False,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Importance-sampled log p(x_n) for every datapoint, in nats (higher is better).
+
+    :param model, guide: any pair whose per-datapoint latents sit in ``pyro.plate("data")``.
+    :param data: a tensor ``(N, ...)``, a tuple of tensors (passed as positional arguments),
+        or a torch Dataset.
+    :param num_samples: importance samples K per datapoint.
+    :param chunk_size: particles drawn per vectorised run; defaults to
+        ``max(1, 10_000 // batch_size)``.
+    :param batch_size: datapoints per run.
+    :returns: tensor of shape ``(N,)``.
+
+    Memory: at most ``chunk_size * batch_size`` samples are alive at once, so peak memory is
+    about that many rows of the widest activation of the pair (for a 784-200-200-50 MLP VAE
+    with the defaults, 10,000 rows x 784 floats x 4 bytes ~ 31 MB per tensor of the graph,
+    about 0.2 GB in all); it does not grow with ``num_samples``.
+
+    The pair's global latents (sites outside the data plate) cannot be marginalised per
+    datapoint and raise an error; condition on them first (``pyro.poutine.condition``).
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    chunk_size = chunk_size or max(1, 10_000 // batch_size)
+    n = num_items(data)
+    results = []
+    nesting: int | None = None
+    bar = tqdm(total=n * num_samples, disable=not progress, desc="log p(x)", unit="sample")
+    with torch.no_grad():
+        for batch in iter_batches(data, batch_size):
+            if nesting is None:
+                nesting = guess_max_plate_nesting(model, guide, batch, kwargs)
+            total: torch.Tensor | None = None
+            done = 0
+            while done < num_samples:
+                k = min(chunk_size, num_samples - done)
+                model_trace, guide_trace = get_traces(model, guide, batch, kwargs, k, nesting)
+                reducer = Reducer(nesting, find_data_frame(guide_trace, model_trace))
+                _check_evaluable(model_trace, guide_trace, reducer, batch)
+                weights = log_weights(model_trace, guide_trace, reducer)
+                chunk = torch.logsumexp(weights.local + weights.global_[:, None], 0)
+                total = chunk if total is None else torch.logaddexp(total, chunk)
+                done += k
+                bar.update(k * batch[0].shape[0])
+            assert total is not None
+            results.append(total - math.log(num_samples))
+    bar.close()
+    return torch.cat(results)
+
+
+def _check_evaluable(model_trace, guide_trace, reducer: Reducer, batch) -> None:
+    frame = reducer.data_frame
+    if frame is None:
+        raise ValueError(
+            "log_likelihood needs the per-datapoint sites inside pyro.plate('data', ...); "
+            "no plate named 'data' was found in the model or the guide"
+        )
+    if frame.full_size not in (None, frame.size) or frame.size != batch[0].shape[0]:
+        raise ValueError(
+            f"the 'data' plate has {frame.size} of {frame.full_size} datapoints but the batch has "
+            f"{batch[0].shape[0]}; log_likelihood needs the plate to cover exactly the batch "
+            "it is given (no subsample_size)"
+        )
+    for name, guide_site, _ in latent_sites(model_trace, guide_trace):
+        if not reducer.is_local(guide_site):
+            raise ValueError(
+                f"latent site '{name}' is outside the 'data' plate (a global latent); "
+                "log_likelihood marginalises per-datapoint latents only: condition on the "
+                "global ones with pyro.poutine.condition"
+            )

@@ -1,0 +1,424 @@
+"""Small network building blocks: MLPs, conv and recurrent encoders/decoders.
+
+Every module accepts arbitrary leading batch dimensions, e.g. ``(num_particles, batch, ...)``;
+conv and recurrent modules flatten them internally and restore them on output.
+
+Encoders return the parameters of a diagonal Gaussian, ``(loc, scale)``, with
+``scale = softplus(raw) + MIN_SCALE`` (softplus rather than ``exp``: it grows linearly, so a
+large raw output cannot overflow the scale or blow up gradients; ``MIN_SCALE = 1e-6`` keeps it
+strictly positive).
+
+Decoders return a flat tensor ``(..., x_dim * param_size)`` laid out as ``(x_dim, param_size)``:
+the ``param_size`` outputs that belong to data dimension ``i`` are contiguous, which is how
+:mod:`pvae.likelihoods` reads them (``params.reshape(..., x_dim, param_size)``). For images
+``x_dim = C * H * W`` with pixels flattened in ``(C, H, W)`` order, as ``x.reshape(-1)`` does.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "MIN_SCALE",
+    "MLP",
+    "GaussianHead",
+    "MLPEncoder",
+    "MLPDecoder",
+    "ConvEncoder",
+    "ConvDecoder",
+    "GRUEncoder",
+    "build_encoder",
+    "build_decoder",
+]
+
+MIN_SCALE = 1e-6
+"""Added to ``softplus(raw)`` so that encoder scales are strictly positive."""
+
+ImageShape = tuple[int, int, int]
+
+
+def _positive_ints(values: Sequence[int]) -> tuple[int, ...] | None:
+    """``values`` as a tuple of Python ints, or ``None`` if one is not a positive integer."""
+    try:
+        ints = tuple(operator.index(v) for v in values if not isinstance(v, bool))
+    except TypeError:
+        return None
+    if len(ints) != len(values) or any(v < 1 for v in ints):
+        return None
+    return ints
+
+
+def _as_hidden(hidden: int | Sequence[int]) -> tuple[int, ...]:
+    values = [hidden] if not isinstance(hidden, Sequence) else list(hidden)
+    widths = _positive_ints(values)
+    if widths is None:
+        raise ValueError(f"hidden widths must be positive ints, got {hidden!r}")
+    return widths
+
+
+def _check_image_shape(image_shape: Sequence[int], name: str = "image_shape") -> ImageShape:
+    shape = _positive_ints(list(image_shape))
+    if shape is None or len(shape) != 3:
+        raise ValueError(
+            f"{name} must be (channels, height, width), three positive ints, got {image_shape!r}"
+        )
+    return (shape[0], shape[1], shape[2])
+
+
+def _hidden_layers(
+    in_dim: int, hidden: Sequence[int], activation: type[nn.Module]
+) -> tuple[list[nn.Module], int]:
+    """``Linear -> activation`` for each width in ``hidden``; returns the layers and last width."""
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_dim, width), activation()]
+        in_dim = width
+    return layers, in_dim
+
+
+class MLP(nn.Module):
+    """Fully connected network: ``Linear`` layers with ``activation`` between, none on output.
+
+    Args:
+        in_dim: input size.
+        hidden: widths of the hidden layers (may be empty: a single ``Linear``).
+        out_dim: output size.
+        activation: activation class, instantiated once per hidden layer.
+
+    Shapes: ``(..., in_dim) -> (..., out_dim)``.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: Sequence[int],
+        out_dim: int,
+        activation: type[nn.Module] = nn.ReLU,
+    ) -> None:
+        super().__init__()
+        layers, width = _hidden_layers(in_dim, _as_hidden(hidden), activation)
+        self.layers = nn.Sequential(*layers, nn.Linear(width, out_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.layers(x)
+        return out
+
+
+class GaussianHead(nn.Module):
+    """Linear map to the parameters of a diagonal Gaussian.
+
+    ``loc, raw = Linear(in_dim, 2 * z_dim)(h).chunk(2)`` and ``scale = softplus(raw) + MIN_SCALE``.
+
+    Shapes: ``(..., in_dim) -> ((..., z_dim), (..., z_dim))``.
+    """
+
+    def __init__(self, in_dim: int, z_dim: int) -> None:
+        super().__init__()
+        self.z_dim = z_dim
+        self.linear = nn.Linear(in_dim, 2 * z_dim)
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        loc, raw = self.linear(h).chunk(2, dim=-1)
+        return loc, F.softplus(raw) + MIN_SCALE
+
+
+class MLPEncoder(nn.Module):
+    """MLP encoder ``x -> (loc, scale)`` of a diagonal Gaussian over ``z``.
+
+    Shapes: ``(..., x_dim) -> ((..., z_dim), (..., z_dim))``; ``scale > 0``.
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        z_dim: int,
+        hidden: Sequence[int] = (200, 200),
+        activation: type[nn.Module] = nn.ReLU,
+    ) -> None:
+        super().__init__()
+        layers, width = _hidden_layers(x_dim, _as_hidden(hidden), activation)
+        self.body = nn.Sequential(*layers)
+        self.head = GaussianHead(width, z_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        loc, scale = self.head(self.body(x))
+        return loc, scale
+
+
+class MLPDecoder(MLP):
+    """MLP decoder ``z -> params``; no activation on the output.
+
+    Shapes: ``(..., z_dim) -> (..., out_dim)``; use ``out_dim = x_dim * param_size``.
+    """
+
+    def __init__(
+        self,
+        z_dim: int,
+        out_dim: int,
+        hidden: Sequence[int] = (200, 200),
+        activation: type[nn.Module] = nn.ReLU,
+    ) -> None:
+        super().__init__(z_dim, hidden, out_dim, activation)
+
+
+class ConvEncoder(nn.Module):
+    """Convolutional encoder for flattened images ``x -> (loc, scale)``.
+
+    ``Conv2d(kernel 3, stride 2, padding 1) -> activation`` per entry of ``channels`` (each halves
+    height and width, rounding up: 28 -> 14 -> 7, 8 -> 4 -> 2), then fully connected layers of
+    widths ``hidden`` and a :class:`GaussianHead`.
+
+    Args:
+        image_shape: ``(C, H, W)``.
+        z_dim: latent size.
+        channels: output channels of the successive convolutions.
+        hidden: width(s) of the fully connected layer(s) after the convolutions.
+        activation: activation class.
+
+    Shapes: ``(..., C * H * W) -> ((..., z_dim), (..., z_dim))``, input flattened in
+    ``(C, H, W)`` order.
+    """
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        z_dim: int,
+        channels: Sequence[int] = (32, 64),
+        hidden: int | Sequence[int] = 256,
+        activation: type[nn.Module] = nn.ReLU,
+    ) -> None:
+        super().__init__()
+        self.image_shape = _check_image_shape(image_shape)
+        self.x_dim = math.prod(self.image_shape)
+        convs: list[nn.Module] = []
+        in_channels = self.image_shape[0]
+        for out_channels in channels:
+            convs += [nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1), activation()]
+            in_channels = out_channels
+        self.convs = nn.Sequential(*convs, nn.Flatten())
+        with torch.no_grad():
+            flat_size = self.convs(torch.zeros(1, *self.image_shape)).shape[-1]
+        layers, width = _hidden_layers(flat_size, _as_hidden(hidden), activation)
+        self.fc = nn.Sequential(*layers)
+        self.head = GaussianHead(width, z_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.shape[-1] != self.x_dim:
+            raise ValueError(
+                f"ConvEncoder expects x of shape (..., {self.x_dim}) for images "
+                f"{self.image_shape}, got {tuple(x.shape)}"
+            )
+        batch_shape = x.shape[:-1]
+        h = self.convs(x.reshape(-1, *self.image_shape))
+        loc, scale = self.head(self.fc(h))
+        return loc.reshape(*batch_shape, -1), scale.reshape(*batch_shape, -1)
+
+
+class ConvDecoder(nn.Module):
+    """Transposed-convolution decoder ``z -> params`` for images.
+
+    Fully connected layers of widths ``hidden`` map ``z`` to ``channels[0]`` feature maps of
+    size ``(ceil(H / 2**n), ceil(W / 2**n))``, ``n = len(channels)``. Each of the ``n``
+    ``ConvTranspose2d(kernel 4, stride 2, padding 1)`` doubles height and width (activation
+    between, none after the last); the result is cropped to ``(H, W)``. The last layer has
+    ``C * out_channels_per_pixel`` channels, grouped ``(C, out_channels_per_pixel)``.
+
+    The output is flattened to ``(..., C * H * W * P)`` in the layout ``(x_dim, P)`` of
+    :mod:`pvae.likelihoods`, ``P = out_channels_per_pixel``: element
+    ``[..., ((c * H + h) * W + w) * P + p]`` is parameter ``p`` of pixel ``(c, h, w)``.
+
+    Args:
+        z_dim: latent size.
+        image_shape: ``(C, H, W)``.
+        out_channels_per_pixel: the likelihood's ``param_size``.
+        channels: feature channels entering the successive transposed convolutions.
+        hidden: width(s) of the fully connected layer(s) before the convolutions.
+        activation: activation class.
+
+    Shapes: ``(..., z_dim) -> (..., C * H * W * out_channels_per_pixel)``.
+    """
+
+    def __init__(
+        self,
+        z_dim: int,
+        image_shape: Sequence[int],
+        out_channels_per_pixel: int = 1,
+        channels: Sequence[int] = (64, 32),
+        hidden: int | Sequence[int] = 256,
+        activation: type[nn.Module] = nn.ReLU,
+    ) -> None:
+        super().__init__()
+        self.image_shape = _check_image_shape(image_shape)
+        channels = tuple(channels)
+        if not channels:
+            raise ValueError("ConvDecoder needs at least one entry in channels")
+        if out_channels_per_pixel < 1:
+            raise ValueError(
+                f"out_channels_per_pixel must be a positive int, got {out_channels_per_pixel!r}"
+            )
+        self.out_channels_per_pixel = out_channels_per_pixel
+        num_channels, height, width = self.image_shape
+        scale = 2 ** len(channels)
+        self.start_shape = (channels[0], -(-height // scale), -(-width // scale))
+        layers, fc_width = _hidden_layers(z_dim, _as_hidden(hidden), activation)
+        self.fc = nn.Sequential(
+            *layers, nn.Linear(fc_width, math.prod(self.start_shape)), activation()
+        )
+        deconvs: list[nn.Module] = []
+        outs = (*channels[1:], num_channels * out_channels_per_pixel)
+        for i, (in_channels, out_channels) in enumerate(zip(channels, outs, strict=True)):
+            deconvs.append(nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1))
+            if i < len(channels) - 1:
+                deconvs.append(activation())
+        self.deconvs = nn.Sequential(*deconvs)
+
+    def forward(self, z: Tensor) -> Tensor:
+        batch_shape = z.shape[:-1]
+        num_channels, height, width = self.image_shape
+        h = self.fc(z).reshape(-1, *self.start_shape)
+        out = self.deconvs(h)[..., :height, :width]  # (B, C * P, H, W)
+        out = out.reshape(-1, num_channels, self.out_channels_per_pixel, height, width)
+        out = out.permute(0, 1, 3, 4, 2)  # (B, C, H, W, P)
+        return out.reshape(*batch_shape, -1)
+
+
+class GRUEncoder(nn.Module):
+    """GRU encoder for sequences ``x_{1:T} -> (loc, scale)``.
+
+    With ``per_step=False`` the head reads the last output (the final state), giving one
+    Gaussian per sequence; with ``per_step=True`` it reads every step, giving one per time step
+    (e.g. per-step potentials for a state-space guide). ``bidirectional=True`` lets each step
+    see the whole sequence; the final state is then the last forward output concatenated with
+    the first backward output.
+
+    Args:
+        input_dim: features per time step.
+        z_dim: latent size.
+        hidden_size: GRU hidden size (per direction).
+        per_step: one Gaussian per time step instead of per sequence.
+        num_layers: stacked GRU layers.
+        bidirectional: run a backward GRU as well.
+
+    Shapes: ``(..., T, input_dim) -> ((..., z_dim), (..., z_dim))``, or
+    ``((..., T, z_dim), (..., T, z_dim))`` when ``per_step``.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        z_dim: int,
+        hidden_size: int = 64,
+        per_step: bool = False,
+        num_layers: int = 1,
+        bidirectional: bool = False,
+    ) -> None:
+        super().__init__()
+        self.input_dim = input_dim
+        self.per_step = per_step
+        self.bidirectional = bidirectional
+        self.hidden_size = hidden_size
+        self.gru = nn.GRU(
+            input_dim,
+            hidden_size,
+            num_layers=num_layers,
+            batch_first=True,
+            bidirectional=bidirectional,
+        )
+        self.head = GaussianHead(hidden_size * (2 if bidirectional else 1), z_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.dim() < 2 or x.shape[-1] != self.input_dim:
+            raise ValueError(
+                f"GRUEncoder expects x of shape (..., T, {self.input_dim}), got {tuple(x.shape)}"
+            )
+        batch_shape, num_steps = x.shape[:-2], x.shape[-2]
+        outputs, _ = self.gru(x.reshape(-1, num_steps, self.input_dim))  # (B, T, D * hidden)
+        if self.per_step:
+            h = outputs.reshape(*batch_shape, num_steps, -1)
+        elif self.bidirectional:
+            h = torch.cat(
+                [outputs[:, -1, : self.hidden_size], outputs[:, 0, self.hidden_size :]], dim=-1
+            ).reshape(*batch_shape, -1)
+        else:
+            h = outputs[:, -1].reshape(*batch_shape, -1)
+        loc, scale = self.head(h)
+        return loc, scale
+
+
+_KINDS = ("conv", "mlp")
+
+
+def _image_shape_for(kind: str, x_dim: int, image_shape: Sequence[int] | None) -> ImageShape:
+    if image_shape is None:
+        raise ValueError(f"kind={kind!r} needs image_shape=(channels, height, width)")
+    shape = _check_image_shape(image_shape)
+    if math.prod(shape) != x_dim:
+        raise ValueError(
+            f"image_shape {shape} has {math.prod(shape)} pixels but x_dim={x_dim}; "
+            f"image_shape must multiply to x_dim"
+        )
+    return shape
+
+
+def build_encoder(
+    kind: str,
+    x_dim: int,
+    z_dim: int,
+    hidden: int | Sequence[int] = (200, 200),
+    image_shape: Sequence[int] | None = None,
+    activation: type[nn.Module] = nn.ReLU,
+) -> nn.Module:
+    """Encoder ``(..., x_dim) -> (loc, scale)``, each ``(..., z_dim)``.
+
+    Args:
+        kind: ``"mlp"`` (:class:`MLPEncoder`, hidden layers ``hidden``) or ``"conv"``
+            (:class:`ConvEncoder`, default channels, fully connected layers ``hidden``).
+        x_dim: data size.
+        z_dim: latent size.
+        hidden: hidden widths.
+        image_shape: ``(C, H, W)`` with ``C * H * W == x_dim``; required for ``"conv"``.
+        activation: activation class.
+    """
+    if kind == "mlp":
+        return MLPEncoder(x_dim, z_dim, _as_hidden(hidden), activation)
+    if kind == "conv":
+        shape = _image_shape_for(kind, x_dim, image_shape)
+        return ConvEncoder(shape, z_dim, hidden=hidden, activation=activation)
+    raise ValueError(f"unknown encoder kind {kind!r}; valid kinds are: {', '.join(_KINDS)}")
+
+
+def build_decoder(
+    kind: str,
+    z_dim: int,
+    x_dim: int,
+    hidden: int | Sequence[int] = (200, 200),
+    param_size: int = 1,
+    image_shape: Sequence[int] | None = None,
+    activation: type[nn.Module] = nn.ReLU,
+) -> nn.Module:
+    """Decoder ``(..., z_dim) -> (..., x_dim * param_size)``, laid out as ``(x_dim, param_size)``.
+
+    Args:
+        kind: ``"mlp"`` (:class:`MLPDecoder`) or ``"conv"`` (:class:`ConvDecoder`, default
+            channels, fully connected layers ``hidden``).
+        z_dim: latent size.
+        x_dim: data size.
+        hidden: hidden widths.
+        param_size: outputs per data dimension, the likelihood's ``param_size``.
+        image_shape: ``(C, H, W)`` with ``C * H * W == x_dim``; required for ``"conv"``.
+        activation: activation class.
+    """
+    if kind == "mlp":
+        return MLPDecoder(z_dim, x_dim * param_size, _as_hidden(hidden), activation)
+    if kind == "conv":
+        shape = _image_shape_for(kind, x_dim, image_shape)
+        return ConvDecoder(
+            z_dim, shape, out_channels_per_pixel=param_size, hidden=hidden, activation=activation
+        )
+    raise ValueError(f"unknown decoder kind {kind!r}; valid kinds are: {', '.join(_KINDS)}")

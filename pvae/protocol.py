@@ -1,0 +1,391 @@
+"""The model/guide protocol: tracing a pair with vectorised particles and reducing its log
+densities to per-datapoint terms.
+
+Every engine and the log-likelihood estimator go through this module, so that the rules of
+DESIGN.md live in one place:
+
+- per-datapoint latents sit inside ``pyro.plate("data", ...)``; its dimension is read from the
+  traces, never assumed;
+- particles are vectorised with an outermost ``pyro.plate`` of size ``num_particles`` at
+  ``dim = -(max_plate_nesting + 1)``; a model that cannot be vectorised fails with an error
+  naming the last site that was reached;
+- a site inside the data plate contributes a ``(num_particles, batch)`` tensor of
+  *unscaled* per-datapoint log densities; the plate's N/B factor is kept aside
+  (``data_scale``) so that engines can take a log-sum-exp over particles per datapoint before
+  scaling. Every other site contributes a ``(num_particles,)`` tensor, counted once.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.poutine.indep_messenger import CondIndepStackFrame
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import prune_subsample_sites
+
+DATA_PLATE = "data"
+PARTICLE_PLATE = "num_particles_vectorized"
+
+
+class VectorizationError(ValueError):
+    """A model or guide failed when run with vectorised particles."""
+
+
+# --------------------------------------------------------------------------------------------
+# Minibatch scaling for pairs whose data plate is sized by the batch.
+
+
+class _ScaleDataPlate(Messenger):
+    """Counts every site in the ``"data"`` plate ``num_data / batch`` times.
+
+    A user's plate written as ``pyro.plate("data", x.shape[0])`` sees only the batch; this
+    messenger records the full size on the plate's frame and multiplies the site's scale, so
+    that per-datapoint terms count N/B times and global terms once. Plates that already
+    subsample (``pyro.plate("data", N, subsample_size=B)``) are left as they are.
+    """
+
+    def __init__(self, num_data: int):
+        super().__init__()
+        self.num_data = int(num_data)
+
+    def _process_message(self, msg: dict[str, Any]) -> None:
+        if msg["type"] != "sample":
+            return
+        stack = msg["cond_indep_stack"]
+        for i, frame in enumerate(stack):
+            if frame.name == DATA_PLATE and frame.full_size in (None, frame.size):
+                msg["cond_indep_stack"] = (
+                    stack[:i] + (frame._replace(full_size=self.num_data),) + stack[i + 1 :]
+                )
+                msg["scale"] = msg["scale"] * (self.num_data / frame.size)
+                return
+
+
+def scale_to_data(fn: Callable, num_data: int) -> Callable:
+    """Wrap a model or guide so its ``"data"`` plate stands for ``num_data`` datapoints.
+
+    ``pvae.fit`` does this for you; use it with ``pyro.infer.SVI`` when you feed minibatches
+    to a pair whose data plate is sized by the batch.
+    """
+    return _ScaleDataPlate(num_data)(fn)
+
+
+# --------------------------------------------------------------------------------------------
+# Tracing.
+
+
+class _LastSite(Messenger):
+    """Remembers the name of the last sample site reached (for error messages)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name: str | None = None
+
+    def _postprocess_message(self, msg: dict[str, Any]) -> None:
+        if msg["type"] == "sample":
+            self.name = msg["name"]
+
+
+def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
+    """Run the pair once (blocked, no particles) and return the deepest plate nesting."""
+    with poutine.block(), torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    dims = [
+        -frame.dim
+        for trace in (guide_trace, model_trace)
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return max(dims, default=0)
+
+
+def get_traces(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    num_particles: int,
+    max_plate_nesting: int,
+    vectorize: bool = True,
+) -> tuple[Trace, Trace]:
+    """Trace the guide with ``num_particles`` vectorised particles and replay the model on it.
+
+    With ``num_particles == 1`` or ``vectorize=False`` no particle plate is added (the caller
+    loops over particles and concatenates with :meth:`LogWeights.cat`). Pyro errors raised
+    under the particle plate are re-raised as :class:`VectorizationError` naming the last
+    site reached.
+    """
+    last = _LastSite()
+    wrap: Callable[[Callable], Callable]
+    if num_particles > 1 and vectorize:
+        plate = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(max_plate_nesting + 1))
+        wrap = plate
+    else:
+
+        def wrap(fn: Callable) -> Callable:
+            return fn
+
+    where = "guide"
+    try:
+        with last:
+            guide_trace = poutine.trace(wrap(guide)).get_trace(*args, **kwargs)
+            where = "model"
+            model_trace = poutine.trace(poutine.replay(wrap(model), trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
+    except (RuntimeError, ValueError, IndexError) as error:
+        if num_particles == 1 or not vectorize:
+            raise
+        after = f"after site '{last.name}'" if last.name else "before its first sample site"
+        raise VectorizationError(
+            f"the {where} could not be run with {num_particles} vectorised particles: it failed "
+            f"{after}. Particles add a leading dimension at dim={-(max_plate_nesting + 1)}; "
+            "write shapes with negative indices (x.shape[-1], reshape(*x.shape[:-1], ...)) "
+            "or pass vectorize_particles=False to the engine. Original error: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+
+
+# --------------------------------------------------------------------------------------------
+# Reducing site log densities to per-datapoint and global terms.
+
+
+def find_data_frame(*traces: Trace) -> CondIndepStackFrame | None:
+    """The frame of the ``"data"`` plate in the traces, or None when there is none."""
+    for trace in traces:
+        for site in trace.nodes.values():
+            if site["type"] != "sample":
+                continue
+            for frame in site["cond_indep_stack"]:
+                if frame.name == DATA_PLATE and frame.vectorized:
+                    return frame
+    return None
+
+
+@dataclass
+class Reducer:
+    """Sums a site's log-density tensor down to ``(K', B', D)``.
+
+    ``K'`` is ``num_particles`` or 1 (a site that does not depend on the particles), ``B'`` the
+    data-plate size for sites inside the data plate and 1 otherwise, ``D`` the flattened event
+    elements kept (1 unless ``event_dims`` > 0). Mask and scale are applied, except the data
+    plate's own N/B factor, which is returned separately as ``data_scale``.
+    """
+
+    max_plate_nesting: int
+    data_frame: CondIndepStackFrame | None
+
+    @property
+    def data_scale(self) -> float:
+        frame = self.data_frame
+        if frame is None or frame.full_size is None:
+            return 1.0
+        return float(frame.full_size) / float(frame.size)
+
+    @property
+    def batch_size(self) -> int:
+        return 1 if self.data_frame is None else int(self.data_frame.size)
+
+    def is_local(self, site: dict[str, Any]) -> bool:
+        frame = self.data_frame
+        return frame is not None and any(
+            f.name == frame.name and f.dim == frame.dim for f in site["cond_indep_stack"]
+        )
+
+    def __call__(self, value: torch.Tensor, site: dict[str, Any], event_dims: int = 0):
+        """Reduce ``value`` (the site's batch shape plus ``event_dims`` trailing dims)."""
+        nesting = self.max_plate_nesting + 1  # batch dims, particle dim included
+        if event_dims:
+            value = value.reshape(value.shape[: value.dim() - event_dims] + (-1,))
+        else:
+            value = value.unsqueeze(-1)
+        batch_ndim = value.dim() - 1
+        if batch_ndim > nesting:
+            raise ValueError(
+                f"site '{site['name']}' has batch shape {tuple(value.shape[:-1])} with more "
+                f"dimensions than its plates allow ({nesting}); declare its independent "
+                "dimensions with .to_event() or pyro.plate"
+            )
+        value = value.reshape((1,) * (nesting - batch_ndim) + value.shape)
+        mask = site["mask"]
+        if mask is not None and mask is not True:
+            if mask is False:
+                value = torch.zeros_like(value)
+            else:
+                mask = mask.reshape((1,) * (nesting - mask.dim()) + mask.shape + (1,))
+                value = torch.where(mask, value, value.new_zeros(()))
+        local = self.is_local(site)
+        scale = site["scale"]
+        if local and self.data_scale != 1.0:
+            scale = scale / self.data_scale
+        if isinstance(scale, torch.Tensor):
+            if scale.dim():
+                scale = scale.reshape((1,) * (nesting - scale.dim()) + scale.shape + (1,))
+            value = value * scale
+        elif scale != 1.0:
+            value = value * scale
+        keep = {0}
+        if local:
+            keep.add(nesting + self.data_frame.dim)  # type: ignore[union-attr]
+        sum_dims = [d for d in range(nesting) if d not in keep]
+        if sum_dims:
+            value = value.sum(sum_dims, keepdim=True)
+        if not local:
+            return value.reshape(value.shape[0], 1, value.shape[-1])
+        batch = value.shape[nesting + self.data_frame.dim]  # type: ignore[union-attr]
+        value = value.reshape(value.shape[0], batch, value.shape[-1])
+        return value.expand(value.shape[0], self.batch_size, value.shape[-1])
+
+
+def detach_distribution(fn: Any) -> Any:
+    """A copy of a distribution whose parameters are cut from the graph (for STL and DReG).
+
+    Tensors held by the distribution (and by nested distributions and transforms) are
+    detached; sample values keep their own graph, so only the path through ``z`` carries
+    gradient.
+    """
+    clone = copy.copy(fn)
+    for key, item in list(vars(clone).items()):
+        setattr(clone, key, _detached(item))
+    return clone
+
+
+def _detached(item: Any) -> Any:
+    if isinstance(item, torch.Tensor):
+        return item.detach()
+    if isinstance(item, torch.distributions.Distribution | torch.distributions.Transform):
+        return detach_distribution(item)
+    if isinstance(item, list | tuple):
+        return type(item)(_detached(i) for i in item)
+    return item
+
+
+@dataclass
+class LogWeights:
+    """Log importance weights split into per-datapoint and global parts.
+
+    ``local``: ``(K, B)`` sum over the data-plate sites of log p - log q, unscaled;
+    ``global_``: ``(K,)`` sum over the other sites, counted once;
+    ``data_scale``: the data plate's N/B. The full-data log weight of particle ``k`` is
+    ``data_scale * local[k].sum() + global_[k]``.
+    """
+
+    local: torch.Tensor
+    global_: torch.Tensor
+    data_scale: float
+
+    @staticmethod
+    def cat(parts: list[LogWeights]) -> LogWeights:
+        """Join the weights of separately drawn particles (non-vectorised runs)."""
+        return LogWeights(
+            torch.cat([p.local for p in parts]),
+            torch.cat([p.global_ for p in parts]),
+            parts[0].data_scale,
+        )
+
+    def elbo(self) -> torch.Tensor:
+        """Mean over particles of the full-data log weight (the ELBO estimate)."""
+        return (self.data_scale * self.local.sum(-1) + self.global_).mean()
+
+    def iwae(self, num_inner: int | None = None) -> torch.Tensor:
+        """Per-datapoint log-mean-exp over particles, then the N/B scale.
+
+        With ``num_inner`` the ``K = M * num_inner`` particles are split into ``M`` groups of
+        ``num_inner`` and the result is averaged over groups (MIWAE).
+        """
+        local = self.local
+        if num_inner is not None:
+            local = local.reshape(-1, num_inner, local.shape[-1])  # (M, K, B)
+            value = log_mean_exp(local, dim=1).mean(0)
+        else:
+            value = log_mean_exp(local, dim=0)
+        return self.data_scale * value.sum() + self.global_.mean()
+
+
+def log_mean_exp(value: torch.Tensor, dim: int) -> torch.Tensor:
+    """``log(mean(exp(value), dim))`` computed stably."""
+    return torch.logsumexp(value, dim) - math.log(value.shape[dim])
+
+
+def latent_sites(model_trace: Trace, guide_trace: Trace) -> Iterable[tuple[str, dict, dict]]:
+    """Yield ``(name, guide_site, model_site)`` for every latent site of the guide."""
+    for name, guide_site in guide_trace.nodes.items():
+        if guide_site["type"] != "sample" or guide_site["is_observed"]:
+            continue
+        if guide_site["infer"].get("is_auxiliary"):
+            continue
+        model_site = model_trace.nodes.get(name)
+        if model_site is None:
+            raise ValueError(
+                f"guide site '{name}' does not appear in the model; every latent the guide "
+                "samples must be sampled by the model under the same name"
+            )
+        yield name, guide_site, model_site
+
+
+def check_reparameterized(guide_trace: Trace, engine: str) -> None:
+    """Raise a clear error if a guide latent has no reparameterised sampler."""
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"] and not site["fn"].has_rsample:
+            raise ValueError(
+                f"{engine} needs reparameterised guide samples, but guide site '{name}' "
+                f"({type(site['fn']).__name__}) has no rsample; use a continuous relaxation or "
+                "Pyro's TraceEnum_ELBO for discrete latents"
+            )
+
+
+def log_weights(
+    model_trace: Trace,
+    guide_trace: Trace,
+    reducer: Reducer,
+    detach_guide: bool = False,
+) -> LogWeights:
+    """Log p(x, z) - log q(z | x) of each particle, split into local and global parts.
+
+    Model sites count when observed or when the guide samples them (a latent the model draws
+    from its own prior cancels from the weight). With ``detach_guide`` the guide's densities
+    are evaluated with its parameters detached (STL, DReG).
+    """
+    num_particles = 1
+    local: torch.Tensor | float = 0.0
+    global_: torch.Tensor | float = 0.0
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        if not site["is_observed"] and name not in guide_trace.nodes:
+            continue
+        term = reducer(site["fn"].log_prob(site["value"]), site)
+        local, global_ = _accumulate(local, global_, term, reducer.is_local(site), +1)
+        num_particles = max(num_particles, term.shape[0])
+    for _, guide_site, _ in latent_sites(model_trace, guide_trace):
+        fn = detach_distribution(guide_site["fn"]) if detach_guide else guide_site["fn"]
+        term = reducer(fn.log_prob(guide_site["value"]), guide_site)
+        local, global_ = _accumulate(local, global_, term, reducer.is_local(guide_site), -1)
+        num_particles = max(num_particles, term.shape[0])
+    shape = (num_particles, reducer.batch_size)
+    local_t = local.expand(shape) if isinstance(local, torch.Tensor) else torch.zeros(shape)
+    global_t = global_ if isinstance(global_, torch.Tensor) else local_t.new_zeros(1)
+    return LogWeights(local_t, global_t.expand(num_particles), reducer.data_scale)
+
+
+def _accumulate(local, global_, term: torch.Tensor, is_local: bool, sign: int):
+    term = term.sum(-1)  # (K', B')
+    if is_local:
+        local = local + sign * term
+    else:
+        global_ = global_ + sign * term[:, 0]
+    return local, global_

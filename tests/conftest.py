@@ -1,0 +1,79 @@
+"""Shared fixtures: a linear-Gaussian model/guide pair written in plain Pyro, with its exact
+log-likelihood and posterior (PAPERS.md, "Linear-Gaussian truth")."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+
+class LinearGaussian:
+    """z ~ N(0, I_d), x | z ~ N(W z + b, s^2 I_D), with a Gaussian guide.
+
+    The guide is the exact posterior when ``offset == 0`` and ``scale_factor == 1``;
+    otherwise its mean is shifted by ``offset`` and its standard deviations multiplied by
+    ``scale_factor`` (a deliberately wrong guide). ``full_cov=False`` uses the diagonal of
+    the posterior (exact only when W has orthogonal columns).
+    """
+
+    def __init__(self, x_dim=5, z_dim=2, noise=0.7, seed=0, orthogonal=False, dtype=torch.float64):
+        g = torch.Generator().manual_seed(seed)
+        W = torch.randn(x_dim, z_dim, generator=g, dtype=dtype)
+        if orthogonal:
+            q, _ = torch.linalg.qr(W)
+            W = q * torch.arange(2.0, 2.0 + z_dim, dtype=dtype)
+        self.W, self.b = W, torch.randn(x_dim, generator=g, dtype=dtype)
+        self.noise = noise
+        self.z_dim, self.x_dim = z_dim, x_dim
+        self.offset = 0.0
+        self.scale_factor = 1.0
+        self.full_cov = True
+
+    def sample(self, n, seed=1):
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(n, self.z_dim, generator=g, dtype=self.W.dtype)
+        return z @ self.W.T + self.b + self.noise * torch.randn(
+            n, self.x_dim, generator=g, dtype=self.W.dtype
+        )
+
+    def log_px(self, x):
+        cov = self.W @ self.W.T + self.noise**2 * torch.eye(self.x_dim, dtype=self.W.dtype)
+        return torch.distributions.MultivariateNormal(self.b, cov).log_prob(x)
+
+    def posterior(self, x):
+        eye = torch.eye(self.z_dim, dtype=self.W.dtype)
+        cov = torch.linalg.inv(eye + self.W.T @ self.W / self.noise**2)
+        mean = (x - self.b) @ self.W @ cov / self.noise**2
+        return mean, cov
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            loc = torch.zeros(self.z_dim, dtype=x.dtype)
+            z = pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ self.W.T + self.b, self.noise).to_event(1), obs=x)
+
+    def guide(self, x):
+        mean, cov = self.posterior(x)
+        mean = mean + self.offset
+        with pyro.plate("data", x.shape[0]):
+            if self.full_cov:
+                tril = torch.linalg.cholesky(cov) * self.scale_factor
+                pyro.sample("z", dist.MultivariateNormal(mean, scale_tril=tril))
+            else:
+                std = cov.diagonal().sqrt() * self.scale_factor
+                pyro.sample("z", dist.Normal(mean, std).to_event(1))
+
+
+@pytest.fixture
+def linear_gaussian():
+    return LinearGaussian()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pyro():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
