@@ -9,8 +9,10 @@ Inference network (guide):
 
     q_phi(z_n | x_n) = N(mu_phi(x_n), diag sigma_phi(x_n)^2)
 
-Both live in ``pyro.plate("data")``, so every pvae engine can train the pair and the
-log-likelihood estimator can evaluate it.
+The networks are registered with ``pyro.module`` where they are used (decoder and
+likelihood in the model, encoder in the guide), so engines read the model/guide parameter
+split from the traces. Both live in ``pyro.plate("data")``, so every pvae engine can train
+the pair and the log-likelihood estimator can evaluate it.
 """
 
 from __future__ import annotations
@@ -71,12 +73,15 @@ class VAE(PyroModule):
 
     def model(self, x: torch.Tensor) -> None:
         """p(x, z) for a batch ``x`` of shape ``(batch, x_dim)``."""
+        pyro.module(f"{self._pyro_name}.decoder", self.decoder)
+        pyro.module(f"{self._pyro_name}.likelihood", self.likelihood)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", self._prior(x.shape[:1], x))
             pyro.sample("x", self.likelihood(self.decoder(z)).to_event(1), obs=x)
 
     def guide(self, x: torch.Tensor) -> None:
         """q(z | x) for a batch ``x`` of shape ``(batch, x_dim)``."""
+        pyro.module(f"{self._pyro_name}.encoder", self.encoder)
         with pyro.plate("data", x.shape[0]):
             loc, scale = self.encoder(x)
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))

@@ -62,7 +62,9 @@ def get_batch(data: Data, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
         batch = data.__getitems__(index.tolist())
     else:
         batch = torch.utils.data.default_collate([data[int(i)] for i in index])
-    return batch if isinstance(batch, tuple | list) and not torch.is_tensor(batch) else (batch,)
+    if isinstance(batch, tuple | list):
+        return tuple(batch)
+    return (batch,)
 
 
 def iter_batches(data: Data, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:

@@ -31,6 +31,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 
+Site = Any  # a Pyro trace node (pyro.poutine.runtime.Message)
+
 DATA_PLATE = "data"
 PARTICLE_PLATE = "num_particles_vectorized"
 
@@ -56,7 +58,7 @@ class _ScaleDataPlate(Messenger):
         super().__init__()
         self.num_data = int(num_data)
 
-    def _process_message(self, msg: dict[str, Any]) -> None:
+    def _process_message(self, msg: Any) -> None:
         if msg["type"] != "sample":
             return
         stack = msg["cond_indep_stack"]
@@ -89,20 +91,24 @@ class _LastSite(Messenger):
         super().__init__()
         self.name: str | None = None
 
-    def _postprocess_message(self, msg: dict[str, Any]) -> None:
+    def _postprocess_message(self, msg: Any) -> None:
         if msg["type"] == "sample":
             self.name = msg["name"]
 
 
 def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
-    """Run the pair once (blocked, no particles) and return the deepest plate nesting."""
-    with poutine.block(), torch.no_grad():
+    """Run the pair once (blocked, no particles) and return the deepest plate nesting.
+
+    The run leaves torch's random state as it found it, so that guessing on a first call does
+    not shift the random stream (exact resume depends on this).
+    """
+    with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=[]):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
         )
-    dims = [
-        -frame.dim
+    dims: list[int] = [
+        -int(frame.dim or 0)
         for trace in (guide_trace, model_trace)
         for site in trace.nodes.values()
         if site["type"] == "sample"
@@ -200,13 +206,13 @@ class Reducer:
     def batch_size(self) -> int:
         return 1 if self.data_frame is None else int(self.data_frame.size)
 
-    def is_local(self, site: dict[str, Any]) -> bool:
+    def is_local(self, site: Site) -> bool:
         frame = self.data_frame
         return frame is not None and any(
             f.name == frame.name and f.dim == frame.dim for f in site["cond_indep_stack"]
         )
 
-    def __call__(self, value: torch.Tensor, site: dict[str, Any], event_dims: int = 0):
+    def __call__(self, value: torch.Tensor, site: Site, event_dims: int = 0):
         """Reduce ``value`` (the site's batch shape plus ``event_dims`` trailing dims)."""
         nesting = self.max_plate_nesting + 1  # batch dims, particle dim included
         if event_dims:
@@ -239,14 +245,15 @@ class Reducer:
         elif scale != 1.0:
             value = value * scale
         keep = {0}
+        data_dim = 0 if self.data_frame is None else int(self.data_frame.dim or 0)
         if local:
-            keep.add(nesting + self.data_frame.dim)  # type: ignore[union-attr]
+            keep.add(nesting + data_dim)
         sum_dims = [d for d in range(nesting) if d not in keep]
         if sum_dims:
             value = value.sum(sum_dims, keepdim=True)
         if not local:
             return value.reshape(value.shape[0], 1, value.shape[-1])
-        batch = value.shape[nesting + self.data_frame.dim]  # type: ignore[union-attr]
+        batch = value.shape[nesting + data_dim]
         value = value.reshape(value.shape[0], batch, value.shape[-1])
         return value.expand(value.shape[0], self.batch_size, value.shape[-1])
 
@@ -321,12 +328,12 @@ def log_mean_exp(value: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.logsumexp(value, dim) - math.log(value.shape[dim])
 
 
-def latent_sites(model_trace: Trace, guide_trace: Trace) -> Iterable[tuple[str, dict, dict]]:
+def latent_sites(model_trace: Trace, guide_trace: Trace) -> Iterable[tuple[str, Site, Site]]:
     """Yield ``(name, guide_site, model_site)`` for every latent site of the guide."""
     for name, guide_site in guide_trace.nodes.items():
         if guide_site["type"] != "sample" or guide_site["is_observed"]:
             continue
-        if guide_site["infer"].get("is_auxiliary"):
+        if (guide_site["infer"] or {}).get("is_auxiliary"):
             continue
         model_site = model_trace.nodes.get(name)
         if model_site is None:
@@ -340,7 +347,7 @@ def latent_sites(model_trace: Trace, guide_trace: Trace) -> Iterable[tuple[str, 
 def check_reparameterized(guide_trace: Trace, engine: str) -> None:
     """Raise a clear error if a guide latent has no reparameterised sampler."""
     for name, site in guide_trace.nodes.items():
-        if site["type"] == "sample" and not site["is_observed"] and not site["fn"].has_rsample:
+        if site["type"] == "sample" and not site["is_observed"] and not site["fn"].has_rsample:  # type: ignore[attr-defined]
             raise ValueError(
                 f"{engine} needs reparameterised guide samples, but guide site '{name}' "
                 f"({type(site['fn']).__name__}) has no rsample; use a continuous relaxation or "
@@ -368,7 +375,7 @@ def log_weights(
             continue
         if not site["is_observed"] and name not in guide_trace.nodes:
             continue
-        term = reducer(site["fn"].log_prob(site["value"]), site)
+        term = reducer(site["fn"].log_prob(site["value"]), site)  # type: ignore[attr-defined]
         local, global_ = _accumulate(local, global_, term, reducer.is_local(site), +1)
         num_particles = max(num_particles, term.shape[0])
     for _, guide_site, _ in latent_sites(model_trace, guide_trace):

@@ -82,17 +82,17 @@ def _optimizer(
                 "a torch.optim.Optimizer class"
             )
         optimizer = _OPTIMIZERS[optimizer.lower()]
-    return optimizer(params, lr=lr)
+    return optimizer(params, lr=lr)  # type: ignore[call-arg]
 
 
 def _discover_params(model: Callable, guide: Callable, batch: tuple) -> dict[str, torch.Tensor]:
     """Run the pair once to create its parameters; return their unconstrained tensors."""
     with poutine.trace(param_only=True) as capture, poutine.block(hide_types=["sample"]):
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
             guide_trace = poutine.trace(guide).get_trace(*batch)
             poutine.replay(model, trace=guide_trace)(*batch)
     params = {
-        name: site["value"].unconstrained()
+        name: site["value"].unconstrained()  # type: ignore[union-attr]
         for name, site in capture.trace.nodes.items()
         if site["type"] == "param"
     }
@@ -105,13 +105,14 @@ def _discover_params(model: Callable, guide: Callable, batch: tuple) -> dict[str
 
 
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
+    python_state: Any = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
         "numpy_pos": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": list(random.getstate()[1]),
-        "python_gauss": random.getstate()[2],
+        "python": list(python_state[1]),
+        "python_gauss": python_state[2],
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -195,7 +196,7 @@ def fit(
     model: Callable,
     guide: Callable,
     train: Data,
-    engine: pyro.infer.ELBO | None = None,
+    engine: Any = None,
     epochs: int = 10,
     batch_size: int = 100,
     optimizer: str | Callable[..., torch.optim.Optimizer] = "adam",
@@ -275,9 +276,7 @@ def fit(
 
     steps_per_epoch = -(-n_train // batch_size)
     show = progress and sys.stderr.isatty() and ddp.rank == 0
-    bar = tqdm(
-        total=steps_per_epoch * max(0, epochs - start_epoch), disable=not show, unit="step"
-    )
+    bar = tqdm(total=steps_per_epoch * max(0, epochs - start_epoch), disable=not show, unit="step")
     param_list = list(params.values())
     store_size = len(pyro.get_param_store())
     try:
@@ -289,7 +288,16 @@ def fit(
                 index = order[step * batch_size : (step + 1) * batch_size]
                 batch = get_batch(train, index[ddp.rank :: ddp.world])
                 t0 = time.perf_counter()
-                engine.loss_and_grads(train_model, train_guide, *batch)
+                try:
+                    engine.loss_and_grads(train_model, train_guide, *batch)
+                except ValueError as error:  # Pyro's validation meets NaN parameters first
+                    if "invalid values" not in str(error):
+                        raise
+                    raise TrainingDiverged(
+                        f"non-finite values at epoch {epoch}, step {step}; the last good "
+                        f"checkpoint ({checkpoint_path or 'none: no run_dir'}) is intact. "
+                        f"{str(error).splitlines()[0]}"
+                    ) from error
                 record = getattr(engine, "last_record", {})
                 bound = ddp.mean(record.get("bound", float("nan")))
                 if not np.isfinite(bound):
@@ -358,7 +366,7 @@ def _write_checkpoint(path: Path, run: Run, params, opt, engine, epoch: int) -> 
 
 
 def evaluate_bound(
-    model: Callable, guide: Callable, data: Data, engine: pyro.infer.ELBO, batch_size: int = 100
+    model: Callable, guide: Callable, data: Data, engine: Any, batch_size: int = 100
 ) -> float:
     """The engine's bound on ``data`` in nats per datapoint (no gradients)."""
     n = num_items(data)

@@ -34,8 +34,10 @@ class LinearGaussian:
     def sample(self, n, seed=1):
         g = torch.Generator().manual_seed(seed)
         z = torch.randn(n, self.z_dim, generator=g, dtype=self.W.dtype)
-        return z @ self.W.T + self.b + self.noise * torch.randn(
-            n, self.x_dim, generator=g, dtype=self.W.dtype
+        return (
+            z @ self.W.T
+            + self.b
+            + self.noise * torch.randn(n, self.x_dim, generator=g, dtype=self.W.dtype)
         )
 
     def log_px(self, x):
