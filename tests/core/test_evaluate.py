@@ -29,9 +29,11 @@ def test_wrong_guide_gap_shrinks_with_num_samples(linear_gaussian):
         torch.manual_seed(k)
         estimate = pvae.log_likelihood(lg.model, lg.guide, x, num_samples=k, batch_size=20)
         gaps.append((exact - estimate).mean().item())
-    # Monte-Carlo error of the mean gap over 40 points is far below the differences here.
+    # The expected gap falls like Var(w) / 2K: ~1e-4 nats from K = 1000 on, where the Monte-Carlo
+    # error of the mean over 40 points (~3e-3) dominates; 0.01 allows 3 standard errors.
     assert gaps[0] > 0.1, gaps
-    assert all(a >= b - 1e-3 for a, b in zip(gaps, gaps[1:], strict=False)), gaps
+    assert all(a >= b - 0.01 for a, b in zip(gaps, gaps[1:], strict=False)), gaps
+    assert gaps[1] < gaps[0] / 2 and gaps[2] < gaps[1] / 2, gaps
     assert abs(gaps[-1]) < 0.02, gaps
 
 

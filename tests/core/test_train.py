@@ -2,6 +2,7 @@
 data parallelism with torchrun matches one process."""
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -218,13 +219,16 @@ def test_torchrun_two_processes_match_one(tmp_path):
     single = tmp_path / "single.pt"
     subprocess.run([sys.executable, str(script), str(single)], check=True, env=env, timeout=300)
     double = tmp_path / "double.pt"
+    with socket.socket() as free:  # a free port, so parallel runs of the suite don't collide
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
     subprocess.run(
         [
             sys.executable,
             "-m",
             "torch.distributed.run",
             "--nproc_per_node=2",
-            "--master_port=29533",
+            f"--master_port={port}",
             str(script),
             str(double),
         ],

@@ -48,8 +48,9 @@ def test_wrong_guide_matches_closed_form(analytic_kl):
     exact = (lg.log_px(x) - gaussian_kl(mean + lg.offset, q_cov, mean, cov)).sum()
     elbo = ELBO(num_particles=20000, analytic_kl=analytic_kl)
     value = -elbo.loss(lg.model, lg.guide, x)
-    # Monte-Carlo standard error of the 20k-particle mean is below 0.02 nats here.
-    assert value == pytest.approx(exact.item(), abs=0.1)
+    # One particle's value has a standard deviation of ~10 nats here (measured), so the
+    # 20k-particle mean has a standard error of ~0.075: 0.4 is a 5-sigma bound.
+    assert value == pytest.approx(exact.item(), abs=0.4)
     assert value < lg.log_px(x).sum().item()
 
 
