@@ -68,6 +68,10 @@ class LinearGaussian:
                 pyro.sample("z", dist.Normal(mean, std).to_event(1))
 
 
+# Tiny networks run far faster on one thread, and the suite shares 2 cores with itself.
+torch.set_num_threads(1)
+
+
 @pytest.fixture
 def linear_gaussian():
     return LinearGaussian()

@@ -1,0 +1,735 @@
+"""The ``pvae`` command line.
+
+::
+
+    pvae datasets
+    pvae train --dataset digits --engine elbo --epochs 10 --run-dir runs/digits-elbo
+
+``pvae train`` looks the model and the engine up in :mod:`pvae.registry` and the dataset in
+:mod:`pvae.data`, checks the likelihood's support on the data, trains with :func:`pvae.fit`,
+estimates the test log-likelihood with :func:`pvae.log_likelihood`, and writes into the run
+folder (every file atomically: a temporary name in the same folder, then a rename):
+
+- ``config.json``: every argument (defaults resolved), the canonical command line that
+  reproduces the run (``argv``), the pvae/torch/pyro versions and facts about the data;
+- ``checkpoint.pt`` and ``run.json``: written by :func:`pvae.fit` after every epoch;
+- ``metrics.json`` and ``metrics.csv``: the per-epoch history and the final test
+  log-likelihood (mean and standard error over test points);
+- ``learning_curve.png``, ``reconstructions.png``, ``samples.png``.
+
+Errors in the invocation (unknown names, bad numbers, missing data files, data outside the
+likelihood's support, a run folder that does not match ``--resume``) print one line
+``pvae: error: ...`` and exit with status 2; a run that fails while training exits with 1.
+Set ``PVAE_DEBUG=1`` to get the traceback instead.
+
+Adding a subcommand (``pvae compare``, ``pvae diagnose``): write ``_add_<name>_arguments(parser)``
+(reuse :func:`_add_data_arguments`, :func:`_add_model_arguments`,
+:func:`_add_training_arguments`) and ``_<name>(args) -> int`` (reuse :func:`_load_dataset`,
+:func:`_build_model`, :func:`_check_support`, :func:`_train_and_evaluate`,
+:func:`_write_outputs`), then add a :class:`Command` to :data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import platform
+import secrets
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pyro
+import torch
+from pyro.nn import PyroModule
+from tqdm.auto import tqdm
+
+import pvae
+from pvae import data, likelihoods, plots
+from pvae.evaluate import as_tensors
+from pvae.registry import ENGINES, MODELS, Registry
+from pvae.train import CHECKPOINT, Run, TrainingDiverged
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the run itself failed (diverged, ...)
+EXIT_USAGE = 2  # the invocation cannot work as given (argparse's status)
+
+PROG = "pvae"
+
+
+class CliError(Exception):
+    """An error reported as one line ``pvae: error: <message>`` and exit status ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors become :class:`CliError` (one line, no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{message} (see '{self.prog} --help')", EXIT_USAGE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument types: each raises ArgumentTypeError with a message argparse shows as it is
+# ---------------------------------------------------------------------------------------------
+
+
+def _int(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _int(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _int(text, 0)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    """``"200,200"`` -> ``(200, 200)``."""
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or any(width < 1 for width in widths):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive layer widths such as 200,200, got {text!r}"
+        )
+    return widths
+
+
+def _registry_name(registry: Registry) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        try:
+            return registry.normalise(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = registry.kind
+    return parse
+
+
+def _dataset_name(text: str) -> str:
+    names = [info.name for info in data.available()]
+    key = text.strip().lower().replace("_", "-")  # as pvae.data.load matches names
+    if key not in names:
+        raise argparse.ArgumentTypeError(
+            f"unknown dataset {text!r}; valid choices: {', '.join(names)}"
+        )
+    return key
+
+
+def _likelihood_name(text: str) -> str:
+    if text not in likelihoods.available():
+        raise argparse.ArgumentTypeError(
+            f"unknown likelihood {text!r}; valid choices: {', '.join(likelihoods.available())}"
+        )
+    return text
+
+
+_BINARIZE = {"dynamic": "dynamic", "static": "static", "none": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared argument groups (train now; compare and diagnose later)
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset",
+        required=True,
+        type=_dataset_name,
+        metavar="NAME",
+        help="a dataset from 'pvae datasets'",
+    )
+    group.add_argument(
+        "--data-path",
+        default=None,
+        metavar="DIR",
+        help="folder of the IDX files for datasets read from files (mnist, fashion-mnist)",
+    )
+    group.add_argument(
+        "--binarize",
+        choices=sorted(_BINARIZE),
+        default=None,
+        help="binarisation of image datasets (default: the dataset's, dynamic for images)",
+    )
+    group.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=0,
+        help="seeds the data split, the initialisation and the training (default: 0)",
+    )
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        type=_registry_name(MODELS),
+        default="vae",
+        metavar="NAME",
+        help=f"one of: {', '.join(MODELS.names())} (default: vae)",
+    )
+    group.add_argument(
+        "--z-dim", type=_positive_int, default=20, help="latent dimension (default: 20)"
+    )
+    group.add_argument(
+        "--hidden",
+        type=_hidden,
+        default=(200, 200),
+        metavar="W1,W2,...",
+        help="hidden layer widths (default: 200,200)",
+    )
+    group.add_argument(
+        "--net", choices=["mlp", "conv"], default="mlp", help="network kind (default: mlp)"
+    )
+    group.add_argument(
+        "--likelihood",
+        type=_likelihood_name,
+        default=None,
+        metavar="NAME",
+        help=f"one of: {', '.join(likelihoods.available())} (default: the dataset's, "
+        "bernoulli for binarised images)",
+    )
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training and evaluation")
+    group.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=10,
+        help="total epochs; with --resume, training continues up to this many (default: 10)",
+    )
+    group.add_argument(
+        "--batch-size", type=_positive_int, default=100, help="datapoints per step (default: 100)"
+    )
+    group.add_argument(
+        "--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default: 1e-3)"
+    )
+    group.add_argument(
+        "--particles",
+        type=_positive_int,
+        default=1,
+        help="particles (samples of z) per datapoint for the engine (default: 1)",
+    )
+    group.add_argument(
+        "--ll-samples",
+        type=_positive_int,
+        default=1000,
+        metavar="K",
+        help="importance samples per test point for the log-likelihood (default: 1000)",
+    )
+    group.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars and no per-epoch lines (the final result line is still printed)",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks of a command
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_dataset(args: argparse.Namespace) -> data.Splits:
+    """``pvae.data.load`` with the data arguments; failures become :class:`CliError`."""
+    kwargs: dict[str, Any] = {"seed": args.seed}
+    if args.binarize is not None:
+        kwargs["binarize"] = _BINARIZE[args.binarize]
+    if args.data_path is not None:
+        kwargs["path"] = args.data_path
+    try:
+        return data.load(args.dataset, **kwargs)
+    except (ValueError, TypeError, OSError, ImportError) as error:
+        if isinstance(error, TypeError) and "unexpected keyword" not in str(error):
+            raise
+        raise CliError(f"dataset {args.dataset!r}: {error}") from error
+
+
+def _build_model(args: argparse.Namespace, ds: data.Splits) -> PyroModule:
+    """The model ``args.model`` for ``ds``; resolves ``args.likelihood`` to the dataset's
+    default when it is None."""
+    if args.likelihood is None:
+        args.likelihood = ds.likelihood
+    try:
+        return MODELS[args.model](
+            ds, z_dim=args.z_dim, hidden=args.hidden, net=args.net, likelihood=args.likelihood
+        )
+    except ValueError as error:
+        raise CliError(f"model {args.model!r}: {error}") from error
+
+
+def _build_engine(name: str, particles: int) -> pyro.infer.ELBO:
+    try:
+        return ENGINES[name](particles)
+    except ValueError as error:
+        raise CliError(f"engine {name!r}: {error}") from error
+
+
+def _check_support(model: PyroModule, ds: data.Splits) -> None:
+    """Every split must lie in the support of ``model.likelihood`` (checked once, up front)."""
+    likelihood = getattr(model, "likelihood", None)
+    if likelihood is None or not hasattr(likelihood, "check_support"):
+        return
+    for split in ("train", "valid", "test"):
+        with torch.random.fork_rng(devices=[]):  # a dynamically binarised set draws pixels
+            (x,) = as_tensors(getattr(ds, split))[:1]
+        try:
+            likelihood.check_support(x, name=f"{ds.name} {split}")
+        except ValueError as error:
+            raise CliError(str(error)) from error
+
+
+@dataclass
+class TrainResult:
+    """What :func:`_train_and_evaluate` returns."""
+
+    model: PyroModule
+    run: Run
+    test_log_likelihood: torch.Tensor  # (N_test,) nats
+
+    @property
+    def test_mean(self) -> float:
+        return float(self.test_log_likelihood.mean())
+
+    @property
+    def test_stderr(self) -> float:
+        n = self.test_log_likelihood.numel()
+        return float(self.test_log_likelihood.std() / math.sqrt(n)) if n > 1 else math.nan
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _train_and_evaluate(
+    args: argparse.Namespace,
+    ds: data.Splits,
+    model: PyroModule,
+    engine: pyro.infer.ELBO,
+    run_dir: Path,
+    resume: bool,
+) -> TrainResult:
+    """``pvae.fit`` into ``run_dir``, then the test log-likelihood (seeded, K=ll_samples)."""
+
+    def report(run: Run, record: dict[str, Any]) -> None:
+        if args.quiet:
+            return
+        valid = record.get("valid_bound")
+        valid_text = f", valid bound {valid:.3f}" if valid is not None else ""
+        tqdm.write(
+            f"epoch {record['epoch'] + 1}/{args.epochs}: train bound "
+            f"{record['train_bound']:.3f}{valid_text} nats ({record['seconds']:.1f} s)",
+            file=sys.stdout,
+        )
+
+    try:
+        run = pvae.fit(
+            model.model,
+            model.guide,
+            ds.train,
+            engine=engine,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            valid=ds.valid,
+            seed=args.seed,
+            run_dir=run_dir,
+            resume=resume,
+            progress=not args.quiet,
+            callbacks=[report],
+        )
+    except TrainingDiverged as error:
+        raise CliError(f"training diverged: {error}", EXIT_FAILURE) from error
+    except ValueError as error:
+        raise CliError(f"training failed: {error}", EXIT_FAILURE) from error
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        log_likelihood = pvae.log_likelihood(
+            model.model,
+            model.guide,
+            ds.test,
+            num_samples=args.ll_samples,
+            batch_size=args.batch_size,
+            progress=_show_progress(args),
+        )
+    return TrainResult(model, run, log_likelihood)
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic output files
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8", newline="") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON-safe numbers: NaN and infinities become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_atomic(path, json.dumps(_finite_or_none(obj), indent=2, allow_nan=False) + "\n")
+
+
+_HISTORY_COLUMNS = ["epoch", "train_bound", "valid_bound", "seconds", "steps"]
+
+
+def _metrics(result: TrainResult, num_samples: int) -> dict[str, Any]:
+    history = [{key: record.get(key) for key in _HISTORY_COLUMNS} for record in result.run.history]
+    last = history[-1] if history else {}
+    return {
+        "history": history,
+        "final": {
+            "epochs": len(history),
+            "train_bound": last.get("train_bound"),
+            "valid_bound": last.get("valid_bound"),
+        },
+        "test_log_likelihood": {
+            "mean": result.test_mean,
+            "stderr": result.test_stderr,
+            "num_samples": num_samples,
+            "num_datapoints": int(result.test_log_likelihood.numel()),
+            "units": "nats per datapoint",
+        },
+        "train_seconds": sum(float(record.get("seconds") or 0.0) for record in history),
+    }
+
+
+def _metrics_csv(metrics: dict[str, Any]) -> str:
+    """One row per epoch; the test log-likelihood columns are filled on the last row."""
+    columns = [*_HISTORY_COLUMNS, "test_log_likelihood", "test_log_likelihood_stderr"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    history = metrics["history"]
+    for index, record in enumerate(history):
+        row = {key: ("" if value is None else value) for key, value in record.items()}
+        if index == len(history) - 1:
+            row["test_log_likelihood"] = metrics["test_log_likelihood"]["mean"]
+            row["test_log_likelihood_stderr"] = metrics["test_log_likelihood"]["stderr"]
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def _write_outputs(
+    run_dir: Path, result: TrainResult, ds: data.Splits, args: argparse.Namespace
+) -> dict[str, Any]:
+    """``metrics.json``, ``metrics.csv`` and the three plots; returns the metrics."""
+    metrics = _metrics(result, args.ll_samples)
+    _write_json(run_dir / "metrics.json", metrics)
+    _write_atomic(run_dir / "metrics.csv", _metrics_csv(metrics))
+    plots.learning_curve(
+        result.run.history, path=run_dir / "learning_curve.png", title=_title(args)
+    )
+    model = result.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        x = ds.test[: min(10, len(ds.test))]
+        if hasattr(model, "reconstruct"):
+            plots.reconstructions(
+                x, model.reconstruct(x), ds.image_shape, path=run_dir / "reconstructions.png"
+            )
+        if hasattr(model, "sample"):
+            count = 64 if ds.image_shape is not None else 500
+            plots.samples(
+                model.sample(count),
+                ds.image_shape,
+                path=run_dir / "samples.png",
+                data=ds.test if ds.image_shape is None else None,
+            )
+    return metrics
+
+
+def _title(args: argparse.Namespace) -> str:
+    return f"{args.model} / {args.engine} on {args.dataset}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+def _json_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments as JSON values (tuples become lists), without the dispatch entry."""
+    values = {key: value for key, value in vars(args).items() if key not in ("command", "func")}
+    return json.loads(json.dumps(values))
+
+
+def canonical_argv(command: str, args: argparse.Namespace) -> list[str]:
+    """A command line that parses back to ``args`` (every option spelled out)."""
+    parser = build_parser()
+    subparser = _subparsers(parser)[command]
+    argv = [command]
+    for action in subparser._actions:
+        if not action.option_strings or action.dest in ("help",):
+            continue
+        value = getattr(args, action.dest, None)
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            if value:
+                argv.append(flag)
+        elif value is not None:
+            if isinstance(value, list | tuple):
+                value = ",".join(str(item) for item in value)
+            argv += [flag, str(value)]
+    return argv
+
+
+def _config(args: argparse.Namespace, ds: data.Splits) -> dict[str, Any]:
+    return {
+        "pvae_version": pvae.__version__,
+        "command": args.command,
+        "args": _json_args(args),
+        "argv": canonical_argv(args.command, args),
+        "data": {
+            "name": ds.name,
+            "x_dim": ds.x_dim,
+            "image_shape": list(ds.image_shape) if ds.image_shape is not None else None,
+            "num_train": len(ds.train),
+            "num_valid": len(ds.valid),
+            "num_test": len(ds.test),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "pyro": pyro.__version__,
+        },
+    }
+
+
+# Arguments that may change between a run and its --resume.
+_RESUMABLE = {"epochs", "resume", "overwrite", "quiet", "ll_samples", "run_dir", "data_path"}
+
+
+def _check_resume(run_dir: Path, args: argparse.Namespace) -> None:
+    """With --resume, the arguments that define the run must match its config.json."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    try:
+        previous = json.loads(path.read_text())["args"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CliError(f"cannot read {path} to resume the run: {error}") from error
+    current = _json_args(args)
+    changed = [
+        f"--{key.replace('_', '-')} (was {previous.get(key)!r}, now {current.get(key)!r})"
+        for key in sorted(set(previous) | set(current))
+        if key not in _RESUMABLE and previous.get(key) != current.get(key)
+    ]
+    if changed:
+        raise CliError(
+            f"--resume continues the run in {run_dir}, but these arguments differ from its "
+            f"config.json: {'; '.join(changed)}; use another --run-dir to start a new run"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_datasets_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser  # no options
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    rows = [("NAME", "DESCRIPTION", "SOURCE")]
+    rows += [(info.name, info.description, info.source) for info in data.available()]
+    widths = [max(len(row[column]) for row in rows) for column in range(2)]
+    for name, description, source in rows:
+        print(f"{name:<{widths[0]}}  {description:<{widths[1]}}  {source}".rstrip())
+    return EXIT_OK
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_data_arguments(parser)
+    _add_model_arguments(parser)
+    group = parser.add_argument_group("engine")
+    group.add_argument(
+        "--engine",
+        type=_registry_name(ENGINES),
+        default="elbo",
+        metavar="NAME",
+        help=f"one of: {', '.join(ENGINES.names())} (default: elbo)",
+    )
+    _add_training_arguments(parser)
+    group = parser.add_argument_group("run folder")
+    group.add_argument(
+        "--run-dir",
+        required=True,
+        metavar="DIR",
+        help="where config, checkpoint, metrics and plots are written",
+    )
+    exclusive = group.add_mutually_exclusive_group()
+    exclusive.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in DIR from its checkpoint up to --epochs",
+    )
+    exclusive.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh even if DIR already holds a run",
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CliError(f"--run-dir {run_dir} exists and is not a folder")
+    if (run_dir / CHECKPOINT).exists() and not (args.resume or args.overwrite):
+        raise CliError(
+            f"{run_dir} already holds a run ({CHECKPOINT}); pass --resume to continue it or "
+            "--overwrite to start again"
+        )
+    ds = _load_dataset(args)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)
+    model = _build_model(args, ds)  # resolves args.likelihood
+    engine = _build_engine(args.engine, args.particles)
+    _check_support(model, ds)
+    if args.resume:
+        _check_resume(run_dir, args)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(run_dir / "config.json", _config(args, ds))
+    except OSError as error:
+        raise CliError(f"cannot write to --run-dir {run_dir}: {error}") from error
+    try:
+        result = _train_and_evaluate(args, ds, model, engine, run_dir, resume=args.resume)
+    except KeyboardInterrupt:
+        print(
+            f"{PROG}: interrupted; the last checkpoint in {run_dir} is intact: continue with "
+            "--resume",
+            file=sys.stderr,
+        )
+        return 130
+    try:
+        metrics = _write_outputs(run_dir, result, ds, args)
+    except OSError as error:
+        raise CliError(f"cannot write the outputs into {run_dir}: {error}", EXIT_FAILURE) from error
+    test = metrics["test_log_likelihood"]
+    print(
+        f"test log-likelihood {test['mean']:.3f} +- {test['stderr']:.3f} nats "
+        f"(K={test['num_samples']}, {test['num_datapoints']} test points); "
+        f"outputs in {run_dir}"
+    )
+    return EXIT_OK
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its name, one line of help, its arguments and what it runs."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: list[Command] = [
+    # "compare" (bounds side by side on one dataset, the main job) and "diagnose" go here.
+    Command(
+        "train", "train one model with one engine and evaluate it", _add_train_arguments, _train
+    ),
+    Command("datasets", "list the datasets", _add_datasets_arguments, _datasets),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pvae`` parser with one subparser per :data:`COMMANDS` entry."""
+    parser = _Parser(
+        prog=PROG,
+        description="Probabilistic-programming VAEs on Pyro.",
+        epilog="Set PVAE_DEBUG=1 to see tracebacks instead of one-line errors.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {pvae.__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers.required = True
+    for command in COMMANDS:
+        subparser = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(subparser)
+        subparser.set_defaults(func=command.run)
+    return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``pvae`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exit_:  # --help and --version
+            return exit_.code if isinstance(exit_.code, int) else EXIT_OK
+        return int(args.func(args))
+    except CliError as error:
+        if os.environ.get("PVAE_DEBUG"):
+            raise
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return error.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
