@@ -4,7 +4,18 @@ Every variational engine is a ``pyro.infer.ELBO`` subclass: use it in ``pyro.inf
 ``pvae.fit``. Each reports the bound itself, never a surrogate.
 """
 
-from .base import Engine
+from .base import Engine, SplitLoss
 from .elbo import ELBO, CyclicalAnnealing, LinearAnnealing
+from .importance import CIWAE, IWAE, MIWAE, PIWAE
 
-__all__ = ["Engine", "ELBO", "LinearAnnealing", "CyclicalAnnealing"]
+__all__ = [
+    "CIWAE",
+    "ELBO",
+    "IWAE",
+    "MIWAE",
+    "PIWAE",
+    "CyclicalAnnealing",
+    "Engine",
+    "LinearAnnealing",
+    "SplitLoss",
+]

@@ -2,13 +2,16 @@
 vectorised particles and reports the bound itself.
 
 An engine implements :meth:`Engine.objective`, returning the tensor to minimise (a surrogate
-whose gradient is the estimator) and the bound (the value reported, never a surrogate).
+whose gradient is the estimator) and the bound (the value reported, never a surrogate). An
+engine whose model and guide parameters follow different objectives (PIWAE, DReG) returns a
+:class:`SplitLoss` instead; which parameters belong to the guide is read from the traces.
 Engines know nothing of models: only of the protocol in :mod:`pvae.protocol`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pyro
@@ -22,7 +25,44 @@ from pvae.protocol import (
     get_traces,
     guess_max_plate_nesting,
     log_weights,
+    trace_params,
 )
+
+
+@dataclass
+class SplitLoss:
+    """Two surrogates: ``model`` differentiated for the model's parameters only, ``guide`` for
+    the guide's only. A parameter that both traces touch counts as the model's."""
+
+    model: torch.Tensor
+    guide: torch.Tensor
+    model_params: list[torch.Tensor]
+    guide_params: list[torch.Tensor]
+
+    @staticmethod
+    def from_draws(model_loss, guide_loss, draws) -> SplitLoss:
+        model_params: dict[str, torch.Tensor] = {}
+        guide_params: dict[str, torch.Tensor] = {}
+        for model_trace, guide_trace, _ in draws:
+            model_params.update(trace_params(model_trace))
+            guide_params.update(trace_params(guide_trace))
+        for name in model_params:
+            guide_params.pop(name, None)
+        return SplitLoss(
+            model_loss, guide_loss, list(model_params.values()), list(guide_params.values())
+        )
+
+    def backward(self) -> None:
+        """Accumulate each surrogate's gradient into its own parameters' ``.grad``."""
+        for loss, params in ((self.model, self.model_params), (self.guide, self.guide_params)):
+            params = [p for p in params if p.requires_grad]
+            if not params or not loss.requires_grad:
+                continue
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            for param, grad in zip(params, grads, strict=True):
+                if grad is None:
+                    continue
+                param.grad = grad if param.grad is None else param.grad + grad
 
 
 class Engine(pyro.infer.ELBO):
@@ -105,8 +145,12 @@ class Engine(pyro.infer.ELBO):
         """Return ``(loss_to_minimise, bound)`` as tensors."""
         raise NotImplementedError
 
-    def _record(self, loss: torch.Tensor, bound: torch.Tensor) -> float:
-        self.last_record = {"loss": float(loss), "bound": float(bound)}
+    def _record(self, loss: torch.Tensor | SplitLoss, bound: torch.Tensor) -> float:
+        if isinstance(loss, SplitLoss):
+            value = float(loss.model.detach()) + float(loss.guide.detach())
+            self.last_record = {"loss": value, "bound": float(bound)}
+        else:
+            self.last_record = {"loss": float(loss.detach()), "bound": float(bound)}
         return -self.last_record["bound"]
 
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
@@ -117,12 +161,21 @@ class Engine(pyro.infer.ELBO):
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any):
         """The surrogate loss, differentiable (for ``pyro.infer.ELBOModule`` and custom loops)."""
-        return self.objective(model, guide, args, kwargs)[0]
+        loss = self.objective(model, guide, args, kwargs)[0]
+        if isinstance(loss, SplitLoss):
+            raise NotImplementedError(
+                f"{type(self).__name__} gives the model's and the guide's parameters different "
+                "objectives, which one differentiable loss cannot express; train it with "
+                "pyro.infer.SVI or pvae.fit (they call loss_and_grads)"
+            )
+        return loss
 
     def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """Backpropagate the surrogate and return the negative bound (as ``Trace_ELBO`` does)."""
         loss, bound = self.objective(model, guide, args, kwargs)
-        if loss.requires_grad:
+        if isinstance(loss, SplitLoss):
+            loss.backward()
+        elif loss.requires_grad:
             loss.backward(retain_graph=self.retain_graph)
         self.step += 1
-        return self._record(loss.detach(), bound.detach())
+        return self._record(loss, bound.detach())

@@ -344,6 +344,15 @@ def latent_sites(model_trace: Trace, guide_trace: Trace) -> Iterable[tuple[str, 
         yield name, guide_site, model_site
 
 
+def trace_params(trace: Trace) -> dict[str, torch.Tensor]:
+    """The unconstrained tensors of the parameters a trace touched, by name."""
+    return {
+        name: site["value"].unconstrained()  # type: ignore[union-attr]
+        for name, site in trace.nodes.items()
+        if site["type"] == "param"
+    }
+
+
 def check_reparameterized(guide_trace: Trace, engine: str) -> None:
     """Raise a clear error if a guide latent has no reparameterised sampler."""
     for name, site in guide_trace.nodes.items():
