@@ -11,8 +11,10 @@ With log weights ``log w_i = log p(x, z_i) - log q(z_i | x)``, ``z_i ~ q(z | x)`
 
 The log-mean-exp over particles is taken per datapoint of ``pyro.plate("data")`` and only then
 scaled by N/B, so the reported value stays a lower bound of log p(x) under subsampling (unlike
-Pyro's ``RenyiELBO(alpha=0)``, which scales before the log-sum-exp). Terms outside the data
-plate (global latents) enter every particle's weight and are averaged over particles.
+Pyro's ``RenyiELBO(alpha=0)``, which scales before the log-sum-exp). When the guide has
+latents outside the data plate (global latents), each particle's weight is the whole batch's
+joint weight and the log-mean-exp is taken over those (exact IWAE on a full batch); under a
+subsampled data plate such weights do not factorise and the engines raise an error.
 
 Estimators of the guide's gradient (``estimator=``):
 
@@ -102,13 +104,15 @@ class _ImportanceEngine(Engine):
         )
         for _, guide_trace, _ in draws:
             check_reparameterized(guide_trace, type(self).__name__)
+        weights = weights.per_datapoint(type(self).__name__)
         bound = self._mix(weights, self.model_terms(), group_bound)
         same_objective = self.model_terms() == self.guide_terms()
         if self.estimator != "dreg" and same_objective:
+            self.guide_bound = float(bound.detach())
             return -bound, bound
         guide_fn = dreg_surrogate if self.estimator == "dreg" else group_bound
         guide_objective = self._mix(weights, self.guide_terms(), guide_fn)
-        self.guide_bound = float(self._mix(weights, self.guide_terms(), group_bound))
+        self.guide_bound = float(self._mix(weights, self.guide_terms(), group_bound).detach())
         return SplitLoss.from_draws(-bound, -guide_objective, draws), bound
 
 
@@ -120,6 +124,7 @@ class IWAE(_ImportanceEngine):
     """
 
     def __init__(self, num_particles: int = 5, estimator: str = "reparam", **kwargs):
+        _positive_int(num_particles, "num_particles")
         super().__init__(1, num_particles, estimator, **kwargs)
 
     def model_terms(self):
@@ -153,6 +158,7 @@ class CIWAE(_ImportanceEngine):
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"CIWAE's beta must be in [0, 1], got {beta}")
         self.beta = float(beta)
+        _positive_int(num_particles, "num_particles")
         super().__init__(1, num_particles, estimator, **kwargs)
 
     def model_terms(self):

@@ -287,13 +287,34 @@ class LogWeights:
 
     ``local``: ``(K, B)`` sum over the data-plate sites of log p - log q, unscaled;
     ``global_``: ``(K,)`` sum over the other sites, counted once;
-    ``data_scale``: the data plate's N/B. The full-data log weight of particle ``k`` is
-    ``data_scale * local[k].sum() + global_[k]``.
+    ``data_scale``: the data plate's N/B;
+    ``global_latents``: names of guide latents outside the data plate.
+    The full-data log weight of particle ``k`` is ``data_scale * local[k].sum() + global_[k]``.
     """
 
     local: torch.Tensor
     global_: torch.Tensor
     data_scale: float
+    global_latents: tuple[str, ...] = ()
+
+    def per_datapoint(self, engine: str) -> LogWeights:
+        """Weights whose log-mean-exp over particles may be taken per datapoint.
+
+        With global latents every particle carries its own global draw, so the per-datapoint
+        log-mean-exp is not a bound on log p(X): the weights of the whole batch are joined into
+        one (exact IWAE on the full batch). Under subsampling that joint weight is unknown, and
+        an error says so.
+        """
+        if not self.global_latents:
+            return self
+        if self.data_scale != 1.0:
+            raise ValueError(
+                f"{engine} cannot bound log p(x) under a subsampled data plate when the guide has "
+                f"global latents ({', '.join(self.global_latents)}): their weights do not "
+                "factorise over datapoints. Use the ELBO, or train on full batches"
+            )
+        joint = self.local.sum(-1, keepdim=True) + self.global_[:, None]
+        return LogWeights(joint, torch.zeros_like(self.global_), 1.0)
 
     @staticmethod
     def cat(parts: list[LogWeights]) -> LogWeights:
@@ -302,6 +323,7 @@ class LogWeights:
             torch.cat([p.local for p in parts]),
             torch.cat([p.global_ for p in parts]),
             parts[0].data_scale,
+            parts[0].global_latents,
         )
 
     def elbo(self) -> torch.Tensor:
@@ -377,6 +399,7 @@ def log_weights(
     are evaluated with its parameters detached (STL, DReG).
     """
     num_particles = 1
+    global_latents: list[str] = []
     local: torch.Tensor | float = 0.0
     global_: torch.Tensor | float = 0.0
     for name, site in model_trace.nodes.items():
@@ -387,7 +410,9 @@ def log_weights(
         term = reducer(site["fn"].log_prob(site["value"]), site)  # type: ignore[attr-defined]
         local, global_ = _accumulate(local, global_, term, reducer.is_local(site), +1)
         num_particles = max(num_particles, term.shape[0])
-    for _, guide_site, _ in latent_sites(model_trace, guide_trace):
+    for name, guide_site, _ in latent_sites(model_trace, guide_trace):
+        if not reducer.is_local(guide_site):
+            global_latents.append(name)
         fn = detach_distribution(guide_site["fn"]) if detach_guide else guide_site["fn"]
         term = reducer(fn.log_prob(guide_site["value"]), guide_site)
         local, global_ = _accumulate(local, global_, term, reducer.is_local(guide_site), -1)
@@ -395,7 +420,9 @@ def log_weights(
     shape = (num_particles, reducer.batch_size)
     local_t = local.expand(shape) if isinstance(local, torch.Tensor) else torch.zeros(shape)
     global_t = global_ if isinstance(global_, torch.Tensor) else local_t.new_zeros(1)
-    return LogWeights(local_t, global_t.expand(num_particles), reducer.data_scale)
+    return LogWeights(
+        local_t, global_t.expand(num_particles), reducer.data_scale, tuple(global_latents)
+    )
 
 
 def _accumulate(local, global_, term: torch.Tensor, is_local: bool, sign: int):
