@@ -21,6 +21,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.distributions import Independent, kl_divergence
@@ -61,7 +62,7 @@ class CyclicalAnnealing:
         return self.start + (self.end - self.start) * fraction
 
 
-def _split_independent(q, p) -> tuple[object, object, int]:
+def _split_independent(q: Any, p: Any) -> tuple[Any, Any, int]:
     """Strip matching ``Independent`` wrappers; return the bases and the event dims removed."""
     event_dims = 0
     while (

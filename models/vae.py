@@ -67,7 +67,7 @@ class VAE(PyroModule):
             activation=activation,
         )
 
-    def _prior(self, batch_shape: torch.Size, like: torch.Tensor) -> dist.Distribution:
+    def _prior(self, batch_shape: torch.Size, like: torch.Tensor):
         loc = like.new_zeros(batch_shape + (self.z_dim,))
         return dist.Normal(loc, 1.0).to_event(1)
 
