@@ -2,9 +2,41 @@
 
 - :func:`log_likelihood`: the shared importance-sampled estimator (also ``pvae.log_likelihood``).
 - :func:`gradient_snr`: the gradient signal-to-noise ratio of Rainforth et al. (2018).
+- :func:`active_units`: the latent dimensions whose posterior mean varies with the data
+  (Burda et al. 2016).
+- :func:`kl_per_dim`, :func:`mutual_information`, :func:`collapse_report`: posterior collapse
+  per dimension and per layer (Dang et al. 2024).
+- :func:`latent_relevance`: the ARD-VAE decoder-Jacobian relevance score (Saha et al. 2025).
+- :mod:`pvae.diagnostics.theory`: closed forms for collapse in linear CVAEs (Dang et al.).
 """
 
+from pvae.diagnostics.collapse import (
+    CollapseReport,
+    KLPerDim,
+    LayerReport,
+    MutualInformation,
+    collapse_report,
+    kl_per_dim,
+    mutual_information,
+)
+from pvae.diagnostics.latents import ActiveUnits, active_units
+from pvae.diagnostics.relevance import LatentRelevance, latent_relevance
 from pvae.diagnostics.snr import GradientSNR, gradient_snr
 from pvae.evaluate import log_likelihood
 
-__all__ = ["GradientSNR", "gradient_snr", "log_likelihood"]
+__all__ = [
+    "ActiveUnits",
+    "CollapseReport",
+    "GradientSNR",
+    "KLPerDim",
+    "LatentRelevance",
+    "LayerReport",
+    "MutualInformation",
+    "active_units",
+    "collapse_report",
+    "gradient_snr",
+    "kl_per_dim",
+    "latent_relevance",
+    "log_likelihood",
+    "mutual_information",
+]

@@ -1,0 +1,533 @@
+"""Posterior collapse: KL per latent dimension, mutual information and a collapse report, for
+any model/guide pair.
+
+KL per dimension (per datapoint n, latent dimension d of a site):
+
+    KL_nd = KL( q(z_d | x_n) || p(z_d) )
+
+read from the traces: the guide is run on a batch, the model is replayed on the guide's
+samples, and the pair of site distributions gives the KL. It is analytic where
+``torch.distributions.kl_divergence`` has the pair registered (``Independent`` unwrapped), with
+``p``'s parameters as the model computes them *given the guide's samples of the other
+latents*, so conditional priors (CVAE prior networks, the layers of a hierarchical VAE) are
+handled; averaging over ``num_particles`` guide draws gives E_q[KL(q(z_l | ...) || p(z_l |
+z_{l+1}))]. Otherwise it is the Monte-Carlo estimate log q(z_d | x) - log p(z_d) averaged over
+the draws. The per-site logic is the ELBO engine's own (``pvae.inference.ELBO``), including its
+rule that analytic KLs need the model and the guide to sample latents in the same order.
+A guide whose site does not factorise over dimensions (a full-covariance
+``MultivariateNormal``) gets the KLs of its marginals, q(z_d | x) = N(mu_d, Sigma_dd), against a
+factorised prior; their sum is then below the site's joint KL by the total correlation of q.
+
+Mutual information (Hoffman & Johnson 2016; He et al. 2019; Dang et al. 2024):
+
+    I(x; z) = E_x KL(q(z|x) || p(z)) - KL(q(z) || p(z)) = E_{x, z~q(z|x)}[log q(z|x) - log q(z)]
+    log q(z_n) ~ logsumexp_j log q(z_n | x_j) - log M          (j over M datapoints)
+
+The aggregate posterior costs O(M^2 D) density evaluations, so it is taken over a random subset
+of at most ``max_points`` datapoints (1000 by default: a million pairs). The estimate is
+biased down by at most log M (it is bounded by log M) and is meaningful when I << log M.
+
+Collapse report (Dang et al., ICLR 2024, "Beyond Vanilla Variational Autoencoders: Detecting
+Posterior Collapse in Conditional and Hierarchical Variational Autoencoders"): per site (layer)
+and dimension, the mean KL, the activity Var_x E_q[z_d | x] (:func:`active_units`), whether the
+dimension collapsed (mean KL below ``kl_threshold``), and the fraction of (datapoint, dimension)
+pairs with KL_nd < ``epsilon`` (0.01 in the paper); with a plain-language verdict.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
+
+from pvae.diagnostics.latents import ActiveUnits, active_units
+from pvae.evaluate import Data, get_batch, iter_batches, num_items
+from pvae.protocol import (
+    Reducer,
+    find_data_frame,
+    get_traces,
+    guess_max_plate_nesting,
+    latent_sites,
+)
+
+__all__ = [
+    "CollapseReport",
+    "KLPerDim",
+    "LayerReport",
+    "MutualInformation",
+    "collapse_report",
+    "kl_per_dim",
+    "mutual_information",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# KL per dimension.
+
+
+@dataclass
+class KLPerDim:
+    """What :func:`kl_per_dim` returns.
+
+    ``site``: the latent site; ``per_datapoint``: KL_nd, ``(N, D)`` (the site's event
+    flattened), nats; ``analytic``: whether closed-form KLs were used (else Monte Carlo);
+    ``marginal``: True when the guide's site did not factorise and the values are the KLs of
+    its one-dimensional marginals.
+    """
+
+    site: str
+    per_datapoint: torch.Tensor
+    analytic: bool
+    marginal: bool = False
+
+    @property
+    def kl(self) -> torch.Tensor:
+        """E_x KL(q(z_d | x) || p(z_d)) per dimension, ``(D,)``."""
+        return self.per_datapoint.mean(0)
+
+    @property
+    def total(self) -> float:
+        """The site's mean KL summed over dimensions (nats per datapoint)."""
+        return float(self.kl.sum())
+
+    @property
+    def dims(self) -> int:
+        return int(self.per_datapoint.shape[1])
+
+    def fraction_below(self, epsilon: float = 0.01) -> float:
+        """The share of (datapoint, dimension) pairs with KL_nd < ``epsilon`` (Dang et al.)."""
+        return float((self.per_datapoint < epsilon).double().mean())
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _kl_engine(analytic: bool) -> Any:
+    # Late import: the core does not depend on the engines at import time (DESIGN.md).
+    from pvae.inference import ELBO
+
+    return ELBO(analytic_kl=analytic)
+
+
+def _marginal_kl(guide_site: dict, model_site: dict) -> torch.Tensor | None:
+    """KL of the 1-d marginals of a vector-valued q against a factorised Normal prior."""
+    q, p = guide_site["fn"], model_site["fn"]
+    if not isinstance(q, MultivariateNormal):
+        return None
+    if isinstance(p, Independent) and p.reinterpreted_batch_ndims == 1:
+        p = p.base_dist
+    if not isinstance(p, Normal):
+        return None
+    q_marginal = Normal(q.mean, q.variance.sqrt())
+    return kl_divergence(q_marginal, p)
+
+
+def _site_kls(
+    model: Callable,
+    guide: Callable,
+    data: Data,
+    sites: Sequence[str] | None,
+    batch_size: int,
+    num_particles: int,
+    analytic: bool,
+    kwargs: dict,
+) -> tuple[dict[str, KLPerDim], list[str]]:
+    """KL_nd for each requested local latent site (all of them for ``sites=None``)."""
+    if batch_size < 1 or num_particles < 1:
+        raise ValueError(
+            f"batch_size and num_particles must be >= 1, got {batch_size}, {num_particles}"
+        )
+    engine = _kl_engine(analytic)
+    rows: dict[str, list[torch.Tensor]] = {}
+    flags: dict[str, tuple[bool, bool]] = {}
+    order: list[str] | None = None
+    nesting: int | None = None
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        for batch in iter_batches(data, batch_size):
+            if nesting is None:
+                nesting = guess_max_plate_nesting(model, guide, batch, kwargs)
+            model_trace, guide_trace = get_traces(
+                model, guide, batch, kwargs, num_particles, nesting
+            )
+            reducer = Reducer(nesting, find_data_frame(guide_trace, model_trace))
+            frame = reducer.data_frame
+            if frame is None or frame.size != batch[0].shape[0]:
+                raise ValueError(
+                    "KL diagnostics need the per-datapoint latents inside pyro.plate('data', "
+                    f"...) covering the whole batch ({batch[0].shape[0]} rows), without "
+                    "subsample_size"
+                )
+            found = {name: (g, m) for name, g, m in latent_sites(model_trace, guide_trace)}
+            if order is None:
+                local = [name for name, (g, _) in found.items() if reducer.is_local(g)]
+                if sites is None:
+                    order = sorted(local, key=_natural_key)
+                    if not order:
+                        raise ValueError("the guide has no latent site inside pyro.plate('data')")
+                else:
+                    for name in sites:
+                        if name not in found:
+                            raise ValueError(
+                                f"the guide has no latent site {name!r}; its latent sites are: "
+                                f"{', '.join(found) or 'none'}"
+                            )
+                        if name not in local:
+                            raise ValueError(
+                                f"latent site {name!r} is outside pyro.plate('data') (a global "
+                                "latent); KL per datapoint needs a per-datapoint site"
+                            )
+                    order = list(sites)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the engine's note on sampling order
+                use_analytic = engine._analytic_allowed(model_trace, guide_trace)
+            for name in order:
+                guide_site, model_site = found[name]
+                # The KL of the distributions themselves: drop the site's scale (a per-layer
+                # beta, a kl_weight), keep its mask.
+                unscaled = {**guide_site, "scale": 1.0}
+                elements, event_dims = engine._kl_elements(guide_site, model_site, use_analytic)
+                marginal = False
+                event_size = math.prod(guide_site["fn"].event_shape)
+                if event_dims == 0 and event_size > 1:
+                    marginal_kl = _marginal_kl(guide_site, model_site)
+                    if marginal_kl is not None:
+                        elements, event_dims, marginal = marginal_kl, 1, True
+                        use_site_analytic = True
+                    else:
+                        use_site_analytic = use_analytic
+                else:
+                    use_site_analytic = use_analytic and _is_analytic(guide_site, model_site)
+                term = reducer(elements, unscaled, event_dims)  # (K', B, D)
+                rows.setdefault(name, []).append(term.mean(0).double())
+                flags[name] = (use_site_analytic, marginal)
+    assert order is not None
+    results = {
+        name: KLPerDim(name, torch.cat(rows[name]), flags[name][0], flags[name][1])
+        for name in order
+    }
+    return results, order
+
+
+def _is_analytic(guide_site: dict, model_site: dict) -> bool:
+    from pvae.inference.elbo import _split_independent
+
+    q_base, p_base, _ = _split_independent(guide_site["fn"], model_site["fn"])
+    try:
+        kl_divergence(q_base, p_base)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def kl_per_dim(
+    model: Callable,
+    guide: Callable,
+    data: Data,
+    site: str = "z",
+    batch_size: int = 500,
+    num_particles: int = 10,
+    analytic: bool = True,
+    **kwargs: Any,
+) -> KLPerDim:
+    """KL(q(z_d | x_n) || p(z_d)) for every datapoint n and dimension d of ``site``.
+
+    :param model, guide: any pair whose site ``site`` sits inside ``pyro.plate("data")``.
+    :param data: a tensor ``(N, ...)``, a tuple of tensors (the pair's positional arguments),
+        or a torch Dataset.
+    :param site: the latent site.
+    :param batch_size: datapoints per run of the pair.
+    :param num_particles: vectorised guide draws averaged per datapoint (Monte-Carlo KLs, and
+        analytic KLs whose prior depends on other sampled latents).
+    :param analytic: use closed-form KLs where registered.
+    :returns: :class:`KLPerDim`; ``.kl`` is the ``(D,)`` mean over datapoints.
+
+    Runs without gradients and leaves the global random state as it found it.
+    """
+    results, _ = _site_kls(model, guide, data, [site], batch_size, num_particles, analytic, kwargs)
+    return results[site]
+
+
+# --------------------------------------------------------------------------------------------
+# Mutual information.
+
+
+@dataclass
+class MutualInformation:
+    """What :func:`mutual_information` returns.
+
+    ``total``: I(x; z) for the site, nats; ``per_dim``: I(x; z_d) per dimension ``(D,)``
+    (None when the guide's site does not factorise over dimensions); ``num_points``: the M
+    datapoints of the aggregate posterior (the estimate cannot exceed log M).
+    """
+
+    site: str
+    total: float
+    per_dim: torch.Tensor | None
+    num_points: int
+
+
+def _mi_from_log_q(log_q: torch.Tensor) -> torch.Tensor:
+    """``log_q[s, n, j, ...]`` = log q(z_n^s | x_j): the mean over s, n of log q(z|x_n) -
+    log q(z), with the aggregate posterior taken over j."""
+    m = log_q.shape[2]
+    own = log_q.diagonal(dim1=1, dim2=2)  # (S, ..., M): the diagonal moves to the end
+    own = own.movedim(-1, 1)
+    aggregate = torch.logsumexp(log_q, dim=2) - math.log(m)
+    return (own - aggregate).mean((0, 1))
+
+
+def mutual_information(
+    guide: Callable,
+    data: Data,
+    site: str = "z",
+    max_points: int = 1000,
+    num_samples: int = 1,
+    seed: int = 0,
+    **kwargs: Any,
+) -> MutualInformation:
+    """The I(x; z) estimate E[log q(z|x)] - E[log q(z)] with q(z) = (1/M) sum_j q(z | x_j).
+
+    :param guide: any guide that samples ``site`` once per datapoint, as inside
+        ``pyro.plate("data")`` (the site's distribution has batch shape ``(batch,)``).
+    :param data: as for :func:`kl_per_dim`.
+    :param max_points: the aggregate posterior runs over a random subset of at most this many
+        datapoints (cost O(M^2 D) time; memory is chunked).
+    :param num_samples: draws of z per datapoint.
+    :param seed: seeds the choice of the subset.
+    :returns: :class:`MutualInformation`.
+
+    For a site whose guide distribution depends on other sampled latents (the upper layers of
+    a bottom-up hierarchical guide), q(z | x_j) is the conditional given the guide's draw of
+    those: a one-sample stand-in for the marginal.
+    """
+    import pyro.poutine as poutine
+
+    n = num_items(data)
+    if n < 2:
+        raise ValueError(f"mutual_information needs at least 2 datapoints, got {n}")
+    if max_points < 2 or num_samples < 1:
+        raise ValueError(
+            f"max_points must be >= 2 and num_samples >= 1, got {max_points}, {num_samples}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(n, generator=generator)[:max_points].sort().values
+    batch = get_batch(data, index)
+    m = index.numel()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(
+            *batch, **kwargs
+        )
+        node = trace.nodes.get(site)
+        if node is None or node["type"] != "sample" or node["is_observed"]:
+            latents = [
+                k for k, v in trace.nodes.items() if v["type"] == "sample" and not v["is_observed"]
+            ]
+            raise ValueError(
+                f"the guide has no latent site {site!r}; its latent sites are: "
+                f"{', '.join(latents) or 'none'}"
+            )
+        fn: Any = node["fn"]
+        if tuple(fn.batch_shape) != (m,):
+            raise ValueError(
+                f"site {site!r} has batch shape {tuple(fn.batch_shape)}; mutual_information "
+                f"needs one distribution per datapoint, batch shape ({m},), as inside a single "
+                "pyro.plate('data', ...)"
+            )
+        z = fn.sample((num_samples,))  # (S, M, *event)
+        base = fn.base_dist if isinstance(fn, Independent) else None
+        factorised = base is not None and not base.event_shape and len(fn.event_shape) >= 1
+        event_ndim = len(fn.event_shape)
+        dims = int(math.prod(fn.event_shape)) if event_ndim else 1
+        # chunk over n so that at most ~4e6 densities are alive at once
+        chunk = max(1, int(4e6 // (num_samples * m * max(dims, 1))))
+        joint_parts: list[torch.Tensor] = []
+        dim_parts: list[torch.Tensor] = []
+        for start in range(0, m, chunk):
+            zc = z[:, start : start + chunk]  # (S, c, *event)
+            zc = zc.unsqueeze(2)  # (S, c, 1, *event): against every x_j
+            if factorised:
+                assert base is not None
+                per = base.log_prob(zc).double()  # (S, c, M, *event)
+                per = per.reshape(per.shape[:3] + (-1,))
+                dim_parts.append(per)
+                joint_parts.append(per.sum(-1))
+            else:
+                joint_parts.append(fn.log_prob(zc).double())  # (S, c, M)
+        log_q = torch.cat(joint_parts, 1)
+        total = float(_mi_from_log_q(log_q))
+        per_dim = _mi_from_log_q(torch.cat(dim_parts, 1)) if factorised else None
+    return MutualInformation(site, total, per_dim, m)
+
+
+# --------------------------------------------------------------------------------------------
+# The report.
+
+
+@dataclass
+class LayerReport:
+    """One latent site (layer) of a :class:`CollapseReport`.
+
+    ``kl``: mean KL per dimension ``(D,)``; ``activity``: Var_x E_q[z_d | x] ``(D,)``;
+    ``active``: ``activity > activity_threshold``; ``collapsed``: ``kl < kl_threshold`` (the
+    posterior of that dimension is the prior, whatever x); ``fraction_below``: the share of
+    (datapoint, dimension) pairs with KL < epsilon; ``mutual_information``: I(x; z) of the
+    site (None when not computed).
+    """
+
+    site: str
+    kl: torch.Tensor
+    activity: torch.Tensor
+    active: torch.Tensor
+    collapsed: torch.Tensor
+    fraction_below: float
+    mutual_information: float | None = None
+    per_datapoint: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def dims(self) -> int:
+        return int(self.kl.numel())
+
+    @property
+    def collapsed_dims(self) -> list[int]:
+        return [int(d) for d in torch.nonzero(self.collapsed).flatten()]
+
+    @property
+    def inactive_dims(self) -> list[int]:
+        """Dimensions that ignore x without being at the prior (KL spent for nothing)."""
+        return [int(d) for d in torch.nonzero(~self.active & ~self.collapsed).flatten()]
+
+
+@dataclass
+class CollapseReport:
+    """What :func:`collapse_report` returns: ``layers`` by site name (in layer order), the
+    thresholds used, and ``verdict``, a plain-language summary (also ``str(report)``)."""
+
+    layers: dict[str, LayerReport]
+    epsilon: float
+    kl_threshold: float
+    activity_threshold: float
+    verdict: str = ""
+
+    def __str__(self) -> str:
+        return self.verdict
+
+    @property
+    def collapsed(self) -> dict[str, list[int]]:
+        """Collapsed dimensions per site."""
+        return {name: layer.collapsed_dims for name, layer in self.layers.items()}
+
+
+def _dims_text(dims: list[int], limit: int = 12) -> str:
+    shown = ", ".join(str(d) for d in dims[:limit])
+    return shown + (f", ... ({len(dims)} in all)" if len(dims) > limit else "")
+
+
+def _verdict(report: CollapseReport) -> str:
+    lines = []
+    every = all(layer.collapsed.all() for layer in report.layers.values())
+    for name, layer in report.layers.items():
+        collapsed = layer.collapsed_dims
+        head = (
+            f"{name}: {layer.dims - len(collapsed)} of {layer.dims} dimensions in use, "
+            f"KL {float(layer.kl.sum()):.3g} nats"
+        )
+        if layer.mutual_information is not None:
+            head += f", I(x; {name}) = {layer.mutual_information:.3g} nats"
+        head += (
+            f"; {100 * layer.fraction_below:.1f}% of (datapoint, dimension) pairs have "
+            f"KL < {report.epsilon:g}."
+        )
+        lines.append(head)
+        if len(collapsed) == layer.dims:
+            lines.append(
+                f"  Posterior collapse: every dimension of {name} collapsed to the prior "
+                f"(KL < {report.kl_threshold:g}); the model ignores this layer."
+            )
+        elif collapsed:
+            lines.append(
+                f"  Partial collapse: dimensions {_dims_text(collapsed)} of {name} collapsed "
+                f"to the prior (KL < {report.kl_threshold:g})."
+            )
+        else:
+            lines.append(f"  No collapsed dimension in {name}.")
+        inactive = layer.inactive_dims
+        if inactive:
+            lines.append(
+                f"  Dimensions {_dims_text(inactive)} of {name} carry no information about x "
+                f"(activity <= {report.activity_threshold:g}) but are not at the prior: "
+                "their KL is spent for nothing."
+            )
+    if every:
+        lines.insert(0, "Verdict: total posterior collapse; the latents carry no information.")
+    elif any(layer.collapsed.any() for layer in report.layers.values()):
+        lines.insert(0, "Verdict: partial posterior collapse.")
+    else:
+        lines.insert(0, "Verdict: no posterior collapse.")
+    return "\n".join(lines)
+
+
+def collapse_report(
+    model: Callable,
+    guide: Callable,
+    data: Data,
+    sites: str | Sequence[str] | None = None,
+    epsilon: float = 0.01,
+    kl_threshold: float = 0.01,
+    activity_threshold: float = 0.01,
+    mutual_info: bool = True,
+    max_points: int = 1000,
+    batch_size: int = 500,
+    num_particles: int = 10,
+    analytic: bool = True,
+    **kwargs: Any,
+) -> CollapseReport:
+    """Per layer and dimension: KL, activity, collapse, and a verdict.
+
+    :param model, guide: any pair; per-datapoint latents inside ``pyro.plate("data")``.
+    :param data: as for :func:`kl_per_dim`.
+    :param sites: a site name, a list of them, or None for every guide latent in the data
+        plate, ordered by name with numbers compared as numbers (``z1, z2, ..., z10``).
+    :param epsilon: the per-(datapoint, dimension) KL threshold of Dang et al. (0.01).
+    :param kl_threshold: a dimension is collapsed when its mean KL is below this.
+    :param activity_threshold: active-units threshold (0.01, Burda et al.).
+    :param mutual_info: also estimate I(x; z) per site (:func:`mutual_information`).
+    :returns: :class:`CollapseReport`.
+    """
+    names = [sites] if isinstance(sites, str) else sites
+    kls, order = _site_kls(model, guide, data, names, batch_size, num_particles, analytic, kwargs)
+    layers: dict[str, LayerReport] = {}
+    for name in order:
+        kl = kls[name]
+        units: ActiveUnits = active_units(
+            guide, data, site=name, threshold=activity_threshold, batch_size=batch_size, **kwargs
+        )
+        if units.dims != kl.dims:
+            raise ValueError(
+                f"site {name!r}: {kl.dims} KL dimensions but {units.dims} activity dimensions"
+            )
+        mi = None
+        if mutual_info:
+            try:
+                mi = mutual_information(guide, data, site=name, max_points=max_points, **kwargs)
+            except ValueError:
+                mi = None  # a site with extra plates: report without it
+        layers[name] = LayerReport(
+            site=name,
+            kl=kl.kl,
+            activity=units.variances,
+            active=units.active,
+            collapsed=kl.kl < kl_threshold,
+            fraction_below=kl.fraction_below(epsilon),
+            mutual_information=None if mi is None else mi.total,
+            per_datapoint=kl.per_datapoint,
+        )
+    report = CollapseReport(layers, float(epsilon), float(kl_threshold), float(activity_threshold))
+    report.verdict = _verdict(report)
+    return report

@@ -1,0 +1,113 @@
+"""Active units (Burda et al. 2016, "Importance Weighted Autoencoders", section 5.2).
+
+A latent dimension u is *active* when its posterior mean moves with the data:
+
+    A_u = Var_x( E_{q(z|x)}[z_u] ) > threshold        (threshold 0.01 in the paper)
+
+It works for any guide: the guide is run (traced, without gradients) on batches of the data,
+and the mean of the named site's distribution is read from the trace (``site["fn"].mean``, or
+the average of a few samples for distributions without a closed-form mean).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyro.poutine as poutine
+import torch
+
+from pvae.evaluate import Data, iter_batches, num_items
+
+__all__ = ["ActiveUnits", "active_units"]
+
+
+@dataclass
+class ActiveUnits:
+    """What :func:`active_units` returns.
+
+    ``count``: the number of active dimensions; ``variances``: Var_x(E_q[z|x]) per dimension
+    ``(D,)`` (the site's event flattened); ``active``: the boolean mask ``variances >
+    threshold``; ``threshold``: the threshold used.
+    """
+
+    count: int
+    variances: torch.Tensor
+    active: torch.Tensor
+    threshold: float
+
+    @property
+    def dims(self) -> int:
+        """The number of latent dimensions examined."""
+        return int(self.variances.numel())
+
+
+def _site_mean(fn: Any, num_samples: int) -> torch.Tensor:
+    try:
+        mean = fn.mean
+    except (NotImplementedError, AttributeError):
+        mean = None
+    if mean is None or not torch.isfinite(mean).all():  # e.g. Cauchy: fall back to samples
+        mean = fn.sample((num_samples,)).mean(0)
+    return mean
+
+
+def active_units(
+    guide: Callable,
+    data: Data,
+    site: str = "z",
+    threshold: float = 0.01,
+    batch_size: int = 500,
+    num_samples: int = 16,
+    **kwargs: Any,
+) -> ActiveUnits:
+    """Count the active latent dimensions of ``site`` under ``guide`` on ``data``.
+
+    :param guide: any guide ``guide(*batch, **kwargs)`` that samples ``site`` once per
+        datapoint (its first dimension the batch, as inside ``pyro.plate("data")``).
+    :param data: a tensor ``(N, ...)``, a tuple of tensors (the guide's positional
+        arguments), or a torch Dataset; at least two datapoints.
+    :param site: the latent site's name.
+    :param threshold: a dimension is active when the variance over datapoints of its
+        posterior mean exceeds this (0.01, Burda et al.).
+    :param batch_size: datapoints per guide call.
+    :param num_samples: samples averaged when the site's distribution has no ``.mean``.
+    :returns: :class:`ActiveUnits`.
+
+    The guide runs without gradients and the global RNG state is left as it was.
+    """
+    n = num_items(data)
+    if n < 2:
+        raise ValueError(f"active_units needs at least 2 datapoints, got {n}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    means = []
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        for batch in iter_batches(data, batch_size):
+            trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(
+                *batch, **kwargs
+            )
+            node = trace.nodes.get(site)
+            if node is None or node["type"] != "sample":
+                sites = [
+                    name
+                    for name, node in trace.nodes.items()
+                    if node["type"] == "sample" and not node["is_observed"]
+                ]
+                raise ValueError(
+                    f"the guide has no sample site {site!r}; its latent sites are: "
+                    f"{', '.join(sites) or 'none'}"
+                )
+            rows = batch[0].shape[0]
+            mean = _site_mean(node["fn"], num_samples)
+            if mean.dim() == 0 or mean.shape[0] != rows:
+                raise ValueError(
+                    f"site {site!r} has a mean of shape {tuple(mean.shape)}; active_units needs "
+                    f"one row per datapoint ({rows} in this batch), as inside "
+                    "pyro.plate('data', ...)"
+                )
+            means.append(mean.reshape(rows, -1).double())
+    variances = torch.cat(means).var(dim=0)
+    active = variances > threshold
+    return ActiveUnits(int(active.sum()), variances, active, float(threshold))

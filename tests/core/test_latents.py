@@ -1,0 +1,79 @@
+"""Active units (Burda et al. 2016): Var_x(E_q[z|x]) per dimension against a threshold, for
+any guide, read from the traced site's distribution."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch.distributions.transforms import AffineTransform
+
+from pvae.diagnostics import ActiveUnits, active_units
+from pvae.models import VAE
+
+X = torch.randn(300, 4, generator=torch.Generator().manual_seed(0))
+
+
+def masked_guide(mask, scale=1.0, family="normal"):
+    """q(z | x) whose mean is ``scale * x[:, d]`` where ``mask[d]`` and 0.3 elsewhere (a dim
+    whose mean ignores x)."""
+    mask = torch.tensor(mask)
+
+    def guide(x):
+        loc = torch.where(mask, scale * x, torch.full_like(x, 0.3))
+        with pyro.plate("data", x.shape[0]):
+            if family == "normal":
+                pyro.sample("z", dist.Normal(loc, 0.5).to_event(1))
+            elif family == "mvn":
+                pyro.sample("z", dist.MultivariateNormal(loc, 0.25 * torch.eye(x.shape[1])))
+            else:  # no closed-form .mean: the samples' average stands in for it
+                shifted = dist.TransformedDistribution(
+                    dist.Normal(torch.zeros_like(loc), 0.01), [AffineTransform(loc, 1.0)]
+                )
+                pyro.sample("z", shifted.to_event(1))
+
+    return guide
+
+
+@pytest.mark.parametrize("family", ["normal", "mvn", "transformed"])
+def test_dims_that_ignore_x_are_inactive(family):
+    result = active_units(masked_guide([True, False, True, False], family=family), X)
+    assert isinstance(result, ActiveUnits)
+    assert result.count == 2 and result.dims == 4
+    assert result.active.tolist() == [True, False, True, False]
+    assert result.variances[[1, 3]].abs().max() < 1e-3
+    assert result.variances[[0, 2]].min() > 0.5  # Var(x_d) ~ 1
+
+
+def test_variance_is_over_datapoints_with_any_batch_size():
+    guide = masked_guide([True, True, True, True])
+    expected = X.double().var(0)
+    for batch_size in (7, 300, 1000):
+        result = active_units(guide, X, batch_size=batch_size)
+        torch.testing.assert_close(result.variances, expected)
+
+
+def test_threshold_separates_small_from_large_variance():
+    # Var(0.05 x) ~ 0.0025 < 0.01 < Var(0.2 x) ~ 0.04
+    assert active_units(masked_guide([True] * 4, scale=0.05), X).count == 0
+    assert active_units(masked_guide([True] * 4, scale=0.2), X).count == 4
+    assert active_units(masked_guide([True] * 4, scale=0.05), X, threshold=1e-3).count == 4
+
+
+def test_a_pvae_model_and_tuple_data_and_rng_left_alone():
+    vae = VAE(x_dim=4, z_dim=3, hidden=(8,), likelihood="gaussian")
+    state = torch.get_rng_state()
+    result = active_units(vae.guide, (X,), batch_size=64)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert result.dims == 3 and 0 <= result.count <= 3
+    encoder_mean = vae.encode(X)[0].double()
+    torch.testing.assert_close(result.variances, encoder_mean.var(0))
+
+
+def test_unknown_site_names_the_guides_latents():
+    with pytest.raises(ValueError, match="no sample site 'w'.*z"):
+        active_units(masked_guide([True] * 4), X, site="w")
+
+
+def test_needs_two_datapoints():
+    with pytest.raises(ValueError, match="at least 2"):
+        active_units(masked_guide([True] * 4), X[:1])
