@@ -33,6 +33,8 @@ __all__ = [
     "ConvEncoder",
     "ConvDecoder",
     "GRUEncoder",
+    "InputConvexNetwork",
+    "InverseLipschitzDecoder",
     "build_encoder",
     "build_decoder",
 ]
@@ -349,6 +351,105 @@ class GRUEncoder(nn.Module):
             h = outputs[:, -1].reshape(*batch_shape, -1)
         loc, scale = self.head(h)
         return loc, scale
+
+
+class InputConvexNetwork(nn.Module):
+    """A scalar input-convex network psi(z) (Amos et al. 2017).
+
+    ``u_1 = softplus(A_0 z + b_0)``, ``u_{k+1} = softplus(W_k u_k + A_k z + b_k)``, ``psi =
+    w^T u_K + a^T z``, with the weights ``W_k`` and ``w`` on the path through the hidden
+    units non-negative (``softplus`` of free parameters). Softplus is convex and non-decreasing,
+    and non-negative sums of convex functions are convex, so ``psi`` is convex in ``z``.
+
+    Shapes: ``(..., z_dim) -> (...)``.
+    """
+
+    def __init__(self, z_dim: int, hidden: Sequence[int] = (64, 64)) -> None:
+        super().__init__()
+        widths = _as_hidden(hidden)
+        if not widths:
+            raise ValueError("InputConvexNetwork needs at least one hidden layer")
+        self.skips = nn.ModuleList(nn.Linear(z_dim, width) for width in widths)
+        self.raw_weights = nn.ParameterList(
+            nn.Parameter(torch.randn(out, inp) / math.sqrt(inp) - 2.0)
+            for inp, out in zip(widths[:-1], widths[1:], strict=True)
+        )
+        self.raw_out = nn.Parameter(torch.randn(widths[-1]) / math.sqrt(widths[-1]) - 2.0)
+        self.linear_out = nn.Linear(z_dim, 1, bias=False)
+
+    def forward(self, z: Tensor) -> Tensor:
+        u = F.softplus(self.skips[0](z))
+        for skip, raw in zip(self.skips[1:], self.raw_weights, strict=True):
+            u = F.softplus(u @ F.softplus(raw).T + skip(z))
+        out: Tensor = u @ F.softplus(self.raw_out) + self.linear_out(z).squeeze(-1)
+        return out
+
+
+class InverseLipschitzDecoder(nn.Module):
+    """Decoder with a controllable inverse-Lipschitz constant (Kinoshita et al., ICML 2023).
+
+    ``params = h(grad psi(z))`` with ``psi(z) = ICNN(z) + (L / 2) ||z||^2``: the ICNN is
+    convex (:class:`InputConvexNetwork`), so ``psi`` is ``L``-strongly convex and its gradient
+    map is ``L``-strongly monotone,
+
+        ||grad psi(z) - grad psi(z')|| >= L ||z - z'||,
+
+    i.e. inverse Lipschitz with constant ``L``: distinct latents give distinct decoder
+    features, which bounds from below how far the posterior must move from the prior to
+    explain a datapoint (a remedy for posterior collapse; ``L = 0`` removes the guarantee).
+    ``h`` is an MLP of widths ``hidden`` (``hidden=()``: one ``Linear``); the whole decoder
+    keeps the guarantee when ``h`` is itself inverse Lipschitz (e.g. a linear ``h`` of full
+    column rank); an MLP ``h`` is not constrained.
+
+    The gradient is taken with ``torch.autograd.grad(create_graph=True)`` inside ``forward``,
+    so training differentiates through it; it works under ``torch.no_grad`` too.
+
+    Args:
+        z_dim: latent size.
+        out_dim: output size (``x_dim * param_size`` for a likelihood).
+        hidden: widths of the MLP ``h``.
+        lipschitz: the inverse-Lipschitz constant ``L >= 0`` of ``grad psi``.
+        icnn_hidden: hidden widths of the ICNN.
+        activation: activation class of ``h``.
+
+    Shapes: ``(..., z_dim) -> (..., out_dim)``.
+    """
+
+    def __init__(
+        self,
+        z_dim: int,
+        out_dim: int,
+        hidden: Sequence[int] = (200, 200),
+        lipschitz: float = 1.0,
+        icnn_hidden: Sequence[int] = (64, 64),
+        activation: type[nn.Module] = nn.ReLU,
+    ) -> None:
+        super().__init__()
+        if not (math.isfinite(lipschitz) and lipschitz >= 0):
+            raise ValueError(f"lipschitz must be a finite number >= 0, got {lipschitz!r}")
+        self.z_dim = z_dim
+        self.lipschitz = float(lipschitz)
+        self.icnn = InputConvexNetwork(z_dim, icnn_hidden)
+        self.h = MLP(z_dim, hidden, out_dim, activation)
+
+    def gradient_map(self, z: Tensor) -> Tensor:
+        """``grad psi(z) = grad ICNN(z) + L z``, ``(..., z_dim)``."""
+        outer_grad = torch.is_grad_enabled()
+        with torch.enable_grad():
+            point = z if z.requires_grad else z.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.icnn(point).sum(), point, create_graph=outer_grad)
+        if not outer_grad:
+            grad = grad.detach()
+        return grad + self.lipschitz * z
+
+    def forward(self, z: Tensor) -> Tensor:
+        if z.shape[-1] != self.z_dim:
+            raise ValueError(
+                f"InverseLipschitzDecoder expects z of shape (..., {self.z_dim}), "
+                f"got {tuple(z.shape)}"
+            )
+        out: Tensor = self.h(self.gradient_map(z))
+        return out
 
 
 _KINDS = ("conv", "mlp")

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from pvae.evaluate import Data, get_batch, iter_batches, num_items
-from pvae.protocol import scale_to_data
+from pvae.protocol import scale_to_data, trace_params
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "pvae-checkpoint-1"
@@ -207,6 +207,7 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     callbacks: Sequence[Callable[[Run, dict[str, Any]], bool | None]] = (),
+    aggressive_encoder: int | None = None,
 ) -> Run:
     """Train a model/guide pair with any engine.
 
@@ -225,8 +226,17 @@ def fit(
         every epoch.
     :param resume: continue from ``run_dir/checkpoint.pt`` when it exists; the result is
         bit-identical to an uninterrupted run.
-    :param callbacks: called as ``callback(run, epoch_record)`` after every epoch; returning
-        True stops training.
+    :param callbacks: called as ``callback(run, epoch_record)`` after every epoch, before the
+        checkpoint is written (what they change is saved); returning True stops training.
+    :param aggressive_encoder: aggressive encoder training (He et al. 2019, against posterior
+        collapse) with at most this many encoder-only steps per training step. While the
+        aggressive phase lasts, every step first trains only the guide's parameters (read
+        from the traces) on fresh random minibatches, until the mean loss over a window of
+        10 such steps stops falling or the limit is reached, and then updates only the
+        model's parameters on its own minibatch. The phase ends, for good, after the first
+        epoch whose bound (validation bound when ``valid`` is given) does not improve on the
+        previous one; training then goes on normally. Epoch records gain
+        ``"encoder_steps"``. ``None`` (the default) trains normally throughout.
     :returns: a :class:`Run`.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) each process takes its share of every batch and
@@ -240,6 +250,8 @@ def fit(
         raise ValueError("the training data is empty")
     if batch_size < 1 or epochs < 0:
         raise ValueError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size}, {epochs}")
+    if aggressive_encoder is not None and aggressive_encoder < 1:
+        raise ValueError(f"aggressive_encoder must be None or >= 1, got {aggressive_encoder}")
     ddp = _Distributed()
     if batch_size < ddp.world:
         raise ValueError(f"batch_size {batch_size} is smaller than the {ddp.world} processes")
@@ -248,6 +260,13 @@ def fit(
     params = _discover_params(train_model, train_guide, get_batch(train, torch.arange(2)))
     ddp.broadcast(list(params.values()))
     opt = _optimizer(optimizer, list(params.values()), lr)
+    aggressive = {"active": aggressive_encoder is not None, "best": -float("inf")}
+    if aggressive_encoder is not None:
+        guide_names = _guide_only_params(
+            train_model, train_guide, get_batch(train, torch.arange(2))
+        )
+        guide_params = [p for name, p in params.items() if name in guide_names]
+        model_params = [p for name, p in params.items() if name not in guide_names]
 
     run = Run(run_dir=str(run_dir) if run_dir is not None else None)
     start_epoch = 0
@@ -269,6 +288,7 @@ def fit(
         if hasattr(engine, "load_state_dict"):
             engine.load_state_dict(state["engine"])
         _set_rng_state(state["rng"])
+        aggressive.update(state.get("aggressive_encoder", {}))
         run.history, run.steps = state["history"], state["steps"]
         start_epoch = int(state["epoch"]) + 1
     else:
@@ -284,10 +304,27 @@ def fit(
             order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed + epoch))
             epoch_bound = 0.0
             epoch_seconds = 0.0
+            encoder_steps = 0
             for step in range(steps_per_epoch):
                 index = order[step * batch_size : (step + 1) * batch_size]
                 batch = get_batch(train, index[ddp.rank :: ddp.world])
                 t0 = time.perf_counter()
+                if aggressive["active"]:
+                    encoder_steps += _encoder_steps(
+                        engine,
+                        train_model,
+                        train_guide,
+                        train,
+                        opt,
+                        guide_params,
+                        model_params,
+                        max_steps=int(aggressive_encoder),  # type: ignore[arg-type]
+                        batch_size=batch_size,
+                        generator=torch.Generator().manual_seed(
+                            (seed * 1_000_003 + epoch) * 1_000_003 + step
+                        ),
+                        ddp=ddp,
+                    )
                 try:
                     engine.loss_and_grads(train_model, train_guide, *batch)
                 except ValueError as error:  # Pyro's validation meets NaN parameters first
@@ -310,7 +347,12 @@ def fit(
                         "the model or guide created new parameters after its first step; "
                         "pvae.fit needs every parameter to exist at the first call"
                     )
-                ddp.average_grads(param_list)
+                if aggressive["active"]:  # the decoder's step: only the model's parameters
+                    for p in guide_params:
+                        p.grad = None
+                    ddp.average_grads(model_params)
+                else:
+                    ddp.average_grads(param_list)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 seconds = time.perf_counter() - t0
@@ -337,10 +379,20 @@ def fit(
                 "seconds": epoch_seconds,
                 "steps": steps_per_epoch,
             }
+            if aggressive_encoder is not None:
+                epoch_record["encoder_steps"] = encoder_steps
+                if aggressive["active"]:
+                    current = valid_bound if valid_bound is not None else epoch_bound / n_train
+                    aggressive["active"] = current > aggressive["best"]
+                    aggressive["best"] = max(current, aggressive["best"])
             run.history.append(epoch_record)
+            # Callbacks run before the checkpoint, so that what they change (parameters set
+            # outside the gradient, e.g. ARD prior variances) and the random numbers they draw
+            # are saved with it: resume stays exact.
+            stop = any(callback(run, epoch_record) for callback in callbacks)
             if checkpoint_path is not None and ddp.rank == 0:
-                _write_checkpoint(checkpoint_path, run, params, opt, engine, epoch)
-            if any(callback(run, epoch_record) for callback in callbacks):
+                _write_checkpoint(checkpoint_path, run, params, opt, engine, epoch, aggressive)
+            if stop:
                 break
     finally:
         bar.close()
@@ -350,7 +402,9 @@ def fit(
     return run
 
 
-def _write_checkpoint(path: Path, run: Run, params, opt, engine, epoch: int) -> None:
+def _write_checkpoint(
+    path: Path, run: Run, params, opt, engine, epoch: int, aggressive: dict[str, Any]
+) -> None:
     state = {
         "format": CHECKPOINT_FORMAT,
         "epoch": epoch,
@@ -360,9 +414,62 @@ def _write_checkpoint(path: Path, run: Run, params, opt, engine, epoch: int) -> 
         "rng": _rng_state(),
         "history": run.history,
         "steps": run.steps,
+        "aggressive_encoder": aggressive,
     }
     _atomic_save(state, path)
     _atomic_save(json.dumps(run.to_json(), indent=1), path.with_name("run.json"))
+
+
+def _guide_only_params(model: Callable, guide: Callable, batch: tuple) -> set[str]:
+    """Names of the parameters only the guide touches (a shared one counts as the model's)."""
+    with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        guide_trace = poutine.trace(guide).get_trace(*batch)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*batch)
+    return set(trace_params(guide_trace)) - set(trace_params(model_trace))
+
+
+def _encoder_steps(
+    engine: Any,
+    model: Callable,
+    guide: Callable,
+    train: Data,
+    opt: torch.optim.Optimizer,
+    guide_params: list[torch.Tensor],
+    model_params: list[torch.Tensor],
+    max_steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    ddp: _Distributed,
+    window: int = 10,
+) -> int:
+    """He et al. (2019)'s inner loop: guide-only steps on fresh minibatches until the mean
+    loss of a window of ``window`` steps stops falling, at most ``max_steps``; returns the
+    number taken. The engine's step counter (which drives beta schedules) is left as found."""
+    n_train = num_items(train)
+    engine_step = getattr(engine, "step", None)
+    previous, losses = float("inf"), []
+    taken = 0
+    while taken < max_steps:
+        index = torch.randperm(n_train, generator=generator)[:batch_size]
+        loss = engine.loss_and_grads(model, guide, *get_batch(train, index[ddp.rank :: ddp.world]))
+        loss = ddp.mean(float(loss))
+        if not np.isfinite(loss):
+            raise TrainingDiverged(f"the bound became {-loss} during aggressive encoder steps")
+        for p in model_params:
+            p.grad = None
+        ddp.average_grads(guide_params)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        taken += 1
+        losses.append(loss)
+        if len(losses) == window:
+            current, losses = sum(losses) / window, []
+            if current >= previous:
+                break
+            previous = current
+    if engine_step is not None:
+        engine.step = engine_step
+    return taken
 
 
 def evaluate_bound(
