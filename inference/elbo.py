@@ -142,8 +142,9 @@ class ELBO(Engine):
 
     def objective(self, model, guide, args, kwargs):
         beta = self.current_beta()
-        bound = torch.zeros(())
-        loss = torch.zeros(())
+        plain = beta == 1.0 and self.free_bits == 0  # then the loss is the negative bound
+        bound: torch.Tensor | float = 0.0
+        loss: torch.Tensor | float = 0.0
         draws = self.particles(model, guide, args, kwargs, self.num_particles)
         weight = 1.0 / len(draws)
         for model_trace, guide_trace, reduce in draws:
@@ -155,13 +156,13 @@ class ELBO(Engine):
                 value = term.sum(-1).mean(0).sum()
                 return _scale * value if local else value
 
-            log_lik = torch.zeros(())
+            log_lik: torch.Tensor | float = 0.0
             for site in model_trace.nodes.values():
                 if site["type"] == "sample" and site["is_observed"]:
                     term = reduce(site["fn"].log_prob(site["value"]), site)
                     log_lik = log_lik + total(term, reduce.is_local(site))
-            kl = torch.zeros(())
-            kl_objective = torch.zeros(())
+            kl: torch.Tensor | float = 0.0
+            kl_objective: torch.Tensor | float = 0.0
             analytic = self._analytic_allowed(model_trace, guide_trace)
             for _, guide_site, model_site in latent_sites(model_trace, guide_trace):
                 elements, event_dims = self._kl_elements(guide_site, model_site, analytic)
@@ -171,8 +172,11 @@ class ELBO(Engine):
                 if self.free_bits > 0:
                     per_dim = term.mean(0).mean(0).clamp(min=self.free_bits).sum()
                     kl_objective = kl_objective + (scale * batch * per_dim if local else per_dim)
-                else:
-                    kl_objective = kl_objective + total(term, local)
-            bound = bound + weight * (log_lik - kl)
-            loss = loss - weight * (log_lik - beta * kl_objective)
-        return loss, bound
+            value = log_lik - kl
+            bound = bound + weight * value
+            if plain:
+                loss = loss - weight * value
+            else:
+                kl_objective = kl_objective if self.free_bits > 0 else kl
+                loss = loss - weight * (log_lik - beta * kl_objective)
+        return torch.as_tensor(loss), torch.as_tensor(bound).detach()
