@@ -4,6 +4,13 @@
 
     pvae datasets
     pvae train --dataset digits --engine elbo --epochs 10 --run-dir runs/digits-elbo
+    pvae compare                       # ELBO, IWAE, MIWAE, CIWAE, PIWAE on MNIST-5k
+    pvae compare --quick --dataset digits --bounds elbo,iwae-dreg,miwae:4x16
+
+``pvae compare`` trains the same model once per bound (same seed, data and particle budget)
+and writes a table of test log-likelihood, ELBO, IWAE-64, inference gap, active units,
+gradient SNR and seconds per epoch into its run folder (``results.md``, ``results.json``,
+``results.csv`` and plots); see :mod:`pvae.compare`.
 
 ``pvae train`` looks the model and the engine up in :mod:`pvae.registry` and the dataset in
 :mod:`pvae.data`, checks the likelihood's support on the data, trains with :func:`pvae.fit`,
@@ -22,7 +29,7 @@ likelihood's support, a run folder that does not match ``--resume``) print one l
 ``pvae: error: ...`` and exit with status 2; a run that fails while training exits with 1.
 Set ``PVAE_DEBUG=1`` to get the traceback instead.
 
-Adding a subcommand (``pvae compare``, ``pvae diagnose``): write ``_add_<name>_arguments(parser)``
+Adding a subcommand (``pvae diagnose``): write ``_add_<name>_arguments(parser)``
 (reuse :func:`_add_data_arguments`, :func:`_add_model_arguments`,
 :func:`_add_training_arguments`) and ``_<name>(args) -> int`` (reuse :func:`_load_dataset`,
 :func:`_build_model`, :func:`_check_support`, :func:`_train_and_evaluate`,
@@ -38,8 +45,8 @@ import json
 import math
 import os
 import platform
-import secrets
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +58,8 @@ from pyro.nn import PyroModule
 from tqdm.auto import tqdm
 
 import pvae
-from pvae import data, likelihoods, plots
-from pvae.evaluate import as_tensors
-from pvae.registry import ENGINES, MODELS, Registry
+from pvae import compare, data, likelihoods, plots
+from pvae.registry import BOUND_GRAMMAR, ENGINES, MODELS, Registry, parse_bound
 from pvae.train import CHECKPOINT, Run, TrainingDiverged
 
 EXIT_OK = 0
@@ -136,6 +142,25 @@ def _registry_name(registry: Registry) -> Callable[[str], str]:
     return parse
 
 
+def _bound(text: str) -> str:
+    """One bound, ``NAME[-stl|-dreg][:MxK|:BETA]``, in its canonical spelling."""
+    try:
+        return parse_bound(text).label
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+_bound.__name__ = "bound"
+
+
+def _bounds(text: str) -> list[str]:
+    """Comma-separated bounds, e.g. ``elbo,iwae,miwae:8x8``."""
+    return [_bound(part) for part in text.split(",")]
+
+
+_bounds.__name__ = "bounds"
+
+
 def _dataset_name(text: str) -> str:
     names = [info.name for info in data.available()]
     key = text.strip().lower().replace("_", "-")  # as pvae.data.load matches names
@@ -162,14 +187,33 @@ _BINARIZE = {"dynamic": "dynamic", "static": "static", "none": None}
 # ---------------------------------------------------------------------------------------------
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+def _default(name: str, value: Any, quick: dict[str, Any] | None) -> str:
+    """``(default: ...)`` for a help text. ``value`` None: the command resolves it from
+    ``pvae.compare.DEFAULTS``, or ``quick`` under ``--quick``."""
+
+    def show(item: Any) -> str:
+        return ",".join(map(str, item)) if isinstance(item, tuple | list) else str(item)
+
+    if value is not None:
+        return f"(default: {show(value)})"
+    shown = f"(default: {show(compare.DEFAULTS[name])}"
+    if quick is not None:
+        shown += f"; {show(quick[name])} with --quick"
+    return shown + ")"
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser, dataset: str | None = None) -> None:
+    """``--dataset`` (required unless ``dataset`` gives a default), ``--data-path``,
+    ``--binarize``, ``--seed``."""
     group = parser.add_argument_group("data")
     group.add_argument(
         "--dataset",
-        required=True,
+        required=dataset is None,
+        default=dataset,
         type=_dataset_name,
         metavar="NAME",
-        help="a dataset from 'pvae datasets'",
+        help="a dataset from 'pvae datasets'"
+        + (f" {_default('dataset', dataset, None)}" if dataset else ""),
     )
     group.add_argument(
         "--data-path",
@@ -191,7 +235,14 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_model_arguments(
+    parser: argparse.ArgumentParser,
+    z_dim: int | None = 20,
+    hidden: tuple[int, ...] | None = (200, 200),
+    quick: dict[str, Any] | None = None,
+) -> None:
+    """``--model``, ``--z-dim``, ``--hidden``, ``--net``, ``--likelihood``. A None default is
+    resolved by the command (``quick``: the values it takes under ``--quick``)."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
@@ -201,14 +252,17 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"one of: {', '.join(MODELS.names())} (default: vae)",
     )
     group.add_argument(
-        "--z-dim", type=_positive_int, default=20, help="latent dimension (default: 20)"
+        "--z-dim",
+        type=_positive_int,
+        default=z_dim,
+        help=f"latent dimension {_default('z_dim', z_dim, quick)}",
     )
     group.add_argument(
         "--hidden",
         type=_hidden,
-        default=(200, 200),
+        default=hidden,
         metavar="W1,W2,...",
-        help="hidden layer widths (default: 200,200)",
+        help=f"hidden layer widths {_default('hidden', hidden, quick)}",
     )
     group.add_argument(
         "--net", choices=["mlp", "conv"], default="mlp", help="network kind (default: mlp)"
@@ -223,16 +277,32 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_training_arguments(
+    parser: argparse.ArgumentParser,
+    epochs: int | None = 10,
+    particles: int = 1,
+    ll_samples: int | None = 1000,
+    batch_size: int = 100,
+    quick: dict[str, Any] | None = None,
+    particles_help: str = "particles (samples of z) per datapoint for the engine",
+    resumable: bool = True,
+) -> None:
+    """``--epochs``, ``--batch-size``, ``--lr``, ``--particles``, ``--ll-samples``,
+    ``--quiet``. A None default is resolved by the command (``quick``: as for the model)."""
     group = parser.add_argument_group("training and evaluation")
     group.add_argument(
         "--epochs",
         type=_positive_int,
-        default=10,
-        help="total epochs; with --resume, training continues up to this many (default: 10)",
+        default=epochs,
+        help="total epochs"
+        + ("; with --resume, training continues up to this many " if resumable else " ")
+        + _default("epochs", epochs, quick),
     )
     group.add_argument(
-        "--batch-size", type=_positive_int, default=100, help="datapoints per step (default: 100)"
+        "--batch-size",
+        type=_positive_int,
+        default=batch_size,
+        help=f"datapoints per step {_default('batch_size', batch_size, None)}",
     )
     group.add_argument(
         "--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default: 1e-3)"
@@ -240,20 +310,21 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--particles",
         type=_positive_int,
-        default=1,
-        help="particles (samples of z) per datapoint for the engine (default: 1)",
+        default=particles,
+        help=f"{particles_help} {_default('particles', particles, None)}",
     )
     group.add_argument(
         "--ll-samples",
         type=_positive_int,
-        default=1000,
+        default=ll_samples,
         metavar="K",
-        help="importance samples per test point for the log-likelihood (default: 1000)",
+        help="importance samples per test point for the log-likelihood "
+        + _default("ll_samples", ll_samples, quick),
     )
     group.add_argument(
         "--quiet",
         action="store_true",
-        help="no progress bars and no per-epoch lines (the final result line is still printed)",
+        help="no progress bars and no per-epoch lines (the final result is still printed)",
     )
 
 
@@ -291,24 +362,20 @@ def _build_model(args: argparse.Namespace, ds: data.Splits) -> PyroModule:
 
 
 def _build_engine(name: str, particles: int) -> pyro.infer.ELBO:
+    """The engine of the bound ``name`` (``NAME[-stl|-dreg][:MxK|:BETA]``) with ``particles``
+    samples per datapoint."""
     try:
-        return ENGINES[name](particles)
+        return parse_bound(name).build(particles)
     except ValueError as error:
         raise CliError(f"engine {name!r}: {error}") from error
 
 
 def _check_support(model: PyroModule, ds: data.Splits) -> None:
     """Every split must lie in the support of ``model.likelihood`` (checked once, up front)."""
-    likelihood = getattr(model, "likelihood", None)
-    if likelihood is None or not hasattr(likelihood, "check_support"):
-        return
-    for split in ("train", "valid", "test"):
-        with torch.random.fork_rng(devices=[]):  # a dynamically binarised set draws pixels
-            (x,) = as_tensors(getattr(ds, split))[:1]
-        try:
-            likelihood.check_support(x, name=f"{ds.name} {split}")
-        except ValueError as error:
-            raise CliError(str(error)) from error
+    try:
+        compare.check_support(model, ds)
+    except ValueError as error:
+        raise CliError(str(error)) from error
 
 
 @dataclass
@@ -392,34 +459,8 @@ def _train_and_evaluate(
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _finite_or_none(value: Any) -> Any:
-    """JSON-safe numbers: NaN and infinities become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite_or_none(item) for item in value]
-    return value
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_atomic(path, json.dumps(_finite_or_none(obj), indent=2, allow_nan=False) + "\n")
+_write_atomic = plots.write_atomic  # text or bytes; a temporary file, then a rename
+_write_json = plots.write_json  # NaN and infinities become null
 
 
 _HISTORY_COLUMNS = ["epoch", "train_bound", "valid_bound", "seconds", "steps"]
@@ -598,10 +639,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument(
         "--engine",
-        type=_registry_name(ENGINES),
+        type=_bound,
         default="elbo",
-        metavar="NAME",
-        help=f"one of: {', '.join(ENGINES.names())} (default: elbo)",
+        metavar="BOUND",
+        help=f"one of: {', '.join(ENGINES.names())}, written as {BOUND_GRAMMAR} (default: elbo)",
     )
     _add_training_arguments(parser)
     group = parser.add_argument_group("run folder")
@@ -668,6 +709,145 @@ def _train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_data_arguments(parser, dataset="mnist5k")
+    _add_model_arguments(parser, z_dim=None, hidden=None, quick=compare.QUICK)
+    group = parser.add_argument_group("bounds")
+    group.add_argument(
+        "--bounds",
+        type=_bounds,
+        default=list(compare.DEFAULT_BOUNDS),
+        metavar="B1,B2,...",
+        help=f"comma-separated bounds, each {BOUND_GRAMMAR} "
+        f"(default: {','.join(compare.DEFAULT_BOUNDS)})",
+    )
+    group.add_argument(
+        "--inner",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="K of miwae and piwae written without MxK; M = --particles / K "
+        "(default: K = M = sqrt(--particles))",
+    )
+    _add_training_arguments(
+        parser,
+        epochs=None,
+        particles=64,
+        ll_samples=None,
+        batch_size=20,
+        quick=compare.QUICK,
+        particles_help="samples of z per datapoint and step, the same for every bound",
+        resumable=False,
+    )
+    group = parser.add_argument_group("diagnostics and output")
+    group.add_argument(
+        "--snr-repeats",
+        type=lambda text: _int(text, 2),
+        default=None,
+        metavar="N",
+        help="gradients per bound for the gradient signal-to-noise ratio "
+        + _default("snr_repeats", None, compare.QUICK),
+    )
+    group.add_argument(
+        "--run-dir",
+        default=None,
+        metavar="DIR",
+        help="where results.md/.json/.csv, the plots and one checkpoint folder per bound are "
+        "written (default: runs/compare-DATASET)",
+    )
+    group.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a smoke run in under a minute: {compare.QUICK['max_train']} training and "
+        f"{compare.QUICK['max_eval']} valid/test points and the --quick defaults above",
+    )
+    group.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="torch's intra-op threads (default: torch's own, one per core; on a machine "
+        "busy with other jobs, 1 is often several times faster)",
+    )
+
+
+def _threads() -> str:
+    threads = torch.get_num_threads()
+    return f"{threads} thread{'s' if threads != 1 else ''}"
+
+
+def _compare(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    knobs = compare.settings(
+        args.quick,
+        epochs=args.epochs,
+        z_dim=args.z_dim,
+        hidden=args.hidden,
+        ll_samples=args.ll_samples,
+        snr_repeats=args.snr_repeats,
+    )
+    for key in ("epochs", "z_dim", "hidden", "ll_samples", "snr_repeats"):
+        setattr(args, key, knobs[key])
+    try:
+        specs = compare.resolve_bounds(args.bounds, args.particles, args.inner)
+    except ValueError as error:
+        raise CliError(f"--bounds: {error}") from error
+    args.bounds = [spec.label for spec in specs]
+    run_dir = Path(args.run_dir if args.run_dir is not None else f"runs/compare-{args.dataset}")
+    args.run_dir = str(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CliError(f"--run-dir {run_dir} exists and is not a folder")
+    ds = _load_dataset(args)
+    pyro.clear_param_store()
+    _check_support(_build_model(args, ds), ds)  # resolves args.likelihood
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CliError(f"cannot write to --run-dir {run_dir}: {error}") from error
+    try:
+        results = compare.compare(
+            dataset=ds,
+            bounds=specs,
+            particles=args.particles,
+            epochs=args.epochs,
+            model=args.model,
+            z_dim=args.z_dim,
+            hidden=args.hidden,
+            net=args.net,
+            likelihood=args.likelihood,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            ll_samples=args.ll_samples,
+            snr_repeats=args.snr_repeats,
+            inner=args.inner,
+            run_dir=run_dir,
+            quick=args.quick,
+            progress=not args.quiet,
+            argv=[PROG, *canonical_argv("compare", args)],
+        )
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was written to {run_dir}/results.*", file=sys.stderr)
+        return 130
+    except OSError as error:
+        raise CliError(f"cannot write the outputs into {run_dir}: {error}", EXIT_FAILURE) from error
+    except ValueError as error:
+        raise CliError(f"compare failed: {error}", EXIT_FAILURE) from error
+    print(compare.format_table(results, args.ll_samples))
+    print(
+        f"{len(results)} bounds compared in {time.perf_counter() - started:.0f} s "
+        f"({_threads()}); results.md, results.json, results.csv, "
+        f"learning_curves.png, log_likelihood.png and snr.png in {run_dir}"
+    )
+    failed = [result["bound"] for result in results if result["status"] != "ok"]
+    if failed:
+        print(f"{PROG}: error: training failed for {', '.join(failed)}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 @dataclass(frozen=True)
 class Command:
     """A subcommand: its name, one line of help, its arguments and what it runs."""
@@ -679,7 +859,13 @@ class Command:
 
 
 COMMANDS: list[Command] = [
-    # "compare" (bounds side by side on one dataset, the main job) and "diagnose" go here.
+    Command(
+        "compare",
+        "train one model once per bound (same seed, data and particles) and compare them",
+        _add_compare_arguments,
+        _compare,
+    ),
+    # "diagnose" goes here.
     Command(
         "train", "train one model with one engine and evaluate it", _add_train_arguments, _train
     ),

@@ -1,4 +1,5 @@
-"""Matplotlib figures: learning curves, image grids, reconstructions and samples.
+"""Matplotlib figures: learning curves, image grids, reconstructions, samples and side-by-side
+comparisons of estimates with error bars; and the atomic file writer every output uses.
 
 Every function builds a :class:`matplotlib.figure.Figure` without ``pyplot`` (so it is safe
 under the Agg backend, in threads and in scripts, and leaves no figure open), returns it, and
@@ -10,16 +11,20 @@ In a notebook a returned figure displays itself (``%matplotlib inline``).
 
 Data that are not images (``image_shape=None``) are drawn as scatter plots of their first
 two dimensions (a histogram when there is one).
+
+:func:`write_atomic` and :func:`write_json` give text and JSON files the same guarantee, so a
+run folder (``pvae train``, ``pvae compare``) never holds a half-written file.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -27,10 +32,37 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["image_grid", "learning_curve", "reconstructions", "samples", "save"]
+__all__ = [
+    "comparison",
+    "image_grid",
+    "learning_curve",
+    "reconstructions",
+    "samples",
+    "save",
+    "write_atomic",
+    "write_json",
+]
 
 PathLike = str | os.PathLike[str]
 History = Sequence[Mapping[str, Any]]
+
+
+def _atomic(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(stream)`` on a new temporary file next to ``path``, flush it to disk, then
+    rename it over ``path`` (creating the parent folder); on failure, remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def save(fig: Figure, path: PathLike, dpi: int = 100) -> Path:
@@ -38,18 +70,36 @@ def save(fig: Figure, path: PathLike, dpi: int = 100) -> Path:
 
     The parent folder is created if needed. Returns the path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix.lstrip(".").lower() or "png"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as stream:
-            fig.savefig(stream, format=suffix, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    suffix = Path(path).suffix.lstrip(".").lower() or "png"
+    return _atomic(
+        path, lambda stream: fig.savefig(stream, format=suffix, dpi=dpi, bbox_inches="tight")
+    )
+
+
+def write_atomic(path: PathLike, content: str | bytes) -> Path:
+    """Write ``content`` (text as UTF-8, or bytes) to ``path`` atomically, as :func:`save`."""
+    data = content.encode("utf-8") if isinstance(content, str) else content
+
+    def write(stream: IO[bytes]) -> None:
+        stream.write(data)
+
+    return _atomic(path, write)
+
+
+def json_safe(value: Any) -> Any:
+    """JSON-safe numbers, recursively: NaN and infinities become None (null)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def write_json(path: PathLike, obj: Any) -> Path:
+    """``obj`` as indented JSON (NaN and infinities as null), written atomically."""
+    return write_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
 
 
 def _finish(fig: Figure, path: PathLike | None) -> Figure:
@@ -341,4 +391,83 @@ def samples(
     ax.legend(fontsize="small")
     if title:
         ax.set_title(title, fontsize=9)
+    return _finish(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparisons: one estimate per category, several series, error bars
+# ---------------------------------------------------------------------------------------------
+
+Series = Mapping[str, tuple[Sequence[float], Sequence[float] | None]]
+
+
+def comparison(
+    categories: Sequence[str],
+    series: Series,
+    ylabel: str,
+    path: PathLike | None = None,
+    title: str | None = None,
+    log_scale: bool = False,
+    note: str | None = None,
+) -> Figure:
+    """Estimates side by side: one x position per category (e.g. per bound), one marker and
+    colour per series, each point with its error bar.
+
+    :param categories: the x tick labels.
+    :param series: ``name -> (values, errors)``, one value per category; ``errors`` (one per
+        category, drawn as +-error) may be None. Non-finite values are skipped (and non-positive
+        ones on a log scale).
+    :param ylabel: the y axis label.
+    :param log_scale: a logarithmic y axis (e.g. for signal-to-noise ratios).
+    :param note: a line of small print under the axes (what the error bars are).
+    :param path: where to save the figure (atomically), or None.
+    """
+    fig = Figure(figsize=(max(4.8, 1.1 * len(categories) + 2.0), 4.0))
+    ax = fig.add_subplot()
+    count = len(series)
+    spread = min(0.5, 0.15 * (count - 1))  # series side by side within a category
+    markers = "osD^v<>"
+    drawn = False
+    for index, (name, (values, errors)) in enumerate(series.items()):
+        if len(values) != len(categories) or (errors is not None and len(errors) != len(values)):
+            raise ValueError(
+                f"series {name!r} has {len(values)} values for {len(categories)} categories"
+            )
+        offset = spread * (index / (count - 1) - 0.5) if count > 1 else 0.0
+        points = [
+            (position + offset, float(value), float(errors[position]) if errors else 0.0)
+            for position, value in enumerate(values)
+            if value is not None
+            and math.isfinite(float(value))
+            and (not log_scale or float(value) > 0)
+        ]
+        if not points:
+            continue
+        xs, ys, es = zip(*points, strict=True)
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=[e if math.isfinite(e) else 0.0 for e in es] if errors else None,
+            fmt=markers[index % len(markers)],
+            color=f"C{index % 10}",
+            capsize=4,
+            markersize=6,
+            label=name,
+        )
+        drawn = True
+    ax.set_xticks(range(len(categories)))
+    ax.set_xticklabels(categories, rotation=20 if max(map(len, categories), default=0) > 8 else 0)
+    ax.set_xlim(-0.6, len(categories) - 0.4)
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, axis="y", which="both" if log_scale else "major")
+    if drawn and len(series) > 1:
+        ax.legend(fontsize="small")
+    if not drawn:
+        ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes)
+    if title:
+        ax.set_title(title)
+    if note:
+        fig.text(0.01, -0.02, note, fontsize=7, ha="left", va="top", color="0.3")
     return _finish(fig, path)
