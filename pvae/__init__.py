@@ -12,6 +12,17 @@ from pvae.train import Run, TrainingDiverged, evaluate_bound, fit, load_checkpoi
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``pvae.models`` and ``pvae.inference`` load on first use (they import core, not the
+    other way round), so ``import pvae; pvae.inference.ELBO()`` works."""
+    if name in ("models", "inference", "diagnostics", "compare", "plots"):
+        import importlib
+
+        return importlib.import_module(f"pvae.{name}")
+    raise AttributeError(f"module 'pvae' has no attribute {name!r}")
+
+
 __all__ = [
     "Run",
     "TrainingDiverged",

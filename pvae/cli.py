@@ -6,6 +6,7 @@
     pvae train --dataset digits --engine elbo --epochs 10 --run-dir runs/digits-elbo
     pvae compare                       # ELBO, IWAE, MIWAE, CIWAE, PIWAE on MNIST-5k
     pvae compare --quick --dataset digits --bounds elbo,iwae-dreg,miwae:4x16
+    pvae diagnose runs/digits-elbo     # collapse, relevance and traversals of a trained run
 
 ``pvae compare`` trains the same model once per bound (same seed, data and particle budget)
 and writes a table of test log-likelihood, ELBO, IWAE-64, inference gap, active units,
@@ -24,12 +25,18 @@ folder (every file atomically: a temporary name in the same folder, then a renam
   log-likelihood (mean and standard error over test points);
 - ``learning_curve.png``, ``reconstructions.png``, ``samples.png``.
 
+``pvae diagnose RUN_DIR`` rebuilds the data and the model of a ``pvae train`` or
+``pvae compare`` run folder from its recorded configuration, loads the checkpoint and writes
+``diagnostics.md``, ``kl_per_dim.png``, ``activity.png``, ``relevance.png`` and
+``traversals.png`` (for a compare run: one subfolder per bound and a summary on top); see
+:mod:`pvae.diagnose`.
+
 Errors in the invocation (unknown names, bad numbers, missing data files, data outside the
 likelihood's support, a run folder that does not match ``--resume``) print one line
 ``pvae: error: ...`` and exit with status 2; a run that fails while training exits with 1.
 Set ``PVAE_DEBUG=1`` to get the traceback instead.
 
-Adding a subcommand (``pvae diagnose``): write ``_add_<name>_arguments(parser)``
+Adding a subcommand: write ``_add_<name>_arguments(parser)``
 (reuse :func:`_add_data_arguments`, :func:`_add_model_arguments`,
 :func:`_add_training_arguments`) and ``_<name>(args) -> int`` (reuse :func:`_load_dataset`,
 :func:`_build_model`, :func:`_check_support`, :func:`_train_and_evaluate`,
@@ -58,7 +65,7 @@ from pyro.nn import PyroModule
 from tqdm.auto import tqdm
 
 import pvae
-from pvae import compare, data, likelihoods, plots
+from pvae import compare, data, diagnose, likelihoods, plots
 from pvae.registry import BOUND_GRAMMAR, ENGINES, MODELS, Registry, parse_bound
 from pvae.train import CHECKPOINT, Run, TrainingDiverged
 
@@ -848,6 +855,47 @@ def _compare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_diagnose_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="a run folder of 'pvae train' (config.json, checkpoint.pt) or 'pvae compare' "
+        "(results.json and one folder per bound)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="where diagnostics.md and the plots are written (default: RUN_DIR)",
+    )
+    parser.add_argument(
+        "--points",
+        type=_positive_int,
+        default=500,
+        metavar="N",
+        help="test points the diagnostics use, the first N (default: 500)",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="only the final line (no verdict, no per-bound lines)"
+    )
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    say = None if args.quiet else (lambda line: print(line, flush=True))
+    try:
+        result = diagnose.diagnose(args.run_dir, out_dir=args.out, num_points=args.points, say=say)
+    except diagnose.DiagnoseError as error:
+        raise CliError(str(error)) from error
+    except OSError as error:
+        raise CliError(f"cannot write the diagnostics: {error}", EXIT_FAILURE) from error
+    if not args.quiet and result.kind == "train":
+        print(result.verdict)
+    figures = sum(1 for path in result.files if path.suffix == ".png")
+    where = f"{len(result.bounds)} bounds, " if result.kind == "compare" else ""
+    print(f"{result.report} and {figures} plots written ({where}{_threads()})")
+    return EXIT_OK
+
+
 @dataclass(frozen=True)
 class Command:
     """A subcommand: its name, one line of help, its arguments and what it runs."""
@@ -865,7 +913,12 @@ COMMANDS: list[Command] = [
         _add_compare_arguments,
         _compare,
     ),
-    # "diagnose" goes here.
+    Command(
+        "diagnose",
+        "diagnose a trained run: posterior collapse, latent relevance and traversals",
+        _add_diagnose_arguments,
+        _diagnose,
+    ),
     Command(
         "train", "train one model with one engine and evaluate it", _add_train_arguments, _train
     ),

@@ -257,3 +257,26 @@ def test_wrong_last_dimension_rejected(name):
     lik = likelihoods.get(name, X_DIM, **_kwargs(name))
     with pytest.raises(ValueError, match=rf"x_dim={X_DIM}"):
         lik.check_support(torch.zeros(3, X_DIM + 1))
+
+
+def test_bernoulli_event_log_prob_matches_torch_and_its_gradient():
+    """The summed-then-negated log-density equals Bernoulli(...).to_event(1) and its gradient."""
+    lik = likelihoods.get("bernoulli", 6)
+    logits = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randint(0, 2, (4, 6)).double()
+    ours = lik(logits).to_event(1).log_prob(x)
+    reference = torch.distributions.Independent(
+        torch.distributions.Bernoulli(logits=logits), 1
+    ).log_prob(x)
+    torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(
+        torch.autograd.grad(ours.sum(), logits)[0], torch.autograd.grad(reference.sum(), logits)[0]
+    )
+    assert (
+        lik(logits)
+        .to_event(1)
+        .mask(torch.tensor([True, False, True, True]))
+        .log_prob(x)[:, 1]
+        .eq(0)
+        .all()
+    )

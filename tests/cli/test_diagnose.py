@@ -1,0 +1,160 @@
+"""``pvae diagnose``: a tiny ``pvae train`` run and a quick ``pvae compare`` run are diagnosed
+(every file written, the verdict in ``diagnostics.md``, one subfolder per bound); empty,
+foreign and mismatched run folders exit 2 naming what is missing."""
+
+import json
+import shutil
+
+import pyro
+import pytest
+import torch
+
+from pvae import cli, diagnose
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--z-dim", "3", "--hidden", "16", "--ll-samples", "4", "--quiet"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny nets: thread hand-offs cost more than they save
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("train")
+    argv = ["train", "--dataset", "digits", "--epochs", "1", "--run-dir", str(run_dir)]
+    assert cli.main([*argv, *TINY]) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def compare_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("compare")
+    argv = ["compare", "--quick", "--dataset", "digits", "--bounds", "elbo,iwae"]
+    argv += ["--epochs", "1", "--particles", "4", "--snr-repeats", "2", "--threads", "1"]
+    assert cli.main([*argv, *TINY, "--run-dir", str(run_dir)]) == 0
+    return run_dir
+
+
+def error_line(capsys):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pvae: error: "), err
+    assert "\n" not in err and "Traceback" not in err
+    return err
+
+
+def check_files(folder):
+    for name in diagnose.FILES:
+        assert (folder / name).is_file(), name
+        if name.endswith(".png"):
+            assert (folder / name).read_bytes()[:8] == PNG_MAGIC, name
+    assert not list(folder.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_train_run(train_run, capsys):
+    assert cli.main(["diagnose", str(train_run), "--points", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "Verdict:" in out and "diagnostics.md" in out
+    check_files(train_run)
+    text = (train_run / "diagnostics.md").read_text()
+    assert "Verdict: " in text
+    assert "| z | 2 |" in text  # the per-dimension table
+    for figure in ("kl_per_dim.png", "activity.png", "relevance.png", "traversals.png"):
+        assert f"({figure})" in text
+
+
+def test_api_and_out_dir(train_run, tmp_path):
+    result = diagnose.diagnose(train_run, out_dir=tmp_path / "out", num_points=50)
+    check_files(tmp_path / "out")
+    assert result.kind == "train" and result.collapse is not None
+    assert result.relevance is not None and len(result.relevance.ranking) == 3
+    assert result.verdict.splitlines()[0] in (tmp_path / "out" / "diagnostics.md").read_text()
+    assert set(result.collapse.layers) == {"z"}
+
+
+def test_parameters_are_the_trained_ones(train_run):
+    loaded = diagnose.load_run(train_run)
+    state = torch.load(train_run / "checkpoint.pt", weights_only=True)
+    store = pyro.get_param_store()
+    assert set(state["params"]) == set(store.keys())
+    for name, value in state["params"].items():
+        assert torch.equal(store.get_param(name).unconstrained(), value), name
+    assert loaded.title == "vae / elbo on digits"
+
+
+def test_compare_run(compare_run, capsys):
+    assert cli.main(["diagnose", str(compare_run), "--points", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "[elbo]" in out and "[iwae]" in out
+    for bound in ("elbo", "iwae"):
+        check_files(compare_run / bound)
+        assert "Verdict: " in (compare_run / bound / "diagnostics.md").read_text()
+    summary = (compare_run / "diagnostics.md").read_text()
+    assert "elbo/diagnostics.md" in summary and "iwae/diagnostics.md" in summary
+
+
+def test_empty_folder(tmp_path, capsys):
+    assert cli.main(["diagnose", str(tmp_path)]) == 2
+    err = error_line(capsys)
+    assert "config.json" in err and "checkpoint.pt" in err and "results.json" in err
+    assert "empty" in err
+
+
+def test_foreign_folder(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a run")
+    assert cli.main(["diagnose", str(tmp_path)]) == 2
+    err = error_line(capsys)
+    assert "config.json" in err and "results.json" in err and "notes.txt" in err
+
+
+def test_missing_folder(tmp_path, capsys):
+    assert cli.main(["diagnose", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in error_line(capsys)
+
+
+@pytest.mark.parametrize("missing", ["checkpoint.pt", "config.json"])
+def test_train_run_missing_a_file(train_run, tmp_path, capsys, missing):
+    copy = tmp_path / "run"
+    shutil.copytree(train_run, copy)
+    (copy / missing).unlink()
+    assert cli.main(["diagnose", str(copy)]) == 2
+    err = error_line(capsys)
+    assert f"{missing} is missing" in err and "metrics.json" in err
+
+
+def test_compare_without_results(compare_run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(compare_run, copy)
+    (copy / "results.json").unlink()
+    assert cli.main(["diagnose", str(copy)]) == 2
+    assert "results.json is missing" in error_line(capsys)
+
+
+def test_checkpoint_not_matching_the_config(train_run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(train_run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["args"]["hidden"] = [8]
+    (copy / "config.json").write_text(json.dumps(config))
+    assert cli.main(["diagnose", str(copy)]) == 2
+    assert "does not match" in error_line(capsys)
+
+
+def test_unreadable_checkpoint(train_run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(train_run, copy)
+    (copy / "checkpoint.pt").write_bytes(b"garbage")
+    assert cli.main(["diagnose", str(copy)]) == 2
+    assert "checkpoint.pt" in error_line(capsys)
+
+
+def test_non_image_run(tmp_path, capsys):
+    argv = ["train", "--dataset", "linear-gaussian", "--epochs", "1", "--run-dir", str(tmp_path)]
+    assert cli.main([*argv, "--z-dim", "2", "--hidden", "8", "--ll-samples", "2", "--quiet"]) == 0
+    assert cli.main(["diagnose", str(tmp_path), "--points", "50", "--quiet"]) == 0
+    check_files(tmp_path)
+    assert "Verdict:" not in capsys.readouterr().out  # --quiet: the final line only
