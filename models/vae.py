@@ -54,6 +54,7 @@ class VAE(PyroModule):
         super().__init__(name)
         self.x_dim, self.z_dim = x_dim, z_dim
         self.likelihood = likelihoods.get(likelihood, x_dim, **(likelihood_kw or {}))
+        self._likelihood_learns = any(True for _ in self.likelihood.parameters())
         self.encoder = nets.build_encoder(
             net, x_dim, z_dim, hidden, image_shape=image_shape, activation=activation
         )
@@ -74,7 +75,8 @@ class VAE(PyroModule):
     def model(self, x: torch.Tensor) -> None:
         """p(x, z) for a batch ``x`` of shape ``(batch, x_dim)``."""
         pyro.module(f"{self._pyro_name}.decoder", self.decoder)
-        pyro.module(f"{self._pyro_name}.likelihood", self.likelihood)
+        if self._likelihood_learns:  # e.g. a learned Gaussian scale
+            pyro.module(f"{self._pyro_name}.likelihood", self.likelihood)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", self._prior(x.shape[:1], x))
             pyro.sample("x", self.likelihood(self.decoder(z)).to_event(1), obs=x)
