@@ -42,11 +42,11 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 from torch.distributions import constraints, transform_to
 
-from pvae import likelihoods, nets
 from pvae.evaluate import Data, iter_batches, num_items
+
+from .vae import VAE
 
 __all__ = ["ARDVAE", "Relevance"]
 
@@ -66,7 +66,7 @@ class Relevance:
     mass: float
 
 
-class ARDVAE(PyroModule):
+class ARDVAE(VAE):
     """A VAE whose prior variances are re-estimated from encoded data (ARD).
 
     :param x_dim: data dimension (flattened).
@@ -94,16 +94,18 @@ class ARDVAE(PyroModule):
         min_variance: float = 1e-6,
         name: str = "ard",
     ):
-        super().__init__(name)
         if not min_variance > 0:
             raise ValueError(f"min_variance must be positive, got {min_variance!r}")
-        self.x_dim, self.z_dim = x_dim, z_dim
-        self.min_variance = float(min_variance)
-        self.likelihood = likelihoods.get(likelihood, x_dim, **(likelihood_kw or {}))
-        self.encoder = nets.MLPEncoder(x_dim, z_dim, hidden, activation)
-        self.decoder = nets.MLPDecoder(
-            z_dim, x_dim * self.likelihood.param_size, tuple(reversed(hidden)), activation
+        super().__init__(
+            x_dim,
+            z_dim,
+            hidden,
+            likelihood,
+            activation=activation,
+            likelihood_kw=likelihood_kw,
+            name=name,
         )
+        self.min_variance = float(min_variance)
 
     # -- the prior variances ------------------------------------------------------------------
     @property
@@ -152,23 +154,10 @@ class ARDVAE(PyroModule):
 
         return callback
 
-    # -- the pair -----------------------------------------------------------------------------
-    def model(self, x: torch.Tensor) -> None:
-        """p(x, z | v) for a batch ``x`` of shape ``(batch, x_dim)``; ``v`` held fixed."""
-        pyro.module(f"{self._pyro_name}.decoder", self.decoder)
-        pyro.module(f"{self._pyro_name}.likelihood", self.likelihood)
-        scale = self._variance_param().detach().sqrt()
-        with pyro.plate("data", x.shape[0]):
-            loc = x.new_zeros(x.shape[:1] + (self.z_dim,))
-            z = pyro.sample("z", dist.Normal(loc, scale.to(x.dtype)).to_event(1))
-            pyro.sample("x", self.likelihood(self.decoder(z)).to_event(1), obs=x)
-
-    def guide(self, x: torch.Tensor) -> None:
-        """q(z | x) for a batch ``x`` of shape ``(batch, x_dim)``."""
-        pyro.module(f"{self._pyro_name}.encoder", self.encoder)
-        with pyro.plate("data", x.shape[0]):
-            loc, scale = self.encoder(x)
-            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+    # -- the prior: N(0, v), v held fixed between updates ---------------------------------
+    def _prior(self, batch_shape: torch.Size, like: torch.Tensor):
+        scale = self._variance_param().detach().sqrt().to(like.dtype)
+        return dist.Normal(like.new_zeros(batch_shape + (self.z_dim,)), scale).to_event(1)
 
     # -- relevance ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -197,7 +186,7 @@ class ARDVAE(PyroModule):
             for d in range(self.z_dim):
                 tangent = torch.zeros_like(loc)
                 tangent[:, d] = 1.0
-                _, derivative = torch.func.jvp(mean_x, (loc,), (tangent,))  # (B, x_dim)
+                derivative = torch.func.jvp(mean_x, (loc,), (tangent,))[1]  # (B, x_dim)
                 abs_jacobian[:, d] += derivative.abs().sum(0)
         scores = self.prior_variance * (abs_jacobian / n).pow(2).sum(0)
         ordered, order = scores.sort(descending=True)
@@ -208,24 +197,8 @@ class ARDVAE(PyroModule):
         relevant[order[:count]] = True
         return Relevance(scores, relevant, count, float(mass))
 
-    # -- conveniences (no engine needs them) --------------------------------------------------
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and standard deviation, each ``(batch, z_dim)``."""
-        return self.encoder(x)
-
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Mean of p(x | z), shape ``(..., x_dim)``."""
-        return self.likelihood.mean(self.decoder(z))
-
     @torch.no_grad()
     def sample(self, num_samples: int) -> torch.Tensor:
         """Means of p(x | z) for ``z ~ N(0, v)``, ``(num_samples, x_dim)``."""
         z = torch.randn(num_samples, self.z_dim) * self.prior_variance.sqrt()
         return self.decode(z)
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean of p(x | z) at the posterior mean of ``z``, shape ``(batch, x_dim)``."""
-        return self.decode(self.encoder(x)[0])
