@@ -14,4 +14,4 @@ test: setup
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy pvae
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy pvae && $(BIN)/mypy models inference
