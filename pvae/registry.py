@@ -180,6 +180,11 @@ def _image_shape(ds: Splits, net: str) -> tuple[int, int, int] | None:
 
 @MODELS.register("vae", "variational autoencoder, Gaussian latents (Kingma & Welling 2014)")
 def _vae(ds: Splits, z_dim: int, hidden: Sequence[int], net: str, likelihood: str) -> VAE:
+    if isinstance(ds.train, tuple):
+        raise ValueError(
+            f"dataset '{ds.name}' has several modalities; model 'vae' takes one: use "
+            "pvae.models.MultimodalVAE from Python, or a single-modality dataset"
+        )
     return VAE(
         x_dim=ds.x_dim,
         z_dim=z_dim,

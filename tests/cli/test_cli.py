@@ -220,3 +220,11 @@ def test_missing_dataset_files(tmp_path, capsys, monkeypatch):
 def test_loader_arguments_it_does_not_take(tmp_path, capsys):
     assert train(tmp_path, "--binarize", "static", dataset="linear-gaussian") == 2
     assert "binarize" in error_line(capsys)
+
+
+def test_multimodal_dataset_with_the_vae_is_refused(tmp_path, capsys):
+    code = cli.main(
+        ["train", "--dataset", "digits-labels", "--epochs", "1", "--run-dir", str(tmp_path)]
+    )
+    assert code == 2
+    assert "several modalities" in capsys.readouterr().err
