@@ -96,20 +96,29 @@ class _LastSite(Messenger):
             self.name = msg["name"]
 
 
-def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
-    """Run the pair once (blocked, no particles) and return the deepest plate nesting.
+def trace_pair(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict | None = None
+) -> tuple[Trace, Trace]:
+    """Run the guide once and the model replayed on it: blocked, without gradients and without
+    particles, leaving torch's random state as it found it (so that looking at a pair before
+    training does not shift the random stream; exact resume depends on this).
 
-    The run leaves torch's random state as it found it, so that guessing on a first call does
-    not shift the random stream (exact resume depends on this).
+    :returns: ``(model_trace, guide_trace)``.
     """
+    kwargs = kwargs or {}
     with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=[]):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
         )
+    return model_trace, guide_trace
+
+
+def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
+    """The deepest plate nesting of the pair, from one run of :func:`trace_pair`."""
     dims: list[int] = [
         -int(frame.dim or 0)
-        for trace in (guide_trace, model_trace)
+        for trace in trace_pair(model, guide, args, kwargs)
         for site in trace.nodes.values()
         if site["type"] == "sample"
         for frame in site["cond_indep_stack"]
@@ -373,6 +382,20 @@ def trace_params(trace: Trace) -> dict[str, torch.Tensor]:
         for name, site in trace.nodes.items()
         if site["type"] == "param"
     }
+
+
+def param_split(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The pair's parameters (created if new), read from the traces of one run.
+
+    :returns: ``(model_params, guide_params)``: unconstrained tensors by name, guide first in
+        the order the pair touches them; a parameter both touch counts as the model's.
+    """
+    model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
+    model_params = trace_params(model_trace)
+    guide_params = {k: v for k, v in trace_params(guide_trace).items() if k not in model_params}
+    return model_params, guide_params
 
 
 def check_reparameterized(guide_trace: Trace, engine: str) -> None:

@@ -19,13 +19,12 @@ from typing import Any
 
 import numpy as np
 import pyro
-import pyro.poutine as poutine
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from pvae.evaluate import Data, get_batch, iter_batches, num_items
-from pvae.protocol import scale_to_data, trace_params
+from pvae.protocol import param_split, scale_to_data
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "pvae-checkpoint-1"
@@ -87,21 +86,13 @@ def _optimizer(
 
 def _discover_params(model: Callable, guide: Callable, batch: tuple) -> dict[str, torch.Tensor]:
     """Run the pair once to create its parameters; return their unconstrained tensors."""
-    with poutine.trace(param_only=True) as capture, poutine.block(hide_types=["sample"]):
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            guide_trace = poutine.trace(guide).get_trace(*batch)
-            poutine.replay(model, trace=guide_trace)(*batch)
-    params = {
-        name: site["value"].unconstrained()  # type: ignore[union-attr]
-        for name, site in capture.trace.nodes.items()
-        if site["type"] == "param"
-    }
-    if not params:
+    model_params, guide_params = param_split(model, guide, batch)
+    if not model_params and not guide_params:
         raise ValueError(
             "the model and guide declare no parameters (pyro.param or pyro.module); "
             "there is nothing to train"
         )
-    return params
+    return {**guide_params, **model_params}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -266,11 +257,8 @@ def fit(
     opt = _optimizer(optimizer, list(params.values()), lr)
     aggressive = {"active": aggressive_encoder is not None, "best": -float("inf")}
     if aggressive_encoder is not None:
-        guide_names = _guide_only_params(
-            train_model, train_guide, get_batch(train, torch.arange(2))
-        )
-        guide_params = [p for name, p in params.items() if name in guide_names]
-        model_params = [p for name, p in params.items() if name not in guide_names]
+        split = param_split(train_model, train_guide, get_batch(train, torch.arange(2)))
+        model_params, guide_params = list(split[0].values()), list(split[1].values())
 
     run = Run(run_dir=str(run_dir) if run_dir is not None else None)
     start_epoch = 0
@@ -427,14 +415,6 @@ def _write_checkpoint(
     }
     _atomic_save(state, path)
     _atomic_save(json.dumps(run.to_json(), indent=1), path.with_name("run.json"))
-
-
-def _guide_only_params(model: Callable, guide: Callable, batch: tuple) -> set[str]:
-    """Names of the parameters only the guide touches (a shared one counts as the model's)."""
-    with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=[]):
-        guide_trace = poutine.trace(guide).get_trace(*batch)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*batch)
-    return set(trace_params(guide_trace)) - set(trace_params(model_trace))
 
 
 def _encoder_steps(

@@ -9,11 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import pyro.poutine as poutine
 import torch
 
 from pvae.evaluate import Data, as_tensors
-from pvae.protocol import trace_params
+from pvae.protocol import param_split
 
 
 @dataclass
@@ -27,15 +26,6 @@ class GradientSNR:
     model: float
     guide_params: list[str]
     model_params: list[str]
-
-
-def _split(model: Callable, guide: Callable, args: tuple) -> tuple[dict, dict]:
-    with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=[]):
-        guide_trace = poutine.trace(guide).get_trace(*args)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
-    model_params = trace_params(model_trace)
-    guide_params = {k: v for k, v in trace_params(guide_trace).items() if k not in model_params}
-    return model_params, guide_params
 
 
 def gradient_snr(
@@ -55,7 +45,7 @@ def gradient_snr(
             f"num_repeats must be >= 2 to estimate a standard deviation, got {num_repeats}"
         )
     args = as_tensors(data)
-    model_params, guide_params = _split(model, guide, args)
+    model_params, guide_params = param_split(model, guide, args)
     params = {**model_params, **guide_params}
     samples: dict[str, list[torch.Tensor]] = {name: [] for name in params}
     for p in params.values():
