@@ -30,8 +30,12 @@ biased down by at most log M (it is bounded by log M) and is meaningful when I <
 Collapse report (Dang et al., ICLR 2024, "Beyond Vanilla Variational Autoencoders: Detecting
 Posterior Collapse in Conditional and Hierarchical Variational Autoencoders"): per site (layer)
 and dimension, the mean KL, the activity Var_x E_q[z_d | x] (:func:`active_units`), whether the
-dimension collapsed (mean KL below ``kl_threshold``), and the fraction of (datapoint, dimension)
-pairs with KL_nd < ``epsilon`` (0.01 in the paper); with a plain-language verdict.
+dimension collapsed (mean KL below ``kl_threshold`` and inactive), and the fraction of
+(datapoint, dimension) pairs with KL_nd < ``epsilon`` (0.01 in the paper); with a plain-language
+verdict. Both conditions are needed because a layer whose conditional prior p(z_l | z_{l+1}) is
+evaluated at a z_{l+1} that the guide drew *from* z_l (bottom-up inference) has
+E_q[log q(z_l | x) - log p(z_l | z_{l+1})], not a KL: it can be zero or negative while z_l
+carries information about x (measured on a linear 2-level HVAE, tests/core/test_theory.py).
 """
 
 from __future__ import annotations
@@ -375,10 +379,10 @@ class LayerReport:
     """One latent site (layer) of a :class:`CollapseReport`.
 
     ``kl``: mean KL per dimension ``(D,)``; ``activity``: Var_x E_q[z_d | x] ``(D,)``;
-    ``active``: ``activity > activity_threshold``; ``collapsed``: ``kl < kl_threshold`` (the
-    posterior of that dimension is the prior, whatever x); ``fraction_below``: the share of
-    (datapoint, dimension) pairs with KL < epsilon; ``mutual_information``: I(x; z) of the
-    site (None when not computed).
+    ``active``: ``activity > activity_threshold``; ``collapsed``: ``kl < kl_threshold`` and
+    not active (the posterior of that dimension is the prior, whatever x); ``fraction_below``:
+    the share of (datapoint, dimension) pairs with KL < epsilon; ``mutual_information``:
+    I(x; z) of the site (None when not computed).
     """
 
     site: str
@@ -402,6 +406,10 @@ class LayerReport:
     def inactive_dims(self) -> list[int]:
         """Dimensions that ignore x without being at the prior (KL spent for nothing)."""
         return [int(d) for d in torch.nonzero(~self.active & ~self.collapsed).flatten()]
+
+    def low_kl_active_dims(self, kl_threshold: float) -> list[int]:
+        """Dimensions that vary with x although their KL term is below ``kl_threshold``."""
+        return [int(d) for d in torch.nonzero(self.active & (self.kl < kl_threshold)).flatten()]
 
 
 @dataclass
@@ -448,12 +456,12 @@ def _verdict(report: CollapseReport) -> str:
         if len(collapsed) == layer.dims:
             lines.append(
                 f"  Posterior collapse: every dimension of {name} collapsed to the prior "
-                f"(KL < {report.kl_threshold:g}); the model ignores this layer."
+                f"(KL < {report.kl_threshold:g}, inactive); the model ignores this layer."
             )
         elif collapsed:
             lines.append(
                 f"  Partial collapse: dimensions {_dims_text(collapsed)} of {name} collapsed "
-                f"to the prior (KL < {report.kl_threshold:g})."
+                f"to the prior (KL < {report.kl_threshold:g}, inactive)."
             )
         else:
             lines.append(f"  No collapsed dimension in {name}.")
@@ -463,6 +471,14 @@ def _verdict(report: CollapseReport) -> str:
                 f"  Dimensions {_dims_text(inactive)} of {name} carry no information about x "
                 f"(activity <= {report.activity_threshold:g}) but are not at the prior: "
                 "their KL is spent for nothing."
+            )
+        low = layer.low_kl_active_dims(report.kl_threshold)
+        if low:
+            lines.append(
+                f"  Dimensions {_dims_text(low)} of {name} vary with x although their KL term "
+                f"is below {report.kl_threshold:g}: its prior is conditioned on latents the "
+                "guide drew from this layer, so the term is E_q[log q - log p], not a KL, and "
+                "they are not counted as collapsed."
             )
     if every:
         lines.insert(0, "Verdict: total posterior collapse; the latents carry no information.")
@@ -495,7 +511,8 @@ def collapse_report(
     :param sites: a site name, a list of them, or None for every guide latent in the data
         plate, ordered by name with numbers compared as numbers (``z1, z2, ..., z10``).
     :param epsilon: the per-(datapoint, dimension) KL threshold of Dang et al. (0.01).
-    :param kl_threshold: a dimension is collapsed when its mean KL is below this.
+    :param kl_threshold: a dimension is collapsed when its mean KL is below this and its
+        activity at most ``activity_threshold``.
     :param activity_threshold: active-units threshold (0.01, Burda et al.).
     :param mutual_info: also estimate I(x; z) per site (:func:`mutual_information`).
     :returns: :class:`CollapseReport`.
@@ -523,7 +540,7 @@ def collapse_report(
             kl=kl.kl,
             activity=units.variances,
             active=units.active,
-            collapsed=kl.kl < kl_threshold,
+            collapsed=(kl.kl < kl_threshold) & ~units.active,
             fraction_below=kl.fraction_below(epsilon),
             mutual_information=None if mi is None else mi.total,
             per_datapoint=kl.per_datapoint,
