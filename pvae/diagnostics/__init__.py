@@ -7,7 +7,8 @@
 - :func:`kl_per_dim`, :func:`mutual_information`, :func:`collapse_report`: posterior collapse
   per dimension and per layer (Dang et al. 2024).
 - :func:`latent_relevance`: the ARD-VAE decoder-Jacobian relevance score (Saha et al. 2025).
-- :mod:`pvae.diagnostics.theory`: closed forms for collapse in linear CVAEs (Dang et al.).
+- :mod:`pvae.diagnostics.theory`: closed forms for collapse in linear conditional and 2-level
+  hierarchical VAEs (Dang et al.).
 """
 
 from pvae.diagnostics.collapse import (

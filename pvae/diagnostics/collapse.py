@@ -382,7 +382,9 @@ class LayerReport:
     ``active``: ``activity > activity_threshold``; ``collapsed``: ``kl < kl_threshold`` and
     not active (the posterior of that dimension is the prior, whatever x); ``fraction_below``:
     the share of (datapoint, dimension) pairs with KL < epsilon; ``mutual_information``:
-    I(x; z) of the site (None when not computed).
+    I(x; z) of the site (None when not computed); ``active_directions``: the number of
+    directions along which the posterior mean moves with x (:class:`ActiveUnits`), below the
+    number of active axes when a rotated layer lost a direction.
     """
 
     site: str
@@ -392,6 +394,7 @@ class LayerReport:
     collapsed: torch.Tensor
     fraction_below: float
     mutual_information: float | None = None
+    active_directions: int | None = None
     per_datapoint: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -433,8 +436,10 @@ class CollapseReport:
 
 
 def _dims_text(dims: list[int], limit: int = 12) -> str:
+    """Names the dimensions: 'dimension 3' or 'dimensions 0, 2, ... (n in all)'."""
     shown = ", ".join(str(d) for d in dims[:limit])
-    return shown + (f", ... ({len(dims)} in all)" if len(dims) > limit else "")
+    more = f", ... ({len(dims)} in all)" if len(dims) > limit else ""
+    return ("dimension " if len(dims) == 1 else "dimensions ") + shown + more
 
 
 def _verdict(report: CollapseReport) -> str:
@@ -460,7 +465,7 @@ def _verdict(report: CollapseReport) -> str:
             )
         elif collapsed:
             lines.append(
-                f"  Partial collapse: dimensions {_dims_text(collapsed)} of {name} collapsed "
+                f"  Partial collapse: {_dims_text(collapsed)} of {name} collapsed "
                 f"to the prior (KL < {report.kl_threshold:g}, inactive)."
             )
         else:
@@ -468,17 +473,24 @@ def _verdict(report: CollapseReport) -> str:
         inactive = layer.inactive_dims
         if inactive:
             lines.append(
-                f"  Dimensions {_dims_text(inactive)} of {name} carry no information about x "
-                f"(activity <= {report.activity_threshold:g}) but are not at the prior: "
-                "their KL is spent for nothing."
+                f"  No information about x in {_dims_text(inactive)} of {name} (activity <= "
+                f"{report.activity_threshold:g}), yet not at the prior: KL spent for nothing."
+            )
+        axes = int(layer.active.sum())
+        if layer.active_directions is not None and layer.active_directions < axes:
+            lines.append(
+                f"  The posterior means of {name} move along only {layer.active_directions} "
+                f"directions, though {axes} of its axes are active: "
+                f"{axes - layer.active_directions} direction(s) of {name} ignore x, mixed "
+                "over the axes (a rotated collapse that per-dimension counts miss)."
             )
         low = layer.low_kl_active_dims(report.kl_threshold)
         if low:
             lines.append(
-                f"  Dimensions {_dims_text(low)} of {name} vary with x although their KL term "
-                f"is below {report.kl_threshold:g}: its prior is conditioned on latents the "
-                "guide drew from this layer, so the term is E_q[log q - log p], not a KL, and "
-                "they are not counted as collapsed."
+                f"  Not counted as collapsed: {_dims_text(low)} of {name}, active although "
+                f"the KL term is below {report.kl_threshold:g}. With a prior conditioned on "
+                "latents the guide drew from this layer (bottom-up inference) the term is "
+                "E_q[log q - log p], not a KL."
             )
     if every:
         lines.insert(0, "Verdict: total posterior collapse; the latents carry no information.")
@@ -544,6 +556,7 @@ def collapse_report(
             fraction_below=kl.fraction_below(epsilon),
             mutual_information=None if mi is None else mi.total,
             per_datapoint=kl.per_datapoint,
+            active_directions=units.active_directions,
         )
     report = CollapseReport(layers, float(epsilon), float(kl_threshold), float(activity_threshold))
     report.verdict = _verdict(report)

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from pvae.diagnostics.collapse import CollapseReport, KLPerDim
 from pvae.diagnostics.latents import ActiveUnits
@@ -53,9 +55,8 @@ def _bars(
     for ax, (name, v) in zip(axes, values.items(), strict=True):
         dims = np.arange(v.size)
         below = v < threshold
-        ax.bar(dims[~below], v[~below], color="tab:blue", label="above threshold")
-        ax.bar(dims[below], v[below], color="tab:gray", label="below threshold")
-        ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=1, label=f"{threshold:g}")
+        ax.bar(dims, v, color=np.where(below, "tab:gray", "tab:blue"))
+        ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=1)
         if log:
             ax.set_yscale("symlog", linthresh=max(threshold, 1e-6))
         ax.set_xlabel(f"dimension of {name}")
@@ -63,7 +64,12 @@ def _bars(
         ax.set_title(f"{title}: {name}", fontsize=10)
         if v.size <= 20:
             ax.set_xticks(dims)
-    axes[0].legend(fontsize=8)
+    handles = [
+        Patch(color="tab:blue", label="above threshold"),
+        Patch(color="tab:gray", label="below threshold"),
+        Line2D([], [], color="tab:red", linestyle="--", linewidth=1, label=f"{threshold:g}"),
+    ]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
     return fig
 
 

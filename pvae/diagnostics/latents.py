@@ -7,6 +7,11 @@ A latent dimension u is *active* when its posterior mean moves with the data:
 It works for any guide: the guide is run (traced, without gradients) on batches of the data,
 and the mean of the named site's distribution is read from the trace (``site["fn"].mean``, or
 the average of a few samples for distributions without a closed-form mean).
+
+Active units are counted per axis. A layer whose objective is rotation-invariant (an isotropic
+Gaussian prior and encoder noise) can lose a direction of its latent space without losing an
+axis: the posterior means then span fewer directions than there are active axes. The
+eigenvalues of Cov_x(E_q[z | x]) (``directions``) count those directions with the same threshold.
 """
 
 from __future__ import annotations
@@ -29,13 +34,21 @@ class ActiveUnits:
 
     ``count``: the number of active dimensions; ``variances``: Var_x(E_q[z|x]) per dimension
     ``(D,)`` (the site's event flattened); ``active``: the boolean mask ``variances >
-    threshold``; ``threshold``: the threshold used.
+    threshold``; ``threshold``: the threshold used; ``directions``: the eigenvalues of
+    Cov_x(E_q[z|x]), descending ``(D,)`` (rotation-invariant; their sum is that of
+    ``variances``).
     """
 
     count: int
     variances: torch.Tensor
     active: torch.Tensor
     threshold: float
+    directions: torch.Tensor
+
+    @property
+    def active_directions(self) -> int:
+        """The number of latent directions along which the posterior mean moves with x."""
+        return int((self.directions > self.threshold).sum())
 
     @property
     def dims(self) -> int:
@@ -108,6 +121,9 @@ def active_units(
                     "pyro.plate('data', ...)"
                 )
             means.append(mean.reshape(rows, -1).double())
-    variances = torch.cat(means).var(dim=0)
+    stacked = torch.cat(means)
+    variances = stacked.var(dim=0)
     active = variances > threshold
-    return ActiveUnits(int(active.sum()), variances, active, float(threshold))
+    covariance = torch.cov(stacked.T).reshape(stacked.shape[1], stacked.shape[1])
+    directions = torch.linalg.eigvalsh(covariance).flip(0).clamp(min=0.0)
+    return ActiveUnits(int(active.sum()), variances, active, float(threshold), directions)

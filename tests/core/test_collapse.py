@@ -130,7 +130,7 @@ def test_collapse_report_names_dims_that_ignore_x_but_pay_kl():
     assert report.collapsed == {"z": []}
     assert report.layers["z"].inactive_dims == [1]
     assert "no posterior collapse" in report.verdict.lower()
-    assert "Dimensions 1 of z carry no information" in report.verdict
+    assert "No information about x in dimension 1 of z" in report.verdict
 
 
 def test_total_collapse_verdict():
@@ -262,3 +262,49 @@ def test_figures_write_pngs(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))  # written atomically
     with pytest.raises(ValueError, match="nothing to plot"):
         kl_bars({})
+
+
+@pytest.mark.filterwarnings("ignore:model and guide sample their latents in different orders")
+def test_a_bottom_up_layer_with_a_negative_kl_term_is_not_called_collapsed():
+    """z1's conditional prior is evaluated at a z2 the guide drew from z1 itself, so the z1
+    term E_q[log q(z1|x) - log p(z1|z2)] is about -0.5 nats per dimension (not a KL) while
+    q(z1|x) follows x. "KL < threshold" alone would call z1 collapsed."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z2 = pyro.sample("z2", dist.Normal(torch.zeros_like(x), 1.0).to_event(1))
+            z1 = pyro.sample("z1", dist.Normal(z2, 0.1).to_event(1))
+            pyro.sample("x", dist.Normal(z1, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            z1 = pyro.sample("z1", dist.Normal(x, 0.1).to_event(1))
+            pyro.sample("z2", dist.Normal(z1, 0.01).to_event(1))
+
+    x = torch.randn(400, 2)
+    report = collapse_report(model, guide, x, num_particles=4, mutual_info=False)
+    layer = report.layers["z1"]
+    assert (layer.kl < -0.4).all() and layer.active.all()
+    assert not layer.collapsed.any()
+    assert "Not counted as collapsed: dimensions 0, 1 of z1" in report.verdict
+
+
+def test_a_rotated_layer_that_lost_a_direction_is_named():
+    g = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(3, 3, generator=g))
+    W = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.7, 0.0], [0.0, 0.0, 0.0]]) @ Q.T  # rank 2
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x @ W, 0.5).to_event(1))
+
+    x = torch.randn(400, 3, generator=g)
+    report = collapse_report(model, guide, x, mutual_info=False)
+    layer = report.layers["z"]
+    assert layer.active.all() and layer.active_directions == 2
+    assert "move along only 2 directions, though 3 of its axes are active" in report.verdict

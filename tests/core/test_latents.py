@@ -77,3 +77,21 @@ def test_unknown_site_names_the_guides_latents():
 def test_needs_two_datapoints():
     with pytest.raises(ValueError, match="at least 2"):
         active_units(masked_guide([True] * 4), X[:1])
+
+
+def test_directions_count_a_rotated_collapse_that_axes_miss():
+    """Means x W with W of rank 2 in 3 dimensions, rotated: all three axes move with x, but the
+    means span only two directions."""
+    g = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(3, 3, generator=g))
+    W = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.7, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]) @ Q.T
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x @ W, 0.5).to_event(1))
+
+    result = active_units(guide, X)
+    assert result.count == 3 and result.active_directions == 2
+    torch.testing.assert_close(result.directions.sum(), result.variances.sum())
+    expected = torch.linalg.eigvalsh(torch.cov((X @ W).T.double())).flip(0)
+    torch.testing.assert_close(result.directions, expected.clamp(min=0))

@@ -427,3 +427,6 @@ def test_fitted_linear_hvae_matches_theory(eigen, sigma1):
     assert report.layers["z2"].collapsed.tolist() == (kl2 < 0.01).tolist()
     assert not report.layers["z1"].collapsed.any()
     assert report.layers["z1"].mutual_information > 0.5
+    # z1's lost data direction is not an axis, but the means' directions count it
+    assert report.layers["z1"].active_directions == d1 - pred.num_collapsed["z1"]
+    assert "1 direction(s) of z1 ignore x" in report.verdict
