@@ -396,9 +396,9 @@ def _markdown(
     lines += [f"- {fact}" for fact in facts]
     lines += ["", "## Posterior collapse", "", "```", report.verdict, "```", ""]
     lines += [
-        f"Thresholds: a dimension is collapsed when its mean KL is below "
-        f"{report.kl_threshold:g} nats and active when Var_x E[z_d | x] exceeds "
-        f"{report.activity_threshold:g}.",
+        f"Thresholds: a dimension is active when Var_x E[z_d | x] exceeds "
+        f"{report.activity_threshold:g}, and collapsed when its mean KL is below "
+        f"{report.kl_threshold:g} nats (and, in a layer whose term is not a KL, it is inactive).",
         "",
         _table(report, relevance, site),
         "",

@@ -30,12 +30,15 @@ biased down by at most log M (it is bounded by log M) and is meaningful when I <
 Collapse report (Dang et al., ICLR 2024, "Beyond Vanilla Variational Autoencoders: Detecting
 Posterior Collapse in Conditional and Hierarchical Variational Autoencoders"): per site (layer)
 and dimension, the mean KL, the activity Var_x E_q[z_d | x] (:func:`active_units`), whether the
-dimension collapsed (mean KL below ``kl_threshold`` and inactive), and the fraction of
-(datapoint, dimension) pairs with KL_nd < ``epsilon`` (0.01 in the paper); with a plain-language
-verdict. Both conditions are needed because a layer whose conditional prior p(z_l | z_{l+1}) is
-evaluated at a z_{l+1} that the guide drew *from* z_l (bottom-up inference) has
-E_q[log q(z_l | x) - log p(z_l | z_{l+1})], not a KL: it can be zero or negative while z_l
-carries information about x (measured on a linear 2-level HVAE, tests/core/test_theory.py).
+dimension collapsed (mean KL below ``kl_threshold``), and the fraction of (datapoint,
+dimension) pairs with KL_nd < ``epsilon`` (0.01 in the paper); with a plain-language verdict.
+A layer whose conditional prior p(z_l | z_{l+1}) is evaluated at a z_{l+1} that the guide drew
+*from* z_l (bottom-up inference; ``KLPerDim.conditional``) has E_q[log q(z_l | x) - log p(z_l |
+z_{l+1})], not a KL: it can be zero or negative while z_l carries information about x
+(measured on a linear 2-level HVAE, tests/core/test_theory.py). For such a layer a dimension
+counts as collapsed only when it is also inactive. The report also counts the directions along
+which a layer's posterior means move (:class:`ActiveUnits`): a layer with an isotropic prior
+and encoder noise can lose a direction that is not one of its axes.
 """
 
 from __future__ import annotations
@@ -82,13 +85,17 @@ class KLPerDim:
     ``site``: the latent site; ``per_datapoint``: KL_nd, ``(N, D)`` (the site's event
     flattened), nats; ``analytic``: whether closed-form KLs were used (else Monte Carlo);
     ``marginal``: True when the guide's site did not factorise and the values are the KLs of
-    its one-dimensional marginals.
+    its one-dimensional marginals; ``conditional``: True when the model samples, before this
+    site, a latent that the guide samples after it (bottom-up inference in a hierarchy): the
+    prior is then evaluated at latents drawn *from* this site, and the values are
+    E_q[log q - log p], not KLs; they can be negative while the site carries information.
     """
 
     site: str
     per_datapoint: torch.Tensor
     analytic: bool
     marginal: bool = False
+    conditional: bool = False
 
     @property
     def kl(self) -> torch.Tensor:
@@ -151,6 +158,7 @@ def _site_kls(
     engine = _kl_engine(analytic)
     rows: dict[str, list[torch.Tensor]] = {}
     flags: dict[str, tuple[bool, bool]] = {}
+    conditional: dict[str, bool] = {}
     order: list[str] | None = None
     nesting: int | None = None
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -188,6 +196,7 @@ def _site_kls(
                                 "latent); KL per datapoint needs a per-datapoint site"
                             )
                     order = list(sites)
+                conditional = _conditioned_on_later(model_trace, guide_trace, order)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the engine's note on sampling order
                 use_analytic = engine._analytic_allowed(model_trace, guide_trace)
@@ -213,10 +222,31 @@ def _site_kls(
                 flags[name] = (use_site_analytic, marginal)
     assert order is not None
     results = {
-        name: KLPerDim(name, torch.cat(rows[name]), flags[name][0], flags[name][1])
+        name: KLPerDim(
+            name, torch.cat(rows[name]), flags[name][0], flags[name][1], conditional[name]
+        )
         for name in order
     }
     return results, order
+
+
+def _conditioned_on_later(model_trace: Any, guide_trace: Any, names: Sequence[str]) -> dict:
+    """Per site: does the model sample, before it, a latent that the guide samples after it?"""
+
+    def latent_order(trace: Any) -> list[str]:
+        return [
+            name
+            for name, node in trace.nodes.items()
+            if node["type"] == "sample" and not node["is_observed"]
+        ]
+
+    in_model, in_guide = latent_order(model_trace), latent_order(guide_trace)
+    result = {}
+    for name in names:
+        before = set(in_model[: in_model.index(name)]) if name in in_model else set()
+        after = set(in_guide[in_guide.index(name) + 1 :]) if name in in_guide else set()
+        result[name] = bool(before & after)
+    return result
 
 
 def _is_analytic(guide_site: dict, model_site: dict) -> bool:
@@ -379,8 +409,9 @@ class LayerReport:
     """One latent site (layer) of a :class:`CollapseReport`.
 
     ``kl``: mean KL per dimension ``(D,)``; ``activity``: Var_x E_q[z_d | x] ``(D,)``;
-    ``active``: ``activity > activity_threshold``; ``collapsed``: ``kl < kl_threshold`` and
-    not active (the posterior of that dimension is the prior, whatever x); ``fraction_below``:
+    ``active``: ``activity > activity_threshold``; ``collapsed``: ``kl < kl_threshold`` (the
+    posterior of that dimension is the prior, whatever x), and not active when ``conditional``
+    (the layer's term is not a KL, :class:`KLPerDim`); ``fraction_below``:
     the share of (datapoint, dimension) pairs with KL < epsilon; ``mutual_information``:
     I(x; z) of the site (None when not computed); ``active_directions``: the number of
     directions along which the posterior mean moves with x (:class:`ActiveUnits`), below the
@@ -395,6 +426,7 @@ class LayerReport:
     fraction_below: float
     mutual_information: float | None = None
     active_directions: int | None = None
+    conditional: bool = False
     per_datapoint: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -410,9 +442,12 @@ class LayerReport:
         """Dimensions that ignore x without being at the prior (KL spent for nothing)."""
         return [int(d) for d in torch.nonzero(~self.active & ~self.collapsed).flatten()]
 
-    def low_kl_active_dims(self, kl_threshold: float) -> list[int]:
-        """Dimensions that vary with x although their KL term is below ``kl_threshold``."""
-        return [int(d) for d in torch.nonzero(self.active & (self.kl < kl_threshold)).flatten()]
+    @property
+    def lost_directions(self) -> int:
+        """Directions of the layer that ignore x though every axis they mix is active."""
+        if self.active_directions is None:
+            return 0
+        return max(0, int(self.active.sum()) - self.active_directions)
 
 
 @dataclass
@@ -476,25 +511,24 @@ def _verdict(report: CollapseReport) -> str:
                 f"  No information about x in {_dims_text(inactive)} of {name} (activity <= "
                 f"{report.activity_threshold:g}), yet not at the prior: KL spent for nothing."
             )
-        axes = int(layer.active.sum())
-        if layer.active_directions is not None and layer.active_directions < axes:
+        if layer.lost_directions:
             lines.append(
-                f"  The posterior means of {name} move along only {layer.active_directions} "
-                f"directions, though {axes} of its axes are active: "
-                f"{axes - layer.active_directions} direction(s) of {name} ignore x, mixed "
-                "over the axes (a rotated collapse that per-dimension counts miss)."
+                f"  Rotated collapse: the posterior means of {name} move along only "
+                f"{layer.active_directions} directions, though {int(layer.active.sum())} of "
+                f"its axes are active; {layer.lost_directions} direction(s) of {name} ignore "
+                "x, mixed over the axes."
             )
-        low = layer.low_kl_active_dims(report.kl_threshold)
-        if low:
+        low = torch.nonzero(layer.active & (layer.kl < report.kl_threshold)).flatten()
+        if layer.conditional and low.numel():
             lines.append(
-                f"  Not counted as collapsed: {_dims_text(low)} of {name}, active although "
-                f"the KL term is below {report.kl_threshold:g}. With a prior conditioned on "
-                "latents the guide drew from this layer (bottom-up inference) the term is "
-                "E_q[log q - log p], not a KL."
+                f"  Not counted as collapsed: {_dims_text(low.tolist())} of {name}, active "
+                f"although the KL term is below {report.kl_threshold:g}. Its prior is "
+                "conditioned on latents the guide drew from this layer (bottom-up inference), "
+                "so the term is E_q[log q - log p], not a KL."
             )
     if every:
         lines.insert(0, "Verdict: total posterior collapse; the latents carry no information.")
-    elif any(layer.collapsed.any() for layer in report.layers.values()):
+    elif any(layer.collapsed.any() or layer.lost_directions for layer in report.layers.values()):
         lines.insert(0, "Verdict: partial posterior collapse.")
     else:
         lines.insert(0, "Verdict: no posterior collapse.")
@@ -523,8 +557,8 @@ def collapse_report(
     :param sites: a site name, a list of them, or None for every guide latent in the data
         plate, ordered by name with numbers compared as numbers (``z1, z2, ..., z10``).
     :param epsilon: the per-(datapoint, dimension) KL threshold of Dang et al. (0.01).
-    :param kl_threshold: a dimension is collapsed when its mean KL is below this and its
-        activity at most ``activity_threshold``.
+    :param kl_threshold: a dimension is collapsed when its mean KL is below this (and, for a
+        layer whose term is not a KL, its activity at most ``activity_threshold``).
     :param activity_threshold: active-units threshold (0.01, Burda et al.).
     :param mutual_info: also estimate I(x; z) per site (:func:`mutual_information`).
     :returns: :class:`CollapseReport`.
@@ -552,11 +586,12 @@ def collapse_report(
             kl=kl.kl,
             activity=units.variances,
             active=units.active,
-            collapsed=(kl.kl < kl_threshold) & ~units.active,
+            collapsed=(kl.kl < kl_threshold) & (~units.active if kl.conditional else True),
             fraction_below=kl.fraction_below(epsilon),
             mutual_information=None if mi is None else mi.total,
             per_datapoint=kl.per_datapoint,
             active_directions=units.active_directions,
+            conditional=kl.conditional,
         )
     report = CollapseReport(layers, float(epsilon), float(kl_threshold), float(activity_threshold))
     report.verdict = _verdict(report)

@@ -66,6 +66,22 @@ def _site_mean(fn: Any, num_samples: int) -> torch.Tensor:
     return mean
 
 
+def _trace_site(guide: Callable, batch: tuple, kwargs: dict, site: str) -> tuple[Any, bool]:
+    """The guide's node for ``site`` and whether a latent was sampled before it."""
+    trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(*batch, **kwargs)
+    latents = [
+        name
+        for name, node in trace.nodes.items()
+        if node["type"] == "sample" and not node["is_observed"]
+    ]
+    if site not in latents:
+        raise ValueError(
+            f"the guide has no sample site {site!r}; its latent sites are: "
+            f"{', '.join(latents) or 'none'}"
+        )
+    return trace.nodes[site], latents.index(site) > 0
+
+
 def active_units(
     guide: Callable,
     data: Data,
@@ -73,6 +89,7 @@ def active_units(
     threshold: float = 0.01,
     batch_size: int = 500,
     num_samples: int = 16,
+    num_runs: int = 32,
     **kwargs: Any,
 ) -> ActiveUnits:
     """Count the active latent dimensions of ``site`` under ``guide`` on ``data``.
@@ -86,6 +103,11 @@ def active_units(
         posterior mean exceeds this (0.01, Burda et al.).
     :param batch_size: datapoints per guide call.
     :param num_samples: samples averaged when the site's distribution has no ``.mean``.
+    :param num_runs: when the guide samples other latents before ``site`` (an upper layer of
+        a bottom-up guide, q(z2 | z1)), the site's mean depends on those draws, and E_q[z | x]
+        is the average over ``num_runs`` runs of the guide. The spread between runs would add
+        to the variance over x; its share (the mean within-datapoint covariance divided by
+        ``num_runs``) is subtracted, which makes the covariance estimate unbiased.
     :returns: :class:`ActiveUnits`.
 
     The guide runs without gradients and the global RNG state is left as it was.
@@ -93,37 +115,38 @@ def active_units(
     n = num_items(data)
     if n < 2:
         raise ValueError(f"active_units needs at least 2 datapoints, got {n}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size < 1 or num_runs < 1:
+        raise ValueError(f"batch_size and num_runs must be >= 1, got {batch_size}, {num_runs}")
     means = []
+    within: torch.Tensor | float = 0.0  # sum over datapoints of the between-run covariance
+    runs = 1
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         for batch in iter_batches(data, batch_size):
-            trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(
-                *batch, **kwargs
-            )
-            node = trace.nodes.get(site)
-            if node is None or node["type"] != "sample":
-                sites = [
-                    name
-                    for name, node in trace.nodes.items()
-                    if node["type"] == "sample" and not node["is_observed"]
-                ]
-                raise ValueError(
-                    f"the guide has no sample site {site!r}; its latent sites are: "
-                    f"{', '.join(sites) or 'none'}"
-                )
+            node, upstream = _trace_site(guide, batch, kwargs, site)
+            runs = num_runs if upstream else 1
             rows = batch[0].shape[0]
-            mean = _site_mean(node["fn"], num_samples)
-            if mean.dim() == 0 or mean.shape[0] != rows:
-                raise ValueError(
-                    f"site {site!r} has a mean of shape {tuple(mean.shape)}; active_units needs "
-                    f"one row per datapoint ({rows} in this batch), as inside "
-                    "pyro.plate('data', ...)"
-                )
-            means.append(mean.reshape(rows, -1).double())
+            draws = []
+            for run in range(runs):
+                if run:
+                    node, _ = _trace_site(guide, batch, kwargs, site)
+                mean = _site_mean(node["fn"], num_samples)
+                if mean.dim() == 0 or mean.shape[0] != rows:
+                    raise ValueError(
+                        f"site {site!r} has a mean of shape {tuple(mean.shape)}; active_units "
+                        f"needs one row per datapoint ({rows} in this batch), as inside "
+                        "pyro.plate('data', ...)"
+                    )
+                draws.append(mean.reshape(rows, -1).double())
+            stacked_runs = torch.stack(draws)  # (runs, rows, D)
+            average = stacked_runs.mean(0)
+            if runs > 1:
+                spread = stacked_runs - average
+                within = within + torch.einsum("srd,sre->de", spread, spread) / (runs - 1)
+            means.append(average)
     stacked = torch.cat(means)
-    variances = stacked.var(dim=0)
+    dims = stacked.shape[1]
+    covariance = torch.cov(stacked.T).reshape(dims, dims) - within / (n * runs)
+    variances = covariance.diagonal().clamp(min=0.0)
     active = variances > threshold
-    covariance = torch.cov(stacked.T).reshape(stacked.shape[1], stacked.shape[1])
     directions = torch.linalg.eigvalsh(covariance).flip(0).clamp(min=0.0)
     return ActiveUnits(int(active.sum()), variances, active, float(threshold), directions)

@@ -58,8 +58,8 @@ beta2 eta_dec^2. Minimising over U1, W2 (and Sigma2) in closed form leaves, up t
     R(D) = beta2 log D                                    (Sigma2 learnable)
     R(D) = sigma2^2 D / (eta_dec^2 eta_enc^2)             (Sigma2 = sigma2^2 I fixed)
 
-over t >= sigma1^2, D >= beta2 eta_dec^2. It has one stationary point inside, one along each
-edge (convex there) and the corner, all in closed form, and grows without bound, so its minimum
+over t >= sigma1^2, D >= beta2 eta_dec^2. It has one stationary point inside, a single minimum
+along each edge, and the corner, all in closed form, and grows without bound, so its minimum
 is one of these four; :func:`linear_hvae_collapse` evaluates them and keeps the best. That
 reproduces the paper's two theorems. With Sigma2 learnable (c = eta_dec / eta_enc):
 
@@ -67,8 +67,9 @@ reproduces the paper's two theorems. With Sigma2 learnable (c = eta_dec / eta_en
   lambda^2 = sigma1^2 max(0, theta / (beta2 eta_dec^2) - 1),
   omega^2 = max(sigma1^2 - (beta2/beta1) eta_dec^2,
                 sigma1^2 theta / (beta2 eta_dec^2) - (beta2/beta1) eta_dec^2) / eta_enc^2;
-  z1 mode i collapses when theta_i <= beta2 eta_dec^2 while z2 stays in use: the learnable
-  encoder variance is itself a cause of collapse;
+  z1 mode i collapses when theta_i <= beta2 eta_dec^2 while z2's mode stays in use (omega > 0,
+  modelling z1's encoder noise: it then carries nothing about x): the learnable encoder
+  variance is itself a cause of collapse;
 - otherwise, if sigma1^2 theta < beta2^2 eta_dec^4 / beta1: omega = 0 (z2 mode collapsed) and
   lambda^2 = max(0, sigma1 sqrt(theta / beta1) - sigma1^2), collapsing when
   theta <= beta1 sigma1^2;
@@ -223,12 +224,15 @@ class LinearHVAECollapse:
 
     ``theta``: the eigenvalues of E[x x^T], descending ``(d_0,)``. For z1 ``(d_1,)``:
     ``z1_collapsed`` (the z1 encoder ignores that data direction, lambda = 0),
-    ``w1_singular_values`` (lambda: of W1 Sxx^{1/2}, i.e. in whitened data coordinates),
-    ``u1_singular_values`` (of the decoder U1), ``kl_z1`` (E_q[log q(z1_i|x) - log p(z1_i|z2)],
-    nats). For z2 ``(d_2,)``: ``z2_collapsed`` (omega = 0: q(z2|z1) carries nothing),
+    ``w1_singular_values`` (lambda: of W1 Sxx^{1/2}, not of W1: the encoder in whitened data
+    coordinates), ``u1_singular_values`` (of the decoder U1), ``kl_z1`` (E_q[log q(z1_i|x) -
+    log p(z1_i|z2)], nats: not a KL, since z2 is drawn from z1, and it can be negative).
+    For z2 ``(d_2,)``: ``z2_collapsed`` (omega = 0: q(z2|z1) carries nothing; a z2 mode whose
+    z1 mode is collapsed can stay in use, modelling z1's encoder noise),
     ``u2_singular_values`` (omega: of U2), ``w2_singular_values`` (of W2), ``z2_std`` (the
     encoder std: learned, or the fixed ``sigma2``), ``kl_z2`` (E_q KL(q(z2_i|z1) || p(z2_i))).
-    Entries are ordered by data mode; z2 mode i pairs with z1 mode i.
+    Entries are ordered by data mode; z2 mode i pairs with z1 mode i. ``num_collapsed`` counts
+    per layer (a dict, where :class:`LinearCollapse` has one layer and an int).
     """
 
     theta: torch.Tensor
@@ -249,8 +253,8 @@ class LinearHVAECollapse:
 
 def _positive(**values: float | None) -> None:
     for name, value in values.items():
-        if value is not None and not float(value) > 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+        if value is not None and not (math.isfinite(float(value)) and float(value) > 0):
+            raise ValueError(f"{name} must be positive and finite, got {value}")
 
 
 def linear_hvae_collapse(
@@ -288,13 +292,21 @@ def linear_hvae_collapse(
     )
     if theta is not None:
         values = torch.as_tensor(theta, dtype=torch.float64).flatten().sort(descending=True).values
+        if not (torch.isfinite(values).all() and (values >= 0).all()):
+            raise ValueError(f"theta must be finite and >= 0 (eigenvalues), got {values.tolist()}")
     elif x is not None:
-        if x.dim() != 2:
-            raise ValueError(f"x must be (N, d_0), got {tuple(x.shape)}")
-        values = _eigenvalues(x.double().T @ x.double() / x.shape[0])
+        x = torch.as_tensor(x, dtype=torch.float64)
+        if x.dim() != 2 or x.shape[0] < 1 or not torch.isfinite(x).all():
+            raise ValueError(
+                f"x must be a finite (N, d_0) array with N >= 1, shape {tuple(x.shape)}"
+            )
+        values = _eigenvalues(x.T @ x / x.shape[0])
     elif Sxx is not None:
-        if Sxx.dim() != 2 or Sxx.shape[0] != Sxx.shape[1]:
-            raise ValueError(f"Sxx must be square (d_0, d_0), got {tuple(Sxx.shape)}")
+        Sxx = torch.as_tensor(Sxx, dtype=torch.float64)
+        if Sxx.dim() != 2 or Sxx.shape[0] != Sxx.shape[1] or not torch.isfinite(Sxx).all():
+            raise ValueError(
+                f"Sxx must be a finite square (d_0, d_0) matrix, got {tuple(Sxx.shape)}"
+            )
         values = _eigenvalues(Sxx)
     else:
         raise ValueError("give Sxx, or the data x, or theta")
@@ -355,7 +367,7 @@ def linear_hvae_collapse(
     kl_off = 0.5 * (s2**2 / ee**2 - 1) - math.log(s2 / ee)
     return LinearHVAECollapse(
         theta=values,
-        z1_collapsed=lam <= 1e-12,
+        z1_collapsed=lam**2 <= 1e-12 * t,  # relative to z1's variance: scale-free
         w1_singular_values=lam,
         u1_singular_values=u1,
         kl_z1=kl1,

@@ -286,7 +286,28 @@ def test_a_bottom_up_layer_with_a_negative_kl_term_is_not_called_collapsed():
     layer = report.layers["z1"]
     assert (layer.kl < -0.4).all() and layer.active.all()
     assert not layer.collapsed.any()
+    assert layer.conditional and not report.layers["z2"].conditional
     assert "Not counted as collapsed: dimensions 0, 1 of z1" in report.verdict
+
+
+def test_a_true_kl_below_threshold_is_collapse_even_with_a_wide_prior():
+    """Prior N(0, 10^2), q = N(0.3 x, 10^2): KL ~ 5e-4 nats but activity ~ 0.09 (activity is
+    in latent units, KL is not). The term is a KL, so the dimension counts as collapsed."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(x), 10.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(0.3 * x, 10.0).to_event(1))
+
+    x = torch.randn(400, 1, generator=torch.Generator().manual_seed(2))
+    report = collapse_report(model, guide, x, mutual_info=False)
+    layer = report.layers["z"]
+    assert not layer.conditional and layer.active.all() and layer.kl[0] < 0.01
+    assert layer.collapsed.all() and "Not counted" not in report.verdict
 
 
 def test_a_rotated_layer_that_lost_a_direction_is_named():

@@ -95,3 +95,22 @@ def test_directions_count_a_rotated_collapse_that_axes_miss():
     torch.testing.assert_close(result.directions.sum(), result.variances.sum())
     expected = torch.linalg.eigvalsh(torch.cov((X @ W).T.double())).flip(0)
     torch.testing.assert_close(result.directions, expected.clamp(min=0))
+
+
+def test_an_upper_layer_is_not_credited_with_the_lower_layer_noise():
+    """q(z1 | x) = N((x_0, 0), 1.2^2), q(z2 | z1) = N(z1, 0.1^2): E_q[z2 | x] = (x_0, 0), so
+    Var_x E_q[z2 | x] = (1, 0). Read at one draw of z1, z2's mean would also carry z1's noise
+    (1.44 on both axes) and the second axis would look active."""
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            loc = torch.stack([x[:, 0], torch.zeros_like(x[:, 0])], -1)
+            z1 = pyro.sample("z1", dist.Normal(loc, 1.2).to_event(1))
+            pyro.sample("z2", dist.Normal(z1, 0.1).to_event(1))
+
+    upper = active_units(guide, X, site="z2")
+    assert upper.active.tolist() == [True, False] and upper.active_directions == 1
+    assert upper.variances[1] < 0.01
+    assert upper.variances[0] == pytest.approx(float(X[:, 0].var()), abs=0.1)
+    single = active_units(guide, X, site="z2", num_runs=1)  # the naive reading
+    assert single.variances[1] > 1.0

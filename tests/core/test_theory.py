@@ -166,10 +166,11 @@ def test_fitted_linear_cvae_matches_theory(beta, eta_enc, eta_dec):
 EIGEN = torch.tensor([9.0, 3.0, 1.3, 0.4], dtype=torch.float64)  # eigenvalues of E[x x^T]
 
 
-def expected_loss(params, A, sigma1, sigma2, beta1, beta2, eta_enc, eta_dec):
+def expected_loss(params, A, sigma1, sigma2, beta1, beta2, eta_enc, eta_dec, terms=False):
     """The loss of the module docstring in closed form (the expectations over q taken
     exactly), for full matrices W1, U1, W2, U2 and log std of z2, on data with E[x x^T] = A.
-    Written out independently of the per-mode reduction that linear_hvae_collapse uses."""
+    Written out independently of the per-mode reduction that linear_hvae_collapse uses.
+    ``terms=True``: the reconstruction term and the two layers' terms (unweighted)."""
     W1, U1, W2, U2, log_s2 = params
     d0, d1, d2 = A.shape[0], W1.shape[0], W2.shape[0]
     s2 = log_s2.exp() if sigma2 is None else torch.full((d2,), sigma2, dtype=A.dtype)
@@ -181,6 +182,8 @@ def expected_loss(params, A, sigma1, sigma2, beta1, beta2, eta_enc, eta_dec):
     term1 = resid / (2 * eta_dec**2) - d1 / 2 - d1 * math.log(sigma1 / eta_dec)
     mean2 = torch.trace(W2 @ C1 @ W2.T) + sigma1**2 * (W2**2).sum()
     term2 = (mean2 + (s2**2).sum()) / (2 * eta_enc**2) - d2 / 2 - (s2 / eta_enc).log().sum()
+    if terms:
+        return recon, term1, term2
     return recon + beta1 * term1 + beta2 * term2
 
 
@@ -244,6 +247,7 @@ HVAE_CONFIGS = [  # (sigma1, sigma2, beta1, beta2, eta_enc, eta_dec), (d1, d2)
     ((0.5, None, 0.5, 1.5, 1.0, 2.0), (3, 5)),  # beta1 != beta2, d2 > d1
     ((0.5, 0.5, 1.0, 1.0, 1.0, 1.0), (4, 4)),  # fixed Sigma2
     ((0.5, 0.8, 1.0, 1.0, 1.0, 1.0), (4, 3)),
+    ((0.7, 0.6, 1.0, 1.0, 1.0, 1.0), (3, 5)),  # fixed Sigma2, d2 > d1: unpaired z2 modes
     ((1.0, 0.3, 1.0, 1.0, 1.0, 1.0), (5, 5)),  # d1 > d0: z2 models z1's encoder noise
     ((0.5, 0.5, 0.5, 1.5, 1.0, 2.0), (4, 4)),  # the authors' helper code disagrees here
 ]
@@ -266,6 +270,12 @@ def test_hvae_prediction_is_the_optimum_of_the_full_model(config, dims):
     value, (W1, U1, W2, U2, log_s2) = minimise(A, d1, d2, config)
     at_prediction = float(expected_loss(predicted_params(pred, 4, config), A, *config))
     assert at_prediction <= value + 1e-6
+    # the per-layer terms the function reports are the loss's own terms at its optimum
+    _, term1, term2 = expected_loss(predicted_params(pred, 4, config), A, *config, terms=True)
+    assert float(pred.kl_z1.sum()) == pytest.approx(float(term1), abs=1e-9)
+    assert float(pred.kl_z2.sum()) == pytest.approx(float(term2), abs=1e-9)
+    if sigma2 is not None:
+        assert (pred.z2_std == sigma2).all()
 
     def sv(M):
         return torch.linalg.svdvals(M)
@@ -323,9 +333,22 @@ def test_hvae_from_data_and_bad_arguments():
     assert from_data.num_collapsed == {"z1": 0, "z2": 1}
     with pytest.raises(ValueError, match="sigma1 must be positive"):
         linear_hvae_collapse(theta=EIGEN, sigma1=0.0)
+    with pytest.raises(ValueError, match="sigma1 must be positive and finite"):
+        linear_hvae_collapse(theta=EIGEN, sigma1=math.inf)
+    with pytest.raises(ValueError, match="theta must be finite and >= 0"):
+        linear_hvae_collapse(theta=[4.0, -1.0], sigma1=1.0)
+    with pytest.raises(ValueError, match="x must be a finite"):
+        linear_hvae_collapse(x=torch.zeros(0, 3), sigma1=1.0)
+    # scale-free: scaling the data by s^2 and every std by s changes no collapse flag
+    scaled = linear_hvae_collapse(
+        theta=EIGEN * 1e-14, z1_dim=4, z2_dim=4, sigma1=0.5e-7, eta_enc=1e-7, eta_dec=1e-7
+    )
+    plain = linear_hvae_collapse(theta=EIGEN, z1_dim=4, z2_dim=4, sigma1=0.5)
+    assert scaled.z1_collapsed.tolist() == plain.z1_collapsed.tolist()
+    assert scaled.z2_collapsed.tolist() == plain.z2_collapsed.tolist()
     with pytest.raises(ValueError, match="sigma2 must be positive"):
         linear_hvae_collapse(theta=EIGEN, sigma1=1.0, sigma2=-1.0)
-    with pytest.raises(ValueError, match="Sxx must be square"):
+    with pytest.raises(ValueError, match="Sxx must be a finite square"):
         linear_hvae_collapse(torch.ones(2, 3), sigma1=1.0)
     with pytest.raises(ValueError, match="give Sxx"):
         linear_hvae_collapse(sigma1=1.0)
