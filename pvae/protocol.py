@@ -359,6 +359,29 @@ def log_mean_exp(value: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.logsumexp(value, dim) - math.log(value.shape[dim])
 
 
+def latent_names(trace: Trace) -> list[str]:
+    """The names of the trace's latent (unobserved) sample sites, in sampling order."""
+    return [
+        name
+        for name, node in trace.nodes.items()
+        if node["type"] == "sample" and not node["is_observed"]
+    ]
+
+
+def trace_guide_site(guide: Callable, args: tuple, kwargs: dict, site: str) -> tuple[Site, list]:
+    """Run ``guide(*args, **kwargs)`` once (parameters kept out of the trace) and return the
+    node of its latent ``site`` and the names of the latents sampled before it; a missing
+    site is an error that names the guide's latents."""
+    trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(*args, **kwargs)
+    latents = latent_names(trace)
+    if site not in latents:
+        raise ValueError(
+            f"the guide has no latent site {site!r}; its latent sites are: "
+            f"{', '.join(latents) or 'none'}"
+        )
+    return trace.nodes[site], latents[: latents.index(site)]
+
+
 def latent_sites(model_trace: Trace, guide_trace: Trace) -> Iterable[tuple[str, Site, Site]]:
     """Yield ``(name, guide_site, model_site)`` for every latent site of the guide."""
     for name, guide_site in guide_trace.nodes.items():

@@ -60,7 +60,9 @@ from pvae.protocol import (
     find_data_frame,
     get_traces,
     guess_max_plate_nesting,
+    latent_names,
     latent_sites,
+    trace_guide_site,
 )
 
 __all__ = [
@@ -233,14 +235,7 @@ def _site_kls(
 def _conditioned_on_later(model_trace: Any, guide_trace: Any, names: Sequence[str]) -> dict:
     """Per site: does the model sample, before it, a latent that the guide samples after it?"""
 
-    def latent_order(trace: Any) -> list[str]:
-        return [
-            name
-            for name, node in trace.nodes.items()
-            if node["type"] == "sample" and not node["is_observed"]
-        ]
-
-    in_model, in_guide = latent_order(model_trace), latent_order(guide_trace)
+    in_model, in_guide = latent_names(model_trace), latent_names(guide_trace)
     result = {}
     for name in names:
         before = set(in_model[: in_model.index(name)]) if name in in_model else set()
@@ -341,7 +336,6 @@ def mutual_information(
     a bottom-up hierarchical guide), q(z | x_j) is the conditional given the guide's draw of
     those: a one-sample stand-in for the marginal.
     """
-    import pyro.poutine as poutine
 
     n = num_items(data)
     if n < 2:
@@ -355,18 +349,7 @@ def mutual_information(
     batch = get_batch(data, index)
     m = index.numel()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(
-            *batch, **kwargs
-        )
-        node = trace.nodes.get(site)
-        if node is None or node["type"] != "sample" or node["is_observed"]:
-            latents = [
-                k for k, v in trace.nodes.items() if v["type"] == "sample" and not v["is_observed"]
-            ]
-            raise ValueError(
-                f"the guide has no latent site {site!r}; its latent sites are: "
-                f"{', '.join(latents) or 'none'}"
-            )
+        node, _ = trace_guide_site(guide, batch, kwargs, site)
         fn: Any = node["fn"]
         if tuple(fn.batch_shape) != (m,):
             raise ValueError(

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import pyro.poutine as poutine
 import torch
 
 from pvae.evaluate import Data, iter_batches, num_items
+from pvae.protocol import trace_guide_site
 
 __all__ = ["ActiveUnits", "active_units"]
 
@@ -66,22 +66,6 @@ def _site_mean(fn: Any, num_samples: int) -> torch.Tensor:
     return mean
 
 
-def _trace_site(guide: Callable, batch: tuple, kwargs: dict, site: str) -> tuple[Any, bool]:
-    """The guide's node for ``site`` and whether a latent was sampled before it."""
-    trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(*batch, **kwargs)
-    latents = [
-        name
-        for name, node in trace.nodes.items()
-        if node["type"] == "sample" and not node["is_observed"]
-    ]
-    if site not in latents:
-        raise ValueError(
-            f"the guide has no sample site {site!r}; its latent sites are: "
-            f"{', '.join(latents) or 'none'}"
-        )
-    return trace.nodes[site], latents.index(site) > 0
-
-
 def active_units(
     guide: Callable,
     data: Data,
@@ -122,13 +106,13 @@ def active_units(
     runs = 1
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         for batch in iter_batches(data, batch_size):
-            node, upstream = _trace_site(guide, batch, kwargs, site)
+            node, upstream = trace_guide_site(guide, batch, kwargs, site)
             runs = num_runs if upstream else 1
             rows = batch[0].shape[0]
             draws = []
             for run in range(runs):
                 if run:
-                    node, _ = _trace_site(guide, batch, kwargs, site)
+                    node, _ = trace_guide_site(guide, batch, kwargs, site)
                 mean = _site_mean(node["fn"], num_samples)
                 if mean.dim() == 0 or mean.shape[0] != rows:
                     raise ValueError(

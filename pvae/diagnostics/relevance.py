@@ -24,12 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import pyro.poutine as poutine
 import torch
 import torch.autograd.forward_ad as forward_ad
 
 from pvae.diagnostics.latents import active_units
 from pvae.evaluate import Data, iter_batches, num_items
+from pvae.protocol import trace_guide_site
 
 __all__ = ["LatentRelevance", "latent_relevance"]
 
@@ -113,12 +113,7 @@ def latent_relevance(
     n = 0
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         for batch in iter_batches(data, batch_size):
-            trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(
-                *batch, **kwargs
-            )
-            node = trace.nodes.get(site)
-            if node is None or node["type"] != "sample" or node["is_observed"]:
-                raise ValueError(f"the guide has no latent site {site!r}")
+            node, _ = trace_guide_site(guide, batch, kwargs, site)
             rows = batch[0].shape[0]
             fn: Any = node["fn"]
             try:

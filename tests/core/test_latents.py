@@ -70,7 +70,7 @@ def test_a_pvae_model_and_tuple_data_and_rng_left_alone():
 
 
 def test_unknown_site_names_the_guides_latents():
-    with pytest.raises(ValueError, match="no sample site 'w'.*z"):
+    with pytest.raises(ValueError, match="no latent site 'w'.*z"):
         active_units(masked_guide([True] * 4), X, site="w")
 
 
