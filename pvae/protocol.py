@@ -1,8 +1,8 @@
 """The model/guide protocol: tracing a pair with vectorised particles and reducing its log
 densities to per-datapoint terms.
 
-Every engine and the log-likelihood estimator go through this module, so that the rules of
-DESIGN.md live in one place:
+Every engine and the log-likelihood estimator go through this module, so that the rules of the
+protocol (README, "Your own model, any engine") live in one place:
 
 - per-datapoint latents sit inside ``pyro.plate("data", ...)``; its dimension is read from the
   traces, never assumed;

@@ -1,5 +1,6 @@
 """Shared fixtures: a linear-Gaussian model/guide pair written in plain Pyro, with its exact
-log-likelihood and posterior (PAPERS.md, "Linear-Gaussian truth")."""
+log-likelihood and posterior: z ~ N(0, I), x | z ~ N(Wz + b, s^2 I) has
+log p(x) = log N(x; b, W W^T + s^2 I)."""
 
 from __future__ import annotations
 

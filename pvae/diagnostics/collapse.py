@@ -123,7 +123,7 @@ def _natural_key(name: str) -> list[Any]:
 
 
 def _kl_engine(analytic: bool) -> Any:
-    # Late import: the core does not depend on the engines at import time (DESIGN.md).
+    # Late import: the core does not depend on the engines at import time.
     from pvae.inference import ELBO
 
     return ELBO(analytic_kl=analytic)

@@ -1,7 +1,7 @@
 """Posterior-collapse mitigations: the inverse-Lipschitz decoder (Kinoshita et al. 2023) keeps
 its guarantee, aggressive encoder training (He et al. 2019) trains only the guide in its inner
 loop and resumes exactly, and on a collapsing configuration a mitigation raises active units
-and mutual information on the same data and budget (PAPERS.md, "Posterior collapse")."""
+and mutual information on the same data and budget (Dang et al. 2024)."""
 
 import pyro
 import pytest

@@ -1,4 +1,4 @@
-"""Posterior collapse of the linear CVAE: Dang et al.'s closed forms (PAPERS.md) against the
+"""Posterior collapse of the linear CVAE: Dang et al.'s closed forms (ICLR 2024) against the
 worked example and against a linear CVAE written as a Pyro pair and fitted with pvae.fit."""
 
 import math
@@ -74,7 +74,7 @@ def synthetic(seed=0):
 
 
 def linear_cvae(eta_enc, eta_dec, seed=0):
-    """The linear CVAE of PAPERS.md as a plain Pyro pair (pyro.param, no pvae class)."""
+    """The linear CVAE of Dang et al. as a plain Pyro pair (pyro.param, no pvae class)."""
     g = torch.Generator().manual_seed(seed)
 
     def init(*shape):

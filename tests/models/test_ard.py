@@ -1,7 +1,7 @@
 """ARD-VAE (Saha et al. 2025): the prior variances are set from encoded data, never by
 gradients; checkpoints carry them (exact resume); the relevance score matches its closed form
 for a linear decoder; and on data with three true factors exactly three dimensions are
-relevant (PAPERS.md, "ARD-VAE")."""
+relevant (Saha et al. 2025)."""
 
 import pyro
 import pytest

@@ -1,6 +1,6 @@
 """The conditional VAE against closed forms and a deterministic baseline.
 
-- Linear-Gaussian conditional truth (PAPERS.md): z ~ N(Ax, I), y ~ N(Bz + Cx, s^2 I) has
+- Linear-Gaussian conditional truth: z ~ N(Ax, I), y ~ N(Bz + Cx, s^2 I) has
   log p(y | x) = log N(y; (BA + C)x, B B^T + s^2 I); the exact posterior as guide gives it for
   every K, a wrong guide converges to it with K. Checked on a plain Pyro pair and on the CVAE
   class itself with linear networks set by hand.

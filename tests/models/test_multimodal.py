@@ -1,6 +1,6 @@
 """The multimodal VAE (PoE, MoE, MoPoE) against closed forms, and its datasets.
 
-- Linear-Gaussian truth with two modalities (PAPERS.md): z ~ N(0, I), x_m ~ N(W_m z + b_m,
+- Linear-Gaussian truth with two modalities: z ~ N(0, I), x_m ~ N(W_m z + b_m,
   s_m^2 I). With orthogonal columns in each W_m, every likelihood factor p(x_m | z) is a
   diagonal Gaussian in z, so linear encoders set to those factors make every subset posterior
   q(z | x_S) exact: the PoE guide's bound is log p(x_a, x_b) for every engine and every K, a
