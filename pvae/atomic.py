@@ -13,7 +13,7 @@ from typing import IO, Any
 PathLike = str | os.PathLike[str]
 
 
-def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+def atomic_write(path: PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
     """Call ``write(stream)`` on a new temporary file next to ``path``, flush it to disk, then
     rename it over ``path`` (creating the parent folder); on failure, remove it.
 
