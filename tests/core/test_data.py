@@ -87,7 +87,7 @@ def test_invalid_binarize_lists_choices():
 
 
 def test_register_a_loader_and_duplicate_names(monkeypatch):
-    monkeypatch.setattr(data, "_REGISTRY", dict(data._REGISTRY))
+    monkeypatch.setattr(data.registry, "_REGISTRY", dict(data.registry._REGISTRY))
 
     @data.register("toy_set", "a toy", "this test")
     def toy(n: int = 10, seed: int = 0) -> data.Splits:
@@ -106,7 +106,7 @@ def test_register_a_loader_and_duplicate_names(monkeypatch):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_values_from_a_loader_are_rejected(monkeypatch, bad):
-    monkeypatch.setattr(data, "_REGISTRY", dict(data._REGISTRY))
+    monkeypatch.setattr(data.registry, "_REGISTRY", dict(data.registry._REGISTRY))
 
     @data.register("broken", "has a NaN", "this test")
     def broken(seed: int = 0) -> data.Splits:

@@ -1,0 +1,104 @@
+"""The dataset registry: :func:`register` a loader under a name, list them with
+:func:`available` (what ``pvae datasets`` prints), :func:`load` one by name."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pvae.data.containers import DatasetInfo, DynamicBinarized, SequenceSplit, Splits
+
+Loader = Callable[..., Splits]
+
+_REGISTRY: dict[str, tuple[DatasetInfo, Loader]] = {}
+
+
+def _normalise_name(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def register(name: str, description: str, source: str) -> Callable[[Loader], Loader]:
+    """Decorator registering ``loader(**kwargs) -> Splits`` under ``name``.
+
+    Args:
+        name: the name :func:`load` looks up (case-insensitive; ``_`` and ``-`` match).
+        description: one line for ``pvae datasets``.
+        source: where the data come from (package, files, generator).
+
+    Raises:
+        ValueError: if ``name`` is already registered.
+    """
+    key = _normalise_name(name)
+
+    def decorator(loader: Loader) -> Loader:
+        if key in _REGISTRY:
+            raise ValueError(f"dataset {key!r} is already registered")
+        _REGISTRY[key] = (DatasetInfo(key, description, source), loader)
+        return loader
+
+    return decorator
+
+
+def available() -> list[DatasetInfo]:
+    """All registered datasets, sorted by name."""
+    return [info for info, _ in sorted(_REGISTRY.values(), key=lambda entry: entry[0].name)]
+
+
+def load(name: str, **kwargs: Any) -> Splits:
+    """Load the dataset registered as ``name``, split into train/valid/test.
+
+    Args:
+        name: a name from :func:`available` (e.g. ``"digits"``, ``"mnist5k"``, ``"mnist"``,
+            ``"fashion-mnist"``, ``"linear-gaussian"``, ``"pendulum"``, ``"rotating-digits"``).
+        **kwargs: passed to the loader, e.g. ``seed=0``, ``binarize="dynamic"``, ``path=``.
+
+    Returns:
+        :class:`Splits` (or a subclass: :class:`MultimodalSplits`, :class:`SequenceSplits`),
+        every split checked to be finite (a sequence split at its observed steps).
+
+    Raises:
+        ValueError: unknown name, or NaN/inf in a split.
+        TypeError: a keyword the loader does not accept.
+    """
+    key = _normalise_name(name)
+    if key not in _REGISTRY:
+        names = ", ".join(info.name for info in available())
+        raise ValueError(f"unknown dataset {name!r}; available: {names}")
+    _, loader = _REGISTRY[key]
+    parameters = inspect.signature(loader).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        unknown = sorted(set(kwargs) - set(parameters))
+        if unknown:
+            accepted = ", ".join(parameters) or "none"
+            raise TypeError(
+                f"load({key!r}) got unexpected keyword argument(s) "
+                f"{', '.join(repr(u) for u in unknown)}; accepted: {accepted}"
+            )
+    splits = loader(**kwargs)
+    for split in ("train", "valid", "test"):
+        _check_finite(key, split, getattr(splits, split))
+    return splits
+
+
+def _check_finite(
+    name: str, split: str, values: Tensor | DynamicBinarized | tuple[Tensor, ...]
+) -> None:
+    if isinstance(values, SequenceSplit):  # only observed steps are data
+        _check_finite(name, split, values.values[values.mask])
+        _check_finite(name, split, values.times)
+        return
+    if isinstance(values, tuple):  # a multimodal split: one tensor per modality
+        for tensor in values:
+            _check_finite(name, split, tensor)
+        return
+    tensor = values.probs if isinstance(values, DynamicBinarized) else values
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(
+            f"dataset {name!r}: the {split} split holds {bad} NaN/inf value(s); "
+            "check the source files"
+        )
