@@ -1,4 +1,5 @@
-"""Tests for pvae.data: the registry, the image sets, the IDX reader, the synthetic sets."""
+"""Tests for pvae.data: the package's names, the registry, the image sets, the IDX reader, the
+synthetic sets. The sequence sets are tested in test_sequence_data.py."""
 
 import gzip
 import math
@@ -53,6 +54,55 @@ def is_binary(x: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# The package keeps every name of the former single module
+# ---------------------------------------------------------------------------------------------
+
+# Every module-level name of pvae/data.py before it became a package, public and private (other
+# modules, tests and tutorials import some of the private ones).
+FORMER_NAMES = """
+BINARIZE_CHOICES DatasetInfo DynamicBinarized Loader MultimodalSplits QUADRANT_ORDER Quadrants
+Splits TWO_VIEW_TRANSFORMS available linear_gaussian_log_likelihood linear_gaussian_posterior
+load quadrants read_idx register
+_DATA_EXTRA_HINT _GZIP_MAGIC _IDX_DTYPES _REGISTRY _check_binarize _check_finite
+_check_positive _digits _digits_labels _digits_pool _digits_two_view _fashion_mnist _find_idx
+_image_splits _linear_gaussian _load_idx_dataset _mnist _mnist5k _mnist5k_labels _mnist5k_pool
+_mnist5k_two_view _normalise_name _paired_image_splits _permutation_split _read_idx_pair
+_shuffled_image_splits _synthetic_splits _transformed
+""".split()
+
+
+@pytest.mark.parametrize("name", FORMER_NAMES)
+def test_the_package_keeps_every_former_name(name):
+    assert hasattr(data, name), f"pvae.data.{name} is gone"
+
+
+def test_public_names_import_and_the_registry_is_shared():
+    from pvae.data import (  # noqa: F401
+        BINARIZE_CHOICES,
+        QUADRANT_ORDER,
+        DatasetInfo,
+        DynamicBinarized,
+        MultimodalSplits,
+        Quadrants,
+        SequenceSplit,
+        SequenceSplits,
+        Splits,
+        available,
+        linear_gaussian_log_likelihood,
+        linear_gaussian_posterior,
+        load,
+        quadrants,
+        read_idx,
+        register,
+    )
+
+    assert set(data.__all__) <= set(dir(data))
+    assert data._REGISTRY is data.registry._REGISTRY
+    assert issubclass(data.MultimodalSplits, data.Splits)
+    assert issubclass(data.SequenceSplits, data.Splits)
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------
 
@@ -61,7 +111,8 @@ def test_available_lists_the_builtin_sets():
     infos = data.available()
     names = [info.name for info in infos]
     assert names == sorted(names)
-    for name in ("digits", "mnist5k", "mnist", "fashion-mnist", "linear-gaussian"):
+    builtin = ("digits", "mnist5k", "mnist", "fashion-mnist", "linear-gaussian")
+    for name in (*builtin, "pendulum", "rotating-digits"):
         assert name in names
     for info in infos:
         assert isinstance(info, data.DatasetInfo)
