@@ -1,75 +1,66 @@
-"""Name -> factory registries for the command line: models and engines (bounds).
+"""The registries through which ``pvae train``, ``pvae compare`` and ``pvae diagnose`` reach
+every zoo model and every engine by name.
 
-The CLI looks models and engines up by name here (datasets are a registry of their own, in
-:mod:`pvae.data`)::
+A **model** registration (:func:`register_model`) carries its factory, the kinds of dataset it
+accepts (:data:`DATA_KINDS`), how it views a dataset (``prepare``: e.g. the CVAE's quadrant
+task), its own command-line options (:class:`Option`, added to every command's parser as
+``--<model>-<option>``), the callbacks it trains with (the ARD prior update) and the decoder
+the diagnostics traverse. An **engine** registration (:func:`register_engine`) carries its
+name, factory, the syntax of its ``:PARAMETER`` (:class:`Parameter`), a description and how many
+particles it needs; the bound grammar, the parser, ``pvae compare``'s description of each
+bound and the default particle budget all read it. Adding either is one call::
 
-    from pvae.registry import ENGINES, MODELS, parse_bound
-    ds = pvae.data.load("digits")
-    vae = MODELS["vae"](ds, z_dim=20, hidden=(200, 200), net="mlp", likelihood="bernoulli")
-    engine = ENGINES["elbo"](1)                      # factory(particles, **options)
-    engine = parse_bound("miwae-dreg:8x8").build(64)  # MIWAE(8, 8, estimator="dreg")
+    register_engine("iwae", _iwae, "importance-weighted bound IWAE_K (Burda et al. 2016)",
+                    describe=lambda spec, particles: f"IWAE_{particles}",
+                    min_particles=2, default_particles=64)
 
-Engines and their particle budget: every engine gets ``particles`` = P samples of z per
-datapoint, so bounds compared "with 64 particles" cost the same per step:
+Bounds are written ``NAME[-ESTIMATOR][:PARAMETER]`` (:func:`bound_grammar`,
+:func:`parse_bound`), e.g. ``elbo``, ``iwae-dreg``, ``miwae:8x8``, ``ciwae:0.5``,
+``piwae-stl:4x16``. ``elbo-stl`` (or ``-dreg``) is the P-sample ELBO as MIWAE(P, 1) with that
+estimator (Monte-Carlo KL).
 
-- ``elbo``: ELBO(num_particles=P), the P-sample average (analytic KL where registered);
-- ``iwae``: IWAE(num_particles=P), IWAE_P;
-- ``miwae``: MIWAE(M, K) with M*K = P (default M = K = sqrt(P); ``inner=K`` picks K);
-- ``ciwae``: CIWAE(num_particles=P, beta), beta = 0.5 unless given;
-- ``piwae``: PIWAE(M, K) with M*K = P, as for miwae (the model follows IWAE_P, the guide
-  MIWAE(M, K)).
-
-Bounds are written on the command line in a small grammar (:data:`BOUND_GRAMMAR`,
-:func:`parse_bound`)::
-
-    BOUND := NAME [ "-" ESTIMATOR ] [ ":" PARAMETER ]
-    NAME       elbo | iwae | miwae | ciwae | piwae
-    ESTIMATOR  stl | dreg   (the guide's gradient estimator; default: reparameterised)
-    PARAMETER  MxK for miwae and piwae (M*K must equal the particle budget), BETA in [0, 1]
-               for ciwae (the weight of the ELBO)
-
-e.g. ``elbo``, ``iwae-dreg``, ``miwae:8x8``, ``ciwae:0.5``, ``piwae-stl:4x16``. ``elbo-stl``
-(or ``-dreg``) is the P-sample ELBO as MIWAE(P, 1) with that estimator (Monte-Carlo KL).
-
-Adding an engine is one line at the bottom of this file::
-
-    ENGINES.add("iwae", _importance(IWAE), "importance-weighted bound (Burda et al. 2016)")
-
-An unknown name raises :class:`UnknownName`, which is both a ``KeyError`` (so the registries
-behave as read-only mappings) and a ``ValueError`` whose message lists the valid choices
-(in registration order).
-
-This module sits above models and engines in the dependency order (like the CLI): core
-modules never import it.
+An unknown name raises :class:`UnknownName`, both a ``KeyError`` and a ``ValueError`` whose
+message lists the valid choices (in registration order). This module sits above models and
+engines in the dependency order: core modules never import it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 import pyro
+import torch
 from pyro.nn import PyroModule
 
-from pvae.data import Splits
+from pvae import data
 from pvae.inference import CIWAE, ELBO, IWAE, MIWAE, PIWAE
 from pvae.models import VAE
 
 __all__ = [
-    "BOUND_GRAMMAR",
+    "DATA_KINDS",
     "ENGINES",
+    "ESTIMATORS",
     "MODELS",
     "BoundSpec",
-    "EngineFactory",
-    "ModelFactory",
+    "EngineEntry",
+    "ModelEntry",
+    "Option",
+    "Parameter",
     "Registry",
     "UnknownName",
+    "bound_grammar",
+    "data_kind",
     "parse_bound",
+    "register_engine",
+    "register_model",
+    "split_particles",
 ]
 
-Factory = TypeVar("Factory", bound=Callable)
+Entry = TypeVar("Entry")
 
 
 class UnknownName(KeyError, ValueError):
@@ -79,44 +70,32 @@ class UnknownName(KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
-class Entry(NamedTuple, Generic[Factory]):
-    """One registered name: its factory and a one-line description."""
-
-    name: str
-    factory: Factory
-    description: str
-
-
-class Registry(Mapping[str, Factory]):
-    """A read-only mapping ``name -> factory`` with descriptions, filled by :meth:`add`.
+class Registry(Mapping[str, Entry], Generic[Entry]):
+    """A read-only mapping ``name -> entry`` (each entry has a ``name``), filled by :meth:`add`.
 
     :param kind: what the names name ("model", "engine"), used in error messages.
     """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._entries: dict[str, Entry[Factory]] = {}
+        self._entries: dict[str, Entry] = {}
 
-    def add(self, name: str, factory: Factory, description: str = "") -> Factory:
-        """Register ``factory`` under ``name`` (lower case); returns the factory.
+    def add(self, entry: Entry) -> Entry:
+        """Register ``entry`` under ``entry.name`` (lower case); returns it.
 
-        :raises ValueError: if ``name`` is already registered.
+        :raises ValueError: if the name is already registered.
         """
-        key = name.strip().lower()
-        if key in self._entries:
-            raise ValueError(f"{self.kind} {key!r} is already registered")
-        self._entries[key] = Entry(key, factory, description)
-        return factory
+        key = str(entry.name).strip().lower()  # type: ignore[attr-defined]
+        if not key or key in self._entries:
+            raise ValueError(f"{self.kind} {key!r} is already registered or empty")
+        self._entries[key] = entry
+        return entry
 
-    def register(self, name: str, description: str = "") -> Callable[[Factory], Factory]:
-        """Decorator form of :meth:`add`."""
+    def remove(self, name: str) -> Entry:
+        """Unregister ``name`` (tests register toys and take them away again)."""
+        return self._entries.pop(self.normalise(name))
 
-        def decorator(factory: Factory) -> Factory:
-            return self.add(name, factory, description)
-
-        return decorator
-
-    def entries(self) -> list[Entry[Factory]]:
+    def entries(self) -> list[Entry]:
         """Every entry, in registration order."""
         return list(self._entries.values())
 
@@ -136,8 +115,8 @@ class Registry(Mapping[str, Factory]):
             )
         return key
 
-    def __getitem__(self, name: str) -> Factory:
-        return self._entries[self.normalise(name)].factory
+    def __getitem__(self, name: str) -> Entry:
+        return self._entries[self.normalise(name)]
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name.strip().lower() in self._entries
@@ -153,20 +132,215 @@ class Registry(Mapping[str, Factory]):
 
 
 # ---------------------------------------------------------------------------------------------
-# Models: factory(ds, z_dim, hidden, net, likelihood) -> a PyroModule with model/guide
+# Models
 # ---------------------------------------------------------------------------------------------
 
-
-class ModelFactory(Protocol):
-    def __call__(
-        self, ds: Splits, z_dim: int, hidden: Sequence[int], net: str, likelihood: str
-    ) -> PyroModule: ...
+DATA_KINDS = ("images", "vectors", "multimodal")
+"""``images``: :class:`pvae.data.Splits` with an ``image_shape``; ``vectors``: without one;
+``multimodal``: :class:`pvae.data.MultimodalSplits` (tuples of modalities)."""
 
 
-MODELS: Registry[ModelFactory] = Registry("model")
+def data_kind(ds: data.Splits) -> str:
+    """The kind of ``ds``, one of :data:`DATA_KINDS`."""
+    if isinstance(ds, data.MultimodalSplits) or isinstance(ds.train, tuple):
+        return "multimodal"
+    return "images" if ds.image_shape is not None else "vectors"
 
 
-def _image_shape(ds: Splits, net: str) -> tuple[int, int, int] | None:
+@dataclass(frozen=True)
+class Option:
+    """One option of a model: the factory's keyword ``name``, parsed from text by ``type``
+    (which raises ValueError or ``argparse.ArgumentTypeError``), its ``default`` and a
+    ``help`` line; ``choices`` restricts the values. On the command line it is
+    ``--<model>-<name>`` (underscores become dashes)."""
+
+    name: str
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+
+
+ModelFactory = Callable[..., PyroModule]
+"""``factory(ds, z_dim, hidden, net, likelihood, **options)``: a ``PyroModule`` with ``model``
+and ``guide`` that fits the prepared dataset ``ds``; ``options`` are the model's own."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model.
+
+    :param factory: see :class:`ModelFactory`.
+    :param accepts: the dataset kinds it trains on (:data:`DATA_KINDS`).
+    :param options: its own options (:class:`Option`).
+    :param prepare: ``prepare(ds, options) -> Splits``: the model's view of a loaded dataset
+        (what ``model(*batch)`` receives); None: the dataset as loaded.
+    :param callbacks: ``callbacks(model, ds) -> list``: extra ``pvae.fit`` callbacks.
+    :param decoder: ``decoder(model) -> (z -> mean of the data)`` for the relevance score and
+        the traversals of ``pvae diagnose``, or None when the model has no such decoder.
+    """
+
+    name: str
+    factory: ModelFactory
+    description: str
+    accepts: tuple[str, ...] = ("images", "vectors")
+    options: tuple[Option, ...] = ()
+    prepare: Callable[[data.Splits, Mapping[str, Any]], data.Splits] | None = None
+    callbacks: Callable[[PyroModule, data.Splits], list[Callable]] | None = None
+    decoder: Callable[[PyroModule], Callable[[torch.Tensor], torch.Tensor] | None] = field(
+        default=lambda model: getattr(model, "decode", None)
+    )
+
+    def flag(self, option: Option) -> str:
+        """``--<model>-<option>``."""
+        return f"--{self.name}-{option.name.replace('_', '-')}"
+
+    def dest(self, option: Option) -> str:
+        """The attribute of the parsed arguments that holds ``option``."""
+        return f"{self.name}_{option.name}".replace("-", "_")
+
+    def resolve_options(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Every option, ``given`` values (not None) over the defaults.
+
+        :raises ValueError: naming an option the model does not have, or a value not among
+            the option's choices.
+        """
+        given = dict(given or {})
+        known = {option.name: option for option in self.options}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise ValueError(
+                f"model {self.name!r} has no option {', '.join(unknown)}; its options: "
+                f"{', '.join(known) or 'none'}"
+            )
+        resolved = {}
+        for name, option in known.items():
+            value = given.get(name)
+            value = option.default if value is None else value
+            if option.choices is not None and value not in option.choices:
+                raise ValueError(
+                    f"{self.flag(option)}: {value!r} is not one of "
+                    f"{', '.join(map(str, option.choices))}"
+                )
+            resolved[name] = value
+        return resolved
+
+    def check_data(self, ds: data.Splits) -> None:
+        """:raises ValueError: when the kind of ``ds`` is not one this model accepts."""
+        kind = data_kind(ds)
+        if kind not in self.accepts:
+            several = " (it has several modalities)" if kind == "multimodal" else ""
+            raise ValueError(
+                f"dataset {ds.name!r} holds {kind}{several}; model {self.name!r} takes "
+                f"{' or '.join(self.accepts)}"
+            )
+
+    def dataset_for(self, ds: data.Splits, options: Mapping[str, Any]) -> data.Splits:
+        """The model's view of ``ds`` (checked against :attr:`accepts`, then prepared)."""
+        self.check_data(ds)
+        return self.prepare(ds, options) if self.prepare is not None else ds
+
+    def build(
+        self,
+        ds: data.Splits,
+        z_dim: int,
+        hidden: Sequence[int],
+        net: str,
+        likelihood: str | None,
+        options: Mapping[str, Any] | None = None,
+    ) -> PyroModule:
+        """The model for the *prepared* ``ds`` (likelihood None: the dataset's)."""
+        return self.factory(
+            ds,
+            z_dim=z_dim,
+            hidden=tuple(hidden),
+            net=net,
+            likelihood=likelihood or ds.likelihood,
+            **self.resolve_options(options),
+        )
+
+
+MODELS: Registry[ModelEntry] = Registry("model")
+
+
+def register_model(
+    name: str,
+    factory: ModelFactory,
+    description: str,
+    accepts: Sequence[str] = ("images", "vectors"),
+    options: Sequence[Option] = (),
+    prepare: Callable[[data.Splits, Mapping[str, Any]], data.Splits] | None = None,
+    callbacks: Callable[[PyroModule, data.Splits], list[Callable]] | None = None,
+    decoder: Callable[[PyroModule], Callable[[torch.Tensor], torch.Tensor] | None] | None = None,
+) -> ModelEntry:
+    """Register a model (see :class:`ModelEntry`); returns its entry.
+
+    :raises ValueError: a name already taken, an unknown data kind, or an option twice.
+    """
+    unknown = sorted(set(accepts) - set(DATA_KINDS))
+    if unknown or not accepts:
+        raise ValueError(f"accepts must name some of {', '.join(DATA_KINDS)}, got {accepts}")
+    names = [option.name for option in options]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model {name!r}: an option is declared twice in {names}")
+    extra = {"decoder": decoder} if decoder is not None else {}
+    entry = ModelEntry(
+        name.strip().lower(),
+        factory,
+        description,
+        tuple(accepts),
+        tuple(options),
+        prepare,
+        callbacks,
+        **extra,
+    )
+    return MODELS.add(entry)
+
+
+def _choice(choices: Sequence[str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        key = text.strip().lower()
+        if key not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return key
+
+    parse.__name__ = "choice"
+    return parse
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum or (maximum is not None and value > maximum):
+            upper = f" and <= {maximum}" if maximum is not None else ""
+            raise ValueError(f"expected an integer >= {minimum}{upper}, got {text!r}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _number(minimum: float, maximum: float = math.inf, open_below: bool = False) -> Callable:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        low_ok = value > minimum if open_below else value >= minimum
+        if not (math.isfinite(value) and low_ok and value <= maximum):
+            bounds = f"{'>' if open_below else '>='} {minimum:g}"
+            bounds += f" and <= {maximum:g}" if math.isfinite(maximum) else ""
+            raise ValueError(f"expected a number {bounds}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _image_shape(ds: data.Splits, net: str) -> tuple[int, int, int] | None:
     if net != "conv":
         return None
     if ds.image_shape is None or len(ds.image_shape) != 3:
@@ -178,13 +352,14 @@ def _image_shape(ds: Splits, net: str) -> tuple[int, int, int] | None:
     return (channels, height, width)
 
 
-@MODELS.register("vae", "variational autoencoder, Gaussian latents (Kingma & Welling 2014)")
-def _vae(ds: Splits, z_dim: int, hidden: Sequence[int], net: str, likelihood: str) -> VAE:
-    if isinstance(ds.train, tuple):
-        raise ValueError(
-            f"dataset '{ds.name}' has several modalities; model 'vae' takes one: use "
-            "pvae.models.MultimodalVAE from Python, or a single-modality dataset"
-        )
+def _mlp_only(model: str, net: str) -> None:
+    if net != "mlp":
+        raise ValueError(f"model {model!r} has MLP networks only: use --net mlp, not {net!r}")
+
+
+def _vae(
+    ds: data.Splits, z_dim: int, hidden: Sequence[int], net: str, likelihood: str
+) -> PyroModule:
     return VAE(
         x_dim=ds.x_dim,
         z_dim=z_dim,
@@ -195,38 +370,205 @@ def _vae(ds: Splits, z_dim: int, hidden: Sequence[int], net: str, likelihood: st
     )
 
 
+class QuadrantPairs(torch.utils.data.Dataset):
+    """``(given, rest)`` pairs of image quadrants (:func:`pvae.data.quadrants`) of an image
+    split, row by row, so that a dynamically binarised training set stays dynamic."""
+
+    def __init__(self, images: Any, given_mask: torch.Tensor) -> None:
+        self.images, self.given_mask = images, given_mask
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row = self.images[index]
+        return row[self.given_mask], row[~self.given_mask]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.images[list(indices)]
+        return rows[:, self.given_mask], rows[:, ~self.given_mask]
+
+
+def _quadrant_task(ds: data.Splits, options: Mapping[str, Any]) -> data.Splits:
+    """x = the first ``given`` quadrants of each image, y = the rest (a conditional task)."""
+    given = int(options["given"])
+    mask = data.quadrants(torch.zeros(1, ds.x_dim), given, ds.image_shape).given_mask
+
+    def split(values: Any) -> Any:
+        if isinstance(values, torch.Tensor):
+            task = data.quadrants(values, given, ds.image_shape)
+            return (task.given, task.rest)
+        return QuadrantPairs(values, mask)
+
+    info = {**ds.info, "given_quadrants": given, "x_dim_given": int(mask.sum())}
+    return dataclasses.replace(
+        ds,
+        train=split(ds.train),
+        valid=split(ds.valid),
+        test=split(ds.test),
+        x_dim=int((~mask).sum()),
+        image_shape=None,
+        info=info,
+    )
+
+
+def _cvae(
+    ds: data.Splits,
+    z_dim: int,
+    hidden: Sequence[int],
+    net: str,
+    likelihood: str,
+    given: int = 1,
+    objective: str = "cvae",
+    alpha: float = 0.5,
+    kl_weight: float = 1.0,
+) -> PyroModule:
+    from pvae.models.cvae import CVAE
+
+    _mlp_only("cvae", net)
+    given_dim = int(ds.info.get("x_dim_given", 0))
+    if not given_dim:
+        raise ValueError("model 'cvae' needs the quadrant task of an image dataset")
+    return CVAE(
+        x_dim=given_dim,
+        y_dim=ds.x_dim,
+        z_dim=z_dim,
+        hidden=tuple(hidden),
+        likelihood=likelihood,
+        objective=objective,
+        alpha=alpha,
+        kl_weight=kl_weight,
+    )
+
+
+def _hvae(
+    ds: data.Splits,
+    z_dim: int,
+    hidden: Sequence[int],
+    net: str,
+    likelihood: str,
+    layers: int = 2,
+    inference: str = "bottom-up",
+) -> PyroModule:
+    from pvae.models.hierarchical import HierarchicalVAE
+
+    _mlp_only("hvae", net)
+    z_dims = tuple(max(1, z_dim // 2**layer) for layer in range(layers))
+    return HierarchicalVAE(
+        x_dim=ds.x_dim,
+        z_dims=z_dims,
+        hidden=tuple(tuple(hidden) for _ in range(layers)),
+        likelihood=likelihood,
+        inference=inference,
+    )
+
+
+def _multimodal(
+    ds: data.Splits,
+    z_dim: int,
+    hidden: Sequence[int],
+    net: str,
+    likelihood: str,
+    fusion: str = "poe",
+) -> PyroModule:
+    from pvae.models.multimodal import MultimodalVAE
+
+    _mlp_only("multimodal", net)
+    modalities = getattr(ds, "modalities", None)
+    if not modalities:
+        raise ValueError(f"dataset {ds.name!r} names no modalities")
+    return MultimodalVAE(dict(modalities), z_dim=z_dim, fusion=fusion, hidden=tuple(hidden))
+
+
+def _first_modality(model: PyroModule) -> Callable[[torch.Tensor], torch.Tensor]:
+    first = model.names[0]
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return model.decode(z)[first]
+
+    return decode
+
+
+def _ard(
+    ds: data.Splits,
+    z_dim: int,
+    hidden: Sequence[int],
+    net: str,
+    likelihood: str,
+    min_variance: float = 1e-6,
+) -> PyroModule:
+    from pvae.models.ard import ARDVAE
+
+    _mlp_only("ard", net)
+    return ARDVAE(
+        x_dim=ds.x_dim,
+        z_dim=z_dim,
+        hidden=tuple(hidden),
+        likelihood=likelihood,
+        min_variance=min_variance,
+    )
+
+
+register_model("vae", _vae, "variational autoencoder, Gaussian latents (Kingma & Welling 2014)")
+register_model(
+    "cvae",
+    _cvae,
+    "conditional VAE p(y | x) on image quadrants: x the given ones, y the rest (Sohn et al. 2015)",
+    accepts=("images",),
+    options=(
+        Option("given", _integer(1, 3), 1, "quadrants given as the input x (1, 2 or 3)"),
+        Option(
+            "objective",
+            _choice(("cvae", "gsnn", "hybrid")),
+            "cvae",
+            "objective",
+            ("cvae", "gsnn", "hybrid"),
+        ),
+        Option("alpha", _number(0.0, 1.0), 0.5, "weight of the CVAE part of the hybrid"),
+        Option("kl_weight", _number(0.0, open_below=True), 1.0, "weight of the KL term"),
+    ),
+    prepare=_quadrant_task,
+    decoder=lambda model: None,  # decode(x, z) needs the input x too
+)
+register_model(
+    "hvae",
+    _hvae,
+    "hierarchical VAE, --z-dim halving per layer up (Sonderby et al. 2016)",
+    options=(
+        Option("layers", _integer(1), 2, "stochastic layers"),
+        Option(
+            "inference",
+            _choice(("bottom-up", "ladder")),
+            "bottom-up",
+            "guide",
+            ("bottom-up", "ladder"),
+        ),
+    ),
+)
+register_model(
+    "multimodal",
+    _multimodal,
+    "multimodal VAE over paired modalities, PoE/MoE/MoPoE posterior",
+    accepts=("multimodal",),
+    options=(Option("fusion", _choice(("poe", "moe", "mopoe")), "poe", "joint posterior", None),),
+    decoder=_first_modality,
+)
+register_model(
+    "ard",
+    _ard,
+    "VAE with an ARD prior re-estimated every epoch (Saha et al. 2025)",
+    options=(
+        Option("min_variance", _number(0.0, open_below=True), 1e-6, "floor of the prior variances"),
+    ),
+    callbacks=lambda model, ds: [model.prior_callback(ds.valid)],
+)
+
+
 # ---------------------------------------------------------------------------------------------
-# Engines: factory(particles, **options) -> a pyro.infer.ELBO
+# Engines
 # ---------------------------------------------------------------------------------------------
-
-
-class EngineFactory(Protocol):
-    """``factory(particles, **options)``: an engine drawing ``particles`` samples of z per
-    datapoint. Options (each factory takes those that apply to it, and rejects the others
-    with a ValueError): ``estimator`` ("reparam", "stl", "dreg"), ``outer`` and ``inner``
-    (M and K of miwae/piwae), ``beta`` (ciwae)."""
-
-    def __call__(self, particles: int, **options: Any) -> pyro.infer.ELBO: ...
-
-
-ENGINES: Registry[EngineFactory] = Registry("engine")
 
 ESTIMATORS = ("reparam", "stl", "dreg")
-
-
-def _no_options(name: str, options: dict[str, Any]) -> None:
-    given = {key: value for key, value in options.items() if value is not None}
-    if given:
-        raise ValueError(f"{name} takes no {', '.join(sorted(given))}")
-
-
-def _estimator(name: str, estimator: str | None) -> str:
-    estimator = estimator or "reparam"
-    if estimator not in ESTIMATORS:
-        raise ValueError(
-            f"unknown estimator {estimator!r} for {name}; valid choices: {', '.join(ESTIMATORS)}"
-        )
-    return estimator
 
 
 def split_particles(
@@ -262,145 +604,188 @@ def split_particles(
     return root, root
 
 
-def _elbo(particles: int, estimator: str | None = None, **options: Any) -> pyro.infer.ELBO:
-    _no_options("elbo", options)
-    estimator = _estimator("elbo", estimator)
-    if estimator == "reparam":
-        return ELBO(num_particles=particles)
-    return MIWAE(particles, 1, estimator=estimator)  # the P-sample ELBO, Monte-Carlo KL
+@dataclass(frozen=True)
+class Parameter:
+    """The ``:PARAMETER`` of a bound.
+
+    :param syntax: how it is written (``MxK``, ``BETA``); ``help``: what it means.
+    :param parse: ``parse(text) -> values`` (a dict of the engine factory's keywords);
+        raises ValueError saying what was expected.
+    :param resolve: ``resolve(name, particles, values, inner) -> values``: the defaults filled
+        in for a budget of ``particles`` (``inner``: ``--inner``); raises ValueError.
+    :param format: ``format(values) -> text`` (what :attr:`parse` reads back).
+    :param particles: ``particles(values) -> int | None``: the budget the values imply.
+    """
+
+    syntax: str
+    help: str
+    parse: Callable[[str], dict[str, Any]]
+    resolve: Callable[[str, int, Mapping[str, Any], int | None], dict[str, Any]]
+    format: Callable[[Mapping[str, Any]], str]
+    particles: Callable[[Mapping[str, Any]], int | None] = lambda values: None
 
 
-def _iwae(particles: int, estimator: str | None = None, **options: Any) -> pyro.infer.ELBO:
-    _no_options("iwae", options)
-    return IWAE(num_particles=particles, estimator=_estimator("iwae", estimator))
+@dataclass(frozen=True)
+class EngineEntry:
+    """A registered engine: ``factory(particles, estimator=..., **values)`` returns a
+    ``pyro.infer.ELBO``; ``describe(spec, particles)`` says in words what a resolved bound
+    trains; ``min_particles``: fewer is refused (IWAE with one particle is the ELBO);
+    ``default_particles``: the budget when none is given."""
+
+    name: str
+    factory: Callable[..., pyro.infer.ELBO]
+    description: str
+    describe: Callable[[BoundSpec, int], str]
+    parameter: Parameter | None = None
+    estimators: tuple[str, ...] = ESTIMATORS
+    min_particles: int = 1
+    default_particles: int = 1
 
 
-def _grouped(name: str, engine: Callable[..., pyro.infer.ELBO]) -> EngineFactory:
-    def factory(
-        particles: int,
-        estimator: str | None = None,
-        outer: int | None = None,
-        inner: int | None = None,
-        **options: Any,
-    ) -> pyro.infer.ELBO:
-        _no_options(name, options)
-        m, k = split_particles(name, particles, outer, inner)
-        return engine(m, k, estimator=_estimator(name, estimator))
-
-    factory.__name__ = factory.__qualname__ = f"_{name}"
-    return factory
+ENGINES: Registry[EngineEntry] = Registry("engine")
 
 
-def _ciwae(
-    particles: int, estimator: str | None = None, beta: float | None = None, **options: Any
-) -> pyro.infer.ELBO:
-    _no_options("ciwae", options)
-    return CIWAE(
-        num_particles=particles,
-        beta=0.5 if beta is None else beta,
-        estimator=_estimator("ciwae", estimator),
+def register_engine(
+    name: str,
+    factory: Callable[..., pyro.infer.ELBO],
+    description: str,
+    describe: Callable[[BoundSpec, int], str] | None = None,
+    parameter: Parameter | None = None,
+    estimators: Sequence[str] = ESTIMATORS,
+    min_particles: int = 1,
+    default_particles: int = 1,
+) -> EngineEntry:
+    """Register an engine (see :class:`EngineEntry`); returns its entry."""
+    if min_particles < 1 or default_particles < min_particles:
+        raise ValueError(
+            f"engine {name!r}: need 1 <= min_particles <= default_particles, got "
+            f"{min_particles}, {default_particles}"
+        )
+    if "reparam" not in estimators or set(estimators) - set(ESTIMATORS):
+        raise ValueError(f"estimators must include 'reparam' and be among {ESTIMATORS}")
+    key = name.strip().lower()
+    return ENGINES.add(
+        EngineEntry(
+            key,
+            factory,
+            description,
+            describe or (lambda spec, particles: f"{key.upper()}_{particles}"),
+            parameter,
+            tuple(estimators),
+            min_particles,
+            default_particles,
+        )
     )
 
 
-ENGINES.add("elbo", _elbo, "evidence lower bound (Kingma & Welling 2014)")
-ENGINES.add("iwae", _iwae, "importance-weighted bound IWAE_K (Burda et al. 2016)")
-ENGINES.add("miwae", _grouped("miwae", MIWAE), "average of M IWAE_K bounds (Rainforth et al. 2018)")
-ENGINES.add("ciwae", _ciwae, "beta * ELBO + (1 - beta) * IWAE (Rainforth et al. 2018)")
-ENGINES.add(
-    "piwae",
-    _grouped("piwae", PIWAE),
-    "model follows IWAE_MK, guide MIWAE(M, K) (Rainforth et al. 2018)",
-)
+def bound_grammar() -> str:
+    """The bound grammar, from the registered engines."""
+    parameters = "; ".join(
+        f"{entry.syntax_name} {entry.parameter.syntax} ({entry.parameter.help})"
+        for entry in _parameter_engines()
+    )
+    return (
+        f"NAME[-stl|-dreg][:PARAMETER]: NAME one of {', '.join(ENGINES.names())}; -stl/-dreg "
+        f"the guide's gradient estimator; PARAMETER: {parameters or 'none'}; e.g. iwae-dreg, "
+        "miwae:8x8, ciwae:0.5"
+    )
 
 
-# ---------------------------------------------------------------------------------------------
-# Bound specifications: NAME[-ESTIMATOR][:PARAMETER]
-# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Named:
+    syntax_name: str
+    parameter: Parameter
 
-BOUND_GRAMMAR = (
-    "NAME[-stl|-dreg][:PARAMETER]: NAME one of elbo, iwae, miwae, ciwae, piwae; -stl/-dreg "
-    "the guide's gradient estimator; PARAMETER MxK for miwae/piwae (M*K = --particles) or "
-    "BETA in [0, 1] for ciwae; e.g. iwae-dreg, miwae:8x8, ciwae:0.5"
-)
 
-_GROUPED = ("miwae", "piwae")
+def _parameter_engines() -> list[_Named]:
+    """Engines with a parameter, those sharing one syntax grouped (``miwae/piwae MxK``)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for entry in ENGINES.entries():
+        if entry.parameter is not None:
+            key = (entry.parameter.syntax, entry.parameter.help)
+            groups.setdefault(key, []).append(entry.name)
+    named = []
+    for names in groups.values():
+        parameter = ENGINES[names[0]].parameter
+        assert parameter is not None
+        named.append(_Named("/".join(names), parameter))
+    return named
 
 
 @dataclass(frozen=True)
 class BoundSpec:
-    """A parsed bound: engine ``name``, gradient ``estimator`` and its parameters (None: the
-    engine's default, settled by :meth:`resolve` once the particle budget is known)."""
+    """A parsed bound: engine ``name``, gradient ``estimator`` and its parameter ``values``
+    (empty: the engine's defaults, settled by :meth:`resolve` once the budget is known)."""
 
     name: str
     estimator: str = "reparam"
-    outer: int | None = None
-    inner: int | None = None
-    beta: float | None = None
+    values: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The parameter values as a dict, e.g. ``{"outer": 8, "inner": 8}``."""
+        return dict(self.values)
+
+    @property
+    def engine(self) -> EngineEntry:
+        return ENGINES[self.name]
 
     @property
     def label(self) -> str:
         """The canonical spelling, e.g. ``miwae-dreg:8x8`` (parses back to this spec)."""
         text = self.name if self.estimator == "reparam" else f"{self.name}-{self.estimator}"
-        if self.outer is not None and self.inner is not None:
-            text += f":{self.outer}x{self.inner}"
-        elif self.beta is not None:
-            text += f":{self.beta:g}"
+        parameter = self.engine.parameter
+        if parameter is not None and self.values:
+            text += f":{parameter.format(self.options)}"
         return text
 
     def __str__(self) -> str:
         return self.label
 
-    def resolve(self, particles: int, inner: int | None = None) -> BoundSpec:
-        """This spec with its defaults filled in for a budget of ``particles`` per datapoint
-        (``inner``: K for miwae/piwae written without MxK).
+    def default_particles(self) -> int:
+        """The particle budget when none is given: the one the parameter implies (``MxK``),
+        else the engine's default."""
+        parameter = self.engine.parameter
+        implied = parameter.particles(self.options) if parameter is not None else None
+        return implied if implied is not None else self.engine.default_particles
 
-        :raises ValueError: when M*K does not equal ``particles``.
+    def resolve(self, particles: int, inner: int | None = None) -> BoundSpec:
+        """This spec with its parameter's defaults filled in for ``particles`` per datapoint
+        (``inner``: ``--inner``).
+
+        :raises ValueError: too few particles for the engine, or values that do not fit.
         """
-        if self.name in _GROUPED:
-            m, k = split_particles(
-                self.name, particles, self.outer, self.inner if self.inner is not None else inner
+        entry = self.engine
+        if particles < entry.min_particles:
+            raise ValueError(
+                f"{self.name} needs --particles >= {entry.min_particles}, got {particles} "
+                f"(with one particle it is the ELBO: use elbo, or more particles)"
             )
-            return replace(self, outer=m, inner=k)
-        if self.name == "ciwae" and self.beta is None:
-            return replace(self, beta=0.5)
-        return self
+        if entry.parameter is None:
+            return self
+        values = entry.parameter.resolve(self.name, particles, self.options, inner)
+        return replace_values(self, values)
 
     def build(self, particles: int, inner: int | None = None) -> pyro.infer.ELBO:
         """The engine, with ``particles`` samples of z per datapoint.
 
-        :raises ValueError: when M*K does not equal ``particles``.
+        :raises ValueError: as :meth:`resolve`.
         """
         spec = self.resolve(particles, inner)
-        options: dict[str, Any] = {"estimator": spec.estimator}
-        if spec.name in _GROUPED:
-            options.update(outer=spec.outer, inner=spec.inner)
-        if spec.name == "ciwae":
-            options["beta"] = spec.beta
-        return ENGINES[spec.name](particles, **options)
+        return self.engine.factory(particles, estimator=spec.estimator, **spec.options)
+
+    def describe(self, particles: int) -> str:
+        """What this (resolved) bound trains, in words, e.g. ``MIWAE(M=8, K=8), DREG``."""
+        text = self.engine.describe(self, particles)
+        return text if self.estimator == "reparam" else f"{text}, {self.estimator.upper()}"
 
 
-def _parse_parameter(name: str, parameter: str, text: str) -> dict[str, Any]:
-    if name in _GROUPED:
-        outer, x, inner = parameter.partition("x")
-        if x and outer.isdigit() and inner.isdigit() and int(outer) > 0 and int(inner) > 0:
-            return {"outer": int(outer), "inner": int(inner)}
-        raise ValueError(f"bound {text!r}: {name} takes MxK with positive integers, e.g. 8x8")
-    if name == "ciwae":
-        try:
-            beta = float(parameter)
-        except ValueError:
-            beta = math.nan
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"bound {text!r}: ciwae takes BETA in [0, 1], e.g. ciwae:0.5")
-        return {"beta": beta}
-    raise ValueError(
-        f"bound {text!r}: {name} takes no parameter (its K is --particles); "
-        "MxK is for miwae and piwae, BETA for ciwae"
-    )
+def replace_values(spec: BoundSpec, values: Mapping[str, Any]) -> BoundSpec:
+    return dataclasses.replace(spec, values=tuple(sorted(values.items())))
 
 
 def parse_bound(text: str) -> BoundSpec:
-    """Parse ``NAME[-ESTIMATOR][:PARAMETER]`` (see :data:`BOUND_GRAMMAR`).
+    """Parse ``NAME[-ESTIMATOR][:PARAMETER]`` (see :func:`bound_grammar`).
 
     :raises ValueError: naming the valid choices.
     """
@@ -411,13 +796,151 @@ def parse_bound(text: str) -> BoundSpec:
     if name not in ENGINES:
         raise UnknownName(
             f"unknown bound {text!r}; valid choices: {', '.join(ENGINES.names())} "
-            f"(grammar: {BOUND_GRAMMAR})"
+            f"(grammar: {bound_grammar()})"
         )
-    name = ENGINES.normalise(name)
-    if dash and estimator not in ("stl", "dreg", "reparam"):
+    entry = ENGINES[name]
+    if dash and estimator not in entry.estimators:
+        others = [e for e in entry.estimators if e != "reparam"]
         raise ValueError(
-            f"bound {text!r}: unknown estimator {estimator!r}; valid choices: stl, dreg "
-            "(the default is the reparameterised gradient)"
+            f"bound {text!r}: unknown estimator {estimator!r}; valid choices: "
+            f"{', '.join(others) or 'none'} (the default is the reparameterised gradient)"
         )
-    options = _parse_parameter(name, parameter, text) if colon else {}
-    return BoundSpec(name, estimator if dash else "reparam", **options)
+    spec = BoundSpec(entry.name, estimator if dash else "reparam")
+    if not colon:
+        return spec
+    if entry.parameter is None:
+        takes = "; ".join(f"{n.syntax_name} {n.parameter.syntax}" for n in _parameter_engines())
+        raise ValueError(
+            f"bound {text!r}: {entry.name} takes no parameter (its K is --particles); "
+            f"parameters: {takes}"
+        )
+    try:
+        values = entry.parameter.parse(parameter)
+    except ValueError as error:
+        raise ValueError(f"bound {text!r}: {entry.name} takes {error}") from None
+    return replace_values(spec, values)
+
+
+# -- the engines of pvae.inference ------------------------------------------------------------
+
+
+def _elbo(particles: int, estimator: str = "reparam") -> pyro.infer.ELBO:
+    if estimator == "reparam":
+        return ELBO(num_particles=particles)
+    return MIWAE(particles, 1, estimator=estimator)  # the P-sample ELBO, Monte-Carlo KL
+
+
+def _describe_elbo(spec: BoundSpec, particles: int) -> str:
+    kl = " (Monte-Carlo KL)" if spec.estimator != "reparam" else ""
+    return f"ELBO, {particles} samples averaged{kl}"
+
+
+def _iwae(particles: int, estimator: str = "reparam") -> pyro.infer.ELBO:
+    return IWAE(num_particles=particles, estimator=estimator)
+
+
+def _parse_split(text: str) -> dict[str, Any]:
+    outer, x, inner = text.partition("x")
+    if x and outer.isdigit() and inner.isdigit() and int(outer) > 0 and int(inner) > 0:
+        return {"outer": int(outer), "inner": int(inner)}
+    raise ValueError("MxK with positive integers, e.g. 8x8")
+
+
+def _resolve_split(
+    name: str, particles: int, values: Mapping[str, Any], inner: int | None
+) -> dict[str, Any]:
+    given_inner = values.get("inner", inner)
+    m, k = split_particles(name, particles, values.get("outer"), given_inner)
+    return {"outer": m, "inner": k}
+
+
+def _split_particles(values: Mapping[str, Any]) -> int | None:
+    if values.get("outer") is not None and values.get("inner") is not None:
+        return int(values["outer"]) * int(values["inner"])
+    return None
+
+
+GROUP_SPLIT = Parameter(
+    "MxK",
+    "M groups of K particles, M*K = --particles",
+    _parse_split,
+    _resolve_split,
+    lambda values: f"{values['outer']}x{values['inner']}",
+    _split_particles,
+)
+
+
+def _grouped(engine: Callable[..., pyro.infer.ELBO]) -> Callable[..., pyro.infer.ELBO]:
+    def factory(particles: int, estimator: str = "reparam", outer: int = 1, inner: int = 1):
+        return engine(outer, inner, estimator=estimator)
+
+    return factory
+
+
+def _describe_grouped(spec: BoundSpec, particles: int) -> str:
+    values = spec.options
+    return f"{spec.name.upper()}(M={values.get('outer')}, K={values.get('inner')})"
+
+
+def _parse_beta(text: str) -> dict[str, Any]:
+    try:
+        beta = float(text)
+    except ValueError:
+        beta = math.nan
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError("BETA in [0, 1], e.g. ciwae:0.5")
+    return {"beta": beta}
+
+
+BETA = Parameter(
+    "BETA",
+    "in [0, 1], the weight of the ELBO; default 0.5",
+    _parse_beta,
+    lambda name, particles, values, inner: {"beta": values.get("beta", 0.5)},
+    lambda values: f"{values['beta']:g}",
+)
+
+
+def _ciwae(particles: int, estimator: str = "reparam", beta: float = 0.5) -> pyro.infer.ELBO:
+    return CIWAE(num_particles=particles, beta=beta, estimator=estimator)
+
+
+def _describe_ciwae(spec: BoundSpec, particles: int) -> str:
+    return f"CIWAE_{particles}, beta={spec.options.get('beta', 0.5):g}"
+
+
+register_engine(
+    "elbo", _elbo, "evidence lower bound (Kingma & Welling 2014)", describe=_describe_elbo
+)
+register_engine(
+    "iwae",
+    _iwae,
+    "importance-weighted bound IWAE_K (Burda et al. 2016)",
+    min_particles=2,
+    default_particles=64,
+)
+register_engine(
+    "miwae",
+    _grouped(MIWAE),
+    "average of M IWAE_K bounds (Rainforth et al. 2018)",
+    describe=_describe_grouped,
+    parameter=GROUP_SPLIT,
+    default_particles=64,
+)
+register_engine(
+    "ciwae",
+    _ciwae,
+    "beta * ELBO + (1 - beta) * IWAE (Rainforth et al. 2018)",
+    describe=_describe_ciwae,
+    parameter=BETA,
+    min_particles=2,
+    default_particles=64,
+)
+register_engine(
+    "piwae",
+    _grouped(PIWAE),
+    "model follows IWAE_MK, guide MIWAE(M, K) (Rainforth et al. 2018)",
+    describe=_describe_grouped,
+    parameter=GROUP_SPLIT,
+    default_particles=64,
+)
