@@ -502,7 +502,10 @@ def _diagnose_model(
     activity = runs.latent_activity(model, x, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        report = collapse_report(model.model, model.guide, x)
+        try:
+            report = collapse_report(model.model, model.guide, x)
+        except ValueError as error:
+            raise DiagnoseError(f"cannot diagnose the {model_name} model: {error}") from error
         sites = runs.latent_sites(model)
         site = sites[0] if sites[0] in report.layers else next(iter(report.layers))
         relevance = None
