@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     """``pvae.models`` and ``pvae.inference`` load on first use (they import core, not the
     other way round), so ``import pvae; pvae.inference.ELBO()`` works."""
-    if name in ("models", "inference", "diagnostics", "compare", "plots"):
+    if name in ("models", "inference", "diagnostics", "app", "plots"):
         import importlib
 
         return importlib.import_module(f"pvae.{name}")

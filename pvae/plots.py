@@ -21,16 +21,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from pvae.atomic import atomic_write, write_text
 
 __all__ = [
     "comparison",
@@ -47,43 +48,21 @@ PathLike = str | os.PathLike[str]
 History = Sequence[Mapping[str, Any]]
 
 
-def _atomic(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(stream)`` on a new temporary file next to ``path``, flush it to disk, then
-    rename it over ``path`` (creating the parent folder); on failure, remove it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save(fig: Figure, path: PathLike, dpi: int = 100) -> Path:
     """Save ``fig`` to ``path`` atomically (temporary file in the same folder, then rename).
 
     The parent folder is created if needed. Returns the path.
     """
     suffix = Path(path).suffix.lstrip(".").lower() or "png"
-    return _atomic(
+    return atomic_write(
         path, lambda stream: fig.savefig(stream, format=suffix, dpi=dpi, bbox_inches="tight")
     )
 
 
 def write_atomic(path: PathLike, content: str | bytes) -> Path:
-    """Write ``content`` (text as UTF-8, or bytes) to ``path`` atomically, as :func:`save`."""
-    data = content.encode("utf-8") if isinstance(content, str) else content
-
-    def write(stream: IO[bytes]) -> None:
-        stream.write(data)
-
-    return _atomic(path, write)
+    """Write ``content`` (text as UTF-8, or bytes) to ``path`` atomically
+    (:func:`pvae.atomic.write_text`)."""
+    return write_text(path, content)
 
 
 def json_safe(value: Any) -> Any:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pvae import cli
+from pvae.app import cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUN_FILES = [

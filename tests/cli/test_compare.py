@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from pvae import cli, compare
-from pvae.registry import parse_bound
+from pvae.app import cli, compare
+from pvae.app.registry import parse_bound
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BOUNDS = ["elbo", "iwae", "miwae:8x8", "ciwae:0.5", "piwae:8x8"]

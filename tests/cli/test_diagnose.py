@@ -9,7 +9,7 @@ import pyro
 import pytest
 import torch
 
-from pvae import cli, diagnose
+from pvae.app import cli, diagnose
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--z-dim", "3", "--hidden", "16", "--ll-samples", "4", "--quiet"]
@@ -138,7 +138,7 @@ def test_checkpoint_not_matching_the_config(train_run, tmp_path, capsys):
     copy = tmp_path / "run"
     shutil.copytree(train_run, copy)
     config = json.loads((copy / "config.json").read_text())
-    config["args"]["hidden"] = [8]
+    config["run"]["hidden"] = [8]
     (copy / "config.json").write_text(json.dumps(config))
     assert cli.main(["diagnose", str(copy)]) == 2
     assert "does not match" in error_line(capsys)

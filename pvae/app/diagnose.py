@@ -1,14 +1,27 @@
 """``pvae diagnose``: latent diagnostics of a trained run folder.
 
 :func:`diagnose` reads a folder written by ``pvae train`` (``config.json`` and
-``checkpoint.pt``) or by ``pvae compare`` (``results.json`` and one folder per bound, each with
-its ``checkpoint.pt``), rebuilds the dataset and the model from the recorded configuration
-(:mod:`pvae.data`, :data:`pvae.registry.MODELS`), loads the trained parameters
+``checkpoint.pt``) or by ``pvae compare`` (``config.json``, ``results.json`` and one folder per
+bound, each with its ``checkpoint.pt``), rebuilds the dataset and the model from the folder's
+:class:`pvae.app.runs.RunConfig` (:mod:`pvae.data`, :data:`pvae.app.registry.MODELS`: every
+zoo model with its options), loads the trained parameters
 (:func:`pvae.load_checkpoint`, ``weights_only=True``) and writes, next to the run (or into
 ``out_dir``), every file atomically:
 
-- ``diagnostics.md``: the collapse verdict, a table per latent dimension (mean KL, activity,
-  collapsed, relevance score and rank), the relevant set and the figures;
+- ``diagnostics.md``: the collapse verdict, the active units, a table per latent dimension
+  and the figures. The table's columns:
+
+  - **KL**: the mean over the test points of KL(q(z_d | x) || p(z_d)), in nats;
+  - **activity**: Var_x E_q[z_d | x]; **active**: activity > 0.01 (Burda et al. 2016). The
+    count of active dimensions is :func:`pvae.app.runs.latent_activity`, the very number
+    ``pvae compare`` reports as "active units" for the same run and test points;
+  - **collapsed**: the posterior of z_d is the prior: mean KL below the threshold (and, in a
+    layer whose term is not a KL, inactive) (:func:`pvae.diagnostics.collapse_report`);
+  - **relevance** and **rank**: the decoder-Jacobian score (Saha et al. 2025) and its rank;
+  - **relevant**: among the dimensions that are *not* collapsed, the fewest whose scores
+    carry the relevance threshold's share (99%) of their total score. A collapsed dimension
+    carries no information about x (the decoder may still react to it), so it is never
+    relevant: no dimension is both.
 - ``kl_per_dim.png`` and ``activity.png`` (:func:`pvae.diagnostics.collapse_report`, Dang et
   al. 2024), ``relevance.png`` (:func:`pvae.diagnostics.latent_relevance`, Saha et al. 2025);
 - ``traversals.png``: for the three most relevant dimensions, the decoded mean of p(x | z)
@@ -40,11 +53,21 @@ import torch
 from matplotlib.figure import Figure
 from pyro.nn import PyroModule
 
-from pvae import compare, data, plots
-from pvae.diagnostics import CollapseReport, LatentRelevance, collapse_report, latent_relevance
+from pvae import atomic, data, plots
+from pvae.app import runs
+from pvae.app.compare import bound_folder
+from pvae.app.registry import MODELS, parse_bound
+from pvae.diagnostics import (
+    ActiveUnits,
+    CollapseReport,
+    LatentRelevance,
+    collapse_report,
+    latent_relevance,
+)
 from pvae.diagnostics.figures import activity_bars, kl_bars, relevance_curve
-from pvae.registry import MODELS, parse_bound
-from pvae.train import CHECKPOINT, _discover_params, load_checkpoint
+from pvae.evaluate import as_tensors
+from pvae.protocol import param_split
+from pvae.train import CHECKPOINT, load_checkpoint
 
 __all__ = [
     "FILES",
@@ -57,7 +80,7 @@ __all__ = [
     "traversals",
 ]
 
-CONFIG = "config.json"
+CONFIG = runs.CONFIG
 RESULTS = "results.json"
 REPORT = "diagnostics.md"
 FIGURES = ("kl_per_dim.png", "activity.png", "relevance.png", "traversals.png")
@@ -66,10 +89,8 @@ TRAVERSAL_DIMS = 3
 TRAVERSAL_RANGE = 3.0
 TRAVERSAL_STEPS = 9
 
-_BINARIZE = {"dynamic": "dynamic", "static": "static", "none": None}
 
-
-class DiagnoseError(ValueError):
+class DiagnoseError(runs.RunFolderError):
     """The run folder cannot be diagnosed; the message says why (the CLI exits with 2)."""
 
 
@@ -90,12 +111,19 @@ class Diagnosis:
     verdict: str = ""
     collapse: CollapseReport | None = None
     relevance: LatentRelevance | None = None
+    activity: dict[str, ActiveUnits] = field(default_factory=dict)
+    relevant: list[int] = field(default_factory=list)
     bounds: dict[str, Diagnosis | None] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def report(self) -> Path:
         return self.out_dir / REPORT
+
+    @property
+    def active_units(self) -> tuple[int, int]:
+        """``(active units, latent dimensions)``, as ``pvae compare`` counts them."""
+        return runs.count_active(self.activity)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +169,19 @@ def _kind(run_dir: Path) -> str:
     if (run_dir / RESULTS).is_file():
         return "compare"
     has_config, has_checkpoint = (run_dir / CONFIG).is_file(), (run_dir / CHECKPOINT).is_file()
+    command = None
+    if has_config:
+        try:
+            command = json.loads((run_dir / CONFIG).read_text()).get("command")
+        except (OSError, ValueError, AttributeError):
+            command = None
+    bound_folders = [p.name for p in sorted(run_dir.iterdir()) if (p / CHECKPOINT).is_file()]
+    if command == "compare" or (bound_folders and not has_config and not has_checkpoint):
+        raise DiagnoseError(
+            f"{run_dir} looks like a 'pvae compare' run (bound folders "
+            f"{', '.join(bound_folders) or 'none'}) but {RESULTS} is missing: the comparison "
+            f"did not finish ({_contents(run_dir)})"
+        )
     if has_config and has_checkpoint:
         return "train"
     if has_config or has_checkpoint:
@@ -149,38 +190,31 @@ def _kind(run_dir: Path) -> str:
             f"{run_dir} looks like a 'pvae train' run but {missing} is missing "
             f"({_contents(run_dir)})"
         )
-    bound_folders = [p.name for p in sorted(run_dir.iterdir()) if (p / CHECKPOINT).is_file()]
-    if bound_folders:
-        raise DiagnoseError(
-            f"{run_dir} looks like a 'pvae compare' run (bound folders "
-            f"{', '.join(bound_folders)}) but {RESULTS} is missing: the comparison did not "
-            f"finish ({_contents(run_dir)})"
-        )
     raise DiagnoseError(
         f"{run_dir} is not a pvae run folder: {CONFIG} and {CHECKPOINT} (from 'pvae train') "
         f"and {RESULTS} (from 'pvae compare') are missing ({_contents(run_dir)})"
     )
 
 
-def _load_dataset(name: str, seed: int, binarize: str | None, path: str | None) -> data.Splits:
-    kwargs: dict[str, Any] = {"seed": seed}
-    if binarize is not None:
-        kwargs["binarize"] = _BINARIZE.get(binarize, binarize)
-    if path is not None:
-        kwargs["path"] = path
+def _rebuild(run_dir: Path) -> tuple[runs.RunConfig, dict[str, Any], data.Splits]:
+    """The run's configuration, its ``config.json`` and its (prepared) dataset."""
     try:
-        return data.load(name, **kwargs)
+        config, document = runs.read_config(run_dir)
+    except runs.RunFolderError as error:
+        raise DiagnoseError(str(error)) from error
+    try:
+        ds = config.load_data()
     except (ValueError, TypeError, KeyError, OSError, ImportError) as error:
-        raise DiagnoseError(f"cannot rebuild the dataset {name!r}: {error}") from error
+        raise DiagnoseError(f"cannot rebuild the dataset {config.dataset!r}: {error}") from error
+    return config, document, ds
 
 
-def _build_model(
-    ds: data.Splits, model: str, z_dim: int, hidden: Sequence[int], net: str, likelihood: str
-) -> PyroModule:
+def _build_model(config: runs.RunConfig, ds: data.Splits) -> PyroModule:
+    pyro.clear_param_store()
     try:
-        return MODELS[model](ds, z_dim=z_dim, hidden=tuple(hidden), net=net, likelihood=likelihood)
+        return config.build_model(ds)
     except (ValueError, KeyError, TypeError) as error:
-        raise DiagnoseError(f"cannot rebuild the model {model!r}: {error}") from error
+        raise DiagnoseError(f"cannot rebuild the model {config.model!r}: {error}") from error
 
 
 def load_parameters(model: PyroModule, ds: data.Splits, checkpoint: Path) -> dict[str, Any]:
@@ -194,9 +228,10 @@ def load_parameters(model: PyroModule, ds: data.Splits, checkpoint: Path) -> dic
         state = load_checkpoint(checkpoint)
     except (OSError, ValueError) as error:  # torch's messages span lines: keep the first
         raise DiagnoseError(str(error).strip().splitlines()[0]) from error
-    x = ds.test[:2]
+    batch = tuple(t[:2] for t in as_tensors(ds.test))
     try:
-        params = _discover_params(model.model, model.guide, (x,))
+        model_params, guide_params = param_split(model.model, model.guide, batch)
+        params = {**guide_params, **model_params}
     except (ValueError, RuntimeError) as error:
         raise DiagnoseError(
             f"cannot create the parameters of the rebuilt model: {error}"
@@ -237,33 +272,19 @@ class LoadedRun:
     command: list[str]
     checkpoint: dict[str, Any]
     metrics: dict[str, Any] | None = None
+    model_name: str = "vae"
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
-    """Rebuild a ``pvae train`` run: data and model from ``config.json``, parameters from
-    ``checkpoint.pt``. Clears Pyro's parameter store."""
+    """Rebuild a ``pvae train`` run: data and model from its :class:`RunConfig`
+    (``config.json``), parameters from ``checkpoint.pt``. Clears Pyro's parameter store."""
     run_dir = Path(run_dir)
     if _kind(run_dir) != "train":
         raise DiagnoseError(f"{run_dir} is a 'pvae compare' run; use diagnose() for it")
-    config = _read_json(run_dir / CONFIG)
-    args = config.get("args")
-    if config.get("command") != "train" or not isinstance(args, dict):
+    config, document, ds = _rebuild(run_dir)
+    if config.command != "train":
         raise DiagnoseError(f"{run_dir / CONFIG} is not the config of a 'pvae train' run")
-    try:
-        ds = _load_dataset(
-            args["dataset"], int(args["seed"]), args.get("binarize"), args.get("data_path")
-        )
-        pyro.clear_param_store()
-        model = _build_model(
-            ds,
-            args["model"],
-            int(args["z_dim"]),
-            args["hidden"],
-            args["net"],
-            args.get("likelihood") or ds.likelihood,
-        )
-    except KeyError as error:
-        raise DiagnoseError(f"{run_dir / CONFIG} lacks the entry {error}") from error
+    model = _build_model(config, ds)
     state = load_parameters(model, ds, run_dir / CHECKPOINT)
     metrics = None
     if (run_dir / "metrics.json").is_file():
@@ -271,25 +292,17 @@ def load_run(run_dir: str | Path) -> LoadedRun:
             metrics = json.loads((run_dir / "metrics.json").read_text())
         except (OSError, ValueError):
             metrics = None
+    argv = document.get("argv") or []
     return LoadedRun(
         ds=ds,
         model=model,
-        seed=int(args["seed"]),
-        title=f"{args['model']} / {args.get('engine', '?')} on {args['dataset']}",
-        command=["pvae", *config.get("argv", [])],
+        seed=config.seed,
+        title=f"{config.model} / {config.engine or '?'} on {config.dataset}",
+        command=["pvae", *argv],
         checkpoint=state,
         metrics=metrics,
+        model_name=config.model,
     )
-
-
-def _flag(command: Sequence[str], flag: str) -> str | None:
-    """The value of ``flag`` in a recorded command line, or None."""
-    for index, item in enumerate(command):
-        if item == flag and index + 1 < len(command):
-            return command[index + 1]
-        if item.startswith(flag + "="):
-            return item.split("=", 1)[1]
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,14 +310,15 @@ def _flag(command: Sequence[str], flag: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _posterior_mean(guide: Callable, x: torch.Tensor, site: str) -> torch.Tensor:
+def _posterior_mean(guide: Callable, batch: tuple[torch.Tensor, ...], site: str) -> torch.Tensor:
+    rows = batch[0].shape[0]
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(x)
+        trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(*batch)
     fn: Any = trace.nodes[site]["fn"]
     try:
-        return fn.mean.reshape(x.shape[0], -1)
+        return fn.mean.reshape(rows, -1)
     except (NotImplementedError, AttributeError):
-        return fn.sample((64,)).mean(0).reshape(x.shape[0], -1)
+        return fn.sample((64,)).mean(0).reshape(rows, -1)
 
 
 def traversals(
@@ -354,27 +368,50 @@ def _number(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
-def _table(report: CollapseReport, relevance: LatentRelevance | None, site: str) -> str:
+def relevant_in_use(relevance: LatentRelevance, collapsed: Sequence[int]) -> list[int]:
+    """The relevant set among the dimensions that are not ``collapsed``: the fewest of them,
+    by decreasing score, whose scores reach ``relevance.threshold`` of their total."""
+    in_use = [d for d in relevance.ranking if d not in set(collapsed)]
+    total = sum(float(relevance.scores[d]) for d in in_use)
+    chosen: list[int] = []
+    share = 0.0
+    for d in in_use:
+        if total <= 0 or share >= relevance.threshold - 1e-12:
+            break
+        chosen.append(d)
+        share += float(relevance.scores[d]) / total
+    return chosen
+
+
+def _table(
+    report: CollapseReport,
+    activity: Mapping[str, ActiveUnits],
+    relevance: LatentRelevance | None,
+    relevant: Sequence[int],
+    site: str,
+) -> str:
     head = "| site | dim | KL (nats) | activity | active | collapsed |"
     rule = "|---|---|---|---|---|---|"
     if relevance is not None:
-        head += " relevance | rank |"
-        rule += "---|---|"
+        head += " relevance | rank | relevant |"
+        rule += "---|---|---|"
     lines = [head, rule]
     for name, layer in report.layers.items():
+        units = activity.get(name)
         for d in range(layer.dims):
+            variance = float(units.variances[d]) if units is not None else float(layer.activity[d])
+            active = bool(units.active[d]) if units is not None else bool(layer.active[d])
             row = (
-                f"| {name} | {d} | {_number(float(layer.kl[d]))} | "
-                f"{_number(float(layer.activity[d]))} | {'yes' if layer.active[d] else 'no'} | "
-                f"{'yes' if layer.collapsed[d] else 'no'} |"
+                f"| {name} | {d} | {_number(float(layer.kl[d]))} | {_number(variance)} | "
+                f"{'yes' if active else 'no'} | {'yes' if layer.collapsed[d] else 'no'} |"
             )
             if relevance is not None:
                 if name == site:
                     rank = relevance.ranking.index(d) + 1
-                    mark = " (relevant)" if d in relevance.relevant else ""
-                    row += f" {_number(float(relevance.scores[d]))} | {rank}{mark} |"
+                    mark = "yes" if d in relevant else "no"
+                    row += f" {_number(float(relevance.scores[d]))} | {rank} | {mark} |"
                 else:
-                    row += " | |"
+                    row += " | | |"
             lines.append(row)
     return "\n".join(lines)
 
@@ -385,22 +422,37 @@ def _markdown(
     command: Sequence[str],
     facts: Sequence[str],
     report: CollapseReport,
+    activity: Mapping[str, ActiveUnits],
     relevance: LatentRelevance | None,
+    relevant: Sequence[int],
     site: str,
     top: Sequence[int],
     notes: Sequence[str],
 ) -> str:
+    count, dims = runs.count_active(activity)
     lines = [f"# Diagnostics: {title}", "", f"Run folder: `{run_dir}`", ""]
     if command:
         lines += ["```", " ".join(command), "```", ""]
     lines += [f"- {fact}" for fact in facts]
+    lines += [
+        f"- active units: {count}/{dims} (Var_x E[z_d | x] > 0.01; the number 'pvae compare' "
+        "reports)"
+    ]
     lines += ["", "## Posterior collapse", "", "```", report.verdict, "```", ""]
     lines += [
-        f"Thresholds: a dimension is active when Var_x E[z_d | x] exceeds "
-        f"{report.activity_threshold:g}, and collapsed when its mean KL is below "
-        f"{report.kl_threshold:g} nats (and, in a layer whose term is not a KL, it is inactive).",
+        "Columns: **KL**, the mean KL(q(z_d | x) || p(z_d)) over the test points; "
+        "**activity**, Var_x E[z_d | x]; **active**, activity > 0.01; **collapsed**, the "
+        f"posterior is the prior: mean KL below {report.kl_threshold:g} nats (and, in a layer "
+        "whose term is not a KL, inactive)"
+        + (
+            "; **relevance** and **rank**, the decoder-Jacobian score; **relevant**, among "
+            f"the dimensions not collapsed, the fewest carrying {100 * relevance.threshold:g}% "
+            "of their score (a collapsed dimension is never relevant)."
+            if relevance is not None
+            else "."
+        ),
         "",
-        _table(report, relevance, site),
+        _table(report, activity, relevance, relevant, site),
         "",
         "![KL per dimension](kl_per_dim.png)",
         "",
@@ -411,10 +463,9 @@ def _markdown(
         lines += [
             "## Latent relevance",
             "",
-            f"{relevance.num_relevant} of {relevance.scores.numel()} dimensions of {site} "
-            f"carry {100 * relevance.threshold:g}% of the decoder-Jacobian relevance score: "
-            f"{', '.join(map(str, relevance.relevant)) or 'none'} "
-            f"(ranking {', '.join(map(str, relevance.ranking))}).",
+            f"{len(relevant)} of {relevance.scores.numel()} dimensions of {site} are relevant: "
+            f"{', '.join(map(str, relevant)) or 'none'} (ranking by score "
+            f"{', '.join(map(str, relevance.ranking))}).",
             "",
             "![relevance](relevance.png)",
             "",
@@ -434,6 +485,7 @@ def _markdown(
 
 def _diagnose_model(
     model: PyroModule,
+    model_name: str,
     ds: data.Splits,
     out_dir: Path,
     seed: int,
@@ -443,32 +495,44 @@ def _diagnose_model(
     command: Sequence[str],
     facts: Sequence[str],
 ) -> Diagnosis:
-    x = ds.test[:num_points]
+    batch = tuple(t[:num_points] for t in as_tensors(ds.test))
+    x: Any = batch if len(batch) > 1 else batch[0]
     files: list[Path] = []
     notes: list[str] = []
+    activity = runs.latent_activity(model, x, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        report = collapse_report(model.model, model.guide, x)
-        site = "z" if "z" in report.layers else next(iter(report.layers))
+        try:
+            report = collapse_report(model.model, model.guide, x)
+        except ValueError as error:
+            raise DiagnoseError(f"cannot diagnose the {model_name} model: {error}") from error
+        sites = runs.latent_sites(model)
+        site = sites[0] if sites[0] in report.layers else next(iter(report.layers))
         relevance = None
+        relevant: list[int] = []
         top: list[int] = []
-        decode = getattr(model, "decode", None)
+        decode = MODELS[model_name].decoder(model)
         if callable(decode):
             relevance = latent_relevance(model.guide, decode, x, site=site)
+            relevant = relevant_in_use(relevance, report.layers[site].collapsed_dims)
             top = relevance.ranking[: min(TRAVERSAL_DIMS, len(relevance.ranking))]
         else:
-            notes.append("the model has no .decode: no relevance score and no traversals")
+            notes.append(
+                "the model has no decoder of z alone: no relevance score and no traversals"
+            )
         kl_figure = kl_bars(report, threshold=report.kl_threshold)
         files.append(plots.save(kl_figure, out_dir / "kl_per_dim.png"))
         files.append(plots.save(activity_bars(report), out_dir / "activity.png"))
         if relevance is not None and callable(decode):
             files.append(plots.save(relevance_curve(relevance), out_dir / "relevance.png"))
-            mu = _posterior_mean(model.guide, x[:1], site)[0]
+            mu = _posterior_mean(model.guide, tuple(t[:1] for t in batch), site)[0]
             files.append(
                 plots.save(traversals(decode, mu, top, ds.image_shape), out_dir / "traversals.png")
             )
-    text = _markdown(title, run_dir, command, facts, report, relevance, site, top, notes)
-    files.insert(0, plots.write_atomic(out_dir / REPORT, text))
+    text = _markdown(
+        title, run_dir, command, facts, report, activity, relevance, relevant, site, top, notes
+    )
+    files.insert(0, atomic.write_text(out_dir / REPORT, text))
     return Diagnosis(
         kind="train",
         run_dir=run_dir,
@@ -477,6 +541,8 @@ def _diagnose_model(
         verdict=report.verdict,
         collapse=report,
         relevance=relevance,
+        activity=activity,
+        relevant=relevant,
     )
 
 
@@ -495,7 +561,8 @@ def _train_facts(run: LoadedRun, num_points: int) -> list[str]:
             f"test log-likelihood {_number(test.get('mean'), 5)} +- "
             f"{_number(test.get('stderr'), 2)} nats (K={test.get('num_samples')})"
         )
-    facts.append(f"diagnostics on the first {min(num_points, len(run.ds.test))} test points")
+    count = as_tensors(run.ds.test)[0].shape[0]
+    facts.append(f"diagnostics on the first {min(num_points, count)} test points")
     return facts
 
 
@@ -503,6 +570,7 @@ def _diagnose_train(run_dir: Path, out_dir: Path, num_points: int) -> Diagnosis:
     run = load_run(run_dir)
     return _diagnose_model(
         run.model,
+        run.model_name,
         run.ds,
         out_dir,
         run.seed,
@@ -523,23 +591,20 @@ def _diagnose_compare(
     run_dir: Path, out_dir: Path, num_points: int, say: Callable[[str], None] | None
 ) -> Diagnosis:
     results = _read_json(run_dir / RESULTS)
-    config, rows = results.get("config"), results.get("results")
-    if not isinstance(config, dict) or not isinstance(rows, list):
+    summary, rows = results.get("config"), results.get("results")
+    if not isinstance(summary, dict) or not isinstance(rows, list):
         raise DiagnoseError(f"{run_dir / RESULTS} is not the results of a 'pvae compare' run")
-    command = [str(item) for item in results.get("command", [])]
-    try:
-        seed = int(config["seed"])
-        ds = _load_dataset(
-            config["dataset"], seed, _flag(command, "--binarize"), _flag(command, "--data-path")
+    if not (run_dir / CONFIG).is_file():
+        raise DiagnoseError(
+            f"{run_dir} holds {RESULTS} but no {CONFIG} to rebuild the run from "
+            f"({_contents(run_dir)})"
         )
-        ds = compare._subset(ds, config.get("num_train"), config.get("num_test"))
-        build = {key: config[key] for key in ("model", "z_dim", "hidden", "net", "likelihood")}
-    except KeyError as error:
-        raise DiagnoseError(f"{run_dir / RESULTS} lacks the entry {error}") from error
+    config, _, ds = _rebuild(run_dir)
+    command = [str(item) for item in results.get("command", [])]
     diagnosis = Diagnosis(kind="compare", run_dir=run_dir, out_dir=out_dir)
     for row in rows:
         label = str(row.get("bound"))
-        folder = compare._folder(parse_bound(label)) if label else label
+        folder = bound_folder(parse_bound(label)) if label else label
         checkpoint = run_dir / folder / CHECKPOINT
         if not checkpoint.is_file():
             if row.get("status") == "ok":
@@ -550,33 +615,27 @@ def _diagnose_compare(
             diagnosis.skipped[label] = f"no checkpoint ({row.get('status')})"
             diagnosis.bounds[label] = None
             continue
-        pyro.clear_param_store()
-        model = _build_model(
-            ds,
-            str(build["model"]),
-            int(build["z_dim"]),
-            build["hidden"],
-            str(build["net"]),
-            str(build["likelihood"] or ds.likelihood),
-        )
+        model = _build_model(config, ds)
         state = load_parameters(model, ds, checkpoint)
+        count = as_tensors(ds.test)[0].shape[0]
         facts = [
             f"bound {label}: {row.get('engine', '')}",
             f"epochs trained: {int(state.get('epoch', -1)) + 1}",
             f"test log-likelihood {_number(row.get('log_likelihood'), 5)} +- "
             f"{_number(row.get('log_likelihood_stderr'), 2)} nats "
-            f"(K={config.get('ll_samples')})",
-            f"diagnostics on the first {min(num_points, len(ds.test))} test points",
+            f"(K={summary.get('ll_samples')})",
+            f"diagnostics on the first {min(num_points, count)} test points",
         ]
         if row.get("status") != "ok":
             facts.append(f"status: {row.get('status')} (the last good checkpoint)")
         child = _diagnose_model(
             model,
+            config.model,
             ds,
             out_dir / folder,
-            seed,
+            config.seed,
             num_points,
-            f"{config['model']} / {label} on {config['dataset']}",
+            f"{config.model} / {label} on {config.dataset}",
             run_dir / folder,
             command,
             facts,
@@ -585,8 +644,8 @@ def _diagnose_compare(
         diagnosis.files += child.files
         if say is not None:
             say(f"[{label}] {child.verdict.splitlines()[0]} -> {child.report}")
-    summary = _compare_markdown(run_dir, command, config, rows, diagnosis)
-    diagnosis.files.insert(0, plots.write_atomic(out_dir / REPORT, summary))
+    text = _compare_markdown(run_dir, command, summary, rows, diagnosis)
+    diagnosis.files.insert(0, atomic.write_text(out_dir / REPORT, text))
     diagnosis.verdict = "\n".join(
         f"{label}: {child.verdict.splitlines()[0] if child else diagnosis.skipped[label]}"
         for label, child in diagnosis.bounds.items()
@@ -610,27 +669,33 @@ def _compare_markdown(
     if command:
         lines += ["```", " ".join(command), "```", ""]
     lines += [
-        "| bound | log p(x) | verdict | dims in use | KL (nats) | relevant dims | report |",
-        "|---|---|---|---|---|---|---|",
+        "| bound | log p(x) | verdict | active units | collapsed | KL (nats) | relevant dims "
+        "| report |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     by_label = {str(row.get("bound")): row for row in rows}
     for label, child in diagnosis.bounds.items():
         ll = _number(by_label.get(label, {}).get("log_likelihood"), 5)
         if child is None or child.collapse is None:
-            lines.append(f"| {label} | {ll} | skipped: {diagnosis.skipped.get(label)} | | | | |")
+            skipped = diagnosis.skipped.get(label)
+            lines.append(f"| {label} | {ll} | skipped: {skipped} | | | | | |")
             continue
         verdict = child.verdict.splitlines()[0].removeprefix("Verdict: ").rstrip(".")
         layers = child.collapse.layers.values()
-        used = sum(layer.dims - len(layer.collapsed_dims) for layer in layers)
-        dims = sum(layer.dims for layer in layers)
+        collapsed = sum(len(layer.collapsed_dims) for layer in layers)
+        active, dims = child.active_units
         kl = sum(float(layer.kl.sum()) for layer in layers)
-        relevant = (
-            ", ".join(map(str, child.relevance.relevant)) if child.relevance is not None else "n/a"
-        )
+        relevant = ", ".join(map(str, child.relevant)) if child.relevance is not None else "n/a"
         link = f"[{child.out_dir.name}/{REPORT}]({child.out_dir.name}/{REPORT})"
         lines.append(
-            f"| {label} | {ll} | {verdict} | {used}/{dims} | {_number(kl)} | {relevant} | {link} |"
+            f"| {label} | {ll} | {verdict} | {active}/{dims} | {collapsed}/{dims} | "
+            f"{_number(kl)} | {relevant} | {link} |"
         )
+    lines.append("")
+    lines.append(
+        "active units: Var_x E[z_d | x] > 0.01, the number of the 'active units' column of "
+        "results.md; collapsed: posterior equal to the prior (see each report)."
+    )
     lines.append("")
     for label, child in diagnosis.bounds.items():
         if child is not None:

@@ -11,25 +11,34 @@
 ``pvae compare`` trains the same model once per bound (same seed, data and particle budget)
 and writes a table of test log-likelihood, ELBO, IWAE-64, inference gap, active units,
 gradient SNR and seconds per epoch into its run folder (``results.md``, ``results.json``,
-``results.csv`` and plots); see :mod:`pvae.compare`.
+``results.csv`` and plots); see :mod:`pvae.app.compare`.
 
-``pvae train`` looks the model and the engine up in :mod:`pvae.registry` and the dataset in
+Every model of :data:`pvae.app.registry.MODELS` (vae, cvae, hvae, multimodal, ard, ...) is
+reachable from ``train``, ``compare`` and ``diagnose``; its own options are added to the
+parsers from its registration as ``--<model>-<option>`` (e.g. ``--hvae-layers 3``,
+``--multimodal-fusion mopoe``, ``--cvae-given 2``). Engines are looked up in
+:data:`pvae.app.registry.ENGINES`; those that need particles (iwae, ciwae, miwae, piwae) train
+with 64 when ``--particles`` is not given, and refuse fewer than they need.
+
+``pvae train`` looks the model and the engine up in :mod:`pvae.app.registry` and the dataset in
 :mod:`pvae.data`, checks the likelihood's support on the data, trains with :func:`pvae.fit`,
 estimates the test log-likelihood with :func:`pvae.log_likelihood`, and writes into the run
 folder (every file atomically: a temporary name in the same folder, then a rename):
 
-- ``config.json``: every argument (defaults resolved), the canonical command line that
-  reproduces the run (``argv``), the pvae/torch/pyro versions and facts about the data;
+- ``config.json``: the run's :class:`pvae.app.runs.RunConfig` (``run``), every argument
+  (defaults resolved), the canonical command line that reproduces the run (``argv``), the
+  pvae/torch/pyro versions and facts about the data;
 - ``checkpoint.pt`` and ``run.json``: written by :func:`pvae.fit` after every epoch;
 - ``metrics.json`` and ``metrics.csv``: the per-epoch history and the final test
   log-likelihood (mean and standard error over test points);
 - ``learning_curve.png``, ``reconstructions.png``, ``samples.png``.
 
 ``pvae diagnose RUN_DIR`` rebuilds the data and the model of a ``pvae train`` or
-``pvae compare`` run folder from its recorded configuration, loads the checkpoint and writes
+``pvae compare`` run folder from its :class:`~pvae.app.runs.RunConfig`, loads the checkpoint
+and writes
 ``diagnostics.md``, ``kl_per_dim.png``, ``activity.png``, ``relevance.png`` and
 ``traversals.png`` (for a compare run: one subfolder per bound and a summary on top); see
-:mod:`pvae.diagnose`.
+:mod:`pvae.app.diagnose`.
 
 Errors in the invocation (unknown names, bad numbers, missing data files, data outside the
 likelihood's support, a run folder that does not match ``--resume``) print one line
@@ -47,11 +56,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import io
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -65,8 +74,11 @@ from pyro.nn import PyroModule
 from tqdm.auto import tqdm
 
 import pvae
-from pvae import compare, data, diagnose, likelihoods, plots
-from pvae.registry import BOUND_GRAMMAR, ENGINES, MODELS, Registry, parse_bound
+from pvae import atomic, data, likelihoods, plots
+from pvae.app import compare, diagnose, runs
+from pvae.app.registry import ENGINES, MODELS, Option, Registry, parse_bound
+from pvae.app.registry import bound_grammar as _grammar
+from pvae.evaluate import as_tensors
 from pvae.train import CHECKPOINT, Run, TrainingDiverged
 
 EXIT_OK = 0
@@ -186,7 +198,7 @@ def _likelihood_name(text: str) -> str:
     return text
 
 
-_BINARIZE = {"dynamic": "dynamic", "static": "static", "none": None}
+_BINARIZE = runs.BINARIZE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,12 +294,58 @@ def _add_model_arguments(
         help=f"one of: {', '.join(likelihoods.available())} (default: the dataset's, "
         "bernoulli for binarised images)",
     )
+    for entry in MODELS.entries():
+        if not entry.options:
+            continue
+        options = parser.add_argument_group(f"options of --model {entry.name}")
+        for option in entry.options:
+            options.add_argument(
+                entry.flag(option),
+                dest=entry.dest(option),
+                type=_option_type(option),
+                default=None,
+                metavar=option.name.upper(),
+                help=f"{option.help} (default: {option.default})",
+            )
+
+
+def _option_type(option: Option) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = option.type(text)
+        except (ValueError, TypeError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        if option.choices is not None and value not in option.choices:
+            raise argparse.ArgumentTypeError(
+                f"expected one of {', '.join(map(str, option.choices))}, got {text!r}"
+            )
+        return value
+
+    parse.__name__ = option.name
+    return parse
+
+
+def _model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of ``args.model`` given on the command line; an option of another model
+    is refused."""
+    given: dict[str, Any] = {}
+    for entry in MODELS.entries():
+        for option in entry.options:
+            value = getattr(args, entry.dest(option), None)
+            if value is None:
+                continue
+            if entry.name != args.model:
+                raise CliError(
+                    f"{entry.flag(option)} is an option of --model {entry.name}, not {args.model}"
+                )
+            given[option.name] = value
+    return given
 
 
 def _add_training_arguments(
     parser: argparse.ArgumentParser,
     epochs: int | None = 10,
-    particles: int = 1,
+    particles: int | None = 1,
     ll_samples: int | None = 1000,
     batch_size: int = 100,
     quick: dict[str, Any] | None = None,
@@ -318,7 +376,14 @@ def _add_training_arguments(
         "--particles",
         type=_positive_int,
         default=particles,
-        help=f"{particles_help} {_default('particles', particles, None)}",
+        help=f"{particles_help} "
+        + (
+            _default("particles", particles, None)
+            if particles is not None
+            else "(default: the engine's: "
+            + ", ".join(f"{e.name} {e.default_particles}" for e in ENGINES.entries())
+            + "; MxK implies M*K)"
+        ),
     )
     group.add_argument(
         "--ll-samples",
@@ -355,21 +420,32 @@ def _load_dataset(args: argparse.Namespace) -> data.Splits:
         raise CliError(f"dataset {args.dataset!r}: {error}") from error
 
 
+def _prepare(args: argparse.Namespace, ds: data.Splits) -> data.Splits:
+    """The model's view of the loaded ``ds`` (e.g. the CVAE's quadrant task); a dataset of a
+    kind the model does not take is refused."""
+    try:
+        return MODELS[args.model].dataset_for(
+            ds, MODELS[args.model].resolve_options(_model_options(args))
+        )
+    except ValueError as error:
+        raise CliError(f"model {args.model!r}: {error}") from error
+
+
 def _build_model(args: argparse.Namespace, ds: data.Splits) -> PyroModule:
-    """The model ``args.model`` for ``ds``; resolves ``args.likelihood`` to the dataset's
-    default when it is None."""
+    """The model ``args.model`` (with its options) for the prepared ``ds``; resolves
+    ``args.likelihood`` to the dataset's default when it is None."""
     if args.likelihood is None:
         args.likelihood = ds.likelihood
     try:
-        return MODELS[args.model](
-            ds, z_dim=args.z_dim, hidden=args.hidden, net=args.net, likelihood=args.likelihood
+        return MODELS[args.model].build(
+            ds, args.z_dim, args.hidden, args.net, args.likelihood, _model_options(args)
         )
     except ValueError as error:
         raise CliError(f"model {args.model!r}: {error}") from error
 
 
 def _build_engine(name: str, particles: int) -> pyro.infer.ELBO:
-    """The engine of the bound ``name`` (``NAME[-stl|-dreg][:MxK|:BETA]``) with ``particles``
+    """The engine of the bound ``name`` (``NAME[-stl|-dreg][:PARAMETER]``) with ``particles``
     samples per datapoint."""
     try:
         return parse_bound(name).build(particles)
@@ -428,6 +504,8 @@ def _train_and_evaluate(
             file=sys.stdout,
         )
 
+    entry = MODELS[args.model]
+    extra = entry.callbacks(model, ds) if entry.callbacks is not None else []
     try:
         run = pvae.fit(
             model.model,
@@ -442,7 +520,7 @@ def _train_and_evaluate(
             run_dir=run_dir,
             resume=resume,
             progress=not args.quiet,
-            callbacks=[report],
+            callbacks=[*extra, report],
         )
     except TrainingDiverged as error:
         raise CliError(f"training diverged: {error}", EXIT_FAILURE) from error
@@ -466,8 +544,8 @@ def _train_and_evaluate(
 # ---------------------------------------------------------------------------------------------
 
 
-_write_atomic = plots.write_atomic  # text or bytes; a temporary file, then a rename
-_write_json = plots.write_json  # NaN and infinities become null
+_write_atomic = atomic.write_text  # text or bytes; a temporary file, then a rename
+_write_json = runs.write_json  # NaN and infinities become null
 
 
 _HISTORY_COLUMNS = ["epoch", "train_bound", "valid_bound", "seconds", "steps"]
@@ -520,23 +598,38 @@ def _write_outputs(
     plots.learning_curve(
         result.run.history, path=run_dir / "learning_curve.png", title=_title(args)
     )
-    model = result.model
+    _figures(result.model, ds, args.seed, run_dir)
+    return metrics
+
+
+def _figures(model: PyroModule, ds: data.Splits, seed: int, run_dir: Path) -> None:
+    """``reconstructions.png`` and ``samples.png`` where the model has ``reconstruct`` and
+    ``sample(num_samples)``. A model over several tensors shows the first modality (its
+    outputs a dict) or the last argument (a conditional model's y)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        x = ds.test[: min(10, len(ds.test))]
+        torch.manual_seed(seed)
+        batch = tuple(t[: min(10, t.shape[0])] for t in as_tensors(ds.test))
         if hasattr(model, "reconstruct"):
-            plots.reconstructions(
-                x, model.reconstruct(x), ds.image_shape, path=run_dir / "reconstructions.png"
-            )
-        if hasattr(model, "sample"):
+            shown = model.reconstruct(*batch)
+            target = batch[-1]
+            if isinstance(shown, dict):
+                shown, target = next(iter(shown.values())), batch[0]
+            shape = ds.image_shape if target.shape[1] == ds.x_dim else None
+            plots.reconstructions(target, shown, shape, path=run_dir / "reconstructions.png")
+        sample = getattr(model, "sample", None)
+        parameters = list(inspect.signature(sample).parameters) if callable(sample) else []
+        if callable(sample) and parameters[:1] == ["num_samples"]:
             count = 64 if ds.image_shape is not None else 500
+            drawn = sample(count)
+            if isinstance(drawn, dict):
+                drawn = next(iter(drawn.values()))
+            test = as_tensors(ds.test)[0]
             plots.samples(
-                model.sample(count),
+                drawn,
                 ds.image_shape,
                 path=run_dir / "samples.png",
-                data=ds.test if ds.image_shape is None else None,
+                data=test if ds.image_shape is None else None,
             )
-    return metrics
 
 
 def _title(args: argparse.Namespace) -> str:
@@ -574,26 +667,27 @@ def canonical_argv(command: str, args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def _config(args: argparse.Namespace, ds: data.Splits) -> dict[str, Any]:
-    return {
-        "pvae_version": pvae.__version__,
-        "command": args.command,
-        "args": _json_args(args),
-        "argv": canonical_argv(args.command, args),
-        "data": {
-            "name": ds.name,
-            "x_dim": ds.x_dim,
-            "image_shape": list(ds.image_shape) if ds.image_shape is not None else None,
-            "num_train": len(ds.train),
-            "num_valid": len(ds.valid),
-            "num_test": len(ds.test),
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "pyro": pyro.__version__,
-        },
-    }
+def _run_config(args: argparse.Namespace) -> runs.RunConfig:
+    """The :class:`~pvae.app.runs.RunConfig` of a resolved ``pvae train`` invocation."""
+    return runs.RunConfig(
+        command="train",
+        dataset=args.dataset,
+        seed=args.seed,
+        binarize=args.binarize,
+        data_path=args.data_path,
+        model=args.model,
+        model_options=MODELS[args.model].resolve_options(_model_options(args)),
+        z_dim=args.z_dim,
+        hidden=tuple(args.hidden),
+        net=args.net,
+        likelihood=args.likelihood,
+        engine=args.engine,
+        particles=args.particles,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        ll_samples=args.ll_samples,
+    )
 
 
 # Arguments that may change between a run and its --resume.
@@ -649,9 +743,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         type=_bound,
         default="elbo",
         metavar="BOUND",
-        help=f"one of: {', '.join(ENGINES.names())}, written as {BOUND_GRAMMAR} (default: elbo)",
+        help=f"one of: {', '.join(ENGINES.names())}, written as {_grammar()} (default: elbo)",
     )
-    _add_training_arguments(parser)
+    _add_training_arguments(parser, particles=None)
     group = parser.add_argument_group("run folder")
     group.add_argument(
         "--run-dir",
@@ -681,7 +775,9 @@ def _train(args: argparse.Namespace) -> int:
             f"{run_dir} already holds a run ({CHECKPOINT}); pass --resume to continue it or "
             "--overwrite to start again"
         )
-    ds = _load_dataset(args)
+    if args.particles is None:
+        args.particles = parse_bound(args.engine).default_particles()
+    ds = _prepare(args, _load_dataset(args))
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     model = _build_model(args, ds)  # resolves args.likelihood
@@ -691,7 +787,13 @@ def _train(args: argparse.Namespace) -> int:
         _check_resume(run_dir, args)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / "config.json", _config(args, ds))
+        runs.write_config(
+            run_dir,
+            _run_config(args),
+            ds,
+            args=_json_args(args),
+            argv=canonical_argv(args.command, args),
+        )
     except OSError as error:
         raise CliError(f"cannot write to --run-dir {run_dir}: {error}") from error
     try:
@@ -725,7 +827,7 @@ def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
         type=_bounds,
         default=list(compare.DEFAULT_BOUNDS),
         metavar="B1,B2,...",
-        help=f"comma-separated bounds, each {BOUND_GRAMMAR} "
+        help=f"comma-separated bounds, each {_grammar()} "
         f"(default: {','.join(compare.DEFAULT_BOUNDS)})",
     )
     group.add_argument(
@@ -806,7 +908,8 @@ def _compare(args: argparse.Namespace) -> int:
     args.run_dir = str(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise CliError(f"--run-dir {run_dir} exists and is not a folder")
-    ds = _load_dataset(args)
+    raw = _load_dataset(args)
+    ds = _prepare(args, raw)
     pyro.clear_param_store()
     _check_support(_build_model(args, ds), ds)  # resolves args.likelihood
     try:
@@ -815,11 +918,14 @@ def _compare(args: argparse.Namespace) -> int:
         raise CliError(f"cannot write to --run-dir {run_dir}: {error}") from error
     try:
         results = compare.compare(
-            dataset=ds,
+            dataset=raw,
             bounds=specs,
             particles=args.particles,
             epochs=args.epochs,
             model=args.model,
+            model_options=_model_options(args),
+            binarize=args.binarize,
+            data_path=args.data_path,
             z_dim=args.z_dim,
             hidden=args.hidden,
             net=args.net,

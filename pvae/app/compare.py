@@ -4,7 +4,7 @@ The same architecture is trained once per bound, with the same seed (so every bo
 from the same weights and sees the same minibatches), the same data and the same budget:
 every bound draws ``particles`` samples of z per datapoint and step (ELBO averages them, IWAE
 uses all P in one log-mean-exp, MIWAE/PIWAE split them into M groups of K with M*K = P;
-see :mod:`pvae.registry`). Each trained pair is then measured on the test set:
+see :mod:`pvae.app.registry`). Each trained pair is then measured on the test set:
 
 - ``log_likelihood``: log p(x) by importance sampling with K = ``ll_samples`` (5000 by
   default), the mean over test points and its standard error;
@@ -12,7 +12,9 @@ see :mod:`pvae.registry`). Each trained pair is then measured on the test set:
   same random numbers), with its standard error, far tighter than the two errors combined;
 - ``elbo`` (the ELBO with 16 samples and the analytic KL), ``iwae_64`` (IWAE_64), and the
   ``inference_gap`` = log p(x) - ELBO (how far q is from the posterior, in nats);
-- ``active_units``: latent dimensions with Var_x(E_q[z|x]) > 0.01 (Burda et al. 2016);
+- ``active_units``: latent dimensions with Var_x(E_q[z|x]) > 0.01 (Burda et al. 2016), summed
+  over the latent layers, by :func:`pvae.app.runs.latent_activity` on the test points (the
+  number ``pvae diagnose`` reports for the same run);
 - ``snr_guide`` / ``snr_model``: the gradient signal-to-noise ratio of *that bound's own*
   estimator for the guide's and the model's parameters (Rainforth et al. 2018), the mean
   over parameter elements of |E g| / std g from ``snr_repeats`` gradients on a fixed batch of
@@ -22,8 +24,9 @@ see :mod:`pvae.registry`). Each trained pair is then measured on the test set:
 :func:`compare` writes into ``run_dir`` (every file atomically): ``results.md`` (the table,
 the command and the configuration), ``results.json``, ``results.csv``, ``learning_curves.png``
 (each bound's own train/valid bound per epoch), ``log_likelihood.png`` (with error bars),
-``snr.png`` (log scale), and one folder per bound with ``pvae.fit``'s checkpoint and
-``run.json``.
+``snr.png`` (log scale), ``config.json`` (the :class:`pvae.app.runs.RunConfig` that
+``pvae diagnose`` rebuilds the data and models from), and one folder per bound with
+``pvae.fit``'s checkpoint and ``run.json``.
 
 Speed: Pyro's per-call argument checks cost about half of an importance-weighted step on
 MNIST (every log-prob of every particle is validated), so training and evaluation run with
@@ -42,7 +45,6 @@ minute. Explicit arguments always win over either set of defaults.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import math
 import os
@@ -59,17 +61,19 @@ from pyro.nn import PyroModule
 from tqdm.auto import tqdm
 
 import pvae
-from pvae import data, plots
-from pvae.diagnostics import active_units, gradient_snr
-from pvae.evaluate import as_tensors
+from pvae import atomic, data, plots
+from pvae.app import runs
+from pvae.app.registry import MODELS, BoundSpec, parse_bound
+from pvae.diagnostics import gradient_snr
+from pvae.evaluate import as_tensors, num_items
 from pvae.inference import ELBO, IWAE
-from pvae.registry import MODELS, BoundSpec, parse_bound
 from pvae.train import Run, TrainingDiverged
 
 __all__ = [
     "DEFAULT_BOUNDS",
     "DEFAULTS",
     "QUICK",
+    "bound_folder",
     "check_support",
     "compare",
     "format_table",
@@ -161,47 +165,18 @@ def check_support(model: PyroModule, ds: data.Splits) -> None:
         return
     for split in ("train", "valid", "test"):
         with torch.random.fork_rng(devices=[]):  # a dynamically binarised set draws pixels
-            (x,) = as_tensors(getattr(ds, split))[:1]
+            x = as_tensors(getattr(ds, split))[-1]  # a conditional model's y comes last
         likelihood.check_support(x, name=f"{ds.name} {split}")
 
 
 def describe(spec: BoundSpec, particles: int) -> str:
-    """What a resolved bound trains, in words, e.g. ``MIWAE(M=8, K=8)``."""
-    if spec.name == "elbo":
-        kl = " (Monte-Carlo KL)" if spec.estimator != "reparam" else ""
-        text = f"ELBO, {particles} samples averaged{kl}"
-    elif spec.name == "ciwae":
-        text = f"CIWAE_{particles}, beta={spec.beta:g}"
-    elif spec.name in ("miwae", "piwae"):
-        text = f"{spec.name.upper()}(M={spec.outer}, K={spec.inner})"
-    else:
-        text = f"{spec.name.upper()}_{particles}"
-    return text if spec.estimator == "reparam" else f"{text}, {spec.estimator.upper()}"
+    """What a resolved bound trains, in words, e.g. ``MIWAE(M=8, K=8)`` (the engine's
+    registration says it)."""
+    return spec.describe(particles)
 
 
-def _subset(ds: data.Splits, max_train: int | None, max_eval: int | None) -> data.Splits:
-    """The first ``max_train`` training and ``max_eval`` valid/test points (the splits are
-    already shuffled)."""
-
-    def head(values: Any, limit: int | None) -> Any:
-        if limit is None or values is None:
-            return values
-        if isinstance(values, data.DynamicBinarized):
-            return data.DynamicBinarized(values.probs[:limit])
-        return values[:limit]
-
-    return dataclasses.replace(
-        ds,
-        train=head(ds.train, max_train),
-        train_labels=head(ds.train_labels, max_train),
-        valid=head(ds.valid, max_eval),
-        valid_labels=head(ds.valid_labels, max_eval),
-        test=head(ds.test, max_eval),
-        test_labels=head(ds.test_labels, max_eval),
-    )
-
-
-def _folder(spec: BoundSpec) -> str:
+def bound_folder(spec: BoundSpec) -> str:
+    """The subfolder of a compare run that holds one bound's checkpoint."""
     return spec.label.replace(":", "_")
 
 
@@ -222,6 +197,8 @@ def _train_one(
     pyro.clear_param_store()
     pyro.set_rng_seed(config["seed"])  # the same initial weights for every bound
     model = build_model()
+    entry = MODELS[config["model"]]
+    extra = entry.callbacks(model, ds) if entry.callbacks is not None else []
     engine = spec.build(config["particles"])
     epochs = config["epochs"]
 
@@ -245,9 +222,9 @@ def _train_one(
         lr=config["lr"],
         valid=ds.valid,
         seed=config["seed"],
-        run_dir=run_dir / _folder(spec) if run_dir is not None else None,
+        run_dir=run_dir / bound_folder(spec) if run_dir is not None else None,
         progress=progress,
-        callbacks=[report],
+        callbacks=[*extra, report],
     )
     return model, run
 
@@ -282,7 +259,7 @@ def _evaluate(
         batch = EVAL_BATCH
         elbo = pvae.evaluate_bound(model.model, model.guide, test, ELBO(ELBO_SAMPLES), batch)
         iwae = pvae.evaluate_bound(model.model, model.guide, test, IWAE(IWAE_SAMPLES), batch)
-        units = active_units(model.guide, test)
+        units = runs.count_active(runs.latent_activity(model, test, seed))
         torch.manual_seed(seed)
         snr_batch = tuple(t[: config["snr_points"]] for t in as_tensors(test))
         snr = gradient_snr(
@@ -301,8 +278,8 @@ def _evaluate(
         "elbo": float(elbo),
         "iwae_64": float(iwae),
         "inference_gap": mean - float(elbo),
-        "active_units": units.count,
-        "latent_dims": units.dims,
+        "active_units": units[0],
+        "latent_dims": units[1],
         "snr_guide": snr.guide,
         "snr_model": snr.model,
         "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else math.nan,
@@ -339,6 +316,7 @@ def compare(
     particles: int = 64,
     epochs: int | None = None,
     model: str = "vae",
+    model_options: Mapping[str, Any] | None = None,
     z_dim: int | None = None,
     hidden: Sequence[int] | None = None,
     net: str = "mlp",
@@ -354,19 +332,23 @@ def compare(
     quick: bool = False,
     progress: bool = True,
     argv: Sequence[str] | None = None,
+    binarize: str | None = None,
+    data_path: str | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` once per bound with the same seed, data and budget, and measure each.
 
     :param dataset: a name from ``pvae datasets`` (loaded with ``seed``) or loaded
         :class:`pvae.data.Splits`.
     :param bounds: bound specifications (``"iwae"``, ``"miwae:8x8"``, ``"ciwae:0.5"``,
-        ``"iwae-dreg"``; see :data:`pvae.registry.BOUND_GRAMMAR`) or :class:`BoundSpec`.
+        ``"iwae-dreg"``; see :func:`pvae.app.registry.bound_grammar`) or :class:`BoundSpec`.
     :param particles: samples of z per datapoint per step, the same for every bound.
     :param inner: K for miwae/piwae given without MxK (default: sqrt(particles)).
     :param epochs, z_dim, hidden, ll_samples, snr_repeats: None takes :data:`DEFAULTS`, or
         :data:`QUICK` when ``quick`` (which also keeps 500 training and 100 valid/test points).
-    :param model, net, likelihood: the model from :data:`pvae.registry.MODELS` (likelihood
+    :param model, model_options, net, likelihood: the model from
+        :data:`pvae.app.registry.MODELS` and its own options (None: its defaults; likelihood
         None: the dataset's).
+    :param binarize, data_path: passed to :func:`pvae.data.load` with a dataset name.
     :param batch_size, lr: minibatch size and Adam's learning rate. Burda et al. trained with
         batches of 20 at lr 1e-3. At the same cost per epoch, small batches reach a far better
         model in a short budget (MNIST-5k, 5 epochs, 64 particles: valid ELBO -145 nats with
@@ -398,15 +380,22 @@ def compare(
             raise ValueError(f"{name} must be >= 1, got {value}")
     if knobs["snr_repeats"] < 2:
         raise ValueError(f"snr_repeats must be >= 2, got {knobs['snr_repeats']}")
-    factory = MODELS[model]
-    ds = data.load(dataset, seed=seed) if isinstance(dataset, str) else dataset
-    ds = _subset(ds, knobs["max_train"], knobs["max_eval"])
+    entry = MODELS[model]
+    options = entry.resolve_options(model_options)
+    if isinstance(dataset, str):
+        loader: dict[str, Any] = {"seed": seed}
+        if binarize is not None:
+            loader["binarize"] = runs.BINARIZE.get(binarize, binarize)
+        if data_path is not None:
+            loader["path"] = data_path
+        ds = data.load(dataset, **loader)
+    else:
+        ds = dataset
+    ds = entry.dataset_for(runs.subset(ds, knobs["max_train"], knobs["max_eval"]), options)
     likelihood = likelihood or ds.likelihood
 
     def build_model() -> PyroModule:
-        return factory(
-            ds, z_dim=knobs["z_dim"], hidden=knobs["hidden"], net=net, likelihood=likelihood
-        )
+        return entry.build(ds, knobs["z_dim"], knobs["hidden"], net, likelihood, options)
 
     pyro.clear_param_store()
     check_support(build_model(), ds)
@@ -416,6 +405,7 @@ def compare(
         "particles": particles,
         "inner": inner,
         "model": model,
+        "model_options": options,
         "z_dim": knobs["z_dim"],
         "hidden": list(knobs["hidden"]),
         "net": net,
@@ -428,25 +418,50 @@ def compare(
         "snr_repeats": knobs["snr_repeats"],
         "snr_points": snr_points,
         "quick": quick,
-        "num_train": len(ds.train),
-        "num_valid": len(ds.valid),
-        "num_test": len(ds.test),
+        "num_train": num_items(ds.train),
+        "num_valid": num_items(ds.valid),
+        "num_test": num_items(ds.test),
     }
+    run_config = runs.RunConfig(
+        command="compare",
+        dataset=ds.name,
+        seed=seed,
+        binarize=binarize,
+        data_path=data_path,
+        max_train=knobs["max_train"],
+        max_eval=knobs["max_eval"],
+        model=model,
+        model_options=options,
+        z_dim=knobs["z_dim"],
+        hidden=tuple(knobs["hidden"]),
+        net=net,
+        likelihood=likelihood,
+        bounds=config["bounds"],
+        particles=particles,
+        inner=inner,
+        epochs=knobs["epochs"],
+        batch_size=batch_size,
+        lr=lr,
+        ll_samples=knobs["ll_samples"],
+        quick=quick,
+    )
     command = list(argv) if argv is not None else _command(config)
     out = Path(run_dir) if run_dir is not None else None
+    if out is not None:
+        runs.write_config(out, run_config, ds, argv=command)
     say: ProgressFn | None = (lambda line: tqdm.write(line, file=sys.stdout)) if progress else None
     bar_on = progress and sys.stderr.isatty()
 
     results: list[dict[str, Any]] = []
     per_point: dict[str, torch.Tensor] = {}
-    runs: dict[str, Run] = {}
+    trained_runs: dict[str, Run] = {}
     bar = tqdm(specs, desc="bounds", unit="bound", disable=not bar_on)
     with pyro.validation_enabled(False):
         for spec in bar:
             bar.set_postfix(bound=spec.label)
             result: dict[str, Any] = {
                 "bound": spec.label,
-                "engine": describe(spec, particles),
+                "engine": spec.describe(particles),
                 "status": "ok",
             }
             try:
@@ -459,7 +474,7 @@ def compare(
             else:
                 result.update(numbers)
                 result["history"] = run.history
-                runs[spec.label] = run
+                trained_runs[spec.label] = run
                 per_point[spec.label] = ll
             results.append(result)
             if say is not None:
@@ -471,7 +486,7 @@ def compare(
         write_outputs(
             out,
             results,
-            runs,
+            trained_runs,
             config,
             command,
             elapsed=elapsed,
@@ -519,6 +534,11 @@ def _command(config: Mapping[str, Any]) -> list[str]:
     argv += ["--hidden", ",".join(str(width) for width in config["hidden"])]
     argv += ["--ll-samples", str(config["ll_samples"])]
     argv += ["--snr-repeats", str(config["snr_repeats"])]
+    entry = MODELS[config["model"]]
+    for option in entry.options:
+        value = config.get("model_options", {}).get(option.name)
+        if value is not None:
+            argv += [entry.flag(option), str(value)]
     if config.get("inner") is not None:
         argv += ["--inner", str(config["inner"])]
     if config.get("quick"):
@@ -622,7 +642,8 @@ over test points (nats; higher is better).
 random numbers, ± its standard error (the errors of the column before are mostly shared).
 - **ELBO**: {ELBO_SAMPLES} samples, analytic KL; **IWAE-64**: IWAE with 64 samples; \
 **gap**: log p(x) - ELBO, the inference gap.
-- **active units**: latent dimensions with Var_x(E_q[z|x]) > 0.01 (Burda et al. 2016).
+- **active units**: latent dimensions with Var_x(E_q[z|x]) > 0.01 (Burda et al. 2016), over \
+all latent layers; `pvae diagnose` reports the same number.
 - **SNR**: the mean over parameter elements of \\|E g\\| / std g for each bound's own gradient \
 estimator, from {config["snr_repeats"]} gradients on {config["snr_points"]} test points \
 (Rainforth et al. 2018).
@@ -660,9 +681,7 @@ def write_outputs(
     """``results.md``, ``results.json``, ``results.csv`` and the three plots, atomically."""
     out = Path(run_dir)
     labels = [r["bound"] for r in results]
-    plots.write_atomic(
-        out / "results.md", _markdown(results, config, command, elapsed, cpu_seconds)
-    )
+    atomic.write_text(out / "results.md", _markdown(results, config, command, elapsed, cpu_seconds))
     plots.write_json(
         out / "results.json",
         {
@@ -680,7 +699,7 @@ def write_outputs(
             "results": [dict(r) for r in results],
         },
     )
-    plots.write_atomic(out / "results.csv", _csv(results))
+    atomic.write_text(out / "results.csv", _csv(results))
     plots.learning_curve(
         {label: run.history for label, run in runs.items()},
         path=out / "learning_curves.png",

@@ -1,0 +1,946 @@
+"""The registries through which ``pvae train``, ``pvae compare`` and ``pvae diagnose`` reach
+every zoo model and every engine by name.
+
+A **model** registration (:func:`register_model`) carries its factory, the kinds of dataset it
+accepts (:data:`DATA_KINDS`), how it views a dataset (``prepare``: e.g. the CVAE's quadrant
+task), its own command-line options (:class:`Option`, added to every command's parser as
+``--<model>-<option>``), the callbacks it trains with (the ARD prior update) and the decoder
+the diagnostics traverse. An **engine** registration (:func:`register_engine`) carries its
+name, factory, the syntax of its ``:PARAMETER`` (:class:`Parameter`), a description and how many
+particles it needs; the bound grammar, the parser, ``pvae compare``'s description of each
+bound and the default particle budget all read it. Adding either is one call::
+
+    register_engine("iwae", _iwae, "importance-weighted bound IWAE_K (Burda et al. 2016)",
+                    describe=lambda spec, particles: f"IWAE_{particles}",
+                    min_particles=2, default_particles=64)
+
+Bounds are written ``NAME[-ESTIMATOR][:PARAMETER]`` (:func:`bound_grammar`,
+:func:`parse_bound`), e.g. ``elbo``, ``iwae-dreg``, ``miwae:8x8``, ``ciwae:0.5``,
+``piwae-stl:4x16``. ``elbo-stl`` (or ``-dreg``) is the P-sample ELBO as MIWAE(P, 1) with that
+estimator (Monte-Carlo KL).
+
+An unknown name raises :class:`UnknownName`, both a ``KeyError`` and a ``ValueError`` whose
+message lists the valid choices (in registration order). This module sits above models and
+engines in the dependency order: core modules never import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import pyro
+import torch
+from pyro.nn import PyroModule
+
+from pvae import data
+from pvae.inference import CIWAE, ELBO, IWAE, MIWAE, PIWAE
+from pvae.models import VAE
+
+__all__ = [
+    "DATA_KINDS",
+    "ENGINES",
+    "ESTIMATORS",
+    "MODELS",
+    "BoundSpec",
+    "EngineEntry",
+    "ModelEntry",
+    "Option",
+    "Parameter",
+    "Registry",
+    "UnknownName",
+    "bound_grammar",
+    "data_kind",
+    "parse_bound",
+    "register_engine",
+    "register_model",
+    "split_particles",
+]
+
+Entry = TypeVar("Entry")
+
+
+class UnknownName(KeyError, ValueError):
+    """A name that is not in a registry; the message lists the valid choices."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message, quotes and all
+        return str(self.args[0]) if self.args else ""
+
+
+class Registry(Mapping[str, Entry], Generic[Entry]):
+    """A read-only mapping ``name -> entry`` (each entry has a ``name``), filled by :meth:`add`.
+
+    :param kind: what the names name ("model", "engine"), used in error messages.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def add(self, entry: Entry) -> Entry:
+        """Register ``entry`` under ``entry.name`` (lower case); returns it.
+
+        :raises ValueError: if the name is already registered.
+        """
+        key = str(entry.name).strip().lower()  # type: ignore[attr-defined]
+        if not key or key in self._entries:
+            raise ValueError(f"{self.kind} {key!r} is already registered or empty")
+        self._entries[key] = entry
+        return entry
+
+    def remove(self, name: str) -> Entry:
+        """Unregister ``name`` (tests register toys and take them away again)."""
+        return self._entries.pop(self.normalise(name))
+
+    def entries(self) -> list[Entry]:
+        """Every entry, in registration order."""
+        return list(self._entries.values())
+
+    def names(self) -> list[str]:
+        """The registered names, in registration order (for engines: the literature's)."""
+        return list(self._entries)
+
+    def normalise(self, name: str) -> str:
+        """The registered spelling of ``name`` (case-insensitive).
+
+        :raises UnknownName: (a ``ValueError``) naming the valid choices.
+        """
+        key = name.strip().lower() if isinstance(name, str) else name
+        if key not in self._entries:
+            raise UnknownName(
+                f"unknown {self.kind} {name!r}; valid choices: {', '.join(self.names())}"
+            )
+        return key
+
+    def __getitem__(self, name: str) -> Entry:
+        return self._entries[self.normalise(name)]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.strip().lower() in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.names()})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+DATA_KINDS = ("images", "vectors", "multimodal")
+"""``images``: :class:`pvae.data.Splits` with an ``image_shape``; ``vectors``: without one;
+``multimodal``: :class:`pvae.data.MultimodalSplits` (tuples of modalities)."""
+
+
+def data_kind(ds: data.Splits) -> str:
+    """The kind of ``ds``, one of :data:`DATA_KINDS`."""
+    if isinstance(ds, data.MultimodalSplits) or isinstance(ds.train, tuple):
+        return "multimodal"
+    return "images" if ds.image_shape is not None else "vectors"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a model: the factory's keyword ``name``, parsed from text by ``type``
+    (which raises ValueError or ``argparse.ArgumentTypeError``), its ``default`` and a
+    ``help`` line; ``choices`` restricts the values. On the command line it is
+    ``--<model>-<name>`` (underscores become dashes)."""
+
+    name: str
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+
+
+ModelFactory = Callable[..., PyroModule]
+"""``factory(ds, z_dim, hidden, net, likelihood, **options)``: a ``PyroModule`` with ``model``
+and ``guide`` that fits the prepared dataset ``ds``; ``options`` are the model's own."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model.
+
+    :param factory: see :class:`ModelFactory`.
+    :param accepts: the dataset kinds it trains on (:data:`DATA_KINDS`).
+    :param options: its own options (:class:`Option`).
+    :param prepare: ``prepare(ds, options) -> Splits``: the model's view of a loaded dataset
+        (what ``model(*batch)`` receives); None: the dataset as loaded.
+    :param callbacks: ``callbacks(model, ds) -> list``: extra ``pvae.fit`` callbacks.
+    :param decoder: ``decoder(model) -> (z -> mean of the data)`` for the relevance score and
+        the traversals of ``pvae diagnose``, or None when the model has no such decoder.
+    """
+
+    name: str
+    factory: ModelFactory
+    description: str
+    accepts: tuple[str, ...] = ("images", "vectors")
+    options: tuple[Option, ...] = ()
+    prepare: Callable[[data.Splits, Mapping[str, Any]], data.Splits] | None = None
+    callbacks: Callable[[PyroModule, data.Splits], list[Callable]] | None = None
+    decoder: Callable[[PyroModule], Callable[[torch.Tensor], torch.Tensor] | None] = field(
+        default=lambda model: getattr(model, "decode", None)
+    )
+
+    def flag(self, option: Option) -> str:
+        """``--<model>-<option>``."""
+        return f"--{self.name}-{option.name.replace('_', '-')}"
+
+    def dest(self, option: Option) -> str:
+        """The attribute of the parsed arguments that holds ``option``."""
+        return f"{self.name}_{option.name}".replace("-", "_")
+
+    def resolve_options(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Every option, ``given`` values (not None) over the defaults.
+
+        :raises ValueError: naming an option the model does not have, or a value not among
+            the option's choices.
+        """
+        given = dict(given or {})
+        known = {option.name: option for option in self.options}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise ValueError(
+                f"model {self.name!r} has no option {', '.join(unknown)}; its options: "
+                f"{', '.join(known) or 'none'}"
+            )
+        resolved = {}
+        for name, option in known.items():
+            value = given.get(name)
+            value = option.default if value is None else value
+            if option.choices is not None and value not in option.choices:
+                raise ValueError(
+                    f"{self.flag(option)}: {value!r} is not one of "
+                    f"{', '.join(map(str, option.choices))}"
+                )
+            resolved[name] = value
+        return resolved
+
+    def check_data(self, ds: data.Splits) -> None:
+        """:raises ValueError: when the kind of ``ds`` is not one this model accepts."""
+        kind = data_kind(ds)
+        if kind not in self.accepts:
+            several = " (it has several modalities)" if kind == "multimodal" else ""
+            raise ValueError(
+                f"dataset {ds.name!r} holds {kind}{several}; model {self.name!r} takes "
+                f"{' or '.join(self.accepts)}"
+            )
+
+    def dataset_for(self, ds: data.Splits, options: Mapping[str, Any]) -> data.Splits:
+        """The model's view of ``ds`` (checked against :attr:`accepts`, then prepared)."""
+        self.check_data(ds)
+        return self.prepare(ds, options) if self.prepare is not None else ds
+
+    def build(
+        self,
+        ds: data.Splits,
+        z_dim: int,
+        hidden: Sequence[int],
+        net: str,
+        likelihood: str | None,
+        options: Mapping[str, Any] | None = None,
+    ) -> PyroModule:
+        """The model for the *prepared* ``ds`` (likelihood None: the dataset's)."""
+        return self.factory(
+            ds,
+            z_dim=z_dim,
+            hidden=tuple(hidden),
+            net=net,
+            likelihood=likelihood or ds.likelihood,
+            **self.resolve_options(options),
+        )
+
+
+MODELS: Registry[ModelEntry] = Registry("model")
+
+
+def register_model(
+    name: str,
+    factory: ModelFactory,
+    description: str,
+    accepts: Sequence[str] = ("images", "vectors"),
+    options: Sequence[Option] = (),
+    prepare: Callable[[data.Splits, Mapping[str, Any]], data.Splits] | None = None,
+    callbacks: Callable[[PyroModule, data.Splits], list[Callable]] | None = None,
+    decoder: Callable[[PyroModule], Callable[[torch.Tensor], torch.Tensor] | None] | None = None,
+) -> ModelEntry:
+    """Register a model (see :class:`ModelEntry`); returns its entry.
+
+    :raises ValueError: a name already taken, an unknown data kind, or an option twice.
+    """
+    unknown = sorted(set(accepts) - set(DATA_KINDS))
+    if unknown or not accepts:
+        raise ValueError(f"accepts must name some of {', '.join(DATA_KINDS)}, got {accepts}")
+    names = [option.name for option in options]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model {name!r}: an option is declared twice in {names}")
+    extra = {"decoder": decoder} if decoder is not None else {}
+    entry = ModelEntry(
+        name.strip().lower(),
+        factory,
+        description,
+        tuple(accepts),
+        tuple(options),
+        prepare,
+        callbacks,
+        **extra,
+    )
+    return MODELS.add(entry)
+
+
+def _choice(choices: Sequence[str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        key = text.strip().lower()
+        if key not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return key
+
+    parse.__name__ = "choice"
+    return parse
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum or (maximum is not None and value > maximum):
+            upper = f" and <= {maximum}" if maximum is not None else ""
+            raise ValueError(f"expected an integer >= {minimum}{upper}, got {text!r}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _number(minimum: float, maximum: float = math.inf, open_below: bool = False) -> Callable:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        low_ok = value > minimum if open_below else value >= minimum
+        if not (math.isfinite(value) and low_ok and value <= maximum):
+            bounds = f"{'>' if open_below else '>='} {minimum:g}"
+            bounds += f" and <= {maximum:g}" if math.isfinite(maximum) else ""
+            raise ValueError(f"expected a number {bounds}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _image_shape(ds: data.Splits, net: str) -> tuple[int, int, int] | None:
+    if net != "conv":
+        return None
+    if ds.image_shape is None or len(ds.image_shape) != 3:
+        raise ValueError(
+            f"net 'conv' needs an image dataset; {ds.name!r} has no (channels, height, width) "
+            "image_shape: use net 'mlp'"
+        )
+    channels, height, width = ds.image_shape
+    return (channels, height, width)
+
+
+def _mlp_only(model: str, net: str) -> None:
+    if net != "mlp":
+        raise ValueError(f"model {model!r} has MLP networks only: use --net mlp, not {net!r}")
+
+
+def _vae(
+    ds: data.Splits, z_dim: int, hidden: Sequence[int], net: str, likelihood: str
+) -> PyroModule:
+    return VAE(
+        x_dim=ds.x_dim,
+        z_dim=z_dim,
+        hidden=tuple(hidden),
+        likelihood=likelihood,
+        net=net,
+        image_shape=_image_shape(ds, net),
+    )
+
+
+class QuadrantPairs(torch.utils.data.Dataset):
+    """``(given, rest)`` pairs of image quadrants (:func:`pvae.data.quadrants`) of an image
+    split, row by row, so that a dynamically binarised training set stays dynamic."""
+
+    def __init__(self, images: Any, given_mask: torch.Tensor) -> None:
+        self.images, self.given_mask = images, given_mask
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row = self.images[index]
+        return row[self.given_mask], row[~self.given_mask]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.images[list(indices)]
+        return rows[:, self.given_mask], rows[:, ~self.given_mask]
+
+
+def _quadrant_task(ds: data.Splits, options: Mapping[str, Any]) -> data.Splits:
+    """x = the first ``given`` quadrants of each image, y = the rest (a conditional task)."""
+    given = int(options["given"])
+    mask = data.quadrants(torch.zeros(1, ds.x_dim), given, ds.image_shape).given_mask
+
+    def split(values: Any) -> Any:
+        if isinstance(values, torch.Tensor):
+            task = data.quadrants(values, given, ds.image_shape)
+            return (task.given, task.rest)
+        return QuadrantPairs(values, mask)
+
+    info = {**ds.info, "given_quadrants": given, "x_dim_given": int(mask.sum())}
+    return dataclasses.replace(
+        ds,
+        train=split(ds.train),
+        valid=split(ds.valid),
+        test=split(ds.test),
+        x_dim=int((~mask).sum()),
+        image_shape=None,
+        info=info,
+    )
+
+
+def _cvae(
+    ds: data.Splits,
+    z_dim: int,
+    hidden: Sequence[int],
+    net: str,
+    likelihood: str,
+    given: int = 1,
+    objective: str = "cvae",
+    alpha: float = 0.5,
+    kl_weight: float = 1.0,
+) -> PyroModule:
+    from pvae.models.cvae import CVAE
+
+    _mlp_only("cvae", net)
+    given_dim = int(ds.info.get("x_dim_given", 0))
+    if not given_dim:
+        raise ValueError("model 'cvae' needs the quadrant task of an image dataset")
+    return CVAE(
+        x_dim=given_dim,
+        y_dim=ds.x_dim,
+        z_dim=z_dim,
+        hidden=tuple(hidden),
+        likelihood=likelihood,
+        objective=objective,
+        alpha=alpha,
+        kl_weight=kl_weight,
+    )
+
+
+def _hvae(
+    ds: data.Splits,
+    z_dim: int,
+    hidden: Sequence[int],
+    net: str,
+    likelihood: str,
+    layers: int = 2,
+    inference: str = "bottom-up",
+) -> PyroModule:
+    from pvae.models.hierarchical import HierarchicalVAE
+
+    _mlp_only("hvae", net)
+    z_dims = tuple(max(1, z_dim // 2**layer) for layer in range(layers))
+    return HierarchicalVAE(
+        x_dim=ds.x_dim,
+        z_dims=z_dims,
+        hidden=tuple(tuple(hidden) for _ in range(layers)),
+        likelihood=likelihood,
+        inference=inference,
+    )
+
+
+def _multimodal(
+    ds: data.Splits,
+    z_dim: int,
+    hidden: Sequence[int],
+    net: str,
+    likelihood: str,
+    fusion: str = "poe",
+) -> PyroModule:
+    from pvae.models.multimodal import MultimodalVAE
+
+    _mlp_only("multimodal", net)
+    modalities = getattr(ds, "modalities", None)
+    if not modalities:
+        raise ValueError(f"dataset {ds.name!r} names no modalities")
+    return MultimodalVAE(dict(modalities), z_dim=z_dim, fusion=fusion, hidden=tuple(hidden))
+
+
+def _first_modality(model: PyroModule) -> Callable[[torch.Tensor], torch.Tensor]:
+    first = model.names[0]
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return model.decode(z)[first]
+
+    return decode
+
+
+def _ard(
+    ds: data.Splits,
+    z_dim: int,
+    hidden: Sequence[int],
+    net: str,
+    likelihood: str,
+    min_variance: float = 1e-6,
+) -> PyroModule:
+    from pvae.models.ard import ARDVAE
+
+    _mlp_only("ard", net)
+    return ARDVAE(
+        x_dim=ds.x_dim,
+        z_dim=z_dim,
+        hidden=tuple(hidden),
+        likelihood=likelihood,
+        min_variance=min_variance,
+    )
+
+
+register_model("vae", _vae, "variational autoencoder, Gaussian latents (Kingma & Welling 2014)")
+register_model(
+    "cvae",
+    _cvae,
+    "conditional VAE p(y | x) on image quadrants: x the given ones, y the rest (Sohn et al. 2015)",
+    accepts=("images",),
+    options=(
+        Option("given", _integer(1, 3), 1, "quadrants given as the input x (1, 2 or 3)"),
+        Option(
+            "objective",
+            _choice(("cvae", "gsnn", "hybrid")),
+            "cvae",
+            "objective",
+            ("cvae", "gsnn", "hybrid"),
+        ),
+        Option("alpha", _number(0.0, 1.0), 0.5, "weight of the CVAE part of the hybrid"),
+        Option("kl_weight", _number(0.0, open_below=True), 1.0, "weight of the KL term"),
+    ),
+    prepare=_quadrant_task,
+    decoder=lambda model: None,  # decode(x, z) needs the input x too
+)
+register_model(
+    "hvae",
+    _hvae,
+    "hierarchical VAE, --z-dim halving per layer up (Sonderby et al. 2016)",
+    options=(
+        Option("layers", _integer(1), 2, "stochastic layers"),
+        Option(
+            "inference",
+            _choice(("bottom-up", "ladder")),
+            "bottom-up",
+            "guide",
+            ("bottom-up", "ladder"),
+        ),
+    ),
+)
+register_model(
+    "multimodal",
+    _multimodal,
+    "multimodal VAE over paired modalities, PoE/MoE/MoPoE posterior",
+    accepts=("multimodal",),
+    options=(Option("fusion", _choice(("poe", "moe", "mopoe")), "poe", "joint posterior", None),),
+    decoder=_first_modality,
+)
+register_model(
+    "ard",
+    _ard,
+    "VAE with an ARD prior re-estimated every epoch (Saha et al. 2025)",
+    options=(
+        Option("min_variance", _number(0.0, open_below=True), 1e-6, "floor of the prior variances"),
+    ),
+    callbacks=lambda model, ds: [model.prior_callback(ds.valid)],
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines
+# ---------------------------------------------------------------------------------------------
+
+ESTIMATORS = ("reparam", "stl", "dreg")
+
+
+def split_particles(
+    name: str, particles: int, outer: int | None = None, inner: int | None = None
+) -> tuple[int, int]:
+    """``(M, K)`` with ``M * K == particles`` for miwae/piwae.
+
+    Both given: they must multiply to ``particles``; ``inner`` alone: it must divide
+    ``particles``; neither: M = K = sqrt(particles), which must then be a square.
+
+    :raises ValueError: naming both numbers when they do not fit.
+    """
+    if outer is not None and inner is not None:
+        if outer * inner != particles:
+            raise ValueError(
+                f"{name}:{outer}x{inner} has M*K = {outer * inner} but --particles is "
+                f"{particles}: M*K must equal --particles"
+            )
+        return outer, inner
+    if inner is not None:
+        if inner < 1 or particles % inner:
+            raise ValueError(
+                f"M*K must equal --particles: {name} with K = {inner} (--inner) does not divide "
+                f"--particles {particles}"
+            )
+        return particles // inner, inner
+    root = math.isqrt(particles)
+    if root * root != particles:
+        raise ValueError(
+            f"M*K must equal --particles: {name} splits --particles {particles} into M groups "
+            f"of K, and {particles} is not a square; give the split as {name}:MxK or --inner K"
+        )
+    return root, root
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """The ``:PARAMETER`` of a bound.
+
+    :param syntax: how it is written (``MxK``, ``BETA``); ``help``: what it means.
+    :param parse: ``parse(text) -> values`` (a dict of the engine factory's keywords);
+        raises ValueError saying what was expected.
+    :param resolve: ``resolve(name, particles, values, inner) -> values``: the defaults filled
+        in for a budget of ``particles`` (``inner``: ``--inner``); raises ValueError.
+    :param format: ``format(values) -> text`` (what :attr:`parse` reads back).
+    :param particles: ``particles(values) -> int | None``: the budget the values imply.
+    """
+
+    syntax: str
+    help: str
+    parse: Callable[[str], dict[str, Any]]
+    resolve: Callable[[str, int, Mapping[str, Any], int | None], dict[str, Any]]
+    format: Callable[[Mapping[str, Any]], str]
+    particles: Callable[[Mapping[str, Any]], int | None] = lambda values: None
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    """A registered engine: ``factory(particles, estimator=..., **values)`` returns a
+    ``pyro.infer.ELBO``; ``describe(spec, particles)`` says in words what a resolved bound
+    trains; ``min_particles``: fewer is refused (IWAE with one particle is the ELBO);
+    ``default_particles``: the budget when none is given."""
+
+    name: str
+    factory: Callable[..., pyro.infer.ELBO]
+    description: str
+    describe: Callable[[BoundSpec, int], str]
+    parameter: Parameter | None = None
+    estimators: tuple[str, ...] = ESTIMATORS
+    min_particles: int = 1
+    default_particles: int = 1
+
+
+ENGINES: Registry[EngineEntry] = Registry("engine")
+
+
+def register_engine(
+    name: str,
+    factory: Callable[..., pyro.infer.ELBO],
+    description: str,
+    describe: Callable[[BoundSpec, int], str] | None = None,
+    parameter: Parameter | None = None,
+    estimators: Sequence[str] = ESTIMATORS,
+    min_particles: int = 1,
+    default_particles: int = 1,
+) -> EngineEntry:
+    """Register an engine (see :class:`EngineEntry`); returns its entry."""
+    if min_particles < 1 or default_particles < min_particles:
+        raise ValueError(
+            f"engine {name!r}: need 1 <= min_particles <= default_particles, got "
+            f"{min_particles}, {default_particles}"
+        )
+    if "reparam" not in estimators or set(estimators) - set(ESTIMATORS):
+        raise ValueError(f"estimators must include 'reparam' and be among {ESTIMATORS}")
+    key = name.strip().lower()
+    return ENGINES.add(
+        EngineEntry(
+            key,
+            factory,
+            description,
+            describe or (lambda spec, particles: f"{key.upper()}_{particles}"),
+            parameter,
+            tuple(estimators),
+            min_particles,
+            default_particles,
+        )
+    )
+
+
+def bound_grammar() -> str:
+    """The bound grammar, from the registered engines."""
+    parameters = "; ".join(
+        f"{entry.syntax_name} {entry.parameter.syntax} ({entry.parameter.help})"
+        for entry in _parameter_engines()
+    )
+    return (
+        f"NAME[-stl|-dreg][:PARAMETER]: NAME one of {', '.join(ENGINES.names())}; -stl/-dreg "
+        f"the guide's gradient estimator; PARAMETER: {parameters or 'none'}; e.g. iwae-dreg, "
+        "miwae:8x8, ciwae:0.5"
+    )
+
+
+@dataclass(frozen=True)
+class _Named:
+    syntax_name: str
+    parameter: Parameter
+
+
+def _parameter_engines() -> list[_Named]:
+    """Engines with a parameter, those sharing one syntax grouped (``miwae/piwae MxK``)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for entry in ENGINES.entries():
+        if entry.parameter is not None:
+            key = (entry.parameter.syntax, entry.parameter.help)
+            groups.setdefault(key, []).append(entry.name)
+    named = []
+    for names in groups.values():
+        parameter = ENGINES[names[0]].parameter
+        assert parameter is not None
+        named.append(_Named("/".join(names), parameter))
+    return named
+
+
+@dataclass(frozen=True)
+class BoundSpec:
+    """A parsed bound: engine ``name``, gradient ``estimator`` and its parameter ``values``
+    (empty: the engine's defaults, settled by :meth:`resolve` once the budget is known)."""
+
+    name: str
+    estimator: str = "reparam"
+    values: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The parameter values as a dict, e.g. ``{"outer": 8, "inner": 8}``."""
+        return dict(self.values)
+
+    @property
+    def engine(self) -> EngineEntry:
+        return ENGINES[self.name]
+
+    @property
+    def label(self) -> str:
+        """The canonical spelling, e.g. ``miwae-dreg:8x8`` (parses back to this spec)."""
+        text = self.name if self.estimator == "reparam" else f"{self.name}-{self.estimator}"
+        parameter = self.engine.parameter
+        if parameter is not None and self.values:
+            text += f":{parameter.format(self.options)}"
+        return text
+
+    def __str__(self) -> str:
+        return self.label
+
+    def default_particles(self) -> int:
+        """The particle budget when none is given: the one the parameter implies (``MxK``),
+        else the engine's default."""
+        parameter = self.engine.parameter
+        implied = parameter.particles(self.options) if parameter is not None else None
+        return implied if implied is not None else self.engine.default_particles
+
+    def resolve(self, particles: int, inner: int | None = None) -> BoundSpec:
+        """This spec with its parameter's defaults filled in for ``particles`` per datapoint
+        (``inner``: ``--inner``).
+
+        :raises ValueError: too few particles for the engine, or values that do not fit.
+        """
+        entry = self.engine
+        if particles < entry.min_particles:
+            raise ValueError(
+                f"{self.name} needs --particles >= {entry.min_particles}, got {particles} "
+                f"(with one particle it is the ELBO: use elbo, or more particles)"
+            )
+        if entry.parameter is None:
+            return self
+        values = entry.parameter.resolve(self.name, particles, self.options, inner)
+        return replace_values(self, values)
+
+    def build(self, particles: int, inner: int | None = None) -> pyro.infer.ELBO:
+        """The engine, with ``particles`` samples of z per datapoint.
+
+        :raises ValueError: as :meth:`resolve`.
+        """
+        spec = self.resolve(particles, inner)
+        return self.engine.factory(particles, estimator=spec.estimator, **spec.options)
+
+    def describe(self, particles: int) -> str:
+        """What this (resolved) bound trains, in words, e.g. ``MIWAE(M=8, K=8), DREG``."""
+        text = self.engine.describe(self, particles)
+        return text if self.estimator == "reparam" else f"{text}, {self.estimator.upper()}"
+
+
+def replace_values(spec: BoundSpec, values: Mapping[str, Any]) -> BoundSpec:
+    return dataclasses.replace(spec, values=tuple(sorted(values.items())))
+
+
+def parse_bound(text: str) -> BoundSpec:
+    """Parse ``NAME[-ESTIMATOR][:PARAMETER]`` (see :func:`bound_grammar`).
+
+    :raises ValueError: naming the valid choices.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"empty bound; valid choices: {', '.join(ENGINES.names())}")
+    head, colon, parameter = text.strip().lower().partition(":")
+    name, dash, estimator = head.partition("-")
+    if name not in ENGINES:
+        raise UnknownName(
+            f"unknown bound {text!r}; valid choices: {', '.join(ENGINES.names())} "
+            f"(grammar: {bound_grammar()})"
+        )
+    entry = ENGINES[name]
+    if dash and estimator not in entry.estimators:
+        others = [e for e in entry.estimators if e != "reparam"]
+        raise ValueError(
+            f"bound {text!r}: unknown estimator {estimator!r}; valid choices: "
+            f"{', '.join(others) or 'none'} (the default is the reparameterised gradient)"
+        )
+    spec = BoundSpec(entry.name, estimator if dash else "reparam")
+    if not colon:
+        return spec
+    if entry.parameter is None:
+        takes = "; ".join(f"{n.syntax_name} {n.parameter.syntax}" for n in _parameter_engines())
+        raise ValueError(
+            f"bound {text!r}: {entry.name} takes no parameter (its K is --particles); "
+            f"parameters: {takes}"
+        )
+    try:
+        values = entry.parameter.parse(parameter)
+    except ValueError as error:
+        raise ValueError(f"bound {text!r}: {entry.name} takes {error}") from None
+    return replace_values(spec, values)
+
+
+# -- the engines of pvae.inference ------------------------------------------------------------
+
+
+def _elbo(particles: int, estimator: str = "reparam") -> pyro.infer.ELBO:
+    if estimator == "reparam":
+        return ELBO(num_particles=particles)
+    return MIWAE(particles, 1, estimator=estimator)  # the P-sample ELBO, Monte-Carlo KL
+
+
+def _describe_elbo(spec: BoundSpec, particles: int) -> str:
+    kl = " (Monte-Carlo KL)" if spec.estimator != "reparam" else ""
+    return f"ELBO, {particles} samples averaged{kl}"
+
+
+def _iwae(particles: int, estimator: str = "reparam") -> pyro.infer.ELBO:
+    return IWAE(num_particles=particles, estimator=estimator)
+
+
+def _parse_split(text: str) -> dict[str, Any]:
+    outer, x, inner = text.partition("x")
+    if x and outer.isdigit() and inner.isdigit() and int(outer) > 0 and int(inner) > 0:
+        return {"outer": int(outer), "inner": int(inner)}
+    raise ValueError("MxK with positive integers, e.g. 8x8")
+
+
+def _resolve_split(
+    name: str, particles: int, values: Mapping[str, Any], inner: int | None
+) -> dict[str, Any]:
+    given_inner = values.get("inner", inner)
+    m, k = split_particles(name, particles, values.get("outer"), given_inner)
+    return {"outer": m, "inner": k}
+
+
+def _split_particles(values: Mapping[str, Any]) -> int | None:
+    if values.get("outer") is not None and values.get("inner") is not None:
+        return int(values["outer"]) * int(values["inner"])
+    return None
+
+
+GROUP_SPLIT = Parameter(
+    "MxK",
+    "M groups of K particles, M*K = --particles",
+    _parse_split,
+    _resolve_split,
+    lambda values: f"{values['outer']}x{values['inner']}",
+    _split_particles,
+)
+
+
+def _grouped(engine: Callable[..., pyro.infer.ELBO]) -> Callable[..., pyro.infer.ELBO]:
+    def factory(particles: int, estimator: str = "reparam", outer: int = 1, inner: int = 1):
+        return engine(outer, inner, estimator=estimator)
+
+    return factory
+
+
+def _describe_grouped(spec: BoundSpec, particles: int) -> str:
+    values = spec.options
+    return f"{spec.name.upper()}(M={values.get('outer')}, K={values.get('inner')})"
+
+
+def _parse_beta(text: str) -> dict[str, Any]:
+    try:
+        beta = float(text)
+    except ValueError:
+        beta = math.nan
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError("BETA in [0, 1], e.g. ciwae:0.5")
+    return {"beta": beta}
+
+
+BETA = Parameter(
+    "BETA",
+    "in [0, 1], the weight of the ELBO; default 0.5",
+    _parse_beta,
+    lambda name, particles, values, inner: {"beta": values.get("beta", 0.5)},
+    lambda values: f"{values['beta']:g}",
+)
+
+
+def _ciwae(particles: int, estimator: str = "reparam", beta: float = 0.5) -> pyro.infer.ELBO:
+    return CIWAE(num_particles=particles, beta=beta, estimator=estimator)
+
+
+def _describe_ciwae(spec: BoundSpec, particles: int) -> str:
+    return f"CIWAE_{particles}, beta={spec.options.get('beta', 0.5):g}"
+
+
+register_engine(
+    "elbo", _elbo, "evidence lower bound (Kingma & Welling 2014)", describe=_describe_elbo
+)
+register_engine(
+    "iwae",
+    _iwae,
+    "importance-weighted bound IWAE_K (Burda et al. 2016)",
+    min_particles=2,
+    default_particles=64,
+)
+register_engine(
+    "miwae",
+    _grouped(MIWAE),
+    "average of M IWAE_K bounds (Rainforth et al. 2018)",
+    describe=_describe_grouped,
+    parameter=GROUP_SPLIT,
+    default_particles=64,
+)
+register_engine(
+    "ciwae",
+    _ciwae,
+    "beta * ELBO + (1 - beta) * IWAE (Rainforth et al. 2018)",
+    describe=_describe_ciwae,
+    parameter=BETA,
+    min_particles=2,
+    default_particles=64,
+)
+register_engine(
+    "piwae",
+    _grouped(PIWAE),
+    "model follows IWAE_MK, guide MIWAE(M, K) (Rainforth et al. 2018)",
+    describe=_describe_grouped,
+    parameter=GROUP_SPLIT,
+    default_particles=64,
+)
