@@ -2,7 +2,10 @@
 vectorised particles and reports the bound itself.
 
 An engine implements :meth:`Engine.objective`, returning the tensor to minimise (a surrogate
-whose gradient is the estimator) and the bound (the value reported, never a surrogate). An
+whose gradient is the estimator) and the bound (the value reported, never a surrogate).
+:meth:`Engine.train_step` returns both to the training loop as a :class:`pvae.steps.StepRecord`;
+``loss_and_grads`` returns the negative bound, as Pyro's ``Trace_ELBO`` does. The step counter
+(which drives beta schedules) is the engine's state (:class:`pvae.steps.EngineState`). An
 engine whose model and guide parameters follow different objectives (PIWAE, DReG) returns a
 :class:`SplitLoss` instead; which parameters belong to the guide is read from the traces.
 Engines know nothing of models: only of the protocol in :mod:`pvae.protocol`.
@@ -10,7 +13,7 @@ Engines know nothing of models: only of the protocol in :mod:`pvae.protocol`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +30,7 @@ from pvae.protocol import (
     log_weights,
     trace_params,
 )
+from pvae.steps import StepRecord
 
 
 @dataclass
@@ -72,9 +76,10 @@ class Engine(pyro.infer.ELBO):
     :param vectorize_particles: draw them with one vectorised run (default) or a loop.
     :param max_plate_nesting: guessed from a first run when omitted.
 
-    After each call, ``last_record`` holds ``{"loss": objective value, "bound": bound}`` where
-    the bound is the full-data value (per-datapoint terms scaled by N/B), and ``step`` counts
-    the calls to :meth:`loss_and_grads`.
+    :meth:`train_step` returns the step's :class:`~pvae.steps.StepRecord` (``loss``: the
+    objective's value; ``bound``: the full-data bound, per-datapoint terms scaled by N/B);
+    ``step`` counts the training steps (calls to :meth:`train_step` or
+    :meth:`loss_and_grads`) and is the engine's checkpointed state.
     """
 
     def __init__(
@@ -88,14 +93,17 @@ class Engine(pyro.infer.ELBO):
         super().__init__(num_particles=int(num_particles), max_plate_nesting=max_plate_nesting)
         self.vectorize = vectorize_particles
         self.step = 0
-        self.last_record: dict[str, float] = {}
 
-    # -- state that must survive a checkpoint -----------------------------------------------
+    # -- state that must survive a checkpoint (pvae.steps.EngineState) ------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step = int(state["step"])
+
+    def reset(self) -> None:
+        """Back to step 0: schedules start again from their beginning."""
+        self.step = 0
 
     # -- tracing ------------------------------------------------------------------------------
     def _nesting(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
@@ -145,19 +153,11 @@ class Engine(pyro.infer.ELBO):
         """Return ``(loss_to_minimise, bound)`` as tensors."""
         raise NotImplementedError
 
-    def _record(self, loss: torch.Tensor | SplitLoss, bound: torch.Tensor) -> float:
-        if isinstance(loss, SplitLoss):
-            value = float(loss.model.detach()) + float(loss.guide.detach())
-            self.last_record = {"loss": value, "bound": float(bound)}
-        else:
-            self.last_record = {"loss": float(loss.detach()), "bound": float(bound)}
-        return -self.last_record["bound"]
-
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The negative bound, without gradients."""
         with torch.no_grad():
-            loss, bound = self.objective(model, guide, args, kwargs)
-        return self._record(loss, bound)
+            bound = self.objective(model, guide, args, kwargs)[1]
+        return -float(bound)
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any):
         """The surrogate loss, differentiable (for ``pyro.infer.ELBOModule`` and custom loops)."""
@@ -170,12 +170,20 @@ class Engine(pyro.infer.ELBO):
             )
         return loss
 
-    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
-        """Backpropagate the surrogate and return the negative bound (as ``Trace_ELBO`` does)."""
+    def train_step(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> StepRecord:
+        """Backpropagate the surrogate (into the parameters' ``.grad``), advance the step
+        counter, and return the record: ``loss`` the objective's value, ``bound`` the bound."""
         loss, bound = self.objective(model, guide, args, kwargs)
         if isinstance(loss, SplitLoss):
             loss.backward()
-        elif loss.requires_grad:
-            loss.backward(retain_graph=self.retain_graph)
+            value = float(loss.model.detach()) + float(loss.guide.detach())
+        else:
+            if loss.requires_grad:
+                loss.backward(retain_graph=self.retain_graph)
+            value = float(loss.detach())
         self.step += 1
-        return self._record(loss, bound.detach())
+        return StepRecord(value, float(bound.detach()))
+
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        """Backpropagate the surrogate and return the negative bound (as ``Trace_ELBO`` does)."""
+        return -self.train_step(model, guide, *args, **kwargs).bound  # type: ignore[operator]

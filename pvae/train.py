@@ -3,16 +3,23 @@
 Minibatching with exact N/B scaling, a progress bar with the running bound, validation,
 atomic checkpoints with exact resume, NaN detection, seeding and ``torch.distributed`` data
 parallelism (gradients all-reduced, DDP-style).
+
+``fit`` is a few small pieces: :class:`_Training` holds what one run needs and has one method
+per stage (``resume``, ``run_epoch``, ``validate``, ``checkpoint``); a :class:`StepPolicy`
+decides what each training step updates (:class:`AggressiveEncoder` is one); an engine takes
+its step through :func:`pvae.steps.step_function`, resolved once per run, and returns a
+:class:`pvae.steps.StepRecord`; its state goes into checkpoints through
+:class:`pvae.steps.EngineState`; checkpoints are written by :mod:`pvae.checkpoint`.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
-import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +30,38 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from pvae.checkpoint import (
+    CHECKPOINT,
+    CHECKPOINT_FORMAT,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
 from pvae.evaluate import Data, get_batch, iter_batches, num_items
 from pvae.protocol import param_split, scale_to_data
+from pvae.steps import (
+    ENGINE_BOUND,
+    NEGATIVE_LOSS,
+    StepRecord,
+    engine_state,
+    load_engine_state,
+    reset_engine,
+    snapshot_engine_state,
+    step_function,
+)
 
-CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = "pvae-checkpoint-1"
+__all__ = [
+    "CHECKPOINT",
+    "CHECKPOINT_FORMAT",
+    "AggressiveEncoder",
+    "Run",
+    "StepPolicy",
+    "TrainingDiverged",
+    "evaluate_bound",
+    "fit",
+    "load_checkpoint",
+]
 
 _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
@@ -35,6 +69,10 @@ _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
     "rmsprop": torch.optim.RMSprop,
 }
+
+LearningRate = float | Mapping[str, float]
+StepCallback = Callable[["Run", StepRecord], Any]
+EpochCallback = Callable[["Run", dict[str, Any]], "bool | None"]
 
 
 class TrainingDiverged(FloatingPointError):
@@ -47,15 +85,18 @@ class Run:
 
     ``history``: one dict per epoch with ``epoch``, ``train_bound`` and ``valid_bound`` (nats
     per datapoint, higher is better; ``valid_bound`` is None without validation data),
-    ``seconds`` (training steps of that epoch) and ``steps``. ``steps``: one record per step
-    (``epoch``, ``step``, ``loss``, ``bound``, ``seconds``). ``params``: the final constrained
-    parameter values by name.
+    ``seconds`` (training steps of that epoch), ``steps`` and ``bound_source``. ``steps``: one
+    record per step (``epoch``, ``step``, ``loss``, ``bound``, ``seconds``). ``params``: the
+    final constrained parameter values by name. ``bound_source``: ``"engine"`` when the engine
+    reports its bound, ``"negative loss"`` when it reports only a loss (Pyro's own ``ELBO``s)
+    and the bounds above are its negative loss.
     """
 
     history: list[dict[str, Any]] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     run_dir: str | None = None
+    bound_source: str = ENGINE_BOUND
 
     @property
     def train_bound(self) -> list[float]:
@@ -71,9 +112,37 @@ class Run:
         return out
 
 
+# -- parameters and optimiser -----------------------------------------------------------------
+
+
+def _split_params(
+    model: Callable, guide: Callable, batch: tuple
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Run the pair once to create its parameters; return ``(model_params, guide_params)``,
+    unconstrained tensors by name, as :func:`pvae.protocol.param_split` divides them."""
+    model_params, guide_params = param_split(model, guide, batch)
+    if not model_params and not guide_params:
+        raise ValueError(
+            "the model and guide declare no parameters (pyro.param or pyro.module); "
+            "there is nothing to train"
+        )
+    return model_params, guide_params
+
+
+def _discover_params(model: Callable, guide: Callable, batch: tuple) -> dict[str, torch.Tensor]:
+    """Run the pair once to create its parameters; return their unconstrained tensors."""
+    model_params, guide_params = _split_params(model, guide, batch)
+    return {**guide_params, **model_params}
+
+
 def _optimizer(
-    optimizer: str | Callable[..., torch.optim.Optimizer], params: list[torch.Tensor], lr: float
+    optimizer: str | Callable[..., torch.optim.Optimizer],
+    model_params: dict[str, torch.Tensor],
+    guide_params: dict[str, torch.Tensor],
+    lr: LearningRate,
 ) -> torch.optim.Optimizer:
+    """The optimiser over the guide's then the model's parameters: one group at ``lr`` (a
+    float), or a group each at ``lr["guide"]`` and ``lr["model"]`` (a mapping)."""
     if isinstance(optimizer, str):
         if optimizer.lower() not in _OPTIMIZERS:
             raise ValueError(
@@ -81,69 +150,23 @@ def _optimizer(
                 "a torch.optim.Optimizer class"
             )
         optimizer = _OPTIMIZERS[optimizer.lower()]
-    return optimizer(params, lr=lr)  # type: ignore[call-arg]
-
-
-def _discover_params(model: Callable, guide: Callable, batch: tuple) -> dict[str, torch.Tensor]:
-    """Run the pair once to create its parameters; return their unconstrained tensors."""
-    model_params, guide_params = param_split(model, guide, batch)
-    if not model_params and not guide_params:
+    if not isinstance(lr, Mapping):
+        params = [*guide_params.values(), *model_params.values()]
+        return optimizer(params, lr=lr)  # type: ignore[call-arg]
+    if set(lr) != {"model", "guide"}:
         raise ValueError(
-            "the model and guide declare no parameters (pyro.param or pyro.module); "
-            "there is nothing to train"
+            "lr must be a float or a mapping with exactly the keys 'model' and 'guide' "
+            f"(e.g. {{'model': 1e-3, 'guide': 3e-3}}), got keys {sorted(lr)}"
         )
-    return {**guide_params, **model_params}
+    groups = [
+        {"params": list(params.values()), "lr": float(lr[part])}
+        for part, params in (("guide", guide_params), ("model", model_params))
+        if params
+    ]
+    return optimizer(groups, lr=float(lr["model"]))  # type: ignore[call-arg]
 
 
-def _rng_state() -> dict[str, Any]:
-    np_state: Any = np.random.get_state()
-    python_state: Any = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-        "numpy_pos": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": list(python_state[1]),
-        "python_gauss": python_state[2],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    pos, has_gauss, cached = state["numpy_pos"]
-    keys = state["numpy"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), float(cached)))
-    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    if isinstance(obj, str):
-        tmp.write_text(obj)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a pvae checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch raises several types here
-        raise ValueError(
-            f"refusing to load {path}: it is not a pvae checkpoint of plain tensors and "
-            f"containers (loaded with weights_only=True): {type(error).__name__}: {error}"
-        ) from error
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a pvae checkpoint (format {CHECKPOINT_FORMAT} expected)")
-    return state
+# -- data parallelism -------------------------------------------------------------------------
 
 
 class _Distributed:
@@ -183,238 +206,102 @@ class _Distributed:
         return float(t) / self.world
 
 
-def fit(
-    model: Callable,
-    guide: Callable,
-    train: Data,
-    engine: Any = None,
-    epochs: int = 10,
-    batch_size: int = 100,
-    optimizer: str | Callable[..., torch.optim.Optimizer] = "adam",
-    lr: float = 1e-3,
-    valid: Data | None = None,
-    seed: int = 0,
-    run_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    callbacks: Sequence[Callable[[Run, dict[str, Any]], bool | None]] = (),
-    aggressive_encoder: int | None = None,
-) -> Run:
-    """Train a model/guide pair with any engine.
+# -- step policies ----------------------------------------------------------------------------
 
-    :param model, guide: a Pyro pair; per-datapoint sites inside ``pyro.plate("data", ...)``.
-        ``fit`` feeds minibatches and scales the data plate to the full training set (per
-        datapoint terms count N/B times, global ones once).
-    :param train, valid: a tensor ``(N, ...)``, a tuple of tensors (positional arguments of
-        the pair), or a torch Dataset.
-    :param engine: a ``pyro.infer.ELBO`` (``pvae.inference.ELBO()`` when None).
-    :param epochs: total epochs (with ``resume`` the run continues up to this many).
-    :param batch_size: datapoints per step, over all processes together.
-    :param optimizer: "adam", "adamw", "sgd", "rmsprop", or a ``torch.optim.Optimizer`` class.
-    :param seed: seeds Pyro, torch, numpy and Python; the data order is a function of
-        ``(seed, epoch)``.
-    :param run_dir: where ``checkpoint.pt`` and ``run.json`` are written (atomically) after
-        every epoch.
-    :param resume: continue from ``run_dir/checkpoint.pt`` when it exists; the result is
-        bit-identical to an uninterrupted run.
-    :param callbacks: called as ``callback(run, epoch_record)`` after every epoch, before the
-        checkpoint is written (what they change is saved); returning True stops training.
-    :param aggressive_encoder: aggressive encoder training (He et al. 2019, against posterior
-        collapse) with at most this many encoder-only steps per training step. While the
-        aggressive phase lasts, every step first trains only the guide's parameters (read
-        from the traces) on fresh random minibatches, until the mean loss over a window of
-        10 such steps stops falling or the limit is reached, and then updates only the
-        model's parameters on its own minibatch. The phase ends, for good, after the first
-        epoch whose bound (validation bound when ``valid`` is given) does not improve on the
-        previous one; training then goes on normally. Epoch records gain
-        ``"encoder_steps"``. ``None`` (the default) trains normally throughout.
-    :returns: a :class:`Run`.
 
-    Pyro's validation (when enabled, as by default) checks the first step of every epoch; the
-    other steps run without it, which makes small models' steps markedly cheaper.
+class StepPolicy:
+    """What each training step updates. This default trains every parameter on the engine's
+    step; a subclass may add work before the step and narrow what it trains.
 
-    Under ``torchrun`` (``WORLD_SIZE > 1``) each process takes its share of every batch and
-    gradients are averaged across processes (gloo on CPU, nccl on GPU).
+    The loop calls ``start_epoch(epoch)`` before an epoch's steps, ``before_step(training,
+    epoch, step)`` before each step's gradients, ``select_grads(training)`` after them (clear
+    the gradients of what the step does not train; return the parameters it trains), and
+    ``end_epoch(record)`` after validation (it may add keys to the epoch record). Its
+    ``state_dict()`` goes into the checkpoint.
     """
-    from pvae.inference import ELBO  # late import: core does not depend on engines at import
 
-    engine = engine if engine is not None else ELBO()
-    n_train = num_items(train)
-    if n_train == 0:
-        raise ValueError("the training data is empty")
-    if batch_size < 1 or epochs < 0:
-        raise ValueError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size}, {epochs}")
-    if aggressive_encoder is not None and aggressive_encoder < 1:
-        raise ValueError(f"aggressive_encoder must be None or >= 1, got {aggressive_encoder}")
-    validation = pyro.infer.util.is_validation_enabled()
-    ddp = _Distributed()
-    if batch_size < ddp.world:
-        raise ValueError(f"batch_size {batch_size} is smaller than the {ddp.world} processes")
-    train_model, train_guide = scale_to_data(model, n_train), scale_to_data(guide, n_train)
+    def start_epoch(self, epoch: int) -> None:
+        pass
 
-    params = _discover_params(train_model, train_guide, get_batch(train, torch.arange(2)))
-    ddp.broadcast(list(params.values()))
-    opt = _optimizer(optimizer, list(params.values()), lr)
-    aggressive = {"active": aggressive_encoder is not None, "best": -float("inf")}
-    if aggressive_encoder is not None:
-        split = param_split(train_model, train_guide, get_batch(train, torch.arange(2)))
-        model_params, guide_params = list(split[0].values()), list(split[1].values())
+    def before_step(self, training: _Training, epoch: int, step: int) -> None:
+        pass
 
-    run = Run(run_dir=str(run_dir) if run_dir is not None else None)
-    start_epoch = 0
-    checkpoint_path = Path(run_dir) / CHECKPOINT if run_dir is not None else None
-    if checkpoint_path is not None:
-        checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-    if resume and checkpoint_path is not None and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        missing = set(state["params"]) ^ set(params)
-        if missing:
-            raise ValueError(
-                f"checkpoint {checkpoint_path} does not match this model/guide: parameters "
-                f"{sorted(missing)} are in one but not the other"
-            )
-        with torch.no_grad():
-            for name, value in state["params"].items():
-                params[name].copy_(value)
-        opt.load_state_dict(state["optimizer"])
-        if hasattr(engine, "load_state_dict"):
-            engine.load_state_dict(state["engine"])
-        _set_rng_state(state["rng"])
-        aggressive.update(state.get("aggressive_encoder", {}))
-        run.history, run.steps = state["history"], state["steps"]
-        start_epoch = int(state["epoch"]) + 1
-    else:
-        pyro.set_rng_seed(seed + ddp.rank)
+    def select_grads(self, training: _Training) -> Sequence[torch.Tensor]:
+        return training.param_list
 
-    steps_per_epoch = -(-n_train // batch_size)
-    show = progress and sys.stderr.isatty() and ddp.rank == 0
-    bar = tqdm(total=steps_per_epoch * max(0, epochs - start_epoch), disable=not show, unit="step")
-    param_list = list(params.values())
-    store_size = len(pyro.get_param_store())
-    try:
-        for epoch in range(start_epoch, epochs):
-            order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed + epoch))
-            epoch_bound = 0.0
-            epoch_seconds = 0.0
-            encoder_steps = 0
-            for step in range(steps_per_epoch):
-                index = order[step * batch_size : (step + 1) * batch_size]
-                batch = get_batch(train, index[ddp.rank :: ddp.world])
-                t0 = time.perf_counter()
-                if aggressive["active"]:
-                    encoder_steps += _encoder_steps(
-                        engine,
-                        train_model,
-                        train_guide,
-                        train,
-                        opt,
-                        guide_params,
-                        model_params,
-                        max_steps=int(aggressive_encoder),  # type: ignore[arg-type]
-                        batch_size=batch_size,
-                        generator=torch.Generator().manual_seed(
-                            (seed * 1_000_003 + epoch) * 1_000_003 + step
-                        ),
-                        ddp=ddp,
-                    )
-                try:
-                    # Pyro's argument and support checks run on the first step of every
-                    # epoch; after that they would re-check the same kind of batch on every
-                    # step (a large share of a small model's step). Non-finite bounds are
-                    # still caught below.
-                    with pyro.validation_enabled(step == 0 and validation):
-                        engine.loss_and_grads(train_model, train_guide, *batch)
-                except ValueError as error:  # Pyro's validation meets NaN parameters first
-                    if "invalid values" not in str(error):
-                        raise
-                    raise TrainingDiverged(
-                        f"non-finite values at epoch {epoch}, step {step}; the last good "
-                        f"checkpoint ({checkpoint_path or 'none: no run_dir'}) is intact. "
-                        f"{str(error).splitlines()[0]}"
-                    ) from error
-                record = getattr(engine, "last_record", {})
-                bound = ddp.mean(record.get("bound", float("nan")))
-                if not np.isfinite(bound):
-                    raise TrainingDiverged(
-                        f"the bound became {bound} at epoch {epoch}, step {step}; the last good "
-                        f"checkpoint ({checkpoint_path or 'none: no run_dir'}) is intact"
-                    )
-                if len(pyro.get_param_store()) != store_size:
-                    raise ValueError(
-                        "the model or guide created new parameters after its first step; "
-                        "pvae.fit needs every parameter to exist at the first call"
-                    )
-                if aggressive["active"]:  # the decoder's step: only the model's parameters
-                    for p in guide_params:
-                        p.grad = None
-                    ddp.average_grads(model_params)
-                else:
-                    ddp.average_grads(param_list)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                seconds = time.perf_counter() - t0
-                epoch_seconds += seconds
-                epoch_bound += bound / n_train * len(index)
-                run.steps.append(
-                    {
-                        "epoch": epoch,
-                        "step": step,
-                        "loss": ddp.mean(record.get("loss", float("nan"))),
-                        "bound": bound,
-                        "seconds": seconds,
-                    }
-                )
-                bar.update(1)
-                bar.set_postfix(epoch=epoch, bound=f"{bound / n_train:.3f}")
-            valid_bound = None
-            if valid is not None:
-                valid_bound = ddp.mean(evaluate_bound(model, guide, valid, engine, batch_size))
-            epoch_record = {
-                "epoch": epoch,
-                "train_bound": epoch_bound / n_train,
-                "valid_bound": valid_bound,
-                "seconds": epoch_seconds,
-                "steps": steps_per_epoch,
-            }
-            if aggressive_encoder is not None:
-                epoch_record["encoder_steps"] = encoder_steps
-                if aggressive["active"]:
-                    current = valid_bound if valid_bound is not None else epoch_bound / n_train
-                    aggressive["active"] = current > aggressive["best"]
-                    aggressive["best"] = max(current, aggressive["best"])
-            run.history.append(epoch_record)
-            # Callbacks run before the checkpoint, so that what they change (parameters set
-            # outside the gradient, e.g. ARD prior variances) and the random numbers they draw
-            # are saved with it: resume stays exact.
-            stop = any(callback(run, epoch_record) for callback in callbacks)
-            if checkpoint_path is not None and ddp.rank == 0:
-                _write_checkpoint(checkpoint_path, run, params, opt, engine, epoch, aggressive)
-            if stop:
-                break
-    finally:
-        bar.close()
-    run.params = {
-        name: pyro.param(name).detach().clone() for name in params if name in pyro.get_param_store()
-    }
-    return run
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
 
 
-def _write_checkpoint(
-    path: Path, run: Run, params, opt, engine, epoch: int, aggressive: dict[str, Any]
-) -> None:
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "epoch": epoch,
-        "params": {name: p.detach().clone() for name, p in params.items()},
-        "optimizer": opt.state_dict(),
-        "engine": engine.state_dict() if hasattr(engine, "state_dict") else {},
-        "rng": _rng_state(),
-        "history": run.history,
-        "steps": run.steps,
-        "aggressive_encoder": aggressive,
-    }
-    _atomic_save(state, path)
-    _atomic_save(json.dumps(run.to_json(), indent=1), path.with_name("run.json"))
+class AggressiveEncoder(StepPolicy):
+    """Aggressive encoder training (He et al. 2019, against posterior collapse).
+
+    While the aggressive phase lasts, every step first trains only the guide's parameters on
+    fresh random minibatches (:func:`_encoder_steps`: at most ``max_steps``, until the mean
+    loss over a window of ``window`` steps stops falling), and then updates only the model's
+    parameters on its own minibatch. The phase ends, for good, after the first epoch whose
+    bound (validation bound where there is one) does not improve on the previous one. Epoch
+    records gain ``"encoder_steps"``.
+    """
+
+    def __init__(self, max_steps: int, window: int = 10):
+        if max_steps < 1:
+            raise ValueError(f"aggressive_encoder must be None or >= 1, got {max_steps}")
+        self.max_steps = int(max_steps)
+        self.window = int(window)
+        self.active = True
+        self.best = -float("inf")
+        self.encoder_steps = 0
+
+    def start_epoch(self, epoch: int) -> None:
+        self.encoder_steps = 0
+
+    def before_step(self, training: _Training, epoch: int, step: int) -> None:
+        if not self.active:
+            return
+        seed = (training.seed * 1_000_003 + epoch) * 1_000_003 + step
+        self.encoder_steps += _encoder_steps(
+            training.engine,
+            training.model,
+            training.guide,
+            training.train,
+            training.opt,
+            training.guide_params,
+            training.model_params,
+            max_steps=self.max_steps,
+            batch_size=training.batch_size,
+            generator=torch.Generator().manual_seed(seed),
+            ddp=training.ddp,
+            window=self.window,
+        )
+
+    def select_grads(self, training: _Training) -> Sequence[torch.Tensor]:
+        if not self.active:
+            return training.param_list
+        for p in training.guide_params:  # the decoder's step: only the model's parameters
+            p.grad = None
+        return training.model_params
+
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        record["encoder_steps"] = self.encoder_steps
+        if self.active:
+            valid = record["valid_bound"]
+            current = valid if valid is not None else record["train_bound"]
+            self.active = current > self.best
+            self.best = max(current, self.best)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"active": self.active, "best": self.best}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.active = bool(state.get("active", self.active))
+        self.best = float(state.get("best", self.best))
 
 
 def _encoder_steps(
@@ -433,9 +320,10 @@ def _encoder_steps(
 ) -> int:
     """He et al. (2019)'s inner loop: guide-only steps on fresh minibatches until the mean
     loss of a window of ``window`` steps stops falling, at most ``max_steps``; returns the
-    number taken. The engine's step counter (which drives beta schedules) is left as found."""
+    number taken. The engine's state (its step counter, which drives beta schedules) is left
+    as found."""
     n_train = num_items(train)
-    engine_step = getattr(engine, "step", None)
+    saved = snapshot_engine_state(engine)
     previous, losses = float("inf"), []
     taken = 0
     while taken < max_steps:
@@ -456,9 +344,311 @@ def _encoder_steps(
             if current >= previous:
                 break
             previous = current
-    if engine_step is not None:
-        engine.step = engine_step
+    if saved:
+        load_engine_state(engine, saved)
     return taken
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+
+class _Training:
+    """One run of :func:`fit`: the scaled pair, its parameters and optimiser, the engine's step,
+    the policy, and the :class:`Run` being filled. Stages: :meth:`resume`, :meth:`run_epoch`,
+    :meth:`validate`, :meth:`checkpoint`."""
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: Callable,
+        train: Data,
+        engine: Any,
+        *,
+        batch_size: int,
+        optimizer: str | Callable[..., torch.optim.Optimizer],
+        lr: LearningRate,
+        seed: int,
+        run_dir: str | os.PathLike | None,
+        policy: StepPolicy,
+        step_callbacks: Sequence[StepCallback],
+    ):
+        self.n_train = num_items(train)
+        self.ddp = _Distributed()
+        if batch_size < self.ddp.world:
+            raise ValueError(
+                f"batch_size {batch_size} is smaller than the {self.ddp.world} processes"
+            )
+        self.train, self.engine, self.batch_size, self.seed = train, engine, batch_size, seed
+        self.policy, self.step_callbacks = policy, tuple(step_callbacks)
+        self.step_fn, bound_source = step_function(engine)
+        self.model = scale_to_data(model, self.n_train)
+        self.guide = scale_to_data(guide, self.n_train)
+
+        model_params, guide_params = _split_params(
+            self.model, self.guide, get_batch(train, torch.arange(2))
+        )
+        self.params = {**guide_params, **model_params}
+        self.param_list = list(self.params.values())
+        self.model_params = list(model_params.values())
+        self.guide_params = list(guide_params.values())
+        self.ddp.broadcast(self.param_list)
+        self.opt = _optimizer(optimizer, model_params, guide_params, lr)
+
+        self.run = Run(run_dir=str(run_dir) if run_dir is not None else None)
+        self.run.bound_source = bound_source
+        if bound_source == NEGATIVE_LOSS:
+            warnings.warn(
+                f"{type(engine).__name__} reports a loss but no bound; fit reports its negative "
+                "loss as the bound (run.bound_source == 'negative loss')",
+                stacklevel=3,
+            )
+        self.checkpoint_path = Path(run_dir) / CHECKPOINT if run_dir is not None else None
+        if self.checkpoint_path is not None:
+            self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        self.steps_per_epoch = -(-self.n_train // batch_size)
+        self.validation = pyro.infer.util.is_validation_enabled()
+
+    # -- resume -------------------------------------------------------------------------------
+    def resume(self, resume: bool) -> int:
+        """Restore the checkpoint (``resume`` and one exists) and return the epoch to start
+        from; otherwise seed the generators, reset the engine's state, and return 0."""
+        path = self.checkpoint_path
+        if not (resume and path is not None and path.exists()):
+            pyro.set_rng_seed(self.seed + self.ddp.rank)
+            reset_engine(self.engine)  # a reused engine's schedules start from zero
+            return 0
+        state = load_checkpoint(path)
+        missing = set(state["params"]) ^ set(self.params)
+        if missing:
+            raise ValueError(
+                f"checkpoint {path} does not match this model/guide: parameters "
+                f"{sorted(missing)} are in one but not the other"
+            )
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                self.params[name].copy_(value)
+        self.opt.load_state_dict(state["optimizer"])
+        load_engine_state(self.engine, state.get("engine", {}))
+        set_rng_state(state["rng"])
+        self.policy.load_state_dict(state.get("step_policy", state.get("aggressive_encoder", {})))
+        self.run.history, self.run.steps = state["history"], state["steps"]
+        return int(state["epoch"]) + 1
+
+    # -- one epoch ----------------------------------------------------------------------------
+    def _diverged(self, epoch: int, step: int, what: str) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"{what} at epoch {epoch}, step {step}; the last good checkpoint "
+            f"({self.checkpoint_path or 'none: no run_dir'}) is intact"
+        )
+
+    def run_epoch(self, epoch: int, bar: Any) -> tuple[float, float]:
+        """Train one epoch; return its bound (nats per datapoint) and the seconds its steps
+        took."""
+        n_train, batch_size, ddp = self.n_train, self.batch_size, self.ddp
+        rank, world = ddp.rank, ddp.world
+        model, guide, policy, opt, run = self.model, self.guide, self.policy, self.opt, self.run
+        step_fn, callbacks, steps = self.step_fn, self.step_callbacks, run.steps
+        show = not bar.disable
+        no_kwargs: dict[str, Any] = {}
+        store_size = len(pyro.get_param_store())
+        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(self.seed + epoch))
+        epoch_bound = 0.0
+        epoch_seconds = 0.0
+        policy.start_epoch(epoch)
+        for step in range(self.steps_per_epoch):
+            index = order[step * batch_size : (step + 1) * batch_size]
+            batch = get_batch(self.train, index[rank::world])
+            t0 = time.perf_counter()
+            policy.before_step(self, epoch, step)
+            try:
+                # Pyro's argument and support checks run on the first step of every epoch;
+                # after that they would re-check the same kind of batch on every step (a
+                # large share of a small model's step). Non-finite bounds are still caught.
+                with pyro.validation_enabled(step == 0 and self.validation):
+                    record = step_fn(model, guide, batch, no_kwargs)
+            except ValueError as error:  # Pyro's validation meets NaN parameters first
+                if "invalid values" not in str(error):
+                    raise
+                raise self._diverged(
+                    epoch, step, f"non-finite values ({str(error).splitlines()[0]})"
+                ) from error
+            bound = ddp.mean(record.bound)  # type: ignore[arg-type]
+            if not math.isfinite(bound):
+                raise self._diverged(epoch, step, f"the bound became {bound}")
+            if len(pyro.get_param_store()) != store_size:
+                raise ValueError(
+                    "the model or guide created new parameters after its first step; "
+                    "pvae.fit needs every parameter to exist at the first call"
+                )
+            ddp.average_grads(policy.select_grads(self))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - t0
+            epoch_seconds += seconds
+            epoch_bound += bound / n_train * len(index)
+            loss = ddp.mean(record.loss)
+            if ddp.active:  # callbacks see the values averaged over processes
+                record.loss, record.bound = loss, bound
+            steps.append(
+                {"epoch": epoch, "step": step, "loss": loss, "bound": bound, "seconds": seconds}
+            )
+            for callback in callbacks:
+                callback(run, record)
+            bar.update(1)
+            if show:
+                bar.set_postfix(epoch=epoch, bound=f"{bound / n_train:.3f}")
+        return epoch_bound / n_train, epoch_seconds
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate(self, model: Callable, guide: Callable, valid: Data | None) -> float | None:
+        """The engine's bound on ``valid`` in nats per datapoint (averaged over processes)."""
+        if valid is None:
+            return None
+        return self.ddp.mean(evaluate_bound(model, guide, valid, self.engine, self.batch_size))
+
+    # -- checkpoint ---------------------------------------------------------------------------
+    def checkpoint(self, epoch: int) -> None:
+        """Write ``checkpoint.pt`` and ``run.json`` atomically (rank 0, with a run_dir)."""
+        if self.checkpoint_path is None or self.ddp.rank != 0:
+            return
+        state = {
+            "epoch": epoch,
+            "params": {name: p.detach().clone() for name, p in self.params.items()},
+            "optimizer": self.opt.state_dict(),
+            "engine": engine_state(self.engine),
+            "step_policy": self.policy.state_dict(),
+            "rng": rng_state(),
+            "history": self.run.history,
+            "steps": self.run.steps,
+        }
+        write_checkpoint(self.checkpoint_path, state, self.run.to_json())
+
+
+def fit(
+    model: Callable,
+    guide: Callable,
+    train: Data,
+    engine: Any = None,
+    epochs: int = 10,
+    batch_size: int = 100,
+    optimizer: str | Callable[..., torch.optim.Optimizer] = "adam",
+    lr: LearningRate = 1e-3,
+    valid: Data | None = None,
+    seed: int = 0,
+    run_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    callbacks: Sequence[EpochCallback] = (),
+    aggressive_encoder: int | None = None,
+    step_callbacks: Sequence[StepCallback] = (),
+) -> Run:
+    """Train a model/guide pair with any engine.
+
+    :param model, guide: a Pyro pair; per-datapoint sites inside ``pyro.plate("data", ...)``.
+        ``fit`` feeds minibatches and scales the data plate to the full training set (per
+        datapoint terms count N/B times, global ones once).
+    :param train, valid: a tensor ``(N, ...)``, a tuple of tensors (positional arguments of
+        the pair), or a torch Dataset.
+    :param engine: a ``pyro.infer.ELBO`` (``pvae.inference.ELBO()`` when None). pvae's
+        engines report their bound; any other ``pyro.infer.ELBO`` (``Trace_ELBO``,
+        ``TraceMeanField_ELBO``, ``RenyiELBO``, ...) trains too, and its negative loss is
+        reported as the bound (``run.bound_source == "negative loss"``, a warning says so).
+        A fresh run resets the engine's state (``engine.reset()``), so that an engine object
+        reused from an earlier ``fit`` starts its schedules (KL annealing) from zero; a resumed
+        run restores it from the checkpoint.
+    :param epochs: total epochs (with ``resume`` the run continues up to this many).
+    :param batch_size: datapoints per step, over all processes together.
+    :param optimizer: "adam", "adamw", "sgd", "rmsprop", or a ``torch.optim.Optimizer`` class.
+    :param lr: the learning rate: a float for every parameter, or
+        ``{"model": ..., "guide": ...}`` for separate optimiser groups (which parameters are
+        the guide's is read from the traces, :func:`pvae.protocol.param_split`).
+    :param seed: seeds Pyro, torch, numpy and Python; the data order is a function of
+        ``(seed, epoch)``.
+    :param run_dir: where ``checkpoint.pt`` and ``run.json`` are written (atomically) after
+        every epoch.
+    :param resume: continue from ``run_dir/checkpoint.pt`` when it exists; the result is
+        bit-identical to an uninterrupted run (parameters, optimiser, engine state such as the
+        annealing step counter, random generators).
+    :param callbacks: called as ``callback(run, epoch_record)`` after every epoch, before the
+        checkpoint is written (what they change is saved); returning True stops training
+        (after every callback has run and the checkpoint is written).
+    :param aggressive_encoder: aggressive encoder training (He et al. 2019, against posterior
+        collapse; :class:`AggressiveEncoder`) with at most this many encoder-only steps per
+        training step. While the aggressive phase lasts, every step first trains only the
+        guide's parameters (read from the traces) on fresh random minibatches, until the mean
+        loss over a window of 10 such steps stops falling or the limit is reached, and then
+        updates only the model's parameters on its own minibatch. The phase ends, for good,
+        after the first epoch whose bound (validation bound when ``valid`` is given) does not
+        improve on the previous one; training then goes on normally. Epoch records gain
+        ``"encoder_steps"``. ``None`` (the default) trains normally throughout.
+    :param step_callbacks: called as ``callback(run, record)`` after every training step with
+        its :class:`pvae.steps.StepRecord` (``run.steps[-1]`` holds its epoch, step and
+        seconds); their return value is ignored.
+    :returns: a :class:`Run`.
+
+    Pyro's validation (when enabled, as by default) checks the first step of every epoch; the
+    other steps run without it, which makes small models' steps markedly cheaper.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) each process takes its share of every batch and
+    gradients are averaged across processes (gloo on CPU, nccl on GPU).
+    """
+    from pvae.inference import ELBO  # late import: core does not depend on engines at import
+
+    engine = engine if engine is not None else ELBO()
+    if num_items(train) == 0:
+        raise ValueError("the training data is empty")
+    if batch_size < 1 or epochs < 0:
+        raise ValueError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size}, {epochs}")
+    policy = StepPolicy() if aggressive_encoder is None else AggressiveEncoder(aggressive_encoder)
+    training = _Training(
+        model,
+        guide,
+        train,
+        engine,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        lr=lr,
+        seed=seed,
+        run_dir=run_dir,
+        policy=policy,
+        step_callbacks=step_callbacks,
+    )
+    run = training.run
+    start_epoch = training.resume(resume)
+
+    show = progress and sys.stderr.isatty() and training.ddp.rank == 0
+    total = training.steps_per_epoch * max(0, epochs - start_epoch)
+    bar = tqdm(total=total, disable=not show, unit="step")
+    try:
+        for epoch in range(start_epoch, epochs):
+            train_bound, seconds = training.run_epoch(epoch, bar)
+            epoch_record: dict[str, Any] = {
+                "epoch": epoch,
+                "train_bound": train_bound,
+                "valid_bound": training.validate(model, guide, valid),
+                "seconds": seconds,
+                "steps": training.steps_per_epoch,
+                "bound_source": run.bound_source,
+            }
+            policy.end_epoch(epoch_record)
+            run.history.append(epoch_record)
+            # Callbacks run before the checkpoint, so that what they change (parameters set
+            # outside the gradient, e.g. ARD prior variances) and the random numbers they draw
+            # are saved with it: resume stays exact.
+            stop = False
+            for callback in callbacks:
+                stop = bool(callback(run, epoch_record)) or stop
+            training.checkpoint(epoch)
+            if stop:
+                break
+    finally:
+        bar.close()
+    run.params = {
+        name: pyro.param(name).detach().clone()
+        for name in training.params
+        if name in pyro.get_param_store()
+    }
+    return run
 
 
 def evaluate_bound(

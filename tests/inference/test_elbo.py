@@ -118,7 +118,7 @@ def test_beta_weights_the_kl_but_not_the_reported_bound(linear_gaussian):
         pyro.set_rng_seed(0)
         elbo = ELBO(beta=beta)
         loss = elbo.differentiable_loss(linear_gaussian.model, linear_gaussian.guide, x)
-        results[beta] = (loss.item(), elbo.last_record)
+        results[beta] = (loss.item(), elbo.current_beta())
     pyro.set_rng_seed(0)
     bound = -ELBO().loss(linear_gaussian.model, linear_gaussian.guide, x)
     # Same noise: loss(beta) is linear in beta with slope = the analytic KL, which is positive.

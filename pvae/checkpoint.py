@@ -1,0 +1,78 @@
+"""Checkpoints of ``pvae.fit``: what is saved, written atomically, and loaded safely.
+
+A checkpoint is one ``torch.save`` of plain tensors and containers (format
+``pvae-checkpoint-1``): the epoch, the parameters by name, the optimiser's state, the engine's
+state (step counter, schedules; see :class:`pvae.steps.EngineState`), the step policy's state,
+every random number generator's state, and the run's history. Loading uses
+``weights_only=True``, so a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pvae.atomic import save_torch, write_text
+
+CHECKPOINT = "checkpoint.pt"
+RUN_JSON = "run.json"
+CHECKPOINT_FORMAT = "pvae-checkpoint-1"
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of torch's, numpy's and Python's generators (and CUDA's), as tensors/lists."""
+    np_state: Any = np.random.get_state()
+    python_state: Any = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+        "numpy_pos": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": list(python_state[1]),
+        "python_gauss": python_state[2],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    pos, has_gauss, cached = state["numpy_pos"]
+    keys = state["numpy"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), float(cached)))
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_checkpoint(path: str | os.PathLike, state: dict[str, Any], run_json: Any) -> None:
+    """Write ``state`` to ``path`` and ``run_json`` (JSON-serialisable) to ``run.json`` next to
+    it, each atomically (a unique temporary name, fsync, rename): a reader never sees half a
+    file and two writers never clash."""
+    path = Path(path)
+    save_torch({"format": CHECKPOINT_FORMAT, **state}, path)
+    write_text(path.with_name(RUN_JSON), json.dumps(run_json, indent=1))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a pvae checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises several types here
+        raise ValueError(
+            f"refusing to load {path}: it is not a pvae checkpoint of plain tensors and "
+            f"containers (loaded with weights_only=True): {type(error).__name__}: {error}"
+        ) from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a pvae checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    return state
