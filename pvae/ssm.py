@@ -270,7 +270,7 @@ class KalmanSmootherResult:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
         return self.rsample(torch.Size([int(num_samples)]))
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
         """Like :meth:`sample` with any ``sample_shape``: ``(*sample_shape, ..., T, D)``."""
         sample_shape = torch.Size(sample_shape)
         means = self.smoothed_means
@@ -542,7 +542,7 @@ def kalman_smoother(
         initial_cov,
         mask,
     )
-    T, D = inp.num_steps, inp.state_dim
+    T = inp.num_steps
     if method == "parallel":
         means, covs, log_normalizer = _filter_parallel(inp)
     else:

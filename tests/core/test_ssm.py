@@ -93,7 +93,11 @@ def dense_reference(problem, b):
     p = problem
     y, mask = p["y"][b], p["mask"][b]
     T, D = y.shape[0], p["initial_loc"].shape[-1]
-    H = p["observation_matrix"][b] if p["observation_matrix"].dim() == 4 else p["observation_matrix"]
+    H = (
+        p["observation_matrix"][b]
+        if p["observation_matrix"].dim() == 4
+        else p["observation_matrix"]
+    )
     R = p["observation_cov"][b] if p["observation_cov"].dim() == 4 else p["observation_cov"]
     mu, Sigma = dense_prior(
         p["transition_matrix"], p["transition_cov"], p["initial_loc"][b], p["initial_cov"], T
@@ -128,9 +132,7 @@ FIELDS = [
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize(
-    "time_varying,per_step_obs", [(True, True), (False, False), (True, False)]
-)
+@pytest.mark.parametrize("time_varying,per_step_obs", [(True, True), (False, False), (True, False)])
 def test_against_dense_conditioning(method, time_varying, per_step_obs):
     problem = make_problem(time_varying=time_varying, per_step_obs=per_step_obs)
     result = kalman_smoother(**problem, method=method)
