@@ -80,6 +80,8 @@ from torch import Tensor, nn
 from pvae import likelihoods, nets
 from pvae.inference import ELBO, LinearAnnealing
 
+from ._names import claim
+
 __all__ = ["HierarchicalVAE", "precision_weighted", "warmup"]
 
 INFERENCE = ("ladder", "bottom-up")
@@ -145,7 +147,7 @@ class HierarchicalVAE(PyroModule):
         likelihood_kw: dict | None = None,
         name: str = "hvae",
     ):
-        super().__init__(name)
+        super().__init__(claim(name, self))
         z_dims = tuple(z_dims)
         if not z_dims or any(
             isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in z_dims

@@ -112,6 +112,8 @@ from torch import Tensor, nn
 from pvae import likelihoods, nets
 from pvae.evaluate import log_likelihood
 
+from ._names import claim
+
 __all__ = [
     "FUSIONS",
     "OBJECTIVES",
@@ -357,7 +359,7 @@ class MultimodalVAE(PyroModule):
         stratified: bool = True,
         name: str = "multimodal",
     ):
-        super().__init__(name)
+        super().__init__(claim(name, self))
         if not isinstance(modalities, Mapping) or not modalities:
             raise ValueError("modalities must be a non-empty dict name -> Modality")
         for modality_name in modalities:
