@@ -261,12 +261,12 @@ def test_parameter_split_read_from_the_traces(inference):
     names = {id(p): n for n, p in pyro.get_param_store().named_parameters()}
     model_names = {names[id(p)] for p in split.model_params}
     guide_names = {names[id(p)] for p in split.guide_params}
-    assert guide_names and all(n.startswith("hvae.bottom_up") for n in guide_names)
-    assert any(n.startswith("hvae.top_down") for n in model_names)
-    assert any(n.startswith("hvae.decoder") for n in model_names)
-    assert not any(n.startswith("hvae.bottom_up") for n in model_names)
+    assert guide_names and all(n.startswith(f"{hvae._pyro_name}.bottom_up") for n in guide_names)
+    assert any(n.startswith(f"{hvae._pyro_name}.top_down") for n in model_names)
+    assert any(n.startswith(f"{hvae._pyro_name}.decoder") for n in model_names)
+    assert not any(n.startswith(f"{hvae._pyro_name}.bottom_up") for n in model_names)
     guide_touched = {n for n, s in guide_trace.nodes.items() if s["type"] == "param"}
-    assert any(n.startswith("hvae.top_down") for n in guide_touched) == (inference == "ladder")
+    assert any(n.startswith(f"{hvae._pyro_name}.top_down") for n in guide_touched) == (inference == "ladder")
 
 
 # -- per-layer beta ------------------------------------------------------------------------------
