@@ -266,7 +266,9 @@ def test_parameter_split_read_from_the_traces(inference):
     assert any(n.startswith(f"{hvae._pyro_name}.decoder") for n in model_names)
     assert not any(n.startswith(f"{hvae._pyro_name}.bottom_up") for n in model_names)
     guide_touched = {n for n, s in guide_trace.nodes.items() if s["type"] == "param"}
-    assert any(n.startswith(f"{hvae._pyro_name}.top_down") for n in guide_touched) == (inference == "ladder")
+    assert any(n.startswith(f"{hvae._pyro_name}.top_down") for n in guide_touched) == (
+        inference == "ladder"
+    )
 
 
 # -- per-layer beta ------------------------------------------------------------------------------
