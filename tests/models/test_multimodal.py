@@ -153,6 +153,32 @@ def _expected_masked(truth, x, mask):
 # Linear-Gaussian truth
 
 
+@pytest.mark.parametrize("fusion", ["poe", "moe"])
+def test_without_the_prior_expert_unimodal_posteriors_are_the_experts(fusion):
+    """prior_expert=False by hand: q(z | x_a) is a's expert N(gain (x_a - b_a), 1 / lambda_a)
+    (lambda_a = |W_a col|^2 / s_a^2), not the posterior; with both present the PoE has
+    precision lambda_a + lambda_b (no 1 for the prior)."""
+    truth = TwoModalityLinearGaussian()
+    x = truth.sample(6)
+    mm = truth.build(fusion=fusion, prior_expert=False)
+    lam, mean = {}, {}
+    for m in truth.names:
+        W, b, s2 = truth.W[m], truth.b[m], truth.noise[m] ** 2
+        lam[m] = (W**2).sum(0) / s2
+        mean[m] = (x[truth.names.index(m)] - b) @ (W / s2 / lam[m])
+    only_a = torch.tensor([[True, False]]).expand(6, 2)
+    loc, scale = mm.encode(*x, mask=only_a)
+    torch.testing.assert_close(loc, mean["a"])
+    torch.testing.assert_close(scale, lam["a"].rsqrt().expand(6, 2))
+    with_prior = truth.build(fusion=fusion).encode(*x, mask=only_a)[1]
+    torch.testing.assert_close(with_prior, (1 + lam["a"]).rsqrt().expand(6, 2))
+    if fusion == "poe":
+        loc, scale = mm.encode(*x)
+        total = lam["a"] + lam["b"]
+        torch.testing.assert_close(scale, total.rsqrt().expand(6, 2))
+        torch.testing.assert_close(loc, (lam["a"] * mean["a"] + lam["b"] * mean["b"]) / total)
+
+
 @pytest.mark.parametrize("engine", list(ENGINES), ids=list(ENGINES))
 def test_poe_bound_is_exact_joint_log_likelihood(engine):
     truth = TwoModalityLinearGaussian()
