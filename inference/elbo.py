@@ -21,11 +21,10 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch.distributions import Independent, kl_divergence
 
+from pvae.kl import kl_elements
 from pvae.protocol import check_reparameterized, latent_sites
 
 from .base import Engine
@@ -60,19 +59,6 @@ class CyclicalAnnealing:
         phase = (step % self.period) / self.period
         fraction = min(1.0, phase / self.ratio) if self.ratio > 0 else 1.0
         return self.start + (self.end - self.start) * fraction
-
-
-def _split_independent(q: Any, p: Any) -> tuple[Any, Any, int]:
-    """Strip matching ``Independent`` wrappers; return the bases and the event dims removed."""
-    event_dims = 0
-    while (
-        isinstance(q, Independent)
-        and isinstance(p, Independent)
-        and q.reinterpreted_batch_ndims == p.reinterpreted_batch_ndims
-    ):
-        event_dims += q.reinterpreted_batch_ndims
-        q, p = q.base_dist, p.base_dist
-    return q, p, event_dims
 
 
 class ELBO(Engine):
@@ -110,18 +96,8 @@ class ELBO(Engine):
         return float(self.beta(self.step)) if callable(self.beta) else float(self.beta)
 
     def _kl_elements(self, guide_site: dict, model_site: dict, analytic: bool):
-        """KL(q || p) of one site, with per-dimension elements when they can be separated."""
-        q, p = guide_site["fn"], model_site["fn"]
-        q_base, p_base, event_dims = _split_independent(q, p)
-        if analytic:
-            try:
-                return kl_divergence(q_base, p_base), event_dims
-            except NotImplementedError:
-                pass
-        z = guide_site["value"]
-        if event_dims and not q_base.event_shape and not p_base.event_shape:
-            return q_base.log_prob(z) - p_base.log_prob(z), event_dims
-        return q.log_prob(z) - p.log_prob(z), 0
+        """KL(q || p) of one site, with per-dimension elements (:func:`pvae.kl.kl_elements`)."""
+        return kl_elements(guide_site["fn"], model_site["fn"], guide_site["value"], analytic)
 
     def _analytic_allowed(self, model_trace, guide_trace) -> bool:
         """Analytic KLs need the model and the guide to sample latents in the same order."""

@@ -44,6 +44,7 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import constraints, transform_to
 
+from pvae.diagnostics.relevance import relevance_scores, relevant_set
 from pvae.evaluate import Data, iter_batches, num_items
 
 from .vae import VAE
@@ -188,11 +189,8 @@ class ARDVAE(VAE):
                 tangent[:, d] = 1.0
                 derivative = torch.func.jvp(mean_x, (loc,), (tangent,))[1]  # (B, x_dim)
                 abs_jacobian[:, d] += derivative.abs().sum(0)
-        scores = self.prior_variance * (abs_jacobian / n).pow(2).sum(0)
-        ordered, order = scores.sort(descending=True)
-        share = ordered.cumsum(0) / ordered.sum().clamp(min=torch.finfo(scores.dtype).tiny)
-        count = int((share < mass - 1e-12).sum()) + 1
-        count = min(count, self.z_dim)
+        scores = relevance_scores(self.prior_variance, (abs_jacobian / n).T)
+        order, _, count = relevant_set(scores, mass)
         relevant = torch.zeros(self.z_dim, dtype=torch.bool)
         relevant[order[:count]] = True
         return Relevance(scores, relevant, count, float(mass))

@@ -71,6 +71,8 @@ from pyro.nn import PyroModule
 from pvae import likelihoods, nets
 from pvae.evaluate import log_likelihood
 
+from ._names import claim
+
 OBJECTIVES = ("cvae", "gsnn", "hybrid")
 PROPOSALS = ("recognition", "prior")
 
@@ -136,7 +138,7 @@ class CVAE(PyroModule):
         likelihood_kw: dict | None = None,
         name: str = "cvae",
     ):
-        super().__init__(name)
+        super().__init__(claim(name, self))
         for arg, value in (("x_dim", x_dim), ("y_dim", y_dim), ("z_dim", z_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")

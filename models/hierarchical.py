@@ -78,7 +78,10 @@ from pyro.nn import PyroModule
 from torch import Tensor, nn
 
 from pvae import likelihoods, nets
+from pvae.gaussian import product_of_experts
 from pvae.inference import ELBO, LinearAnnealing
+
+from ._names import claim
 
 __all__ = ["HierarchicalVAE", "precision_weighted", "warmup"]
 
@@ -90,13 +93,11 @@ def precision_weighted(
 ) -> tuple[Tensor, Tensor]:
     """Normalised product of two diagonal Gaussians N(loc_a, scale_a^2) N(loc_b, scale_b^2).
 
-    ``var = 1 / (scale_a^-2 + scale_b^-2)``, ``loc = (loc_a scale_a^-2 + loc_b scale_b^-2) var``.
-    Shapes broadcast; returns ``(loc, scale)``.
+    ``var = 1 / (scale_a^-2 + scale_b^-2)``, ``loc = (loc_a scale_a^-2 + loc_b scale_b^-2) var``
+    (:func:`pvae.gaussian.product_of_experts` with b as the prior expert). Shapes broadcast;
+    returns ``(loc, scale)``.
     """
-    precision_a, precision_b = scale_a.pow(-2), scale_b.pow(-2)
-    variance = 1.0 / (precision_a + precision_b)
-    loc = (loc_a * precision_a + loc_b * precision_b) * variance
-    return loc, variance.sqrt()
+    return product_of_experts(loc_a.unsqueeze(-2), scale_a.unsqueeze(-2), prior=(loc_b, scale_b))
 
 
 def warmup(num_steps: int, **elbo_kwargs) -> ELBO:
@@ -145,7 +146,7 @@ class HierarchicalVAE(PyroModule):
         likelihood_kw: dict | None = None,
         name: str = "hvae",
     ):
-        super().__init__(name)
+        super().__init__(claim(name, self))
         z_dims = tuple(z_dims)
         if not z_dims or any(
             isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in z_dims

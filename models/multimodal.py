@@ -111,6 +111,9 @@ from torch import Tensor, nn
 
 from pvae import likelihoods, nets
 from pvae.evaluate import log_likelihood
+from pvae.gaussian import product_of_experts
+
+from ._names import claim
 
 __all__ = [
     "FUSIONS",
@@ -357,7 +360,7 @@ class MultimodalVAE(PyroModule):
         stratified: bool = True,
         name: str = "multimodal",
     ):
-        super().__init__(name)
+        super().__init__(claim(name, self))
         if not isinstance(modalities, Mapping) or not modalities:
             raise ValueError("modalities must be a non-empty dict name -> Modality")
         for modality_name in modalities:
@@ -506,14 +509,16 @@ class MultimodalVAE(PyroModule):
     def _products(self, loc: Tensor, scale: Tensor, members: Tensor) -> tuple[Tensor, Tensor]:
         """Products of experts p(z) prod_{m: members[..., m]} q~_m: ``members (batch, C, M)``
         -> loc and scale ``(batch, C, z_dim)``. The empty product is p(z)."""
-        weights = members.to(loc.dtype)
-        precision = scale.pow(-2)
-        prior = torch.ones((), dtype=loc.dtype)
-        if not self.prior_expert:
-            prior = (~members.any(-1, keepdim=True)).to(loc.dtype)
-        total = prior + torch.einsum("bcm,bmd->bcd", weights, precision)
-        weighted = torch.einsum("bcm,bmd->bcd", weights, precision * loc)
-        return weighted / total, total.rsqrt()
+        prior_weight: Tensor | float = 1.0
+        if not self.prior_expert:  # the prior only in the empty product
+            prior_weight = (~members.any(-1, keepdim=True)).to(loc.dtype)
+        return product_of_experts(
+            loc[:, None],  # (batch, 1, M, z_dim)
+            scale[:, None],
+            weights=members[..., None],  # (batch, C, M, 1)
+            prior=(0.0, 1.0),
+            prior_weight=prior_weight,
+        )
 
     def _posterior(
         self, loc: Tensor, scale: Tensor, available: Tensor, density: str

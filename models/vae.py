@@ -26,6 +26,8 @@ from pyro.nn import PyroModule
 
 from pvae import likelihoods, nets
 
+from ._names import claim
+
 
 class VAE(PyroModule):
     """A VAE with an MLP or small conv encoder/decoder and any likelihood of pvae.
@@ -37,6 +39,9 @@ class VAE(PyroModule):
         "categorical" (see :mod:`pvae.likelihoods`; extra keywords via ``likelihood_kw``).
     :param net: "mlp" or "conv" (conv needs ``image_shape``, e.g. ``(1, 28, 28)``).
     :param activation: activation of the MLPs (``torch.nn.Tanh`` reproduces Burda et al.).
+    :param name: prefix of the model's names in Pyro's parameter store. Each instance owns its
+        parameters: when another live zoo model (or a stored parameter) already uses the
+        prefix, this one gets ``name_1``, ``name_2``, ... (``vae._pyro_name`` is the one used).
     """
 
     def __init__(
@@ -51,7 +56,7 @@ class VAE(PyroModule):
         likelihood_kw: dict | None = None,
         name: str = "vae",
     ):
-        super().__init__(name)
+        super().__init__(claim(name, self))
         self.x_dim, self.z_dim = x_dim, z_dim
         self.likelihood = likelihoods.get(likelihood, x_dim, **(likelihood_kw or {}))
         self._likelihood_learns = any(True for _ in self.likelihood.parameters())

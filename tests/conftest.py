@@ -1,6 +1,7 @@
 """Shared fixtures: a linear-Gaussian model/guide pair written in plain Pyro, with its exact
 log-likelihood and posterior: z ~ N(0, I), x | z ~ N(Wz + b, s^2 I) has
-log p(x) = log N(x; b, W W^T + s^2 I)."""
+log p(x) = log N(x; b, W W^T + s^2 I) (the package's own closed forms,
+``pvae.data.linear_gaussian_log_likelihood`` / ``linear_gaussian_posterior``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+
+from pvae.data import linear_gaussian_log_likelihood, linear_gaussian_posterior
 
 
 class LinearGaussian:
@@ -42,14 +45,10 @@ class LinearGaussian:
         )
 
     def log_px(self, x):
-        cov = self.W @ self.W.T + self.noise**2 * torch.eye(self.x_dim, dtype=self.W.dtype)
-        return torch.distributions.MultivariateNormal(self.b, cov).log_prob(x)
+        return linear_gaussian_log_likelihood(x, self.W, self.b, self.noise)
 
     def posterior(self, x):
-        eye = torch.eye(self.z_dim, dtype=self.W.dtype)
-        cov = torch.linalg.inv(eye + self.W.T @ self.W / self.noise**2)
-        mean = (x - self.b) @ self.W @ cov / self.noise**2
-        return mean, cov
+        return linear_gaussian_posterior(x, self.W, self.b, self.noise)
 
     def model(self, x):
         with pyro.plate("data", x.shape[0]):

@@ -2,6 +2,7 @@
 
 - :func:`log_likelihood`: the shared importance-sampled estimator (also ``pvae.log_likelihood``).
 - :func:`gradient_snr`: the gradient signal-to-noise ratio of Rainforth et al. (2018).
+- :func:`posterior_mean`: E_q[z | x] of any guide's site (averaged over upstream draws).
 - :func:`active_units`: the latent dimensions whose posterior mean varies with the data
   (Burda et al. 2016).
 - :func:`kl_per_dim`, :func:`mutual_information`, :func:`collapse_report`: posterior collapse
@@ -20,7 +21,7 @@ from pvae.diagnostics.collapse import (
     kl_per_dim,
     mutual_information,
 )
-from pvae.diagnostics.latents import ActiveUnits, active_units
+from pvae.diagnostics.latents import ActiveUnits, active_units, posterior_mean
 from pvae.diagnostics.relevance import LatentRelevance, latent_relevance
 from pvae.diagnostics.snr import GradientSNR, gradient_snr
 from pvae.evaluate import log_likelihood
@@ -40,4 +41,5 @@ __all__ = [
     "latent_relevance",
     "log_likelihood",
     "mutual_information",
+    "posterior_mean",
 ]

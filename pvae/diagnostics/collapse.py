@@ -12,8 +12,8 @@ samples, and the pair of site distributions gives the KL. It is analytic where
 latents*, so conditional priors (CVAE prior networks, the layers of a hierarchical VAE) are
 handled; averaging over ``num_particles`` guide draws gives E_q[KL(q(z_l | ...) || p(z_l |
 z_{l+1}))]. Otherwise it is the Monte-Carlo estimate log q(z_d | x) - log p(z_d) averaged over
-the draws. The per-site logic is the ELBO engine's own (``pvae.inference.ELBO``), including its
-rule that analytic KLs need the model and the guide to sample latents in the same order.
+the draws. The per-site KL is :func:`pvae.kl.kl_elements`, the ELBO engine's own, with its rule that
+analytic KLs need the model and the guide to sample latents in the same order.
 A guide whose site does not factorise over dimensions (a full-covariance
 ``MultivariateNormal``) gets the KLs of its marginals, q(z_d | x) = N(mu_d, Sigma_dd), against a
 factorised prior; their sum is then below the site's joint KL by the total correlation of q.
@@ -45,16 +45,22 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 
-from pvae.diagnostics.latents import ActiveUnits, active_units
+from pvae.diagnostics.latents import (
+    ActiveUnits,
+    Channels,
+    active_units,
+    channel_layout,
+    to_channels,
+)
 from pvae.evaluate import Data, get_batch, iter_batches, num_items
+from pvae.kl import is_analytic, kl_elements, same_sampling_order
 from pvae.protocol import (
     Reducer,
     find_data_frame,
@@ -122,13 +128,6 @@ def _natural_key(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _kl_engine(analytic: bool) -> Any:
-    # Late import: the core does not depend on the engines at import time.
-    from pvae.inference import ELBO
-
-    return ELBO(analytic_kl=analytic)
-
-
 def _marginal_kl(guide_site: dict, model_site: dict) -> torch.Tensor | None:
     """KL of the 1-d marginals of a vector-valued q against a factorised Normal prior."""
     q, p = guide_site["fn"], model_site["fn"]
@@ -151,13 +150,13 @@ def _site_kls(
     num_particles: int,
     analytic: bool,
     kwargs: dict,
+    channels: Mapping[str, Channels] | None = None,
 ) -> tuple[dict[str, KLPerDim], list[str]]:
     """KL_nd for each requested local latent site (all of them for ``sites=None``)."""
     if batch_size < 1 or num_particles < 1:
         raise ValueError(
             f"batch_size and num_particles must be >= 1, got {batch_size}, {num_particles}"
         )
-    engine = _kl_engine(analytic)
     rows: dict[str, list[torch.Tensor]] = {}
     flags: dict[str, tuple[bool, bool]] = {}
     conditional: dict[str, bool] = {}
@@ -199,17 +198,17 @@ def _site_kls(
                             )
                     order = list(sites)
                 conditional = _conditioned_on_later(model_trace, guide_trace, order)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the engine's note on sampling order
-                use_analytic = engine._analytic_allowed(model_trace, guide_trace)
+            use_analytic = analytic and same_sampling_order(model_trace, guide_trace)
             for name in order:
                 guide_site, model_site = found[name]
                 # The KL of the distributions themselves: drop the site's scale (a per-layer
                 # beta, a kl_weight), keep its mask.
                 unscaled = {**guide_site, "scale": 1.0}
-                elements, event_dims = engine._kl_elements(guide_site, model_site, use_analytic)
+                q, p = guide_site["fn"], model_site["fn"]
+                elements, event_dims = kl_elements(q, p, guide_site["value"], use_analytic)
                 marginal = False
-                event_size = math.prod(guide_site["fn"].event_shape)
+                event_shape = tuple(q.event_shape)
+                event_size = math.prod(event_shape)
                 if event_dims == 0 and event_size > 1:
                     marginal_kl = _marginal_kl(guide_site, model_site)
                     if marginal_kl is not None:
@@ -218,9 +217,21 @@ def _site_kls(
                     else:
                         use_site_analytic = use_analytic
                 else:
-                    use_site_analytic = use_analytic and _is_analytic(guide_site, model_site)
-                term = reducer(elements, unscaled, event_dims)  # (K', B, D)
-                rows.setdefault(name, []).append(term.mean(0).double())
+                    use_site_analytic = use_analytic and is_analytic(q, p)
+                term = reducer(elements, unscaled, event_dims).mean(0).double()  # (B, D)
+                axes = channel_layout(channels, name, event_shape)
+                if axes is not None:
+                    if event_dims != len(event_shape):
+                        raise ValueError(
+                            f"site {name!r}: its KL does not separate over the event axes "
+                            f"{tuple(event_shape)} (the guide's distribution is not "
+                            "factorised), so it cannot be reported per channel"
+                        )
+                    term = to_channels(
+                        term.reshape(term.shape[:1] + event_shape), event_shape, axes
+                    )
+                    term = term.sum(-2)  # KL_c = sum_t KL_tc
+                rows.setdefault(name, []).append(term)
                 flags[name] = (use_site_analytic, marginal)
     assert order is not None
     results = {
@@ -244,17 +255,6 @@ def _conditioned_on_later(model_trace: Any, guide_trace: Any, names: Sequence[st
     return result
 
 
-def _is_analytic(guide_site: dict, model_site: dict) -> bool:
-    from pvae.inference.elbo import _split_independent
-
-    q_base, p_base, _ = _split_independent(guide_site["fn"], model_site["fn"])
-    try:
-        kl_divergence(q_base, p_base)
-    except NotImplementedError:
-        return False
-    return True
-
-
 def kl_per_dim(
     model: Callable,
     guide: Callable,
@@ -263,6 +263,7 @@ def kl_per_dim(
     batch_size: int = 500,
     num_particles: int = 10,
     analytic: bool = True,
+    channels: Mapping[str, Channels] | None = None,
     **kwargs: Any,
 ) -> KLPerDim:
     """KL(q(z_d | x_n) || p(z_d)) for every datapoint n and dimension d of ``site``.
@@ -275,11 +276,17 @@ def kl_per_dim(
     :param num_particles: vectorised guide draws averaged per datapoint (Monte-Carlo KLs, and
         analytic KLs whose prior depends on other sampled latents).
     :param analytic: use closed-form KLs where registered.
-    :returns: :class:`KLPerDim`; ``.kl`` is the ``(D,)`` mean over datapoints.
+    :param channels: a dimension map ``{site: channel axes}`` (see
+        :mod:`pvae.diagnostics.latents`): a site with event shape ``(T, C)`` and
+        ``channels={site: -1}`` gets KL_nc = sum_t KL_ntc, ``(N, C)``.
+    :returns: :class:`KLPerDim`; ``.kl`` is the ``(D,)`` mean over datapoints (``(C,)`` per
+        channel).
 
     Runs without gradients and leaves the global random state as it found it.
     """
-    results, _ = _site_kls(model, guide, data, [site], batch_size, num_particles, analytic, kwargs)
+    results, _ = _site_kls(
+        model, guide, data, [site], batch_size, num_particles, analytic, kwargs, channels
+    )
     return results[site]
 
 
@@ -319,6 +326,7 @@ def mutual_information(
     max_points: int = 1000,
     num_samples: int = 1,
     seed: int = 0,
+    channels: Mapping[str, Channels] | None = None,
     **kwargs: Any,
 ) -> MutualInformation:
     """The I(x; z) estimate E[log q(z|x)] - E[log q(z)] with q(z) = (1/M) sum_j q(z | x_j).
@@ -330,6 +338,9 @@ def mutual_information(
         datapoints (cost O(M^2 D) time; memory is chunked).
     :param num_samples: draws of z per datapoint.
     :param seed: seeds the choice of the subset.
+    :param channels: a dimension map ``{site: channel axes}`` (see
+        :mod:`pvae.diagnostics.latents`): ``per_dim`` is then I(x; z_{., c}) per channel, the
+        channel's log-densities summed over the other event axes (time).
     :returns: :class:`MutualInformation`.
 
     For a site whose guide distribution depends on other sampled latents (the upper layers of
@@ -360,8 +371,15 @@ def mutual_information(
         z = fn.sample((num_samples,))  # (S, M, *event)
         base = fn.base_dist if isinstance(fn, Independent) else None
         factorised = base is not None and not base.event_shape and len(fn.event_shape) >= 1
-        event_ndim = len(fn.event_shape)
-        dims = int(math.prod(fn.event_shape)) if event_ndim else 1
+        event_shape = tuple(fn.event_shape)
+        event_ndim = len(event_shape)
+        dims = int(math.prod(event_shape)) if event_ndim else 1
+        axes = channel_layout(channels, site, event_shape)
+        if axes is not None and not factorised:
+            raise ValueError(
+                f"site {site!r}: the guide's distribution does not factorise over its event "
+                f"axes {event_shape}, so its mutual information cannot be split per channel"
+            )
         # chunk over n so that at most ~4e6 densities are alive at once
         chunk = max(1, int(4e6 // (num_samples * m * max(dims, 1))))
         joint_parts: list[torch.Tensor] = []
@@ -372,7 +390,10 @@ def mutual_information(
             if factorised:
                 assert base is not None
                 per = base.log_prob(zc).double()  # (S, c, M, *event)
-                per = per.reshape(per.shape[:3] + (-1,))
+                if axes is None:
+                    per = per.reshape(per.shape[:3] + (-1,))
+                else:  # (S, c, M, C): summed over time
+                    per = to_channels(per, event_shape, axes).sum(-2)
                 dim_parts.append(per)
                 joint_parts.append(per.sum(-1))
             else:
@@ -531,6 +552,7 @@ def collapse_report(
     batch_size: int = 500,
     num_particles: int = 10,
     analytic: bool = True,
+    channels: Mapping[str, Channels] | None = None,
     **kwargs: Any,
 ) -> CollapseReport:
     """Per layer and dimension: KL, activity, collapse, and a verdict.
@@ -544,15 +566,26 @@ def collapse_report(
         layer whose term is not a KL, its activity at most ``activity_threshold``).
     :param activity_threshold: active-units threshold (0.01, Burda et al.).
     :param mutual_info: also estimate I(x; z) per site (:func:`mutual_information`).
+    :param channels: a dimension map ``{site: channel axes}`` (see
+        :mod:`pvae.diagnostics.latents`): the named sites are reported per channel, aggregated
+        over their other event axes (time); e.g. ``{"z": -1}`` for event shape ``(T, C)``.
     :returns: :class:`CollapseReport`.
     """
     names = [sites] if isinstance(sites, str) else sites
-    kls, order = _site_kls(model, guide, data, names, batch_size, num_particles, analytic, kwargs)
+    kls, order = _site_kls(
+        model, guide, data, names, batch_size, num_particles, analytic, kwargs, channels
+    )
     layers: dict[str, LayerReport] = {}
     for name in order:
         kl = kls[name]
         units: ActiveUnits = active_units(
-            guide, data, site=name, threshold=activity_threshold, batch_size=batch_size, **kwargs
+            guide,
+            data,
+            site=name,
+            threshold=activity_threshold,
+            batch_size=batch_size,
+            channels=channels,
+            **kwargs,
         )
         if units.dims != kl.dims:
             raise ValueError(
@@ -561,7 +594,9 @@ def collapse_report(
         mi = None
         if mutual_info:
             try:
-                mi = mutual_information(guide, data, site=name, max_points=max_points, **kwargs)
+                mi = mutual_information(
+                    guide, data, site=name, max_points=max_points, channels=channels, **kwargs
+                )
             except ValueError:
                 mi = None  # a site with extra plates: report without it
         layers[name] = LayerReport(

@@ -31,7 +31,33 @@ from pvae.diagnostics.latents import active_units
 from pvae.evaluate import Data, iter_batches, num_items
 from pvae.protocol import trace_guide_site
 
-__all__ = ["LatentRelevance", "latent_relevance"]
+__all__ = ["LatentRelevance", "latent_relevance", "relevance_scores", "relevant_set"]
+
+
+def relevance_scores(variance: torch.Tensor, mean_abs_jacobian: torch.Tensor) -> torch.Tensor:
+    """score_d = v_d * sum_pixels (mean_n |d x_hat / d mu_d|)^2.
+
+    :param variance: v_d, ``(D,)``.
+    :param mean_abs_jacobian: mean_n |d x_hat_i / d mu_d|, ``(D, pixels)``.
+    :returns: ``(D,)``.
+    """
+    return variance * mean_abs_jacobian.pow(2).sum(-1)
+
+
+def relevant_set(scores: torch.Tensor, mass: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The fewest dimensions, by decreasing score, whose scores reach ``mass`` of the total.
+
+    :returns: ``(order, cumulative, count)``: dimensions by decreasing score (ties by index),
+        the cumulative share along ``order`` (ones when every score is 0), and the size of
+        the relevant set ``order[:count]`` (0 when every score is 0).
+    """
+    order = torch.argsort(scores, descending=True, stable=True)
+    total = scores.sum()
+    if total <= 0:
+        return order, torch.ones_like(scores), 0
+    cumulative = scores[order].cumsum(0) / total
+    count = int((cumulative < mass - 1e-12).sum()) + 1  # tolerating rounding
+    return order, cumulative, min(count, scores.numel())
 
 
 @dataclass
@@ -134,7 +160,7 @@ def latent_relevance(
             second_moment = moment if second_moment is None else second_moment + moment
             n += rows
     assert abs_sum is not None and second_moment is not None
-    jacobian_norm = (abs_sum / n).pow(2).sum(-1)  # (D,)
+    jacobian_norm = relevance_scores(torch.ones(()), abs_sum / n)  # (D,)
     if prior_variance is not None:
         variance = torch.as_tensor(prior_variance, dtype=torch.float64).flatten()
         if variance.shape != jacobian_norm.shape:
@@ -144,16 +170,8 @@ def latent_relevance(
             )
     else:
         variance = second_moment / n
-    scores = variance * jacobian_norm
-    order = torch.argsort(scores, descending=True, stable=True)
-    total = scores.sum()
-    if total > 0:
-        cumulative = scores[order].cumsum(0) / total
-    else:
-        cumulative = torch.ones_like(scores)
-    # the fewest dimensions whose share reaches the threshold (tolerating rounding)
-    count = int((cumulative < threshold - 1e-12).sum()) + 1
-    count = min(count, scores.numel()) if total > 0 else 0
+    scores = relevance_scores(variance, abs_sum / n)
+    order, cumulative, count = relevant_set(scores, threshold)
     ranking = [int(d) for d in order]
     activity = active_units(guide, data, site=site, batch_size=batch_size, **kwargs).variances
     kl = None

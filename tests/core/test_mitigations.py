@@ -71,7 +71,7 @@ def test_vae_accepts_the_inverse_lipschitz_decoder(dataset):
         vae.model, vae.guide, dataset.train, epochs=2, batch_size=200, lr=1e-2, progress=False
     )
     assert run.train_bound[-1] > run.train_bound[0]
-    assert any(name.startswith("vae.decoder$$$icnn") for name in run.params)
+    assert any(name.startswith(f"{vae._pyro_name}.decoder$$$icnn") for name in run.params)
 
 
 # -- aggressive encoder training --------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 from torch.distributions import Independent, Normal, kl_divergence
 
 import pvae
+from pvae.diagnostics.latents import active_units, posterior_mean
 from pvae.inference import CIWAE, ELBO, IWAE, MIWAE, PIWAE, LinearAnnealing, SplitLoss
 from pvae.models import VAE, HierarchicalVAE
 from pvae.models.hierarchical import precision_weighted, warmup
@@ -261,12 +262,14 @@ def test_parameter_split_read_from_the_traces(inference):
     names = {id(p): n for n, p in pyro.get_param_store().named_parameters()}
     model_names = {names[id(p)] for p in split.model_params}
     guide_names = {names[id(p)] for p in split.guide_params}
-    assert guide_names and all(n.startswith("hvae.bottom_up") for n in guide_names)
-    assert any(n.startswith("hvae.top_down") for n in model_names)
-    assert any(n.startswith("hvae.decoder") for n in model_names)
-    assert not any(n.startswith("hvae.bottom_up") for n in model_names)
+    assert guide_names and all(n.startswith(f"{hvae._pyro_name}.bottom_up") for n in guide_names)
+    assert any(n.startswith(f"{hvae._pyro_name}.top_down") for n in model_names)
+    assert any(n.startswith(f"{hvae._pyro_name}.decoder") for n in model_names)
+    assert not any(n.startswith(f"{hvae._pyro_name}.bottom_up") for n in model_names)
     guide_touched = {n for n, s in guide_trace.nodes.items() if s["type"] == "param"}
-    assert any(n.startswith("hvae.top_down") for n in guide_touched) == (inference == "ladder")
+    assert any(n.startswith(f"{hvae._pyro_name}.top_down") for n in guide_touched) == (
+        inference == "ladder"
+    )
 
 
 # -- per-layer beta ------------------------------------------------------------------------------
@@ -390,10 +393,17 @@ def test_two_layers_against_one_on_mnist5k():
 
 @pytest.mark.parametrize("inference", INFERENCE)
 def test_generic_diagnostics_read_each_layer_site(inference):
-    latents = pytest.importorskip("pvae.diagnostics.latents")
     hvae = HierarchicalVAE(12, z_dims=(5, 3), hidden=(8, 6), inference=inference)
     x = torch.bernoulli(torch.rand(30, 12))
+    guide_order = [
+        name
+        for name, node in pyro.poutine.trace(hvae.guide).get_trace(x).nodes.items()
+        if node["type"] == "sample"
+    ]
     for site, z_dim in zip(hvae.layer_sites, hvae.z_dims, strict=True):
-        report = latents.active_units(hvae.guide, x, site=site)
-        assert report.dims == z_dim
-        assert 0 <= report.count <= z_dim
+        report = active_units(hvae.guide, x, site=site)
+        assert report.dims == z_dim and report.variances.shape == (z_dim,)
+        assert report.count == int((report.variances > report.threshold).sum())
+        if site == guide_order[0]:  # nothing drawn before it: the activity is Var_x of its mean
+            expected = posterior_mean(hvae.guide, x, site).double().var(0)
+            torch.testing.assert_close(report.variances, expected)

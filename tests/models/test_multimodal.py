@@ -153,6 +153,32 @@ def _expected_masked(truth, x, mask):
 # Linear-Gaussian truth
 
 
+@pytest.mark.parametrize("fusion", ["poe", "moe"])
+def test_without_the_prior_expert_unimodal_posteriors_are_the_experts(fusion):
+    """prior_expert=False by hand: q(z | x_a) is a's expert N(gain (x_a - b_a), 1 / lambda_a)
+    (lambda_a = |W_a col|^2 / s_a^2), not the posterior; with both present the PoE has
+    precision lambda_a + lambda_b (no 1 for the prior)."""
+    truth = TwoModalityLinearGaussian()
+    x = truth.sample(6)
+    mm = truth.build(fusion=fusion, prior_expert=False)
+    lam, mean = {}, {}
+    for m in truth.names:
+        W, b, s2 = truth.W[m], truth.b[m], truth.noise[m] ** 2
+        lam[m] = (W**2).sum(0) / s2
+        mean[m] = (x[truth.names.index(m)] - b) @ (W / s2 / lam[m])
+    only_a = torch.tensor([[True, False]]).expand(6, 2)
+    loc, scale = mm.encode(*x, mask=only_a)
+    torch.testing.assert_close(loc, mean["a"])
+    torch.testing.assert_close(scale, lam["a"].rsqrt().expand(6, 2))
+    with_prior = truth.build(fusion=fusion).encode(*x, mask=only_a)[1]
+    torch.testing.assert_close(with_prior, (1 + lam["a"]).rsqrt().expand(6, 2))
+    if fusion == "poe":
+        loc, scale = mm.encode(*x)
+        total = lam["a"] + lam["b"]
+        torch.testing.assert_close(scale, total.rsqrt().expand(6, 2))
+        torch.testing.assert_close(loc, (lam["a"] * mean["a"] + lam["b"] * mean["b"]) / total)
+
+
 @pytest.mark.parametrize("engine", list(ENGINES), ids=list(ENGINES))
 def test_poe_bound_is_exact_joint_log_likelihood(engine):
     truth = TwoModalityLinearGaussian()
@@ -393,15 +419,26 @@ def network(param_name: str) -> str:
 @pytest.mark.parametrize("engine", list(TRAIN_ENGINES), ids=list(TRAIN_ENGINES))
 def test_every_engine_trains_every_fusion_with_missing_modalities(engine, fusion, objective):
     data = tiny_data()
+    held = tiny_data(seed=1)
     mm = MultimodalVAE(MODALITIES, z_dim=2, fusion=fusion, objective=objective, hidden=(8,))
+
+    def held_out() -> float:  # seeded, so an untrained model scores the same twice
+        with torch.random.fork_rng():
+            torch.manual_seed(11)
+            return float(mm.log_likelihood(*held, num_samples=20).mean())
+
+    before = held_out()
     run = pvae.fit(
-        mm.model, mm.guide, data, engine=TRAIN_ENGINES[engine](), epochs=1, batch_size=12
-    )
+        mm.model, mm.guide, data, engine=TRAIN_ENGINES[engine](), epochs=4, batch_size=12,
+        lr=1e-2, progress=False,
+    )  # fmt: skip
     bounds = [step["bound"] for step in run.steps]
-    assert len(bounds) == 2 and all(math.isfinite(b) for b in bounds)
+    assert len(bounds) == 8 and all(math.isfinite(b) for b in bounds)
     expected = {f"{kind}.{n}" for kind in ("encoders", "decoders") for n in MODALITIES}
     expected.add("likelihoods.signal")  # the learned Gaussian scale
     assert {network(name) for name in run.params} == expected
+    # Trained means better on held-out data (the same with lr=0 would fail).
+    assert held_out() > before
     ll = mm.log_likelihood(*data, num_samples=5)
     assert ll.shape == (24,) and torch.isfinite(ll).all()
     assert ll[0] == 0  # nothing present: nothing to explain
