@@ -24,7 +24,9 @@ from pvae.protocol import (
     find_data_frame,
     get_traces,
     guess_max_plate_nesting,
+    guide_dependent,
     log_weights,
+    split_params,
     trace_params,
 )
 
@@ -32,7 +34,8 @@ from pvae.protocol import (
 @dataclass
 class SplitLoss:
     """Two surrogates: ``model`` differentiated for the model's parameters only, ``guide`` for
-    the guide's only. A parameter that both traces touch counts as the model's."""
+    the guide's only. Ownership follows use (:func:`pvae.protocol.split_params`): a parameter
+    is the guide's when the guide's latent sites depend on it, whoever registered it."""
 
     model: torch.Tensor
     guide: torch.Tensor
@@ -40,16 +43,38 @@ class SplitLoss:
     guide_params: list[torch.Tensor]
 
     @staticmethod
-    def from_draws(model_loss, guide_loss, draws) -> SplitLoss:
+    def from_draws(
+        model_loss: torch.Tensor,
+        guide_loss: torch.Tensor,
+        draws: list,
+        cache: dict | None = None,
+    ) -> SplitLoss:
+        """Split the parameters the draws' traces touched.
+
+        The split is read from the autograd graph once per parameter set: pass the same
+        ``cache`` dict on every step (engines keep one) and later steps only look it up.
+        Without gradients (``engine.loss``) nothing is split: there is no backward pass.
+        """
         model_params: dict[str, torch.Tensor] = {}
         guide_params: dict[str, torch.Tensor] = {}
         for model_trace, guide_trace, _ in draws:
             model_params.update(trace_params(model_trace))
             guide_params.update(trace_params(guide_trace))
-        for name in model_params:
-            guide_params.pop(name, None)
+        params = {**guide_params, **model_params}
+        key = tuple((name, id(p)) for name, p in params.items())
+        cache = {} if cache is None else cache
+        if key not in cache:
+            if not torch.is_grad_enabled():
+                return SplitLoss(model_loss, guide_loss, [], [])
+            used = set().union(*(guide_dependent(g, params) for _, g, _ in draws))
+            model, guide = split_params(model_params, guide_params, used)
+            cache[key] = (list(model), list(guide))
+        model_names, guide_names = cache[key]
         return SplitLoss(
-            model_loss, guide_loss, list(model_params.values()), list(guide_params.values())
+            model_loss,
+            guide_loss,
+            [params[n] for n in model_names],
+            [params[n] for n in guide_names],
         )
 
     def backward(self) -> None:
