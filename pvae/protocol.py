@@ -457,7 +457,7 @@ def guide_dependent(guide_trace: Trace, params: dict[str, torch.Tensor]) -> set[
         if site["type"] != "sample" or site["is_observed"]:
             continue
         value = site["value"]
-        outputs.append(site["fn"].log_prob(value).sum())
+        outputs.append(site["fn"].log_prob(value).sum())  # type: ignore[attr-defined]
         if isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
             outputs.append(value.sum())
     return _dependent(outputs, params, retain_graph=True)
@@ -570,7 +570,7 @@ def _model_dependent(
             detached.add_node(name, **{**node, "value": value})
     trace = poutine.trace(poutine.replay(model, trace=detached)).get_trace(*args, **kwargs)
     outputs = [
-        site["fn"].log_prob(site["value"]).sum()
+        site["fn"].log_prob(site["value"]).sum()  # type: ignore[attr-defined]
         for site in trace.nodes.values()
         if site["type"] == "sample"
     ]

@@ -1,5 +1,5 @@
-"""The model/guide protocol: an unsized data plate, parameter ownership by use, parameters
-that Pyro's global store swapped, and log_likelihood without vectorised particles."""
+"""The model/guide protocol: an unsized data plate, parameter ownership by use, and
+parameters that Pyro's global store swapped."""
 
 import math
 import warnings
@@ -218,7 +218,9 @@ def test_a_guide_only_pair_does_not_warn():
     pair = RegisteredPair(in_model=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model_params, guide_params = param_split(pair.model, pair.guide, (torch.zeros(3, 5, dtype=torch.float64),))
+        model_params, guide_params = param_split(
+            pair.model, pair.guide, (torch.zeros(3, 5, dtype=torch.float64),)
+        )
     assert sorted(guide_params) == ["encoder$$$bias", "encoder$$$weight"]
 
 
@@ -265,43 +267,3 @@ def test_a_second_model_with_the_same_names_is_refused(make):
     run = pvae.fit(second.model, second.guide, x, epochs=1, batch_size=10, progress=False)
     assert not torch.equal(second.decoder.weight.detach(), initial)
     assert math.isfinite(run.train_bound[0])
-
-
-# ---- log_likelihood without vectorised particles ---------------------------------------------
-
-
-class BankNormal(dist.Normal):
-    """A Normal whose reparameterised draws take the next rows of a fixed bank of noise, one
-    row (batch, z_dim) per particle: a vectorised run of k particles and k single runs then
-    see the same noise in the same order."""
-
-    bank: torch.Tensor
-    used = 0
-
-    def rsample(self, sample_shape=torch.Size()):
-        shape = self._extended_shape(sample_shape)
-        rows = shape.numel() // self.bank[0].numel()
-        eps = BankNormal.bank[BankNormal.used : BankNormal.used + rows].reshape(shape)
-        BankNormal.used += rows
-        return self.loc + self.scale * eps
-
-
-def test_log_likelihood_loops_over_particles_with_the_same_draws():
-    lg = LinearGaussian(orthogonal=True)
-    x = lg.sample(6)
-    mean, cov = lg.posterior(x)
-
-    def guide(x):  # a wrong guide, so the estimate depends on the draws
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", BankNormal(mean + 0.3, 1.4 * cov.diagonal().sqrt()).to_event(1))
-
-    BankNormal.bank = torch.randn(100, 6, 2, generator=torch.Generator().manual_seed(0))
-    estimates = {}
-    for vectorize in (True, False):
-        BankNormal.used = 0
-        estimates[vectorize] = pvae.log_likelihood(
-            lg.model, guide, x, num_samples=40, chunk_size=16, vectorize_particles=vectorize
-        )
-        assert BankNormal.used == 41  # one draw to read the plates, then 40 particles
-    torch.testing.assert_close(estimates[False], estimates[True], rtol=0, atol=1e-12)
-    assert (estimates[True] - lg.log_px(x)).abs().max() > 1e-3  # the draws matter
