@@ -24,10 +24,11 @@ from pvae.protocol import (
     find_data_frame,
     get_traces,
     guess_max_plate_nesting,
-    guide_dependent,
     log_weights,
     split_params,
     trace_params,
+    used_by_guide,
+    used_by_model,
 )
 
 
@@ -35,7 +36,8 @@ from pvae.protocol import (
 class SplitLoss:
     """Two surrogates: ``model`` differentiated for the model's parameters only, ``guide`` for
     the guide's only. Ownership follows use (:func:`pvae.protocol.split_params`): a parameter
-    is the guide's when the guide's latent sites depend on it, whoever registered it."""
+    is the guide's when the guide's latent sites use it and the model's densities do not use
+    it directly, whoever registered it."""
 
     model: torch.Tensor
     guide: torch.Tensor
@@ -51,8 +53,9 @@ class SplitLoss:
     ) -> SplitLoss:
         """Split the parameters the draws' traces touched.
 
-        The split is read from the autograd graph once per parameter set: pass the same
-        ``cache`` dict on every step (engines keep one) and later steps only look it up.
+        The split is read from the autograd graph (a walk, no extra backward pass) once per
+        parameter set: pass the same ``cache`` dict on every step (engines keep one) and later
+        steps only look it up.
         Without gradients (``engine.loss``) nothing is split: there is no backward pass.
         """
         model_params: dict[str, torch.Tensor] = {}
@@ -66,8 +69,10 @@ class SplitLoss:
         if key not in cache:
             if not torch.is_grad_enabled():
                 return SplitLoss(model_loss, guide_loss, [], [])
-            used = set().union(*(guide_dependent(g, params) for _, g, _ in draws))
-            model, guide = split_params(model_params, guide_params, used)
+            guide_uses = set().union(*(used_by_guide(g, params) for _, g, _ in draws))
+            suspects = {n: params[n] for n in guide_uses if n in model_params}
+            model_uses = set().union(*(used_by_model(m, g, suspects) for m, g, _ in draws))
+            model, guide = split_params(model_params, guide_params, guide_uses, model_uses)
             cache[key] = (list(model), list(guide))
         model_names, guide_names = cache[key]
         return SplitLoss(

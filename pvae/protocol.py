@@ -444,35 +444,82 @@ def trace_params(trace: Trace) -> dict[str, torch.Tensor]:
 #
 # Ownership follows use, not registration: Pyro's own examples register every network in the
 # model (``pyro.module("name", self)``), encoder included, so the traces' param sites do not
-# say which side a parameter is on. A parameter is the guide's when the guide's latent sites
-# depend on it: when it is in the autograd graph of their values or of their log densities.
+# say which side a parameter is on. Use is read from the autograd graph: a parameter is
+# reached from the guide's latent sites (their values and log densities), and/or from the
+# model's log densities by a path that does not go through the guide's samples.
 
 
-def guide_dependent(guide_trace: Trace, params: dict[str, torch.Tensor]) -> set[str]:
-    """The names of ``params`` that the guide's latent sites depend on, read from the autograd
-    graph of their values and log densities (one ``torch.autograd.grad`` pass; the graph is
-    kept for the engine's own backward). Needs the trace to have been run with gradients."""
-    outputs = []
-    for site in guide_trace.nodes.values():
-        if site["type"] != "sample" or site["is_observed"]:
+def _reached(outputs: list, params: dict[str, torch.Tensor], stop: Iterable = ()) -> set[str]:
+    """The names of ``params`` reachable in the autograd graph from ``outputs`` without
+    passing through a tensor of ``stop`` (a walk of the graph: nothing is computed)."""
+    by_id = {id(p): name for name, p in params.items()}
+    stop_nodes, stop_leaves = set(), set()
+    for tensor in stop:
+        if tensor.grad_fn is not None:
+            stop_nodes.add(tensor.grad_fn)
+        else:
+            stop_leaves.add(id(tensor))
+    found: set[str] = set()
+    seen: set = set()
+    nodes: list = [o.grad_fn for o in outputs if isinstance(o, torch.Tensor) and o.grad_fn]
+    found.update(by_id[id(o)] for o in outputs if id(o) in by_id and id(o) not in stop_leaves)
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen or node in stop_nodes:
             continue
-        value = site["value"]
-        outputs.append(site["fn"].log_prob(value).sum())  # type: ignore[attr-defined]
-        if isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
-            outputs.append(value.sum())
-    return _dependent(outputs, params, retain_graph=True)
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf tensor
+        if variable is not None and id(variable) not in stop_leaves and id(variable) in by_id:
+            found.add(by_id[id(variable)])
+        nodes.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+    return found
+
+
+def _guide_latents(guide_trace: Trace) -> list[Site]:
+    return [
+        site
+        for site in guide_trace.nodes.values()
+        if site["type"] == "sample" and not site["is_observed"]
+    ]
+
+
+def used_by_guide(guide_trace: Trace, params: dict[str, torch.Tensor]) -> set[str]:
+    """The names of ``params`` that the guide's latent sites (values, log densities) use."""
+    outputs = []
+    for site in _guide_latents(guide_trace):
+        outputs += [site["value"], site["fn"].log_prob(site["value"])]  # type: ignore[attr-defined]
+    return _reached(outputs, params)
+
+
+def used_by_model(
+    model_trace: Trace, guide_trace: Trace, params: dict[str, torch.Tensor]
+) -> set[str]:
+    """The names of ``params`` that the model's log densities use directly, not through the
+    guide's samples (``model_trace`` replayed on ``guide_trace``)."""
+    outputs = [
+        site["fn"].log_prob(site["value"])  # type: ignore[attr-defined]
+        for site in model_trace.nodes.values()
+        if site["type"] == "sample"
+    ]
+    stop = [s["value"] for s in _guide_latents(guide_trace) if isinstance(s["value"], torch.Tensor)]
+    return _reached(outputs, params, stop)
 
 
 def split_params(
     model_params: dict[str, torch.Tensor],
     guide_params: dict[str, torch.Tensor],
-    used_by_guide: set[str],
+    guide_uses: set[str],
+    model_uses: set[str],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The ownership rule. ``model_params``/``guide_params``: what each trace touched;
-    ``used_by_guide``: the names the guide's latent sites depend on (:func:`guide_dependent`).
+    ``guide_uses``/``model_uses``: the names each side uses (:func:`used_by_guide`,
+    :func:`used_by_model`).
 
-    A parameter is the guide's when the guide's latent sites depend on it, or when only the
-    guide touches it; every other parameter is the model's.
+    A parameter is the guide's when the guide's latent sites use it (or only the guide's trace
+    touches it) and the model's densities do not use it directly, whoever registered it. A
+    parameter both sides use (a prior network that a ladder guide merges with, a prior used as
+    a proposal) stays the model's: engines that give the guide its own objective (PIWAE,
+    DReG) would otherwise train a part of the generative model with the guide's objective.
 
     :returns: ``(model_params, guide_params)``, guide first in the order the pair touches them.
     """
@@ -480,7 +527,7 @@ def split_params(
     guide = {
         name: p
         for name, p in touched.items()
-        if name in used_by_guide or (name in guide_params and name not in model_params)
+        if (name in guide_uses or name not in model_params) and name not in model_uses
     }
     model = {name: p for name, p in touched.items() if name not in guide}
     return model, guide
@@ -520,73 +567,45 @@ def param_split(
     model: Callable, guide: Callable, args: tuple, kwargs: dict | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The pair's parameters (created if new), split by use (:func:`split_params`), from one
-    run of the guide and of the model replayed on it (blocked, with torch's random state left
-    as found).
+    run of the guide (with gradients) and of the model replayed on it (without), blocked, with
+    torch's random state left as found. ``pvae.fit`` calls it once, before training.
 
-    Also checks, once: that every module parameter the pair registers is the tensor Pyro's
-    store hands back (else a ValueError naming it: two models with one name), and warns when
-    a parameter feeds both the guide's latents and the model's densities directly (it is then
-    trained as the guide's).
+    Also checks that every module parameter the pair registers is the tensor Pyro's store
+    hands back (else a ValueError naming it: two models with one name), and warns when a
+    parameter feeds both the guide's latents and the model's densities directly (it is then
+    trained as the guide's); only when the model touches some of the guide's parameters is it
+    run a second time, with gradients, to tell.
 
     :returns: ``(model_params, guide_params)``: unconstrained tensors by name, guide first in
         the order the pair touches them.
     """
     kwargs = kwargs or {}
-    with (
-        poutine.block(),
-        _OwnParams(),
-        torch.enable_grad(),
-        torch.random.fork_rng(devices=[]),
-    ):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        guide_params = trace_params(guide_trace)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-        model_params = trace_params(model_trace)
-        used_by_guide = guide_dependent(guide_trace, {**guide_params, **model_params})
-        both = used_by_guide & _model_dependent(model, guide_trace, args, kwargs, model_params)
+    with poutine.block(), torch.random.fork_rng(devices=[]):
+        with _OwnParams(), torch.enable_grad():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        replayed = poutine.trace(poutine.replay(model, trace=guide_trace))
+        with _OwnParams(), torch.no_grad():
+            model_trace = replayed.get_trace(*args, **kwargs)
+        guide_params, model_params = trace_params(guide_trace), trace_params(model_trace)
+        params = {**guide_params, **model_params}
+        guide_uses = used_by_guide(guide_trace, params)
+        # only when the model touches some of the guide's parameters (registered there, or
+        # used) is it run again, with gradients, to see which it uses itself
+        suspects = {name: params[name] for name in guide_uses if name in model_params}
+        model_uses: set[str] = set()
+        if suspects:
+            with torch.enable_grad():
+                model_trace = replayed.get_trace(*args, **kwargs)
+            model_uses = used_by_model(model_trace, guide_trace, suspects)
+    both = guide_uses & model_uses
     if both:
         warnings.warn(
             f"parameters {sorted(both)} feed both the guide's latent sites and the model's "
-            "densities; they are trained as the guide's (engines that give the guide its own "
-            "objective, PIWAE and DReG, do not give them the model's gradient)",
+            "densities; they are trained as the model's (engines that give the guide its own "
+            "objective, PIWAE and DReG, give them the model's)",
             stacklevel=2,
         )
-    return split_params(model_params, guide_params, used_by_guide)
-
-
-def _model_dependent(
-    model: Callable, guide_trace: Trace, args: tuple, kwargs: dict, params: dict
-) -> set[str]:
-    """The names of ``params`` the model's densities depend on directly (not through the
-    guide's samples): the model replayed on the guide's values cut from the graph."""
-    detached = Trace()
-    for name, node in guide_trace.nodes.items():
-        if node["type"] == "sample":
-            value = node["value"]
-            if isinstance(value, torch.Tensor):
-                value = value.detach()
-            detached.add_node(name, **{**node, "value": value})
-    trace = poutine.trace(poutine.replay(model, trace=detached)).get_trace(*args, **kwargs)
-    outputs = [
-        site["fn"].log_prob(site["value"]).sum()  # type: ignore[attr-defined]
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-    ]
-    return _dependent(outputs, params)
-
-
-def _dependent(outputs: list, params: dict[str, torch.Tensor], retain_graph=False) -> set[str]:
-    """The names of ``params`` in the autograd graph of ``outputs`` (scalars)."""
-    outputs = [o for o in outputs if o.requires_grad]
-    candidates = [(name, p) for name, p in params.items() if p.requires_grad]
-    if not outputs or not candidates:
-        return set()
-    grads = torch.autograd.grad(
-        outputs, [p for _, p in candidates], retain_graph=retain_graph, allow_unused=True
-    )
-    return {name for (name, _), grad in zip(candidates, grads, strict=True) if grad is not None}
+    return split_params(model_params, guide_params, guide_uses, model_uses)
 
 
 def check_reparameterized(guide_trace: Trace, engine: str) -> None:
