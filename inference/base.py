@@ -28,7 +28,10 @@ from pvae.protocol import (
     get_traces,
     guess_max_plate_nesting,
     log_weights,
+    split_params,
     trace_params,
+    used_by_guide,
+    used_by_model,
 )
 from pvae.steps import StepRecord
 
@@ -36,7 +39,9 @@ from pvae.steps import StepRecord
 @dataclass
 class SplitLoss:
     """Two surrogates: ``model`` differentiated for the model's parameters only, ``guide`` for
-    the guide's only. A parameter that both traces touch counts as the model's."""
+    the guide's only. Ownership follows use (:func:`pvae.protocol.split_params`): a parameter
+    is the guide's when the guide's latent sites use it and the model's densities do not use
+    it directly, whoever registered it."""
 
     model: torch.Tensor
     guide: torch.Tensor
@@ -44,16 +49,41 @@ class SplitLoss:
     guide_params: list[torch.Tensor]
 
     @staticmethod
-    def from_draws(model_loss, guide_loss, draws) -> SplitLoss:
+    def from_draws(
+        model_loss: torch.Tensor,
+        guide_loss: torch.Tensor,
+        draws: list,
+        cache: dict | None = None,
+    ) -> SplitLoss:
+        """Split the parameters the draws' traces touched.
+
+        The split is read from the autograd graph (a walk, no extra backward pass) once per
+        parameter set: pass the same ``cache`` dict on every step (engines keep one) and later
+        steps only look it up.
+        Without gradients (``engine.loss``) nothing is split: there is no backward pass.
+        """
         model_params: dict[str, torch.Tensor] = {}
         guide_params: dict[str, torch.Tensor] = {}
         for model_trace, guide_trace, _ in draws:
             model_params.update(trace_params(model_trace))
             guide_params.update(trace_params(guide_trace))
-        for name in model_params:
-            guide_params.pop(name, None)
+        params = {**guide_params, **model_params}
+        key = tuple((name, id(p)) for name, p in params.items())
+        cache = {} if cache is None else cache
+        if key not in cache:
+            if not torch.is_grad_enabled():
+                return SplitLoss(model_loss, guide_loss, [], [])
+            guide_uses = set().union(*(used_by_guide(g, params) for _, g, _ in draws))
+            suspects = {n: params[n] for n in guide_uses if n in model_params}
+            model_uses = set().union(*(used_by_model(m, g, suspects) for m, g, _ in draws))
+            model, guide = split_params(model_params, guide_params, guide_uses, model_uses)
+            cache[key] = (list(model), list(guide))
+        model_names, guide_names = cache[key]
         return SplitLoss(
-            model_loss, guide_loss, list(model_params.values()), list(guide_params.values())
+            model_loss,
+            guide_loss,
+            [params[n] for n in model_names],
+            [params[n] for n in guide_names],
         )
 
     def backward(self) -> None:

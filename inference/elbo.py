@@ -25,11 +25,12 @@ from dataclasses import dataclass
 import torch
 
 from pvae.kl import kl_elements
-from pvae.protocol import check_reparameterized, latent_sites
+from pvae.protocol import check_reparameterized, detach_distribution, latent_sites
 
 from .base import Engine
 
 Schedule = Callable[[int], float]
+ESTIMATORS = ("reparam", "stl")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,20 @@ class CyclicalAnnealing:
         return self.start + (self.end - self.start) * fraction
 
 
+def _with_stl_gradient(elements, guide_site: dict, model_site: dict, event_dims: int):
+    """``elements``' value with the STL gradient: that of log q(z) - log p(z) with the
+    guide's parameters detached inside q, per element (the ``Independent`` wrappers of
+    :meth:`ELBO._kl_elements` removed the same way)."""
+    q, p = detach_distribution(guide_site["fn"]), model_site["fn"]
+    removed = 0
+    while removed < event_dims:
+        removed += q.reinterpreted_batch_ndims
+        q, p = q.base_dist, p.base_dist
+    z = guide_site["value"]
+    stl = q.log_prob(z) - p.log_prob(z)
+    return elements.detach() + (stl - stl.detach())
+
+
 class ELBO(Engine):
     """Evidence lower bound, usable in ``pyro.infer.SVI`` and ``pvae.fit``.
 
@@ -70,6 +85,14 @@ class ELBO(Engine):
     :param free_bits: nats per latent dimension below which the KL is not pushed down
         (``max(free_bits, E_batch KL_d)``); 0 disables it.
     :param analytic_kl: use closed-form KLs where registered.
+    :param estimator: the guide's gradient. ``"reparam"`` differentiates the bound as it is
+        computed (analytic KL included). ``"stl"`` (sticking the landing, Roeder et al. 2017)
+        differentiates log p(x, z) - log q(z | x) with the guide's parameters detached inside
+        log q, so only the path through z carries gradient: unbiased for the ELBO and of zero
+        variance at the exact posterior. An analytic KL would differentiate q's parameters
+        directly, so under STL each KL term keeps its value (the reported bound and the
+        loss are unchanged) and takes its gradient from the STL estimate
+        log q_detached(z) - log p(z).
     """
 
     def __init__(
@@ -80,8 +103,15 @@ class ELBO(Engine):
         analytic_kl: bool = True,
         vectorize_particles: bool = True,
         max_plate_nesting: float = float("inf"),
+        estimator: str = "reparam",
     ):
         super().__init__(num_particles, vectorize_particles, max_plate_nesting)
+        if estimator not in ESTIMATORS:
+            raise ValueError(
+                f"unknown estimator {estimator!r} for the ELBO; choose one of {ESTIMATORS} "
+                "(DReG of the ELBO is STL)"
+            )
+        self.estimator = estimator
         if not callable(beta) and float(beta) < 0:
             raise ValueError(f"beta must be non-negative, got {beta}")
         if free_bits < 0:
@@ -142,6 +172,8 @@ class ELBO(Engine):
             analytic = self._analytic_allowed(model_trace, guide_trace)
             for _, guide_site, model_site in latent_sites(model_trace, guide_trace):
                 elements, event_dims = self._kl_elements(guide_site, model_site, analytic)
+                if self.estimator == "stl":
+                    elements = _with_stl_gradient(elements, guide_site, model_site, event_dims)
                 term = reduce(elements, guide_site, event_dims)  # (K', B', D)
                 local = reduce.is_local(guide_site)
                 kl = kl + total(term, local)

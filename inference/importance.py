@@ -20,7 +20,11 @@ Estimators of the guide's gradient (``estimator=``):
 
 - ``"reparam"``: differentiate the bound through z and log q.
 - ``"stl"`` (Roeder et al. 2017): log q is evaluated with the guide's parameters detached, so
-  only the path through z carries gradient; zero variance at the exact posterior.
+  only the path through z carries gradient; zero variance at the exact posterior. Unbiased
+  for the ELBO only: for an importance-weighted objective with K > 1 particles per group
+  (IWAE, MIWAE with K > 1, CIWAE with beta < 1, PIWAE's MIWAE guide objective) the dropped
+  score term sum_k w~_k d log q(z_k) / d phi does not vanish in expectation, so STL is biased
+  (Tucker et al. 2018); the engines warn. Use ``"dreg"`` there.
 - ``"dreg"`` (Tucker et al. 2018): the guide's gradient is sum_k stopgrad(w~_k^2) d log w_k
   along the path through z_k (w~ the normalised weights within each group); unbiased for
   IWAE, and its SNR grows with K. The model's gradient is unchanged.
@@ -28,6 +32,7 @@ Estimators of the guide's gradient (``estimator=``):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -84,6 +89,14 @@ class _ImportanceEngine(Engine):
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
         self.estimator = estimator
+        self._owners: dict = {}  # the model/guide parameter split, computed once
+        if estimator == "stl" and any(k > 1 and c != 0 for k, c in self.guide_terms()):
+            warnings.warn(
+                f"{type(self).__name__} with estimator='stl' and K > 1 particles per group: "
+                "the STL gradient of an importance-weighted bound is biased (Tucker et al. "
+                "2018); use estimator='dreg', which is unbiased",
+                stacklevel=3,
+            )
 
     # What the model ascends and what the guide ascends, as (num_inner, weight) pairs mixed
     # linearly: IWAE is [(K, 1)], CIWAE [(1, beta), (K, 1 - beta)].
@@ -113,7 +126,8 @@ class _ImportanceEngine(Engine):
         guide_fn = dreg_surrogate if self.estimator == "dreg" else group_bound
         guide_objective = self._mix(weights, self.guide_terms(), guide_fn)
         self.guide_bound = float(self._mix(weights, self.guide_terms(), group_bound).detach())
-        return SplitLoss.from_draws(-bound, -guide_objective, draws), bound
+        loss = SplitLoss.from_draws(-bound, -guide_objective, draws, self._owners)
+        return loss, bound
 
 
 class IWAE(_ImportanceEngine):

@@ -82,6 +82,7 @@ def log_likelihood(
     chunk_size: int | None = None,
     batch_size: int = 100,
     progress: bool = False,
+    vectorize_particles: bool = True,
     **kwargs: Any,
 ) -> torch.Tensor:
     """Importance-sampled log p(x_n) for every datapoint, in nats (higher is better).
@@ -93,6 +94,12 @@ def log_likelihood(
     :param chunk_size: particles drawn per vectorised run; defaults to
         ``max(1, 10_000 // batch_size)``.
     :param batch_size: datapoints per run.
+    :param vectorize_particles: draw ``chunk_size`` particles per run under a vectorised
+        particle plate (default), or one particle per run, in a loop: for pairs that cannot be
+        vectorised (boolean-mask indexing, ``torch.cat`` of particle-dependent and
+        per-datapoint tensors). Both consume the random stream in the same order, so with the
+        same draws they give the same values.
+    :param kwargs: keyword arguments of the model and the guide.
     :returns: tensor of shape ``(N,)``.
 
     Memory: at most ``chunk_size * batch_size`` samples are alive at once, so peak memory is
@@ -105,7 +112,11 @@ def log_likelihood(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     chunk_size = chunk_size or max(1, 10_000 // batch_size)
+    if not vectorize_particles:
+        chunk_size = 1  # one particle per run: no particle plate
     n = num_items(data)
     results = []
     nesting: int | None = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,12 @@ class _ScaleDataPlate(Messenger):
     messenger records the full size on the plate's frame and multiplies the site's scale, so
     that per-datapoint terms count N/B times and global terms once. Plates that already
     subsample (``pyro.plate("data", N, subsample_size=B)``) are left as they are.
+
+    A plate without a size (``pyro.plate("data")``, as in Pyro's CVAE and SS-VAE examples)
+    has ``size == full_size == -1`` on its frame; the batch size B is then read from the
+    site itself (its batch shape, or its observed value, at the plate's dim) and written on
+    the frame. A site that has no such dimension (a ``pyro.deterministic`` of the whole batch)
+    is left as it is.
     """
 
     def __init__(self, num_data: int):
@@ -64,11 +71,37 @@ class _ScaleDataPlate(Messenger):
         stack = msg["cond_indep_stack"]
         for i, frame in enumerate(stack):
             if frame.name == DATA_PLATE and frame.full_size in (None, frame.size):
+                size = frame.size
+                if size is None or size < 0:
+                    size = site_batch_size(msg, frame)
+                    if size is None:
+                        return
                 msg["cond_indep_stack"] = (
-                    stack[:i] + (frame._replace(full_size=self.num_data),) + stack[i + 1 :]
+                    stack[:i]
+                    + (frame._replace(size=size, full_size=self.num_data),)
+                    + stack[i + 1 :]
                 )
-                msg["scale"] = msg["scale"] * (self.num_data / frame.size)
+                msg["scale"] = msg["scale"] * (self.num_data / size)
                 return
+
+
+def site_batch_size(site: Site, frame: CondIndepStackFrame) -> int | None:
+    """The size of ``site`` along ``frame``'s dim: from its distribution's batch shape or, where
+    that broadcasts (size 1), from its value's; None when neither has that dimension."""
+    if frame.dim is None:
+        return None
+    sizes = []
+    fn = site["fn"]
+    batch_shape = getattr(fn, "batch_shape", None)
+    if batch_shape is not None and len(batch_shape) >= -frame.dim:
+        sizes.append(int(batch_shape[frame.dim]))
+    value = site["value"]
+    if isinstance(value, torch.Tensor) and batch_shape is not None:
+        event_dim = len(getattr(fn, "event_shape", ()))
+        value_batch = value.shape[: value.dim() - event_dim]
+        if len(value_batch) >= -frame.dim:
+            sizes.append(int(value_batch[frame.dim]))
+    return max(sizes) if sizes else None
 
 
 def scale_to_data(fn: Callable, num_data: int) -> Callable:
@@ -169,7 +202,8 @@ def get_traces(
             f"the {where} could not be run with {num_particles} vectorised particles: it failed "
             f"{after}. Particles add a leading dimension at dim={-(max_plate_nesting + 1)}; "
             "write shapes with negative indices (x.shape[-1], reshape(*x.shape[:-1], ...)) "
-            "or pass vectorize_particles=False to the engine. Original error: "
+            "or pass vectorize_particles=False (the engines and pvae.log_likelihood take it). "
+            "Original error: "
             f"{type(error).__name__}: {error}"
         ) from error
     return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
@@ -180,15 +214,31 @@ def get_traces(
 
 
 def find_data_frame(*traces: Trace) -> CondIndepStackFrame | None:
-    """The frame of the ``"data"`` plate in the traces, or None when there is none."""
+    """The frame of the ``"data"`` plate in the traces, or None when there is none.
+
+    A plate without a size (``pyro.plate("data")``) leaves ``size == -1`` on its frames; the
+    size is then read from the sites in it (:func:`site_batch_size`), and a full size that is
+    unknown too becomes that batch size (the plate does not subsample).
+    """
+    unsized: CondIndepStackFrame | None = None
+    batch = 0
     for trace in traces:
         for site in trace.nodes.values():
             if site["type"] != "sample":
                 continue
             for frame in site["cond_indep_stack"]:
-                if frame.name == DATA_PLATE and frame.vectorized:
+                if frame.name != DATA_PLATE or not frame.vectorized:
+                    continue
+                if frame.size is not None and frame.size >= 0:
                     return frame
-    return None
+                unsized = unsized or frame
+                batch = max(batch, site_batch_size(site, frame) or 0)
+    if unsized is None or batch == 0:
+        return unsized
+    full_size = unsized.full_size
+    if full_size is None or full_size < 0:
+        full_size = batch
+    return unsized._replace(size=batch, full_size=full_size)
 
 
 @dataclass
@@ -335,24 +385,6 @@ class LogWeights:
             parts[0].global_latents,
         )
 
-    def elbo(self) -> torch.Tensor:
-        """Mean over particles of the full-data log weight (the ELBO estimate)."""
-        return (self.data_scale * self.local.sum(-1) + self.global_).mean()
-
-    def iwae(self, num_inner: int | None = None) -> torch.Tensor:
-        """Per-datapoint log-mean-exp over particles, then the N/B scale.
-
-        With ``num_inner`` the ``K = M * num_inner`` particles are split into ``M`` groups of
-        ``num_inner`` and the result is averaged over groups (MIWAE).
-        """
-        local = self.local
-        if num_inner is not None:
-            local = local.reshape(-1, num_inner, local.shape[-1])  # (M, K, B)
-            value = log_mean_exp(local, dim=1).mean(0)
-        else:
-            value = log_mean_exp(local, dim=0)
-        return self.data_scale * value.sum() + self.global_.mean()
-
 
 def log_mean_exp(value: torch.Tensor, dim: int) -> torch.Tensor:
     """``log(mean(exp(value), dim))`` computed stably."""
@@ -407,18 +439,173 @@ def trace_params(trace: Trace) -> dict[str, torch.Tensor]:
     }
 
 
+# --------------------------------------------------------------------------------------------
+# Which parameters are the model's and which the guide's.
+#
+# Ownership follows use, not registration: Pyro's own examples register every network in the
+# model (``pyro.module("name", self)``), encoder included, so the traces' param sites do not
+# say which side a parameter is on. Use is read from the autograd graph: a parameter is
+# reached from the guide's latent sites (their values and log densities), and/or from the
+# model's log densities by a path that does not go through the guide's samples.
+
+
+def _reached(outputs: list, params: dict[str, torch.Tensor], stop: Iterable = ()) -> set[str]:
+    """The names of ``params`` reachable in the autograd graph from ``outputs`` without
+    passing through a tensor of ``stop`` (a walk of the graph: nothing is computed)."""
+    by_id = {id(p): name for name, p in params.items()}
+    stop_nodes, stop_leaves = set(), set()
+    for tensor in stop:
+        if tensor.grad_fn is not None:
+            stop_nodes.add(tensor.grad_fn)
+        else:
+            stop_leaves.add(id(tensor))
+    found: set[str] = set()
+    seen: set = set()
+    nodes: list = [o.grad_fn for o in outputs if isinstance(o, torch.Tensor) and o.grad_fn]
+    found.update(by_id[id(o)] for o in outputs if id(o) in by_id and id(o) not in stop_leaves)
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen or node in stop_nodes:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf tensor
+        if variable is not None and id(variable) not in stop_leaves and id(variable) in by_id:
+            found.add(by_id[id(variable)])
+        nodes.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+    return found
+
+
+def _guide_latents(guide_trace: Trace) -> list[Site]:
+    return [
+        site
+        for site in guide_trace.nodes.values()
+        if site["type"] == "sample" and not site["is_observed"]
+    ]
+
+
+def used_by_guide(guide_trace: Trace, params: dict[str, torch.Tensor]) -> set[str]:
+    """The names of ``params`` that the guide's latent sites (values, log densities) use."""
+    outputs = []
+    for site in _guide_latents(guide_trace):
+        outputs += [site["value"], site["fn"].log_prob(site["value"])]  # type: ignore[attr-defined]
+    return _reached(outputs, params)
+
+
+def used_by_model(
+    model_trace: Trace, guide_trace: Trace, params: dict[str, torch.Tensor]
+) -> set[str]:
+    """The names of ``params`` that the model's log densities use directly, not through the
+    guide's samples (``model_trace`` replayed on ``guide_trace``)."""
+    outputs = [
+        site["fn"].log_prob(site["value"])  # type: ignore[attr-defined]
+        for site in model_trace.nodes.values()
+        if site["type"] == "sample"
+    ]
+    stop = [s["value"] for s in _guide_latents(guide_trace) if isinstance(s["value"], torch.Tensor)]
+    return _reached(outputs, params, stop)
+
+
+def split_params(
+    model_params: dict[str, torch.Tensor],
+    guide_params: dict[str, torch.Tensor],
+    guide_uses: set[str],
+    model_uses: set[str],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The ownership rule. ``model_params``/``guide_params``: what each trace touched;
+    ``guide_uses``/``model_uses``: the names each side uses (:func:`used_by_guide`,
+    :func:`used_by_model`).
+
+    A parameter is the guide's when the guide's latent sites use it (or only the guide's trace
+    touches it) and the model's densities do not use it directly, whoever registered it. A
+    parameter both sides use (a prior network that a ladder guide merges with, a prior used as
+    a proposal) stays the model's: engines that give the guide its own objective (PIWAE,
+    DReG) would otherwise train a part of the generative model with the guide's objective.
+
+    :returns: ``(model_params, guide_params)``, guide first in the order the pair touches them.
+    """
+    touched = {**guide_params, **model_params}
+    guide = {
+        name: p
+        for name, p in touched.items()
+        if (name in guide_uses or name not in model_params) and name not in model_uses
+    }
+    model = {name: p for name, p in touched.items() if name not in guide}
+    return model, guide
+
+
+class _OwnParams(Messenger):
+    """Checks that ``pyro.param(name, module_parameter)`` hands back the module's own tensor.
+
+    ``pyro.module(name, m)`` and a ``PyroModule``'s ``nn.Parameter`` attributes call
+    ``pyro.param`` with the module's parameter as initial value. Pyro's parameter store is
+    global and keyed by name: when a parameter of that name is already stored (an earlier
+    model built with the same name), the store returns its own tensor, the module keeps using
+    its parameter, and an optimiser of the traced parameters would train the other model's.
+    """
+
+    def _postprocess_message(self, msg: Any) -> None:
+        if msg["type"] != "param" or len(msg["args"]) < 2:
+            return
+        own = msg["args"][1]
+        if not isinstance(own, torch.nn.Parameter):
+            return
+        value = msg["value"]
+        stored = value.unconstrained() if hasattr(value, "unconstrained") else value
+        if stored is not own:
+            name = msg["name"]
+            raise ValueError(
+                f"parameter {name!r} in Pyro's parameter store is not the tensor its module "
+                "holds: Pyro's store is global and keyed by name, and an earlier module "
+                f"registered {name!r} first (two models built with the same name, or a store "
+                "loaded from a file), so training would update the other tensor while this "
+                "module keeps its own. Give each model its own name (pyro.module(name, ...) or "
+                "the model's name argument) or call pyro.clear_param_store() before building it"
+            )
+
+
 def param_split(
     model: Callable, guide: Callable, args: tuple, kwargs: dict | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The pair's parameters (created if new), read from the traces of one run.
+    """The pair's parameters (created if new), split by use (:func:`split_params`), from one
+    run of the guide (with gradients) and of the model replayed on it (without), blocked, with
+    torch's random state left as found. ``pvae.fit`` calls it once, before training.
+
+    Also checks that every module parameter the pair registers is the tensor Pyro's store
+    hands back (else a ValueError naming it: two models with one name), and warns when a
+    parameter feeds both the guide's latents and the model's densities directly (it is then
+    trained as the guide's); only when the model touches some of the guide's parameters is it
+    run a second time, with gradients, to tell.
 
     :returns: ``(model_params, guide_params)``: unconstrained tensors by name, guide first in
-        the order the pair touches them; a parameter both touch counts as the model's.
+        the order the pair touches them.
     """
-    model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
-    model_params = trace_params(model_trace)
-    guide_params = {k: v for k, v in trace_params(guide_trace).items() if k not in model_params}
-    return model_params, guide_params
+    kwargs = kwargs or {}
+    with poutine.block(), torch.random.fork_rng(devices=[]):
+        with _OwnParams(), torch.enable_grad():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        replayed = poutine.trace(poutine.replay(model, trace=guide_trace))
+        with _OwnParams(), torch.no_grad():
+            model_trace = replayed.get_trace(*args, **kwargs)
+        guide_params, model_params = trace_params(guide_trace), trace_params(model_trace)
+        params = {**guide_params, **model_params}
+        guide_uses = used_by_guide(guide_trace, params)
+        # only when the model touches some of the guide's parameters (registered there, or
+        # used) is it run again, with gradients, to see which it uses itself
+        suspects = {name: params[name] for name in guide_uses if name in model_params}
+        model_uses: set[str] = set()
+        if suspects:
+            with torch.enable_grad():
+                model_trace = replayed.get_trace(*args, **kwargs)
+            model_uses = used_by_model(model_trace, guide_trace, suspects)
+    both = guide_uses & model_uses
+    if both:
+        warnings.warn(
+            f"parameters {sorted(both)} feed both the guide's latent sites and the model's "
+            "densities; they are trained as the model's (engines that give the guide its own "
+            "objective, PIWAE and DReG, give them the model's)",
+            stacklevel=2,
+        )
+    return split_params(model_params, guide_params, guide_uses, model_uses)
 
 
 def check_reparameterized(guide_trace: Trace, engine: str) -> None:

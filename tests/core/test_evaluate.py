@@ -1,7 +1,10 @@
 """The importance-sampled log-likelihood against the exact log p(x) of a linear-Gaussian VAE."""
 
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
+from conftest import LinearGaussian
 
 import pvae
 
@@ -84,3 +87,43 @@ def test_missing_data_plate_is_refused():
 
     with pytest.raises(ValueError, match="pyro.plate\\('data'"):
         pvae.log_likelihood(model, guide, torch.zeros(4), num_samples=2)
+
+
+# ---- log_likelihood without vectorised particles ---------------------------------------------
+
+
+class BankNormal(dist.Normal):
+    """A Normal whose reparameterised draws take the next rows of a fixed bank of noise, one
+    row (batch, z_dim) per particle: a vectorised run of k particles and k single runs then
+    see the same noise in the same order."""
+
+    bank: torch.Tensor
+    used = 0
+
+    def rsample(self, sample_shape=()):
+        shape = self._extended_shape(torch.Size(sample_shape))
+        rows = shape.numel() // self.bank[0].numel()
+        eps = BankNormal.bank[BankNormal.used : BankNormal.used + rows].reshape(shape)
+        BankNormal.used += rows
+        return self.loc + self.scale * eps
+
+
+def test_log_likelihood_loops_over_particles_with_the_same_draws():
+    lg = LinearGaussian(orthogonal=True)
+    x = lg.sample(6)
+    mean, cov = lg.posterior(x)
+
+    def guide(x):  # a wrong guide, so the estimate depends on the draws
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", BankNormal(mean + 0.3, 1.4 * cov.diagonal().sqrt()).to_event(1))
+
+    BankNormal.bank = torch.randn(100, 6, 2, generator=torch.Generator().manual_seed(0))
+    estimates = {}
+    for vectorize in (True, False):
+        BankNormal.used = 0
+        estimates[vectorize] = pvae.log_likelihood(
+            lg.model, guide, x, num_samples=40, chunk_size=16, vectorize_particles=vectorize
+        )
+        assert BankNormal.used == 41  # one draw to read the plates, then 40 particles
+    torch.testing.assert_close(estimates[False], estimates[True], rtol=0, atol=1e-12)
+    assert (estimates[True] - lg.log_px(x)).abs().max() > 1e-3  # the draws matter

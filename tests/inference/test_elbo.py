@@ -248,3 +248,77 @@ def test_unvectorisable_model_names_the_site():
         ELBO(num_particles=4).loss(model, guide, x)
     # the loop fallback works
     ELBO(num_particles=4, vectorize_particles=False).loss(model, guide, x)
+
+
+# ---- estimator="stl" (Roeder et al. 2017) -------------------------------------------------
+
+
+def _grads(engine, pair, x, names):
+    from test_importance import run_engine
+
+    value, grads, _, _ = run_engine(engine, pair, x)
+    return value, torch.cat([grads[n].reshape(-1) for n in names])
+
+
+@pytest.mark.parametrize("analytic_kl", [True, False])
+def test_stl_guide_gradient_vanishes_at_the_exact_posterior(analytic_kl):
+    from test_importance import GUIDE_PARAMS, MODEL_PARAMS, make_pair
+
+    pair, x = make_pair(n=4)  # mean-field guide at the exact posterior (orthogonal W)
+    values, guide_grads, model_grads = {}, {}, {}
+    for estimator in ("reparam", "stl"):
+        engine = ELBO(num_particles=3, analytic_kl=analytic_kl, estimator=estimator)
+        pyro.set_rng_seed(0)
+        values[estimator], guide_grads[estimator] = _grads(engine, pair, x, GUIDE_PARAMS)
+        pyro.set_rng_seed(0)
+        _, model_grads[estimator] = _grads(engine, pair, x, MODEL_PARAMS)
+    assert values["stl"] == values["reparam"]  # same draws: the same bound, analytic KL or not
+    if not analytic_kl:  # every log w = log p(x) at the exact posterior
+        assert values["stl"] == pytest.approx(pair.lg.log_px(x).sum().item(), abs=1e-8)
+    assert guide_grads["stl"].abs().max() < 1e-10
+    assert guide_grads["reparam"].abs().max() > 1e-2  # the score term: zero in mean only
+    # the model's parameters (not in the prior) get the same gradient either way
+    torch.testing.assert_close(model_grads["stl"], model_grads["reparam"])
+
+
+@pytest.mark.parametrize("analytic_kl", [True, False])
+def test_stl_gradient_is_unbiased_for_the_elbo(analytic_kl):
+    """Away from the optimum, the mean of the STL gradient over many draws equals the mean of
+    the reparameterised one (the analytic-KL one when ``analytic_kl``)."""
+    from test_importance import GUIDE_PARAMS, MODEL_PARAMS, make_pair
+
+    pair, x = make_pair(n=3, offset=0.4, scale_factor=1.6)
+    repeats, particles = 30, 200
+    names = MODEL_PARAMS + GUIDE_PARAMS
+    samples = {}
+    for estimator in ("reparam", "stl"):
+        engine = ELBO(num_particles=particles, analytic_kl=analytic_kl, estimator=estimator)
+        samples[estimator] = torch.stack(
+            [_grads(engine, pair, x, names)[1] for _ in range(repeats)]
+        )
+    mean = {e: s.mean(0) for e, s in samples.items()}
+    error = {e: s.std(0) / math.sqrt(repeats) for e, s in samples.items()}
+    z = (mean["stl"] - mean["reparam"]).abs() / (error["stl"] ** 2 + error["reparam"] ** 2).sqrt()
+    # 23 gradient elements, each a difference of two means of 30 draws: 4.5 standard errors
+    # leaves a false alarm below 1% (t with 29 degrees of freedom).
+    assert z.max() < 4.5, z
+    guide = slice(-8, None)  # loc (3, 2) and log_scale (2,): far from zero here
+    assert (mean["reparam"][guide].abs() / error["reparam"][guide]).max() > 20
+
+
+def test_stl_changes_neither_the_loss_nor_the_bound_under_beta_and_free_bits():
+    from test_importance import make_pair
+
+    pair, x = make_pair(n=4, offset=0.3, scale_factor=1.2)
+    records = {}
+    for estimator in ("reparam", "stl"):
+        pyro.set_rng_seed(0)
+        engine = ELBO(beta=0.5, free_bits=0.3, estimator=estimator)
+        engine.loss_and_grads(pair.model, pair.guide, x)
+        records[estimator] = engine.last_record
+    assert records["stl"] == records["reparam"]
+
+
+def test_elbo_estimator_is_checked():
+    with pytest.raises(ValueError, match="estimator 'dreg'.*'reparam', 'stl'"):
+        ELBO(estimator="dreg")
