@@ -239,6 +239,7 @@ def load_parameters(model: PyroModule, ds: data.Splits, checkpoint: Path) -> dic
     saved = state.get("params")
     if not isinstance(saved, Mapping):
         raise DiagnoseError(f"{checkpoint} holds no parameters")
+    saved = _renamed(saved, getattr(model, "_pyro_name", None))
     missing = sorted(set(saved) ^ set(params))
     if missing:
         raise DiagnoseError(
@@ -259,6 +260,23 @@ def load_parameters(model: PyroModule, ds: data.Splits, checkpoint: Path) -> dic
         for name, value in saved.items():
             params[name].copy_(value)
     return state
+
+
+def _renamed(saved: Mapping[str, Any], prefix: str | None) -> Mapping[str, Any]:
+    """The checkpoint's parameters under the rebuilt zoo model's own name prefix.
+
+    A zoo model names its parameters ``<prefix>.<part>`` with a prefix of its own
+    (``vae``, ``vae_1``, ... when several live in one process, as in ``pvae compare``); the
+    rebuilt model may hold another prefix than the trained one. When every saved name shares
+    one prefix, it is replaced by the rebuilt model's.
+    """
+    if prefix is None:
+        return saved
+    prefixes = {name.split(".", 1)[0] for name in saved}
+    if len(prefixes) != 1 or not all("." in name for name in saved):
+        return saved
+    (old,) = prefixes
+    return {prefix + name[len(old) :]: value for name, value in saved.items()}
 
 
 @dataclass
