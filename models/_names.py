@@ -16,6 +16,7 @@ unaffected.
 
 from __future__ import annotations
 
+import gc
 import threading
 import weakref
 
@@ -40,6 +41,11 @@ def claim(name: str, owner: object) -> str:
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty string, got {name!r}")
+    if name in _LIVE:
+        # A model that is unreachable but caught in a reference cycle still holds its name
+        # until the cycle collector runs: collect now, so that names do not depend on when
+        # it last ran (a process that drops its models and clears the store reuses the name).
+        gc.collect()
     with _LOCK:
         candidate, suffix = name, 0
         while candidate in _LIVE or _in_store(candidate):

@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 import pyro
-import pyro.poutine as poutine
 import torch
 from matplotlib.figure import Figure
 from pyro.nn import PyroModule
@@ -63,6 +62,7 @@ from pvae.diagnostics import (
     LatentRelevance,
     collapse_report,
     latent_relevance,
+    posterior_mean,
 )
 from pvae.diagnostics.figures import activity_bars, kl_bars, relevance_curve
 from pvae.evaluate import as_tensors
@@ -328,17 +328,6 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 # ---------------------------------------------------------------------------------------------
 
 
-def _posterior_mean(guide: Callable, batch: tuple[torch.Tensor, ...], site: str) -> torch.Tensor:
-    rows = batch[0].shape[0]
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(*batch)
-    fn: Any = trace.nodes[site]["fn"]
-    try:
-        return fn.mean.reshape(rows, -1)
-    except (NotImplementedError, AttributeError):
-        return fn.sample((64,)).mean(0).reshape(rows, -1)
-
-
 def traversals(
     decode: Callable[[torch.Tensor], torch.Tensor],
     mu: torch.Tensor,
@@ -543,7 +532,7 @@ def _diagnose_model(
         files.append(plots.save(activity_bars(report), out_dir / "activity.png"))
         if relevance is not None and callable(decode):
             files.append(plots.save(relevance_curve(relevance), out_dir / "relevance.png"))
-            mu = _posterior_mean(model.guide, tuple(t[:1] for t in batch), site)[0]
+            mu = posterior_mean(model.guide, tuple(t[:1] for t in batch), site)[0].reshape(-1)
             files.append(
                 plots.save(traversals(decode, mu, top, ds.image_shape), out_dir / "traversals.png")
             )
