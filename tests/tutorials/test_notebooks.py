@@ -4,6 +4,10 @@ Each ``tutorials/*.ipynb`` is executed with nbclient in a fresh kernel whose env
 ``PVAE_QUICK=1`` (the notebooks then use tiny budgets); any cell that raises fails the test.
 The notebook is executed in memory and the result written under ``tmp_path``: the committed
 notebook, with its full-mode outputs, is never rewritten.
+
+Each tutorial states its key facts as checks, ``check(condition, what)``, which prints
+``"✓ what"`` or raises: a wrong library stops the notebook. The test counts the printed checks
+and fails a notebook that runs none (so checks cannot silently disappear).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ pytest.importorskip("ipykernel")
 TUTORIALS = Path(__file__).resolve().parents[2] / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 CELL_TIMEOUT_S = 300
+CHECK_MARK = "\u2713 "  # what a passed check prints at the start of its line
 
 # The kernel must be this interpreter (the one that has pvae installed): fail early otherwise.
 _CHECK_KERNEL = f"""
@@ -51,3 +56,16 @@ def test_notebook_runs_in_quick_mode(path: Path, tmp_path: Path, monkeypatch):
         client.execute()
     finally:
         nbformat.write(notebook, tmp_path / path.name)  # for inspection after a failure
+    passed = count_checks(notebook)
+    print(f"{path.name}: {passed} checks passed")
+    assert passed > 0, f"{path.name} ran no check: every tutorial must check what it states"
+
+
+def count_checks(notebook) -> int:
+    """The number of lines that start with the check mark in the notebook's stream outputs."""
+    count = 0
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream":
+                count += sum(line.startswith(CHECK_MARK) for line in output["text"].splitlines())
+    return count
