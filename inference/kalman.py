@@ -32,14 +32,20 @@ N/B times, global ones once; the reported bound is the ELBO itself.
 Conjugate (natural-gradient) update of the prior's dynamics
 -----------------------------------------------------------
 SVAE (Johnson et al. 2016; Zhao & Linderman 2023) can move the LDS prior's (A, Q) by a natural
-gradient step on the conjugate part of the bound: with step size 1 it is the EM update
-``A = S_10 S_00^{-1}``, ``Q = (S_11 - A S_10^T) / n`` from the smoothed statistics
-``S_10 = sum E[x_t x_{t-1}^T]`` etc. Measured on ``lds`` (D = 2, M = 4, T = 50, 200 training
-sequences, seed 0; a StructuredVAE with a linear-Gaussian decoder and the exact potentials, so
-the bound is the exact log-likelihood; Adam lr 0.05 on every parameter, full batch),
-comparing plain gradient steps against the same steps each followed by the conjugate (A, Q)
-update: MEASURE_ME. The gain was within noise on this problem, so KalmanELBO keeps plain (Adam) gradients for every parameter and has no conjugate
-step.
+gradient step on the conjugate part of the bound: with step size 1 it is the EM update ``A =
+S_10 S_00^{-1}``, ``Q = (S_11 - A S_10^T) / n`` from the smoothed statistics ``S_10 = sum E[x_t
+x_{t-1}^T]`` etc. Measured (``benchmarks/kalman_conjugate_update.py``) on ``lds`` (defaults: D
+= 2, M = 4, T = 50; 200 training sequences, seed 0) with a StructuredVAE whose decoder is
+linear-Gaussian and whose potentials are exact, so the bound is the exact log-likelihood: Adam
+(lr 0.05, full batch, every parameter) for 60 steps, with and without the conjugate (A, Q)
+update after each step, three initialisation seeds. Steps to come within 1 nat per sequence of
+the true parameters' log-likelihood (-90.25): 52, 53, 54 without the update, 52, 51, 52 with
+it; bound after 60 steps: -90.77, -90.64, -90.50 without, -90.65, -90.43, -90.40 with. About
+one step and 0.15 nats saved, for one extra full-batch smoothing pass per step, an update that
+with a neural decoder uses the encoder's potentials rather than the posterior (so it is only
+approximately natural), and a step that ``pyro.infer.SVI`` and ``pvae.fit`` cannot take.
+KalmanELBO therefore has no conjugate step: every parameter, the prior's included, follows the
+optimiser's gradient.
 """
 
 from __future__ import annotations

@@ -291,9 +291,7 @@ class StructuredVAE(PyroModule):
         for _ in range(steps):
             state = state @ A.mT
             states.append(state)
-        return self.decode(torch.stack(states, -2)).reshape(
-            x.shape[0], steps, *values.shape[2:]
-        )
+        return self.decode(torch.stack(states, -2)).reshape(x.shape[0], steps, *values.shape[2:])
 
     @torch.no_grad()
     def sample(self, num_steps: int, num_samples: int = 1) -> Tensor:

@@ -488,9 +488,9 @@ def _lds(
     for label, value in (("state_dim", state_dim), ("obs_dim", obs_dim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"dataset {name!r}: {label} must be a positive integer, got {value!r}")
-    for label, value in (("transition_noise", transition_noise), ("noise", noise)):
-        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-            raise ValueError(f"dataset {name!r}: {label} must be positive, got {value!r}")
+    for label, level in (("transition_noise", transition_noise), ("noise", noise)):
+        if not (isinstance(level, int | float) and math.isfinite(level) and level > 0):
+            raise ValueError(f"dataset {name!r}: {label} must be positive, got {level!r}")
     if not (isinstance(decay, int | float) and 0 <= decay <= 1):
         raise ValueError(f"dataset {name!r}: decay must lie in [0, 1], got {decay!r}")
     streams = _split_streams(seed)

@@ -59,7 +59,9 @@ def test_shapes_truth_and_seeding():
     assert abs(float(residual.std()) - ds.info["noise"]) < 0.05
     again = data.load("lds", sizes=(5, 2, 3), num_steps=20, seed=3)
     assert torch.equal(again.train.values, values)
-    assert not torch.equal(data.load("lds", sizes=(5, 2, 3), num_steps=20, seed=4).train.values, values)
+    assert not torch.equal(
+        data.load("lds", sizes=(5, 2, 3), num_steps=20, seed=4).train.values, values
+    )
 
 
 def test_bad_arguments():

@@ -127,13 +127,17 @@ def test_neural_emission_uses_smoothed_draws():
         with pyro.plate("data", y.shape[0]):
             z = pyro.sample(
                 "z",
-                StateSpacePrior(torch.eye(D) * 0.9, torch.eye(D) * 0.3, torch.zeros(D), torch.eye(D), T),
+                StateSpacePrior(
+                    torch.eye(D) * 0.9, torch.eye(D) * 0.3, torch.zeros(D), torch.eye(D), T
+                ),
             )
             loc = torch.tanh(z) @ torch.ones(D, M)
             obs = pyro.distributions.Normal(loc, 0.5).to_event(1).mask(mask).to_event(1)
             pyro.sample("y", obs, obs=torch.nan_to_num(y))
 
-    kalman = torch.tensor([-KalmanELBO(num_particles=50).loss(tanh_model, guide, *args) for _ in range(20)])
+    kalman = torch.tensor(
+        [-KalmanELBO(num_particles=50).loss(tanh_model, guide, *args) for _ in range(20)]
+    )
     elbo = torch.tensor([-ELBO(num_particles=50).loss(tanh_model, guide, *args) for _ in range(20)])
     error = (kalman.var() / 20 + elbo.var() / 20).sqrt()
     assert abs(float(kalman.mean() - elbo.mean())) < 4 * float(error) + 1e-9
@@ -154,13 +158,19 @@ def test_errors_name_what_is_wrong():
 
     def wrong_site(y, mask):
         with pyro.plate("data", y.shape[0]):
-            z = pyro.sample("z", StateSpacePrior(torch.eye(D), torch.eye(D), torch.zeros(D), torch.eye(D), T))
-            emission = LinearGaussianEmission(z, torch.ones(M, D), torch.zeros(M), torch.eye(M), mask, "x")
+            z = pyro.sample(
+                "z", StateSpacePrior(torch.eye(D), torch.eye(D), torch.zeros(D), torch.eye(D), T)
+            )
+            emission = LinearGaussianEmission(
+                z, torch.ones(M, D), torch.zeros(M), torch.eye(M), mask, "x"
+            )
             pyro.sample("y", emission, obs=y)
 
     with pytest.raises(ValueError, match="'x'"):
         KalmanELBO().loss(wrong_site, guide, *args)
     with pytest.raises(ValueError, match="mask"):
-        LinearGaussianEmission(torch.zeros(T, D), torch.ones(M, D), torch.zeros(M), torch.eye(M), torch.ones(T))
+        LinearGaussianEmission(
+            torch.zeros(T, D), torch.ones(M, D), torch.zeros(M), torch.eye(M), torch.ones(T)
+        )
     with poutine.block(), pytest.raises(ValueError, match="num_particles"):
         KalmanELBO(num_particles=0)
