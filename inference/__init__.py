@@ -7,6 +7,7 @@ Every variational engine is a ``pyro.infer.ELBO`` subclass: use it in ``pyro.inf
 from .base import Engine, SplitLoss
 from .elbo import ELBO, CyclicalAnnealing, LinearAnnealing
 from .importance import CIWAE, IWAE, MIWAE, PIWAE
+from .kalman import KalmanELBO
 
 __all__ = [
     "CIWAE",
@@ -14,6 +15,7 @@ __all__ = [
     "IWAE",
     "MIWAE",
     "PIWAE",
+    "KalmanELBO",
     "CyclicalAnnealing",
     "Engine",
     "LinearAnnealing",

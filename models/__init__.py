@@ -4,6 +4,7 @@ from .ard import ARDVAE
 from .cvae import CVAE
 from .hierarchical import HierarchicalVAE
 from .multimodal import MultimodalVAE
+from .structured import StructuredVAE
 from .vae import VAE
 
-__all__ = ["ARDVAE", "CVAE", "HierarchicalVAE", "MultimodalVAE", "VAE"]
+__all__ = ["ARDVAE", "CVAE", "HierarchicalVAE", "MultimodalVAE", "StructuredVAE", "VAE"]

@@ -17,6 +17,11 @@ those of :mod:`pvae.ssm`: ``x_1 ~ N(initial_loc, initial_cov)`` is the state at 
   ``-H[q] - E_q[log p(x)]`` (smoothed marginals and lag-one cross-covariances) for any other
   state-space prior. So ELBO, IWAE, ``pvae.log_likelihood`` and ``pvae.fit`` use them as they
   use any other pair of distributions.
+- :class:`LinearGaussianEmission`: ``p(y | x) = prod_t N(y_t | C x_t + d, R)`` over observed
+  steps, event shape ``(T, M)``, declaring which latent site ``x`` is. Its
+  ``expected_log_prob(q, y)`` is the closed form of ``E_q[log p(y | x)]`` under a
+  :class:`KalmanSmoothedPosterior` q, which :class:`pvae.inference.KalmanELBO` uses in place of
+  Monte-Carlo draws.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from torch.distributions import constraints, register_kl
 
 from pvae import ssm
 
-__all__ = ["KalmanSmoothedPosterior", "StateSpacePrior"]
+__all__ = ["KalmanSmoothedPosterior", "LinearGaussianEmission", "StateSpacePrior"]
 
 _LOG_2PI = math.log(2 * math.pi)
 _Shape = torch.Size | list[int] | tuple[int, ...]
@@ -337,3 +342,123 @@ def _kl_smoothed_posterior_prior(q: KalmanSmoothedPosterior, p: StateSpacePrior)
             q.smoother, q.observations, q.observation_matrix, q.observation_cov, q.observation_mask
         )
     return -q.entropy() - q.expected_log_prior(p)
+
+
+class LinearGaussianEmission(TorchDistribution):
+    """``p(y | x) = prod_{t observed} N(y_t | C x_t + d, R)``: a linear-Gaussian observation
+    model of the trajectory ``x`` drawn at the latent site ``latent_site``.
+
+    :param latent: the trajectory x, ``(..., T, D)`` (the value of the latent site).
+    :param matrix: C, ``(M, D)``.
+    :param bias: d, ``(M,)`` (or broadcastable to ``(..., T, M)``).
+    :param cov: R, ``(M, M)`` positive definite.
+    :param mask: ``(..., T)`` bool, True where ``y_t`` is observed (kept as
+        ``observation_mask``); missing steps contribute nothing.
+    :param latent_site: the name of the sample site whose value ``latent`` is, so that an
+        engine can find its guide distribution.
+
+    Event shape ``(T, M)``. ``log_prob(y)`` is the sum over observed steps; with a
+    :class:`KalmanSmoothedPosterior` q of the latent site,
+    ``expected_log_prob(q, y) = sum_t [log N(y_t | C m^s_t + d, R) - tr(R^{-1} C P^s_t C^T) / 2]``
+    is ``E_q[log p(y | x)]`` exactly (:func:`pvae.ssm.expected_log_potentials` with
+    pseudo-observations ``y - d``).
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.independent(constraints.real, 2)
+    has_rsample = True
+
+    def __init__(
+        self,
+        latent: Tensor,
+        matrix: Tensor,
+        bias: Tensor,
+        cov: Tensor,
+        mask: Tensor | None = None,
+        latent_site: str = "z",
+        validate_args: bool | None = None,
+    ):
+        for name, value in (("latent", latent), ("matrix", matrix), ("bias", bias), ("cov", cov)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if latent.dim() < 2:
+            raise ValueError(f"latent must have shape (..., T, D), got {tuple(latent.shape)}")
+        D = latent.shape[-1]
+        if matrix.dim() != 2 or matrix.shape[-1] != D:
+            raise ValueError(f"matrix must have shape (M, {D}), got {tuple(matrix.shape)}")
+        M = matrix.shape[0]
+        if cov.shape != (M, M):
+            raise ValueError(f"cov must have shape ({M}, {M}), got {tuple(cov.shape)}")
+        if mask is not None and (mask.dtype != torch.bool or mask.shape[-1] != latent.shape[-2]):
+            raise ValueError(
+                f"mask must be a bool tensor of shape (..., {latent.shape[-2]}), got "
+                f"{mask.dtype} {tuple(mask.shape)}"
+            )
+        self.latent = latent
+        self.matrix = matrix
+        self.bias = bias
+        self.cov = cov
+        self.observation_mask = mask
+        self.latent_site = latent_site
+        self.loc = ssm._mv(matrix, latent) + bias  # (..., T, M)
+        batch_shape = self.loc.shape[:-2]
+        if mask is not None:
+            batch_shape = torch.broadcast_shapes(batch_shape, mask.shape[:-1])
+        super().__init__(batch_shape, self.loc.shape[-2:], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        new = self._get_checked_instance(LinearGaussianEmission, _instance)
+        new.latent = _expand_batch(self.latent, batch_shape, 2)
+        new.matrix, new.bias, new.cov = self.matrix, self.bias, self.cov
+        new.observation_mask = (
+            None
+            if self.observation_mask is None
+            else _expand_batch(self.observation_mask, batch_shape, 1)
+        )
+        new.latent_site = self.latent_site
+        new.loc = _expand_batch(self.loc, batch_shape, 2)
+        TorchDistribution.__init__(new, batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def _observed(self, terms: Tensor) -> Tensor:
+        if self.observation_mask is not None:
+            terms = torch.where(self.observation_mask, terms, torch.zeros_like(terms))
+        return terms.sum(-1)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        residual = value - self.loc
+        if self.observation_mask is not None:  # hidden steps may hold anything, NaN included
+            residual = torch.where(
+                self.observation_mask.unsqueeze(-1), residual, torch.zeros_like(residual)
+            )
+        terms = ssm._gaussian_log_density(residual, torch.linalg.cholesky(self.cov))
+        return self._observed(terms)
+
+    def rsample(self, sample_shape: _Shape = ()) -> Tensor:
+        shape = self._extended_shape(torch.Size(sample_shape))
+        noise = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc.expand(shape) + ssm._mv(torch.linalg.cholesky(self.cov), noise)
+
+    @property
+    def mean(self) -> Tensor:
+        return self.loc.expand(self.batch_shape + self.event_shape)
+
+    def expected_log_prob(self, q: KalmanSmoothedPosterior, value: Tensor) -> Tensor:
+        """``E_q[log p(value | x)]`` in closed form, shape ``broadcast(q.batch_shape,
+        self.batch_shape)``; q is the smoothed posterior of the latent trajectory."""
+        if not isinstance(q, KalmanSmoothedPosterior):
+            raise TypeError(
+                f"expected_log_prob needs a KalmanSmoothedPosterior, got {type(q).__name__}"
+            )
+        if q.event_shape != self.latent.shape[-2:]:
+            raise ValueError(
+                f"q has event shape {tuple(q.event_shape)}, the latent trajectory "
+                f"{tuple(self.latent.shape[-2:])}"
+            )
+        y = value - self.bias
+        mask = self.observation_mask
+        if mask is not None:
+            y = torch.where(mask.unsqueeze(-1), y, torch.zeros_like(y))
+        return ssm.expected_log_potentials(q.smoother, y, self.matrix, self.cov, mask)

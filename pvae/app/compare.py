@@ -166,6 +166,9 @@ def check_support(model: PyroModule, ds: data.Splits) -> None:
     for split in ("train", "valid", "test"):
         with torch.random.fork_rng(devices=[]):  # a dynamically binarised set draws pixels
             x = as_tensors(getattr(ds, split))[-1]  # a conditional model's y comes last
+        if isinstance(ds, data.SequenceSplits):  # (values, times, mask): the observed frames
+            values, _, mask = getattr(ds, split)
+            x = values[mask].reshape(-1, ds.x_dim)
         likelihood.check_support(x, name=f"{ds.name} {split}")
 
 

@@ -37,7 +37,7 @@ import torch
 from pyro.nn import PyroModule
 
 from pvae import data
-from pvae.inference import CIWAE, ELBO, IWAE, MIWAE, PIWAE
+from pvae.inference import CIWAE, ELBO, IWAE, MIWAE, PIWAE, KalmanELBO
 from pvae.models import VAE
 
 __all__ = [
@@ -135,13 +135,16 @@ class Registry(Mapping[str, Entry], Generic[Entry]):
 # Models
 # ---------------------------------------------------------------------------------------------
 
-DATA_KINDS = ("images", "vectors", "multimodal")
+DATA_KINDS = ("images", "vectors", "multimodal", "sequences")
 """``images``: :class:`pvae.data.Splits` with an ``image_shape``; ``vectors``: without one;
-``multimodal``: :class:`pvae.data.MultimodalSplits` (tuples of modalities)."""
+``multimodal``: :class:`pvae.data.MultimodalSplits` (tuples of modalities); ``sequences``:
+:class:`pvae.data.SequenceSplits` (``(values, times, mask)`` per split)."""
 
 
 def data_kind(ds: data.Splits) -> str:
     """The kind of ``ds``, one of :data:`DATA_KINDS`."""
+    if isinstance(ds, data.SequenceSplits):
+        return "sequences"
     if isinstance(ds, data.MultimodalSplits) or isinstance(ds.train, tuple):
         return "multimodal"
     return "images" if ds.image_shape is not None else "vectors"
@@ -564,6 +567,44 @@ register_model(
 )
 
 
+def _svae(
+    ds: data.Splits,
+    z_dim: int,
+    hidden: Sequence[int],
+    net: str,
+    likelihood: str,
+    drop_fraction: float = 0.0,
+) -> PyroModule:
+    from pvae.models.structured import StructuredVAE
+
+    return StructuredVAE(
+        x_dim=ds.x_dim,
+        z_dim=z_dim,
+        hidden=tuple(hidden),
+        likelihood=likelihood,
+        net=net,
+        image_shape=_image_shape(ds, net),
+        drop_fraction=drop_fraction,
+    )
+
+
+register_model(
+    "svae",
+    _svae,
+    "structured VAE: linear dynamical prior, encoder potentials smoothed exactly "
+    "(Johnson et al. 2016; Zhao & Linderman 2023)",
+    accepts=("sequences",),
+    options=(
+        Option(
+            "drop_fraction",
+            _number(0.0, 1.0),
+            0.0,
+            "share of frames hidden from the encoder in random windows (self-supervised)",
+        ),
+    ),
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # Engines
 # ---------------------------------------------------------------------------------------------
@@ -918,6 +959,13 @@ register_engine(
     "importance-weighted bound IWAE_K (Burda et al. 2016)",
     min_particles=2,
     default_particles=64,
+)
+register_engine(
+    "kalman",
+    lambda particles, estimator="reparam": KalmanELBO(num_particles=particles),
+    "ELBO with the exact Kalman KL and linear-Gaussian expectations (state-space pairs)",
+    describe=lambda spec, particles: f"KalmanELBO, {particles} smoothed draws",
+    estimators=("reparam",),
 )
 register_engine(
     "miwae",

@@ -6,6 +6,8 @@ generating truth per sequence in ``ds.truth[split]``. Nothing is downloaded.
 - ``pendulum``: a pendulum integrated on a time grid and drawn as a blurred bob on a grey
   ``size x size`` frame (values in ``[0, 1]``); optional pixel noise, missing frames and an
   irregular grid. Truth: the angles, the angular velocities and the clean, complete frames.
+- ``lds``: a linear-Gaussian state-space model with Gaussian observations; the true parameters
+  are in ``info`` and :func:`lds_log_likelihood` gives each sequence's exact log p(y).
 - ``rotating-digits``: scikit-learn's 8x8 digits (or MNIST-5k) turned along a smooth random
   angle path, 40% of the frames missing by default. Truth: the angles, the clean frames and the
   source digit; the digit's class is the sequence's label.
@@ -21,7 +23,7 @@ additive Gaussian with standard deviation ``noise``, clipped back to ``[0, 1]``;
 Adding a sequence set is one loader decorated with :func:`~pvae.data.registry.register` that
 draws, per split, the clean values, a time grid (:func:`_time_grid`) and a mask
 (:func:`_missing_mask`), and returns :func:`_sequence_splits`. The linear-Gaussian state-space
-set ``lds`` (exact ``log p(x)`` from the Kalman filter) belongs at the end of this module.
+set ``lds`` (exact ``log p(x)`` from the Kalman filter) is at the end of this module.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pvae import ssm
 from pvae.data.containers import SequenceSplit, SequenceSplits, _permutation_split
 from pvae.data.images import _digits_pool, _mnist5k_pool
 from pvae.data.registry import register
@@ -428,10 +431,124 @@ def _rotating_digits(
 
 
 # ---------------------------------------------------------------------------------------------
-# lds: linear-Gaussian state-space sequences (to be added with the Kalman module)
+# lds: linear-Gaussian state-space sequences
 # ---------------------------------------------------------------------------------------------
-# The place for the "lds" set: per split draw x_1 ~ N(initial_loc, initial_cov),
-# x_t = A x_{t-1} + q_t, y_t = H x_t + r_t on _time_grid(...), hide steps with
-# _missing_mask(...), and return _sequence_splits("lds", parts, "gaussian", info) with the
-# matrices in info and the states in truth[split]["states"]; the exact log p(y) of each
-# sequence is the Kalman filter's log normaliser (pvae.ssm.kalman_smoother(..., mask=mask)).
+
+
+def _lds_parameters(
+    rng: np.random.Generator, state_dim: int, obs_dim: int, rotation: float, decay: float
+) -> dict[str, np.ndarray]:
+    """A stable transition (rotations by ``rotation`` radians in each 2-D block, times
+    ``decay``), a random observation matrix with unit-norm rows and the noise levels."""
+    A = np.zeros((state_dim, state_dim))
+    for i in range(0, state_dim - 1, 2):
+        c, s = math.cos(rotation), math.sin(rotation)
+        A[i : i + 2, i : i + 2] = [[c, -s], [s, c]]
+    if state_dim % 2:
+        A[-1, -1] = 1.0
+    H = rng.standard_normal((obs_dim, state_dim))
+    H /= np.linalg.norm(H, axis=1, keepdims=True)
+    return {"transition_matrix": decay * A, "observation_matrix": H}
+
+
+@register(
+    "lds",
+    "linear-Gaussian state-space sequences (2-D rotating state, 4-D observations), T=50: "
+    "exact log p(x) from the Kalman filter",
+    "seeded generator (pvae.data)",
+)
+def _lds(
+    sizes: Sequence[int] = (500, 100, 100),
+    num_steps: int = 50,
+    state_dim: int = 2,
+    obs_dim: int = 4,
+    rotation: float = 0.3,
+    decay: float = 0.98,
+    transition_noise: float = 0.2,
+    noise: float = 0.3,
+    missing: float = 0.0,
+    seed: int = 0,
+) -> SequenceSplits:
+    """Sequences of a linear-Gaussian state-space model (conventions of :mod:`pvae.ssm`)::
+
+        x_1 ~ N(0, I),   x_t = A x_{t-1} + q_t,  q_t ~ N(0, transition_noise^2 I)
+        y_t = H x_t + r_t,                        r_t ~ N(0, noise^2 I)
+
+    ``A`` turns each 2-D block of the state by ``rotation`` radians per step and shrinks it by
+    ``decay``; ``H`` ``(obs_dim, state_dim)`` has random unit-norm rows (drawn from the seed,
+    shared by the splits). Values ``(N, T, obs_dim)`` on the regular grid ``t = 0, 1, ...``;
+    likelihood ``"gaussian"``. ``info`` holds the parameters as float64 tensors
+    (``transition_matrix``, ``transition_cov``, ``observation_matrix``, ``observation_cov``,
+    ``initial_loc``, ``initial_cov``); ``truth[split]["states"]`` ``(N, T, state_dim)`` the
+    states. :func:`lds_log_likelihood` gives the exact ``log p(y)`` of each sequence.
+    """
+    name = "lds"
+    counts = _check_sizes(name, sizes)
+    _check_options(name, num_steps, 1.0, noise, missing, False)
+    for label, value in (("state_dim", state_dim), ("obs_dim", obs_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"dataset {name!r}: {label} must be a positive integer, got {value!r}")
+    for label, level in (("transition_noise", transition_noise), ("noise", noise)):
+        if not (isinstance(level, int | float) and math.isfinite(level) and level > 0):
+            raise ValueError(f"dataset {name!r}: {label} must be positive, got {level!r}")
+    if not (isinstance(decay, int | float) and 0 <= decay <= 1):
+        raise ValueError(f"dataset {name!r}: decay must lie in [0, 1], got {decay!r}")
+    streams = _split_streams(seed)
+    params = _lds_parameters(
+        np.random.default_rng([seed, 1]), state_dim, obs_dim, float(rotation), float(decay)
+    )
+    A, H = params["transition_matrix"], params["observation_matrix"]
+    parts = []
+    for rng, n in zip(streams, counts, strict=True):
+        states = np.empty((n, num_steps, state_dim))
+        states[:, 0] = rng.standard_normal((n, state_dim))
+        for t in range(1, num_steps):
+            step_noise = transition_noise * rng.standard_normal((n, state_dim))
+            states[:, t] = states[:, t - 1] @ A.T + step_noise
+        values = states @ H.T + noise * rng.standard_normal((n, num_steps, obs_dim))
+        times = _time_grid(rng, n, num_steps, 1.0, False)
+        mask = _missing_mask(rng, n, num_steps, missing)
+        parts.append(_SequencePart(values, times, mask, {"states": states}))
+    info: dict[str, Any] = {
+        "description": (
+            "x_1 ~ N(0, I), x_t = A x_{t-1} + N(0, transition_noise^2 I), y_t = H x_t + "
+            "N(0, noise^2 I); hidden steps hold zeros"
+        ),
+        "transition_matrix": torch.as_tensor(A),
+        "transition_cov": torch.eye(state_dim, dtype=torch.float64) * transition_noise**2,
+        "observation_matrix": torch.as_tensor(H),
+        "observation_cov": torch.eye(obs_dim, dtype=torch.float64) * noise**2,
+        "initial_loc": torch.zeros(state_dim, dtype=torch.float64),
+        "initial_cov": torch.eye(state_dim, dtype=torch.float64),
+        "state_dim": state_dim,
+        "obs_dim": obs_dim,
+        "rotation": float(rotation),
+        "decay": float(decay),
+        "transition_noise": float(transition_noise),
+        "noise": float(noise),
+        "missing": float(missing),
+        "seed": seed,
+    }
+    return _sequence_splits(name, parts, "gaussian", info)
+
+
+def lds_log_likelihood(ds: SequenceSplits, split: str = "test") -> Tensor:
+    """The exact ``log p(y_n)`` (nats, observed steps only) of every sequence of an ``lds``
+    split, ``(N,)`` float64: the Kalman filter's log normaliser under the true parameters."""
+    if not isinstance(ds, SequenceSplits) or ds.name != "lds":
+        raise TypeError("ds must be the SequenceSplits returned by pvae.data.load('lds', ...)")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    values, _, mask = getattr(ds, split)
+    info = ds.info
+    result = ssm.kalman_smoother(
+        values.double(),
+        info["transition_matrix"],
+        info["transition_cov"],
+        info["observation_matrix"],
+        info["observation_cov"],
+        info["initial_loc"],
+        info["initial_cov"],
+        mask=mask,
+    )
+    return result.log_normalizer
