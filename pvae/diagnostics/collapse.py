@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pyro.distributions.torch_distribution import ExpandedDistribution
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 
 from pvae.diagnostics.latents import (
@@ -128,17 +129,24 @@ def _natural_key(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _marginal_kl(guide_site: dict, model_site: dict) -> torch.Tensor | None:
-    """KL of the 1-d marginals of a vector-valued q against a factorised Normal prior."""
+def _marginal_kl(guide_site: dict, model_site: dict) -> tuple[torch.Tensor, bool] | None:
+    """KL of the 1-d marginals of a vector-valued q against a factorised prior, and whether
+    it is analytic: closed form for a ``MultivariateNormal`` q and a Normal prior; otherwise,
+    for a q with ``marginal_log_prob(value)`` (per-dimension marginal log-densities, e.g. a
+    mixture of diagonal Gaussians), the Monte-Carlo estimate log q_d(z_d) - log p_d(z_d) at
+    the guide's draw."""
     q, p = guide_site["fn"], model_site["fn"]
-    if not isinstance(q, MultivariateNormal):
-        return None
     if isinstance(p, Independent) and p.reinterpreted_batch_ndims == 1:
         p = p.base_dist
-    if not isinstance(p, Normal):
-        return None
-    q_marginal = Normal(q.mean, q.variance.sqrt())
-    return kl_divergence(q_marginal, p)
+    if isinstance(q, MultivariateNormal) and isinstance(p, Normal):
+        return kl_divergence(Normal(q.mean, q.variance.sqrt()), p), True
+    while isinstance(q, ExpandedDistribution):  # as pyro.plate wraps a batched q
+        q = q.base_dist
+    marginal_log_prob = getattr(q, "marginal_log_prob", None)
+    if callable(marginal_log_prob) and not p.event_shape:
+        z = guide_site["value"]
+        return marginal_log_prob(z) - p.log_prob(z), False
+    return None
 
 
 def _site_kls(
@@ -212,8 +220,8 @@ def _site_kls(
                 if event_dims == 0 and event_size > 1:
                     marginal_kl = _marginal_kl(guide_site, model_site)
                     if marginal_kl is not None:
-                        elements, event_dims, marginal = marginal_kl, 1, True
-                        use_site_analytic = True
+                        (elements, use_site_analytic), event_dims = marginal_kl, 1
+                        marginal = True
                     else:
                         use_site_analytic = use_analytic
                 else:

@@ -15,11 +15,12 @@ from pvae.app.registry import ENGINES, MODELS, Option, parse_bound
 from pvae.inference import ELBO
 
 TINY = ["--z-dim", "4", "--hidden", "16", "--ll-samples", "4", "--quiet"]
-ZOO = {  # model -> (dataset, its own options)
+ZOO = {  # model[-variant] -> (dataset, its own options)
     "vae": ("digits", []),
     "cvae": ("digits", ["--cvae-given", "2"]),
     "hvae": ("digits", ["--hvae-layers", "2"]),
     "multimodal": ("digits-labels", ["--multimodal-fusion", "poe"]),
+    "multimodal-moe": ("digits-labels", ["--multimodal-fusion", "moe"]),
     "ard": ("linear-gaussian", ["--ard-min-variance", "1e-4"]),
 }
 
@@ -42,6 +43,7 @@ def error_line(capsys):
 @pytest.mark.parametrize("model", list(ZOO))
 def test_train_then_diagnose(model, tmp_path):
     dataset, options = ZOO[model]
+    model = model.split("-")[0]
     run_dir = tmp_path / "run"
     argv = ["train", "--model", model, "--dataset", dataset, "--engine", "iwae"]
     argv += ["--particles", "2", "--epochs", "1", "--run-dir", str(run_dir), *TINY, *options]
@@ -65,6 +67,7 @@ def test_compare_then_diagnose_agree_on_active_units(model, tmp_path):
     """One definition, one number: the "active units" of results.json equal those diagnose
     counts for every bound of the same run."""
     dataset, options = ZOO[model]
+    model = model.split("-")[0]
     run_dir = tmp_path / "compare"
     argv = ["compare", "--quick", "--model", model, "--dataset", dataset]
     argv += ["--bounds", "elbo,iwae", "--particles", "4", "--epochs", "1", "--snr-repeats", "2"]
