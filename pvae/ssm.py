@@ -24,11 +24,18 @@ Shapes (``...`` are batch dimensions; they broadcast against each other):
 
 Two methods compute the same numbers:
 
-- ``"sequential"``: the Kalman filter (Joseph-form covariance update, Cholesky solves) and the
-  Rauch-Tung-Striebel smoother as loops over time; memory O(T D^2) for the results.
+- ``"sequential"``: the Kalman filter (Cholesky factor of the innovation covariance, whitened
+  residuals; the log normaliser is summed after the loop) and the Rauch-Tung-Striebel smoother
+  as loops over time; memory O(T D^2) for the results.
 - ``"parallel"``: the associative scans of Särkkä & García-Fernández (2021, "Temporal
   parallelization of Bayesian smoothers"), filtering elements and smoothing elements, each
   combined in O(log T) depth with batched torch operations.
+
+Cost: whatever does not involve the data (covariances, gains, the backward gains E_t and
+covariances L_t) keeps only the batch dimensions of the model's matrices, so a model shared by a
+batch of sequences is filtered once for all of them, and products with a matrix shared by every
+step run as one matrix product instead of a batch of small ones; the returned covariances are
+then expanded views over the batch.
 
 The smoothed posterior is Markov backwards in time::
 
