@@ -10,6 +10,10 @@ The two log normalisers are checked to agree before anything is timed.
 
     python benchmarks/kalman_scaling.py            # the full table
     python benchmarks/kalman_scaling.py --quick    # T up to 1000, one repeat
+
+The three methods of a row are timed one after the other in the same process, so that a
+machine shared with other jobs slows them alike: ``par/pyro`` (pvae's parallel smoother over
+Pyro's log normaliser) is the robust figure; ``seq/par`` compares pvae's two methods.
 """
 
 from __future__ import annotations
@@ -110,11 +114,15 @@ def main() -> None:
     if error > 1e-8:
         raise SystemExit("pvae and Pyro disagree; the timing is meaningless")
 
-    header = f"{'T':>6} {'batch':>5} {'dtype':>8} {'method':>18} {'ms':>10}"
-    print(header)
+    header = (
+        f"{'T':>6} {'batch':>5} {'dtype':>8} {'sequential':>11} {'parallel':>9} {'pyro':>8}"
+        f" {'par/pyro':>9} {'seq/par':>8}   (ms; load = 1-minute load average)"
+    )
     exponents = []
     for batch in args.batches:
         for dtype in (torch.float64, torch.float32):
+            print(f"\nload average {os.getloadavg()[0]:.2f}")
+            print(header)
             series: dict[str, list[float]] = {}
             for T in lengths:
                 model = make_model(batch, T, dtype)
@@ -126,11 +134,16 @@ def main() -> None:
                     "parallel": lambda m=model: kalman_smoother(**m, method="parallel"),
                     "pyro GaussianHMM": lambda m=model, h=hmm: h.log_prob(m["y"]),
                 }
+                row = {}
                 for name, fn in cells.items():
                     timed = with_backward(fn) if args.grad else without_grad(fn)
-                    ms = median_ms(timed, repeats, args.clock)
-                    series.setdefault(name, []).append(ms)
-                    print(f"{T:>6} {batch:>5} {str(dtype)[6:]:>8} {name:>18} {ms:>10.2f}")
+                    row[name] = median_ms(timed, repeats, args.clock)
+                    series.setdefault(name, []).append(row[name])
+                seq, par, pyro = row.values()
+                print(
+                    f"{T:>6} {batch:>5} {str(dtype)[6:]:>8} {seq:>11.2f} {par:>9.2f} {pyro:>8.2f}"
+                    f" {par / pyro:>9.2f} {seq / par:>8.2f}"
+                )
             for name, ms in series.items():
                 exponents.append((batch, str(dtype)[6:], name, fitted_exponent(lengths, ms)))
     print("\nfitted exponent of time against T (least squares on log-log axes)")

@@ -24,11 +24,18 @@ Shapes (``...`` are batch dimensions; they broadcast against each other):
 
 Two methods compute the same numbers:
 
-- ``"sequential"``: the Kalman filter (Joseph-form covariance update, Cholesky solves) and the
-  Rauch-Tung-Striebel smoother as loops over time; memory O(T D^2) for the results.
+- ``"sequential"``: the Kalman filter (Cholesky factor of the innovation covariance, whitened
+  residuals; the log normaliser is summed after the loop) and the Rauch-Tung-Striebel smoother
+  as loops over time; memory O(T D^2) for the results.
 - ``"parallel"``: the associative scans of Särkkä & García-Fernández (2021, "Temporal
   parallelization of Bayesian smoothers"), filtering elements and smoothing elements, each
   combined in O(log T) depth with batched torch operations.
+
+Cost: whatever does not involve the data (covariances, gains, the backward gains E_t and
+covariances L_t) keeps only the batch dimensions of the model's matrices, so a model shared by a
+batch of sequences is filtered once for all of them, and products with a matrix shared by every
+step run as one matrix product instead of a batch of small ones; the returned covariances are
+then expanded views over the batch.
 
 The smoothed posterior is Markov backwards in time::
 
@@ -71,7 +78,59 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 def _mv(matrix: Tensor, vector: Tensor) -> Tensor:
+    """``matrix @ vector`` over the last dimensions, broadcasting the leading ones.
+
+    When the matrix is shared across the vector's innermost batch dimension (size 1 there),
+    the vectors are stacked as the rows of one product per matrix instead of a batch of
+    matrix-vector products (same numbers, far fewer tiny kernels).
+    """
+    if _shared(matrix):
+        out = vector @ matrix.reshape(matrix.shape[-2:]).mT
+        shape = torch.broadcast_shapes(matrix.shape[:-2], vector.shape[:-1])
+        return out if out.shape[:-1] == shape else out.reshape(shape + out.shape[-1:])
+    if matrix.dim() >= 3 and vector.dim() >= 2 and matrix.shape[-3] == 1 < vector.shape[-2]:
+        out = vector @ matrix.squeeze(-3).mT
+        shape = torch.broadcast_shapes(matrix.shape[:-2], vector.shape[:-1])
+        return out if out.shape[:-1] == shape else out.expand(shape + out.shape[-1:])
     return (matrix @ vector.unsqueeze(-1)).squeeze(-1)
+
+
+def _shared(value: Tensor) -> bool:
+    """Whether every dimension but the last two has size 1 (one matrix for all)."""
+    return all(size == 1 for size in value.shape[:-2])
+
+
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` with broadcasting; a factor shared by the whole batch makes it one product.
+
+    torch folds ``(N, i, j) @ (j, k)`` into a single ``(N i, j) @ (j, k)`` product, while a
+    broadcast ``(1, j, k)`` factor would run ``N`` tiny products; the transpose handles a shared
+    left factor.
+    """
+    if _shared(a) == _shared(b):
+        return a @ b
+    shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    if _shared(b):
+        out = a @ b.reshape(b.shape[-2:])
+    else:
+        out = (b.mT @ a.reshape(a.shape[-2:]).mT).mT
+    return out if out.shape[:-2] == shape else out.reshape(shape + out.shape[-2:])
+
+
+def _solve_lower(tril: Tensor, vector: Tensor) -> Tensor:
+    """``tril^{-1} vector`` over the last dimension (``tril`` lower triangular), broadcasting.
+
+    A factor shared by the batch is inverted once and applied as one product; one shared across
+    the vector's innermost batch dimension solves for all those vectors as columns at once.
+    """
+    if _shared(tril):
+        tril = tril.reshape(tril.shape[-2:])
+        eye = torch.eye(tril.shape[-1], dtype=tril.dtype, device=tril.device)
+        inverse = torch.linalg.solve_triangular(tril, eye, upper=False)
+        return _mv(inverse, vector) if vector.dim() == 1 else vector @ inverse.mT
+    if vector.dim() >= 2 and tril.shape[-3] == 1 < vector.shape[-2]:
+        return torch.linalg.solve_triangular(tril.squeeze(-3), vector.mT, upper=False).mT
+    return torch.linalg.solve_triangular(tril, vector.unsqueeze(-1), upper=False).squeeze(-1)
 
 
 def _sym(matrix: Tensor) -> Tensor:
@@ -218,15 +277,6 @@ def _prepare(
         num_steps=num_steps,
         state_dim=state_dim,
     )
-
-
-def _step(value: Tensor, t: int) -> Tensor:
-    return value[t if value.shape[0] > 1 else 0]
-
-
-def _per_step(value: Tensor, steps: int) -> Tensor:
-    """``value`` with its leading (step) dimension expanded to ``steps``."""
-    return value.expand((steps, *value.shape[1:]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,112 +431,140 @@ def _combine_filtering(a: Elements, b: Elements) -> Elements:
 # Filters
 
 
-def _update(m: Tensor, P: Tensor, y: Tensor, H: Tensor, R: Tensor):
-    """Kalman update of ``N(m, P)`` by ``y ~ N(H x, R)``: Joseph form, Cholesky solves.
+def _update(m: Tensor, P: Tensor, y: Tensor, H: Tensor, R: Tensor, observed: Tensor | None):
+    """Kalman update of ``N(m, P)`` by ``y ~ N(H x, R)``; ``m`` and ``y`` are columns ``(..., 1)``.
 
-    Returns the updated moments and ``log N(y; H m, H P H^T + R)``.
+    With ``S = H P H^T + R = L L^T`` and ``V = L^{-1} H P`` (so the gain is ``K = V^T L^{-1}``)::
+
+        m' = m + V^T w,   P' = P - V^T V,   w = L^{-1} (y - H m)  (the whitened residual)
+
+    ``observed`` (``(...)`` bool or None) zeroes the gain where a step is missing. Returns
+    ``m', P', w, L``; ``log N(y; H m, S) = -(M log 2 pi + |w|^2) / 2 - sum log diag L``.
     """
-    PHt = P @ H.mT
-    S = _sym(H @ PHt) + R
-    tril = torch.linalg.cholesky(S)
-    K = torch.cholesky_solve(PHt.mT, tril).mT  # P H^T S^{-1}
-    residual = y - _mv(H, m)
-    m_new = m + _mv(K, residual)
-    IKH = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device) - K @ H
-    P_new = _sym(IKH @ P @ IKH.mT + K @ R @ K.mT)
-    return m_new, P_new, _gaussian_log_density(residual, tril)
+    HP = H @ P
+    tril = torch.linalg.cholesky(HP @ H.mT + R)
+    V = torch.linalg.solve_triangular(tril, HP, upper=False)
+    white = torch.linalg.solve_triangular(tril, y - H @ m, upper=False)
+    if observed is not None:
+        V = V * observed[..., None, None]
+    Vt = V.mT
+    return m + Vt @ white, P - Vt @ V, white, tril
+
+
+def _log_normalizer(white: Tensor, tril: Tensor, mask: Tensor | None, batch_shape) -> Tensor:
+    """``sum_t log N(y_t; predicted)`` from whitened residuals ``(T, ..., M)`` and factors."""
+    quad = white.pow(2).sum(-1)
+    half_log_det = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    terms = -0.5 * (white.shape[-1] * _LOG_2PI + quad) - half_log_det
+    if mask is not None:
+        terms = torch.where(mask, terms, torch.zeros((), dtype=terms.dtype, device=terms.device))
+    return terms.sum(0).expand(batch_shape)
+
+
+def _steps(value: Tensor, count: int) -> list[Tensor]:
+    """The per-step slices of a time-first tensor, repeated when it is shared by all steps."""
+    parts = list(value.unbind(0))
+    return parts if len(parts) == count else parts * count
 
 
 def _filter_sequential(inp: _Inputs) -> tuple[Tensor, Tensor, Tensor]:
+    """The Kalman filter as a loop; returns means ``(T, ..., D)``, covariances
+    ``(T, ..., D, D)`` (batch dimensions only where they vary) and the log normaliser."""
     T = inp.num_steps
-    m, P = inp.m1, inp.P1
-    means, covs = [], []
-    log_normalizer = torch.zeros((), dtype=inp.y.dtype, device=inp.y.device)
+    A, Q = _steps(inp.A, max(T - 1, 1)), _steps(inp.Q, max(T - 1, 1))
+    H, R = _steps(inp.H, T), _steps(inp.R, T)
+    ys = inp.y.unsqueeze(-1).unbind(0)
+    observed = inp.mask.unbind(0) if inp.mask is not None else (None,) * T
+    m, P = inp.m1.unsqueeze(-1), inp.P1
+    means, covs, whites, trils = [], [], [], []
     for t in range(T):
-        if t > 0:
-            A = _step(inp.A, t - 1)
-            m = _mv(A, m)
-            P = _sym(A @ P @ A.mT) + _step(inp.Q, t - 1)
-        m_new, P_new, log_density = _update(m, P, inp.y[t], _step(inp.H, t), _step(inp.R, t))
-        if inp.mask is not None:
-            observed = inp.mask[t]
-            m = torch.where(observed.unsqueeze(-1), m_new, m)
-            P = torch.where(observed[..., None, None], P_new, P)
-            log_density = torch.where(observed, log_density, torch.zeros_like(log_density))
-        else:
-            m, P = m_new, P_new
-        log_normalizer = log_normalizer + log_density
-        means.append(m.expand(inp.batch_shape + m.shape[-1:]))
-        covs.append(P.expand(inp.batch_shape + P.shape[-2:]))
-    return torch.stack(means), torch.stack(covs), log_normalizer.expand(inp.batch_shape)
+        if t:
+            At = A[t - 1]
+            m = At @ m
+            P = _sym(At @ P @ At.mT) + Q[t - 1]
+        m, P, white, tril = _update(m, P, ys[t], H[t], R[t], observed[t])
+        means.append(m)
+        covs.append(P)
+        whites.append(white)
+        trils.append(tril)
+    means_t = torch.stack(torch.broadcast_tensors(*means)).squeeze(-1)
+    covs_t = torch.stack(torch.broadcast_tensors(*covs))
+    white_t = torch.stack(torch.broadcast_tensors(*whites)).squeeze(-1)
+    tril_t = torch.stack(torch.broadcast_tensors(*trils))
+    return means_t, covs_t, _log_normalizer(white_t, tril_t, inp.mask, inp.batch_shape)
+
+
+def _with_first(first: Tensor, rest: Tensor, steps: int) -> Tensor:
+    """``first`` (no step dimension) before ``rest`` (``steps`` or 1 steps lead), broadcast."""
+    shape = torch.broadcast_shapes(first.shape, rest.shape[1:])
+    return torch.cat([first.expand(shape).unsqueeze(0), rest.expand((steps, *shape))])
 
 
 def _filter_parallel(inp: _Inputs) -> tuple[Tensor, Tensor, Tensor]:
+    """The filter as an associative scan over Särkkä & García-Fernández's filtering elements.
+
+    Element 1 is the initial state updated by y_1; element t >= 2, with
+    ``S = H Q H^T + R = L L^T``, ``G = L^{-1} H``, ``W = G Q`` and ``w = L^{-1} y``, is::
+
+        A = F - W^T G F,  b = W^T w,  C = Q - W^T W,  eta = (G F)^T w,  J = (G F)^T G F
+
+    (a missing step: ``A = F, b = 0, C = Q, eta = 0, J = 0``). Everything that involves no
+    data keeps the batch dimensions of the parameters: a model shared by the batch and the
+    time steps is computed once.
+    """
     T, D = inp.num_steps, inp.state_dim
-    shape = (T, *inp.batch_shape)
-    H = _per_step(inp.H, T).expand(shape + inp.H.shape[-2:])
-    R = _per_step(inp.R, T).expand(shape + inp.R.shape[-2:])
-    y = inp.y
-    # first element: the initial state updated by y_1
-    m1, P1, _ = _update(
-        inp.m1.expand(shape[1:] + (D,)),
-        inp.P1.expand(shape[1:] + (D, D)),
-        y[0],
-        H[0],
-        R[0],
+    mask = inp.mask
+    m1, P1, white1, tril1 = _update(
+        inp.m1.unsqueeze(-1),
+        inp.P1,
+        inp.y[0].unsqueeze(-1),
+        inp.H[0],
+        inp.R[0],
+        None if mask is None else mask[0],
     )
-    if inp.mask is not None:
-        m1 = torch.where(inp.mask[0].unsqueeze(-1), m1, inp.m1)
-        P1 = torch.where(inp.mask[0][..., None, None], P1, inp.P1)
-    zeros_dd = torch.zeros(shape[1:] + (D, D), dtype=y.dtype, device=y.device)
-    first = (zeros_dd, m1, P1, torch.zeros_like(m1), zeros_dd)
+    m1, white1 = m1.squeeze(-1), white1.squeeze(-1)
     if T == 1:
-        elements = tuple(e.unsqueeze(0) for e in first)
-    else:
-        F = _per_step(inp.A, T - 1).expand((T - 1, *shape[1:], D, D))
-        Q = _per_step(inp.Q, T - 1).expand((T - 1, *shape[1:], D, D))
-        Hk, Rk, yk = H[1:], R[1:], y[1:]
-        HQ = Hk @ Q
-        S = _sym(HQ @ Hk.mT) + Rk
-        tril = torch.linalg.cholesky(S)
-        K = torch.cholesky_solve(HQ, tril).mT  # Q H^T S^{-1}
-        HF = Hk @ F
-        white_HF = torch.linalg.solve_triangular(tril, HF, upper=False)  # L^{-1} H F
-        white_y = torch.linalg.solve_triangular(tril, yk.unsqueeze(-1), upper=False)
-        eta = (white_HF.mT @ white_y).squeeze(-1)  # F^T H^T S^{-1} y
-        J = white_HF.mT @ white_HF  # F^T H^T S^{-1} H F
-        if inp.mask is not None:
-            observed = inp.mask[1:]
-            K = K * observed[..., None, None]
-            eta = eta * observed.unsqueeze(-1)
-            J = J * observed[..., None, None]
-        IKH = torch.eye(D, dtype=y.dtype, device=y.device) - K @ Hk
-        A_el = IKH @ F
-        b_el = _mv(K, yk)
-        C_el = _sym(IKH @ Q @ IKH.mT + K @ Rk @ K.mT)
-        elements = tuple(
-            torch.cat([f.unsqueeze(0), e])
-            for f, e in zip(first, (A_el, b_el, C_el, eta, J), strict=True)
-        )
+        log_normalizer = _log_normalizer(white1[None], tril1[None], mask, inp.batch_shape)
+        return m1.unsqueeze(0), P1.unsqueeze(0), log_normalizer
+    F, Q, y = inp.A, inp.Q, inp.y[1:]
+    H = inp.H[1:] if inp.H.shape[0] > 1 else inp.H
+    R = inp.R[1:] if inp.R.shape[0] > 1 else inp.R
+    S = _mm(_mm(H, Q), H.mT) + R
+    tril = torch.linalg.cholesky(S)
+    G = torch.linalg.solve_triangular(tril, H, upper=False)
+    W, GF = _mm(G, Q), _mm(G, F)
+    white_y = _solve_lower(tril, y)  # zero at missing steps (y is zeroed there)
+    A_el = F - _mm(W.mT, GF)
+    C_el = Q - _mm(W.mT, W)
+    J_el = _mm(GF.mT, GF)
+    b_el = _mv(W.mT, white_y)
+    eta_el = _mv(GF.mT, white_y)
+    if mask is not None:
+        observed = mask[1:, ..., None, None]
+        A_el = torch.where(observed, A_el, F)
+        C_el = torch.where(observed, C_el, Q)
+        J_el = J_el * observed
+    zeros = torch.zeros((), dtype=y.dtype, device=y.device)
+    elements = (
+        _with_first(zeros.expand(D, D), A_el, T - 1),
+        _with_first(m1, b_el, T - 1),
+        _with_first(P1, C_el, T - 1),
+        _with_first(zeros.expand(D), eta_el, T - 1),
+        _with_first(zeros.expand(D, D), J_el, T - 1),
+    )
     _, means, covs, _, _ = _associative_scan(_combine_filtering, elements)
-    # log normaliser from the one-step predictive distributions of the filtered moments
-    if T > 1:
-        F = _per_step(inp.A, T - 1)
-        pred_m = torch.cat([inp.m1.expand(shape[1:] + (D,)).unsqueeze(0), _mv(F, means[:-1])])
-        pred_P = torch.cat(
-            [
-                inp.P1.expand(shape[1:] + (D, D)).unsqueeze(0),
-                _sym(F @ covs[:-1] @ F.mT) + _per_step(inp.Q, T - 1),
-            ]
-        )
-    else:
-        pred_m = inp.m1.expand(shape[1:] + (D,)).unsqueeze(0)
-        pred_P = inp.P1.expand(shape[1:] + (D, D)).unsqueeze(0)
-    S = _sym(H @ pred_P @ H.mT) + R
-    log_density = _gaussian_log_density(y - _mv(H, pred_m), torch.linalg.cholesky(S))
-    if inp.mask is not None:
-        log_density = torch.where(inp.mask, log_density, torch.zeros_like(log_density))
-    return means, covs, log_density.sum(0)
+    # log normaliser: one-step predictions y_t | y_{1:t-1} from the filtered moments, with
+    # H F P F^T H^T + (H Q H^T + R) as their covariance
+    HF = _mm(H, F)
+    pred_tril = torch.linalg.cholesky(_mm(_mm(HF, covs[:-1]), HF.mT) + S)
+    white = _solve_lower(pred_tril, y - _mv(HF, means[:-1]))
+    log_normalizer = _log_normalizer(
+        _with_first(white1, white, T - 1),
+        _with_first(tril1, pred_tril, T - 1),
+        mask,
+        inp.batch_shape,
+    )
+    return means, covs, log_normalizer
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,17 +572,19 @@ def _filter_parallel(inp: _Inputs) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _backward_elements(inp: _Inputs, means: Tensor, covs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``E_t, g_t, L_t`` of ``x_t | x_{t+1}, y_{1:t}`` for t = 1..T-1, time-first."""
-    T, D = inp.num_steps, inp.state_dim
-    F = _per_step(inp.A, T - 1)
-    Q = _per_step(inp.Q, T - 1)
+    """``E_t, g_t, L_t`` of ``x_t | x_{t+1}, y_{1:t}`` for t = 1..T-1, time-first.
+
+    With the prediction ``F P F^T + Q = C C^T`` and ``V = C^{-1} F P``:
+    ``E = P F^T (F P F^T + Q)^{-1} = (C^{-T} V)^T``, ``g = m - E F m``, ``L = P - V^T V``.
+    """
+    F, Q = inp.A, inp.Q
     m, P = means[:-1], covs[:-1]
-    FP = F @ P
-    pred_P = _sym(FP @ F.mT) + Q
-    E = torch.cholesky_solve(FP, _psd_cholesky(pred_P)).mT  # P F^T (F P F^T + Q)^{-1}
+    PFt = _mm(P, F.mT)
+    chol = _psd_cholesky(_sym(_mm(F, PFt)) + Q)
+    V = torch.linalg.solve_triangular(chol, PFt.mT, upper=False)
+    E = torch.linalg.solve_triangular(chol.mT, V, upper=True).mT
     g = m - _mv(E, _mv(F, m))
-    IEF = torch.eye(D, dtype=m.dtype, device=m.device) - E @ F
-    L = _sym(IEF @ P @ IEF.mT + E @ Q @ E.mT)  # Joseph form of P - E (F P F^T + Q) E^T
+    L = _sym(P - V.mT @ V)
     return E, g, L
 
 
@@ -542,7 +622,7 @@ def kalman_smoother(
         initial_cov,
         mask,
     )
-    T = inp.num_steps
+    T, D = inp.num_steps, inp.state_dim
     if method == "parallel":
         means, covs, log_normalizer = _filter_parallel(inp)
     else:
@@ -552,18 +632,21 @@ def kalman_smoother(
         E, g, L = _backward_elements(inp, means, covs)
         if method == "parallel":
             elements = (
-                torch.cat([torch.zeros_like(E[:1]), E.flip(0)]),
-                torch.cat([means[-1:], g.flip(0)]),
-                torch.cat([covs[-1:], L.flip(0)]),
+                _with_first(torch.zeros_like(E[0]), E.flip(0), T - 1),
+                _with_first(means[-1], g.flip(0), T - 1),
+                _with_first(covs[-1], L.flip(0), T - 1),
             )
             _, smoothed_means, smoothed_covs = _associative_scan(_combine_smoothing, elements)
             smoothed_means, smoothed_covs = smoothed_means.flip(0), smoothed_covs.flip(0)
         else:
-            ms, Ps = [means[-1]], [covs[-1]]
+            gains, offsets, covariances = E.unbind(0), g.unsqueeze(-1).unbind(0), L.unbind(0)
+            ms, Ps = [means[-1].unsqueeze(-1)], [covs[-1]]
             for k in range(T - 2, -1, -1):
-                ms.append(_mv(E[k], ms[-1]) + g[k])
-                Ps.append(_sym(E[k] @ Ps[-1] @ E[k].mT) + L[k])
-            smoothed_means, smoothed_covs = torch.stack(ms[::-1]), torch.stack(Ps[::-1])
+                Ek = gains[k]
+                ms.append(Ek @ ms[-1] + offsets[k])
+                Ps.append(_sym(Ek @ Ps[-1] @ Ek.mT) + covariances[k])
+            smoothed_means = torch.stack(torch.broadcast_tensors(*ms[::-1])).squeeze(-1)
+            smoothed_covs = torch.stack(torch.broadcast_tensors(*Ps[::-1]))
         cross = smoothed_covs[1:] @ E.mT  # Cov(x_{t+1}, x_t | y)
     else:
         smoothed_means, smoothed_covs = means, covs
@@ -571,7 +654,11 @@ def kalman_smoother(
         g = means.new_zeros((0, *means.shape[1:]))
         L = cross = E
 
+    # covariances carry batch dimensions only where they vary; expanded (views) on return
+    vectors, matrices = inp.batch_shape + (inp.state_dim,), inp.batch_shape + (D, D)
+
     def batch_first(value: Tensor, trail: int) -> Tensor:
+        value = value.expand(value.shape[:1] + (vectors if trail == 1 else matrices))
         return value.movedim(0, -1 - trail)
 
     return KalmanSmootherResult(
