@@ -7,7 +7,10 @@ The benchmark scripts import this module as ``harness``; running them as
 from __future__ import annotations
 
 import argparse
+import cProfile
 import math
+import os
+import pstats
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -62,6 +65,17 @@ def add_validation_arg(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep Pyro's argument checks on for every step (pvae.fit checks only the first "
         "step of each epoch, so by default they are off, as in fit's other steps)",
+    )
+
+
+def add_profile_arg(parser: argparse.ArgumentParser) -> None:
+    """``--profile STEPS``: cProfile that many pvae steps after timing."""
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after timing, cProfile this many pvae steps and print the top functions",
     )
 
 
@@ -149,33 +163,64 @@ def with_optimizer(grads: Step, opt: torch.optim.Optimizer) -> Step:
     return step
 
 
+def pyro_side(
+    elbo: pyro.infer.ELBO,
+    model: Callable,
+    guide: Callable,
+    modules: Sequence[nn.Module],
+    num_data: int,
+    lr: float,
+) -> tuple[Step, torch.optim.Optimizer]:
+    """A Pyro ELBO on the same pair, wrapped with ``pvae.scale_to_data`` as on the pvae side.
+
+    What ``pyro.infer.SVI.step`` does per step, without its param-store bookkeeping: its
+    gradient step (``elbo.loss_and_grads``) on the same modules' parameters, with its own Adam.
+    """
+    train_model = pvae.scale_to_data(model, num_data)
+    train_guide = pvae.scale_to_data(guide, num_data)
+    opt = torch.optim.Adam([p for m in modules for p in m.parameters()], lr=lr)
+
+    def grads(x: torch.Tensor) -> float:
+        return elbo.loss_and_grads(train_model, train_guide, x)
+
+    return grads, opt
+
+
 # --------------------------------------------------------------------------------------------
 # Measurement
 
 
 def check_agreement(
-    pvae_step: Step,
+    step: Step,
     reference_step: Step,
-    pvae_params: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
     reference_params: Sequence[torch.Tensor],
     x: torch.Tensor,
+    name: str = "pvae",
 ) -> None:
-    """One gradient computation of each side on ``x`` with the same seed; print the match."""
+    """One gradient computation of each side on ``x`` with the same seed; print the match.
+
+    Both sides' gradients are cleared first, and again after the check.
+    """
+    for p in (*params, *reference_params):
+        p.grad = None
     pyro.set_rng_seed(0)
-    pvae_loss = pvae_step(x)
+    loss = step(x)
     pyro.set_rng_seed(0)
     reference_loss = reference_step(x)
-    pvae_grads = torch.cat([p.grad.reshape(-1) for p in pvae_params])
+    grads = torch.cat([p.grad.reshape(-1) for p in params])
     reference_grads = torch.cat([p.grad.reshape(-1) for p in reference_params])
-    loss_error = abs(pvae_loss - reference_loss) / abs(reference_loss)
-    grad_error = (pvae_grads - reference_grads).norm() / reference_grads.norm()
+    for p in (*params, *reference_params):
+        p.grad = None
+    loss_error = abs(loss - reference_loss) / abs(reference_loss)
+    grad_error = (grads - reference_grads).norm() / reference_grads.norm()
     print(
-        f"correctness (same batch, same eps): pvae loss {pvae_loss:.3f}, reference loss "
-        f"{reference_loss:.3f}, relative difference {loss_error:.1e}; gradients differ by "
-        f"{grad_error:.1e} (relative norm)"
+        f"correctness of {name} (same batch of {x.shape[0]}, same eps): loss {loss:.3f}, "
+        f"reference loss {reference_loss:.3f}, relative difference {loss_error:.1e}; "
+        f"gradients differ by {grad_error:.1e} (relative norm)"
     )
     if loss_error > 1e-4 or grad_error > 1e-3:
-        raise SystemExit("the two sides do not compute the same loss; the timing is meaningless")
+        raise SystemExit(f"{name} and the reference do not compute the same loss")
 
 
 def time_block(step: Step, batches: list[torch.Tensor], clock: str = "wall") -> float:
@@ -188,49 +233,54 @@ def time_block(step: Step, batches: list[torch.Tensor], clock: str = "wall") -> 
 
 
 def interleave(
-    pvae_step: Step,
-    reference_step: Step,
+    steps: dict[str, Step],
     batches: list[torch.Tensor],
     repeats: int,
     warmup: int,
     clock: str = "wall",
-) -> tuple[list[float], list[float], list[float]]:
-    """Warm up, then time ``repeats`` blocks per side, alternating which goes first.
+) -> dict[str, list[float]]:
+    """Warm up, then time ``repeats`` blocks per row, rotating which row goes first.
 
-    Returns the pvae and reference milliseconds per step of each block and their ratios.
+    ``steps`` maps a row's name to its step. Every repeat times one block of each row in turn
+    (the order rotates by one each repeat), so that a burst of load from another process lands
+    on all rows of a repeat. Returns each row's milliseconds per step, one value per block.
     """
     warm = batches[:warmup] if warmup <= len(batches) else batches
     for _ in range(max(1, math.ceil(warmup / len(warm)))):
-        time_block(pvae_step, warm)
-        time_block(reference_step, warm)
+        for step in steps.values():
+            time_block(step, warm)
 
-    pvae_ms, reference_ms, ratios = [], [], []
+    names = list(steps)
+    ms: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        if r % 2 == 0:
-            p = time_block(pvae_step, batches, clock)
-            q = time_block(reference_step, batches, clock)
-        else:
-            q = time_block(reference_step, batches, clock)
-            p = time_block(pvae_step, batches, clock)
-        pvae_ms.append(p)
-        reference_ms.append(q)
-        ratios.append(p / q)
-    return pvae_ms, reference_ms, ratios
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            ms[name].append(time_block(steps[name], batches, clock))
+    return ms
 
 
 def report(
-    pvae_ms: list[float], reference_ms: list[float], ratios: list[float], warn_busy: bool = True
+    ms: dict[str, list[float]], reference: str = "reference", warn_busy: bool = True
 ) -> None:
-    """Print the medians, the ratio and, if ``warn_busy``, a warning when blocks vary 1.5-fold."""
+    """Print each row's median ms/step, its ratio to ``reference`` and every pairwise ratio.
+
+    Ratios are medians of per-repeat ratios (blocks of one repeat run back to back). With
+    ``warn_busy``, warns when a row's blocks vary more than 1.5-fold.
+    """
     median = statistics.median
-    print(f"pvae      {median(pvae_ms):7.3f} ms/step  (blocks: {_fmt(pvae_ms)})")
-    print(f"reference {median(reference_ms):7.3f} ms/step  (blocks: {_fmt(reference_ms)})")
-    print(
-        f"ratio pvae/reference {median(ratios):.3f}  (median of per-block ratios; "
-        f"min {min(ratios):.3f}, max {max(ratios):.3f}); overhead "
-        f"{median(pvae_ms) - median(reference_ms):.3f} ms/step"
-    )
-    spread = max(max(v) / min(v) for v in (pvae_ms, reference_ms))
+    width = max(len(name) for name in ms)
+    for name, values in ms.items():
+        print(f"{name:<{width}} {median(values):8.3f} ms/step  (blocks: {_fmt(values)})")
+    names = [n for n in ms if n != reference] + [reference]
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            ratios = [p / q for p, q in zip(ms[a], ms[b], strict=True)]
+            print(
+                f"ratio {a}/{b} {median(ratios):.3f}  (median of per-repeat ratios; min "
+                f"{min(ratios):.3f}, max {max(ratios):.3f}); difference "
+                f"{median(ms[a]) - median(ms[b]):+.3f} ms/step"
+            )
+    spread = max(max(v) / min(v) for v in ms.values())
     if warn_busy and spread > 1.5:
         print(
             f"warning: block times vary {spread:.1f}-fold; the machine is busy and these figures "
@@ -238,5 +288,33 @@ def report(
         )
 
 
+def machine_line(args: argparse.Namespace) -> str:
+    """Threads, clock, versions and the load average (the machine may be shared)."""
+    try:
+        load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        load = "unknown"
+    return (
+        f"threads={args.threads} clock={getattr(args, 'clock', 'wall')} "
+        f"validation={args.validation} torch={torch.__version__} pyro={pyro.__version__} "
+        f"cpus={os.cpu_count()} load average (1, 5, 15 min)={load}"
+    )
+
+
 def _fmt(values: list[float]) -> str:
     return " ".join(f"{v:.2f}" for v in values)
+
+
+def profile(step: Step, batches: list[torch.Tensor], num_steps: int) -> None:
+    """cProfile ``num_steps`` calls of ``step`` (nothing when 0); print the top functions."""
+    if not num_steps:
+        return
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(num_steps):
+        step(batches[i % len(batches)])
+    profiler.disable()
+    print(f"\ncProfile of {num_steps} pvae steps (cumulative time):")
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
+    print(f"cProfile of {num_steps} pvae steps (own time):")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)

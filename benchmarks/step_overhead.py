@@ -1,6 +1,6 @@
 """Time of one ELBO training step: pvae's machinery against a hand-written PyTorch loop.
 
-Both sides train the same VAE with the same arithmetic:
+Three rows train the same VAE with the same arithmetic:
 
 - encoder 784-400-(20 loc, 20 scale) with ReLU, ``scale = softplus(raw) + 1e-6``;
 - decoder 20-400-784 with ReLU, Bernoulli likelihood with logits;
@@ -12,18 +12,23 @@ pvae side: what ``pvae.fit`` does per step, with its own helpers: the pair is wr
 to a ``torch.optim.Adam``; each step is ``engine.loss_and_grads(model, guide, x)``,
 ``opt.step()``, ``opt.zero_grad(set_to_none=True)``.
 
+Pyro side: Pyro's ``TraceMeanField_ELBO`` (the same analytic-KL ELBO) on the same pair, wrapped
+the same way, training the same modules with its own Adam (``elbo.loss_and_grads``, then the
+optimiser: ``SVI.step`` without its param-store bookkeeping).
+
 Reference side: plain ``nn.Linear`` layers holding copies of the same initial weights, the loss
 written out by hand, ``loss.backward()``, the same Adam.
 
-The two are measured in one process, interleaved (blocks of ``--steps`` steps, alternating
-which side goes first), after a warm-up; the figure is the median over ``--repeats`` blocks.
-Before timing, one step of each on the same batch with the same seed checks that the losses
-and gradients agree (they draw the same ``eps``).
+The three are measured in one process, interleaved (blocks of ``--steps`` steps, rotating
+which row goes first), after a warm-up; the figure is the median over ``--repeats`` blocks.
+Before timing, one step of pvae and of Pyro on the same batch with the same seed checks that
+each agrees with the reference in loss and gradients (all draw the same ``eps``).
 
     python benchmarks/step_overhead.py                     # zoo VAE, 2 threads
     python benchmarks/step_overhead.py --pair plain        # a plain pyro.module pair
     python benchmarks/step_overhead.py --validation        # Pyro's argument checks on every step
     python benchmarks/step_overhead.py --threads 1 --clock cpu --repeats 15   # on a busy machine
+    python benchmarks/step_overhead.py --threads 1 --profile 200   # cProfile of 200 pvae steps
 
 Timings taken while other jobs load the CPU are meaningless with two threads (blocks slow down
 by orders of magnitude); the script warns when its blocks vary more than 1.5-fold.
@@ -133,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     harness.add_data_args(parser)
     harness.add_clock_arg(parser)
     harness.add_validation_arg(parser)
+    harness.add_profile_arg(parser)
     args = parser.parse_args(argv)
 
     num_data, batches = harness.prepare(args)
@@ -140,9 +146,13 @@ def main(argv: list[str] | None = None) -> None:
 
     model, guide, encoder, decoder = (zoo_pair if args.pair == "zoo" else plain_pair)()
     reference = Reference(encoder, decoder)
+    modules = (encoder, decoder)
 
     pvae_grads, pvae_params, pvae_opt = harness.pvae_side(
-        ELBO(), model, guide, (encoder, decoder), num_data, batches[0], args.lr
+        ELBO(), model, guide, modules, num_data, batches[0], args.lr
+    )
+    pyro_grads, pyro_opt = harness.pyro_side(
+        pyro.infer.TraceMeanField_ELBO(), model, guide, modules, num_data, args.lr
     )
     reference_opt = torch.optim.Adam(reference.parameters(), lr=args.lr)
 
@@ -151,28 +161,24 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         return loss.item()
 
-    harness.check_agreement(
-        pvae_grads, reference_grads, pvae_params, _ordered(reference), batches[0]
-    )
-    pvae_opt.zero_grad(set_to_none=True)
-    reference_opt.zero_grad(set_to_none=True)
+    for name, grads in (("pvae ELBO", pvae_grads), ("Pyro TraceMeanField_ELBO", pyro_grads)):
+        harness.check_agreement(
+            grads, reference_grads, pvae_params, _ordered(reference), batches[0], name
+        )
 
-    pvae_ms, reference_ms, ratios = harness.interleave(
-        harness.with_optimizer(pvae_grads, pvae_opt),
-        harness.with_optimizer(reference_grads, reference_opt),
-        batches,
-        args.repeats,
-        args.warmup,
-        args.clock,
-    )
+    steps = {
+        "pvae ELBO": harness.with_optimizer(pvae_grads, pvae_opt),
+        "Pyro TraceMeanField_ELBO": harness.with_optimizer(pyro_grads, pyro_opt),
+        "hand-written": harness.with_optimizer(reference_grads, reference_opt),
+    }
+    ms = harness.interleave(steps, batches, args.repeats, args.warmup, args.clock)
 
     print(
-        f"pair={args.pair} data={args.data} N={num_data} B={batch_size} threads={args.threads} "
-        f"repeats={args.repeats} steps={args.steps} validation={args.validation} "
-        f"clock={args.clock} "
-        f"torch={torch.__version__} pyro={pyro.__version__}"
+        f"pair={args.pair} data={args.data} N={num_data} B={batch_size} repeats={args.repeats} "
+        f"steps={args.steps} {harness.machine_line(args)}"
     )
-    harness.report(pvae_ms, reference_ms, ratios)
+    harness.report(ms, reference="hand-written")
+    harness.profile(steps["pvae ELBO"], batches, args.profile)
 
 
 if __name__ == "__main__":

@@ -159,14 +159,17 @@ class ELBO(Engine):
 
             def total(term, local, _scale=scale):
                 """Full-data value of a reduced (K', B', D) term, averaged over particles."""
-                value = term.sum(-1).mean(0).sum()
+                if term.shape[0] == 1 and term.shape[-1] == 1:  # the same sum, fewer ops
+                    value = term.sum()
+                else:
+                    value = term.sum(-1).mean(0).sum()
                 return _scale * value if local else value
 
             log_lik: torch.Tensor | float = 0.0
             for site in model_trace.nodes.values():
                 if site["type"] == "sample" and site["is_observed"]:
                     term = reduce(site["fn"].log_prob(site["value"]), site)
-                    log_lik = log_lik + total(term, reduce.is_local(site))
+                    log_lik = _add(log_lik, total(term, reduce.is_local(site)))
             kl: torch.Tensor | float = 0.0
             kl_objective: torch.Tensor | float = 0.0
             analytic = self._analytic_allowed(model_trace, guide_trace)
@@ -176,11 +179,19 @@ class ELBO(Engine):
                     elements = _with_stl_gradient(elements, guide_site, model_site, event_dims)
                 term = reduce(elements, guide_site, event_dims)  # (K', B', D)
                 local = reduce.is_local(guide_site)
-                kl = kl + total(term, local)
+                kl = _add(kl, total(term, local))
                 if self.free_bits > 0:
                     per_dim = term.mean(0).mean(0).clamp(min=self.free_bits).sum()
                     kl_objective = kl_objective + (scale * batch * per_dim if local else per_dim)
             value = log_lik - kl
+            if len(draws) == 1:  # no averaging: the same numbers, fewer ops
+                bound = value
+                if plain:
+                    loss = -value
+                else:
+                    kl_objective = kl_objective if self.free_bits > 0 else kl
+                    loss = -(log_lik - beta * kl_objective)
+                continue
             bound = bound + weight * value
             if plain:
                 loss = loss - weight * value
@@ -188,3 +199,8 @@ class ELBO(Engine):
                 kl_objective = kl_objective if self.free_bits > 0 else kl
                 loss = loss - weight * (log_lik - beta * kl_objective)
         return torch.as_tensor(loss), torch.as_tensor(bound).detach()
+
+
+def _add(total, term):
+    """``total + term``, with no addition while ``total`` is still the initial 0.0."""
+    return term if isinstance(total, float) and total == 0.0 else total + term

@@ -30,7 +30,7 @@ import torch
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.util import site_is_subsample
 
 Site = Any  # a Pyro trace node (pyro.poutine.runtime.Message)
 
@@ -117,16 +117,27 @@ def scale_to_data(fn: Callable, num_data: int) -> Callable:
 # Tracing.
 
 
-class _LastSite(Messenger):
-    """Remembers the name of the last sample site reached (for error messages)."""
+def _run_traced(tracer: Any, args: tuple, kwargs: dict) -> Trace:
+    """Run a ``poutine.trace`` handler and return its own trace, subsample sites removed in
+    place: what ``prune_subsample_sites(tracer.get_trace(...))`` returns, without its two
+    copies of the trace."""
+    tracer(*args, **kwargs)
+    trace = tracer.msngr.trace
+    for name in [name for name, site in trace.nodes.items() if site_is_subsample(site)]:
+        trace.remove_node(name)
+    return trace
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.name: str | None = None
 
-    def _postprocess_message(self, msg: Any) -> None:
-        if msg["type"] == "sample":
-            self.name = msg["name"]
+def _last_sample(*tracers: Any) -> str | None:
+    """The name of the last sample site recorded by the first of ``tracers`` that recorded
+    one (for error messages: the traces of a failed run are left in their handlers)."""
+    for tracer in tracers:
+        if tracer is None:
+            continue
+        for name, site in reversed(tracer.msngr.trace.nodes.items()):
+            if site["type"] == "sample":
+                return name
+    return None
 
 
 def trace_pair(
@@ -176,7 +187,6 @@ def get_traces(
     under the particle plate are re-raised as :class:`VectorizationError` naming the last
     site reached.
     """
-    last = _LastSite()
     wrap: Callable[[Callable], Callable]
     if num_particles > 1 and vectorize:
         plate = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(max_plate_nesting + 1))
@@ -187,17 +197,18 @@ def get_traces(
             return fn
 
     where = "guide"
+    guide_tracer = poutine.trace(wrap(guide))
+    model_tracer = None
     try:
-        with last:
-            guide_trace = poutine.trace(wrap(guide)).get_trace(*args, **kwargs)
-            where = "model"
-            model_trace = poutine.trace(poutine.replay(wrap(model), trace=guide_trace)).get_trace(
-                *args, **kwargs
-            )
+        guide_trace = _run_traced(guide_tracer, args, kwargs)
+        where = "model"
+        model_tracer = poutine.trace(poutine.replay(wrap(model), trace=guide_trace))
+        model_trace = _run_traced(model_tracer, args, kwargs)
     except (RuntimeError, ValueError, IndexError) as error:
         if num_particles == 1 or not vectorize:
             raise
-        after = f"after site '{last.name}'" if last.name else "before its first sample site"
+        last = _last_sample(model_tracer, guide_tracer)
+        after = f"after site '{last}'" if last else "before its first sample site"
         raise VectorizationError(
             f"the {where} could not be run with {num_particles} vectorised particles: it failed "
             f"{after}. Particles add a leading dimension at dim={-(max_plate_nesting + 1)}; "
@@ -206,7 +217,7 @@ def get_traces(
             "Original error: "
             f"{type(error).__name__}: {error}"
         ) from error
-    return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+    return model_trace, guide_trace
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,6 +285,19 @@ class Reducer:
     def __call__(self, value: torch.Tensor, site: Site, event_dims: int = 0):
         """Reduce ``value`` (the site's batch shape plus ``event_dims`` trailing dims)."""
         nesting = self.max_plate_nesting + 1  # batch dims, particle dim included
+        mask, scale = site["mask"], site["scale"]
+        frame = self.data_frame
+        if (  # the common case, a view: a site of batch shape (B,) or (K, B) in the data plate
+            frame is not None
+            and frame.dim == -1
+            and (mask is None or mask is True)
+            and not isinstance(scale, torch.Tensor)
+            and scale == self.data_scale
+            and self.is_local(site)
+        ):
+            shape = value.shape[: value.dim() - event_dims]
+            if len(shape) in (1, nesting) and len(shape) <= 2 and shape[-1] == frame.size > 0:
+                return value.reshape(shape[0] if len(shape) == 2 else 1, shape[-1], -1)
         if event_dims:
             value = value.reshape(value.shape[: value.dim() - event_dims] + (-1,))
         else:
