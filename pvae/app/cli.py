@@ -983,6 +983,7 @@ def _threads() -> str:
 
 def _compare(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    started_wall = time.time() - 1.0  # file times may be coarser than this clock
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     knobs = compare.settings(
@@ -1038,7 +1039,15 @@ def _compare(args: argparse.Namespace) -> int:
             argv=[PROG, *canonical_argv("compare", args)],
         )
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was written to {run_dir}/results.*", file=sys.stderr)
+        written = sorted(
+            path.name for path in run_dir.glob("results.*") if path.stat().st_mtime >= started_wall
+        )
+        what = (
+            f"{', '.join(written)} in {run_dir} were written before the interruption"
+            if written
+            else f"nothing was written to {run_dir}/results.*"
+        )
+        print(f"{PROG}: interrupted; {what}", file=sys.stderr)
         return 130
     except OSError as error:
         raise CliError(f"cannot write the outputs into {run_dir}: {error}", EXIT_FAILURE) from error
