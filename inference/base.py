@@ -24,6 +24,8 @@ from pyro.poutine.trace_struct import Trace
 from pvae.protocol import (
     LogWeights,
     Reducer,
+    batch_rows,
+    check_data_plate,
     find_data_frame,
     get_traces,
     guess_max_plate_nesting,
@@ -34,6 +36,7 @@ from pvae.protocol import (
     used_by_model,
 )
 from pvae.steps import StepRecord
+from pvae.validation import non_negative_int, positive_int
 
 
 @dataclass
@@ -118,9 +121,14 @@ class Engine(pyro.infer.ELBO):
         vectorize_particles: bool = True,
         max_plate_nesting: float = float("inf"),
     ):
-        if int(num_particles) != num_particles or num_particles < 1:
-            raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
-        super().__init__(num_particles=int(num_particles), max_plate_nesting=max_plate_nesting)
+        num_particles = positive_int(num_particles, "num_particles")
+        if not isinstance(vectorize_particles, bool):
+            raise TypeError(
+                f"vectorize_particles must be True or False, got {vectorize_particles!r}"
+            )
+        if max_plate_nesting != float("inf"):
+            max_plate_nesting = non_negative_int(max_plate_nesting, "max_plate_nesting")
+        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
         self.vectorize = vectorize_particles
         self.step = 0
 
@@ -149,7 +157,10 @@ class Engine(pyro.infer.ELBO):
         model_trace, guide_trace = get_traces(
             model, guide, args, kwargs, num_particles, nesting, vectorize=True
         )
-        return model_trace, guide_trace, Reducer(nesting, find_data_frame(guide_trace, model_trace))
+        frame = find_data_frame(guide_trace, model_trace)
+        if frame is None:  # the plate rule, only for pairs without a "data" plate
+            check_data_plate(model_trace, guide_trace, batch_rows(args), type(self).__name__)
+        return model_trace, guide_trace, Reducer(nesting, frame)
 
     def particles(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, num_particles: int

@@ -26,6 +26,7 @@ import torch
 
 from pvae.kl import kl_elements
 from pvae.protocol import check_reparameterized, detach_distribution, latent_sites
+from pvae.validation import finite_float, non_negative_int, positive_int
 
 from .base import Engine
 
@@ -41,6 +42,11 @@ class LinearAnnealing:
     start: float = 0.0
     end: float = 1.0
 
+    def __post_init__(self) -> None:
+        non_negative_int(self.num_steps, "num_steps")
+        finite_float(self.start, "start", minimum=0.0)
+        finite_float(self.end, "end", minimum=0.0)
+
     def __call__(self, step: int) -> float:
         fraction = min(1.0, step / max(1, self.num_steps))
         return self.start + (self.end - self.start) * fraction
@@ -55,6 +61,12 @@ class CyclicalAnnealing:
     ratio: float = 0.5
     start: float = 0.0
     end: float = 1.0
+
+    def __post_init__(self) -> None:
+        positive_int(self.period, "period")
+        finite_float(self.ratio, "ratio", minimum=0.0, maximum=1.0)
+        finite_float(self.start, "start", minimum=0.0)
+        finite_float(self.end, "end", minimum=0.0)
 
     def __call__(self, step: int) -> float:
         phase = (step % self.period) / self.period
@@ -112,10 +124,9 @@ class ELBO(Engine):
                 "(DReG of the ELBO is STL)"
             )
         self.estimator = estimator
-        if not callable(beta) and float(beta) < 0:
-            raise ValueError(f"beta must be non-negative, got {beta}")
-        if free_bits < 0:
-            raise ValueError(f"free_bits must be non-negative, got {free_bits}")
+        if not callable(beta):
+            beta = finite_float(beta, "beta", minimum=0.0)
+        free_bits = finite_float(free_bits, "free_bits", minimum=0.0)
         self.beta = beta
         self.free_bits = float(free_bits)
         self.analytic_kl = analytic_kl
@@ -123,7 +134,15 @@ class ELBO(Engine):
 
     def current_beta(self) -> float:
         """The KL weight used at the current step."""
-        return float(self.beta(self.step)) if callable(self.beta) else float(self.beta)
+        if not callable(self.beta):
+            return float(self.beta)
+        beta = float(self.beta(self.step))
+        if not beta >= 0.0 or beta == float("inf"):  # NaN fails the comparison
+            raise ValueError(
+                f"the beta schedule {self.beta!r} gave beta = {beta} at step {self.step}; "
+                "beta must be a finite number >= 0"
+            )
+        return beta
 
     def _kl_elements(self, guide_site: dict, model_site: dict, analytic: bool):
         """KL(q || p) of one site, with per-dimension elements (:func:`pvae.kl.kl_elements`)."""

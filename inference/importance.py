@@ -38,6 +38,7 @@ from collections.abc import Callable
 import torch
 
 from pvae.protocol import LogWeights, check_reparameterized, log_mean_exp
+from pvae.validation import finite_float, positive_int
 
 from .base import Engine, SplitLoss
 
@@ -45,9 +46,7 @@ ESTIMATORS = ("reparam", "stl", "dreg")
 
 
 def _positive_int(value: int, name: str) -> int:
-    if int(value) != value or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+    return positive_int(value, name)
 
 
 def group_bound(weights: LogWeights, num_inner: int) -> torch.Tensor:
@@ -169,8 +168,7 @@ class CIWAE(_ImportanceEngine):
     def __init__(
         self, num_particles: int = 64, beta: float = 0.5, estimator: str = "reparam", **kwargs
     ):
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"CIWAE's beta must be in [0, 1], got {beta}")
+        beta = finite_float(beta, "beta", minimum=0.0, maximum=1.0)
         self.beta = float(beta)
         _positive_int(num_particles, "num_particles")
         super().__init__(1, num_particles, estimator, **kwargs)

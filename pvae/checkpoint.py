@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,88 @@ from pvae.atomic import save_torch, write_text
 CHECKPOINT = "checkpoint.pt"
 RUN_JSON = "run.json"
 CHECKPOINT_FORMAT = "pvae-checkpoint-1"
+LOCK = ".pvae.lock"
+
+
+class RunDirInUse(ValueError):
+    """Another process holds the run folder's lock."""
+
+
+_HELD: dict[str, tuple[int, Any]] = {}  # resolved run folder -> (depth, open lock file)
+
+
+@contextmanager
+def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
+    """Hold the run folder's lock (``.pvae.lock``, an exclusive ``flock``) while the block
+    runs; the folder is created if needed. Re-entrant within a process (the CLI holds it
+    around ``pvae.fit``, which takes it too).
+
+    :raises RunDirInUse: another process holds it (two runs into one folder).
+    """
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    key = str(path.resolve())
+    if key in _HELD:
+        depth, stream = _HELD[key]
+        _HELD[key] = (depth + 1, stream)
+    else:
+        stream = _acquire(path / LOCK)
+        _HELD[key] = (1, stream)
+    try:
+        yield path
+    finally:
+        depth, stream = _HELD[key]
+        if depth > 1:
+            _HELD[key] = (depth - 1, stream)
+        else:
+            del _HELD[key]
+            if stream is not None:  # unlink while held, then release: no file is left
+                (path / LOCK).unlink(missing_ok=True)
+                stream.close()
+
+
+def _acquire(lock: Path) -> Any:
+    """An open lock file holding an exclusive ``flock`` on ``lock`` (None where there is no
+    ``fcntl``). The holder unlinks the file before releasing it, so after locking, the file
+    at ``lock`` must still be the one locked; else try again."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    while True:
+        stream = open(lock, "a")  # noqa: SIM115 - held until the block ends
+        try:
+            fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            stream.close()
+            raise RunDirInUse(
+                f"run_dir {lock.parent} is in use by another pvae run (its lock {LOCK} is "
+                "held); wait for it to finish or choose another folder"
+            ) from error
+        try:
+            same = os.stat(lock).st_ino == os.fstat(stream.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return stream
+        stream.close()
+
+
+def non_finite(state: dict[str, Any]) -> str | None:
+    """The name of the first parameter or optimiser-state tensor of a checkpoint state that
+    holds NaN or infinity, or None when every one is finite."""
+    for name, value in state.get("params", {}).items():
+        if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
+            return f"parameter {name!r}"
+    for key, slot in (state.get("optimizer") or {}).get("state", {}).items():
+        for field, value in slot.items():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.is_floating_point()
+                and not bool(torch.isfinite(value).all())
+            ):
+                return f"optimiser state {field!r} of parameter {key}"
+    return None
 
 
 def rng_state() -> dict[str, Any]:
@@ -57,6 +141,9 @@ def write_checkpoint(path: str | os.PathLike, state: dict[str, Any], run_json: A
     it, each atomically (a unique temporary name, fsync, rename): a reader never sees half a
     file and two writers never clash."""
     path = Path(path)
+    bad = non_finite(state)
+    if bad is not None:
+        raise ValueError(f"refusing to write {path}: the {bad} holds NaN or infinite values")
     save_torch({"format": CHECKPOINT_FORMAT, **state}, path)
     write_text(path.with_name(RUN_JSON), json.dumps(run_json, indent=1))
 
@@ -75,4 +162,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ) from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a pvae checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    bad = non_finite(state)
+    if bad is not None:
+        raise ValueError(f"refusing to load {path}: its {bad} holds NaN or infinite values")
     return state

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from pvae import validation
 from pvae.protocol import (
     Reducer,
     find_data_frame,
@@ -110,10 +111,12 @@ def log_likelihood(
     The pair's global latents (sites outside the data plate) cannot be marginalised per
     datapoint and raise an error; condition on them first (``pyro.poutine.condition``).
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    num_samples = validation.positive_int(num_samples, "num_samples")
+    batch_size = validation.positive_int(batch_size, "batch_size")
+    if chunk_size is not None:
+        chunk_size = validation.positive_int(chunk_size, "chunk_size")
+    data = validation.as_data(data, "data")
+    validation.check_finite(data, "data")
     chunk_size = chunk_size or max(1, 10_000 // batch_size)
     if not vectorize_particles:
         chunk_size = 1  # one particle per run: no particle plate

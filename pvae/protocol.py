@@ -207,6 +207,7 @@ def get_traces(
     except (RuntimeError, ValueError, IndexError) as error:
         if num_particles == 1 or not vectorize:
             raise
+        _check_single_particle(model, guide, args, kwargs, error)
         last = _last_sample(model_tracer, guide_tracer)
         after = f"after site '{last}'" if last else "before its first sample site"
         raise VectorizationError(
@@ -218,6 +219,19 @@ def get_traces(
             f"{type(error).__name__}: {error}"
         ) from error
     return model_trace, guide_trace
+
+
+def _check_single_particle(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, error: Exception
+) -> None:
+    """After a failed vectorised run (an error path only): report the actual cause when it is
+    not the particles. Pyro's validation of NaN or out-of-support values is re-raised as it is;
+    a pair that fails without particles too raises that error; a pair that runs without
+    particles but has no ``"data"`` plate is told the plate rule."""
+    if "invalid values" in str(error) or "within the support" in str(error):
+        raise error
+    model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
+    check_data_plate(model_trace, guide_trace, batch_rows(args), "the engine")
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,6 +264,42 @@ def find_data_frame(*traces: Trace) -> CondIndepStackFrame | None:
     if full_size is None or full_size < 0:
         full_size = batch
     return unsized._replace(size=batch, full_size=full_size)
+
+
+def check_data_plate(model_trace: Any, guide_trace: Any, batch_size: int, who: str) -> None:
+    """The pair's per-datapoint sites must sit in ``pyro.plate("data")``: refuse a batch of
+    more than one row whose traces have no such plate (naming a plate of another name that
+    covers the batch, if there is one)."""
+    if find_data_frame(guide_trace, model_trace) is not None or batch_size <= 1:
+        return
+    others = sorted(
+        {
+            frame.name
+            for trace in (guide_trace, model_trace)
+            for site in trace.nodes.values()
+            if site["type"] == "sample"
+            for frame in site["cond_indep_stack"]
+            if frame.vectorized and frame.name != DATA_PLATE and frame.size == batch_size
+        }
+    )
+    found = (
+        f"it has plate {others[0]!r} over the batch; rename it to 'data'"
+        if others
+        else "it has none"
+    )
+    raise ValueError(
+        f"{who}: the model and guide must put their per-datapoint sites inside "
+        f"pyro.plate('data', ...) (the rule every engine reads the datapoints by: without it "
+        f"minibatch scaling and per-datapoint bounds are wrong); {found}"
+    )
+
+
+def batch_rows(args: tuple) -> int:
+    """The rows of the first tensor argument (0 when there is none)."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and arg.dim() > 0:
+            return int(arg.shape[0])
+    return 0
 
 
 @dataclass

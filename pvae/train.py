@@ -30,11 +30,14 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from pvae import validation
 from pvae.checkpoint import (
     CHECKPOINT,
     CHECKPOINT_FORMAT,
     load_checkpoint,
+    non_finite,
     rng_state,
+    run_lock,
     set_rng_state,
     write_checkpoint,
 )
@@ -76,7 +79,44 @@ EpochCallback = Callable[["Run", dict[str, Any]], "bool | None"]
 
 
 class TrainingDiverged(FloatingPointError):
-    """The bound became NaN or infinite."""
+    """The bound, the gradients or the parameters became NaN or infinite."""
+
+
+_ENGINE_SETTINGS = (
+    "num_particles",
+    "num_outer",
+    "num_inner",
+    "estimator",
+    "encoder_objective",
+    "free_bits",
+    "analytic_kl",
+    "beta",
+)
+
+
+def _settings(engine: Any, batch_size: int, optimizer: Any, lr: Any, seed: int) -> dict:
+    """What defines a run besides the pair: saved in its checkpoint, compared on resume."""
+    described: dict[str, Any] = {"engine": type(engine).__name__}
+    for name in _ENGINE_SETTINGS:
+        value = getattr(engine, name, None)
+        if isinstance(value, bool | int | float | str):
+            described[f"engine.{name}"] = value
+    return {
+        **described,
+        "batch_size": int(batch_size),
+        "optimizer": optimizer.lower() if isinstance(optimizer, str) else optimizer.__name__,
+        "lr": {k: float(v) for k, v in lr.items()} if isinstance(lr, Mapping) else float(lr),
+        "seed": int(seed),
+    }
+
+
+def _check_lr(lr: Any) -> None:
+    """A finite learning rate >= 0 (0 freezes), or a mapping of them."""
+    if isinstance(lr, Mapping):
+        for part, value in lr.items():
+            validation.finite_float(value, f"lr[{part!r}]", minimum=0.0)
+    else:
+        validation.finite_float(lr, "lr", minimum=0.0)
 
 
 @dataclass
@@ -379,13 +419,15 @@ class _Training:
                 f"batch_size {batch_size} is smaller than the {self.ddp.world} processes"
             )
         self.train, self.engine, self.batch_size, self.seed = train, engine, batch_size, seed
+        self.settings = _settings(engine, batch_size, optimizer, lr, seed)
+        self.last_checkpoint: int | None = None  # the epoch of the last checkpoint written
         self.policy, self.step_callbacks = policy, tuple(step_callbacks)
         self.step_fn, bound_source = step_function(engine)
         self.model = scale_to_data(model, self.n_train)
         self.guide = scale_to_data(guide, self.n_train)
 
         model_params, guide_params = _split_params(
-            self.model, self.guide, get_batch(train, torch.arange(2))
+            self.model, self.guide, get_batch(train, torch.arange(min(batch_size, self.n_train)))
         )
         self.params = {**guide_params, **model_params}
         self.param_list = list(self.params.values())
@@ -403,8 +445,6 @@ class _Training:
                 stacklevel=3,
             )
         self.checkpoint_path = Path(run_dir) / CHECKPOINT if run_dir is not None else None
-        if self.checkpoint_path is not None:
-            self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         self.steps_per_epoch = -(-self.n_train // batch_size)
         self.validation = pyro.infer.util.is_validation_enabled()
 
@@ -424,21 +464,59 @@ class _Training:
                 f"checkpoint {path} does not match this model/guide: parameters "
                 f"{sorted(missing)} are in one but not the other"
             )
+        shapes = [
+            f"{name} (checkpoint {tuple(value.shape)}, model {tuple(self.params[name].shape)})"
+            for name, value in state["params"].items()
+            if value.shape != self.params[name].shape
+        ]
+        if shapes:
+            raise ValueError(
+                f"checkpoint {path} does not match this model/guide: parameters of other "
+                f"shapes: {'; '.join(shapes)}"
+            )
+        saved = state.get("settings", {})
+        differ = [
+            f"{key} (checkpoint {saved[key]!r}, now {value!r})"
+            for key, value in self.settings.items()
+            if key in saved and saved[key] != value
+        ]
+        if differ:
+            raise ValueError(
+                f"resume=True continues the run in {path.parent}, but these settings differ "
+                f"from its checkpoint: {'; '.join(differ)}; resume with the same settings or "
+                "start a new run in another run_dir"
+            )
         with torch.no_grad():
             for name, value in state["params"].items():
                 self.params[name].copy_(value)
-        self.opt.load_state_dict(state["optimizer"])
+        try:
+            self.opt.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError) as error:
+            raise ValueError(
+                f"checkpoint {path} holds the state of another optimiser than "
+                f"{type(self.opt).__name__}: {type(error).__name__}: {error}"
+            ) from error
         load_engine_state(self.engine, state.get("engine", {}))
         set_rng_state(state["rng"])
         self.policy.load_state_dict(state.get("step_policy", state.get("aggressive_encoder", {})))
         self.run.history, self.run.steps = state["history"], state["steps"]
+        self.last_checkpoint = int(state["epoch"])
         return int(state["epoch"]) + 1
 
     # -- one epoch ----------------------------------------------------------------------------
-    def _diverged(self, epoch: int, step: int, what: str) -> TrainingDiverged:
-        return TrainingDiverged(
-            f"{what} at epoch {epoch}, step {step}; the last good checkpoint "
-            f"({self.checkpoint_path or 'none: no run_dir'}) is intact"
+    def _diverged(self, epoch: int, step: int | None, what: str) -> TrainingDiverged:
+        at = f"at epoch {epoch}, step {step}" if step is not None else f"during epoch {epoch}"
+        return TrainingDiverged(f"{what} {at}; {self._last_good()}")
+
+    def _last_good(self) -> str:
+        """What is true of the run folder now (checkpoints are written only when finite)."""
+        if self.checkpoint_path is None:
+            return "no checkpoint is kept (no run_dir)"
+        if self.last_checkpoint is None:
+            return f"no checkpoint was written (none in {self.checkpoint_path.parent})"
+        return (
+            f"the checkpoint of epoch {self.last_checkpoint} ({self.checkpoint_path}) holds "
+            "finite values: lower the learning rate, or resume from it"
         )
 
     def run_epoch(self, epoch: int, bar: Any) -> tuple[float, float]:
@@ -509,6 +587,11 @@ class _Training:
     # -- checkpoint ---------------------------------------------------------------------------
     def checkpoint(self, epoch: int) -> None:
         """Write ``checkpoint.pt`` and ``run.json`` atomically (rank 0, with a run_dir)."""
+        bad = [name for name, p in self.params.items() if not bool(torch.isfinite(p).all())]
+        if bad:  # a NaN gradient with a finite bound: the parameters are lost, not the run
+            raise self._diverged(
+                epoch, None, f"parameters {bad[:3]} became NaN or infinite (a non-finite gradient)"
+            )
         if self.checkpoint_path is None or self.ddp.rank != 0:
             return
         state = {
@@ -520,8 +603,12 @@ class _Training:
             "rng": rng_state(),
             "history": self.run.history,
             "steps": self.run.steps,
+            "settings": self.settings,
         }
+        if non_finite(state) is not None:
+            raise self._diverged(epoch, None, f"the {non_finite(state)} became NaN or infinite")
         write_checkpoint(self.checkpoint_path, state, self.run.to_json())
+        self.last_checkpoint = epoch
 
 
 def fit(
@@ -595,10 +682,98 @@ def fit(
     from pvae.inference import ELBO  # late import: core does not depend on engines at import
 
     engine = engine if engine is not None else ELBO()
-    if num_items(train) == 0:
-        raise ValueError("the training data is empty")
-    if batch_size < 1 or epochs < 0:
-        raise ValueError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size}, {epochs}")
+    _check_arguments(engine, epochs, batch_size, optimizer, lr, seed, run_dir, resume)
+    if aggressive_encoder is not None:
+        validation.positive_int(aggressive_encoder, "aggressive_encoder")
+    train = validation.as_data(train, "train")
+    batch_size = int(batch_size)
+    validation.check_pair_data(model, guide, train, "train", batch_size, get_batch)
+    if valid is not None:
+        valid = validation.as_data(valid, "valid")
+        validation.check_like(valid, train, "valid")
+        validation.check_pair_data(model, guide, valid, "valid", batch_size, get_batch)
+    options: dict[str, Any] = dict(
+        epochs=int(epochs),
+        batch_size=batch_size,
+        optimizer=optimizer,
+        lr=lr,
+        valid=valid,
+        seed=int(seed),
+        resume=resume,
+        progress=progress,
+        callbacks=callbacks,
+        aggressive_encoder=aggressive_encoder,
+        step_callbacks=step_callbacks,
+    )
+    if run_dir is None:
+        return _fit(model, guide, train, engine, run_dir=None, **options)
+    created = not Path(run_dir).exists()
+    try:
+        with run_lock(run_dir):
+            if (Path(run_dir) / CHECKPOINT).exists() and not resume:
+                raise ValueError(
+                    f"run_dir {run_dir} already holds a run ({CHECKPOINT}); pass resume=True "
+                    "to continue it, or choose another folder"
+                )
+            return _fit(model, guide, train, engine, run_dir=run_dir, **options)
+    except BaseException:
+        if created and Path(run_dir).is_dir() and not any(Path(run_dir).iterdir()):
+            Path(run_dir).rmdir()  # a refused or failed run leaves no empty folder behind
+        raise
+
+
+def _check_arguments(
+    engine: Any,
+    epochs: Any,
+    batch_size: Any,
+    optimizer: Any,
+    lr: Any,
+    seed: Any,
+    run_dir: Any,
+    resume: Any,
+) -> None:
+    """``fit``'s scalar arguments, before anything runs."""
+    if isinstance(engine, str):
+        raise TypeError(
+            f"engine must be an engine object such as pvae.inference.IWAE(num_particles=5), "
+            f"got the string {engine!r}"
+        )
+    step_function(engine)  # a TypeError for an object that is no engine
+    validation.non_negative_int(epochs, "epochs")
+    validation.positive_int(batch_size, "batch_size")
+    validation.seed_value(seed)
+    _check_lr(lr)
+    if isinstance(optimizer, str) and optimizer.lower() not in _OPTIMIZERS:
+        raise ValueError(
+            f"unknown optimizer {optimizer!r}; choose one of {sorted(_OPTIMIZERS)} or pass "
+            "a torch.optim.Optimizer class"
+        )
+    if not isinstance(resume, bool):
+        raise TypeError(f"resume must be True or False, got {resume!r}")
+    if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise ValueError(f"run_dir {run_dir} exists and is not a folder")
+
+
+def _fit(
+    model: Callable,
+    guide: Callable,
+    train: Data,
+    engine: Any,
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer: str | Callable[..., torch.optim.Optimizer],
+    lr: LearningRate,
+    valid: Data | None,
+    seed: int,
+    run_dir: str | os.PathLike | None,
+    resume: bool,
+    progress: bool,
+    callbacks: Sequence[EpochCallback],
+    aggressive_encoder: int | None,
+    step_callbacks: Sequence[StepCallback],
+) -> Run:
+    """``fit`` once its arguments and data are checked (and the run folder is locked)."""
     policy = StepPolicy() if aggressive_encoder is None else AggressiveEncoder(aggressive_encoder)
     training = _Training(
         model,

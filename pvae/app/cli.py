@@ -74,10 +74,11 @@ from pyro.nn import PyroModule
 from tqdm.auto import tqdm
 
 import pvae
-from pvae import atomic, data, likelihoods, plots
+from pvae import atomic, data, likelihoods, plots, validation
 from pvae.app import compare, diagnose, runs
 from pvae.app.registry import ENGINES, MODELS, Option, Registry, parse_bound
 from pvae.app.registry import bound_grammar as _grammar
+from pvae.checkpoint import RUN_JSON, RunDirInUse, load_checkpoint, run_lock
 from pvae.evaluate import as_tensors
 from pvae.train import CHECKPOINT, Run, TrainingDiverged
 
@@ -125,6 +126,15 @@ def _positive_int(text: str) -> int:
 
 def _non_negative_int(text: str) -> int:
     return _int(text, 0)
+
+
+def _seed(text: str) -> int:
+    value = _int(text, 0)
+    if value > validation.MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer in [0, {validation.MAX_SEED}] (numpy's limit), got {text!r}"
+        )
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -248,7 +258,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser, dataset: str | None = N
     )
     group.add_argument(
         "--seed",
-        type=_non_negative_int,
+        type=_seed,
         default=0,
         help="seeds the data split, the initialisation and the training (default: 0)",
     )
@@ -697,8 +707,25 @@ _RESUMABLE = {"epochs", "resume", "overwrite", "quiet", "ll_samples", "run_dir",
 def _check_resume(run_dir: Path, args: argparse.Namespace) -> None:
     """With --resume, the arguments that define the run must match its config.json."""
     path = run_dir / "config.json"
+    if not (run_dir / CHECKPOINT).is_file():
+        raise CliError(
+            f"--resume: {run_dir} holds no {CHECKPOINT} to continue; drop --resume to start a "
+            "new run"
+        )
     if not path.is_file():
-        return
+        raise CliError(
+            f"--resume: {path} is missing, so the settings of the run in {run_dir} are unknown; "
+            "start a new run in another --run-dir (or --overwrite this one)"
+        )
+    try:
+        done = int(load_checkpoint(run_dir / CHECKPOINT)["epoch"]) + 1
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CliError(f"--resume: cannot read {run_dir / CHECKPOINT}: {error}") from error
+    if args.epochs < done:
+        raise CliError(
+            f"--resume: the run in {run_dir} has done {done} epochs; --epochs {args.epochs} is "
+            f"fewer (pass --epochs >= {done})"
+        )
     try:
         previous = json.loads(path.read_text())["args"]
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -780,13 +807,82 @@ def _train(args: argparse.Namespace) -> int:
     ds = _prepare(args, _load_dataset(args))
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
+    _check_memory(args, ds)
     model = _build_model(args, ds)  # resolves args.likelihood
     engine = _build_engine(args.engine, args.particles)
     _check_support(model, ds)
     if args.resume:
         _check_resume(run_dir, args)
+    created = not run_dir.exists()
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        with run_lock(run_dir):
+            return _train_locked(args, ds, model, engine, run_dir)
+    except RunDirInUse as error:
+        raise CliError(f"--run-dir: {error}") from error
+    finally:
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+
+
+# What ``pvae train`` and ``pvae diagnose`` write into a run folder: --overwrite removes these
+# (and nothing else: the folder may hold the user's own files).
+_RUN_OUTPUTS = (
+    CHECKPOINT,
+    RUN_JSON,
+    runs.CONFIG,
+    "metrics.json",
+    "metrics.csv",
+    "learning_curve.png",
+    "reconstructions.png",
+    "samples.png",
+    diagnose.RESULTS,
+    diagnose.REPORT,
+    *diagnose.FIGURES,
+)
+
+
+def _check_memory(args: argparse.Namespace, ds: data.Splits, limit: float = 0.5) -> None:
+    """Refuse, before building it, an MLP model whose parameters (weights, gradients and
+    Adam's two moments: four float32 copies) would take more than ``limit`` of the machine's
+    memory. The estimate counts an encoder ``x -> hidden -> 2 z`` and a decoder
+    ``z -> hidden -> x``."""
+    x_dim = int(getattr(ds, "x_dim", 0) or 0)
+    widths = [int(h) for h in (args.hidden or ())]
+    if not x_dim or args.z_dim is None:
+        return
+    encoder = [x_dim, *widths, 2 * int(args.z_dim)]
+    decoder = [int(args.z_dim), *widths[::-1], x_dim]
+    count = sum(
+        (a + 1) * b
+        for layers in (encoder, decoder)
+        for a, b in zip(layers[:-1], layers[1:], strict=True)
+    )
+    total = count * 4 * 4
+    try:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if total > limit * available:
+        raise CliError(
+            f"the model needs about {total / 2**30:.1f} GiB for training (weights, gradients "
+            f"and Adam's moments), more than half of this machine's {available / 2**30:.1f} "
+            "GiB; reduce --z-dim or --hidden"
+        )
+
+
+def _train_locked(
+    args: argparse.Namespace,
+    ds: data.Splits,
+    model: PyroModule,
+    engine: pyro.infer.ELBO,
+    run_dir: Path,
+) -> int:
+    """``pvae train`` once ``run_dir`` is locked: clear it (--overwrite), write config.json,
+    train, write the outputs."""
+    if args.overwrite:
+        for name in _RUN_OUTPUTS:
+            (run_dir / name).unlink(missing_ok=True)
+    try:
         runs.write_config(
             run_dir,
             _run_config(args),
@@ -799,11 +895,11 @@ def _train(args: argparse.Namespace) -> int:
     try:
         result = _train_and_evaluate(args, ds, model, engine, run_dir, resume=args.resume)
     except KeyboardInterrupt:
-        print(
-            f"{PROG}: interrupted; the last checkpoint in {run_dir} is intact: continue with "
-            "--resume",
-            file=sys.stderr,
-        )
+        if (run_dir / CHECKPOINT).is_file():
+            what = f"the checkpoint of the last full epoch is in {run_dir}: continue with --resume"
+        else:
+            what = f"no checkpoint was written in {run_dir} (interrupted in the first epoch)"
+        print(f"{PROG}: interrupted; {what}", file=sys.stderr)
         return 130
     try:
         metrics = _write_outputs(run_dir, result, ds, args)
@@ -887,6 +983,7 @@ def _threads() -> str:
 
 def _compare(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    started_wall = time.time() - 1.0  # file times may be coarser than this clock
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     knobs = compare.settings(
@@ -942,7 +1039,15 @@ def _compare(args: argparse.Namespace) -> int:
             argv=[PROG, *canonical_argv("compare", args)],
         )
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was written to {run_dir}/results.*", file=sys.stderr)
+        written = sorted(
+            path.name for path in run_dir.glob("results.*") if path.stat().st_mtime >= started_wall
+        )
+        what = (
+            f"{', '.join(written)} in {run_dir} were written before the interruption"
+            if written
+            else f"nothing was written to {run_dir}/results.*"
+        )
+        print(f"{PROG}: interrupted; {what}", file=sys.stderr)
         return 130
     except OSError as error:
         raise CliError(f"cannot write the outputs into {run_dir}: {error}", EXIT_FAILURE) from error
