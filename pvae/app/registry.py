@@ -961,13 +961,6 @@ register_engine(
     default_particles=64,
 )
 register_engine(
-    "kalman",
-    lambda particles, estimator="reparam": KalmanELBO(num_particles=particles),
-    "ELBO with the exact Kalman KL and linear-Gaussian expectations (state-space pairs)",
-    describe=lambda spec, particles: f"KalmanELBO, {particles} smoothed draws",
-    estimators=("reparam",),
-)
-register_engine(
     "miwae",
     _grouped(MIWAE),
     "average of M IWAE_K bounds (Rainforth et al. 2018)",
@@ -991,4 +984,11 @@ register_engine(
     describe=_describe_grouped,
     parameter=GROUP_SPLIT,
     default_particles=64,
+)
+register_engine(
+    "kalman",
+    lambda particles, estimator="reparam": KalmanELBO(num_particles=particles),
+    "ELBO with the exact Kalman KL and linear-Gaussian expectations (state-space pairs)",
+    describe=lambda spec, particles: f"KalmanELBO, {particles} smoothed draws",
+    estimators=("reparam",),
 )
