@@ -79,6 +79,7 @@ from pvae.app import compare, diagnose, runs
 from pvae.app.registry import ENGINES, MODELS, Option, Registry, parse_bound
 from pvae.app.registry import bound_grammar as _grammar
 from pvae.evaluate import as_tensors
+from pvae.inference import ELBO, CyclicalAnnealing, LinearAnnealing
 from pvae.train import CHECKPOINT, Run, TrainingDiverged
 
 EXIT_OK = 0
@@ -143,10 +144,8 @@ def _beta_schedule(text: str) -> str:
     return text
 
 
-def _schedule(text: str) -> Any:
+def _schedule(text: str) -> LinearAnnealing | CyclicalAnnealing:
     """The annealing schedule ``--beta-schedule`` names (:func:`_beta_schedule`)."""
-    from pvae.inference import CyclicalAnnealing, LinearAnnealing
-
     kind, _, rest = text.partition(":")
     parts = rest.split(":") if rest else []
     try:
@@ -818,7 +817,7 @@ def _train(args: argparse.Namespace) -> int:
     model = _build_model(args, ds)  # resolves args.likelihood
     engine = _build_engine(args.engine, args.particles)
     if args.beta_schedule is not None:
-        if not hasattr(engine, "current_beta"):
+        if not isinstance(engine, ELBO):
             raise CliError(f"--beta-schedule anneals the ELBO; --engine is {args.engine}")
         engine.beta = _schedule(args.beta_schedule)
     _check_support(model, ds)
