@@ -12,7 +12,9 @@ the mutated one and restored on exit, on Ctrl-C, and by the next run if a run wa
     python scripts/mutate.py --list     # the mutants and the tests each runs
     python scripts/mutate.py -k free    # only mutants whose name contains "free"
 
-Exit status 0 when every mutant is caught, 1 otherwise (2 on a stale or missing snippet).
+The selected tests are first run once on the unmutated code (a test that already fails would
+count every mutant as caught). Exit status 0 when every mutant is caught, 1 otherwise (2 on a
+stale or missing snippet, or when the tests fail without any mutant).
 """
 
 from __future__ import annotations
@@ -269,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant")
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs pytest")
+    parser.add_argument(
+        "--skip-baseline",
+        action="store_true",
+        help="do not first check that the selected tests pass on the unmutated code",
+    )
     args = parser.parse_args(argv)
     _restore_stale()
     chosen = [m for m in MUTATIONS if args.k in m.name]
@@ -280,6 +287,17 @@ def main(argv: list[str] | None = None) -> int:
         for m in chosen:
             print(f"{m.name:40s} {m.path}  ->  {' '.join(m.tests)}")
         return 0
+    if not args.skip_baseline:
+        # Tests that already fail would count every mutant as caught: they must pass first.
+        tests = sorted({test for m in chosen for test in m.tests})
+        cmd = [args.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
+            print("the tests fail without any mutant:", *failed[:20], sep="\n", file=sys.stderr)
+            return 2
+        print(f"baseline: {(proc.stdout.strip().splitlines() or [''])[-1]}")
     caught = 0
     for m in chosen:
         killed, seconds, tail = _run(m, args.python, args.timeout)
