@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup compare test lint
+.PHONY: setup compare test lint mutate
 setup:
 	@./scripts/setup.sh
 
@@ -15,3 +15,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy pvae && $(BIN)/mypy models inference
+
+# Plausible bugs applied one at a time (files edited in place and restored): prints caught/total.
+mutate: setup
+	$(BIN)/python scripts/mutate.py $(ARGS)

@@ -12,7 +12,9 @@ the mutated one and restored on exit, on Ctrl-C, and by the next run if a run wa
     python scripts/mutate.py --list     # the mutants and the tests each runs
     python scripts/mutate.py -k free    # only mutants whose name contains "free"
 
-Exit status 0 when every mutant is caught, 1 otherwise (2 on a stale or missing snippet).
+The selected tests are first run once on the unmutated code (a test that already fails would
+count every mutant as caught). Exit status 0 when every mutant is caught, 1 otherwise (2 on a
+stale or missing snippet, or when the tests fail without any mutant).
 """
 
 from __future__ import annotations
@@ -38,8 +40,187 @@ class Mutation:
     tests: tuple[str, ...]  # pytest node ids or paths, relative to the root
 
 
-# The mutants: filled in below, grouped by what they break.
-MUTATIONS: list[Mutation] = []
+ELBO_TESTS = "tests/inference/test_elbo.py"
+IMPORTANCE = "tests/inference/test_importance.py"
+EVALUATE = "tests/core/test_evaluate.py"
+SSM = "tests/core/test_ssm.py"
+MULTIMODAL = "tests/models/test_multimodal.py"
+TRAIN_RESUME = "tests/core/test_train.py::test_resume_restores_the_annealing_step"
+CLI_RESUME = "tests/cli/test_cli.py::test_resume_continues_the_run"
+
+# The mutants, grouped by what they break. Each snippet is small and exact so that edits
+# elsewhere in the file leave it valid; ``--list`` checks that every one still occurs once.
+MUTATIONS: list[Mutation] = [
+    # -- scaling: the data plate's N/B factor ----------------------------------------------
+    Mutation(
+        "reducer-keeps-plate-scale",  # N/B applied twice to per-datapoint terms
+        "pvae/protocol.py",
+        "scale = scale / self.data_scale",
+        "scale = scale",
+        (ELBO_TESTS + "::test_minibatch_scaling_counts_global_terms_once", IMPORTANCE),
+    ),
+    Mutation(
+        "scale-to-data-does-not-scale",
+        "pvae/protocol.py",
+        'msg["scale"] = msg["scale"] * (self.num_data / size)',
+        'msg["scale"] = msg["scale"]',
+        (ELBO_TESTS + "::test_minibatch_scaling_counts_global_terms_once", IMPORTANCE),
+    ),
+    Mutation(
+        "unsized-plate-unscaled",  # an unsized plate taken as the whole data set
+        "pvae/protocol.py",
+        "size = site_batch_size(msg, frame)",
+        "size = self.num_data",
+        ("tests/core/test_protocol.py",),
+    ),
+    # -- the ELBO --------------------------------------------------------------------------
+    Mutation(
+        "free-bits-scaled-twice",
+        "inference/elbo.py",
+        "scale * batch * per_dim if local",
+        "scale * scale * batch * per_dim if local",
+        (ELBO_TESTS,),
+    ),
+    Mutation(
+        "free-bits-clamped-per-datapoint",
+        "inference/elbo.py",
+        "term.mean(0).mean(0).clamp(min=self.free_bits)",
+        "term.mean(0).clamp(min=self.free_bits).mean(0)",
+        (ELBO_TESTS,),
+    ),
+    Mutation(
+        "analytic-kl-reversed",  # KL(p || q) instead of KL(q || p)
+        "pvae/kl.py",
+        "return kl_divergence(q_base, p_base), event_dims",
+        "return kl_divergence(p_base, q_base), event_dims",
+        (ELBO_TESTS,),
+    ),
+    Mutation(
+        "elbo-stl-not-detached",
+        "inference/elbo.py",
+        'q, p = detach_distribution(guide_site["fn"]), model_site["fn"]',
+        'q, p = guide_site["fn"], model_site["fn"]',
+        (ELBO_TESTS,),
+    ),
+    # -- importance-weighted bounds ---------------------------------------------------------
+    Mutation(
+        "log-mean-exp-without-log-k",
+        "pvae/protocol.py",
+        "return torch.logsumexp(value, dim) - math.log(value.shape[dim])",
+        "return torch.logsumexp(value, dim)",
+        (IMPORTANCE,),
+    ),
+    Mutation(
+        "miwae-wrong-axis",
+        "inference/importance.py",
+        "per_datapoint = log_mean_exp(local, dim=1).mean(0)  # (B,)",
+        "per_datapoint = log_mean_exp(local, dim=0).mean(0)  # (B,)",
+        (IMPORTANCE,),
+    ),
+    Mutation(
+        "piwae-guide-gets-iwae",
+        "inference/importance.py",
+        'return [(self.num_inner if self.encoder_objective == "miwae" else 1, 1.0)]',
+        "return [(self.num_particles, 1.0)]",
+        (IMPORTANCE,),
+    ),
+    Mutation(
+        "dreg-weights-not-squared",
+        "inference/importance.py",
+        "(normalised**2 * local)",
+        "(normalised * local)",
+        (IMPORTANCE,),
+    ),
+    Mutation(
+        "stl-not-detaching",
+        "inference/importance.py",
+        'detach_guide=self.estimator != "reparam"',
+        "detach_guide=False",
+        (IMPORTANCE,),
+    ),
+    Mutation(
+        "ciwae-beta-swapped",
+        "inference/importance.py",
+        "return [(1, self.beta), (self.num_inner, 1.0 - self.beta)]",
+        "return [(1, 1.0 - self.beta), (self.num_inner, self.beta)]",
+        (IMPORTANCE,),
+    ),
+    # -- evaluation -------------------------------------------------------------------------
+    Mutation(
+        "log-likelihood-averages-chunks",
+        "pvae/evaluate.py",
+        "total = chunk if total is None else torch.logaddexp(total, chunk)",
+        "chunk = (chunk - math.log(k)) * (k / num_samples) + math.log(num_samples) * k "
+        "/ num_samples\n                total = chunk if total is None else total + chunk",
+        (EVALUATE,),
+    ),
+    # -- the resume path ---------------------------------------------------------------------
+    Mutation(
+        "engine-state-not-restored",
+        "pvae/train.py",
+        'load_engine_state(self.engine, state.get("engine", {}))',
+        "reset_engine(self.engine)",
+        (TRAIN_RESUME, CLI_RESUME),
+    ),
+    Mutation(
+        "rng-state-not-restored",
+        "pvae/train.py",
+        'set_rng_state(state["rng"])',
+        "pass",
+        (CLI_RESUME,),
+    ),
+    # -- fusion and ownership -----------------------------------------------------------------
+    Mutation(
+        "poe-returns-precision-root",  # the product's precision mistaken for its variance
+        "pvae/gaussian.py",
+        "return weighted / total, total.rsqrt()",
+        "return weighted / total, total.sqrt()",
+        ("tests/core/test_gaussian.py",),
+    ),
+    Mutation(
+        "poe-prior-expert-ignored",
+        "pvae/gaussian.py",
+        "total = total + prior_precision",
+        "total = total + 0 * prior_precision",
+        ("tests/core/test_gaussian.py",),
+    ),
+    Mutation(
+        "moe-not-stratified",  # every replicate drawn from the same component
+        "models/multimodal.py",
+        'rank = torch.div(r * count, num_replicates, rounding_mode="floor") + offset',
+        'rank = torch.div(r, num_replicates, rounding_mode="floor") + offset',
+        (MULTIMODAL + "::test_stratified_draws_fill_equal_contiguous_blocks_of_valid_components",),
+    ),
+    Mutation(
+        "ownership-shared-goes-to-guide",
+        "pvae/protocol.py",
+        "and name not in model_uses",
+        "",
+        ("tests/core/test_protocol.py",),
+    ),
+    # -- state-space models -------------------------------------------------------------------
+    Mutation(
+        "ssm-initial-cov-one-step-early",  # Pyro's convention: x_1 = A x_0 + q
+        "pvae/ssm.py",
+        "        if t > 0:\n            A = _step(inp.A, t - 1)",
+        "        if t >= 0:\n            A = _step(inp.A, max(t - 1, 0))",
+        (SSM,),
+    ),
+    Mutation(
+        "ssm-transition-transposed",
+        "pvae/ssm.py",
+        "            A = _step(inp.A, t - 1)\n",
+        "            A = _step(inp.A, t - 1).mT\n",
+        (SSM,),
+    ),
+    Mutation(
+        "ssm-missing-step-contributes",
+        "pvae/ssm.py",
+        "log_density = torch.where(observed, log_density, torch.zeros_like(log_density))",
+        "log_density = log_density",
+        (SSM,),
+    ),
+]
 
 
 def _restore_stale() -> None:
@@ -90,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant")
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs pytest")
+    parser.add_argument(
+        "--skip-baseline",
+        action="store_true",
+        help="do not first check that the selected tests pass on the unmutated code",
+    )
     args = parser.parse_args(argv)
     _restore_stale()
     chosen = [m for m in MUTATIONS if args.k in m.name]
@@ -101,6 +287,17 @@ def main(argv: list[str] | None = None) -> int:
         for m in chosen:
             print(f"{m.name:40s} {m.path}  ->  {' '.join(m.tests)}")
         return 0
+    if not args.skip_baseline:
+        # Tests that already fail would count every mutant as caught: they must pass first.
+        tests = sorted({test for m in chosen for test in m.tests})
+        cmd = [args.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
+            print("the tests fail without any mutant:", *failed[:20], sep="\n", file=sys.stderr)
+            return 2
+        print(f"baseline: {(proc.stdout.strip().splitlines() or [''])[-1]}")
     caught = 0
     for m in chosen:
         killed, seconds, tail = _run(m, args.python, args.timeout)

@@ -80,6 +80,7 @@ from pvae.app.registry import ENGINES, MODELS, Option, Registry, parse_bound
 from pvae.app.registry import bound_grammar as _grammar
 from pvae.checkpoint import RUN_JSON, RunDirInUse, load_checkpoint, run_lock
 from pvae.evaluate import as_tensors
+from pvae.inference import ELBO, CyclicalAnnealing, LinearAnnealing
 from pvae.train import CHECKPOINT, Run, TrainingDiverged
 
 EXIT_OK = 0
@@ -145,6 +146,31 @@ def _positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
+
+
+def _beta_schedule(text: str) -> str:
+    """``linear:STEPS`` or ``cyclical:PERIOD[:RATIO]`` (checked; kept as written)."""
+    _schedule(text)
+    return text
+
+
+def _schedule(text: str) -> LinearAnnealing | CyclicalAnnealing:
+    """The annealing schedule ``--beta-schedule`` names (:func:`_beta_schedule`)."""
+    kind, _, rest = text.partition(":")
+    parts = rest.split(":") if rest else []
+    try:
+        if kind == "linear" and len(parts) == 1 and int(parts[0]) >= 1:
+            return LinearAnnealing(int(parts[0]))
+        if kind == "cyclical" and len(parts) in (1, 2) and int(parts[0]) >= 1:
+            ratio = float(parts[1]) if len(parts) == 2 else 0.5
+            if 0.0 <= ratio <= 1.0:
+                return CyclicalAnnealing(int(parts[0]), ratio)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(
+        f"expected linear:STEPS or cyclical:PERIOD[:RATIO] (positive integers, 0 <= RATIO <= 1), "
+        f"got {text!r}"
+    )
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -772,6 +798,14 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="BOUND",
         help=f"one of: {', '.join(ENGINES.names())}, written as {_grammar()} (default: elbo)",
     )
+    group.add_argument(
+        "--beta-schedule",
+        type=_beta_schedule,
+        default=None,
+        metavar="SCHEDULE",
+        help="anneal the ELBO's KL weight over training steps: linear:STEPS (Bowman et al. 2016) "
+        "or cyclical:PERIOD[:RATIO] (Fu et al. 2019) (default: none, beta = 1)",
+    )
     _add_training_arguments(parser, particles=None)
     group = parser.add_argument_group("run folder")
     group.add_argument(
@@ -810,6 +844,10 @@ def _train(args: argparse.Namespace) -> int:
     _check_memory(args, ds)
     model = _build_model(args, ds)  # resolves args.likelihood
     engine = _build_engine(args.engine, args.particles)
+    if args.beta_schedule is not None:
+        if not isinstance(engine, ELBO):
+            raise CliError(f"--beta-schedule anneals the ELBO; --engine is {args.engine}")
+        engine.beta = _schedule(args.beta_schedule)
     _check_support(model, ds)
     if args.resume:
         _check_resume(run_dir, args)

@@ -127,15 +127,61 @@ def test_config_round_trips(trained):
     assert cli._json_args(reparsed) == args
 
 
-def test_resume_continues_the_run(trained, tmp_path):
-    run_dir = tmp_path / "resumed"
-    shutil.copytree(trained, run_dir)
-    assert train(run_dir, "--resume", epochs=2) == 0
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+def _without_seconds(value):
+    """metrics.json without the wall-clock fields (everything else is deterministic)."""
+    if isinstance(value, dict):
+        return {k: _without_seconds(v) for k, v in value.items() if "seconds" not in k}
+    if isinstance(value, list):
+        return [_without_seconds(v) for v in value]
+    return value
+
+
+def _same_run(a, b):
+    """Two run folders hold bit-identical metrics (but the timings) and checkpoints."""
+    metrics_a = json.loads((a / "metrics.json").read_text())
+    metrics_b = json.loads((b / "metrics.json").read_text())
+    assert _without_seconds(metrics_a) == _without_seconds(metrics_b)
+    state_a = torch.load(a / "checkpoint.pt", weights_only=False)
+    state_b = torch.load(b / "checkpoint.pt", weights_only=False)
+    assert state_a["epoch"] == state_b["epoch"]
+    assert state_a.get("engine") == state_b.get("engine")
+    assert set(state_a["params"]) == set(state_b["params"])
+    for name, value in state_a["params"].items():
+        assert torch.equal(value, state_b["params"][name]), name
+
+
+@pytest.mark.parametrize("schedule", [None, "linear:24", "cyclical:10:0.5"])
+def test_resume_continues_the_run(tmp_path, schedule):
+    """One epoch (16 steps), then --resume to two, is bit for bit the uninterrupted two-epoch
+    run: with a beta schedule still annealing at step 16 (and not in phase there) this needs
+    the engine's step counter restored, as well as the RNG and the optimiser."""
+    extra = ["--beta-schedule", schedule] if schedule else []
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert train(whole, *extra, dataset="linear-gaussian", epochs=2) == 0
+    assert train(resumed, *extra, dataset="linear-gaussian", epochs=1) == 0
+    first = json.loads((resumed / "metrics.json").read_text())["history"]
+    assert train(resumed, *extra, "--resume", dataset="linear-gaussian", epochs=2) == 0
+    metrics = json.loads((resumed / "metrics.json").read_text())
     assert [record["epoch"] for record in metrics["history"]] == [0, 1]
-    first = json.loads((trained / "metrics.json").read_text())["history"][0]
-    assert metrics["history"][0] == first  # the first epoch came from the checkpoint
-    assert json.loads((run_dir / "config.json").read_text())["args"]["epochs"] == 2
+    assert metrics["history"][:1] == first  # the first epoch came from the checkpoint
+    assert json.loads((resumed / "config.json").read_text())["args"]["epochs"] == 2
+    _same_run(whole, resumed)
+    if schedule:  # the schedule took effect: the run differs from one at constant beta
+        plain = tmp_path / "plain"
+        assert train(plain, dataset="linear-gaussian", epochs=2) == 0
+        bounds = [r["train_bound"] for r in metrics["history"]]
+        plain_bounds = [
+            r["train_bound"] for r in json.loads((plain / "metrics.json").read_text())["history"]
+        ]
+        assert bounds != plain_bounds
+
+
+def test_beta_schedule_is_checked(tmp_path, capsys):
+    for value in ("linear", "linear:0", "cyclical:4:2", "exp:3"):
+        assert train(tmp_path / "run", "--beta-schedule", value) == 2
+        assert "--beta-schedule" in error_line(capsys)
+    assert train(tmp_path / "run", "--engine", "iwae", "--beta-schedule", "linear:5") == 2
+    assert "--beta-schedule" in error_line(capsys)
 
 
 def test_resume_refuses_a_different_model(trained, tmp_path, capsys):

@@ -3,6 +3,7 @@
 foreign and mismatched run folders exit 2 naming what is missing."""
 
 import json
+import math
 import shutil
 
 import pyro
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from pvae.app import cli, diagnose
+from pvae.nets import MIN_SCALE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--z-dim", "3", "--hidden", "16", "--ll-samples", "4", "--quiet"]
@@ -80,9 +82,12 @@ def test_parameters_are_the_trained_ones(train_run):
     loaded = diagnose.load_run(train_run)
     state = torch.load(train_run / "checkpoint.pt", weights_only=True)
     store = pyro.get_param_store()
-    assert set(state["params"]) == set(store.keys())
+    # The rebuilt model may carry another name prefix (vae_1 while an earlier vae is alive).
+    prefix = loaded.model._pyro_name
+    stored = {name.split(".", 1)[1]: name for name in store.keys() if name.startswith(prefix + ".")}
+    assert set(stored) == {name.split(".", 1)[1] for name in state["params"]}
     for name, value in state["params"].items():
-        assert torch.equal(store.get_param(name).unconstrained(), value), name
+        assert torch.equal(store.get_param(stored[name.split(".", 1)[1]]).unconstrained(), value)
     assert loaded.title == "vae / elbo on digits"
 
 
@@ -158,3 +163,47 @@ def test_non_image_run(tmp_path, capsys):
     assert cli.main(["diagnose", str(tmp_path), "--points", "50", "--quiet"]) == 0
     check_files(tmp_path)
     assert "Verdict:" not in capsys.readouterr().out  # --quiet: the final line only
+
+
+def _set_encoder_head(run_dir, collapsed, active):
+    """Rewrite the checkpoint's encoder head: dimensions in ``collapsed`` output the prior
+    N(0, 1) for every x (KL exactly 0), those in ``active`` a mean that moves strongly with x
+    and a small scale (a large KL): a run whose collapse is known."""
+    path = run_dir / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    (weight_name,) = [n for n in state["params"] if "encoder" in n and n.endswith(".weight")][-1:]
+    bias_name = weight_name.removesuffix("weight") + "bias"
+    weight, bias = state["params"][weight_name].clone(), state["params"][bias_name].clone()
+    z_dim = weight.shape[0] // 2
+    unit_raw = math.log(math.expm1(1.0 - MIN_SCALE))  # softplus(raw) + MIN_SCALE = 1
+    gen = torch.Generator().manual_seed(0)
+    for d in collapsed:
+        weight[d], bias[d] = 0.0, 0.0
+        weight[z_dim + d], bias[z_dim + d] = 0.0, unit_raw
+    for d in active:
+        weight[d] = 3.0 * torch.randn(weight.shape[1], generator=gen, dtype=weight.dtype)
+        weight[z_dim + d], bias[z_dim + d] = 0.0, -4.0
+    state["params"][weight_name], state["params"][bias_name] = weight, bias
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize(
+    "collapsed, active, verdict",
+    [
+        ((0, 1, 2), (), "Verdict: total posterior collapse"),
+        ((1,), (0, 2), "Verdict: partial posterior collapse"),
+        ((), (0, 1, 2), "Verdict: no posterior collapse"),
+    ],
+)
+def test_verdict_on_a_run_whose_collapse_is_known(train_run, tmp_path, collapsed, active, verdict):
+    copy = tmp_path / "run"
+    shutil.copytree(train_run, copy)
+    _set_encoder_head(copy, collapsed, active)
+    result = diagnose.diagnose(copy, num_points=100)
+    assert result.verdict.splitlines()[0].startswith(verdict), result.verdict
+    assert result.collapse is not None
+    assert result.collapse.layers["z"].collapsed_dims == list(collapsed)
+    text = (copy / "diagnostics.md").read_text()
+    assert verdict in text
+    if collapsed and active:
+        assert "Partial collapse: " in text and f"{len(active)} of 3 dimensions in use" in text

@@ -322,3 +322,42 @@ def test_stl_changes_neither_the_loss_nor_the_bound_under_beta_and_free_bits():
 def test_elbo_estimator_is_checked():
     with pytest.raises(ValueError, match="estimator 'dreg'.*'reparam', 'stl'"):
         ELBO(estimator="dreg")
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_free_bits_under_minibatches_match_the_hand_computed_objective(beta):
+    """Minibatches of B < N: the free-bits KL is N * sum_d max(lambda, mean_batch KL_nd), with
+    the clamp on the batch mean (not per datapoint) and the N/B scale applied once; the
+    likelihood counts N/B times and the reported bound is the plain scaled ELBO."""
+    n, d, free_bits = 12, 2, 0.3
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=gen, dtype=torch.float64)
+    # Per-datapoint KLs straddle lambda in both dimensions: in dimension 0 the batch means sit
+    # above lambda while some datapoints sit below it, in dimension 1 the means sit below.
+    loc = torch.stack([torch.linspace(-2.0, 2.0, n), torch.linspace(-0.4, 0.4, n)], -1).double()
+    scale = torch.full((n, d), 0.9, dtype=torch.float64)
+
+    def model(x, idx):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros(d, dtype=x.dtype), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(0.0, 1.0), obs=x)
+
+    def guide(x, idx):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc[idx], scale[idx]).to_event(1))
+
+    kl = torch.distributions.kl_divergence(dist.Normal(loc, scale), dist.Normal(0.0, 1.0))
+    scaled_model, scaled_guide = pvae.scale_to_data(model, n), pvae.scale_to_data(guide, n)
+    engine = ELBO(beta=beta, free_bits=free_bits)
+    for b in torch.arange(n).reshape(4, 3).T:  # interleaved: each batch spans the range
+        batch_kl = kl[b]  # (B, D)
+        assert (batch_kl[:, 0] < free_bits).any() and (batch_kl[:, 0] > free_bits).any()
+        log_lik = n / len(b) * dist.Normal(0.0, 1.0).log_prob(x[b]).sum()
+        held = n * batch_kl.mean(0).clamp(min=free_bits).sum()
+        loss = engine.differentiable_loss(scaled_model, scaled_guide, x[b], b)
+        assert loss.item() == pytest.approx((-log_lik + beta * held).item(), rel=1e-12)
+        # Clamping per datapoint, or scaling by N/B twice, would give these instead:
+        per_datapoint = n * batch_kl.clamp(min=free_bits).mean(0).sum()
+        assert abs((held - per_datapoint).item()) > 0.05
+        bound = -ELBO().loss(scaled_model, scaled_guide, x[b], b)
+        assert bound == pytest.approx((log_lik - n / len(b) * batch_kl.sum()).item(), rel=1e-12)
