@@ -202,22 +202,22 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "ssm-initial-cov-one-step-early",  # Pyro's convention: x_1 = A x_0 + q
         "pvae/ssm.py",
-        "        if t > 0:\n            A = _step(inp.A, t - 1)",
-        "        if t >= 0:\n            A = _step(inp.A, max(t - 1, 0))",
+        "        if t:\n            At = A[t - 1]",
+        "        if True:\n            At = A[max(t - 1, 0)]",
         (SSM,),
     ),
     Mutation(
         "ssm-transition-transposed",
         "pvae/ssm.py",
-        "            A = _step(inp.A, t - 1)\n",
-        "            A = _step(inp.A, t - 1).mT\n",
+        "            At = A[t - 1]\n",
+        "            At = A[t - 1].mT\n",
         (SSM,),
     ),
     Mutation(
         "ssm-missing-step-contributes",
         "pvae/ssm.py",
-        "log_density = torch.where(observed, log_density, torch.zeros_like(log_density))",
-        "log_density = log_density",
+        "terms = torch.where(mask, terms, torch.zeros((), dtype=terms.dtype, device=terms.device))",
+        "terms = terms",
         (SSM,),
     ),
 ]
