@@ -323,7 +323,7 @@ class SGHMC:
                 v.mul_(1 - alpha).add_(g * eta).add_(draw.to(v.device) * noise)
                 theta.add_(v)
         self.step_count += 1
-        value = float(log_joint)
+        value = float(log_joint.detach())
         return StepRecord(loss=-value, bound=None, log_joint=value)
 
     # -- state ----------------------------------------------------------------------------------
