@@ -96,10 +96,10 @@ class Posterior:
 
         posterior = {name: t.double().numpy() for name, t in self.samples.items()}
         groups = {"posterior": posterior, "sample_stats": {"lp": self.log_joint.double().numpy()}}
-        parameters = inspect.signature(arviz.from_dict).parameters
-        if "posterior" in parameters:  # arviz 0.x: one keyword per group
-            return arviz.from_dict(**groups)
-        return arviz.from_dict(groups)  # arviz 1.x: one mapping of groups
+        from_dict: Any = arviz.from_dict
+        if "posterior" in inspect.signature(from_dict).parameters:  # arviz 0.x: keyword groups
+            return from_dict(**groups)
+        return from_dict(groups)  # arviz 1.x: one mapping of groups
 
     def summary(self, **kwargs: Any) -> Any:
         """``arviz.summary`` of :meth:`to_arviz` (means, sd, HDI, R-hat, bulk/tail ESS) as a
