@@ -2,12 +2,13 @@
 
 Write a model/guide pair in Pyro (per-datapoint sites inside ``pyro.plate("data")``), train it
 with any engine of :mod:`pvae.inference` through :func:`fit`, and evaluate it with
-:func:`log_likelihood`.
+:func:`log_likelihood`; sample a model's latents with a sampler engine through :func:`sample`.
 """
 
 from pvae import data, likelihoods, nets
 from pvae.evaluate import log_likelihood
 from pvae.protocol import VectorizationError, scale_to_data
+from pvae.sampling import Posterior, SamplingDiverged, sample
 from pvae.train import Run, TrainingDiverged, evaluate_bound, fit, load_checkpoint
 
 __version__ = "0.1.0"
@@ -24,7 +25,9 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "Posterior",
     "Run",
+    "SamplingDiverged",
     "TrainingDiverged",
     "VectorizationError",
     "data",
@@ -34,5 +37,6 @@ __all__ = [
     "load_checkpoint",
     "log_likelihood",
     "nets",
+    "sample",
     "scale_to_data",
 ]

@@ -1,0 +1,164 @@
+"""Time of one SGHMC step: ``pvae.inference.SGHMC`` on a Pyro model against a hand-written torch
+SGHMC step with the same networks and the same arithmetic.
+
+The model: a Bayesian MLP autoencoder written as a ``PyroModule`` whose weights are
+``PyroSample`` sites with N(0, 1) priors (read outside the data plate): encoder 784-200-20
+and decoder 20-200-784 with ReLU, Bernoulli likelihood with logits, x in the data plate scaled
+N/B (B = 100 of N = 5000). (The zoo's BayesianAE will replace it here.)
+
+pvae side: what ``pvae.sample`` does per step after warm-up: ``sampler.train_step(model, None,
+x)`` on the model wrapped with ``pvae.scale_to_data`` (the adaptive sampler, its preconditioner
+frozen). Reference side: the same weights as plain tensors, the log joint written out by hand
+(log priors with torch's ``Normal`` density, as the model's priors compute it, + N/B *
+Bernoulli log-likelihood), ``torch.autograd.grad``, and the same update
+``v <- (1 - alpha) v + eta * grad + noise * eps; theta <- theta + v`` with the same frozen
+per-coordinate ``eta`` and ``noise`` tensors. Both are timed in one process, interleaved,
+after a warm-up; the figure is the median over ``--repeats`` blocks. A third row,
+``hand-prior``, writes the prior as ``-t^2 / 2``, what a hand-written loop would do: its gap to
+``reference`` is the cost of the Normal log-density on every weight, not of pvae.
+
+    python benchmarks/sghmc_overhead.py
+    python benchmarks/sghmc_overhead.py --threads 1 --clock cpu --repeats 15
+    python benchmarks/sghmc_overhead.py --threads 1 --profile 200
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import harness
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.nn import PyroModule, PyroSample
+from torch import nn
+
+import pvae
+from pvae.inference import SGHMC
+
+X_DIM, HIDDEN, Z_DIM = 784, 200, 20
+
+
+def bayesian_linear(n_in: int, n_out: int) -> PyroModule:
+    layer = PyroModule[nn.Linear](n_in, n_out)
+    layer.weight = PyroSample(dist.Normal(0.0, 1.0).expand([n_out, n_in]).to_event(2))
+    layer.bias = PyroSample(dist.Normal(0.0, 1.0).expand([n_out]).to_event(1))
+    return layer
+
+
+class BayesianAutoencoder(PyroModule):
+    """x -> encoder -> code -> decoder -> Bernoulli logits; every weight a latent site."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc1 = bayesian_linear(X_DIM, HIDDEN)
+        self.enc2 = bayesian_linear(HIDDEN, Z_DIM)
+        self.dec1 = bayesian_linear(Z_DIM, HIDDEN)
+        self.dec2 = bayesian_linear(HIDDEN, X_DIM)
+
+    def forward(self, x: torch.Tensor) -> None:
+        weights = [
+            (layer.weight, layer.bias) for layer in (self.enc1, self.enc2, self.dec1, self.dec2)
+        ]
+        logits = _network(x, weights)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+
+def _network(x: torch.Tensor, weights: list) -> torch.Tensor:
+    (w1, b1), (w2, b2), (w3, b3), (w4, b4) = weights
+    code = F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)
+    return F.linear(F.relu(F.linear(code, w3, b3)), w4, b4)
+
+
+def reference_step(sampler: SGHMC, num_data: int, prior_as_pyro: bool = True):
+    """A hand-written SGHMC step on copies of the sampler's state (the same frozen eta and
+    noise), with the same site order (the sampler's).
+
+    ``prior_as_pyro``: the N(0, 1) log prior as the model computes it (torch's ``Normal``
+    log-density with the prior's expanded loc and scale, the same arithmetic); False: the
+    cheaper ``-t^2 / 2`` sum a hand-written loop would use (the model's arithmetic differs).
+    """
+    theta = [t.detach().clone().requires_grad_(True) for t in sampler.theta]
+    velocity = [v.clone() for v in sampler.velocity]
+    eta, noise = sampler._eta, sampler._noise
+    alpha = sampler.friction
+    generator = torch.Generator().manual_seed(0)
+    zero, one = torch.zeros(()), torch.ones(())
+    order = {name: i for i, name in enumerate(sampler.names)}
+    names = [(f"{layer}.weight", f"{layer}.bias") for layer in ("enc1", "enc2", "dec1", "dec2")]
+
+    def step(x: torch.Tensor) -> float:
+        weights = [(theta[order[w]], theta[order[b]]) for w, b in names]
+        logits = _network(x, weights)
+        log_lik = -F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+        if prior_as_pyro:
+            log_prior = sum(
+                torch.distributions.Normal(zero.expand(t.shape), one.expand(t.shape))
+                .log_prob(t)
+                .sum()
+                for t in theta
+            )
+        else:
+            log_prior = sum(-0.5 * (t * t).sum() for t in theta) - 0.5 * sum(
+                t.numel() for t in theta
+            ) * torch.log(torch.tensor(2 * torch.pi))
+        log_joint = log_prior + log_lik * (num_data / x.shape[0])
+        grads = torch.autograd.grad(log_joint, theta)
+        with torch.no_grad():
+            for t, v, g, e, s in zip(theta, velocity, grads, eta, noise, strict=True):
+                draw = torch.randn(v.shape, generator=generator)
+                v.mul_(1 - alpha).add_(g * e).add_(draw * s)
+                t.add_(v)
+        return float(log_joint.detach())
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    harness.add_timing_args(parser, repeats=7, steps=30, warmup=20)
+    harness.add_data_args(parser)
+    harness.add_clock_arg(parser)
+    harness.add_validation_arg(parser)
+    harness.add_profile_arg(parser)
+    args = parser.parse_args()
+    num_data, batches = harness.prepare(args)
+    print(harness.machine_line(args))
+
+    model = pvae.scale_to_data(BayesianAutoencoder(), num_data)
+    sampler = SGHMC()
+    sampler.setup(model, (batches[0],), num_data=num_data, num_warmup=10, seed=0)
+    for x in batches[:10]:  # warm-up: the preconditioner is estimated, then frozen
+        sampler.train_step(model, None, x)
+
+    # agreement: the same log joint at the same state
+    reference = reference_step(sampler, num_data)
+    ours = float(sampler.log_joint(model, batches[0]).detach())
+    theirs = reference(batches[0])
+    print(f"log joint: pvae {ours:.4f}, reference {theirs:.4f}")
+    assert abs(ours - theirs) <= 1e-4 * abs(theirs), (ours, theirs)
+
+    def pvae_step(x: torch.Tensor) -> float:
+        return sampler.train_step(model, None, x).loss
+
+    hand_prior = reference_step(sampler, num_data, prior_as_pyro=False)
+    ms = harness.interleave(
+        {"pvae": pvae_step, "reference": reference, "hand-prior": hand_prior},
+        batches,
+        args.repeats,
+        args.warmup,
+        args.clock,
+    )
+    harness.report(ms)
+    print(
+        "reference: the model's own arithmetic (torch Normal log-prior) written by hand; "
+        "hand-prior: the cheaper -t^2/2 prior (the gap to it is the prior's arithmetic, "
+        "not pvae's machinery)"
+    )
+    harness.profile(pvae_step, batches, args.profile)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,436 @@
+"""The sampling loop of every sampler engine: ``pvae.sample``, and what it returns: ``Posterior``.
+
+``sample`` is the sampler's sibling of :func:`pvae.fit`: it feeds minibatches to a model
+scaled to the data (:func:`pvae.scale_to_data`: per-datapoint terms count N/B, global ones
+once), runs each chain's warm-up then its sampling steps, keeps every ``thin``-th state on the
+CPU (memory ``num_chains * num_samples`` values of each site, whatever the number of steps),
+shows a progress bar with the running log joint, and writes atomic checkpoints from which a
+run resumes bit-identically. Chains run one after another, each with its own seed.
+
+A sampler engine (``pvae.inference.SGHMC``) offers:
+
+- ``setup(model, args, kwargs, *, num_data, num_warmup, seed)``: start a chain on the model
+  (its latent sites found on the batch ``args``);
+- ``train_step(model, None, *args) -> StepRecord``: one move on a minibatch, the record
+  carrying ``log_joint`` (:class:`pvae.steps.StepRecord`);
+- ``values()``: the current state, site name -> constrained value; ``unconstrained()``;
+- ``state_dict()``, ``load_state_dict(state)``, ``reset()`` (:class:`pvae.steps.EngineState`).
+
+This module is core: it imports no engine (the default sampler is imported when first used).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from pvae import validation
+from pvae.checkpoint import (
+    CHECKPOINT,
+    load_checkpoint,
+    rng_state,
+    run_lock,
+    set_rng_state,
+    write_checkpoint,
+)
+from pvae.evaluate import Data, get_batch, num_items
+from pvae.protocol import scale_to_data
+
+__all__ = ["Posterior", "SamplingDiverged", "sample"]
+
+_SAMPLER_METHODS = ("setup", "train_step", "values", "state_dict", "load_state_dict")
+
+
+class SamplingDiverged(FloatingPointError):
+    """The log joint of a chain became NaN or infinite."""
+
+
+@dataclass
+class Posterior:
+    """Samples of every latent site, as :func:`sample` returns them.
+
+    ``samples``: site name -> tensor ``(num_chains, num_samples, *site_shape)`` of values in
+    the site's support, on the CPU. ``log_joint``: ``(num_chains, num_samples)``, the minibatch
+    estimate of log p(x, theta) (unconstrained space, Jacobian included) of the step that
+    produced each kept sample, taken at the state that step started from. ``warmup_log_joint``:
+    ``(num_chains, warmup)``, the same during warm-up (to judge it).
+    """
+
+    samples: dict[str, torch.Tensor]
+    log_joint: torch.Tensor
+    warmup_log_joint: torch.Tensor
+    run_dir: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_chains(self) -> int:
+        return int(self.log_joint.shape[0])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.log_joint.shape[1])
+
+    def flat(self) -> dict[str, torch.Tensor]:
+        """Samples with chains and draws merged: site -> ``(num_chains * num_samples, *shape)``."""
+        return {name: t.reshape(-1, *t.shape[2:]) for name, t in self.samples.items()}
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        """The posterior mean of every site (over chains and draws)."""
+        return {name: t.mean(0) for name, t in self.flat().items()}
+
+    def to_arviz(self) -> Any:
+        """An ``arviz.InferenceData`` (arviz 0.x) or ``DataTree`` (arviz 1.x): group
+        ``posterior`` with every site as ``(chain, draw, *shape)``, group ``sample_stats`` with
+        ``lp`` (the log joint). Use it for R-hat, ESS, trace and rank plots."""
+        import arviz
+
+        posterior = {name: t.double().numpy() for name, t in self.samples.items()}
+        groups = {"posterior": posterior, "sample_stats": {"lp": self.log_joint.double().numpy()}}
+        from_dict: Any = arviz.from_dict
+        if "posterior" in inspect.signature(from_dict).parameters:  # arviz 0.x: keyword groups
+            return from_dict(**groups)
+        return from_dict(groups)  # arviz 1.x: one mapping of groups
+
+    def summary(self, **kwargs: Any) -> Any:
+        """``arviz.summary`` of :meth:`to_arviz` (means, sd, HDI, R-hat, bulk/tail ESS) as a
+        pandas DataFrame; ``kwargs`` go to ``arviz.summary``."""
+        import arviz
+
+        return arviz.summary(self.to_arviz(), **kwargs)
+
+    def rhat(self) -> dict[str, torch.Tensor]:
+        """Rank-normalised split R-hat (``arviz.rhat``) of every site, shaped like the site."""
+        import arviz
+
+        return _per_site(arviz.rhat(self.to_arviz()), self.samples)
+
+    def ess(self) -> dict[str, torch.Tensor]:
+        """Bulk effective sample size (``arviz.ess``) of every site, shaped like the site."""
+        import arviz
+
+        return _per_site(arviz.ess(self.to_arviz()), self.samples)
+
+    def predictive(
+        self,
+        model: Callable,
+        *args: Any,
+        num_samples: int | None = None,
+        return_sites: list[str] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        """Posterior predictive: ``pyro.infer.Predictive`` on ``model(*args, **kwargs)`` with
+        the samples flattened over chains (``num_chains * num_samples`` draws, or
+        ``num_samples`` of them evenly spaced). Returns site -> ``(draws, *site_shape)``;
+        by default every site that is not a sampled latent (observations included: pass
+        ``None`` for the observed data)."""
+        flat = self.flat()
+        total = self.num_chains * self.num_samples
+        if num_samples is not None:
+            num_samples = validation.positive_int(num_samples, "num_samples")
+            if num_samples > total:
+                raise ValueError(
+                    f"num_samples must be at most the {total} samples, got {num_samples}"
+                )
+            index = torch.linspace(0, total - 1, num_samples).round().long()
+            flat = {name: t[index] for name, t in flat.items()}
+        predictive = pyro.infer.Predictive(model, posterior_samples=flat, return_sites=return_sites)
+        return predictive(*args, **kwargs)
+
+
+def _per_site(dataset: Any, samples: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {
+        name: torch.as_tensor(dataset[name].values).reshape(t.shape[2:])
+        for name, t in samples.items()
+    }
+
+
+def _check_sampler(sampler: Any) -> None:
+    if isinstance(sampler, str):
+        raise TypeError(
+            f"sampler must be a sampler object such as pvae.inference.SGHMC(), got {sampler!r}"
+        )
+    missing = [m for m in _SAMPLER_METHODS if not callable(getattr(sampler, m, None))]
+    if missing:
+        raise TypeError(
+            f"sampler must be a sampler engine such as pvae.inference.SGHMC() (with "
+            f"{', '.join(_SAMPLER_METHODS)}); {type(sampler).__name__} lacks {missing}"
+        )
+
+
+def _settings(sampler: Any, **options: Any) -> dict[str, Any]:
+    described: dict[str, Any] = {"sampler": type(sampler).__name__}
+    for name in ("lr", "friction", "adaptive", "init_radius"):
+        value = getattr(sampler, name, None)
+        if isinstance(value, bool | int | float | str):
+            described[f"sampler.{name}"] = value
+    return {**described, **options}
+
+
+class _Batches:
+    """The minibatch of each step: rows of a permutation per epoch, a function of
+    ``(seed, chain, epoch)``; every row in order when the batch covers the data."""
+
+    def __init__(self, data: Data | None, batch_size: int, seed: int, chain: int):
+        self.data, self.seed, self.chain = data, seed, chain
+        self.n = num_items(data) if data is not None else 1
+        self.batch_size = min(batch_size, self.n)
+        self.per_epoch = -(-self.n // self.batch_size)
+        self._epoch, self._order = -1, torch.arange(self.n)
+
+    def __call__(self, step: int) -> tuple:
+        if self.data is None:
+            return ()
+        epoch, j = divmod(step, self.per_epoch)
+        if self.batch_size < self.n and epoch != self._epoch:
+            seed = ((self.seed * 1_000_003 + self.chain) * 1_000_003 + epoch) % 2**63
+            self._order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
+            self._epoch = epoch
+        return get_batch(self.data, self._order[j * self.batch_size : (j + 1) * self.batch_size])
+
+
+def sample(
+    model: Callable,
+    data: Data | None = None,
+    sampler: Any = None,
+    num_samples: int = 1000,
+    warmup: int = 1000,
+    thin: int = 1,
+    num_chains: int = 1,
+    batch_size: int = 100,
+    seed: int = 0,
+    run_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    checkpoint_every: int = 1000,
+) -> Posterior:
+    """Sample every latent site of ``model`` with a stochastic-gradient MCMC sampler.
+
+    :param model: a Pyro model called as ``model(*batch)``; per-datapoint sites inside
+        ``pyro.plate("data", ...)``, global latents (weights, ``PyroSample`` attributes of
+        ``PyroModule``s) outside it. It is scaled to the data (per-datapoint terms count N/B,
+        global ones once).
+    :param data: a tensor ``(N, ...)``, a tuple of tensors (the model's positional arguments)
+        or a torch Dataset; None for a model without data (called with no arguments).
+    :param sampler: a sampler engine, ``pvae.inference.SGHMC()`` (adaptive) when None.
+    :param num_samples: samples kept per chain.
+    :param warmup: steps per chain before the first kept sample (the adaptive sampler
+        estimates its preconditioner during them); none is kept.
+    :param thin: keep every ``thin``-th state: a chain takes ``warmup + num_samples * thin``
+        steps.
+    :param num_chains: chains, run one after another; chain c is seeded by ``(seed, c)``.
+    :param batch_size: datapoints per step (every datapoint when >= N).
+    :param seed: seeds Pyro's generators, the data order and every chain.
+    :param run_dir: where ``checkpoint.pt`` and ``run.json`` are written atomically every
+        ``checkpoint_every`` steps and at the end.
+    :param resume: continue from ``run_dir/checkpoint.pt``; the samples are bit-identical to
+        those of an uninterrupted run.
+    :param progress: a progress bar (on a terminal) with the chain and the running log joint.
+    :returns: a :class:`Posterior`.
+    :raises SamplingDiverged: the log joint became NaN or infinite (lower ``lr``).
+    """
+    if sampler is None:
+        from pvae.inference import SGHMC  # late import: core does not import engines
+
+        sampler = SGHMC()
+    _check_sampler(sampler)
+    num_samples = validation.positive_int(num_samples, "num_samples")
+    warmup = validation.non_negative_int(warmup, "warmup")
+    thin = validation.positive_int(thin, "thin")
+    num_chains = validation.positive_int(num_chains, "num_chains")
+    batch_size = validation.positive_int(batch_size, "batch_size")
+    checkpoint_every = validation.positive_int(checkpoint_every, "checkpoint_every")
+    seed = validation.seed_value(seed)
+    if not isinstance(resume, bool):
+        raise TypeError(f"resume must be True or False, got {resume!r}")
+    if not callable(model):
+        raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
+    if data is not None:
+        data = validation.as_data(data, "data")
+        validation.check_finite(data, "data")
+    n = num_items(data) if data is not None else 1
+    settings = _settings(
+        sampler,
+        num_samples=num_samples,
+        warmup=warmup,
+        thin=thin,
+        num_chains=num_chains,
+        batch_size=min(batch_size, n),
+        seed=seed,
+    )
+    run = _Sampling(model, data, sampler, settings, run_dir, checkpoint_every)
+    if run_dir is None:
+        return run.run(resume=False, progress=progress)
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise ValueError(f"run_dir {run_dir} exists and is not a folder")
+    created = not Path(run_dir).exists()
+    try:
+        with run_lock(run_dir):
+            if (Path(run_dir) / CHECKPOINT).exists() and not resume:
+                raise ValueError(
+                    f"run_dir {run_dir} already holds a run ({CHECKPOINT}); pass resume=True "
+                    "to continue it, or choose another folder"
+                )
+            return run.run(resume=resume, progress=progress)
+    except BaseException:
+        if created and Path(run_dir).is_dir() and not any(Path(run_dir).iterdir()):
+            Path(run_dir).rmdir()
+        raise
+
+
+class _Sampling:
+    """One run of :func:`sample`: the chains' loop, the kept samples, the checkpoints."""
+
+    def __init__(
+        self,
+        model: Callable,
+        data: Data | None,
+        sampler: Any,
+        settings: dict[str, Any],
+        run_dir: str | os.PathLike | None,
+        checkpoint_every: int,
+    ):
+        self.data, self.sampler, self.settings = data, sampler, settings
+        self.n = num_items(data) if data is not None else 1
+        self.model = scale_to_data(model, self.n) if data is not None else model
+        self.run_dir = str(run_dir) if run_dir is not None else None
+        self.path = Path(run_dir) / CHECKPOINT if run_dir is not None else None
+        self.checkpoint_every = checkpoint_every
+        self.num_samples, self.warmup = settings["num_samples"], settings["warmup"]
+        self.thin, self.num_chains = settings["thin"], settings["num_chains"]
+        self.steps = self.warmup + self.num_samples * self.thin
+        self.samples: dict[str, torch.Tensor] = {}
+        self.log_joint = torch.zeros(self.num_chains, self.num_samples, dtype=torch.float64)
+        self.warmup_log_joint = torch.zeros(self.num_chains, self.warmup, dtype=torch.float64)
+
+    def _chain_seed(self, chain: int) -> int:
+        return (self.settings["seed"] * 1_000_003 + chain) % 2**32
+
+    def _start_chain(self, chain: int, batches: _Batches) -> None:
+        self.sampler.setup(
+            self.model,
+            batches(0),
+            num_data=self.n,
+            num_warmup=self.warmup,
+            seed=self._chain_seed(chain),
+        )
+        if not self.samples:
+            for name, value in self.sampler.values().items():
+                shape = (self.num_chains, self.num_samples, *value.shape)
+                self.samples[name] = torch.zeros(shape, dtype=value.dtype)
+
+    def _resume(self) -> tuple[int, int]:
+        assert self.path is not None
+        state = load_checkpoint(self.path)
+        if state.get("kind") != "sample":
+            raise ValueError(f"{self.path} is a checkpoint of pvae.fit, not of pvae.sample")
+        saved = state["settings"]
+        differ = [
+            f"{key} (checkpoint {saved.get(key)!r}, now {value!r})"
+            for key, value in self.settings.items()
+            if saved.get(key) != value
+        ]
+        if differ:
+            raise ValueError(
+                f"resume=True continues the run in {self.path.parent}, but these settings "
+                f"differ from its checkpoint: {'; '.join(differ)}; resume with the same "
+                "settings or start a new run in another run_dir"
+            )
+        self.samples = dict(state["samples"])
+        self.log_joint = state["log_joint"]
+        self.warmup_log_joint = state["warmup_log_joint"]
+        chain, step = int(state["chain"]), int(state["step"])
+        if chain < self.num_chains:
+            batches = _Batches(self.data, self.settings["batch_size"], self.settings["seed"], chain)
+            self._start_chain(chain, batches)
+            self.sampler.load_state_dict(state["engine"])
+        set_rng_state(state["rng"])
+        return chain, step
+
+    def _checkpoint(self, chain: int, step: int) -> None:
+        if self.path is None:
+            return
+        state = {
+            "kind": "sample",
+            "chain": chain,
+            "step": step,
+            "params": self.sampler.unconstrained() if chain < self.num_chains else {},
+            "engine": self.sampler.state_dict() if chain < self.num_chains else {},
+            "samples": self.samples,
+            "log_joint": self.log_joint,
+            "warmup_log_joint": self.warmup_log_joint,
+            "rng": rng_state(),
+            "settings": self.settings,
+        }
+        run_json = {"kind": "sample", "chain": chain, "step": step, "settings": self.settings}
+        write_checkpoint(self.path, state, run_json)
+
+    def run(self, resume: bool, progress: bool) -> Posterior:
+        chain, step = 0, 0
+        if resume and self.path is not None and self.path.exists():
+            chain, step = self._resume()
+        else:
+            pyro.set_rng_seed(self.settings["seed"])
+        show = progress and sys.stderr.isatty()
+        remaining = (self.num_chains - chain) * self.steps - step
+        bar = tqdm(total=max(0, remaining), disable=not show, unit="step")
+        validate = pyro.infer.util.is_validation_enabled()
+        try:
+            while chain < self.num_chains:
+                batches = _Batches(
+                    self.data, self.settings["batch_size"], self.settings["seed"], chain
+                )
+                if step == 0:
+                    self._start_chain(chain, batches)
+                self._run_chain(chain, step, batches, bar, show, validate)
+                chain, step = chain + 1, 0
+                if chain == self.num_chains:
+                    self._checkpoint(chain, step)
+        finally:
+            bar.close()
+        return Posterior(
+            samples=self.samples,
+            log_joint=self.log_joint,
+            warmup_log_joint=self.warmup_log_joint,
+            run_dir=self.run_dir,
+            settings=self.settings,
+        )
+
+    def _run_chain(
+        self, chain: int, start: int, batches: _Batches, bar: Any, show: bool, validate: bool
+    ) -> None:
+        sampler, model, warmup, thin = self.sampler, self.model, self.warmup, self.thin
+        running: float | None = None
+        for step in range(start, self.steps):
+            # Pyro's argument checks on a chain's first step only (as fit does per epoch).
+            with pyro.validation_enabled(step == start and validate):
+                record = sampler.train_step(model, None, *batches(step))
+            log_joint = record.log_joint
+            if log_joint is None or not math.isfinite(log_joint):
+                raise SamplingDiverged(
+                    f"the log joint became {log_joint} at chain {chain}, step {step}; lower the "
+                    "sampler's lr"
+                    + (f" (checkpoint in {self.path})" if self.path is not None else "")
+                )
+            if step < warmup:
+                self.warmup_log_joint[chain, step] = log_joint
+            elif (step - warmup + 1) % thin == 0:
+                k = (step - warmup) // thin
+                self.log_joint[chain, k] = log_joint
+                for name, value in sampler.values().items():
+                    self.samples[name][chain, k] = value.cpu()
+            if (step + 1) % self.checkpoint_every == 0 and step + 1 < self.steps:
+                self._checkpoint(chain, step + 1)
+            bar.update(1)
+            if show:
+                running = log_joint if running is None else 0.95 * running + 0.05 * log_joint
+                bar.set_postfix(chain=chain, log_joint=f"{running:.3f}")

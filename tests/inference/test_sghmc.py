@@ -1,0 +1,200 @@
+"""SGHMC against known posteriors: a 2-D correlated Gaussian and a conjugate Bayesian linear
+regression fed in minibatches (exact mean and covariance), the N/B scale applied exactly once,
+PyroSample weights of a PyroModule targeted, and the engine's arguments and state.
+
+Tolerances: with an effective sample size ESS, a mean's Monte-Carlo error is sd / sqrt(ESS)
+and a variance's relative error sqrt(2 / ESS); the step-size bias of the variance is about
+eta * lambda / 4 (a few per cent at these step sizes). Each bound below is that error times
+about 3-4, plus the bias.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.nn import PyroModule, PyroSample
+
+import pvae
+from pvae.inference import SGHMC
+
+MEAN = torch.tensor([1.0, -2.0])
+COV = torch.tensor([[1.0, 0.8], [0.8, 2.0]])
+
+
+def gaussian_2d():
+    pyro.sample("z", dist.MultivariateNormal(MEAN, COV))
+
+
+def regression_data(n=200, d=3, noise=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = x @ torch.tensor([1.0, -1.0, 0.5])[:d] + noise * torch.randn(n, generator=g)
+    precision = torch.eye(d) + x.T @ x / noise**2  # prior N(0, I), known noise
+    cov = torch.linalg.inv(precision)
+    return x, y, cov @ x.T @ y / noise**2, cov
+
+
+def regression(x, y):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[1]]).to_event(1))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Normal(x @ w, 1.0), obs=y)
+
+
+@pytest.mark.slow
+def test_gaussian_2d_mean_cov_rhat():
+    post = pvae.sample(
+        gaussian_2d,
+        sampler=SGHMC(lr=0.1),
+        num_samples=2000,
+        warmup=500,
+        num_chains=4,
+        progress=False,
+    )
+    z = post.flat()["z"]
+    assert post.samples["z"].shape == (4, 2000, 2)
+    ess = float(post.ess()["z"].min())
+    assert ess > 400
+    sd = COV.diag().sqrt()
+    assert torch.all((z.mean(0) - MEAN).abs() < 4 * sd / ess**0.5)
+    rel = (torch.cov(z.T) - COV).abs() / COV.diag().sqrt().outer(COV.diag().sqrt())
+    assert float(rel.max()) < 4 * (2 / ess) ** 0.5 + 0.05
+    assert float(post.rhat()["z"].max()) < 1.01
+
+
+@pytest.fixture(scope="module")
+def regression_posterior():
+    x, y, mean, cov = regression_data()
+    post = pvae.sample(
+        regression,
+        (x, y),
+        sampler=SGHMC(),  # defaults, no tuning
+        num_samples=1500,
+        warmup=1000,
+        num_chains=2,
+        batch_size=20,
+        progress=False,
+    )
+    return post, mean, cov
+
+
+@pytest.mark.slow
+def test_regression_minibatches_match_exact_posterior(regression_posterior):
+    post, mean, cov = regression_posterior
+    w = post.flat()["w"]
+    sd = cov.diag().sqrt()
+    assert torch.all((w.mean(0) - mean).abs() < 0.5 * sd), (w.mean(0), mean)
+    ratio = torch.cov(w.T).diag() / cov.diag()
+    assert torch.all((ratio > 0.7) & (ratio < 1.4)), ratio
+
+
+@pytest.mark.slow
+def test_regression_scales_data_once(regression_posterior):
+    """With N/B = 10, a scale applied twice would shrink the posterior variance about 10-fold,
+    and none would widen it about 10-fold: the ratio to the exact variance must be near 1."""
+    post, _, cov = regression_posterior
+    ratio = torch.cov(post.flat()["w"].T).diag() / cov.diag()
+    assert torch.all((ratio > 10**-0.5) & (ratio < 10**0.5)), ratio
+    assert torch.all((ratio > 0.7) & (ratio < 1.4)), ratio
+
+
+class BayesianLinear(PyroModule):
+    def __init__(self, d):
+        super().__init__()
+        self.linear = PyroModule[torch.nn.Linear](d, 1)
+        self.linear.weight = PyroSample(dist.Normal(0.0, 1.0).expand([1, d]).to_event(2))
+        self.linear.bias = PyroSample(dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+
+    def forward(self, x, y):
+        weight, bias = self.linear.weight, self.linear.bias  # read outside the data plate
+        with pyro.plate("data", x.shape[0]):
+            loc = (x @ weight.T + bias).squeeze(-1)
+            pyro.sample("y", dist.Normal(loc, 1.0), obs=y)
+
+
+def test_pyro_sample_weights_are_targeted():
+    x, y, _, _ = regression_data(n=100, d=2)
+    post = pvae.sample(
+        BayesianLinear(2),
+        (x, y),
+        num_samples=300,
+        warmup=500,
+        batch_size=25,
+        progress=False,
+    )
+    assert set(post.samples) == {"linear.weight", "linear.bias"}
+    assert post.samples["linear.weight"].shape == (1, 300, 1, 2)
+    assert post.samples["linear.bias"].shape == (1, 300, 1)
+    # exact posterior of (w, b) with a N(0, I) prior
+    features = torch.cat([x, torch.ones(100, 1)], 1)
+    cov = torch.linalg.inv(torch.eye(3) + features.T @ features)
+    mean = cov @ features.T @ y
+    sampled = torch.cat([post.mean()["linear.weight"][0], post.mean()["linear.bias"]])
+    assert torch.all((sampled - mean).abs() < 1.0 * cov.diag().sqrt()), (sampled, mean)
+
+
+def test_constrained_site_sampled_in_unconstrained_space():
+    def model():
+        pyro.sample("s", dist.LogNormal(0.0, 0.5))
+
+    post = pvae.sample(model, sampler=SGHMC(lr=0.1), num_samples=2000, warmup=300, progress=False)
+    s = post.samples["s"]
+    assert bool((s > 0).all())
+    # E[log s] = 0, sd 0.5
+    assert abs(float(s.log().mean())) < 0.15
+
+
+def test_per_datapoint_latent_refused_when_minibatched():
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    x = torch.randn(40)
+    with pytest.raises(ValueError, match="per-datapoint"):
+        pvae.sample(model, x, num_samples=2, warmup=0, batch_size=10, progress=False)
+    post = pvae.sample(model, x, num_samples=3, warmup=2, batch_size=40, progress=False)
+    assert post.samples["z"].shape == (1, 3, 40)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"lr": 0.0}, ValueError, "lr"),
+        ({"lr": float("nan")}, ValueError, "lr"),
+        ({"friction": 1.5}, ValueError, "friction"),
+        ({"friction": 0}, ValueError, "friction"),
+        ({"adaptive": "yes"}, TypeError, "adaptive"),
+        ({"lr": "0.1"}, TypeError, "lr"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SGHMC(**kwargs)
+
+
+def test_step_record_and_state_round_trip():
+    sampler = SGHMC(lr=0.1)
+    sampler.setup(gaussian_2d, num_warmup=5, seed=3)
+    record = sampler.train_step(gaussian_2d, None)
+    assert record.bound is None and record.loss == -record.log_joint
+    state = sampler.state_dict()
+    assert sampler.adapting
+    first = [sampler.train_step(gaussian_2d, None).log_joint for _ in range(10)]
+    sampler.load_state_dict(state)
+    again = [sampler.train_step(gaussian_2d, None).log_joint for _ in range(10)]
+    assert first == again
+
+
+def test_plain_sghmc_samples_the_gaussian():
+    post = pvae.sample(
+        gaussian_2d,
+        sampler=SGHMC(lr=0.05, adaptive=False),
+        num_samples=3000,
+        warmup=300,
+        progress=False,
+    )
+    z = post.flat()["z"]
+    assert torch.all((z.mean(0) - MEAN).abs() < 0.35)
+    assert torch.all((torch.cov(z.T).diag() / COV.diag() - 1).abs() < 0.4)
