@@ -74,7 +74,7 @@ from pyro.nn import PyroModule
 from tqdm.auto import tqdm
 
 import pvae
-from pvae import atomic, data, likelihoods, plots, validation
+from pvae import atomic, data, likelihoods, plots, tracking, validation
 from pvae.app import compare, diagnose, runs
 from pvae.app.registry import ENGINES, MODELS, Option, Registry, parse_bound
 from pvae.app.registry import bound_grammar as _grammar
@@ -214,6 +214,39 @@ def _bounds(text: str) -> list[str]:
 
 
 _bounds.__name__ = "bounds"
+
+
+def _loggers(text: str) -> list[str]:
+    """``--log``: comma-separated logger names of :data:`pvae.tracking.LOGGERS`."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in tracking.LOGGERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown logger {', '.join(unknown) or repr(text)}; choose from "
+            f"{', '.join(tracking.LOGGERS)} (several separated by commas)"
+        )
+    return list(dict.fromkeys(names))
+
+
+def _add_log_argument(parser: Any, what: str) -> None:
+    """``--log tensorboard|mlflow``: experiment tracking (:mod:`pvae.tracking`)."""
+    parser.add_argument(
+        "--log",
+        type=_loggers,
+        default=None,
+        metavar="LOGGER",
+        help=f"also log {what} to tensorboard (into DIR/tensorboard) or mlflow (into the file "
+        "store DIR/mlruns, or MLFLOW_TRACKING_URI when set); both: tensorboard,mlflow "
+        "(needs pip install 'pyro-vae[tensorboard]' or 'pyro-vae[mlflow]')",
+    )
+
+
+def _open_loggers(args: argparse.Namespace, run_dir: Path, **options: Any) -> Any:
+    """The loggers of ``--log`` (a context manager); a missing package is a usage error."""
+    try:
+        return tracking.open_loggers(args.log, run_dir, params=_json_args(args), **options)
+    except ImportError as error:
+        raise CliError(f"--log: {error}") from error
 
 
 def _dataset_name(text: str) -> str:
@@ -526,8 +559,10 @@ def _train_and_evaluate(
     engine: pyro.infer.ELBO,
     run_dir: Path,
     resume: bool,
+    loggers: Sequence[tracking.Logger] = (),
 ) -> TrainResult:
-    """``pvae.fit`` into ``run_dir``, then the test log-likelihood (seeded, K=ll_samples)."""
+    """``pvae.fit`` into ``run_dir``, then the test log-likelihood (seeded, K=ll_samples);
+    ``loggers`` (``--log``) see every step and epoch."""
 
     def report(run: Run, record: dict[str, Any]) -> None:
         if args.quiet:
@@ -556,7 +591,8 @@ def _train_and_evaluate(
             run_dir=run_dir,
             resume=resume,
             progress=not args.quiet,
-            callbacks=[*extra, report],
+            callbacks=[*extra, report, *(logger.epoch for logger in loggers)],
+            step_callbacks=[logger.step for logger in loggers],
         )
     except TrainingDiverged as error:
         raise CliError(f"training diverged: {error}", EXIT_FAILURE) from error
@@ -728,6 +764,7 @@ def _run_config(args: argparse.Namespace) -> runs.RunConfig:
 
 # Arguments that may change between a run and its --resume.
 _RESUMABLE = {"epochs", "resume", "overwrite", "quiet", "ll_samples", "run_dir", "data_path"}
+_RESUMABLE.add("log")  # experiment tracking may change between a run and its --resume
 
 
 def _check_resume(run_dir: Path, args: argparse.Namespace) -> None:
@@ -825,6 +862,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="start afresh even if DIR already holds a run",
     )
+    _add_log_argument(group, "every step and epoch, the config and the outputs")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -853,8 +891,8 @@ def _train(args: argparse.Namespace) -> int:
         _check_resume(run_dir, args)
     created = not run_dir.exists()
     try:
-        with run_lock(run_dir):
-            return _train_locked(args, ds, model, engine, run_dir)
+        with run_lock(run_dir), _open_loggers(args, run_dir, fresh=args.overwrite) as loggers:
+            return _train_locked(args, ds, model, engine, run_dir, loggers)
     except RunDirInUse as error:
         raise CliError(f"--run-dir: {error}") from error
     finally:
@@ -914,9 +952,10 @@ def _train_locked(
     model: PyroModule,
     engine: pyro.infer.ELBO,
     run_dir: Path,
+    loggers: Sequence[tracking.Logger] = (),
 ) -> int:
     """``pvae train`` once ``run_dir`` is locked: clear it (--overwrite), write config.json,
-    train, write the outputs."""
+    train, write the outputs (and log them to ``loggers``)."""
     if args.overwrite:
         for name in _RUN_OUTPUTS:
             (run_dir / name).unlink(missing_ok=True)
@@ -931,7 +970,9 @@ def _train_locked(
     except OSError as error:
         raise CliError(f"cannot write to --run-dir {run_dir}: {error}") from error
     try:
-        result = _train_and_evaluate(args, ds, model, engine, run_dir, resume=args.resume)
+        result = _train_and_evaluate(
+            args, ds, model, engine, run_dir, resume=args.resume, loggers=loggers
+        )
     except KeyboardInterrupt:
         if (run_dir / CHECKPOINT).is_file():
             what = f"the checkpoint of the last full epoch is in {run_dir}: continue with --resume"
@@ -943,6 +984,7 @@ def _train_locked(
         metrics = _write_outputs(run_dir, result, ds, args)
     except OSError as error:
         raise CliError(f"cannot write the outputs into {run_dir}: {error}", EXIT_FAILURE) from error
+    tracking.log_outputs(loggers, run_dir, {"test_log_likelihood": metrics["test_log_likelihood"]})
     test = metrics["test_log_likelihood"]
     print(
         f"test log-likelihood {test['mean']:.3f} +- {test['stderr']:.3f} nats "
@@ -1012,6 +1054,7 @@ def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch's intra-op threads (default: torch's own, one per core; on a machine "
         "busy with other jobs, 1 is often several times faster)",
     )
+    _add_log_argument(group, "one run per bound (steps, epochs, its results) and the results")
 
 
 def _threads() -> str:
@@ -1051,6 +1094,7 @@ def _compare(args: argparse.Namespace) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise CliError(f"cannot write to --run-dir {run_dir}: {error}") from error
+    loggers, results = _open_loggers(args, run_dir, run_name="compare"), None
     try:
         results = compare.compare(
             dataset=raw,
@@ -1075,7 +1119,9 @@ def _compare(args: argparse.Namespace) -> int:
             quick=args.quick,
             progress=not args.quiet,
             argv=[PROG, *canonical_argv("compare", args)],
+            loggers=tracking.children(loggers) if args.log else None,
         )
+        tracking.log_outputs(loggers, run_dir)
     except KeyboardInterrupt:
         written = sorted(
             path.name for path in run_dir.glob("results.*") if path.stat().st_mtime >= started_wall
@@ -1091,6 +1137,8 @@ def _compare(args: argparse.Namespace) -> int:
         raise CliError(f"cannot write the outputs into {run_dir}: {error}", EXIT_FAILURE) from error
     except ValueError as error:
         raise CliError(f"compare failed: {error}", EXIT_FAILURE) from error
+    finally:
+        loggers.close(failed=results is None)
     print(compare.format_table(results, args.ll_samples))
     print(
         f"{len(results)} bounds compared in {time.perf_counter() - started:.0f} s "

@@ -196,6 +196,7 @@ def _train_one(
     run_dir: Path | None,
     progress: bool,
     say: ProgressFn | None,
+    loggers: Sequence[Any] = (),
 ) -> tuple[PyroModule, Run]:
     pyro.clear_param_store()
     pyro.set_rng_seed(config["seed"])  # the same initial weights for every bound
@@ -227,7 +228,8 @@ def _train_one(
         seed=config["seed"],
         run_dir=run_dir / bound_folder(spec) if run_dir is not None else None,
         progress=progress,
-        callbacks=[*extra, report],
+        callbacks=[*extra, report, *(logger.epoch for logger in loggers)],
+        step_callbacks=[logger.step for logger in loggers],
     )
     return model, run
 
@@ -337,6 +339,7 @@ def compare(
     argv: Sequence[str] | None = None,
     binarize: str | None = None,
     data_path: str | None = None,
+    loggers: Callable[[str, Mapping[str, Any]], Sequence[Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` once per bound with the same seed, data and budget, and measure each.
 
@@ -361,6 +364,10 @@ def compare(
     :param progress: progress bars (on a terminal) and one line per epoch and per bound.
     :param argv: the command line to record in ``results.md`` (default: the ``pvae compare``
         command equivalent to these arguments).
+    :param loggers: experiment tracking: ``loggers(label, params)`` returns the
+        :class:`pvae.tracking.Logger` objects of one bound (e.g.
+        :func:`pvae.tracking.children`), which see its steps and epochs, get its numbers as
+        metrics and are closed after it (``FAILED`` when it diverged).
     :returns: one dict per bound: ``bound`` (its resolved label), ``engine``, ``status``
         ("ok", or why it failed: its numbers are then NaN) and the numbers listed in this
         module's docstring, plus ``history`` (the per-epoch records of ``pvae.fit``).
@@ -467,8 +474,9 @@ def compare(
                 "engine": spec.describe(particles),
                 "status": "ok",
             }
+            logged = loggers(spec.label, {**config, "bound": spec.label}) if loggers else []
             try:
-                trained, run = _train_one(spec, build_model, ds, config, out, bar_on, say)
+                trained, run = _train_one(spec, build_model, ds, config, out, bar_on, say, logged)
                 numbers, ll = _evaluate(spec, trained, run, ds, config, bar_on)
             except TrainingDiverged as error:
                 result["status"] = f"diverged: {error}"
@@ -480,6 +488,9 @@ def compare(
                 trained_runs[spec.label] = run
                 per_point[spec.label] = ll
             results.append(result)
+            for logger in logged:
+                logger.log_metrics({k: v for k, v in result.items() if k in _NUMBERS})
+                logger.close(failed=result["status"] != "ok")
             if say is not None:
                 say(_summary_line(result, knobs["ll_samples"]))
     bar.close()
