@@ -19,9 +19,10 @@ The covariance is evaluated to a dense ``(T, T)`` tensor per sequence and factor
 Cholesky decomposition, inside :func:`exact_gp_settings` (gpytorch's ``max_cholesky_size``
 raised and its fast computations off), so nothing ever switches to conjugate gradients or
 Lanczos -- gpytorch would by default above 800 points. Cost: O(T^3) time and O(T^2) memory per
-sequence (and per channel for the closed-form KL's triangular solves). On one CPU thread a
-step at T = 1000 takes about a second and T = 3000 tens of seconds; beyond a few thousand
-steps the dense baseline stops being affordable and the Markovian (state-space) GP prior is
+sequence (and per channel for the closed-form KL's banded solves). Measured for one ELBO-and-
+gradient step (one sequence, two channels, float64, one CPU thread): 0.04 s at T = 100, 0.14 s
+at T = 300, 2.3 s at T = 1000 and 26 s (2.4 GB) at T = 2000; beyond about a thousand steps
+the dense baseline stops being affordable and the Markovian (state-space) GP prior is
 the one to use.
 
 Inference network (guide): per channel a Gaussian over time with a banded precision,
