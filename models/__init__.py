@@ -2,9 +2,10 @@
 
 from .ard import ARDVAE
 from .cvae import CVAE
+from .gp_vae import GPVAE
 from .hierarchical import HierarchicalVAE
 from .multimodal import MultimodalVAE
 from .structured import StructuredVAE
 from .vae import VAE
 
-__all__ = ["ARDVAE", "CVAE", "HierarchicalVAE", "MultimodalVAE", "StructuredVAE", "VAE"]
+__all__ = ["ARDVAE", "CVAE", "GPVAE", "HierarchicalVAE", "MultimodalVAE", "StructuredVAE", "VAE"]

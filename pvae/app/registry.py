@@ -992,3 +992,45 @@ register_engine(
     describe=lambda spec, particles: f"KalmanELBO, {particles} smoothed draws",
     estimators=("reparam",),
 )
+
+
+def _gpvae(
+    ds: data.Splits,
+    z_dim: int,
+    hidden: Sequence[int],
+    net: str,
+    likelihood: str,
+    kernel: str = "cauchy",
+    length_scale: float = 2.0,
+    learn_kernel: str = "no",
+) -> PyroModule:
+    from pvae.models.gp_vae import GPVAE
+
+    return GPVAE(
+        x_dim=ds.x_dim,
+        z_dim=z_dim,
+        hidden=tuple(hidden),
+        likelihood=likelihood,
+        kernel=kernel,
+        length_scale=length_scale,
+        learn_kernel=learn_kernel == "yes",
+    )
+
+
+register_model(
+    "gpvae",
+    _gpvae,
+    "GP-VAE: a dense GP prior over time per latent channel, banded-precision guide "
+    "(Fortuin et al. 2020)",
+    accepts=("sequences",),
+    options=(
+        Option(
+            "kernel",
+            _choice(("cauchy", "rbf", "matern12", "matern32", "matern52")),
+            "cauchy",
+            "the GP kernel over time",
+        ),
+        Option("length_scale", _number(0.0, open_below=True), 2.0, "the kernel's length scale"),
+        Option("learn_kernel", _choice(("no", "yes")), "no", "learn the kernel's hyper-parameters"),
+    ),
+)

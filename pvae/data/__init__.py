@@ -47,6 +47,7 @@ The package's modules: :mod:`~pvae.data.containers` (:class:`Splits`, :class:`Mu
 # Importing the modules registers their datasets. The private helpers of the former single
 # module stay reachable from pvae.data as explicit re-exports ("import x as x"); new code imports
 # them from their own module.
+from pvae.data import gp_sets as gp_sets
 from pvae.data.containers import (
     BINARIZE_CHOICES,
     DatasetInfo,
