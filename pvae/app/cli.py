@@ -61,6 +61,7 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -1041,6 +1042,12 @@ def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
         "written (default: runs/compare-DATASET)",
     )
     group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier comparison in DIR (its results, plots and bound folders; "
+        "nothing else)",
+    )
+    group.add_argument(
         "--quick",
         action="store_true",
         help=f"a smoke run in under a minute: {compare.QUICK['max_train']} training and "
@@ -1086,6 +1093,13 @@ def _compare(args: argparse.Namespace) -> int:
     args.run_dir = str(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise CliError(f"--run-dir {run_dir} exists and is not a folder")
+    earlier = _compare_outputs(run_dir)
+    if earlier and not args.overwrite:
+        raise CliError(
+            f"{run_dir} already holds a comparison ({', '.join(p.name for p in earlier[:4])}"
+            f"{', ...' if len(earlier) > 4 else ''}); use another --run-dir, or --overwrite to "
+            "replace it"
+        )
     raw = _load_dataset(args)
     ds = _prepare(args, raw)
     pyro.clear_param_store()
@@ -1094,6 +1108,44 @@ def _compare(args: argparse.Namespace) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise CliError(f"cannot write to --run-dir {run_dir}: {error}") from error
+    try:
+        with run_lock(run_dir):
+            return _compare_locked(args, raw, specs, run_dir, started, started_wall)
+    except RunDirInUse as error:
+        raise CliError(f"--run-dir: {error}") from error
+
+
+def _compare_outputs(run_dir: Path) -> list[Path]:
+    """What an earlier ``pvae compare`` (and ``pvae diagnose`` on it) left in ``run_dir``: its
+    files, and the per-bound run folders (those holding a checkpoint or run.json); nothing
+    else (the folder may hold the user's own files)."""
+    if not run_dir.is_dir():
+        return []
+    names = dict.fromkeys((*compare.OUTPUTS, runs.CONFIG, *diagnose.FILES, diagnose.RESULTS))
+    found = [run_dir / name for name in names if (run_dir / name).is_file()]
+    found += sorted(
+        child
+        for child in run_dir.iterdir()
+        if child.is_dir() and ((child / CHECKPOINT).is_file() or (child / RUN_JSON).is_file())
+    )
+    return found
+
+
+def _compare_locked(
+    args: argparse.Namespace,
+    raw: data.Splits,
+    specs: list,
+    run_dir: Path,
+    started: float,
+    started_wall: float,
+) -> int:
+    """``pvae compare`` once ``run_dir`` is locked: clear an earlier comparison
+    (--overwrite), compare, report."""
+    for path in _compare_outputs(run_dir):  # only with --overwrite: refused above otherwise
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     loggers, results = _open_loggers(args, run_dir, run_name="compare"), None
     try:
         results = compare.compare(

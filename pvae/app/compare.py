@@ -82,6 +82,15 @@ __all__ = [
 ]
 
 DEFAULT_BOUNDS = ("elbo", "iwae", "miwae", "ciwae", "piwae")
+OUTPUTS = (
+    "results.md",
+    "results.json",
+    "results.csv",
+    "learning_curves.png",
+    "log_likelihood.png",
+    "snr.png",
+)
+"""The files :func:`compare` writes into its run folder (besides one folder per bound)."""
 
 # The budget knobs, without and with --quick (explicit arguments win over both).
 DEFAULTS: dict[str, Any] = {

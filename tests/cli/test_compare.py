@@ -173,3 +173,22 @@ def test_bound_labels_round_trip():
     for text in ("elbo", "iwae-dreg", "miwae:8x8", "ciwae:0.25", "piwae-stl:4x16", "elbo-stl"):
         assert parse_bound(text).label == text
         assert parse_bound(parse_bound(text).label) == parse_bound(text)
+
+
+def test_an_earlier_comparison_is_refused_or_replaced(tmp_path, capsys):
+    """compare into a folder that holds a comparison refuses (nothing changes) unless
+    --overwrite, which replaces pvae's own outputs and keeps the user's files."""
+    run_dir = tmp_path / "run"
+    argv = ["compare", "--quick", "--dataset", "digits", "--bounds", "elbo", "--epochs", "1"]
+    argv += ["--ll-samples", "4", "--snr-repeats", "2", "--run-dir", str(run_dir), "--quiet"]
+    assert cli.main(argv) == 0
+    (run_dir / "notes.txt").write_text("mine")
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    assert cli.main([*argv[:5], "iwae", *argv[6:]]) == 2
+    assert "already holds a comparison" in error_line(capsys)
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+    assert cli.main([*argv[:5], "iwae", *argv[6:], "--overwrite"]) == 0
+    assert not (run_dir / "elbo").exists() and (run_dir / "iwae").is_dir()
+    assert (run_dir / "notes.txt").read_text() == "mine"
+    results = json.loads((run_dir / "results.json").read_text())["results"]
+    assert [r["bound"] for r in results] == ["iwae"]
