@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup compare test lint mutate
+.PHONY: setup compare test lint mutate docs
 setup:
 	@./scripts/setup.sh
 
@@ -15,6 +15,10 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy pvae && $(BIN)/mypy models inference
+
+# The documentation site (Sphinx, offline) into docs/_build/html; warnings are errors, as in CI.
+docs: setup
+	$(BIN)/sphinx-build -E -W --keep-going -q -b html docs docs/_build/html
 
 # Plausible bugs applied one at a time (files edited in place and restored): prints caught/total.
 mutate: setup

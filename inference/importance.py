@@ -1,7 +1,7 @@
 """Importance-weighted bounds: IWAE, MIWAE, CIWAE and PIWAE, with the reparameterised, STL
 and DReG estimators of the guide's gradient.
 
-With log weights ``log w_i = log p(x, z_i) - log q(z_i | x)``, ``z_i ~ q(z | x)``:
+With log weights ``log w_i = log p(x, z_i) - log q(z_i | x)``, ``z_i ~ q(z | x)``::
 
     IWAE_K       = E[log (1/K) sum_k w_k]                                   (Burda et al. 2016)
     MIWAE(M, K)  = (1/M) sum_m E[log (1/K) sum_k w_mk]                  (Rainforth et al. 2018)

@@ -16,7 +16,7 @@ q~_m(z | x_m) = N(mu_m(x_m), diag sigma_m(x_m)^2). For a subset S of the modalit
 
 is Gaussian (precisions add: 1 + sum_m sigma_m^-2; the mean is the precision-weighted mean of
 the experts' means), and q(z | x_{empty set}) = p(z). With P the modalities present in the
-datapoint, the fusions (``fusion=``) are:
+datapoint, the fusions (``fusion=``) are::
 
     "poe":    q(z | x) = q(z | x_P)                                          (MVAE)
     "moe":    q(z | x) = (1/|P|) sum_{m in P} q(z | x_m)                      (MMVAE)

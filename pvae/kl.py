@@ -1,7 +1,7 @@
 """KL(q || p) of one latent site, shared by the ELBO engine and the collapse diagnostics.
 
 For a latent site with guide distribution q and model (prior) distribution p, evaluated at the
-guide's draw z:
+guide's draw z::
 
     analytic:     KL(q || p)                       where torch.distributions.kl_divergence
                                                    has the pair registered

@@ -68,9 +68,8 @@ class Likelihood(nn.Module):
     Subclasses set :attr:`name`, :attr:`support` (a phrase used in error messages) and
     ``param_size``, and implement :meth:`forward`, :meth:`mean` and :meth:`_check_values`.
 
-    Args:
-        x_dim: number of data dimensions ``D``; the returned distributions have
-            ``batch_shape == (..., D)``.
+    :param x_dim: number of data dimensions ``D``; the returned distributions have
+        ``batch_shape == (..., D)``.
     """
 
     name: ClassVar[str] = ""
@@ -89,12 +88,9 @@ class Likelihood(nn.Module):
     def forward(self, params: Tensor) -> TorchDistributionMixin:
         """Distribution of ``x`` given decoder outputs.
 
-        Args:
-            params: ``(..., x_dim * param_size)``, laid out as ``(x_dim, param_size)``.
-
-        Returns:
-            a Pyro distribution with ``batch_shape == (..., x_dim)`` and empty ``event_shape``;
-            the caller adds ``.to_event(1)``.
+        :param params: ``(..., x_dim * param_size)``, laid out as ``(x_dim, param_size)``.
+        :returns: a Pyro distribution with ``batch_shape == (..., x_dim)`` and empty
+            ``event_shape``; the caller adds ``.to_event(1)``.
         """
         raise NotImplementedError
 
@@ -113,9 +109,8 @@ class Likelihood(nn.Module):
         or infinite values, and then the likelihood's own support. Makes one full pass over
         ``x``; meant to be called once per data set, not every step.
 
-        Args:
-            x: data, ``(..., x_dim)``.
-            name: how the data are named in the error message.
+        :param x: data, ``(..., x_dim)``.
+        :param name: how the data are named in the error message.
         """
         if not isinstance(x, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -235,12 +230,11 @@ class GaussianLikelihood(Likelihood):
 
     ``param_size == 1``.
 
-    Args:
-        x_dim: number of data dimensions.
-        scale: a positive float gives a fixed scale shared by all dimensions. ``None`` (the
-            default) learns one scale per dimension, ``scale = exp(log_scale)``, with
-            ``log_scale`` an ``nn.Parameter`` of shape ``(x_dim,)`` initialised to
-            ``log(1.0) = 0``.
+    :param x_dim: number of data dimensions.
+    :param scale: a positive float gives a fixed scale shared by all dimensions. ``None`` (the
+        default) learns one scale per dimension, ``scale = exp(log_scale)``, with
+        ``log_scale`` an ``nn.Parameter`` of shape ``(x_dim,)`` initialised to
+        ``log(1.0) = 0``.
     """
 
     name = "gaussian"
@@ -317,9 +311,8 @@ class CategoricalLikelihood(Likelihood):
     accepted). :meth:`mean` is the expected category index ``sum_c c * p_c``, a float in
     ``[0, C - 1]`` (e.g. a grey level for pictures).
 
-    Args:
-        x_dim: number of data dimensions.
-        num_categories: number of categories ``C >= 2`` (required).
+    :param x_dim: number of data dimensions.
+    :param num_categories: number of categories ``C >= 2`` (required).
     """
 
     name = "categorical"
@@ -381,15 +374,12 @@ def available() -> list[str]:
 def get(name: str, x_dim: int, **kw: Any) -> Likelihood:
     """Build the likelihood called ``name`` for ``x_dim``-dimensional data.
 
-    Args:
-        name: one of :func:`available`: ``"bernoulli"``, ``"categorical"``
-            (needs ``num_categories``), ``"continuous_bernoulli"``, ``"gaussian"`` (optional
-            ``scale``: ``None`` learns it, a float fixes it), ``"poisson"``.
-        x_dim: number of data dimensions.
-        **kw: passed to the likelihood's constructor.
-
-    Raises:
-        ValueError: for an unknown name (the message lists the valid ones) or bad arguments.
+    :param name: one of :func:`available`: ``"bernoulli"``, ``"categorical"``
+        (needs ``num_categories``), ``"continuous_bernoulli"``, ``"gaussian"`` (optional
+        ``scale``: ``None`` learns it, a float fixes it), ``"poisson"``.
+    :param x_dim: number of data dimensions.
+    :param kw: passed to the likelihood's constructor.
+    :raises ValueError: for an unknown name (the message lists the valid ones) or bad arguments.
     """
     try:
         cls = _REGISTRY[name]

@@ -87,11 +87,10 @@ def _hidden_layers(
 class MLP(nn.Module):
     """Fully connected network: ``Linear`` layers with ``activation`` between, none on output.
 
-    Args:
-        in_dim: input size.
-        hidden: widths of the hidden layers (may be empty: a single ``Linear``).
-        out_dim: output size.
-        activation: activation class, instantiated once per hidden layer.
+    :param in_dim: input size.
+    :param hidden: widths of the hidden layers (may be empty: a single ``Linear``).
+    :param out_dim: output size.
+    :param activation: activation class, instantiated once per hidden layer.
 
     Shapes: ``(..., in_dim) -> (..., out_dim)``.
     """
@@ -176,12 +175,11 @@ class ConvEncoder(nn.Module):
     height and width, rounding up: 28 -> 14 -> 7, 8 -> 4 -> 2), then fully connected layers of
     widths ``hidden`` and a :class:`GaussianHead`.
 
-    Args:
-        image_shape: ``(C, H, W)``.
-        z_dim: latent size.
-        channels: output channels of the successive convolutions.
-        hidden: width(s) of the fully connected layer(s) after the convolutions.
-        activation: activation class.
+    :param image_shape: ``(C, H, W)``.
+    :param z_dim: latent size.
+    :param channels: output channels of the successive convolutions.
+    :param hidden: width(s) of the fully connected layer(s) after the convolutions.
+    :param activation: activation class.
 
     Shapes: ``(..., C * H * W) -> ((..., z_dim), (..., z_dim))``, input flattened in
     ``(C, H, W)`` order.
@@ -235,13 +233,12 @@ class ConvDecoder(nn.Module):
     :mod:`pvae.likelihoods`, ``P = out_channels_per_pixel``: element
     ``[..., ((c * H + h) * W + w) * P + p]`` is parameter ``p`` of pixel ``(c, h, w)``.
 
-    Args:
-        z_dim: latent size.
-        image_shape: ``(C, H, W)``.
-        out_channels_per_pixel: the likelihood's ``param_size``.
-        channels: feature channels entering the successive transposed convolutions.
-        hidden: width(s) of the fully connected layer(s) before the convolutions.
-        activation: activation class.
+    :param z_dim: latent size.
+    :param image_shape: ``(C, H, W)``.
+    :param out_channels_per_pixel: the likelihood's ``param_size``.
+    :param channels: feature channels entering the successive transposed convolutions.
+    :param hidden: width(s) of the fully connected layer(s) before the convolutions.
+    :param activation: activation class.
 
     Shapes: ``(..., z_dim) -> (..., C * H * W * out_channels_per_pixel)``.
     """
@@ -299,13 +296,12 @@ class GRUEncoder(nn.Module):
     see the whole sequence; the final state is then the last forward output concatenated with
     the first backward output.
 
-    Args:
-        input_dim: features per time step.
-        z_dim: latent size.
-        hidden_size: GRU hidden size (per direction).
-        per_step: one Gaussian per time step instead of per sequence.
-        num_layers: stacked GRU layers.
-        bidirectional: run a backward GRU as well.
+    :param input_dim: features per time step.
+    :param z_dim: latent size.
+    :param hidden_size: GRU hidden size (per direction).
+    :param per_step: one Gaussian per time step instead of per sequence.
+    :param num_layers: stacked GRU layers.
+    :param bidirectional: run a backward GRU as well.
 
     Shapes: ``(..., T, input_dim) -> ((..., z_dim), (..., z_dim))``, or
     ``((..., T, z_dim), (..., T, z_dim))`` when ``per_step``.
@@ -404,13 +400,12 @@ class InverseLipschitzDecoder(nn.Module):
     The gradient is taken with ``torch.autograd.grad(create_graph=True)`` inside ``forward``,
     so training differentiates through it; it works under ``torch.no_grad`` too.
 
-    Args:
-        z_dim: latent size.
-        out_dim: output size (``x_dim * param_size`` for a likelihood).
-        hidden: widths of the MLP ``h``.
-        lipschitz: the inverse-Lipschitz constant ``L >= 0`` of ``grad psi``.
-        icnn_hidden: hidden widths of the ICNN.
-        activation: activation class of ``h``.
+    :param z_dim: latent size.
+    :param out_dim: output size (``x_dim * param_size`` for a likelihood).
+    :param hidden: widths of the MLP ``h``.
+    :param lipschitz: the inverse-Lipschitz constant ``L >= 0`` of ``grad psi``.
+    :param icnn_hidden: hidden widths of the ICNN.
+    :param activation: activation class of ``h``.
 
     Shapes: ``(..., z_dim) -> (..., out_dim)``.
     """
@@ -477,14 +472,13 @@ def build_encoder(
 ) -> nn.Module:
     """Encoder ``(..., x_dim) -> (loc, scale)``, each ``(..., z_dim)``.
 
-    Args:
-        kind: ``"mlp"`` (:class:`MLPEncoder`, hidden layers ``hidden``) or ``"conv"``
-            (:class:`ConvEncoder`, default channels, fully connected layers ``hidden``).
-        x_dim: data size.
-        z_dim: latent size.
-        hidden: hidden widths.
-        image_shape: ``(C, H, W)`` with ``C * H * W == x_dim``; required for ``"conv"``.
-        activation: activation class.
+    :param kind: ``"mlp"`` (:class:`MLPEncoder`, hidden layers ``hidden``) or ``"conv"``
+        (:class:`ConvEncoder`, default channels, fully connected layers ``hidden``).
+    :param x_dim: data size.
+    :param z_dim: latent size.
+    :param hidden: hidden widths.
+    :param image_shape: ``(C, H, W)`` with ``C * H * W == x_dim``; required for ``"conv"``.
+    :param activation: activation class.
     """
     if kind == "mlp":
         return MLPEncoder(x_dim, z_dim, _as_hidden(hidden), activation)
@@ -505,15 +499,14 @@ def build_decoder(
 ) -> nn.Module:
     """Decoder ``(..., z_dim) -> (..., x_dim * param_size)``, laid out as ``(x_dim, param_size)``.
 
-    Args:
-        kind: ``"mlp"`` (:class:`MLPDecoder`) or ``"conv"`` (:class:`ConvDecoder`, default
-            channels, fully connected layers ``hidden``).
-        z_dim: latent size.
-        x_dim: data size.
-        hidden: hidden widths.
-        param_size: outputs per data dimension, the likelihood's ``param_size``.
-        image_shape: ``(C, H, W)`` with ``C * H * W == x_dim``; required for ``"conv"``.
-        activation: activation class.
+    :param kind: ``"mlp"`` (:class:`MLPDecoder`) or ``"conv"`` (:class:`ConvDecoder`, default
+        channels, fully connected layers ``hidden``).
+    :param z_dim: latent size.
+    :param x_dim: data size.
+    :param hidden: hidden widths.
+    :param param_size: outputs per data dimension, the likelihood's ``param_size``.
+    :param image_shape: ``(C, H, W)`` with ``C * H * W == x_dim``; required for ``"conv"``.
+    :param activation: activation class.
     """
     if kind == "mlp":
         return MLPDecoder(z_dim, x_dim * param_size, _as_hidden(hidden), activation)

@@ -287,15 +287,14 @@ def _prepare(
 class KalmanSmootherResult:
     """What :func:`kalman_smoother` returns (batch dimensions ``...`` lead).
 
-    Attributes:
-        log_normalizer: ``(...)`` log p(observed y) (with potentials: log Z).
-        filtered_means, filtered_covs: ``(..., T, D)``, ``(..., T, D, D)``: x_t | y_{1:t}.
-        smoothed_means, smoothed_covs: ``(..., T, D)``, ``(..., T, D, D)``: x_t | y_{1:T}.
-        smoothed_cross_covs: ``(..., T-1, D, D)``, entry t is Cov(x_{t+1}, x_t | y_{1:T})
-            (0-based t), the lag-one smoothed cross-covariance.
-        backward_gains, backward_offsets, backward_covs: ``E_t, g_t, L_t`` of the backward
-            conditionals ``x_t | x_{t+1}, y ~ N(E_t x_{t+1} + g_t, L_t)``, ``(..., T-1, ...)``.
-        method: the method that computed them (sampling uses the same one).
+    :ivar log_normalizer: ``(...)`` log p(observed y) (with potentials: log Z).
+    :ivar filtered_means, filtered_covs: ``(..., T, D)``, ``(..., T, D, D)``: x_t | y_{1:t}.
+    :ivar smoothed_means, smoothed_covs: ``(..., T, D)``, ``(..., T, D, D)``: x_t | y_{1:T}.
+    :ivar smoothed_cross_covs: ``(..., T-1, D, D)``, entry t is Cov(x_{t+1}, x_t | y_{1:T})
+        (0-based t), the lag-one smoothed cross-covariance.
+    :ivar backward_gains, backward_offsets, backward_covs: ``E_t, g_t, L_t`` of the backward
+        conditionals ``x_t | x_{t+1}, y ~ N(E_t x_{t+1} + g_t, L_t)``, ``(..., T-1, ...)``.
+    :ivar method: the method that computed them (sampling uses the same one).
     """
 
     log_normalizer: Tensor
@@ -605,9 +604,8 @@ def kalman_smoother(
     ``"sequential"`` (loops over time) or ``"parallel"`` (associative scans, O(log T) depth);
     both are exact and differentiable in every argument, in float32 and float64.
 
-    Returns:
-        A :class:`KalmanSmootherResult` with ``log_normalizer`` ``(...)``, filtered and smoothed
-        means ``(..., T, D)`` and covariances ``(..., T, D, D)``, the lag-one smoothed
+    :returns: A :class:`KalmanSmootherResult` with ``log_normalizer`` ``(...)``, filtered and
+        smoothed means ``(..., T, D)`` and covariances ``(..., T, D, D)``, the lag-one smoothed
         cross-covariances ``(..., T-1, D, D)`` and ``sample(num_samples)``.
     """
     if method not in METHODS:

@@ -38,7 +38,7 @@ class StepRecord:
     """What one training step reports.
 
     :param loss: the value the step minimised (a surrogate for some engines; for Pyro's
-        ``ELBO``s the negative ELBO estimate).
+        ``ELBO`` classes the negative ELBO estimate).
     :param bound: the bound itself (variational engines), in nats for the full data set; None
         for sampler engines.
     :param extras: engine-specific values (floats or strings); ``"bound_source"`` is
@@ -130,7 +130,7 @@ def train_step(
 
 def engine_state(engine: Any) -> dict[str, Any]:
     """The engine's state for a checkpoint (``{}`` for an engine without state, such as
-    Pyro's ``ELBO``s)."""
+    Pyro's ``ELBO`` classes)."""
     state_dict = getattr(engine, "state_dict", None)
     return state_dict() if callable(state_dict) else {}
 

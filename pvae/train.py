@@ -128,7 +128,7 @@ class Run:
     ``seconds`` (training steps of that epoch), ``steps`` and ``bound_source``. ``steps``: one
     record per step (``epoch``, ``step``, ``loss``, ``bound``, ``seconds``). ``params``: the
     final constrained parameter values by name. ``bound_source``: ``"engine"`` when the engine
-    reports its bound, ``"negative loss"`` when it reports only a loss (Pyro's own ``ELBO``s)
+    reports its bound, ``"negative loss"`` when it reports only a loss (Pyro's own ``ELBO`` classes)
     and the bounds above are its negative loss.
     """
 

@@ -17,7 +17,7 @@ see :mod:`pvae.app.registry`). Each trained pair is then measured on the test se
   number ``pvae diagnose`` reports for the same run);
 - ``snr_guide`` / ``snr_model``: the gradient signal-to-noise ratio of *that bound's own*
   estimator for the guide's and the model's parameters (Rainforth et al. 2018), the mean
-  over parameter elements of |E g| / std g from ``snr_repeats`` gradients on a fixed batch of
+  over parameter elements of ``|E g| / std g`` from ``snr_repeats`` gradients on a fixed batch of
   ``snr_points`` test points;
 - ``seconds_per_epoch``: the mean time of an epoch's training steps (no validation).
 

@@ -25,8 +25,7 @@ class DynamicBinarized(Dataset):
     ``torch.manual_seed`` / ``pyro.set_rng_seed``), which regularises training on binarised
     images (Salakhutdinov & Murray, 2008).
 
-    Args:
-        probs: grey levels in ``[0, 1]``, shape ``(N, x_dim)``.
+    :param probs: grey levels in ``[0, 1]``, shape ``(N, x_dim)``.
 
     Indexing with an int returns ``(x_dim,)``; with a slice, a list or a LongTensor of
     indices it returns a batch ``(B, x_dim)``. ``__getitems__`` (used by
@@ -91,17 +90,16 @@ class DatasetInfo(NamedTuple):
 class Splits:
     """A dataset split three ways.
 
-    Attributes:
-        name: registry name.
-        train: ``(N_train, x_dim)`` float32 tensor, or a :class:`DynamicBinarized` dataset.
-        valid: ``(N_valid, x_dim)`` float32 tensor.
-        test: ``(N_test, x_dim)`` float32 tensor.
-        x_dim: number of observed dimensions.
-        image_shape: ``(channels, height, width)`` for image sets, else ``None``.
-        likelihood: the likelihood name that suits the data (``"bernoulli"``,
-            ``"continuous_bernoulli"``, ``"gaussian"``).
-        train_labels, valid_labels, test_labels: ``(N_split,)`` LongTensors, or ``None``.
-        info: extra truth (for synthetic sets: the generating parameters) and provenance.
+    :ivar name: registry name.
+    :ivar train: ``(N_train, x_dim)`` float32 tensor, or a :class:`DynamicBinarized` dataset.
+    :ivar valid: ``(N_valid, x_dim)`` float32 tensor.
+    :ivar test: ``(N_test, x_dim)`` float32 tensor.
+    :ivar x_dim: number of observed dimensions.
+    :ivar image_shape: ``(channels, height, width)`` for image sets, else ``None``.
+    :ivar likelihood: the likelihood name that suits the data (``"bernoulli"``,
+        ``"continuous_bernoulli"``, ``"gaussian"``).
+    :ivar train_labels, valid_labels, test_labels: ``(N_split,)`` LongTensors, or ``None``.
+    :ivar info: extra truth (for synthetic sets: the generating parameters) and provenance.
     """
 
     name: str
@@ -131,11 +129,12 @@ class MultimodalSplits(Splits):
     that ``pvae.fit(mm.model, mm.guide, ds.train)`` passes them as positional arguments (append
     a ``(N, M)`` boolean mask to the tuple for missing modalities).
 
-    Attributes (besides those of :class:`Splits`, where ``x_dim``, ``image_shape`` and
-    ``likelihood`` describe the first modality, the image):
-        modalities: name -> ``{"dim", "likelihood", ...}``, the keyword arguments of
-            ``pvae.models.multimodal.Modality`` (also in ``info["modalities"]``), so that
-            ``MultimodalVAE(ds.modalities, z_dim)`` fits the data.
+    Attributes besides those of :class:`Splits`, where ``x_dim``, ``image_shape`` and
+    ``likelihood`` describe the first modality, the image:
+
+    :ivar modalities: name -> ``{"dim", "likelihood", ...}``, the keyword arguments of
+        ``pvae.models.multimodal.Modality`` (also in ``info["modalities"]``), so that
+        ``MultimodalVAE(ds.modalities, z_dim)`` fits the data.
     """
 
     modalities: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -158,13 +157,12 @@ class SequenceSplit(NamedTuple):
     arguments, ``model(values, times, mask)`` / ``guide(values, times, mask)``, minibatched
     along the first (sequence) dimension like any tuple of tensors.
 
-    Attributes:
-        values: ``(N, T, *event_shape)`` floating tensor. Only the entries where ``mask`` is
-            True are data; the others are placeholders (the generators write zeros there, a
-            user's own data may hold NaN) that a model must not score.
-        times: ``(N, T)`` floating tensor, strictly increasing along each sequence; the grid
-            may be irregular and differ between sequences.
-        mask: ``(N, T)`` bool tensor, True where the step is observed.
+    :ivar values: ``(N, T, *event_shape)`` floating tensor. Only the entries where ``mask`` is
+        True are data; the others are placeholders (the generators write zeros there, a
+        user's own data may hold NaN) that a model must not score.
+    :ivar times: ``(N, T)`` floating tensor, strictly increasing along each sequence; the grid
+        may be irregular and differ between sequences.
+    :ivar mask: ``(N, T)`` bool tensor, True where the step is observed.
     """
 
     values: Tensor
@@ -222,27 +220,27 @@ class SequenceSplits(Splits):
     :class:`SequenceSplit` ``(values, times, mask)`` tuples (see there for how a pair receives
     them), checked at construction.
 
-    Attributes (besides those of :class:`Splits`; ``x_dim`` and ``image_shape`` are derived
+    Attributes besides those of :class:`Splits` (``x_dim`` and ``image_shape`` are derived
     from the values and not passed):
-        x_dim: ``prod(event_shape)``, the size of one step.
-        image_shape: ``event_shape`` when it is ``(channels, height, width)``, else None.
-        likelihood: the likelihood of one observed step (e.g. ``"continuous_bernoulli"``).
-        train_labels, valid_labels, test_labels: ``(N_split,)``, one label per sequence
-            (e.g. the class of a rotating digit), or None.
-        truth: split name -> {name -> tensor with ``N_split`` rows}: the generating truth per
-            sequence, e.g. ``truth["test"]["angles"]`` ``(N_test, T)`` and the clean, complete
-            frames ``truth["test"]["frames"]`` ``(N_test, T, *event_shape)`` that score an
-            imputation of the missing steps. Empty when unknown.
-        info: the generating parameters and provenance.
+
+    :ivar x_dim: ``prod(event_shape)``, the size of one step.
+    :ivar image_shape: ``event_shape`` when it is ``(channels, height, width)``, else None.
+    :ivar likelihood: the likelihood of one observed step (e.g. ``"continuous_bernoulli"``).
+    :ivar train_labels, valid_labels, test_labels: ``(N_split,)``, one label per sequence
+        (e.g. the class of a rotating digit), or None.
+    :ivar truth: split name -> {name -> tensor with ``N_split`` rows}: the generating truth per
+        sequence, e.g. ``truth["test"]["angles"]`` ``(N_test, T)`` and the clean, complete
+        frames ``truth["test"]["frames"]`` ``(N_test, T, *event_shape)`` that score an
+        imputation of the missing steps. Empty when unknown.
+    :ivar info: the generating parameters and provenance.
 
     Properties: :attr:`event_shape`, :attr:`num_steps` (``T``), :attr:`observed_fraction`.
 
-    Raises:
-        TypeError, ValueError: naming the split and what is wrong: a split that is not a
-            :class:`SequenceSplit`, values that are not ``(N, T, *event_shape)`` floats, times
-            or mask not ``(N, T)``, a mask that is not bool, NaN/inf at an observed step or in
-            the times, times not strictly increasing, splits that disagree on ``T`` or
-            ``event_shape``, or a truth tensor whose rows do not match its split.
+    :raises TypeError, ValueError: naming the split and what is wrong: a split that is not a
+        :class:`SequenceSplit`, values that are not ``(N, T, *event_shape)`` floats, times
+        or mask not ``(N, T)``, a mask that is not bool, NaN/inf at an observed step or in
+        the times, times not strictly increasing, splits that disagree on ``T`` or
+        ``event_shape``, or a truth tensor whose rows do not match its split.
     """
 
     x_dim: int = field(init=False)

@@ -31,16 +31,11 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     ``0x00 0x00 <dtype code> <ndim>`` followed by ``ndim`` big-endian uint32 sizes; dtype
     codes are 0x08 ubyte, 0x09 byte, 0x0B int16, 0x0C int32, 0x0D float32, 0x0E float64.
 
-    Args:
-        path: the file.
-
-    Returns:
-        array of shape ``(d_1, ..., d_ndim)`` in native byte order.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: not an IDX file (bad magic number), or the payload is truncated or too
-            long for the header's sizes.
+    :param path: the file.
+    :returns: array of shape ``(d_1, ..., d_ndim)`` in native byte order.
+    :raises FileNotFoundError: the file does not exist.
+    :raises ValueError: not an IDX file (bad magic number), or the payload is truncated or too
+        long for the header's sizes.
     """
     path = Path(path)
     if not path.is_file():

@@ -19,13 +19,12 @@ Sohn et al. 2015, as reproduced by Pyro's CVAE tutorial)."""
 class Quadrants(NamedTuple):
     """An image-completion task: predict the hidden quadrants from the given ones.
 
-    Attributes:
-        given: ``(N, num_given_pixels)``, the pixels of the given quadrants, in the images'
-            flattened order (the conditioning input ``x`` of a CVAE).
-        rest: ``(N, x_dim - num_given_pixels)``, the other pixels, in the same order (the
-            target ``y``).
-        given_mask: ``(x_dim,)`` bool, True where a pixel is given:
-            ``images[:, given_mask] == given`` and ``images[:, ~given_mask] == rest``.
+    :ivar given: ``(N, num_given_pixels)``, the pixels of the given quadrants, in the images'
+        flattened order (the conditioning input ``x`` of a CVAE).
+    :ivar rest: ``(N, x_dim - num_given_pixels)``, the other pixels, in the same order (the
+        target ``y``).
+    :ivar given_mask: ``(x_dim,)`` bool, True where a pixel is given:
+        ``images[:, given_mask] == given`` and ``images[:, ~given_mask] == rest``.
     """
 
     given: Tensor
@@ -59,19 +58,14 @@ def quadrants(
         cvae = CVAE(x_dim=task.given.shape[1], y_dim=task.rest.shape[1], z_dim=16)
         pvae.log_likelihood(cvae.model, cvae.guide, (task.given, task.rest))   # log p(y | x)
 
-    Args:
-        images: ``(N, x_dim)``, flattened in ``(C, H, W)`` order (as every split of
-            :func:`load`).
-        num_given: 1, 2 or 3 quadrants given.
-        image_shape: ``(C, H, W)`` or ``(H, W)``; None means square single-channel images
-            (``H = W = sqrt(x_dim)``).
-
-    Returns:
-        :class:`Quadrants` ``(given, rest, given_mask)``.
-
-    Raises:
-        ValueError: ``num_given`` not in {1, 2, 3}, ``images`` not 2-D, or a shape that does
-            not match ``x_dim``.
+    :param images: ``(N, x_dim)``, flattened in ``(C, H, W)`` order (as every split of
+        :func:`load`).
+    :param num_given: 1, 2 or 3 quadrants given.
+    :param image_shape: ``(C, H, W)`` or ``(H, W)``; None means square single-channel images
+        (``H = W = sqrt(x_dim)``).
+    :returns: :class:`Quadrants` ``(given, rest, given_mask)``.
+    :raises ValueError: ``num_given`` not in {1, 2, 3}, ``images`` not 2-D, or a shape that does
+        not match ``x_dim``.
     """
     if isinstance(num_given, bool) or num_given not in (1, 2, 3):
         raise ValueError(f"num_given must be 1, 2 or 3 quadrants, got {num_given!r}")

@@ -24,13 +24,10 @@ def _normalise_name(name: str) -> str:
 def register(name: str, description: str, source: str) -> Callable[[Loader], Loader]:
     """Decorator registering ``loader(**kwargs) -> Splits`` under ``name``.
 
-    Args:
-        name: the name :func:`load` looks up (case-insensitive; ``_`` and ``-`` match).
-        description: one line for ``pvae datasets``.
-        source: where the data come from (package, files, generator).
-
-    Raises:
-        ValueError: if ``name`` is already registered.
+    :param name: the name :func:`load` looks up (case-insensitive; ``_`` and ``-`` match).
+    :param description: one line for ``pvae datasets``.
+    :param source: where the data come from (package, files, generator).
+    :raises ValueError: if ``name`` is already registered.
     """
     key = _normalise_name(name)
 
@@ -51,18 +48,13 @@ def available() -> list[DatasetInfo]:
 def load(name: str, **kwargs: Any) -> Splits:
     """Load the dataset registered as ``name``, split into train/valid/test.
 
-    Args:
-        name: a name from :func:`available` (e.g. ``"digits"``, ``"mnist5k"``, ``"mnist"``,
-            ``"fashion-mnist"``, ``"linear-gaussian"``, ``"pendulum"``, ``"rotating-digits"``).
-        **kwargs: passed to the loader, e.g. ``seed=0``, ``binarize="dynamic"``, ``path=``.
-
-    Returns:
-        :class:`Splits` (or a subclass: :class:`MultimodalSplits`, :class:`SequenceSplits`),
+    :param name: a name from :func:`available` (e.g. ``"digits"``, ``"mnist5k"``, ``"mnist"``,
+        ``"fashion-mnist"``, ``"linear-gaussian"``, ``"pendulum"``, ``"rotating-digits"``).
+    :param kwargs: passed to the loader, e.g. ``seed=0``, ``binarize="dynamic"``, ``path=``.
+    :returns: :class:`Splits` (or a subclass: :class:`MultimodalSplits`, :class:`SequenceSplits`),
         every split checked to be finite (a sequence split at its observed steps).
-
-    Raises:
-        ValueError: unknown name, or NaN/inf in a split.
-        TypeError: a keyword the loader does not accept.
+    :raises ValueError: unknown name, or NaN/inf in a split.
+    :raises TypeError: a keyword the loader does not accept.
     """
     key = _normalise_name(name)
     if key not in _REGISTRY:

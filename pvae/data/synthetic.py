@@ -75,14 +75,11 @@ def linear_gaussian_log_likelihood(
 ) -> Tensor:
     """Exact ``log p(x) = log N(x; b, W W^T + noise^2 I)`` of the linear-Gaussian model.
 
-    Args:
-        x: ``(N, x_dim)`` (any batch shape ``(..., x_dim)``).
-        W: ``(x_dim, z_dim)``.
-        b: ``(x_dim,)``.
-        noise: observation standard deviation ``s > 0``.
-
-    Returns:
-        ``(N,)`` log-densities in nats, in ``x``'s dtype (computed in float64).
+    :param x: ``(N, x_dim)`` (any batch shape ``(..., x_dim)``).
+    :param W: ``(x_dim, z_dim)``.
+    :param b: ``(x_dim,)``.
+    :param noise: observation standard deviation ``s > 0``.
+    :returns: ``(N,)`` log-densities in nats, in ``x``'s dtype (computed in float64).
     """
     W64, b64, x64 = W.double(), b.double(), x.double()
     variance = torch.as_tensor(noise, dtype=torch.float64) ** 2
@@ -98,14 +95,11 @@ def linear_gaussian_posterior(
 
     ``cov = (I + W^T W / s^2)^{-1}``, ``mean = cov W^T (x - b) / s^2``.
 
-    Args:
-        x: ``(N, x_dim)``.
-        W: ``(x_dim, z_dim)``.
-        b: ``(x_dim,)``.
-        noise: observation standard deviation ``s > 0``.
-
-    Returns:
-        ``mean`` of shape ``(N, z_dim)`` and ``cov`` of shape ``(z_dim, z_dim)`` (shared by
+    :param x: ``(N, x_dim)``.
+    :param W: ``(x_dim, z_dim)``.
+    :param b: ``(x_dim,)``.
+    :param noise: observation standard deviation ``s > 0``.
+    :returns: ``mean`` of shape ``(N, z_dim)`` and ``cov`` of shape ``(z_dim, z_dim)`` (shared by
         every datapoint), in ``x``'s dtype (computed in float64).
     """
     W64, b64, x64 = W.double(), b.double(), x.double()

@@ -35,10 +35,10 @@ __all__ = ["LatentRelevance", "latent_relevance", "relevance_scores", "relevant_
 
 
 def relevance_scores(variance: torch.Tensor, mean_abs_jacobian: torch.Tensor) -> torch.Tensor:
-    """score_d = v_d * sum_pixels (mean_n |d x_hat / d mu_d|)^2.
+    """``score_d = v_d * sum_pixels (mean_n |d x_hat / d mu_d|)^2``.
 
     :param variance: v_d, ``(D,)``.
-    :param mean_abs_jacobian: mean_n |d x_hat_i / d mu_d|, ``(D, pixels)``.
+    :param mean_abs_jacobian: ``mean_n |d x_hat_i / d mu_d|``, ``(D, pixels)``.
     :returns: ``(D,)``.
     """
     return variance * mean_abs_jacobian.pow(2).sum(-1)
@@ -67,7 +67,7 @@ class LatentRelevance:
     ``scores``: score_d ``(D,)``; ``ranking``: dimensions by decreasing score; ``cumulative``:
     the cumulative share of the total score along ``ranking`` ``(D,)``; ``relevant``: the
     smallest set of dimensions reaching ``threshold`` (in ranking order); ``variance``: v_d;
-    ``jacobian_norm``: sum_pixels (mean_n |d x_hat / d mu_d|)^2; ``activity``: Var_x E_q[z_d|x]
+    ``jacobian_norm``: ``sum_pixels (mean_n |d x_hat / d mu_d|)^2``; ``activity``: Var_x E_q[z_d|x]
     (active units); ``kl``: mean KL per dimension when a model was given, else None.
     """
 

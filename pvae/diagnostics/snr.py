@@ -1,5 +1,5 @@
 """Gradient signal-to-noise ratio (Rainforth et al. 2018, "Tighter Variational Bounds are Not
-Necessarily Better"): per parameter element, SNR = |E[g]| / std[g] over repeated gradient
+Necessarily Better"): per parameter element, SNR = ``|E[g]| / std[g]`` over repeated gradient
 estimates on the same data, summarised separately for the guide's and the model's parameters
 (the split is read from the traces)."""
 

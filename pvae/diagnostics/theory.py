@@ -21,7 +21,7 @@ eigenvalues of the residual covariance of y given x,
 
     E = Syy - Syx Sxx^-1 Sxy.
 
-At a global optimum, mode i (i <= min(d_z, d_y); the others are collapsed) has
+At a global optimum, mode i (i <= min(d_z, d_y); the others are collapsed) has::
 
     singular value of U1:   u_i     = sqrt(max(0, theta_i - beta eta_dec^2)) / eta_enc
     encoder std:            sigma_i = sqrt(beta) eta_enc eta_dec / sqrt(theta_i)   if
@@ -66,7 +66,7 @@ reproduces the paper's two theorems. With Sigma2 learnable (c = eta_dec / eta_en
 - if sigma1^2 >= (beta2 / beta1) eta_dec^2 (the fixed encoder noise is large):
   lambda^2 = sigma1^2 max(0, theta / (beta2 eta_dec^2) - 1),
   omega^2 = max(sigma1^2 - (beta2/beta1) eta_dec^2,
-                sigma1^2 theta / (beta2 eta_dec^2) - (beta2/beta1) eta_dec^2) / eta_enc^2;
+  sigma1^2 theta / (beta2 eta_dec^2) - (beta2/beta1) eta_dec^2) / eta_enc^2;
   z1 mode i collapses when theta_i <= beta2 eta_dec^2 while z2's mode stays in use (omega > 0,
   modelling z1's encoder noise: it then carries nothing about x): the learnable encoder
   variance is itself a cause of collapse;
@@ -81,7 +81,7 @@ With Sigma2 = sigma2^2 I fixed, both modes are in use exactly when
     and sqrt(theta) > beta2 c^2 sigma2^2 / (sqrt(beta1) sigma1)
 
 (the authors' helper code writes the second threshold with sqrt(beta1) in the numerator; the
-numerically optimised model follows the form above, and the two agree at beta1 = 1); then
+numerically optimised model follows the form above, and the two agree at beta1 = 1); then::
 
     lambda^2 = (sigma1^2 / (sqrt(beta1 beta2) c sigma2))^(2/3)
                (theta^(2/3) - (sqrt(beta1 beta2) c sigma1 sigma2)^(2/3)),
