@@ -53,10 +53,16 @@ def dense_regression(K, y, noise, observed):
 
 @pytest.mark.parametrize("nu", NUS)
 def test_stationary_covariance_solves_the_lyapunov_equation(nu):
-    """P_inf is stationary: expm(F dt) P_inf expm(F dt)^T + Q = P_inf with Q >= 0, and the
-    implied covariance H expm(F dt) P_inf H^T is gpytorch's Matérn kernel at lag dt."""
+    """P_inf is stationary: F P_inf + P_inf F^T + L q L^T = 0 (white noise enters the last
+    coordinate only, L = e_d), so Q = P_inf - A P_inf A^T >= 0; and the implied covariance
+    H expm(F dt) P_inf H^T is gpytorch's Matérn kernel at lag dt."""
     lengthscale = torch.tensor(0.7, dtype=torch.float64)
     variance = torch.tensor(1.3, dtype=torch.float64)
+    drift, stationary = gp.matern_sde(nu, lengthscale, variance)
+    lyapunov = drift @ stationary + stationary @ drift.mT
+    assert float(lyapunov[-1, -1]) < 0
+    lyapunov[-1, -1] = 0.0
+    torch.testing.assert_close(lyapunov, torch.zeros_like(lyapunov), rtol=0, atol=1e-12)
     gaps = torch.tensor([0.05, 0.3, 2.0], dtype=torch.float64)
     A, Q, P = gp.matern_discretisation(nu, lengthscale, variance, gaps)
     assert torch.linalg.eigvalsh(Q).min() > -1e-12
