@@ -8,4 +8,12 @@ from .multimodal import MultimodalVAE
 from .structured import StructuredVAE
 from .vae import VAE
 
-__all__ = ["ARDVAE", "CVAE", "HierarchicalVAE", "MarkovianGPVAE", "MultimodalVAE", "StructuredVAE", "VAE"]
+__all__ = [
+    "ARDVAE",
+    "CVAE",
+    "HierarchicalVAE",
+    "MarkovianGPVAE",
+    "MultimodalVAE",
+    "StructuredVAE",
+    "VAE",
+]

@@ -95,7 +95,9 @@ class MaternPrior(nn.Module):
         self.lengthscale_raw = nn.Parameter(
             torch.full((channels,), _inverse_softplus(lengthscale - 1e-4))
         )
-        self.variance_raw = nn.Parameter(torch.full((channels,), _inverse_softplus(variance - 1e-6)))
+        self.variance_raw = nn.Parameter(
+            torch.full((channels,), _inverse_softplus(variance - 1e-6))
+        )
 
     @property
     def state_dim(self) -> int:

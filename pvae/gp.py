@@ -18,7 +18,7 @@ covariance (the solution of ``F P + P F^T + L q L^T = 0``), so the process start
 ``s^2 k_nu(|t - t'| / l)``. Discretised exactly between time stamps ``t_{k-1} < t_k``
 (``dt_k = t_k - t_{k-1}``, any spacing)::
 
-    s_k = A_k s_{k-1} + q_k,   A_k = expm(F dt_k),   q_k ~ N(0, Q_k),   Q_k = P_inf - A_k P_inf A_k^T
+    s_k = A_k s_{k-1} + q_k,  A_k = expm(F dt_k),  q_k ~ N(0, Q_k),  Q_k = P_inf - A_k P_inf A_k^T
 
 which is the model of :mod:`pvae.ssm` (``x_1 ~ N(0, P_inf)`` at the first stamp, column
 vectors). Smoothing it with :func:`pvae.ssm.kalman_smoother` costs O(T d^3) instead of the
@@ -83,7 +83,7 @@ def matern_sde(nu: float, lengthscale: Tensor, variance: Tensor) -> tuple[Tensor
         P = variance[..., None, None]
         return F, P
     if d == 2:
-        rows = [[zero, one], [-lam**2, -2 * lam]]
+        rows = [[zero, one], [-(lam**2), -2 * lam]]
         P_rows = [[variance, zero], [zero, lam**2 * variance]]
     else:
         kappa = lam**2 * variance / 3
@@ -181,9 +181,7 @@ def matern_log_marginal(
         positive); ``mask (..., T)``: True where ``y`` is observed.
     :returns: ``(...)``.
     """
-    return _smoother(
-        nu, values, times, lengthscale, variance, noise, mask, method
-    ).log_normalizer
+    return _smoother(nu, values, times, lengthscale, variance, noise, mask, method).log_normalizer
 
 
 def matern_regression(

@@ -10,7 +10,6 @@ from pvae import data
 from pvae.diagnostics import active_units
 from pvae.inference import ELBO, IWAE, KalmanELBO
 from pvae.models import MarkovianGPVAE
-
 from tests.core.test_gp_ssm import dense_kernel, dense_regression
 
 NUS = [0.5, 1.5, 2.5]
