@@ -5,8 +5,9 @@ reparameterised draw; gradients zeroed after each step) on one sequence of T fra
 irregular time stamps, for T in {100, 300, 1000, 3000, 10000}. Each row is a function
 ``step(T) -> Callable[[], object]`` in ``ROWS`` together with the largest T it is run at (the
 dense model runs out of time or memory first). The script prints the median milliseconds per
-cell (``--repeats`` steps after a warm-up step; one step for T > 1000), the exponent of time against T fitted by least squares on log-log axes, the machine's
-load average before and after, and writes a log-log figure to ``benchmarks/gp_scaling.png``.
+cell (``--repeats`` steps after a warm-up step; one step for T > 1000), the exponent of time
+against T fitted by least squares on log-log axes, the machine's load average before and
+after, and writes a log-log figure to ``benchmarks/gp_scaling.png``.
 
 Markovian rows: :class:`pvae.models.MarkovianGPVAE` (L = 4 Matérn-3/2 channels, frames of 16
 values, Gaussian likelihood, MLP with 32 hidden units), smoothed by ``pvae.ssm``'s sequential
