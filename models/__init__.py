@@ -4,8 +4,18 @@ from .ard import ARDVAE
 from .cvae import CVAE
 from .gp_vae import GPVAE
 from .hierarchical import HierarchicalVAE
+from .markovian_gp import MarkovianGPVAE
 from .multimodal import MultimodalVAE
 from .structured import StructuredVAE
 from .vae import VAE
 
-__all__ = ["ARDVAE", "CVAE", "GPVAE", "HierarchicalVAE", "MultimodalVAE", "StructuredVAE", "VAE"]
+__all__ = [
+    "ARDVAE",
+    "CVAE",
+    "GPVAE",
+    "HierarchicalVAE",
+    "MarkovianGPVAE",
+    "MultimodalVAE",
+    "StructuredVAE",
+    "VAE",
+]

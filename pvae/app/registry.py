@@ -1034,3 +1034,44 @@ register_model(
         Option("learn_kernel", _choice(("no", "yes")), "no", "learn the kernel's hyper-parameters"),
     ),
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# Markovian GP-VAE (Zhu et al. 2023)
+# ---------------------------------------------------------------------------------------------
+
+
+def _mgpvae(
+    ds: data.Splits,
+    z_dim: int,
+    hidden: Sequence[int],
+    net: str,
+    likelihood: str,
+    nu: float = 1.5,
+    lengthscale: float = 1.0,
+) -> PyroModule:
+    from pvae.models.markovian_gp import MarkovianGPVAE
+
+    return MarkovianGPVAE(
+        x_dim=ds.x_dim,
+        z_dim=z_dim,
+        nu=nu,
+        hidden=tuple(hidden),
+        likelihood=likelihood,
+        net=net,
+        image_shape=_image_shape(ds, net),
+        lengthscale=lengthscale,
+    )
+
+
+register_model(
+    "mgpvae",
+    _mgpvae,
+    "Markovian GP-VAE: Matérn GP prior per latent channel as an SDE on the (irregular) time "
+    "stamps, encoder potentials smoothed exactly in O(T) (Zhu et al. 2023)",
+    accepts=("sequences",),
+    options=(
+        Option("nu", float, 1.5, "Matérn smoothness", choices=(0.5, 1.5, 2.5)),
+        Option("lengthscale", _number(0.0, open_below=True), 1.0, "initial GP lengthscale"),
+    ),
+)

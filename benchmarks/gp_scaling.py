@@ -1,0 +1,134 @@
+"""GP-VAE step time against sequence length: the Markovian GP-VAE (O(T)) and the dense one.
+
+One ELBO-and-gradient step (``ELBO().loss_and_grads`` on the pair, analytic KL, one
+reparameterised draw; gradients zeroed after each step) on one sequence of T frames at
+irregular time stamps, for T in {100, 300, 1000, 3000, 10000}. Each row is a function
+``step(T) -> Callable[[], object]`` in ``ROWS`` together with the largest T it is run at (the
+dense model runs out of time or memory first). The script prints the median milliseconds per
+cell (``--repeats`` steps after a warm-up step; one step for T > 1000), the exponent of time
+against T fitted by least squares on log-log axes, the machine's load average before and
+after, and writes a log-log figure to ``benchmarks/gp_scaling.png``.
+
+Markovian rows: :class:`pvae.models.MarkovianGPVAE` (L = 4 Matérn-3/2 channels, frames of 16
+values, Gaussian likelihood, MLP with 32 hidden units), smoothed by ``pvae.ssm``'s sequential
+or parallel method.
+
+    python benchmarks/gp_scaling.py            # the full table (1 thread)
+    python benchmarks/gp_scaling.py --quick    # T up to 1000, one repeat, no figure
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pyro
+import torch
+from kalman_scaling import fitted_exponent, median_ms
+
+from pvae.inference import ELBO
+from pvae.models import MarkovianGPVAE
+
+LENGTHS = (100, 300, 1000, 3000, 10000)
+X_DIM, Z_DIM, HIDDEN = 16, 4, (32,)
+FIGURE = Path(__file__).with_name("gp_scaling.png")
+
+
+def sequence(T: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sequence ``(1, T, X_DIM)`` of Gaussian noise at irregular stamps (gaps uniform in
+    [0.5, 1.5)), every frame observed: ``(values, times, mask)``."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(1, T, X_DIM, generator=g)
+    times = (0.5 + torch.rand(1, T, generator=g, dtype=torch.float64)).cumsum(-1).float()
+    return values, times, torch.ones(1, T, dtype=torch.bool)
+
+
+def elbo_step(model: Callable, guide: Callable, args: tuple) -> Callable[[], float]:
+    """``ELBO().loss_and_grads`` on the pair, then every parameter's gradient zeroed."""
+    engine = ELBO()
+
+    def step() -> float:
+        loss = engine.loss_and_grads(model, guide, *args)
+        for param in pyro.get_param_store().values():
+            param.grad = None
+        return loss
+
+    return step
+
+
+def markovian_step(T: int, method: str) -> Callable[[], float]:
+    """The Markovian GP-VAE's ELBO-and-gradient step at length T (``method``: the smoother's)."""
+    pyro.clear_param_store()
+    vae = MarkovianGPVAE(
+        x_dim=X_DIM, z_dim=Z_DIM, nu=1.5, hidden=HIDDEN, likelihood="gaussian", method=method
+    )
+    return elbo_step(vae.model, vae.guide, sequence(T))
+
+
+# (name, step(T), largest T). The dense GP-VAE's row goes here as ``dense_step(T)``.
+ROWS: list[tuple[str, Callable[[int], Callable[[], object]], int]] = [
+    ("markovian sequential", lambda T: markovian_step(T, "sequential"), 10000),
+    ("markovian parallel", lambda T: markovian_step(T, "parallel"), 10000),
+]
+
+
+def plot(series: dict[str, tuple[list[int], list[float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=90)
+    for name, (lengths, ms) in series.items():
+        ax.loglog(lengths, ms, "o-", label=name)
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel("ELBO + gradient step (ms)")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="T up to 1000, one repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per cell (median)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lengths = [T for T in LENGTHS if T <= 1000] if args.quick else list(LENGTHS)
+    repeats = 1 if args.quick else args.repeats
+    print(f"load average before: {os.getloadavg()}  threads: {args.threads}")
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    print(f"{'T':>6} " + " ".join(f"{name:>22}" for name, _, _ in ROWS) + "   (ms per step)")
+    for T in lengths:
+        cells = []
+        for name, make, largest in ROWS:
+            if T > largest:
+                cells.append(f"{'-':>22}")
+                continue
+            # long cells (T > 1000): one step after the warm-up, to keep the run short
+            ms = median_ms(make(T), repeats if T <= 1000 else 1, args.clock)
+            series.setdefault(name, ([], []))
+            series[name][0].append(T)
+            series[name][1].append(ms)
+            cells.append(f"{ms:>22.1f}")
+        print(f"{T:>6} " + " ".join(cells), flush=True)
+    print("\nfitted exponent of time against T (least squares on log-log axes)")
+    for name, (done, ms) in series.items():
+        if len(done) > 1:
+            print(f"  {name:>22}: T^{fitted_exponent(done, ms):.2f}  (T = {done[0]}..{done[-1]})")
+    print(f"load average after: {os.getloadavg()}")
+    if not args.quick:
+        plot(series, FIGURE)
+        print(f"figure: {FIGURE}")
+
+
+if __name__ == "__main__":
+    main()
