@@ -525,7 +525,7 @@ class MultimodalGPVAE(PyroModule):
     ) -> tuple[Tensor, Tensor]:
         """The fused per-bin Gaussian potentials ``(loc, precision)``, each ``(B, T, C)``:
         each present modality's encoder on its channels, precisions added (product of
-        experts); precision 0 where no modality speaks."""
+        experts); precision ~0 (1e-10) where no modality speaks."""
         B, T = counts.shape[:2]
         loc = counts.new_zeros(B, 2, T, self.num_channels)
         scale = torch.full_like(loc, math.inf)
@@ -536,9 +536,11 @@ class MultimodalGPVAE(PyroModule):
         loc[:, 1, :, self.image_channels] = image_loc
         scale[:, 1, :, self.image_channels] = image_scale
         weights = modality_mask[:, :, None, None]
-        fused_loc, fused_scale = product_of_experts(loc, scale, weights=weights, dim=1)
-        precision = fused_scale.pow(-2)
-        return torch.where(precision > 0, fused_loc, torch.zeros_like(fused_loc)), precision
+        # a vanishing expert N(0, 1 / _NO_PRECISION) keeps channels that no modality speaks for
+        # finite (and their gradients free of 0/0): their precision is 1e-10, not 0
+        floor = (0.0, _NO_PRECISION**-0.5)
+        fused_loc, fused_scale = product_of_experts(loc, scale, weights=weights, prior=floor, dim=1)
+        return fused_loc, fused_scale.pow(-2)
 
     def posterior(
         self,

@@ -168,16 +168,16 @@ def _mm_gp_sim(
     for label, value in (("neural_dim", neural_dim), ("image_dim", image_dim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"dataset {name!r}: {label} must be an integer >= 0, got {value!r}")
-    for label, value in (("dt", dt), ("lengthscale", lengthscale), ("base_rate", base_rate)):
-        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-            raise ValueError(f"dataset {name!r}: {label} must be a positive number, got {value!r}")
-    for label, value in (
+    for label, number in (("dt", dt), ("lengthscale", lengthscale), ("base_rate", base_rate)):
+        if not (isinstance(number, int | float) and math.isfinite(number) and number > 0):
+            raise ValueError(f"dataset {name!r}: {label} must be a positive number, got {number!r}")
+    for label, number in (
         ("loading", loading),
         ("angle_scale", angle_scale),
         ("scale_amount", scale_amount),
     ):
-        if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"dataset {name!r}: {label} must be a number >= 0, got {value!r}")
+        if not (isinstance(number, int | float) and math.isfinite(number) and number >= 0):
+            raise ValueError(f"dataset {name!r}: {label} must be a number >= 0, got {number!r}")
     if not (isinstance(missing, int | float) and 0 <= missing <= 1):
         raise ValueError(f"dataset {name!r}: missing must be a fraction in [0, 1], got {missing!r}")
     if isinstance(digit, bool) or digit not in range(10):
