@@ -6,6 +6,7 @@ from .gp_vae import GPVAE
 from .hierarchical import HierarchicalVAE
 from .markovian_gp import MarkovianGPVAE
 from .multimodal import MultimodalVAE
+from .multimodal_gp import MultimodalGPVAE
 from .structured import StructuredVAE
 from .vae import VAE
 
@@ -15,6 +16,7 @@ __all__ = [
     "GPVAE",
     "HierarchicalVAE",
     "MarkovianGPVAE",
+    "MultimodalGPVAE",
     "MultimodalVAE",
     "StructuredVAE",
     "VAE",

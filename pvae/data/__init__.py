@@ -75,6 +75,7 @@ from pvae.data.images import _mnist as _mnist
 from pvae.data.images import _mnist5k as _mnist5k
 from pvae.data.images import _mnist5k_pool as _mnist5k_pool
 from pvae.data.images import _shuffled_image_splits as _shuffled_image_splits
+from pvae.data.mm_gp import MultimodalSequenceSplit, MultimodalSequenceSplits
 from pvae.data.multimodal import TWO_VIEW_TRANSFORMS
 from pvae.data.multimodal import _digits_labels as _digits_labels
 from pvae.data.multimodal import _digits_two_view as _digits_two_view
@@ -100,6 +101,8 @@ __all__ = [
     "BINARIZE_CHOICES",
     "DatasetInfo",
     "DynamicBinarized",
+    "MultimodalSequenceSplit",
+    "MultimodalSequenceSplits",
     "MultimodalSplits",
     "QUADRANT_ORDER",
     "Quadrants",

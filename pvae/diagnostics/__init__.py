@@ -8,6 +8,8 @@
 - :func:`kl_per_dim`, :func:`mutual_information`, :func:`collapse_report`: posterior collapse
   per dimension and per layer (Dang et al. 2024).
 - :func:`latent_relevance`: the ARD-VAE decoder-Jacobian relevance score (Saha et al. 2025).
+- :func:`identification_r2`: R^2 of affine regressions from inferred to true latent groups
+  (Gondur et al. 2024).
 - :mod:`pvae.diagnostics.theory`: closed forms for collapse in linear conditional and 2-level
   hierarchical VAEs (Dang et al.).
 """
@@ -21,6 +23,7 @@ from pvae.diagnostics.collapse import (
     kl_per_dim,
     mutual_information,
 )
+from pvae.diagnostics.identification import Identification, identification_r2
 from pvae.diagnostics.latents import ActiveUnits, active_units, posterior_mean
 from pvae.diagnostics.relevance import LatentRelevance, latent_relevance
 from pvae.diagnostics.snr import GradientSNR, gradient_snr
@@ -30,6 +33,7 @@ __all__ = [
     "ActiveUnits",
     "CollapseReport",
     "GradientSNR",
+    "Identification",
     "KLPerDim",
     "LatentRelevance",
     "LayerReport",
@@ -37,6 +41,7 @@ __all__ = [
     "active_units",
     "collapse_report",
     "gradient_snr",
+    "identification_r2",
     "kl_per_dim",
     "latent_relevance",
     "log_likelihood",

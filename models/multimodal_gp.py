@@ -1,0 +1,667 @@
+"""The multimodal Gaussian-process VAE, MM-GPVAE (Gondur et al. 2024).
+
+Trials of T evenly spaced time bins (step ``dt``) with two modalities: spike counts of
+``num_neurons`` neurons and an image per bin. The latent paths, each channel a Gaussian process
+over time, fall into three groups:
+
+    z_s (T, Ls)   shared: drives both modalities
+    z_n (T, Ln)   neural-private: drives only the spike counts
+    z_i (T, Li)   image-private: drives only the images
+
+Generative story, for each trial (one datapoint of ``pyro.plate("data")``)::
+
+    z = [z_s, z_n, z_i] ~ GP prior over time, every channel independent      (site "z")
+    y_t  | z_t ~ Poisson(exp(C [z_s,t, z_n,t] + d))        neural modality    (site "neural")
+    x_t  | z_t ~ p_theta(x_t | g_theta([z_s,t, z_i,t]))     image modality     (site "image")
+
+with C, d a GPFA-style linear loading (``neural_decoder``) and g_theta an MLP per frame with a
+likelihood chosen by name (continuous Bernoulli by default).
+
+Fourier-domain prior (:class:`FourierRBFPrior`, the paper's parameterisation). The trial is
+padded to ``T' = T + P`` bins so that the periodic wrap-around of the Fourier basis stays
+``P`` bins away, and each channel is written in the real orthonormal Fourier basis of the
+padded grid, ``z = B c`` with ``B (T, K)`` the first T rows (DC, cos/sin pairs, Nyquist).
+Poisson summation makes the periodised RBF kernel ``k(tau) = s^2 exp(-tau^2 / (2 l^2))`` on the
+padded circle diagonal in that basis, with per-coefficient variance
+
+    lambda_k = S(w_k) / dt,   S(w) = s^2 sqrt(2 pi) l exp(-2 pi^2 l^2 w^2),   w_k = k / (T' dt)
+
+(w in cycles per time unit, S the kernel's spectral density), so the prior over coefficients
+is ``c ~ N(0, diag(lambda))`` and ``B diag(lambda) B^T`` equals the RBF kernel matrix up to the
+wrap-around error ``s^2 exp(-P^2 dt^2 / (2 l^2))`` (about 3e-4 s^2 with the default
+``P = 4 l``). Frequencies above ``max_frequency`` (where ``S(w) / S(0) < 1e-8`` for the initial
+lengthscale) are dropped: K is much smaller than T', the paper's saving. The lengthscales are
+learned per channel (``s = 1``: the decoders carry the scale).
+
+Inference network (guide). A per-bin encoder of each modality gives Gaussian potentials
+``N(m_t | z_t, diag v_t)`` on the channels that modality drives; the modalities present in a
+trial are fused per bin by a product of Gaussian experts (:func:`pvae.gaussian.product_of_experts`:
+precisions add on the shared channels), and the guide is the prior times the fused potentials,
+normalised exactly in the coefficient domain::
+
+    q(c_j) = N(P_j^{-1} h_j, P_j^{-1}),   P_j = diag(1 / lambda_j) + B^T diag(1 / v_{.,j}) B,
+                                          h_j = B^T (m_{.,j} / v_{.,j})
+
+one ``K x K`` Gaussian per trial and channel (K ~ 2 T' l_min^-1, small). A modality missing from
+a trial (``modality_mask[n, m]`` False) gives no potential (its private channels keep the prior)
+and no likelihood term.
+
+Neural likelihood. The ``"neural"`` site scores ``Poisson(y | exp(eta))`` at the sampled z, a
+Monte-Carlo term that works with every engine. Since eta = C z + d is Gaussian under the guide
+(mean mu, variance sigma^2 per bin and neuron, from the posterior's path moments), the
+expected log-likelihood has the closed form
+
+    E_q[log Poisson(y | exp(eta))] = y mu - exp(mu + sigma^2 / 2) - log y!
+
+(:func:`poisson_expected_log_likelihood`; :meth:`MultimodalGPVAE.expected_log_likelihood`).
+With ``analytic_poisson=True`` the model scores the neural site with this closed form
+(``pyro.factor("neural", ...)``, recomputing the guide's moments from the encoders): the ELBO
+keeps its value in expectation and loses the Monte-Carlo noise of that term (a
+Rao-Blackwellised ELBO). It is an ELBO-only device: an importance-weighted bound needs
+``log p(y | z)`` at each draw, so train IWAE-type engines with ``analytic_poisson=False``.
+
+Priors are swappable components with one small interface (:class:`TemporalPrior`): the
+Fourier RBF prior here, or a time-domain Markovian (state-space) prior whose guide is the
+Kalman-smoothed prior times the same potentials (:class:`MarkovianPrior`, built here on an
+Ornstein-Uhlenbeck (Matérn-1/2) state per channel; a Matérn SDE of higher order plugs in by
+replacing its ``state_space`` method).
+
+``model(counts, frames, times, modality_mask)``: ``counts (B, T, num_neurons)`` whole numbers,
+``frames (B, T, *image_shape)``, ``times (B, T)`` evenly spaced (the same step in every
+trial; None: step 1), ``modality_mask (B, 2)`` bool, True = observed, columns in
+:data:`MODALITIES` order (None: all observed). The values of a missing modality are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from torch import Tensor, nn
+
+from pvae import likelihoods, nets
+from pvae.distributions import KalmanSmoothedPosterior, StateSpacePrior
+from pvae.gaussian import product_of_experts
+
+from ._names import claim
+
+__all__ = [
+    "FourierRBFPrior",
+    "MODALITIES",
+    "MarkovianPrior",
+    "MultimodalGPVAE",
+    "TemporalPrior",
+    "fourier_basis",
+    "poisson_expected_log_likelihood",
+    "rbf_spectral_density",
+]
+
+MODALITIES = ("neural", "image")
+GROUPS = ("shared", "neural", "image")
+_TRUNCATION = 1e-8  # S(w_max) / S(0) for the initial lengthscale
+_NO_PRECISION = 1e-10  # precision of an absent potential where a finite one is needed
+
+
+def _positive_int(value: object, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _positive_float(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a positive number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Math
+# ---------------------------------------------------------------------------------------------
+
+
+def rbf_spectral_density(frequency: Tensor, lengthscale: Tensor, variance: float = 1.0) -> Tensor:
+    """``S(w) = s^2 sqrt(2 pi) l exp(-2 pi^2 l^2 w^2)``, the Fourier transform of the RBF kernel
+    ``s^2 exp(-tau^2 / (2 l^2))`` with w in cycles per time unit; shapes broadcast."""
+    return (
+        variance
+        * math.sqrt(2 * math.pi)
+        * lengthscale
+        * torch.exp(-2 * (math.pi * lengthscale * frequency) ** 2)
+    )
+
+
+def fourier_basis(
+    num_steps: int, padded_steps: int, max_index: int, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """The real orthonormal Fourier basis of ``padded_steps`` points, first ``num_steps`` rows.
+
+    :returns: ``(basis (num_steps, K), index (K,))``: the columns are, for frequency index
+        ``k = 0 .. max_index`` (at most ``padded_steps // 2``): ``1 / sqrt(T')`` (k = 0),
+        ``sqrt(2 / T') cos(2 pi k t / T')`` and ``sqrt(2 / T') sin(2 pi k t / T')``
+        (``0 < k < T' / 2``), ``cos(pi t) / sqrt(T')`` (k = T' / 2); ``index`` holds each
+        column's k. On all ``T'`` rows with ``max_index = T' // 2`` the basis is orthogonal.
+    """
+    _positive_int(num_steps, "num_steps")
+    _positive_int(padded_steps, "padded_steps", num_steps)
+    max_index = min(int(max_index), padded_steps // 2)
+    t = torch.arange(num_steps, dtype=torch.float64)
+    columns, index = [torch.full((num_steps,), padded_steps**-0.5, dtype=torch.float64)], [0]
+    for k in range(1, max_index + 1):
+        phase = 2 * math.pi * k * t / padded_steps
+        if 2 * k == padded_steps:
+            columns.append(torch.cos(phase) * padded_steps**-0.5)
+            index.append(k)
+        else:
+            columns += [torch.cos(phase) * (2 / padded_steps) ** 0.5]
+            columns += [torch.sin(phase) * (2 / padded_steps) ** 0.5]
+            index += [k, k]
+    return torch.stack(columns, -1).to(dtype), torch.tensor(index, dtype=dtype)
+
+
+def poisson_expected_log_likelihood(counts: Tensor, mean: Tensor, variance: Tensor) -> Tensor:
+    """``E[log Poisson(y | exp(eta))]`` for ``eta ~ N(mean, variance)``, elementwise:
+    ``y mean - exp(mean + variance / 2) - log y!`` (shapes broadcast)."""
+    return counts * mean - torch.exp(mean + 0.5 * variance) - torch.lgamma(counts + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Priors over time: one interface, two parameterisations
+# ---------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class TemporalPrior(Protocol):
+    """What :class:`MultimodalGPVAE` needs of a GP prior over ``num_channels`` latent paths.
+
+    The latent site's value may be any representation (Fourier coefficients, a state-space
+    trajectory); ``paths`` turns it into the paths ``(..., B, T, num_channels)``.
+
+    - ``prior(batch, num_steps, dt)``: the prior distribution of the site, batch shape
+      ``(batch,)``.
+    - ``posterior(loc, precision, dt)``: the prior times Gaussian potentials
+      ``N(loc_t | z_t, diag(1 / precision_t))`` (``(B, T, C)``; precision 0 = no potential),
+      normalised; batch shape ``(B,)``, the same event shape as ``prior``.
+    - ``paths(value, num_steps, dt)``: ``(..., B, T, C)`` from a value of the site.
+    - ``path_moments(posterior, num_steps, dt)``: the marginal means and variances of the paths
+      under ``posterior``, each ``(B, T, C)``; channels are independent under the posterior.
+    """
+
+    num_channels: int
+
+    def prior(self, batch: int, num_steps: int, dt: float) -> dist.TorchDistribution: ...
+
+    def posterior(self, loc: Tensor, precision: Tensor, dt: float) -> dist.TorchDistribution: ...
+
+    def paths(self, value: Tensor, num_steps: int, dt: float) -> Tensor: ...
+
+    def path_moments(
+        self, posterior: dist.TorchDistribution, num_steps: int, dt: float
+    ) -> tuple[Tensor, Tensor]: ...
+
+
+class FourierRBFPrior(nn.Module):
+    """Independent RBF GPs per channel in the Fourier domain (see the module docstring).
+
+    :param num_channels: number of latent paths C.
+    :param lengthscale: initial lengthscale (time units) of every channel, learned.
+    :param padding: zero-free padding of the trial, in time units (default ``4 * lengthscale``:
+        wrap-around error ``exp(-8)`` of the variance).
+    :param max_frequency: highest frequency kept (cycles per time unit); default where
+        ``S(w) / S(0) = 1e-8`` for the initial lengthscale.
+    :param learn_lengthscale: whether the lengthscales are parameters.
+
+    The site's value: coefficients ``(..., B, C, K)``; the guide is one ``K``-variate Gaussian
+    per trial and channel (``MultivariateNormal(...).to_event(1)``), the prior a diagonal one,
+    so the KL is analytic.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        lengthscale: float = 5.0,
+        padding: float | None = None,
+        max_frequency: float | None = None,
+        learn_lengthscale: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_channels = _positive_int(num_channels, "num_channels")
+        lengthscale = _positive_float(lengthscale, "lengthscale")
+        self.padding = 4 * lengthscale if padding is None else float(padding)
+        if not (math.isfinite(self.padding) and self.padding >= 0):
+            raise ValueError(f"padding must be a number >= 0, got {padding!r}")
+        default = math.sqrt(math.log(1 / _TRUNCATION) / 2) / (math.pi * lengthscale)
+        self.max_frequency = (
+            default if max_frequency is None else _positive_float(max_frequency, "max_frequency")
+        )
+        log_lengthscale = torch.full((self.num_channels,), math.log(lengthscale))
+        if learn_lengthscale:
+            self.log_lengthscale = nn.Parameter(log_lengthscale)
+        else:
+            self.register_buffer("log_lengthscale", log_lengthscale)
+
+    @property
+    def lengthscale(self) -> Tensor:
+        """``(C,)`` lengthscales in time units."""
+        return self.log_lengthscale.exp()
+
+    def padded_steps(self, num_steps: int, dt: float) -> int:
+        """``T' = T + ceil(padding / dt)``."""
+        return num_steps + math.ceil(self.padding / dt - 1e-9)
+
+    def basis(self, num_steps: int, dt: float) -> tuple[Tensor, Tensor]:
+        """``(B (T, K), lambda (C, K))``: the truncated basis and each coefficient's prior
+        variance ``S(w_k) / dt``."""
+        padded = self.padded_steps(num_steps, dt)
+        max_index = math.floor(self.max_frequency * padded * dt + 1e-9)
+        ref = self.log_lengthscale
+        basis, index = fourier_basis(num_steps, padded, max_index, dtype=ref.dtype)
+        basis, index = basis.to(ref.device), index.to(ref.device)
+        frequency = index / (padded * dt)
+        variance = rbf_spectral_density(frequency, self.lengthscale[:, None]) / dt
+        return basis, variance
+
+    def prior(self, batch: int, num_steps: int, dt: float) -> dist.TorchDistribution:
+        _, variance = self.basis(num_steps, dt)
+        scale_tril = torch.diag_embed(variance.sqrt())
+        mvn = dist.MultivariateNormal(torch.zeros_like(variance), scale_tril=scale_tril)
+        return mvn.expand(torch.Size([batch, self.num_channels])).to_event(1)
+
+    def posterior(self, loc: Tensor, precision: Tensor, dt: float) -> dist.TorchDistribution:
+        basis, variance = self.basis(loc.shape[-2], dt)
+        # P = diag(1 / lambda) + B^T diag(precision) B per trial and channel: (B, C, K, K)
+        weighted = precision.mT[..., :, :, None] * basis  # (B, C, T, K)
+        matrix = basis.mT @ weighted + torch.diag_embed(variance.reciprocal())
+        linear = (weighted * loc.mT[..., None]).sum(-2)  # B^T (precision * loc): (B, C, K)
+        cholesky = torch.linalg.cholesky(matrix)
+        mean = torch.cholesky_solve(linear[..., None], cholesky)[..., 0]
+        scale_tril = _precision_cholesky_to_scale_tril(cholesky)
+        return dist.MultivariateNormal(mean, scale_tril=scale_tril).to_event(1)
+
+    def paths(self, value: Tensor, num_steps: int, dt: float) -> Tensor:
+        basis, _ = self.basis(num_steps, dt)
+        return (value @ basis.mT).mT
+
+    def path_moments(
+        self, posterior: dist.TorchDistribution, num_steps: int, dt: float
+    ) -> tuple[Tensor, Tensor]:
+        mvn = posterior.base_dist  # type: ignore[attr-defined]
+        basis, _ = self.basis(num_steps, dt)
+        mean = (mvn.loc @ basis.mT).mT
+        variance = (basis @ mvn.scale_tril).pow(2).sum(-1).mT
+        return mean, variance
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_channels={self.num_channels}, padding={self.padding:g}, "
+            f"max_frequency={self.max_frequency:g}"
+        )
+
+
+def _precision_cholesky_to_scale_tril(cholesky: Tensor) -> Tensor:
+    """The lower Cholesky factor of ``P^-1`` from the Cholesky factor ``L`` of ``P``."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(cholesky))
+
+
+class MarkovianPrior(nn.Module):
+    """Independent GPs per channel as a linear state-space model in the time domain.
+
+    Each channel is a stationary Ornstein-Uhlenbeck process (Matérn-1/2 kernel
+    ``exp(-|tau| / l)``, unit variance): ``z_t = a z_{t-1} + q_t``, ``a = exp(-dt / l)``,
+    ``q_t ~ N(0, 1 - a^2)``, ``z_1 ~ N(0, 1)``. The site's value is the state trajectory
+    ``(..., B, T, D)``; the guide is the Kalman-smoothed prior times the potentials
+    (:class:`pvae.distributions.KalmanSmoothedPosterior`, exact KL against the prior).
+
+    Extension point: a higher-order Matérn SDE (state of ``order`` components per channel)
+    plugs in by overriding :meth:`state_space` to return its ``(A, Q, P_1, H)`` with
+    ``H (C, D)`` picking each channel's path out of the state; nothing else changes.
+
+    :param num_channels: number of latent paths C.
+    :param lengthscale: initial lengthscale (time units), learned per channel.
+    """
+
+    def __init__(self, num_channels: int, lengthscale: float = 5.0) -> None:
+        super().__init__()
+        self.num_channels = _positive_int(num_channels, "num_channels")
+        lengthscale = _positive_float(lengthscale, "lengthscale")
+        self.log_lengthscale = nn.Parameter(torch.full((self.num_channels,), math.log(lengthscale)))
+
+    def state_space(self, dt: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(A (D, D), Q (D, D), P_1 (D, D), H (C, D))`` of the state-space form, D = C."""
+        decay = torch.exp(-dt / self.log_lengthscale.exp())
+        eye = torch.eye(self.num_channels, dtype=decay.dtype, device=decay.device)
+        return torch.diag_embed(decay), torch.diag_embed(1 - decay**2), eye, eye
+
+    def prior(self, batch: int, num_steps: int, dt: float) -> StateSpacePrior:
+        A, Q, P1, _ = self.state_space(dt)
+        initial_loc = A.new_zeros(batch, A.shape[-1])
+        return StateSpacePrior(A, Q, initial_loc, P1, num_steps)
+
+    def posterior(self, loc: Tensor, precision: Tensor, dt: float) -> KalmanSmoothedPosterior:
+        _, _, _, H = self.state_space(dt)
+        prior = self.prior(loc.shape[0], loc.shape[-2], dt)
+        covariance = torch.diag_embed(precision.clamp_min(_NO_PRECISION).reciprocal())
+        return KalmanSmoothedPosterior(prior, loc, H, covariance)
+
+    def paths(self, value: Tensor, num_steps: int, dt: float) -> Tensor:
+        _, _, _, H = self.state_space(dt)
+        return value @ H.mT
+
+    def path_moments(
+        self, posterior: dist.TorchDistribution, num_steps: int, dt: float
+    ) -> tuple[Tensor, Tensor]:
+        _, _, _, H = self.state_space(dt)
+        assert isinstance(posterior, KalmanSmoothedPosterior)
+        covariance = H @ posterior.smoother.smoothed_covs @ H.mT
+        return posterior.mean @ H.mT, covariance.diagonal(dim1=-2, dim2=-1)
+
+
+PRIORS = {"fourier": FourierRBFPrior, "markovian": MarkovianPrior}
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class MultimodalGPVAE(PyroModule):
+    """MM-GPVAE: shared and modality-private GP latents, Poisson spikes and images.
+
+    :param num_neurons: neurons of the neural modality.
+    :param image_shape: ``(C, H, W)`` of a frame (flattened for the MLPs).
+    :param shared_dim, neural_dim, image_dim: Ls, Ln, Li latent channels per group (the
+        private ones may be 0).
+    :param hidden: hidden widths of the encoders and of the image decoder.
+    :param prior: ``"fourier"`` (:class:`FourierRBFPrior`), ``"markovian"``
+        (:class:`MarkovianPrior`), or a :class:`TemporalPrior` instance over
+        ``Ls + Ln + Li`` channels.
+    :param lengthscale: the prior's initial lengthscale (time units).
+    :param image_likelihood: the frames' likelihood by name (:mod:`pvae.likelihoods`).
+    :param analytic_poisson: score the neural site with its closed-form expectation under the
+        guide (ELBO engines only; see the module docstring).
+    :param name: prefix of the model's names in Pyro's parameter store.
+
+    Channel layout of the site ``"z"``'s paths: ``[shared | neural | image]``, slices in
+    :attr:`groups`.
+    """
+
+    def __init__(
+        self,
+        num_neurons: int,
+        image_shape: Sequence[int] = (1, 8, 8),
+        shared_dim: int = 1,
+        neural_dim: int = 1,
+        image_dim: int = 1,
+        hidden: Sequence[int] = (128,),
+        prior: str | TemporalPrior = "fourier",
+        lengthscale: float = 5.0,
+        image_likelihood: str = "continuous_bernoulli",
+        analytic_poisson: bool = False,
+        name: str = "mmgpvae",
+    ) -> None:
+        num_neurons = _positive_int(num_neurons, "num_neurons")
+        shared_dim = _positive_int(shared_dim, "shared_dim")
+        neural_dim = _positive_int(neural_dim, "neural_dim", 0)
+        image_dim = _positive_int(image_dim, "image_dim", 0)
+        shape = tuple(image_shape)
+        if len(shape) != 3 or any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape
+        ):
+            raise ValueError(
+                f"image_shape must be three positive integers (C, H, W), got {image_shape!r}"
+            )
+        if not isinstance(analytic_poisson, bool):
+            raise TypeError(f"analytic_poisson must be a bool, got {analytic_poisson!r}")
+        super().__init__(claim(name, self))
+        self.num_neurons, self.image_shape = num_neurons, shape
+        self.x_dim = math.prod(shape)
+        self.analytic_poisson = analytic_poisson
+        self.dims = {"shared": shared_dim, "neural": neural_dim, "image": image_dim}
+        starts = [0, shared_dim, shared_dim + neural_dim, shared_dim + neural_dim + image_dim]
+        self.groups = {g: slice(starts[i], starts[i + 1]) for i, g in enumerate(GROUPS)}
+        self.num_channels = starts[-1]
+        self.prior_process: TemporalPrior
+        if isinstance(prior, str):
+            if prior not in PRIORS:
+                raise ValueError(
+                    f"prior must be one of {tuple(PRIORS)} or a TemporalPrior, got {prior!r}"
+                )
+            self.prior_process = PRIORS[prior](self.num_channels, lengthscale)
+        elif isinstance(prior, TemporalPrior) and isinstance(prior, nn.Module):
+            if prior.num_channels != self.num_channels:
+                raise ValueError(
+                    f"prior has {prior.num_channels} channels, the model {self.num_channels} "
+                    "(shared_dim + neural_dim + image_dim)"
+                )
+            self.prior_process = prior
+        else:
+            raise TypeError(
+                f"prior must be a name or a TemporalPrior module, got {type(prior).__name__}"
+            )
+        # channels each modality drives: neural = [shared, neural], image = [shared, image]
+        index = torch.arange(self.num_channels)
+        self.register_buffer(
+            "neural_channels", index[: shared_dim + neural_dim].clone(), persistent=False
+        )
+        image_channels = torch.cat([index[:shared_dim], index[shared_dim + neural_dim :]])
+        self.register_buffer("image_channels", image_channels, persistent=False)
+        hidden = tuple(hidden)
+        self.neural_encoder = nets.build_encoder(
+            "mlp", num_neurons, shared_dim + neural_dim, hidden
+        )
+        self.image_encoder = nets.build_encoder("mlp", self.x_dim, shared_dim + image_dim, hidden)
+        self.neural_decoder = nn.Linear(shared_dim + neural_dim, num_neurons)  # C, d
+        self.image_likelihood = likelihoods.get(image_likelihood, self.x_dim)
+        self.image_decoder = nets.build_decoder(
+            "mlp",
+            shared_dim + image_dim,
+            self.x_dim,
+            tuple(reversed(hidden)),
+            self.image_likelihood.param_size,
+        )
+
+    # -- checks -------------------------------------------------------------------------------
+    def _check(
+        self, counts: Tensor, frames: Tensor, times: Tensor | None, modality_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, float, Tensor]:
+        """``(counts (B, T, N), frames (B, T, x_dim), dt, modality_mask (B, 2))``."""
+        for label, value in (("counts", counts), ("frames", frames)):
+            if not isinstance(value, Tensor) or not value.is_floating_point():
+                raise TypeError(
+                    f"{label} must be a floating-point tensor, got {type(value).__name__}"
+                )
+        if counts.dim() != 3 or counts.shape[-1] != self.num_neurons:
+            raise ValueError(
+                f"counts must have shape (B, T, num_neurons={self.num_neurons}), got "
+                f"{tuple(counts.shape)}"
+            )
+        B, T = counts.shape[:2]
+        if tuple(frames.shape) != (B, T, *self.image_shape) and tuple(frames.shape) != (
+            B,
+            T,
+            self.x_dim,
+        ):
+            raise ValueError(
+                f"frames must have shape (B, T, *image_shape) = {(B, T, *self.image_shape)}, "
+                f"got {tuple(frames.shape)}"
+            )
+        dt = 1.0
+        if times is not None:
+            if not isinstance(times, Tensor) or tuple(times.shape) != (B, T):
+                raise ValueError(
+                    f"times must be a (B, T) = {(B, T)} tensor, got "
+                    f"{getattr(times, 'shape', times)}"
+                )
+            if T > 1:
+                steps = times[:, 1:] - times[:, :-1]
+                dt = float(steps[0, 0])
+                if not dt > 0 or not torch.allclose(
+                    steps, steps.new_tensor(dt), rtol=1e-4, atol=1e-6
+                ):
+                    raise ValueError(
+                        "times must be evenly spaced with the same positive step in every trial "
+                        "(the Fourier prior needs a regular grid)"
+                    )
+        if modality_mask is None:
+            modality_mask = torch.ones(B, 2, dtype=torch.bool, device=counts.device)
+        elif not isinstance(modality_mask, Tensor) or modality_mask.dtype != torch.bool:
+            raise TypeError("modality_mask must be a bool tensor (B, 2), True = observed")
+        elif tuple(modality_mask.shape) != (B, 2):
+            raise ValueError(
+                f"modality_mask must have shape (B, 2) = {(B, 2)} (columns {MODALITIES}), got "
+                f"{tuple(modality_mask.shape)}"
+            )
+        return counts, frames.reshape(B, T, self.x_dim), dt, modality_mask
+
+    # -- pieces -------------------------------------------------------------------------------
+    def potentials(
+        self, counts: Tensor, frames: Tensor, modality_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The fused per-bin Gaussian potentials ``(loc, precision)``, each ``(B, T, C)``:
+        each present modality's encoder on its channels, precisions added (product of
+        experts); precision ~0 (1e-10) where no modality speaks."""
+        B, T = counts.shape[:2]
+        loc = counts.new_zeros(B, 2, T, self.num_channels)
+        scale = torch.full_like(loc, math.inf)
+        neural_loc, neural_scale = self.neural_encoder(torch.log1p(counts))
+        image_loc, image_scale = self.image_encoder(frames)
+        loc[:, 0, :, self.neural_channels] = neural_loc
+        scale[:, 0, :, self.neural_channels] = neural_scale
+        loc[:, 1, :, self.image_channels] = image_loc
+        scale[:, 1, :, self.image_channels] = image_scale
+        weights = modality_mask[:, :, None, None]
+        # a vanishing expert N(0, 1 / _NO_PRECISION) keeps channels that no modality speaks for
+        # finite (and their gradients free of 0/0): their precision is 1e-10, not 0
+        floor = (0.0, _NO_PRECISION**-0.5)
+        fused_loc, fused_scale = product_of_experts(loc, scale, weights=weights, prior=floor, dim=1)
+        return fused_loc, fused_scale.pow(-2)
+
+    def posterior(
+        self,
+        counts: Tensor,
+        frames: Tensor,
+        times: Tensor | None = None,
+        modality_mask: Tensor | None = None,
+    ) -> dist.TorchDistribution:
+        """The guide's distribution of the site ``"z"``, batch shape ``(B,)``."""
+        counts, frames, dt, modality_mask = self._check(counts, frames, times, modality_mask)
+        loc, precision = self.potentials(counts, frames, modality_mask)
+        return self.prior_process.posterior(loc, precision, dt)
+
+    def _register(self, part: str) -> None:
+        pyro.module(f"{self._pyro_name}.prior", self.prior_process)  # type: ignore[arg-type]
+        if part == "decoder":
+            pyro.module(f"{self._pyro_name}.neural_decoder", self.neural_decoder)
+            pyro.module(f"{self._pyro_name}.image_decoder", self.image_decoder)
+        if part == "encoder" or (part == "decoder" and self.analytic_poisson):
+            pyro.module(f"{self._pyro_name}.neural_encoder", self.neural_encoder)
+            pyro.module(f"{self._pyro_name}.image_encoder", self.image_encoder)
+
+    def _eta_moments(
+        self, q: dist.TorchDistribution, num_steps: int, dt: float
+    ) -> tuple[Tensor, Tensor]:
+        """Mean and variance of ``eta = C z + d`` under ``q``, each ``(B, T, num_neurons)``."""
+        mean, variance = self.prior_process.path_moments(q, num_steps, dt)
+        channels = self.neural_channels
+        weight = self.neural_decoder.weight
+        return self.neural_decoder(mean[..., channels]), variance[..., channels] @ weight.pow(2).mT
+
+    # -- the pair -----------------------------------------------------------------------------
+    def model(
+        self,
+        counts: Tensor,
+        frames: Tensor,
+        times: Tensor | None = None,
+        modality_mask: Tensor | None = None,
+    ) -> None:
+        """p(y, x, z) for a batch of trials; a missing modality is not scored."""
+        counts, frames, dt, modality_mask = self._check(counts, frames, times, modality_mask)
+        B, T = counts.shape[:2]
+        self._register("decoder")
+        with pyro.plate("data", B):
+            value = pyro.sample("z", self.prior_process.prior(B, T, dt))
+            z = self.prior_process.paths(value, T, dt)  # (..., B, T, C)
+            neural_present, image_present = modality_mask[:, 0], modality_mask[:, 1]
+            if self.analytic_poisson:
+                loc, precision = self.potentials(counts, frames, modality_mask)
+                q = self.prior_process.posterior(loc, precision, dt)
+                mean, variance = self._eta_moments(q, T, dt)
+                expected = poisson_expected_log_likelihood(counts, mean, variance).sum((-2, -1))
+                pyro.factor(
+                    "neural", torch.where(neural_present, expected, torch.zeros_like(expected))
+                )
+            else:
+                rate = self.neural_decoder(z[..., self.neural_channels]).exp()
+                spikes = dist.Poisson(rate).to_event(2).mask(neural_present)
+                pyro.sample("neural", spikes, obs=counts)
+            params = self.image_decoder(z[..., self.image_channels])
+            images = self.image_likelihood(params).to_event(1).to_event(1)
+            pyro.sample("image", images.mask(image_present), obs=frames)
+
+    def guide(
+        self,
+        counts: Tensor,
+        frames: Tensor,
+        times: Tensor | None = None,
+        modality_mask: Tensor | None = None,
+    ) -> None:
+        """q(z | y, x): the prior times the fused encoder potentials, normalised exactly."""
+        counts, frames, dt, modality_mask = self._check(counts, frames, times, modality_mask)
+        self._register("encoder")
+        loc, precision = self.potentials(counts, frames, modality_mask)
+        with pyro.plate("data", counts.shape[0]):
+            pyro.sample("z", self.prior_process.posterior(loc, precision, dt))
+
+    # -- conveniences (no engine needs them) --------------------------------------------------
+    @torch.no_grad()
+    def expected_log_likelihood(
+        self,
+        counts: Tensor,
+        frames: Tensor,
+        times: Tensor | None = None,
+        modality_mask: Tensor | None = None,
+    ) -> Tensor:
+        """``E_q[log p(y | z)]`` of the spike counts under the guide, in closed form, ``(B,)``
+        (0 for trials without the neural modality)."""
+        counts, frames, dt, modality_mask = self._check(counts, frames, times, modality_mask)
+        loc, precision = self.potentials(counts, frames, modality_mask)
+        q = self.prior_process.posterior(loc, precision, dt)
+        mean, variance = self._eta_moments(q, counts.shape[1], dt)
+        expected = poisson_expected_log_likelihood(counts, mean, variance).sum((-2, -1))
+        return torch.where(modality_mask[:, 0], expected, torch.zeros_like(expected))
+
+    @torch.no_grad()
+    def latents(
+        self,
+        counts: Tensor,
+        frames: Tensor,
+        times: Tensor | None = None,
+        modality_mask: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """The posterior mean paths per group, ``{"shared": (B, T, Ls), "neural": ...,
+        "image": ...}`` (ready for :func:`pvae.diagnostics.identification_r2`)."""
+        counts, frames, dt, modality_mask = self._check(counts, frames, times, modality_mask)
+        loc, precision = self.potentials(counts, frames, modality_mask)
+        q = self.prior_process.posterior(loc, precision, dt)
+        mean, _ = self.prior_process.path_moments(q, counts.shape[1], dt)
+        return {g: mean[..., s] for g, s in self.groups.items() if s.stop > s.start}
+
+    @torch.no_grad()
+    def sample(
+        self, num_steps: int, num_samples: int = 1, dt: float = 1.0
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Draws from the prior: ``(paths (S, T, C), rates (S, T, num_neurons), image means
+        (S, T, *image_shape))``."""
+        _positive_int(num_steps, "num_steps")
+        _positive_int(num_samples, "num_samples")
+        value = self.prior_process.prior(num_samples, num_steps, dt).sample()
+        z = self.prior_process.paths(value, num_steps, dt)
+        rates = self.neural_decoder(z[..., self.neural_channels]).exp()
+        images = self.image_likelihood.mean(self.image_decoder(z[..., self.image_channels]))
+        return z, rates, images.reshape(num_samples, num_steps, *self.image_shape)
