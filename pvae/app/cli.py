@@ -539,8 +539,8 @@ def _train_and_evaluate(
             progress=_show_progress(args),
         )
         torch.manual_seed(args.seed)
-        extra = entry.metrics(model, ds, "test", args.seed) if entry.metrics is not None else {}
-    return TrainResult(model, run, log_likelihood, extra)
+        own = entry.metrics(model, ds, "test", args.seed) if entry.metrics is not None else {}
+    return TrainResult(model, run, log_likelihood, own)
 
 
 # ---------------------------------------------------------------------------------------------
