@@ -181,6 +181,17 @@ class StateSpacePrior(TorchDistribution):
             means.append(ssm._mv(A[..., min(t - 1, A.shape[-3] - 1), :, :], means[-1]))
         return torch.stack(means, dim=-2)
 
+    @property
+    def variance(self) -> Tensor:
+        """Marginal variances ``(..., T, D)``: the diagonals of ``P_1`` and
+        ``P_t = A P_{t-1} A^T + Q``."""
+        A, Q = self.transition_matrix, self.transition_cov
+        covs = [self.initial_cov.expand(self.batch_shape + (self.state_dim,) * 2)]
+        for t in range(1, self.num_steps):
+            At = A[..., min(t - 1, A.shape[-3] - 1), :, :]
+            covs.append(At @ covs[-1] @ At.mT + Q[..., min(t - 1, Q.shape[-3] - 1), :, :])
+        return torch.stack(covs, dim=-3).diagonal(dim1=-2, dim2=-1)
+
 
 class KalmanSmoothedPosterior(TorchDistribution):
     """``q(x) = p(x) prod_t N(y~_t | H_t x_t, V~_t) / Z``: a state-space prior times potentials.

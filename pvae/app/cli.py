@@ -65,7 +65,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -538,6 +538,7 @@ class TrainResult:
     model: PyroModule
     run: Run
     test_log_likelihood: torch.Tensor  # (N_test,) nats
+    extra: dict[str, Any] = field(default_factory=dict)  # the model's own test metrics
 
     @property
     def test_mean(self) -> float:
@@ -599,6 +600,7 @@ def _train_and_evaluate(
         raise CliError(f"training diverged: {error}", EXIT_FAILURE) from error
     except ValueError as error:
         raise CliError(f"training failed: {error}", EXIT_FAILURE) from error
+    model.eval()  # e.g. no self-supervised masking while measuring
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         log_likelihood = pvae.log_likelihood(
@@ -609,7 +611,9 @@ def _train_and_evaluate(
             batch_size=args.batch_size,
             progress=_show_progress(args),
         )
-    return TrainResult(model, run, log_likelihood)
+        torch.manual_seed(args.seed)
+        own = entry.metrics(model, ds, "test", args.seed) if entry.metrics is not None else {}
+    return TrainResult(model, run, log_likelihood, own)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,6 +646,7 @@ def _metrics(result: TrainResult, num_samples: int) -> dict[str, Any]:
             "units": "nats per datapoint",
         },
         "train_seconds": sum(float(record.get("seconds") or 0.0) for record in history),
+        "test_metrics": dict(result.extra),  # the model's registration's metrics
     }
 
 
@@ -748,6 +753,8 @@ def _run_config(args: argparse.Namespace) -> runs.RunConfig:
         seed=args.seed,
         binarize=args.binarize,
         data_path=args.data_path,
+        max_train=getattr(args, "max_train", None),
+        max_eval=getattr(args, "max_eval", None),
         model=args.model,
         model_options=MODELS[args.model].resolve_options(_model_options(args)),
         z_dim=args.z_dim,
@@ -827,6 +834,21 @@ def _datasets(args: argparse.Namespace) -> int:
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _add_data_arguments(parser)
+    group = parser.add_argument_group("subset")
+    group.add_argument(
+        "--max-train",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="train on the first N training points (sequences) only (default: all)",
+    )
+    group.add_argument(
+        "--max-eval",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="validate and test on the first N points (sequences) of each split (default: all)",
+    )
     _add_model_arguments(parser)
     group = parser.add_argument_group("engine")
     group.add_argument(
@@ -877,7 +899,7 @@ def _train(args: argparse.Namespace) -> int:
         )
     if args.particles is None:
         args.particles = parse_bound(args.engine).default_particles()
-    ds = _prepare(args, _load_dataset(args))
+    ds = _prepare(args, runs.subset(_load_dataset(args), args.max_train, args.max_eval))
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     _check_memory(args, ds)
@@ -989,8 +1011,9 @@ def _train_locked(
     test = metrics["test_log_likelihood"]
     print(
         f"test log-likelihood {test['mean']:.3f} +- {test['stderr']:.3f} nats "
-        f"(K={test['num_samples']}, {test['num_datapoints']} test points); "
-        f"outputs in {run_dir}"
+        f"(K={test['num_samples']}, {test['num_datapoints']} test points)"
+        + "".join(f", {name} {value:.4g}" for name, value in metrics["test_metrics"].items())
+        + f"; outputs in {run_dir}"
     )
     return EXIT_OK
 
@@ -1191,7 +1214,8 @@ def _compare_locked(
         raise CliError(f"compare failed: {error}", EXIT_FAILURE) from error
     finally:
         loggers.close(failed=results is None)
-    print(compare.format_table(results, args.ll_samples))
+    unit = "sequence" if isinstance(raw, data.SequenceSplits) else None
+    print(compare.format_table(results, args.ll_samples, unit))
     print(
         f"{len(results)} bounds compared in {time.perf_counter() - started:.0f} s "
         f"({_threads()}); results.md, results.json, results.csv, "

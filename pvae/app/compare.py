@@ -112,6 +112,9 @@ QUICK: dict[str, Any] = {
     "max_eval": 100,
 }
 
+# --quick on sequence data: a sequence holds T frames, so fewer rows keep the run as short.
+QUICK_SEQUENCES: dict[str, Any] = {"max_train": 32, "max_eval": 16}
+
 ELBO_SAMPLES = 16  # particles of the test ELBO (analytic KL: only the likelihood term varies)
 IWAE_SAMPLES = 64  # the IWAE-64 column
 SNR_POINTS = 100  # test points of the fixed SNR batch
@@ -256,8 +259,11 @@ def _evaluate(
     config: Mapping[str, Any],
     progress: bool,
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """The table's numbers for one trained pair, and its per-point log-likelihoods."""
+    """The table's numbers for one trained pair, and its per-point log-likelihoods (the
+    model in eval mode), with the model's own metrics (its registration's ``metrics``)."""
     seed, test = config["seed"], ds.test
+    entry = MODELS[config["model"]]
+    model.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the same random numbers for every bound
         ll = pvae.log_likelihood(
@@ -273,7 +279,9 @@ def _evaluate(
         batch = EVAL_BATCH
         elbo = pvae.evaluate_bound(model.model, model.guide, test, ELBO(ELBO_SAMPLES), batch)
         iwae = pvae.evaluate_bound(model.model, model.guide, test, IWAE(IWAE_SAMPLES), batch)
-        units = runs.count_active(runs.latent_activity(model, test, seed))
+        units = runs.count_active(runs.latent_activity(model, test, seed, channels=entry.channels))
+        torch.manual_seed(seed)
+        extra = entry.metrics(model, ds, "test", seed) if entry.metrics is not None else {}
         torch.manual_seed(seed)
         snr_batch = tuple(t[: config["snr_points"]] for t in as_tensors(test))
         snr = gradient_snr(
@@ -299,6 +307,7 @@ def _evaluate(
         "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else math.nan,
         "train_bound": last.get("train_bound"),
         "valid_bound": last.get("valid_bound"),
+        **extra,
     }, ll
 
 
@@ -410,6 +419,8 @@ def compare(
         ds = data.load(dataset, **loader)
     else:
         ds = dataset
+    if quick and isinstance(ds, data.SequenceSplits):
+        knobs.update(QUICK_SEQUENCES)
     ds = entry.dataset_for(runs.subset(ds, knobs["max_train"], knobs["max_eval"]), options)
     likelihood = likelihood or ds.likelihood
 
@@ -441,6 +452,8 @@ def compare(
         "num_valid": num_items(ds.valid),
         "num_test": num_items(ds.test),
     }
+    if isinstance(ds, data.SequenceSplits):
+        config["unit"] = "sequence"  # log p(x) per sequence
     run_config = runs.RunConfig(
         command="compare",
         dataset=ds.name,
@@ -540,6 +553,7 @@ def _summary_line(result: Mapping[str, Any], ll_samples: int) -> str:
         f"gap {result['inference_gap']:.2f}, active units {result['active_units']}/"
         f"{result['latent_dims']}, SNR guide {result['snr_guide']:.3g} model "
         f"{result['snr_model']:.3g}, {result['seconds_per_epoch']:.1f} s/epoch"
+        + "".join(f", {name} {_metric(result.get(name))}" for name in extra_metrics([result]))
     )
 
 
@@ -577,20 +591,43 @@ def _number(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def _metric(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "n/a"
+    return str(value) if isinstance(value, int) else _snr(value)
+
+
 def _snr(value: Any) -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
     return f"{value:.3g}"
 
 
-def format_table(results: Sequence[Mapping[str, Any]], ll_samples: int | None = None) -> str:
-    """The results as a markdown table (one row per bound)."""
+_KNOWN = {"bound", "engine", "status", "history", "reference", *_NUMBERS}
+
+
+def extra_metrics(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The names of the model's own metrics (its registration's ``metrics``) in ``results``,
+    in order of first appearance: the table's and the CSV's last columns."""
+    names: list[str] = []
+    for result in results:
+        names += [key for key in result if key not in _KNOWN and key not in names]
+    return names
+
+
+def format_table(
+    results: Sequence[Mapping[str, Any]], ll_samples: int | None = None, unit: str | None = None
+) -> str:
+    """The results as a markdown table (one row per bound); ``unit``: what one datapoint is
+    (``"sequence"``: log p(x) is per sequence). The model's own metrics come last."""
     reference = next((r.get("reference") for r in results if r.get("reference")), None)
+    extras = extra_metrics(results)
     k = f" (K={ll_samples})" if ll_samples else ""
+    per = f" per {unit}" if unit else ""
     header = [
         "bound",
         "trains",
-        f"test log p(x){k}",
+        f"test log p(x){per}{k}",
         f"Δ vs {reference}" if reference else "Δ",
         "ELBO",
         "IWAE-64",
@@ -599,11 +636,13 @@ def format_table(results: Sequence[Mapping[str, Any]], ll_samples: int | None = 
         "SNR guide",
         "SNR model",
         "s/epoch",
+        *extras,
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for r in results:
         if r["status"] != "ok":
-            cells = [r["bound"], r["engine"], r["status"].split(":")[0]] + ["n/a"] * 8
+            cells = [r["bound"], r["engine"], r["status"].split(":")[0]]
+            cells += ["n/a"] * (8 + len(extras))
         else:
             cells = [
                 r["bound"],
@@ -619,6 +658,7 @@ def format_table(results: Sequence[Mapping[str, Any]], ll_samples: int | None = 
                 _snr(r["snr_guide"]),
                 _snr(r["snr_model"]),
                 _number(r["seconds_per_epoch"], 1),
+                *[_metric(r.get(name)) for name in extras],
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -628,12 +668,13 @@ _CSV_COLUMNS = ["bound", "engine", "status", *_NUMBERS, "reference"]
 
 
 def _csv(results: Sequence[Mapping[str, Any]]) -> str:
+    columns = [*_CSV_COLUMNS, *extra_metrics(results)]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=_CSV_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for result in results:
         row = {}
-        for key in _CSV_COLUMNS:
+        for key in columns:
             value = result.get(key)
             missing = value is None or (isinstance(value, float) and not math.isfinite(value))
             row[key] = "" if missing else value
@@ -657,7 +698,7 @@ likelihood) trained once per bound for {config["epochs"]} epochs on {config["num
 {config["particles"]} samples of z per datapoint and step for every bound; measured on \
 {config["num_test"]} test points.
 
-{format_table(results, config["ll_samples"])}
+{format_table(results, config["ll_samples"], config.get("unit"))}
 
 - **test log p(x)**: importance-sampled with K={config["ll_samples"]}, mean ± standard error \
 over test points (nats; higher is better).
@@ -672,7 +713,7 @@ estimator, from {config["snr_repeats"]} gradients on {config["snr_points"]} test
 (Rainforth et al. 2018).
 - **s/epoch**: training steps only; total wall time {elapsed:.0f} s \
 ({cpu_seconds:.0f} s CPU, torch threads: {torch.get_num_threads()}).
-
+{_extras_note(results)}
 Plots: `learning_curves.png` (each bound's own objective on train and valid, per epoch), \
 `log_likelihood.png`, `snr.png`.
 
@@ -690,6 +731,24 @@ pvae {pvae.__version__}, torch {torch.__version__}, pyro {pyro.__version__}, \
 python {platform.python_version()}
 ```
 """
+
+
+_EXTRA_NOTES = {
+    "imputation_mse": "**imputation_mse**: mean squared error per element of the model's "
+    "imputation at held-out frames (the missing test frames against the clean truth where the "
+    "dataset has it, else randomly hidden observed frames); **imputation_mse_mean_frame**: "
+    "the same for the mean observed frame (a baseline without dynamics); "
+    "**held_out_frames**: how many frames were scored.",
+}
+
+
+def _extras_note(results: Sequence[Mapping[str, Any]]) -> str:
+    names = extra_metrics(results)
+    if not names:
+        return ""
+    notes = [note for key, note in _EXTRA_NOTES.items() if key in names]
+    notes = notes or [f"the model's own metrics: {', '.join(names)}."]
+    return "".join(f"- {note}\n" for note in notes)
 
 
 def write_outputs(

@@ -66,7 +66,7 @@ from pvae.diagnostics import (
 )
 from pvae.diagnostics.figures import activity_bars, kl_bars, relevance_curve
 from pvae.evaluate import as_tensors
-from pvae.protocol import param_split
+from pvae.protocol import param_split, trace_guide_site
 from pvae.train import CHECKPOINT, load_checkpoint
 
 __all__ = [
@@ -369,6 +369,36 @@ def traversals(
     return fig
 
 
+def posterior_paths(guide: Callable, batch: tuple, site: str = "z") -> Figure | None:
+    """One panel per channel: the posterior mean of ``site`` ``(T, C)`` of the first sequence of
+    ``batch`` over the steps, with a band of ±2 posterior standard deviations; None when the
+    site's event is not ``(T, C)``."""
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        node, _ = trace_guide_site(guide, batch, {}, site)
+        fn: Any = node["fn"]
+        mean = fn.mean[0]
+        try:
+            sd = fn.variance[0].clamp(min=0).sqrt()
+        except (NotImplementedError, AttributeError):
+            sd = torch.zeros_like(mean)
+    if mean.dim() != 2:
+        return None
+    steps = torch.arange(mean.shape[0]).numpy()
+    mean_np, sd_np = mean.double().cpu().numpy(), sd.double().cpu().numpy()
+    count = mean.shape[1]
+    fig = Figure(figsize=(min(16.0, 3.2 * count), 2.8), layout="constrained")
+    axes = fig.subplots(1, count, squeeze=False)[0]
+    for c, ax in enumerate(axes):
+        ax.plot(steps, mean_np[:, c], color="C0")
+        ax.fill_between(
+            steps, mean_np[:, c] - 2 * sd_np[:, c], mean_np[:, c] + 2 * sd_np[:, c], alpha=0.3
+        )
+        ax.set_title(f"channel {c}", fontsize=10)
+        ax.set_xlabel("step t")
+    axes[0].set_ylabel(f"E_q[{site}_t | x] ± 2 sd")
+    return fig
+
+
 def _number(value: float | None, digits: int = 3) -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
@@ -506,11 +536,13 @@ def _diagnose_model(
     x: Any = batch if len(batch) > 1 else batch[0]
     files: list[Path] = []
     notes: list[str] = []
-    activity = runs.latent_activity(model, x, seed)
+    channels = MODELS[model_name].channels
+    model.eval()  # e.g. no self-supervised masking while measuring
+    activity = runs.latent_activity(model, x, seed, channels=channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            report = collapse_report(model.model, model.guide, x)
+            report = collapse_report(model.model, model.guide, x, channels=channels)
         except ValueError as error:
             raise DiagnoseError(f"cannot diagnose the {model_name} model: {error}") from error
         sites = runs.latent_sites(model)
@@ -523,6 +555,13 @@ def _diagnose_model(
             relevance = latent_relevance(model.guide, decode, x, site=site)
             relevant = relevant_in_use(relevance, report.layers[site].collapsed_dims)
             top = relevance.ranking[: min(TRAVERSAL_DIMS, len(relevance.ranking))]
+        elif channels:
+            notes.append(
+                f"sites {', '.join(channels)} are reported per channel (dimension map "
+                f"{channels}): KL summed (for a smoothed path, the KLs of the 1-d marginals) "
+                "and activity averaged over the other event axes (time); no relevance score "
+                "or traversal of one z vector: paths.png shows the posterior paths"
+            )
         else:
             notes.append(
                 "the model has no decoder of z alone: no relevance score and no traversals"
@@ -536,9 +575,18 @@ def _diagnose_model(
             files.append(
                 plots.save(traversals(decode, mu, top, ds.image_shape), out_dir / "traversals.png")
             )
+        if channels and site in channels:
+            figure = posterior_paths(model.guide, tuple(t[:1] for t in batch), site)
+            if figure is not None:
+                files.append(plots.save(figure, out_dir / "paths.png"))
     text = _markdown(
         title, run_dir, command, facts, report, activity, relevance, relevant, site, top, notes
     )
+    if any(path.name == "paths.png" for path in files):
+        text += (
+            "\n## Posterior paths\n\nE_q[z_tc | x] ± 2 sd per channel c over the steps t of "
+            "the first test sequence.\n\n![posterior paths](paths.png)\n"
+        )
     files.insert(0, atomic.write_text(out_dir / REPORT, text))
     return Diagnosis(
         kind="train",

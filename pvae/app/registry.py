@@ -47,6 +47,7 @@ __all__ = [
     "MODELS",
     "BoundSpec",
     "EngineEntry",
+    "MetricsFn",
     "ModelEntry",
     "Option",
     "Parameter",
@@ -54,6 +55,7 @@ __all__ = [
     "UnknownName",
     "bound_grammar",
     "data_kind",
+    "imputation_metrics",
     "parse_bound",
     "register_engine",
     "register_model",
@@ -164,6 +166,10 @@ class Option:
     choices: tuple[Any, ...] | None = None
 
 
+MetricsFn = Callable[[PyroModule, data.Splits, str, int], dict[str, float]]
+"""``metrics(model, ds, split, seed) -> {name: number}``: a model's own measures (seeded; the
+global random state may be left changed: callers fork it)."""
+
 ModelFactory = Callable[..., PyroModule]
 """``factory(ds, z_dim, hidden, net, likelihood, **options)``: a ``PyroModule`` with ``model``
 and ``guide`` that fits the prepared dataset ``ds``; ``options`` are the model's own."""
@@ -181,6 +187,12 @@ class ModelEntry:
     :param callbacks: ``callbacks(model, ds) -> list``: extra ``pvae.fit`` callbacks.
     :param decoder: ``decoder(model) -> (z -> mean of the data)`` for the relevance score and
         the traversals of ``pvae diagnose``, or None when the model has no such decoder.
+    :param metrics: ``metrics(model, ds, split, seed) -> {name: number}``: the model's own
+        measures of a trained pair on a split (e.g. the imputation error of a sequence
+        model), added to ``pvae compare``'s table and ``pvae train``'s metrics; None: none.
+    :param channels: the dimension map of the diagnostics, ``{site: channel axes}`` (see
+        :mod:`pvae.diagnostics.latents`), for latent sites with more than one event axis
+        (e.g. ``{"z": -1}`` for a ``(T, C)`` state path): they are reported per channel.
     """
 
     name: str
@@ -193,6 +205,8 @@ class ModelEntry:
     decoder: Callable[[PyroModule], Callable[[torch.Tensor], torch.Tensor] | None] = field(
         default=lambda model: getattr(model, "decode", None)
     )
+    metrics: MetricsFn | None = None
+    channels: Mapping[str, Any] | None = None
 
     def flag(self, option: Option) -> str:
         """``--<model>-<option>``."""
@@ -275,6 +289,8 @@ def register_model(
     prepare: Callable[[data.Splits, Mapping[str, Any]], data.Splits] | None = None,
     callbacks: Callable[[PyroModule, data.Splits], list[Callable]] | None = None,
     decoder: Callable[[PyroModule], Callable[[torch.Tensor], torch.Tensor] | None] | None = None,
+    metrics: MetricsFn | None = None,
+    channels: Mapping[str, Any] | None = None,
 ) -> ModelEntry:
     """Register a model (see :class:`ModelEntry`); returns its entry.
 
@@ -296,6 +312,8 @@ def register_model(
         prepare,
         callbacks,
         **extra,
+        metrics=metrics,
+        channels=dict(channels) if channels is not None else None,
     )
     return MODELS.add(entry)
 
@@ -567,6 +585,52 @@ register_model(
 )
 
 
+IMPUTATION_HIDDEN = 0.2
+"""Share of the observed frames hidden at random for the imputation error of a sequence set
+without clean frames in its truth."""
+
+
+def imputation_metrics(
+    model: PyroModule, ds: data.Splits, split: str = "test", seed: int = 0
+) -> dict[str, float]:
+    """The imputation error of a sequence model with ``impute(values, mask)`` on a split of
+    :class:`pvae.data.SequenceSplits`:
+
+    - ``imputation_mse``: the mean squared error per element of ``model.impute`` at the
+      held-out frames against the clean frames: the missing steps scored against
+      ``ds.truth[split]["frames"]`` where the dataset has it; otherwise (or when no step is
+      missing) :data:`IMPUTATION_HIDDEN` of the observed frames are hidden at random (seeded
+      with ``seed``) and scored against their values;
+    - ``imputation_mse_mean_frame``: the same error of the mean observed frame (a baseline
+      that knows no dynamics);
+    - ``held_out_frames``: how many frames were scored.
+
+    The model is evaluated in eval mode (no self-supervised masking) and left as found.
+    """
+    values, _, mask = getattr(ds, split)
+    truth = getattr(ds, "truth", {}).get(split, {}).get("frames")
+    if truth is not None and bool((~mask).any()):
+        observed, target, held_out = mask, truth.to(values.dtype), ~mask
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        hide = torch.rand(mask.shape, generator=generator) < IMPUTATION_HIDDEN
+        observed, target, held_out = mask & ~hide, values, mask & hide
+    if not bool(held_out.any()) or not bool(observed.any()):
+        return {"imputation_mse": math.nan, "imputation_mse_mean_frame": math.nan}
+    was_training = model.training
+    model.eval()
+    try:
+        filled = model.impute(values, observed)  # the frames at held-out steps are not read
+    finally:
+        model.train(was_training)
+    mean_frame = values[observed].mean(0)
+    return {
+        "imputation_mse": float((filled - target).pow(2)[held_out].mean()),
+        "imputation_mse_mean_frame": float((mean_frame - target[held_out]).pow(2).mean()),
+        "held_out_frames": int(held_out.sum()),
+    }
+
+
 def _svae(
     ds: data.Splits,
     z_dim: int,
@@ -602,6 +666,9 @@ register_model(
             "share of frames hidden from the encoder in random windows (self-supervised)",
         ),
     ),
+    decoder=lambda model: None,  # its latent is a (T, D) path: no traversal of one z
+    metrics=imputation_metrics,
+    channels={"z": -1},
 )
 
 

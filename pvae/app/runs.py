@@ -132,19 +132,30 @@ class RunConfig:
 
 def subset(ds: data.Splits, max_train: int | None, max_eval: int | None) -> data.Splits:
     """The first ``max_train`` training and ``max_eval`` valid/test points (the splits are
-    already shuffled); tuples of modalities are cut row-wise."""
+    already shuffled); tuples of modalities, sequence splits ``(values, times, mask)`` and
+    their generating truth are cut row-wise."""
 
     def head(values: Any, limit: int | None) -> Any:
         if limit is None or values is None:
             return values
+        if isinstance(values, data.SequenceSplit):  # (values, times, mask): rows cut
+            return data.SequenceSplit(*(item[:limit] for item in values))
         if isinstance(values, tuple):
             return tuple(head(item, limit) for item in values)
         if isinstance(values, data.DynamicBinarized):
             return data.DynamicBinarized(values.probs[:limit])
         return values[:limit]
 
+    extra: dict[str, Any] = {}
+    if isinstance(ds, data.SequenceSplits):  # the generating truth has a row per sequence
+        limits = {"train": max_train, "valid": max_eval, "test": max_eval}
+        extra["truth"] = {
+            split: {key: head(value, limits.get(split)) for key, value in truth.items()}
+            for split, truth in ds.truth.items()
+        }
     return dataclasses.replace(
         ds,
+        **extra,
         train=head(ds.train, max_train),
         train_labels=head(ds.train_labels, max_train),
         valid=head(ds.valid, max_eval),
@@ -218,7 +229,11 @@ def latent_sites(model: PyroModule) -> tuple[str, ...]:
 
 
 def latent_activity(
-    model: PyroModule, test: Any, seed: int, num_points: int | None = None
+    model: PyroModule,
+    test: Any,
+    seed: int,
+    num_points: int | None = None,
+    channels: Mapping[str, Any] | None = None,
 ) -> dict[str, ActiveUnits]:
     """Active units per latent layer (:func:`pvae.diagnostics.active_units`, threshold 0.01,
     Burda et al.) on the first ``num_points`` rows of ``test``, seeded with ``seed`` (the
@@ -226,7 +241,8 @@ def latent_activity(
 
     ``pvae compare`` (the "active units" column) and ``pvae diagnose`` (the "active" column
     and the summary) both call this, on the same test points, so they report one number: the
-    sum of the counts over the layers.
+    sum of the counts over the layers. ``channels``: the model's dimension map (its
+    registration's ``channels``): those sites are counted per channel.
     """
     rows = as_tensors(test)
     if num_points is not None:
@@ -236,7 +252,7 @@ def latent_activity(
         result = {}
         for site in latent_sites(model):
             torch.manual_seed(seed)
-            result[site] = active_units(model.guide, batch, site=site)
+            result[site] = active_units(model.guide, batch, site=site, channels=channels)
     return result
 
 

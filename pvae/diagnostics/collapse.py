@@ -134,7 +134,9 @@ def _marginal_kl(guide_site: dict, model_site: dict) -> tuple[torch.Tensor, bool
     it is analytic: closed form for a ``MultivariateNormal`` q and a Normal prior; otherwise,
     for a q with ``marginal_log_prob(value)`` (per-dimension marginal log-densities, e.g. a
     mixture of diagonal Gaussians), the Monte-Carlo estimate log q_d(z_d) - log p_d(z_d) at
-    the guide's draw."""
+    the guide's draw. A q and p with the same multi-axis event (a ``(T, C)`` state path, a
+    smoothed posterior against a dynamical prior) get the closed-form KL of their 1-d
+    marginals per element, from their ``mean`` and ``variance``."""
     q, p = guide_site["fn"], model_site["fn"]
     if isinstance(p, Independent) and p.reinterpreted_batch_ndims == 1:
         p = p.base_dist
@@ -142,6 +144,12 @@ def _marginal_kl(guide_site: dict, model_site: dict) -> tuple[torch.Tensor, bool
         return kl_divergence(Normal(q.mean, q.variance.sqrt()), p), True
     while isinstance(q, ExpandedDistribution):  # as pyro.plate wraps a batched q
         q = q.base_dist
+    if len(q.event_shape) > 1 and q.event_shape == p.event_shape:  # e.g. (T, C) state paths
+        try:  # the 1-d marginals KL(N(m_tc, v_tc) || N(mu_tc, s_tc)) per element
+            q_marginal = Normal(q.mean, q.variance.sqrt())
+            return kl_divergence(q_marginal, Normal(p.mean, p.variance.sqrt())), True
+        except (NotImplementedError, AttributeError):
+            return None
     marginal_log_prob = getattr(q, "marginal_log_prob", None)
     if callable(marginal_log_prob) and not p.event_shape:
         z = guide_site["value"]
@@ -221,6 +229,8 @@ def _site_kls(
                     marginal_kl = _marginal_kl(guide_site, model_site)
                     if marginal_kl is not None:
                         (elements, use_site_analytic), event_dims = marginal_kl, 1
+                        if tuple(elements.shape[-len(event_shape) :]) == event_shape:
+                            event_dims = len(event_shape)  # per element of a (T, C) event
                         marginal = True
                     else:
                         use_site_analytic = use_analytic
