@@ -3,8 +3,9 @@
 from .ard import ARDVAE
 from .cvae import CVAE
 from .hierarchical import HierarchicalVAE
+from .koopman import KoopmanVAE
 from .multimodal import MultimodalVAE
 from .structured import StructuredVAE
 from .vae import VAE
 
-__all__ = ["ARDVAE", "CVAE", "HierarchicalVAE", "MultimodalVAE", "StructuredVAE", "VAE"]
+__all__ = ["ARDVAE", "CVAE", "HierarchicalVAE", "KoopmanVAE", "MultimodalVAE", "StructuredVAE", "VAE"]

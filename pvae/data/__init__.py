@@ -89,6 +89,7 @@ from pvae.data.registry import _normalise_name as _normalise_name
 from pvae.data.registry import available, load, register
 from pvae.data.sequences import _pendulum as _pendulum
 from pvae.data.sequences import _rotating_digits as _rotating_digits
+from pvae.data.oscillators import true_eigenvalues
 from pvae.data.sequences import lds_log_likelihood
 from pvae.data.synthetic import _check_positive as _check_positive
 from pvae.data.synthetic import _linear_gaussian as _linear_gaussian
@@ -113,5 +114,6 @@ __all__ = [
     "load",
     "quadrants",
     "read_idx",
+    "true_eigenvalues",
     "register",
 ]
