@@ -8,4 +8,12 @@ from .multimodal import MultimodalVAE
 from .structured import StructuredVAE
 from .vae import VAE
 
-__all__ = ["ARDVAE", "CVAE", "HierarchicalVAE", "KoopmanVAE", "MultimodalVAE", "StructuredVAE", "VAE"]
+__all__ = [
+    "ARDVAE",
+    "CVAE",
+    "HierarchicalVAE",
+    "KoopmanVAE",
+    "MultimodalVAE",
+    "StructuredVAE",
+    "VAE",
+]

@@ -85,6 +85,7 @@ __all__ = [
     "generation_metrics",
     "koopman_operator",
     "natural_cubic_spline",
+    "operator_penalty",
     "predictive_loss",
     "spectral_penalty",
 ]
@@ -133,6 +134,26 @@ def predictive_loss(z: Tensor, A: Tensor, horizon: int = 1) -> Tensor:
     return total / max(horizon, 1)
 
 
+def operator_penalty(A: Tensor, constraint: str | Tensor, max_modulus: float = 1.0) -> Tensor:
+    """The spectral penalty of a real matrix ``A (k, k)`` as trained.
+
+    For the modulus constraints it is :func:`spectral_penalty` of ``eigvals(A)``. For
+    prescribed eigenvalues ``mu_j`` it is ``sum_j sigma_min(A - mu_j I)^2``: the squared
+    distance (spectral norm) from A to the nearest matrix with eigenvalue ``mu_j``, zero exactly
+    when ``mu_j`` is an eigenvalue of A. Unlike the distance between eigenvalues it is smooth
+    where eigenvalues collide, so a real pair can turn into the prescribed complex pair.
+    """
+    if isinstance(constraint, Tensor):
+        eye = torch.eye(
+            A.shape[-1],
+            dtype=torch.complex64 if A.dtype != torch.float64 else torch.complex128,
+            device=A.device,
+        )
+        shifted = A.to(eye.dtype) - constraint.to(eye.dtype)[:, None, None] * eye  # (m, k, k)
+        return torch.linalg.svdvals(shifted)[..., -1].pow(2).sum()
+    return spectral_penalty(torch.linalg.eigvals(A), constraint, max_modulus)
+
+
 def spectral_penalty(
     eigenvalues: Tensor, constraint: str | Tensor, max_modulus: float = 1.0
 ) -> Tensor:
@@ -147,6 +168,10 @@ def spectral_penalty(
         target = constraint.to(eigenvalues.dtype)
         distance = (eigenvalues[:, None] - target[None, :]).abs().pow(2)  # (k, m)
         return distance.min(0).values.sum()
+    return _modulus_penalty(modulus, constraint, max_modulus)
+
+
+def _modulus_penalty(modulus: Tensor, constraint: str, max_modulus: float) -> Tensor:
     if constraint == "stable":
         return F.relu(modulus - max_modulus).pow(2).sum()
     if constraint == "unit":
@@ -188,7 +213,9 @@ def natural_cubic_spline(times: Tensor, values: Tensor, mask: Tensor) -> Tensor:
     last_t = knot_t.gather(1, last[:, None])
     pad_t = last_t + (torch.arange(T, device=values.device) - last[:, None]).to(dtype)
     knot_t = torch.where(valid, knot_t, pad_t)
-    knot_y = torch.where(valid[..., None], knot_y, knot_y.gather(1, last[:, None, None].expand(B, 1, C)))
+    knot_y = torch.where(
+        valid[..., None], knot_y, knot_y.gather(1, last[:, None, None].expand(B, 1, C))
+    )
     h = (knot_t[:, 1:] - knot_t[:, :-1]).clamp(min=1e-12)  # (B, T-1)
     slope = (knot_y[:, 1:] - knot_y[:, :-1]) / h[..., None]  # (B, T-1, C)
     index = torch.arange(T, device=values.device)
@@ -223,7 +250,9 @@ def natural_cubic_spline(times: Tensor, values: Tensor, mask: Tensor) -> Tensor:
     before = query < first_t
     after = query > last_t
     spline = torch.where(before[..., None], knot_y[:, :1], spline)
-    spline = torch.where(after[..., None], knot_y.gather(1, last[:, None, None].expand(B, 1, C)), spline)
+    spline = torch.where(
+        after[..., None], knot_y.gather(1, last[:, None, None].expand(B, 1, C)), spline
+    )
     spline = torch.where((count <= 1)[:, None, None], knot_y[:, :1].expand(B, T, C), spline)
     spline = torch.where((count == 0)[:, None, None], torch.zeros_like(spline), spline)
     return torch.where(mask[..., None], values, spline)
@@ -284,8 +313,11 @@ class SequentialPrior(TorchDistribution):
     has_rsample = True
 
     def __init__(
-        self, net: PriorNet, num_steps: int, batch_shape: torch.Size = torch.Size(),
-        validate_args: Any = None,
+        self,
+        net: PriorNet,
+        num_steps: int,
+        batch_shape: Any = (),
+        validate_args: Any = None,  # noqa: ARG002 (Pyro's signature)
     ) -> None:
         self.net = net
         self.num_steps = int(num_steps)
@@ -296,7 +328,7 @@ class SequentialPrior(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         return SequentialPrior(self.net, self.num_steps, torch.Size(batch_shape))
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+    def rsample(self, sample_shape: Any = ()) -> Tensor:
         shape = torch.Size(sample_shape) + self.batch_shape
         paths = self.net.rollout(max(1, math.prod(shape)), self.num_steps)
         return paths[: math.prod(shape)].reshape(*shape, *self.event_shape)
@@ -347,10 +379,20 @@ class KoopmanVAE(PyroModule):
         sequential_prior: bool = True,
         name: str = "kvae",
     ):
-        for label, value in (("x_dim", x_dim), ("z_dim", z_dim), ("hidden", hidden), ("horizon", horizon)):
+        label: str
+        value: Any
+        for label, value in (
+            ("x_dim", x_dim),
+            ("z_dim", z_dim),
+            ("hidden", hidden),
+            ("horizon", horizon),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{label} must be a positive integer, got {value!r}")
-        for label, value in (("predictive_weight", predictive_weight), ("spectral_weight", spectral_weight)):
+        for label, value in (
+            ("predictive_weight", predictive_weight),
+            ("spectral_weight", spectral_weight),
+        ):
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{label} must be a finite number >= 0, got {value!r}")
         if not (isinstance(max_modulus, int | float) and max_modulus > 0):
@@ -371,7 +413,10 @@ class KoopmanVAE(PyroModule):
             )
         super().__init__(claim(name, self))
         self.x_dim, self.z_dim, self.hidden = x_dim, z_dim, hidden
-        self.predictive_weight, self.spectral_weight = float(predictive_weight), float(spectral_weight)
+        self.predictive_weight, self.spectral_weight = (
+            float(predictive_weight),
+            float(spectral_weight),
+        )
         self.horizon, self.solver, self.max_modulus = horizon, solver, float(max_modulus)
         self.constraint = constraint
         self.sequential_prior = bool(sequential_prior)
@@ -391,13 +436,16 @@ class KoopmanVAE(PyroModule):
             raise TypeError("values must be a floating-point tensor (B, T, x_dim)")
         if values.dim() != 3 or values.shape[-1] != self.x_dim or values.shape[1] < 2:
             raise ValueError(
-                f"values must have shape (B, T >= 2, x_dim = {self.x_dim}), got {tuple(values.shape)}"
+                f"values must have shape (B, T >= 2, x_dim = {self.x_dim}), got "
+                f"{tuple(values.shape)}"
             )
         B, T = values.shape[:2]
         if times is None:
             times = torch.arange(T, dtype=values.dtype, device=values.device).expand(B, T)
         elif not isinstance(times, Tensor) or times.shape != (B, T):
-            raise ValueError(f"times must be a tensor (B, T) = {(B, T)}, got {getattr(times, 'shape', times)}")
+            raise ValueError(
+                f"times must be a tensor (B, T) = {(B, T)}, got {getattr(times, 'shape', times)}"
+            )
         if mask is None:
             mask = torch.ones(B, T, dtype=torch.bool, device=values.device)
         elif not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != (B, T):
@@ -407,7 +455,7 @@ class KoopmanVAE(PyroModule):
             )
         return values, times, mask
 
-    def prior(self, num_steps: int, batch_size: int | None = None) -> dist.Distribution:
+    def prior(self, num_steps: int, batch_size: int | None = None) -> Any:
         """``p(z_1..z_T)``, batch shape ``(batch_size,)`` (or none), event ``(T, z_dim)``."""
         shape = torch.Size([] if batch_size is None else [batch_size])
         if not self.sequential_prior:
@@ -415,7 +463,7 @@ class KoopmanVAE(PyroModule):
             return dist.Normal(zero, 1.0).expand(shape + (num_steps, self.z_dim)).to_event(2)
         return SequentialPrior(self.prior_net, num_steps, shape)
 
-    def posterior(self, values: Tensor, times: Tensor, mask: Tensor) -> dist.Distribution:
+    def posterior(self, values: Tensor, times: Tensor, mask: Tensor) -> Any:
         """``q(z | x)``: the bidirectional GRU over the spline-interpolated path, batch ``(B,)``,
         event ``(T, z_dim)``."""
         path = values if bool(mask.all()) else natural_cubic_spline(times, values, mask)
@@ -438,7 +486,7 @@ class KoopmanVAE(PyroModule):
             self.penalties["predictive"] = float(pred.detach())
             total = total + self.predictive_weight * pred
         if self.constraint is not None and self.spectral_weight > 0:
-            eig = spectral_penalty(torch.linalg.eigvals(A), self.constraint, self.max_modulus)
+            eig = operator_penalty(A, self.constraint, self.max_modulus)
             self.penalties["spectral"] = float(eig.detach())
             total = total + self.spectral_weight * eig
         return total
@@ -460,8 +508,13 @@ class KoopmanVAE(PyroModule):
         values, times, mask = self._check(values, times, mask)
         self._register("model")
         B, T = values.shape[:2]
-        penalize = self.training and self.sequential_prior and (
-            self.predictive_weight > 0 or (self.constraint is not None and self.spectral_weight > 0)
+        penalize = (
+            self.training
+            and self.sequential_prior
+            and (
+                self.predictive_weight > 0
+                or (self.constraint is not None and self.spectral_weight > 0)
+            )
         )
         surrogate = None
         if penalize:
@@ -524,7 +577,9 @@ class KoopmanVAE(PyroModule):
         ax.scatter(eig.real, eig.imag, marker="x", color="C0", label="learned")
         if true is not None:
             true = torch.as_tensor(true)
-            ax.scatter(true.real, true.imag, marker="o", facecolors="none", color="C3", label="true")
+            ax.scatter(
+                true.real, true.imag, marker="o", facecolors="none", color="C3", label="true"
+            )
         ax.set_aspect("equal")
         ax.set_xlabel("Re λ")
         ax.set_ylabel("Im λ")

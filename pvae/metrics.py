@@ -31,7 +31,8 @@ def _check(real: Tensor, generated: Tensor) -> tuple[Tensor, Tensor]:
     for label, value in (("real", real), ("generated", generated)):
         if not isinstance(value, Tensor) or value.dim() != 3 or not value.is_floating_point():
             raise ValueError(
-                f"{label} must be a float tensor (N, T, C), got {getattr(value, 'shape', type(value))}"
+                f"{label} must be a float tensor (N, T, C), got "
+                f"{getattr(value, 'shape', type(value))}"
             )
         if not torch.isfinite(value).all():
             raise ValueError(f"{label} holds NaN/inf values")
@@ -151,9 +152,7 @@ def predictive_score(
         return float((predict(real) - real[:, 1:]).abs().mean())
 
 
-def generation_figure(
-    real: Tensor, generated: Tensor, max_points: int = 500, seed: int = 0
-) -> Any:
+def generation_figure(real: Tensor, generated: Tensor, max_points: int = 500, seed: int = 0) -> Any:
     """PCA and t-SNE of real against generated sequences, and per-channel densities.
 
     :returns: a matplotlib figure with three panels on the first row (PCA, t-SNE, and the
@@ -177,7 +176,10 @@ def generation_figure(
     ).fit_transform(features)
     channels = real.shape[-1]
     fig, axes = plt.subplots(2, max(2, channels), figsize=(3 * max(2, channels), 6), squeeze=False)
-    for ax, points, title in ((axes[0, 0], embedded_pca, "PCA"), (axes[0, 1], embedded_tsne, "t-SNE")):
+    for ax, points, title in (
+        (axes[0, 0], embedded_pca, "PCA"),
+        (axes[0, 1], embedded_tsne, "t-SNE"),
+    ):
         ax.scatter(points[:n, 0], points[:n, 1], s=6, alpha=0.5, color="C3", label="real")
         ax.scatter(points[n:, 0], points[n:, 1], s=6, alpha=0.5, color="C0", label="generated")
         ax.set_title(title)
@@ -186,8 +188,22 @@ def generation_figure(
         ax.axis("off")
     for c in range(channels):
         ax = axes[1, c]
-        ax.hist(real[..., c].flatten().numpy(), bins=40, density=True, alpha=0.5, color="C3", label="real")
-        ax.hist(generated[..., c].flatten().numpy(), bins=40, density=True, alpha=0.5, color="C0", label="generated")
+        ax.hist(
+            real[..., c].flatten().numpy(),
+            bins=40,
+            density=True,
+            alpha=0.5,
+            color="C3",
+            label="real",
+        )
+        ax.hist(
+            generated[..., c].flatten().numpy(),
+            bins=40,
+            density=True,
+            alpha=0.5,
+            color="C0",
+            label="generated",
+        )
         ax.set_title(f"channel {c}")
     for ax in axes[1, channels:]:
         ax.axis("off")

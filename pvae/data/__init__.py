@@ -81,6 +81,7 @@ from pvae.data.multimodal import _mnist5k_labels as _mnist5k_labels
 from pvae.data.multimodal import _mnist5k_two_view as _mnist5k_two_view
 from pvae.data.multimodal import _paired_image_splits as _paired_image_splits
 from pvae.data.multimodal import _transformed as _transformed
+from pvae.data.oscillators import true_eigenvalues
 from pvae.data.quadrants import QUADRANT_ORDER, Quadrants, quadrants
 from pvae.data.registry import _REGISTRY as _REGISTRY
 from pvae.data.registry import Loader as Loader
@@ -89,7 +90,6 @@ from pvae.data.registry import _normalise_name as _normalise_name
 from pvae.data.registry import available, load, register
 from pvae.data.sequences import _pendulum as _pendulum
 from pvae.data.sequences import _rotating_digits as _rotating_digits
-from pvae.data.oscillators import true_eigenvalues
 from pvae.data.sequences import lds_log_likelihood
 from pvae.data.synthetic import _check_positive as _check_positive
 from pvae.data.synthetic import _linear_gaussian as _linear_gaussian
