@@ -541,12 +541,12 @@ class KoopmanVAE(PyroModule):
         return self.likelihood.mean(self.decoder(z))
 
     @torch.no_grad()
-    def reconstruct(
-        self, values: Tensor, times: Tensor | None = None, mask: Tensor | None = None
-    ) -> Tensor:
-        """Decoded posterior means at every row, ``(B, T, x_dim)`` (hidden rows imputed)."""
+    def impute(self, values: Tensor, mask: Tensor, times: Tensor | None = None) -> Tensor:
+        """Fill the hidden rows: observed rows as given, the others the decoded posterior
+        mean; ``(B, T, x_dim)``."""
         values, times, mask = self._check(values, times, mask)
-        return self.decode(self.posterior(values, times, mask).mean)
+        mean = self.decode(self.posterior(values, times, mask).mean)
+        return torch.where(mask[..., None], values, mean)
 
     @torch.no_grad()
     def sample(self, num_steps: int, num_samples: int = 1) -> Tensor:

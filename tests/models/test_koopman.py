@@ -253,3 +253,13 @@ def test_learned_eigenvalues_approach_the_oscillators():
         kvae.model, kvae.guide, ds.train, engine=ELBO(), epochs=10, batch_size=50, seed=0, lr=3e-3
     )
     assert distance() < 0.06 < 0.3 < before
+
+
+def test_impute_keeps_observed_rows():
+    torch.manual_seed(0)
+    kvae = KoopmanVAE(5, z_dim=3, hidden=6).eval()
+    values, times, mask = _data(4, missing=0.5)
+    filled = kvae.impute(values, mask, times)
+    assert filled.shape == values.shape
+    assert torch.equal(filled[mask], values[mask])
+    assert not torch.equal(filled[~mask], values[~mask])
