@@ -4,6 +4,7 @@ from .ard import ARDVAE
 from .cvae import CVAE
 from .gp_vae import GPVAE
 from .hierarchical import HierarchicalVAE
+from .koopman import KoopmanVAE
 from .markovian_gp import MarkovianGPVAE
 from .multimodal import MultimodalVAE
 from .multimodal_gp import MultimodalGPVAE
@@ -15,6 +16,7 @@ __all__ = [
     "CVAE",
     "GPVAE",
     "HierarchicalVAE",
+    "KoopmanVAE",
     "MarkovianGPVAE",
     "MultimodalGPVAE",
     "MultimodalVAE",

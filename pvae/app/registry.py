@@ -1142,3 +1142,52 @@ register_model(
         Option("lengthscale", _number(0.0, open_below=True), 1.0, "initial GP lengthscale"),
     ),
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# Koopman VAE (sequences)
+# ---------------------------------------------------------------------------------------------
+
+
+def _kvae(
+    ds: data.Splits,
+    z_dim: int,
+    hidden: Sequence[int],
+    net: str,
+    likelihood: str,
+    predictive_weight: float = 1.0,
+    horizon: int = 1,
+    constraint: str = "none",
+) -> PyroModule:
+    from pvae.models.koopman import KoopmanVAE
+
+    _mlp_only("kvae", net)
+    return KoopmanVAE(
+        x_dim=ds.x_dim,
+        z_dim=z_dim,
+        hidden=int(hidden[0]) if hidden else 32,
+        likelihood=likelihood,
+        predictive_weight=predictive_weight,
+        horizon=horizon,
+        constraint=None if constraint == "none" else constraint,
+    )
+
+
+register_model(
+    "kvae",
+    _kvae,
+    "Koopman VAE: sequential GRU prior linearised by a least-squares Koopman operator "
+    "(Naiman et al. 2024); generation metrics: pvae.models.koopman.generation_metrics",
+    accepts=("sequences",),
+    options=(
+        Option("predictive_weight", _number(0.0), 1.0, "weight of the Koopman predictive loss"),
+        Option("horizon", _integer(1), 1, "steps the Koopman operator is rolled forward"),
+        Option(
+            "constraint",
+            _choice(("none", "stable", "unit")),
+            "none",
+            "penalty on the Koopman eigenvalues",
+            ("none", "stable", "unit"),
+        ),
+    ),
+)

@@ -83,6 +83,7 @@ from pvae.data.multimodal import _mnist5k_labels as _mnist5k_labels
 from pvae.data.multimodal import _mnist5k_two_view as _mnist5k_two_view
 from pvae.data.multimodal import _paired_image_splits as _paired_image_splits
 from pvae.data.multimodal import _transformed as _transformed
+from pvae.data.oscillators import true_eigenvalues
 from pvae.data.quadrants import QUADRANT_ORDER, Quadrants, quadrants
 from pvae.data.registry import _REGISTRY as _REGISTRY
 from pvae.data.registry import Loader as Loader
@@ -117,5 +118,6 @@ __all__ = [
     "load",
     "quadrants",
     "read_idx",
+    "true_eigenvalues",
     "register",
 ]

@@ -1,0 +1,613 @@
+"""The Koopman VAE (KoVAE; Naiman et al. 2024): a sequential VAE whose prior is linearised.
+
+Generative story, for each sequence n (one datapoint of ``pyro.plate("data")``) with rows
+``x_1..x_T`` (``C`` channels):
+
+    h_t = GRU(z_{t-1}, h_{t-1}),  z_0 = 0, h_0 = 0
+    z_t | z_<t ~ N(mu(h_t), diag sigma(h_t)^2)                  (sequential GRU prior)
+    x_t | z_t  ~ p_theta(x_t | z_t)        for observed rows t    (decoder per step)
+
+Inference network (guide): a bidirectional GRU over the (interpolated) sequence gives
+``q(z_t | x_1..x_T) = N(m_t, diag s_t^2)``, all steps at once (one site ``"z"``, event
+``(T, z_dim)``).
+
+**The sequential ELBO.** The model's site ``"z"`` is the whole prior path: its density at the
+guide's draw is ``sum_t log N(z_t | mu(h_t), sigma(h_t))`` with ``h_t`` run on the *guide's*
+past samples ``z_<t`` (teacher forcing, :class:`SequentialPrior`), which is what a Pyro model
+replayed on the guide computes. So every engine's bound is the proper sequential bound
+
+    ELBO = E_q[ sum_t log p(x_t | z_t) + log p(z_1..z_T) - log q(z_1..z_T | x) ].
+
+The authors' code instead scores the KL between the posterior and the prior's *own* rollouts
+(the prior's means and scales computed on prior samples rather than on the posterior's past):
+that is not a bound on ``log p(x)``. Here only the Koopman predictive term below uses rollouts.
+
+**The Koopman operator.** On every training step the model rolls out ``B`` latent paths
+``z-bar`` from the sequential prior (reparameterised) and fits a Koopman matrix by
+differentiable least squares over all steps of all rollouts,
+
+    A = argmin_A || Z_future - Z_past A ||_F^2,  Z_past = [z-bar_1..z-bar_{T-1}], rows,
+
+(:func:`koopman_operator`, QR or the pseudo-inverse; row vectors, ``z_{t+1} ~ z_t A``). The
+predictive loss rolls A forward over ``horizon`` steps,
+
+    L_pred = 1/H sum_{h=1..H} mean_{n,t} || z-bar_{t+h} - z-bar_t A^h ||^2
+
+(``horizon=1`` is the paper's one-step loss), and spectral penalties on the eigenvalues of A
+express domain knowledge (:func:`spectral_penalty`): a bound on the modulus (``"stable"``:
+``sum relu(|lambda| - r)^2``), modulus one (``"unit"``: ``sum (|lambda| - 1)^2``, conservative
+systems) or prescribed eigenvalues (each attracts its nearest eigenvalue of A). As in the paper,
+the training loss is ``-ELBO + alpha L_pred + gamma L_eig`` (``alpha = predictive_weight``,
+``gamma = spectral_weight``, per sequence).
+
+**How the penalty enters the objective, and what the bound reports.** The penalty is a
+``pyro.factor("koopman_penalty", ...)`` in the model, inside the data plate (so it counts once
+per sequence, scaled N/B like the other per-sequence terms), whose *value is zero* and whose
+gradient is that of ``-(alpha L_pred + gamma L_eig)``: the factor is ``-P + P.detach()``.
+Every engine (ELBO, IWAE and its variants, Pyro's own ELBOs) therefore trains the penalty
+(for importance weights the factor is the same for every particle, so its self-normalised
+gradient is the penalty's gradient), while the value every engine reports, and
+``pvae.log_likelihood``, is the bound itself, untouched. The penalty's values of the last step
+are in :attr:`KoopmanVAE.penalties`. The factor is only added while the module is in training
+mode (``.train()``, the default); ``.eval()`` skips the rollouts.
+
+**Irregular data.** Rows with ``mask`` False are missing: the input path is interpolated
+through the observed rows with a natural cubic spline in time (:func:`natural_cubic_spline`,
+held constant before the first and after the last observed row) before encoding, and the
+likelihood scores observed rows only.
+
+``model(values, times, mask)`` receives a :class:`pvae.data.SequenceSplit`: ``values (B, T, C)``,
+``times (B, T)`` (the spline's knots), ``mask (B, T)`` bool.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.distributions.torch_distribution import TorchDistribution
+from pyro.nn import PyroModule
+from torch import Tensor, nn
+from torch.distributions import constraints
+
+from pvae import likelihoods, nets
+
+from ._names import claim
+
+__all__ = [
+    "KoopmanVAE",
+    "SequentialPrior",
+    "generation_metrics",
+    "koopman_operator",
+    "natural_cubic_spline",
+    "operator_penalty",
+    "predictive_loss",
+    "spectral_penalty",
+]
+
+SOLVERS = ("qr", "pinv")
+CONSTRAINTS = ("stable", "unit")
+
+
+# --------------------------------------------------------------------------------------------
+# Koopman pieces
+
+
+def koopman_operator(z: Tensor, solver: str = "qr") -> Tensor:
+    """The least-squares Koopman matrix of latent paths, differentiable.
+
+    :param z: ``(N, T, k)`` paths (rows are steps), ``N (T - 1) >= k``.
+    :param solver: ``"qr"`` (``A = R^-1 Q^T Y`` with ``X = QR``) or ``"pinv"``
+        (``A = X^+ Y``).
+    :returns: ``A (k, k)`` minimising ``|| Y - X A ||_F`` with ``X`` the stacked
+        ``z_1..z_{T-1}`` and ``Y`` the stacked ``z_2..z_T`` (``z_{t+1} ~ z_t A``).
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if not isinstance(z, Tensor) or z.dim() != 3:
+        raise ValueError(f"z must be a tensor (N, T, k), got {getattr(z, 'shape', type(z))}")
+    k = z.shape[-1]
+    past = z[:, :-1].reshape(-1, k)
+    future = z[:, 1:].reshape(-1, k)
+    if past.shape[0] < k:
+        raise ValueError(f"z has {past.shape[0]} transitions; the fit needs at least k = {k}")
+    if solver == "pinv":
+        return torch.linalg.pinv(past) @ future
+    q, r = torch.linalg.qr(past)
+    return torch.linalg.solve_triangular(r, q.mT @ future, upper=True)
+
+
+def predictive_loss(z: Tensor, A: Tensor, horizon: int = 1) -> Tensor:
+    """``1/H sum_{h=1..H} mean_{n,t} || z_{t+h} - z_t A^h ||^2`` for paths ``z (N, T, k)``."""
+    horizon = min(int(horizon), z.shape[1] - 1)
+    total = z.new_zeros(())
+    power = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    for h in range(1, horizon + 1):
+        power = power @ A
+        error = z[:, h:] - z[:, :-h] @ power
+        total = total + error.pow(2).sum(-1).mean()
+    return total / max(horizon, 1)
+
+
+def operator_penalty(A: Tensor, constraint: str | Tensor, max_modulus: float = 1.0) -> Tensor:
+    """The spectral penalty of a real matrix ``A (k, k)`` as trained.
+
+    For the modulus constraints it is :func:`spectral_penalty` of ``eigvals(A)``. For
+    prescribed eigenvalues ``mu_j`` it is ``sum_j sigma_min(A - mu_j I)^2``: the squared
+    distance (spectral norm) from A to the nearest matrix with eigenvalue ``mu_j``, zero exactly
+    when ``mu_j`` is an eigenvalue of A. Unlike the distance between eigenvalues it is smooth
+    where eigenvalues collide, so a real pair can turn into the prescribed complex pair.
+    """
+    if isinstance(constraint, Tensor):
+        eye = torch.eye(
+            A.shape[-1],
+            dtype=torch.complex64 if A.dtype != torch.float64 else torch.complex128,
+            device=A.device,
+        )
+        shifted = A.to(eye.dtype) - constraint.to(eye.dtype)[:, None, None] * eye  # (m, k, k)
+        return torch.linalg.svdvals(shifted)[..., -1].pow(2).sum()
+    return spectral_penalty(torch.linalg.eigvals(A), constraint, max_modulus)
+
+
+def spectral_penalty(
+    eigenvalues: Tensor, constraint: str | Tensor, max_modulus: float = 1.0
+) -> Tensor:
+    """A penalty on eigenvalues ``(k,)`` (complex) that is zero when ``constraint`` holds.
+
+    - ``"stable"``: ``sum_i relu(|lambda_i| - max_modulus)^2``;
+    - ``"unit"``: ``sum_i (|lambda_i| - 1)^2`` (conservative dynamics);
+    - a tensor of prescribed eigenvalues ``mu_j``: ``sum_j min_i |lambda_i - mu_j|^2``.
+    """
+    modulus = eigenvalues.abs()
+    if isinstance(constraint, Tensor):
+        target = constraint.to(eigenvalues.dtype)
+        distance = (eigenvalues[:, None] - target[None, :]).abs().pow(2)  # (k, m)
+        return distance.min(0).values.sum()
+    return _modulus_penalty(modulus, constraint, max_modulus)
+
+
+def _modulus_penalty(modulus: Tensor, constraint: str, max_modulus: float) -> Tensor:
+    if constraint == "stable":
+        return F.relu(modulus - max_modulus).pow(2).sum()
+    if constraint == "unit":
+        return (modulus - 1.0).pow(2).sum()
+    raise ValueError(f"constraint must be one of {CONSTRAINTS} or a tensor, got {constraint!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Natural cubic splines through observed rows
+
+
+def natural_cubic_spline(times: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """Interpolate each sequence through its observed rows, evaluated at every row.
+
+    Per sequence with knots ``t_0 < ... < t_{n-1}`` (the rows where ``mask`` is True) the
+    natural cubic spline has second derivatives ``M`` solving, for ``0 < i < n - 1``,
+
+        h_{i-1} M_{i-1} + 2 (h_{i-1} + h_i) M_i + h_i M_{i+1}
+            = 6 ((y_{i+1} - y_i) / h_i - (y_i - y_{i-1}) / h_{i-1}),  M_0 = M_{n-1} = 0,
+
+    with ``h_i = t_{i+1} - t_i``; all sequences are solved at once (padded knots get the rows
+    ``M_i = 0``). Before the first and after the last knot the value is held constant; a
+    sequence with one observed row is constant, one with none is zero.
+
+    :param times: ``(B, T)`` increasing.
+    :param values: ``(B, T, C)`` (entries at hidden rows are ignored).
+    :param mask: ``(B, T)`` bool, True = observed.
+    :returns: ``(B, T, C)``, equal to ``values`` at observed rows.
+    """
+    B, T, C = values.shape
+    dtype = values.dtype
+    count = mask.sum(1)  # knots per sequence
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # observed first
+    valid = torch.arange(T, device=values.device) < count[:, None]  # (B, T) real knot
+    knot_t = times.to(dtype).gather(1, order)
+    knot_y = values.gather(1, order[..., None].expand(B, T, C))
+    # pad: knots after the last real one repeat its time + 1, 2, ... (never used for values)
+    last = (count - 1).clamp(min=0)
+    last_t = knot_t.gather(1, last[:, None])
+    pad_t = last_t + (torch.arange(T, device=values.device) - last[:, None]).to(dtype)
+    knot_t = torch.where(valid, knot_t, pad_t)
+    knot_y = torch.where(
+        valid[..., None], knot_y, knot_y.gather(1, last[:, None, None].expand(B, 1, C))
+    )
+    h = (knot_t[:, 1:] - knot_t[:, :-1]).clamp(min=1e-12)  # (B, T-1)
+    slope = (knot_y[:, 1:] - knot_y[:, :-1]) / h[..., None]  # (B, T-1, C)
+    index = torch.arange(T, device=values.device)
+    interior = (index[None, :] >= 1) & (index[None, :] < count[:, None] - 1)  # (B, T)
+    system = torch.zeros(B, T, T, dtype=dtype, device=values.device)
+    rhs = torch.zeros(B, T, C, dtype=dtype, device=values.device)
+    rows = index[1:-1]
+    h_prev, h_next = h[:, :-1], h[:, 1:]  # (B, T-2)
+    inner = interior[:, 1:-1]
+    system[:, rows, rows - 1] = torch.where(inner, h_prev, 0.0)
+    system[:, rows, rows] = torch.where(inner, 2 * (h_prev + h_next), 1.0)
+    system[:, rows, rows + 1] = torch.where(inner, h_next, 0.0)
+    system[:, 0, 0] = 1.0
+    system[:, -1, -1] = 1.0
+    rhs[:, 1:-1] = torch.where(inner[..., None], 6 * (slope[:, 1:] - slope[:, :-1]), 0.0)
+    second = torch.linalg.solve(system, rhs)  # (B, T, C)
+    # evaluate at every row's time
+    query = times.to(dtype)
+    upper = (count - 2).clamp(min=0)
+    interval = torch.searchsorted(knot_t.contiguous(), query.contiguous(), right=True) - 1
+    interval = torch.minimum(interval.clamp(min=0), upper[:, None])  # (B, T)
+    t0 = knot_t.gather(1, interval)
+    t1 = knot_t.gather(1, (interval + 1).clamp(max=T - 1))
+    gather = interval[..., None].expand(B, T, C)
+    y0, y1 = knot_y.gather(1, gather), knot_y.gather(1, (gather + 1).clamp(max=T - 1))
+    m0, m1 = second.gather(1, gather), second.gather(1, (gather + 1).clamp(max=T - 1))
+    width = (t1 - t0).clamp(min=1e-12)[..., None]
+    a = ((t1 - query)[..., None] / width).clamp(0, 1)
+    b = 1.0 - a
+    spline = a * y0 + b * y1 + ((a**3 - a) * m0 + (b**3 - b) * m1) * width**2 / 6
+    first_t = knot_t[:, :1]
+    before = query < first_t
+    after = query > last_t
+    spline = torch.where(before[..., None], knot_y[:, :1], spline)
+    spline = torch.where(
+        after[..., None], knot_y.gather(1, last[:, None, None].expand(B, 1, C)), spline
+    )
+    spline = torch.where((count <= 1)[:, None, None], knot_y[:, :1].expand(B, T, C), spline)
+    spline = torch.where((count == 0)[:, None, None], torch.zeros_like(spline), spline)
+    return torch.where(mask[..., None], values, spline)
+
+
+# --------------------------------------------------------------------------------------------
+# The sequential prior as a distribution over whole paths
+
+
+class PriorNet(nn.Module):
+    """The sequential prior's GRU and Gaussian head: ``h_t = GRU(z_{t-1}, h_{t-1})``,
+    ``(mu_t, sigma_t) = head(h_t)``."""
+
+    def __init__(self, z_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.z_dim = z_dim
+        self.gru = nn.GRU(z_dim, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 2 * z_dim)
+
+    def _gaussian(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        loc, raw = self.head(h).chunk(2, -1)
+        return loc, F.softplus(raw) + 1e-4
+
+    def conditionals(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mu_t, sigma_t)`` of ``p(z_t | z_<t)`` at a path ``z (..., T, k)`` (teacher
+        forcing: one GRU pass over ``[0, z_1..z_{T-1}]``)."""
+        lead = z.shape[:-2]
+        flat = z.reshape(-1, *z.shape[-2:])
+        shifted = torch.cat([torch.zeros_like(flat[:, :1]), flat[:, :-1]], 1)
+        out, _ = self.gru(shifted)
+        loc, scale = self._gaussian(out)
+        return loc.reshape(*lead, *loc.shape[1:]), scale.reshape(*lead, *scale.shape[1:])
+
+    def rollout(self, num_paths: int, num_steps: int) -> Tensor:
+        """``(num_paths, num_steps, k)`` reparameterised paths drawn from the prior."""
+        weight = self.head.weight
+        z = weight.new_zeros(num_paths, 1, self.z_dim)
+        hidden = None
+        steps = []
+        for _ in range(num_steps):
+            out, hidden = self.gru(z, hidden)
+            loc, scale = self._gaussian(out)
+            z = loc + scale * torch.randn_like(loc)
+            steps.append(z)
+        return torch.cat(steps, 1)
+
+
+class SequentialPrior(TorchDistribution):
+    """``p(z_1..z_T) = prod_t N(z_t | mu(h_t), sigma(h_t))`` with ``h_t`` a GRU over ``z_<t``.
+
+    Batch shape ``batch_shape``, event shape ``(T, k)``. ``log_prob`` teacher-forces the GRU
+    on the value's own past (so replayed on a guide's draw it scores the draw's path);
+    ``rsample`` rolls the prior out step by step.
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.independent(constraints.real, 2)
+    has_rsample = True
+
+    def __init__(
+        self,
+        net: PriorNet,
+        num_steps: int,
+        batch_shape: Any = (),
+        validate_args: Any = None,  # noqa: ARG002 (Pyro's signature)
+    ) -> None:
+        self.net = net
+        self.num_steps = int(num_steps)
+        super().__init__(
+            torch.Size(batch_shape), torch.Size([self.num_steps, net.z_dim]), validate_args=False
+        )
+
+    def expand(self, batch_shape, _instance=None):
+        return SequentialPrior(self.net, self.num_steps, torch.Size(batch_shape))
+
+    def rsample(self, sample_shape: Any = ()) -> Tensor:
+        shape = torch.Size(sample_shape) + self.batch_shape
+        paths = self.net.rollout(max(1, math.prod(shape)), self.num_steps)
+        return paths[: math.prod(shape)].reshape(*shape, *self.event_shape)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        loc, scale = self.net.conditionals(value)
+        return dist.Normal(loc, scale).log_prob(value).sum((-2, -1))
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+
+class KoopmanVAE(PyroModule):
+    """Koopman VAE: sequential GRU prior linearised by a per-batch Koopman operator.
+
+    :param x_dim: channels per step C.
+    :param z_dim: latent size k per step.
+    :param hidden: width of the GRUs (encoder, prior) and of the decoder's hidden layer.
+    :param likelihood: likelihood of a row by name (:mod:`pvae.likelihoods`), e.g.
+        ``"gaussian"``.
+    :param predictive_weight: alpha, the weight of the Koopman predictive loss (per sequence).
+    :param horizon: steps A is rolled forward in the predictive loss (1: the paper's).
+    :param constraint: None, ``"stable"``, ``"unit"`` or a complex tensor of prescribed
+        eigenvalues (:func:`spectral_penalty`).
+    :param spectral_weight: gamma, the weight of the spectral penalty (per sequence).
+    :param max_modulus: the bound of the ``"stable"`` constraint.
+    :param solver: ``"qr"`` or ``"pinv"`` for the least-squares fit.
+    :param likelihood_kw: extra keywords of the likelihood (e.g. ``{"scale": 0.1}``).
+    :param sequential_prior: False replaces the sequential prior by ``z_t ~ N(0, I)`` i.i.d.
+        per step (no Koopman penalty): the non-sequential baseline of the ablations.
+    :param name: prefix of the model's names in Pyro's parameter store.
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        z_dim: int = 8,
+        hidden: int = 32,
+        likelihood: str = "gaussian",
+        predictive_weight: float = 1.0,
+        horizon: int = 1,
+        constraint: str | Tensor | Sequence[complex] | None = None,
+        spectral_weight: float = 1.0,
+        max_modulus: float = 1.0,
+        solver: str = "qr",
+        likelihood_kw: dict | None = None,
+        sequential_prior: bool = True,
+        name: str = "kvae",
+    ):
+        label: str
+        value: Any
+        for label, value in (
+            ("x_dim", x_dim),
+            ("z_dim", z_dim),
+            ("hidden", hidden),
+            ("horizon", horizon),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        for label, value in (
+            ("predictive_weight", predictive_weight),
+            ("spectral_weight", spectral_weight),
+        ):
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{label} must be a finite number >= 0, got {value!r}")
+        if not (isinstance(max_modulus, int | float) and max_modulus > 0):
+            raise ValueError(f"max_modulus must be positive, got {max_modulus!r}")
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        if constraint is not None and not isinstance(constraint, str):
+            constraint = torch.as_tensor(constraint).to(torch.complex64).reshape(-1)
+            if constraint.numel() == 0 or constraint.numel() > z_dim:
+                raise ValueError(
+                    f"constraint: give between 1 and z_dim = {z_dim} prescribed eigenvalues, "
+                    f"got {constraint.numel()}"
+                )
+        elif constraint is not None and constraint not in CONSTRAINTS:
+            raise ValueError(
+                f"constraint must be None, one of {CONSTRAINTS} or prescribed eigenvalues, "
+                f"got {constraint!r}"
+            )
+        super().__init__(claim(name, self))
+        self.x_dim, self.z_dim, self.hidden = x_dim, z_dim, hidden
+        self.predictive_weight, self.spectral_weight = (
+            float(predictive_weight),
+            float(spectral_weight),
+        )
+        self.horizon, self.solver, self.max_modulus = horizon, solver, float(max_modulus)
+        self.constraint = constraint
+        self.sequential_prior = bool(sequential_prior)
+        self.likelihood = likelihoods.get(likelihood, x_dim, **(likelihood_kw or {}))
+        self._likelihood_learns = any(True for _ in self.likelihood.parameters())
+        self.encoder_rnn = nn.GRU(x_dim, hidden, batch_first=True, bidirectional=True)
+        self.encoder_head = nn.Linear(2 * hidden, 2 * z_dim)
+        self.prior_net = PriorNet(z_dim, hidden)
+        self.decoder = nets.MLPDecoder(z_dim, x_dim * self.likelihood.param_size, (hidden,))
+        self.penalties: dict[str, float] = {}
+
+    # -- pieces -------------------------------------------------------------------------------
+    def _check(
+        self, values: Tensor, times: Tensor | None, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if not isinstance(values, Tensor) or not values.is_floating_point():
+            raise TypeError("values must be a floating-point tensor (B, T, x_dim)")
+        if values.dim() != 3 or values.shape[-1] != self.x_dim or values.shape[1] < 2:
+            raise ValueError(
+                f"values must have shape (B, T >= 2, x_dim = {self.x_dim}), got "
+                f"{tuple(values.shape)}"
+            )
+        B, T = values.shape[:2]
+        if times is None:
+            times = torch.arange(T, dtype=values.dtype, device=values.device).expand(B, T)
+        elif not isinstance(times, Tensor) or times.shape != (B, T):
+            raise ValueError(
+                f"times must be a tensor (B, T) = {(B, T)}, got {getattr(times, 'shape', times)}"
+            )
+        if mask is None:
+            mask = torch.ones(B, T, dtype=torch.bool, device=values.device)
+        elif not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != (B, T):
+            raise ValueError(
+                f"mask must be a bool tensor (B, T) = {(B, T)}, got "
+                f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}"
+            )
+        return values, times, mask
+
+    def prior(self, num_steps: int, batch_size: int | None = None) -> Any:
+        """``p(z_1..z_T)``, batch shape ``(batch_size,)`` (or none), event ``(T, z_dim)``."""
+        shape = torch.Size([] if batch_size is None else [batch_size])
+        if not self.sequential_prior:
+            zero = self.encoder_head.weight.new_zeros(())
+            return dist.Normal(zero, 1.0).expand(shape + (num_steps, self.z_dim)).to_event(2)
+        return SequentialPrior(self.prior_net, num_steps, shape)
+
+    def posterior(self, values: Tensor, times: Tensor, mask: Tensor) -> Any:
+        """``q(z | x)``: the bidirectional GRU over the spline-interpolated path, batch ``(B,)``,
+        event ``(T, z_dim)``."""
+        path = values if bool(mask.all()) else natural_cubic_spline(times, values, mask)
+        out, _ = self.encoder_rnn(path)
+        loc, raw = self.encoder_head(out).chunk(2, -1)
+        return dist.Normal(loc, F.softplus(raw) + 1e-4).to_event(2)
+
+    def koopman(self, num_paths: int = 256, num_steps: int = 24) -> Tensor:
+        """The Koopman matrix ``A (z_dim, z_dim)`` fitted on ``num_paths`` fresh prior
+        rollouts of ``num_steps`` steps (torch's global generator; differentiable)."""
+        return koopman_operator(self.prior_net.rollout(num_paths, num_steps), self.solver)
+
+    def penalty(self, num_paths: int, num_steps: int) -> Tensor:
+        """``alpha L_pred + gamma L_eig`` on ``num_paths`` prior rollouts (a scalar)."""
+        paths = self.prior_net.rollout(num_paths, num_steps)
+        A = koopman_operator(paths, self.solver)
+        total = paths.new_zeros(())
+        if self.predictive_weight > 0:
+            pred = predictive_loss(paths, A, self.horizon)
+            self.penalties["predictive"] = float(pred.detach())
+            total = total + self.predictive_weight * pred
+        if self.constraint is not None and self.spectral_weight > 0:
+            eig = operator_penalty(A, self.constraint, self.max_modulus)
+            self.penalties["spectral"] = float(eig.detach())
+            total = total + self.spectral_weight * eig
+        return total
+
+    def _register(self, part: str) -> None:
+        if part == "model":
+            pyro.module(f"{self._pyro_name}.prior", self.prior_net)
+            pyro.module(f"{self._pyro_name}.decoder", self.decoder)
+            if self._likelihood_learns:
+                pyro.module(f"{self._pyro_name}.likelihood", self.likelihood)
+        else:
+            pyro.module(f"{self._pyro_name}.encoder_rnn", self.encoder_rnn)
+            pyro.module(f"{self._pyro_name}.encoder_head", self.encoder_head)
+
+    # -- the pair -----------------------------------------------------------------------------
+    def model(self, values: Tensor, times: Tensor | None = None, mask: Tensor | None = None):
+        """p(x, z) for a batch of sequences; rows are scored where ``mask`` is True; while
+        training, the zero-valued Koopman penalty factor (module docstring)."""
+        values, times, mask = self._check(values, times, mask)
+        self._register("model")
+        B, T = values.shape[:2]
+        penalize = (
+            self.training
+            and self.sequential_prior
+            and (
+                self.predictive_weight > 0
+                or (self.constraint is not None and self.spectral_weight > 0)
+            )
+        )
+        surrogate = None
+        if penalize:
+            penalty = self.penalty(B, T)
+            surrogate = penalty.detach() - penalty  # value 0, gradient -grad(penalty)
+        with pyro.plate("data", B):
+            z = pyro.sample("z", self.prior(T, B))
+            rows = self.likelihood(self.decoder(z)).to_event(1)  # batch (..., B, T)
+            pyro.sample("x", rows.mask(mask).to_event(1), obs=values)
+            if surrogate is not None:
+                pyro.factor("koopman_penalty", surrogate.expand(B))
+
+    def guide(self, values: Tensor, times: Tensor | None = None, mask: Tensor | None = None):
+        """q(z | x): bidirectional GRU over the interpolated sequence."""
+        values, times, mask = self._check(values, times, mask)
+        self._register("guide")
+        with pyro.plate("data", values.shape[0]):
+            pyro.sample("z", self.posterior(values, times, mask))
+
+    # -- conveniences (no engine needs them) --------------------------------------------------
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        """Mean of ``p(x_t | z_t)``, ``(..., x_dim)`` for ``z (..., z_dim)``."""
+        return self.likelihood.mean(self.decoder(z))
+
+    @torch.no_grad()
+    def impute(self, values: Tensor, mask: Tensor, times: Tensor | None = None) -> Tensor:
+        """Fill the hidden rows: observed rows as given, the others the decoded posterior
+        mean; ``(B, T, x_dim)``."""
+        values, times, mask = self._check(values, times, mask)
+        mean = self.decode(self.posterior(values, times, mask).mean)
+        return torch.where(mask[..., None], values, mean)
+
+    @torch.no_grad()
+    def sample(self, num_steps: int, num_samples: int = 1) -> Tensor:
+        """Decoded means of paths drawn from the sequential prior, ``(num_samples, T, x_dim)``."""
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        if not self.sequential_prior:
+            return self.decode(self.prior(num_steps).sample(torch.Size([num_samples])))
+        return self.decode(self.prior_net.rollout(num_samples, num_steps))
+
+    @torch.no_grad()
+    def eigenvalues(self, num_paths: int = 512, num_steps: int = 24) -> Tensor:
+        """Eigenvalues ``(z_dim,)`` (complex) of the Koopman matrix fitted on fresh prior
+        rollouts, sorted by decreasing modulus."""
+        values = torch.linalg.eigvals(self.koopman(num_paths, num_steps))
+        return values[values.abs().argsort(descending=True)]
+
+    def plot_eigenvalues(self, ax: Any = None, true: Tensor | None = None, **rollout: int) -> Any:
+        """The eigenvalues of A in the complex plane against the unit circle (and ``true``
+        ones, when given); returns the matplotlib figure."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(4, 4))
+        angle = torch.linspace(0, 2 * math.pi, 200)
+        ax.plot(angle.cos(), angle.sin(), color="grey", lw=1, label="unit circle")
+        eig = self.eigenvalues(**rollout)
+        ax.scatter(eig.real, eig.imag, marker="x", color="C0", label="learned")
+        if true is not None:
+            true = torch.as_tensor(true)
+            ax.scatter(
+                true.real, true.imag, marker="o", facecolors="none", color="C3", label="true"
+            )
+        ax.set_aspect("equal")
+        ax.set_xlabel("Re λ")
+        ax.set_ylabel("Im λ")
+        ax.legend(loc="lower left", fontsize="small")
+        return ax.figure
+
+
+def generation_metrics(
+    model: KoopmanVAE, ds: Any, split: str = "test", num_runs: int = 5, seed: int = 0
+) -> dict[str, float]:
+    """Generation scores of ``model`` on a sequence data set: discriminative score (mean and
+    sd over ``num_runs``) and predictive score, against the complete sequences of ``split``
+    (``ds.truth[split]["complete"]`` when recorded, else the values as given).
+
+    This is the family's extra metric for ``pvae compare`` on sequences.
+    """
+    from pvae.metrics import discriminative_score, predictive_score
+
+    part = getattr(ds, split)
+    truth = (getattr(ds, "truth", None) or {}).get(split, {})
+    real = truth.get("complete", part.values).float()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generated = model.sample(real.shape[1], real.shape[0])
+    disc = discriminative_score(real, generated, num_runs=num_runs, seed=seed)
+    pred = predictive_score(real, generated, seed=seed)
+    return {
+        "discriminative": disc["mean"],
+        "discriminative_sd": disc["sd"],
+        "predictive": pred,
+    }

@@ -1,0 +1,211 @@
+"""Generation metrics for sequence generators (Yoon et al. 2019; used by Naiman et al. 2024).
+
+- :func:`discriminative_score`: a post-hoc classifier (two-layer GRU, last hidden state, one
+  logit) learns to tell real from generated sequences on a training part of both; its accuracy
+  ``acc`` on the held-out part gives ``|acc - 0.5|`` (0: indistinguishable; 0.5: always told
+  apart). Mean and standard deviation over ``num_runs`` seeded runs (fresh split and classifier
+  each run).
+- :func:`predictive_score` ("train on synthetic, test on real"): a GRU trained on the generated
+  sequences to predict each next row from the rows so far; its mean absolute error on the real
+  sequences.
+- :func:`generation_figure`: PCA and t-SNE (scikit-learn) of real against generated sequences
+  (each sequence reduced to its per-step mean over channels, ``(N, T)``, as in the
+  literature), and per-channel density plots.
+
+All inputs are ``(N, T, C)`` float tensors of complete sequences. Everything runs on the CPU
+with its own seeded generator (torch's global random state is left as found).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["discriminative_score", "generation_figure", "predictive_score"]
+
+
+def _check(real: Tensor, generated: Tensor) -> tuple[Tensor, Tensor]:
+    for label, value in (("real", real), ("generated", generated)):
+        if not isinstance(value, Tensor) or value.dim() != 3 or not value.is_floating_point():
+            raise ValueError(
+                f"{label} must be a float tensor (N, T, C), got "
+                f"{getattr(value, 'shape', type(value))}"
+            )
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{label} holds NaN/inf values")
+    if real.shape[1:] != generated.shape[1:]:
+        raise ValueError(
+            f"real and generated must agree in (T, C), got {tuple(real.shape[1:])} and "
+            f"{tuple(generated.shape[1:])}"
+        )
+    return real.detach().float().cpu(), generated.detach().float().cpu()
+
+
+class _Classifier(nn.Module):
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(channels, hidden, num_layers=2, batch_first=True)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, h = self.rnn(x)
+        return self.out(h[-1]).squeeze(-1)
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator, steps: int):
+    for _ in range(steps):
+        yield torch.randint(0, n, (min(batch_size, n),), generator=generator)
+
+
+def discriminative_score(
+    real: Tensor,
+    generated: Tensor,
+    num_runs: int = 5,
+    hidden: int = 12,
+    num_steps: int = 300,
+    batch_size: int = 128,
+    test_fraction: float = 0.2,
+    lr: float = 1e-2,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``|accuracy - 0.5|`` of a post-hoc two-layer GRU classifier of real against generated
+    sequences on held-out data.
+
+    :param real: ``(N, T, C)``. :param generated: ``(M, T, C)`` (the two are balanced to
+        ``min(N, M)`` each).
+    :param num_runs: seeded runs (seeds ``seed, seed + 1, ...``).
+    :returns: ``{"mean", "sd", "scores"}`` (sd with ``ddof = 1``; 0 for one run).
+    """
+    real, generated = _check(real, generated)
+    if isinstance(num_runs, bool) or not isinstance(num_runs, int) or num_runs < 1:
+        raise ValueError(f"num_runs must be a positive integer, got {num_runs!r}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction!r}")
+    n = min(real.shape[0], generated.shape[0])
+    if n < 4:
+        raise ValueError(f"need at least 4 real and 4 generated sequences, got {n}")
+    scores = []
+    for run in range(num_runs):
+        generator = torch.Generator().manual_seed(seed + run)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + run)
+            classifier = _Classifier(real.shape[-1], hidden)
+        pick_real = torch.randperm(real.shape[0], generator=generator)[:n]
+        pick_fake = torch.randperm(generated.shape[0], generator=generator)[:n]
+        x = torch.cat([real[pick_real], generated[pick_fake]])
+        y = torch.cat([torch.ones(n), torch.zeros(n)])
+        order = torch.randperm(2 * n, generator=generator)
+        num_test = max(2, int(round(test_fraction * 2 * n)))
+        test, train = order[:num_test], order[num_test:]
+        optimiser = torch.optim.Adam(classifier.parameters(), lr=lr)
+        loss_fn = nn.BCEWithLogitsLoss()
+        for index in _batches(train.numel(), batch_size, generator, num_steps):
+            rows = train[index]
+            optimiser.zero_grad()
+            loss_fn(classifier(x[rows]), y[rows]).backward()
+            optimiser.step()
+        with torch.no_grad():
+            accuracy = ((classifier(x[test]) > 0).float() == y[test]).float().mean()
+        scores.append(abs(float(accuracy) - 0.5))
+    mean = sum(scores) / len(scores)
+    sd = (
+        math.sqrt(sum((s - mean) ** 2 for s in scores) / (len(scores) - 1))
+        if len(scores) > 1
+        else 0.0
+    )
+    return {"mean": mean, "sd": sd, "scores": scores}
+
+
+def predictive_score(
+    real: Tensor,
+    generated: Tensor,
+    hidden: int = 12,
+    num_steps: int = 300,
+    batch_size: int = 128,
+    lr: float = 1e-2,
+    seed: int = 0,
+) -> float:
+    """Train-on-synthetic, test-on-real: a GRU trained on ``generated`` to predict row
+    ``t + 1`` from rows ``1..t`` (all channels); its mean absolute error on ``real``."""
+    real, generated = _check(real, generated)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        rnn = nn.GRU(real.shape[-1], hidden, batch_first=True)
+        head = nn.Linear(hidden, real.shape[-1])
+    params = list(rnn.parameters()) + list(head.parameters())
+    optimiser = torch.optim.Adam(params, lr=lr)
+
+    def predict(x: Tensor) -> Tensor:
+        out, _ = rnn(x[:, :-1])
+        return head(out)
+
+    for index in _batches(generated.shape[0], batch_size, generator, num_steps):
+        x = generated[index]
+        optimiser.zero_grad()
+        (predict(x) - x[:, 1:]).abs().mean().backward()
+        optimiser.step()
+    with torch.no_grad():
+        return float((predict(real) - real[:, 1:]).abs().mean())
+
+
+def generation_figure(real: Tensor, generated: Tensor, max_points: int = 500, seed: int = 0) -> Any:
+    """PCA and t-SNE of real against generated sequences, and per-channel densities.
+
+    :returns: a matplotlib figure with three panels on the first row (PCA, t-SNE, and the
+        densities of channel 0) and a row of per-channel density plots.
+    """
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    real, generated = _check(real, generated)
+    n = min(real.shape[0], generated.shape[0], max_points)
+    generator = torch.Generator().manual_seed(seed)
+    real = real[torch.randperm(real.shape[0], generator=generator)[:n]]
+    generated = generated[torch.randperm(generated.shape[0], generator=generator)[:n]]
+    features = torch.cat([real.mean(-1), generated.mean(-1)]).numpy()  # (2n, T)
+    pca = PCA(n_components=2, random_state=seed).fit(features[:n])
+    embedded_pca = pca.transform(features)
+    perplexity = float(min(30, max(2, (2 * n - 1) // 3)))
+    embedded_tsne = TSNE(
+        n_components=2, perplexity=perplexity, init="pca", random_state=seed
+    ).fit_transform(features)
+    channels = real.shape[-1]
+    fig, axes = plt.subplots(2, max(2, channels), figsize=(3 * max(2, channels), 6), squeeze=False)
+    for ax, points, title in (
+        (axes[0, 0], embedded_pca, "PCA"),
+        (axes[0, 1], embedded_tsne, "t-SNE"),
+    ):
+        ax.scatter(points[:n, 0], points[:n, 1], s=6, alpha=0.5, color="C3", label="real")
+        ax.scatter(points[n:, 0], points[n:, 1], s=6, alpha=0.5, color="C0", label="generated")
+        ax.set_title(title)
+        ax.legend(fontsize="small")
+    for ax in axes[0, 2:]:
+        ax.axis("off")
+    for c in range(channels):
+        ax = axes[1, c]
+        ax.hist(
+            real[..., c].flatten().numpy(),
+            bins=40,
+            density=True,
+            alpha=0.5,
+            color="C3",
+            label="real",
+        )
+        ax.hist(
+            generated[..., c].flatten().numpy(),
+            bins=40,
+            density=True,
+            alpha=0.5,
+            color="C0",
+            label="generated",
+        )
+        ax.set_title(f"channel {c}")
+    for ax in axes[1, channels:]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
