@@ -5,7 +5,17 @@ from .cvae import CVAE
 from .gp_vae import GPVAE
 from .hierarchical import HierarchicalVAE
 from .multimodal import MultimodalVAE
+from .sgpbae import SGPBAE
 from .structured import StructuredVAE
 from .vae import VAE
 
-__all__ = ["ARDVAE", "CVAE", "GPVAE", "HierarchicalVAE", "MultimodalVAE", "StructuredVAE", "VAE"]
+__all__ = [
+    "ARDVAE",
+    "CVAE",
+    "GPVAE",
+    "HierarchicalVAE",
+    "MultimodalVAE",
+    "SGPBAE",
+    "StructuredVAE",
+    "VAE",
+]
