@@ -200,6 +200,7 @@ class SGPBAE(PyroModule):
         self.jitter = _positive(jitter, "jitter")
         prior_scale = _positive(prior_scale, "prior_scale")
         # k_1: unit length scale and variance; the sampled ell and s2 enter as t / ell and s2 k_1.
+        self.kernel = kernel
         self.base_kernel = gp_kernel(kernel, length_scale=1.0, scale=1.0).base_kernel
         for parameter in self.base_kernel.parameters():
             parameter.requires_grad_(False)
@@ -214,6 +215,18 @@ class SGPBAE(PyroModule):
         self.encoder = nets.MLP(x_dim, nets._as_hidden(encoder_hidden), z_dim, nn.Tanh)
 
     # -- the kernel -----------------------------------------------------------------------------
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> SGPBAE:
+        """After a change of dtype or device (``.double()``, ``.to(...)``), set k_1's fixed
+        constants again in the new dtype: gpytorch stores them as raw parameters, so a cast
+        would keep float32's rounding of 1 in a float64 kernel."""
+        super()._apply(fn, *args, **kwargs)
+        with torch.no_grad():  # gp_kernel's Cauchy is an RQ kernel, alpha 1, length l / sqrt(2)
+            cauchy = self.kernel == "cauchy"
+            self.base_kernel.lengthscale = 1 / math.sqrt(2) if cauchy else 1.0
+            if cauchy:
+                self.base_kernel.alpha = 1.0
+        return self
+
     def kernel_matrix(self, a: Tensor, b: Tensor, lengthscale: Tensor, variance: Tensor) -> Tensor:
         """``s2 k_1(a / ell, b / ell)``: ``(P, Q)`` for inputs ``a (P, D)``, ``b (Q, D)``."""
         with exact_gp_settings():
