@@ -107,7 +107,7 @@ def bayesian_mlp(
     """
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        linear = PyroModule[nn.Linear](n_in, n_out)
+        linear = PyroModule[nn.Linear](n_in, n_out)  # type: ignore[call-arg,arg-type]
         # the prior's location is a buffer, so that it follows the module's dtype and device
         linear.register_buffer("prior_loc", torch.zeros(()), persistent=False)
         linear.weight = PyroSample(
@@ -120,7 +120,7 @@ def bayesian_mlp(
         layers.append(linear)
         if i < len(sizes) - 2:
             layers.append(activation())
-    return PyroModule[nn.Sequential](*layers)
+    return PyroModule[nn.Sequential](*layers)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +155,8 @@ class SGPBAE(PyroModule):
     :param jitter: added to K_uu's diagonal and to the conditional variances of the codes.
     :param encoder_hidden: hidden widths of the amortised encoder (:meth:`fit_encoder`).
     """
+
+    base_kernel: Any  # k_1, a gpytorch kernel
 
     def __init__(
         self,
@@ -270,15 +272,14 @@ class SGPBAE(PyroModule):
         if x is not None and (not isinstance(x, Tensor) or x.shape != (t.shape[0], self.x_dim)):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be (B, x_dim) = ({t.shape[0]}, {self.x_dim}), got {shape}")
-        options = {"dtype": t.dtype, "device": t.device}
-        log_ell = torch.full((self.input_dim,), math.log(self.length_scale), **options)
+        log_ell = t.new_full((self.input_dim,), math.log(self.length_scale))
         lengthscale = pyro.sample(
             "lengthscale", dist.LogNormal(log_ell, self.hyper_prior_scale).to_event(1)
         )
-        log_s2 = torch.tensor(math.log(self.variance), **options)
+        log_s2 = t.new_tensor(math.log(self.variance))
         variance = pyro.sample("variance", dist.LogNormal(log_s2, self.hyper_prior_scale))
         k_uu, projection, conditional_variance = self._conditional(t, lengthscale, variance)
-        zeros = torch.zeros(self.z_dim, k_uu.shape[0], **options)
+        zeros = t.new_zeros(self.z_dim, k_uu.shape[0])
         u = pyro.sample("u", dist.MultivariateNormal(zeros, covariance_matrix=k_uu).to_event(1))
         loc = u @ projection.mT  # (L, B)
         data = pyro.plate("data", t.shape[0])
