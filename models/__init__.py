@@ -8,6 +8,7 @@ from .koopman import KoopmanVAE
 from .markovian_gp import MarkovianGPVAE
 from .multimodal import MultimodalVAE
 from .multimodal_gp import MultimodalGPVAE
+from .sgpbae import SGPBAE
 from .structured import StructuredVAE
 from .vae import VAE
 
@@ -20,6 +21,7 @@ __all__ = [
     "MarkovianGPVAE",
     "MultimodalGPVAE",
     "MultimodalVAE",
+    "SGPBAE",
     "StructuredVAE",
     "VAE",
 ]
