@@ -8,6 +8,9 @@
 - :func:`kl_per_dim`, :func:`mutual_information`, :func:`collapse_report`: posterior collapse
   per dimension and per layer (Dang et al. 2024).
 - :func:`latent_relevance`: the ARD-VAE decoder-Jacobian relevance score (Saha et al. 2025).
+- :func:`sliced_wasserstein`, :func:`distributional_sliced_wasserstein`: distances between two
+  samples (Bonneel et al. 2015; Nguyen et al. 2021), used to choose a Bayesian autoencoder's
+  prior (Tran et al. 2021).
 - :mod:`pvae.diagnostics.theory`: closed forms for collapse in linear conditional and 2-level
   hierarchical VAEs (Dang et al.).
 """
@@ -24,6 +27,7 @@ from pvae.diagnostics.collapse import (
 from pvae.diagnostics.latents import ActiveUnits, active_units, posterior_mean
 from pvae.diagnostics.relevance import LatentRelevance, latent_relevance
 from pvae.diagnostics.snr import GradientSNR, gradient_snr
+from pvae.diagnostics.wasserstein import distributional_sliced_wasserstein, sliced_wasserstein
 from pvae.evaluate import log_likelihood
 
 __all__ = [
@@ -36,10 +40,12 @@ __all__ = [
     "MutualInformation",
     "active_units",
     "collapse_report",
+    "distributional_sliced_wasserstein",
     "gradient_snr",
     "kl_per_dim",
     "latent_relevance",
     "log_likelihood",
     "mutual_information",
     "posterior_mean",
+    "sliced_wasserstein",
 ]
