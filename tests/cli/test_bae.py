@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from pvae.app import cli, diagnose, runs
@@ -14,6 +15,7 @@ TINY = ["--dataset", "digits", "--z-dim", "2", "--hidden", "8", "--max-train", "
 SAMPLING = ["--num-samples", "20", "--warmup", "30", "--chains", "2", "--batch-size", "50"]
 
 
+@pytest.mark.slow
 def test_sample_then_diagnose(tmp_path, capsys):
     run_dir = tmp_path / "run"
     argv = ["sample", *TINY, *SAMPLING, "--bae-prior-scale", "0.5", "--run-dir", str(run_dir)]
