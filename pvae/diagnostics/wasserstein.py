@@ -205,7 +205,7 @@ def distributional_sliced_wasserstein(
             distance = projected_wasserstein(x, y, directions, p).mean().clamp_min(1e-30).pow(1 / p)
             objective = distance - regularization * _mean_abs_cosine(directions)
             if float(objective.detach()) > best_value:
-                best_value, best_distance = float(objective), distance.detach()
+                best_value, best_distance = float(objective.detach()), distance.detach()
                 best_matrix = matrix.detach().clone()
             if step == num_steps:
                 break
