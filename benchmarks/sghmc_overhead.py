@@ -1,10 +1,10 @@
 """Time of one SGHMC step: ``pvae.inference.SGHMC`` on a Pyro model against a hand-written torch
 SGHMC step with the same networks and the same arithmetic.
 
-The model: a Bayesian MLP autoencoder written as a ``PyroModule`` whose weights are
-``PyroSample`` sites with N(0, 1) priors (read outside the data plate): encoder 784-200-20
-and decoder 20-200-784 with ReLU, Bernoulli likelihood with logits, x in the data plate scaled
-N/B (B = 100 of N = 5000). (The zoo's BayesianAE will replace it here.)
+The model: the zoo's ``pvae.models.BayesianAE`` (every weight and bias a ``PyroSample`` site
+with an N(0, 1) prior, read outside the data plate): encoder 784-200-20 and decoder 20-200-784
+with ReLU, Bernoulli likelihood with logits, x in the data plate scaled N/B (B = 100 of
+N = 5000).
 
 pvae side: what ``pvae.sample`` does per step after warm-up: ``sampler.train_step(model, None,
 x)`` on the model wrapped with ``pvae.scale_to_data`` (the adaptive sampler, its preconditioner
@@ -27,43 +27,14 @@ from __future__ import annotations
 import argparse
 
 import harness
-import pyro
-import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.nn import PyroModule, PyroSample
-from torch import nn
 
 import pvae
 from pvae.inference import SGHMC
+from pvae.models import BayesianAE
 
 X_DIM, HIDDEN, Z_DIM = 784, 200, 20
-
-
-def bayesian_linear(n_in: int, n_out: int) -> PyroModule:
-    layer = PyroModule[nn.Linear](n_in, n_out)
-    layer.weight = PyroSample(dist.Normal(0.0, 1.0).expand([n_out, n_in]).to_event(2))
-    layer.bias = PyroSample(dist.Normal(0.0, 1.0).expand([n_out]).to_event(1))
-    return layer
-
-
-class BayesianAutoencoder(PyroModule):
-    """x -> encoder -> code -> decoder -> Bernoulli logits; every weight a latent site."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.enc1 = bayesian_linear(X_DIM, HIDDEN)
-        self.enc2 = bayesian_linear(HIDDEN, Z_DIM)
-        self.dec1 = bayesian_linear(Z_DIM, HIDDEN)
-        self.dec2 = bayesian_linear(HIDDEN, X_DIM)
-
-    def forward(self, x: torch.Tensor) -> None:
-        weights = [
-            (layer.weight, layer.bias) for layer in (self.enc1, self.enc2, self.dec1, self.dec2)
-        ]
-        logits = _network(x, weights)
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
 
 
 def _network(x: torch.Tensor, weights: list) -> torch.Tensor:
@@ -72,7 +43,9 @@ def _network(x: torch.Tensor, weights: list) -> torch.Tensor:
     return F.linear(F.relu(F.linear(code, w3, b3)), w4, b4)
 
 
-def reference_step(sampler: SGHMC, num_data: int, prior_as_pyro: bool = True):
+def reference_step(
+    sampler: SGHMC, num_data: int, site_names: list[tuple[str, str]], prior_as_pyro: bool = True
+):
     """A hand-written SGHMC step on copies of the sampler's state (the same frozen eta and
     noise), with the same site order (the sampler's).
 
@@ -87,10 +60,9 @@ def reference_step(sampler: SGHMC, num_data: int, prior_as_pyro: bool = True):
     generator = torch.Generator().manual_seed(0)
     zero, one = torch.zeros(()), torch.ones(())
     order = {name: i for i, name in enumerate(sampler.names)}
-    names = [(f"{layer}.weight", f"{layer}.bias") for layer in ("enc1", "enc2", "dec1", "dec2")]
 
     def step(x: torch.Tensor) -> float:
-        weights = [(theta[order[w]], theta[order[b]]) for w, b in names]
+        weights = [(theta[order[w]], theta[order[b]]) for w, b in site_names]
         logits = _network(x, weights)
         log_lik = -F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
         if prior_as_pyro:
@@ -127,14 +99,15 @@ def main() -> None:
     num_data, batches = harness.prepare(args)
     print(harness.machine_line(args))
 
-    model = pvae.scale_to_data(BayesianAutoencoder(), num_data)
+    bae = BayesianAE(x_dim=X_DIM, z_dim=Z_DIM, hidden=(HIDDEN,), likelihood="bernoulli")
+    model = pvae.scale_to_data(bae.model, num_data)
     sampler = SGHMC()
     sampler.setup(model, (batches[0],), num_data=num_data, num_warmup=10, seed=0)
     for x in batches[:10]:  # warm-up: the preconditioner is estimated, then frozen
         sampler.train_step(model, None, x)
 
     # agreement: the same log joint at the same state
-    reference = reference_step(sampler, num_data)
+    reference = reference_step(sampler, num_data, bae.site_names)
     ours = float(sampler.log_joint(model, batches[0]).detach())
     theirs = reference(batches[0])
     print(f"log joint: pvae {ours:.4f}, reference {theirs:.4f}")
@@ -143,7 +116,7 @@ def main() -> None:
     def pvae_step(x: torch.Tensor) -> float:
         return sampler.train_step(model, None, x).loss
 
-    hand_prior = reference_step(sampler, num_data, prior_as_pyro=False)
+    hand_prior = reference_step(sampler, num_data, bae.site_names, prior_as_pyro=False)
     ms = harness.interleave(
         {"pvae": pvae_step, "reference": reference, "hand-prior": hand_prior},
         batches,

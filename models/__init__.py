@@ -1,6 +1,7 @@
 """The model zoo (installed as ``pvae.models``): one file per family."""
 
 from .ard import ARDVAE
+from .bayesian_ae import BayesianAE
 from .cvae import CVAE
 from .gp_vae import GPVAE
 from .hierarchical import HierarchicalVAE
@@ -14,6 +15,7 @@ from .vae import VAE
 
 __all__ = [
     "ARDVAE",
+    "BayesianAE",
     "CVAE",
     "GPVAE",
     "HierarchicalVAE",

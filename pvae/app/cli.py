@@ -7,6 +7,8 @@
     pvae compare                       # ELBO, IWAE, MIWAE, CIWAE, PIWAE on MNIST-5k
     pvae compare --quick --dataset digits --bounds elbo,iwae-dreg,miwae:4x16
     pvae diagnose runs/digits-elbo     # collapse, relevance and traversals of a trained run
+    pvae sample --dataset mnist5k --model bae --max-train 500 --run-dir runs/bae
+    pvae diagnose runs/bae             # R-hat, ESS, ArviZ summary and traces of a sampler run
 
 ``pvae compare`` trains the same model once per bound (same seed, data and particle budget)
 and writes a table of test log-likelihood, ELBO, IWAE-64, inference gap, active units,
@@ -77,6 +79,7 @@ from tqdm.auto import tqdm
 import pvae
 from pvae import atomic, data, likelihoods, plots, tracking, validation
 from pvae.app import compare, diagnose, runs
+from pvae.app import sample as sample_app
 from pvae.app.registry import ENGINES, MODELS, Option, Registry, parse_bound
 from pvae.app.registry import bound_grammar as _grammar
 from pvae.checkpoint import RUN_JSON, RunDirInUse, load_checkpoint, run_lock
@@ -1261,11 +1264,123 @@ def _diagnose(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from error
     except OSError as error:
         raise CliError(f"cannot write the diagnostics: {error}", EXIT_FAILURE) from error
-    if not args.quiet and result.kind == "train":
+    if not args.quiet and result.kind in ("train", "sample"):
         print(result.verdict)
     figures = sum(1 for path in result.files if path.suffix == ".png")
     where = f"{len(result.bounds)} bounds, " if result.kind == "compare" else ""
     print(f"{result.report} and {figures} plots written ({where}{_threads()})")
+    return EXIT_OK
+
+
+def _add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_data_arguments(parser)
+    _add_model_arguments(parser, z_dim=10, hidden=(100,))
+    parser.set_defaults(model="bae")
+    group = parser.add_argument_group("sampling (SGHMC over every latent site)")
+    group.add_argument(
+        "--num-samples", type=_positive_int, default=100, help="draws kept per chain (default: 100)"
+    )
+    group.add_argument(
+        "--warmup",
+        type=_non_negative_int,
+        default=500,
+        help="warm-up steps per chain (default: 500)",
+    )
+    group.add_argument(
+        "--thin", type=_positive_int, default=1, help="keep every THIN-th step (default: 1)"
+    )
+    group.add_argument(
+        "--chains", type=_positive_int, default=1, help="chains, one after another (default: 1)"
+    )
+    group.add_argument(
+        "--batch-size", type=_positive_int, default=100, help="datapoints per step (default: 100)"
+    )
+    group.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=0.05,
+        help="SGHMC learning rate per datapoint; the step is lr / N (default: 0.05)",
+    )
+    group.add_argument(
+        "--friction",
+        type=_positive_float,
+        default=0.05,
+        help="SGHMC friction in (0, 1] (default: 0.05)",
+    )
+    group.add_argument(
+        "--max-train",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="sample on the first N training points only (default: all)",
+    )
+    group.add_argument("--run-dir", required=True, metavar="DIR", help="where the run is written")
+    group.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _sample(args: argparse.Namespace) -> int:
+    """``pvae sample``: :func:`pvae.app.sample.run_sampler` into ``--run-dir``."""
+    run_dir = Path(args.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CliError(f"--run-dir {run_dir} exists and is not a folder")
+    if (run_dir / CHECKPOINT).exists() and not args.resume:
+        raise CliError(
+            f"{run_dir} already holds a run ({CHECKPOINT}); pass --resume to continue it"
+        )
+    ds = _prepare(args, _load_dataset(args))
+    ds = runs.subset(ds, args.max_train, None)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)
+    model = _build_model(args, ds)
+    _check_support(model, ds)
+    config = runs.RunConfig(
+        command="sample",
+        dataset=args.dataset,
+        seed=args.seed,
+        binarize=args.binarize,
+        data_path=args.data_path,
+        max_train=args.max_train,
+        model=args.model,
+        model_options=MODELS[args.model].resolve_options(_model_options(args)),
+        z_dim=args.z_dim,
+        hidden=tuple(args.hidden),
+        net=args.net,
+        likelihood=args.likelihood,
+        engine="sghmc",
+        batch_size=args.batch_size,
+        lr=args.lr,
+    )
+    settings = {
+        "lr": args.lr,
+        "friction": args.friction,
+        "num_samples": args.num_samples,
+        "warmup": args.warmup,
+        "thin": args.thin,
+        "num_chains": args.chains,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "resume": args.resume,
+    }
+    started = time.perf_counter()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runs.write_config(
+            run_dir, config, ds, args=_json_args(args), argv=[PROG, *canonical_argv("sample", args)]
+        )
+        posterior = sample_app.run_sampler(model, ds, run_dir, settings, _show_progress(args))
+    except pvae.SamplingDiverged as error:
+        raise CliError(f"sampling diverged: {error} (lower --lr)", EXIT_FAILURE) from error
+    except RunDirInUse as error:
+        raise CliError(f"--run-dir: {error}") from error
+    except ValueError as error:
+        raise CliError(f"sampling failed: {error}", EXIT_FAILURE) from error
+    print(
+        f"{posterior.num_chains} chain(s) x {posterior.num_samples} draws of "
+        f"{len(posterior.samples)} sites in {time.perf_counter() - started:.0f} s; "
+        f"{sample_app.POSTERIOR}, config.json and figures in {run_dir} "
+        f"(pvae diagnose {run_dir}: R-hat, ESS, traces)"
+    )
     return EXIT_OK
 
 
@@ -1296,6 +1411,12 @@ COMMANDS: list[Command] = [
         "train", "train one model with one engine and evaluate it", _add_train_arguments, _train
     ),
     Command("datasets", "list the datasets", _add_datasets_arguments, _datasets),
+    Command(
+        "sample",
+        "sample a model's weights with SGHMC (e.g. --model bae) and save the posterior",
+        _add_sample_arguments,
+        _sample,
+    ),
 ]
 
 

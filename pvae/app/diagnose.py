@@ -764,6 +764,27 @@ def _compare_markdown(
 # ---------------------------------------------------------------------------------------------
 
 
+def _is_sample_run(run_dir: Path) -> bool:
+    """A ``pvae sample`` run folder (its config.json says so)."""
+    try:
+        return json.loads((run_dir / CONFIG).read_text()).get("command") == "sample"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _diagnose_sample(run_dir: Path, out: Path) -> Diagnosis:
+    """R-hat, ESS, the ArviZ summary and trace plots of a sampler run
+    (:func:`pvae.app.sample.diagnose_sample`)."""
+    from pvae.app.sample import diagnose_sample
+
+    try:
+        found = diagnose_sample(run_dir, out)
+    except ValueError as error:
+        raise DiagnoseError(str(error)) from error
+    report = atomic.write_text(out / REPORT, "\n".join(found.lines) + "\n")
+    return Diagnosis("sample", run_dir, out, files=[report, *found.files], verdict=found.verdict)
+
+
 def diagnose(
     run_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -782,12 +803,15 @@ def diagnose(
     if num_points < 1:
         raise DiagnoseError(f"num_points must be >= 1, got {num_points}")
     run_dir = Path(run_dir)
-    kind = _kind(run_dir)
+    sampled = _is_sample_run(run_dir)
+    kind = "sample" if sampled else _kind(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DiagnoseError(f"cannot write to {out}: {error}") from error
+    if sampled:
+        return _diagnose_sample(run_dir, out)
     if kind == "train":
         return _diagnose_train(run_dir, out, num_points)
     return _diagnose_compare(run_dir, out, num_points, say)

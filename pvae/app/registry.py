@@ -672,6 +672,49 @@ register_model(
 )
 
 
+def _bae(
+    ds: data.Splits,
+    z_dim: int,
+    hidden: Sequence[int],
+    net: str,
+    likelihood: str,
+    prior_scale: float = 1.0,
+    noise_scale: float = 0.1,
+) -> PyroModule:
+    from pvae.models import BayesianAE
+
+    _mlp_only("bae", net)
+    kw = {"scale": noise_scale} if likelihood == "gaussian" else {}
+    return BayesianAE(
+        x_dim=ds.x_dim,
+        z_dim=z_dim,
+        hidden=tuple(hidden),
+        likelihood=likelihood,
+        prior_scale=prior_scale,
+        likelihood_kw=kw,
+    )
+
+
+register_model(
+    "bae",
+    _bae,
+    "Bayesian autoencoder: priors on every weight, sampled with SGHMC by 'pvae sample' "
+    "(Tran et al. 2021)",
+    options=(
+        Option(
+            "prior_scale", _number(0.0, open_below=True), 1.0, "sd of the N(0, s^2) weight prior"
+        ),
+        Option(
+            "noise_scale",
+            _number(0.0, open_below=True),
+            0.1,
+            "the fixed sd of a gaussian likelihood",
+        ),
+    ),
+    decoder=lambda model: None,
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # Engines
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,9 @@
 - :func:`latent_relevance`: the ARD-VAE decoder-Jacobian relevance score (Saha et al. 2025).
 - :func:`identification_r2`: R^2 of affine regressions from inferred to true latent groups
   (Gondur et al. 2024).
+- :func:`sliced_wasserstein`, :func:`distributional_sliced_wasserstein`: distances between two
+  samples (Bonneel et al. 2015; Nguyen et al. 2021), used to choose a Bayesian autoencoder's
+  prior (Tran et al. 2021).
 - :mod:`pvae.diagnostics.theory`: closed forms for collapse in linear conditional and 2-level
   hierarchical VAEs (Dang et al.).
 """
@@ -27,6 +30,7 @@ from pvae.diagnostics.identification import Identification, identification_r2
 from pvae.diagnostics.latents import ActiveUnits, active_units, posterior_mean
 from pvae.diagnostics.relevance import LatentRelevance, latent_relevance
 from pvae.diagnostics.snr import GradientSNR, gradient_snr
+from pvae.diagnostics.wasserstein import distributional_sliced_wasserstein, sliced_wasserstein
 from pvae.evaluate import log_likelihood
 
 __all__ = [
@@ -40,6 +44,7 @@ __all__ = [
     "MutualInformation",
     "active_units",
     "collapse_report",
+    "distributional_sliced_wasserstein",
     "gradient_snr",
     "identification_r2",
     "kl_per_dim",
@@ -47,4 +52,5 @@ __all__ = [
     "log_likelihood",
     "mutual_information",
     "posterior_mean",
+    "sliced_wasserstein",
 ]
