@@ -334,8 +334,13 @@ class SequentialPrior(TorchDistribution):
         return paths[: math.prod(shape)].reshape(*shape, *self.event_shape)
 
     def log_prob(self, value: Tensor) -> Tensor:
+        return self.log_prob_elements(value).sum((-2, -1))
+
+    def log_prob_elements(self, value: Tensor) -> Tensor:
+        """log p(z_tc | z_<t) per element, ``batch + (T, k)`` (they sum to :meth:`log_prob`;
+        per-channel collapse diagnostics read them)."""
         loc, scale = self.net.conditionals(value)
-        return dist.Normal(loc, scale).log_prob(value).sum((-2, -1))
+        return dist.Normal(loc, scale).log_prob(value)
 
 
 # --------------------------------------------------------------------------------------------

@@ -136,7 +136,10 @@ def _marginal_kl(guide_site: dict, model_site: dict) -> tuple[torch.Tensor, bool
     mixture of diagonal Gaussians), the Monte-Carlo estimate log q_d(z_d) - log p_d(z_d) at
     the guide's draw. A q and p with the same multi-axis event (a ``(T, C)`` state path, a
     smoothed posterior against a dynamical prior) get the closed-form KL of their 1-d
-    marginals per element, from their ``mean`` and ``variance``."""
+    marginals per element, from their ``mean`` and ``variance``. A factorised q against a
+    prior with ``log_prob_elements(value)`` (per-element conditional log-densities, e.g. a
+    sequential prior p(z_tc | z_<t)) gets the Monte-Carlo chain-rule terms
+    log q(z_tc) - log p(z_tc | z_<t), which add up to the site's KL."""
     q, p = guide_site["fn"], model_site["fn"]
     if isinstance(p, Independent) and p.reinterpreted_batch_ndims == 1:
         p = p.base_dist
@@ -144,6 +147,17 @@ def _marginal_kl(guide_site: dict, model_site: dict) -> tuple[torch.Tensor, bool
         return kl_divergence(Normal(q.mean, q.variance.sqrt()), p), True
     while isinstance(q, ExpandedDistribution):  # as pyro.plate wraps a batched q
         q = q.base_dist
+    while isinstance(p, ExpandedDistribution):
+        p = p.base_dist
+    log_prob_elements = getattr(p, "log_prob_elements", None)
+    if (
+        callable(log_prob_elements)
+        and isinstance(q, Independent)
+        and not q.base_dist.event_shape
+        and q.event_shape == p.event_shape
+    ):  # a factorised q against a sequential prior: chain-rule terms per element
+        z = guide_site["value"]
+        return q.base_dist.log_prob(z) - log_prob_elements(z), False
     if len(q.event_shape) > 1 and q.event_shape == p.event_shape:  # e.g. (T, C) state paths
         try:  # the 1-d marginals KL(N(m_tc, v_tc) || N(mu_tc, s_tc)) per element
             q_marginal = Normal(q.mean, q.variance.sqrt())
