@@ -397,7 +397,7 @@ def test_sequential_priors_get_chain_rule_terms_per_channel():
         arg_constraints: dict = {}
         support = dist.constraints.independent(dist.constraints.real, 2)
 
-        def __init__(self, batch_shape=torch.Size()):
+        def __init__(self, batch_shape=()):
             super().__init__(torch.Size(batch_shape), torch.Size([T, 2]), validate_args=False)
 
         def expand(self, batch_shape, _instance=None):
