@@ -220,6 +220,49 @@ MUTATIONS: list[Mutation] = [
         "terms = terms",
         (SSM,),
     ),
+    # --- the sequence and sampler families -------------------------------------------------
+    Mutation(
+        "matern32-stationary-cov",  # the derivative's stationary variance off by a factor lambda
+        "pvae/gp.py",
+        "P_rows = [[variance, zero], [zero, lam**2 * variance]]",
+        "P_rows = [[variance, zero], [zero, lam * variance]]",
+        ("tests/core/test_gp_ssm.py",),
+    ),
+    Mutation(
+        "koopman-operator-transposed",  # z_{t+1} = A^T z_t instead of z_{t+1} = z_t A
+        "models/koopman.py",
+        "return torch.linalg.pinv(past) @ future",
+        "return (torch.linalg.pinv(past) @ future).mT",
+        ("tests/models/test_koopman.py::test_least_squares_recovers_a_planted_operator",),
+    ),
+    Mutation(
+        "gpvae-banded-kl-log-det",  # the prior's log-determinant halved
+        "models/gp_vae.py",
+        "log_det_prior = 2 * scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)",
+        "log_det_prior = scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)",
+        ("tests/models/test_gp_vae.py::test_banded_kl_to_gp_prior_equals_dense",),
+    ),
+    Mutation(
+        "poisson-closed-form-variance",  # E[exp(eta)] without the sigma^2 / 2
+        "models/multimodal_gp.py",
+        "torch.exp(mean + 0.5 * variance)",
+        "torch.exp(mean)",
+        ("tests/models/test_multimodal_gp.py::test_poisson_closed_form_matches_monte_carlo",),
+    ),
+    Mutation(
+        "sghmc-data-scaled-twice",  # the N/B scale applied twice in the potential
+        "inference/sghmc.py",
+        'scale_and_mask(log_prob, msg["scale"], msg["mask"])',
+        'scale_and_mask(log_prob, msg["scale"] * msg["scale"], msg["mask"])',
+        ("tests/inference/test_sghmc.py::test_regression_scales_data_once",),
+    ),
+    Mutation(
+        "sghmc-step-not-per-datapoint",  # the step lr instead of lr / N
+        "inference/sghmc.py",
+        "eta = self.lr / self.num_data",
+        "eta = self.lr",
+        ("tests/inference/test_sghmc.py::test_regression_minibatches_match_exact_posterior",),
+    ),
 ]
 
 
