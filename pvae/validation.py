@@ -29,6 +29,7 @@ import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
 
 from pvae.protocol import check_data_plate
@@ -283,6 +284,7 @@ def check_guide_covers_model(model_trace: Any, guide_trace: Any, who: str) -> No
         for site_name, site in model_trace.nodes.items()
         if site["type"] == "sample"
         and not site["is_observed"]
+        and not site_is_subsample(site)  # a plate's index site, not a latent
         and site_name not in guide_trace.nodes
         and not (site.get("infer") or {}).get("enumerate")
         and not (site.get("infer") or {}).get("is_auxiliary")

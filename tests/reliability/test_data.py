@@ -186,3 +186,21 @@ def test_a_subsampling_data_plate_probes_with_a_real_batch(x, make_pair):
 
     run = pvae.fit(model, guide, x, epochs=1, batch_size=b, progress=False)
     assert np.isfinite(run.train_bound[-1])
+
+
+def test_a_pair_whose_guide_has_no_latents_trains():
+    """A deterministic pair (no latent: an empty guide) is not refused because the model's data
+    plate records an index site that the guide lacks."""
+    decoder = torch.nn.Linear(2, 3)
+
+    def model(x, y):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", pyro.distributions.Normal(decoder(x), 1.0).to_event(1), obs=y)
+
+    def guide(x, y):
+        pass
+
+    x, y = torch.randn(20, 2), torch.randn(20, 3)
+    run = pvae.fit(model, guide, (x, y), epochs=2, batch_size=10, progress=False)
+    assert run.history[-1]["train_bound"] > run.history[0]["train_bound"] - 1.0
