@@ -448,7 +448,7 @@ def _train_one(
             *extra,
             _yardstick_callback(model, valid, yardstick, config["seed"], device, spent),
         ]
-    name = config.get("yardstick") or ""
+    label = str(config.get("yardstick") or "").upper().replace(":", "-")
 
     def report(run: Run, record: dict[str, Any]) -> None:
         if say is None:
@@ -456,7 +456,7 @@ def _train_one(
         valid = record.get("valid_bound")
         valid_text = f", valid {valid:.3f}" if valid is not None else ""
         common = record.get("yardstick")
-        common_text = f", {name.upper()} {common:.3f}" if common is not None else ""
+        common_text = f", {label} {common:.3f}" if common is not None else ""
         say(
             f"[{tag}] epoch {record['epoch'] + 1}/{epochs}: train "
             f"{record['train_bound']:.3f}{valid_text}{common_text} nats ({record['seconds']:.1f} s)"
@@ -821,19 +821,19 @@ def compare(
             }
             if several:
                 result["run"] = folder
-            run_config = {**config, "seed": run_seed}
+            seed_config = {**config, "seed": run_seed}
             name = f"{spec.label}/seed-{run_seed}" if several else spec.label
-            logged = loggers(name, {**run_config, "bound": spec.label}) if loggers else []
+            logged = loggers(name, {**seed_config, "bound": spec.label}) if loggers else []
             _memory_start(target)
             try:
                 began = time.perf_counter()
                 trained, run, spent = _train_one(
-                    spec, build_model, on_device, run_config, out, bar_on, say, logged,
+                    spec, build_model, on_device, seed_config, out, bar_on, say, logged,
                     folder, target,
                 )  # fmt: skip
                 train_seconds = time.perf_counter() - began - spent
                 began = time.perf_counter()
-                numbers, ll = _evaluate(spec, trained, run, on_device, run_config, bar_on, target)
+                numbers, ll = _evaluate(spec, trained, run, on_device, seed_config, bar_on, target)
                 eval_seconds = time.perf_counter() - began
             except TrainingDiverged as error:
                 result["status"] = f"diverged: {error}"
@@ -877,10 +877,13 @@ def _add_deltas(
 ) -> None:
     """Paired differences of log p(x) to the first bound that trained, seed by seed (the
     same test points and random numbers)."""
-    reference = next((r["bound"] for r in results if (r["bound"], r["seed"]) in per_point), None)
+    reference: str | None = next(
+        (r["bound"] for r in results if (r["bound"], r["seed"]) in per_point), None
+    )
     for result in results:
         result["reference"] = reference
-        key, paired = (result["bound"], result["seed"]), (reference, result["seed"])
+        key: tuple[str, int] = (result["bound"], result["seed"])
+        paired: tuple[str, int] = (str(reference), result["seed"])
         if reference is None or key not in per_point or paired not in per_point:
             result["delta_log_likelihood"] = result["delta_stderr"] = math.nan
             continue
@@ -1017,7 +1020,7 @@ def format_table(
     return "\n".join(lines)
 
 
-def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+def _mean_sd(values: Sequence[Any]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1; NaN for one value) of the finite values."""
     kept = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not kept:
@@ -1194,7 +1197,8 @@ def _markdown(
     yardstick = config.get("yardstick")
     yardstick_note = (
         f"- **yardstick**: after every epoch each bound's model is evaluated with the same "
-        f"estimator, {str(yardstick).upper()}, on the first {config.get('yardstick_points')} "
+        f"estimator, {str(yardstick).upper().replace(':', '-')}, on the first "
+        f"{config.get('yardstick_points')} "
         "validation points (no gradients, a fixed seed in a forked RNG: training is "
         "untouched); `learning_curves.png` plots it for every bound on one axis (left) next "
         "to each bound's own objective (right).\n"
@@ -1328,7 +1332,7 @@ def write_outputs(
     yardstick = config.get("yardstick")
     plots.compared_learning_curves(
         histories,
-        yardstick=str(yardstick).upper() if yardstick else None,
+        yardstick=str(yardstick).upper().replace(":", "-") if yardstick else None,
         path=out / "learning_curves.png",
         title=f"{config['dataset']}" + (f", mean over seeds {config['seeds']}" if several else ""),
     )

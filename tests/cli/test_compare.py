@@ -15,7 +15,7 @@ from pvae.app.registry import parse_bound
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BOUNDS = ["elbo", "iwae", "miwae:8x8", "ciwae:0.5", "piwae:8x8"]
 FILES = ["results.md", "results.json", "results.csv"]
-PLOTS = ["learning_curves.png", "log_likelihood.png", "snr.png"]
+PLOTS = ["learning_curves.png", "log_likelihood.png", "snr.png", "ll_vs_k.png"]
 NUMBERS = [
     "log_likelihood",
     "log_likelihood_stderr",
