@@ -19,14 +19,30 @@ see :mod:`pvae.app.registry`). Each trained pair is then measured on the test se
   estimator for the guide's and the model's parameters (Rainforth et al. 2018), the mean
   over parameter elements of ``|E g| / std g`` from ``snr_repeats`` gradients on a fixed batch of
   ``snr_points`` test points;
-- ``seconds_per_epoch``: the mean time of an epoch's training steps (no validation).
+- ``seconds_per_epoch``: the mean time of an epoch's training steps (no validation);
+  ``train_seconds`` (the whole training without the yardstick), ``eval_seconds`` (every
+  number above), ``peak_memory_mb`` (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the
+  process's peak resident set size, whole-process and cumulative);
+- ``yardstick``: the common estimator (IWAE-64 by default) on the first 200 validation points,
+  recorded after every epoch in each epoch record, so that learning curves of different bounds
+  compare like with like (:func:`_yardstick_callback`: no gradients, a fixed seed in a forked
+  RNG: training is unchanged);
+- ``ll_vs_k``: log p(x) with K in :data:`LL_KS` up to ``ll_samples``, on the first 100 test
+  points: where the estimate converges.
+
+With several ``seeds`` every bound is trained once per seed (folders ``iwae/seed-1``; one seed
+keeps ``iwae/``) and :func:`summarize` gives per bound the mean ± sd over seeds of every number
+and of the per-seed paired Δ to the reference bound, flagging a difference *within seed noise*
+when |mean Δ| < 2 sd of the per-seed Δ.
 
 :func:`compare` writes into ``run_dir`` (every file atomically): ``results.md`` (the table,
 the command and the configuration), ``results.json``, ``results.csv``, ``learning_curves.png``
-(each bound's own train/valid bound per epoch), ``log_likelihood.png`` (with error bars),
-``snr.png`` (log scale), ``config.json`` (the :class:`pvae.app.runs.RunConfig` that
-``pvae diagnose`` rebuilds the data and models from), and one folder per bound with
-``pvae.fit``'s checkpoint and ``run.json``.
+(the yardstick for every bound on one axis, and each bound's own train/valid bound per epoch),
+``log_likelihood.png`` (with error bars), ``snr.png`` (log scale), ``ll_vs_k.png``,
+``results.json``'s ``environment`` (git commit, versions, CPU/GPU, threads), ``config.json``
+(the :class:`pvae.app.runs.RunConfig` that ``pvae diagnose`` rebuilds the data and models
+from), and one folder per bound (per bound and seed) with ``pvae.fit``'s checkpoint and
+``run.json``.
 
 Speed: Pyro's per-call argument checks cost about half of an importance-weighted step on
 MNIST (every log-prob of every particle is validated), so training and evaluation run with

@@ -87,8 +87,8 @@ def test_summarize_flags_a_difference_within_noise():
         }
 
     rows = [row("a", s, 0.0) for s in (0, 1, 2)]
-    noisy = compare.summarize([*rows, *(row("b", s, d) for s, d in zip((0, 1, 2), (1, -1, 0.5)))])
-    clear = compare.summarize([*rows, *(row("b", s, d) for s, d in zip((0, 1, 2), (1, 1.2, 0.9)))])
+    noisy = compare.summarize([*rows, *(row("b", s, d) for s, d in enumerate((1, -1, 0.5)))])
+    clear = compare.summarize([*rows, *(row("b", s, d) for s, d in enumerate((1, 1.2, 0.9)))])
     assert noisy[1]["within_seed_noise"] is True and clear[1]["within_seed_noise"] is False
     assert clear[1]["delta_sd"] == pytest.approx(statistics.stdev([1, 1.2, 0.9]))
 
