@@ -943,6 +943,11 @@ def _command(config: Mapping[str, Any]) -> list[str]:
             argv += [entry.flag(option), str(value)]
     if config.get("inner") is not None:
         argv += ["--inner", str(config["inner"])]
+    if len(config.get("seeds") or ()) > 1:
+        argv += ["--seeds", ",".join(str(seed) for seed in config["seeds"])]
+    argv += ["--yardstick", str(config.get("yardstick") or "none")]
+    if config.get("device", "cpu") != "cpu":
+        argv += ["--device", str(config["device"])]
     if config.get("quick"):
         argv.append("--quick")
     return argv

@@ -82,6 +82,9 @@ def test_json_has_all_bounds_with_finite_numbers(quick_run):
         assert r["elbo"] <= r["iwae_64"] + 0.5 and r["iwae_64"] <= r["log_likelihood"] + 0.5
         assert r["inference_gap"] == pytest.approx(r["log_likelihood"] - r["elbo"])
         assert len(r["history"]) == compare.QUICK["epochs"]
+        # one seed keeps one folder per bound (the layout pvae diagnose has always read)
+        assert r["folder"] == r["bound"].replace(":", "_") and "run" not in r
+        assert all(math.isfinite(record["yardstick"]) for record in r["history"])
     assert results[0]["delta_log_likelihood"] == 0.0
 
 
