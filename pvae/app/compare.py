@@ -52,7 +52,9 @@ up front, and ``pvae.fit`` still stops on a non-finite bound.
 Budget: the defaults (5 bounds, 64 particles, MNIST-5k, a 784-200-200-50 ReLU MLP VAE, 10 epochs
 of batches of 20, log p(x) with K = 5000 on the 500 test points) are sized to finish within
 about 10 minutes on 2 CPU cores: measured 8.6 minutes with ``--threads 1`` on a 2-core machine
-shared with other jobs (6.8 minutes of CPU). On a busy machine use ``--threads 1``: two threads
+shared with other jobs (6.8 minutes of CPU), before the yardstick (0.23 s per bound and
+epoch on MNIST-5k, about 12 s in all) and log p(x) against K (about 2 s per bound) were
+added. On a busy machine use ``--threads 1``: two threads
 competing for busy cores spin-wait and ran 2 to 4 times slower than one;
 ``quick=True`` trains a smaller net for 2 epochs on a subset with K = 100, in well under a
 minute. Explicit arguments always win over either set of defaults.
