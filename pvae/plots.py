@@ -172,6 +172,128 @@ def learning_curve(
     return _finish(fig, path)
 
 
+def _epoch_values(history: History, key: str) -> dict[int, float]:
+    values: dict[int, float] = {}
+    for record in history:
+        value = record.get(key)
+        if value is not None and math.isfinite(float(value)):
+            values[int(record["epoch"]) + 1] = float(value)
+    return values
+
+
+def _draw_over_seeds(ax: Axes, histories: Sequence[History], key: str, **style: Any) -> bool:
+    """The mean over ``histories`` (runs with different seeds) of ``key`` per epoch as a line,
+    with every run as a faint line when there are several. Returns whether anything was drawn."""
+    curves = [_epoch_values(history, key) for history in histories]
+    epochs = sorted({epoch for curve in curves for epoch in curve})
+    if not epochs:
+        return False
+    means = [float(np.mean([c[e] for c in curves if e in c])) for e in epochs]
+    line = ax.plot(epochs, means, marker="o", markersize=3, **style)[0]
+    if len(curves) > 1:
+        for curve in curves:
+            xs = sorted(curve)
+            ax.plot(
+                xs,
+                [curve[x] for x in xs],
+                style.get("linestyle", "-"),
+                color=line.get_color(),
+                alpha=0.25,
+                linewidth=0.8,
+            )
+    return True
+
+
+def compared_learning_curves(
+    runs: Mapping[str, Sequence[History]],
+    yardstick: str | None,
+    path: PathLike | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Learning curves of several bounds: left, the common yardstick (the same estimator for
+    every bound, ``record["yardstick"]``, e.g. IWAE-64 on validation points) per epoch on one
+    axis; right, each bound's own objective (train solid, valid dashed). With several runs
+    per bound (seeds) the line is their mean and each run is drawn faintly.
+
+    :param runs: ``bound -> [history, ...]`` (one history per seed; a history is a list of
+        per-epoch dicts with ``epoch``, ``train_bound``, ``valid_bound``, ``yardstick``).
+    :param yardstick: the yardstick's name for the axis label (None: no yardstick panel
+        content).
+    :param path: where to save the figure (atomically), or None.
+    """
+    fig = Figure(figsize=(11.0, 4.2))
+    common, own = fig.subplots(1, 2)
+    drawn_common = drawn_own = False
+    for index, (name, histories) in enumerate(runs.items()):
+        colour = f"C{index % 10}"
+        histories = [_history(history) for history in histories]
+        drawn_common |= _draw_over_seeds(common, histories, "yardstick", color=colour, label=name)
+        drawn_own |= _draw_over_seeds(
+            own, histories, "train_bound", color=colour, label=f"{name} train"
+        )
+        drawn_own |= _draw_over_seeds(
+            own, histories, "valid_bound", color=colour, linestyle="--", label=f"{name} valid"
+        )
+    for ax, drawn, label, empty in (
+        (
+            common,
+            drawn_common,
+            f"{yardstick} on validation points (nats)" if yardstick else "yardstick",
+            "no yardstick recorded",
+        ),
+        (own, drawn_own, "own objective (nats per datapoint)", "no epochs recorded"),
+    ):
+        if drawn:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    common.set_title("the same estimator for every bound", fontsize="medium")
+    own.set_title("each bound's own objective", fontsize="medium")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def ll_vs_k(
+    curves: Mapping[str, Mapping[int, float]],
+    path: PathLike | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Importance-sampled log p(x) against the number of samples K (log x axis), one line per
+    trained model: where the estimates stop rising, K is large enough (the estimate is a
+    lower bound in expectation, non-decreasing in K, Burda et al. 2016).
+
+    :param curves: ``name -> {K: mean log p(x) in nats}``.
+    :param path: where to save the figure (atomically), or None.
+    """
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.add_subplot()
+    drawn = False
+    for index, (name, curve) in enumerate(curves.items()):
+        points = sorted((int(k), float(v)) for k, v in curve.items() if math.isfinite(float(v)))
+        if not points:
+            continue
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o", markersize=4, color=f"C{index % 10}", label=name)
+        drawn = True
+    if drawn:
+        ax.set_xscale("log")
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no estimates", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("importance samples K")
+    ax.set_ylabel("log p(x) (nats per datapoint)")
+    ax.grid(alpha=0.3, which="both")
+    if title:
+        ax.set_title(title)
+    return _finish(fig, path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------------------------

@@ -1087,7 +1087,49 @@ def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch's intra-op threads (default: torch's own, one per core; on a machine "
         "busy with other jobs, 1 is often several times faster)",
     )
+    group.add_argument(
+        "--seeds",
+        type=_seeds,
+        default=None,
+        metavar="S1,S2,...",
+        help="train every bound once per seed (one run folder per bound and seed, "
+        "BOUND/seed-S); the table gives mean ± sd over seeds and the per-seed paired Δ to the "
+        "first bound (default: --seed alone, one folder per bound)",
+    )
+    group.add_argument(
+        "--yardstick",
+        type=_yardstick,
+        default=compare.YARDSTICK,
+        metavar="iwae:K|elbo:K|none",
+        help="the estimator every bound's model is evaluated with on "
+        f"{compare.YARDSTICK_POINTS} validation points after every epoch, for learning curves "
+        f"that compare like with like (default: {compare.YARDSTICK})",
+    )
+    group.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda", "mps"],
+        help="where the models train and are evaluated (default: cpu)",
+    )
     _add_log_argument(group, "one run per bound (steps, epochs, its results) and the results")
+
+
+def _seeds(text: str) -> list[int]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seeds, got {text!r}")
+    seeds = [_seed(item) for item in items]
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed is given twice in {text!r}")
+    return seeds
+
+
+def _yardstick(text: str) -> str:
+    try:
+        compare.parse_yardstick(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+    return text
 
 
 def _threads() -> str:
@@ -1110,6 +1152,12 @@ def _compare(args: argparse.Namespace) -> int:
     )
     for key in ("epochs", "z_dim", "hidden", "ll_samples", "snr_repeats"):
         setattr(args, key, knobs[key])
+    try:
+        compare.resolve_device(args.device)
+    except ValueError as error:
+        raise CliError(f"--device: {error}") from error
+    if args.seeds is not None:
+        args.seed = args.seeds[0]  # the data are loaded (split, subset) with the first seed
     try:
         specs = compare.resolve_bounds(args.bounds, args.particles, args.inner)
     except ValueError as error:
@@ -1149,10 +1197,15 @@ def _compare_outputs(run_dir: Path) -> list[Path]:
         return []
     names = dict.fromkeys((*compare.OUTPUTS, runs.CONFIG, *diagnose.FILES, diagnose.RESULTS))
     found = [run_dir / name for name in names if (run_dir / name).is_file()]
+
+    def holds_run(folder: Path) -> bool:
+        return (folder / CHECKPOINT).is_file() or (folder / RUN_JSON).is_file()
+
     found += sorted(
         child
         for child in run_dir.iterdir()
-        if child.is_dir() and ((child / CHECKPOINT).is_file() or (child / RUN_JSON).is_file())
+        if child.is_dir()
+        and (holds_run(child) or any(holds_run(seed) for seed in child.glob("seed-*")))
     )
     return found
 
@@ -1198,6 +1251,9 @@ def _compare_locked(
             progress=not args.quiet,
             argv=[PROG, *canonical_argv("compare", args)],
             loggers=tracking.children(loggers) if args.log else None,
+            seeds=args.seeds,
+            yardstick=args.yardstick,
+            device=args.device,
         )
         tracking.log_outputs(loggers, run_dir)
     except KeyboardInterrupt:
@@ -1218,13 +1274,20 @@ def _compare_locked(
     finally:
         loggers.close(failed=results is None)
     unit = "sequence" if isinstance(raw, data.SequenceSplits) else None
-    print(compare.format_table(results, args.ll_samples, unit))
+    several = args.seeds is not None and len(args.seeds) > 1
+    if several:
+        print(compare.format_seed_table(compare.summarize(results), args.ll_samples, unit))
+    else:
+        print(compare.format_table(results, args.ll_samples, unit))
+    seeds = f" x {len(args.seeds)} seeds" if several else ""
     print(
-        f"{len(results)} bounds compared in {time.perf_counter() - started:.0f} s "
-        f"({_threads()}); results.md, results.json, results.csv, "
-        f"learning_curves.png, log_likelihood.png and snr.png in {run_dir}"
+        f"{len(specs)} bounds{seeds} compared in {time.perf_counter() - started:.0f} s "
+        f"({_threads()}, {args.device}); results.md, results.json, results.csv, "
+        f"learning_curves.png, log_likelihood.png, snr.png and ll_vs_k.png in {run_dir}"
     )
-    failed = [result["bound"] for result in results if result["status"] != "ok"]
+    failed = [
+        result.get("run") or result["bound"] for result in results if result["status"] != "ok"
+    ]
     if failed:
         print(f"{PROG}: error: training failed for {', '.join(failed)}", file=sys.stderr)
         return EXIT_FAILURE

@@ -19,14 +19,30 @@ see :mod:`pvae.app.registry`). Each trained pair is then measured on the test se
   estimator for the guide's and the model's parameters (Rainforth et al. 2018), the mean
   over parameter elements of ``|E g| / std g`` from ``snr_repeats`` gradients on a fixed batch of
   ``snr_points`` test points;
-- ``seconds_per_epoch``: the mean time of an epoch's training steps (no validation).
+- ``seconds_per_epoch``: the mean time of an epoch's training steps (no validation);
+  ``train_seconds`` (the whole training without the yardstick), ``eval_seconds`` (every
+  number above), ``peak_memory_mb`` (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the
+  process's peak resident set size, whole-process and cumulative);
+- ``yardstick``: the common estimator (IWAE-64 by default) on the first 200 validation points,
+  recorded after every epoch in each epoch record, so that learning curves of different bounds
+  compare like with like (:func:`_yardstick_callback`: no gradients, a fixed seed in a forked
+  RNG: training is unchanged);
+- ``ll_vs_k``: log p(x) with K in :data:`LL_KS` up to ``ll_samples``, on the first 100 test
+  points: where the estimate converges.
+
+With several ``seeds`` every bound is trained once per seed (folders ``iwae/seed-1``; one seed
+keeps ``iwae/``) and :func:`summarize` gives per bound the mean ± sd over seeds of every number
+and of the per-seed paired Δ to the reference bound, flagging a difference *within seed noise*
+when |mean Δ| < 2 sd of the per-seed Δ.
 
 :func:`compare` writes into ``run_dir`` (every file atomically): ``results.md`` (the table,
 the command and the configuration), ``results.json``, ``results.csv``, ``learning_curves.png``
-(each bound's own train/valid bound per epoch), ``log_likelihood.png`` (with error bars),
-``snr.png`` (log scale), ``config.json`` (the :class:`pvae.app.runs.RunConfig` that
-``pvae diagnose`` rebuilds the data and models from), and one folder per bound with
-``pvae.fit``'s checkpoint and ``run.json``.
+(the yardstick for every bound on one axis, and each bound's own train/valid bound per epoch),
+``log_likelihood.png`` (with error bars), ``snr.png`` (log scale), ``ll_vs_k.png``,
+``results.json``'s ``environment`` (git commit, versions, CPU/GPU, threads), ``config.json``
+(the :class:`pvae.app.runs.RunConfig` that ``pvae diagnose`` rebuilds the data and models
+from), and one folder per bound (per bound and seed) with ``pvae.fit``'s checkpoint and
+``run.json``.
 
 Speed: Pyro's per-call argument checks cost about half of an importance-weighted step on
 MNIST (every log-prob of every particle is validated), so training and evaluation run with
@@ -36,7 +52,9 @@ up front, and ``pvae.fit`` still stops on a non-finite bound.
 Budget: the defaults (5 bounds, 64 particles, MNIST-5k, a 784-200-200-50 ReLU MLP VAE, 10 epochs
 of batches of 20, log p(x) with K = 5000 on the 500 test points) are sized to finish within
 about 10 minutes on 2 CPU cores: measured 8.6 minutes with ``--threads 1`` on a 2-core machine
-shared with other jobs (6.8 minutes of CPU). On a busy machine use ``--threads 1``: two threads
+shared with other jobs (6.8 minutes of CPU), before the yardstick (0.23 s per bound and
+epoch on MNIST-5k, about 12 s in all) and log p(x) against K (about 2 s per bound) were
+added. On a busy machine use ``--threads 1``: two threads
 competing for busy cores spin-wait and ran 2 to 4 times slower than one;
 ``quick=True`` trains a smaller net for 2 epochs on a subset with K = 100, in well under a
 minute. Explicit arguments always win over either set of defaults.
@@ -44,11 +62,15 @@ minute. Explicit arguments always win over either set of defaults.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import io
 import math
 import os
 import platform
+import re
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -71,6 +93,7 @@ from pvae.train import Run, TrainingDiverged
 
 __all__ = [
     "DEFAULT_BOUNDS",
+    "LL_KS",
     "DEFAULTS",
     "QUICK",
     "bound_folder",
@@ -78,7 +101,12 @@ __all__ = [
     "compare",
     "format_table",
     "resolve_bounds",
+    "environment",
+    "format_seed_table",
+    "parse_yardstick",
+    "resolve_device",
     "settings",
+    "summarize",
 ]
 
 DEFAULT_BOUNDS = ("elbo", "iwae", "miwae", "ciwae", "piwae")
@@ -89,6 +117,7 @@ OUTPUTS = (
     "learning_curves.png",
     "log_likelihood.png",
     "snr.png",
+    "ll_vs_k.png",
 )
 """The files :func:`compare` writes into its run folder (besides one folder per bound)."""
 
@@ -123,6 +152,12 @@ EVAL_BATCH = 100  # test points per call of the test ELBO and IWAE-64
 # a CPU: past ~32 MB per activation tensor every chunk is a fresh mmap and page faults.
 LL_BATCH = 100
 LL_CHUNK = 100
+LL_KS = (1, 10, 100, 1000, 5000)  # log p(x) against K: these K up to ll_samples
+LL_K_POINTS = 100  # ... on the first 100 test points
+YARDSTICK = "iwae:64"  # the common estimator evaluated after every epoch
+YARDSTICK_POINTS = 200  # ... on the first 200 validation points
+CPU = torch.device("cpu")
+WITHIN_NOISE = 2.0  # a mean Δ within this many sd of the per-seed Δ is "within seed noise"
 
 ProgressFn = Callable[[str], None]
 
@@ -190,14 +225,210 @@ def describe(spec: BoundSpec, particles: int) -> str:
     return spec.describe(particles)
 
 
-def bound_folder(spec: BoundSpec) -> str:
-    """The subfolder of a compare run that holds one bound's checkpoint."""
-    return spec.label.replace(":", "_")
+def bound_folder(spec: BoundSpec, seed: int | None = None) -> str:
+    """The subfolder of a compare run that holds one bound's checkpoint: ``miwae_8x8``, or
+    ``miwae_8x8/seed-1`` for one seed of a run with several (``seed`` given)."""
+    folder = spec.label.replace(":", "_")
+    return folder if seed is None else f"{folder}/seed-{seed}"
+
+
+def parse_yardstick(text: str | None) -> tuple[str, int] | None:
+    """``"iwae:64"`` -> ``("iwae", 64)``, ``"elbo:16"`` -> ``("elbo", 16)``; ``None`` or
+    ``"none"`` -> None (no yardstick).
+
+    :raises ValueError: for anything else, naming the expected form.
+    """
+    if text is None or text == "none":
+        return None
+    match = re.fullmatch(r"(iwae|elbo):([1-9][0-9]*)", str(text))
+    if match is None:
+        raise ValueError(
+            f"yardstick must be iwae:K or elbo:K with K >= 1 (e.g. iwae:64), or none; got {text!r}"
+        )
+    return match.group(1), int(match.group(2))
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``"cpu"``, ``"cuda"`` (``"cuda:1"``) or ``"mps"`` as a :class:`torch.device`, checked.
+
+    :raises ValueError: for another name, or a device this torch cannot use (no CUDA build,
+        no GPU, no Apple MPS), saying which.
+    """
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"device must be cpu, cuda or mps, got {name!r}") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no GPU"
+            raise ValueError(f"device {name!r}: CUDA is not available ({why}); use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {name!r}: Apple MPS is not available here; use cpu")
+    elif device.type != "cpu":
+        raise ValueError(f"device must be cpu, cuda or mps, got {name!r}")
+    return device
+
+
+def _fork_rng(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Fork the random generators that sampling on ``device`` draws from (the CPU's, and the
+    device's own), so that what runs inside leaves the training RNG untouched."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.random.fork_rng(devices=[index], device_type="cuda")
+    return torch.random.fork_rng(device_type=device.type)
+
+
+def _on_device(values: Any, device: torch.device) -> Any:
+    """Tensors, tuples of them, sequence splits and dynamically binarised sets on ``device``."""
+    if values is None:
+        return None
+    if isinstance(values, data.SequenceSplit):
+        return data.SequenceSplit(*(item.to(device) for item in values))
+    if isinstance(values, tuple):
+        return tuple(_on_device(item, device) for item in values)
+    if isinstance(values, data.DynamicBinarized):
+        return data.DynamicBinarized(values.probs.to(device))
+    if isinstance(values, torch.Tensor):
+        return values.to(device)
+    return values
+
+
+def _dataset_on(ds: data.Splits, device: torch.device) -> data.Splits:
+    if device.type == "cpu":
+        return ds
+    splits = {name: _on_device(getattr(ds, name), device) for name in ("train", "valid", "test")}
+    return dataclasses.replace(ds, **splits)
+
+
+def _memory_start(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """CUDA: the largest memory torch allocated on the device since :func:`_memory_start`;
+    otherwise the process's peak resident set size so far (whole process, never decreasing)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return math.nan
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes / KiB
+
+
+def _memory_kind(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated during the bound's training and evaluation"
+    return (
+        "the process's peak resident set size so far (ru_maxrss: whole process, cumulative, "
+        "so it never decreases from one bound to the next)"
+    )
+
+
+def _git_commit() -> str | None:
+    """``git rev-parse HEAD`` of the repository holding the working directory, or None."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and commit else None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> str | None:
+    try:
+        return str(__import__(module).__version__)
+    except Exception:  # not installed, or no __version__
+        return None
+
+
+def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Where a comparison ran: the git commit of the working directory's checkout (None
+    outside one), library versions, the platform, CPU model, GPU name (if any), torch's
+    threads and ``device``."""
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(torch.device(device) if str(device) != "cpu" else 0)
+    return {
+        "git_commit": _git_commit(),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "pyro": pyro.__version__,
+            "gpytorch": _version("gpytorch"),
+            "numpy": _version("numpy"),
+            "pvae": pvae.__version__,
+        },
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "gpu": gpu,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # One bound
 # ---------------------------------------------------------------------------------------------
+
+
+def _yardstick_callback(
+    model: PyroModule,
+    valid: Any,
+    yardstick: tuple[str, int],
+    seed: int,
+    device: torch.device,
+    spent: list[float],
+) -> Callable[[Run, dict[str, Any]], None]:
+    """An epoch callback that records ``record["yardstick"]``: the common estimator (IWAE-K or
+    ELBO-K) on ``valid``, without gradients, with the fixed ``seed`` inside a forked RNG (the
+    training's random numbers are untouched), the model in eval mode; the seconds it took are
+    added to ``spent[0]``."""
+    name, samples = yardstick
+    engine = IWAE(samples) if name == "iwae" else ELBO(samples)
+
+    def callback(run: Run, record: dict[str, Any]) -> None:
+        started = time.perf_counter()
+        training = model.training
+        model.eval()
+        try:
+            with _fork_rng(device), torch.no_grad():
+                torch.manual_seed(seed)
+                record["yardstick"] = float(
+                    pvae.evaluate_bound(model.model, model.guide, valid, engine, EVAL_BATCH)
+                )
+        finally:
+            model.train(training)
+        spent[0] += time.perf_counter() - started
+
+    return callback
 
 
 def _train_one(
@@ -209,23 +440,44 @@ def _train_one(
     progress: bool,
     say: ProgressFn | None,
     loggers: Sequence[Any] = (),
-) -> tuple[PyroModule, Run]:
+    folder: str | None = None,
+    device: torch.device = CPU,
+) -> tuple[PyroModule, Run, float]:
+    """Train one bound with ``config["seed"]``; returns the model, its run and the seconds
+    the yardstick took (not training)."""
     pyro.clear_param_store()
     pyro.set_rng_seed(config["seed"])  # the same initial weights for every bound
     model = build_model()
+    if device.type != "cpu":
+        model.to(device)
     entry = MODELS[config["model"]]
     extra = entry.callbacks(model, ds) if entry.callbacks is not None else []
     engine = spec.build(config["particles"])
     epochs = config["epochs"]
+    tag = spec.label if len(config.get("seeds", ())) <= 1 else f"{spec.label} seed {config['seed']}"
+    spent = [0.0]
+    yardstick = parse_yardstick(config.get("yardstick"))
+    if yardstick is not None and ds.valid is not None:
+        points = config.get("yardstick_points", YARDSTICK_POINTS)
+        with _fork_rng(device):  # a dynamically binarised set draws its pixels once, here
+            torch.manual_seed(config["seed"])
+            valid = tuple(t[:points] for t in as_tensors(ds.valid))
+        extra = [
+            *extra,
+            _yardstick_callback(model, valid, yardstick, config["seed"], device, spent),
+        ]
+    label = str(config.get("yardstick") or "").upper().replace(":", "-")
 
     def report(run: Run, record: dict[str, Any]) -> None:
         if say is None:
             return
         valid = record.get("valid_bound")
         valid_text = f", valid {valid:.3f}" if valid is not None else ""
+        common = record.get("yardstick")
+        common_text = f", {label} {common:.3f}" if common is not None else ""
         say(
-            f"[{spec.label}] epoch {record['epoch'] + 1}/{epochs}: train "
-            f"{record['train_bound']:.3f}{valid_text} nats ({record['seconds']:.1f} s)"
+            f"[{tag}] epoch {record['epoch'] + 1}/{epochs}: train "
+            f"{record['train_bound']:.3f}{valid_text}{common_text} nats ({record['seconds']:.1f} s)"
         )
 
     run = pvae.fit(
@@ -238,12 +490,12 @@ def _train_one(
         lr=config["lr"],
         valid=ds.valid,
         seed=config["seed"],
-        run_dir=run_dir / bound_folder(spec) if run_dir is not None else None,
+        run_dir=run_dir / (folder or bound_folder(spec)) if run_dir is not None else None,
         progress=progress,
         callbacks=[*extra, report, *(logger.epoch for logger in loggers)],
         step_callbacks=[logger.step for logger in loggers],
     )
-    return model, run
+    return model, run, spent[0]
 
 
 def _stderr(values: torch.Tensor) -> float:
@@ -258,13 +510,15 @@ def _evaluate(
     ds: data.Splits,
     config: Mapping[str, Any],
     progress: bool,
+    device: torch.device = CPU,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """The table's numbers for one trained pair, and its per-point log-likelihoods (the
-    model in eval mode), with the model's own metrics (its registration's ``metrics``)."""
+    model in eval mode), with the model's own metrics (its registration's ``metrics``) and
+    log p(x) against K (:func:`_ll_vs_k`)."""
     seed, test = config["seed"], ds.test
     entry = MODELS[config["model"]]
     model.eval()
-    with torch.random.fork_rng(devices=[]):
+    with _fork_rng(device):
         torch.manual_seed(seed)  # the same random numbers for every bound
         ll = pvae.log_likelihood(
             model.model,
@@ -291,6 +545,7 @@ def _evaluate(
             spec.build(config["particles"]),
             num_repeats=config["snr_repeats"],
         )
+        curve = _ll_vs_k(model, test, config, ll, seed)
     seconds = [float(record["seconds"]) for record in run.history]
     last = run.history[-1] if run.history else {}
     mean = float(ll.mean())
@@ -307,8 +562,47 @@ def _evaluate(
         "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else math.nan,
         "train_bound": last.get("train_bound"),
         "valid_bound": last.get("valid_bound"),
+        "yardstick": last.get("yardstick"),
+        "ll_vs_k": curve,
         **extra,
     }, ll
+
+
+def ll_ks(ll_samples: int) -> list[int]:
+    """The K of the log p(x)-against-K curve: :data:`LL_KS` up to ``ll_samples``, and
+    ``ll_samples`` itself (the table's estimate)."""
+    return sorted({k for k in LL_KS if k < ll_samples} | {ll_samples})
+
+
+def _ll_vs_k(
+    model: PyroModule, test: Any, config: Mapping[str, Any], ll: torch.Tensor, seed: int
+) -> dict[str, float]:
+    """log p(x) by importance sampling with each K of :func:`ll_ks`, the mean over the first
+    :data:`LL_K_POINTS` test points, ``{str(K): nats}``. The largest K reuses the table's
+    per-point estimates ``ll`` (the same estimator on the same points); every other K is
+    drawn with the fixed ``seed``."""
+    points = min(config.get("ll_k_points", LL_K_POINTS), ll.shape[0])
+    subset = tuple(t[:points] for t in as_tensors(test))
+    if isinstance(test, data.SequenceSplit):
+        subset = data.SequenceSplit(*subset)
+    largest = config["ll_samples"]
+    curve: dict[str, float] = {}
+    for k in ll_ks(largest):
+        if k == largest:
+            curve[str(k)] = float(ll[:points].double().mean())
+            continue
+        torch.manual_seed(seed)
+        values = pvae.log_likelihood(
+            model.model,
+            model.guide,
+            subset if len(subset) > 1 else subset[0],
+            num_samples=k,
+            batch_size=LL_BATCH,
+            chunk_size=min(k, LL_CHUNK),
+            progress=False,
+        )
+        curve[str(k)] = float(values.double().mean())
+    return curve
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,6 +624,11 @@ _NUMBERS = (
     "seconds_per_epoch",
     "train_bound",
     "valid_bound",
+    "yardstick",
+    "train_seconds",
+    "yardstick_seconds",
+    "eval_seconds",
+    "peak_memory_mb",
 )
 
 
@@ -358,6 +657,10 @@ def compare(
     binarize: str | None = None,
     data_path: str | None = None,
     loggers: Callable[[str, Mapping[str, Any]], Sequence[Any]] | None = None,
+    seeds: Sequence[int] | None = None,
+    yardstick: str | None = YARDSTICK,
+    yardstick_points: int = YARDSTICK_POINTS,
+    device: str | torch.device = "cpu",
 ) -> list[dict[str, Any]]:
     """Train ``model`` once per bound with the same seed, data and budget, and measure each.
 
@@ -386,14 +689,35 @@ def compare(
         :class:`pvae.tracking.Logger` objects of one bound (e.g.
         :func:`pvae.tracking.children`), which see its steps and epochs, get its numbers as
         metrics and are closed after it (``FAILED`` when it diverged).
-    :returns: one dict per bound: ``bound`` (its resolved label), ``engine``, ``status``
-        ("ok", or why it failed: its numbers are then NaN) and the numbers listed in this
-        module's docstring, plus ``history`` (the per-epoch records of ``pvae.fit``).
+    :param seeds: train every bound once per seed (``seed`` is ignored; the data are loaded
+        and subset with the first seed, so every run sees the same test points): one run
+        folder per (bound, seed), ``iwae/seed-1``; :func:`summarize` gives mean ± sd over
+        seeds and the paired Δ per seed. None: ``[seed]``, one folder per bound (``iwae/``).
+    :param yardstick: the estimator every bound's model is evaluated with on the first
+        ``yardstick_points`` validation points after every epoch (``"iwae:64"``,
+        ``"elbo:16"``; None or ``"none"``: no yardstick), recorded as ``"yardstick"`` in each
+        epoch record: the learning curves compare like with like.
+    :param device: ``"cpu"``, ``"cuda"`` or ``"mps"``: the model and the data are moved there
+        up front (:func:`resolve_device` raises when it is not available).
+    :returns: one dict per (bound, seed), bounds in order and seeds within each:
+        ``bound`` (its resolved label), ``seed``, ``folder`` (its run folder), ``engine``,
+        ``status`` ("ok", or why it failed: its numbers are then NaN), the numbers listed in
+        this module's docstring, ``ll_vs_k``, ``train_seconds``, ``eval_seconds``,
+        ``peak_memory_mb``, plus ``history`` (the per-epoch records of ``pvae.fit``).
 
     :raises ValueError: for bad bounds, M*K not equal to ``particles``, or data outside the
         likelihood's support, before anything is trained.
     """
     started, cpu_started = time.perf_counter(), time.process_time()
+    target = resolve_device(device)
+    seed_list = [int(item) for item in seeds] if seeds is not None else [int(seed)]
+    if not seed_list or len(set(seed_list)) != len(seed_list) or min(seed_list) < 0:
+        raise ValueError(f"seeds must be distinct non-negative integers, got {seed_list}")
+    seed = seed_list[0]
+    parse_yardstick(yardstick)
+    yardstick = None if yardstick == "none" else yardstick
+    if yardstick_points < 1:
+        raise ValueError(f"yardstick_points must be >= 1, got {yardstick_points}")
     knobs = settings(
         quick,
         epochs=epochs,
@@ -444,7 +768,13 @@ def compare(
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,
+        "seeds": seed_list,
+        "yardstick": yardstick,
+        "yardstick_points": yardstick_points,
+        "device": str(target),
         "ll_samples": knobs["ll_samples"],
+        "ll_ks": ll_ks(knobs["ll_samples"]),
+        "ll_k_points": LL_K_POINTS,
         "snr_repeats": knobs["snr_repeats"],
         "snr_points": snr_points,
         "quick": quick,
@@ -485,36 +815,65 @@ def compare(
     bar_on = progress and sys.stderr.isatty()
 
     results: list[dict[str, Any]] = []
-    per_point: dict[str, torch.Tensor] = {}
-    trained_runs: dict[str, Run] = {}
-    bar = tqdm(specs, desc="bounds", unit="bound", disable=not bar_on)
-    with pyro.validation_enabled(False):
-        for spec in bar:
-            bar.set_postfix(bound=spec.label)
+    per_point: dict[tuple[str, int], torch.Tensor] = {}
+    trained_runs: dict[str, list[Run]] = {}
+    several = len(seed_list) > 1
+    on_device = _dataset_on(ds, target)
+    scope = torch.device(target) if target.type != "cpu" else contextlib.nullcontext()
+    bar = tqdm(
+        [(spec, s) for spec in specs for s in seed_list],
+        desc="runs",
+        unit="run",
+        disable=not bar_on,
+    )
+    with pyro.validation_enabled(False), scope:
+        for spec, run_seed in bar:
+            bar.set_postfix(bound=spec.label, seed=run_seed)
+            folder = bound_folder(spec, run_seed if several else None)
             result: dict[str, Any] = {
                 "bound": spec.label,
+                "seed": run_seed,
+                "folder": folder,
                 "engine": spec.describe(particles),
                 "status": "ok",
             }
-            logged = loggers(spec.label, {**config, "bound": spec.label}) if loggers else []
+            if several:
+                result["run"] = folder
+            seed_config = {**config, "seed": run_seed}
+            name = f"{spec.label}/seed-{run_seed}" if several else spec.label
+            logged = loggers(name, {**seed_config, "bound": spec.label}) if loggers else []
+            _memory_start(target)
             try:
-                trained, run = _train_one(spec, build_model, ds, config, out, bar_on, say, logged)
-                numbers, ll = _evaluate(spec, trained, run, ds, config, bar_on)
+                began = time.perf_counter()
+                trained, run, spent = _train_one(
+                    spec, build_model, on_device, seed_config, out, bar_on, say, logged,
+                    folder, target,
+                )  # fmt: skip
+                train_seconds = time.perf_counter() - began - spent
+                began = time.perf_counter()
+                numbers, ll = _evaluate(spec, trained, run, on_device, seed_config, bar_on, target)
+                eval_seconds = time.perf_counter() - began
             except TrainingDiverged as error:
                 result["status"] = f"diverged: {error}"
                 result.update({key: math.nan for key in _NUMBERS})
                 result["history"] = []
             else:
                 result.update(numbers)
+                result.update(
+                    train_seconds=train_seconds,
+                    yardstick_seconds=spent,
+                    eval_seconds=eval_seconds,
+                    peak_memory_mb=_peak_memory_mb(target),
+                )
                 result["history"] = run.history
-                trained_runs[spec.label] = run
-                per_point[spec.label] = ll
+                trained_runs.setdefault(spec.label, []).append(run)
+                per_point[spec.label, run_seed] = ll.cpu()
             results.append(result)
             for logger in logged:
                 logger.log_metrics({k: v for k, v in result.items() if k in _NUMBERS})
                 logger.close(failed=result["status"] != "ok")
             if say is not None:
-                say(_summary_line(result, knobs["ll_samples"]))
+                say(_summary_line(result, knobs["ll_samples"], several))
     bar.close()
     _add_deltas(results, per_point)
     elapsed = time.perf_counter() - started
@@ -531,24 +890,32 @@ def compare(
     return results
 
 
-def _add_deltas(results: list[dict[str, Any]], per_point: Mapping[str, torch.Tensor]) -> None:
-    """Paired differences of log p(x) to the first bound that trained."""
-    reference = next((r["bound"] for r in results if r["bound"] in per_point), None)
+def _add_deltas(
+    results: list[dict[str, Any]], per_point: Mapping[tuple[str, int], torch.Tensor]
+) -> None:
+    """Paired differences of log p(x) to the first bound that trained, seed by seed (the
+    same test points and random numbers)."""
+    reference: str | None = next(
+        (r["bound"] for r in results if (r["bound"], r["seed"]) in per_point), None
+    )
     for result in results:
         result["reference"] = reference
-        if reference is None or result["bound"] not in per_point:
+        key: tuple[str, int] = (result["bound"], result["seed"])
+        paired: tuple[str, int] = (str(reference), result["seed"])
+        if reference is None or key not in per_point or paired not in per_point:
             result["delta_log_likelihood"] = result["delta_stderr"] = math.nan
             continue
-        diff = (per_point[result["bound"]] - per_point[reference]).double()
+        diff = (per_point[key] - per_point[paired]).double()
         result["delta_log_likelihood"] = float(diff.mean())
         result["delta_stderr"] = _stderr(diff) if result["bound"] != reference else 0.0
 
 
-def _summary_line(result: Mapping[str, Any], ll_samples: int) -> str:
+def _summary_line(result: Mapping[str, Any], ll_samples: int, several: bool = False) -> str:
+    tag = f"{result['bound']} seed {result['seed']}" if several else result["bound"]
     if result["status"] != "ok":
-        return f"[{result['bound']}] {result['status']}"
+        return f"[{tag}] {result['status']}"
     return (
-        f"[{result['bound']}] test log p(x) {result['log_likelihood']:.2f} +- "
+        f"[{tag}] test log p(x) {result['log_likelihood']:.2f} +- "
         f"{result['log_likelihood_stderr']:.2f} (K={ll_samples}), ELBO {result['elbo']:.2f}, "
         f"gap {result['inference_gap']:.2f}, active units {result['active_units']}/"
         f"{result['latent_dims']}, SNR guide {result['snr_guide']:.3g} model "
@@ -578,6 +945,11 @@ def _command(config: Mapping[str, Any]) -> list[str]:
             argv += [entry.flag(option), str(value)]
     if config.get("inner") is not None:
         argv += ["--inner", str(config["inner"])]
+    if len(config.get("seeds") or ()) > 1:
+        argv += ["--seeds", ",".join(str(seed) for seed in config["seeds"])]
+    argv += ["--yardstick", str(config.get("yardstick") or "none")]
+    if config.get("device", "cpu") != "cpu":
+        argv += ["--device", str(config["device"])]
     if config.get("quick"):
         argv.append("--quick")
     return argv
@@ -603,7 +975,8 @@ def _snr(value: Any) -> str:
     return f"{value:.3g}"
 
 
-_KNOWN = {"bound", "engine", "status", "history", "reference", *_NUMBERS}
+_KNOWN = {"bound", "engine", "status", "history", "reference", "seed", "folder", "run", "ll_vs_k"}
+_KNOWN |= set(_NUMBERS)
 
 
 def extra_metrics(results: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -636,16 +1009,19 @@ def format_table(
         "SNR guide",
         "SNR model",
         "s/epoch",
+        "train s",
+        "eval s",
+        "peak MB",
         *extras,
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for r in results:
         if r["status"] != "ok":
-            cells = [r["bound"], r["engine"], r["status"].split(":")[0]]
-            cells += ["n/a"] * (8 + len(extras))
+            cells = [r.get("run") or r["bound"], r["engine"], r["status"].split(":")[0]]
+            cells += ["n/a"] * (len(header) - 3)
         else:
             cells = [
-                r["bound"],
+                r.get("run") or r["bound"],
                 r["engine"],
                 f"{_number(r['log_likelihood'])} ± {_number(r['log_likelihood_stderr'])}",
                 "reference"
@@ -658,13 +1034,138 @@ def format_table(
                 _snr(r["snr_guide"]),
                 _snr(r["snr_model"]),
                 _number(r["seconds_per_epoch"], 1),
+                _number(r.get("train_seconds"), 1),
+                _number(r.get("eval_seconds"), 1),
+                _number(r.get("peak_memory_mb"), 0),
                 *[_metric(r.get(name)) for name in extras],
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-_CSV_COLUMNS = ["bound", "engine", "status", *_NUMBERS, "reference"]
+def _mean_sd(values: Sequence[Any]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; NaN for one value) of the finite values."""
+    kept = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not kept:
+        return math.nan, math.nan
+    mean = sum(kept) / len(kept)
+    if len(kept) < 2:
+        return mean, math.nan
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in kept) / (len(kept) - 1))
+
+
+def summarize(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per bound from :func:`compare`'s rows (one per bound and seed): every number
+    as its mean over the seeds that trained (``key``) and their sample standard deviation
+    (``key_sd``); ``delta_log_likelihood`` is the mean of the per-seed paired Δ to the
+    reference bound and ``delta_sd`` their sd; ``within_seed_noise`` is True when
+    |mean Δ| < :data:`WITHIN_NOISE` x ``delta_sd`` (None for the reference, or with fewer
+    than two seeds); ``ll_vs_k`` holds the mean over seeds at each K; ``seeds`` the seeds
+    that trained and ``status`` "ok" or how many failed."""
+    order = list(dict.fromkeys(r["bound"] for r in results))
+    extras = extra_metrics(results)
+    numeric = [key for key in (*_NUMBERS, *extras) if key not in ("delta_stderr",)]
+    summary: list[dict[str, Any]] = []
+    for bound in order:
+        rows = [r for r in results if r["bound"] == bound]
+        good = [r for r in rows if r["status"] == "ok"]
+        failed = len(rows) - len(good)
+        row: dict[str, Any] = {
+            "bound": bound,
+            "engine": rows[0]["engine"],
+            "status": "ok" if not failed else f"failed: {failed}/{len(rows)} seeds",
+            "seeds": [r["seed"] for r in good],
+            "reference": rows[0].get("reference"),
+        }
+        if not good:
+            row["status"] = f"failed: {rows[0]['status'].split(':')[0]} ({len(rows)} seeds)"
+        for key in numeric:
+            values = [r.get(key) for r in good]
+            if not any(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+                continue
+            row[key], row[f"{key}_sd"] = _mean_sd(values)
+        row["delta_sd"] = row.pop("delta_log_likelihood_sd", math.nan)
+        if bound == row["reference"] or not math.isfinite(row["delta_sd"]):
+            row["within_seed_noise"] = None
+        else:
+            row["within_seed_noise"] = abs(row["delta_log_likelihood"]) < (
+                WITHIN_NOISE * row["delta_sd"]
+            )
+        curves = [r.get("ll_vs_k") or {} for r in good]
+        ks = list(dict.fromkeys(k for curve in curves for k in curve))
+        row["ll_vs_k"] = {k: _mean_sd([c.get(k, math.nan) for c in curves])[0] for k in ks}
+        summary.append(row)
+    return summary
+
+
+def _pm(row: Mapping[str, Any], key: str, digits: int = 2) -> str:
+    mean, sd = row.get(key), row.get(f"{key}_sd")
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {_number(sd, digits)}"
+
+
+def format_seed_table(
+    summary: Sequence[Mapping[str, Any]], ll_samples: int | None = None, unit: str | None = None
+) -> str:
+    """:func:`summarize`'s rows as a markdown table: mean ± sd over seeds of every number,
+    the per-seed paired Δ to the reference (mean ± sd over seeds) and whether that
+    difference is within seed noise."""
+    reference = next((r.get("reference") for r in summary if r.get("reference")), None)
+    extras = [key for key in extra_metrics(summary) if not key.endswith("_sd")]
+    extras = [key for key in extras if key not in ("seeds", "within_seed_noise", "delta_sd")]
+    k = f" (K={ll_samples})" if ll_samples else ""
+    per = f" per {unit}" if unit else ""
+    header = [
+        "bound",
+        "trains",
+        "seeds",
+        f"test log p(x){per}{k}",
+        f"paired Δ vs {reference}" if reference else "paired Δ",
+        "within seed noise",
+        "ELBO",
+        "IWAE-64",
+        "gap",
+        "active units",
+        "SNR guide",
+        "SNR model",
+        "s/epoch",
+        "train s",
+        "eval s",
+        *extras,
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for r in summary:
+        if not r["seeds"]:
+            cells = [r["bound"], r["engine"], "0", r["status"]]
+            cells += ["n/a"] * (len(header) - 4)
+        else:
+            noise = r.get("within_seed_noise")
+            cells = [
+                r["bound"],
+                r["engine"],
+                ",".join(str(seed) for seed in r["seeds"]),
+                _pm(r, "log_likelihood"),
+                "reference"
+                if r["bound"] == r.get("reference")
+                else f"{r['delta_log_likelihood']:+.2f} ± {_number(r.get('delta_sd'))}",
+                "n/a" if noise is None else ("yes" if noise else "no"),
+                _pm(r, "elbo"),
+                _pm(r, "iwae_64"),
+                _pm(r, "inference_gap"),
+                f"{_pm(r, 'active_units', 1)}/{r['latent_dims']:.0f}",
+                _snr(r.get("snr_guide")),
+                _snr(r.get("snr_model")),
+                _number(r.get("seconds_per_epoch"), 1),
+                _number(r.get("train_seconds"), 1),
+                _number(r.get("eval_seconds"), 1),
+                *[_pm(r, name, 3) for name in extras],
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+_CSV_COLUMNS = ["bound", "seed", "folder", "engine", "status", *_NUMBERS, "reference"]
 
 
 def _csv(results: Sequence[Mapping[str, Any]]) -> str:
@@ -688,22 +1189,63 @@ def _markdown(
     command: Sequence[str],
     elapsed: float,
     cpu_seconds: float,
+    env: Mapping[str, Any] | None = None,
 ) -> str:
     hidden = "-".join(str(width) for width in config["hidden"])
+    seeds = list(config.get("seeds") or [config["seed"]])
+    several = len(seeds) > 1
+    unit = config.get("unit")
+    if several:
+        table = (
+            f"{format_seed_table(summarize(results), config['ll_samples'], unit)}\n\n"
+            f"Per seed:\n\n{format_table(results, config['ll_samples'], unit)}"
+        )
+        trained = f"once per bound and seed ({', '.join(str(s) for s in seeds)})"
+        seed_text = f"seeds {', '.join(str(s) for s in seeds)}"
+    else:
+        table = format_table(results, config["ll_samples"], unit)
+        trained, seed_text = "once per bound", f"seed {config['seed']}"
+    seed_notes = (
+        "- **seeds**: every number of the first table is the mean ± sample sd (n-1) over the "
+        "seeds; a seed sets the initial weights, the minibatch order and the evaluation's "
+        "random numbers (the data and test points are the same for every seed).\n"
+        "- **paired Δ**: for each seed, the mean over the same test points of log p(x) minus "
+        "the reference bound's log p(x) with that seed; then the mean ± sd of these per-seed "
+        "Δ over the seeds. **within seed noise**: yes when |mean Δ| < "
+        f"{WITHIN_NOISE:g} × sd of the per-seed Δ (the rule used here; with "
+        f"{len(seeds)} seeds it is a rough screen, not a test).\n"
+        if several
+        else ""
+    )
+    yardstick = config.get("yardstick")
+    yardstick_note = (
+        f"- **yardstick**: after every epoch each bound's model is evaluated with the same "
+        f"estimator, {str(yardstick).upper().replace(':', '-')}, on the first "
+        f"{config.get('yardstick_points')} "
+        "validation points (no gradients, a fixed seed in a forked RNG: training is "
+        "untouched); `learning_curves.png` plots it for every bound on one axis (left) next "
+        "to each bound's own objective (right).\n"
+        if yardstick
+        else "- no yardstick (`--yardstick none`): the learning curves are each bound's own "
+        "objective.\n"
+    )
+    env = env or {}
+    versions = env.get("versions", {})
     return f"""# pvae compare: {config["dataset"]}
 
 {config["model"]} ({config["net"]} {hidden}, z_dim {config["z_dim"]}, {config["likelihood"]} \
-likelihood) trained once per bound for {config["epochs"]} epochs on {config["num_train"]} points \
-(batch {config["batch_size"]}, Adam lr {config["lr"]:g}, seed {config["seed"]}), \
+likelihood) trained {trained} for {config["epochs"]} epochs on {config["num_train"]} points \
+(batch {config["batch_size"]}, Adam lr {config["lr"]:g}, {seed_text}), \
 {config["particles"]} samples of z per datapoint and step for every bound; measured on \
-{config["num_test"]} test points.
+{config["num_test"]} test points; device {config.get("device", "cpu")}.
 
-{format_table(results, config["ll_samples"], config.get("unit"))}
+{table}
 
 - **test log p(x)**: importance-sampled with K={config["ll_samples"]}, mean ± standard error \
 over test points (nats; higher is better).
 - **Δ**: the paired difference of log p(x) to the first bound on the same test points and \
 random numbers, ± its standard error (the errors of the column before are mostly shared).
+{seed_notes}\
 - **ELBO**: {ELBO_SAMPLES} samples, analytic KL; **IWAE-64**: IWAE with 64 samples; \
 **gap**: log p(x) - ELBO, the inference gap.
 - **active units**: latent dimensions with Var_x(E_q[z|x]) > 0.01 (Burda et al. 2016), over \
@@ -711,11 +1253,18 @@ all latent layers; `pvae diagnose` reports the same number.
 - **SNR**: the mean over parameter elements of \\|E g\\| / std g for each bound's own gradient \
 estimator, from {config["snr_repeats"]} gradients on {config["snr_points"]} test points \
 (Rainforth et al. 2018).
-- **s/epoch**: training steps only; total wall time {elapsed:.0f} s \
-({cpu_seconds:.0f} s CPU, torch threads: {torch.get_num_threads()}).
+- **s/epoch**: training steps only; **train s**: the whole training (steps, validation, \
+checkpoints; the yardstick's time is left out); **eval s**: every test-set number of the row \
+(log p(x), ELBO, IWAE-64, active units, the model's metrics, SNR, log p(x) against K); \
+**peak MB**: {_memory_kind(torch.device(config.get("device", "cpu")))}. Total wall time \
+{elapsed:.0f} s ({cpu_seconds:.0f} s CPU, torch threads: {torch.get_num_threads()}).
+{yardstick_note}\
+- **log p(x) against K** (`ll_vs_k.png`, `ll_vs_k` in results.json): K in \
+{", ".join(str(k) for k in config.get("ll_ks", []))} on the first \
+{min(config.get("ll_k_points", LL_K_POINTS), config["num_test"])} test points (the largest K \
+is the table's estimate on those points): where the estimate stops rising, K is large enough.
 {_extras_note(results)}
-Plots: `learning_curves.png` (each bound's own objective on train and valid, per epoch), \
-`log_likelihood.png`, `snr.png`.
+Plots: `learning_curves.png`, `log_likelihood.png`, `snr.png`, `ll_vs_k.png`.
 
 ## Command
 
@@ -729,6 +1278,16 @@ Plots: `learning_curves.png` (each bound's own objective on train and valid, per
 {chr(10).join(f"{key}: {value}" for key, value in config.items())}
 pvae {pvae.__version__}, torch {torch.__version__}, pyro {pyro.__version__}, \
 python {platform.python_version()}
+```
+
+## Environment
+
+```
+git commit: {env.get("git_commit")}
+versions: {", ".join(f"{name} {version}" for name, version in versions.items())}
+platform: {env.get("platform")}
+CPU: {env.get("cpu")} ({env.get("cpu_count")} cores), GPU: {env.get("gpu")}, \
+torch threads: {env.get("torch_threads")}, device: {env.get("device")}
 ```
 """
 
@@ -754,16 +1313,22 @@ def _extras_note(results: Sequence[Mapping[str, Any]]) -> str:
 def write_outputs(
     run_dir: str | os.PathLike[str],
     results: Sequence[Mapping[str, Any]],
-    runs: Mapping[str, Run],
+    runs: Mapping[str, Run | Sequence[Run]],
     config: Mapping[str, Any],
     command: Sequence[str],
     elapsed: float = math.nan,
     cpu_seconds: float = math.nan,
 ) -> None:
-    """``results.md``, ``results.json``, ``results.csv`` and the three plots, atomically."""
+    """``results.md``, ``results.json`` (with the :func:`environment` block and, per bound,
+    the :func:`summarize` rows), ``results.csv`` and the four plots, atomically. ``runs``:
+    each bound's trained run, or its runs (one per seed)."""
     out = Path(run_dir)
-    labels = [r["bound"] for r in results]
-    atomic.write_text(out / "results.md", _markdown(results, config, command, elapsed, cpu_seconds))
+    env = environment(config.get("device", "cpu"))
+    summary = summarize(results)
+    several = len(config.get("seeds") or [config["seed"]]) > 1
+    atomic.write_text(
+        out / "results.md", _markdown(results, config, command, elapsed, cpu_seconds, env)
+    )
     plots.write_json(
         out / "results.json",
         {
@@ -773,30 +1338,50 @@ def write_outputs(
             "elapsed_seconds": elapsed,
             "cpu_seconds": cpu_seconds,
             "threads": torch.get_num_threads(),
-            "versions": {
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "pyro": pyro.__version__,
-            },
+            "versions": env["versions"],
+            "environment": env,
+            "memory": _memory_kind(torch.device(config.get("device", "cpu"))),
+            "within_seed_noise_rule": f"|mean paired delta| < {WITHIN_NOISE:g} sd of the "
+            "per-seed paired deltas",
             "results": [dict(r) for r in results],
+            "summary": summary,
         },
     )
     atomic.write_text(out / "results.csv", _csv(results))
-    plots.learning_curve(
-        {label: run.history for label, run in runs.items()},
+    histories = {
+        label: [run.history for run in (value if isinstance(value, Sequence) else [value])]
+        for label, value in runs.items()
+    }
+    yardstick = config.get("yardstick")
+    plots.compared_learning_curves(
+        histories,
+        yardstick=str(yardstick).upper().replace(":", "-") if yardstick else None,
         path=out / "learning_curves.png",
-        title=f"each bound's own objective on {config['dataset']}",
+        title=f"{config['dataset']}" + (f", mean over seeds {config['seeds']}" if several else ""),
+    )
+    plots.ll_vs_k(
+        {
+            row["bound"]: {int(k): v for k, v in row["ll_vs_k"].items()}
+            for row in summary
+            if row.get("ll_vs_k")
+        },
+        path=out / "ll_vs_k.png",
+        title=f"log p(x) against K, first {min(LL_K_POINTS, config['num_test'])} test points"
+        + (" (mean over seeds)" if several else ""),
     )
 
-    def column(key: str) -> list[float]:
-        return [float(r[key]) if r.get(key) is not None else math.nan for r in results]
+    rows = summary if several else results
 
+    def column(key: str) -> list[float]:
+        return [float(r[key]) if r.get(key) is not None else math.nan for r in rows]
+
+    spread = "sd over seeds" if several else "standard error over test points"
     plots.comparison(
-        labels,
+        [r["bound"] for r in rows],
         {
             f"log p(x), K={config['ll_samples']}": (
                 column("log_likelihood"),
-                column("log_likelihood_stderr"),
+                column("log_likelihood_sd" if several else "log_likelihood_stderr"),
             ),
             f"IWAE-{IWAE_SAMPLES}": (column("iwae_64"), None),
             "ELBO": (column("elbo"), None),
@@ -804,11 +1389,10 @@ def write_outputs(
         ylabel="nats per test point",
         path=out / "log_likelihood.png",
         title=f"test set of {config['dataset']} ({config['num_test']} points)",
-        note="error bars: ±1 standard error over test points (shared across bounds; "
-        "see the Δ column of results.md for paired differences)",
+        note=f"error bars: ±1 {spread} (see the Δ column of results.md for paired differences)",
     )
     plots.comparison(
-        labels,
+        [r["bound"] for r in rows],
         {"guide": (column("snr_guide"), None), "model": (column("snr_model"), None)},
         ylabel="gradient SNR, mean |E g| / std g",
         path=out / "snr.png",

@@ -660,6 +660,8 @@ def _diagnose_compare(
     for row in rows:
         label = str(row.get("bound"))
         folder = bound_folder(parse_bound(label)) if label else label
+        if row.get("run"):  # one seed of several: its own folder, BOUND/seed-S
+            label = folder = str(row["run"])
         checkpoint = run_dir / folder / CHECKPOINT
         if not checkpoint.is_file():
             if row.get("status") == "ok":

@@ -15,7 +15,7 @@ from pvae.app.registry import parse_bound
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BOUNDS = ["elbo", "iwae", "miwae:8x8", "ciwae:0.5", "piwae:8x8"]
 FILES = ["results.md", "results.json", "results.csv"]
-PLOTS = ["learning_curves.png", "log_likelihood.png", "snr.png"]
+PLOTS = ["learning_curves.png", "log_likelihood.png", "snr.png", "ll_vs_k.png"]
 NUMBERS = [
     "log_likelihood",
     "log_likelihood_stderr",
@@ -82,6 +82,9 @@ def test_json_has_all_bounds_with_finite_numbers(quick_run):
         assert r["elbo"] <= r["iwae_64"] + 0.5 and r["iwae_64"] <= r["log_likelihood"] + 0.5
         assert r["inference_gap"] == pytest.approx(r["log_likelihood"] - r["elbo"])
         assert len(r["history"]) == compare.QUICK["epochs"]
+        # one seed keeps one folder per bound (the layout pvae diagnose has always read)
+        assert r["folder"] == r["bound"].replace(":", "_") and "run" not in r
+        assert all(math.isfinite(record["yardstick"]) for record in r["history"])
     assert results[0]["delta_log_likelihood"] == 0.0
 
 
