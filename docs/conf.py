@@ -171,6 +171,17 @@ def _copy_tutorials() -> None:
     )
 
 
+def _copy_readme_images() -> None:
+    """The README's figures (``benchmarks/*.png``), where the guide pages that include README
+    sections look for them (``guide/benchmarks/``; git-ignored)."""
+    target = DOCS / "guide" / "benchmarks"
+    target.mkdir(parents=True, exist_ok=True)
+    for image in sorted((ROOT / "benchmarks").glob("*.png")):
+        copy = target / image.name
+        if not copy.exists() or copy.read_bytes() != image.read_bytes():
+            shutil.copyfile(image, copy)
+
+
 # --- one docstring style -----------------------------------------------------------------------
 
 # The house style is reST field lists (``:param x:``, ``:returns:``, ``:raises ValueError:``).
@@ -222,3 +233,4 @@ def setup(app) -> None:  # noqa: ANN001
 _generate_api()
 _generate_cli()
 _copy_tutorials()
+_copy_readme_images()

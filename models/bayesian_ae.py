@@ -85,7 +85,7 @@ def layer_widths(x_dim: int, z_dim: int, hidden: Sequence[int]) -> tuple[list[in
 
 class BayesianLinear(PyroModule):
     """A linear layer ``y = x W^T + b`` whose ``weight`` ``(out, in)`` and ``bias`` ``(out,)``
-    are ``PyroSample`` sites with the prior N(0, ``prior_scale``^2) on every entry."""
+    are ``PyroSample`` sites with the prior ``N(0, prior_scale^2)`` on every entry."""
 
     def __init__(self, in_features: int, out_features: int, prior_scale: float = 1.0):
         super().__init__()
@@ -93,7 +93,7 @@ class BayesianLinear(PyroModule):
         self.set_prior_scale(prior_scale)
 
     def set_prior_scale(self, prior_scale: float) -> None:
-        """Replace the prior of the weights and the bias by N(0, ``prior_scale``^2)."""
+        """Replace the prior of the weights and the bias by ``N(0, prior_scale^2)``."""
         self.prior_scale = _positive(prior_scale, "prior_scale")
         self.weight = PyroSample(
             self.prior(self.prior_scale, (self.out_features, self.in_features))

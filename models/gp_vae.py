@@ -1,7 +1,7 @@
 """The GP-VAE with a dense Gaussian-process prior over time (Fortuin et al. 2020).
 
 Generative story, for each sequence n (one datapoint of ``pyro.plate("data")``) with frames
-``x_1..x_T`` at time stamps ``t_1..t_T``:
+``x_1..x_T`` at time stamps ``t_1..t_T``::
 
     z_l = (z_{l,1}, ..., z_{l,T}) ~ N(0, K),   K_ij = k(t_i, t_j) + jitter * delta_ij,
                                                independently for each channel l = 1..L

@@ -1,7 +1,7 @@
 """The Markovian GP-VAE (Zhu et al. 2023): Matérn GP priors over time, smoothed in O(T).
 
 Generative story, for each sequence n (one datapoint of ``pyro.plate("data")``) with frames
-``y_1..y_T`` at time stamps ``t_1 < ... < t_T`` (any spacing):
+``y_1..y_T`` at time stamps ``t_1 < ... < t_T`` (any spacing)::
 
     f_l(.) ~ GP(0, s_l^2 k_nu(|t - t'| / l_l))    l = 1..L, independent latent channels
     y_t | f(t_t) ~ p_theta(y_t | f(t_t))           for observed t only (decoder per frame)

@@ -217,8 +217,8 @@ def sample(
 
     :param model: a Pyro model called as ``model(*batch)``; per-datapoint sites inside
         ``pyro.plate("data", ...)``, global latents (weights, ``PyroSample`` attributes of
-        ``PyroModule``s) outside it. It is scaled to the data (per-datapoint terms count N/B,
-        global ones once).
+        ``PyroModule`` instances) outside it. It is scaled to the data (per-datapoint terms
+        count N/B, global ones once).
     :param data: a tensor ``(N, ...)``, a tuple of tensors (the model's positional arguments)
         or a torch Dataset; None for a model without data (called with no arguments).
     :param sampler: a sampler engine, ``pvae.inference.SGHMC()`` (adaptive) when None.

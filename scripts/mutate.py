@@ -310,7 +310,12 @@ def _run(mutation: Mutation, python: str, timeout: float) -> tuple[bool, float, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-k", default="", help="only mutants whose name contains this")
+    parser.add_argument(
+        "-k",
+        action="append",
+        default=[],
+        help="only mutants whose name contains this (repeat for several)",
+    )
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant")
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs pytest")
@@ -321,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     _restore_stale()
-    chosen = [m for m in MUTATIONS if args.k in m.name]
+    chosen = [m for m in MUTATIONS if not args.k or any(k in m.name for k in args.k)]
+    if not chosen:
+        print(f"no mutant's name contains any of {args.k}", file=sys.stderr)
+        return 2
     stale = [problem for m in chosen if (problem := _check(m))]
     if stale:
         print("\n".join(stale), file=sys.stderr)

@@ -33,7 +33,7 @@ see :mod:`pvae.app.registry`). Each trained pair is then measured on the test se
 With several ``seeds`` every bound is trained once per seed (folders ``iwae/seed-1``; one seed
 keeps ``iwae/``) and :func:`summarize` gives per bound the mean ± sd over seeds of every number
 and of the per-seed paired Δ to the reference bound, flagging a difference *within seed noise*
-when |mean Δ| < 2 sd of the per-seed Δ.
+when ``|mean Δ| < 2 sd`` of the per-seed Δ.
 
 :func:`compare` writes into ``run_dir`` (every file atomically): ``results.md`` (the table,
 the command and the configuration), ``results.json``, ``results.csv``, ``learning_curves.png``
@@ -1059,7 +1059,7 @@ def summarize(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     as its mean over the seeds that trained (``key``) and their sample standard deviation
     (``key_sd``); ``delta_log_likelihood`` is the mean of the per-seed paired Δ to the
     reference bound and ``delta_sd`` their sd; ``within_seed_noise`` is True when
-    |mean Δ| < :data:`WITHIN_NOISE` x ``delta_sd`` (None for the reference, or with fewer
+    ``|mean Δ|`` < :data:`WITHIN_NOISE` x ``delta_sd`` (None for the reference, or with fewer
     than two seeds); ``ll_vs_k`` holds the mean over seeds at each K; ``seeds`` the seeds
     that trained and ``status`` "ok" or how many failed."""
     order = list(dict.fromkeys(r["bound"] for r in results))

@@ -33,13 +33,12 @@ __all__ = ["Identification", "identification_r2"]
 class Identification:
     """The R^2 of affine regressions from inferred to true latent groups.
 
-    Attributes:
-        inferred: the inferred groups' names (rows of :attr:`r2`).
-        true: the true groups' names (columns of :attr:`r2`).
-        r2: ``(len(inferred), len(true))`` tensor; ``r2[i, j]`` = R^2 of true group j from
-            inferred group i.
-        diagonal: ``{name: R^2}`` for the names in both (the matched groups).
-        holdout: whether the scores are on held-out trials.
+    :ivar inferred: the inferred groups' names (rows of :attr:`r2`).
+    :ivar true: the true groups' names (columns of :attr:`r2`).
+    :ivar r2: ``(len(inferred), len(true))`` tensor; ``r2[i, j]`` = R^2 of true group j from
+        inferred group i.
+    :ivar diagonal: ``{name: R^2}`` for the names in both (the matched groups).
+    :ivar holdout: whether the scores are on held-out trials.
     """
 
     inferred: tuple[str, ...]

@@ -2,7 +2,7 @@
 
 For samples ``x`` ``(n, d)`` and ``y`` ``(m, d)`` with empirical measures mu and nu, and a unit
 direction theta, the projections ``theta^T x`` are one-dimensional, where the Wasserstein
-distance is a comparison of quantile functions:
+distance is a comparison of quantile functions::
 
     W_p^p(theta # mu, theta # nu) = int_0^1 |F^{-1}_{theta#mu}(t) - F^{-1}_{theta#nu}(t)|^p dt
 
@@ -10,17 +10,17 @@ distance is a comparison of quantile functions:
 functions are read at the midpoints of ``max(n, m)`` equal bins, by linear interpolation).
 
 **Sliced Wasserstein** (Bonneel et al. 2015) averages over directions drawn uniformly from the
-unit sphere S^{d-1}:
+unit sphere S^{d-1}::
 
     SW_p(mu, nu) = ( E_{theta ~ U(S^{d-1})} W_p^p(theta # mu, theta # nu) )^{1/p},
 
 estimated with ``num_projections`` random directions. For mu = N(m1, I), nu = N(m2, I) the
 projections are N(theta^T m1, 1) and N(theta^T m2, 1), whose W_2^2 is (theta^T (m1 - m2))^2,
-and E[(theta^T u)^2] = |u|^2 / d for uniform theta: SW_2^2 = |m1 - m2|^2 / d.
+and ``E[(theta^T u)^2] = |u|^2 / d`` for uniform theta: ``SW_2^2 = |m1 - m2|^2 / d``.
 
 **Distributional sliced Wasserstein** (Nguyen, Ho, Pham and Bui 2021) replaces the uniform
 distribution by the most discriminative distribution sigma over directions that still spreads
-them out:
+them out::
 
     DSW_p(mu, nu; C) = sup_{sigma in M_C} ( E_{theta ~ sigma} W_p^p(theta # mu, theta # nu) )^{1/p},
     M_C = { sigma : E_{theta, theta' ~ sigma} |theta^T theta'| <= C }.
@@ -28,7 +28,7 @@ them out:
 As in their paper, sigma is the push-forward of a standard Gaussian by ``f(e) / |f(e)|`` with
 f a learned map (here linear, ``f(e) = A e``, A initialised to the identity so that sigma
 starts uniform), and the constraint enters as a Lagrangian penalty: a few steps of gradient
-ascent on
+ascent on::
 
     ( (1/L) sum_l W_p^p(theta_l # mu, theta_l # nu) )^{1/p}
         - lambda_C * mean_{l != l'} |theta_l^T theta_l'|
@@ -37,7 +37,7 @@ over A (``regularization`` = lambda_C). The value returned is the first term at 
 best iterate, on directions drawn afresh from the final map when ``fresh=True``. Since sigma
 starts at the uniform distribution and the iterate with the largest objective is kept, DSWD is
 at least SW up to Monte-Carlo error; for two Gaussians it approaches the largest projected
-distance, |m1 - m2| for unit covariances, as the directions concentrate.
+distance, ``|m1 - m2|`` for unit covariances, as the directions concentrate.
 
 Tran, Nguyen, Rossi, Bonilla, Filippone and Michiardi (2021, "Model selection for Bayesian
 autoencoders") choose the prior of a Bayesian autoencoder by minimising DSWD between its
