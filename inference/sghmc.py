@@ -34,9 +34,9 @@ eta * V / (2 alpha), of the same order whatever N; the defaults (``lr=0.05``,
 The state: every latent site of the model, in unconstrained space (``biject_to(support)``, as
 Pyro's MCMC does; the log-abs-det Jacobian joins the log joint), including ``PyroSample``
 attributes of ``PyroModule`` instances. Per-datapoint latent sites (inside
-``pyro.plate("data")``) are refused when the data are minibatched: this first version keeps no full state table indexed by
-the batch's rows; with ``batch_size >= N`` (every datapoint in every step) they are sampled like
-any other site.
+``pyro.plate("data")``) are refused when the data are minibatched: this first version keeps no
+full state table indexed by the batch's rows; with ``batch_size >= N`` (every datapoint in
+every step) they are sampled like any other site.
 
 Use through :func:`pvae.sample`, which scales the model to the data and runs warm-up, sampling,
 thinning, chains and checkpoints. By hand::
