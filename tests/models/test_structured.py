@@ -115,19 +115,23 @@ def test_impute_forecast_sample_shapes(pendulum):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="the recipe, not pytest: run standalone (fresh process, same seed) it also ends at "
-    "the baseline (0.00965 vs 0.00927, lr 0.03; lr 0.01 likewise), and the reconstruction of "
-    "the observed frames is at the mean-frame error too: in 150 steps the continuous-Bernoulli "
-    "decoder learns the background and ignores z; the 69% was not reproduced",
-    strict=False,
-)
 def test_imputation_beats_the_mean_frame_after_short_training():
-    """150 KalmanELBO steps on 64 short pendulum videos the squared
-    error on the hidden frames falls below 80% of the mean observed frame's (measured: ~69%)."""
+    """150 KalmanELBO steps on 64 short pendulum videos (Gaussian likelihood, scale 0.1): the
+    squared error on the hidden frames falls below half the mean observed frame's (measured:
+    12% after 150 steps, 45% after 50; a decoder that ignores z stays at ~100%, as the
+    continuous-Bernoulli likelihood does at this budget: it learns the background first)."""
+    pyro.set_rng_seed(0)
     pendulum = data.load("pendulum", sizes=(64, 16, 1), num_steps=12, size=8, missing=0.25, seed=1)
-    model = StructuredVAE(x_dim=pendulum.x_dim, z_dim=4, hidden=(64,), drop_fraction=0.2, window=2)
-    _train(model, KalmanELBO(), pendulum.train, steps=150, lr=0.03)
+    model = StructuredVAE(
+        x_dim=pendulum.x_dim,
+        z_dim=4,
+        hidden=(64,),
+        likelihood="gaussian",
+        likelihood_kw={"scale": 0.1},
+        drop_fraction=0.2,
+        window=2,
+    )
+    _train(model, KalmanELBO(), pendulum.train, steps=150, lr=0.01)
     model.eval()
     values, _, mask = pendulum.valid
     filled = model.impute(values, mask)
@@ -137,7 +141,7 @@ def test_imputation_beats_the_mean_frame_after_short_training():
     mean_frame = values[mask].mean(0)
     error = (filled - clean).pow(2)[~mask].mean()
     baseline = (mean_frame - clean).pow(2)[~mask].mean()
-    assert float(error) < 0.8 * float(baseline), (float(error), float(baseline))
+    assert float(error) < 0.5 * float(baseline), (float(error), float(baseline))
 
 
 def test_self_supervised_masking_hides_frames_from_the_encoder_only():
