@@ -26,11 +26,13 @@ from pvae.protocol import (
     Reducer,
     batch_rows,
     check_data_plate,
+    check_guide_covers_model,
     find_data_frame,
     get_traces,
-    guess_max_plate_nesting,
     log_weights,
+    plate_nesting,
     split_params,
+    trace_pair,
     trace_params,
     used_by_guide,
     used_by_model,
@@ -145,8 +147,10 @@ class Engine(pyro.infer.ELBO):
 
     # -- tracing ------------------------------------------------------------------------------
     def _nesting(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
-        if self.max_plate_nesting == float("inf"):
-            self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+        if self.max_plate_nesting == float("inf"):  # the first call: look at the pair once
+            model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
+            check_guide_covers_model(model_trace, guide_trace, type(self).__name__)
+            self.max_plate_nesting = plate_nesting(model_trace, guide_trace)
         return int(self.max_plate_nesting)
 
     def traces(

@@ -160,15 +160,40 @@ def trace_pair(
 
 def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
     """The deepest plate nesting of the pair, from one run of :func:`trace_pair`."""
+    return plate_nesting(*trace_pair(model, guide, args, kwargs))
+
+
+def plate_nesting(*traces: Trace) -> int:
+    """The deepest plate nesting of the traces' sample sites."""
     dims: list[int] = [
         -int(frame.dim or 0)
-        for trace in trace_pair(model, guide, args, kwargs)
+        for trace in traces
         for site in trace.nodes.values()
         if site["type"] == "sample"
         for frame in site["cond_indep_stack"]
         if frame.vectorized
     ]
     return max(dims, default=0)
+
+
+def check_guide_covers_model(model_trace: Any, guide_trace: Any, who: str) -> None:
+    """Every latent the model samples must be sampled by the guide (else it is drawn from the
+    prior, silently)."""
+    missing = [
+        site_name
+        for site_name, site in model_trace.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not site_is_subsample(site)  # a plate's index site, not a latent
+        and site_name not in guide_trace.nodes
+        and not (site.get("infer") or {}).get("enumerate")
+        and not (site.get("infer") or {}).get("is_auxiliary")
+    ]
+    if missing:
+        raise ValueError(
+            f"{who}: the model samples latent sites {missing} that the guide does not sample; "
+            "every latent of the model needs a site of the same name in the guide"
+        )
 
 
 def get_traces(

@@ -29,10 +29,9 @@ import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
 
-from pvae.protocol import check_data_plate
+from pvae.protocol import check_data_plate, check_guide_covers_model
 
 Data = Any
 
@@ -274,26 +273,6 @@ def _explain(error: Exception, batch: tuple, name: str) -> Exception:
             f"{name} must have the shape the pair expects): {first}"
         )
     return error
-
-
-def check_guide_covers_model(model_trace: Any, guide_trace: Any, who: str) -> None:
-    """Every latent the model samples must be sampled by the guide (else it is drawn from the
-    prior, silently)."""
-    missing = [
-        site_name
-        for site_name, site in model_trace.nodes.items()
-        if site["type"] == "sample"
-        and not site["is_observed"]
-        and not site_is_subsample(site)  # a plate's index site, not a latent
-        and site_name not in guide_trace.nodes
-        and not (site.get("infer") or {}).get("enumerate")
-        and not (site.get("infer") or {}).get("is_auxiliary")
-    ]
-    if missing:
-        raise ValueError(
-            f"{who}: the model samples latent sites {missing} that the guide does not sample; "
-            "every latent of the model needs a site of the same name in the guide"
-        )
 
 
 def _elementwise(support: Any) -> Any:

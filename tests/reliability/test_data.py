@@ -153,6 +153,21 @@ def test_a_guide_that_misses_a_latent_of_the_model_is_refused(x, make_pair):
         pvae.fit(model, pair.guide, x, epochs=1, batch_size=16, progress=False)
 
 
+@pytest.mark.parametrize("engine", [ELBO(), IWAE(4), MIWAE(2, 2), CIWAE(4), PIWAE(2, 2)])
+def test_engines_in_svi_refuse_a_guide_that_misses_a_latent(x, make_pair, engine):
+    """Used directly in pyro.infer.SVI (no fit pre-check), every engine refuses on its first
+    step, where Pyro's own ELBOs only warn and draw the latent from its prior."""
+    pair = make_pair()
+
+    def model(x):
+        pyro.sample("w", pyro.distributions.Normal(x.new_zeros(()), 1.0))
+        pair.model(x)
+
+    svi = pyro.infer.SVI(model, pair.guide, pyro.optim.Adam({"lr": 1e-3}), loss=engine)
+    with pytest.raises(ValueError, match=r"\['w'\] that the guide does not sample"):
+        svi.step(x)
+
+
 def test_engines_report_the_actual_cause_not_vectorisation(x, make_pair):
     pair = make_pair(plate=None)
     with pytest.raises(ValueError, match=r"pyro.plate\('data'") as error:
