@@ -566,6 +566,51 @@ register_model(
         ),
     ),
 )
+
+
+def _multimodal_metrics(
+    model: PyroModule, ds: data.Splits, split: str = "test", seed: int = 0
+) -> dict[str, float]:
+    """Cross coherence (Shi et al. 2019) for every ordered pair of modalities, when the data
+    set has labels (``<split>_labels``, or a one-hot ``label`` modality): the fraction of
+    samples of the target modality, generated from the source alone, whose label is right. A
+    one-hot label modality is read by its argmax; any other target by a small classifier
+    trained on the train split (seeded)."""
+    from pvae.evaluate import as_tensors
+    from pvae.models.multimodal import coherence, train_classifier
+
+    names = list(model.names)
+    parts = {
+        n: dict(zip(names, as_tensors(getattr(ds, s)), strict=True))
+        for n, s in (("train", "train"), (split, split))
+    }
+
+    def labels_of(which: str):
+        given = getattr(ds, f"{which}_labels", None)
+        if given is not None:
+            return torch.as_tensor(given).long()
+        if "label" in names:
+            return parts[which]["label"].argmax(-1)
+        return None
+
+    labels, train_labels = labels_of(split), labels_of("train")
+    if labels is None or train_labels is None or len(names) < 2:
+        return {}
+    metrics: dict[str, float] = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for target in names:
+            classifier = None
+            if target != "label":
+                classifier = train_classifier(parts["train"][target], train_labels, seed=seed)
+            for source in names:
+                if source != target:
+                    given = {source: parts[split][source]}
+                    value = coherence(model, given, target, labels, classifier)
+                    metrics[f"coherence_{source}_to_{target}"] = value
+    return metrics
+
+
 register_model(
     "multimodal",
     _multimodal,
@@ -573,6 +618,7 @@ register_model(
     accepts=("multimodal",),
     options=(Option("fusion", _choice(("poe", "moe", "mopoe")), "poe", "joint posterior", None),),
     decoder=_first_modality,
+    metrics=_multimodal_metrics,
 )
 register_model(
     "ard",

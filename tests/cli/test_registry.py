@@ -215,3 +215,15 @@ def test_one_registration_reaches_every_command(toys, tmp_path, capsys):
     results = json.loads((compare_dir / "results.json").read_text())["results"]
     assert [r["engine"] for r in results] == ["ELBO, 4 samples averaged", "TOY(2)"]
     assert diagnose.diagnose(compare_dir).bounds["toyelbo:2"] is not None
+
+
+def test_multimodal_compare_reports_cross_coherence(tmp_path):
+    """The multimodal family's own metric: cross coherence for each ordered pair of
+    modalities, a fraction in [0, 1], next to the bounds."""
+    run_dir = tmp_path / "compare"
+    argv = ["compare", "--quick", "--model", "multimodal", "--dataset", "digits-labels"]
+    argv += ["--bounds", "elbo", "--particles", "2", "--epochs", "1", "--snr-repeats", "2"]
+    assert cli.main([*argv, *TINY, "--run-dir", str(run_dir)]) == 0
+    (row,) = json.loads((run_dir / "results.json").read_text())["results"]
+    for key in ("coherence_image_to_label", "coherence_label_to_image"):
+        assert 0.0 <= row[key] <= 1.0
