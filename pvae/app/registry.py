@@ -55,6 +55,7 @@ __all__ = [
     "UnknownName",
     "bound_grammar",
     "data_kind",
+    "gp_imputation_metrics",
     "imputation_metrics",
     "parse_bound",
     "register_engine",
@@ -1061,6 +1062,72 @@ register_engine(
 )
 
 
+def gp_imputation_metrics(
+    model: PyroModule, ds: data.Splits, split: str = "test", seed: int = 0
+) -> dict[str, float]:
+    """The imputation error of a GP-VAE (``impute(values, times, mask[, observed])``) on a
+    split of :class:`pvae.data.SequenceSplits`, or of its entry-masked view
+    (:class:`pvae.data.gp_sets.EntryMaskedSplits`: the per-entry mask is passed on):
+
+    - ``imputation_mse``: the mean squared error per entry of ``model.impute`` on the held-out
+      entries: the missing entries (hidden pixels and frames) scored against the clean frames
+      ``ds.truth[split]["frames"]`` where the dataset has them; otherwise (or when nothing is
+      missing) :data:`IMPUTATION_HIDDEN` of the observed frames are hidden at random (seeded
+      with ``seed``) and scored against their values;
+    - ``imputation_mse_mean_frame``: the same error of the mean of each entry over the given
+      entries (a baseline that knows no dynamics);
+    - ``held_out_entries``: how many entries were scored.
+
+    The model is evaluated in eval mode and left as found.
+    """
+    parts = tuple(getattr(ds, split))
+    values, times, mask = parts[:3]
+    observed = parts[3] if len(parts) > 3 else None
+    event = (1,) * (values.dim() - 2)
+    given = mask.reshape(*mask.shape, *event).expand(values.shape)
+    if observed is not None:
+        given = given & observed
+    truth = getattr(ds, "truth", {}).get(split, {}).get("frames")
+    if truth is not None and bool((~given).any()):
+        frame_mask, target, held_out = mask, truth.to(values.dtype), ~given
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        hide = torch.rand(mask.shape, generator=generator) < IMPUTATION_HIDDEN
+        frame_mask, target = mask & ~hide, values
+        held_out = given & hide.reshape(*hide.shape, *event)
+        given = given & ~hide.reshape(*hide.shape, *event)
+    if not bool(held_out.any()) or not bool(given.any()):
+        return {"imputation_mse": math.nan, "imputation_mse_mean_frame": math.nan}
+    entries = () if observed is None else (observed & frame_mask.reshape(*mask.shape, *event),)
+    was_training = model.training
+    model.eval()
+    try:
+        filled = model.impute(values, times, frame_mask, *entries)
+    finally:
+        model.train(was_training)
+    counts = given.sum((0, 1)).clamp(min=1)
+    mean_frame = (values * given).sum((0, 1)) / counts  # per-entry mean of the given entries
+    baseline = mean_frame.expand(values.shape)
+    return {
+        "imputation_mse": float((filled - target).pow(2)[held_out].mean()),
+        "imputation_mse_mean_frame": float((baseline - target).pow(2)[held_out].mean()),
+        "held_out_entries": int(held_out.sum()),
+    }
+
+
+def _entry_masked_view(ds: data.Splits, options: Mapping[str, Any]) -> data.Splits:
+    """A set with a per-entry mask (``hmnist-like``) as 4-tuple splits ``(values, times,
+    mask, observed)``, so that the GP-VAE scores observed entries only; other sequence sets
+    as they are."""
+    from pvae.data import gp_sets
+
+    truth = getattr(ds, "truth", {})
+    has_mask = all("observed" in truth.get(split, {}) for split in ("train", "valid", "test"))
+    if isinstance(ds, data.SequenceSplits) and has_mask:
+        return gp_sets.entry_masked(ds)
+    return ds
+
+
 def _gpvae(
     ds: data.Splits,
     z_dim: int,
@@ -1100,6 +1167,10 @@ register_model(
         Option("length_scale", _number(0.0, open_below=True), 2.0, "the kernel's length scale"),
         Option("learn_kernel", _choice(("no", "yes")), "no", "learn the kernel's hyper-parameters"),
     ),
+    prepare=_entry_masked_view,
+    decoder=lambda model: None,  # its latent is an (L, T) path: no traversal of one z
+    metrics=gp_imputation_metrics,
+    channels={"z": -2},  # event (L, T): channels first
 )
 
 
@@ -1141,4 +1212,7 @@ register_model(
         Option("nu", float, 1.5, "Matérn smoothness", choices=(0.5, 1.5, 2.5)),
         Option("lengthscale", _number(0.0, open_below=True), 1.0, "initial GP lengthscale"),
     ),
+    decoder=lambda model: None,  # its latent is a (T, d L) state path: no traversal of one z
+    metrics=gp_imputation_metrics,
+    channels={"z": -1},  # the L GP values, then their derivatives
 )
