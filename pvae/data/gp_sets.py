@@ -168,7 +168,7 @@ def _entry_mask(ds: SequenceSplits, split: str) -> Tensor:
             f"dataset {ds.name!r} has no per-entry mask (truth[{split!r}]['observed']); "
             "load 'hmnist-like'"
         )
-    values, _, mask = getattr(ds, split)
+    values, _, mask = getattr(ds, split)[:3]
     if observed.dtype != torch.bool or observed.shape != values.shape:
         raise ValueError(
             f"truth[{split!r}]['observed'] must be a bool tensor shaped like the values "
@@ -189,7 +189,7 @@ def with_entry_mask(ds: SequenceSplits, split: str = "train") -> tuple[Tensor, .
         (shape, dtype, or an entry marked observed in a missing frame).
     """
     observed = _entry_mask(ds, split)
-    values, times, mask = getattr(ds, split)
+    values, times, mask = getattr(ds, split)[:3]
     return values, times, mask, observed
 
 
