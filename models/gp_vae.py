@@ -427,7 +427,8 @@ class GPVAE(PyroModule):
     @property
     def scale(self) -> Tensor:
         """The kernel's scale s (its output scale is ``s^2``)."""
-        return self.kernel.outputscale.reshape(()).sqrt()
+        kernel: Any = self.kernel
+        return kernel.outputscale.reshape(()).sqrt()
 
     def hyperparameters(self) -> dict[str, float]:
         """The kernel's hyper-parameters (learned when ``learn_kernel``): ``length_scale`` l

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -246,11 +246,12 @@ class EntryMaskedSplits(SequenceSplits):
                     f"EntryMaskedSplits {self.name!r}: the {split} split must be an "
                     f"EntryMaskedSplit, got {type(getattr(self, split)).__name__}"
                 )
+        parts: dict[str, Any] = {
+            split: SequenceSplit(*getattr(self, split)[:3]) for split in SPLITS
+        }
         plain = SequenceSplits(
             name=self.name,
-            train=SequenceSplit(*self.train[:3]),
-            valid=SequenceSplit(*self.valid[:3]),
-            test=SequenceSplit(*self.test[:3]),
+            **parts,
             likelihood=self.likelihood,
             truth={
                 split: {**entries, "observed": getattr(self, split).observed}
@@ -268,7 +269,9 @@ def entry_masked(ds: SequenceSplits) -> EntryMaskedSplits:
 
     :raises ValueError: when the set has no per-entry mask (load ``hmnist-like``).
     """
-    splits = {split: EntryMaskedSplit(*with_entry_mask(ds, split)) for split in SPLITS}
+    splits: dict[str, Any] = {
+        split: EntryMaskedSplit(*with_entry_mask(ds, split)) for split in SPLITS
+    }
     return EntryMaskedSplits(
         name=ds.name,
         **splits,

@@ -2,7 +2,8 @@
 -> ``pvae diagnose`` for the dense GP-VAE on tiny ``hmnist-like`` runs (the per-entry mask
 reaches the pair) and the Markovian GP-VAE on tiny ``rotating-digits`` runs (the Kalman engine
 included): the imputation error is reported and finite, the diagnostics are per latent channel
-and list the learned kernel hyper-parameters."""
+and list the learned kernel hyper-parameters; the MM-GPVAE on ``mm-gp-sim`` reports the
+identification R^2 of its latent groups."""
 
 import json
 import math
@@ -13,7 +14,7 @@ import torch
 
 from pvae import data
 from pvae.app import cli, diagnose
-from pvae.app.registry import MODELS, gp_imputation_metrics
+from pvae.app.registry import MODELS, data_kind, gp_imputation_metrics
 from pvae.data import gp_sets
 from pvae.models import GPVAE
 
@@ -140,3 +141,20 @@ def test_mgpvae_compare_with_the_kalman_engine_then_diagnose(tmp_path):
     result = diagnose.diagnose(tmp_path, num_points=8)
     assert set(result.bounds) == {"elbo", "kalman"}
     assert "variance" in (tmp_path / "kalman" / "diagnostics.md").read_text()
+
+
+def test_mmgpvae_train_then_diagnose_reports_identification(tmp_path):
+    ds = data.load("mm-gp-sim", sizes=(8, 4, 8))
+    assert data_kind(ds) == "multimodal-sequences"
+    with pytest.raises(ValueError, match="mmgpvae"):
+        MODELS["mmgpvae"].check_data(data.load("hmnist-like", sizes=(2, 2, 2)))
+    argv = ["train", "--model", "mmgpvae", "--dataset", "mm-gp-sim", "--epochs", "1"]
+    argv += ["--batch-size", "20", "--max-train", "40", "--max-eval", "20"]
+    argv += ["--z-dim", "1", "--hidden", "16", "--ll-samples", "4", "--quiet"]
+    assert cli.main([*argv, "--run-dir", str(tmp_path)]) == 0
+    own = json.loads((tmp_path / "metrics.json").read_text())["test_metrics"]
+    assert set(own) == {"r2_shared", "r2_neural", "r2_image", "r2_cross_max"}
+    assert all(math.isfinite(value) and value <= 1.0 for value in own.values())
+    result = diagnose.diagnose(tmp_path, num_points=8)
+    assert result.collapse.layers["z"].dims == 3  # shared, neural, image channels
+    assert "- lengthscale: " in (tmp_path / "diagnostics.md").read_text()
