@@ -430,6 +430,7 @@ class GPVAE(PyroModule):
         kernel: Any = self.kernel
         return kernel.outputscale.reshape(()).sqrt()
 
+    @torch.no_grad()
     def hyperparameters(self) -> dict[str, float]:
         """The kernel's hyper-parameters (learned when ``learn_kernel``): ``length_scale`` l
         and ``scale`` s, shared by the channels."""
