@@ -424,6 +424,18 @@ class GPVAE(PyroModule):
         base = base_kernel.lengthscale.reshape(())
         return base * math.sqrt(2) if self.kernel_name == "cauchy" else base
 
+    @property
+    def scale(self) -> Tensor:
+        """The kernel's scale s (its output scale is ``s^2``)."""
+        kernel: Any = self.kernel
+        return kernel.outputscale.reshape(()).sqrt()
+
+    @torch.no_grad()
+    def hyperparameters(self) -> dict[str, float]:
+        """The kernel's hyper-parameters (learned when ``learn_kernel``): ``length_scale`` l
+        and ``scale`` s, shared by the channels."""
+        return {"length_scale": float(self.length_scale), "scale": float(self.scale)}
+
     def prior(self, times: Tensor) -> dist.TorchDistribution:
         """``p(z)`` for ``times (..., T)``: batch ``(...)``, event ``(L, T)`` -- L independent
         ``MultivariateNormal(0, K)`` sharing the Cholesky factor of ``K``."""

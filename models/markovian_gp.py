@@ -238,6 +238,15 @@ class MarkovianGPVAE(PyroModule):
             raise ValueError(f"mask must have shape (B, T) = {(B, T)}, got {tuple(mask.shape)}")
         return x, times, mask
 
+    def hyperparameters(self) -> dict[str, list[float]]:
+        """The learned GP hyper-parameters per channel: ``lengthscale`` l_l and ``variance``
+        s_l^2, lists of L numbers."""
+        with torch.no_grad():
+            return {
+                "lengthscale": self.gp.lengthscale().tolist(),
+                "variance": self.gp.variance().tolist(),
+            }
+
     def prior(self, times: Tensor) -> StateSpacePrior:
         """``p(z)`` at ``times (..., T)``: event shape ``(T, d L)``."""
         return self.gp.state_space(times, self.method)

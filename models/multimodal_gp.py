@@ -637,6 +637,14 @@ class MultimodalGPVAE(PyroModule):
         return torch.where(modality_mask[:, 0], expected, torch.zeros_like(expected))
 
     @torch.no_grad()
+    def hyperparameters(self) -> dict[str, list[float]]:
+        """The prior's learned ``lengthscale`` per channel, ``[shared | neural | image]``."""
+        lengthscale = getattr(self.prior_process, "log_lengthscale", None)
+        if not isinstance(lengthscale, Tensor):
+            return {}
+        return {"lengthscale": lengthscale.exp().tolist()}
+
+    @torch.no_grad()
     def latents(
         self,
         counts: Tensor,

@@ -214,7 +214,7 @@ def check_support(model: PyroModule, ds: data.Splits) -> None:
         with torch.random.fork_rng(devices=[]):  # a dynamically binarised set draws pixels
             x = as_tensors(getattr(ds, split))[-1]  # a conditional model's y comes last
         if isinstance(ds, data.SequenceSplits):  # (values, times, mask): the observed frames
-            values, _, mask = getattr(ds, split)
+            values, _, mask = getattr(ds, split)[:3]
             x = values[mask].reshape(-1, ds.x_dim)
         likelihood.check_support(x, name=f"{ds.name} {split}")
 

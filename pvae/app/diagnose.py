@@ -369,10 +369,12 @@ def traversals(
     return fig
 
 
-def posterior_paths(guide: Callable, batch: tuple, site: str = "z") -> Figure | None:
-    """One panel per channel: the posterior mean of ``site`` ``(T, C)`` of the first sequence of
-    ``batch`` over the steps, with a band of ±2 posterior standard deviations; None when the
-    site's event is not ``(T, C)``."""
+def posterior_paths(
+    guide: Callable, batch: tuple, site: str = "z", channels_first: bool = False
+) -> Figure | None:
+    """One panel per channel: the posterior mean of ``site`` ``(T, C)`` (``(C, T)`` when
+    ``channels_first``) of the first sequence of ``batch`` over the steps, with a band of ±2
+    posterior standard deviations; None when the site's event is not two-dimensional."""
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         node, _ = trace_guide_site(guide, batch, {}, site)
         fn: Any = node["fn"]
@@ -383,6 +385,8 @@ def posterior_paths(guide: Callable, batch: tuple, site: str = "z") -> Figure | 
             sd = torch.zeros_like(mean)
     if mean.dim() != 2:
         return None
+    if channels_first:
+        mean, sd = mean.mT, sd.mT
     steps = torch.arange(mean.shape[0]).numpy()
     mean_np, sd_np = mean.double().cpu().numpy(), sd.double().cpu().numpy()
     count = mean.shape[1]
@@ -397,6 +401,13 @@ def posterior_paths(guide: Callable, batch: tuple, site: str = "z") -> Figure | 
         ax.set_xlabel("step t")
     axes[0].set_ylabel(f"E_q[{site}_t | x] ± 2 sd")
     return fig
+
+
+def _numbers(value: Any) -> str:
+    """A number or a list of numbers, 4 significant digits each."""
+    if isinstance(value, list | tuple):
+        return ", ".join(f"{float(v):.4g}" for v in value)
+    return f"{float(value):.4g}"
 
 
 def _number(value: float | None, digits: int = 3) -> str:
@@ -576,12 +587,17 @@ def _diagnose_model(
                 plots.save(traversals(decode, mu, top, ds.image_shape), out_dir / "traversals.png")
             )
         if channels and site in channels:
-            figure = posterior_paths(model.guide, tuple(t[:1] for t in batch), site)
+            first = channels[site] in (0, -2, "channels_first")
+            figure = posterior_paths(model.guide, tuple(t[:1] for t in batch), site, first)
             if figure is not None:
                 files.append(plots.save(figure, out_dir / "paths.png"))
     text = _markdown(
         title, run_dir, command, facts, report, activity, relevance, relevant, site, top, notes
     )
+    hyperparameters = getattr(model, "hyperparameters", None)
+    if callable(hyperparameters):  # e.g. a GP prior's learned lengthscales
+        rows = [f"- {name}: {_numbers(value)}" for name, value in hyperparameters().items()]
+        text += "\n## Learned hyperparameters\n\n" + "\n".join(rows) + "\n"
     if any(path.name == "paths.png" for path in files):
         text += (
             "\n## Posterior paths\n\nE_q[z_tc | x] ± 2 sd per channel c over the steps t of "

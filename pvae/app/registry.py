@@ -55,6 +55,8 @@ __all__ = [
     "UnknownName",
     "bound_grammar",
     "data_kind",
+    "gp_imputation_metrics",
+    "identification_metrics",
     "imputation_metrics",
     "parse_bound",
     "register_engine",
@@ -137,16 +139,20 @@ class Registry(Mapping[str, Entry], Generic[Entry]):
 # Models
 # ---------------------------------------------------------------------------------------------
 
-DATA_KINDS = ("images", "vectors", "multimodal", "sequences")
+DATA_KINDS = ("images", "vectors", "multimodal", "sequences", "multimodal-sequences")
 """``images``: :class:`pvae.data.Splits` with an ``image_shape``; ``vectors``: without one;
 ``multimodal``: :class:`pvae.data.MultimodalSplits` (tuples of modalities); ``sequences``:
-:class:`pvae.data.SequenceSplits` (``(values, times, mask)`` per split)."""
+:class:`pvae.data.SequenceSplits` (``(values, times, mask)`` per split);
+``multimodal-sequences``: :class:`pvae.data.MultimodalSequenceSplits` (``(counts, frames,
+times, modality_mask)`` per split)."""
 
 
 def data_kind(ds: data.Splits) -> str:
     """The kind of ``ds``, one of :data:`DATA_KINDS`."""
     if isinstance(ds, data.SequenceSplits):
         return "sequences"
+    if isinstance(ds, data.MultimodalSequenceSplits):
+        return "multimodal-sequences"
     if isinstance(ds, data.MultimodalSplits) or isinstance(ds.train, tuple):
         return "multimodal"
     return "images" if ds.image_shape is not None else "vectors"
@@ -1150,6 +1156,72 @@ register_engine(
 )
 
 
+def gp_imputation_metrics(
+    model: PyroModule, ds: data.Splits, split: str = "test", seed: int = 0
+) -> dict[str, float]:
+    """The imputation error of a GP-VAE (``impute(values, times, mask[, observed])``) on a
+    split of :class:`pvae.data.SequenceSplits`, or of its entry-masked view
+    (:class:`pvae.data.gp_sets.EntryMaskedSplits`: the per-entry mask is passed on):
+
+    - ``imputation_mse``: the mean squared error per entry of ``model.impute`` on the held-out
+      entries: the missing entries (hidden pixels and frames) scored against the clean frames
+      ``ds.truth[split]["frames"]`` where the dataset has them; otherwise (or when nothing is
+      missing) :data:`IMPUTATION_HIDDEN` of the observed frames are hidden at random (seeded
+      with ``seed``) and scored against their values;
+    - ``imputation_mse_mean_frame``: the same error of the mean of each entry over the given
+      entries (a baseline that knows no dynamics);
+    - ``held_out_entries``: how many entries were scored.
+
+    The model is evaluated in eval mode and left as found.
+    """
+    parts = tuple(getattr(ds, split))
+    values, times, mask = parts[:3]
+    observed = parts[3] if len(parts) > 3 else None
+    event = (1,) * (values.dim() - 2)
+    given = mask.reshape(*mask.shape, *event).expand(values.shape)
+    if observed is not None:
+        given = given & observed
+    truth = getattr(ds, "truth", {}).get(split, {}).get("frames")
+    if truth is not None and bool((~given).any()):
+        frame_mask, target, held_out = mask, truth.to(values.dtype), ~given
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        hide = torch.rand(mask.shape, generator=generator) < IMPUTATION_HIDDEN
+        frame_mask, target = mask & ~hide, values
+        held_out = given & hide.reshape(*hide.shape, *event)
+        given = given & ~hide.reshape(*hide.shape, *event)
+    if not bool(held_out.any()) or not bool(given.any()):
+        return {"imputation_mse": math.nan, "imputation_mse_mean_frame": math.nan}
+    entries = () if observed is None else (observed & frame_mask.reshape(*mask.shape, *event),)
+    was_training = model.training
+    model.eval()
+    try:
+        filled = model.impute(values, times, frame_mask, *entries)
+    finally:
+        model.train(was_training)
+    counts = given.sum((0, 1)).clamp(min=1)
+    mean_frame = (values * given).sum((0, 1)) / counts  # per-entry mean of the given entries
+    baseline = mean_frame.expand(values.shape)
+    return {
+        "imputation_mse": float((filled - target).pow(2)[held_out].mean()),
+        "imputation_mse_mean_frame": float((baseline - target).pow(2)[held_out].mean()),
+        "held_out_entries": int(held_out.sum()),
+    }
+
+
+def _entry_masked_view(ds: data.Splits, options: Mapping[str, Any]) -> data.Splits:
+    """A set with a per-entry mask (``hmnist-like``) as 4-tuple splits ``(values, times,
+    mask, observed)``, so that the GP-VAE scores observed entries only; other sequence sets
+    as they are."""
+    from pvae.data import gp_sets
+
+    truth = getattr(ds, "truth", {})
+    has_mask = all("observed" in truth.get(split, {}) for split in ("train", "valid", "test"))
+    if isinstance(ds, data.SequenceSplits) and has_mask:
+        return gp_sets.entry_masked(ds)
+    return ds
+
+
 def _gpvae(
     ds: data.Splits,
     z_dim: int,
@@ -1189,6 +1261,10 @@ register_model(
         Option("length_scale", _number(0.0, open_below=True), 2.0, "the kernel's length scale"),
         Option("learn_kernel", _choice(("no", "yes")), "no", "learn the kernel's hyper-parameters"),
     ),
+    prepare=_entry_masked_view,
+    decoder=lambda model: None,  # its latent is an (L, T) path: no traversal of one z
+    metrics=gp_imputation_metrics,
+    channels={"z": -2},  # event (L, T): channels first
 )
 
 
@@ -1230,6 +1306,98 @@ register_model(
         Option("nu", float, 1.5, "Matérn smoothness", choices=(0.5, 1.5, 2.5)),
         Option("lengthscale", _number(0.0, open_below=True), 1.0, "initial GP lengthscale"),
     ),
+    decoder=lambda model: None,  # its latent is a (T, d L) state path: no traversal of one z
+    metrics=gp_imputation_metrics,
+    channels={"z": -1},  # the L GP values, then their derivatives
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# MM-GPVAE (Gondur et al. 2024)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def identification_metrics(
+    model: PyroModule, ds: data.Splits, split: str = "test", seed: int = 0
+) -> dict[str, float]:
+    """How well a trained MM-GPVAE identifies the true latent groups of a
+    :class:`pvae.data.MultimodalSequenceSplits` split (:func:`pvae.diagnostics.
+    identification_r2`, held-out trials): ``r2_<group>`` the R^2 of the true group from the
+    inferred one of the same name (``shared``, ``neural``, ``image``, those the model has), and
+    ``r2_cross_max`` the largest R^2 between different groups (low when the groups are
+    disentangled). Empty when the split has no truth or fewer than 4 trials. Deterministic
+    (``seed`` unused)."""
+    from pvae.diagnostics import identification_r2
+
+    parts = tuple(getattr(ds, split))
+    trials = int(parts[0].shape[0])
+    truth = getattr(ds, "truth", {}).get(split, {})
+    groups = [g for g in ("shared", "neural", "image") if g in truth and model.dims[g] > 0]
+    if not groups or trials < 4:
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        inferred = model.latents(*parts)
+    finally:
+        model.train(was_training)
+    result = identification_r2(
+        {g: inferred[g] for g in groups}, {g: truth[g][:trials] for g in groups}
+    )  # a subset keeps the first trials: cut the truth alike
+    out = {f"r2_{g}": float(result.diagonal[g]) for g in groups}
+    out["r2_cross_max"] = float(result.off_diagonal_max())
+    return out
+
+
+def _mmgpvae(
+    ds: data.Splits,
+    z_dim: int,
+    hidden: Sequence[int],
+    net: str,
+    likelihood: str,
+    private_dim: int = 1,
+    lengthscale: float = 5.0,
+    analytic_poisson: str = "no",
+) -> PyroModule:
+    from pvae.models.multimodal_gp import MultimodalGPVAE
+
+    _mlp_only("mmgpvae", net)
+    if ds.image_shape is None:
+        raise ValueError(f"model 'mmgpvae' needs image frames; {ds.name!r} has no image_shape")
+    return MultimodalGPVAE(
+        int(getattr(ds, "num_neurons", 0)),
+        image_shape=tuple(ds.image_shape),
+        shared_dim=z_dim,
+        neural_dim=private_dim,
+        image_dim=private_dim,
+        hidden=tuple(hidden),
+        prior="fourier",
+        lengthscale=lengthscale,
+        image_likelihood=likelihood,
+        analytic_poisson=analytic_poisson == "yes",
+    )
+
+
+register_model(
+    "mmgpvae",
+    _mmgpvae,
+    "MM-GPVAE: shared (--z-dim channels) and modality-private GP latents over time behind "
+    "Poisson spike counts and images, Fourier-domain RBF prior (Gondur et al. 2024)",
+    accepts=("multimodal-sequences",),
+    options=(
+        Option("private_dim", _integer(0), 1, "latent channels private to each modality"),
+        Option("lengthscale", _number(0.0, open_below=True), 5.0, "initial GP lengthscale"),
+        Option(
+            "analytic_poisson",
+            _choice(("no", "yes")),
+            "no",
+            "closed-form expected Poisson log-likelihood (ELBO engines only)",
+        ),
+    ),
+    decoder=lambda model: None,  # its latent is a set of paths: no traversal of one z
+    metrics=identification_metrics,
+    channels={"z": -2},  # Fourier coefficients (channels, frequencies): channels first
 )
 
 

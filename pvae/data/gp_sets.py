@@ -10,7 +10,9 @@ in ``values``; ``mask`` marks the observed frames), and the per-entry mask lives
 ``(values, times, mask, observed)`` that a model taking per-entry masks
 (``pvae.models.GPVAE``) receives as ``model(values, times, mask, observed)``; models that take
 ``(values, times, mask)`` train on the splits as they are (the zeros at missing pixels are then
-data to them). :func:`imputation_mse` scores an imputation on the missing entries against the
+data to them). :func:`entry_masked` turns the whole set into :class:`EntryMaskedSplits`, whose
+splits are those 4-tuples (:class:`EntryMaskedSplit`): the view ``pvae train/compare/diagnose``
+give the GP-VAE. :func:`imputation_mse` scores an imputation on the missing entries against the
 clean frames ``ds.truth[split]["frames"]``.
 """
 
@@ -18,12 +20,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from pvae.data.containers import SequenceSplits, _permutation_split
+from pvae.data.containers import SequenceSplit, SequenceSplits, _permutation_split
 from pvae.data.registry import register
 from pvae.data.sequences import (
     _DIGIT_SOURCES,
@@ -40,7 +44,14 @@ from pvae.data.sequences import (
     _time_grid,
 )
 
-__all__ = ["imputation_mse", "mean_pixel_baseline", "with_entry_mask"]
+__all__ = [
+    "EntryMaskedSplit",
+    "EntryMaskedSplits",
+    "entry_masked",
+    "imputation_mse",
+    "mean_pixel_baseline",
+    "with_entry_mask",
+]
 
 
 @register(
@@ -157,7 +168,7 @@ def _entry_mask(ds: SequenceSplits, split: str) -> Tensor:
             f"dataset {ds.name!r} has no per-entry mask (truth[{split!r}]['observed']); "
             "load 'hmnist-like'"
         )
-    values, _, mask = getattr(ds, split)
+    values, _, mask = getattr(ds, split)[:3]
     if observed.dtype != torch.bool or observed.shape != values.shape:
         raise ValueError(
             f"truth[{split!r}]['observed'] must be a bool tensor shaped like the values "
@@ -178,7 +189,7 @@ def with_entry_mask(ds: SequenceSplits, split: str = "train") -> tuple[Tensor, .
         (shape, dtype, or an entry marked observed in a missing frame).
     """
     observed = _entry_mask(ds, split)
-    values, times, mask = getattr(ds, split)
+    values, times, mask = getattr(ds, split)[:3]
     return values, times, mask, observed
 
 
@@ -204,3 +215,70 @@ def mean_pixel_baseline(ds: SequenceSplits, split: str = "test") -> Tensor:
     means = (train_values * train_observed).sum((0, 1)) / counts
     values = getattr(ds, split).values
     return torch.where(_entry_mask(ds, split), values, means.to(values.dtype))
+
+
+class EntryMaskedSplit(NamedTuple):
+    """One split with its per-entry mask, ``(values, times, mask, observed)``: a pair taking
+    ``model(values, times, mask, observed)`` receives it as four positional arguments,
+    minibatched along the first (sequence) dimension like any tuple of tensors.
+
+    :ivar observed: ``(N, T, *event_shape)`` bool, True where the entry is observed (never in
+        a frame whose ``mask`` is False).
+    """
+
+    values: Tensor
+    times: Tensor
+    mask: Tensor
+    observed: Tensor
+
+
+@dataclass(repr=False)
+class EntryMaskedSplits(SequenceSplits):
+    """:class:`~pvae.data.containers.SequenceSplits` whose splits are :class:`EntryMaskedSplit`
+    4-tuples (the per-entry mask travels with the batch); the ``(values, times, mask)`` part of
+    each split is checked as a ``SequenceSplit``, the per-entry mask as
+    :func:`with_entry_mask` checks it."""
+
+    def __post_init__(self) -> None:
+        for split in SPLITS:
+            if not isinstance(getattr(self, split), EntryMaskedSplit):
+                raise TypeError(
+                    f"EntryMaskedSplits {self.name!r}: the {split} split must be an "
+                    f"EntryMaskedSplit, got {type(getattr(self, split)).__name__}"
+                )
+        parts: dict[str, Any] = {
+            split: SequenceSplit(*getattr(self, split)[:3]) for split in SPLITS
+        }
+        plain = SequenceSplits(
+            name=self.name,
+            **parts,
+            likelihood=self.likelihood,
+            truth={
+                split: {**entries, "observed": getattr(self, split).observed}
+                for split, entries in self.truth.items()
+            }
+            or {split: {"observed": getattr(self, split).observed} for split in SPLITS},
+        )
+        for split in SPLITS:
+            _entry_mask(plain, split)
+        self.x_dim, self.image_shape = plain.x_dim, plain.image_shape
+
+
+def entry_masked(ds: SequenceSplits) -> EntryMaskedSplits:
+    """``ds`` with every split followed by its per-entry mask (:func:`with_entry_mask`).
+
+    :raises ValueError: when the set has no per-entry mask (load ``hmnist-like``).
+    """
+    splits: dict[str, Any] = {
+        split: EntryMaskedSplit(*with_entry_mask(ds, split)) for split in SPLITS
+    }
+    return EntryMaskedSplits(
+        name=ds.name,
+        **splits,
+        likelihood=ds.likelihood,
+        train_labels=ds.train_labels,
+        valid_labels=ds.valid_labels,
+        test_labels=ds.test_labels,
+        info=dict(ds.info),
+        truth=ds.truth,
+    )

@@ -252,7 +252,14 @@ def _site_kls(
                     use_site_analytic = use_analytic and is_analytic(q, p)
                 term = reducer(elements, unscaled, event_dims).mean(0).double()  # (B, D)
                 axes = channel_layout(channels, name, event_shape)
-                if axes is not None:
+                if axes is not None and 0 < event_dims < len(event_shape):
+                    if axes != tuple(range(event_dims)):  # KL_c separates over channels first
+                        raise ValueError(
+                            f"site {name!r}: its KL does not separate over the event axes "
+                            f"{tuple(event_shape)} (the guide's distribution is not "
+                            "factorised), so it cannot be reported per channel"
+                        )
+                elif axes is not None:
                     if event_dims != len(event_shape):
                         raise ValueError(
                             f"site {name!r}: its KL does not separate over the event axes "
