@@ -9,7 +9,8 @@ N = 5000).
 pvae side: what ``pvae.sample`` does per step after warm-up: ``sampler.train_step(model, None,
 x)`` on the model wrapped with ``pvae.scale_to_data`` (the adaptive sampler, its preconditioner
 frozen). Reference side: the same weights as plain tensors, the log joint written out by hand
-(log priors with torch's ``Normal`` density, as the model's priors compute it, + N/B *
+(log priors with torch's ``Normal`` density of a scalar loc and scale broadcast over each
+weight tensor, as the model's priors compute it, + N/B *
 Bernoulli log-likelihood), ``torch.autograd.grad``, and the same update
 ``v <- (1 - alpha) v + eta * grad + noise * eps; theta <- theta + v`` with the same frozen
 per-coordinate ``eta`` and ``noise`` tensors. Both are timed in one process, interleaved,
@@ -50,8 +51,8 @@ def reference_step(
     noise), with the same site order (the sampler's).
 
     ``prior_as_pyro``: the N(0, 1) log prior as the model computes it (torch's ``Normal``
-    log-density with the prior's expanded loc and scale, the same arithmetic); False: the
-    cheaper ``-t^2 / 2`` sum a hand-written loop would use (the model's arithmetic differs).
+    log-density of a scalar loc and scale broadcast over the weights, the same arithmetic);
+    False: the ``-t^2 / 2`` sum a hand-written loop would use (the model's arithmetic differs).
     """
     theta = [t.detach().clone().requires_grad_(True) for t in sampler.theta]
     velocity = [v.clone() for v in sampler.velocity]
@@ -66,12 +67,7 @@ def reference_step(
         logits = _network(x, weights)
         log_lik = -F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
         if prior_as_pyro:
-            log_prior = sum(
-                torch.distributions.Normal(zero.expand(t.shape), one.expand(t.shape))
-                .log_prob(t)
-                .sum()
-                for t in theta
-            )
+            log_prior = sum(torch.distributions.Normal(zero, one).log_prob(t).sum() for t in theta)
         else:
             log_prior = sum(-0.5 * (t * t).sum() for t in theta) - 0.5 * sum(
                 t.numel() for t in theta

@@ -83,7 +83,7 @@ class _LogJoint(Messenger):
     def __init__(self, values: Mapping[str, torch.Tensor]):
         super().__init__()
         self.values = values
-        self.total: torch.Tensor | float = 0.0
+        self.total: torch.Tensor | None = None  # the first term starts the sum: no 0.0 + ...
         self.seen: set[str] = set()
 
     def _pyro_sample(self, msg: Any) -> None:
@@ -97,7 +97,8 @@ class _LogJoint(Messenger):
         if msg["type"] != "sample" or site_is_subsample(msg):
             return
         log_prob = msg["fn"].log_prob(msg["value"])
-        self.total = self.total + scale_and_mask(log_prob, msg["scale"], msg["mask"]).sum()
+        term = scale_and_mask(log_prob, msg["scale"], msg["mask"]).sum()
+        self.total = term if self.total is None else self.total + term
 
 
 def _latent_sites(model: Callable, args: tuple, kwargs: dict) -> Any:
@@ -269,14 +270,15 @@ class SGHMC:
         """log p(x, theta) in unconstrained space at the current state (Jacobian included),
         differentiable with respect to the state."""
         values: dict[str, torch.Tensor] = {}
-        jacobian: torch.Tensor | float = 0.0
+        jacobian: torch.Tensor | None = None  # None: every site unconstrained, no term to add
         for name, transform, t in zip(self.names, self._maps, self.theta, strict=True):
             if transform is None:  # real support: the identity, no Jacobian
                 values[name] = t
                 continue
             value = transform(t)
             values[name] = value
-            jacobian = jacobian + transform.log_abs_det_jacobian(t, value).sum()
+            term = transform.log_abs_det_jacobian(t, value).sum()
+            jacobian = term if jacobian is None else jacobian + term
         messenger = _LogJoint(values)
         with messenger:
             model(*args, **kwargs)
@@ -286,7 +288,10 @@ class SGHMC:
                 f"the model did not sample latent sites {missing} on this batch; SGHMC needs "
                 "the same latent sites at every step"
             )
-        return messenger.total + jacobian  # type: ignore[return-value]
+        total = messenger.total
+        if total is None:  # no sample site ran: the setup's check makes this unreachable
+            raise ValueError("the model ran no sample site")
+        return total if jacobian is None else total + jacobian
 
     def train_step(
         self, model: Callable, guide: Any = None, *args: Any, **kwargs: Any

@@ -10,7 +10,7 @@ too; everything is sampled jointly by SGHMC (:class:`pvae.inference.SGHMC`):
     s2  ~ LogNormal(log s2_0, sigma_s2)            kernel variance             site "variance"
     u_l ~ N(0, K_uu)                 (M,)          inducing values, l = 1..L   site "u" (L, M)
     z_nl | u_l ~ N(K_nu K_uu^{-1} u_l, k_nn - Q_nn + jitter)                   site "z" (N, L)
-    W   ~ N(0, prior_scale^2)                      decoder weights and biases  sites "decoder.*"
+    W   ~ N(0, prior_scale^2)                      decoder weights and biases  sites "decoder.{i}.*"
     x_n | z_n ~ p(x_n | decoder_W(z_n))            likelihood by name (:mod:`pvae.likelihoods`)
 
 with ``K_uu = k(Z_u, Z_u) + jitter I`` on M inducing inputs ``Z_u`` (fixed), ``K_nu = k(t_n,
@@ -51,16 +51,16 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule, PyroSample
+from pyro.nn import PyroModule, pyro_method
 from torch import Tensor, nn
 
 from pvae import likelihoods, nets
 
+from .bayesian_ae import _positive, bayesian_layers, read_weights, run_layers
 from .gp_vae import KERNELS, exact_gp_settings, gp_kernel
 
 __all__ = [
     "SGPBAE",
-    "bayesian_mlp",
     "fitc_conditional",
     "frames_and_inputs",
     "latent_r2",
@@ -92,48 +92,8 @@ def fitc_conditional(
 
 
 # ---------------------------------------------------------------------------------------------
-# A Bayesian MLP: weights with Gaussian priors
-# ---------------------------------------------------------------------------------------------
-
-
-def bayesian_mlp(
-    sizes: Sequence[int], prior_scale: float = 1.0, activation: type[nn.Module] = nn.Tanh
-) -> PyroModule:
-    """An MLP whose weights and biases are latent sites with ``N(0, prior_scale^2)`` priors
-    (``PyroSample``), ``activation`` between the layers: sizes ``(in, h_1, ..., out)``.
-
-    Minimal on purpose (one Gaussian prior for every weight); the sites are named after the
-    module's place in its parent (``decoder.0.weight``, ``decoder.0.bias``, ...).
-    """
-    layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        linear = PyroModule[nn.Linear](n_in, n_out)  # type: ignore[call-arg,arg-type]
-        # the prior's location is a buffer, so that it follows the module's dtype and device
-        linear.register_buffer("prior_loc", torch.zeros(()), persistent=False)
-        linear.weight = PyroSample(
-            lambda m: dist.Normal(m.prior_loc, prior_scale).expand(m.weight_shape).to_event(2)
-        )
-        linear.bias = PyroSample(
-            lambda m: dist.Normal(m.prior_loc, prior_scale).expand(m.bias_shape).to_event(1)
-        )
-        linear.weight_shape, linear.bias_shape = (n_out, n_in), (n_out,)
-        layers.append(linear)
-        if i < len(sizes) - 2:
-            layers.append(activation())
-    return PyroModule[nn.Sequential](*layers)  # type: ignore[arg-type]
-
-
-# ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
-
-
-def _positive(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a positive number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 class SGPBAE(PyroModule):
@@ -142,7 +102,8 @@ class SGPBAE(PyroModule):
     :param x_dim: data dimension (flattened).
     :param z_dim: L, code channels (each a GP over the auxiliary input).
     :param inducing_inputs: Z_u, the M fixed inducing inputs, ``(M, D)`` or ``(M,)`` (D = 1).
-    :param hidden: hidden widths of the Bayesian decoder (an MLP with tanh).
+    :param hidden: hidden widths of the Bayesian decoder (an MLP with tanh, built from
+        :func:`pvae.models.bayesian_ae.bayesian_layers`: the weight priors of BayesianAE).
     :param likelihood: a likelihood of :mod:`pvae.likelihoods` without parameters (a sampler
         learns none): ``"continuous_bernoulli"``, ``"bernoulli"``, ``"gaussian"`` with a fixed
         ``likelihood_kw={"scale": ...}``, ...
@@ -213,7 +174,9 @@ class SGPBAE(PyroModule):
                 "fix them (e.g. likelihood_kw={'scale': 0.1} for 'gaussian')"
             )
         sizes = (z_dim, *nets._as_hidden(hidden), x_dim * self.likelihood.param_size)
-        self.decoder = bayesian_mlp(sizes, prior_scale)
+        # the Bayesian decoder: BayesianAE's layers (sites "decoder.{i}.weight" / ".bias")
+        self.decoder = bayesian_layers(sizes, prior_scale)
+        self.activation = nn.Tanh()
         self.encoder = nets.MLP(x_dim, nets._as_hidden(encoder_hidden), z_dim, nn.Tanh)
 
     # -- the kernel -----------------------------------------------------------------------------
@@ -287,10 +250,16 @@ class SGPBAE(PyroModule):
             z = pyro.sample(
                 "z", dist.Normal(loc.mT, conditional_variance.sqrt()[:, None]).to_event(1)
             )
-        params = self.decoder(z)  # outside the plate: the weights are global sites
+        params = self._decoder(z)  # outside the plate: the weights are global sites
         with data:
             pyro.sample("x", self.likelihood(params).to_event(1), obs=x)
         return z
+
+    @pyro_method
+    def _decoder(self, z: Tensor) -> Tensor:
+        """The likelihood's parameters ``(B, x_dim * param_size)`` from codes ``z (B, L)``, each
+        decoder weight site read once (in the module's Pyro context, so the sites are named)."""
+        return run_layers(z, read_weights(self.decoder), self.activation)
 
     # -- after sampling -------------------------------------------------------------------------
     def _draws(self, samples: Mapping[str, Tensor], num_draws: int | None) -> dict[str, Tensor]:
@@ -336,7 +305,10 @@ class SGPBAE(PyroModule):
         ``(B, L)`` (shared by every draw), averaged over the posterior draws of the decoder's
         weights: ``(B, x_dim)``."""
         draws = self._draws(self._flat_samples(posterior), num_draws)
-        weights = {n: v for n, v in draws.items() if n.startswith("decoder.")}
+        names = [(f"decoder.{i}.weight", f"decoder.{i}.bias") for i in range(len(self.decoder))]
+        missing = [n for pair in names for n in pair if n not in draws]
+        if missing:
+            raise ValueError(f"the posterior lacks the decoder sites {missing} of this model")
         num = draws["u"].shape[0]
         if z.dim() == 2:
             z = z.expand(num, *z.shape)
@@ -345,9 +317,8 @@ class SGPBAE(PyroModule):
         means = []
         with torch.no_grad():
             for s in range(num):
-                values = {n: v[s].to(z) for n, v in weights.items()}
-                params = pyro.poutine.condition(self.decoder, data=values)(z[s])
-                means.append(self.likelihood.mean(params))
+                weights = [(draws[w][s].to(z), draws[b][s].to(z)) for w, b in names]
+                means.append(self.likelihood.mean(run_layers(z[s], weights, self.activation)))
         return torch.stack(means).mean(0)
 
     def impute(self, posterior: Any, t: Tensor, num_draws: int | None = None) -> Tensor:

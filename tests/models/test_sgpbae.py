@@ -94,8 +94,8 @@ def test_sampling_returns_every_site_with_its_shape() -> None:
         "z": (2, 4, 8, 2),
         "decoder.0.weight": (2, 4, 5, 2),
         "decoder.0.bias": (2, 4, 5),
-        "decoder.2.weight": (2, 4, 4, 5),
-        "decoder.2.bias": (2, 4, 4),
+        "decoder.1.weight": (2, 4, 4, 5),
+        "decoder.1.bias": (2, 4, 4),
     }
     assert bool((posterior.samples["lengthscale"] > 0).all())
     assert bool(torch.isfinite(posterior.log_joint).all())
