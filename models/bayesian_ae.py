@@ -137,7 +137,7 @@ class BayesianLinear(PyroModule):
 
 def bayesian_layers(widths: Sequence[int], prior_scale: float = 1.0) -> nn.ModuleList:
     """A ``PyroModule`` list of :class:`BayesianLinear` layers ``widths[i] -> widths[i + 1]``,
-    all with the prior N(0, ``prior_scale``^2) (a PyroModule, so that its layers' sites are
+    all with the prior ``N(0, prior_scale^2)`` (a PyroModule, so that its layers' sites are
     named under the parent's prefix: ``{prefix}.{attribute}.{i}.weight``)."""
     layers = [BayesianLinear(a, b, prior_scale) for a, b in zip(widths, widths[1:], strict=False)]
     return PyroModule[nn.ModuleList](layers)  # type: ignore[arg-type,return-value]
