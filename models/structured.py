@@ -147,22 +147,9 @@ class StructuredVAE(PyroModule):
         self.likelihood = likelihoods.get(likelihood, self.x_dim, **(likelihood_kw or {}))
         self._likelihood_learns = any(True for _ in self.likelihood.parameters())
         self.dynamics = LinearDynamics(self.z_dim)
-        kind = "mlp" if net == "linear" else net
-        self.encoder = nets.build_encoder(
-            kind, self.x_dim, self.z_dim, hidden, image_shape=image_shape
+        self.encoder, self.decoder = nets.build_frame_networks(
+            net, self.x_dim, self.z_dim, hidden, self.likelihood.param_size, image_shape
         )
-        self.decoder: nn.Module
-        if net == "linear":
-            self.decoder = nn.Linear(self.z_dim, self.x_dim)
-        else:
-            self.decoder = nets.build_decoder(
-                net,
-                self.z_dim,
-                self.x_dim,
-                tuple(reversed(tuple(hidden))),
-                self.likelihood.param_size,
-                image_shape=image_shape,
-            )
 
     # -- pieces -------------------------------------------------------------------------------
     def prior(self, num_steps: int) -> StateSpacePrior:

@@ -37,6 +37,7 @@ __all__ = [
     "InverseLipschitzDecoder",
     "build_encoder",
     "build_decoder",
+    "build_frame_networks",
 ]
 
 MIN_SCALE = 1e-6
@@ -516,3 +517,27 @@ def build_decoder(
             z_dim, shape, out_channels_per_pixel=param_size, hidden=hidden, activation=activation
         )
     raise ValueError(f"unknown decoder kind {kind!r}; valid kinds are: {', '.join(_KINDS)}")
+
+
+def build_frame_networks(
+    net: str,
+    x_dim: int,
+    z_dim: int,
+    hidden: int | Sequence[int],
+    param_size: int = 1,
+    image_shape: Sequence[int] | None = None,
+) -> tuple[nn.Module, nn.Module]:
+    """The per-frame encoder and decoder of a sequence model: :func:`build_encoder` and
+    :func:`build_decoder` of kind ``net`` (``"mlp"`` or ``"conv"``, the decoder's hidden widths
+    mirrored), or ``"linear"``: an MLP encoder and a linear decoder ``z -> x`` (the
+    linear-Gaussian emission of the exact-truth tests).
+
+    :returns: ``(encoder, decoder)``.
+    """
+    encoder = build_encoder(
+        "mlp" if net == "linear" else net, x_dim, z_dim, hidden, image_shape=image_shape
+    )
+    if net == "linear":
+        return encoder, nn.Linear(z_dim, x_dim)
+    mirrored = tuple(reversed(_as_hidden(hidden)))
+    return encoder, build_decoder(net, z_dim, x_dim, mirrored, param_size, image_shape)

@@ -27,21 +27,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pvae.data.containers import SequenceSplit, SequenceSplits, _permutation_split
+from pvae.data.containers import SequenceSplit, SequenceSplits
 from pvae.data.registry import register
 from pvae.data.sequences import (
     _DIGIT_SOURCES,
     SPLITS,
-    _add_noise,
     _check_options,
-    _check_sizes,
-    _missing_mask,
-    _rotate_images,
+    _rotated_digit_splits,
     _sequence_splits,
     _SequencePart,
-    _smooth_angle_paths,
-    _split_streams,
-    _time_grid,
 )
 
 __all__ = [
@@ -105,34 +99,22 @@ def _hmnist_like(
         raise ValueError(
             f"dataset {name!r}: missing_pixels must be a fraction in [0, 1), got {missing_pixels!r}"
         )
-    pool, image_shape, description = _DIGIT_SOURCES[source]
-    images, labels = pool(f"dataset {name!r} with source={source!r} needs")
-    n = images.shape[0]
-    held_out = (180, 360) if source == "digits" else (500, 500)
-    full = (n - sum(held_out), *held_out)
-    counts = full if sizes is None else _check_sizes(name, sizes)
-    if any(c > f for c, f in zip(counts, full, strict=True)):
-        raise ValueError(
-            f"dataset {name!r}: sizes {tuple(counts)} exceed the {source} splits {full} "
-            "(one sequence per source digit)"
-        )
-    indices = _permutation_split(n, full, torch.Generator().manual_seed(seed))
+    image_shape, description = _DIGIT_SOURCES[source][1:]
     parts = []
-    for rng, index, count in zip(_split_streams(seed), indices, counts, strict=True):
-        digits = images[index[:count]].reshape(count, *image_shape)
-        times = _time_grid(rng, count, num_steps, dt, irregular)
-        angles = _smooth_angle_paths(rng, times, angle_scale, num_steps * dt)
-        repeated = digits[:, None].expand(count, num_steps, *image_shape)
-        frames = _rotate_images(
-            repeated.reshape(-1, *image_shape), torch.as_tensor(angles).reshape(-1)
-        ).reshape(count, num_steps, *image_shape)
-        values = _add_noise(rng, frames.numpy(), noise)
-        mask = _missing_mask(rng, count, num_steps, missing)
-        pixels = rng.random(values.shape) >= missing_pixels
+    for rotated in _rotated_digit_splits(
+        name, source, sizes, seed, num_steps, dt, irregular, angle_scale, noise, missing
+    ):
+        count, mask = rotated.mask.shape[0], rotated.mask
+        pixels = rotated.rng.random(rotated.values.shape) >= missing_pixels
         observed = pixels & mask.reshape(count, num_steps, *([1] * len(image_shape)))
-        values = np.where(observed, values, 0.0)
-        truth = {"observed": observed, "frames": frames, "angles": angles, "digits": digits}
-        parts.append(_SequencePart(values, times, mask, truth, labels[index[:count]]))
+        values = np.where(observed, rotated.values, 0.0)
+        truth = {
+            "observed": observed,
+            "frames": rotated.frames,
+            "angles": rotated.angles,
+            "digits": rotated.digits,
+        }
+        parts.append(_SequencePart(values, rotated.times, mask, truth, rotated.labels))
     info = {
         "description": (
             f"{description} turned counter-clockwise by smooth random angle paths (three "

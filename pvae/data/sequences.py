@@ -349,6 +349,63 @@ _DIGIT_SOURCES = {
 }
 
 
+class _RotatedDigits(NamedTuple):
+    """One split of digits turned along smooth angle paths (:func:`_rotated_digit_splits`)."""
+
+    rng: np.random.Generator  # the split's own stream, for draws made after these
+    digits: Tensor  # (count, *image_shape)
+    times: np.ndarray  # (count, T)
+    angles: np.ndarray  # (count, T)
+    frames: Tensor  # (count, T, *image_shape), clean
+    values: np.ndarray  # frames with pixel noise
+    mask: np.ndarray  # (count, T) bool, True = observed frame
+    labels: Tensor  # (count,)
+
+
+def _rotated_digit_splits(
+    name: str,
+    source: str,
+    sizes: Sequence[int] | None,
+    seed: int,
+    num_steps: int,
+    dt: float,
+    irregular: bool,
+    angle_scale: float,
+    noise: float,
+    missing: float,
+) -> list[_RotatedDigits]:
+    """Train, valid and test splits of source digits (one sequence per digit, split as the
+    source set splits them) turned counter-clockwise along smooth random angle paths, with
+    pixel noise and hidden frames; each split draws from its own random stream."""
+    pool, image_shape, _ = _DIGIT_SOURCES[source]
+    images, labels = pool(f"dataset {name!r} with source={source!r} needs")
+    n = images.shape[0]
+    held_out = (180, 360) if source == "digits" else (500, 500)
+    full = (n - sum(held_out), *held_out)
+    counts = full if sizes is None else _check_sizes(name, sizes)
+    if any(c > f for c, f in zip(counts, full, strict=True)):
+        raise ValueError(
+            f"dataset {name!r}: sizes {tuple(counts)} exceed the {source} splits {full} "
+            "(one sequence per source digit)"
+        )
+    indices = _permutation_split(n, full, torch.Generator().manual_seed(seed))
+    splits = []
+    for rng, index, count in zip(_split_streams(seed), indices, counts, strict=True):
+        digits = images[index[:count]].reshape(count, *image_shape)
+        times = _time_grid(rng, count, num_steps, dt, irregular)
+        angles = _smooth_angle_paths(rng, times, angle_scale, num_steps * dt)
+        repeated = digits[:, None].expand(count, num_steps, *image_shape)
+        frames = _rotate_images(
+            repeated.reshape(-1, *image_shape), torch.as_tensor(angles).reshape(-1)
+        ).reshape(count, num_steps, *image_shape)
+        values = _add_noise(rng, frames.numpy(), noise)
+        mask = _missing_mask(rng, count, num_steps, missing)
+        splits.append(
+            _RotatedDigits(rng, digits, times, angles, frames, values, mask, labels[index[:count]])
+        )
+    return splits
+
+
 @register(
     "rotating-digits",
     "8x8 digits turned along smooth random angle paths, T=20, 40% of frames missing: true "
@@ -388,31 +445,15 @@ def _rotating_digits(
         raise ValueError(f"dataset {name!r}: angle_scale must be a finite number")
     if angle_scale < 0:
         raise ValueError(f"dataset {name!r}: angle_scale must be >= 0, got {angle_scale!r}")
-    pool, image_shape, description = _DIGIT_SOURCES[source]
-    images, labels = pool(f"dataset {name!r} with source={source!r} needs")
-    n = images.shape[0]
-    held_out = (180, 360) if source == "digits" else (500, 500)
-    full = (n - sum(held_out), *held_out)
-    counts = full if sizes is None else _check_sizes(name, sizes)
-    if any(c > f for c, f in zip(counts, full, strict=True)):
-        raise ValueError(
-            f"dataset {name!r}: sizes {tuple(counts)} exceed the {source} splits {full} "
-            "(one sequence per source digit)"
-        )
-    indices = _permutation_split(n, full, torch.Generator().manual_seed(seed))
     parts = []
-    for rng, index, count in zip(_split_streams(seed), indices, counts, strict=True):
-        digits = images[index[:count]].reshape(count, *image_shape)
-        times = _time_grid(rng, count, num_steps, dt, irregular)
-        angles = _smooth_angle_paths(rng, times, angle_scale, num_steps * dt)
-        repeated = digits[:, None].expand(count, num_steps, *image_shape)
-        frames = _rotate_images(
-            repeated.reshape(-1, *image_shape), torch.as_tensor(angles).reshape(-1)
-        ).reshape(count, num_steps, *image_shape)
-        values = _add_noise(rng, frames.numpy(), noise)
-        mask = _missing_mask(rng, count, num_steps, missing)
-        truth = {"angles": angles, "frames": frames, "digits": digits}
-        parts.append(_SequencePart(values, times, mask, truth, labels[index[:count]]))
+    description = _DIGIT_SOURCES[source][2]
+    for rotated in _rotated_digit_splits(
+        name, source, sizes, seed, num_steps, dt, irregular, angle_scale, noise, missing
+    ):
+        truth = {"angles": rotated.angles, "frames": rotated.frames, "digits": rotated.digits}
+        parts.append(
+            _SequencePart(rotated.values, rotated.times, rotated.mask, truth, rotated.labels)
+        )
     info = {
         "description": (
             f"{description} turned counter-clockwise by smooth random angle paths (three "
