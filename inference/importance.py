@@ -64,7 +64,7 @@ def dreg_surrogate(weights: LogWeights, num_inner: int) -> torch.Tensor:
     guide's parameters detached): its gradient is sum stopgrad(w~^2) d log w / d phi."""
     local = weights.local.reshape(-1, num_inner, weights.local.shape[-1])  # (M, K, B)
     normalised = torch.softmax(local.detach(), dim=1)
-    per_datapoint = (normalised * local).sum(1).mean(0)  # (B,)
+    per_datapoint = (normalised**2 * local).sum(1).mean(0)  # (B,)
     return weights.data_scale * per_datapoint.sum() + weights.global_.mean()
 
 
