@@ -53,10 +53,17 @@ CLI_RESUME = "tests/cli/test_cli.py::test_resume_continues_the_run"
 MUTATIONS: list[Mutation] = [
     # -- scaling: the data plate's N/B factor ----------------------------------------------
     Mutation(
-        "reducer-keeps-plate-scale",  # N/B applied twice to per-datapoint terms
+        "reducer-keeps-plate-scale",  # N/B applied twice to per-datapoint terms (masked sites)
         "pvae/protocol.py",
         "scale = scale / self.data_scale",
         "scale = scale",
+        ("tests/core/test_protocol.py::test_masked_sites_scale_by_n_over_b_once",),
+    ),
+    Mutation(
+        "reducer-fast-path-keeps-plate-scale",  # the same in the common sites' fast path
+        "pvae/protocol.py",
+        "return value.reshape(shape[0] if len(shape) == 2 else 1, shape[-1], -1)",
+        "return scale * value.reshape(shape[0] if len(shape) == 2 else 1, shape[-1], -1)",
         (ELBO_TESTS + "::test_minibatch_scaling_counts_global_terms_once", IMPORTANCE),
     ),
     Mutation(

@@ -269,3 +269,29 @@ def test_a_second_model_with_the_same_names_is_refused(make):
     run = pvae.fit(second.model, second.guide, x, epochs=1, batch_size=10, progress=False)
     assert not torch.equal(second.decoder.weight.detach(), initial)
     assert math.isfinite(run.train_bound[0])
+
+
+def test_masked_sites_scale_by_n_over_b_once():
+    """A site that carries its own mask (``poutine.mask``) takes the general reduction path:
+    under ``scale_to_data(N)`` a batch of B counts N/B times, once. With the same draws, the
+    scaled bound is exactly N/B times the unscaled one (no global terms)."""
+    decoder = torch.nn.Linear(2, 3)
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    keep = torch.tensor([True, False, True, True, False, True, True, True])
+
+    def model(x):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            with pyro.poutine.mask(mask=keep[: x.shape[0]]):
+                pyro.sample("x", dist.Normal(decoder(z), 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x[..., :2], 0.5).to_event(1))
+
+    bounds = []
+    for pair in ((model, guide), (pvae.scale_to_data(model, 40), pvae.scale_to_data(guide, 40))):
+        pyro.set_rng_seed(0)
+        bounds.append(-ELBO(analytic_kl=False).loss(pair[0], pair[1], x))
+    assert bounds[1] == pytest.approx(5.0 * bounds[0], rel=1e-6)
