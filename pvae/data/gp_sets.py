@@ -32,7 +32,6 @@ from pvae.data.registry import register
 from pvae.data.sequences import (
     _DIGIT_SOURCES,
     SPLITS,
-    _check_options,
     _rotated_digit_splits,
     _sequence_splits,
     _SequencePart,
@@ -82,15 +81,6 @@ def _hmnist_like(
     ``(N, T)`` and the source ``digits``; the labels are the digits' classes.
     """
     name = "hmnist-like"
-    if source not in _DIGIT_SOURCES:
-        raise ValueError(
-            f"dataset {name!r}: source must be one of {list(_DIGIT_SOURCES)}, got {source!r}"
-        )
-    _check_options(name, num_steps, dt, noise, missing, irregular)
-    if not (isinstance(angle_scale, int | float) and math.isfinite(angle_scale)):
-        raise ValueError(f"dataset {name!r}: angle_scale must be a finite number")
-    if angle_scale < 0:
-        raise ValueError(f"dataset {name!r}: angle_scale must be >= 0, got {angle_scale!r}")
     if not (
         isinstance(missing_pixels, int | float)
         and not isinstance(missing_pixels, bool)
@@ -99,11 +89,11 @@ def _hmnist_like(
         raise ValueError(
             f"dataset {name!r}: missing_pixels must be a fraction in [0, 1), got {missing_pixels!r}"
         )
-    image_shape, description = _DIGIT_SOURCES[source][1:]
     parts = []
     for rotated in _rotated_digit_splits(
         name, source, sizes, seed, num_steps, dt, irregular, angle_scale, noise, missing
     ):
+        image_shape = tuple(rotated.digits.shape[1:])
         count, mask = rotated.mask.shape[0], rotated.mask
         pixels = rotated.rng.random(rotated.values.shape) >= missing_pixels
         observed = pixels & mask.reshape(count, num_steps, *([1] * len(image_shape)))
@@ -115,6 +105,7 @@ def _hmnist_like(
             "digits": rotated.digits,
         }
         parts.append(_SequencePart(values, rotated.times, mask, truth, rotated.labels))
+    description = _DIGIT_SOURCES[source][2]
     info = {
         "description": (
             f"{description} turned counter-clockwise by smooth random angle paths (three "

@@ -376,7 +376,17 @@ def _rotated_digit_splits(
 ) -> list[_RotatedDigits]:
     """Train, valid and test splits of source digits (one sequence per digit, split as the
     source set splits them) turned counter-clockwise along smooth random angle paths, with
-    pixel noise and hidden frames; each split draws from its own random stream."""
+    pixel noise and hidden frames; each split draws from its own random stream. The options
+    are checked first, each error naming the data set."""
+    if source not in _DIGIT_SOURCES:
+        raise ValueError(
+            f"dataset {name!r}: source must be one of {list(_DIGIT_SOURCES)}, got {source!r}"
+        )
+    _check_options(name, num_steps, dt, noise, missing, irregular)
+    if not (isinstance(angle_scale, int | float) and math.isfinite(angle_scale)):
+        raise ValueError(f"dataset {name!r}: angle_scale must be a finite number")
+    if angle_scale < 0:
+        raise ValueError(f"dataset {name!r}: angle_scale must be >= 0, got {angle_scale!r}")
     pool, image_shape, _ = _DIGIT_SOURCES[source]
     images, labels = pool(f"dataset {name!r} with source={source!r} needs")
     n = images.shape[0]
@@ -436,17 +446,7 @@ def _rotating_digits(
     ``digits`` ``(N, C, H, W)``; the labels are the digits' classes.
     """
     name = "rotating-digits"
-    if source not in _DIGIT_SOURCES:
-        raise ValueError(
-            f"dataset {name!r}: source must be one of {list(_DIGIT_SOURCES)}, got {source!r}"
-        )
-    _check_options(name, num_steps, dt, noise, missing, irregular)
-    if not (isinstance(angle_scale, int | float) and math.isfinite(angle_scale)):
-        raise ValueError(f"dataset {name!r}: angle_scale must be a finite number")
-    if angle_scale < 0:
-        raise ValueError(f"dataset {name!r}: angle_scale must be >= 0, got {angle_scale!r}")
     parts = []
-    description = _DIGIT_SOURCES[source][2]
     for rotated in _rotated_digit_splits(
         name, source, sizes, seed, num_steps, dt, irregular, angle_scale, noise, missing
     ):
@@ -454,6 +454,7 @@ def _rotating_digits(
         parts.append(
             _SequencePart(rotated.values, rotated.times, rotated.mask, truth, rotated.labels)
         )
+    description = _DIGIT_SOURCES[source][2]
     info = {
         "description": (
             f"{description} turned counter-clockwise by smooth random angle paths (three "
