@@ -71,3 +71,60 @@ def test_bad_arguments():
         data.load("lds", sizes=(2, 1, 1), noise=0.0)
     with pytest.raises(TypeError, match="lds"):
         data.lds_log_likelihood(data.load("pendulum", sizes=(1, 1, 1), num_steps=3))
+
+
+def _covariance_band(cov: torch.Tensor, n: int) -> torch.Tensor:
+    """Standard error of each entry of a sample covariance of n Gaussian draws:
+    sqrt((S_ii S_jj + S_ij^2) / n)."""
+    diag = cov.diagonal()
+    return ((diag[:, None] * diag[None, :] + cov**2) / n).sqrt()
+
+
+def test_recorded_parameters_generate_the_data():
+    # The recorded A, Q, initial covariance, H and R are fitted back from many generated
+    # sequences, at a decay (0.5) and an odd state size (3) where a transposed A, a missing
+    # decay or a Q of the wrong scale would show. Each entry must lie within 5 standard errors
+    # of its estimator (n draws per estimate; a wrong convention moves entries by >> 5 SE).
+    n, T = 4000, 4
+    ds = data.load(
+        "lds",
+        sizes=(n, 1, 1),
+        num_steps=T,
+        state_dim=3,
+        obs_dim=4,
+        decay=0.5,
+        rotation=0.7,
+        transition_noise=0.6,
+        noise=0.4,
+        seed=11,
+    )
+    info = ds.info
+    A, Q = info["transition_matrix"], info["transition_cov"]
+    H, R, P1 = info["observation_matrix"], info["observation_cov"], info["initial_cov"]
+    assert not torch.allclose(A, A.T)  # a rotation: A and A^T differ, so a transpose shows
+    x = ds.truth["train"]["states"].double()  # (n, T, D)
+    y = ds.train.values.double()
+    # initial state: x_1 ~ N(initial_loc, initial_cov)
+    x1 = x[:, 0]
+    assert (x1.mean(0) - info["initial_loc"]).abs().max() < 5 * (P1.diagonal() / n).sqrt().max()
+    S1 = torch.cov(x1.T)
+    assert ((S1 - P1).abs() <= 5 * _covariance_band(P1, n)).all()
+    # transition: least squares of x_{t+1} on x_t over all steps; residual covariance = Q
+    past, future = x[:, :-1].reshape(-1, 3), x[:, 1:].reshape(-1, 3)
+    A_hat = torch.linalg.lstsq(past, future).solution.T
+    m = past.shape[0]
+    A_se = (Q.diagonal()[:, None] / (past.T @ past).diagonal()[None, :]).sqrt()
+    assert ((A_hat - A).abs() <= 5 * A_se).all(), (A_hat, A)
+    residual = future - past @ A.T
+    assert ((torch.cov(residual.T) - Q).abs() <= 5 * _covariance_band(Q, m)).all()
+    # observation: y_t = H x_t + r_t, r_t ~ N(0, R)
+    noise = (y - x @ H.T).reshape(-1, 4)
+    assert ((torch.cov(noise.T) - R).abs() <= 5 * _covariance_band(R, noise.shape[0])).all()
+    # and from the observations alone: Cov(y_1) = H P1 H^T + R, Cov(y_2, y_1) = H A P1 H^T
+    y1, y2 = y[:, 0], y[:, 1]
+    cov_y1 = H @ P1 @ H.T + R
+    assert ((torch.cov(y1.T) - cov_y1).abs() <= 5 * _covariance_band(cov_y1, n)).all()
+    cross = (y2 - y2.mean(0)).T @ (y1 - y1.mean(0)) / (n - 1)
+    cov_y2 = H @ (A @ P1 @ A.T + Q) @ H.T + R
+    band = (cov_y2.diagonal()[:, None] * cov_y1.diagonal()[None, :] / n).sqrt()
+    assert ((cross - H @ A @ P1 @ H.T).abs() <= 5 * band).all()
