@@ -270,6 +270,50 @@ MUTATIONS: list[Mutation] = [
         "eta = self.lr",
         ("tests/inference/test_sghmc.py::test_regression_minibatches_match_exact_posterior",),
     ),
+    # -- bookkeeping: what the loops and generators record (tests compare it by hand) ------
+    Mutation(
+        "epoch-bound-batches-weighted-equally",  # a short last batch counts as a full one
+        "pvae/train.py",
+        "epoch_bound += bound / n_train * len(index)",
+        "epoch_bound += bound / self.steps_per_epoch",
+        ("tests/core/test_train_bookkeeping.py",),
+    ),
+    Mutation(
+        "same-minibatch-order-every-epoch",  # the order no longer depends on the epoch
+        "pvae/train.py",
+        "manual_seed(self.seed + epoch))",
+        "manual_seed(self.seed))",
+        ("tests/core/test_train_bookkeeping.py",),
+    ),
+    Mutation(
+        "encoder-steps-train-the-decoder",  # the aggressive phase's guide steps move the model
+        "pvae/train.py",
+        "        for p in model_params:\n            p.grad = None\n"
+        "        ddp.average_grads(guide_params)",
+        "        ddp.average_grads(guide_params)",
+        ("tests/core/test_train_bookkeeping.py",),
+    ),
+    Mutation(
+        "yardstick-ignores-its-k",  # every yardstick is IWAE-64 whatever was asked
+        "pvae/app/compare.py",
+        'engine = IWAE(samples) if name == "iwae" else ELBO(samples)',
+        'engine = IWAE(64) if name == "iwae" else ELBO(samples)',
+        ("tests/cli/test_compare_stats.py",),
+    ),
+    Mutation(
+        "lds-generated-with-transposed-a",  # the data follow A^T while info records A
+        "pvae/data/sequences.py",
+        "states[:, t] = states[:, t - 1] @ A.T + step_noise",
+        "states[:, t] = states[:, t - 1] @ A + step_noise",
+        ("tests/data/test_lds.py::test_recorded_parameters_generate_the_data",),
+    ),
+    Mutation(
+        "kalman-prediction-not-symmetrised",  # drifts at D >= 3, T ~ 1e3 in float32
+        "pvae/ssm.py",
+        "P = _sym(At @ P @ At.mT) + Q[t - 1]",
+        "P = At @ P @ At.mT + Q[t - 1]",
+        ("tests/core/test_ssm.py::test_long_sequences_keep_covariances_symmetric_and_positive",),
+    ),
 ]
 
 
