@@ -26,7 +26,11 @@ O(T^3) of a dense GP on the same stamps.
 
 Shapes: ``lengthscale`` and ``variance`` are positive tensors ``(...)`` (one GP per batch
 entry, e.g. one per latent channel); ``times`` ``(..., T)`` strictly increasing. Everything is
-differentiable in the hyper-parameters and the time stamps.
+differentiable in the hyper-parameters and the time stamps. A length scale or variance that is
+not finite and positive, a noise variance that is negative or not finite, and unsorted or
+repeated stamps are refused with a ``ValueError`` naming the argument (any positive length
+scale is a valid GP: one much shorter than the gaps gives ``A_k -> 0``, ``Q_k -> P_inf``,
+nearly independent values, which the exact discretisation handles).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import math
 import torch
 from torch import Tensor
 
-from pvae import ssm
+from pvae import ssm, validation
 
 __all__ = [
     "NUS",
@@ -58,9 +62,20 @@ def state_dim(nu: float) -> int:
     return int(nu + 0.5)
 
 
-def _positive(name: str, value: Tensor) -> Tensor:
+def _positive(name: str, value: Tensor, allow_zero: bool = False) -> Tensor:
+    """``value`` after checking it is a floating tensor whose entries are finite and positive
+    (or >= 0 with ``allow_zero``): refused here, before a Cholesky factor or ``sqrt`` of a
+    negative number fails somewhere inside (one vectorised check per call)."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    detached = value.detach()
+    bad = ~torch.isfinite(detached) | ((detached < 0) if allow_zero else (detached <= 0))
+    if bool(bad.any()):
+        first = float(detached.flatten()[bad.flatten().nonzero()[0]])
+        expected = "finite and >= 0" if allow_zero else "finite and positive"
+        raise ValueError(f"{name} must be {expected}, got {first}")
     return value
 
 
@@ -95,18 +110,10 @@ def matern_sde(nu: float, lengthscale: Tensor, variance: Tensor) -> tuple[Tensor
 
 
 def check_times(times: Tensor, name: str = "times") -> Tensor:
-    """``times (..., T)`` as given, after checking it is a finite floating-point tensor that
-    increases strictly along its last axis; the gaps ``(..., T-1)`` are returned."""
-    if not isinstance(times, Tensor) or not times.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (..., T)")
-    if times.dim() < 1:
-        raise ValueError(f"{name} must have shape (..., T), got a scalar")
-    if not bool(torch.isfinite(times).all()):
-        raise ValueError(f"{name} must be finite")
-    gaps = times[..., 1:] - times[..., :-1]
-    if not bool((gaps > 0).all()):
-        raise ValueError(f"{name} must increase strictly along the time axis")
-    return gaps
+    """The gaps ``(..., T-1)`` of ``times (..., T)``, after checking it is a finite
+    floating-point tensor that increases strictly along its last axis
+    (:func:`pvae.validation.check_times`)."""
+    return validation.check_times(times, name)
 
 
 def matern_discretisation(
@@ -145,11 +152,12 @@ def _smoother(
     gaps = check_times(times)
     if not isinstance(values, Tensor) or values.shape[-1:] != times.shape[-1:]:
         raise ValueError(f"values must have shape (..., T) with T = {times.shape[-1]}")
+    noise = torch.as_tensor(noise, dtype=values.dtype, device=values.device)
+    _positive("noise", noise, allow_zero=True)
     A, Q, P = matern_discretisation(nu, lengthscale, variance, gaps)
     d = P.shape[-1]
     H = torch.zeros(1, d, dtype=values.dtype, device=values.device)
     H[0, 0] = 1.0
-    noise = torch.as_tensor(noise, dtype=values.dtype, device=values.device)
     R = noise.expand(values.shape)[..., None, None]
     return ssm.kalman_smoother(
         values[..., None],
