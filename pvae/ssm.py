@@ -222,14 +222,15 @@ def _check_values(y: Tensor, arguments: dict[str, Tensor], mask: Tensor | None) 
     - half precision (torch has no Cholesky factor for it): ``TypeError``;
     - NaN/inf in a parameter, or in ``y`` at an observed step (missing steps may hold
       anything: they are never read);
-    - a covariance (Q, R, P_1, each ``(n, n)`` or a stack of them) that is not symmetric (``max |C - C^T| > sqrt(eps) max |C|``,
-      per matrix: the filter would read one triangle in some places and the whole matrix in
-      others, so the methods would disagree) or not positive semi-definite (its Cholesky
-      factor fails after a shift of ``sqrt(eps) max |C|``, i.e. an eigenvalue below about
-      ``-sqrt(eps) max |C|``). Singular covariances, all-zero ones included, are valid models
-      (``R = 0``: exact observations, as :mod:`pvae.gp` uses for noise 0; ``Q = 0``:
-      deterministic dynamics); only a combination whose innovation covariance ``H P H^T + R``
-      is singular is refused, during the filter, naming the all-zero arguments.
+    - a covariance (Q, R, P_1: one matrix or a stack) that is not symmetric (per matrix,
+      ``max |C - C^T| > sqrt(eps) max |C|``: the filter would read one triangle in some
+      places and the whole matrix in others, so the methods would disagree) or not positive
+      semi-definite (its Cholesky factor fails after a shift of ``sqrt(eps) max |C|``, i.e.
+      an eigenvalue below about ``-sqrt(eps) max |C|``). Singular covariances, all-zero ones
+      included, are valid models (``R = 0``: exact observations, as :mod:`pvae.gp` uses for
+      noise 0; ``Q = 0``: deterministic dynamics); only a combination whose innovation
+      covariance ``H P H^T + R`` is singular is refused, during the filter, naming the
+      all-zero arguments.
 
     Vectorised over steps and batch, with a single device-to-host transfer when everything is
     fine; the offending argument and the first offending index are looked up only on failure.
@@ -262,13 +263,16 @@ def _check_values(y: Tensor, arguments: dict[str, Tensor], mask: Tensor | None) 
             finite = torch.isfinite(value.detach())
             if not bool(finite.all()):
                 where = validation._multi_index(int((~finite).flatten().nonzero()[0]), value.shape)
-                raise ValueError(f"{name} must be finite; {name}{list(where)} = {value[where]}")
+                raise ValueError(
+                    f"{name} must be finite; {name}{list(where)} = {float(value[where])}"
+                )
         for name, problems in shapes.items():
             for bad, what in zip(problems, _PROBLEMS, strict=True):
                 if bool(bad.any()):
                     where = validation._multi_index(int(bad.flatten().nonzero()[0]), bad.shape)
                     at = f"{name}{list(where)}" if where else name
-                    raise ValueError(f"{name} must be {what}; {at} is not:\n{arguments[name][where]}")
+                    matrix = arguments[name].detach()[where]
+                    raise ValueError(f"{name} must be {what}; {at} is not:\n{matrix}")
 
 
 _PROBLEMS = ("a symmetric covariance matrix", "a positive semi-definite covariance matrix")
