@@ -45,6 +45,7 @@ from pvae import ssm, validation
 __all__ = [
     "NUS",
     "check_times",
+    "lti_discretisation",
     "matern_discretisation",
     "matern_log_marginal",
     "matern_regression",
@@ -137,6 +138,57 @@ def matern_discretisation(
     jitter = 10 * torch.finfo(Q.dtype).eps * P.diagonal(dim1=-2, dim2=-1)
     Q = Q + torch.diag_embed(jitter).unsqueeze(-3)
     return A, Q, P
+
+
+def lti_discretisation(drift: Tensor, diffusion: Tensor, gaps: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact discretisation of the linear SDE ``dx = F x dt + dW``, ``Cov(dW) = Sigma dt``,
+    over the gaps between time stamps (any F, stable or not)::
+
+        A_k = expm(F dt_k),   Q_k = int_0^{dt_k} expm(F s) Sigma expm(F s)^T ds
+
+    :param drift: F, ``(..., D, D)``.
+    :param diffusion: Sigma, ``(..., D, D)``, symmetric positive semi-definite.
+    :param gaps: ``dt (..., K)``, positive; its batch dimensions broadcast with those of F and
+        Sigma.
+    :returns: ``A (..., K, D, D)`` and ``Q (..., K, D, D)`` (symmetric).
+
+    Method: Van Loan's block exponential on a short step ``h = dt / 2^s``, chosen so that
+    ``||F||_1 max(dt) / 2^s <= 1/2``::
+
+        expm([[-F, Sigma], [0, F^T]] h) = [[., G], [0, expm(F h)^T]],   Q_h = expm(F h) G
+
+    then ``s`` doublings ``Q_2h = A_h Q_h A_h^T + Q_h``, ``A_2h = A_h A_h``. Each doubling adds
+    positive semi-definite terms, so Q keeps its relative accuracy for long gaps, where the
+    block exponential alone would subtract numbers of size ``exp(2 |F| dt)`` (and the
+    Lyapunov form ``P_inf - A P_inf A^T`` would lose it for a nearly marginal F).
+    Differentiable in F, Sigma and the gaps.
+    """
+    if drift.shape[-2:] != diffusion.shape[-2:] or drift.shape[-1] != drift.shape[-2]:
+        raise ValueError(
+            f"drift and diffusion must be square (..., D, D) of one size, got "
+            f"{tuple(drift.shape)} and {tuple(diffusion.shape)}"
+        )
+    _positive("gaps", gaps)
+    D = drift.shape[-1]
+    F, Sigma = drift.unsqueeze(-3), diffusion.unsqueeze(-3)  # (..., 1, D, D)
+    with torch.no_grad():
+        size = float(torch.linalg.matrix_norm(drift.detach(), ord=1).max()) * float(gaps.max())
+    halvings = max(0, math.ceil(math.log2(size / 0.5))) if size > 0.5 else 0
+    h = (gaps / 2**halvings)[..., None, None]
+    F, Sigma = torch.broadcast_tensors(F, Sigma)
+    F, Sigma, h = torch.broadcast_tensors(F, Sigma, h.expand(*h.shape[:-2], D, D))
+    block = torch.cat(
+        [torch.cat([-F, Sigma], -1), torch.cat([torch.zeros_like(F), F.mT], -1)], -2
+    )
+    exp = torch.linalg.matrix_exp(block * h.repeat(*(1,) * (h.dim() - 2), 2, 2))
+    A = exp[..., D:, D:].mT
+    Q = A @ exp[..., :D, D:]
+    Q = 0.5 * (Q + Q.mT)
+    for _ in range(halvings):
+        Q = A @ Q @ A.mT + Q
+        Q = 0.5 * (Q + Q.mT)
+        A = A @ A
+    return A, Q
 
 
 def _smoother(
