@@ -203,8 +203,9 @@ class MarkovianGPVAE(PyroModule):
     def _check(
         self, values: Tensor, times: Tensor | None, mask: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Frames ``(B, T, x_dim)``, time stamps ``(B, T)`` or ``(T,)`` when every sequence
-        shares them, and the ``(B, T)`` bool mask."""
+        """Frames ``(B, T, x_dim)`` (zero at hidden frames, which may hold NaN: replaced before
+        any arithmetic), time stamps ``(B, T)`` or ``(T,)`` when every sequence shares them,
+        and the ``(B, T)`` bool mask."""
         if not isinstance(values, Tensor) or not values.is_floating_point():
             raise TypeError("values must be a floating-point tensor (B, T, *event_shape)")
         if values.dim() < 3 or math.prod(values.shape[2:]) != self.x_dim:
@@ -233,6 +234,7 @@ class MarkovianGPVAE(PyroModule):
             )
         elif mask.shape != (B, T):
             raise ValueError(f"mask must have shape (B, T) = {(B, T)}, got {tuple(mask.shape)}")
+        x = torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
         return x, times, mask
 
     def hyperparameters(self) -> dict[str, list[float]]:
@@ -328,7 +330,7 @@ class MarkovianGPVAE(PyroModule):
         self, values: Tensor, times: Tensor | None = None, mask: Tensor | None = None
     ) -> Tensor:
         """Fill the hidden frames with the decoded smoothed posterior mean; observed frames as
-        given; shape of ``values``."""
+        given; shape of ``values``. Hidden frames may hold anything, NaN included."""
         x, _, mask = self._check(values, times, mask)
         mean = self.decode(self.encode(values, times, mask)[0])
         return torch.where(mask[..., None], x, mean).reshape(values.shape)
