@@ -227,3 +227,16 @@ def test_gp_refuses_bad_hyperparameters_up_front(bad):
 def test_markovian_gpvae_refuses_bad_hyperparameters_at_construction(kwargs, name):
     with pytest.raises(ValueError, match=name):
         MarkovianGPVAE(x_dim=4, z_dim=2, hidden=(8,), **kwargs)
+
+
+@pytest.mark.slow  # ~7 s: the CLI loads the dataset before building the model
+def test_cli_refuses_a_lengthscale_below_the_floor_before_writing(tmp_path, capsys):
+    from pvae.app import cli
+
+    run_dir = tmp_path / "run"
+    argv = ["train", "--model", "mgpvae", "--dataset", "rotating-digits", "--epochs", "1"]
+    argv += ["--mgpvae-lengthscale", "1e-5", "--run-dir", str(run_dir), "--quiet"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pvae: error: ") and "lengthscale must be finite and greater" in err
+    assert not run_dir.exists()
