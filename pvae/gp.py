@@ -177,9 +177,7 @@ def lti_discretisation(drift: Tensor, diffusion: Tensor, gaps: Tensor) -> tuple[
     h = (gaps / 2**halvings)[..., None, None]
     F, Sigma = torch.broadcast_tensors(F, Sigma)
     F, Sigma, h = torch.broadcast_tensors(F, Sigma, h.expand(*h.shape[:-2], D, D))
-    block = torch.cat(
-        [torch.cat([-F, Sigma], -1), torch.cat([torch.zeros_like(F), F.mT], -1)], -2
-    )
+    block = torch.cat([torch.cat([-F, Sigma], -1), torch.cat([torch.zeros_like(F), F.mT], -1)], -2)
     exp = torch.linalg.matrix_exp(block * h.repeat(*(1,) * (h.dim() - 2), 2, 2))
     A = exp[..., D:, D:].mT
     Q = A @ exp[..., :D, D:]
