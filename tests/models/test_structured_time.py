@@ -219,3 +219,17 @@ def test_time_scale_is_checked():
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="time_scale"):
             StructuredVAE(x_dim=4, z_dim=2, time_scale=bad)
+
+
+def test_conveniences_without_times_assume_frames_time_scale_apart():
+    model = StructuredVAE(x_dim=4, z_dim=2, hidden=(8,), likelihood="gaussian", time_scale=0.1)
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(2, 7, 4, generator=g)
+    mask = torch.rand(2, 7, generator=g) > 0.3
+    grid = torch.arange(7.0) * 0.1
+    torch.testing.assert_close(model.impute(values, mask), model.impute(values, mask, grid))
+    stretched = model.impute(values, mask, grid * 10)
+    assert not torch.allclose(stretched[~mask], model.impute(values, mask)[~mask])
+    torch.testing.assert_close(
+        model.forecast(values, 3, mask), model.forecast(values, 3, mask, grid, gap=0.1)
+    )
