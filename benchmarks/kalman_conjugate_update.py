@@ -33,10 +33,7 @@ def conjugate_update(m):
         A = S10 @ torch.linalg.inv(S00)
         Q = (S11 - A @ S10.T) / (N * 49)
         Q = 0.5 * (Q + Q.T)
-        m.dynamics.weight.copy_(A)
-        L = torch.linalg.cholesky(Q)
-        raw = L.tril(-1) + torch.diag(torch.log(torch.expm1(L.diagonal() - 1e-4)))
-        m.dynamics.transition_raw.copy_(raw)
+        m.dynamics.set_transition(A, Q)
 
 
 def run(conjugate, steps=60, seed=0, lr=0.05):

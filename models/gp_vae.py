@@ -66,7 +66,7 @@ from pyro.nn import PyroModule
 from torch import Tensor, nn
 from torch.distributions import MultivariateNormal, constraints, register_kl
 
-from pvae import likelihoods, nets
+from pvae import likelihoods, nets, validation
 
 from ._names import claim
 
@@ -471,6 +471,8 @@ class GPVAE(PyroModule):
                 f"times must be a tensor of shape (B, T) = {(B, T)}, got "
                 f"{tuple(getattr(times, 'shape', ()))}"
             )
+        else:
+            validation.check_times(times)
         entries = torch.ones_like(x, dtype=torch.bool)
         if mask is not None:
             if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != (B, T):

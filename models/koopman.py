@@ -75,7 +75,7 @@ from pyro.nn import PyroModule
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from pvae import likelihoods, nets
+from pvae import likelihoods, nets, validation
 
 from ._names import claim
 
@@ -451,6 +451,8 @@ class KoopmanVAE(PyroModule):
             raise ValueError(
                 f"times must be a tensor (B, T) = {(B, T)}, got {getattr(times, 'shape', times)}"
             )
+        else:
+            validation.check_times(times)
         if mask is None:
             mask = torch.ones(B, T, dtype=torch.bool, device=values.device)
         elif not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != (B, T):

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
-from pvae import gp, likelihoods, nets
+from pvae import gp, likelihoods, nets, validation
 from pvae.distributions import KalmanSmoothedPosterior, LinearGaussianEmission, StateSpacePrior
 
 from ._names import claim
@@ -60,6 +60,8 @@ from ._names import claim
 __all__ = ["MaternPrior", "MarkovianGPVAE"]
 
 NETS = ("mlp", "conv", "linear")
+LENGTHSCALE_FLOOR = 1e-4  # lengthscale = softplus(raw) + floor: nothing below it is reachable
+VARIANCE_FLOOR = 1e-6
 
 
 def _inverse_softplus(value: float) -> float:
@@ -79,7 +81,8 @@ class MaternPrior(nn.Module):
     state-space model on the derivative-first state of size ``d L``.
 
     ``lengthscale = softplus(raw) + 1e-4`` and ``variance = softplus(raw) + 1e-6``, one per
-    channel, ``(L,)``.
+    channel, ``(L,)``. The initial values must be finite and above these floors (refused
+    here, at construction, with the argument's name).
     """
 
     def __init__(
@@ -87,16 +90,23 @@ class MaternPrior(nn.Module):
     ) -> None:
         super().__init__()
         self.d = gp.state_dim(nu)
-        if float(lengthscale) <= 0 or float(variance) <= 0:
-            raise ValueError(
-                f"lengthscale and variance must be positive, got {lengthscale!r}, {variance!r}"
-            )
+        lengthscale = validation.finite_float(lengthscale, "lengthscale")
+        variance = validation.finite_float(variance, "variance")
+        for label, value, floor in (
+            ("lengthscale", lengthscale, LENGTHSCALE_FLOOR),
+            ("variance", variance, VARIANCE_FLOOR),
+        ):
+            if not value > floor:
+                raise ValueError(
+                    f"{label} must be finite and greater than {floor:g} (the smallest value "
+                    f"the model can represent: softplus(raw) + {floor:g}), got {value!r}"
+                )
         self.nu, self.channels = nu, int(channels)
         self.lengthscale_raw = nn.Parameter(
-            torch.full((channels,), _inverse_softplus(lengthscale - 1e-4))
+            torch.full((channels,), _inverse_softplus(lengthscale - LENGTHSCALE_FLOOR))
         )
         self.variance_raw = nn.Parameter(
-            torch.full((channels,), _inverse_softplus(variance - 1e-6))
+            torch.full((channels,), _inverse_softplus(variance - VARIANCE_FLOOR))
         )
 
     @property
@@ -104,10 +114,10 @@ class MaternPrior(nn.Module):
         return self.d * self.channels
 
     def lengthscale(self) -> Tensor:
-        return F.softplus(self.lengthscale_raw) + 1e-4
+        return F.softplus(self.lengthscale_raw) + LENGTHSCALE_FLOOR
 
     def variance(self) -> Tensor:
-        return F.softplus(self.variance_raw) + 1e-6
+        return F.softplus(self.variance_raw) + VARIANCE_FLOOR
 
     def observation_matrix(self) -> Tensor:
         """``H = [I_L, 0]``, ``(L, d L)``: the GP values out of the state."""
@@ -193,8 +203,9 @@ class MarkovianGPVAE(PyroModule):
     def _check(
         self, values: Tensor, times: Tensor | None, mask: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Frames ``(B, T, x_dim)``, time stamps ``(B, T)`` or ``(T,)`` when every sequence
-        shares them, and the ``(B, T)`` bool mask."""
+        """Frames ``(B, T, x_dim)`` (zero at hidden frames, which may hold NaN: replaced before
+        any arithmetic), time stamps ``(B, T)`` or ``(T,)`` when every sequence shares them,
+        and the ``(B, T)`` bool mask."""
         if not isinstance(values, Tensor) or not values.is_floating_point():
             raise TypeError("values must be a floating-point tensor (B, T, *event_shape)")
         if values.dim() < 3 or math.prod(values.shape[2:]) != self.x_dim:
@@ -223,6 +234,7 @@ class MarkovianGPVAE(PyroModule):
             )
         elif mask.shape != (B, T):
             raise ValueError(f"mask must have shape (B, T) = {(B, T)}, got {tuple(mask.shape)}")
+        x = torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
         return x, times, mask
 
     def hyperparameters(self) -> dict[str, list[float]]:
@@ -318,7 +330,7 @@ class MarkovianGPVAE(PyroModule):
         self, values: Tensor, times: Tensor | None = None, mask: Tensor | None = None
     ) -> Tensor:
         """Fill the hidden frames with the decoded smoothed posterior mean; observed frames as
-        given; shape of ``values``."""
+        given; shape of ``values``. Hidden frames may hold anything, NaN included."""
         x, _, mask = self._check(values, times, mask)
         mean = self.decode(self.encode(values, times, mask)[0])
         return torch.where(mask[..., None], x, mean).reshape(values.shape)

@@ -84,7 +84,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
-from pvae import likelihoods, nets
+from pvae import likelihoods, nets, validation
 from pvae.distributions import KalmanSmoothedPosterior, StateSpacePrior
 from pvae.gaussian import product_of_experts
 
@@ -498,6 +498,7 @@ class MultimodalGPVAE(PyroModule):
                     f"times must be a (B, T) = {(B, T)} tensor, got "
                     f"{getattr(times, 'shape', times)}"
                 )
+            validation.check_times(times)
             if T > 1:
                 steps = times[:, 1:] - times[:, :-1]
                 dt = float(steps[0, 0])

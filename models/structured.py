@@ -1,14 +1,21 @@
 """The structured VAE with a linear dynamical prior (Johnson et al. 2016; Zhao & Linderman 2023).
 
 Generative story, for each sequence n (one datapoint of ``pyro.plate("data")``) with frames
-``y_1..y_T`` on a regular grid:
+``y_1..y_T`` at time stamps ``t_1 < ... < t_T`` (any spacing)::
 
-    z_1 ~ N(m_1, P_1),   z_t = A z_{t-1} + q_t,  q_t ~ N(0, Q)        (StateSpacePrior)
+    dz = F z dt + dW,  Cov(dW) = Sigma dt      (continuous-time linear dynamics, time in
+                                                units of ``time_scale``)
+    z_1 ~ N(m_1, P_1),   z_t = A_t z_{t-1} + q_t,  q_t ~ N(0, Q_t)      (StateSpacePrior)
+    A_t = expm(F dt_t),  Q_t = int_0^{dt_t} expm(F s) Sigma expm(F s)^T ds,  dt_t = t_t - t_{t-1}
     y_t | z_t ~ p_theta(y_t | z_t)          for observed t only        (decoder per frame)
 
-A (spectral norm at most 0.999: stable), Q, m_1 and P_1 are learned; the decoder is an MLP or
-a small conv net with a likelihood chosen by name, or the linear-Gaussian emission
-``N(y_t | C z_t + d, diag(s^2))`` (``net="linear"``).
+The generator F (contracting: its symmetric part is at most -1e-3), the diffusion Sigma, m_1
+and P_1 are learned; ``(A_t, Q_t)`` is the exact discretisation on each sequence's own gaps
+(:func:`pvae.gp.lti_discretisation`), so an irregular grid is modelled as such. On a regular
+grid every step shares one ``(A, Q)``, computed once, and any stable discrete-time pair with a
+real logarithm and a positive-definite Sigma is reachable (:meth:`LinearDynamics.set_transition`
+sets one). The decoder is an MLP or a small conv net with a likelihood chosen by name, or the
+linear-Gaussian emission ``N(y_t | C z_t + d, diag(s^2))`` (``net="linear"``).
 
 Inference network (guide): an encoder maps each observed frame to a Gaussian potential
 ``N(y~_t | z_t, diag(v_t))`` on the state, and the guide is the prior times the potentials,
@@ -29,7 +36,8 @@ posterior and every bound equals the Kalman log-likelihood ``log p(y)``.
 The pair trains with ELBO, IWAE and :class:`pvae.inference.KalmanELBO` (exact KL; exact
 expected log-likelihood for the linear-Gaussian emission). ``model(values, times, mask)``
 receives a :class:`pvae.data.SequenceSplit`: ``values (B, T, *event_shape)``, ``times (B, T)``
-(the grid is taken as regular: A is shared by every step), ``mask (B, T)`` bool.
+strictly increasing per sequence (None: frames ``time_scale`` apart), ``mask (B, T)`` bool;
+hidden frames may hold NaN (replaced by zeros before any arithmetic).
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
-from pvae import likelihoods, nets
+from pvae import gp, likelihoods, nets, validation
 from pvae.distributions import KalmanSmoothedPosterior, LinearGaussianEmission, StateSpacePrior
 
 from ._names import claim
@@ -51,7 +59,8 @@ from ._names import claim
 __all__ = ["StructuredVAE"]
 
 NETS = ("mlp", "conv", "linear")
-MAX_SPECTRAL_NORM = 0.999
+CONTRACTION = 1e-3  # the generator's symmetric part is <= -1e-3: ||A_k||_2 <= exp(-1e-3 dt_k)
+REGULAR_RTOL = 1e-5  # gaps equal to this relative tolerance count as one regular grid
 
 
 def _inverse_softplus(value: float) -> float:
@@ -65,31 +74,115 @@ def _tril(raw: Tensor) -> Tensor:
 
 
 class LinearDynamics(nn.Module):
-    """The learned parameters of the prior: A, Q = L L^T, m_1 and P_1 = L_1 L_1^T.
+    """The learned continuous-time prior: generator F, diffusion Sigma = L L^T, m_1, P_1.
 
-    ``A = W * min(1, 0.999 / ||W||_2)``: the spectral norm of A is at most 0.999, so every
-    eigenvalue lies inside the unit circle (the prior is stable) while rotations stay
-    reachable. Initialised at A = 0.95 I, Q = 0.1 I, m_1 = 0, P_1 = I.
+    The state follows the linear SDE ``dz = F z dt + dW``, ``Cov(dW) = Sigma dt``, with time
+    measured in units of ``time_scale``; between stamps ``dt_k`` apart it moves by the exact
+    discretisation (:func:`pvae.gp.lti_discretisation`)::
+
+        A_k = expm(F dt_k / time_scale),
+        Q_k = int_0^{dt_k / time_scale} expm(F s) Sigma expm(F s)^T ds
+
+    ``F = W - relu(lambda_max((W + W^T) / 2) + 1e-3) I``: the symmetric part of F is at most
+    ``-1e-3``, so ``||A_k||_2 <= exp(-1e-3 dt_k / time_scale)`` (a contraction, the
+    continuous-time form of the old bound ``||A||_2 <= 0.999`` per step) while rotations stay
+    free. Initialised at ``F = log(0.95) I`` and Sigma such that one ``time_scale`` step
+    gives ``A = 0.95 I``, ``Q = 0.1 I`` (the former discrete-time initialisation), m_1 = 0,
+    P_1 = I.
+
+    :meth:`set_transition` sets F and Sigma from a discrete-time pair (A, Q) over one gap.
     """
 
-    def __init__(self, z_dim: int) -> None:
+    def __init__(self, z_dim: int, time_scale: float = 1.0) -> None:
         super().__init__()
-        self.weight = nn.Parameter(0.95 * torch.eye(z_dim))
-        self.transition_raw = nn.Parameter(torch.eye(z_dim) * _inverse_softplus(0.1**0.5))
+        self.time_scale = float(time_scale)
+        rate = math.log(0.95)
+        sigma = 0.1 * 2 * rate / math.expm1(2 * rate)  # Q(1) = sigma (e^{2 rate} - 1) / 2 rate
+        self.generator_raw = nn.Parameter(rate * torch.eye(z_dim))
+        self.diffusion_raw = nn.Parameter(torch.eye(z_dim) * _inverse_softplus(sigma**0.5))
         self.initial_loc = nn.Parameter(torch.zeros(z_dim))
         self.initial_raw = nn.Parameter(torch.eye(z_dim) * _inverse_softplus(1.0))
 
-    def transition_matrix(self) -> Tensor:
-        norm = torch.linalg.matrix_norm(self.weight, ord=2)
-        return self.weight * (MAX_SPECTRAL_NORM / norm.clamp(min=MAX_SPECTRAL_NORM))
+    def generator(self) -> Tensor:
+        """F ``(D, D)``, per ``time_scale``."""
+        W = self.generator_raw
+        top = torch.linalg.eigvalsh(0.5 * (W + W.mT))[-1]
+        return W - F.relu(top + CONTRACTION) * torch.eye(
+            W.shape[-1], dtype=W.dtype, device=W.device
+        )
 
-    def transition_cov(self) -> Tensor:
-        tril = _tril(self.transition_raw)
+    def diffusion_cov(self) -> Tensor:
+        """Sigma ``(D, D)``, per ``time_scale``."""
+        tril = _tril(self.diffusion_raw)
         return tril @ tril.mT
+
+    def transitions(self, gaps: Tensor) -> tuple[Tensor, Tensor]:
+        """``A_k, Q_k`` ``(..., K, D, D)`` for gaps ``(..., K)`` (in the units of times)."""
+        return gp.lti_discretisation(
+            self.generator(), self.diffusion_cov(), gaps.to(self.generator_raw) / self.time_scale
+        )
+
+    def transition_matrix(self, gap: float | None = None) -> Tensor:
+        """``A = expm(F gap / time_scale)`` ``(D, D)`` over one gap (default ``time_scale``)."""
+        return self._one(gap)[0]
+
+    def transition_cov(self, gap: float | None = None) -> Tensor:
+        """Q ``(D, D)`` over one gap (default ``time_scale``)."""
+        return self._one(gap)[1]
+
+    def _one(self, gap: float | None) -> tuple[Tensor, Tensor]:
+        step = self.time_scale if gap is None else float(gap)
+        A, Q = self.transitions(self.generator_raw.new_full((1,), step))
+        return A[0], Q[0]
 
     def initial_cov(self) -> Tensor:
         tril = _tril(self.initial_raw)
         return tril @ tril.mT
+
+    @torch.no_grad()
+    def set_transition(self, A: Tensor, Q: Tensor, gap: float | None = None) -> None:
+        """Set F and Sigma so that one ``gap`` (default ``time_scale``) gives exactly the
+        discrete-time transition ``A`` and covariance ``Q`` ``(D, D)``.
+
+        ``F = log(A) / step`` (principal logarithm from the eigendecomposition; A must be
+        diagonalisable with no eigenvalue on the closed negative real axis) and Sigma solves
+        the linear equation ``Q = int_0^step expm(F s) Sigma expm(F s)^T ds``. Refused when F
+        is not contracting (see the class) or Sigma is not positive definite: no
+        continuous-time model of this family has that (A, Q).
+        """
+        step = (self.time_scale if gap is None else float(gap)) / self.time_scale
+        D = self.generator_raw.shape[-1]
+        A64, Q64 = A.detach().double().cpu(), Q.detach().double().cpu()
+        if A64.shape != (D, D) or Q64.shape != (D, D):
+            raise ValueError(f"A and Q must have shape ({D}, {D})")
+        values, vectors = torch.linalg.eig(A64)
+        if bool(((values.imag.abs() < 1e-12) & (values.real <= 0)).any()):
+            raise ValueError(
+                "A has an eigenvalue on the negative real axis: it has no real logarithm"
+            )
+        generator = (vectors @ torch.diag(values.log()) @ torch.linalg.inv(vectors)).real / step
+        symmetric_top = float(torch.linalg.eigvalsh(0.5 * (generator + generator.mT))[-1])
+        if symmetric_top > -CONTRACTION:
+            raise ValueError(
+                f"log(A) has a symmetric part with eigenvalue {symmetric_top:g} > "
+                f"-{CONTRACTION:g}: not a contraction this model can represent"
+            )
+        rows, cols = torch.triu_indices(D, D)
+        basis = torch.zeros(len(rows), D, D, dtype=torch.float64)
+        basis[torch.arange(len(rows)), rows, cols] = 1.0
+        basis = basis + basis.mT - torch.diag_embed(basis.diagonal(dim1=-2, dim2=-1))
+        one = torch.tensor([step], dtype=torch.float64)
+        _, columns = gp.lti_discretisation(generator, basis, one)  # Q of each basis matrix
+        design = columns[:, 0].reshape(len(rows), D * D).mT
+        weights = torch.linalg.lstsq(design, Q64.reshape(D * D, 1)).solution[:, 0]
+        sigma = (weights[:, None, None] * basis).sum(0)
+        sigma = 0.5 * (sigma + sigma.mT)
+        tril, info = torch.linalg.cholesky_ex(sigma)
+        if int(info) != 0 or bool((tril.diagonal() <= 1e-4).any()):
+            raise ValueError("the diffusion covariance that gives this Q is not positive definite")
+        raw = tril.tril(-1) + torch.diag(torch.log(torch.expm1(tril.diagonal() - 1e-4)))
+        self.generator_raw.copy_(generator.to(self.generator_raw))
+        self.diffusion_raw.copy_(raw.to(self.diffusion_raw))
 
 
 class StructuredVAE(PyroModule):
@@ -111,6 +204,9 @@ class StructuredVAE(PyroModule):
     :param window: length of the withheld windows.
     :param method: the smoother's ``"sequential"`` or ``"parallel"`` method.
     :param likelihood_kw: extra keywords of the likelihood (e.g. ``{"scale": 0.3}``).
+    :param time_scale: the time unit of the dynamics, in the units of ``times`` (e.g. the
+        usual gap between frames): the prior is initialised at ``A = 0.95 I``, ``Q = 0.1 I``
+        over one ``time_scale``, and ``times=None`` means frames ``time_scale`` apart.
     :param name: prefix of the model's names in Pyro's parameter store (unique per instance).
     """
 
@@ -127,6 +223,7 @@ class StructuredVAE(PyroModule):
         window: int = 5,
         method: str = "sequential",
         likelihood_kw: dict | None = None,
+        time_scale: float = 1.0,
         name: str = "svae",
     ):
         if net not in NETS:
@@ -139,6 +236,9 @@ class StructuredVAE(PyroModule):
             raise ValueError(f"drop_fraction must lie in [0, 1), got {drop_fraction!r}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive integer, got {window!r}")
+        time_scale = validation.finite_float(time_scale, "time_scale")
+        if not time_scale > 0:
+            raise ValueError(f"time_scale must be a finite positive number, got {time_scale!r}")
         super().__init__(claim(name, self))
         self.x_dim, self.z_dim = int(x_dim), int(z_dim)
         self.net, self.method = net, method
@@ -146,23 +246,21 @@ class StructuredVAE(PyroModule):
         self.drop_fraction, self.window = float(drop_fraction), window
         self.likelihood = likelihoods.get(likelihood, self.x_dim, **(likelihood_kw or {}))
         self._likelihood_learns = any(True for _ in self.likelihood.parameters())
-        self.dynamics = LinearDynamics(self.z_dim)
+        self.dynamics = LinearDynamics(self.z_dim, time_scale)
         self.encoder, self.decoder = nets.build_frame_networks(
             net, self.x_dim, self.z_dim, hidden, self.likelihood.param_size, image_shape
         )
 
     # -- pieces -------------------------------------------------------------------------------
-    def prior(self, num_steps: int) -> StateSpacePrior:
-        """``p(z_1..z_T)`` with the learned A, Q, m_1, P_1 (event shape ``(T, z_dim)``)."""
+    def prior(self, num_steps: int, gaps: Tensor | None = None) -> StateSpacePrior:
+        """``p(z_1..z_T)`` (event shape ``(T, z_dim)``) on a grid with ``gaps`` between
+        frames: ``None`` (every gap ``time_scale``), ``(1,)`` (one gap shared by every step),
+        ``(T-1,)`` (one grid for the batch) or ``(B, T-1)`` (batch shape ``(B,)``)."""
         d = self.dynamics
-        return StateSpacePrior(
-            d.transition_matrix(),
-            d.transition_cov(),
-            d.initial_loc,
-            d.initial_cov(),
-            num_steps,
-            method=self.method,
-        )
+        if gaps is None:
+            gaps = d.generator_raw.new_full((1,), d.time_scale)
+        A, Q = d.transitions(gaps)
+        return StateSpacePrior(A, Q, d.initial_loc, d.initial_cov(), num_steps, method=self.method)
 
     def _emission_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(C, d, R)`` of the linear-Gaussian decoder, R = diag(scale^2)."""
@@ -170,9 +268,12 @@ class StructuredVAE(PyroModule):
         scale = self.likelihood.scale.expand(self.x_dim)  # type: ignore[operator]
         return self.decoder.weight, self.decoder.bias, torch.diag_embed(scale.pow(2))
 
-    def _check(self, values: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Frames flattened to ``(B, T, x_dim)`` and the ``(B, T)`` bool mask (all True when
-        None)."""
+    def _check(
+        self, values: Tensor, mask: Tensor | None, times: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Frames flattened to ``(B, T, x_dim)`` (zero at hidden frames, which may hold NaN:
+        they are replaced before any arithmetic), the ``(B, T)`` bool mask (all True when
+        None) and the gaps between frames for :meth:`prior` (None when ``times`` is)."""
         if not isinstance(values, Tensor) or not values.is_floating_point():
             raise TypeError("values must be a floating-point tensor (B, T, *event_shape)")
         if values.dim() < 3 or math.prod(values.shape[2:]) != self.x_dim:
@@ -181,8 +282,9 @@ class StructuredVAE(PyroModule):
                 f"{self.x_dim}, got {tuple(values.shape)}"
             )
         x = values.reshape(*values.shape[:2], self.x_dim)
+        gaps = self._gaps(times, x)
         if mask is None:
-            return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), gaps
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError(
                 f"mask must be a bool tensor (True = observed), got "
@@ -192,7 +294,30 @@ class StructuredVAE(PyroModule):
             raise ValueError(
                 f"mask must have shape (B, T) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}"
             )
-        return x, mask
+        x = torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        return x, mask, gaps
+
+    def _gaps(self, times: Tensor | None, x: Tensor) -> Tensor | None:
+        """The gaps of ``times`` ``(B, T)`` or ``(T,)``, reduced to ``(1,)`` on a regular grid
+        (equal gaps to 1e-5 relative: the transition is then computed once) or ``(T-1,)`` when
+        every sequence shares the stamps; ``(B, T-1)`` otherwise."""
+        if times is None:
+            return None
+        B, T = x.shape[:2]
+        if not isinstance(times, Tensor) or times.shape not in ((B, T), (T,)):
+            raise ValueError(
+                f"times must be a tensor of shape (B, T) = {(B, T)}, got "
+                f"{tuple(getattr(times, 'shape', ()))}"
+            )
+        gaps = validation.check_times(times).to(x.dtype)
+        if T == 1:
+            return None
+        if gaps.dim() == 2 and bool((gaps == gaps[:1]).all()):
+            gaps = gaps[0]
+        first = gaps.flatten()[0]
+        if bool(((gaps - first).abs() <= REGULAR_RTOL * first).all()):
+            return gaps.mean().reshape(1)
+        return gaps
 
     def _drop_windows(self, mask: Tensor) -> Tensor:
         """``mask`` with random windows of ``window`` steps hidden, about ``drop_fraction`` of
@@ -205,10 +330,12 @@ class StructuredVAE(PyroModule):
         hidden = (steps >= starts[..., None]) & (steps < starts[..., None] + window)
         return mask & ~hidden.any(1)
 
-    def posterior(self, x: Tensor, mask: Tensor) -> KalmanSmoothedPosterior:
+    def posterior(
+        self, x: Tensor, mask: Tensor, gaps: Tensor | None = None
+    ) -> KalmanSmoothedPosterior:
         """``q(z | y)`` for frames ``x (B, T, x_dim)`` with potentials at the True steps of
-        ``mask``; batch shape ``(B,)``."""
-        prior = self.prior(x.shape[-2])
+        ``mask``, on the grid of ``gaps`` (see :meth:`prior`); batch shape ``(B,)``."""
+        prior = self.prior(x.shape[-2], gaps)
         if self.exact_potentials:
             C, d, R = self._emission_parameters()
             return KalmanSmoothedPosterior(prior, x - d, C, R, mask=mask)
@@ -227,10 +354,10 @@ class StructuredVAE(PyroModule):
     # -- the pair -----------------------------------------------------------------------------
     def model(self, values: Tensor, times: Tensor | None = None, mask: Tensor | None = None):
         """p(y, z) for a batch of sequences; frames are scored where ``mask`` is True."""
-        x, mask = self._check(values, mask)
+        x, mask, gaps = self._check(values, mask, times)
         self._register("decoder")
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", self.prior(x.shape[1]))
+            z = pyro.sample("z", self.prior(x.shape[1], gaps))
             if self.net == "linear":
                 C, d, R = self._emission_parameters()
                 emission = LinearGaussianEmission(z, C, d, R, mask=mask, latent_site="z")
@@ -241,12 +368,12 @@ class StructuredVAE(PyroModule):
 
     def guide(self, values: Tensor, times: Tensor | None = None, mask: Tensor | None = None):
         """q(z | y): the prior times the encoder's potentials at the observed frames."""
-        x, mask = self._check(values, mask)
+        x, mask, gaps = self._check(values, mask, times)
         self._register("encoder")
         if self.training and self.drop_fraction > 0:
             mask = self._drop_windows(mask)
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", self.posterior(x, mask))
+            pyro.sample("z", self.posterior(x, mask, gaps))
 
     # -- conveniences (no engine needs them) --------------------------------------------------
     @torch.no_grad()
@@ -257,23 +384,34 @@ class StructuredVAE(PyroModule):
         return self.likelihood.mean(self.decoder(z))
 
     @torch.no_grad()
-    def impute(self, values: Tensor, mask: Tensor) -> Tensor:
+    def impute(self, values: Tensor, mask: Tensor, times: Tensor | None = None) -> Tensor:
         """Fill the hidden frames: the observed frames as given, the others the decoded
-        smoothed posterior mean; shape of ``values``."""
-        x, mask = self._check(values, mask)
-        mean = self.decode(self.posterior(x, mask).mean)
+        smoothed posterior mean; shape of ``values``. Hidden frames may hold anything, NaN
+        included (they are never read)."""
+        x, mask, gaps = self._check(values, mask, times)
+        mean = self.decode(self.posterior(x, mask, gaps).mean)
         return torch.where(mask[..., None], x, mean).reshape(values.shape)
 
     @torch.no_grad()
-    def forecast(self, values: Tensor, steps: int, mask: Tensor | None = None) -> Tensor:
+    def forecast(
+        self,
+        values: Tensor,
+        steps: int,
+        mask: Tensor | None = None,
+        times: Tensor | None = None,
+        gap: float | None = None,
+    ) -> Tensor:
         """Decoded means of the next ``steps`` frames after each sequence,
         ``(B, steps, *event_shape)``: the last smoothed state mean ``m`` rolled forward by the
-        prior (``A^k m``)."""
+        prior (``A^k m`` with ``A = expm(F gap / time_scale)``); ``gap`` defaults to
+        ``time_scale`` (the model's unit of time)."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        x, mask = self._check(values, mask)
-        state = self.posterior(x, mask).mean[..., -1, :]
-        A = self.dynamics.transition_matrix()
+        if gap is not None and not validation.finite_float(gap, "gap") > 0:
+            raise ValueError(f"gap must be a finite positive number, got {gap!r}")
+        x, mask, gaps = self._check(values, mask, times)
+        state = self.posterior(x, mask, gaps).mean[..., -1, :]
+        A = self.dynamics.transition_matrix(gap)
         states = []
         for _ in range(steps):
             state = state @ A.mT
@@ -281,9 +419,16 @@ class StructuredVAE(PyroModule):
         return self.decode(torch.stack(states, -2)).reshape(x.shape[0], steps, *values.shape[2:])
 
     @torch.no_grad()
-    def sample(self, num_steps: int, num_samples: int = 1) -> Tensor:
-        """Decoded means of trajectories drawn from the prior, ``(num_samples, T, x_dim)``."""
+    def sample(self, num_steps: int, num_samples: int = 1, times: Tensor | None = None) -> Tensor:
+        """Decoded means of trajectories drawn from the prior, ``(num_samples, T, x_dim)``, on
+        frames ``time_scale`` apart or at ``times (T,)``."""
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-        z = self.prior(num_steps).sample(torch.Size([num_samples]))
+        num_samples = validation.positive_int(num_samples, "num_samples")
+        gaps = None
+        if times is not None:
+            if not isinstance(times, Tensor) or times.shape != (num_steps,):
+                raise ValueError(f"times must be a tensor of shape ({num_steps},)")
+            gaps = validation.check_times(times) if num_steps > 1 else None
+        z = self.prior(num_steps, gaps).sample(torch.Size([num_samples]))
         return self.decode(z)

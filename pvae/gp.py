@@ -26,7 +26,11 @@ O(T^3) of a dense GP on the same stamps.
 
 Shapes: ``lengthscale`` and ``variance`` are positive tensors ``(...)`` (one GP per batch
 entry, e.g. one per latent channel); ``times`` ``(..., T)`` strictly increasing. Everything is
-differentiable in the hyper-parameters and the time stamps.
+differentiable in the hyper-parameters and the time stamps. A length scale or variance that is
+not finite and positive, a noise variance that is negative or not finite, and unsorted or
+repeated stamps are refused with a ``ValueError`` naming the argument (any positive length
+scale is a valid GP: one much shorter than the gaps gives ``A_k -> 0``, ``Q_k -> P_inf``,
+nearly independent values, which the exact discretisation handles).
 """
 
 from __future__ import annotations
@@ -36,11 +40,12 @@ import math
 import torch
 from torch import Tensor
 
-from pvae import ssm
+from pvae import ssm, validation
 
 __all__ = [
     "NUS",
     "check_times",
+    "lti_discretisation",
     "matern_discretisation",
     "matern_log_marginal",
     "matern_regression",
@@ -58,9 +63,20 @@ def state_dim(nu: float) -> int:
     return int(nu + 0.5)
 
 
-def _positive(name: str, value: Tensor) -> Tensor:
+def _positive(name: str, value: Tensor, allow_zero: bool = False) -> Tensor:
+    """``value`` after checking it is a floating tensor whose entries are finite and positive
+    (or >= 0 with ``allow_zero``): refused here, before a Cholesky factor or ``sqrt`` of a
+    negative number fails somewhere inside (one vectorised check per call)."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    detached = value.detach()
+    bad = ~torch.isfinite(detached) | ((detached < 0) if allow_zero else (detached <= 0))
+    if bool(bad.any()):
+        first = float(detached.flatten()[bad.flatten().nonzero()[0]])
+        expected = "finite and >= 0" if allow_zero else "finite and positive"
+        raise ValueError(f"{name} must be {expected}, got {first}")
     return value
 
 
@@ -95,18 +111,10 @@ def matern_sde(nu: float, lengthscale: Tensor, variance: Tensor) -> tuple[Tensor
 
 
 def check_times(times: Tensor, name: str = "times") -> Tensor:
-    """``times (..., T)`` as given, after checking it is a finite floating-point tensor that
-    increases strictly along its last axis; the gaps ``(..., T-1)`` are returned."""
-    if not isinstance(times, Tensor) or not times.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (..., T)")
-    if times.dim() < 1:
-        raise ValueError(f"{name} must have shape (..., T), got a scalar")
-    if not bool(torch.isfinite(times).all()):
-        raise ValueError(f"{name} must be finite")
-    gaps = times[..., 1:] - times[..., :-1]
-    if not bool((gaps > 0).all()):
-        raise ValueError(f"{name} must increase strictly along the time axis")
-    return gaps
+    """The gaps ``(..., T-1)`` of ``times (..., T)``, after checking it is a finite
+    floating-point tensor that increases strictly along its last axis
+    (:func:`pvae.validation.check_times`)."""
+    return validation.check_times(times, name)
 
 
 def matern_discretisation(
@@ -132,6 +140,55 @@ def matern_discretisation(
     return A, Q, P
 
 
+def lti_discretisation(drift: Tensor, diffusion: Tensor, gaps: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact discretisation of the linear SDE ``dx = F x dt + dW``, ``Cov(dW) = Sigma dt``,
+    over the gaps between time stamps (any F, stable or not)::
+
+        A_k = expm(F dt_k),   Q_k = int_0^{dt_k} expm(F s) Sigma expm(F s)^T ds
+
+    :param drift: F, ``(..., D, D)``.
+    :param diffusion: Sigma, ``(..., D, D)``, symmetric positive semi-definite.
+    :param gaps: ``dt (..., K)``, positive; its batch dimensions broadcast with those of F and
+        Sigma.
+    :returns: ``A (..., K, D, D)`` and ``Q (..., K, D, D)`` (symmetric).
+
+    Method: Van Loan's block exponential on a short step ``h = dt / 2^s``, chosen so that
+    ``||F||_1 max(dt) / 2^s <= 1/2``::
+
+        expm([[-F, Sigma], [0, F^T]] h) = [[., G], [0, expm(F h)^T]],   Q_h = expm(F h) G
+
+    then ``s`` doublings ``Q_2h = A_h Q_h A_h^T + Q_h``, ``A_2h = A_h A_h``. Each doubling adds
+    positive semi-definite terms, so Q keeps its relative accuracy for long gaps, where the
+    block exponential alone would subtract numbers of size ``exp(2 |F| dt)`` (and the
+    Lyapunov form ``P_inf - A P_inf A^T`` would lose it for a nearly marginal F).
+    Differentiable in F, Sigma and the gaps.
+    """
+    if drift.shape[-2:] != diffusion.shape[-2:] or drift.shape[-1] != drift.shape[-2]:
+        raise ValueError(
+            f"drift and diffusion must be square (..., D, D) of one size, got "
+            f"{tuple(drift.shape)} and {tuple(diffusion.shape)}"
+        )
+    _positive("gaps", gaps)
+    D = drift.shape[-1]
+    F, Sigma = drift.unsqueeze(-3), diffusion.unsqueeze(-3)  # (..., 1, D, D)
+    with torch.no_grad():
+        size = float(torch.linalg.matrix_norm(drift.detach(), ord=1).max()) * float(gaps.max())
+    halvings = max(0, math.ceil(math.log2(size / 0.5))) if size > 0.5 else 0
+    h = (gaps / 2**halvings)[..., None, None]
+    F, Sigma = torch.broadcast_tensors(F, Sigma)
+    F, Sigma, h = torch.broadcast_tensors(F, Sigma, h.expand(*h.shape[:-2], D, D))
+    block = torch.cat([torch.cat([-F, Sigma], -1), torch.cat([torch.zeros_like(F), F.mT], -1)], -2)
+    exp = torch.linalg.matrix_exp(block * h.repeat(*(1,) * (h.dim() - 2), 2, 2))
+    A = exp[..., D:, D:].mT
+    Q = A @ exp[..., :D, D:]
+    Q = 0.5 * (Q + Q.mT)
+    for _ in range(halvings):
+        Q = A @ Q @ A.mT + Q
+        Q = 0.5 * (Q + Q.mT)
+        A = A @ A
+    return A, Q
+
+
 def _smoother(
     nu: float,
     values: Tensor,
@@ -145,11 +202,12 @@ def _smoother(
     gaps = check_times(times)
     if not isinstance(values, Tensor) or values.shape[-1:] != times.shape[-1:]:
         raise ValueError(f"values must have shape (..., T) with T = {times.shape[-1]}")
+    noise = torch.as_tensor(noise, dtype=values.dtype, device=values.device)
+    _positive("noise", noise, allow_zero=True)
     A, Q, P = matern_discretisation(nu, lengthscale, variance, gaps)
     d = P.shape[-1]
     H = torch.zeros(1, d, dtype=values.dtype, device=values.device)
     H[0, 0] = 1.0
-    noise = torch.as_tensor(noise, dtype=values.dtype, device=values.device)
     R = noise.expand(values.shape)[..., None, None]
     return ssm.kalman_smoother(
         values[..., None],

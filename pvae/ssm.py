@@ -61,6 +61,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pvae import validation
+
 __all__ = [
     "KalmanSmootherResult",
     "diagonal_potentials",
@@ -211,6 +213,109 @@ def _pad(value: Tensor, lead: int, batch_dims: int, trail: int) -> Tensor:
     return value.reshape(shape[:lead] + (1,) * missing + shape[lead:])
 
 
+COVARIANCES = ("transition_cov", "observation_cov", "initial_cov")
+
+
+def _check_values(y: Tensor, arguments: dict[str, Tensor], mask: Tensor | None) -> None:
+    """Refuse, before any work, what the filter would turn into a wrong number or a raw error.
+
+    - half precision (torch has no Cholesky factor for it): ``TypeError``;
+    - NaN/inf in a parameter, or in ``y`` at an observed step (missing steps may hold
+      anything: they are never read);
+    - a covariance (Q, R, P_1: one matrix or a stack) that is not symmetric (per matrix,
+      ``max |C - C^T| > sqrt(eps) max |C|``: the filter would read one triangle in some
+      places and the whole matrix in others, so the methods would disagree) or not positive
+      semi-definite (its Cholesky factor fails after a shift of ``sqrt(eps) max |C|``, i.e.
+      an eigenvalue below about ``-sqrt(eps) max |C|``). Singular covariances, all-zero ones
+      included, are valid models (``R = 0``: exact observations, as :mod:`pvae.gp` uses for
+      noise 0; ``Q = 0``: deterministic dynamics); only a combination whose innovation
+      covariance ``H P H^T + R`` is singular is refused, during the filter, naming the
+      all-zero arguments.
+
+    Vectorised over steps and batch, with a single device-to-host transfer when everything is
+    fine; the offending argument and the first offending index are looked up only on failure.
+    """
+    for name, value in {"y": y, **arguments}.items():
+        if value.dtype in (torch.float16, torch.bfloat16):
+            raise TypeError(
+                f"kalman_smoother computes in float32 or float64 (torch has no half-precision "
+                f"Cholesky factor); {name} is {value.dtype}: convert it with .float()"
+            )
+    with torch.no_grad():
+        observed_y = y.detach()
+        if mask is not None:
+            observed_y = torch.where(mask.unsqueeze(-1), observed_y, 0.0)
+        flags = [~torch.isfinite(observed_y).all()]
+        flags += [~torch.isfinite(v.detach()).all() for v in arguments.values()]
+        shapes = {name: _covariance_problems(arguments[name]) for name in COVARIANCES}
+        flags += [bad.any() for pair in shapes.values() for bad in pair]
+        if not bool(torch.stack(flags).any()):
+            return
+        bad_y = ~torch.isfinite(observed_y)
+        if bool(bad_y.any()):
+            where = validation._multi_index(int(bad_y.flatten().nonzero()[0]), bad_y.shape)
+            raise ValueError(
+                f"y must be finite at observed steps; y{list(where)} = "
+                f"{float(observed_y[where])} (a missing step may hold NaN when mask is False "
+                "there)"
+            )
+        for name, value in arguments.items():
+            finite = torch.isfinite(value.detach())
+            if not bool(finite.all()):
+                where = validation._multi_index(int((~finite).flatten().nonzero()[0]), value.shape)
+                raise ValueError(
+                    f"{name} must be finite; {name}{list(where)} = {float(value[where])}"
+                )
+        for name, problems in shapes.items():
+            for bad, what in zip(problems, _PROBLEMS, strict=True):
+                if bool(bad.any()):
+                    where = validation._multi_index(int(bad.flatten().nonzero()[0]), bad.shape)
+                    at = f"{name}{list(where)}" if where else name
+                    matrix = arguments[name].detach()[where]
+                    raise ValueError(f"{name} must be {what}; {at} is not:\n{matrix}")
+
+
+_PROBLEMS = ("a symmetric covariance matrix", "a positive semi-definite covariance matrix")
+
+
+def _covariance_problems(cov: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-matrix flags ``(...)`` of ``cov (..., n, n)`` in the order of ``_PROBLEMS``: not
+    symmetric, not PSD (see :func:`_check_values` for the tolerances); non-finite matrices
+    are flagged elsewhere; an all-zero matrix passes (see :class:`_SingularInnovation`)."""
+    c = torch.nan_to_num(cov.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+    size = c.abs().amax((-2, -1))
+    tolerance = torch.finfo(c.dtype).eps ** 0.5 * size
+    asymmetric = (c - c.mT).abs().amax((-2, -1)) > tolerance
+    shift = torch.where(size > 0, tolerance, torch.ones_like(size))
+    eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
+    _, info = torch.linalg.cholesky_ex(_sym(c) + shift[..., None, None] * eye)
+    return asymmetric, (info > 0) & ~asymmetric
+
+
+class _SingularInnovation(Exception):
+    """The predicted observation covariance ``H P H^T + R`` has no Cholesky factor."""
+
+
+def _innovation_cholesky(cov: Tensor) -> Tensor:
+    """Cholesky factor of an innovation covariance; :class:`_SingularInnovation` when it is
+    singular (e.g. ``R = 0`` observing a state with ``P = 0``), which
+    :func:`kalman_smoother` turns into an error that names the zero arguments."""
+    tril, info = torch.linalg.cholesky_ex(cov)
+    if bool(info.any()):
+        raise _SingularInnovation
+    return tril
+
+
+def _singular_innovation_error(arguments: dict[str, Tensor]) -> ValueError:
+    zero = [name for name in COVARIANCES if not bool(arguments[name].detach().any())]
+    which = f" ({' and '.join(zero)} all zero)" if zero else ""
+    return ValueError(
+        "the predicted observation covariance H P H^T + R is singular at some step"
+        f"{which}: an exact observation of a state known exactly. Give observation_cov, or "
+        "initial_cov and transition_cov, some variance in the observed directions"
+    )
+
+
 def _prepare(
     y: Tensor,
     transition_matrix: Tensor,
@@ -245,6 +350,18 @@ def _prepare(
             raise TypeError("mask must be a bool tensor of shape (..., T), True = observed")
         if mask.dim() < 1 or mask.shape[-1] != num_steps:
             raise ValueError(f"mask must have shape (..., {num_steps}), got {tuple(mask.shape)}")
+    _check_values(
+        y,
+        {
+            "transition_matrix": transition_matrix,
+            "transition_cov": transition_cov,
+            "observation_matrix": observation_matrix,
+            "observation_cov": observation_cov,
+            "initial_loc": initial_loc,
+            "initial_cov": initial_cov,
+        },
+        mask,
+    )
     try:
         batch_shape = torch.broadcast_shapes(
             y.shape[:-2],
@@ -315,9 +432,8 @@ class KalmanSmootherResult:
         ``x_t = E_t x_{t+1} + g_t + chol(L_t) e_t`` with standard normal ``e``
         (from torch's global generator, which ``pyro.set_rng_seed`` seeds).
         """
-        if int(num_samples) < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
-        return self.rsample(torch.Size([int(num_samples)]))
+        num_samples = validation.positive_int(num_samples, "num_samples")
+        return self.rsample(torch.Size([num_samples]))
 
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
         """Like :meth:`sample` with any ``sample_shape``: ``(*sample_shape, ..., T, D)``."""
@@ -441,7 +557,7 @@ def _update(m: Tensor, P: Tensor, y: Tensor, H: Tensor, R: Tensor, observed: Ten
     ``m', P', w, L``; ``log N(y; H m, S) = -(M log 2 pi + |w|^2) / 2 - sum log diag L``.
     """
     HP = H @ P
-    tril = torch.linalg.cholesky(HP @ H.mT + R)
+    tril = _innovation_cholesky(HP @ H.mT + R)
     V = torch.linalg.solve_triangular(tril, HP, upper=False)
     white = torch.linalg.solve_triangular(tril, y - H @ m, upper=False)
     if observed is not None:
@@ -529,7 +645,7 @@ def _filter_parallel(inp: _Inputs) -> tuple[Tensor, Tensor, Tensor]:
     H = inp.H[1:] if inp.H.shape[0] > 1 else inp.H
     R = inp.R[1:] if inp.R.shape[0] > 1 else inp.R
     S = _mm(_mm(H, Q), H.mT) + R
-    tril = torch.linalg.cholesky(S)
+    tril = _innovation_cholesky(S)
     G = torch.linalg.solve_triangular(tril, H, upper=False)
     W, GF = _mm(G, Q), _mm(G, F)
     white_y = _solve_lower(tril, y)  # zero at missing steps (y is zeroed there)
@@ -555,7 +671,7 @@ def _filter_parallel(inp: _Inputs) -> tuple[Tensor, Tensor, Tensor]:
     # log normaliser: one-step predictions y_t | y_{1:t-1} from the filtered moments, with
     # H F P F^T H^T + (H Q H^T + R) as their covariance
     HF = _mm(H, F)
-    pred_tril = torch.linalg.cholesky(_mm(_mm(HF, covs[:-1]), HF.mT) + S)
+    pred_tril = _innovation_cholesky(_mm(_mm(HF, covs[:-1]), HF.mT) + S)
     white = _solve_lower(pred_tril, y - _mv(HF, means[:-1]))
     log_normalizer = _log_normalizer(
         _with_first(white1, white, T - 1),
@@ -621,10 +737,18 @@ def kalman_smoother(
         mask,
     )
     T, D = inp.num_steps, inp.state_dim
-    if method == "parallel":
-        means, covs, log_normalizer = _filter_parallel(inp)
-    else:
-        means, covs, log_normalizer = _filter_sequential(inp)
+    try:
+        if method == "parallel":
+            means, covs, log_normalizer = _filter_parallel(inp)
+        else:
+            means, covs, log_normalizer = _filter_sequential(inp)
+    except _SingularInnovation:
+        arguments = {
+            "transition_cov": transition_cov,
+            "observation_cov": observation_cov,
+            "initial_cov": initial_cov,
+        }
+        raise _singular_innovation_error(arguments) from None
 
     if T > 1:
         E, g, L = _backward_elements(inp, means, covs)

@@ -15,6 +15,8 @@ what was expected and what came. Nothing here runs per training step.
   (dtype, shape, device); the per-datapoint sites must sit in ``pyro.plate("data")``; every
   latent the model samples must be sampled by the guide; and every observed site's data must
   lie in its distribution's support, checked on the whole dataset (one vectorised pass).
+- :func:`check_times`: the time stamps of sequences, finite and strictly increasing (every
+  sequence model and :mod:`pvae.gp` call it; the message names the first offending stamp).
 """
 
 from __future__ import annotations
@@ -363,3 +365,50 @@ def check_pair_data(
     check_data_plate(model_trace, guide_trace, batch[0].shape[0] if batch else 0, who)
     check_guide_covers_model(model_trace, guide_trace, who)
     check_support(model_trace, batch, data, name)
+
+
+# -- time stamps of sequences -------------------------------------------------------------------
+
+
+def check_times(times: Any, name: str = "times") -> torch.Tensor:
+    """``times (..., T)``, a finite floating-point tensor strictly increasing along its last
+    axis; returns the gaps ``(..., T-1)``.
+
+    Every sequence model (and :mod:`pvae.gp`) calls this once per call on its time stamps:
+    an unsorted or repeated stamp would otherwise give a zero or negative gap, which the
+    models turn into a wrong number (a singular dense kernel, a transition over a negative
+    time, a spline through two values at one knot) instead of an error. The message names
+    ``name`` and the first offending position, e.g. ``times[0, 3] = 2 <= times[0, 2] = 2``.
+    """
+    if not isinstance(times, torch.Tensor) or not times.is_floating_point():
+        what = times.dtype if isinstance(times, torch.Tensor) else type(times).__name__
+        raise TypeError(f"{name} must be a floating-point tensor (..., T), got {what}")
+    if times.dim() < 1:
+        raise ValueError(f"{name} must have shape (..., T), got a scalar")
+    finite = torch.isfinite(times)
+    if not bool(finite.all()):
+        index = _multi_index(int((~finite).flatten().nonzero()[0]), times.shape)
+        raise ValueError(f"{name} must be finite; {name}{list(index)} = {float(times[index])}")
+    gaps = times[..., 1:] - times[..., :-1]
+    increasing = gaps > 0
+    if not bool(increasing.all()):
+        flat = int((~increasing).flatten().nonzero()[0])
+        before = _multi_index(flat, increasing.shape)
+        after = before[:-1] + (before[-1] + 1,)
+        t_after, t_before = float(times[after]), float(times[before])
+        kind = "a repeated stamp" if t_after == t_before else "stamps out of order"
+        raise ValueError(
+            f"{name} must increase strictly along the time axis (sorted, no repeats); "
+            f"{name}{list(after)} = {t_after:g} <= {name}{list(before)} = {t_before:g} "
+            f"({kind})"
+        )
+    return gaps
+
+
+def _multi_index(flat: int, shape: torch.Size) -> tuple[int, ...]:
+    """The multi-index of position ``flat`` in a row-major tensor of ``shape``."""
+    index = []
+    for size in reversed(shape):
+        flat, rest = divmod(flat, size)
+        index.append(rest)
+    return tuple(reversed(index))

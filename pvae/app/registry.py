@@ -693,6 +693,8 @@ def _svae(
 ) -> PyroModule:
     from pvae.models.structured import StructuredVAE
 
+    times = ds.train[1]  # the dynamics' time unit: the median gap between training frames
+    gaps = times[:, 1:] - times[:, :-1] if times.shape[-1] > 1 else times.new_ones(1)
     return StructuredVAE(
         x_dim=ds.x_dim,
         z_dim=z_dim,
@@ -701,6 +703,7 @@ def _svae(
         net=net,
         image_shape=_image_shape(ds, net),
         drop_fraction=drop_fraction,
+        time_scale=float(gaps.median()),
     )
 
 

@@ -172,5 +172,5 @@ def test_bad_input_is_refused():
         MarkovianGPVAE(x_dim=4, nu=2.0)
     with pytest.raises(ValueError, match="exact_potentials"):
         MarkovianGPVAE(x_dim=4, exact_potentials=True)
-    with pytest.raises(ValueError, match="lengthscale and variance must be positive"):
+    with pytest.raises(ValueError, match="lengthscale must be finite and greater than 0.0001"):
         MarkovianGPVAE(x_dim=4, lengthscale=0.0)

@@ -31,10 +31,7 @@ def _true_lds_model(ds) -> StructuredVAE:
         x_dim=4, z_dim=2, likelihood="gaussian", net="linear", exact_potentials=True
     ).double()
     with torch.no_grad():
-        model.dynamics.weight.copy_(info["transition_matrix"])
-        model.dynamics.transition_raw.copy_(
-            torch.diag(_inverse_softplus(info["transition_cov"].diagonal().sqrt() - 1e-4))
-        )
+        model.dynamics.set_transition(info["transition_matrix"], info["transition_cov"])
         model.dynamics.initial_raw.copy_(
             torch.diag(_inverse_softplus(info["initial_cov"].diagonal().sqrt() - 1e-4))
         )
