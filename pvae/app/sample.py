@@ -1,11 +1,19 @@
 """``pvae sample``: a sampler run (SGHMC over a model's weights, e.g. ``--model bae``), and its
 diagnosis by ``pvae diagnose``.
 
+``pvae sample`` takes only models registered with ``sampled=True`` (weights with priors:
+``bae``); 4 chains by default, so that R-hat is defined; ``--bae-prior-scale auto`` (the
+default) chooses the prior scale by DSWD (``BayesianAE.select_prior``) before sampling.
+
 A sample run folder holds (every file written atomically):
 
 - ``config.json``: the :class:`pvae.app.runs.RunConfig` (``command="sample"``,
-  ``engine="sghmc"``), every argument and the canonical command line;
-- ``checkpoint.pt`` and ``run.json``: written by :func:`pvae.sample` (resumable);
+  ``engine="sghmc"``; ``model_options["prior_scale"]`` the scale used, a number), every
+  argument, the canonical command line and, when the scale was chosen from the data,
+  ``prior_selection`` (``metric``, ``chosen``, ``candidates``, ``distances``);
+- ``checkpoint.pt`` and ``run.json``: written by :func:`pvae.sample` every
+  ``--checkpoint-every`` steps, after every chain and on Ctrl-C; ``--resume`` continues
+  bit-identically;
 - ``posterior.pt``: the :class:`pvae.Posterior` as a dict (``samples`` site ->
   ``(chains, draws, *shape)``, ``log_joint``, ``warmup_log_joint``, ``settings``);
 - ``reconstructions.png`` (test images over their posterior-mean reconstructions) and

@@ -132,6 +132,22 @@ def test_sigint_writes_a_checkpoint_and_resume_is_bit_identical(tmp_path, at, ch
     assert torch.equal(whole.warmup_log_joint, resumed.warmup_log_joint)
 
 
+def test_a_checkpoint_between_chains(tmp_path):
+    """Stopped in chain 1 with no periodic checkpoint due, the run still resumes from the
+    checkpoint written when chain 0 ended (and bit-identically)."""
+    options = {**OPTIONS, "checkpoint_every": 1000}
+    whole = pvae.sample(regression, data(), sampler=InterruptedSGHMC(10**9), **options)
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        pvae.sample(regression, data(), sampler=InterruptedSGHMC(20), run_dir=run_dir, **options)
+    saved = pvae.load_checkpoint(run_dir / "checkpoint.pt")
+    assert (saved["chain"], saved["step"]) == (1, 0) and saved["engine"] == {}
+    resumed = pvae.sample(
+        regression, data(), InterruptedSGHMC(10**9), run_dir=run_dir, resume=True, **options
+    )
+    assert torch.equal(whole.samples["w"], resumed.samples["w"])
+
+
 def test_a_second_sigint_stops_at_once_and_no_run_dir_saves_nothing(tmp_path):
     with pytest.raises(KeyboardInterrupt) as stopped:  # twice: no step is finished
         pvae.sample(regression, data(), sampler=SigintSGHMC(3, times=2), run_dir=tmp_path / "r")
