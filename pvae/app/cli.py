@@ -1481,7 +1481,11 @@ def _check_sample_folder(run_dir: Path, args: argparse.Namespace) -> None:
     if command not in (None, "sample"):
         raise CliError(
             f"--run-dir {run_dir} holds a 'pvae {command}' run, not a 'pvae sample' run; "
-            + (f"continue it with 'pvae {command} --resume', or " if args.resume else "")
+            + (
+                "continue it with 'pvae train --resume', or "
+                if args.resume and command == "train"
+                else ""
+            )
             + "choose another --run-dir"
         )
     has_run = (run_dir / CHECKPOINT).exists()
@@ -1502,7 +1506,8 @@ def _check_sample_resume(run_dir: Path, args: argparse.Namespace) -> dict[str, A
     try:
         document = json.loads((run_dir / runs.CONFIG).read_text())
         previous = document["args"]
-        dict(document["run"]["model_options"])
+        if not isinstance(document["run"]["model_options"], dict):
+            raise TypeError("run.model_options is not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CliError(
             f"--resume: cannot read {run_dir / runs.CONFIG}, so the settings of the run in "
