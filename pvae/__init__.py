@@ -8,7 +8,7 @@ with any engine of :mod:`pvae.inference` through :func:`fit`, and evaluate it wi
 from pvae import data, likelihoods, nets
 from pvae.evaluate import log_likelihood
 from pvae.protocol import VectorizationError, scale_to_data
-from pvae.sampling import Posterior, SamplingDiverged, sample
+from pvae.sampling import Posterior, SamplingDiverged, SamplingInterrupted, sample
 from pvae.train import Run, TrainingDiverged, evaluate_bound, fit, load_checkpoint
 
 __version__ = "0.1.0"
@@ -28,6 +28,7 @@ __all__ = [
     "Posterior",
     "Run",
     "SamplingDiverged",
+    "SamplingInterrupted",
     "TrainingDiverged",
     "VectorizationError",
     "data",

@@ -5,7 +5,10 @@ scaled to the data (:func:`pvae.scale_to_data`: per-datapoint terms count N/B, g
 once), runs each chain's warm-up then its sampling steps, keeps every ``thin``-th state on the
 CPU (memory ``num_chains * num_samples`` values of each site, whatever the number of steps),
 shows a progress bar with the running log joint, and writes atomic checkpoints from which a
-run resumes bit-identically. Chains run one after another, each with its own seed.
+run resumes bit-identically: every ``checkpoint_every`` steps, after every chain, and when the
+run is interrupted (SIGINT, Ctrl-C: the step under way finishes, the checkpoint is written, then
+:class:`SamplingInterrupted` is raised; a second Ctrl-C stops at once, without a checkpoint).
+Chains run one after another, each with its own seed.
 
 A sampler engine (``pvae.inference.SGHMC``) offers:
 
@@ -24,8 +27,11 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import signal
 import sys
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,13 +52,53 @@ from pvae.checkpoint import (
 from pvae.evaluate import Data, get_batch, num_items
 from pvae.protocol import scale_to_data
 
-__all__ = ["Posterior", "SamplingDiverged", "sample"]
+__all__ = ["Posterior", "SamplingDiverged", "SamplingInterrupted", "sample"]
 
 _SAMPLER_METHODS = ("setup", "train_step", "values", "state_dict", "load_state_dict")
 
 
 class SamplingDiverged(FloatingPointError):
     """The log joint of a chain became NaN or infinite."""
+
+
+class SamplingInterrupted(KeyboardInterrupt):
+    """:func:`sample` stopped on SIGINT (Ctrl-C) after a whole step.
+
+    ``checkpoint``: the checkpoint written at that step (None without ``run_dir``), from which
+    ``resume=True`` continues bit-identically; ``chain`` and ``step``: where it continues.
+    """
+
+    def __init__(self, message: str, checkpoint: str | None, chain: int, step: int) -> None:
+        super().__init__(message)
+        self.checkpoint, self.chain, self.step = checkpoint, chain, step
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@contextmanager
+def _deferred_sigint() -> Iterator[Callable[[], bool]]:
+    """While the block runs, a first SIGINT only sets a flag (the returned callable reports
+    it), so the loop can finish its step and write a checkpoint; a second one raises
+    ``KeyboardInterrupt`` at once. Outside the main thread, or when SIGINT has a handler
+    other than Python's default, nothing changes (the callable always returns False)."""
+    received = [False]
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    if previous is not signal.default_int_handler:
+        yield lambda: False
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if received[0]:  # the second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        received[0] = True
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: received[0]
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass
@@ -231,12 +277,15 @@ def sample(
     :param batch_size: datapoints per step (every datapoint when >= N).
     :param seed: seeds Pyro's generators, the data order and every chain.
     :param run_dir: where ``checkpoint.pt`` and ``run.json`` are written atomically every
-        ``checkpoint_every`` steps and at the end.
+        ``checkpoint_every`` steps, after every chain, on SIGINT and at the end.
     :param resume: continue from ``run_dir/checkpoint.pt``; the samples are bit-identical to
         those of an uninterrupted run.
     :param progress: a progress bar (on a terminal) with the chain and the running log joint.
+    :param checkpoint_every: steps between checkpoints within a chain.
     :returns: a :class:`Posterior`.
     :raises SamplingDiverged: the log joint became NaN or infinite (lower ``lr``).
+    :raises SamplingInterrupted: SIGINT (Ctrl-C) during sampling, after the checkpoint of the
+        last whole step was written (a ``KeyboardInterrupt``).
     """
     if sampler is None:
         from pvae.inference import SGHMC  # late import: core does not import engines
@@ -311,6 +360,7 @@ class _Sampling:
         self.samples: dict[str, torch.Tensor] = {}
         self.log_joint = torch.zeros(self.num_chains, self.num_samples, dtype=torch.float64)
         self.warmup_log_joint = torch.zeros(self.num_chains, self.warmup, dtype=torch.float64)
+        self._interrupted: Callable[[], bool] = lambda: False
 
     def _chain_seed(self, chain: int) -> int:
         return (self.settings["seed"] * 1_000_003 + chain) % 2**32
@@ -349,7 +399,7 @@ class _Sampling:
         self.log_joint = state["log_joint"]
         self.warmup_log_joint = state["warmup_log_joint"]
         chain, step = int(state["chain"]), int(state["step"])
-        if chain < self.num_chains:
+        if chain < self.num_chains and step > 0:  # mid-chain; at step 0 run() starts the chain
             batches = _Batches(self.data, self.settings["batch_size"], self.settings["seed"], chain)
             self._start_chain(chain, batches)
             self.sampler.load_state_dict(state["engine"])
@@ -359,12 +409,13 @@ class _Sampling:
     def _checkpoint(self, chain: int, step: int) -> None:
         if self.path is None:
             return
+        mid_chain = chain < self.num_chains and step > 0  # else no chain's state is needed
         state = {
             "kind": "sample",
             "chain": chain,
             "step": step,
-            "params": self.sampler.unconstrained() if chain < self.num_chains else {},
-            "engine": self.sampler.state_dict() if chain < self.num_chains else {},
+            "params": self.sampler.unconstrained() if mid_chain else {},
+            "engine": self.sampler.state_dict() if mid_chain else {},
             "samples": self.samples,
             "log_joint": self.log_joint,
             "warmup_log_joint": self.warmup_log_joint,
@@ -373,6 +424,20 @@ class _Sampling:
         }
         run_json = {"kind": "sample", "chain": chain, "step": step, "settings": self.settings}
         write_checkpoint(self.path, state, run_json)
+
+    def _interruption(self, chain: int, step: int) -> SamplingInterrupted:
+        """What SIGINT raises once the checkpoint at ``(chain, step)`` is written."""
+        where = f"chain {chain}, step {step} of {self.steps}"
+        if self.path is None:
+            message = f"sampling interrupted at {where}; nothing was saved (no run_dir)"
+        else:
+            message = (
+                f"sampling interrupted at {where}; checkpoint in {self.path}: continue with "
+                "resume=True"
+            )
+        return SamplingInterrupted(
+            message, str(self.path) if self.path is not None else None, chain, step
+        )
 
     def run(self, resume: bool, progress: bool) -> Posterior:
         chain, step = 0, 0
@@ -385,16 +450,19 @@ class _Sampling:
         bar = tqdm(total=max(0, remaining), disable=not show, unit="step")
         validate = pyro.infer.util.is_validation_enabled()
         try:
-            while chain < self.num_chains:
-                batches = _Batches(
-                    self.data, self.settings["batch_size"], self.settings["seed"], chain
-                )
-                if step == 0:
-                    self._start_chain(chain, batches)
-                self._run_chain(chain, step, batches, bar, show, validate)
-                chain, step = chain + 1, 0
-                if chain == self.num_chains:
-                    self._checkpoint(chain, step)
+            with _deferred_sigint() as interrupted:
+                self._interrupted = interrupted
+                while chain < self.num_chains:
+                    batches = _Batches(
+                        self.data, self.settings["batch_size"], self.settings["seed"], chain
+                    )
+                    if step == 0:
+                        self._start_chain(chain, batches)
+                    self._run_chain(chain, step, batches, bar, show, validate)
+                    chain, step = chain + 1, 0
+                    self._checkpoint(chain, step)  # between chains, and at the end
+                    if chain < self.num_chains and interrupted():
+                        raise self._interruption(chain, step)
         finally:
             bar.close()
         return Posterior(
@@ -428,8 +496,12 @@ class _Sampling:
                 self.log_joint[chain, k] = log_joint
                 for name, value in sampler.values().items():
                     self.samples[name][chain, k] = value.cpu()
-            if (step + 1) % self.checkpoint_every == 0 and step + 1 < self.steps:
-                self._checkpoint(chain, step + 1)
+            if step + 1 < self.steps:  # the last step's checkpoint: run() writes it
+                stop = self._interrupted()
+                if stop or (step + 1) % self.checkpoint_every == 0:
+                    self._checkpoint(chain, step + 1)
+                if stop:
+                    raise self._interruption(chain, step + 1)
             bar.update(1)
             if show:
                 running = log_joint if running is None else 0.95 * running + 0.05 * log_joint

@@ -84,7 +84,7 @@ from pvae.app.registry import ENGINES, MODELS, Option, Registry, parse_bound
 from pvae.app.registry import bound_grammar as _grammar
 from pvae.checkpoint import RUN_JSON, RunDirInUse, load_checkpoint, run_lock
 from pvae.evaluate import as_tensors
-from pvae.inference import ELBO, CyclicalAnnealing, LinearAnnealing
+from pvae.inference import ELBO, SGHMC, CyclicalAnnealing, LinearAnnealing
 from pvae.train import CHECKPOINT, Run, TrainingDiverged
 
 EXIT_OK = 0
@@ -199,6 +199,33 @@ def _registry_name(registry: Registry) -> Callable[[str], str]:
 
     parse.__name__ = registry.kind
     return parse
+
+
+def _model_name(sampled: bool) -> Callable[[str], str]:
+    """``--model`` of ``pvae sample`` (``sampled``: the models with weights to sample) or of
+    ``train``/``compare`` (the others)."""
+    parse_name = _registry_name(MODELS)
+
+    def parse(text: str) -> str:
+        name = parse_name(text)
+        if MODELS[name].sampled == sampled:
+            return name
+        if sampled:
+            raise argparse.ArgumentTypeError(
+                f"model {name!r} has no weights with a prior to sample (its latents are "
+                "per-datapoint codes under a network that only 'pvae train' fits); "
+                f"'pvae sample' takes {', '.join(_model_names(sampled=True))}"
+            )
+        raise argparse.ArgumentTypeError(
+            f"model {name!r} is sampled, not trained: use 'pvae sample --model {name}'"
+        )
+
+    parse.__name__ = "model"
+    return parse
+
+
+def _model_names(sampled: bool) -> list[str]:
+    return [entry.name for entry in MODELS.entries() if entry.sampled == sampled]
 
 
 def _bound(text: str) -> str:
@@ -332,16 +359,20 @@ def _add_model_arguments(
     z_dim: int | None = 20,
     hidden: tuple[int, ...] | None = (200, 200),
     quick: dict[str, Any] | None = None,
+    sampled: bool = False,
 ) -> None:
     """``--model``, ``--z-dim``, ``--hidden``, ``--net``, ``--likelihood``. A None default is
-    resolved by the command (``quick``: the values it takes under ``--quick``)."""
+    resolved by the command (``quick``: the values it takes under ``--quick``). ``sampled``:
+    the models of ``pvae sample`` (:attr:`~pvae.app.registry.ModelEntry.sampled`), else the
+    trained ones."""
     group = parser.add_argument_group("model")
+    names = _model_names(sampled)
     group.add_argument(
         "--model",
-        type=_registry_name(MODELS),
-        default="vae",
+        type=_model_name(sampled),
+        default=names[0] if sampled else "vae",
         metavar="NAME",
-        help=f"one of: {', '.join(MODELS.names())} (default: vae)",
+        help=f"one of: {', '.join(names)} (default: {names[0] if sampled else 'vae'})",
     )
     group.add_argument(
         "--z-dim",
@@ -368,7 +399,7 @@ def _add_model_arguments(
         "bernoulli for binarised images)",
     )
     for entry in MODELS.entries():
-        if not entry.options:
+        if not entry.options or entry.sampled != sampled:
             continue
         options = parser.add_argument_group(f"options of --model {entry.name}")
         for option in entry.options:
@@ -895,6 +926,13 @@ def _train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise CliError(f"--run-dir {run_dir} exists and is not a folder")
+    if _folder_command(run_dir) == "sample":
+        raise CliError(
+            f"--run-dir {run_dir} holds a 'pvae sample' run (a posterior over weights, not a "
+            "trained model); 'pvae train' neither continues nor overwrites it: "
+            + ("continue it with 'pvae sample --resume', or " if args.resume else "")
+            + "choose another --run-dir"
+        )
     if (run_dir / CHECKPOINT).exists() and not (args.resume or args.overwrite):
         raise CliError(
             f"{run_dir} already holds a run ({CHECKPOINT}); pass --resume to continue it or "
@@ -1335,10 +1373,21 @@ def _diagnose(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _sampler_default(name: str) -> Any:
+    """The default of ``SGHMC``'s argument ``name`` (the CLI follows the API's defaults)."""
+    return inspect.signature(SGHMC).parameters[name].default
+
+
+def _friction(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 def _add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     _add_data_arguments(parser)
-    _add_model_arguments(parser, z_dim=10, hidden=(100,))
-    parser.set_defaults(model="bae")
+    _add_model_arguments(parser, z_dim=10, hidden=(100,), sampled=True)
     group = parser.add_argument_group("sampling (SGHMC over every latent site)")
     group.add_argument(
         "--num-samples", type=_positive_int, default=100, help="draws kept per chain (default: 100)"
@@ -1353,7 +1402,10 @@ def _add_sample_arguments(parser: argparse.ArgumentParser) -> None:
         "--thin", type=_positive_int, default=1, help="keep every THIN-th step (default: 1)"
     )
     group.add_argument(
-        "--chains", type=_positive_int, default=1, help="chains, one after another (default: 1)"
+        "--chains",
+        type=_positive_int,
+        default=SAMPLE_CHAINS,
+        help=f"chains, one after another; R-hat needs at least 2 (default: {SAMPLE_CHAINS})",
     )
     group.add_argument(
         "--batch-size", type=_positive_int, default=100, help="datapoints per step (default: 100)"
@@ -1361,14 +1413,15 @@ def _add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--lr",
         type=_positive_float,
-        default=0.05,
-        help="SGHMC learning rate per datapoint; the step is lr / N (default: 0.05)",
+        default=None,
+        help="SGHMC learning rate per datapoint; the step is lr / N "
+        f"(default: SGHMC's, {_sampler_default('lr')})",
     )
     group.add_argument(
         "--friction",
-        type=_positive_float,
-        default=0.05,
-        help="SGHMC friction in (0, 1] (default: 0.05)",
+        type=_friction,
+        default=None,
+        help=f"SGHMC friction in (0, 1] (default: SGHMC's, {_sampler_default('friction')})",
     )
     group.add_argument(
         "--max-train",
@@ -1377,26 +1430,149 @@ def _add_sample_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="sample on the first N training points only (default: all)",
     )
+    group = parser.add_argument_group("run folder")
     group.add_argument("--run-dir", required=True, metavar="DIR", help="where the run is written")
-    group.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in DIR from its checkpoint (bit-identical samples)",
+    )
+    group.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=SAMPLE_CHECKPOINT_EVERY,
+        metavar="STEPS",
+        help="steps between checkpoints within a chain; one is also written after every chain "
+        f"and on Ctrl-C (default: {SAMPLE_CHECKPOINT_EVERY})",
+    )
     group.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _sample(args: argparse.Namespace) -> int:
-    """``pvae sample``: :func:`pvae.app.sample.run_sampler` into ``--run-dir``."""
-    run_dir = Path(args.run_dir)
+SAMPLE_CHAINS = 4
+SAMPLE_CHECKPOINT_EVERY = 1000
+# Arguments of ``pvae sample`` that may change between a run and its --resume.
+_SAMPLE_RESUMABLE = {"resume", "quiet", "run_dir", "data_path", "checkpoint_every"}
+
+
+def _folder_command(run_dir: Path) -> str | None:
+    """The command that wrote ``run_dir`` (its config.json's ``command``, else its
+    checkpoint's kind), None for a folder without a pvae run."""
+    try:
+        command = json.loads((run_dir / runs.CONFIG).read_text()).get("command")
+        if isinstance(command, str):
+            return command
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        kind = json.loads((run_dir / RUN_JSON).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind == "sample":
+        return "sample"
+    return "train" if (run_dir / CHECKPOINT).exists() else None
+
+
+def _check_sample_folder(run_dir: Path, args: argparse.Namespace) -> None:
+    """Refuse a ``--run-dir`` that ``pvae sample`` cannot write (or, with --resume,
+    continue): checked before the data are loaded."""
     if run_dir.exists() and not run_dir.is_dir():
         raise CliError(f"--run-dir {run_dir} exists and is not a folder")
-    if (run_dir / CHECKPOINT).exists() and not args.resume:
+    command = _folder_command(run_dir)
+    if command not in (None, "sample"):
+        raise CliError(
+            f"--run-dir {run_dir} holds a 'pvae {command}' run, not a 'pvae sample' run; "
+            + (
+                "continue it with 'pvae train --resume', or "
+                if args.resume and command == "train"
+                else ""
+            )
+            + "choose another --run-dir"
+        )
+    has_run = (run_dir / CHECKPOINT).exists()
+    if has_run and not args.resume:
         raise CliError(
             f"{run_dir} already holds a run ({CHECKPOINT}); pass --resume to continue it"
         )
+    if args.resume and not has_run:
+        raise CliError(
+            f"--resume: {run_dir} holds no {CHECKPOINT} to continue; drop --resume to start a "
+            "new run"
+        )
+
+
+def _check_sample_resume(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """With --resume (arguments resolved), the run's config.json, whose arguments must match
+    ``args`` (but those of :data:`_SAMPLE_RESUMABLE`)."""
+    try:
+        document = json.loads((run_dir / runs.CONFIG).read_text())
+        previous = document["args"]
+        if not isinstance(document["run"]["model_options"], dict):
+            raise TypeError("run.model_options is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CliError(
+            f"--resume: cannot read {run_dir / runs.CONFIG}, so the settings of the run in "
+            f"{run_dir} are unknown ({error}); start a new run in another --run-dir"
+        ) from error
+    current = _json_args(args)
+    changed = [
+        f"--{key.replace('_', '-')} (was {previous.get(key)!r}, now {current.get(key)!r})"
+        for key in sorted(set(previous) | set(current))
+        if key not in _SAMPLE_RESUMABLE and previous.get(key) != current.get(key)
+    ]
+    if changed:
+        raise CliError(
+            f"--resume continues the run in {run_dir}, but these arguments differ from its "
+            f"config.json: {'; '.join(changed)}; use another --run-dir to start a new run"
+        )
+    return dict(document)
+
+
+def _prior_selection(model: PyroModule) -> dict[str, Any] | None:
+    """What a model's data-driven prior choice found (``prior_selection``), as JSON."""
+    found = getattr(model, "prior_selection", None)
+    if found is None:
+        return None
+    return {
+        "metric": found.metric,
+        "chosen": found.best,
+        "candidates": list(found.candidates),
+        "distances": [round(float(d), 6) for d in found.distances],
+    }
+
+
+def _sample(args: argparse.Namespace) -> int:
+    """``pvae sample``: :func:`pvae.app.sample.run_sampler` into ``--run-dir``. Every refusal
+    (run folder, model, sampler options, data) comes before anything is written."""
+    run_dir = Path(args.run_dir)
+    args.lr = _sampler_default("lr") if args.lr is None else args.lr
+    args.friction = _sampler_default("friction") if args.friction is None else args.friction
+    try:
+        sampler = SGHMC(lr=args.lr, friction=args.friction)
+    except (ValueError, TypeError) as error:
+        raise CliError(f"sampler: {error}") from error
+    _check_sample_folder(run_dir, args)
     ds = _prepare(args, _load_dataset(args))
     ds = runs.subset(ds, args.max_train, None)
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
-    model = _build_model(args, ds)
+    if args.likelihood is None:
+        args.likelihood = ds.likelihood
+    recorded = _check_sample_resume(run_dir, args) if args.resume else None
+    options = MODELS[args.model].resolve_options(
+        recorded["run"]["model_options"] if recorded is not None else _model_options(args)
+    )
+    try:
+        model = MODELS[args.model].build(
+            ds, args.z_dim, args.hidden, args.net, args.likelihood, options
+        )
+    except ValueError as error:
+        raise CliError(f"model {args.model!r}: {error}") from error
     _check_support(model, ds)
+    selection = _prior_selection(model)
+    if recorded is not None:
+        selection = recorded.get("prior_selection")
+    if selection is not None:
+        options["prior_scale"] = selection["chosen"]
     config = runs.RunConfig(
         command="sample",
         dataset=args.dataset,
@@ -1405,7 +1581,7 @@ def _sample(args: argparse.Namespace) -> int:
         data_path=args.data_path,
         max_train=args.max_train,
         model=args.model,
-        model_options=MODELS[args.model].resolve_options(_model_options(args)),
+        model_options=options,
         z_dim=args.z_dim,
         hidden=tuple(args.hidden),
         net=args.net,
@@ -1415,8 +1591,6 @@ def _sample(args: argparse.Namespace) -> int:
         lr=args.lr,
     )
     settings = {
-        "lr": args.lr,
-        "friction": args.friction,
         "num_samples": args.num_samples,
         "warmup": args.warmup,
         "thin": args.thin,
@@ -1424,27 +1598,76 @@ def _sample(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "seed": args.seed,
         "resume": args.resume,
+        "checkpoint_every": args.checkpoint_every,
     }
-    started = time.perf_counter()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        runs.write_config(
-            run_dir, config, ds, args=_json_args(args), argv=[PROG, *canonical_argv("sample", args)]
+    prior = _describe_prior(options, selection)
+    if not args.quiet:
+        print(
+            f"{'continuing' if args.resume else 'sampling'} {args.chains} chain(s) of "
+            f"--model {args.model} in {run_dir}" + (f", {prior}" if prior else ""),
+            flush=True,
         )
-        posterior = sample_app.run_sampler(model, ds, run_dir, settings, _show_progress(args))
+    started = time.perf_counter()
+    created = not run_dir.exists()
+    try:
+        with run_lock(run_dir):
+            if not args.resume:
+                runs.write_config(
+                    run_dir,
+                    config,
+                    ds,
+                    args=_json_args(args),
+                    argv=[PROG, *canonical_argv("sample", args)],
+                    extra={"prior_selection": selection} if selection is not None else None,
+                )
+            posterior = sample_app.run_sampler(
+                model, ds, run_dir, settings, _show_progress(args), sampler=sampler
+            )
+    except pvae.SamplingInterrupted as stop:
+        print(
+            f"{PROG}: interrupted; checkpoint at chain {stop.chain}, step {stop.step} in "
+            f"{run_dir}: continue with the same command and --resume",
+            file=sys.stderr,
+        )
+        return 130
+    except KeyboardInterrupt:
+        what = (
+            f"the last checkpoint in {run_dir} continues with --resume"
+            if (run_dir / CHECKPOINT).is_file()
+            else f"no checkpoint was written in {run_dir}"
+        )
+        print(f"{PROG}: interrupted; {what}", file=sys.stderr)
+        return 130
     except pvae.SamplingDiverged as error:
         raise CliError(f"sampling diverged: {error} (lower --lr)", EXIT_FAILURE) from error
     except RunDirInUse as error:
         raise CliError(f"--run-dir: {error}") from error
     except ValueError as error:
         raise CliError(f"sampling failed: {error}", EXIT_FAILURE) from error
+    finally:
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
     print(
         f"{posterior.num_chains} chain(s) x {posterior.num_samples} draws of "
-        f"{len(posterior.samples)} sites in {time.perf_counter() - started:.0f} s; "
+        f"{len(posterior.samples)} sites in {time.perf_counter() - started:.0f} s"
+        + (f" ({prior})" if prior else "")
+        + "; "
         f"{sample_app.POSTERIOR}, config.json and figures in {run_dir} "
         f"(pvae diagnose {run_dir}: R-hat, ESS, traces)"
     )
     return EXIT_OK
+
+
+def _describe_prior(options: dict[str, Any], selection: dict[str, Any] | None) -> str:
+    """``prior scale 0.3 (chosen by DSWD among 0.1, 0.3, 1, 3)``; empty for a model without
+    a prior scale."""
+    if not isinstance(options.get("prior_scale"), int | float):
+        return ""
+    text = f"prior scale {options['prior_scale']:g}"
+    if selection is not None:
+        among = ", ".join(f"{c:g}" for c in selection["candidates"])
+        text += f" (chosen by {selection['metric'].upper()} among {among})"
+    return text
 
 
 @dataclass(frozen=True)
@@ -1525,6 +1748,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return error.code
+    except KeyboardInterrupt:  # Ctrl-C outside a command's own handling: nothing to save
+        if os.environ.get("PVAE_DEBUG"):
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

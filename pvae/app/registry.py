@@ -199,6 +199,9 @@ class ModelEntry:
     :param channels: the dimension map of the diagnostics, ``{site: channel axes}`` (see
         :mod:`pvae.diagnostics.latents`), for latent sites with more than one event axis
         (e.g. ``{"z": -1}`` for a ``(T, C)`` state path): they are reported per channel.
+    :param sampled: its global latent sites (weights with priors) are what a sampler draws:
+        ``pvae sample`` takes it (and only such models: a VAE's per-datapoint latents under an
+        untrained network are nothing to sample).
     """
 
     name: str
@@ -213,6 +216,7 @@ class ModelEntry:
     )
     metrics: MetricsFn | None = None
     channels: Mapping[str, Any] | None = None
+    sampled: bool = False
 
     def flag(self, option: Option) -> str:
         """``--<model>-<option>``."""
@@ -297,6 +301,7 @@ def register_model(
     decoder: Callable[[PyroModule], Callable[[torch.Tensor], torch.Tensor] | None] | None = None,
     metrics: MetricsFn | None = None,
     channels: Mapping[str, Any] | None = None,
+    sampled: bool = False,
 ) -> ModelEntry:
     """Register a model (see :class:`ModelEntry`); returns its entry.
 
@@ -320,6 +325,7 @@ def register_model(
         **extra,
         metrics=metrics,
         channels=dict(channels) if channels is not None else None,
+        sampled=sampled,
     )
     return MODELS.add(entry)
 
@@ -727,27 +733,56 @@ register_model(
 )
 
 
+AUTO = "auto"
+"""The value of ``--bae-prior-scale`` that chooses the scale from the data."""
+
+PRIOR_SCALES = (0.1, 0.3, 1.0, 3.0)
+"""The candidates of ``--bae-prior-scale auto``."""
+
+
+def _scale_or_auto(text: str) -> float | str:
+    if str(text).strip().lower() == AUTO:
+        return AUTO
+    try:
+        return _number(0.0, open_below=True)(text)
+    except ValueError:
+        raise ValueError(f"expected 'auto' or a number > 0, got {text!r}") from None
+
+
+_scale_or_auto.__name__ = "scale"
+
+
 def _bae(
     ds: data.Splits,
     z_dim: int,
     hidden: Sequence[int],
     net: str,
     likelihood: str,
-    prior_scale: float = 1.0,
+    prior_scale: float | str = AUTO,
     noise_scale: float = 0.1,
 ) -> PyroModule:
+    """The BayesianAE; ``prior_scale="auto"``: the scale among :data:`PRIOR_SCALES` whose
+    prior-predictive outputs on the training data are closest to them in the distributional
+    sliced-Wasserstein distance (``BayesianAE.select_prior``, Tran et al. 2021), kept with
+    its distances in the model's ``prior_selection`` attribute."""
+    from pvae.evaluate import as_tensors
     from pvae.models import BayesianAE
 
     _mlp_only("bae", net)
     kw = {"scale": noise_scale} if likelihood == "gaussian" else {}
-    return BayesianAE(
+    auto = isinstance(prior_scale, str) and prior_scale.strip().lower() == AUTO
+    model = BayesianAE(
         x_dim=ds.x_dim,
         z_dim=z_dim,
         hidden=tuple(hidden),
         likelihood=likelihood,
-        prior_scale=prior_scale,
+        prior_scale=1.0 if auto else prior_scale,
         likelihood_kw=kw,
     )
+    if auto:
+        x = as_tensors(ds.train)[0].reshape(-1, ds.x_dim).to(torch.get_default_dtype())
+        model.prior_selection = model.select_prior(x, scales=PRIOR_SCALES, metric="dswd")
+    return model
 
 
 register_model(
@@ -757,7 +792,12 @@ register_model(
     "(Tran et al. 2021)",
     options=(
         Option(
-            "prior_scale", _number(0.0, open_below=True), 1.0, "sd of the N(0, s^2) weight prior"
+            "prior_scale",
+            _scale_or_auto,
+            AUTO,
+            "sd of the N(0, s^2) weight prior; 'auto': the one of "
+            f"{', '.join(map(str, PRIOR_SCALES))} whose prior predictive is closest to the "
+            "training data in distributional sliced Wasserstein (DSWD)",
         ),
         Option(
             "noise_scale",
@@ -767,6 +807,7 @@ register_model(
         ),
     ),
     decoder=lambda model: None,
+    sampled=True,
 )
 
 

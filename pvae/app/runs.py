@@ -171,8 +171,10 @@ def write_config(
     ds: data.Splits,
     args: Mapping[str, Any] | None = None,
     argv: Sequence[str] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """``config.json`` of ``run_dir`` (atomically)."""
+    """``config.json`` of ``run_dir`` (atomically); ``extra``: further top-level entries (JSON
+    values, e.g. ``pvae sample``'s ``prior_selection``)."""
     image_shape = ds.image_shape
     return write_json(
         Path(run_dir) / CONFIG,
@@ -195,6 +197,7 @@ def write_config(
                 "torch": torch.__version__,
                 "pyro": pyro.__version__,
             },
+            **dict(extra or {}),
         },
     )
 

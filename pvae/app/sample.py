@@ -1,11 +1,19 @@
 """``pvae sample``: a sampler run (SGHMC over a model's weights, e.g. ``--model bae``), and its
 diagnosis by ``pvae diagnose``.
 
+``pvae sample`` takes only models registered with ``sampled=True`` (weights with priors:
+``bae``); 4 chains by default, so that R-hat is defined; ``--bae-prior-scale auto`` (the
+default) chooses the prior scale by DSWD (``BayesianAE.select_prior``) before sampling.
+
 A sample run folder holds (every file written atomically):
 
 - ``config.json``: the :class:`pvae.app.runs.RunConfig` (``command="sample"``,
-  ``engine="sghmc"``), every argument and the canonical command line;
-- ``checkpoint.pt`` and ``run.json``: written by :func:`pvae.sample` (resumable);
+  ``engine="sghmc"``; ``model_options["prior_scale"]`` the scale used, a number), every
+  argument, the canonical command line and, when the scale was chosen from the data,
+  ``prior_selection`` (``metric``, ``chosen``, ``candidates``, ``distances``);
+- ``checkpoint.pt`` and ``run.json``: written by :func:`pvae.sample` every
+  ``--checkpoint-every`` steps, after every chain and on Ctrl-C; ``--resume`` continues
+  bit-identically;
 - ``posterior.pt``: the :class:`pvae.Posterior` as a dict (``samples`` site ->
   ``(chains, draws, *shape)``, ``log_joint``, ``warmup_log_joint``, ``settings``);
 - ``reconstructions.png`` (test images over their posterior-mean reconstructions) and
@@ -57,14 +65,26 @@ def run_sampler(
     run_dir: Path,
     settings: Mapping[str, Any],
     progress: bool = False,
+    sampler: Any = None,
 ) -> Posterior:
-    """Sample ``model.model`` on ``ds.train`` with SGHMC (``settings``: ``lr``, ``friction``,
-    ``num_samples``, ``warmup``, ``thin``, ``num_chains``, ``batch_size``, ``seed``,
-    ``resume``) into ``run_dir``; writes ``posterior.pt`` and the figures."""
+    """Sample ``model.model`` on ``ds.train`` with ``sampler`` (default
+    ``SGHMC(lr=settings["lr"], friction=settings["friction"])``, SGHMC's own defaults for
+    those not given) into ``run_dir``; ``settings``: ``num_samples``, ``warmup``, ``thin``,
+    ``num_chains``, ``batch_size``, ``seed``, ``resume``, ``checkpoint_every`` (optional).
+    Writes ``posterior.pt`` and the figures.
+
+    :raises pvae.SamplingInterrupted: on Ctrl-C, once the checkpoint is written.
+    """
+    if sampler is None:
+        given = {key: settings[key] for key in ("lr", "friction") if key in settings}
+        sampler = SGHMC(**given)
+    extra = {}
+    if "checkpoint_every" in settings:
+        extra["checkpoint_every"] = settings["checkpoint_every"]
     posterior = pvae.sample(
         model.model,
         ds.train,
-        SGHMC(lr=settings["lr"], friction=settings["friction"]),
+        sampler,
         num_samples=settings["num_samples"],
         warmup=settings["warmup"],
         thin=settings["thin"],
@@ -74,6 +94,7 @@ def run_sampler(
         run_dir=run_dir,
         resume=settings.get("resume", False),
         progress=progress,
+        **extra,
     )
     atomic.save_torch(
         {
@@ -233,13 +254,12 @@ def diagnose_sample(
     files.append(plots.save(fig, out_dir / "trace_sites.png"))
     plt.close(fig)
 
-    ok = worst_rhat < 1.1
     verdict = (
-        f"worst R-hat {worst_rhat:.3f}, lowest bulk ESS {lowest_ess:.0f} over "
+        f"{_rhat_text(worst_rhat, posterior.num_chains)}, lowest bulk ESS {lowest_ess:.0f} over "
         f"{sum(t[0, 0].numel() for t in checked.samples.values())} checked coordinates of "
-        f"{len(posterior.samples)} sites ({posterior.num_chains} chains x "
-        f"{posterior.num_samples} draws): "
-        + ("no sign of non-convergence (R-hat < 1.1)" if ok else "not converged (R-hat >= 1.1)")
+        f"{len(posterior.samples)} sites ({posterior.num_chains} chain"
+        f"{'s' if posterior.num_chains != 1 else ''} x {posterior.num_samples} draws): "
+        + _convergence(worst_rhat, posterior.num_chains)
     )
     lines = [
         "# Diagnostics of a sampler run",
@@ -262,6 +282,29 @@ def diagnose_sample(
         "coordinates above).",
     ]
     return SampleDiagnosis(lines, files, worst_rhat, lowest_ess, verdict)
+
+
+def _rhat_text(worst_rhat: float, num_chains: int) -> str:
+    if num_chains < 2:
+        return "R-hat undefined (one chain)"
+    if math.isnan(worst_rhat):
+        return "R-hat undefined"
+    return f"worst R-hat {worst_rhat:.3f}"
+
+
+def _convergence(worst_rhat: float, num_chains: int) -> str:
+    """The verdict on convergence that the worst R-hat supports (R-hat compares chains, so one
+    chain gives none)."""
+    if num_chains < 2:
+        return (
+            "convergence not judged: R-hat compares chains and is undefined with one chain "
+            "(sample with --chains 2 or more)"
+        )
+    if math.isnan(worst_rhat):
+        return "convergence not judged: R-hat is undefined (every checked coordinate is constant)"
+    if worst_rhat < 1.1:
+        return "no sign of non-convergence (R-hat < 1.1)"
+    return "not converged (R-hat >= 1.1)"
 
 
 def _nanmax(t: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pvae.app import cli, diagnose, runs
-from pvae.app.sample import load_posterior
+from pvae.app.sample import diagnose_sample, load_posterior
 from pvae.models import BayesianAE
 
 TINY = ["--dataset", "digits", "--z-dim", "2", "--hidden", "8", "--max-train", "100"]
@@ -48,12 +48,40 @@ def test_sample_then_diagnose(tmp_path, capsys):
 
 def test_sample_refuses_an_existing_run_and_a_model_without_global_latents(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    argv = ["sample", *TINY, "--num-samples", "2", "--warmup", "2", "--run-dir", str(run_dir)]
+    argv = ["sample", *TINY, "--num-samples", "2", "--warmup", "2", "--chains", "1"]
+    argv += ["--bae-prior-scale", "0.5", "--run-dir", str(run_dir)]
     assert cli.main([*argv, "--quiet"]) == 0
     assert cli.main([*argv, "--quiet"]) == 2
     assert "already holds a run" in capsys.readouterr().err
     vae_dir = tmp_path / "vae"
     argv = ["sample", *TINY, "--model", "vae", "--num-samples", "2", "--warmup", "2"]
-    argv += ["--batch-size", "50"]  # per-datapoint latents under minibatching: refused
-    assert cli.main([*argv, "--run-dir", str(vae_dir), "--quiet"]) == 1
-    assert "sampling failed" in capsys.readouterr().err
+    assert cli.main([*argv, "--run-dir", str(vae_dir), "--quiet"]) == 2  # refused up front
+    assert "model 'vae' has no weights with a prior to sample" in capsys.readouterr().err
+    assert not vae_dir.exists()
+
+
+def _posterior_folder(run_dir, samples):
+    run_dir.mkdir()
+    chains, draws = samples.shape[:2]
+    torch.save(
+        {"samples": {"w": samples}, "log_joint": torch.zeros(chains, draws)},
+        run_dir / "posterior.pt",
+    )
+    return run_dir
+
+
+def test_diagnose_does_not_call_one_chain_unconverged(tmp_path):
+    """R-hat compares chains: with one chain it is undefined, and the verdict says so instead
+    of 'not converged'; with two it judges them (the same draws: converged; chains 10 sd apart:
+    not)."""
+    g = torch.Generator().manual_seed(0)
+    one = _posterior_folder(tmp_path / "one", torch.randn(1, 200, 2, generator=g))
+    found = diagnose_sample(one, one)
+    assert "R-hat undefined (one chain)" in found.verdict
+    assert "undefined with one chain" in found.verdict and "not converged" not in found.verdict
+    assert "no sign" not in found.verdict
+    two = _posterior_folder(tmp_path / "two", torch.randn(2, 200, 2, generator=g))
+    assert "no sign of non-convergence" in diagnose_sample(two, two).verdict
+    apart = torch.randn(2, 200, 2, generator=g) + torch.tensor([0.0, 10.0]).view(2, 1, 1)
+    apart_dir = _posterior_folder(tmp_path / "apart", apart)
+    assert "not converged (R-hat >= 1.1)" in diagnose_sample(apart_dir, apart_dir).verdict

@@ -3,6 +3,8 @@ the ``Posterior``'s ArviZ export, summary and predictive."""
 
 from __future__ import annotations
 
+import signal
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -88,6 +90,73 @@ def test_resume_is_bit_identical(tmp_path, stop_after):
         regression, data(), sampler=InterruptedSGHMC(0), run_dir=run_dir, resume=True, **options
     )
     assert torch.equal(again.samples["w"], whole.samples["w"])
+
+
+class SigintSGHMC(SGHMC):
+    """Sends itself SIGINT (as Ctrl-C does) during its step number ``at`` (0-based, counted
+    over chains), ``times`` times."""
+
+    def __init__(self, at, times=1, **kwargs):
+        super().__init__(**kwargs)
+        self.at, self.times, self.taken = at, times, 0
+
+    def train_step(self, model, guide=None, *args, **kwargs):
+        if self.taken == self.at:
+            for _ in range(self.times):
+                signal.raise_signal(signal.SIGINT)
+        self.taken += 1
+        return super().train_step(model, guide, *args, **kwargs)
+
+
+# A chain takes 5 + 6 * 2 = 17 steps: inside chain 0, its last step (the checkpoint between
+# chains), inside chain 1.
+@pytest.mark.parametrize("at, chain, step", [(6, 0, 7), (16, 1, 0), (20, 1, 4)])
+def test_sigint_writes_a_checkpoint_and_resume_is_bit_identical(tmp_path, at, chain, step):
+    options = {**OPTIONS, "checkpoint_every": 1000}  # no periodic checkpoint within a chain
+    whole = pvae.sample(regression, data(), sampler=SigintSGHMC(10**9), **options)
+    run_dir = tmp_path / "run"
+    with pytest.raises(pvae.SamplingInterrupted) as stopped:
+        pvae.sample(regression, data(), sampler=SigintSGHMC(at), run_dir=run_dir, **options)
+    assert isinstance(stopped.value, KeyboardInterrupt)
+    assert (stopped.value.chain, stopped.value.step) == (chain, step)
+    assert stopped.value.checkpoint == str(run_dir / "checkpoint.pt")
+    assert "resume=True" in str(stopped.value)
+    saved = pvae.load_checkpoint(run_dir / "checkpoint.pt")
+    assert (saved["chain"], saved["step"]) == (chain, step)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    never = SigintSGHMC(10**9)
+    resumed = pvae.sample(regression, data(), never, run_dir=run_dir, resume=True, **options)
+    for name in whole.samples:
+        assert torch.equal(whole.samples[name], resumed.samples[name]), name
+    assert torch.equal(whole.log_joint, resumed.log_joint)
+    assert torch.equal(whole.warmup_log_joint, resumed.warmup_log_joint)
+
+
+def test_a_checkpoint_between_chains(tmp_path):
+    """Stopped in chain 1 with no periodic checkpoint due, the run still resumes from the
+    checkpoint written when chain 0 ended (and bit-identically)."""
+    options = {**OPTIONS, "checkpoint_every": 1000}
+    whole = pvae.sample(regression, data(), sampler=InterruptedSGHMC(10**9), **options)
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        pvae.sample(regression, data(), sampler=InterruptedSGHMC(20), run_dir=run_dir, **options)
+    saved = pvae.load_checkpoint(run_dir / "checkpoint.pt")
+    assert (saved["chain"], saved["step"]) == (1, 0) and saved["engine"] == {}
+    resumed = pvae.sample(
+        regression, data(), InterruptedSGHMC(10**9), run_dir=run_dir, resume=True, **options
+    )
+    assert torch.equal(whole.samples["w"], resumed.samples["w"])
+
+
+def test_a_second_sigint_stops_at_once_and_no_run_dir_saves_nothing(tmp_path):
+    with pytest.raises(KeyboardInterrupt) as stopped:  # twice: no step is finished
+        pvae.sample(regression, data(), sampler=SigintSGHMC(3, times=2), run_dir=tmp_path / "r")
+    assert not isinstance(stopped.value, pvae.SamplingInterrupted)
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+    with pytest.raises(pvae.SamplingInterrupted, match="nothing was saved") as stopped:
+        pvae.sample(regression, data(), sampler=SigintSGHMC(3), **OPTIONS)
+    assert stopped.value.checkpoint is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_run_dir_refused_without_resume_and_settings_compared(tmp_path):
