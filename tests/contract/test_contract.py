@@ -43,6 +43,21 @@ from pvae.protocol import param_split
 ALL_ENGINES = {**ENGINES, **STATE_SPACE_ENGINES}
 CASE_IDS = [case.name for case in CASES]
 LR = 0.02
+FAST_ENGINES = ("ELBO", "KalmanELBO")  # the others (multi-particle) are slow-marked
+
+
+def case_engine_params() -> list:
+    """Every (case, engine), the multi-particle engines slow-marked."""
+    return [
+        pytest.param(
+            case,
+            engine,
+            id=f"{case.name}-{engine}",
+            marks=() if engine in FAST_ENGINES else pytest.mark.slow,
+        )
+        for case in CASES
+        for engine in ALL_ENGINES
+    ]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -171,8 +186,7 @@ def test_two_live_instances_register_different_names(case):
 # ---- every applicable engine trains, and does not at lr=0 --------------------------------------
 
 
-@pytest.mark.parametrize("engine", list(ALL_ENGINES))
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("case", "engine"), case_engine_params())
 def test_every_engine_trains_and_not_at_lr_zero(case, engine):
     train, _ = case.data()
     pair = case.build()
@@ -258,8 +272,7 @@ def trained_pairs():
     return get
 
 
-@pytest.mark.parametrize("engine", list(ALL_ENGINES))
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("case", "engine"), case_engine_params())
 def test_reported_bound_is_below_the_log_likelihood(case, engine, trained_pairs):
     train, _ = case.data()
     pair, lls = trained_pairs(case)
@@ -282,6 +295,7 @@ def test_reported_bound_is_below_the_log_likelihood(case, engine, trained_pairs)
 # ---- resume, float64, state_dict ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_resume_is_bit_identical(case, tmp_path):
     """Two epochs in one go, and one epoch then a resume to two: the same parameters, step
