@@ -37,11 +37,12 @@ PYTHON = {"python", "py", "python3"}
 SHELL = {"bash", "sh", "shell", "console"}
 COMMANDS = {"pvae", "make"}  # an untagged block starting with one of these is shell
 
-# Quick flags of `pvae compare` (all documented in `pvae compare --help`): one epoch on 100
-# training points, few particles and gradient repeats, no per-epoch yardstick, one thread.
+# Small-budget flags of `pvae compare` (all in `pvae compare --help`): --quick (500 training
+# and 100 valid/test points, small networks), then one epoch, few particles, samples and
+# gradient repeats, no per-epoch yardstick, one thread.
 _COMPARE_SMALL = (
-    "--quick --epochs 1 --max-train 100 --max-eval 50 --particles 4 --ll-samples 10 "
-    "--snr-repeats 2 --yardstick none --threads 1 --quiet"
+    "--quick --epochs 1 --particles 4 --ll-samples 10 --snr-repeats 2 --yardstick none "
+    "--threads 1 --quiet"
 )
 
 SMALL_BUDGET: dict[str, str] = {
