@@ -114,8 +114,11 @@ class ARDVAE(VAE):
         return f"{self._pyro_name}.prior_variance"
 
     def _variance_param(self) -> torch.Tensor:
+        dtype = next(self.encoder.parameters()).dtype  # float64 after .double()
         return pyro.param(
-            self._variance_name, lambda: torch.ones(self.z_dim), constraint=constraints.positive
+            self._variance_name,
+            lambda: torch.ones(self.z_dim, dtype=dtype),
+            constraint=constraints.positive,
         )
 
     @property
@@ -135,7 +138,7 @@ class ARDVAE(VAE):
         """
         if num_items(data) < 1:
             raise ValueError("update_prior needs at least one datapoint")
-        total = torch.zeros(self.z_dim)
+        total = torch.zeros(self.z_dim, dtype=self._variance_param().dtype)
         count = 0
         for batch in iter_batches(data, batch_size):
             loc, scale = self.encoder(batch[0])

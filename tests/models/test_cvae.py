@@ -10,6 +10,7 @@
   a deterministic network trained on the same data with the same budget.
 """
 
+import functools
 import math
 
 import pyro
@@ -17,11 +18,12 @@ import pyro.distributions as dist
 import pytest
 import torch
 import torch.nn.functional as F
+from engine_cases import ENGINES as SHARED_ENGINES
 
 import pvae
 from pvae import nets
 from pvae.diagnostics import active_units, gradient_snr
-from pvae.inference import CIWAE, ELBO, IWAE, MIWAE, PIWAE
+from pvae.inference import ELBO, IWAE
 from pvae.models import CVAE
 
 
@@ -89,14 +91,8 @@ class LinearGaussianConditional:
             pyro.sample("z", dist.MultivariateNormal(mean + self.offset, scale_tril=tril))
 
 
-ENGINES = {
-    "ELBO": lambda: ELBO(num_particles=2),
-    "IWAE": lambda: IWAE(num_particles=4),
-    "IWAE-dreg": lambda: IWAE(num_particles=4, estimator="dreg"),
-    "MIWAE": lambda: MIWAE(num_outer=2, num_inner=3),
-    "CIWAE": lambda: CIWAE(num_particles=4, beta=0.5),
-    "PIWAE": lambda: PIWAE(num_outer=2, num_inner=3),
-}
+# the shared engines, and the DReG gradient of IWAE
+ENGINES = {**SHARED_ENGINES, "IWAE-dreg": functools.partial(SHARED_ENGINES["IWAE"], "dreg")}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,17 +5,10 @@ import numpy as np
 import pyro
 import pytest
 import torch
+from engine_cases import ENGINES
 
 import pvae
-from pvae.inference import CIWAE, ELBO, IWAE, MIWAE, PIWAE
-
-ENGINES = [
-    lambda: ELBO(),
-    lambda: IWAE(4),
-    lambda: MIWAE(2, 2),
-    lambda: CIWAE(4),
-    lambda: PIWAE(2, 2),
-]
+from pvae.inference import IWAE
 
 
 def fit(pair, data, **kwargs):
@@ -24,7 +17,7 @@ def fit(pair, data, **kwargs):
 
 
 @pytest.mark.parametrize("plate", ["batch", None])
-@pytest.mark.parametrize("make", ENGINES)
+@pytest.mark.parametrize("make", list(ENGINES.values()), ids=list(ENGINES))
 def test_fit_refuses_a_pair_without_a_data_plate(plate, make, x, make_pair):
     with pytest.raises(ValueError, match=r"pyro.plate\('data'") as error:
         fit(make_pair(plate=plate), x, engine=make())
@@ -33,7 +26,7 @@ def test_fit_refuses_a_pair_without_a_data_plate(plate, make, x, make_pair):
 
 
 @pytest.mark.parametrize("plate", ["batch", None])
-@pytest.mark.parametrize("make", ENGINES)
+@pytest.mark.parametrize("make", list(ENGINES.values()), ids=list(ENGINES))
 def test_engines_refuse_a_pair_without_a_data_plate(plate, make, x, make_pair):
     pair = make_pair(plate=plate)
     with pytest.raises(ValueError, match=r"pyro.plate\('data'"):
@@ -153,7 +146,7 @@ def test_a_guide_that_misses_a_latent_of_the_model_is_refused(x, make_pair):
         pvae.fit(model, pair.guide, x, epochs=1, batch_size=16, progress=False)
 
 
-@pytest.mark.parametrize("engine", [ELBO(), IWAE(4), MIWAE(2, 2), CIWAE(4), PIWAE(2, 2)])
+@pytest.mark.parametrize("engine", [make() for make in ENGINES.values()], ids=list(ENGINES))
 def test_engines_in_svi_refuse_a_guide_that_misses_a_latent(x, make_pair, engine):
     """Used directly in pyro.infer.SVI (no fit pre-check), every engine refuses on its first
     step, where Pyro's own ELBOs only warn and draw the latent from its prior."""

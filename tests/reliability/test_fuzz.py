@@ -10,22 +10,16 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
+from engine_cases import ENGINES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pvae
-from pvae.inference import CIWAE, ELBO, IWAE, MIWAE, PIWAE
+from pvae.inference import ELBO, IWAE
 
 SETTINGS = settings(
     max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True
 )
-ENGINES = {
-    "ELBO": lambda: ELBO(),
-    "IWAE": lambda: IWAE(3),
-    "MIWAE": lambda: MIWAE(2, 2),
-    "CIWAE": lambda: CIWAE(3),
-    "PIWAE": lambda: PIWAE(2, 2),
-}
 SPECIAL = [float("nan"), float("inf"), -float("inf"), 0.5, 1e30]
 
 
