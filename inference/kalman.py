@@ -9,7 +9,8 @@ potentials, smoothed exactly) and whose model draws it from a
 
 - the KL is the closed form registered for the two distributions (smoothed marginals and
   lag-one cross-covariances: ``KL = -H[q] - E_q[log p(x)]``, or
-  ``sum_t E_q[log N(y~_t | H_t x_t, V~_t)] - log Z`` when q is built on p itself);
+  ``sum_t E_q[log N(y~_t | H_t x_t, V~_t)] - log Z`` when p has the parameters of q's own
+  prior, equal values whether or not the same object);
 - an observed site whose distribution is a
   :class:`~pvae.distributions.LinearGaussianEmission` ``prod_t N(y_t | C x_t + d, R)`` of that
   trajectory contributes its exact expectation (zero variance)::
