@@ -54,11 +54,13 @@ expected log-likelihood has the closed form
     E_q[log Poisson(y | exp(eta))] = y mu - exp(mu + sigma^2 / 2) - log y!
 
 (:func:`poisson_expected_log_likelihood`; :meth:`MultimodalGPVAE.expected_log_likelihood`).
-With ``analytic_poisson=True`` the model scores the neural site with this closed form
-(``pyro.factor("neural", ...)``, recomputing the guide's moments from the encoders): the ELBO
-keeps its value in expectation and loses the Monte-Carlo noise of that term (a
-Rao-Blackwellised ELBO). It is an ELBO-only device: an importance-weighted bound needs
-``log p(y | z)`` at each draw, so train IWAE-type engines with ``analytic_poisson=False``.
+With ``analytic_poisson=True`` the neural site keeps its Poisson density and declares this
+closed form to ELBO engines (``infer={"expected_log_prob": ...}``, recomputing the guide's
+moments from the encoders; :func:`pvae.protocol.expected_log_prob`): :class:`pvae.inference.ELBO`
+and ``KalmanELBO`` then use it in place of ``log p(y | z)`` at the draw, so the ELBO keeps its
+value in expectation and loses the Monte-Carlo noise of that term (a Rao-Blackwellised ELBO).
+An importance-weighted bound and ``pvae.log_likelihood`` need ``log p(y | z)`` at each draw and
+read the density, as without the option (Pyro's own ``Trace_ELBO`` does too).
 
 Priors are swappable components with one small interface (:class:`TemporalPrior`): the
 Fourier RBF prior here, or a time-domain Markovian (state-space) prior whose guide is the
@@ -87,6 +89,7 @@ from torch import Tensor, nn
 from pvae import likelihoods, nets
 from pvae.distributions import KalmanSmoothedPosterior, StateSpacePrior
 from pvae.gaussian import product_of_experts
+from pvae.protocol import EXPECTED_LOG_PROB
 
 from ._names import claim
 
@@ -383,8 +386,9 @@ class MultimodalGPVAE(PyroModule):
         ``Ls + Ln + Li`` channels.
     :param lengthscale: the prior's initial lengthscale (time units).
     :param image_likelihood: the frames' likelihood by name (:mod:`pvae.likelihoods`).
-    :param analytic_poisson: score the neural site with its closed-form expectation under the
-        guide (ELBO engines only; see the module docstring).
+    :param analytic_poisson: declare the neural site's closed-form expectation under the guide
+        to ELBO engines (other engines and ``pvae.log_likelihood`` use the Poisson density;
+        see the module docstring).
     :param name: prefix of the model's names in Pyro's parameter store.
 
     Channel layout of the site ``"z"``'s paths: ``[shared | neural | image]``, slices in
@@ -588,18 +592,20 @@ class MultimodalGPVAE(PyroModule):
             value = pyro.sample("z", self.prior_process.prior(B, T, dt))
             z = self.prior_process.paths(value, T, dt)  # (..., B, T, C)
             neural_present, image_present = modality_mask[:, 0], modality_mask[:, 1]
-            if self.analytic_poisson:
-                loc, precision = self.potentials(counts, frames, modality_mask)
-                q = self.prior_process.posterior(loc, precision, dt)
-                mean, variance = self._eta_moments(q, T, dt)
-                expected = poisson_expected_log_likelihood(counts, mean, variance).sum((-2, -1))
-                pyro.factor(
-                    "neural", torch.where(neural_present, expected, torch.zeros_like(expected))
-                )
-            else:
-                rate = self.neural_decoder(z[..., self.neural_channels]).exp()
-                spikes = dist.Poisson(rate).to_event(2).mask(neural_present)
-                pyro.sample("neural", spikes, obs=counts)
+            rate = self.neural_decoder(z[..., self.neural_channels]).exp()
+            spikes = dist.Poisson(rate).to_event(2).mask(neural_present)
+            infer: dict = {}
+            if self.analytic_poisson:  # read by ELBO engines only; the density stays exact
+
+                def expected() -> Tensor:
+                    loc, precision = self.potentials(counts, frames, modality_mask)
+                    q = self.prior_process.posterior(loc, precision, dt)
+                    mean, variance = self._eta_moments(q, T, dt)
+                    value = poisson_expected_log_likelihood(counts, mean, variance).sum((-2, -1))
+                    return torch.where(neural_present, value, torch.zeros_like(value))
+
+                infer[EXPECTED_LOG_PROB] = expected
+            pyro.sample("neural", spikes, obs=counts, infer=infer)
             params = self.image_decoder(z[..., self.image_channels])
             images = self.image_likelihood(params).to_event(1).to_event(1)
             pyro.sample("image", images.mask(image_present), obs=frames)

@@ -764,3 +764,37 @@ def _accumulate(local, global_, term: torch.Tensor, is_local: bool, sign: int):
     else:
         global_ = global_ + sign * term[:, 0]
     return local, global_
+
+
+# --------------------------------------------------------------------------------------------
+# Closed-form expectations that only an ELBO may use.
+
+EXPECTED_LOG_PROB = "expected_log_prob"
+
+
+def expected_log_prob(site: Site) -> torch.Tensor | None:
+    """The closed-form ``E_q[log p(x | z)]`` an observed site declares, or None.
+
+    A model may attach, to an observed site that keeps its true density, a zero-argument
+    callable returning that expectation under the guide (the site's batch shape, e.g.
+    ``(B,)``): ``pyro.sample("y", fn, obs=y, infer={"expected_log_prob": closure})``. Only an
+    ELBO may put it in place of ``log p(x | z)`` at the guide's draw (same value in expectation,
+    no Monte-Carlo noise in that term); importance-weighted bounds and the log-likelihood
+    estimator need the density at each draw and read ``fn.log_prob`` as for any site, so the
+    declaration never changes what they compute. Mask and scale apply as to ``log_prob``.
+    """
+    value = (site.get("infer") or {}).get(EXPECTED_LOG_PROB)
+    if value is None:
+        return None
+    if not callable(value):
+        raise TypeError(
+            f"site '{site['name']}': infer['{EXPECTED_LOG_PROB}'] must be a callable returning "
+            f"E_q[log p] (a tensor), got {type(value).__name__}"
+        )
+    result = value()
+    if not isinstance(result, torch.Tensor):
+        raise TypeError(
+            f"site '{site['name']}': infer['{EXPECTED_LOG_PROB}']() must return a tensor, "
+            f"got {type(result).__name__}"
+        )
+    return result
