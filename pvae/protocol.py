@@ -798,3 +798,70 @@ def expected_log_prob(site: Site) -> torch.Tensor | None:
             f"got {type(result).__name__}"
         )
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Scaled latent sites: a weighted objective, not a bound.
+
+SCALED_LATENTS = "surrogate: scaled latent sites"
+"""``bound_source`` when latent sites carry a scale of their own (``poutine.scale``)."""
+
+
+def _relative_scale(site: Site, data_frame: CondIndepStackFrame | None) -> Any:
+    """The site's scale without the data plate's N/B factor: a float, or a tensor."""
+    scale = site["scale"]
+    frame = data_frame
+    local = frame is not None and any(
+        f.name == frame.name and f.dim == frame.dim for f in site["cond_indep_stack"]
+    )
+    if local and frame is not None and frame.full_size not in (None, frame.size):
+        scale = scale / (float(frame.full_size) / float(frame.size))
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() == 1 or bool((scale == scale.reshape(-1)[0]).all()):
+            return float(scale.reshape(-1)[0])
+        return scale.detach()
+    return float(scale)
+
+
+def _same_scale(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        try:
+            a, b = torch.broadcast_tensors(torch.as_tensor(a), torch.as_tensor(b))
+        except RuntimeError:
+            return False
+        return bool(torch.allclose(a.double(), b.double(), rtol=1e-9, atol=0))
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+
+
+def scaled_latent_sites(model_trace: Trace, guide_trace: Trace) -> dict[str, Any]:
+    """Latent sites whose scale (``poutine.scale``, beyond the data plate's N/B) matches the
+    scale of no observed site, by name, with that scale (a float or a tensor).
+
+    The log densities of such a site count a weighted number of times (KL annealing as in
+    Pyro's DMM example, a per-layer beta, a KL weight), so what an engine computes is a
+    weighted objective, not a bound on log p(x). Scaling a whole sub-pair (its latents and its
+    observations by one weight, e.g. a convex mixture of two objectives) is not flagged.
+    """
+    frame = find_data_frame(guide_trace, model_trace)
+    observed = [
+        _relative_scale(site, frame)
+        for site in model_trace.nodes.values()
+        if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site)
+    ] or [1.0]
+    found: dict[str, Any] = {}
+    for name, guide_site, model_site in latent_sites(model_trace, guide_trace):
+        for site in (model_site, guide_site):
+            scale = _relative_scale(site, frame)
+            if not any(_same_scale(scale, other) for other in observed):
+                found[name] = scale
+                break
+    return found
+
+
+def describe_scales(found: dict[str, Any]) -> str:
+    """``"'z' (scale 0.2), ..."`` for :func:`scaled_latent_sites`' result."""
+    parts = []
+    for name, scale in found.items():
+        value = f"{scale:g}" if isinstance(scale, float) else "a per-element tensor"
+        parts.append(f"{name!r} (scale {value})")
+    return ", ".join(parts)

@@ -41,8 +41,15 @@ from pvae.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from pvae.evaluate import Data, get_batch, iter_batches, num_items
-from pvae.protocol import param_split, scale_to_data
+from pvae.evaluate import Data, get_batch, iter_batches, num_items, refuse_scaled_latents
+from pvae.protocol import (
+    SCALED_LATENTS,
+    describe_scales,
+    param_split,
+    scale_to_data,
+    scaled_latent_sites,
+    trace_pair,
+)
 from pvae.steps import (
     ENGINE_BOUND,
     NEGATIVE_LOSS,
@@ -129,7 +136,9 @@ class Run:
     record per step (``epoch``, ``step``, ``loss``, ``bound``, ``seconds``). ``params``: the
     final constrained parameter values by name. ``bound_source``: ``"engine"`` when the engine
     reports its bound, ``"negative loss"`` when it reports only a loss (Pyro's own ``ELBO`` classes)
-    and the bounds above are its negative loss.
+    and the bounds above are its negative loss, ``"surrogate: scaled latent sites"`` when
+    latent sites carry a scale of their own (``poutine.scale``: KL annealing, a per-layer beta),
+    so the values are a weighted objective, not bounds.
     """
 
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -438,7 +447,11 @@ class _Training:
 
         self.run = Run(run_dir=str(run_dir) if run_dir is not None else None)
         self.run.bound_source = bound_source
-        if bound_source == NEGATIVE_LOSS:
+        probe = get_batch(train, torch.arange(min(batch_size, self.n_train)))
+        scaled = scaled_latent_sites(*trace_pair(self.model, self.guide, probe))
+        if scaled:
+            self.flag_scaled_latents(describe_scales(scaled))
+        elif bound_source == NEGATIVE_LOSS:
             warnings.warn(
                 f"{type(engine).__name__} reports a loss but no bound; fit reports its negative "
                 "loss as the bound (run.bound_source == 'negative loss')",
@@ -447,6 +460,19 @@ class _Training:
         self.checkpoint_path = Path(run_dir) / CHECKPOINT if run_dir is not None else None
         self.steps_per_epoch = -(-self.n_train // batch_size)
         self.validation = pyro.infer.util.is_validation_enabled()
+
+    def flag_scaled_latents(self, which: str = "") -> None:
+        """Mark the run's bounds as a weighted objective (latent sites with their own scale)."""
+        if self.run.bound_source == SCALED_LATENTS:
+            return
+        self.run.bound_source = SCALED_LATENTS
+        warnings.warn(
+            f"latent sites {which or 'of the pair'} carry a scale of their own "
+            "(pyro.poutine.scale: KL annealing, a per-layer beta or KL weight): the bounds fit "
+            "reports are a weighted objective, not bounds on log p(x) "
+            f"(run.bound_source == {SCALED_LATENTS!r})",
+            stacklevel=4,
+        )
 
     # -- resume -------------------------------------------------------------------------------
     def resume(self, resume: bool) -> int:
@@ -550,6 +576,8 @@ class _Training:
                 raise self._diverged(
                     epoch, step, f"non-finite values ({str(error).splitlines()[0]})"
                 ) from error
+            if record.extras.get("bound_source") == SCALED_LATENTS:
+                self.flag_scaled_latents()
             bound = ddp.mean(record.bound)  # type: ignore[arg-type]
             if not math.isfinite(bound):
                 raise self._diverged(epoch, step, f"the bound became {bound}")
@@ -582,7 +610,7 @@ class _Training:
         """The engine's bound on ``valid`` in nats per datapoint (averaged over processes)."""
         if valid is None:
             return None
-        return self.ddp.mean(evaluate_bound(model, guide, valid, self.engine, self.batch_size))
+        return self.ddp.mean(_evaluate_bound(model, guide, valid, self.engine, self.batch_size))
 
     # -- checkpoint ---------------------------------------------------------------------------
     def checkpoint(self, epoch: int) -> None:
@@ -829,7 +857,24 @@ def _fit(
 def evaluate_bound(
     model: Callable, guide: Callable, data: Data, engine: Any, batch_size: int = 100
 ) -> float:
-    """The engine's bound on ``data`` in nats per datapoint (no gradients)."""
+    """The engine's bound on ``data`` in nats per datapoint (no gradients).
+
+    ``data`` gets ``fit``'s checks (finite values, the data plate, the support of every
+    observed site, dtype and shape against the pair). A pair whose latent sites carry a scale
+    of their own (``poutine.scale``: KL annealing, a per-layer beta) is refused: the engine's
+    value is then a weighted objective, not a bound on log p(x).
+    """
+    batch_size = validation.positive_int(batch_size, "batch_size")
+    data = validation.as_data(data, "data")
+    validation.check_pair_data(model, guide, data, "data", batch_size, get_batch, "evaluate_bound")
+    refuse_scaled_latents(model, guide, data, batch_size, "evaluate_bound")
+    return _evaluate_bound(model, guide, data, engine, batch_size)
+
+
+def _evaluate_bound(
+    model: Callable, guide: Callable, data: Data, engine: Any, batch_size: int = 100
+) -> float:
+    """:func:`evaluate_bound` without its checks (``fit`` has checked its data once)."""
     n = num_items(data)
     scaled_model, scaled_guide = scale_to_data(model, n), scale_to_data(guide, n)
     total = 0.0
