@@ -25,7 +25,6 @@ from pvae.protocol import (
     guess_max_plate_nesting,
     latent_sites,
     log_weights,
-    scale_to_data,
     scaled_latent_sites,
     trace_pair,
 )
@@ -168,14 +167,15 @@ def log_likelihood(
     data = validation.as_data(data, "data")
     pair = model if not kwargs else _with_kwargs(model, kwargs)
     pair_guide = guide if not kwargs else _with_kwargs(guide, kwargs)
-    validation.check_pair_data(
+    traces = validation.check_pair_data(
         pair, pair_guide, data, "data", batch_size, get_batch, "log_likelihood"
     )
     if fixed is not None:
         _check_global_names(pair, pair_guide, get_batch(data, torch.arange(1)), fixed)
         model, guide = _FixGlobals(fixed)(model), _FixGlobals(fixed)(guide)
         pair, pair_guide = _FixGlobals(fixed)(pair), _FixGlobals(fixed)(pair_guide)
-    refuse_scaled_latents(pair, pair_guide, data, batch_size, "log_likelihood")
+        traces = trace_pair(pair, pair_guide, get_batch(data, torch.arange(1)))
+    refuse_scaled_latents(traces, "log_likelihood")
     chunk_size = chunk_size or max(1, 10_000 // batch_size)
     if not vectorize_particles:
         chunk_size = 1  # one particle per run: no particle plate
@@ -229,15 +229,11 @@ def _with_kwargs(fn: Callable, kwargs: dict) -> Callable:
     return call
 
 
-def refuse_scaled_latents(
-    model: Callable, guide: Callable, data: Data, batch_size: int, who: str
-) -> None:
+def refuse_scaled_latents(traces: tuple[Any, Any], who: str) -> None:
     """Raise when the pair's latent sites carry their own scale (see
-    :func:`pvae.protocol.scaled_latent_sites`), looked at on the first batch."""
-    n = num_items(data)
-    batch = get_batch(data, torch.arange(min(batch_size, n)))
-    model_trace, guide_trace = trace_pair(scale_to_data(model, n), scale_to_data(guide, n), batch)
-    found = scaled_latent_sites(model_trace, guide_trace)
+    :func:`pvae.protocol.scaled_latent_sites`); ``traces``: ``(model_trace, guide_trace)`` of
+    one run of the pair (the data checks' probe)."""
+    found = scaled_latent_sites(*traces)
     if found:
         raise ValueError(
             f"{who}: latent sites {describe_scales(found)} carry a scale of their own "

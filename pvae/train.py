@@ -48,7 +48,6 @@ from pvae.protocol import (
     param_split,
     scale_to_data,
     scaled_latent_sites,
-    trace_pair,
 )
 from pvae.steps import (
     ENGINE_BOUND,
@@ -447,11 +446,7 @@ class _Training:
 
         self.run = Run(run_dir=str(run_dir) if run_dir is not None else None)
         self.run.bound_source = bound_source
-        probe = get_batch(train, torch.arange(min(batch_size, self.n_train)))
-        scaled = scaled_latent_sites(*trace_pair(self.model, self.guide, probe))
-        if scaled:
-            self.flag_scaled_latents(describe_scales(scaled))
-        elif bound_source == NEGATIVE_LOSS:
+        if bound_source == NEGATIVE_LOSS:
             warnings.warn(
                 f"{type(engine).__name__} reports a loss but no bound; fit reports its negative "
                 "loss as the bound (run.bound_source == 'negative loss')",
@@ -715,7 +710,7 @@ def fit(
         validation.positive_int(aggressive_encoder, "aggressive_encoder")
     train = validation.as_data(train, "train")
     batch_size = int(batch_size)
-    validation.check_pair_data(model, guide, train, "train", batch_size, get_batch)
+    probe = validation.check_pair_data(model, guide, train, "train", batch_size, get_batch)
     if valid is not None:
         valid = validation.as_data(valid, "valid")
         validation.check_like(valid, train, "valid")
@@ -732,6 +727,7 @@ def fit(
         callbacks=callbacks,
         aggressive_encoder=aggressive_encoder,
         step_callbacks=step_callbacks,
+        scaled_latents=describe_scales(scaled_latent_sites(*probe)),
     )
     if run_dir is None:
         return _fit(model, guide, train, engine, run_dir=None, **options)
@@ -800,6 +796,7 @@ def _fit(
     callbacks: Sequence[EpochCallback],
     aggressive_encoder: int | None,
     step_callbacks: Sequence[StepCallback],
+    scaled_latents: str = "",
 ) -> Run:
     """``fit`` once its arguments and data are checked (and the run folder is locked)."""
     policy = StepPolicy() if aggressive_encoder is None else AggressiveEncoder(aggressive_encoder)
@@ -817,6 +814,8 @@ def _fit(
         step_callbacks=step_callbacks,
     )
     run = training.run
+    if scaled_latents:
+        training.flag_scaled_latents(scaled_latents)
     start_epoch = training.resume(resume)
 
     show = progress and sys.stderr.isatty() and training.ddp.rank == 0
@@ -866,8 +865,10 @@ def evaluate_bound(
     """
     batch_size = validation.positive_int(batch_size, "batch_size")
     data = validation.as_data(data, "data")
-    validation.check_pair_data(model, guide, data, "data", batch_size, get_batch, "evaluate_bound")
-    refuse_scaled_latents(model, guide, data, batch_size, "evaluate_bound")
+    traces = validation.check_pair_data(
+        model, guide, data, "data", batch_size, get_batch, "evaluate_bound"
+    )
+    refuse_scaled_latents(traces, "evaluate_bound")
     return _evaluate_bound(model, guide, data, engine, batch_size)
 
 

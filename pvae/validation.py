@@ -353,11 +353,13 @@ def check_pair_data(
     batch_size: int,
     get_batch: Callable[[Data, torch.Tensor], tuple],
     who: str = "fit",
-) -> None:
+) -> tuple[Any, Any]:
     """All data checks of ``data`` against the pair, once (see the module's docstring).
 
     ``batch_size`` rows (a real batch) are the probe, so that a pair whose data plate
     subsamples with ``subsample_size=batch_size`` runs as it will in training.
+
+    :returns: the probe's ``(model_trace, guide_trace)``, for further checks of the pair.
     """
     check_finite(data, name)
     n = _length(data)
@@ -366,6 +368,7 @@ def check_pair_data(
     check_data_plate(model_trace, guide_trace, batch[0].shape[0] if batch else 0, who)
     check_guide_covers_model(model_trace, guide_trace, who)
     check_support(model_trace, batch, data, name)
+    return model_trace, guide_trace
 
 
 def check_model_data(

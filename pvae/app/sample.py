@@ -233,13 +233,21 @@ def diagnose_sample(
     files.append(plots.save(fig, out_dir / "trace_sites.png"))
     plt.close(fig)
 
-    ok = worst_rhat < 1.1
+    if math.isnan(worst_rhat):  # R-hat compares chains: undefined with one chain
+        status = (
+            "R-hat undefined with one chain, convergence not assessed (sample with num_chains >= 2)"
+            if posterior.num_chains < 2
+            else "R-hat undefined (NaN), convergence not assessed"
+        )
+    elif worst_rhat < 1.1:
+        status = "no sign of non-convergence (R-hat < 1.1)"
+    else:
+        status = "not converged (R-hat >= 1.1)"
     verdict = (
         f"worst R-hat {worst_rhat:.3f}, lowest bulk ESS {lowest_ess:.0f} over "
         f"{sum(t[0, 0].numel() for t in checked.samples.values())} checked coordinates of "
         f"{len(posterior.samples)} sites ({posterior.num_chains} chains x "
-        f"{posterior.num_samples} draws): "
-        + ("no sign of non-convergence (R-hat < 1.1)" if ok else "not converged (R-hat >= 1.1)")
+        f"{posterior.num_samples} draws): {status}"
     )
     lines = [
         "# Diagnostics of a sampler run",

@@ -360,3 +360,61 @@ def test_data_checks_match_fit(kind, validate, make_pair):
                 assert str(got.value).split(" (")[0] == expected.split(" (")[0]
             else:
                 assert str(got.value) == expected, name
+
+
+# -- 7. one collapse verdict, from the numbers it shows --------------------------------------
+
+
+def _ignoring_pair(weight: float, loc: float = 0.3, scale: float = 0.5):
+    """z ~ N(0, I_4), x ~ N(z, 1); q(z | x) = N(loc + weight * x, scale^2): weight 0 ignores x
+    without being at the prior (KL > 0, activity 0)."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc + weight * x, scale).to_event(1))
+
+    return model, guide
+
+
+def test_collapse_verdict_agrees_with_active_units_and_information():
+    """A guide that ignores x but is not at the prior used to get "no posterior collapse; 4 of
+    4 dimensions in use" beside "no information about x in dimensions 0-3". Now the verdict
+    and every layer line count a dimension in use only when it is active and off the prior."""
+    from pvae.diagnostics import collapse_report
+
+    x = torch.randn(300, 4, generator=torch.Generator().manual_seed(0))
+    report = collapse_report(*_ignoring_pair(0.0), x)
+    layer = report.layers["z"]
+    assert layer.collapsed_dims == [] and layer.inactive_dims == [0, 1, 2, 3]
+    assert report.verdict.startswith("Verdict: no dimension in use; the latents carry no")
+    assert "z: 0 of 4 dimensions in use" in report.verdict
+    assert "no posterior collapse" not in report.verdict.lower()
+    informative = collapse_report(*_ignoring_pair(1.0), x)
+    assert informative.verdict.startswith("Verdict: no posterior collapse; all 4 dimensions")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mutual_information_is_not_negative_and_has_its_standard_error(seed):
+    """A guide that barely depends on x (true I(x; z) = 0.5 log(1 + 0.01^2 / 0.25) = 2e-4
+    nats per dimension): the raw estimate is Monte-Carlo noise around it, sometimes negative
+    (it was printed so); the reported value is floored at 0, the raw estimate lies within 4
+    standard errors of the truth, and the verdict prints the value with its standard error."""
+    import math
+
+    from pvae.diagnostics import collapse_report, mutual_information
+
+    x = torch.randn(200, 4, generator=torch.Generator().manual_seed(seed))
+    _, guide = _ignoring_pair(0.01)
+    pyro.set_rng_seed(seed)
+    mi = mutual_information(guide, x)
+    truth = 4 * 0.5 * math.log(1 + 0.01**2 / 0.25)
+    assert mi.total >= 0 and (mi.per_dim >= 0).all() and mi.stderr > 0
+    assert mi.total == max(mi.estimate, 0.0)
+    assert abs(mi.estimate - truth) < 4 * mi.stderr
+    report = collapse_report(*_ignoring_pair(0.01), x)
+    assert f"I(x; z) = {report.layers['z'].mutual_information:.3g} ± " in report.verdict
