@@ -633,7 +633,7 @@ class MultimodalGPVAE(PyroModule):
             neural_present, image_present = modality_mask[:, 0], modality_mask[:, 1]
             rate = self.neural_decoder(z[..., self.neural_channels]).exp()
             spikes = dist.Poisson(rate).to_event(2).mask(neural_present)
-            infer: dict = {}
+            infer: dict = {}  # a key of its own: not in Pyro's InferDict
             if self.analytic_poisson:  # read by ELBO engines only; the density stays exact
 
                 def expected() -> Tensor:
@@ -644,7 +644,7 @@ class MultimodalGPVAE(PyroModule):
                     return torch.where(neural_present, value, torch.zeros_like(value))
 
                 infer[EXPECTED_LOG_PROB] = expected
-            pyro.sample("neural", spikes, obs=counts, infer=infer)
+            pyro.sample("neural", spikes, obs=counts, infer=infer)  # type: ignore[arg-type]
             params = self.image_decoder(z[..., self.image_channels])
             images = self.image_likelihood(params).to_event(1).to_event(1)
             pyro.sample("image", images.mask(image_present), obs=frames)
