@@ -22,6 +22,7 @@ import torch
 from pyro.poutine.trace_struct import Trace
 
 from pvae.protocol import (
+    SCALED_LATENTS,
     LogWeights,
     Reducer,
     batch_rows,
@@ -31,6 +32,7 @@ from pvae.protocol import (
     get_traces,
     log_weights,
     plate_nesting,
+    scaled_latent_sites,
     split_params,
     trace_pair,
     trace_params,
@@ -114,7 +116,9 @@ class Engine(pyro.infer.ELBO):
     :meth:`train_step` returns the step's :class:`~pvae.steps.StepRecord` (``loss``: the
     objective's value; ``bound``: the full-data bound, per-datapoint terms scaled by N/B);
     ``step`` counts the training steps (calls to :meth:`train_step` or
-    :meth:`loss_and_grads`) and is the engine's checkpointed state.
+    :meth:`loss_and_grads`) and is the engine's checkpointed state. A step whose pair has
+    latent sites with a scale of their own (:func:`pvae.protocol.scaled_latent_sites`) says so
+    in its record (``extras["bound_source"] == "surrogate: scaled latent sites"``).
     """
 
     def __init__(
@@ -133,6 +137,7 @@ class Engine(pyro.infer.ELBO):
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
         self.vectorize = vectorize_particles
         self.step = 0
+        self.scaled_latents = False  # whether the last traces had latent sites of own scale
 
     # -- state that must survive a checkpoint (pvae.steps.EngineState) ------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -164,6 +169,7 @@ class Engine(pyro.infer.ELBO):
         frame = find_data_frame(guide_trace, model_trace)
         if frame is None:  # the plate rule, only for pairs without a "data" plate
             check_data_plate(model_trace, guide_trace, batch_rows(args), type(self).__name__)
+        self.scaled_latents = bool(scaled_latent_sites(model_trace, guide_trace))
         return model_trace, guide_trace, Reducer(nesting, frame)
 
     def particles(
@@ -227,7 +233,9 @@ class Engine(pyro.infer.ELBO):
                 loss.backward(retain_graph=self.retain_graph)
             value = float(loss.detach())
         self.step += 1
-        return StepRecord(value, float(bound.detach()))
+        # latent sites with a scale of their own: the "bound" is a weighted objective
+        extras = {"bound_source": SCALED_LATENTS} if self.scaled_latents else {}
+        return StepRecord(value, float(bound.detach()), extras)
 
     def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """Backpropagate the surrogate and return the negative bound (as ``Trace_ELBO`` does)."""

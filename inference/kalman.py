@@ -9,7 +9,8 @@ potentials, smoothed exactly) and whose model draws it from a
 
 - the KL is the closed form registered for the two distributions (smoothed marginals and
   lag-one cross-covariances: ``KL = -H[q] - E_q[log p(x)]``, or
-  ``sum_t E_q[log N(y~_t | H_t x_t, V~_t)] - log Z`` when q is built on p itself);
+  ``sum_t E_q[log N(y~_t | H_t x_t, V~_t)] - log Z`` when p has the parameters of q's own
+  prior, equal values whether or not the same object);
 - an observed site whose distribution is a
   :class:`~pvae.distributions.LinearGaussianEmission` ``prod_t N(y_t | C x_t + d, R)`` of that
   trajectory contributes its exact expectation (zero variance)::
@@ -17,6 +18,8 @@ potentials, smoothed exactly) and whose model draws it from a
       E_q[log p(y | x)] = sum_{t observed} log N(y_t | C m^s_t + d, R) - tr(R^{-1} C P^s_t C^T) / 2
 
   with ``m^s_t, P^s_t`` the smoothed marginals of q;
+- an observed site that declares its closed-form expectation
+  (:func:`pvae.protocol.expected_log_prob`) contributes it, as in :class:`pvae.inference.ELBO`;
 - any other observed site (a neural decoder) is averaged over ``num_particles``
   reparameterised draws of the smoothed posterior (backward sampling), and any other latent
   site gets its registered KL or, failing one, ``log q - log p`` at the draw, as in
@@ -57,7 +60,7 @@ import torch
 
 from pvae.distributions import KalmanSmoothedPosterior, LinearGaussianEmission
 from pvae.kl import kl_elements
-from pvae.protocol import Reducer, check_reparameterized, latent_sites
+from pvae.protocol import Reducer, check_reparameterized, expected_log_prob, latent_sites
 
 from .base import Engine
 
@@ -108,7 +111,8 @@ class KalmanELBO(Engine):
             q = guide_site["fn"]
             if isinstance(q, KalmanSmoothedPosterior):
                 return fn.expected_log_prob(q, site["value"])
-        return fn.log_prob(site["value"])
+        expected = expected_log_prob(site)  # a closed form the site declares (ELBO-only)
+        return fn.log_prob(site["value"]) if expected is None else expected
 
     def objective(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict

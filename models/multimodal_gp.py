@@ -29,9 +29,11 @@ padded circle diagonal in that basis, with per-coefficient variance
 (w in cycles per time unit, S the kernel's spectral density), so the prior over coefficients
 is ``c ~ N(0, diag(lambda))`` and ``B diag(lambda) B^T`` equals the RBF kernel matrix up to the
 wrap-around error ``s^2 exp(-P^2 dt^2 / (2 l^2))`` (about 3e-4 s^2 with the default
-``P = 4 l``). Frequencies above ``max_frequency`` (where ``S(w) / S(0) < 1e-8`` for the initial
-lengthscale) are dropped: K is much smaller than T', the paper's saving. The lengthscales are
-learned per channel (``s = 1``: the decoders carry the scale).
+``P = 4 l``). Frequencies above ``max_frequency`` (where ``S(w) / S(0) < 1e-8``) are dropped:
+K is much smaller than T', the paper's saving. The lengthscales are learned per channel
+(``s = 1``: the decoders carry the scale); the padding (from the longest) and the cut-off (from
+the shortest) are recomputed from the current lengthscales, so the prior stays the RBF GP it
+reports at any lengthscale it learns (K changes with them).
 
 Inference network (guide). A per-bin encoder of each modality gives Gaussian potentials
 ``N(m_t | z_t, diag v_t)`` on the channels that modality drives; the modalities present in a
@@ -54,11 +56,13 @@ expected log-likelihood has the closed form
     E_q[log Poisson(y | exp(eta))] = y mu - exp(mu + sigma^2 / 2) - log y!
 
 (:func:`poisson_expected_log_likelihood`; :meth:`MultimodalGPVAE.expected_log_likelihood`).
-With ``analytic_poisson=True`` the model scores the neural site with this closed form
-(``pyro.factor("neural", ...)``, recomputing the guide's moments from the encoders): the ELBO
-keeps its value in expectation and loses the Monte-Carlo noise of that term (a
-Rao-Blackwellised ELBO). It is an ELBO-only device: an importance-weighted bound needs
-``log p(y | z)`` at each draw, so train IWAE-type engines with ``analytic_poisson=False``.
+With ``analytic_poisson=True`` the neural site keeps its Poisson density and declares this
+closed form to ELBO engines (``infer={"expected_log_prob": ...}``, recomputing the guide's
+moments from the encoders; :func:`pvae.protocol.expected_log_prob`): :class:`pvae.inference.ELBO`
+and ``KalmanELBO`` then use it in place of ``log p(y | z)`` at the draw, so the ELBO keeps its
+value in expectation and loses the Monte-Carlo noise of that term (a Rao-Blackwellised ELBO).
+An importance-weighted bound and ``pvae.log_likelihood`` need ``log p(y | z)`` at each draw and
+read the density, as without the option (Pyro's own ``Trace_ELBO`` does too).
 
 Priors are swappable components with one small interface (:class:`TemporalPrior`): the
 Fourier RBF prior here, or a time-domain Markovian (state-space) prior whose guide is the
@@ -87,6 +91,7 @@ from torch import Tensor, nn
 from pvae import likelihoods, nets, validation
 from pvae.distributions import KalmanSmoothedPosterior, StateSpacePrior
 from pvae.gaussian import product_of_experts
+from pvae.protocol import EXPECTED_LOG_PROB
 
 from ._names import claim
 
@@ -103,7 +108,7 @@ __all__ = [
 
 MODALITIES = ("neural", "image")
 GROUPS = ("shared", "neural", "image")
-_TRUNCATION = 1e-8  # S(w_max) / S(0) for the initial lengthscale
+_TRUNCATION = 1e-8  # S(w_max) / S(0) for the shortest current lengthscale
 _NO_PRECISION = 1e-10  # precision of an absent potential where a finite one is needed
 
 
@@ -211,15 +216,21 @@ class FourierRBFPrior(nn.Module):
 
     :param num_channels: number of latent paths C.
     :param lengthscale: initial lengthscale (time units) of every channel, learned.
-    :param padding: zero-free padding of the trial, in time units (default ``4 * lengthscale``:
-        wrap-around error ``exp(-8)`` of the variance).
-    :param max_frequency: highest frequency kept (cycles per time unit); default where
-        ``S(w) / S(0) = 1e-8`` for the initial lengthscale.
+    :param padding: padding of the trial, in time units. Default None: ``4 * lengthscale`` of
+        the longest current lengthscale (wrap-around error below ``exp(-8)`` of the variance),
+        recomputed whenever the lengthscales move. A number fixes it (the prior then drifts
+        from the RBF once a lengthscale grows past ``padding / 4``).
+    :param max_frequency: highest frequency kept (cycles per time unit). Default None: where
+        ``S(w) / S(0) = 1e-8`` for the shortest current lengthscale, recomputed like the
+        padding. A number fixes it.
     :param learn_lengthscale: whether the lengthscales are parameters.
 
     The site's value: coefficients ``(..., B, C, K)``; the guide is one ``K``-variate Gaussian
     per trial and channel (``MultivariateNormal(...).to_event(1)``), the prior a diagonal one,
-    so the KL is analytic.
+    so the KL is analytic. With the default padding and cut-off, ``K`` follows the current
+    lengthscales (the model and the guide of one step read the same ones), so the covariance
+    ``B diag(lambda) B^T`` stays the RBF kernel of the lengthscale the model reports, whatever
+    value it learns.
     """
 
     def __init__(
@@ -233,12 +244,13 @@ class FourierRBFPrior(nn.Module):
         super().__init__()
         self.num_channels = _positive_int(num_channels, "num_channels")
         lengthscale = _positive_float(lengthscale, "lengthscale")
-        self.padding = 4 * lengthscale if padding is None else float(padding)
-        if not (math.isfinite(self.padding) and self.padding >= 0):
-            raise ValueError(f"padding must be a number >= 0, got {padding!r}")
-        default = math.sqrt(math.log(1 / _TRUNCATION) / 2) / (math.pi * lengthscale)
-        self.max_frequency = (
-            default if max_frequency is None else _positive_float(max_frequency, "max_frequency")
+        if padding is not None and not (
+            isinstance(padding, int | float) and math.isfinite(padding) and padding >= 0
+        ):
+            raise ValueError(f"padding must be a number >= 0 or None, got {padding!r}")
+        self.fixed_padding = None if padding is None else float(padding)
+        self.fixed_max_frequency = (
+            None if max_frequency is None else _positive_float(max_frequency, "max_frequency")
         )
         log_lengthscale = torch.full((self.num_channels,), math.log(lengthscale))
         if learn_lengthscale:
@@ -251,21 +263,51 @@ class FourierRBFPrior(nn.Module):
         """``(C,)`` lengthscales in time units."""
         return self.log_lengthscale.exp()
 
+    def _lengthscale_range(self) -> tuple[float, float]:
+        values = self.log_lengthscale.detach().exp()
+        shortest, longest = float(values.min()), float(values.max())
+        if not (math.isfinite(shortest) and math.isfinite(longest) and shortest > 0):
+            raise ValueError(
+                f"FourierRBFPrior: lengthscales must be finite and positive, got {values.tolist()}"
+            )
+        return shortest, longest
+
+    @property
+    def padding(self) -> float:
+        """Padding in time units: the fixed value, or ``4 *`` the longest lengthscale."""
+        if self.fixed_padding is not None:
+            return self.fixed_padding
+        return 4 * self._lengthscale_range()[1]
+
+    @property
+    def max_frequency(self) -> float:
+        """Cut-off in cycles per time unit: the fixed value, or where ``S(w) / S(0) = 1e-8``
+        for the shortest lengthscale."""
+        if self.fixed_max_frequency is not None:
+            return self.fixed_max_frequency
+        shortest = self._lengthscale_range()[0]
+        return math.sqrt(math.log(1 / _TRUNCATION) / 2) / (math.pi * shortest)
+
     def padded_steps(self, num_steps: int, dt: float) -> int:
         """``T' = T + ceil(padding / dt)``."""
         return num_steps + math.ceil(self.padding / dt - 1e-9)
 
     def basis(self, num_steps: int, dt: float) -> tuple[Tensor, Tensor]:
         """``(B (T, K), lambda (C, K))``: the truncated basis and each coefficient's prior
-        variance ``S(w_k) / dt``."""
+        variance ``S(w_k) / dt``, floored at ``1e-8 S(0) / dt`` per channel."""
         padded = self.padded_steps(num_steps, dt)
         max_index = math.floor(self.max_frequency * padded * dt + 1e-9)
         ref = self.log_lengthscale
         basis, index = fourier_basis(num_steps, padded, max_index, dtype=ref.dtype)
         basis, index = basis.to(ref.device), index.to(ref.device)
         frequency = index / (padded * dt)
-        variance = rbf_spectral_density(frequency, self.lengthscale[:, None]) / dt
-        return basis, variance
+        lengthscale = self.lengthscale[:, None]
+        variance = rbf_spectral_density(frequency, lengthscale) / dt
+        # the cut-off serves the shortest lengthscale; a longer one's high frequencies would get
+        # variances far below 1e-8 of its S(0) (1e-22 at 1.6x): floored there, its precision
+        # stays conditioned as at the cut-off, and the covariance moves by < 1e-7 of s^2
+        floor = _TRUNCATION * rbf_spectral_density(frequency.new_zeros(()), lengthscale) / dt
+        return basis, torch.maximum(variance, floor)
 
     def prior(self, batch: int, num_steps: int, dt: float) -> dist.TorchDistribution:
         _, variance = self.basis(num_steps, dt)
@@ -383,8 +425,9 @@ class MultimodalGPVAE(PyroModule):
         ``Ls + Ln + Li`` channels.
     :param lengthscale: the prior's initial lengthscale (time units).
     :param image_likelihood: the frames' likelihood by name (:mod:`pvae.likelihoods`).
-    :param analytic_poisson: score the neural site with its closed-form expectation under the
-        guide (ELBO engines only; see the module docstring).
+    :param analytic_poisson: declare the neural site's closed-form expectation under the guide
+        to ELBO engines (other engines and ``pvae.log_likelihood`` use the Poisson density;
+        see the module docstring).
     :param name: prefix of the model's names in Pyro's parameter store.
 
     Channel layout of the site ``"z"``'s paths: ``[shared | neural | image]``, slices in
@@ -589,18 +632,20 @@ class MultimodalGPVAE(PyroModule):
             value = pyro.sample("z", self.prior_process.prior(B, T, dt))
             z = self.prior_process.paths(value, T, dt)  # (..., B, T, C)
             neural_present, image_present = modality_mask[:, 0], modality_mask[:, 1]
-            if self.analytic_poisson:
-                loc, precision = self.potentials(counts, frames, modality_mask)
-                q = self.prior_process.posterior(loc, precision, dt)
-                mean, variance = self._eta_moments(q, T, dt)
-                expected = poisson_expected_log_likelihood(counts, mean, variance).sum((-2, -1))
-                pyro.factor(
-                    "neural", torch.where(neural_present, expected, torch.zeros_like(expected))
-                )
-            else:
-                rate = self.neural_decoder(z[..., self.neural_channels]).exp()
-                spikes = dist.Poisson(rate).to_event(2).mask(neural_present)
-                pyro.sample("neural", spikes, obs=counts)
+            rate = self.neural_decoder(z[..., self.neural_channels]).exp()
+            spikes = dist.Poisson(rate).to_event(2).mask(neural_present)
+            infer: dict = {}  # a key of its own: not in Pyro's InferDict
+            if self.analytic_poisson:  # read by ELBO engines only; the density stays exact
+
+                def expected() -> Tensor:
+                    loc, precision = self.potentials(counts, frames, modality_mask)
+                    q = self.prior_process.posterior(loc, precision, dt)
+                    mean, variance = self._eta_moments(q, T, dt)
+                    value = poisson_expected_log_likelihood(counts, mean, variance).sum((-2, -1))
+                    return torch.where(neural_present, value, torch.zeros_like(value))
+
+                infer[EXPECTED_LOG_PROB] = expected
+            pyro.sample("neural", spikes, obs=counts, infer=infer)  # type: ignore[arg-type]
             params = self.image_decoder(z[..., self.image_channels])
             images = self.image_likelihood(params).to_event(1).to_event(1)
             pyro.sample("image", images.mask(image_present), obs=frames)

@@ -13,16 +13,20 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
 from pvae import validation
 from pvae.protocol import (
     Reducer,
+    describe_scales,
     find_data_frame,
     get_traces,
     guess_max_plate_nesting,
     latent_sites,
     log_weights,
+    scaled_latent_sites,
+    trace_pair,
 )
 
 Data = Any  # a tensor, a tuple of tensors, or a torch Dataset
@@ -75,6 +79,41 @@ def iter_batches(data: Data, batch_size: int) -> Iterator[tuple[torch.Tensor, ..
         yield get_batch(data, torch.arange(start, min(n, start + batch_size)))
 
 
+class _FixGlobals(Messenger):
+    """Gives the named sites their given values and leaves their densities out (observed,
+    masked): the pair then describes ``p(x | w)`` and ``q(z | x, w)`` at the given ``w``."""
+
+    def __init__(self, values: dict[str, torch.Tensor]):
+        super().__init__()
+        self.values = values
+
+    def _process_message(self, msg: Any) -> None:
+        if msg["type"] == "sample" and msg["name"] in self.values:
+            msg["value"] = self.values[msg["name"]]
+            msg["is_observed"] = True
+            msg["mask"] = False
+
+
+def _check_global_values(values: Any) -> dict[str, torch.Tensor]:
+    if not isinstance(values, dict) or not values:
+        raise TypeError(
+            "global_values must be a non-empty dict {site name: tensor} of the pair's global "
+            f"latent sites, got {type(values).__name__}"
+        )
+    checked = {}
+    for name, value in values.items():
+        if not isinstance(name, str):
+            raise TypeError(f"global_values: site names must be strings, got {name!r}")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = torch.tensor(float(value), dtype=torch.get_default_dtype())
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"global_values[{name!r}] must be a tensor, got {type(value).__name__}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"global_values[{name!r}] holds NaN or infinite values")
+        checked[name] = value
+    return checked
+
+
 def log_likelihood(
     model: Callable,
     guide: Callable,
@@ -84,6 +123,7 @@ def log_likelihood(
     batch_size: int = 100,
     progress: bool = False,
     vectorize_particles: bool = True,
+    global_values: dict[str, torch.Tensor] | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
     """Importance-sampled log p(x_n) for every datapoint, in nats (higher is better).
@@ -100,6 +140,9 @@ def log_likelihood(
         vectorised (boolean-mask indexing, ``torch.cat`` of particle-dependent and
         per-datapoint tensors). Both consume the random stream in the same order, so with the
         same draws they give the same values.
+    :param global_values: ``{site name: tensor}`` for the pair's global latents (sites outside
+        the data plate, e.g. weights ``w``): the model and the guide use these values and their
+        densities are left out, so the result is ``log p(x_n | w)`` per datapoint.
     :param kwargs: keyword arguments of the model and the guide.
     :returns: tensor of shape ``(N,)``.
 
@@ -108,15 +151,31 @@ def log_likelihood(
     with the defaults, 10,000 rows x 784 floats x 4 bytes ~ 31 MB per tensor of the graph,
     about 0.2 GB in all); it does not grow with ``num_samples``.
 
-    The pair's global latents (sites outside the data plate) cannot be marginalised per
-    datapoint and raise an error; condition on them first (``pyro.poutine.condition``).
+    ``data`` gets ``fit``'s checks, with its messages (finite values, the data plate, the
+    support of every observed site on the whole data set, dtype and shape against the pair),
+    whether Pyro's validation is on or off. Refused: global latents without
+    ``global_values`` (they cannot be marginalised per datapoint; conditioning the model on
+    them with ``pyro.poutine.condition`` would add ``log p(w)`` to every datapoint), and latent
+    sites with a scale of their own (``poutine.scale``: the weights would not be
+    ``p(x, z) / q(z | x)``).
     """
     num_samples = validation.positive_int(num_samples, "num_samples")
     batch_size = validation.positive_int(batch_size, "batch_size")
     if chunk_size is not None:
         chunk_size = validation.positive_int(chunk_size, "chunk_size")
+    fixed = None if global_values is None else _check_global_values(global_values)
     data = validation.as_data(data, "data")
-    validation.check_finite(data, "data")
+    pair = model if not kwargs else _with_kwargs(model, kwargs)
+    pair_guide = guide if not kwargs else _with_kwargs(guide, kwargs)
+    traces = validation.check_pair_data(
+        pair, pair_guide, data, "data", batch_size, get_batch, "log_likelihood"
+    )
+    if fixed is not None:
+        _check_global_names(pair, pair_guide, get_batch(data, torch.arange(1)), fixed)
+        model, guide = _FixGlobals(fixed)(model), _FixGlobals(fixed)(guide)
+        pair, pair_guide = _FixGlobals(fixed)(pair), _FixGlobals(fixed)(pair_guide)
+        traces = trace_pair(pair, pair_guide, get_batch(data, torch.arange(1)))
+    refuse_scaled_latents(traces, "log_likelihood")
     chunk_size = chunk_size or max(1, 10_000 // batch_size)
     if not vectorize_particles:
         chunk_size = 1  # one particle per run: no particle plate
@@ -146,6 +205,44 @@ def log_likelihood(
     return torch.cat(results)
 
 
+def _check_global_names(model: Callable, guide: Callable, batch: tuple, fixed: dict) -> None:
+    """Every name in ``global_values`` is a latent site of the model outside the data plate."""
+    model_trace, guide_trace = trace_pair(model, guide, batch)
+    frame = find_data_frame(guide_trace, model_trace)
+    for name in fixed:
+        site = model_trace.nodes.get(name)
+        if site is None or site["type"] != "sample" or site["is_observed"]:
+            raise ValueError(
+                f"global_values names {name!r}, which the model does not sample as a latent"
+            )
+        if frame is not None and any(f.name == frame.name for f in site["cond_indep_stack"]):
+            raise ValueError(
+                f"global_values names {name!r}, a per-datapoint site inside the 'data' plate; "
+                "global_values is for global latents (outside the plate) only"
+            )
+
+
+def _with_kwargs(fn: Callable, kwargs: dict) -> Callable:
+    def call(*args: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return call
+
+
+def refuse_scaled_latents(traces: tuple[Any, Any], who: str) -> None:
+    """Raise when the pair's latent sites carry their own scale (see
+    :func:`pvae.protocol.scaled_latent_sites`); ``traces``: ``(model_trace, guide_trace)`` of
+    one run of the pair (the data checks' probe)."""
+    found = scaled_latent_sites(*traces)
+    if found:
+        raise ValueError(
+            f"{who}: latent sites {describe_scales(found)} carry a scale of their own "
+            "(pyro.poutine.scale: KL annealing, a per-layer beta or KL weight), so the value "
+            "would be a weighted objective, not a bound on log p(x); evaluate the pair with "
+            "that scale set to 1"
+        )
+
+
 def _check_evaluable(model_trace, guide_trace, reducer: Reducer, batch) -> None:
     frame = reducer.data_frame
     if frame is None:
@@ -163,6 +260,8 @@ def _check_evaluable(model_trace, guide_trace, reducer: Reducer, batch) -> None:
         if not reducer.is_local(guide_site):
             raise ValueError(
                 f"latent site '{name}' is outside the 'data' plate (a global latent); "
-                "log_likelihood marginalises per-datapoint latents only: condition on the "
-                "global ones with pyro.poutine.condition"
+                "log_likelihood marginalises per-datapoint latents only: pass the global "
+                f"ones' values, log_likelihood(..., global_values={{{name!r}: value}}), for "
+                "log p(x_n | value) per datapoint (conditioning the model with "
+                "pyro.poutine.condition would add log p(value) to every datapoint)"
             )

@@ -764,3 +764,104 @@ def _accumulate(local, global_, term: torch.Tensor, is_local: bool, sign: int):
     else:
         global_ = global_ + sign * term[:, 0]
     return local, global_
+
+
+# --------------------------------------------------------------------------------------------
+# Closed-form expectations that only an ELBO may use.
+
+EXPECTED_LOG_PROB = "expected_log_prob"
+
+
+def expected_log_prob(site: Site) -> torch.Tensor | None:
+    """The closed-form ``E_q[log p(x | z)]`` an observed site declares, or None.
+
+    A model may attach, to an observed site that keeps its true density, a zero-argument
+    callable returning that expectation under the guide (the site's batch shape, e.g.
+    ``(B,)``): ``pyro.sample("y", fn, obs=y, infer={"expected_log_prob": closure})``. Only an
+    ELBO may put it in place of ``log p(x | z)`` at the guide's draw (same value in expectation,
+    no Monte-Carlo noise in that term); importance-weighted bounds and the log-likelihood
+    estimator need the density at each draw and read ``fn.log_prob`` as for any site, so the
+    declaration never changes what they compute. Mask and scale apply as to ``log_prob``.
+    """
+    value = (site.get("infer") or {}).get(EXPECTED_LOG_PROB)
+    if value is None:
+        return None
+    if not callable(value):
+        raise TypeError(
+            f"site '{site['name']}': infer['{EXPECTED_LOG_PROB}'] must be a callable returning "
+            f"E_q[log p] (a tensor), got {type(value).__name__}"
+        )
+    result = value()
+    if not isinstance(result, torch.Tensor):
+        raise TypeError(
+            f"site '{site['name']}': infer['{EXPECTED_LOG_PROB}']() must return a tensor, "
+            f"got {type(result).__name__}"
+        )
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Scaled latent sites: a weighted objective, not a bound.
+
+SCALED_LATENTS = "surrogate: scaled latent sites"
+"""``bound_source`` when latent sites carry a scale of their own (``poutine.scale``)."""
+
+
+def _relative_scale(site: Site, data_frame: CondIndepStackFrame | None) -> Any:
+    """The site's scale without the data plate's N/B factor: a float, or a tensor."""
+    scale = site["scale"]
+    frame = data_frame
+    local = frame is not None and any(
+        f.name == frame.name and f.dim == frame.dim for f in site["cond_indep_stack"]
+    )
+    if local and frame is not None and frame.full_size not in (None, frame.size):
+        scale = scale / (float(frame.full_size) / float(frame.size))
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() == 1 or bool((scale == scale.reshape(-1)[0]).all()):
+            return float(scale.reshape(-1)[0])
+        return scale.detach()
+    return float(scale)
+
+
+def _same_scale(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        try:
+            a, b = torch.broadcast_tensors(torch.as_tensor(a), torch.as_tensor(b))
+        except RuntimeError:
+            return False
+        return bool(torch.allclose(a.double(), b.double(), rtol=1e-9, atol=0))
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+
+
+def scaled_latent_sites(model_trace: Trace, guide_trace: Trace) -> dict[str, Any]:
+    """Latent sites whose scale (``poutine.scale``, beyond the data plate's N/B) matches the
+    scale of no observed site, by name, with that scale (a float or a tensor).
+
+    The log densities of such a site count a weighted number of times (KL annealing as in
+    Pyro's DMM example, a per-layer beta, a KL weight), so what an engine computes is a
+    weighted objective, not a bound on log p(x). Scaling a whole sub-pair (its latents and its
+    observations by one weight, e.g. a convex mixture of two objectives) is not flagged.
+    """
+    frame = find_data_frame(guide_trace, model_trace)
+    observed = [
+        _relative_scale(site, frame)
+        for site in model_trace.nodes.values()
+        if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site)
+    ] or [1.0]
+    found: dict[str, Any] = {}
+    for name, guide_site, model_site in latent_sites(model_trace, guide_trace):
+        for site in (model_site, guide_site):
+            scale = _relative_scale(site, frame)
+            if not any(_same_scale(scale, other) for other in observed):
+                found[name] = scale
+                break
+    return found
+
+
+def describe_scales(found: dict[str, Any]) -> str:
+    """``"'z' (scale 0.2), ..."`` for :func:`scaled_latent_sites`' result."""
+    parts = []
+    for name, scale in found.items():
+        value = f"{scale:g}" if isinstance(scale, float) else "a per-element tensor"
+        parts.append(f"{name!r} (scale {value})")
+    return ", ".join(parts)

@@ -306,6 +306,7 @@ def sample(
     if data is not None:
         data = validation.as_data(data, "data")
         validation.check_finite(data, "data")
+        validation.check_model_data(model, data, "data", batch_size, get_batch)
     n = num_items(data) if data is not None else 1
     settings = _settings(
         sampler,

@@ -41,8 +41,14 @@ from pvae.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from pvae.evaluate import Data, get_batch, iter_batches, num_items
-from pvae.protocol import param_split, scale_to_data
+from pvae.evaluate import Data, get_batch, iter_batches, num_items, refuse_scaled_latents
+from pvae.protocol import (
+    SCALED_LATENTS,
+    describe_scales,
+    param_split,
+    scale_to_data,
+    scaled_latent_sites,
+)
 from pvae.steps import (
     ENGINE_BOUND,
     NEGATIVE_LOSS,
@@ -129,7 +135,9 @@ class Run:
     record per step (``epoch``, ``step``, ``loss``, ``bound``, ``seconds``). ``params``: the
     final constrained parameter values by name. ``bound_source``: ``"engine"`` when the engine
     reports its bound, ``"negative loss"`` when it reports only a loss (Pyro's own ``ELBO`` classes)
-    and the bounds above are its negative loss.
+    and the bounds above are its negative loss, ``"surrogate: scaled latent sites"`` when
+    latent sites carry a scale of their own (``poutine.scale``: KL annealing, a per-layer beta),
+    so the values are a weighted objective, not bounds.
     """
 
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -448,6 +456,19 @@ class _Training:
         self.steps_per_epoch = -(-self.n_train // batch_size)
         self.validation = pyro.infer.util.is_validation_enabled()
 
+    def flag_scaled_latents(self, which: str = "") -> None:
+        """Mark the run's bounds as a weighted objective (latent sites with their own scale)."""
+        if self.run.bound_source == SCALED_LATENTS:
+            return
+        self.run.bound_source = SCALED_LATENTS
+        warnings.warn(
+            f"latent sites {which or 'of the pair'} carry a scale of their own "
+            "(pyro.poutine.scale: KL annealing, a per-layer beta or KL weight): the bounds fit "
+            "reports are a weighted objective, not bounds on log p(x) "
+            f"(run.bound_source == {SCALED_LATENTS!r})",
+            stacklevel=4,
+        )
+
     # -- resume -------------------------------------------------------------------------------
     def resume(self, resume: bool) -> int:
         """Restore the checkpoint (``resume`` and one exists) and return the epoch to start
@@ -550,6 +571,8 @@ class _Training:
                 raise self._diverged(
                     epoch, step, f"non-finite values ({str(error).splitlines()[0]})"
                 ) from error
+            if record.extras.get("bound_source") == SCALED_LATENTS:
+                self.flag_scaled_latents()
             bound = ddp.mean(record.bound)  # type: ignore[arg-type]
             if not math.isfinite(bound):
                 raise self._diverged(epoch, step, f"the bound became {bound}")
@@ -582,7 +605,7 @@ class _Training:
         """The engine's bound on ``valid`` in nats per datapoint (averaged over processes)."""
         if valid is None:
             return None
-        return self.ddp.mean(evaluate_bound(model, guide, valid, self.engine, self.batch_size))
+        return self.ddp.mean(_evaluate_bound(model, guide, valid, self.engine, self.batch_size))
 
     # -- checkpoint ---------------------------------------------------------------------------
     def checkpoint(self, epoch: int) -> None:
@@ -687,7 +710,7 @@ def fit(
         validation.positive_int(aggressive_encoder, "aggressive_encoder")
     train = validation.as_data(train, "train")
     batch_size = int(batch_size)
-    validation.check_pair_data(model, guide, train, "train", batch_size, get_batch)
+    probe = validation.check_pair_data(model, guide, train, "train", batch_size, get_batch)
     if valid is not None:
         valid = validation.as_data(valid, "valid")
         validation.check_like(valid, train, "valid")
@@ -704,6 +727,7 @@ def fit(
         callbacks=callbacks,
         aggressive_encoder=aggressive_encoder,
         step_callbacks=step_callbacks,
+        scaled_latents=describe_scales(scaled_latent_sites(*probe)),
     )
     if run_dir is None:
         return _fit(model, guide, train, engine, run_dir=None, **options)
@@ -772,6 +796,7 @@ def _fit(
     callbacks: Sequence[EpochCallback],
     aggressive_encoder: int | None,
     step_callbacks: Sequence[StepCallback],
+    scaled_latents: str = "",
 ) -> Run:
     """``fit`` once its arguments and data are checked (and the run folder is locked)."""
     policy = StepPolicy() if aggressive_encoder is None else AggressiveEncoder(aggressive_encoder)
@@ -789,6 +814,8 @@ def _fit(
         step_callbacks=step_callbacks,
     )
     run = training.run
+    if scaled_latents:
+        training.flag_scaled_latents(scaled_latents)
     start_epoch = training.resume(resume)
 
     show = progress and sys.stderr.isatty() and training.ddp.rank == 0
@@ -829,7 +856,26 @@ def _fit(
 def evaluate_bound(
     model: Callable, guide: Callable, data: Data, engine: Any, batch_size: int = 100
 ) -> float:
-    """The engine's bound on ``data`` in nats per datapoint (no gradients)."""
+    """The engine's bound on ``data`` in nats per datapoint (no gradients).
+
+    ``data`` gets ``fit``'s checks (finite values, the data plate, the support of every
+    observed site, dtype and shape against the pair). A pair whose latent sites carry a scale
+    of their own (``poutine.scale``: KL annealing, a per-layer beta) is refused: the engine's
+    value is then a weighted objective, not a bound on log p(x).
+    """
+    batch_size = validation.positive_int(batch_size, "batch_size")
+    data = validation.as_data(data, "data")
+    traces = validation.check_pair_data(
+        model, guide, data, "data", batch_size, get_batch, "evaluate_bound"
+    )
+    refuse_scaled_latents(traces, "evaluate_bound")
+    return _evaluate_bound(model, guide, data, engine, batch_size)
+
+
+def _evaluate_bound(
+    model: Callable, guide: Callable, data: Data, engine: Any, batch_size: int = 100
+) -> float:
+    """:func:`evaluate_bound` without its checks (``fit`` has checked its data once)."""
     n = num_items(data)
     scaled_model, scaled_guide = scale_to_data(model, n), scale_to_data(guide, n)
     total = 0.0

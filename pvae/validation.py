@@ -258,7 +258,10 @@ def _explain(error: Exception, batch: tuple, name: str) -> Exception:
     low = first.lower()
     shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in batch if isinstance(t, torch.Tensor))
     expected = torch.get_default_dtype()
-    if any(w in low for w in ("dtype", "scalar type", "expected both", "promotion")):
+    if any(
+        w in low
+        for w in ("dtype", "scalar type", "expected both", "promotion", "not implemented for")
+    ):
         return TypeError(
             f"{name} has dtype {', '.join(str(t.dtype) for t in batch)}; the model and guide "
             f"failed on it (expected {expected}, the networks' dtype: convert with .to("
@@ -352,11 +355,13 @@ def check_pair_data(
     batch_size: int,
     get_batch: Callable[[Data, torch.Tensor], tuple],
     who: str = "fit",
-) -> None:
+) -> tuple[Any, Any]:
     """All data checks of ``data`` against the pair, once (see the module's docstring).
 
     ``batch_size`` rows (a real batch) are the probe, so that a pair whose data plate
     subsamples with ``subsample_size=batch_size`` runs as it will in training.
+
+    :returns: the probe's ``(model_trace, guide_trace)``, for further checks of the pair.
     """
     check_finite(data, name)
     n = _length(data)
@@ -365,6 +370,7 @@ def check_pair_data(
     check_data_plate(model_trace, guide_trace, batch[0].shape[0] if batch else 0, who)
     check_guide_covers_model(model_trace, guide_trace, who)
     check_support(model_trace, batch, data, name)
+    return model_trace, guide_trace
 
 
 # -- time stamps of sequences -------------------------------------------------------------------
@@ -412,3 +418,34 @@ def _multi_index(flat: int, shape: torch.Size) -> tuple[int, ...]:
         flat, rest = divmod(flat, size)
         index.append(rest)
     return tuple(reversed(index))
+
+
+def check_model_data(
+    model: Callable,
+    data: Data,
+    name: str,
+    batch_size: int,
+    get_batch: Callable[[Data, torch.Tensor], tuple],
+) -> None:
+    """:func:`check_pair_data`'s dtype, shape and support checks for a model without a guide
+    (a sampler's): the model is run once on a real batch, its latents drawn from its priors,
+    and every observed site's data is checked against its support on the whole data set."""
+    n = _length(data)
+    batch = get_batch(data, torch.arange(min(batch_size, n)))
+    store = pyro.get_param_store()
+    before = set(store.keys())
+    try:
+        with (
+            poutine.block(),
+            torch.no_grad(),
+            torch.random.fork_rng(devices=[]),
+            pyro.validation_enabled(False),
+        ):
+            try:
+                model_trace = poutine.trace(model).get_trace(*batch)
+            except (RuntimeError, TypeError, IndexError, ValueError) as error:
+                raise _explain(error, batch, name) from error
+    finally:  # the probe leaves Pyro's parameter store as it found it
+        for new in set(store.keys()) - before:
+            del store[new]
+    check_support(model_trace, batch, data, name)

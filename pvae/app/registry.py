@@ -1436,7 +1436,8 @@ register_model(
             "analytic_poisson",
             _choice(("no", "yes")),
             "no",
-            "closed-form expected Poisson log-likelihood (ELBO engines only)",
+            "closed-form expected Poisson log-likelihood in the ELBO (IWAE and log p(x) keep the "
+            "Poisson density)",
         ),
     ),
     decoder=lambda model: None,  # its latent is a set of paths: no traversal of one z

@@ -25,7 +25,11 @@ Mutual information (Hoffman & Johnson 2016; He et al. 2019; Dang et al. 2024):
 
 The aggregate posterior costs O(M^2 D) density evaluations, so it is taken over a random subset
 of at most ``max_points`` datapoints (1000 by default: a million pairs). The estimate is
-biased down by at most log M (it is bounded by log M) and is meaningful when I << log M.
+biased down by at most log M (it is bounded by log M) and is meaningful when I << log M. Its
+expectation is not negative (with the guide's own density as the critic it is the InfoNCE
+bound, log M minus the cross-entropy of the Bayes classifier of which x_j drew z), so a
+negative value is Monte-Carlo noise: the result is floored at 0 and reported with its standard
+error (the spread of the per-datapoint terms over sqrt(M)).
 
 Collapse report (Dang et al., ICLR 2024, "Beyond Vanilla Variational Autoencoders: Detecting
 Posterior Collapse in Conditional and Hierarchical Variational Autoencoders"): per site (layer)
@@ -337,8 +341,10 @@ def kl_per_dim(
 class MutualInformation:
     """What :func:`mutual_information` returns.
 
-    ``total``: I(x; z) for the site, nats; ``per_dim``: I(x; z_d) per dimension ``(D,)``
-    (None when the guide's site does not factorise over dimensions); ``num_points``: the M
+    ``total``: I(x; z) for the site, nats, never negative; ``stderr``: its standard error;
+    ``estimate``: the raw estimate before it is floored at 0; ``per_dim``: I(x; z_d) per
+    dimension ``(D,)``, floored at 0 likewise (None when the guide's site does not factorise
+    over dimensions); ``per_dim_stderr``: their standard errors; ``num_points``: the M
     datapoints of the aggregate posterior (the estimate cannot exceed log M).
     """
 
@@ -346,16 +352,30 @@ class MutualInformation:
     total: float
     per_dim: torch.Tensor | None
     num_points: int
+    stderr: float = 0.0
+    estimate: float = 0.0
+    per_dim_stderr: torch.Tensor | None = None
 
 
-def _mi_from_log_q(log_q: torch.Tensor) -> torch.Tensor:
-    """``log_q[s, n, j, ...]`` = log q(z_n^s | x_j): the mean over s, n of log q(z|x_n) -
-    log q(z), with the aggregate posterior taken over j."""
+def _mi_terms(log_q: torch.Tensor) -> torch.Tensor:
+    """``log_q[s, n, j, ...]`` = log q(z_n^s | x_j): per datapoint n, the mean over s of
+    log q(z|x_n) - log q(z), with the aggregate posterior taken over j; shape ``(M, ...)``."""
     m = log_q.shape[2]
     own = log_q.diagonal(dim1=1, dim2=2)  # (S, ..., M): the diagonal moves to the end
     own = own.movedim(-1, 1)
     aggregate = torch.logsumexp(log_q, dim=2) - math.log(m)
-    return (own - aggregate).mean((0, 1))
+    return (own - aggregate).mean(0)
+
+
+def _mi_from_log_q(log_q: torch.Tensor) -> torch.Tensor:
+    """The estimate: :func:`_mi_terms` averaged over the datapoints."""
+    return _mi_terms(log_q).mean(0)
+
+
+def _mean_and_stderr(terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over the first dimension and its standard error (std / sqrt(M))."""
+    m = terms.shape[0]
+    return terms.mean(0), terms.std(0) / math.sqrt(m)
 
 
 def mutual_information(
@@ -437,10 +457,20 @@ def mutual_information(
                 joint_parts.append(per.sum(-1))
             else:
                 joint_parts.append(fn.log_prob(zc).double())  # (S, c, M)
-        log_q = torch.cat(joint_parts, 1)
-        total = float(_mi_from_log_q(log_q))
-        per_dim = _mi_from_log_q(torch.cat(dim_parts, 1)) if factorised else None
-    return MutualInformation(site, total, per_dim, m)
+        estimate, stderr = _mean_and_stderr(_mi_terms(torch.cat(joint_parts, 1)))
+        per_dim = per_dim_stderr = None
+        if factorised:
+            per_dim, per_dim_stderr = _mean_and_stderr(_mi_terms(torch.cat(dim_parts, 1)))
+            per_dim = per_dim.clamp(min=0.0)
+    return MutualInformation(
+        site,
+        max(float(estimate), 0.0),
+        per_dim,
+        m,
+        stderr=float(stderr),
+        estimate=float(estimate),
+        per_dim_stderr=per_dim_stderr,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,7 +486,9 @@ class LayerReport:
     posterior of that dimension is the prior, whatever x), and not active when ``conditional``
     (the layer's term is not a KL, :class:`KLPerDim`); ``fraction_below``:
     the share of (datapoint, dimension) pairs with KL < epsilon; ``mutual_information``:
-    I(x; z) of the site (None when not computed); ``active_directions``: the number of
+    I(x; z) of the site (None when not computed; ``mutual_information_stderr`` its standard
+    error); ``in_use``: active and not collapsed (:attr:`in_use_dims`); ``active_directions``:
+    the number of
     directions along which the posterior mean moves with x (:class:`ActiveUnits`), below the
     number of active axes when a rotated layer lost a direction.
     """
@@ -469,6 +501,7 @@ class LayerReport:
     fraction_below: float
     mutual_information: float | None = None
     active_directions: int | None = None
+    mutual_information_stderr: float | None = None
     conditional: bool = False
     per_datapoint: torch.Tensor | None = field(default=None, repr=False)
 
@@ -479,6 +512,11 @@ class LayerReport:
     @property
     def collapsed_dims(self) -> list[int]:
         return [int(d) for d in torch.nonzero(self.collapsed).flatten()]
+
+    @property
+    def in_use_dims(self) -> list[int]:
+        """Dimensions that carry information about x: active and not collapsed."""
+        return [int(d) for d in torch.nonzero(self.active & ~self.collapsed).flatten()]
 
     @property
     def inactive_dims(self) -> list[int]:
@@ -521,16 +559,22 @@ def _dims_text(dims: list[int], limit: int = 12) -> str:
 
 
 def _verdict(report: CollapseReport) -> str:
+    """The verdict, derived from the numbers it shows: a dimension is *in use* when it is
+    active (its posterior mean moves with x) and not collapsed (at the prior)."""
     lines = []
-    every = all(layer.collapsed.all() for layer in report.layers.values())
+    layers = report.layers.values()
+    dims = sum(layer.dims for layer in layers)
+    in_use = sum(len(layer.in_use_dims) for layer in layers)
+    collapsed_total = sum(len(layer.collapsed_dims) for layer in layers)
     for name, layer in report.layers.items():
         collapsed = layer.collapsed_dims
         head = (
-            f"{name}: {layer.dims - len(collapsed)} of {layer.dims} dimensions in use, "
-            f"KL {float(layer.kl.sum()):.3g} nats"
+            f"{name}: {len(layer.in_use_dims)} of {layer.dims} dimensions in use (active, not "
+            f"at the prior), KL {float(layer.kl.sum()):.3g} nats"
         )
         if layer.mutual_information is not None:
-            head += f", I(x; {name}) = {layer.mutual_information:.3g} nats"
+            stderr = layer.mutual_information_stderr or 0.0
+            head += f", I(x; {name}) = {layer.mutual_information:.3g} ± {stderr:.2g} nats"
         head += (
             f"; {100 * layer.fraction_below:.1f}% of (datapoint, dimension) pairs have "
             f"KL < {report.epsilon:g}."
@@ -569,13 +613,24 @@ def _verdict(report: CollapseReport) -> str:
                 "conditioned on latents the guide drew from this layer (bottom-up inference), "
                 "so the term is E_q[log q - log p], not a KL."
             )
-    if every:
-        lines.insert(0, "Verdict: total posterior collapse; the latents carry no information.")
-    elif any(layer.collapsed.any() or layer.lost_directions for layer in report.layers.values()):
-        lines.insert(0, "Verdict: partial posterior collapse.")
+    unused = dims - in_use - collapsed_total
+    if collapsed_total == dims:
+        verdict = "Verdict: total posterior collapse; the latents carry no information."
+    elif in_use == 0:
+        verdict = (
+            f"Verdict: no dimension in use; the latents carry no information about x "
+            f"({collapsed_total} of {dims} at the prior, {unused} inactive off the prior)."
+        )
+    elif collapsed_total or any(layer.lost_directions for layer in layers):
+        verdict = f"Verdict: partial posterior collapse; {in_use} of {dims} dimensions in use."
+    elif unused:
+        verdict = (
+            f"Verdict: no posterior collapse, but only {in_use} of {dims} dimensions in use; "
+            f"{unused} carry no information about x though not at the prior."
+        )
     else:
-        lines.insert(0, "Verdict: no posterior collapse.")
-    return "\n".join(lines)
+        verdict = f"Verdict: no posterior collapse; all {dims} dimensions in use."
+    return "\n".join([verdict, *lines])
 
 
 def collapse_report(
@@ -646,6 +701,7 @@ def collapse_report(
             collapsed=(kl.kl < kl_threshold) & (~units.active if kl.conditional else True),
             fraction_below=kl.fraction_below(epsilon),
             mutual_information=None if mi is None else mi.total,
+            mutual_information_stderr=None if mi is None else mi.stderr,
             per_datapoint=kl.per_datapoint,
             active_directions=units.active_directions,
             conditional=kl.conditional,

@@ -126,7 +126,8 @@ def test_log_likelihood_loops_over_particles_with_the_same_draws():
         estimates[vectorize] = pvae.log_likelihood(
             lg.model, guide, x, num_samples=40, chunk_size=16, vectorize_particles=vectorize
         )
-        assert BankNormal.used == 41  # one draw to read the plates, then 40 particles
+        # one draw for the data checks, one to read the plates, then 40 particles
+        assert BankNormal.used == 42
     torch.testing.assert_close(estimates[False], estimates[True], rtol=0, atol=1e-12)
     assert (estimates[True] - lg.log_px(x)).abs().max() > 1e-3  # the draws matter
 
@@ -154,7 +155,7 @@ def test_chunks_are_pooled_over_all_samples():
         torch.testing.assert_close(estimate, estimates[0], rtol=0, atol=1e-10)
     # ... and equals the log-mean-exp of the 40 log-weights computed by hand.
     q = dist.Normal(mean + 0.8, 2.0 * cov.diagonal().sqrt())
-    z = q.loc + q.scale * BankNormal.bank[1:41]  # row 0 was the plate-reading draw
+    z = q.loc + q.scale * BankNormal.bank[2:42]  # rows 0, 1: the data checks, the plates
     log_w = (
         dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
         + dist.Normal(z @ lg.W.T + lg.b, lg.noise).log_prob(x).sum(-1)
