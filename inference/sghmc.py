@@ -118,6 +118,7 @@ _STATE_KEYS = (
     "precond",
     "grad_var",
     "window",
+    "secant",
     "step_size",
     "adapted",
     "best",
@@ -248,6 +249,7 @@ class SGHMC:
         self.adam_v: list[torch.Tensor] = []
         self.precond: list[torch.Tensor] = []  # P: the inverse mass (posterior variance estimate)
         self.grad_var: list[torch.Tensor] = []  # V_hat: the gradient's variance
+        self.secant: list[list[torch.Tensor]] = []
         # the open window's sums per site: [theta at its start, sum d, sum d^2, sum g, sum g^2]
         self.window: list[list[torch.Tensor]] = []
         self.window_count = 0
@@ -261,7 +263,8 @@ class SGHMC:
         self.batch_rows = 1
         self.stochastic = False
         self.generator = torch.Generator()
-        self._init_steps, self._window_ends = 0, []
+        self._init_steps = 0
+        self._window_ends: list[int] = []
         self._eta: list[torch.Tensor | float] = []
         self._noise: list[torch.Tensor | float] = []
 
@@ -335,6 +338,9 @@ class SGHMC:
         self.adam_v = [torch.zeros_like(t) for t in self.theta]
         self.precond = [torch.ones_like(t) for t in self.theta]
         self.grad_var = [torch.zeros_like(t) for t in self.theta]
+        # the optimisation's secant sums per site: [previous theta, previous g, sum dtheta^2,
+        # sum dg^2]
+        self.secant = [[torch.zeros_like(t) for _ in range(4)] for t in self.theta]
         self._open_window()
         self._plan()
         self._frozen()
@@ -370,9 +376,7 @@ class SGHMC:
             self._eta = [eta] * len(self.theta)
             self._noise = [math.sqrt(2 * alpha * eta)] * len(self.theta)
             return
-        share = max(
-            float((p * v).max()) for p, v in zip(self.precond, self.grad_var, strict=True)
-        )
+        share = max(float((p * v).max()) for p, v in zip(self.precond, self.grad_var, strict=True))
         self.step_size = min(self.lr, 2 * alpha * _NOISE_SHARE / max(share, _EPS))
         for p, v in zip(self.precond, self.grad_var, strict=True):
             eta_i = self.step_size * p
@@ -482,26 +486,44 @@ class SGHMC:
 
     def _optimise(self, grads: tuple[torch.Tensor, ...]) -> None:
         """One Adam step up the log joint (the start-near-the-mode phase); at its last step,
-        the first preconditioner: P_i = (N / B) / mean(g_i^2) (near the mode the squared
-        gradient is mostly minibatch noise, about N / B times the curvature)."""
+        the first preconditioner P_i, an estimate of the posterior variance 1 / h_i (h_i the
+        curvature). Under minibatches: (N / B) / mean(g_i^2), since near the mode the squared
+        gradient is mostly minibatch noise, about N / B times the curvature. With every
+        datapoint in every step: the secant sqrt(sum dtheta_i^2 / sum dg_i^2) over the
+        phase's second half (a curvature over-estimated by the other coordinates' coupling
+        gives a smaller, safe, P_i)."""
         b1, b2 = _ADAM_BETAS
         k = self.step_count + 1
         first, last = _ADAM_LR
         lr = first * (last / first) ** (k / self._init_steps)
-        for theta, m, v, g in zip(self.theta, self.adam_m, self.adam_v, grads, strict=True):
+        second_half = 2 * k > self._init_steps
+        for theta, m, v, g, secant in zip(
+            self.theta, self.adam_m, self.adam_v, grads, self.secant, strict=True
+        ):
+            if second_half:
+                if 2 * (k - 1) > self._init_steps:  # the previous step is in it too
+                    secant[2].add_((theta - secant[0]).square())
+                    secant[3].add_((g - secant[1]).square())
+                secant[0].copy_(theta)
+                secant[1].copy_(g)
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             step = (m / (1 - b1**k)) / ((v / (1 - b2**k)).sqrt() + _EPS)
             theta.add_(step, alpha=lr)
-        if k == self._init_steps:
-            ratio = self.num_data / self.batch_rows if self.stochastic else 1.0
-            for p, gv, v in zip(self.precond, self.grad_var, self.adam_v, strict=True):
-                mean_square = v / (1 - b2**k)
-                p.copy_(ratio / (mean_square + _EPS))
-                gv.copy_(mean_square)
-            self.adapted = True
-            self._open_window()
-            self._frozen()
+        if k < self._init_steps:
+            return
+        for p, gv, v, secant in zip(
+            self.precond, self.grad_var, self.adam_v, self.secant, strict=True
+        ):
+            mean_square = v / (1 - b2**k)
+            if self.stochastic:
+                p.copy_(self.num_data / self.batch_rows / (mean_square + _EPS))
+            else:
+                p.copy_((secant[2] / (secant[3] + _EPS)).sqrt())
+            gv.copy_(mean_square)
+        self.adapted = True
+        self._open_window()
+        self._frozen()
 
     def _accumulate(self, grads: tuple[torch.Tensor, ...]) -> None:
         """Adds the state where the gradient was taken, and the gradient, to the window."""
@@ -554,6 +576,7 @@ class SGHMC:
             "precond": [t.clone() for t in self.precond],
             "grad_var": [t.clone() for t in self.grad_var],
             "window": [[t.clone() for t in sums] for sums in self.window],
+            "secant": [[t.clone() for t in sums] for sums in self.secant],
             "window_count": self.window_count,
             "step_size": self.step_size,
             "adapted": self.adapted,
@@ -592,6 +615,7 @@ class SGHMC:
                 for mine, saved in zip(getattr(self, key), state[key], strict=True):
                     mine.copy_(saved)
         self.window = [[t.clone() for t in sums] for sums in state["window"]]
+        self.secant = [[t.clone() for t in sums] for sums in state["secant"]]
         self.window_count = int(state["window_count"])
         self.step_size = float(state["step_size"])
         self.adapted = bool(state["adapted"])

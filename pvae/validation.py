@@ -344,7 +344,7 @@ def check_support(
 
 def check_pair_data(
     model: Callable,
-    guide: Callable,
+    guide: Callable | None,
     data: Data,
     name: str,
     batch_size: int,
@@ -354,12 +354,18 @@ def check_pair_data(
     """All data checks of ``data`` against the pair, once (see the module's docstring).
 
     ``batch_size`` rows (a real batch) are the probe, so that a pair whose data plate
-    subsamples with ``subsample_size=batch_size`` runs as it will in training.
+    subsamples with ``subsample_size=batch_size`` runs as it will in training. ``guide=None``:
+    a model alone, as a sampler runs it (every check but the guide's coverage).
     """
     check_finite(data, name)
     n = _length(data)
     batch = get_batch(data, torch.arange(min(batch_size, n)))
-    model_trace, guide_trace = _probe_traces(model, guide, batch, name)
+    model_trace, guide_trace = _probe_traces(model, guide or _no_guide, batch, name)
     check_data_plate(model_trace, guide_trace, batch[0].shape[0] if batch else 0, who)
-    check_guide_covers_model(model_trace, guide_trace, who)
+    if guide is not None:
+        check_guide_covers_model(model_trace, guide_trace, who)
     check_support(model_trace, batch, data, name)
+
+
+def _no_guide(*args: Any, **kwargs: Any) -> None:
+    """The empty guide of a model checked alone (a sampler's)."""
