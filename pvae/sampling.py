@@ -437,6 +437,12 @@ class _Sampling:
                 f"{self.path} is damaged: {bad or ['samples']} are not arrays of "
                 f"(chains, draws) = {expected}; start a new run"
             )
+        for name, value in {**arrays, "warmup_log_joint": warm}.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(
+                    f"refusing to resume from {self.path}: its {name!r} holds NaN or infinite "
+                    "values (a damaged checkpoint); start a new run"
+                )
         if chain < self.num_chains and not isinstance(state.get("engine"), Mapping):
             raise ValueError(f"{self.path} is damaged: it holds no sampler state; start a new run")
         return int(chain), int(step)  # type: ignore[arg-type]  # checked above
