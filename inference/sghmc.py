@@ -36,9 +36,10 @@ steps, then freezes everything, so that the sampling phase is a time-homogeneous
    from the estimates of the one before, so the transient's estimates are discarded.
 3. *The step.* With these, the step is the largest that keeps the minibatch-noise share small
    in every coordinate: ``eta = min(lr, 2 * alpha * c / max_i(P_i * V_hat_i))`` with c = 2.
-   Since the gradient's variance over a window includes its variation along the posterior
-   (P_i * V_hat_i >= 1 by the Cramér-Rao bound), the rule gives the step ``lr`` when every
-   step sees all the data and a step shrinking like B / N under minibatches. Minibatches are a
+   The gradient's variance over a window includes its variation along the posterior (at
+   stationarity P_i * V_hat_i >= 1, by Stein's identity Cov(theta_i, d_i log p) = -1 and
+   Cauchy-Schwarz), so the rule gives the step ``lr`` when every step sees all the data and a
+   step shrinking like B / N under minibatches. Minibatches are a
    random reshuffling per epoch, whose noise sums to zero over an epoch and so heats the slow
    dynamics far less than white noise of the same variance would: a fixed share (0.15) of
    ``eta_i^2 * V_hat_i`` is removed from the injected noise.
