@@ -109,6 +109,7 @@ _FIRST_WINDOW = 50  # the first adaptation window; each next one doubles
 _ADAM_LR = (0.1, 0.001)  # the optimiser's step, decaying geometrically from the first to the second
 _ADAM_BETAS = (0.9, 0.999)
 _BLOWUP = 100.0  # a log joint this many times its best magnitude below the best: diverged
+_FLOOR = 0.01  # the first preconditioner's gradient terms: floored at this share of their mean
 
 _STATE_KEYS = (
     "names",
@@ -513,14 +514,20 @@ class SGHMC:
             theta.add_(step, alpha=lr)
         if k < self._init_steps:
             return
-        for p, gv, v, secant in zip(
-            self.precond, self.grad_var, self.adam_v, self.secant, strict=True
+        # A coordinate whose gradient barely moved (a dead unit, a flat direction) would get a
+        # huge P_i and a step that explodes: its gradient terms are floored at 1% of their
+        # average over all coordinates.
+        squares = [v / (1 - b2**k) for v in self.adam_v]
+        floor_v = _FLOOR * _average(squares)
+        floor_g = _FLOOR * _average([secant[3] for secant in self.secant])
+        for p, gv, mean_square, secant in zip(
+            self.precond, self.grad_var, squares, self.secant, strict=True
         ):
-            mean_square = v / (1 - b2**k)
             if self.stochastic:
-                p.copy_(self.num_data / self.batch_rows / (mean_square + _EPS))
+                ratio = self.num_data / self.batch_rows
+                p.copy_(ratio / (mean_square.clamp(min=floor_v) + _EPS))
             else:
-                p.copy_((secant[2] / (secant[3] + _EPS)).sqrt())
+                p.copy_((secant[2] / (secant[3].clamp(min=floor_g) + _EPS)).sqrt())
             gv.copy_(mean_square)
         self.adapted = True
         self._open_window()
@@ -626,6 +633,11 @@ class SGHMC:
         self.generator.set_state(state["generator"])
         self._plan()
         self._frozen()
+
+
+def _average(tensors: list[torch.Tensor]) -> float:
+    """The mean of every element of ``tensors``."""
+    return float(sum(t.sum() for t in tensors)) / max(1, sum(t.numel() for t in tensors))
 
 
 def _is_identity(transform: Any) -> bool:
