@@ -127,40 +127,41 @@ def run_blackjax(
     grad = blackjax.sgmcmc.gradients.grad_estimator(logprior, loglik, N)
     rng = np.random.default_rng(seed)
 
-    def batches(chain_rng):
-        while True:
-            order = chain_rng.permutation(N)
-            for j in range(0, N, BATCH):
-                idx = order[j : j + BATCH]
-                yield xj[idx], yj[idx]
+    def batch_rows(chain_rng: np.random.Generator, calls: int) -> np.ndarray:
+        """(calls, B) row indices: a fresh permutation per epoch, as pvae's loop draws them."""
+        epochs = -(-calls * BATCH // N)
+        rows = np.concatenate([chain_rng.permutation(N) for _ in range(epochs)])
+        return rows[: calls * BATCH].reshape(calls, BATCH)
 
-    configs = []
-    for step in (3e-3, 1e-2, 2e-2):
-        configs.append((f"blackjax SGHMC eps={step:g}", "sghmc", step))
-    for step in (1e-4, 3e-4, 6e-4):
-        configs.append((f"blackjax SGLD eps={step:g}", "sgld", step))
+    configs = [(f"blackjax SGHMC eps={e:g}", "sghmc", e) for e in (3e-3, 1e-2, 2e-2)]
+    configs += [(f"blackjax SGLD eps={e:g}", "sgld", e) for e in (1e-4, 3e-4, 6e-4)]
     for name, kind, step in configs:
-        if kind == "sghmc":  # 10 leapfrog steps (10 gradients) per call, momentum refreshed
+        if kind == "sghmc":  # 10 integration steps (10 gradients) per call, momentum refreshed
             algo = blackjax.sghmc(grad, num_integration_steps=10, alpha=10.0)
             per_call = 10
         else:
             algo = blackjax.sgld(grad)
             per_call = 1
-        kernel = jax.jit(lambda key, w, batch, algo=algo, step=step: algo.step(key, w, batch, step))
+
+        def chain_fn(key, w0, rows, algo=algo, step=step):
+            def body(carry, index):
+                w, key = carry
+                key, sub = jax.random.split(key)
+                w = algo.step(sub, w, (xj[index], yj[index]), step)
+                return (w, key), w
+
+            return jax.lax.scan(body, (w0, key), rows)[1]
+
+        run = jax.jit(chain_fn)
         calls = gradients_per_chain // per_call
         keep = calls // 2
         draws = np.zeros((CHAINS, keep, D), dtype=np.float64)
         start = time.perf_counter()
         for chain in range(CHAINS):
-            chain_rng = np.random.default_rng([seed, chain])
-            w = jnp.asarray(rng.uniform(-2.0, 2.0, D).astype(np.float32))
-            key = jax.random.PRNGKey(seed * 1000 + chain)
-            feed = batches(chain_rng)
-            for t in range(calls):
-                key, sub = jax.random.split(key)
-                w = kernel(sub, w, next(feed))
-                if t >= calls - keep:
-                    draws[chain, t - (calls - keep)] = np.asarray(w)
+            rows = batch_rows(np.random.default_rng([seed, chain]), calls)
+            w0 = jnp.asarray(rng.uniform(-2.0, 2.0, D).astype(np.float32))
+            path = run(jax.random.PRNGKey(seed * 1000 + chain), w0, jnp.asarray(rows))
+            draws[chain] = np.asarray(path)[calls - keep :]
         seconds = time.perf_counter() - start
         report(
             f"{name} seed {seed}",

@@ -5,9 +5,9 @@ called exactly as the README's ``pvae.sample`` snippet: default ``SGHMC()``, 4 c
 Bands, from the Monte-Carlo error: with a bulk ESS of E, a posterior mean's standard error is
 sd / sqrt(E) and a posterior sd's relative standard error about 1 / sqrt(2 E). Each test first
 asserts E >= 150 for every coordinate; there the mean band (0.3 sd) is 3.7 standard errors and
-the sd band (20%) 3.5 standard errors (at the ESS these runs reach, 250-400, 4.7 and 4.5). The
-remaining room covers the sampler's biases (step size and uncompensated minibatch noise: at most
-5% of the sd measured on these problems over seeds 0-3). With the old defaults (uniform start,
+the sd band (20%) 3.5 standard errors (at the ESS these runs reach, 180-310, 4.0 and 3.8). The
+remaining room covers the sampler's biases (step size and uncompensated minibatch noise: sd
+ratios 0.92-1.04 measured on these problems over seeds 0-3, Monte-Carlo error included). With the old defaults (uniform start,
 frozen Springenberg preconditioner) these runs gave R-hat 1.6-4.6, sds up to 19x too wide and
 means up to 21 posterior sd off.
 """
