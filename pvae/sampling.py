@@ -58,7 +58,7 @@ _SAMPLER_METHODS = ("setup", "train_step", "values", "state_dict", "load_state_d
 
 
 class SamplingDiverged(FloatingPointError):
-    """The log joint of a chain became NaN or infinite."""
+    """A chain diverged: its log joint became NaN or infinite, or its state exploded."""
 
 
 class SamplingInterrupted(KeyboardInterrupt):
@@ -118,6 +118,45 @@ class Posterior:
     run_dir: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse arrays whose shapes disagree: every sample tensor must be
+        ``(num_chains, num_samples, *site_shape)`` with the log joint's ``(num_chains,
+        num_samples)``, the warm-up log joint ``(num_chains, warmup)``.
+
+        :raises ValueError: naming the first array whose shape does not fit.
+        """
+        lj = self.log_joint
+        if not isinstance(lj, torch.Tensor) or lj.dim() != 2:
+            shape = tuple(lj.shape) if isinstance(lj, torch.Tensor) else type(lj).__name__
+            raise ValueError(
+                f"Posterior.log_joint must be a (num_chains, num_samples) tensor, got {shape}"
+            )
+        if not isinstance(self.samples, Mapping):
+            raise ValueError(
+                f"Posterior.samples must be a dict of site -> tensor, got "
+                f"{type(self.samples).__name__}"
+            )
+        for name, value in self.samples.items():
+            if not isinstance(value, torch.Tensor) or tuple(value.shape[:2]) != tuple(lj.shape):
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
+                raise ValueError(
+                    f"Posterior.samples[{name!r}] has shape {shape}; every site must be "
+                    f"(num_chains, num_samples, *site_shape) with (num_chains, num_samples) = "
+                    f"{tuple(lj.shape)}, the log joint's"
+                )
+        warm = self.warmup_log_joint
+        if not isinstance(warm, torch.Tensor) or (
+            warm.numel() > 0 and (warm.dim() != 2 or warm.shape[0] != lj.shape[0])
+        ):
+            shape = tuple(warm.shape) if isinstance(warm, torch.Tensor) else type(warm).__name__
+            raise ValueError(
+                f"Posterior.warmup_log_joint must be (num_chains, warmup) with num_chains = "
+                f"{lj.shape[0]}, got {shape}"
+            )
+
     @property
     def num_chains(self) -> int:
         return int(self.log_joint.shape[0])
@@ -140,6 +179,7 @@ class Posterior:
         ``lp`` (the log joint). Use it for R-hat, ESS, trace and rank plots."""
         import arviz
 
+        self.check()
         posterior = {name: t.double().numpy() for name, t in self.samples.items()}
         groups = {"posterior": posterior, "sample_stats": {"lp": self.log_joint.double().numpy()}}
         from_dict: Any = arviz.from_dict
@@ -283,7 +323,9 @@ def sample(
     :param progress: a progress bar (on a terminal) with the chain and the running log joint.
     :param checkpoint_every: steps between checkpoints within a chain.
     :returns: a :class:`Posterior`.
-    :raises SamplingDiverged: the log joint became NaN or infinite (lower ``lr``).
+    :raises SamplingDiverged: a chain diverged: its log joint became NaN or infinite, or
+        collapsed as its state exploded (lower ``lr``); the message names the checkpoint
+        only when one was written.
     :raises SamplingInterrupted: SIGINT (Ctrl-C) during sampling, after the checkpoint of the
         last whole step was written (a ``KeyboardInterrupt``).
     """
@@ -305,8 +347,9 @@ def sample(
         raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
     if data is not None:
         data = validation.as_data(data, "data")
-        validation.check_finite(data, "data")
-        validation.check_model_data(model, data, "data", batch_size, get_batch)
+        # fit's data checks (finite values, per-datapoint sites in pyro.plate("data"), the
+        # observed sites' supports), on the model alone
+        validation.check_pair_data(model, None, data, "data", batch_size, get_batch, "sample")
     n = num_items(data) if data is not None else 1
     settings = _settings(
         sampler,
@@ -355,6 +398,7 @@ class _Sampling:
         self.run_dir = str(run_dir) if run_dir is not None else None
         self.path = Path(run_dir) / CHECKPOINT if run_dir is not None else None
         self.checkpoint_every = checkpoint_every
+        self.written = False  # whether this run has a checkpoint on disk
         self.num_samples, self.warmup = settings["num_samples"], settings["warmup"]
         self.thin, self.num_chains = settings["thin"], settings["num_chains"]
         self.steps = self.warmup + self.num_samples * self.thin
@@ -396,16 +440,62 @@ class _Sampling:
                 f"differ from its checkpoint: {'; '.join(differ)}; resume with the same "
                 "settings or start a new run in another run_dir"
             )
+        chain, step = self._position(state)
         self.samples = dict(state["samples"])
         self.log_joint = state["log_joint"]
         self.warmup_log_joint = state["warmup_log_joint"]
-        chain, step = int(state["chain"]), int(state["step"])
+        self.written = True
         if chain < self.num_chains and step > 0:  # mid-chain; at step 0 run() starts the chain
             batches = _Batches(self.data, self.settings["batch_size"], self.settings["seed"], chain)
             self._start_chain(chain, batches)
             self.sampler.load_state_dict(state["engine"])
         set_rng_state(state["rng"])
         return chain, step
+
+    def _position(self, state: Mapping[str, Any]) -> tuple[int, int]:
+        """The checkpoint's (chain, step), checked against this run, and its arrays' shapes
+        (a damaged or edited checkpoint is refused, not half-loaded)."""
+        chain, step = state.get("chain"), state.get("step")
+        valid = (
+            type(chain) is int
+            and type(step) is int
+            and 0 <= chain <= self.num_chains
+            and 0 <= step < self.steps
+            and (chain < self.num_chains or step == 0)
+        )
+        if not valid:
+            raise ValueError(
+                f"{self.path} is damaged: its position (chain {chain!r}, step {step!r}) is not "
+                f"one of this run (chains 0-{self.num_chains - 1}, steps 0-{self.steps - 1}, or "
+                f"chain {self.num_chains} step 0 when finished); start a new run"
+            )
+        expected = (self.num_chains, self.num_samples)
+        arrays = {"log_joint": state.get("log_joint"), **dict(state.get("samples") or {})}
+        bad = [
+            name
+            for name, value in arrays.items()
+            if not isinstance(value, torch.Tensor) or tuple(value.shape[:2]) != expected
+        ]
+        warm = state.get("warmup_log_joint")
+        if not isinstance(warm, torch.Tensor) or tuple(warm.shape) != (
+            self.num_chains,
+            self.warmup,
+        ):
+            bad.append("warmup_log_joint")
+        if bad or not state.get("samples"):
+            raise ValueError(
+                f"{self.path} is damaged: {bad or ['samples']} are not arrays of "
+                f"(chains, draws) = {expected}; start a new run"
+            )
+        for name, value in {**arrays, "warmup_log_joint": warm}.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(
+                    f"refusing to resume from {self.path}: its {name!r} holds NaN or infinite "
+                    "values (a damaged checkpoint); start a new run"
+                )
+        if chain < self.num_chains and not isinstance(state.get("engine"), Mapping):
+            raise ValueError(f"{self.path} is damaged: it holds no sampler state; start a new run")
+        return int(chain), int(step)  # type: ignore[arg-type]  # checked above
 
     def _checkpoint(self, chain: int, step: int) -> None:
         if self.path is None:
@@ -425,6 +515,7 @@ class _Sampling:
         }
         run_json = {"kind": "sample", "chain": chain, "step": step, "settings": self.settings}
         write_checkpoint(self.path, state, run_json)
+        self.written = True
 
     def _interruption(self, chain: int, step: int) -> SamplingInterrupted:
         """What SIGINT raises once the checkpoint at ``(chain, step)`` is written."""
@@ -481,15 +572,17 @@ class _Sampling:
         running: float | None = None
         for step in range(start, self.steps):
             # Pyro's argument checks on a chain's first step only (as fit does per epoch).
-            with pyro.validation_enabled(step == start and validate):
-                record = sampler.train_step(model, None, *batches(step))
-            log_joint = record.log_joint
-            if log_joint is None or not math.isfinite(log_joint):
-                raise SamplingDiverged(
-                    f"the log joint became {log_joint} at chain {chain}, step {step}; lower the "
-                    "sampler's lr"
-                    + (f" (checkpoint in {self.path})" if self.path is not None else "")
-                )
+            try:
+                with pyro.validation_enabled(step == start and validate):
+                    record = sampler.train_step(model, None, *batches(step))
+                log_joint = record.log_joint
+                if log_joint is None or not math.isfinite(log_joint):
+                    raise SamplingDiverged(
+                        f"the log joint became {log_joint}; lower the sampler's lr"
+                    )
+            except SamplingDiverged as error:
+                where = f" (the last checkpoint: {self.path})" if self.written else ""
+                raise SamplingDiverged(f"chain {chain}, step {step}: {error}{where}") from error
             if step < warmup:
                 self.warmup_log_joint[chain, step] = log_joint
             elif (step - warmup + 1) % thin == 0:

@@ -349,7 +349,7 @@ def check_support(
 
 def check_pair_data(
     model: Callable,
-    guide: Callable,
+    guide: Callable | None,
     data: Data,
     name: str,
     batch_size: int,
@@ -360,15 +360,17 @@ def check_pair_data(
 
     ``batch_size`` rows (a real batch) are the probe, so that a pair whose data plate
     subsamples with ``subsample_size=batch_size`` runs as it will in training.
+    ``guide=None``: a model alone, as a sampler runs it (every check but the guide's coverage).
 
     :returns: the probe's ``(model_trace, guide_trace)``, for further checks of the pair.
     """
     check_finite(data, name)
     n = _length(data)
     batch = get_batch(data, torch.arange(min(batch_size, n)))
-    model_trace, guide_trace = _probe_traces(model, guide, batch, name)
+    model_trace, guide_trace = _probe_traces(model, guide or _no_guide, batch, name)
     check_data_plate(model_trace, guide_trace, batch[0].shape[0] if batch else 0, who)
-    check_guide_covers_model(model_trace, guide_trace, who)
+    if guide is not None:
+        check_guide_covers_model(model_trace, guide_trace, who)
     check_support(model_trace, batch, data, name)
     return model_trace, guide_trace
 
@@ -420,32 +422,6 @@ def _multi_index(flat: int, shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(index))
 
 
-def check_model_data(
-    model: Callable,
-    data: Data,
-    name: str,
-    batch_size: int,
-    get_batch: Callable[[Data, torch.Tensor], tuple],
-) -> None:
-    """:func:`check_pair_data`'s dtype, shape and support checks for a model without a guide
-    (a sampler's): the model is run once on a real batch, its latents drawn from its priors,
-    and every observed site's data is checked against its support on the whole data set."""
-    n = _length(data)
-    batch = get_batch(data, torch.arange(min(batch_size, n)))
-    store = pyro.get_param_store()
-    before = set(store.keys())
-    try:
-        with (
-            poutine.block(),
-            torch.no_grad(),
-            torch.random.fork_rng(devices=[]),
-            pyro.validation_enabled(False),
-        ):
-            try:
-                model_trace = poutine.trace(model).get_trace(*batch)
-            except (RuntimeError, TypeError, IndexError, ValueError) as error:
-                raise _explain(error, batch, name) from error
-    finally:  # the probe leaves Pyro's parameter store as it found it
-        for new in set(store.keys()) - before:
-            del store[new]
-    check_support(model_trace, batch, data, name)
+
+def _no_guide(*args: Any, **kwargs: Any) -> None:
+    """The empty guide of a model checked alone (a sampler's)."""
