@@ -7,9 +7,9 @@ sd / sqrt(E) and a posterior sd's relative standard error about 1 / sqrt(2 E). E
 asserts E >= 150 for every coordinate; there the mean band (0.3 sd) is 3.7 standard errors and
 the sd band (20%) 3.5 standard errors (at the ESS these runs reach, 180-310, 4.0 and 3.8). The
 remaining room covers the sampler's biases (step size and uncompensated minibatch noise: sd
-ratios 0.92-1.04 measured on these problems over seeds 0-3, Monte-Carlo error included). With the old defaults (uniform start,
-frozen Springenberg preconditioner) these runs gave R-hat 1.6-4.6, sds up to 19x too wide and
-means up to 21 posterior sd off.
+ratios 0.92-1.04 measured on these problems over seeds 0-3, Monte-Carlo error included). With
+the old defaults (uniform start, frozen Springenberg preconditioner) these runs gave R-hat
+1.6-4.6, sds up to 19x too wide and means up to 21 posterior sd off.
 """
 
 from __future__ import annotations
