@@ -422,6 +422,5 @@ def _multi_index(flat: int, shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(index))
 
 
-
 def _no_guide(*args: Any, **kwargs: Any) -> None:
     """The empty guide of a model checked alone (a sampler's)."""
