@@ -319,6 +319,7 @@ class AggressiveEncoder(StepPolicy):
             generator=torch.Generator().manual_seed(seed),
             ddp=training.ddp,
             window=self.window,
+            where=f"before the training step of epoch {epoch}, step {step}",
         )
 
     def select_grads(self, training: _Training) -> Sequence[torch.Tensor]:
@@ -357,11 +358,12 @@ def _encoder_steps(
     generator: torch.Generator,
     ddp: _Distributed,
     window: int = 10,
+    where: str = "",
 ) -> int:
     """He et al. (2019)'s inner loop: guide-only steps on fresh minibatches until the mean
     loss of a window of ``window`` steps stops falling, at most ``max_steps``; returns the
     number taken. The engine's state (its step counter, which drives beta schedules) is left
-    as found."""
+    as found. ``where`` (the training step they precede) goes into a divergence's message."""
     n_train = num_items(train)
     saved = snapshot_engine_state(engine)
     previous, losses = float("inf"), []
@@ -371,7 +373,9 @@ def _encoder_steps(
         loss = engine.loss_and_grads(model, guide, *get_batch(train, index[ddp.rank :: ddp.world]))
         loss = ddp.mean(float(loss))
         if not np.isfinite(loss):
-            raise TrainingDiverged(f"the bound became {-loss} during aggressive encoder steps")
+            raise TrainingDiverged(
+                f"the bound became {-loss} on aggressive encoder step {taken} {where}".rstrip()
+            )
         for p in model_params:
             p.grad = None
         ddp.average_grads(guide_params)
@@ -508,6 +512,53 @@ class _Training:
         at = f"at epoch {epoch}, step {step}" if step is not None else f"during epoch {epoch}"
         return TrainingDiverged(f"{what} {at}; {self._last_good()}")
 
+    def _non_finite_params(self) -> list[str]:
+        return [name for name, p in self.params.items() if not bool(torch.isfinite(p).all())]
+
+    def _step_diverged(self, epoch: int, step: int, what: str) -> TrainingDiverged:
+        """Step ``step``'s bound is not finite: say whether the parameters it started from
+        already were (a non-finite gradient in an earlier update of this epoch: the epoch
+        began with finite parameters, :meth:`end_epoch_check` sees to that)."""
+        bad = self._non_finite_params()
+        if not bad:
+            return self._diverged(epoch, step, what)
+        if step == 0:
+            where = "before the epoch's first step"
+        elif step == 1:
+            where = f"in the update of epoch {epoch}, step 0"
+        else:
+            where = f"in an update of epoch {epoch}, step {step - 1} or earlier"
+        return TrainingDiverged(
+            f"parameters {bad[:3]} became NaN or infinite (a non-finite gradient) {where}, "
+            f"and then {what} at epoch {epoch}, step {step}; {self._last_good()}"
+        )
+
+    def _check_last_gradients(self, epoch: int, step: int) -> None:
+        """The gradients of the epoch's last step, before its update: once per epoch, so a
+        non-finite gradient there is named exactly (a non-finite gradient on an earlier step
+        shows as the next step's bound)."""
+        bad = [
+            name
+            for name, p in self.params.items()
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        ]
+        if bad:
+            raise TrainingDiverged(
+                f"the gradient of parameters {bad[:3]} became NaN or infinite at epoch {epoch}, "
+                f"step {step} (the epoch's last step; its bound was finite); {self._last_good()}"
+            )
+
+    def end_epoch_check(self, epoch: int) -> None:
+        """The parameters after the epoch's last update, before validation and callbacks."""
+        bad = self._non_finite_params()
+        if bad:
+            last = self.steps_per_epoch - 1
+            raise TrainingDiverged(
+                f"parameters {bad[:3]} became NaN or infinite during epoch {epoch} (in an "
+                f"update before its last step, {last}, whose gradients were finite, or in that "
+                f"step's update); {self._last_good()}"
+            )
+
     def _last_good(self) -> str:
         """What is true of the run folder now (checkpoints are written only when finite)."""
         if self.checkpoint_path is None:
@@ -547,18 +598,20 @@ class _Training:
             except ValueError as error:  # Pyro's validation meets NaN parameters first
                 if "invalid values" not in str(error):
                     raise
-                raise self._diverged(
+                raise self._step_diverged(
                     epoch, step, f"non-finite values ({str(error).splitlines()[0]})"
                 ) from error
             bound = ddp.mean(record.bound)  # type: ignore[arg-type]
             if not math.isfinite(bound):
-                raise self._diverged(epoch, step, f"the bound became {bound}")
+                raise self._step_diverged(epoch, step, f"the bound became {bound}")
             if len(pyro.get_param_store()) != store_size:
                 raise ValueError(
                     "the model or guide created new parameters after its first step; "
                     "pvae.fit needs every parameter to exist at the first call"
                 )
             ddp.average_grads(policy.select_grads(self))
+            if step == self.steps_per_epoch - 1:
+                self._check_last_gradients(epoch, step)
             opt.step()
             opt.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - t0
@@ -578,19 +631,35 @@ class _Training:
         return epoch_bound / n_train, epoch_seconds
 
     # -- validation ---------------------------------------------------------------------------
-    def validate(self, model: Callable, guide: Callable, valid: Data | None) -> float | None:
-        """The engine's bound on ``valid`` in nats per datapoint (averaged over processes)."""
+    def validate(
+        self, model: Callable, guide: Callable, valid: Data | None, epoch: int
+    ) -> float | None:
+        """The engine's bound on ``valid`` in nats per datapoint (averaged over processes);
+        NaN there stops the run, naming the epoch."""
         if valid is None:
             return None
-        return self.ddp.mean(evaluate_bound(model, guide, valid, self.engine, self.batch_size))
+        try:
+            bound = evaluate_bound(model, guide, valid, self.engine, self.batch_size)
+        except ValueError as error:  # Pyro's validation meets non-finite values first
+            if "invalid values" not in str(error):
+                raise
+            bound = math.nan
+        bound = self.ddp.mean(bound)
+        if math.isnan(bound):
+            raise TrainingDiverged(
+                f"the validation bound became nan after epoch {epoch} (whose training steps "
+                f"and parameters were finite); {self._last_good()}"
+            )
+        return bound
 
     # -- checkpoint ---------------------------------------------------------------------------
     def checkpoint(self, epoch: int) -> None:
         """Write ``checkpoint.pt`` and ``run.json`` atomically (rank 0, with a run_dir)."""
-        bad = [name for name, p in self.params.items() if not bool(torch.isfinite(p).all())]
-        if bad:  # a NaN gradient with a finite bound: the parameters are lost, not the run
-            raise self._diverged(
-                epoch, None, f"parameters {bad[:3]} became NaN or infinite (a non-finite gradient)"
+        bad = self._non_finite_params()
+        if bad:  # finite after the last step (end_epoch_check): the epoch's callbacks did it
+            raise TrainingDiverged(
+                f"parameters {bad[:3]} became NaN or infinite in the callbacks of epoch {epoch} "
+                f"(they were finite after its last step); {self._last_good()}"
             )
         if self.checkpoint_path is None or self.ddp.rank != 0:
             return
@@ -797,10 +866,11 @@ def _fit(
     try:
         for epoch in range(start_epoch, epochs):
             train_bound, seconds = training.run_epoch(epoch, bar)
+            training.end_epoch_check(epoch)
             epoch_record: dict[str, Any] = {
                 "epoch": epoch,
                 "train_bound": train_bound,
-                "valid_bound": training.validate(model, guide, valid),
+                "valid_bound": training.validate(model, guide, valid, epoch),
                 "seconds": seconds,
                 "steps": training.steps_per_epoch,
                 "bound_source": run.bound_source,
