@@ -61,6 +61,7 @@ __all__ = [
     "Run",
     "StepPolicy",
     "TrainingDiverged",
+    "check_fit",
     "evaluate_bound",
     "fit",
     "load_checkpoint",
@@ -754,13 +755,8 @@ def fit(
     _check_arguments(engine, epochs, batch_size, optimizer, lr, seed, run_dir, resume)
     if aggressive_encoder is not None:
         validation.positive_int(aggressive_encoder, "aggressive_encoder")
-    train = validation.as_data(train, "train")
     batch_size = int(batch_size)
-    validation.check_pair_data(model, guide, train, "train", batch_size, get_batch)
-    if valid is not None:
-        valid = validation.as_data(valid, "valid")
-        validation.check_like(valid, train, "valid")
-        validation.check_pair_data(model, guide, valid, "valid", batch_size, get_batch)
+    train, valid = _check_data_and_engine(model, guide, train, engine, batch_size, valid)
     options: dict[str, Any] = dict(
         epochs=int(epochs),
         batch_size=batch_size,
@@ -791,6 +787,88 @@ def fit(
         raise
 
 
+def check_fit(
+    model: Callable,
+    guide: Callable,
+    train: Data,
+    engine: Any = None,
+    batch_size: int = 100,
+    valid: Data | None = None,
+) -> None:
+    """Everything :func:`fit` checks before it trains or writes anything, without training:
+    the data (``train``, ``valid``: as in ``fit``), the data against the pair (one run of the
+    pair on a batch of ``batch_size`` rows: shapes, dtypes, devices, the data plate, the
+    guide's coverage of the model's latents, the support of the observed sites), and the
+    engine against the pair (its bound evaluated once on that batch, without gradients, so
+    that an engine that does not apply to the pair, such as ``KalmanELBO`` on a pair without
+    a smoothed state-space posterior, refuses it here).
+
+    Pyro's parameter store, the random generators and the engine's state are left as found.
+    A program that writes files before calling ``fit`` (a configuration, a log) calls this
+    first; the command line does.
+
+    :raises ValueError, TypeError: what ``fit`` would raise before its first step.
+    """
+    from pvae.inference import ELBO  # late import: core does not depend on engines at import
+
+    engine = engine if engine is not None else ELBO()
+    _check_engine(engine)
+    batch_size = validation.positive_int(batch_size, "batch_size")
+    _check_data_and_engine(model, guide, train, engine, batch_size, valid)
+
+
+def _check_data_and_engine(
+    model: Callable,
+    guide: Callable,
+    train: Data,
+    engine: Any,
+    batch_size: int,
+    valid: Data | None,
+) -> tuple[Data, Data | None]:
+    """:func:`check_fit`'s checks once the scalar arguments are checked; returns the data
+    (NumPy arrays converted)."""
+    train = validation.as_data(train, "train")
+    validation.check_pair_data(model, guide, train, "train", batch_size, get_batch)
+    if valid is not None:
+        valid = validation.as_data(valid, "valid")
+        validation.check_like(valid, train, "valid")
+        validation.check_pair_data(model, guide, valid, "valid", batch_size, get_batch)
+    _probe_engine(model, guide, train, engine, batch_size)
+    return train, valid
+
+
+def _probe_engine(
+    model: Callable, guide: Callable, train: Data, engine: Any, batch_size: int
+) -> None:
+    """The engine's bound once on the first ``batch_size`` rows of ``train``, scaled as in
+    training, without gradients; the parameter store, the random generators and the engine's
+    state are restored afterwards (the run then starts exactly as without the probe)."""
+    n = num_items(train)
+    batch = get_batch(train, torch.arange(min(batch_size, n)))
+    devices = sorted(
+        {t.device.index or 0 for t in batch if isinstance(t, torch.Tensor) and t.is_cuda}
+    )
+    store = pyro.get_param_store()
+    before = set(store.keys())
+    saved = snapshot_engine_state(engine)
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), pyro.poutine.block():
+            engine.loss(scale_to_data(model, n), scale_to_data(guide, n), *batch)
+    finally:
+        for new in set(store.keys()) - before:
+            del store[new]
+        load_engine_state(engine, saved)
+
+
+def _check_engine(engine: Any) -> None:
+    if isinstance(engine, str):
+        raise TypeError(
+            f"engine must be an engine object such as pvae.inference.IWAE(num_particles=5), "
+            f"got the string {engine!r}"
+        )
+    step_function(engine)  # a TypeError for an object that is no engine
+
+
 def _check_arguments(
     engine: Any,
     epochs: Any,
@@ -802,12 +880,7 @@ def _check_arguments(
     resume: Any,
 ) -> None:
     """``fit``'s scalar arguments, before anything runs."""
-    if isinstance(engine, str):
-        raise TypeError(
-            f"engine must be an engine object such as pvae.inference.IWAE(num_particles=5), "
-            f"got the string {engine!r}"
-        )
-    step_function(engine)  # a TypeError for an object that is no engine
+    _check_engine(engine)
     validation.non_negative_int(epochs, "epochs")
     validation.positive_int(batch_size, "batch_size")
     validation.seed_value(seed)

@@ -526,6 +526,20 @@ def _build_engine(name: str, particles: int) -> pyro.infer.ELBO:
         raise CliError(f"engine {name!r}: {error}") from error
 
 
+def _check_pair(
+    args: argparse.Namespace, model: PyroModule, engine: pyro.infer.ELBO, ds: data.Splits
+) -> None:
+    """``pvae.fit``'s checks of the model, the engine and the data against one another (a model
+    that cannot read the dataset's batches, an engine that does not apply to the model), run
+    before anything is written into the run folder."""
+    try:
+        pvae.check_fit(model.model, model.guide, ds.train, engine, args.batch_size, valid=ds.valid)
+    except (ValueError, TypeError, NotImplementedError) as error:
+        raise CliError(
+            f"--model {args.model} with --engine {args.engine} on --dataset {args.dataset}: {error}"
+        ) from error
+
+
 def _check_support(model: PyroModule, ds: data.Splits) -> None:
     """Every split must lie in the support of ``model.likelihood`` (checked once, up front)."""
     try:
@@ -915,6 +929,7 @@ def _train(args: argparse.Namespace) -> int:
     _check_support(model, ds)
     if args.resume:
         _check_resume(run_dir, args)
+    _check_pair(args, model, engine, ds)  # everything is checked before the folder is touched
     created = not run_dir.exists()
     try:
         with run_lock(run_dir), _open_loggers(args, run_dir, fresh=args.overwrite) as loggers:
@@ -1177,7 +1192,12 @@ def _compare(args: argparse.Namespace) -> int:
     raw = _load_dataset(args)
     ds = _prepare(args, raw)
     pyro.clear_param_store()
-    _check_support(_build_model(args, ds), ds)  # resolves args.likelihood
+    model = _build_model(args, ds)  # resolves args.likelihood
+    _check_support(model, ds)
+    try:  # every bound's engine on the model, before the folder is touched
+        compare.check_pairs(model, ds, specs, args.particles, args.batch_size)
+    except (ValueError, TypeError, NotImplementedError) as error:
+        raise CliError(f"--model {args.model} on --dataset {args.dataset}: {error}") from error
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
