@@ -640,7 +640,7 @@ class _Training:
         if valid is None:
             return None
         try:
-            bound = evaluate_bound(model, guide, valid, self.engine, self.batch_size)
+            bound = _evaluate_bound(model, guide, valid, self.engine, self.batch_size)
         except ValueError as error:  # Pyro's validation meets non-finite values first
             if "invalid values" not in str(error):
                 raise
@@ -972,7 +972,25 @@ def _fit(
 def evaluate_bound(
     model: Callable, guide: Callable, data: Data, engine: Any, batch_size: int = 100
 ) -> float:
-    """The engine's bound on ``data`` in nats per datapoint (no gradients)."""
+    """The engine's bound on ``data`` in nats per datapoint (no gradients).
+
+    ``data`` is checked as :func:`fit` checks its ``train`` (tensors or a tuple of them,
+    finite, on a real device, of the shape, dtype and support the pair takes, per-datapoint
+    sites in ``pyro.plate("data")``), once, before any work.
+
+    :raises ValueError, TypeError: naming ``data``, ``engine`` or ``batch_size``.
+    """
+    _check_engine(engine)
+    batch_size = validation.positive_int(batch_size, "batch_size")
+    data = validation.as_data(data, "data")
+    validation.check_pair_data(model, guide, data, "data", batch_size, get_batch, "evaluate_bound")
+    return _evaluate_bound(model, guide, data, engine, batch_size)
+
+
+def _evaluate_bound(
+    model: Callable, guide: Callable, data: Data, engine: Any, batch_size: int
+) -> float:
+    """:func:`evaluate_bound` on checked arguments (fit's validation after every epoch)."""
     n = num_items(data)
     scaled_model, scaled_guide = scale_to_data(model, n), scale_to_data(guide, n)
     total = 0.0
