@@ -755,6 +755,10 @@ def fit(
     _check_arguments(engine, epochs, batch_size, optimizer, lr, seed, run_dir, resume)
     if aggressive_encoder is not None:
         validation.positive_int(aggressive_encoder, "aggressive_encoder")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
+    callbacks = _check_callbacks(callbacks, "callbacks")
+    step_callbacks = _check_callbacks(step_callbacks, "step_callbacks")
     batch_size = int(batch_size)
     train, valid = _check_data_and_engine(model, guide, train, engine, batch_size, valid)
     options: dict[str, Any] = dict(
@@ -858,6 +862,20 @@ def _probe_engine(
         for new in set(store.keys()) - before:
             del store[new]
         load_engine_state(engine, saved)
+
+
+def _check_callbacks(callbacks: Any, name: str) -> tuple[Callable, ...]:
+    """A sequence of callables (checked before the first epoch, not after it)."""
+    if callable(callbacks) or isinstance(callbacks, str | bytes):
+        raise TypeError(f"{name} must be a list of callables, got {callbacks!r} (wrap it: [f])")
+    try:
+        items = tuple(callbacks)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of callables, got {callbacks!r}") from None
+    bad = [item for item in items if not callable(item)]
+    if bad:
+        raise TypeError(f"{name} must hold callables only, got {bad[0]!r}")
+    return items
 
 
 def _check_engine(engine: Any) -> None:
