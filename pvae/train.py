@@ -858,6 +858,9 @@ def _probe_engine(
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), pyro.poutine.block():
             engine.loss(scale_to_data(model, n), scale_to_data(guide, n), *batch)
+    except ValueError as error:  # non-finite values: the first step reports them as divergence
+        if "invalid values" not in str(error):
+            raise
     finally:
         for new in set(store.keys()) - before:
             del store[new]
