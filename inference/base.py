@@ -259,7 +259,7 @@ class Engine(pyro.infer.ELBO):
         return -self.train_step(model, guide, *args, **kwargs).bound  # type: ignore[operator]
 
 
-def _identity(fn: Callable) -> Any:
+def _identity(fn: Any) -> Any:
     """What identifies a model or guide between calls without keeping it alive: a weak
     reference (to the instance and the function of a bound method, which Python creates anew
     on every attribute access), or the object itself when it takes no weak reference."""
