@@ -314,3 +314,15 @@ def test_rotating_digit_sets_load_with_empty_valid_and_test_splits(name):
     ds = data.load(name, sizes=(2, 0, 0), num_steps=4)
     assert ds.train.values.shape[:2] == (2, 4)
     assert ds.valid.values.shape[0] == 0 and ds.test.values.shape[0] == 0
+
+
+def test_compare_refuses_a_bound_that_does_not_apply_before_writing(tmp_path):
+    from pvae.app import compare
+
+    ds = data.load("linear-gaussian", n=60, x_dim=4, z_dim=2)
+    with pytest.raises(ValueError, match="bound 'kalman'.*KalmanSmoothedPosterior"):
+        compare.compare(
+            ds, bounds=["elbo", "kalman"], particles=2, z_dim=2, hidden=(8,), quick=True,
+            run_dir=tmp_path / "r", progress=False,
+        )  # fmt: skip
+    assert not (tmp_path / "r").exists()
