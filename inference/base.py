@@ -13,6 +13,8 @@ Engines know nothing of models: only of the protocol in :mod:`pvae.protocol`.
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -138,6 +140,11 @@ class Engine(pyro.infer.ELBO):
         self.vectorize = vectorize_particles
         self.step = 0
         self.scaled_latents = False  # whether the last traces had latent sites of own scale
+        # The plate nesting is read from the pair when not given, and is the pair's: it is
+        # guessed again for another pair and after reset() (a reused engine must not carry one
+        # pair's nesting to a pair with more plates).
+        self._guess_nesting = max_plate_nesting == float("inf")
+        self._pair: tuple[Any, Any] | None = None
 
     # -- state that must survive a checkpoint (pvae.steps.EngineState) ------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -147,16 +154,34 @@ class Engine(pyro.infer.ELBO):
         self.step = int(state["step"])
 
     def reset(self) -> None:
-        """Back to step 0: schedules start again from their beginning."""
+        """Back to step 0: schedules start again from their beginning; what was learnt about
+        the last pair (its plate nesting, unless given, and its parameter split) is
+        forgotten."""
         self.step = 0
+        self._forget_pair()
+
+    def _forget_pair(self) -> None:
+        """Drop what was cached about the last pair traced (subclasses add their caches)."""
+        self._pair = None
+        if self._guess_nesting:
+            self.max_plate_nesting = float("inf")
 
     # -- tracing ------------------------------------------------------------------------------
     def _nesting(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
+        pair = (_identity(model), _identity(guide))
+        if pair != self._pair:  # another pair than the last one traced: forget the last one's
+            self._forget_pair()
+            self._pair = pair
         if self.max_plate_nesting == float("inf"):  # the first call: look at the pair once
             model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
             check_guide_covers_model(model_trace, guide_trace, type(self).__name__)
             self.max_plate_nesting = plate_nesting(model_trace, guide_trace)
         return int(self.max_plate_nesting)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_pair"] = None  # weak references do not pickle; the pair is traced again
+        return state
 
     def traces(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, num_particles: int
@@ -240,3 +265,15 @@ class Engine(pyro.infer.ELBO):
     def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """Backpropagate the surrogate and return the negative bound (as ``Trace_ELBO`` does)."""
         return -self.train_step(model, guide, *args, **kwargs).bound  # type: ignore[operator]
+
+
+def _identity(fn: Any) -> Any:
+    """What identifies a model or guide between calls without keeping it alive: a weak
+    reference (to the instance and the function of a bound method, which Python creates anew
+    on every attribute access), or the object itself when it takes no weak reference."""
+    if inspect.ismethod(fn):
+        return (_identity(fn.__self__), fn.__func__)
+    try:
+        return weakref.ref(fn)
+    except TypeError:
+        return fn

@@ -88,7 +88,7 @@ class _ImportanceEngine(Engine):
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
         self.estimator = estimator
-        self._owners: dict = {}  # the model/guide parameter split, computed once
+        self._owners: dict = {}  # the model/guide parameter split, computed once per pair
         if estimator == "stl" and any(k > 1 and c != 0 for k, c in self.guide_terms()):
             warnings.warn(
                 f"{type(self).__name__} with estimator='stl' and K > 1 particles per group: "
@@ -96,6 +96,10 @@ class _ImportanceEngine(Engine):
                 "2018); use estimator='dreg', which is unbiased",
                 stacklevel=3,
             )
+
+    def _forget_pair(self) -> None:
+        super()._forget_pair()
+        self._owners = {}
 
     # What the model ascends and what the guide ascends, as (num_inner, weight) pairs mixed
     # linearly: IWAE is [(K, 1)], CIWAE [(1, beta), (K, 1 - beta)].

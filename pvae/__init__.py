@@ -9,7 +9,14 @@ from pvae import data, likelihoods, nets
 from pvae.evaluate import log_likelihood
 from pvae.protocol import VectorizationError, scale_to_data
 from pvae.sampling import Posterior, SamplingDiverged, SamplingInterrupted, sample
-from pvae.train import Run, TrainingDiverged, evaluate_bound, fit, load_checkpoint
+from pvae.train import (
+    Run,
+    TrainingDiverged,
+    check_fit,
+    evaluate_bound,
+    fit,
+    load_checkpoint,
+)
 
 __version__ = "0.1.0"
 
@@ -31,6 +38,7 @@ __all__ = [
     "SamplingInterrupted",
     "TrainingDiverged",
     "VectorizationError",
+    "check_fit",
     "data",
     "evaluate_bound",
     "fit",

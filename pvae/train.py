@@ -67,6 +67,7 @@ __all__ = [
     "Run",
     "StepPolicy",
     "TrainingDiverged",
+    "check_fit",
     "evaluate_bound",
     "fit",
     "load_checkpoint",
@@ -327,6 +328,7 @@ class AggressiveEncoder(StepPolicy):
             generator=torch.Generator().manual_seed(seed),
             ddp=training.ddp,
             window=self.window,
+            where=f"before the training step of epoch {epoch}, step {step}",
         )
 
     def select_grads(self, training: _Training) -> Sequence[torch.Tensor]:
@@ -365,11 +367,12 @@ def _encoder_steps(
     generator: torch.Generator,
     ddp: _Distributed,
     window: int = 10,
+    where: str = "",
 ) -> int:
     """He et al. (2019)'s inner loop: guide-only steps on fresh minibatches until the mean
     loss of a window of ``window`` steps stops falling, at most ``max_steps``; returns the
     number taken. The engine's state (its step counter, which drives beta schedules) is left
-    as found."""
+    as found. ``where`` (the training step they precede) goes into a divergence's message."""
     n_train = num_items(train)
     saved = snapshot_engine_state(engine)
     previous, losses = float("inf"), []
@@ -379,7 +382,9 @@ def _encoder_steps(
         loss = engine.loss_and_grads(model, guide, *get_batch(train, index[ddp.rank :: ddp.world]))
         loss = ddp.mean(float(loss))
         if not np.isfinite(loss):
-            raise TrainingDiverged(f"the bound became {-loss} during aggressive encoder steps")
+            raise TrainingDiverged(
+                f"the bound became {-loss} on aggressive encoder step {taken} {where}".rstrip()
+            )
         for p in model_params:
             p.grad = None
         ddp.average_grads(guide_params)
@@ -529,6 +534,53 @@ class _Training:
         at = f"at epoch {epoch}, step {step}" if step is not None else f"during epoch {epoch}"
         return TrainingDiverged(f"{what} {at}; {self._last_good()}")
 
+    def _non_finite_params(self) -> list[str]:
+        return [name for name, p in self.params.items() if not bool(torch.isfinite(p).all())]
+
+    def _step_diverged(self, epoch: int, step: int, what: str) -> TrainingDiverged:
+        """Step ``step``'s bound is not finite: say whether the parameters it started from
+        already were (a non-finite gradient in an earlier update of this epoch: the epoch
+        began with finite parameters, :meth:`end_epoch_check` sees to that)."""
+        bad = self._non_finite_params()
+        if not bad:
+            return self._diverged(epoch, step, what)
+        if step == 0:
+            where = "before the epoch's first step"
+        elif step == 1:
+            where = f"in the update of epoch {epoch}, step 0"
+        else:
+            where = f"in an update of epoch {epoch}, step {step - 1} or earlier"
+        return TrainingDiverged(
+            f"parameters {bad[:3]} became NaN or infinite (a non-finite gradient) {where}, "
+            f"and then {what} at epoch {epoch}, step {step}; {self._last_good()}"
+        )
+
+    def _check_last_gradients(self, epoch: int, step: int) -> None:
+        """The gradients of the epoch's last step, before its update: once per epoch, so a
+        non-finite gradient there is named exactly (a non-finite gradient on an earlier step
+        shows as the next step's bound)."""
+        bad = [
+            name
+            for name, p in self.params.items()
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        ]
+        if bad:
+            raise TrainingDiverged(
+                f"the gradient of parameters {bad[:3]} became NaN or infinite at epoch {epoch}, "
+                f"step {step} (the epoch's last step; its bound was finite); {self._last_good()}"
+            )
+
+    def end_epoch_check(self, epoch: int) -> None:
+        """The parameters after the epoch's last update, before validation and callbacks."""
+        bad = self._non_finite_params()
+        if bad:
+            last = self.steps_per_epoch - 1
+            raise TrainingDiverged(
+                f"parameters {bad[:3]} became NaN or infinite during epoch {epoch} (in an "
+                f"update before its last step, {last}, whose gradients were finite, or in that "
+                f"step's update); {self._last_good()}"
+            )
+
     def _last_good(self) -> str:
         """What is true of the run folder now (checkpoints are written only when finite)."""
         if self.checkpoint_path is None:
@@ -568,20 +620,22 @@ class _Training:
             except ValueError as error:  # Pyro's validation meets NaN parameters first
                 if "invalid values" not in str(error):
                     raise
-                raise self._diverged(
+                raise self._step_diverged(
                     epoch, step, f"non-finite values ({str(error).splitlines()[0]})"
                 ) from error
             if record.extras.get("bound_source") == SCALED_LATENTS:
                 self.flag_scaled_latents()
             bound = ddp.mean(record.bound)  # type: ignore[arg-type]
             if not math.isfinite(bound):
-                raise self._diverged(epoch, step, f"the bound became {bound}")
+                raise self._step_diverged(epoch, step, f"the bound became {bound}")
             if len(pyro.get_param_store()) != store_size:
                 raise ValueError(
                     "the model or guide created new parameters after its first step; "
                     "pvae.fit needs every parameter to exist at the first call"
                 )
             ddp.average_grads(policy.select_grads(self))
+            if step == self.steps_per_epoch - 1:
+                self._check_last_gradients(epoch, step)
             opt.step()
             opt.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - t0
@@ -601,19 +655,35 @@ class _Training:
         return epoch_bound / n_train, epoch_seconds
 
     # -- validation ---------------------------------------------------------------------------
-    def validate(self, model: Callable, guide: Callable, valid: Data | None) -> float | None:
-        """The engine's bound on ``valid`` in nats per datapoint (averaged over processes)."""
+    def validate(
+        self, model: Callable, guide: Callable, valid: Data | None, epoch: int
+    ) -> float | None:
+        """The engine's bound on ``valid`` in nats per datapoint (averaged over processes);
+        NaN there stops the run, naming the epoch."""
         if valid is None:
             return None
-        return self.ddp.mean(_evaluate_bound(model, guide, valid, self.engine, self.batch_size))
+        try:
+            bound = _evaluate_bound(model, guide, valid, self.engine, self.batch_size)
+        except ValueError as error:  # Pyro's validation meets non-finite values first
+            if "invalid values" not in str(error):
+                raise
+            bound = math.nan
+        bound = self.ddp.mean(bound)
+        if math.isnan(bound):
+            raise TrainingDiverged(
+                f"the validation bound became nan after epoch {epoch} (whose training steps "
+                f"and parameters were finite); {self._last_good()}"
+            )
+        return bound
 
     # -- checkpoint ---------------------------------------------------------------------------
     def checkpoint(self, epoch: int) -> None:
         """Write ``checkpoint.pt`` and ``run.json`` atomically (rank 0, with a run_dir)."""
-        bad = [name for name, p in self.params.items() if not bool(torch.isfinite(p).all())]
-        if bad:  # a NaN gradient with a finite bound: the parameters are lost, not the run
-            raise self._diverged(
-                epoch, None, f"parameters {bad[:3]} became NaN or infinite (a non-finite gradient)"
+        bad = self._non_finite_params()
+        if bad:  # finite after the last step (end_epoch_check): the epoch's callbacks did it
+            raise TrainingDiverged(
+                f"parameters {bad[:3]} became NaN or infinite in the callbacks of epoch {epoch} "
+                f"(they were finite after its last step); {self._last_good()}"
             )
         if self.checkpoint_path is None or self.ddp.rank != 0:
             return
@@ -708,13 +778,12 @@ def fit(
     _check_arguments(engine, epochs, batch_size, optimizer, lr, seed, run_dir, resume)
     if aggressive_encoder is not None:
         validation.positive_int(aggressive_encoder, "aggressive_encoder")
-    train = validation.as_data(train, "train")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
+    callbacks = _check_callbacks(callbacks, "callbacks")
+    step_callbacks = _check_callbacks(step_callbacks, "step_callbacks")
     batch_size = int(batch_size)
-    probe = validation.check_pair_data(model, guide, train, "train", batch_size, get_batch)
-    if valid is not None:
-        valid = validation.as_data(valid, "valid")
-        validation.check_like(valid, train, "valid")
-        validation.check_pair_data(model, guide, valid, "valid", batch_size, get_batch)
+    train, valid, probe = _check_data_and_engine(model, guide, train, engine, batch_size, valid)
     options: dict[str, Any] = dict(
         epochs=int(epochs),
         batch_size=batch_size,
@@ -746,6 +815,105 @@ def fit(
         raise
 
 
+def check_fit(
+    model: Callable,
+    guide: Callable,
+    train: Data,
+    engine: Any = None,
+    batch_size: int = 100,
+    valid: Data | None = None,
+) -> None:
+    """Everything :func:`fit` checks before it trains or writes anything, without training:
+    the data (``train``, ``valid``: as in ``fit``), the data against the pair (one run of the
+    pair on a batch of ``batch_size`` rows: shapes, dtypes, devices, the data plate, the
+    guide's coverage of the model's latents, the support of the observed sites), and the
+    engine against the pair (its bound evaluated once on that batch, without gradients, so
+    that an engine that does not apply to the pair, such as ``KalmanELBO`` on a pair without
+    a smoothed state-space posterior, refuses it here).
+
+    Pyro's parameter store, the random generators and the engine's state are left as found.
+    A program that writes files before calling ``fit`` (a configuration, a log) calls this
+    first; the command line does.
+
+    :raises ValueError, TypeError: what ``fit`` would raise before its first step.
+    """
+    from pvae.inference import ELBO  # late import: core does not depend on engines at import
+
+    engine = engine if engine is not None else ELBO()
+    _check_engine(engine)
+    batch_size = validation.positive_int(batch_size, "batch_size")
+    _check_data_and_engine(model, guide, train, engine, batch_size, valid)
+
+
+def _check_data_and_engine(
+    model: Callable,
+    guide: Callable,
+    train: Data,
+    engine: Any,
+    batch_size: int,
+    valid: Data | None,
+) -> tuple[Data, Data | None, tuple[Any, Any]]:
+    """:func:`check_fit`'s checks once the scalar arguments are checked; returns the data
+    (NumPy arrays converted) and the probe's traces of the pair on a training batch."""
+    train = validation.as_data(train, "train")
+    probe = validation.check_pair_data(model, guide, train, "train", batch_size, get_batch)
+    if valid is not None:
+        valid = validation.as_data(valid, "valid")
+        validation.check_like(valid, train, "valid")
+        validation.check_pair_data(model, guide, valid, "valid", batch_size, get_batch)
+    _probe_engine(model, guide, train, engine, batch_size)
+    return train, valid, probe
+
+
+def _probe_engine(
+    model: Callable, guide: Callable, train: Data, engine: Any, batch_size: int
+) -> None:
+    """The engine's bound once on the first ``batch_size`` rows of ``train``, scaled as in
+    training, without gradients; the parameter store, the random generators and the engine's
+    state are restored afterwards (the run then starts exactly as without the probe)."""
+    n = num_items(train)
+    batch = get_batch(train, torch.arange(min(batch_size, n)))
+    devices = sorted(
+        {t.device.index or 0 for t in batch if isinstance(t, torch.Tensor) and t.is_cuda}
+    )
+    store = pyro.get_param_store()
+    before = set(store.keys())
+    saved = snapshot_engine_state(engine)
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), pyro.poutine.block():
+            engine.loss(scale_to_data(model, n), scale_to_data(guide, n), *batch)
+    except ValueError as error:  # non-finite values: the first step reports them as divergence
+        if "invalid values" not in str(error):
+            raise
+    finally:
+        for new in set(store.keys()) - before:
+            del store[new]
+        load_engine_state(engine, saved)
+
+
+def _check_callbacks(callbacks: Any, name: str) -> tuple[Callable, ...]:
+    """A sequence of callables (checked before the first epoch, not after it)."""
+    if callable(callbacks) or isinstance(callbacks, str | bytes):
+        raise TypeError(f"{name} must be a list of callables, got {callbacks!r} (wrap it: [f])")
+    try:
+        items = tuple(callbacks)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of callables, got {callbacks!r}") from None
+    bad = [item for item in items if not callable(item)]
+    if bad:
+        raise TypeError(f"{name} must hold callables only, got {bad[0]!r}")
+    return items
+
+
+def _check_engine(engine: Any) -> None:
+    if isinstance(engine, str):
+        raise TypeError(
+            f"engine must be an engine object such as pvae.inference.IWAE(num_particles=5), "
+            f"got the string {engine!r}"
+        )
+    step_function(engine)  # a TypeError for an object that is no engine
+
+
 def _check_arguments(
     engine: Any,
     epochs: Any,
@@ -757,12 +925,7 @@ def _check_arguments(
     resume: Any,
 ) -> None:
     """``fit``'s scalar arguments, before anything runs."""
-    if isinstance(engine, str):
-        raise TypeError(
-            f"engine must be an engine object such as pvae.inference.IWAE(num_particles=5), "
-            f"got the string {engine!r}"
-        )
-    step_function(engine)  # a TypeError for an object that is no engine
+    _check_engine(engine)
     validation.non_negative_int(epochs, "epochs")
     validation.positive_int(batch_size, "batch_size")
     validation.seed_value(seed)
@@ -824,10 +987,11 @@ def _fit(
     try:
         for epoch in range(start_epoch, epochs):
             train_bound, seconds = training.run_epoch(epoch, bar)
+            training.end_epoch_check(epoch)
             epoch_record: dict[str, Any] = {
                 "epoch": epoch,
                 "train_bound": train_bound,
-                "valid_bound": training.validate(model, guide, valid),
+                "valid_bound": training.validate(model, guide, valid, epoch),
                 "seconds": seconds,
                 "steps": training.steps_per_epoch,
                 "bound_source": run.bound_source,
@@ -858,11 +1022,15 @@ def evaluate_bound(
 ) -> float:
     """The engine's bound on ``data`` in nats per datapoint (no gradients).
 
-    ``data`` gets ``fit``'s checks (finite values, the data plate, the support of every
-    observed site, dtype and shape against the pair). A pair whose latent sites carry a scale
-    of their own (``poutine.scale``: KL annealing, a per-layer beta) is refused: the engine's
-    value is then a weighted objective, not a bound on log p(x).
+    ``data`` is checked as :func:`fit` checks its ``train`` (tensors or a tuple of them,
+    finite, on a real device, of the shape, dtype and support the pair takes, per-datapoint
+    sites in ``pyro.plate("data")``), once, before any work. A pair whose latent sites carry a
+    scale of their own (``poutine.scale``: KL annealing, a per-layer beta) is refused: the
+    engine's value is then a weighted objective, not a bound on log p(x).
+
+    :raises ValueError, TypeError: naming ``data``, ``engine`` or ``batch_size``.
     """
+    _check_engine(engine)
     batch_size = validation.positive_int(batch_size, "batch_size")
     data = validation.as_data(data, "data")
     traces = validation.check_pair_data(
@@ -873,9 +1041,9 @@ def evaluate_bound(
 
 
 def _evaluate_bound(
-    model: Callable, guide: Callable, data: Data, engine: Any, batch_size: int = 100
+    model: Callable, guide: Callable, data: Data, engine: Any, batch_size: int
 ) -> float:
-    """:func:`evaluate_bound` without its checks (``fit`` has checked its data once)."""
+    """:func:`evaluate_bound` on checked arguments (fit's validation after every epoch)."""
     n = num_items(data)
     scaled_model, scaled_guide = scale_to_data(model, n), scale_to_data(guide, n)
     total = 0.0

@@ -8,7 +8,8 @@ what was expected and what came. Nothing here runs per training step.
   scalar arguments (a bool is not an int; ``2.5`` is not an int; NaN is not a float here).
 - :func:`as_data`: a tensor, a tuple of tensors (the pair's positional arguments) or a torch
   ``Dataset``; a NumPy array becomes a tensor (floating arrays in torch's default dtype); a
-  list of row tensors, empty data, tuples of unequal length or mixed devices are refused.
+  list of row tensors, empty data, tuples of unequal length or mixed devices, and tensors on
+  the meta device (no values) are refused.
 - :func:`check_finite`: every floating value finite, else the first bad row and column.
 - :func:`check_pair_data`: one run of the pair (guide, then the model replayed on it) on a
   real batch: torch errors from inside the networks become one line naming the argument
@@ -108,7 +109,8 @@ def as_data(data: Any, name: str) -> Data:
     pair's positional arguments, one first dimension) or a torch ``Dataset``.
 
     :raises TypeError: a list of row tensors, or anything else that is not data.
-    :raises ValueError: empty data, tuple members of different lengths or devices, 0-d tensors.
+    :raises ValueError: empty data, tuple members of different lengths or devices, 0-d tensors,
+        tensors on the meta device.
     """
     if isinstance(data, np.ndarray):
         data = _from_numpy(data, name)
@@ -142,6 +144,12 @@ def as_data(data: Any, name: str) -> Data:
             f"{name} must be a tensor, a tuple of tensors or a torch Dataset, "
             f"got {type(data).__name__}"
         )
+    for tensor in _tensors(data):
+        if tensor.device.type == "meta":
+            raise ValueError(
+                f"{name} is on the meta device: it has shapes but no values; create or load "
+                "the data on a real device (cpu, cuda, mps)"
+            )
     if _length(data) == 0:
         raise ValueError(f"{name} is empty (0 rows)")
     return data

@@ -557,6 +557,20 @@ def _build_engine(name: str, particles: int) -> pyro.infer.ELBO:
         raise CliError(f"engine {name!r}: {error}") from error
 
 
+def _check_pair(
+    args: argparse.Namespace, model: PyroModule, engine: pyro.infer.ELBO, ds: data.Splits
+) -> None:
+    """``pvae.fit``'s checks of the model, the engine and the data against one another (a model
+    that cannot read the dataset's batches, an engine that does not apply to the model), run
+    before anything is written into the run folder."""
+    try:
+        pvae.check_fit(model.model, model.guide, ds.train, engine, args.batch_size, valid=ds.valid)
+    except (ValueError, TypeError, NotImplementedError) as error:
+        raise CliError(
+            f"--model {args.model} with --engine {args.engine} on --dataset {args.dataset}: {error}"
+        ) from error
+
+
 def _check_support(model: PyroModule, ds: data.Splits) -> None:
     """Every split must lie in the support of ``model.likelihood`` (checked once, up front)."""
     try:
@@ -922,10 +936,35 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _add_log_argument(group, "every step and epoch, the config and the outputs")
 
 
-def _train(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
+def _check_run_dir(run_dir: Path) -> Path:
+    """Refuse, before any work, a ``--run-dir`` that exists and is not a folder, or that
+    cannot be created or written to; return the nearest folder above it that exists now
+    (what a refusal later on restores the disk to, see :func:`_remove_created`)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise CliError(f"--run-dir {run_dir} exists and is not a folder")
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CliError(f"cannot create --run-dir {run_dir}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "write into" if existing == run_dir else f"create {run_dir} in"
+        raise CliError(f"--run-dir {run_dir}: no permission to {what} {existing}")
+    return existing
+
+
+def _remove_created(run_dir: Path, existing: Path) -> None:
+    """Remove the folders from ``run_dir`` up to (not including) ``existing`` that this
+    command created and left empty: a refused or failed command leaves the disk as found."""
+    folder = run_dir
+    while folder != existing and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
+
+
+def _train(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    existing = _check_run_dir(run_dir)
     if _folder_command(run_dir) == "sample":
         raise CliError(
             f"--run-dir {run_dir} holds a 'pvae sample' run (a posterior over weights, not a "
@@ -953,15 +992,16 @@ def _train(args: argparse.Namespace) -> int:
     _check_support(model, ds)
     if args.resume:
         _check_resume(run_dir, args)
-    created = not run_dir.exists()
+    _check_pair(args, model, engine, ds)  # everything is checked before the folder is touched
     try:
         with run_lock(run_dir), _open_loggers(args, run_dir, fresh=args.overwrite) as loggers:
             return _train_locked(args, ds, model, engine, run_dir, loggers)
     except RunDirInUse as error:
         raise CliError(f"--run-dir: {error}") from error
+    except OSError as error:  # creating or locking the folder
+        raise CliError(f"cannot write to --run-dir {run_dir}: {error}") from error
     finally:
-        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()
+        _remove_created(run_dir, existing)
 
 
 # What ``pvae train`` and ``pvae diagnose`` write into a run folder: --overwrite removes these
@@ -1203,8 +1243,7 @@ def _compare(args: argparse.Namespace) -> int:
     args.bounds = [spec.label for spec in specs]
     run_dir = Path(args.run_dir if args.run_dir is not None else f"runs/compare-{args.dataset}")
     args.run_dir = str(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise CliError(f"--run-dir {run_dir} exists and is not a folder")
+    existing = _check_run_dir(run_dir)
     earlier = _compare_outputs(run_dir)
     if earlier and not args.overwrite:
         raise CliError(
@@ -1215,16 +1254,21 @@ def _compare(args: argparse.Namespace) -> int:
     raw = _load_dataset(args)
     ds = _prepare(args, raw)
     pyro.clear_param_store()
-    _check_support(_build_model(args, ds), ds)  # resolves args.likelihood
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CliError(f"cannot write to --run-dir {run_dir}: {error}") from error
+    model = _build_model(args, ds)  # resolves args.likelihood
+    _check_support(model, ds)
+    try:  # every bound's engine on the model, before the folder is touched
+        compare.check_pairs(model, ds, specs, args.particles, args.batch_size)
+    except (ValueError, TypeError, NotImplementedError) as error:
+        raise CliError(f"--model {args.model} on --dataset {args.dataset}: {error}") from error
     try:
         with run_lock(run_dir):
             return _compare_locked(args, raw, specs, run_dir, started, started_wall)
     except RunDirInUse as error:
         raise CliError(f"--run-dir: {error}") from error
+    except OSError as error:  # creating or locking the folder
+        raise CliError(f"cannot write to --run-dir {run_dir}: {error}") from error
+    finally:
+        _remove_created(run_dir, existing)
 
 
 def _compare_outputs(run_dir: Path) -> list[Path]:

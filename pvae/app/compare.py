@@ -219,6 +219,26 @@ def check_support(model: PyroModule, ds: data.Splits) -> None:
         likelihood.check_support(x, name=f"{ds.name} {split}")
 
 
+def check_pairs(
+    model: PyroModule, ds: data.Splits, specs: Sequence[BoundSpec], particles: int, batch_size: int
+) -> None:
+    """``pvae.fit``'s checks (:func:`pvae.check_fit`) of ``model`` with every bound's engine
+    on ``ds``, before anything is trained or written: a model that cannot read the dataset's
+    batches, or a bound whose engine does not apply to the model, is refused up front.
+
+    :raises ValueError, TypeError: naming the bound.
+    """
+    for spec in specs:
+        try:
+            pvae.check_fit(
+                model.model, model.guide, ds.train, spec.build(particles), batch_size, ds.valid
+            )
+        except TypeError as error:
+            raise TypeError(f"bound {spec.label!r}: {error}") from error
+        except (ValueError, NotImplementedError) as error:
+            raise ValueError(f"bound {spec.label!r}: {error}") from error
+
+
 def describe(spec: BoundSpec, particles: int) -> str:
     """What a resolved bound trains, in words, e.g. ``MIWAE(M=8, K=8)`` (the engine's
     registration says it)."""
@@ -752,7 +772,10 @@ def compare(
         return entry.build(ds, knobs["z_dim"], knobs["hidden"], net, likelihood, options)
 
     pyro.clear_param_store()
-    check_support(build_model(), ds)
+    probe = build_model()
+    check_support(probe, ds)
+    check_pairs(probe, ds, specs, particles, batch_size)
+    del probe
     config: dict[str, Any] = {
         "dataset": ds.name,
         "bounds": [spec.label for spec in specs],

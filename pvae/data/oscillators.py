@@ -193,6 +193,7 @@ def _dropped(loader, share: float):
             raise TypeError("this variant fixes missing; load the base data set to choose it")
         return loader(missing=share, **kwargs)
 
+    variant.__wrapped__ = loader  # type: ignore[attr-defined]  # load() reads its signature
     return variant
 
 

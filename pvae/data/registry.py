@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from pvae import validation
 from pvae.data.containers import DatasetInfo, DynamicBinarized, SequenceSplit, Splits
 
 Loader = Callable[..., Splits]
@@ -53,8 +56,12 @@ def load(name: str, **kwargs: Any) -> Splits:
     :param kwargs: passed to the loader, e.g. ``seed=0``, ``binarize="dynamic"``, ``path=``.
     :returns: :class:`Splits` (or a subclass: :class:`MultimodalSplits`, :class:`SequenceSplits`),
         every split checked to be finite (a sequence split at its observed steps).
-    :raises ValueError: unknown name, or NaN/inf in a split.
-    :raises TypeError: a keyword the loader does not accept.
+    :raises ValueError: unknown name, a seed outside ``[0, 2**32 - 1]``, a number that is
+        not finite, or NaN/inf in a split (the loader checks its own ranges).
+    :raises TypeError: a keyword the loader does not accept, or a value of another type than
+        the loader's annotation says (``seed`` an int; an ``int`` option a whole number, not a
+        bool; a ``float`` option a real number, not a bool; a ``bool`` option True or False;
+        a ``str`` option a string).
     """
     key = _normalise_name(name)
     if key not in _REGISTRY:
@@ -70,10 +77,41 @@ def load(name: str, **kwargs: Any) -> Splits:
                 f"load({key!r}) got unexpected keyword argument(s) "
                 f"{', '.join(repr(u) for u in unknown)}; accepted: {accepted}"
             )
+    _check_arguments(key, parameters, kwargs)
     splits = loader(**kwargs)
     for split in ("train", "valid", "test"):
         _check_finite(key, split, getattr(splits, split))
     return splits
+
+
+def _check_arguments(key: str, parameters: Mapping[str, inspect.Parameter], kwargs: dict) -> None:
+    """Every keyword against the loader's annotation, before the loader runs: the checks that
+    every loader would otherwise repeat (or forget). ``seed`` must suit every generator."""
+    for name, value in kwargs.items():
+        where = f"load({key!r}): {name}"
+        if name == "seed":
+            validation.seed_value(value, where)
+            continue
+        parameter = parameters.get(name)
+        annotation = parameter.annotation if parameter is not None else None
+        if isinstance(annotation, type):
+            annotation = annotation.__name__
+        if not isinstance(annotation, str):
+            continue
+        kinds = {part.strip() for part in annotation.split("|")}
+        if value is None and "None" in kinds:
+            continue
+        kinds.discard("None")
+        if kinds == {"int"}:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{where} must be an integer, got {value!r}")
+        elif kinds == {"float"}:
+            validation.finite_float(value, where)
+        elif kinds == {"bool"}:
+            if not isinstance(value, bool | np.bool_):
+                raise TypeError(f"{where} must be True or False, got {value!r}")
+        elif kinds == {"str"} and not isinstance(value, str):
+            raise TypeError(f"{where} must be a string, got {value!r}")
 
 
 def _check_finite(

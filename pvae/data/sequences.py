@@ -316,6 +316,8 @@ def _rotate_images(images: Tensor, angles: Tensor) -> Tensor:
     images' dtype."""
     if images.dim() != 4 or images.shape[-1] != images.shape[-2]:
         raise ValueError(f"images must be square (M, C, H, H), got {tuple(images.shape)}")
+    if images.numel() == 0:  # an empty split (sizes with a 0): nothing to turn
+        return images
     cos, sin = torch.cos(angles.double()), torch.sin(angles.double())
     zero = torch.zeros_like(cos)
     # output (x right, y down) samples the input at R(-angle) in y-up coordinates
@@ -324,7 +326,7 @@ def _rotate_images(images: Tensor, angles: Tensor) -> Tensor:
     turned = F.grid_sample(
         images.double(), grid, mode="bilinear", padding_mode="zeros", align_corners=False
     )
-    return turned.clamp(0.0, 1.0).to(images.dtype) if images.numel() else images
+    return turned.clamp(0.0, 1.0).to(images.dtype)
 
 
 def _smooth_angle_paths(
