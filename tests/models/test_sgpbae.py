@@ -173,7 +173,7 @@ def rotating() -> dict:
     pyro.clear_param_store()
     model = SGPBAE(64, 2, inducing, hidden=(32,), length_scale=0.5).double()
     posterior = pvae.sample(
-        model.model, (x, t), sampler=SGHMC(lr=0.2, init_radius=1.0), num_samples=200,
+        model.model, (x, t), sampler=SGHMC(init_radius=0.1), num_samples=200,
         warmup=1000, thin=2, batch_size=1000, seed=0, progress=False,
     )  # fmt: skip
     clean_missing = frames[~ds.train.mask].reshape(len(t_missing), -1).double()
