@@ -43,7 +43,7 @@ def float64():
     pyro.clear_param_store()
 
 
-# -- dense references ---------------------------------------------------------------------------
+# -- dense references --------
 def _dense_state(A: torch.Tensor, Q: torch.Tensor, m1: torch.Tensor, P1: torch.Tensor, T: int):
     """Mean ``(T D,)`` and covariance ``(T D, T D)`` of ``z_1..z_T`` for per-step ``A, Q``
     ``(T-1, D, D)``: ``Cov(z_i, z_j) = A_i ... A_{j+1} P_j`` for ``i >= j``."""
@@ -118,7 +118,7 @@ def _time_varying_pair(exact: bool):
     return model, guide, (y, mask), truth
 
 
-# -- a particle loop on per-step transitions ------------------------------------------------------
+# -- a particle loop on per-step transitions --------
 def test_particle_loop_on_per_step_transitions_equals_the_dense_log_likelihood():
     """Exact guide, per-step A_t, Q_t: every engine, vectorised or looping over particles, gives
     the dense Gaussian log p(y) (float64, 1e-8)."""
@@ -144,7 +144,7 @@ def test_kalman_elbo_particle_loop_averages_the_particles():
     assert one < truth - 0.1
 
 
-# -- likelihood scales ------------------------------------------------------------------------------
+# -- likelihood scales --------
 def _structured_linear(**kw) -> StructuredVAE:
     model = StructuredVAE(
         x_dim=3, z_dim=2, likelihood="gaussian", net="linear", exact_potentials=True, **kw
@@ -221,7 +221,7 @@ def test_structured_neural_decoder_fixed_scale_is_scored_with_it():
     torch.testing.assert_close(got, (hand * mask).sum(-1))
 
 
-# -- the decoder reads the GP values of a Markovian GP state ------------------------------------
+# -- the decoder reads the GP values of a Markovian GP state --------
 def test_markovian_gp_decoder_and_encode_read_the_gp_values():
     """nu = 3/2: the state is (f_1..f_L, f'_1..f'_L); the neural decoder must read z[..., :L].
     On a state whose derivatives differ from its values, the frame site's log density equals
@@ -257,7 +257,7 @@ def test_markovian_gp_decoder_and_encode_read_the_gp_values():
     assert (mean - q.mean[..., L:]).abs().max() > 1e-2
 
 
-# -- horizons above one -------------------------------------------------------------------------------
+# -- horizons above one --------
 @pytest.mark.parametrize("gap", [None, 0.5])
 def test_structured_forecast_k_steps_is_the_exact_kalman_prediction(gap):
     """Forecast of 4 frames: ``C A^k E[z_T | y_observed] + d`` with ``A = expm(F gap)``, the
@@ -304,7 +304,7 @@ def test_koopman_predictive_loss_at_horizon_three_is_the_mean_of_the_h_step_erro
     torch.testing.assert_close(predictive_loss(z, A, horizon=20), sum(steps) / 7)
 
 
-# -- the multimodal GP's Markovian prior --------------------------------------------------------------
+# -- the multimodal GP's Markovian prior --------
 def _ou_kernel(steps: int, dt: float, lengthscales: torch.Tensor) -> torch.Tensor:
     t = torch.arange(steps) * dt
     return torch.exp(-(t[:, None] - t).abs() / lengthscales[:, None, None])  # (C, T, T)
