@@ -383,6 +383,13 @@ MUTATIONS: list[Mutation] = [
         (BRANCHES + "test_structured_forecast_k_steps_is_the_exact_kalman_prediction",),
     ),
     Mutation(
+        "markovian-gp-impute-encodes-hidden-frames",  # hidden frames taken as observations
+        "models/markovian_gp.py",
+        "mean = self.decode(self.encode(values, times, mask)[0])",
+        "mean = self.decode(self.encode(values, times)[0])",
+        (BRANCHES + "test_markovian_gp_imputes_a_trailing_gap_of_three_frames_exactly",),
+    ),
+    Mutation(
         "koopman-horizon-loss-not-averaged",  # summed over h = 1..H instead of averaged
         "models/koopman.py",
         "return total / max(horizon, 1)",

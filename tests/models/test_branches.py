@@ -2,14 +2,16 @@
 
 - a particle loop (``vectorize_particles=False``) of KalmanELBO, IWAE and the ELBO on a pair
   with per-step (time-varying) transitions ``A_t, Q_t``: every bound equals the dense joint
-  Gaussian's ``log p(y)``;
+  Gaussian's ``log p(y)``; ``pvae.log_likelihood``'s one-particle-per-run loop on a sequence
+  pair gives the dense ``log p(y_n)``;
 - a fixed non-unit and a learned Gaussian likelihood scale in StructuredVAE (linear-Gaussian
   emission with ``R = s^2 I``, and an MLP decoder scored by hand);
 - MarkovianGPVAE's neural decoder and ``encode`` read the GP values ``z[..., :L]``, not the
   derivatives, checked on a state whose derivative components differ from its values;
 - forecast horizons above one (StructuredVAE) against the exact Kalman prediction
-  ``C A^k E[z_T | y] + d`` from the dense conditional, and the Koopman predictive loss at
-  horizon 3 against a hand loop with matrix powers;
+  ``C A^k E[z_T | y] + d`` from the dense conditional, MarkovianGPVAE's imputation of a
+  trailing gap of 3 frames against the dense multi-output GP conditional, and the Koopman
+  predictive loss at horizon 3 against a hand loop with matrix powers;
 - the multimodal GP's Markovian (OU) prior: log density, smoothed posterior and KL against the
   dense Ornstein-Uhlenbeck kernel ``exp(-|t - t'| / l)``.
 """
@@ -29,6 +31,7 @@ from pvae.inference import ELBO, IWAE, KalmanELBO
 from pvae.models import MarkovianGPVAE, StructuredVAE
 from pvae.models.koopman import predictive_loss
 from pvae.models.multimodal_gp import MarkovianPrior
+from tests.core.test_gp_ssm import dense_kernel
 
 T, D, M, N = 6, 2, 3, 3
 
@@ -299,6 +302,42 @@ def test_structured_forecast_k_steps_is_the_exact_kalman_prediction(gap):
             for k in range(1, 5):
                 expected = C @ torch.linalg.matrix_power(A, k) @ last + d
                 torch.testing.assert_close(got[n, k - 1], expected, rtol=0, atol=1e-8)
+
+
+def test_markovian_gp_imputes_a_trailing_gap_of_three_frames_exactly():
+    """Linear-Gaussian decoder with exact potentials, nu = 3/2, the last 3 frames hidden (and
+    NaN): impute fills them with ``C E[f_t | y_observed] + c``, the dense multi-output GP
+    conditional (kernel from gpytorch's Matern; float64, 1e-8)."""
+
+    L, X, steps = 2, 3, 8
+    lengthscales, variances = (0.8, 2.0), (1.0, 1.5)
+    model = MarkovianGPVAE(
+        x_dim=X, z_dim=L, nu=1.5, likelihood="gaussian", net="linear", exact_potentials=True
+    ).double()
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        model.gp.lengthscale_raw.copy_((torch.tensor(lengthscales) - 1e-4).expm1().log())
+        model.gp.variance_raw.copy_((torch.tensor(variances) - 1e-6).expm1().log())
+        model.decoder.weight.copy_(torch.randn(X, L, generator=g))
+        model.decoder.bias.copy_(torch.randn(X, generator=g))
+        model.likelihood.log_scale.fill_(math.log(0.3))
+    times = (torch.rand(1, steps, generator=g) + 0.2).cumsum(-1)
+    values = torch.randn(1, steps, X, generator=g)
+    mask = torch.ones(1, steps, dtype=torch.bool)
+    mask[0, -3:] = False
+    values[~mask] = float("nan")
+    filled = model.impute(values, times, mask)
+    K = torch.zeros(steps * L, steps * L)
+    for c in range(L):
+        K[c::L, c::L] = dense_kernel(1.5, times[0], lengthscales[c], variances[c])
+    with torch.no_grad():
+        C, bias = model.decoder.weight, model.decoder.bias
+        R = torch.eye(X) * 0.3**2
+        mean, cov, cross = _dense_frames(torch.zeros(steps * L), K, C, bias, R, mask[0])
+        f = cross @ torch.linalg.solve(cov, values[0][mask[0]].reshape(-1) - mean)
+        expected = f.reshape(steps, L) @ C.T + bias
+    torch.testing.assert_close(filled[0, -3:], expected[-3:], rtol=0, atol=1e-8)
+    torch.testing.assert_close(filled[mask], values[mask])
 
 
 def test_koopman_predictive_loss_at_horizon_three_is_the_mean_of_the_h_step_errors():
