@@ -46,6 +46,7 @@ EVALUATE = "tests/core/test_evaluate.py"
 SSM = "tests/core/test_ssm.py"
 MULTIMODAL = "tests/models/test_multimodal.py"
 TRAIN_RESUME = "tests/core/test_train.py::test_resume_restores_the_annealing_step"
+BRANCHES = "tests/models/test_branches.py::"
 CLI_RESUME = "tests/cli/test_cli.py::test_resume_continues_the_run"
 
 # The mutants, grouped by what they break. Each snippet is small and exact so that edits
@@ -320,6 +321,107 @@ MUTATIONS: list[Mutation] = [
         '    random.setstate((3, tuple(state["python"]), state["python_gauss"]))\n',
         "",
         ("tests/core/test_sample_bookkeeping.py",),
+    ),
+    # -- branches only non-default options take (tests/models/test_branches.py) ------------
+    Mutation(
+        "kalman-particle-loop-sums",  # the particle loop adds the particles' bounds
+        "inference/kalman.py",
+        "bound = bound + value / len(draws)",
+        "bound = bound + value",
+        (BRANCHES + "test_kalman_elbo_particle_loop_averages_the_particles",),
+    ),
+    Mutation(
+        "kalman-filter-first-transition-only",  # per-step A_t read as A_1 at every step
+        "pvae/ssm.py",
+        "At = A[t - 1]",
+        "At = A[0]",
+        (BRANCHES + "test_particle_loop_on_per_step_transitions_equals_the_dense_log_likelihood",),
+    ),
+    Mutation(
+        "log-likelihood-normalises-by-last-chunk",  # log K of the last run, not of all samples
+        "pvae/evaluate.py",
+        "results.append(total - math.log(num_samples))",
+        "results.append(total - math.log(k))",
+        (BRANCHES + "test_log_likelihood_particle_loop_on_a_sequence_pair_is_exact",),
+    ),
+    Mutation(
+        "fixed-gaussian-scale-as-variance",  # a fixed scale s used as s^2 (sqrt of it as s)
+        "pvae/likelihoods.py",
+        "return self._fixed_scale",
+        "return self._fixed_scale.sqrt()",
+        (
+            BRANCHES + "test_structured_linear_gaussian_scale_learned_and_fixed",
+            BRANCHES + "test_structured_neural_decoder_fixed_scale_is_scored_with_it",
+        ),
+    ),
+    Mutation(
+        "learned-gaussian-scale-as-variance",  # exp(log_scale) taken as the variance
+        "pvae/likelihoods.py",
+        "return self.log_scale.exp()",
+        "return self.log_scale.exp().sqrt()",
+        (BRANCHES + "test_structured_linear_gaussian_scale_learned_and_fixed",),
+    ),
+    Mutation(
+        "markovian-gp-decoder-reads-derivatives",  # the decoder reads the wrong slice
+        "models/markovian_gp.py",
+        "f = z[..., : self.z_dim]",
+        "f = z[..., -self.z_dim :]",
+        (BRANCHES + "test_markovian_gp_decoder_and_encode_read_the_gp_values",),
+    ),
+    Mutation(
+        "markovian-gp-encode-reads-derivatives",
+        "models/markovian_gp.py",
+        "return q.mean[..., : self.z_dim], q.variance[..., : self.z_dim]",
+        "return q.mean[..., -self.z_dim :], q.variance[..., : self.z_dim]",
+        (BRANCHES + "test_markovian_gp_decoder_and_encode_read_the_gp_values",),
+    ),
+    Mutation(
+        "forecast-every-step-one-ahead",  # horizon k rolled one step instead of k
+        "models/structured.py",
+        "            state = state @ A.mT\n            states.append(state)\n",
+        "            states.append(state @ A.mT)\n",
+        (BRANCHES + "test_structured_forecast_k_steps_is_the_exact_kalman_prediction",),
+    ),
+    Mutation(
+        "markovian-gp-impute-encodes-hidden-frames",  # hidden frames taken as observations
+        "models/markovian_gp.py",
+        "mean = self.decode(self.encode(values, times, mask)[0])",
+        "mean = self.decode(self.encode(values, times)[0])",
+        (BRANCHES + "test_markovian_gp_imputes_a_trailing_gap_of_three_frames_exactly",),
+    ),
+    Mutation(
+        "koopman-horizon-loss-not-averaged",  # summed over h = 1..H instead of averaged
+        "models/koopman.py",
+        "return total / max(horizon, 1)",
+        "return total",
+        (
+            BRANCHES
+            + "test_koopman_predictive_loss_at_horizon_three_is_the_mean_of_the_h_step_errors",
+        ),
+    ),
+    Mutation(
+        "koopman-horizon-power-not-raised",  # every horizon compares with one step of A
+        "models/koopman.py",
+        "power = power @ A",
+        "power = A",
+        (
+            BRANCHES
+            + "test_koopman_predictive_loss_at_horizon_three_is_the_mean_of_the_h_step_errors",
+        ),
+    ),
+    Mutation(
+        "ou-prior-step-variance-1-minus-a",  # Q = 1 - a instead of 1 - a^2: not stationary
+        "models/multimodal_gp.py",
+        "torch.diag_embed(1 - decay**2)",
+        "torch.diag_embed(1 - decay)",
+        (BRANCHES + "test_markovian_prior_log_prob_posterior_and_kl_equal_the_dense_ou_gp",),
+    ),
+    Mutation(
+        "ou-posterior-precision-as-covariance",  # potentials' precision used as covariance
+        "models/multimodal_gp.py",
+        "precision.clamp_min(_NO_PRECISION).reciprocal()",
+        "precision.clamp_min(_NO_PRECISION)",
+        (BRANCHES + "test_markovian_prior_log_prob_posterior_and_kl_equal_the_dense_ou_gp",),
     ),
 ]
 

@@ -261,13 +261,19 @@ def test_dynamic_binarized_indexing():
 
 
 def test_dynamic_binarized_mean_matches_probs():
-    # 4,000 draws: the mean of each pixel has standard deviation <= 0.5 / sqrt(4000) ~ 0.008;
-    # the tolerance 0.05 is > 6 standard deviations.
+    # 100,000 draws; each pixel's frequency within 5 standard errors sqrt(p (1 - p) / n) of p,
+    # and for p in [0.05, 0.95] that band is at most 10% of min(p, 1 - p): a 20% error in p
+    # (or 1 - p) lies at least 2 bands (10 SE) away.
     torch.manual_seed(0)
+    n = 100_000
     probs = torch.rand(1, 64)
     dataset = data.DynamicBinarized(probs)
-    draws = dataset[torch.zeros(4000, dtype=torch.long)]
-    assert (draws.mean(0) - probs[0]).abs().max() < 0.05
+    draws = dataset[torch.zeros(n, dtype=torch.long)]
+    p = probs[0].double()
+    band = 5 * (p * (1 - p) / n).sqrt()
+    assert ((draws.double().mean(0) - p).abs() <= band).all()
+    inner = (p > 0.05) & (p < 0.95)
+    assert (band[inner] <= 0.1 * torch.minimum(p, 1 - p)[inner]).all()
 
 
 # ---------------------------------------------------------------------------------------------
