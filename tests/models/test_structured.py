@@ -185,3 +185,46 @@ def test_bad_input_raises():
         StructuredVAE(x_dim=4, exact_potentials=True)
     with pytest.raises(ValueError, match="steps"):
         model.forecast(values, 0)
+
+
+@pytest.mark.parametrize("gap", [None, 2.0])
+def test_forecast_is_the_exact_predictive_mean_of_the_linear_gaussian_model(gap):
+    """With the true linear-Gaussian parameters and exact potentials, ``forecast`` is
+    ``E[y_{T+k} | observed y_1..y_T]`` (k = 1..3 steps of ``gap``): checked against the dense
+    Gaussian conditional of the stacked states, built from (A, Q, m_1, P_1, C, R) without the
+    Kalman code; the last given frame is hidden, so the forecast must start from the filtered
+    state at T, not from the last observed frame's."""
+    ds = data.load("lds", sizes=(2, 1, 3), num_steps=8, missing=0.25, seed=1)
+    values, _, mask = ds.test
+    mask = mask.clone()
+    mask[:, -1] = False  # the last given frame is hidden
+    model = _true_lds_model(ds)
+    steps, T = 3, values.shape[1]
+    got = model.forecast(values.double(), steps, mask, gap=gap)
+    d = model.dynamics
+    A1, Q1 = d.transition_matrix().detach(), d.transition_cov().detach()
+    Ag, Qg = d.transition_matrix(gap).detach(), d.transition_cov(gap).detach()
+    C, R = model.decoder.weight.detach(), torch.diag(model.likelihood.scale.detach().pow(2))
+    D, N = 2, T + steps
+    # z_1..z_N: z_{t+1} = A_t z_t + q_t with (A1, Q1) inside the sequence, (Ag, Qg) after it
+    trans = [A1] * (T - 1) + [Ag] * steps
+    noise = [Q1] * (T - 1) + [Qg] * steps
+    mean = [d.initial_loc.detach()]
+    blocks = torch.zeros(N, D, N * D, dtype=torch.float64)  # z_t = sum_s M[t, s] e_s
+    blocks[0, :, :D] = torch.linalg.cholesky(d.initial_cov().detach())
+    for t in range(1, N):
+        mean.append(trans[t - 1] @ mean[-1])
+        blocks[t] = trans[t - 1] @ blocks[t - 1]
+        blocks[t, :, t * D : (t + 1) * D] += torch.linalg.cholesky(noise[t - 1])
+    cov = blocks.reshape(N * D, N * D) @ blocks.reshape(N * D, N * D).mT
+    mu = torch.cat(mean)
+    for n in range(values.shape[0]):
+        seen = torch.nonzero(mask[n]).flatten()
+        H = torch.zeros(len(seen) * 4, N * D, dtype=torch.float64)
+        for i, t in enumerate(seen.tolist()):
+            H[i * 4 : (i + 1) * 4, t * D : (t + 1) * D] = C
+        y = values[n, seen].double().reshape(-1)
+        S = H @ cov @ H.mT + torch.block_diag(*[R] * len(seen))
+        posterior_mean = mu + cov @ H.mT @ torch.linalg.solve(S, y - H @ mu)
+        future = posterior_mean.reshape(N, D)[T:]
+        torch.testing.assert_close(got[n], future @ C.mT, rtol=1e-8, atol=1e-10)
