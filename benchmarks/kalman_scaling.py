@@ -10,7 +10,8 @@ sides run interleaved in one process, one thread each (``torch.set_num_threads(1
 CPU client single-threaded), timed with the process CPU clock; each cell is the median of the
 repeats. dynamax's compile time (its first call) is printed separately. Without ``jax`` and
 ``dynamax`` (``pip install -e .[bench]``) the peer columns are skipped with a message. The
-log normalisers of the two sides are checked to agree (1e-8) before anything is timed.
+log normalisers of the two sides are checked to agree (1e-6 a step: dynamax adds 1e-9 to the
+diagonal of the covariances it solves with) before anything is timed.
 
     python benchmarks/kalman_scaling.py            # the table (a few minutes)
     python benchmarks/kalman_scaling.py --quick    # T up to 1000
@@ -211,34 +212,40 @@ def single_thread_jax():
     return jax, inference, parallel_inference
 
 
+_JITTED: dict[tuple[str, bool, bool], tuple[Callable, Callable]] = {}
+
+
 def dynamax_fn(peer, model: dict, method: str, grad: bool) -> tuple[Callable, Callable]:
-    """(run once, log normaliser) of dynamax's jitted smoother (or filter gradient)."""
+    """(run once, log normaliser) of dynamax's jitted smoother (or filter gradient).
+
+    The jitted functions are made once per (method, gradient, batched), so that jax compiles
+    each shape once (the auto rows reuse the sequential and parallel rows' compilations).
+    """
     jax, inference, parallel = peer
     jnp = jax.numpy
-    module = parallel if method == "parallel" else inference
     arrays = {k: jnp.asarray(v.detach().numpy()) for k, v in model.items()}
     theta = tuple(arrays[k] for k in KEYS)
-
-    def params(theta):
-        A, Q, H, R, m1, P1 = theta
-        return inference.make_lgssm_params(m1, P1, A, Q, H, R)
-
     y = arrays["y"]
-    batched = y.ndim == 3
+    key = (method, grad, y.ndim == 3)
+    if key not in _JITTED:
+        module = parallel if method == "parallel" else inference
 
-    def smooth(theta, y):
-        post = module.lgssm_smoother(params(theta), y)
-        return post.marginal_loglik, post.smoothed_means, post.smoothed_covariances
+        def params(theta):
+            A, Q, H, R, m1, P1 = theta
+            return inference.make_lgssm_params(m1, P1, A, Q, H, R)
 
-    def log_z(theta, y):
-        return module.lgssm_filter(params(theta), y).marginal_loglik
+        def smooth(theta, y):
+            post = module.lgssm_smoother(params(theta), y)
+            return post.marginal_loglik, post.smoothed_means, post.smoothed_covariances
 
-    if grad:
-        one = jax.grad(log_z)
-        fn = jax.jit(jax.vmap(one, in_axes=(None, 0)) if batched else one)
-    else:
-        fn = jax.jit(jax.vmap(smooth, in_axes=(None, 0)) if batched else smooth)
-    value = jax.jit(jax.vmap(log_z, in_axes=(None, 0)) if batched else log_z)
+        def log_z(theta, y):
+            return module.lgssm_filter(params(theta), y).marginal_loglik
+
+        def batch(fn):
+            return jax.vmap(fn, in_axes=(None, 0)) if key[2] else fn
+
+        _JITTED[key] = (jax.jit(batch(jax.grad(log_z) if grad else smooth)), jax.jit(batch(log_z)))
+    fn, value = _JITTED[key]
 
     def run():
         jax.block_until_ready(fn(theta, y))
@@ -298,6 +305,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="T up to 1000")
     parser.add_argument("--budget", type=float, default=1.5, help="seconds of timing per cell")
     parser.add_argument("--max-repeats", type=int, default=15)
+    parser.add_argument(
+        "--rows",
+        type=int,
+        nargs="+",
+        help="indices into ROWS (default: all); jax compiles "
+        "each shape once, tens of seconds for a parallel smoother on a loaded machine",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     peer = single_thread_jax()
@@ -306,7 +320,9 @@ def main() -> None:
         f"{'row':<12} {'method':<10} {'B':>3} {'T':>6} {'pvae ms':>9} {'dynamax ms':>10}"
         f" {'ratio':>6} {'(jit s)':>8} {'peer method':>11} {'load':>5}"
     )
-    for label, method, lengths, batch, grad in ROWS:
+    for index, (label, method, lengths, batch, grad) in enumerate(ROWS):
+        if args.rows is not None and index not in args.rows:
+            continue
         for T in lengths:
             if args.quick and T > 1000:
                 continue
@@ -325,7 +341,9 @@ def main() -> None:
                     run()
                     compile_s.append(time.perf_counter() - start)
                     error = (ours - value()).abs().max().item()
-                    if error > 1e-8 * max(1.0, ours.abs().max().item()):
+                    # dynamax adds 1e-9 to the diagonal of every covariance it solves with
+                    # (psd_solve), which moves log Z by about 1e-7 a step on this model
+                    if error > 1e-6 * T:
                         raise SystemExit(f"log Z differs from dynamax's by {error:.1e}")
                     fns.append(run)
             ms = interleaved_ms(fns, args.budget, args.max_repeats)

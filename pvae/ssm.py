@@ -137,6 +137,11 @@ def _sym(matrix: Tensor) -> Tensor:
     return 0.5 * (matrix + matrix.mT)
 
 
+def _sym_add(matrix: Tensor, other: Tensor) -> Tensor:
+    """``_sym(matrix) + other`` in two operations (the same numbers: halving is exact)."""
+    return torch.add(other, matrix + matrix.mT, alpha=0.5)
+
+
 def _psd_cholesky(cov: Tensor) -> Tensor:
     """Cholesky factor of a positive semi-definite matrix, with the smallest jitter needed.
 
@@ -420,7 +425,7 @@ def _combine_smoothing(a: Elements, b: Elements) -> Elements:
     """Compose backward conditionals (Särkkä & García-Fernández 2021, smoothing elements)."""
     Ea, ga, La = a
     Eb, gb, Lb = b
-    return Eb @ Ea, _mv(Eb, ga) + gb, _sym(Eb @ La @ Eb.mT) + Lb
+    return Eb @ Ea, _mv(Eb, ga) + gb, _sym_add(Eb @ La @ Eb.mT, Lb)
 
 
 def _combine_filtering(a: Elements, b: Elements) -> Elements:
@@ -439,9 +444,9 @@ def _combine_filtering(a: Elements, b: Elements) -> Elements:
     W = Aa.mT @ M_inv.mT  # A_a^T M^{-T}
     A = Z @ Aa
     b_ = _mv(Z, ba + _mv(Ca, eta_b)) + bb
-    C = _sym(Z @ Ca @ Ab.mT) + Cb
+    C = _sym_add(Z @ Ca @ Ab.mT, Cb)
     eta = _mv(W, eta_b - _mv(Jb, ba)) + eta_a
-    J = _sym(W @ Jb @ Aa) + Ja
+    J = _sym_add(W @ Jb @ Aa, Ja)
     return A, b_, C, eta, J
 
 
