@@ -511,13 +511,13 @@ def _covariance_filter(inp: _Inputs) -> tuple[Tensor, Tensor, Tensor, int]:
     steady = T
     for t in range(T):
         if t:
-            P = A[t - 1] @ P @ At[t - 1]
-            P = 0.5 * (P + P.mT) + Q[t - 1]
+            P = _sym_add(A[t - 1] @ P @ At[t - 1], Q[t - 1])
         HP = H[t] @ P
         tril = torch.linalg.cholesky(HP @ Ht[t] + R[t])
         V = torch.linalg.solve_triangular(tril, HP, upper=False)
-        if observed[t] is not None:
-            V = V * observed[t][..., None, None]
+        seen = observed[t]
+        if seen is not None:
+            V = V * seen[..., None, None]
         P = P - V.mT @ V
         covs.append(P)
         trils.append(tril)
@@ -556,7 +556,8 @@ def _filter_sequential(inp: _Inputs) -> tuple[Tensor, Tensor, Tensor, int]:
         means = first.unsqueeze(0)
     else:
         F = _mm(G[1:], inp.A)
-        means = _affine_recursion(_with_first(eye, F, T - 1), _with_first(first, c[1:], T - 1), "sequential")
+        E, offsets = _with_first(eye, F, T - 1), _with_first(first, c[1:], T - 1)
+        means = _affine_recursion(E, offsets, "sequential")
     predicted = _with_first(inp.m1, _mv(inp.A, means[:-1]), T - 1) if T > 1 else inp.m1[None]
     white = _solve_lower(trils, inp.y - _mv(inp.H, predicted))
     return means, covs, _log_normalizer(white, trils, inp.mask, inp.batch_shape), steady
@@ -673,8 +674,7 @@ def _smooth_covariances(E: Tensor, L: Tensor, last: Tensor, steady: int) -> Tens
     covs = [last]
     k = E.shape[0] - 1
     while k >= 0:
-        P = gains[k] @ covs[-1] @ gains_t[k]
-        covs.append(0.5 * (P + P.mT) + covariances[k])
+        covs.append(_sym_add(gains[k] @ covs[-1] @ gains_t[k], covariances[k]))
         if k > steady and torch.equal(covs[-1], covs[-2]):
             covs.extend(covs[-1:] * (k - steady))
             k = steady
