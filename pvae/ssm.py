@@ -681,11 +681,11 @@ def _smooth_covariances(E: Tensor, L: Tensor, last: Tensor, steady: int) -> Tens
     """The RTS covariance recursion ``P^s_t = E_t P^s_{t+1} E_t^T + L_t`` backwards from
     ``P^s_T = last``, ``(T, ..., D, D)``; ``E_t, L_t`` are the same for ``t >= steady``, so once
     a step there moves ``P^s`` by rounding only, the steps down to ``steady`` repeat it."""
-    gains, gains_t, covariances = E.unbind(0), E.mT.unbind(0), L.unbind(0)
     covs = [last]
     k = E.shape[0] - 1
     while k >= 0:
-        covs.append(_sym_add(gains[k] @ covs[-1] @ gains_t[k], covariances[k]))
+        gain = E[k]  # indexed when used: the steady steps are skipped
+        covs.append(_sym_add(gain @ covs[-1] @ gain.mT, L[k]))
         if k > steady and k % _SETTLE_EVERY == 0 and _settled(covs[-1], covs[-2]):
             covs.extend(covs[-1:] * (k - steady))
             k = steady
