@@ -71,7 +71,7 @@ __all__ = [
     "posterior_prior_kl",
 ]
 
-METHODS = ("sequential", "parallel")
+METHODS = ("sequential", "parallel", "auto")
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -137,6 +137,11 @@ def _solve_lower(tril: Tensor, vector: Tensor) -> Tensor:
 
 def _sym(matrix: Tensor) -> Tensor:
     return 0.5 * (matrix + matrix.mT)
+
+
+def _sym_add(matrix: Tensor, other: Tensor) -> Tensor:
+    """``_sym(matrix) + other`` in two operations (the same numbers: halving is exact)."""
+    return torch.add(other, matrix + matrix.mT, alpha=0.5)
 
 
 def _psd_cholesky(cov: Tensor) -> Tensor:
@@ -504,12 +509,31 @@ def _combine_affine(a: Elements, b: Elements) -> Elements:
 
 
 def _affine_recursion(E: Tensor, c: Tensor, method: str) -> Tensor:
-    """``x_0 = c_0``, ``x_k = E_k x_{k-1} + c_k`` along dimension 0 (``E_0`` is ignored)."""
+    """``x_0 = c_0``, ``x_k = E_k x_{k-1} + c_k`` along dimension 0 (``E_0`` is ignored).
+
+    ``E`` is ``(K or 1, *b, D, D)``, ``c`` is ``(K, *B, D)``; the sequential loop is one fused
+    multiply-add per step when the matrices are shared by the batch.
+    """
     if method == "parallel":
         return _associative_scan(_combine_affine, (E, c))[1]
-    xs = [c[0]]
-    for k in range(1, c.shape[0]):
-        xs.append(_mv(E[k], xs[-1]) + c[k])
+    count = c.shape[0]
+    if count == 1:
+        return c
+    xs, cs = [c[0]], c.unbind(0)
+    if all(size == 1 for size in E.shape[1:-2]) and c.dim() <= 3:  # addmv / addmm per step
+        E = E.reshape((E.shape[0], *E.shape[-2:]))
+        if c.dim() == 2:
+            Es = _steps(E, count)
+            for k in range(1, count):
+                xs.append(torch.addmv(cs[k], Es[k], xs[-1]))
+        else:
+            Et = _steps(E.mT, count)
+            for k in range(1, count):
+                xs.append(torch.addmm(cs[k], xs[-1], Et[k]))
+    else:
+        Es = _steps(E, count)
+        for k in range(1, count):
+            xs.append(_mv(Es[k], xs[-1]) + cs[k])
     return torch.stack(xs)
 
 
@@ -517,7 +541,7 @@ def _combine_smoothing(a: Elements, b: Elements) -> Elements:
     """Compose backward conditionals (Särkkä & García-Fernández 2021, smoothing elements)."""
     Ea, ga, La = a
     Eb, gb, Lb = b
-    return Eb @ Ea, _mv(Eb, ga) + gb, _sym(Eb @ La @ Eb.mT) + Lb
+    return Eb @ Ea, _mv(Eb, ga) + gb, _sym_add(Eb @ La @ Eb.mT, Lb)
 
 
 def _combine_filtering(a: Elements, b: Elements) -> Elements:
@@ -536,9 +560,9 @@ def _combine_filtering(a: Elements, b: Elements) -> Elements:
     W = Aa.mT @ M_inv.mT  # A_a^T M^{-T}
     A = Z @ Aa
     b_ = _mv(Z, ba + _mv(Ca, eta_b)) + bb
-    C = _sym(Z @ Ca @ Ab.mT) + Cb
+    C = _sym_add(Z @ Ca @ Ab.mT, Cb)
     eta = _mv(W, eta_b - _mv(Jb, ba)) + eta_a
-    J = _sym(W @ Jb @ Aa) + Ja
+    J = _sym_add(W @ Jb @ Aa, Ja)
     return A, b_, C, eta, J
 
 
@@ -582,31 +606,88 @@ def _steps(value: Tensor, count: int) -> list[Tensor]:
     return parts if len(parts) == count else parts * count
 
 
-def _filter_sequential(inp: _Inputs) -> tuple[Tensor, Tensor, Tensor]:
-    """The Kalman filter as a loop; returns means ``(T, ..., D)``, covariances
-    ``(T, ..., D, D)`` (batch dimensions only where they vary) and the log normaliser."""
+_SETTLE_EVERY = 4
+
+
+def _settled(new: Tensor, old: Tensor) -> bool:
+    """Whether one step of a covariance recursion moved it by rounding only: at most 4 ulps
+    of its largest entry (the full recursion keeps wandering at that level step after step)."""
+    tolerance = 4 * torch.finfo(new.dtype).eps * float(new.detach().abs().max())
+    return bool(((new - old).detach().abs() <= tolerance).all())
+
+
+def _covariance_filter(inp: _Inputs) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The data-free half of the Kalman filter, as a loop over time.
+
+    Returns the filtered covariances ``P_t`` ``(T, ..., D, D)``, the innovation factors
+    ``L_t`` (``H_t P^-_t H_t^T + R_t = L_t L_t^T``) and ``V_t = L_t^{-1} H_t P^-_t`` (zero at
+    missing steps), with the batch dimensions of the model's matrices and the mask only, and
+    the first step from which all three stay the same (``T`` if none). A model shared by all
+    steps with every step observed reaches its steady state: once a step (one in
+    :data:`_SETTLE_EVERY`) moves the filtered covariance by no more than rounding
+    (:func:`_settled`), every later step would repeat it to rounding, and the loop stops.
+    """
     T = inp.num_steps
     A, Q = _steps(inp.A, max(T - 1, 1)), _steps(inp.Q, max(T - 1, 1))
-    H, R = _steps(inp.H, T), _steps(inp.R, T)
-    ys = inp.y.unsqueeze(-1).unbind(0)
+    At = _steps(inp.A.mT, max(T - 1, 1))
+    H, Ht, R = _steps(inp.H, T), _steps(inp.H.mT, T), _steps(inp.R, T)
     observed = inp.mask.unbind(0) if inp.mask is not None else (None,) * T
-    m, P = inp.m1.unsqueeze(-1), inp.P1
-    means, covs, whites, trils = [], [], [], []
+    can_settle = inp.mask is None and all(v.shape[0] == 1 for v in (inp.A, inp.Q, inp.H, inp.R))
+    P = inp.P1
+    covs, trils, Vs = [], [], []
+    steady = T
     for t in range(T):
         if t:
-            At = A[t - 1]
-            m = At @ m
-            P = _sym(At @ P @ At.mT) + Q[t - 1]
-        m, P, white, tril = _update(m, P, ys[t], H[t], R[t], observed[t])
-        means.append(m)
+            P = _sym_add(A[t - 1] @ P @ At[t - 1], Q[t - 1])
+        HP = H[t] @ P
+        tril = torch.linalg.cholesky(HP @ Ht[t] + R[t])
+        V = torch.linalg.solve_triangular(tril, HP, upper=False)
+        seen = observed[t]
+        if seen is not None:
+            V = V * seen[..., None, None]
+        P = P - V.mT @ V
         covs.append(P)
-        whites.append(white)
         trils.append(tril)
-    means_t = torch.stack(torch.broadcast_tensors(*means)).squeeze(-1)
-    covs_t = torch.stack(torch.broadcast_tensors(*covs))
-    white_t = torch.stack(torch.broadcast_tensors(*whites)).squeeze(-1)
-    tril_t = torch.stack(torch.broadcast_tensors(*trils))
-    return means_t, covs_t, _log_normalizer(white_t, tril_t, inp.mask, inp.batch_shape)
+        Vs.append(V)
+        if can_settle and t >= 2 and t % _SETTLE_EVERY == 0 and _settled(P, covs[-2]):
+            steady = t
+            break
+    for values in (covs, trils, Vs):
+        values.extend(values[-1:] * (T - len(values)))
+    return (
+        torch.stack(torch.broadcast_tensors(*covs)),
+        torch.stack(torch.broadcast_tensors(*trils)),
+        torch.stack(torch.broadcast_tensors(*Vs)),
+        steady,
+    )
+
+
+def _filter_sequential(inp: _Inputs) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The Kalman filter as a loop; returns means ``(T, ..., D)``, covariances
+    ``(T, ..., D, D)`` (batch dimensions only where they vary), the log normaliser and the
+    step from which the covariances are steady (see :func:`_covariance_filter`).
+
+    The covariances do not involve the data; with the gain ``K_t = V_t^T L_t^{-1}`` the means
+    are then the affine recursion ``m_t = (I - K_t H_t) A_t m_{t-1} + K_t y_t`` (one fused
+    product per step), and the whitened residuals ``w_t = L_t^{-1} (y_t - H_t A_t m_{t-1})``
+    of the log normaliser are computed for all steps at once.
+    """
+    T, D = inp.num_steps, inp.state_dim
+    covs, trils, V, steady = _covariance_filter(inp)
+    gains = torch.linalg.solve_triangular(trils.mT, V, upper=True).mT  # (T, ..., D, M)
+    eye = torch.eye(D, dtype=covs.dtype, device=covs.device)
+    G = eye - gains @ inp.H  # (T, ..., D, D): I - K_t H_t
+    c = _mv(gains, inp.y)  # (T, *B, D)
+    first = _mv(G[0], inp.m1) + c[0]
+    if T == 1:
+        means = first.unsqueeze(0)
+    else:
+        F = _mm(G[1:], inp.A)
+        E, offsets = _with_first(eye, F, T - 1), _with_first(first, c[1:], T - 1)
+        means = _affine_recursion(E, offsets, "sequential")
+    predicted = _with_first(inp.m1, _mv(inp.A, means[:-1]), T - 1) if T > 1 else inp.m1[None]
+    white = _solve_lower(trils, inp.y - _mv(inp.H, predicted))
+    return means, covs, _log_normalizer(white, trils, inp.mask, inp.batch_shape), steady
 
 
 def _with_first(first: Tensor, rest: Tensor, steps: int) -> Tensor:
@@ -686,21 +767,87 @@ def _filter_parallel(inp: _Inputs) -> tuple[Tensor, Tensor, Tensor]:
 # Smoother
 
 
-def _backward_elements(inp: _Inputs, means: Tensor, covs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_elements(
+    inp: _Inputs, means: Tensor, covs: Tensor, steady: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """``E_t, g_t, L_t`` of ``x_t | x_{t+1}, y_{1:t}`` for t = 1..T-1, time-first.
 
     With the prediction ``F P F^T + Q = C C^T`` and ``V = C^{-1} F P``:
     ``E = P F^T (F P F^T + Q)^{-1} = (C^{-T} V)^T``, ``g = m - E F m``, ``L = P - V^T V``.
+    ``E`` and ``L`` are computed for the steps before ``steady`` and that one only, and
+    repeated after it (the covariances and the model are the same there).
     """
     F, Q = inp.A, inp.Q
-    m, P = means[:-1], covs[:-1]
+    count = covs.shape[0] - 1
+    distinct = count if steady is None else min(steady + 1, count)
+    m, P = means[:-1], covs[:distinct]
     PFt = _mm(P, F.mT)
     chol = _psd_cholesky(_sym(_mm(F, PFt)) + Q)
     V = torch.linalg.solve_triangular(chol, PFt.mT, upper=False)
     E = torch.linalg.solve_triangular(chol.mT, V, upper=True).mT
-    g = m - _mv(E, _mv(F, m))
     L = _sym(P - V.mT @ V)
+    if distinct < count:
+        E = torch.cat([E, E[-1:].expand((count - distinct, *E.shape[1:]))])
+        L = torch.cat([L, L[-1:].expand((count - distinct, *L.shape[1:]))])
+    g = m - _mv(E, _mv(F, m))
     return E, g, L
+
+
+def _smooth_covariances(E: Tensor, L: Tensor, last: Tensor, steady: int) -> Tensor:
+    """The RTS covariance recursion ``P^s_t = E_t P^s_{t+1} E_t^T + L_t`` backwards from
+    ``P^s_T = last``, ``(T, ..., D, D)``; ``E_t, L_t`` are the same for ``t >= steady``, so once
+    a step there moves ``P^s`` by rounding only, the steps down to ``steady`` repeat it."""
+    covs = [last]
+    k = E.shape[0] - 1
+    while k >= 0:
+        gain = E[k]  # indexed when used: the steady steps are skipped
+        covs.append(_sym_add(gain @ covs[-1] @ gain.mT, L[k]))
+        if k > steady and k % _SETTLE_EVERY == 0 and _settled(covs[-1], covs[-2]):
+            covs.extend(covs[-1:] * (k - steady))
+            k = steady
+        k -= 1
+    return torch.stack(torch.broadcast_tensors(*covs[::-1]))
+
+
+def _smooth(
+    inp: _Inputs, means: Tensor, covs: Tensor, method: str, steady: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The smoother from the filtered moments (``T > 1``): ``E, g, L``, the smoothed means
+    and covariances and the lag-one cross-covariances, time-first."""
+    T = inp.num_steps
+    E, g, L = _backward_elements(inp, means, covs, steady)
+    if method == "parallel":
+        elements = (
+            _with_first(torch.zeros_like(E[0]), E.flip(0), T - 1),
+            _with_first(means[-1], g.flip(0), T - 1),
+            _with_first(covs[-1], L.flip(0), T - 1),
+        )
+        _, smoothed_means, smoothed_covs = _associative_scan(_combine_smoothing, elements)
+        smoothed_means, smoothed_covs = smoothed_means.flip(0), smoothed_covs.flip(0)
+    else:
+        zero = torch.zeros_like(E[0])
+        c = _with_first(means[-1], g.flip(0), T - 1)
+        smoothed_means = _affine_recursion(
+            _with_first(zero, E.flip(0), T - 1), c, "sequential"
+        ).flip(0)
+        smoothed_covs = _smooth_covariances(E, L, covs[-1], steady)
+    cross = smoothed_covs[1:] @ E.mT  # Cov(x_{t+1}, x_t | y)
+    return E, g, L, smoothed_means, smoothed_covs, cross
+
+
+AUTO_SEQUENTIAL_MAX_STEPS = 48
+
+
+def _auto_method(inp: _Inputs) -> str:
+    """``"sequential"`` up to :data:`AUTO_SEQUENTIAL_MAX_STEPS` steps, ``"parallel"`` above.
+
+    Measured (``benchmarks/kalman_scaling.py``, one thread, D = 4): the loops win below about
+    50 steps, where the scans' O(log T) levels of fixed per-level cost dominate; from 100 steps
+    on the scans win, by 1.2-3x with the model shared by all steps (the loops then stop the
+    covariance recursion at its steady state but still run the means step by step) and by
+    2-18x when it varies over time; batch size and gradients do not move the crossover.
+    """
+    return "sequential" if inp.num_steps <= AUTO_SEQUENTIAL_MAX_STEPS else "parallel"
 
 
 def kalman_smoother(
@@ -712,13 +859,14 @@ def kalman_smoother(
     initial_loc: Tensor,
     initial_cov: Tensor,
     mask: Tensor | None = None,
-    method: str = "sequential",
+    method: str = "auto",
 ) -> KalmanSmootherResult:
     """Kalman filter and RTS smoother of a linear-Gaussian state-space model.
 
     See the module docstring for the model, the conventions and the shapes. ``method`` is
     ``"sequential"`` (loops over time) or ``"parallel"`` (associative scans, O(log T) depth);
-    both are exact and differentiable in every argument, in float32 and float64.
+    both are exact and differentiable in every argument, in float32 and float64. ``"auto"``
+    (the default) picks the faster of the two for the sequence length (:func:`_auto_method`).
 
     :returns: A :class:`KalmanSmootherResult` with ``log_normalizer`` ``(...)``, filtered and
         smoothed means ``(..., T, D)`` and covariances ``(..., T, D, D)``, the lag-one smoothed
@@ -737,12 +885,15 @@ def kalman_smoother(
         mask,
     )
     T, D = inp.num_steps, inp.state_dim
+    if method == "auto":
+        method = _auto_method(inp)
     try:
         if method == "parallel":
             means, covs, log_normalizer = _filter_parallel(inp)
+            steady = T
         else:
-            means, covs, log_normalizer = _filter_sequential(inp)
-    except _SingularInnovation:
+            means, covs, log_normalizer, steady = _filter_sequential(inp)
+    except (_SingularInnovation, torch.linalg.LinAlgError):  # the sequential loop factors directly
         arguments = {
             "transition_cov": transition_cov,
             "observation_cov": observation_cov,
@@ -751,25 +902,7 @@ def kalman_smoother(
         raise _singular_innovation_error(arguments) from None
 
     if T > 1:
-        E, g, L = _backward_elements(inp, means, covs)
-        if method == "parallel":
-            elements = (
-                _with_first(torch.zeros_like(E[0]), E.flip(0), T - 1),
-                _with_first(means[-1], g.flip(0), T - 1),
-                _with_first(covs[-1], L.flip(0), T - 1),
-            )
-            _, smoothed_means, smoothed_covs = _associative_scan(_combine_smoothing, elements)
-            smoothed_means, smoothed_covs = smoothed_means.flip(0), smoothed_covs.flip(0)
-        else:
-            gains, offsets, covariances = E.unbind(0), g.unsqueeze(-1).unbind(0), L.unbind(0)
-            ms, Ps = [means[-1].unsqueeze(-1)], [covs[-1]]
-            for k in range(T - 2, -1, -1):
-                Ek = gains[k]
-                ms.append(Ek @ ms[-1] + offsets[k])
-                Ps.append(_sym(Ek @ Ps[-1] @ Ek.mT) + covariances[k])
-            smoothed_means = torch.stack(torch.broadcast_tensors(*ms[::-1])).squeeze(-1)
-            smoothed_covs = torch.stack(torch.broadcast_tensors(*Ps[::-1]))
-        cross = smoothed_covs[1:] @ E.mT  # Cov(x_{t+1}, x_t | y)
+        E, g, L, smoothed_means, smoothed_covs, cross = _smooth(inp, means, covs, method, steady)
     else:
         smoothed_means, smoothed_covs = means, covs
         E = covs.new_zeros((0, *covs.shape[1:]))
