@@ -1468,6 +1468,13 @@ def _add_sample_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"SGHMC friction in (0, 1] (default: SGHMC's, {_sampler_default('friction')})",
     )
     group.add_argument(
+        "--init-radius",
+        type=_positive_float,
+        default=0.1,
+        help="chains start with weights uniform in (-R, R), as a network's initialisation "
+        "does (default: 0.1; SGHMC's own 2.0 saturates a network's units)",
+    )
+    group.add_argument(
         "--max-train",
         type=_positive_int,
         default=None,
@@ -1591,7 +1598,7 @@ def _sample(args: argparse.Namespace) -> int:
     args.lr = _sampler_default("lr") if args.lr is None else args.lr
     args.friction = _sampler_default("friction") if args.friction is None else args.friction
     try:
-        sampler = SGHMC(lr=args.lr, friction=args.friction)
+        sampler = SGHMC(lr=args.lr, friction=args.friction, init_radius=args.init_radius)
     except (ValueError, TypeError) as error:
         raise CliError(f"sampler: {error}") from error
     _check_sample_folder(run_dir, args)

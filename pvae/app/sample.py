@@ -68,15 +68,16 @@ def run_sampler(
     sampler: Any = None,
 ) -> Posterior:
     """Sample ``model.model`` on ``ds.train`` with ``sampler`` (default
-    ``SGHMC(lr=settings["lr"], friction=settings["friction"])``, SGHMC's own defaults for
-    those not given) into ``run_dir``; ``settings``: ``num_samples``, ``warmup``, ``thin``,
-    ``num_chains``, ``batch_size``, ``seed``, ``resume``, ``checkpoint_every`` (optional).
+    ``SGHMC(lr=settings["lr"], friction=settings["friction"], init_radius=...)``, SGHMC's own
+    defaults for those not given) into ``run_dir``; ``settings``: ``num_samples``,
+    ``warmup``, ``thin``, ``num_chains``, ``batch_size``, ``seed``, ``resume``,
+    ``checkpoint_every`` (optional).
     Writes ``posterior.pt`` and the figures.
 
     :raises pvae.SamplingInterrupted: on Ctrl-C, once the checkpoint is written.
     """
     if sampler is None:
-        given = {key: settings[key] for key in ("lr", "friction") if key in settings}
+        given = {key: settings[key] for key in ("lr", "friction", "init_radius") if key in settings}
         sampler = SGHMC(**given)
     extra = {}
     if "checkpoint_every" in settings:
