@@ -265,11 +265,11 @@ MUTATIONS: list[Mutation] = [
         ("tests/inference/test_sghmc.py::test_regression_scales_data_once",),
     ),
     Mutation(
-        "sghmc-step-not-per-datapoint",  # the step lr instead of lr / N
+        "sghmc-step-not-per-datapoint",  # the plain sampler's step lr instead of lr / N
         "inference/sghmc.py",
         "eta = self.lr / self.num_data",
         "eta = self.lr",
-        ("tests/inference/test_sghmc.py::test_regression_minibatches_match_exact_posterior",),
+        ("tests/inference/test_sghmc_defaults.py::test_plain_sghmc_full_batch_regime",),
     ),
     # -- bookkeeping: what the loops and generators record (tests compare it by hand) ------
     Mutation(
