@@ -10,8 +10,11 @@ setup:
 compare: setup
 	$(BIN)/pvae compare $(ARGS)
 
+# Two worker processes (pytest-xdist): the tests use one torch thread each. PYTEST_WORKERS=0
+# runs them in this process.
+PYTEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy pvae && $(BIN)/mypy models inference
