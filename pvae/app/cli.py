@@ -1470,9 +1470,10 @@ def _add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--init-radius",
         type=_positive_float,
-        default=0.1,
-        help="chains start with weights uniform in (-R, R), as a network's initialisation "
-        "does (default: 0.1; SGHMC's own 2.0 saturates a network's units)",
+        default=None,
+        help="chains start with unconstrained values uniform in (-R, R) (default: SGHMC's, "
+        f"{_sampler_default('init_radius')}; 0.1 starts a network's weights small, as its "
+        "initialisation does, and reconstructs better given a warm-up of hundreds of steps)",
     )
     group.add_argument(
         "--max-train",
@@ -1597,6 +1598,8 @@ def _sample(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     args.lr = _sampler_default("lr") if args.lr is None else args.lr
     args.friction = _sampler_default("friction") if args.friction is None else args.friction
+    if args.init_radius is None:
+        args.init_radius = _sampler_default("init_radius")
     try:
         sampler = SGHMC(lr=args.lr, friction=args.friction, init_radius=args.init_radius)
     except (ValueError, TypeError) as error:
