@@ -849,11 +849,18 @@ def _check_resume(run_dir: Path, args: argparse.Namespace) -> None:
         previous = json.loads(path.read_text())["args"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CliError(f"cannot read {path} to resume the run: {error}") from error
-    current = _json_args(args)
+    _refuse_changed_arguments(run_dir, previous, _json_args(args), _RESUMABLE)
+
+
+def _refuse_changed_arguments(
+    run_dir: Path, previous: dict[str, Any], current: dict[str, Any], resumable: Any
+) -> None:
+    """Refuse a ``--resume`` whose arguments (other than ``resumable`` ones) differ from those
+    recorded in the run's ``config.json``, naming each."""
     changed = [
         f"--{key.replace('_', '-')} (was {previous.get(key)!r}, now {current.get(key)!r})"
         for key in sorted(set(previous) | set(current))
-        if key not in _RESUMABLE and previous.get(key) != current.get(key)
+        if key not in resumable and previous.get(key) != current.get(key)
     ]
     if changed:
         raise CliError(
@@ -1565,17 +1572,7 @@ def _check_sample_resume(run_dir: Path, args: argparse.Namespace) -> dict[str, A
             f"--resume: cannot read {run_dir / runs.CONFIG}, so the settings of the run in "
             f"{run_dir} are unknown ({error}); start a new run in another --run-dir"
         ) from error
-    current = _json_args(args)
-    changed = [
-        f"--{key.replace('_', '-')} (was {previous.get(key)!r}, now {current.get(key)!r})"
-        for key in sorted(set(previous) | set(current))
-        if key not in _SAMPLE_RESUMABLE and previous.get(key) != current.get(key)
-    ]
-    if changed:
-        raise CliError(
-            f"--resume continues the run in {run_dir}, but these arguments differ from its "
-            f"config.json: {'; '.join(changed)}; use another --run-dir to start a new run"
-        )
+    _refuse_changed_arguments(run_dir, previous, _json_args(args), _SAMPLE_RESUMABLE)
     return dict(document)
 
 
