@@ -241,13 +241,43 @@ class BudgetCurve:
         self.score, self.epochs = score, set(epochs)
         self.points: list[dict[str, float]] = []
         self.seconds = 0.0
+        self.score_seconds = 0.0  # time spent scoring (not training)
 
     def __call__(self, run: Any, record: dict[str, Any]) -> None:
         self.seconds += float(record["seconds"])
         if record["epoch"] in self.epochs:
+            start = time.perf_counter()
             with torch.random.fork_rng(devices=[]):
                 value = float(self.score())
+            self.score_seconds += time.perf_counter() - start
             self.points.append(dict(epoch=record["epoch"] + 1, seconds=self.seconds, score=value))
+
+
+def fit_with_curve(vae, train, engine, probe, sizes: dict, seed: int) -> tuple[float, list]:
+    """``pvae.fit`` for ``sizes["epochs"]`` epochs with a :class:`BudgetCurve` whose score is
+    the mean test log p(x) of ``probe`` with ``sizes["curve_k"]`` samples; returns the
+    training seconds and the curve's points."""
+    import pvae
+
+    def yardstick() -> float:
+        ll = pvae.log_likelihood(vae.model, vae.guide, probe, num_samples=sizes["curve_k"])
+        return float(ll.mean())
+
+    curve = BudgetCurve(yardstick, checkpoints(sizes["epochs"]))
+    start = time.perf_counter()
+    pvae.fit(
+        vae.model,
+        vae.guide,
+        train,
+        engine=engine,
+        epochs=sizes["epochs"],
+        batch_size=sizes["batch_size"],
+        lr=sizes.get("lr", 1e-3),
+        seed=seed,
+        progress=False,
+        callbacks=[curve],
+    )
+    return time.perf_counter() - start - curve.score_seconds, curve.points
 
 
 def write_curves(report: Report, curves: dict[str, list[dict]], ylabel: str) -> None:

@@ -41,8 +41,6 @@ Run: ``python benchmarks/papers/iwae.py --budget cpu`` (writes
 
 from __future__ import annotations
 
-import time
-
 import _common
 import torch
 from torch import nn
@@ -78,6 +76,10 @@ def build(layers: int) -> nn.Module:
     )
 
 
+def label(layers: int) -> str:
+    return "1 stochastic layer" if layers == 1 else f"{layers} stochastic layers"
+
+
 def engine(objective: str, k: int):
     if objective == "IWAE":
         return IWAE(num_particles=k)
@@ -89,31 +91,14 @@ def one_run(args, data, layers: int, objective: str, k: int, seed: int, sizes: d
     """Train one model, return its test log p(x), active units, time and budget curve."""
     _common.seed_all(seed)
     vae = build(layers)
-    test, probe = data["test"], data["probe"]
-
-    def yardstick() -> float:
-        ll = pvae.log_likelihood(vae.model, vae.guide, probe, num_samples=sizes["curve_k"])
-        return float(ll.mean())
-
-    curve = _common.BudgetCurve(yardstick, _common.checkpoints(sizes["epochs"]))
-    start = time.perf_counter()
-    pvae.fit(
-        vae.model,
-        vae.guide,
-        data["train"],
-        engine=engine(objective, k),
-        epochs=sizes["epochs"],
-        batch_size=sizes["batch_size"],
-        lr=1e-3,
-        seed=seed,
-        progress=False,
-        callbacks=[curve],
+    test = data["test"]
+    seconds, curve = _common.fit_with_curve(
+        vae, data["train"], engine(objective, k), data["probe"], sizes, seed
     )
-    seconds = time.perf_counter() - start
     ll = pvae.log_likelihood(vae.model, vae.guide, test, num_samples=sizes["test_k"])
     sites = ("z",) if layers == 1 else vae.layer_sites
     units = [active_units(vae.guide, test, site=s).count for s in sites]
-    return dict(log_px=float(ll.mean()), units=units, seconds=seconds, curve=curve.points)
+    return dict(log_px=float(ll.mean()), units=units, seconds=seconds, curve=curve)
 
 
 def main() -> None:
@@ -156,8 +141,8 @@ def main() -> None:
                 runs = [one_run(args, data, layers, objective, k, s, sizes) for s in seeds]
                 results[objective, k] = runs
                 paper_ll, paper_units = PAPER.get((layers, objective, k), (None, None))
-                source = f"{TABLE}, {layers} layer(s), {objective} row, k = {k}"
-                setting = f"{layers} layer(s), {objective} k={k}"
+                source = f"{TABLE}, {label(layers)}, {objective} row, k = {k}"
+                setting = f"{label(layers)}, {objective} k={k}"
                 report.add(setting, "test log p(x)", [r["log_px"] for r in runs], paper_ll,
                            source if paper_ll is not None else None)  # fmt: skip
                 report.add(setting, "active units", [sum(r["units"]) for r in runs],
@@ -182,7 +167,7 @@ def main() -> None:
             verdict, detail = _common.paired_verdict(
                 [value(r) for r in iwae_runs], [value(r) for r in vae_runs], gap
             )
-            report.claim(f"{layers} layer(s): IWAE k={k} above VAE k={k} in test {what}",
+            report.claim(f"{label(layers)}: IWAE k={k} above VAE k={k} in test {what}",
                          verdict, detail)  # fmt: skip
     _common.write_curves(report, curves, "test log p(x) (budget-curve yardstick)")
     report.write()
