@@ -253,21 +253,28 @@ class BudgetCurve:
             self.points.append(dict(epoch=record["epoch"] + 1, seconds=self.seconds, score=value))
 
 
-def fit_with_curve(vae, train, engine, probe, sizes: dict, seed: int) -> tuple[float, list]:
-    """``pvae.fit`` for ``sizes["epochs"]`` epochs with a :class:`BudgetCurve` whose score is
-    the mean test log p(x) of ``probe`` with ``sizes["curve_k"]`` samples; returns the
-    training seconds and the curve's points."""
+def log_px_score(vae: Any, probe: Any, num_samples: int) -> Callable[[], float]:
+    """A budget-curve score: the mean log p(x) of ``probe`` under ``vae``'s pair."""
     import pvae
 
-    def yardstick() -> float:
-        ll = pvae.log_likelihood(vae.model, vae.guide, probe, num_samples=sizes["curve_k"])
+    def score() -> float:
+        ll = pvae.log_likelihood(vae.model, vae.guide, probe, num_samples=num_samples)
         return float(ll.mean())
 
-    curve = BudgetCurve(yardstick, checkpoints(sizes["epochs"]))
+    return score
+
+
+def fit_with_curve(model, guide, train, engine, score, sizes: dict, seed: int):
+    """``pvae.fit`` for ``sizes["epochs"]`` epochs (batch ``sizes["batch_size"]``, learning
+    rate ``sizes.get("lr", 1e-3)``) with a :class:`BudgetCurve` of ``score``; returns the
+    training seconds (without the scoring) and the curve's points."""
+    import pvae
+
+    curve = BudgetCurve(score, checkpoints(sizes["epochs"]))
     start = time.perf_counter()
     pvae.fit(
-        vae.model,
-        vae.guide,
+        model,
+        guide,
         train,
         engine=engine,
         epochs=sizes["epochs"],
@@ -280,27 +287,31 @@ def fit_with_curve(vae, train, engine, probe, sizes: dict, seed: int) -> tuple[f
     return time.perf_counter() - start - curve.score_seconds, curve.points
 
 
-def write_curves(report: Report, curves: dict[str, list[dict]], ylabel: str) -> None:
-    """``budget_curve.json`` and ``budget_curve.png`` in the output folder: one line per
-    label (setting and seed), score against training seconds."""
+def write_curves(
+    report: Report, curves: dict[str, list[dict]], ylabel: str, log_y=False, stem="budget_curve"
+) -> None:
+    """``<stem>.json`` and ``<stem>.png`` in the output folder: one line per label (setting
+    and seed), score against training seconds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder = report.args.out
-    write_text(folder / "budget_curve.json", json.dumps(dict(ylabel=ylabel, curves=curves)) + "\n")
+    write_text(folder / f"{stem}.json", json.dumps(dict(ylabel=ylabel, curves=curves)) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in curves.items():
         ax.plot([p["seconds"] for p in points], [p["score"] for p in points], "o-", label=label)
     ax.set_xlabel("training seconds")
     ax.set_ylabel(ylabel)
     ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("log")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    png = folder / "budget_curve.png"
-    tmp = png.with_name(".budget_curve.tmp.png")
+    png = folder / f"{stem}.png"
+    tmp = png.with_name(f".{stem}.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, png)
-    report.files += ["budget_curve.json", "budget_curve.png"]
+    report.files += [f"{stem}.json", f"{stem}.png"]

@@ -93,7 +93,13 @@ def one_run(args, data, layers: int, objective: str, k: int, seed: int, sizes: d
     vae = build(layers)
     test = data["test"]
     seconds, curve = _common.fit_with_curve(
-        vae, data["train"], engine(objective, k), data["probe"], sizes, seed
+        vae.model,
+        vae.guide,
+        data["train"],
+        engine(objective, k),
+        _common.log_px_score(vae, data["probe"], sizes["curve_k"]),
+        sizes,
+        seed,
     )
     ll = pvae.log_likelihood(vae.model, vae.guide, test, num_samples=sizes["test_k"])
     sites = ("z",) if layers == 1 else vae.layer_sites
@@ -106,11 +112,13 @@ def main() -> None:
     sizes = _common.pick(
         args,
         tiny=dict(train=200, test=50, probe=20, epochs=1, batch_size=100, test_k=50, curve_k=10),
-        cpu=dict(train=4000, test=500, probe=200, epochs=5, batch_size=100, test_k=1000,
-                 curve_k=100),
-        paper=dict(train=None, test=None, probe=1000, epochs=3280, batch_size=20, test_k=5000,
-                   curve_k=1000),
-    )  # fmt: skip
+        cpu=dict(
+            train=4000, test=500, probe=200, epochs=5, batch_size=100, test_k=1000, curve_k=100
+        ),
+        paper=dict(
+            train=None, test=None, probe=1000, epochs=3280, batch_size=20, test_k=5000, curve_k=1000
+        ),
+    )
     ks = _common.pick(args, tiny=(50,), cpu=(50,), paper=(1, 5, 50))
     layer_list = [int(v) for v in args.layers.split(",")]
     if any(v not in (1, 2) for v in layer_list):
@@ -143,14 +151,29 @@ def main() -> None:
                 paper_ll, paper_units = PAPER.get((layers, objective, k), (None, None))
                 source = f"{TABLE}, {label(layers)}, {objective} row, k = {k}"
                 setting = f"{label(layers)}, {objective} k={k}"
-                report.add(setting, "test log p(x)", [r["log_px"] for r in runs], paper_ll,
-                           source if paper_ll is not None else None)  # fmt: skip
-                report.add(setting, "active units", [sum(r["units"]) for r in runs],
-                           paper_units, source if paper_units is not None else None, digits=1)  # fmt: skip
+                report.add(
+                    setting,
+                    "test log p(x)",
+                    [r["log_px"] for r in runs],
+                    paper_ll,
+                    source if paper_ll is not None else None,
+                )
+                report.add(
+                    setting,
+                    "active units",
+                    [sum(r["units"]) for r in runs],
+                    paper_units,
+                    source if paper_units is not None else None,
+                    digits=1,
+                )
                 if layers == 2:
                     for i in range(2):
-                        report.add(setting, f"active units, layer {i + 1}",
-                                   [r["units"][i] for r in runs], digits=1)  # fmt: skip
+                        report.add(
+                            setting,
+                            f"active units, layer {i + 1}",
+                            [r["units"][i] for r in runs],
+                            digits=1,
+                        )
                 report.add(setting, "training seconds", [r["seconds"] for r in runs], digits=0)
                 for s, r in zip(seeds, runs, strict=True):
                     curves[f"{setting}, seed {s}"] = r["curve"]
@@ -161,14 +184,16 @@ def main() -> None:
         if vae_paper and iwae_paper:
             gaps = (iwae_paper[0] - vae_paper[0], iwae_paper[1] - vae_paper[1])
         for what, key, gap in (("log p(x)", "log_px", gaps[0]), ("active units", "units", gaps[1])):
+
             def value(r, key=key):
                 return sum(r[key]) if key == "units" else r[key]
 
             verdict, detail = _common.paired_verdict(
                 [value(r) for r in iwae_runs], [value(r) for r in vae_runs], gap
             )
-            report.claim(f"{label(layers)}: IWAE k={k} above VAE k={k} in test {what}",
-                         verdict, detail)  # fmt: skip
+            report.claim(
+                f"{label(layers)}: IWAE k={k} above VAE k={k} in test {what}", verdict, detail
+            )
     _common.write_curves(report, curves, "test log p(x) (budget-curve yardstick)")
     report.write()
 
