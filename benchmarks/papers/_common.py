@@ -264,10 +264,11 @@ def log_px_score(vae: Any, probe: Any, num_samples: int) -> Callable[[], float]:
     return score
 
 
-def fit_with_curve(model, guide, train, engine, score, sizes: dict, seed: int):
+def fit_with_curve(model, guide, train, engine, score, sizes: dict, seed: int, callbacks=()):
     """``pvae.fit`` for ``sizes["epochs"]`` epochs (batch ``sizes["batch_size"]``, learning
-    rate ``sizes.get("lr", 1e-3)``) with a :class:`BudgetCurve` of ``score``; returns the
-    training seconds (without the scoring) and the curve's points."""
+    rate ``sizes.get("lr", 1e-3)``) with a :class:`BudgetCurve` of ``score`` (after the other
+    ``callbacks``); returns the training seconds (without the scoring) and the curve's
+    points."""
     import pvae
 
     curve = BudgetCurve(score, checkpoints(sizes["epochs"]))
@@ -282,7 +283,7 @@ def fit_with_curve(model, guide, train, engine, score, sizes: dict, seed: int):
         lr=sizes.get("lr", 1e-3),
         seed=seed,
         progress=False,
-        callbacks=[curve],
+        callbacks=[*callbacks, curve],
     )
     return time.perf_counter() - start - curve.score_seconds, curve.points
 
