@@ -14,7 +14,7 @@ that number being given; on real data it reports how many dimensions the model u
    the active units (variance over the data of E_q[z | x] above 0.01, Burda et al. 2016) of
    the same model. The paper's MNIST figure was not read this session; no paper number.
 
-By ``--budget``: ``tiny`` (5 epochs on the generated set; 200 MNIST images, 1 epoch), ``cpu``
+By ``--budget``: ``tiny`` (3 epochs on the generated set; 100 MNIST images, 1 epoch), ``cpu``
 (150 epochs; 4,000 images, 10 epochs), ``paper`` (500 epochs; 4,000 images, 200 epochs).
 Run: ``python benchmarks/papers/ard.py --budget cpu``.
 """
@@ -68,13 +68,13 @@ def main() -> None:
     args = _common.parse_args("ard", __doc__)
     synthetic = _common.pick(
         args,
-        tiny=dict(epochs=5, batch_size=100, lr=1e-2),
+        tiny=dict(epochs=3, batch_size=100, lr=1e-2),
         cpu=dict(epochs=150, batch_size=100, lr=1e-2),
         paper=dict(epochs=500, batch_size=100, lr=1e-2),
     )
     mnist = _common.pick(
         args,
-        tiny=dict(train=200, valid=100, epochs=1, batch_size=100, lr=1e-3),
+        tiny=dict(train=100, valid=50, epochs=1, batch_size=100, lr=1e-3),
         cpu=dict(train=4000, valid=500, epochs=10, batch_size=100, lr=1e-3),
         paper=dict(train=4000, valid=500, epochs=200, batch_size=100, lr=1e-3),
     )

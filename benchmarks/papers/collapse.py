@@ -29,7 +29,7 @@
    (an unconstrained h could shrink it away). The paper reports no number for this setting;
    the claim is qualitative: KL > 0 and active units > 0 where the plain decoder has none.
 
-By ``--budget``: ``tiny`` (100 CVAE steps, 3 VAE epochs), ``cpu`` (3000 steps, 40 epochs),
+By ``--budget``: ``tiny`` (50 CVAE steps, 2 VAE epochs), ``cpu`` (3000 steps, 40 epochs),
 ``paper`` (10000 steps, 200 epochs). Run: ``python benchmarks/papers/collapse.py --budget cpu``.
 """
 
@@ -159,7 +159,7 @@ def main() -> None:
     args = _common.parse_args("collapse", __doc__)
     sizes = _common.pick(
         args,
-        tiny=dict(n=500, cvae_steps=100, vae_n=300, vae_epochs=3),
+        tiny=dict(n=500, cvae_steps=50, vae_n=300, vae_epochs=2),
         cpu=dict(n=2000, cvae_steps=3000, vae_n=1000, vae_epochs=40),
         paper=dict(n=2000, cvae_steps=10000, vae_n=1000, vae_epochs=200),
     )

@@ -18,7 +18,7 @@ dynamically binarised, 64 samples of z per datapoint and step for every bound, A
 batch 100; test log p(x) by importance sampling; gradient SNR on a fixed batch of test images
 after training (``pvae.diagnostics.gradient_snr``). By ``--budget``:
 
-- ``tiny``: 200 images, 1 epoch, log p(x) with K = 50 on 50 test images, SNR from 5 repeats.
+- ``tiny``: 100 images, 1 epoch, log p(x) with K = 20 on 20 test images, SNR from 3 repeats.
 - ``cpu``: 4,000 images, 8 epochs, log p(x) with K = 1000 on 500 test images, SNR from 100
   repeats on 100 test images, plus the budget curve.
 - ``paper``: 4,000 images, 500 epochs, K = 5000 on 500 test images (the paper's MNIST runs are
@@ -75,15 +75,15 @@ def main() -> None:
     sizes = _common.pick(
         args,
         tiny=dict(
-            train=200,
-            test=50,
-            probe=20,
-            snr=20,
+            train=100,
+            test=20,
+            probe=10,
+            snr=10,
             epochs=1,
             batch_size=100,
-            test_k=50,
-            curve_k=10,
-            snr_repeats=5,
+            test_k=20,
+            curve_k=5,
+            snr_repeats=3,
         ),
         cpu=dict(
             train=4000,
