@@ -42,7 +42,6 @@ Run: ``python benchmarks/papers/iwae.py --budget cpu`` (writes
 from __future__ import annotations
 
 import _common
-import torch
 from torch import nn
 from torch.utils.data import Subset
 
@@ -143,61 +142,53 @@ def main() -> None:
     )
     curves: dict[str, list[dict]] = {}
     for layers in layer_list:
-        results: dict[tuple[str, int], list[dict]] = {}
+        results = {}
         for objective in ("VAE", "IWAE"):
             for k in ks:
                 runs = [one_run(args, data, layers, objective, k, s, sizes) for s in seeds]
                 results[objective, k] = runs
-                paper_ll, paper_units = PAPER.get((layers, objective, k), (None, None))
-                source = f"{TABLE}, {label(layers)}, {objective} row, k = {k}"
+                add_rows(report, layers, objective, k, runs)
                 setting = f"{label(layers)}, {objective} k={k}"
-                report.add(
-                    setting,
-                    "test log p(x)",
-                    [r["log_px"] for r in runs],
-                    paper_ll,
-                    source if paper_ll is not None else None,
-                )
-                report.add(
-                    setting,
-                    "active units",
-                    [sum(r["units"]) for r in runs],
-                    paper_units,
-                    source if paper_units is not None else None,
-                    digits=1,
-                )
-                if layers == 2:
-                    for i in range(2):
-                        report.add(
-                            setting,
-                            f"active units, layer {i + 1}",
-                            [r["units"][i] for r in runs],
-                            digits=1,
-                        )
-                report.add(setting, "training seconds", [r["seconds"] for r in runs], digits=0)
                 for s, r in zip(seeds, runs, strict=True):
                     curves[f"{setting}, seed {s}"] = r["curve"]
-        k = max(ks)
-        vae_runs, iwae_runs = results["VAE", k], results["IWAE", k]
-        vae_paper, iwae_paper = PAPER.get((layers, "VAE", k)), PAPER.get((layers, "IWAE", k))
-        gaps = (None, None)
-        if vae_paper and iwae_paper:
-            gaps = (iwae_paper[0] - vae_paper[0], iwae_paper[1] - vae_paper[1])
-        for what, key, gap in (("log p(x)", "log_px", gaps[0]), ("active units", "units", gaps[1])):
-
-            def value(r, key=key):
-                return sum(r[key]) if key == "units" else r[key]
-
-            verdict, detail = _common.paired_verdict(
-                [value(r) for r in iwae_runs], [value(r) for r in vae_runs], gap
-            )
-            report.claim(
-                f"{label(layers)}: IWAE k={k} above VAE k={k} in test {what}", verdict, detail
-            )
+        add_claims(report, layers, max(ks), results)
     _common.write_curves(report, curves, "test log p(x) (budget-curve yardstick)")
     report.write()
 
 
+def add_rows(report, layers: int, objective: str, k: int, runs: list[dict]) -> None:
+    """Our log p(x), active units (per layer with 2 layers) and time beside the paper's."""
+    paper_ll, paper_units = PAPER.get((layers, objective, k), (None, None))
+    source = f"{TABLE}, {label(layers)}, {objective} row, k = {k}"
+    setting = f"{label(layers)}, {objective} k={k}"
+    values = [r["log_px"] for r in runs]
+    report.add(setting, "test log p(x)", values, paper_ll, None if paper_ll is None else source)
+    values = [sum(r["units"]) for r in runs]
+    cited = None if paper_units is None else source
+    report.add(setting, "active units", values, paper_units, cited, digits=1)
+    if layers == 2:
+        for i in range(2):
+            values = [r["units"][i] for r in runs]
+            report.add(setting, f"active units, layer {i + 1}", values, digits=1)
+    report.add(setting, "training seconds", [r["seconds"] for r in runs], digits=0)
+
+
+def add_claims(report, layers: int, k: int, results: dict) -> None:
+    """IWAE k above VAE k in log p(x) and in active units, per seed, paired."""
+    vae_runs, iwae_runs = results["VAE", k], results["IWAE", k]
+    vae_paper, iwae_paper = PAPER.get((layers, "VAE", k)), PAPER.get((layers, "IWAE", k))
+    for i, (what, value) in enumerate(
+        (("log p(x)", lambda r: r["log_px"]), ("active units", lambda r: sum(r["units"])))
+    ):
+        gap = None
+        if vae_paper and iwae_paper and vae_paper[i] is not None and iwae_paper[i] is not None:
+            gap = iwae_paper[i] - vae_paper[i]
+        verdict, detail = _common.paired_verdict(
+            [value(r) for r in iwae_runs], [value(r) for r in vae_runs], gap
+        )
+        claim = f"{label(layers)}: IWAE k={k} above VAE k={k} in test {what}"
+        report.claim(claim, verdict, detail)
+
+
 if __name__ == "__main__":
-    torch.set_default_dtype(torch.float32)
     main()
