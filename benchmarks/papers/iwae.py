@@ -119,9 +119,12 @@ def main() -> None:
         ),
     )
     ks = _common.pick(args, tiny=(50,), cpu=(50,), paper=(1, 5, 50))
-    layer_list = [int(v) for v in args.layers.split(",")]
-    if any(v not in (1, 2) for v in layer_list):
-        raise SystemExit(f"--layers must list 1 and/or 2, got {args.layers!r}")
+    layer_list = [v.strip() for v in args.layers.split(",")]
+    if not layer_list or any(v not in ("1", "2") for v in layer_list):
+        raise SystemExit(f"--layers must list 1 and/or 2 (e.g. 1,2), got {args.layers!r}")
+    layer_list = [int(v) for v in layer_list]
+    if args.data_path is not None and args.budget != "paper":
+        raise SystemExit("--data-path is read at --budget paper only (cpu and tiny use MNIST-5k)")
     name = _common.pick(args, tiny="mnist5k", cpu="mnist5k", paper="mnist")
     kwargs = {"path": args.data_path} if name == "mnist" else {}
     ds = pvae.data.load(name, seed=0, binarize="dynamic", **kwargs)
