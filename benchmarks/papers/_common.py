@@ -10,7 +10,8 @@ sizes once per budget with :func:`pick`; every budget then runs the same code.
 - ``--seeds N``: seeds ``0 .. N-1`` (default 2 at tiny, 3 otherwise).
 - ``--out DIR``: where ``<name>.md``, ``<name>.json`` (and a budget curve) go; default
   ``benchmarks/papers/results/<script>``.
-- ``--threads``: ``torch.set_num_threads``.
+- ``--threads``: ``torch.set_num_threads``; ``--device cpu|cuda``: where models and data live
+  (:func:`to_device`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def parse_args(script: str, doc: str | None, add: Callable | None = None, argv=N
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1)")
     parser.add_argument("--out", default=None, help="output folder")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     if add is not None:
         add(parser)
     args = parser.parse_args(argv)
@@ -55,6 +57,11 @@ def parse_args(script: str, doc: str | None, add: Callable | None = None, argv=N
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.device.split(":")[0] not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here; use cpu")
+    args.device = torch.device(args.device)
     args.out = Path(args.out) if args.out else HERE / "results" / script
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out must be a folder, got the file {args.out}")
@@ -66,6 +73,17 @@ def parse_args(script: str, doc: str | None, add: Callable | None = None, argv=N
 def pick(args: argparse.Namespace, tiny: Any, cpu: Any, paper: Any) -> Any:
     """The value for ``args.budget``: the one place where budgets differ (sizes only)."""
     return {"tiny": tiny, "cpu": cpu, "paper": paper}[args.budget]
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """A tensor, a dynamically binarised set or a tuple of them on ``device``."""
+    from pvae.data import DynamicBinarized
+
+    if isinstance(value, DynamicBinarized):
+        return DynamicBinarized(value.probs.to(device))
+    if isinstance(value, tuple):
+        return tuple(to_device(item, device) for item in value)
+    return value.to(device)
 
 
 def seed_all(seed: int) -> None:

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import _common
 import torch
-from torch.utils.data import Subset
 
 import pvae
+from pvae.data import DynamicBinarized
 from pvae.diagnostics import active_units
 from pvae.models import ARDVAE
 
@@ -85,8 +85,8 @@ def main() -> None:
     generated = []
     for seed in seeds:
         _common.seed_all(seed)
-        train, valid = three_factors(seed)
-        ard = ARDVAE(20, 8, hidden=(), likelihood="gaussian")
+        train, valid = _common.to_device(three_factors(seed), args.device)
+        ard = ARDVAE(20, 8, hidden=(), likelihood="gaussian").to(args.device)
         generated.append(run(ard, train, valid, synthetic, seed))
         curves[f"generated, seed {seed}"] = generated[-1]["curve"]
     setting = "generated: 3 factors, D = 20, 8 latents, linear"
@@ -104,11 +104,12 @@ def main() -> None:
     )
 
     ds = pvae.data.load("mnist5k", seed=0, binarize="dynamic")
-    train, valid = Subset(ds.train, range(mnist["train"])), ds.valid[: mnist["valid"]]
+    train = _common.to_device(DynamicBinarized(ds.train.probs[: mnist["train"]]), args.device)
+    valid = ds.valid[: mnist["valid"]].to(args.device)
     images = []
     for seed in seeds:
         _common.seed_all(seed)
-        ard = ARDVAE(784, 50, hidden=(200, 200), likelihood="bernoulli")
+        ard = ARDVAE(784, 50, hidden=(200, 200), likelihood="bernoulli").to(args.device)
         images.append(run(ard, train, valid, mnist, seed))
         curves[f"MNIST-5k, seed {seed}"] = images[-1]["curve"]
     setting = "MNIST-5k, 50 latents, 784-200-200-50"

@@ -71,12 +71,12 @@ def cvae_data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return x.float(), y.float()
 
 
-def linear_cvae(seed: int):
+def linear_cvae(seed: int, device: torch.device):
     """The linear CVAE as a Pyro pair (beta = eta_enc = eta_dec = 1)."""
     g = torch.Generator().manual_seed(seed)
 
     def init(*shape):
-        return 0.1 * torch.randn(*shape, generator=g)
+        return (0.1 * torch.randn(*shape, generator=g)).to(device)
 
     start = dict(W1=init(Z_DIM, X_DIM), W2=init(Z_DIM, Y_DIM), U1=init(Y_DIM, Z_DIM))
     start["U2"] = init(Y_DIM, X_DIM)
@@ -89,7 +89,7 @@ def linear_cvae(seed: int):
 
     def guide(x, y):
         w1, w2 = pyro.param("W1", start["W1"]), pyro.param("W2", start["W2"])
-        log_sigma = pyro.param("log_sigma", torch.zeros(Z_DIM))
+        log_sigma = pyro.param("log_sigma", torch.zeros(Z_DIM, device=device))
         with pyro.plate("data", x.shape[0]):
             loc = x @ w1.T + y @ w2.T
             pyro.sample("z", dist.Normal(loc, log_sigma.exp().expand_as(loc)).to_event(1))
@@ -99,14 +99,14 @@ def linear_cvae(seed: int):
 
 def fitted_cvae() -> tuple[torch.Tensor, torch.Tensor]:
     store = pyro.get_param_store()
-    singular = torch.linalg.svdvals(store["U1"].detach().double())
-    std = store["log_sigma"].detach().double().exp().sort().values
+    singular = torch.linalg.svdvals(store["U1"].detach().cpu().double())
+    std = store["log_sigma"].detach().cpu().double().exp().sort().values
     return singular, std
 
 
 def dang_run(xy, seed: int, sizes: dict) -> dict:
     _common.seed_all(seed)
-    model, guide = linear_cvae(seed)
+    model, guide = linear_cvae(seed, xy[0].device)
     target = torch.tensor(PAPER_SINGULAR, dtype=torch.float64)
 
     def error() -> float:
@@ -134,7 +134,7 @@ class Isometry(nn.Module):
         return u @ self.q.T + self.bias
 
 
-def kinoshita_run(ds, lipschitz: float | None, seed: int, sizes: dict) -> dict:
+def kinoshita_run(ds, lipschitz: float | None, seed: int, sizes: dict, device) -> dict:
     _common.seed_all(seed)
     vae = VAE(10, 4, hidden=(32,), likelihood="gaussian", likelihood_kw={"scale": 0.5})
     if lipschitz is not None:
@@ -142,16 +142,18 @@ def kinoshita_run(ds, lipschitz: float | None, seed: int, sizes: dict) -> dict:
             4, 10, hidden=(), lipschitz=lipschitz, icnn_hidden=(32,)
         )
         vae.decoder.h = Isometry(4, 10, seed)
+    vae.to(device)
+    train, valid = ds.train.to(device), ds.valid.to(device)
 
     def total_kl() -> float:
-        return float(kl_per_dim(vae.model, vae.guide, ds.valid).kl.sum())
+        return float(kl_per_dim(vae.model, vae.guide, valid).kl.sum())
 
     vae_sizes = dict(epochs=sizes["vae_epochs"], batch_size=100, lr=3e-3)
     seconds, curve = _common.fit_with_curve(
-        vae.model, vae.guide, ds.train, ELBO(beta=100.0), total_kl, vae_sizes, seed
+        vae.model, vae.guide, train, ELBO(beta=100.0), total_kl, vae_sizes, seed
     )
     return dict(
-        kl=total_kl(), units=active_units(vae.guide, ds.valid).count, seconds=seconds, curve=curve
+        kl=total_kl(), units=active_units(vae.guide, valid).count, seconds=seconds, curve=curve
     )
 
 
@@ -167,6 +169,7 @@ def main() -> None:
     report = _common.Report(args, "Dang et al. 2024 and Kinoshita et al. 2023 (collapse)", seeds)
     xy = cvae_data(sizes["n"])
     predicted = linear_cvae_collapse(x=xy[0].double(), y=xy[1].double(), z_dim=Z_DIM)
+    xy = _common.to_device(xy, args.device)
     report.notes.append(
         "linear CVAE: the generated sample's residual eigenvalues are "
         f"{[round(v, 4) for v in predicted.theta.tolist()]}; the theory from its own moments "
@@ -207,7 +210,7 @@ def main() -> None:
         ("plain MLP decoder", None),
         ("inverse-Lipschitz decoder, L = 3", 3.0),
     ):
-        results[label] = kin = [kinoshita_run(ds, lipschitz, s, sizes) for s in seeds]
+        results[label] = kin = [kinoshita_run(ds, lipschitz, s, sizes, args.device) for s in seeds]
         report.add(f"beta = 100, {label}", "total KL (nats)", [r["kl"] for r in kin], digits=3)
         report.add(
             f"beta = 100, {label}", "active units (of 4)", [r["units"] for r in kin], digits=1

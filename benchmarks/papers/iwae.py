@@ -43,9 +43,9 @@ from __future__ import annotations
 
 import _common
 from torch import nn
-from torch.utils.data import Subset
 
 import pvae
+from pvae.data import DynamicBinarized
 from pvae.diagnostics import active_units
 from pvae.inference import ELBO, IWAE
 from pvae.models import VAE, HierarchicalVAE
@@ -89,7 +89,7 @@ def engine(objective: str, k: int):
 def one_run(args, data, layers: int, objective: str, k: int, seed: int, sizes: dict) -> dict:
     """Train one model, return its test log p(x), active units, time and budget curve."""
     _common.seed_all(seed)
-    vae = build(layers)
+    vae = build(layers).to(args.device)
     test = data["test"]
     seconds, curve = _common.fit_with_curve(
         vae.model,
@@ -131,10 +131,11 @@ def main() -> None:
     n_train = sizes["train"] or len(ds.train)
     n_test = sizes["test"] or ds.test.shape[0]
     data = dict(
-        train=Subset(ds.train, range(n_train)),
+        train=DynamicBinarized(ds.train.probs[:n_train]),
         test=ds.test[:n_test],
         probe=ds.test[: sizes["probe"]],
     )
+    data = {key: _common.to_device(value, args.device) for key, value in data.items()}
     seeds = list(range(args.seeds))
     report = _common.Report(args, "Burda et al. 2016 (IWAE), Table 1", seeds)
     report.notes.append(

@@ -82,6 +82,7 @@ def test_bad_flags_are_refused_before_any_work(tmp_path, capsys):
         (["--budget", "huge"], "--budget"),
         (["--seeds", "0"], "--seeds"),
         (["--threads", "0"], "--threads"),
+        (["--device", "tpu"], "--device"),
         (["--out", str(a_file)], "--out"),
     ):
         with pytest.raises(SystemExit) as stop:
