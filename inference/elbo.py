@@ -41,7 +41,6 @@ from pvae.validation import finite_float, non_negative_int, positive_int
 from .base import Engine
 
 Schedule = Callable[[int], float]
-ESTIMATORS = ("reparam", "stl")
 
 
 @dataclass(frozen=True)
@@ -117,6 +116,8 @@ class ELBO(Engine):
         log q_detached(z) - log p(z).
     """
 
+    estimators = ("reparam", "stl")
+
     def __init__(
         self,
         num_particles: int = 1,
@@ -126,11 +127,12 @@ class ELBO(Engine):
         vectorize_particles: bool = True,
         max_plate_nesting: float = float("inf"),
         estimator: str = "reparam",
+        data_plate: str = "data",
     ):
-        super().__init__(num_particles, vectorize_particles, max_plate_nesting)
-        if estimator not in ESTIMATORS:
+        super().__init__(num_particles, vectorize_particles, max_plate_nesting, data_plate)
+        if estimator not in self.estimators:
             raise ValueError(
-                f"unknown estimator {estimator!r} for the ELBO; choose one of {ESTIMATORS} "
+                f"unknown estimator {estimator!r} for the ELBO; choose one of {self.estimators} "
                 "(DReG of the ELBO is STL)"
             )
         self.estimator = estimator

@@ -40,13 +40,7 @@ import torch
 from pvae.protocol import LogWeights, check_reparameterized, log_mean_exp
 from pvae.validation import finite_float, positive_int
 
-from .base import Engine, SplitLoss
-
-ESTIMATORS = ("reparam", "stl", "dreg")
-
-
-def _positive_int(value: int, name: str) -> int:
-    return positive_int(value, name)
+from .base import ESTIMATORS, Engine, SplitLoss
 
 
 def group_bound(weights: LogWeights, num_inner: int) -> torch.Tensor:
@@ -73,6 +67,7 @@ class _ImportanceEngine(Engine):
     reparameterised, build the bound and the estimator's surrogates."""
 
     name = "importance"
+    estimators = ESTIMATORS
 
     def __init__(
         self,
@@ -81,12 +76,15 @@ class _ImportanceEngine(Engine):
         estimator: str = "reparam",
         vectorize_particles: bool = True,
         max_plate_nesting: float = float("inf"),
+        data_plate: str = "data",
     ):
-        self.num_outer = _positive_int(num_outer, "num_outer")
-        self.num_inner = _positive_int(num_inner, "num_inner")
-        super().__init__(self.num_outer * self.num_inner, vectorize_particles, max_plate_nesting)
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
+        self.num_outer = positive_int(num_outer, "num_outer")
+        self.num_inner = positive_int(num_inner, "num_inner")
+        super().__init__(
+            self.num_outer * self.num_inner, vectorize_particles, max_plate_nesting, data_plate
+        )
+        if estimator not in self.estimators:
+            raise ValueError(f"unknown estimator {estimator!r}; choose one of {self.estimators}")
         self.estimator = estimator
         self._owners: dict = {}  # the model/guide parameter split, computed once per pair
         if estimator == "stl" and any(k > 1 and c != 0 for k, c in self.guide_terms()):
@@ -141,7 +139,7 @@ class IWAE(_ImportanceEngine):
     """
 
     def __init__(self, num_particles: int = 5, estimator: str = "reparam", **kwargs):
-        _positive_int(num_particles, "num_particles")
+        positive_int(num_particles, "num_particles")
         super().__init__(1, num_particles, estimator, **kwargs)
 
     def model_terms(self):
@@ -174,7 +172,7 @@ class CIWAE(_ImportanceEngine):
     ):
         beta = finite_float(beta, "beta", minimum=0.0, maximum=1.0)
         self.beta = float(beta)
-        _positive_int(num_particles, "num_particles")
+        positive_int(num_particles, "num_particles")
         super().__init__(1, num_particles, estimator, **kwargs)
 
     def model_terms(self):

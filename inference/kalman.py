@@ -93,8 +93,9 @@ class KalmanELBO(Engine):
         exact_emissions: bool = True,
         vectorize_particles: bool = True,
         max_plate_nesting: float = float("inf"),
+        data_plate: str = "data",
     ):
-        super().__init__(num_particles, vectorize_particles, max_plate_nesting)
+        super().__init__(num_particles, vectorize_particles, max_plate_nesting, data_plate)
         self.exact_emissions = bool(exact_emissions)
 
     def _log_likelihood_term(self, site: Any, guide_trace: Any) -> torch.Tensor:
