@@ -41,7 +41,7 @@ from pvae.protocol import (
     used_by_guide,
     used_by_model,
 )
-from pvae.steps import StepRecord, constructor_settings
+from pvae.steps import StepRecord, attribute_settings
 from pvae.validation import non_negative_int, plate_name, positive_int
 
 ESTIMATORS = ("reparam", "stl", "dreg")
@@ -168,13 +168,14 @@ class Engine(pyro.infer.ELBO):
 
     # -- settings a resume must match ----------------------------------------------------------
     def settings(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the run it continues, by name: the
-        constructor's arguments that the engine stores under their own names with a plain
-        value (:func:`pvae.steps.constructor_settings`; ``max_plate_nesting``, guessed per
-        pair, and ``data_plate``, a name, are not settings). A subclass whose constructor
-        stores a new argument as ``self.<name>`` is covered; override (extending
-        ``super().settings()``) for values stored otherwise."""
-        return constructor_settings(self, exclude=("max_plate_nesting", "data_plate"))
+        """The settings a resumed run must share with the run it continues, by name (plain
+        values, compared with ``==``; :func:`pvae.steps.engine_settings`). A subclass that
+        adds a setting extends it::
+
+            def settings(self):
+                return {**super().settings(), **attribute_settings(self, "temperature")}
+        """
+        return attribute_settings(self, "num_particles")
 
     # -- state that must survive a checkpoint (pvae.steps.EngineState) ------------------------
     def state_dict(self) -> dict[str, Any]:

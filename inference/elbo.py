@@ -26,6 +26,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,6 +37,7 @@ from pvae.protocol import (
     expected_log_prob,
     latent_sites,
 )
+from pvae.steps import attribute_settings
 from pvae.validation import finite_float, non_negative_int, positive_int
 
 from .base import Engine
@@ -143,6 +145,13 @@ class ELBO(Engine):
         self.free_bits = float(free_bits)
         self.analytic_kl = analytic_kl
         self._warned_order = False
+
+    def settings(self) -> dict[str, Any]:
+        """``num_particles``, ``estimator``, ``free_bits``, ``analytic_kl`` and ``beta`` (a
+        schedule by its ``repr`` when it is a frozen dataclass, such as
+        :class:`LinearAnnealing`)."""
+        names = ("estimator", "free_bits", "analytic_kl", "beta")
+        return {**super().settings(), **attribute_settings(self, *names)}
 
     def current_beta(self) -> float:
         """The KL weight used at the current step."""

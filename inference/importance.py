@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from pvae.protocol import LogWeights, check_reparameterized, log_mean_exp
+from pvae.steps import attribute_settings
 from pvae.validation import finite_float, positive_int
 
 from .base import ESTIMATORS, Engine, SplitLoss
@@ -94,6 +96,10 @@ class _ImportanceEngine(Engine):
                 "2018); use estimator='dreg', which is unbiased",
                 stacklevel=3,
             )
+
+    def settings(self) -> dict[str, Any]:
+        names = ("num_outer", "num_inner", "estimator", "beta", "encoder_objective")
+        return {**super().settings(), **attribute_settings(self, *names)}
 
     def _forget_pair(self) -> None:
         super()._forget_pair()

@@ -61,6 +61,7 @@ import torch
 from pvae.distributions import KalmanSmoothedPosterior, LinearGaussianEmission
 from pvae.kl import kl_elements
 from pvae.protocol import Reducer, check_reparameterized, expected_log_prob, latent_sites
+from pvae.steps import attribute_settings
 
 from .base import Engine
 
@@ -97,6 +98,9 @@ class KalmanELBO(Engine):
     ):
         super().__init__(num_particles, vectorize_particles, max_plate_nesting, data_plate)
         self.exact_emissions = bool(exact_emissions)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), **attribute_settings(self, "exact_emissions")}
 
     def _log_likelihood_term(self, site: Any, guide_trace: Any) -> torch.Tensor:
         """The site's log-density tensor, or its exact expectation under the smoothed

@@ -97,7 +97,7 @@ from torch.distributions import biject_to, transforms
 
 from pvae.protocol import find_data_frame
 from pvae.sampling import SamplingDiverged
-from pvae.steps import SamplerEngine, StepRecord
+from pvae.steps import SamplerEngine, StepRecord, attribute_settings
 from pvae.validation import finite_float, plate_name, seed_value
 
 __all__ = ["SGHMC"]
@@ -243,6 +243,10 @@ class SGHMC(SamplerEngine):
         self.init_radius = finite_float(init_radius, "init_radius", minimum=0.0)
         self.data_plate = plate_name(data_plate)
         self.reset()
+
+    def settings(self) -> dict[str, Any]:
+        """``lr``, ``friction``, ``adaptive`` and ``init_radius``."""
+        return attribute_settings(self, "lr", "friction", "adaptive", "init_radius")
 
     # -- set-up ---------------------------------------------------------------------------------
     def reset(self) -> None:

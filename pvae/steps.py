@@ -28,7 +28,6 @@ from __future__ import annotations
 import abc
 import copy
 import dataclasses
-import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -105,8 +104,9 @@ class SamplerEngine(abc.ABC):
     A chain is started by :meth:`setup`, moved by :meth:`train_step`, read by :meth:`values`
     (and :meth:`unconstrained`, the state a checkpoint keeps), and checkpointed through
     :meth:`state_dict` / :meth:`load_state_dict` (:class:`EngineState`). :meth:`settings`
-    names what a resumed run must share with the run it continues; by default the
-    constructor's arguments stored under their own names (:func:`constructor_settings`).
+    names what a resumed run must share with the run it continues (none by default; a
+    subclass returns its own, extending ``super().settings()``, e.g. with
+    :func:`attribute_settings`).
     """
 
     data_plate: str = "data"
@@ -155,7 +155,7 @@ class SamplerEngine(abc.ABC):
 
     def settings(self) -> dict[str, Any]:
         """The settings a resumed run must match: ``{name: bool | int | float | str}``."""
-        return constructor_settings(self, exclude=("data_plate",))
+        return {}
 
 
 def missing_sampler_methods(sampler: Any) -> list[str]:
@@ -182,22 +182,11 @@ PYRO_ELBO_SETTINGS = (
 """The public attributes of Pyro's own ``ELBO`` classes that define their estimate."""
 
 
-def constructor_settings(engine: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The constructor arguments of ``engine``'s class (every class of its MRO) that it stores
-    under their own names with a plain value (scikit-learn's ``get_params`` convention): a
-    subclass that adds an argument and stores it as ``self.<name>`` is covered without more.
-    A frozen dataclass value (a schedule such as ``LinearAnnealing``) is described by its
-    ``repr``; other objects (functions) are left out."""
-    names: list[str] = []
-    for cls in type(engine).__mro__:
-        init = cls.__dict__.get("__init__")
-        if init is None or cls is object:
-            continue
-        for parameter in inspect.signature(init).parameters.values():
-            if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-                continue
-            if parameter.name not in names and parameter.name not in ("self", *exclude):
-                names.append(parameter.name)
+def attribute_settings(engine: Any, *names: str) -> dict[str, Any]:
+    """``{name: engine.<name>}`` for the named attributes that hold a plain value; a frozen
+    dataclass value (a schedule such as ``LinearAnnealing``) is described by its ``repr``;
+    other values (functions) and missing attributes are left out. Engines build their
+    ``settings()`` with it."""
     found: dict[str, Any] = {}
     for name in names:
         value = getattr(engine, name, None)

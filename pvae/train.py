@@ -860,7 +860,7 @@ def _step_policy(step_policy: Any, aggressive_encoder: Any) -> StepPolicy:
         return StepPolicy()
     if not isinstance(step_policy, StepPolicy):
         raise TypeError(
-            "step_policy must be a pvae.train.StepPolicy (subclass it), got "
+            "step_policy must be a pvae.StepPolicy (subclass it), got "
             f"{type(step_policy).__name__}"
         )
     return step_policy
