@@ -116,6 +116,12 @@ class ELBO(Engine):
         directly, so under STL each KL term keeps its value (the reported bound and the
         loss are unchanged) and takes its gradient from the STL estimate
         log q_detached(z) - log p(z).
+    :param vectorize_particles: draw the particles in one vectorised run of the pair (the
+        default) or one per run, in a loop, for pairs that cannot be vectorised (see
+        :class:`~pvae.inference.Engine`).
+    :param max_plate_nesting: the pair's deepest plate nesting; guessed from a first run when
+        omitted.
+    :param data_plate: the name of the plate holding the datapoints (``"data"``).
     """
 
     estimators = ("reparam", "stl")

@@ -142,6 +142,8 @@ class IWAE(_ImportanceEngine):
 
     :param num_particles: K, importance samples per datapoint.
     :param estimator: "reparam", "stl" or "dreg" for the guide's gradient.
+    :param kwargs: ``vectorize_particles``, ``max_plate_nesting``, ``data_plate``, as in
+        :class:`MIWAE`.
     """
 
     def __init__(self, num_particles: int = 5, estimator: str = "reparam", **kwargs):
@@ -153,9 +155,20 @@ class IWAE(_ImportanceEngine):
 
 
 class MIWAE(_ImportanceEngine):
-    """MIWAE(M, K): the average of M independent IWAE_K bounds (Rainforth et al. 2018).
+    """The average of M independent IWAE_K bounds, MIWAE(M, K) (Rainforth et al. 2018): M*K
+    samples per datapoint in all.
 
-    :param num_outer: M.  :param num_inner: K.  M*K samples per datapoint in all.
+    :param num_outer: M, the independent bounds averaged.
+    :param num_inner: K, the importance samples of each bound.
+    :param estimator: "reparam", "stl" or "dreg" for the guide's gradient.
+    :param kwargs: keyword arguments of the base engine:
+
+        - ``vectorize_particles`` (default True): draw the M*K particles in one vectorised
+          run of the pair, or one per run, in a loop, for pairs that cannot be vectorised
+          (boolean-mask indexing, ``torch.cat`` of particle-dependent and per-datapoint
+          tensors);
+        - ``max_plate_nesting``: the pair's deepest plate nesting, guessed when omitted;
+        - ``data_plate`` (default ``"data"``): the name of the plate holding the datapoints.
     """
 
     def __init__(
@@ -168,9 +181,14 @@ class MIWAE(_ImportanceEngine):
 
 
 class CIWAE(_ImportanceEngine):
-    """CIWAE: beta * ELBO_K + (1 - beta) * IWAE_K from the same K samples (Rainforth et al.).
+    """The combination beta * ELBO_K + (1 - beta) * IWAE_K from the same K samples, CIWAE
+    (Rainforth et al. 2018).
 
-    :param num_particles: K.  :param beta: in [0, 1]; 1 gives the K-sample ELBO, 0 IWAE_K.
+    :param num_particles: K, importance samples per datapoint.
+    :param beta: in [0, 1]; 1 gives the K-sample ELBO, 0 IWAE_K.
+    :param estimator: "reparam", "stl" or "dreg" for the guide's gradient.
+    :param kwargs: ``vectorize_particles``, ``max_plate_nesting``, ``data_plate``, as in
+        :class:`MIWAE`.
     """
 
     def __init__(
@@ -186,11 +204,19 @@ class CIWAE(_ImportanceEngine):
 
 
 class PIWAE(_ImportanceEngine):
-    """PIWAE(M, K): the model's parameters follow IWAE_{MK}, the guide's follow MIWAE(M, K)
+    """Partially importance-weighted training, PIWAE(M, K) (Rainforth et al. 2018): the
+    model's parameters follow IWAE_{MK}, the guide's follow MIWAE(M, K)
     (``encoder_objective="miwae"``) or the M*K-sample ELBO (``"elbo"``), from the same samples
-    in one step (Rainforth et al. 2018). The guide never receives the IWAE gradient.
+    in one step. The guide never receives the IWAE gradient.
 
     The reported bound is IWAE_{MK} (the model's objective); ``guide_bound`` holds the guide's.
+
+    :param num_outer: M.
+    :param num_inner: K.
+    :param encoder_objective: ``"miwae"`` or ``"elbo"``, the guide's objective.
+    :param estimator: "reparam", "stl" or "dreg" for the guide's gradient.
+    :param kwargs: ``vectorize_particles``, ``max_plate_nesting``, ``data_plate``, as in
+        :class:`MIWAE`.
     """
 
     def __init__(

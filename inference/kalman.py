@@ -83,6 +83,12 @@ class KalmanELBO(Engine):
     :param exact_emissions: use the closed-form expectation of
         :class:`~pvae.distributions.LinearGaussianEmission` sites (False: Monte-Carlo draws,
         for checks).
+    :param vectorize_particles: draw the particles in one vectorised run of the pair (the
+        default) or one per run, in a loop, for pairs that cannot be vectorised (see
+        :class:`~pvae.inference.Engine`).
+    :param max_plate_nesting: the pair's deepest plate nesting; guessed from a first run when
+        omitted.
+    :param data_plate: the name of the plate holding the datapoints (``"data"``).
 
     :raises ValueError: from the first step, when no guide latent site is a
         :class:`~pvae.distributions.KalmanSmoothedPosterior` (use ELBO for such pairs).

@@ -168,19 +168,8 @@ def log_likelihood(
     if chunk_size is not None:
         chunk_size = validation.positive_int(chunk_size, "chunk_size")
     plate = validation.plate_name(data_plate)
-    fixed = None if global_values is None else _check_global_values(global_values)
     data = validation.as_data(data, "data")
-    pair = model if not kwargs else _with_kwargs(model, kwargs)
-    pair_guide = guide if not kwargs else _with_kwargs(guide, kwargs)
-    traces = validation.check_pair_data(
-        pair, pair_guide, data, "data", batch_size, get_batch, "log_likelihood", plate
-    )
-    if fixed is not None:
-        _check_global_names(pair, pair_guide, get_batch(data, torch.arange(1)), fixed, plate)
-        model, guide = _FixGlobals(fixed)(model), _FixGlobals(fixed)(guide)
-        pair, pair_guide = _FixGlobals(fixed)(pair), _FixGlobals(fixed)(pair_guide)
-        traces = trace_pair(pair, pair_guide, get_batch(data, torch.arange(1)))
-    refuse_scaled_latents(traces, "log_likelihood", plate)
+    model, guide = _checked_pair(model, guide, data, kwargs, global_values, batch_size, plate)
     chunk_size = chunk_size or max(1, 10_000 // batch_size)
     if not vectorize_particles:
         chunk_size = 1  # one particle per run: no particle plate
@@ -192,24 +181,71 @@ def log_likelihood(
         for batch in iter_batches(data, batch_size):
             if nesting is None:
                 nesting = guess_max_plate_nesting(model, guide, batch, kwargs)
-            total: torch.Tensor | None = None
-            done = 0
-            while done < num_samples:
-                k = min(chunk_size, num_samples - done)
-                model_trace, guide_trace = get_traces(
-                    model, guide, batch, kwargs, k, nesting, data_plate=plate
+            results.append(
+                _batch_log_likelihood(
+                    model, guide, batch, kwargs, num_samples, chunk_size, nesting, plate, bar
                 )
-                reducer = Reducer(nesting, find_data_frame(guide_trace, model_trace, plate=plate))
-                _check_evaluable(model_trace, guide_trace, reducer, batch, plate)
-                weights = log_weights(model_trace, guide_trace, reducer)
-                chunk = torch.logsumexp(weights.local + weights.global_[:, None], 0)
-                total = chunk if total is None else torch.logaddexp(total, chunk)
-                done += k
-                bar.update(k * batch[0].shape[0])
-            assert total is not None
-            results.append(total - math.log(num_samples))
+            )
     bar.close()
     return torch.cat(results)
+
+
+def _batch_log_likelihood(
+    model: Callable,
+    guide: Callable,
+    batch: tuple,
+    kwargs: dict,
+    num_samples: int,
+    chunk_size: int,
+    nesting: int,
+    plate: str,
+    bar: Any,
+) -> torch.Tensor:
+    """:func:`log_likelihood` of one batch, ``(B,)``: the log-mean-exp of ``num_samples``
+    importance weights per datapoint, drawn ``chunk_size`` at a time."""
+    total: torch.Tensor | None = None
+    done = 0
+    while done < num_samples:
+        k = min(chunk_size, num_samples - done)
+        model_trace, guide_trace = get_traces(
+            model, guide, batch, kwargs, k, nesting, data_plate=plate
+        )
+        reducer = Reducer(nesting, find_data_frame(guide_trace, model_trace, plate=plate))
+        _check_evaluable(model_trace, guide_trace, reducer, batch, plate)
+        weights = log_weights(model_trace, guide_trace, reducer)
+        chunk = torch.logsumexp(weights.local + weights.global_[:, None], 0)
+        total = chunk if total is None else torch.logaddexp(total, chunk)
+        done += k
+        bar.update(k * batch[0].shape[0])
+    assert total is not None
+    return total - math.log(num_samples)
+
+
+def _checked_pair(
+    model: Callable,
+    guide: Callable,
+    data: Data,
+    kwargs: dict,
+    global_values: Any,
+    batch_size: int,
+    plate: str,
+) -> tuple[Callable, Callable]:
+    """:func:`log_likelihood`'s checks of the pair against ``data`` (fit's data checks, the
+    global values' names, no latent of its own scale); returns the pair to evaluate (its
+    global latents fixed at ``global_values``, when given)."""
+    fixed = None if global_values is None else _check_global_values(global_values)
+    pair = model if not kwargs else _with_kwargs(model, kwargs)
+    pair_guide = guide if not kwargs else _with_kwargs(guide, kwargs)
+    traces = validation.check_pair_data(
+        pair, pair_guide, data, "data", batch_size, get_batch, "log_likelihood", plate
+    )
+    if fixed is not None:
+        _check_global_names(pair, pair_guide, get_batch(data, torch.arange(1)), fixed, plate)
+        model, guide = _FixGlobals(fixed)(model), _FixGlobals(fixed)(guide)
+        pair, pair_guide = _FixGlobals(fixed)(pair), _FixGlobals(fixed)(pair_guide)
+        traces = trace_pair(pair, pair_guide, get_batch(data, torch.arange(1)))
+    refuse_scaled_latents(traces, "log_likelihood", plate)
+    return model, guide
 
 
 def _check_global_names(

@@ -796,10 +796,8 @@ def fit(
     :param optimizer: "adam", "adamw", "sgd", "rmsprop", or a ``torch.optim.Optimizer`` class.
     :param lr: a float for every parameter, or ``{"model": ..., "guide": ...}`` for separate
         groups (the guide's parameters read from the traces, :func:`pvae.protocol.param_split`).
-    :param seed: seeds Pyro, torch, numpy and Python; the data order is a function of
-        ``(seed, epoch)``.
-    :param run_dir: where ``checkpoint.pt`` and ``run.json`` are written (atomically) after
-        every epoch.
+    :param seed: seeds Pyro, torch, numpy and Python; the data order follows ``(seed, epoch)``.
+    :param run_dir: where ``checkpoint.pt`` and ``run.json`` are written after every epoch.
     :param resume: continue from ``run_dir/checkpoint.pt``, bit-identically to an
         uninterrupted run (parameters, optimiser, engine and step-policy state, random
         generators); settings that differ from the checkpoint's (the engine's ``settings()``,
@@ -821,15 +819,12 @@ def fit(
     :returns: a :class:`Run`.
 
     Pyro's validation (when on) checks the first step of every epoch only. Under ``torchrun``
-    (``WORLD_SIZE > 1``) each process takes its share of every batch and gradients are
-    averaged across processes (gloo on CPU, nccl on GPU).
+    each process takes its share of every batch; gradients are averaged across processes.
     """
     from pvae.inference import ELBO  # late import: core does not depend on engines at import
 
     engine = engine if engine is not None else ELBO()
-    _check_arguments(engine, epochs, batch_size, optimizer, lr, seed, run_dir, resume)
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be True or False, got {progress!r}")
+    _check_arguments(engine, epochs, batch_size, optimizer, lr, seed, run_dir, resume, progress)
     policy = _step_policy(step_policy, aggressive_encoder)
     data_plate = validation.plate_name(data_plate)
     callbacks = _check_callbacks(callbacks, "callbacks")
@@ -860,8 +855,7 @@ def _step_policy(step_policy: Any, aggressive_encoder: Any) -> StepPolicy:
         return StepPolicy()
     if not isinstance(step_policy, StepPolicy):
         raise TypeError(
-            "step_policy must be a pvae.StepPolicy (subclass it), got "
-            f"{type(step_policy).__name__}"
+            f"step_policy must be a pvae.StepPolicy (subclass it), got {type(step_policy).__name__}"
         )
     return step_policy
 
@@ -1006,6 +1000,7 @@ def _check_arguments(
     seed: Any,
     run_dir: Any,
     resume: Any,
+    progress: Any = True,
 ) -> None:
     """``fit``'s scalar arguments, before anything runs."""
     _check_engine(engine)
@@ -1018,8 +1013,9 @@ def _check_arguments(
             f"unknown optimizer {optimizer!r}; choose one of {sorted(_OPTIMIZERS)} or pass "
             "a torch.optim.Optimizer class"
         )
-    if not isinstance(resume, bool):
-        raise TypeError(f"resume must be True or False, got {resume!r}")
+    for name, flag in (("resume", resume), ("progress", progress)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():
         raise ValueError(f"run_dir {run_dir} exists and is not a folder")
 
