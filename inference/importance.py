@@ -211,8 +211,8 @@ class PIWAE(_ImportanceEngine):
 
     The reported bound is IWAE_{MK} (the model's objective); ``guide_bound`` holds the guide's.
 
-    :param num_outer: M.
-    :param num_inner: K.
+    :param num_outer: M, the groups of the guide's MIWAE objective.
+    :param num_inner: K, the importance samples of each group (M*K per datapoint in all).
     :param encoder_objective: ``"miwae"`` or ``"elbo"``, the guide's objective.
     :param estimator: "reparam", "stl" or "dreg" for the guide's gradient.
     :param kwargs: ``vectorize_particles``, ``max_plate_nesting``, ``data_plate``, as in
