@@ -2,16 +2,21 @@
 
 Every variational engine is a ``pyro.infer.ELBO`` subclass: use it in ``pyro.infer.SVI`` or in
 ``pvae.fit``. Each reports the bound itself, never a surrogate. ``SGHMC`` is a sampler engine,
-their sibling: use it through ``pvae.sample``.
+their sibling (a :class:`SamplerEngine`, the contract ``pvae.sample`` takes): use it through
+``pvae.sample``. ``ESTIMATORS`` names every estimator of the guide's gradient; each engine
+class lists those it accepts in ``estimators``.
 """
 
-from .base import Engine, SplitLoss
+from pvae.steps import SamplerEngine, StepEngine
+
+from .base import ESTIMATORS, Engine, SplitLoss
 from .elbo import ELBO, CyclicalAnnealing, LinearAnnealing
 from .importance import CIWAE, IWAE, MIWAE, PIWAE
 from .kalman import KalmanELBO
 from .sghmc import SGHMC
 
 __all__ = [
+    "ESTIMATORS",
     "CIWAE",
     "ELBO",
     "IWAE",
@@ -22,5 +27,7 @@ __all__ = [
     "CyclicalAnnealing",
     "Engine",
     "LinearAnnealing",
+    "SamplerEngine",
     "SplitLoss",
+    "StepEngine",
 ]

@@ -41,8 +41,13 @@ from pvae.protocol import (
     used_by_guide,
     used_by_model,
 )
-from pvae.steps import StepRecord
-from pvae.validation import non_negative_int, positive_int
+from pvae.steps import StepRecord, attribute_settings
+from pvae.validation import non_negative_int, plate_name, positive_int
+
+ESTIMATORS = ("reparam", "stl", "dreg")
+"""Every estimator of the guide's gradient (``estimator=``) an engine may take; each engine
+class lists those it accepts in its ``estimators`` attribute (the ELBO: ``reparam`` and
+``stl``, DReG of the ELBO being STL; the importance-weighted engines: all three)."""
 
 
 @dataclass
@@ -112,8 +117,16 @@ class Engine(pyro.infer.ELBO):
     """Base class of pvae's variational engines.
 
     :param num_particles: particles drawn per datapoint.
-    :param vectorize_particles: draw them with one vectorised run (default) or a loop.
+    :param vectorize_particles: draw the particles in one run of the pair under a vectorised
+        particle plate (default: the pair's shapes must broadcast over a leading particle
+        dimension), or one particle per run, in a loop (for pairs that cannot be vectorised:
+        boolean-mask indexing, ``torch.cat`` of particle-dependent and per-datapoint tensors).
+        Both give the same bound in expectation; the loop is slower.
     :param max_plate_nesting: guessed from a first run when omitted.
+    :param data_plate: the name of the plate holding the datapoint dimension (``"data"``;
+        Pyro's DMM example names it ``"z_minibatch"``). ``pvae.fit`` and the other loops set
+        it for their run from their own ``data_plate=``; set it here when stepping the engine
+        in ``pyro.infer.SVI`` yourself.
 
     :meth:`train_step` returns the step's :class:`~pvae.steps.StepRecord` (``loss``: the
     objective's value; ``bound``: the full-data bound, per-datapoint terms scaled by N/B);
@@ -121,13 +134,19 @@ class Engine(pyro.infer.ELBO):
     :meth:`loss_and_grads`) and is the engine's checkpointed state. A step whose pair has
     latent sites with a scale of their own (:func:`pvae.protocol.scaled_latent_sites`) says so
     in its record (``extras["bound_source"] == "surrogate: scaled latent sites"``).
+    :meth:`settings` names what a resumed run must share with the run it continues.
     """
+
+    estimators: tuple[str, ...] = ("reparam",)
+    """The estimators of the guide's gradient the engine takes (a subset of
+    :data:`ESTIMATORS`)."""
 
     def __init__(
         self,
         num_particles: int = 1,
         vectorize_particles: bool = True,
         max_plate_nesting: float = float("inf"),
+        data_plate: str = "data",
     ):
         num_particles = positive_int(num_particles, "num_particles")
         if not isinstance(vectorize_particles, bool):
@@ -138,6 +157,7 @@ class Engine(pyro.infer.ELBO):
             max_plate_nesting = non_negative_int(max_plate_nesting, "max_plate_nesting")
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
         self.vectorize = vectorize_particles
+        self.data_plate = plate_name(data_plate)
         self.step = 0
         self.scaled_latents = False  # whether the last traces had latent sites of own scale
         # The plate nesting is read from the pair when not given, and is the pair's: it is
@@ -145,6 +165,17 @@ class Engine(pyro.infer.ELBO):
         # pair's nesting to a pair with more plates).
         self._guess_nesting = max_plate_nesting == float("inf")
         self._pair: tuple[Any, Any] | None = None
+
+    # -- settings a resume must match ----------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues, by name (plain
+        values, compared with ``==``; :func:`pvae.steps.engine_settings`). A subclass that
+        adds a setting extends it::
+
+            def settings(self):
+                return {**super().settings(), **attribute_settings(self, "temperature")}
+        """
+        return attribute_settings(self, "num_particles")
 
     # -- state that must survive a checkpoint (pvae.steps.EngineState) ------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -189,12 +220,15 @@ class Engine(pyro.infer.ELBO):
         """One vectorised draw of ``num_particles`` particles and its reducer."""
         nesting = self._nesting(model, guide, args, kwargs)
         model_trace, guide_trace = get_traces(
-            model, guide, args, kwargs, num_particles, nesting, vectorize=True
+            model, guide, args, kwargs, num_particles, nesting, data_plate=self.data_plate
         )
-        frame = find_data_frame(guide_trace, model_trace)
-        if frame is None:  # the plate rule, only for pairs without a "data" plate
-            check_data_plate(model_trace, guide_trace, batch_rows(args), type(self).__name__)
-        self.scaled_latents = bool(scaled_latent_sites(model_trace, guide_trace))
+        plate = self.data_plate
+        frame = find_data_frame(guide_trace, model_trace, plate=plate)
+        if frame is None:  # the plate rule, only for pairs without a data plate
+            check_data_plate(
+                model_trace, guide_trace, batch_rows(args), type(self).__name__, plate=plate
+            )
+        self.scaled_latents = bool(scaled_latent_sites(model_trace, guide_trace, plate=plate))
         return model_trace, guide_trace, Reducer(nesting, frame)
 
     def particles(

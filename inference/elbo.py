@@ -26,6 +26,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,12 +37,12 @@ from pvae.protocol import (
     expected_log_prob,
     latent_sites,
 )
+from pvae.steps import attribute_settings
 from pvae.validation import finite_float, non_negative_int, positive_int
 
 from .base import Engine
 
 Schedule = Callable[[int], float]
-ESTIMATORS = ("reparam", "stl")
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,15 @@ class ELBO(Engine):
         directly, so under STL each KL term keeps its value (the reported bound and the
         loss are unchanged) and takes its gradient from the STL estimate
         log q_detached(z) - log p(z).
+    :param vectorize_particles: draw the particles in one vectorised run of the pair (the
+        default) or one per run, in a loop, for pairs that cannot be vectorised (see
+        :class:`~pvae.inference.Engine`).
+    :param max_plate_nesting: the pair's deepest plate nesting; guessed from a first run when
+        omitted.
+    :param data_plate: the name of the plate holding the datapoints (``"data"``).
     """
+
+    estimators = ("reparam", "stl")
 
     def __init__(
         self,
@@ -126,11 +135,12 @@ class ELBO(Engine):
         vectorize_particles: bool = True,
         max_plate_nesting: float = float("inf"),
         estimator: str = "reparam",
+        data_plate: str = "data",
     ):
-        super().__init__(num_particles, vectorize_particles, max_plate_nesting)
-        if estimator not in ESTIMATORS:
+        super().__init__(num_particles, vectorize_particles, max_plate_nesting, data_plate)
+        if estimator not in self.estimators:
             raise ValueError(
-                f"unknown estimator {estimator!r} for the ELBO; choose one of {ESTIMATORS} "
+                f"unknown estimator {estimator!r} for the ELBO; choose one of {self.estimators} "
                 "(DReG of the ELBO is STL)"
             )
         self.estimator = estimator
@@ -141,6 +151,13 @@ class ELBO(Engine):
         self.free_bits = float(free_bits)
         self.analytic_kl = analytic_kl
         self._warned_order = False
+
+    def settings(self) -> dict[str, Any]:
+        """``num_particles``, ``estimator``, ``free_bits``, ``analytic_kl`` and ``beta`` (a
+        schedule by its ``repr`` when it is a frozen dataclass, such as
+        :class:`LinearAnnealing`)."""
+        names = ("estimator", "free_bits", "analytic_kl", "beta")
+        return {**super().settings(), **attribute_settings(self, *names)}
 
     def current_beta(self) -> float:
         """The KL weight used at the current step."""

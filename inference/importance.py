@@ -34,19 +34,15 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from pvae.protocol import LogWeights, check_reparameterized, log_mean_exp
+from pvae.steps import attribute_settings
 from pvae.validation import finite_float, positive_int
 
-from .base import Engine, SplitLoss
-
-ESTIMATORS = ("reparam", "stl", "dreg")
-
-
-def _positive_int(value: int, name: str) -> int:
-    return positive_int(value, name)
+from .base import ESTIMATORS, Engine, SplitLoss
 
 
 def group_bound(weights: LogWeights, num_inner: int) -> torch.Tensor:
@@ -73,6 +69,7 @@ class _ImportanceEngine(Engine):
     reparameterised, build the bound and the estimator's surrogates."""
 
     name = "importance"
+    estimators = ESTIMATORS
 
     def __init__(
         self,
@@ -81,12 +78,15 @@ class _ImportanceEngine(Engine):
         estimator: str = "reparam",
         vectorize_particles: bool = True,
         max_plate_nesting: float = float("inf"),
+        data_plate: str = "data",
     ):
-        self.num_outer = _positive_int(num_outer, "num_outer")
-        self.num_inner = _positive_int(num_inner, "num_inner")
-        super().__init__(self.num_outer * self.num_inner, vectorize_particles, max_plate_nesting)
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
+        self.num_outer = positive_int(num_outer, "num_outer")
+        self.num_inner = positive_int(num_inner, "num_inner")
+        super().__init__(
+            self.num_outer * self.num_inner, vectorize_particles, max_plate_nesting, data_plate
+        )
+        if estimator not in self.estimators:
+            raise ValueError(f"unknown estimator {estimator!r}; choose one of {self.estimators}")
         self.estimator = estimator
         self._owners: dict = {}  # the model/guide parameter split, computed once per pair
         if estimator == "stl" and any(k > 1 and c != 0 for k, c in self.guide_terms()):
@@ -96,6 +96,10 @@ class _ImportanceEngine(Engine):
                 "2018); use estimator='dreg', which is unbiased",
                 stacklevel=3,
             )
+
+    def settings(self) -> dict[str, Any]:
+        names = ("num_outer", "num_inner", "estimator", "beta", "encoder_objective")
+        return {**super().settings(), **attribute_settings(self, *names)}
 
     def _forget_pair(self) -> None:
         super()._forget_pair()
@@ -138,10 +142,12 @@ class IWAE(_ImportanceEngine):
 
     :param num_particles: K, importance samples per datapoint.
     :param estimator: "reparam", "stl" or "dreg" for the guide's gradient.
+    :param kwargs: ``vectorize_particles``, ``max_plate_nesting``, ``data_plate``, as in
+        :class:`MIWAE`.
     """
 
     def __init__(self, num_particles: int = 5, estimator: str = "reparam", **kwargs):
-        _positive_int(num_particles, "num_particles")
+        positive_int(num_particles, "num_particles")
         super().__init__(1, num_particles, estimator, **kwargs)
 
     def model_terms(self):
@@ -149,9 +155,20 @@ class IWAE(_ImportanceEngine):
 
 
 class MIWAE(_ImportanceEngine):
-    """MIWAE(M, K): the average of M independent IWAE_K bounds (Rainforth et al. 2018).
+    """The average of M independent IWAE_K bounds, MIWAE(M, K) (Rainforth et al. 2018): M*K
+    samples per datapoint in all.
 
-    :param num_outer: M.  :param num_inner: K.  M*K samples per datapoint in all.
+    :param num_outer: M, the independent bounds averaged.
+    :param num_inner: K, the importance samples of each bound.
+    :param estimator: "reparam", "stl" or "dreg" for the guide's gradient.
+    :param kwargs: keyword arguments of the base engine:
+
+        - ``vectorize_particles`` (default True): draw the M*K particles in one vectorised
+          run of the pair, or one per run, in a loop, for pairs that cannot be vectorised
+          (boolean-mask indexing, ``torch.cat`` of particle-dependent and per-datapoint
+          tensors);
+        - ``max_plate_nesting``: the pair's deepest plate nesting, guessed when omitted;
+        - ``data_plate`` (default ``"data"``): the name of the plate holding the datapoints.
     """
 
     def __init__(
@@ -164,9 +181,14 @@ class MIWAE(_ImportanceEngine):
 
 
 class CIWAE(_ImportanceEngine):
-    """CIWAE: beta * ELBO_K + (1 - beta) * IWAE_K from the same K samples (Rainforth et al.).
+    """The combination beta * ELBO_K + (1 - beta) * IWAE_K from the same K samples, CIWAE
+    (Rainforth et al. 2018).
 
-    :param num_particles: K.  :param beta: in [0, 1]; 1 gives the K-sample ELBO, 0 IWAE_K.
+    :param num_particles: K, importance samples per datapoint.
+    :param beta: in [0, 1]; 1 gives the K-sample ELBO, 0 IWAE_K.
+    :param estimator: "reparam", "stl" or "dreg" for the guide's gradient.
+    :param kwargs: ``vectorize_particles``, ``max_plate_nesting``, ``data_plate``, as in
+        :class:`MIWAE`.
     """
 
     def __init__(
@@ -174,7 +196,7 @@ class CIWAE(_ImportanceEngine):
     ):
         beta = finite_float(beta, "beta", minimum=0.0, maximum=1.0)
         self.beta = float(beta)
-        _positive_int(num_particles, "num_particles")
+        positive_int(num_particles, "num_particles")
         super().__init__(1, num_particles, estimator, **kwargs)
 
     def model_terms(self):
@@ -182,11 +204,19 @@ class CIWAE(_ImportanceEngine):
 
 
 class PIWAE(_ImportanceEngine):
-    """PIWAE(M, K): the model's parameters follow IWAE_{MK}, the guide's follow MIWAE(M, K)
+    """Partially importance-weighted training, PIWAE(M, K) (Rainforth et al. 2018): the
+    model's parameters follow IWAE_{MK}, the guide's follow MIWAE(M, K)
     (``encoder_objective="miwae"``) or the M*K-sample ELBO (``"elbo"``), from the same samples
-    in one step (Rainforth et al. 2018). The guide never receives the IWAE gradient.
+    in one step. The guide never receives the IWAE gradient.
 
     The reported bound is IWAE_{MK} (the model's objective); ``guide_bound`` holds the guide's.
+
+    :param num_outer: M, the groups of the guide's MIWAE objective.
+    :param num_inner: K, the importance samples of each group (M*K per datapoint in all).
+    :param encoder_objective: ``"miwae"`` or ``"elbo"``, the guide's objective.
+    :param estimator: "reparam", "stl" or "dreg" for the guide's gradient.
+    :param kwargs: ``vectorize_particles``, ``max_plate_nesting``, ``data_plate``, as in
+        :class:`MIWAE`.
     """
 
     def __init__(

@@ -61,6 +61,7 @@ import torch
 from pvae.distributions import KalmanSmoothedPosterior, LinearGaussianEmission
 from pvae.kl import kl_elements
 from pvae.protocol import Reducer, check_reparameterized, expected_log_prob, latent_sites
+from pvae.steps import attribute_settings
 
 from .base import Engine
 
@@ -82,6 +83,12 @@ class KalmanELBO(Engine):
     :param exact_emissions: use the closed-form expectation of
         :class:`~pvae.distributions.LinearGaussianEmission` sites (False: Monte-Carlo draws,
         for checks).
+    :param vectorize_particles: draw the particles in one vectorised run of the pair (the
+        default) or one per run, in a loop, for pairs that cannot be vectorised (see
+        :class:`~pvae.inference.Engine`).
+    :param max_plate_nesting: the pair's deepest plate nesting; guessed from a first run when
+        omitted.
+    :param data_plate: the name of the plate holding the datapoints (``"data"``).
 
     :raises ValueError: from the first step, when no guide latent site is a
         :class:`~pvae.distributions.KalmanSmoothedPosterior` (use ELBO for such pairs).
@@ -93,9 +100,13 @@ class KalmanELBO(Engine):
         exact_emissions: bool = True,
         vectorize_particles: bool = True,
         max_plate_nesting: float = float("inf"),
+        data_plate: str = "data",
     ):
-        super().__init__(num_particles, vectorize_particles, max_plate_nesting)
+        super().__init__(num_particles, vectorize_particles, max_plate_nesting, data_plate)
         self.exact_emissions = bool(exact_emissions)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), **attribute_settings(self, "exact_emissions")}
 
     def _log_likelihood_term(self, site: Any, guide_trace: Any) -> torch.Tensor:
         """The site's log-density tensor, or its exact expectation under the smoothed

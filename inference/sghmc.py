@@ -95,10 +95,10 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to, transforms
 
-from pvae.protocol import DATA_PLATE, find_data_frame
+from pvae.protocol import find_data_frame
 from pvae.sampling import SamplingDiverged
-from pvae.steps import StepRecord
-from pvae.validation import finite_float, seed_value
+from pvae.steps import SamplerEngine, StepRecord, attribute_settings
+from pvae.validation import finite_float, plate_name, seed_value
 
 __all__ = ["SGHMC"]
 
@@ -195,8 +195,9 @@ def warmup_schedule(num_warmup: int) -> tuple[int, list[int]]:
     return start, ends
 
 
-class SGHMC:
-    """Stochastic-gradient HMC over every latent site of a Pyro model (a sampler engine).
+class SGHMC(SamplerEngine):
+    """Stochastic-gradient HMC over every latent site of a Pyro model (a sampler engine,
+    :class:`pvae.steps.SamplerEngine`).
 
     :param lr: adaptive (the default): the largest step in the preconditioned coordinates
         (``eta * P_i <= lr * P_i``, P_i the posterior variance estimate; the step is usually set
@@ -211,6 +212,8 @@ class SGHMC:
         in which it is accurate).
     :param init_radius: initial unconstrained values are drawn uniformly from
         ``(-init_radius, init_radius)`` (Pyro's ``init_to_uniform``).
+    :param data_plate: the name of the plate holding the datapoints (``"data"``; ``pvae.sample``
+        sets it for its run from its own ``data_plate=``).
 
     State (``state_dict``): the unconstrained values and velocities of every site, the
     optimiser's moments, the preconditioner, the gradient-noise estimate, the open window's
@@ -226,6 +229,7 @@ class SGHMC:
         friction: float = 0.3,
         adaptive: bool = True,
         init_radius: float = 2.0,
+        data_plate: str = "data",
     ):
         self.lr = finite_float(lr, "lr", minimum=0.0)
         if self.lr <= 0:
@@ -237,7 +241,12 @@ class SGHMC:
             raise TypeError(f"adaptive must be True or False, got {adaptive!r}")
         self.adaptive = adaptive
         self.init_radius = finite_float(init_radius, "init_radius", minimum=0.0)
+        self.data_plate = plate_name(data_plate)
         self.reset()
+
+    def settings(self) -> dict[str, Any]:
+        """``lr``, ``friction``, ``adaptive`` and ``init_radius``."""
+        return attribute_settings(self, "lr", "friction", "adaptive", "init_radius")
 
     # -- set-up ---------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -297,7 +306,7 @@ class SGHMC:
         self.num_warmup = int(num_warmup)
         self.generator.manual_seed(seed_value(seed))
         trace = _latent_sites(model, args, dict(kwargs or {}))
-        frame = find_data_frame(trace)
+        frame = find_data_frame(trace, plate=self.data_plate)
         batch = frame.size if frame is not None else self.num_data
         self.stochastic = frame is not None and batch < self.num_data
         self.batch_rows = max(1, int(batch))
@@ -311,9 +320,10 @@ class SGHMC:
                     f"{support}); SGHMC moves continuous latents only: marginalise it out "
                     "(sum over its values in the model) or give it a continuous relaxation"
                 )
-            if self.stochastic and any(f.name == DATA_PLATE for f in site["cond_indep_stack"]):
+            plate = self.data_plate
+            if self.stochastic and any(f.name == plate for f in site["cond_indep_stack"]):
                 raise ValueError(
-                    f"latent site {name!r} is inside pyro.plate('data'): a per-datapoint "
+                    f"latent site {name!r} is inside pyro.plate({plate!r}): a per-datapoint "
                     f"latent, which SGHMC samples only when every step sees all {self.num_data} "
                     f"datapoints (batch_size >= N; the batch has {batch}). Minibatched "
                     "per-datapoint latents are not supported in this version"

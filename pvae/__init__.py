@@ -9,8 +9,12 @@ from pvae import data, likelihoods, nets
 from pvae.evaluate import log_likelihood
 from pvae.protocol import VectorizationError, scale_to_data
 from pvae.sampling import Posterior, SamplingDiverged, SamplingInterrupted, sample
+from pvae.steps import SamplerEngine
 from pvae.train import (
+    AggressiveEncoder,
     Run,
+    StepContext,
+    StepPolicy,
     TrainingDiverged,
     check_fit,
     evaluate_bound,
@@ -32,8 +36,12 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AggressiveEncoder",
     "Posterior",
     "Run",
+    "SamplerEngine",
+    "StepContext",
+    "StepPolicy",
     "SamplingDiverged",
     "SamplingInterrupted",
     "TrainingDiverged",

@@ -124,11 +124,13 @@ def log_likelihood(
     progress: bool = False,
     vectorize_particles: bool = True,
     global_values: dict[str, torch.Tensor] | None = None,
+    data_plate: str = "data",
     **kwargs: Any,
 ) -> torch.Tensor:
     """Importance-sampled log p(x_n) for every datapoint, in nats (higher is better).
 
-    :param model, guide: any pair whose per-datapoint latents sit in ``pyro.plate("data")``.
+    :param model, guide: any pair whose per-datapoint latents sit in ``pyro.plate("data")``
+        (or the plate named by ``data_plate``).
     :param data: a tensor ``(N, ...)``, a tuple of tensors (passed as positional arguments),
         or a torch Dataset.
     :param num_samples: importance samples K per datapoint.
@@ -143,6 +145,8 @@ def log_likelihood(
     :param global_values: ``{site name: tensor}`` for the pair's global latents (sites outside
         the data plate, e.g. weights ``w``): the model and the guide use these values and their
         densities are left out, so the result is ``log p(x_n | w)`` per datapoint.
+    :param data_plate: the name of the plate holding the datapoint dimension (Pyro's DMM
+        example: ``"z_minibatch"``).
     :param kwargs: keyword arguments of the model and the guide.
     :returns: tensor of shape ``(N,)``.
 
@@ -163,19 +167,9 @@ def log_likelihood(
     batch_size = validation.positive_int(batch_size, "batch_size")
     if chunk_size is not None:
         chunk_size = validation.positive_int(chunk_size, "chunk_size")
-    fixed = None if global_values is None else _check_global_values(global_values)
+    plate = validation.plate_name(data_plate)
     data = validation.as_data(data, "data")
-    pair = model if not kwargs else _with_kwargs(model, kwargs)
-    pair_guide = guide if not kwargs else _with_kwargs(guide, kwargs)
-    traces = validation.check_pair_data(
-        pair, pair_guide, data, "data", batch_size, get_batch, "log_likelihood"
-    )
-    if fixed is not None:
-        _check_global_names(pair, pair_guide, get_batch(data, torch.arange(1)), fixed)
-        model, guide = _FixGlobals(fixed)(model), _FixGlobals(fixed)(guide)
-        pair, pair_guide = _FixGlobals(fixed)(pair), _FixGlobals(fixed)(pair_guide)
-        traces = trace_pair(pair, pair_guide, get_batch(data, torch.arange(1)))
-    refuse_scaled_latents(traces, "log_likelihood")
+    model, guide = _checked_pair(model, guide, data, kwargs, global_values, batch_size, plate)
     chunk_size = chunk_size or max(1, 10_000 // batch_size)
     if not vectorize_particles:
         chunk_size = 1  # one particle per run: no particle plate
@@ -187,28 +181,79 @@ def log_likelihood(
         for batch in iter_batches(data, batch_size):
             if nesting is None:
                 nesting = guess_max_plate_nesting(model, guide, batch, kwargs)
-            total: torch.Tensor | None = None
-            done = 0
-            while done < num_samples:
-                k = min(chunk_size, num_samples - done)
-                model_trace, guide_trace = get_traces(model, guide, batch, kwargs, k, nesting)
-                reducer = Reducer(nesting, find_data_frame(guide_trace, model_trace))
-                _check_evaluable(model_trace, guide_trace, reducer, batch)
-                weights = log_weights(model_trace, guide_trace, reducer)
-                chunk = torch.logsumexp(weights.local + weights.global_[:, None], 0)
-                total = chunk if total is None else torch.logaddexp(total, chunk)
-                done += k
-                bar.update(k * batch[0].shape[0])
-            assert total is not None
-            results.append(total - math.log(num_samples))
+            results.append(
+                _batch_log_likelihood(
+                    model, guide, batch, kwargs, num_samples, chunk_size, nesting, plate, bar
+                )
+            )
     bar.close()
     return torch.cat(results)
 
 
-def _check_global_names(model: Callable, guide: Callable, batch: tuple, fixed: dict) -> None:
+def _batch_log_likelihood(
+    model: Callable,
+    guide: Callable,
+    batch: tuple,
+    kwargs: dict,
+    num_samples: int,
+    chunk_size: int,
+    nesting: int,
+    plate: str,
+    bar: Any,
+) -> torch.Tensor:
+    """:func:`log_likelihood` of one batch, ``(B,)``: the log-mean-exp of ``num_samples``
+    importance weights per datapoint, drawn ``chunk_size`` at a time."""
+    total: torch.Tensor | None = None
+    done = 0
+    while done < num_samples:
+        k = min(chunk_size, num_samples - done)
+        model_trace, guide_trace = get_traces(
+            model, guide, batch, kwargs, k, nesting, data_plate=plate
+        )
+        reducer = Reducer(nesting, find_data_frame(guide_trace, model_trace, plate=plate))
+        _check_evaluable(model_trace, guide_trace, reducer, batch, plate)
+        weights = log_weights(model_trace, guide_trace, reducer)
+        chunk = torch.logsumexp(weights.local + weights.global_[:, None], 0)
+        total = chunk if total is None else torch.logaddexp(total, chunk)
+        done += k
+        bar.update(k * batch[0].shape[0])
+    assert total is not None
+    return total - math.log(num_samples)
+
+
+def _checked_pair(
+    model: Callable,
+    guide: Callable,
+    data: Data,
+    kwargs: dict,
+    global_values: Any,
+    batch_size: int,
+    plate: str,
+) -> tuple[Callable, Callable]:
+    """:func:`log_likelihood`'s checks of the pair against ``data`` (fit's data checks, the
+    global values' names, no latent of its own scale); returns the pair to evaluate (its
+    global latents fixed at ``global_values``, when given)."""
+    fixed = None if global_values is None else _check_global_values(global_values)
+    pair = model if not kwargs else _with_kwargs(model, kwargs)
+    pair_guide = guide if not kwargs else _with_kwargs(guide, kwargs)
+    traces = validation.check_pair_data(
+        pair, pair_guide, data, "data", batch_size, get_batch, "log_likelihood", plate
+    )
+    if fixed is not None:
+        _check_global_names(pair, pair_guide, get_batch(data, torch.arange(1)), fixed, plate)
+        model, guide = _FixGlobals(fixed)(model), _FixGlobals(fixed)(guide)
+        pair, pair_guide = _FixGlobals(fixed)(pair), _FixGlobals(fixed)(pair_guide)
+        traces = trace_pair(pair, pair_guide, get_batch(data, torch.arange(1)))
+    refuse_scaled_latents(traces, "log_likelihood", plate)
+    return model, guide
+
+
+def _check_global_names(
+    model: Callable, guide: Callable, batch: tuple, fixed: dict, plate: str
+) -> None:
     """Every name in ``global_values`` is a latent site of the model outside the data plate."""
     model_trace, guide_trace = trace_pair(model, guide, batch)
-    frame = find_data_frame(guide_trace, model_trace)
+    frame = find_data_frame(guide_trace, model_trace, plate=plate)
     for name in fixed:
         site = model_trace.nodes.get(name)
         if site is None or site["type"] != "sample" or site["is_observed"]:
@@ -217,7 +262,7 @@ def _check_global_names(model: Callable, guide: Callable, batch: tuple, fixed: d
             )
         if frame is not None and any(f.name == frame.name for f in site["cond_indep_stack"]):
             raise ValueError(
-                f"global_values names {name!r}, a per-datapoint site inside the 'data' plate; "
+                f"global_values names {name!r}, a per-datapoint site inside the {plate!r} plate; "
                 "global_values is for global latents (outside the plate) only"
             )
 
@@ -229,11 +274,11 @@ def _with_kwargs(fn: Callable, kwargs: dict) -> Callable:
     return call
 
 
-def refuse_scaled_latents(traces: tuple[Any, Any], who: str) -> None:
+def refuse_scaled_latents(traces: tuple[Any, Any], who: str, plate: str = "data") -> None:
     """Raise when the pair's latent sites carry their own scale (see
     :func:`pvae.protocol.scaled_latent_sites`); ``traces``: ``(model_trace, guide_trace)`` of
-    one run of the pair (the data checks' probe)."""
-    found = scaled_latent_sites(*traces)
+    one run of the pair (the data checks' probe); ``plate``: the data plate's name."""
+    found = scaled_latent_sites(*traces, plate=plate)
     if found:
         raise ValueError(
             f"{who}: latent sites {describe_scales(found)} carry a scale of their own "
@@ -243,23 +288,23 @@ def refuse_scaled_latents(traces: tuple[Any, Any], who: str) -> None:
         )
 
 
-def _check_evaluable(model_trace, guide_trace, reducer: Reducer, batch) -> None:
+def _check_evaluable(model_trace, guide_trace, reducer: Reducer, batch, plate: str) -> None:
     frame = reducer.data_frame
     if frame is None:
         raise ValueError(
-            "log_likelihood needs the per-datapoint sites inside pyro.plate('data', ...); "
-            "no plate named 'data' was found in the model or the guide"
+            f"log_likelihood needs the per-datapoint sites inside pyro.plate({plate!r}, ...); "
+            f"no plate named {plate!r} was found in the model or the guide"
         )
     if frame.full_size not in (None, frame.size) or frame.size != batch[0].shape[0]:
         raise ValueError(
-            f"the 'data' plate has {frame.size} of {frame.full_size} datapoints but the batch has "
-            f"{batch[0].shape[0]}; log_likelihood needs the plate to cover exactly the batch "
-            "it is given (no subsample_size)"
+            f"the {plate!r} plate has {frame.size} of {frame.full_size} datapoints but the "
+            f"batch has {batch[0].shape[0]}; log_likelihood needs the plate to cover exactly "
+            "the batch it is given (no subsample_size)"
         )
     for name, guide_site, _ in latent_sites(model_trace, guide_trace):
         if not reducer.is_local(guide_site):
             raise ValueError(
-                f"latent site '{name}' is outside the 'data' plate (a global latent); "
+                f"latent site '{name}' is outside the {plate!r} plate (a global latent); "
                 "log_likelihood marginalises per-datapoint latents only: pass the global "
                 f"ones' values, log_likelihood(..., global_values={{{name!r}: value}}), for "
                 "log p(x_n | value) per datapoint (conditioning the model with "

@@ -4,8 +4,8 @@ densities to per-datapoint terms.
 Every engine and the log-likelihood estimator go through this module, so that the rules of the
 protocol (README, "Your own model, any engine") live in one place:
 
-- per-datapoint latents sit inside ``pyro.plate("data", ...)``; its dimension is read from the
-  traces, never assumed;
+- per-datapoint latents sit inside ``pyro.plate("data", ...)`` (another name where the caller
+  passes it as ``plate``/``data_plate``); its dimension is read from the traces, never assumed;
 - particles are vectorised with an outermost ``pyro.plate`` of size ``num_particles`` at
   ``dim = -(max_plate_nesting + 1)``; a model that cannot be vectorised fails with an error
   naming the last site that was reached;
@@ -47,7 +47,7 @@ class VectorizationError(ValueError):
 
 
 class _ScaleDataPlate(Messenger):
-    """Counts every site in the ``"data"`` plate ``num_data / batch`` times.
+    """Counts every site in the data plate (named ``plate``) ``num_data / batch`` times.
 
     A user's plate written as ``pyro.plate("data", x.shape[0])`` sees only the batch; this
     messenger records the full size on the plate's frame and multiplies the site's scale, so
@@ -61,16 +61,17 @@ class _ScaleDataPlate(Messenger):
     is left as it is.
     """
 
-    def __init__(self, num_data: int):
+    def __init__(self, num_data: int, plate: str = DATA_PLATE):
         super().__init__()
         self.num_data = int(num_data)
+        self.plate = plate
 
     def _process_message(self, msg: Any) -> None:
         if msg["type"] != "sample":
             return
         stack = msg["cond_indep_stack"]
         for i, frame in enumerate(stack):
-            if frame.name == DATA_PLATE and frame.full_size in (None, frame.size):
+            if frame.name == self.plate and frame.full_size in (None, frame.size):
                 size = frame.size
                 if size is None or size < 0:
                     size = site_batch_size(msg, frame)
@@ -104,13 +105,14 @@ def site_batch_size(site: Site, frame: CondIndepStackFrame) -> int | None:
     return max(sizes) if sizes else None
 
 
-def scale_to_data(fn: Callable, num_data: int) -> Callable:
-    """Wrap a model or guide so its ``"data"`` plate stands for ``num_data`` datapoints.
+def scale_to_data(fn: Callable, num_data: int, plate: str = DATA_PLATE) -> Callable:
+    """Wrap a model or guide so its data plate (the plate named ``plate``) stands for
+    ``num_data`` datapoints.
 
     ``pvae.fit`` does this for you; use it with ``pyro.infer.SVI`` when you feed minibatches
     to a pair whose data plate is sized by the batch.
     """
-    return _ScaleDataPlate(num_data)(fn)
+    return _ScaleDataPlate(num_data, plate)(fn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,13 +206,15 @@ def get_traces(
     num_particles: int,
     max_plate_nesting: int,
     vectorize: bool = True,
+    data_plate: str = DATA_PLATE,
 ) -> tuple[Trace, Trace]:
     """Trace the guide with ``num_particles`` vectorised particles and replay the model on it.
 
     With ``num_particles == 1`` or ``vectorize=False`` no particle plate is added (the caller
     loops over particles and concatenates with :meth:`LogWeights.cat`). Pyro errors raised
     under the particle plate are re-raised as :class:`VectorizationError` naming the last
-    site reached.
+    site reached (or, for a pair that runs without particles but has no plate named
+    ``data_plate``, as the plate rule's error).
     """
     wrap: Callable[[Callable], Callable]
     if num_particles > 1 and vectorize:
@@ -232,7 +236,7 @@ def get_traces(
     except (RuntimeError, ValueError, IndexError) as error:
         if num_particles == 1 or not vectorize:
             raise
-        _check_single_particle(model, guide, args, kwargs, error)
+        _check_single_particle(model, guide, args, kwargs, error, data_plate)
         last = _last_sample(model_tracer, guide_tracer)
         after = f"after site '{last}'" if last else "before its first sample site"
         raise VectorizationError(
@@ -247,24 +251,30 @@ def get_traces(
 
 
 def _check_single_particle(
-    model: Callable, guide: Callable, args: tuple, kwargs: dict, error: Exception
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    error: Exception,
+    data_plate: str = DATA_PLATE,
 ) -> None:
     """After a failed vectorised run (an error path only): report the actual cause when it is
     not the particles. Pyro's validation of NaN or out-of-support values is re-raised as it is;
     a pair that fails without particles too raises that error; a pair that runs without
-    particles but has no ``"data"`` plate is told the plate rule."""
+    particles but has no data plate is told the plate rule."""
     if "invalid values" in str(error) or "within the support" in str(error):
         raise error
     model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
-    check_data_plate(model_trace, guide_trace, batch_rows(args), "the engine")
+    check_data_plate(model_trace, guide_trace, batch_rows(args), "the engine", plate=data_plate)
 
 
 # --------------------------------------------------------------------------------------------
 # Reducing site log densities to per-datapoint and global terms.
 
 
-def find_data_frame(*traces: Trace) -> CondIndepStackFrame | None:
-    """The frame of the ``"data"`` plate in the traces, or None when there is none.
+def find_data_frame(*traces: Trace, plate: str = DATA_PLATE) -> CondIndepStackFrame | None:
+    """The frame of the data plate (the plate named ``plate``) in the traces, or None when
+    there is none.
 
     A plate without a size (``pyro.plate("data")``) leaves ``size == -1`` on its frames; the
     size is then read from the sites in it (:func:`site_batch_size`), and a full size that is
@@ -277,7 +287,7 @@ def find_data_frame(*traces: Trace) -> CondIndepStackFrame | None:
             if site["type"] != "sample":
                 continue
             for frame in site["cond_indep_stack"]:
-                if frame.name != DATA_PLATE or not frame.vectorized:
+                if frame.name != plate or not frame.vectorized:
                     continue
                 if frame.size is not None and frame.size >= 0:
                     return frame
@@ -291,31 +301,35 @@ def find_data_frame(*traces: Trace) -> CondIndepStackFrame | None:
     return unsized._replace(size=batch, full_size=full_size)
 
 
-def check_data_plate(model_trace: Any, guide_trace: Any, batch_size: int, who: str) -> None:
-    """The pair's per-datapoint sites must sit in ``pyro.plate("data")``: refuse a batch of
-    more than one row whose traces have no such plate (naming a plate of another name that
-    covers the batch, if there is one)."""
-    if find_data_frame(guide_trace, model_trace) is not None or batch_size <= 1:
+def check_data_plate(
+    model_trace: Any, guide_trace: Any, batch_size: int, who: str, plate: str = DATA_PLATE
+) -> None:
+    """The pair's per-datapoint sites must sit in the data plate (``pyro.plate("data")``, or
+    the plate named ``plate``): refuse a batch of more than one row whose traces have no such
+    plate, naming the plates found (and one of another name that covers the batch, if any)."""
+    if find_data_frame(guide_trace, model_trace, plate=plate) is not None or batch_size <= 1:
         return
-    others = sorted(
-        {
-            frame.name
-            for trace in (guide_trace, model_trace)
-            for site in trace.nodes.values()
-            if site["type"] == "sample"
-            for frame in site["cond_indep_stack"]
-            if frame.vectorized and frame.name != DATA_PLATE and frame.size == batch_size
-        }
-    )
-    found = (
-        f"it has plate {others[0]!r} over the batch; rename it to 'data'"
-        if others
-        else "it has none"
-    )
+    frames = [
+        frame
+        for trace in (guide_trace, model_trace)
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized and frame.name != PARTICLE_PLATE
+    ]
+    names = sorted({frame.name for frame in frames})
+    over_batch = sorted({f.name for f in frames if f.size == batch_size and f.name != plate})
+    if over_batch:
+        found = (
+            f"it has plate {over_batch[0]!r} over the batch (its plates: {names}); pass "
+            f"data_plate={over_batch[0]!r} or rename it to {plate!r}"
+        )
+    else:
+        found = f"it has none (its plates: {names})" if names else "it has none (and no plates)"
     raise ValueError(
         f"{who}: the model and guide must put their per-datapoint sites inside "
-        f"pyro.plate('data', ...) (the rule every engine reads the datapoints by: without it "
-        f"minibatch scaling and per-datapoint bounds are wrong); {found}"
+        f"pyro.plate({plate!r}, ...) (the rule every engine reads the datapoints by: without "
+        f"it minibatch scaling and per-datapoint bounds are wrong); {found}"
     )
 
 
@@ -833,7 +847,9 @@ def _same_scale(a: Any, b: Any) -> bool:
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
 
 
-def scaled_latent_sites(model_trace: Trace, guide_trace: Trace) -> dict[str, Any]:
+def scaled_latent_sites(
+    model_trace: Trace, guide_trace: Trace, plate: str = DATA_PLATE
+) -> dict[str, Any]:
     """Latent sites whose scale (``poutine.scale``, beyond the data plate's N/B) matches the
     scale of no observed site, by name, with that scale (a float or a tensor).
 
@@ -841,8 +857,9 @@ def scaled_latent_sites(model_trace: Trace, guide_trace: Trace) -> dict[str, Any
     Pyro's DMM example, a per-layer beta, a KL weight), so what an engine computes is a
     weighted objective, not a bound on log p(x). Scaling a whole sub-pair (its latents and its
     observations by one weight, e.g. a convex mixture of two objectives) is not flagged.
+    ``plate``: the data plate's name.
     """
-    frame = find_data_frame(guide_trace, model_trace)
+    frame = find_data_frame(guide_trace, model_trace, plate=plate)
     observed = [
         _relative_scale(site, frame)
         for site in model_trace.nodes.values()

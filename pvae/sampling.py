@@ -10,14 +10,15 @@ run is interrupted (SIGINT, Ctrl-C: the step under way finishes, the checkpoint 
 :class:`SamplingInterrupted` is raised; a second Ctrl-C stops at once, without a checkpoint).
 Chains run one after another, each with its own seed.
 
-A sampler engine (``pvae.inference.SGHMC``) offers:
+A sampler engine (``pvae.inference.SGHMC``) is a :class:`pvae.steps.SamplerEngine`:
 
 - ``setup(model, args, kwargs, *, num_data, num_warmup, seed)``: start a chain on the model
   (its latent sites found on the batch ``args``);
 - ``train_step(model, None, *args) -> StepRecord``: one move on a minibatch, the record
   carrying ``log_joint`` (:class:`pvae.steps.StepRecord`);
 - ``values()``: the current state, site name -> constrained value; ``unconstrained()``;
-- ``state_dict()``, ``load_state_dict(state)``, ``reset()`` (:class:`pvae.steps.EngineState`).
+- ``state_dict()``, ``load_state_dict(state)``, ``reset()`` (:class:`pvae.steps.EngineState`);
+- ``settings()``: what a resumed run must share with the run it continues.
 
 This module is core: it imports no engine (the default sampler is imported when first used).
 """
@@ -45,16 +46,15 @@ from pvae.checkpoint import (
     CHECKPOINT,
     load_checkpoint,
     rng_state,
-    run_lock,
     set_rng_state,
     write_checkpoint,
 )
 from pvae.evaluate import Data, get_batch, num_items
 from pvae.protocol import scale_to_data
+from pvae.steps import SamplerEngine, engine_data_plate, engine_settings, missing_sampler_methods
+from pvae.train import _in_run_folder
 
 __all__ = ["Posterior", "SamplingDiverged", "SamplingInterrupted", "sample"]
-
-_SAMPLER_METHODS = ("setup", "train_step", "values", "state_dict", "load_state_dict")
 
 
 class SamplingDiverged(FloatingPointError):
@@ -241,24 +241,32 @@ def _per_site(dataset: Any, samples: Mapping[str, torch.Tensor]) -> dict[str, to
 
 
 def _check_sampler(sampler: Any) -> None:
+    """``sampler`` must be a :class:`pvae.steps.SamplerEngine`."""
     if isinstance(sampler, str):
         raise TypeError(
             f"sampler must be a sampler object such as pvae.inference.SGHMC(), got {sampler!r}"
         )
-    missing = [m for m in _SAMPLER_METHODS if not callable(getattr(sampler, m, None))]
-    if missing:
-        raise TypeError(
-            f"sampler must be a sampler engine such as pvae.inference.SGHMC() (with "
-            f"{', '.join(_SAMPLER_METHODS)}); {type(sampler).__name__} lacks {missing}"
-        )
+    if isinstance(sampler, SamplerEngine):
+        return
+    missing = missing_sampler_methods(sampler)
+    lacks = (
+        f"it lacks {missing}"
+        if missing
+        else "it has every method but does not declare the contract (subclass it, or "
+        "SamplerEngine.register(its class))"
+    )
+    raise TypeError(
+        "sampler must be a sampler engine, an instance of pvae.inference.SamplerEngine such "
+        f"as pvae.inference.SGHMC(); {type(sampler).__name__} is not: {lacks}"
+    )
 
 
 def _settings(sampler: Any, **options: Any) -> dict[str, Any]:
+    """What defines a run besides the model: the sampler's own settings
+    (:func:`pvae.steps.engine_settings`) and the loop's ``options``."""
     described: dict[str, Any] = {"sampler": type(sampler).__name__}
-    for name in ("lr", "friction", "adaptive", "init_radius"):
-        value = getattr(sampler, name, None)
-        if isinstance(value, bool | int | float | str):
-            described[f"sampler.{name}"] = value
+    for name, value in engine_settings(sampler).items():
+        described[f"sampler.{name}"] = value
     return {**described, **options}
 
 
@@ -298,6 +306,7 @@ def sample(
     resume: bool = False,
     progress: bool = True,
     checkpoint_every: int = 1000,
+    data_plate: str = "data",
 ) -> Posterior:
     """Sample every latent site of ``model`` with a stochastic-gradient MCMC sampler.
 
@@ -322,6 +331,8 @@ def sample(
         those of an uninterrupted run.
     :param progress: a progress bar (on a terminal) with the chain and the running log joint.
     :param checkpoint_every: steps between checkpoints within a chain.
+    :param data_plate: the name of the plate holding the datapoints (``"data"``); given to
+        the sampler for the run (``sampler.data_plate``).
     :returns: a :class:`Posterior`.
     :raises SamplingDiverged: a chain diverged: its log joint became NaN or infinite, or
         collapsed as its state exploded (lower ``lr``); the message names the checkpoint
@@ -334,50 +345,53 @@ def sample(
 
         sampler = SGHMC()
     _check_sampler(sampler)
-    num_samples = validation.positive_int(num_samples, "num_samples")
-    warmup = validation.non_negative_int(warmup, "warmup")
-    thin = validation.positive_int(thin, "thin")
-    num_chains = validation.positive_int(num_chains, "num_chains")
-    batch_size = validation.positive_int(batch_size, "batch_size")
+    data, settings = _check_loop(
+        model, data, num_samples, warmup, thin, num_chains, batch_size, seed, resume, data_plate
+    )
     checkpoint_every = validation.positive_int(checkpoint_every, "checkpoint_every")
-    seed = validation.seed_value(seed)
+    with engine_data_plate(sampler, data_plate):
+        settings = _settings(sampler, **settings)
+        run = _Sampling(model, data, sampler, settings, run_dir, checkpoint_every, data_plate)
+        return _in_run_folder(run_dir, resume, lambda: run.run(resume, progress))
+
+
+def _check_loop(
+    model: Any,
+    data: Data | None,
+    num_samples: Any,
+    warmup: Any,
+    thin: Any,
+    num_chains: Any,
+    batch_size: Any,
+    seed: Any,
+    resume: Any,
+    data_plate: Any,
+) -> tuple[Data | None, dict[str, Any]]:
+    """:func:`sample`'s arguments checked (the data against the model with fit's checks);
+    returns the data (NumPy arrays converted) and the loop's settings."""
+    settings = {
+        "num_samples": validation.positive_int(num_samples, "num_samples"),
+        "warmup": validation.non_negative_int(warmup, "warmup"),
+        "thin": validation.positive_int(thin, "thin"),
+        "num_chains": validation.positive_int(num_chains, "num_chains"),
+        "batch_size": validation.positive_int(batch_size, "batch_size"),
+        "seed": validation.seed_value(seed),
+    }
+    plate = validation.plate_name(data_plate)
     if not isinstance(resume, bool):
         raise TypeError(f"resume must be True or False, got {resume!r}")
     if not callable(model):
         raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
     if data is not None:
         data = validation.as_data(data, "data")
-        # fit's data checks (finite values, per-datapoint sites in pyro.plate("data"), the
+        # fit's data checks (finite values, per-datapoint sites in the data plate, the
         # observed sites' supports), on the model alone
-        validation.check_pair_data(model, None, data, "data", batch_size, get_batch, "sample")
+        validation.check_pair_data(
+            model, None, data, "data", settings["batch_size"], get_batch, "sample", plate
+        )
     n = num_items(data) if data is not None else 1
-    settings = _settings(
-        sampler,
-        num_samples=num_samples,
-        warmup=warmup,
-        thin=thin,
-        num_chains=num_chains,
-        batch_size=min(batch_size, n),
-        seed=seed,
-    )
-    run = _Sampling(model, data, sampler, settings, run_dir, checkpoint_every)
-    if run_dir is None:
-        return run.run(resume=False, progress=progress)
-    if Path(run_dir).exists() and not Path(run_dir).is_dir():
-        raise ValueError(f"run_dir {run_dir} exists and is not a folder")
-    created = not Path(run_dir).exists()
-    try:
-        with run_lock(run_dir):
-            if (Path(run_dir) / CHECKPOINT).exists() and not resume:
-                raise ValueError(
-                    f"run_dir {run_dir} already holds a run ({CHECKPOINT}); pass resume=True "
-                    "to continue it, or choose another folder"
-                )
-            return run.run(resume=resume, progress=progress)
-    except BaseException:
-        if created and Path(run_dir).is_dir() and not any(Path(run_dir).iterdir()):
-            Path(run_dir).rmdir()
-        raise
+    settings["batch_size"] = min(settings["batch_size"], n)
+    return data, settings
 
 
 class _Sampling:
@@ -391,10 +405,11 @@ class _Sampling:
         settings: dict[str, Any],
         run_dir: str | os.PathLike | None,
         checkpoint_every: int,
+        data_plate: str = "data",
     ):
         self.data, self.sampler, self.settings = data, sampler, settings
         self.n = num_items(data) if data is not None else 1
-        self.model = scale_to_data(model, self.n) if data is not None else model
+        self.model = scale_to_data(model, self.n, data_plate) if data is not None else model
         self.run_dir = str(run_dir) if run_dir is not None else None
         self.path = Path(run_dir) / CHECKPOINT if run_dir is not None else None
         self.checkpoint_every = checkpoint_every

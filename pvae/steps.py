@@ -11,21 +11,32 @@ Engines come in two families, siblings as Pyro keeps ``ELBO`` apart from ``MCMCK
   (``bound`` None).
 
 Both return a :class:`StepRecord` from ``train_step(model, guide, *args, **kwargs)`` (the
-:class:`StepEngine` protocol) and put what must survive a checkpoint (step counter, schedules,
-a sample bank) through :class:`EngineState`. Any other ``pyro.infer.ELBO`` (Pyro's own
-``Trace_ELBO``, ``TraceMeanField_ELBO``, ``RenyiELBO``, ``JitTrace_ELBO`` ...) trains through
-its ``loss_and_grads``: its negative loss stands in for the bound, and the record says so
-(``extras["bound_source"] == "negative loss"``).
+:class:`StepEngine` protocol; a sampler engine declares its whole contract by subclassing
+:class:`SamplerEngine`) and put what must survive a checkpoint (step counter, schedules, a
+sample bank) through :class:`EngineState`. Every engine declares the settings a resumed run
+must share with the run it continues (``settings()``, read through :func:`engine_settings`).
+Any other ``pyro.infer.ELBO`` (Pyro's own ``Trace_ELBO``, ``TraceMeanField_ELBO``,
+``RenyiELBO``, ``JitTrace_ELBO`` ...) trains through its ``loss_and_grads``: its negative loss
+stands in for the bound, and the record says so (``extras["bound_source"] == "negative
+loss"``).
 
 This module is core: it imports no engine.
 """
 
 from __future__ import annotations
 
+import abc
 import copy
-from collections.abc import Callable, Mapping
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from pvae.protocol import DATA_PLATE
 
 ENGINE_BOUND = "engine"
 """``bound_source`` when the engine reports its bound itself."""
@@ -83,6 +94,168 @@ class EngineState(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
     def reset(self) -> None: ...
+
+
+class SamplerEngine(abc.ABC):
+    """The contract of a sampler engine (stochastic-gradient MCMC), as Pyro's ``MCMCKernel``
+    declares a kernel's: :func:`pvae.sample` takes an instance of a subclass (or of a class
+    registered with ``SamplerEngine.register``).
+
+    A chain is started by :meth:`setup`, moved by :meth:`train_step`, read by :meth:`values`
+    (and :meth:`unconstrained`, the state a checkpoint keeps), and checkpointed through
+    :meth:`state_dict` / :meth:`load_state_dict` (:class:`EngineState`). :meth:`settings`
+    names what a resumed run must share with the run it continues (none by default; a
+    subclass returns its own, extending ``super().settings()``, e.g. with
+    :func:`attribute_settings`).
+    """
+
+    data_plate: str = "data"
+    """The name of the plate holding the datapoints (``pvae.sample`` sets it for its run)."""
+
+    @abc.abstractmethod
+    def setup(
+        self,
+        model: Callable,
+        args: tuple = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        num_data: int = 1,
+        num_warmup: int = 0,
+        seed: int = 0,
+    ) -> None:
+        """Start a chain on ``model``: find its latent sites on the batch ``args``, draw their
+        initial values. ``num_data``: N; ``num_warmup``: steps of warm-up; ``seed``: this
+        chain's seed."""
+
+    @abc.abstractmethod
+    def train_step(
+        self, model: Callable, guide: Any = None, *args: Any, **kwargs: Any
+    ) -> StepRecord:
+        """One move on the minibatch ``args``; the record carries ``log_joint``."""
+
+    @abc.abstractmethod
+    def values(self) -> dict[str, torch.Tensor]:
+        """The current state: site name -> value in the site's support (the site's shape)."""
+
+    @abc.abstractmethod
+    def unconstrained(self) -> dict[str, torch.Tensor]:
+        """The current state in unconstrained space, site name -> tensor."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must keep to continue the chain bit-identically."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s state (after :meth:`setup` on the same model)."""
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Forget the chain: :meth:`setup` must run again before the next step."""
+
+    def settings(self) -> dict[str, Any]:
+        """The settings a resumed run must match: ``{name: bool | int | float | str}``."""
+        return {}
+
+
+def missing_sampler_methods(sampler: Any) -> list[str]:
+    """The methods of :class:`SamplerEngine`'s contract that ``sampler`` lacks."""
+    return [
+        name
+        for name in sorted(SamplerEngine.__abstractmethods__)
+        if not callable(getattr(sampler, name, None))
+    ]
+
+
+# -- settings a resume must match --------------------------------------------------------------
+
+PLAIN = (bool, int, float, str)
+"""The types a setting's value may take (checkpoints compare them with ``==``)."""
+
+PYRO_ELBO_SETTINGS = (
+    "num_particles",
+    "vectorize_particles",
+    "max_plate_nesting",
+    "alpha",
+    "tail_adaptive_beta",
+)
+"""The public attributes of Pyro's own ``ELBO`` classes that define their estimate."""
+
+
+def attribute_settings(engine: Any, *names: str) -> dict[str, Any]:
+    """``{name: engine.<name>}`` for the named attributes that hold a plain value; a frozen
+    dataclass value (a schedule such as ``LinearAnnealing``) is described by its ``repr``;
+    other values (functions) and missing attributes are left out. Engines build their
+    ``settings()`` with it."""
+    found: dict[str, Any] = {}
+    for name in names:
+        value = getattr(engine, name, None)
+        if isinstance(value, PLAIN):
+            found[name] = value
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            if type(value).__dataclass_params__.frozen:  # type: ignore[attr-defined]
+                found[name] = repr(value)
+    return found
+
+
+def pyro_elbo_settings(engine: Any) -> dict[str, Any]:
+    """The settings of an engine without ``settings()`` (Pyro's own ``ELBO`` classes): the
+    public attributes of :data:`PYRO_ELBO_SETTINGS` it has, with plain finite values."""
+    found: dict[str, Any] = {}
+    for name in PYRO_ELBO_SETTINGS:
+        value = getattr(engine, name, None)
+        if isinstance(value, PLAIN) and not (isinstance(value, float) and math.isinf(value)):
+            found[name] = value
+    return found
+
+
+def engine_settings(engine: Any) -> dict[str, Any]:
+    """``engine.settings()`` (checked: a dict of plain values by name), or
+    :func:`pyro_elbo_settings` for an engine without that method.
+
+    :raises TypeError: ``settings()`` returned something else.
+    """
+    method = getattr(engine, "settings", None)
+    if not callable(method):
+        return pyro_elbo_settings(engine)
+    found = method()
+    if not isinstance(found, Mapping) or not all(
+        isinstance(key, str) and isinstance(value, PLAIN) for key, value in found.items()
+    ):
+        raise TypeError(
+            f"{type(engine).__name__}.settings() must return a dict of name -> bool, int, "
+            f"float or str, got {found!r}"
+        )
+    return dict(found)
+
+
+# -- the data plate ----------------------------------------------------------------------------
+
+
+@contextmanager
+def engine_data_plate(engine: Any, data_plate: str) -> Iterator[None]:
+    """While the block runs, ``engine`` reads the datapoints from the plate ``data_plate``
+    (its ``data_plate`` attribute, restored afterwards). An engine without the attribute
+    (Pyro's own ``ELBO`` classes: the loop's scaling of the plate is all they need) is left
+    as it is.
+
+    :raises ValueError: the engine was built for another plate than ``data_plate`` (not the
+        default ``"data"``): the two must agree.
+    """
+    current = getattr(engine, "data_plate", None)
+    if current is None or current == data_plate:
+        yield
+        return
+    if current != DATA_PLATE:
+        raise ValueError(
+            f"the engine {type(engine).__name__} reads the plate {current!r} (its data_plate) "
+            f"but the loop was given data_plate={data_plate!r}; pass the same name to both"
+        )
+    engine.data_plate = data_plate
+    try:
+        yield
+    finally:
+        engine.data_plate = current
 
 
 def step_function(engine: Any) -> tuple[StepFunction, str]:

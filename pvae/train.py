@@ -6,7 +6,9 @@ parallelism (gradients all-reduced, DDP-style).
 
 ``fit`` is a few small pieces: :class:`_Training` holds what one run needs and has one method
 per stage (``resume``, ``run_epoch``, ``validate``, ``checkpoint``); a :class:`StepPolicy`
-decides what each training step updates (:class:`AggressiveEncoder` is one); an engine takes
+decides what each training step updates (:class:`AggressiveEncoder` is one), seeing the step
+through a :class:`StepContext`; the settings a resume must match are the engine's own
+(:func:`pvae.steps.engine_settings`); an engine takes
 its step through :func:`pvae.steps.step_function`, resolved once per run, and returns a
 :class:`pvae.steps.StepRecord`; its state goes into checkpoints through
 :class:`pvae.steps.EngineState`; checkpoints are written by :mod:`pvae.checkpoint`.
@@ -53,6 +55,8 @@ from pvae.steps import (
     ENGINE_BOUND,
     NEGATIVE_LOSS,
     StepRecord,
+    engine_data_plate,
+    engine_settings,
     engine_state,
     load_engine_state,
     reset_engine,
@@ -65,6 +69,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "AggressiveEncoder",
     "Run",
+    "StepContext",
     "StepPolicy",
     "TrainingDiverged",
     "check_fit",
@@ -89,25 +94,12 @@ class TrainingDiverged(FloatingPointError):
     """The bound, the gradients or the parameters became NaN or infinite."""
 
 
-_ENGINE_SETTINGS = (
-    "num_particles",
-    "num_outer",
-    "num_inner",
-    "estimator",
-    "encoder_objective",
-    "free_bits",
-    "analytic_kl",
-    "beta",
-)
-
-
 def _settings(engine: Any, batch_size: int, optimizer: Any, lr: Any, seed: int) -> dict:
-    """What defines a run besides the pair: saved in its checkpoint, compared on resume."""
+    """What defines a run besides the pair: saved in its checkpoint, compared on resume (the
+    engine's part declared by the engine, :func:`pvae.steps.engine_settings`)."""
     described: dict[str, Any] = {"engine": type(engine).__name__}
-    for name in _ENGINE_SETTINGS:
-        value = getattr(engine, name, None)
-        if isinstance(value, bool | int | float | str):
-            described[f"engine.{name}"] = value
+    for name, value in engine_settings(engine).items():
+        described[f"engine.{name}"] = value
     return {
         **described,
         "batch_size": int(batch_size),
@@ -258,25 +250,64 @@ class _Distributed:
 # -- step policies ----------------------------------------------------------------------------
 
 
-class StepPolicy:
-    """What each training step updates. This default trains every parameter on the engine's
-    step; a subclass may add work before the step and narrow what it trains.
+@dataclass(frozen=True)
+class StepContext:
+    """What a :class:`StepPolicy`'s hooks see of the training step under way.
 
-    The loop calls ``start_epoch(epoch)`` before an epoch's steps, ``before_step(training,
-    epoch, step)`` before each step's gradients, ``select_grads(training)`` after them (clear
-    the gradients of what the step does not train; return the parameters it trains), and
-    ``end_epoch(record)`` after validation (it may add keys to the epoch record). Its
-    ``state_dict()`` goes into the checkpoint.
+    :param engine: the run's engine.
+    :param model, guide: the pair as the loop steps it (its data plate scaled to the training
+        set: per-datapoint terms count N/B times).
+    :param batch: this process's minibatch of the step (the pair's positional arguments).
+    :param epoch, step: the epoch, and the step within it, both from 0.
+    :param seed: the run's seed: a policy that draws random numbers seeds its own generator
+        from ``(seed, epoch, step)``, so that a resumed run draws the same ones.
+    :param params, model_params, guide_params: the trained parameters (unconstrained
+        tensors): all of them, the model's, the guide's (:func:`pvae.protocol.param_split`).
+    :param random_batch: ``random_batch(generator)``: a fresh minibatch of the run's
+        ``batch_size`` training rows drawn at random with ``generator`` (this process's share).
+    :param update: ``update(params)``: an optimiser step on ``params`` alone (the other
+        parameters' gradients are cleared first; gradients are averaged across processes),
+        after which every gradient is zeroed.
+    :param average: ``average(value)``: a float averaged across processes (itself in one).
+    """
+
+    engine: Any
+    model: Callable
+    guide: Callable
+    batch: tuple
+    epoch: int
+    step: int
+    seed: int
+    params: Sequence[torch.Tensor]
+    model_params: Sequence[torch.Tensor]
+    guide_params: Sequence[torch.Tensor]
+    random_batch: Callable[[torch.Generator], tuple]
+    update: Callable[[Sequence[torch.Tensor]], None]
+    average: Callable[[float], float]
+
+
+class StepPolicy:
+    """What each training step updates (``pvae.fit(step_policy=...)``). This default trains
+    every parameter on the engine's step; a subclass may add work before the step and narrow
+    what it trains.
+
+    The loop calls ``start_epoch(epoch)`` before an epoch's steps, ``before_step(context)``
+    before each step's gradients (a :class:`StepContext`: it may take steps of its own with
+    ``context.update``), ``select_grads(context)`` after them (clear the gradients of what
+    the step does not train; return the parameters it trains), and ``end_epoch(record)``
+    after validation (it may add keys to the epoch record). Its ``state_dict()`` goes into
+    the checkpoint and ``load_state_dict(state)`` restores it on resume, so a policy with
+    state (a phase, a counter) resumes exactly.
     """
 
     def start_epoch(self, epoch: int) -> None:
         pass
 
-    def before_step(self, training: _Training, epoch: int, step: int) -> None:
+    def before_step(self, context: StepContext) -> None:
         pass
 
-    def select_grads(self, training: _Training) -> Sequence[torch.Tensor]:
-        return training.param_list
+    def select_grads(self, context: StepContext) -> Sequence[torch.Tensor]:
+        return context.params
 
     def end_epoch(self, record: dict[str, Any]) -> None:
         pass
@@ -300,10 +331,8 @@ class AggressiveEncoder(StepPolicy):
     """
 
     def __init__(self, max_steps: int, window: int = 10):
-        if max_steps < 1:
-            raise ValueError(f"aggressive_encoder must be None or >= 1, got {max_steps}")
-        self.max_steps = int(max_steps)
-        self.window = int(window)
+        self.max_steps = validation.positive_int(max_steps, "max_steps")
+        self.window = validation.positive_int(window, "window")
         self.active = True
         self.best = -float("inf")
         self.encoder_steps = 0
@@ -311,32 +340,23 @@ class AggressiveEncoder(StepPolicy):
     def start_epoch(self, epoch: int) -> None:
         self.encoder_steps = 0
 
-    def before_step(self, training: _Training, epoch: int, step: int) -> None:
+    def before_step(self, context: StepContext) -> None:
         if not self.active:
             return
-        seed = (training.seed * 1_000_003 + epoch) * 1_000_003 + step
+        seed = (context.seed * 1_000_003 + context.epoch) * 1_000_003 + context.step
         self.encoder_steps += _encoder_steps(
-            training.engine,
-            training.model,
-            training.guide,
-            training.train,
-            training.opt,
-            training.guide_params,
-            training.model_params,
+            context,
             max_steps=self.max_steps,
-            batch_size=training.batch_size,
             generator=torch.Generator().manual_seed(seed),
-            ddp=training.ddp,
             window=self.window,
-            where=f"before the training step of epoch {epoch}, step {step}",
         )
 
-    def select_grads(self, training: _Training) -> Sequence[torch.Tensor]:
+    def select_grads(self, context: StepContext) -> Sequence[torch.Tensor]:
         if not self.active:
-            return training.param_list
-        for p in training.guide_params:  # the decoder's step: only the model's parameters
+            return context.params
+        for p in context.guide_params:  # the decoder's step: only the model's parameters
             p.grad = None
-        return training.model_params
+        return context.model_params
 
     def end_epoch(self, record: dict[str, Any]) -> None:
         record["encoder_steps"] = self.encoder_steps
@@ -355,41 +375,25 @@ class AggressiveEncoder(StepPolicy):
 
 
 def _encoder_steps(
-    engine: Any,
-    model: Callable,
-    guide: Callable,
-    train: Data,
-    opt: torch.optim.Optimizer,
-    guide_params: list[torch.Tensor],
-    model_params: list[torch.Tensor],
-    max_steps: int,
-    batch_size: int,
-    generator: torch.Generator,
-    ddp: _Distributed,
-    window: int = 10,
-    where: str = "",
+    context: StepContext, max_steps: int, generator: torch.Generator, window: int = 10
 ) -> int:
     """He et al. (2019)'s inner loop: guide-only steps on fresh minibatches until the mean
     loss of a window of ``window`` steps stops falling, at most ``max_steps``; returns the
     number taken. The engine's state (its step counter, which drives beta schedules) is left
-    as found. ``where`` (the training step they precede) goes into a divergence's message."""
-    n_train = num_items(train)
+    as found. A divergence's message names the training step they precede."""
+    engine, model, guide = context.engine, context.model, context.guide
     saved = snapshot_engine_state(engine)
     previous, losses = float("inf"), []
     taken = 0
     while taken < max_steps:
-        index = torch.randperm(n_train, generator=generator)[:batch_size]
-        loss = engine.loss_and_grads(model, guide, *get_batch(train, index[ddp.rank :: ddp.world]))
-        loss = ddp.mean(float(loss))
+        loss = engine.loss_and_grads(model, guide, *context.random_batch(generator))
+        loss = context.average(float(loss))
         if not np.isfinite(loss):
             raise TrainingDiverged(
-                f"the bound became {-loss} on aggressive encoder step {taken} {where}".rstrip()
+                f"the bound became {-loss} on aggressive encoder step {taken} before the "
+                f"training step of epoch {context.epoch}, step {context.step}"
             )
-        for p in model_params:
-            p.grad = None
-        ddp.average_grads(guide_params)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        context.update(context.guide_params)
         taken += 1
         losses.append(loss)
         if len(losses) == window:
@@ -405,26 +409,41 @@ def _encoder_steps(
 # -- the loop ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Options:
+    """``fit``'s arguments besides the pair, the data and the engine, once checked."""
+
+    epochs: int
+    batch_size: int
+    optimizer: str | Callable[..., torch.optim.Optimizer]
+    lr: LearningRate
+    valid: Data | None
+    seed: int
+    run_dir: str | os.PathLike | None
+    resume: bool
+    progress: bool
+    callbacks: tuple[EpochCallback, ...]
+    policy: StepPolicy
+    step_callbacks: tuple[StepCallback, ...]
+    data_plate: str
+    scaled_latents: str = ""
+
+
 class _Training:
     """One run of :func:`fit`: the scaled pair, its parameters and optimiser, the engine's step,
     the policy, and the :class:`Run` being filled. Stages: :meth:`resume`, :meth:`run_epoch`,
     :meth:`validate`, :meth:`checkpoint`."""
 
     def __init__(
-        self,
-        model: Callable,
-        guide: Callable,
-        train: Data,
-        engine: Any,
-        *,
-        batch_size: int,
-        optimizer: str | Callable[..., torch.optim.Optimizer],
-        lr: LearningRate,
-        seed: int,
-        run_dir: str | os.PathLike | None,
-        policy: StepPolicy,
-        step_callbacks: Sequence[StepCallback],
+        self, model: Callable, guide: Callable, train: Data, engine: Any, options: _Options
     ):
+        batch_size, optimizer, lr, seed = (
+            options.batch_size,
+            options.optimizer,
+            options.lr,
+            options.seed,
+        )
+        run_dir = options.run_dir
         self.n_train = num_items(train)
         self.ddp = _Distributed()
         if batch_size < self.ddp.world:
@@ -432,12 +451,13 @@ class _Training:
                 f"batch_size {batch_size} is smaller than the {self.ddp.world} processes"
             )
         self.train, self.engine, self.batch_size, self.seed = train, engine, batch_size, seed
+        self.data_plate = options.data_plate
         self.settings = _settings(engine, batch_size, optimizer, lr, seed)
         self.last_checkpoint: int | None = None  # the epoch of the last checkpoint written
-        self.policy, self.step_callbacks = policy, tuple(step_callbacks)
+        self.policy, self.step_callbacks = options.policy, options.step_callbacks
         self.step_fn, bound_source = step_function(engine)
-        self.model = scale_to_data(model, self.n_train)
-        self.guide = scale_to_data(guide, self.n_train)
+        self.model = scale_to_data(model, self.n_train, options.data_plate)
+        self.guide = scale_to_data(guide, self.n_train, options.data_plate)
 
         model_params, guide_params = _split_params(
             self.model, self.guide, get_batch(train, torch.arange(min(batch_size, self.n_train)))
@@ -460,6 +480,38 @@ class _Training:
         self.checkpoint_path = Path(run_dir) / CHECKPOINT if run_dir is not None else None
         self.steps_per_epoch = -(-self.n_train // batch_size)
         self.validation = pyro.infer.util.is_validation_enabled()
+
+    # -- what a step policy sees ---------------------------------------------------------------
+    def context(self, epoch: int, step: int, batch: tuple) -> StepContext:
+        """The :class:`StepContext` of step ``step`` of epoch ``epoch``."""
+        return StepContext(
+            engine=self.engine,
+            model=self.model,
+            guide=self.guide,
+            batch=batch,
+            epoch=epoch,
+            step=step,
+            seed=self.seed,
+            params=self.param_list,
+            model_params=self.model_params,
+            guide_params=self.guide_params,
+            random_batch=self._random_batch,
+            update=self._update,
+            average=self.ddp.mean,
+        )
+
+    def _random_batch(self, generator: torch.Generator) -> tuple:
+        index = torch.randperm(self.n_train, generator=generator)[: self.batch_size]
+        return get_batch(self.train, index[self.ddp.rank :: self.ddp.world])
+
+    def _update(self, params: Sequence[torch.Tensor]) -> None:
+        keep = {id(p) for p in params}
+        for p in self.param_list:
+            if id(p) not in keep:
+                p.grad = None
+        self.ddp.average_grads(params)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
     def flag_scaled_latents(self, which: str = "") -> None:
         """Mark the run's bounds as a weighted objective (latent sites with their own scale)."""
@@ -610,7 +662,8 @@ class _Training:
             index = order[step * batch_size : (step + 1) * batch_size]
             batch = get_batch(self.train, index[rank::world])
             t0 = time.perf_counter()
-            policy.before_step(self, epoch, step)
+            context = self.context(epoch, step, batch)
+            policy.before_step(context)
             try:
                 # Pyro's argument and support checks run on the first step of every epoch;
                 # after that they would re-check the same kind of batch on every step (a
@@ -633,7 +686,7 @@ class _Training:
                     "the model or guide created new parameters after its first step; "
                     "pvae.fit needs every parameter to exist at the first call"
                 )
-            ddp.average_grads(policy.select_grads(self))
+            ddp.average_grads(policy.select_grads(context))
             if step == self.steps_per_epoch - 1:
                 self._check_last_gradients(epoch, step)
             opt.step()
@@ -663,7 +716,9 @@ class _Training:
         if valid is None:
             return None
         try:
-            bound = _evaluate_bound(model, guide, valid, self.engine, self.batch_size)
+            bound = _evaluate_bound(
+                model, guide, valid, self.engine, self.batch_size, self.data_plate
+            )
         except ValueError as error:  # Pyro's validation meets non-finite values first
             if "invalid values" not in str(error):
                 raise
@@ -721,85 +776,98 @@ def fit(
     callbacks: Sequence[EpochCallback] = (),
     aggressive_encoder: int | None = None,
     step_callbacks: Sequence[StepCallback] = (),
+    step_policy: StepPolicy | None = None,
+    data_plate: str = "data",
 ) -> Run:
     """Train a model/guide pair with any engine.
 
-    :param model, guide: a Pyro pair; per-datapoint sites inside ``pyro.plate("data", ...)``.
-        ``fit`` feeds minibatches and scales the data plate to the full training set (per
-        datapoint terms count N/B times, global ones once).
+    :param model, guide: a Pyro pair; per-datapoint sites inside ``pyro.plate("data", ...)``
+        (the plate named ``data_plate``). ``fit`` feeds minibatches and scales that plate to
+        the training set (per-datapoint terms count N/B times, global ones once).
     :param train, valid: a tensor ``(N, ...)``, a tuple of tensors (positional arguments of
         the pair), or a torch Dataset.
     :param engine: a ``pyro.infer.ELBO`` (``pvae.inference.ELBO()`` when None). pvae's
-        engines report their bound; any other ``pyro.infer.ELBO`` (``Trace_ELBO``,
-        ``TraceMeanField_ELBO``, ``RenyiELBO``, ...) trains too, and its negative loss is
-        reported as the bound (``run.bound_source == "negative loss"``, a warning says so).
-        A fresh run resets the engine's state (``engine.reset()``), so that an engine object
-        reused from an earlier ``fit`` starts its schedules (KL annealing) from zero; a resumed
-        run restores it from the checkpoint.
+        engines report their bound; Pyro's own (``Trace_ELBO``, ``RenyiELBO``, ...) train
+        too, their negative loss reported as the bound (``run.bound_source == "negative
+        loss"``, with a warning). A fresh run resets the engine's state (``engine.reset()``:
+        schedules such as KL annealing start from zero); a resumed run restores it.
     :param epochs: total epochs (with ``resume`` the run continues up to this many).
     :param batch_size: datapoints per step, over all processes together.
     :param optimizer: "adam", "adamw", "sgd", "rmsprop", or a ``torch.optim.Optimizer`` class.
-    :param lr: the learning rate: a float for every parameter, or
-        ``{"model": ..., "guide": ...}`` for separate optimiser groups (which parameters are
-        the guide's is read from the traces, :func:`pvae.protocol.param_split`).
-    :param seed: seeds Pyro, torch, numpy and Python; the data order is a function of
-        ``(seed, epoch)``.
-    :param run_dir: where ``checkpoint.pt`` and ``run.json`` are written (atomically) after
-        every epoch.
-    :param resume: continue from ``run_dir/checkpoint.pt`` when it exists; the result is
-        bit-identical to an uninterrupted run (parameters, optimiser, engine state such as the
-        annealing step counter, random generators).
-    :param callbacks: called as ``callback(run, epoch_record)`` after every epoch, before the
-        checkpoint is written (what they change is saved); returning True stops training
-        (after every callback has run and the checkpoint is written).
-    :param aggressive_encoder: aggressive encoder training (He et al. 2019, against posterior
-        collapse; :class:`AggressiveEncoder`) with at most this many encoder-only steps per
-        training step. While the aggressive phase lasts, every step first trains only the
-        guide's parameters (read from the traces) on fresh random minibatches, until the mean
-        loss over a window of 10 such steps stops falling or the limit is reached, and then
-        updates only the model's parameters on its own minibatch. The phase ends, for good,
-        after the first epoch whose bound (validation bound when ``valid`` is given) does not
-        improve on the previous one; training then goes on normally. Epoch records gain
-        ``"encoder_steps"``. ``None`` (the default) trains normally throughout.
-    :param step_callbacks: called as ``callback(run, record)`` after every training step with
-        its :class:`pvae.steps.StepRecord` (``run.steps[-1]`` holds its epoch, step and
-        seconds); their return value is ignored.
+    :param lr: a float for every parameter, or ``{"model": ..., "guide": ...}`` for separate
+        groups (the guide's parameters read from the traces, :func:`pvae.protocol.param_split`).
+    :param seed: seeds Pyro, torch, numpy and Python; the data order follows ``(seed, epoch)``.
+    :param run_dir: where ``checkpoint.pt`` and ``run.json`` are written after every epoch.
+    :param resume: continue from ``run_dir/checkpoint.pt``, bit-identically to an
+        uninterrupted run (parameters, optimiser, engine and step-policy state, random
+        generators); settings that differ from the checkpoint's (the engine's ``settings()``,
+        :func:`pvae.steps.engine_settings`, batch size, optimiser, lr, seed) are refused.
+    :param callbacks: ``callback(run, epoch_record)`` after every epoch, before the checkpoint
+        (what they change is saved); returning True stops training after that checkpoint.
+    :param aggressive_encoder: shorthand for ``step_policy=AggressiveEncoder(n)`` (He et al.
+        2019, against posterior collapse: up to ``n`` guide-only steps before each step, which
+        then trains the model only, until an epoch's bound stops improving; see
+        :class:`AggressiveEncoder`). Epoch records gain ``"encoder_steps"``.
+    :param step_callbacks: ``callback(run, record)`` after every step with its
+        :class:`pvae.steps.StepRecord` (``run.steps[-1]`` holds its epoch, step and seconds).
+    :param step_policy: what each step updates, a :class:`StepPolicy` (all parameters on the
+        engine's step when None). Its hooks receive a :class:`StepContext` (engine, scaled
+        pair, batch, epoch, step, parameters, ``update(params)`` for steps of its own); its
+        ``state_dict()`` is checkpointed and restored on resume. Not with ``aggressive_encoder``.
+    :param data_plate: the name of the plate holding the datapoints (Pyro's DMM example:
+        ``"z_minibatch"``); given to the engine for the run (``engine.data_plate``).
     :returns: a :class:`Run`.
 
-    Pyro's validation (when enabled, as by default) checks the first step of every epoch; the
-    other steps run without it, which makes small models' steps markedly cheaper.
-
-    Under ``torchrun`` (``WORLD_SIZE > 1``) each process takes its share of every batch and
-    gradients are averaged across processes (gloo on CPU, nccl on GPU).
+    Pyro's validation (when on) checks the first step of every epoch only. Under ``torchrun``
+    each process takes its share of every batch; gradients are averaged across processes.
     """
     from pvae.inference import ELBO  # late import: core does not depend on engines at import
 
     engine = engine if engine is not None else ELBO()
-    _check_arguments(engine, epochs, batch_size, optimizer, lr, seed, run_dir, resume)
-    if aggressive_encoder is not None:
-        validation.positive_int(aggressive_encoder, "aggressive_encoder")
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be True or False, got {progress!r}")
+    _check_arguments(engine, epochs, batch_size, optimizer, lr, seed, run_dir, resume, progress)
+    policy = _step_policy(step_policy, aggressive_encoder)
+    data_plate = validation.plate_name(data_plate)
     callbacks = _check_callbacks(callbacks, "callbacks")
     step_callbacks = _check_callbacks(step_callbacks, "step_callbacks")
-    batch_size = int(batch_size)
-    train, valid, probe = _check_data_and_engine(model, guide, train, engine, batch_size, valid)
-    options: dict[str, Any] = dict(
-        epochs=int(epochs),
-        batch_size=batch_size,
-        optimizer=optimizer,
-        lr=lr,
-        valid=valid,
-        seed=int(seed),
-        resume=resume,
-        progress=progress,
-        callbacks=callbacks,
-        aggressive_encoder=aggressive_encoder,
-        step_callbacks=step_callbacks,
-        scaled_latents=describe_scales(scaled_latent_sites(*probe)),
-    )
+    with engine_data_plate(engine, data_plate):
+        train, valid, probe = _check_data_and_engine(
+            model, guide, train, engine, int(batch_size), valid, data_plate
+        )
+        options = _Options(
+            int(epochs), int(batch_size), optimizer, lr, valid, int(seed), run_dir, resume,
+            progress, callbacks, policy, step_callbacks, data_plate,
+            describe_scales(scaled_latent_sites(*probe, plate=data_plate)),
+        )  # fmt: skip
+        return _in_run_folder(run_dir, resume, lambda: _fit(model, guide, train, engine, options))
+
+
+def _step_policy(step_policy: Any, aggressive_encoder: Any) -> StepPolicy:
+    """The run's policy: ``step_policy``, or :class:`AggressiveEncoder` for
+    ``aggressive_encoder``, or the default :class:`StepPolicy`; both given is refused."""
+    if step_policy is not None and aggressive_encoder is not None:
+        raise ValueError(
+            "pass step_policy or aggressive_encoder, not both (aggressive_encoder=n is "
+            "step_policy=AggressiveEncoder(n))"
+        )
+    if aggressive_encoder is not None:
+        return AggressiveEncoder(validation.positive_int(aggressive_encoder, "aggressive_encoder"))
+    if step_policy is None:
+        return StepPolicy()
+    if not isinstance(step_policy, StepPolicy):
+        raise TypeError(
+            f"step_policy must be a pvae.StepPolicy (subclass it), got {type(step_policy).__name__}"
+        )
+    return step_policy
+
+
+def _in_run_folder(run_dir: str | os.PathLike | None, resume: bool, work: Callable[[], Any]) -> Any:
+    """``work()`` in the run folder ``run_dir`` (None: no folder): locked while it runs; a
+    folder that already holds a checkpoint is refused unless ``resume``; a folder created here
+    that is still empty when ``work`` fails is removed again."""
     if run_dir is None:
-        return _fit(model, guide, train, engine, run_dir=None, **options)
+        return work()
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise ValueError(f"run_dir {run_dir} exists and is not a folder")
     created = not Path(run_dir).exists()
     try:
         with run_lock(run_dir):
@@ -808,7 +876,7 @@ def fit(
                     f"run_dir {run_dir} already holds a run ({CHECKPOINT}); pass resume=True "
                     "to continue it, or choose another folder"
                 )
-            return _fit(model, guide, train, engine, run_dir=run_dir, **options)
+            return work()
     except BaseException:
         if created and Path(run_dir).is_dir() and not any(Path(run_dir).iterdir()):
             Path(run_dir).rmdir()  # a refused or failed run leaves no empty folder behind
@@ -822,6 +890,7 @@ def check_fit(
     engine: Any = None,
     batch_size: int = 100,
     valid: Data | None = None,
+    data_plate: str = "data",
 ) -> None:
     """Everything :func:`fit` checks before it trains or writes anything, without training:
     the data (``train``, ``valid``: as in ``fit``), the data against the pair (one run of the
@@ -829,7 +898,7 @@ def check_fit(
     guide's coverage of the model's latents, the support of the observed sites), and the
     engine against the pair (its bound evaluated once on that batch, without gradients, so
     that an engine that does not apply to the pair, such as ``KalmanELBO`` on a pair without
-    a smoothed state-space posterior, refuses it here).
+    a smoothed state-space posterior, refuses it here). ``data_plate``: as in ``fit``.
 
     Pyro's parameter store, the random generators and the engine's state are left as found.
     A program that writes files before calling ``fit`` (a configuration, a log) calls this
@@ -842,7 +911,9 @@ def check_fit(
     engine = engine if engine is not None else ELBO()
     _check_engine(engine)
     batch_size = validation.positive_int(batch_size, "batch_size")
-    _check_data_and_engine(model, guide, train, engine, batch_size, valid)
+    data_plate = validation.plate_name(data_plate)
+    with engine_data_plate(engine, data_plate):
+        _check_data_and_engine(model, guide, train, engine, batch_size, valid, data_plate)
 
 
 def _check_data_and_engine(
@@ -852,21 +923,26 @@ def _check_data_and_engine(
     engine: Any,
     batch_size: int,
     valid: Data | None,
+    data_plate: str = "data",
 ) -> tuple[Data, Data | None, tuple[Any, Any]]:
     """:func:`check_fit`'s checks once the scalar arguments are checked; returns the data
     (NumPy arrays converted) and the probe's traces of the pair on a training batch."""
     train = validation.as_data(train, "train")
-    probe = validation.check_pair_data(model, guide, train, "train", batch_size, get_batch)
+    probe = validation.check_pair_data(
+        model, guide, train, "train", batch_size, get_batch, "fit", data_plate
+    )
     if valid is not None:
         valid = validation.as_data(valid, "valid")
         validation.check_like(valid, train, "valid")
-        validation.check_pair_data(model, guide, valid, "valid", batch_size, get_batch)
-    _probe_engine(model, guide, train, engine, batch_size)
+        validation.check_pair_data(
+            model, guide, valid, "valid", batch_size, get_batch, "fit", data_plate
+        )
+    _probe_engine(model, guide, train, engine, batch_size, data_plate)
     return train, valid, probe
 
 
 def _probe_engine(
-    model: Callable, guide: Callable, train: Data, engine: Any, batch_size: int
+    model: Callable, guide: Callable, train: Data, engine: Any, batch_size: int, data_plate: str
 ) -> None:
     """The engine's bound once on the first ``batch_size`` rows of ``train``, scaled as in
     training, without gradients; the parameter store, the random generators and the engine's
@@ -881,7 +957,8 @@ def _probe_engine(
     saved = snapshot_engine_state(engine)
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), pyro.poutine.block():
-            engine.loss(scale_to_data(model, n), scale_to_data(guide, n), *batch)
+            scaled = scale_to_data(model, n, data_plate), scale_to_data(guide, n, data_plate)
+            engine.loss(*scaled, *batch)
     except ValueError as error:  # non-finite values: the first step reports them as divergence
         if "invalid values" not in str(error):
             raise
@@ -923,6 +1000,7 @@ def _check_arguments(
     seed: Any,
     run_dir: Any,
     resume: Any,
+    progress: Any = True,
 ) -> None:
     """``fit``'s scalar arguments, before anything runs."""
     _check_engine(engine)
@@ -935,53 +1013,23 @@ def _check_arguments(
             f"unknown optimizer {optimizer!r}; choose one of {sorted(_OPTIMIZERS)} or pass "
             "a torch.optim.Optimizer class"
         )
-    if not isinstance(resume, bool):
-        raise TypeError(f"resume must be True or False, got {resume!r}")
+    for name, flag in (("resume", resume), ("progress", progress)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():
         raise ValueError(f"run_dir {run_dir} exists and is not a folder")
 
 
-def _fit(
-    model: Callable,
-    guide: Callable,
-    train: Data,
-    engine: Any,
-    *,
-    epochs: int,
-    batch_size: int,
-    optimizer: str | Callable[..., torch.optim.Optimizer],
-    lr: LearningRate,
-    valid: Data | None,
-    seed: int,
-    run_dir: str | os.PathLike | None,
-    resume: bool,
-    progress: bool,
-    callbacks: Sequence[EpochCallback],
-    aggressive_encoder: int | None,
-    step_callbacks: Sequence[StepCallback],
-    scaled_latents: str = "",
-) -> Run:
+def _fit(model: Callable, guide: Callable, train: Data, engine: Any, options: _Options) -> Run:
     """``fit`` once its arguments and data are checked (and the run folder is locked)."""
-    policy = StepPolicy() if aggressive_encoder is None else AggressiveEncoder(aggressive_encoder)
-    training = _Training(
-        model,
-        guide,
-        train,
-        engine,
-        batch_size=batch_size,
-        optimizer=optimizer,
-        lr=lr,
-        seed=seed,
-        run_dir=run_dir,
-        policy=policy,
-        step_callbacks=step_callbacks,
-    )
+    policy, valid, epochs = options.policy, options.valid, options.epochs
+    training = _Training(model, guide, train, engine, options)
     run = training.run
-    if scaled_latents:
-        training.flag_scaled_latents(scaled_latents)
-    start_epoch = training.resume(resume)
+    if options.scaled_latents:
+        training.flag_scaled_latents(options.scaled_latents)
+    start_epoch = training.resume(options.resume)
 
-    show = progress and sys.stderr.isatty() and training.ddp.rank == 0
+    show = options.progress and sys.stderr.isatty() and training.ddp.rank == 0
     total = training.steps_per_epoch * max(0, epochs - start_epoch)
     bar = tqdm(total=total, disable=not show, unit="step")
     try:
@@ -1002,7 +1050,7 @@ def _fit(
             # outside the gradient, e.g. ARD prior variances) and the random numbers they draw
             # are saved with it: resume stays exact.
             stop = False
-            for callback in callbacks:
+            for callback in options.callbacks:
                 stop = bool(callback(run, epoch_record)) or stop
             training.checkpoint(epoch)
             if stop:
@@ -1018,7 +1066,12 @@ def _fit(
 
 
 def evaluate_bound(
-    model: Callable, guide: Callable, data: Data, engine: Any, batch_size: int = 100
+    model: Callable,
+    guide: Callable,
+    data: Data,
+    engine: Any,
+    batch_size: int = 100,
+    data_plate: str = "data",
 ) -> float:
     """The engine's bound on ``data`` in nats per datapoint (no gradients).
 
@@ -1028,24 +1081,35 @@ def evaluate_bound(
     scale of their own (``poutine.scale``: KL annealing, a per-layer beta) is refused: the
     engine's value is then a weighted objective, not a bound on log p(x).
 
-    :raises ValueError, TypeError: naming ``data``, ``engine`` or ``batch_size``.
+    ``data_plate``: the name of the plate holding the datapoints (as in :func:`fit`).
+
+    :raises ValueError, TypeError: naming ``data``, ``engine``, ``batch_size`` or
+        ``data_plate``.
     """
     _check_engine(engine)
     batch_size = validation.positive_int(batch_size, "batch_size")
+    data_plate = validation.plate_name(data_plate)
     data = validation.as_data(data, "data")
-    traces = validation.check_pair_data(
-        model, guide, data, "data", batch_size, get_batch, "evaluate_bound"
-    )
-    refuse_scaled_latents(traces, "evaluate_bound")
-    return _evaluate_bound(model, guide, data, engine, batch_size)
+    with engine_data_plate(engine, data_plate):
+        traces = validation.check_pair_data(
+            model, guide, data, "data", batch_size, get_batch, "evaluate_bound", data_plate
+        )
+        refuse_scaled_latents(traces, "evaluate_bound", data_plate)
+        return _evaluate_bound(model, guide, data, engine, batch_size, data_plate)
 
 
 def _evaluate_bound(
-    model: Callable, guide: Callable, data: Data, engine: Any, batch_size: int
+    model: Callable,
+    guide: Callable,
+    data: Data,
+    engine: Any,
+    batch_size: int,
+    data_plate: str = "data",
 ) -> float:
     """:func:`evaluate_bound` on checked arguments (fit's validation after every epoch)."""
     n = num_items(data)
-    scaled_model, scaled_guide = scale_to_data(model, n), scale_to_data(guide, n)
+    scaled_model = scale_to_data(model, n, data_plate)
+    scaled_guide = scale_to_data(guide, n, data_plate)
     total = 0.0
     for batch in iter_batches(data, batch_size):
         total += -engine.loss(scaled_model, scaled_guide, *batch) * batch[0].shape[0] / n

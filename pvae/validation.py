@@ -65,6 +65,15 @@ def _int(value: Any, name: str, minimum: int) -> int:
     return number
 
 
+def plate_name(value: Any, name: str = "data_plate") -> str:
+    """``value`` as the name of a plate: a non-empty string."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be the name of a pyro.plate (a string), got {value!r}")
+    if not value:
+        raise ValueError(f"{name} must be the name of a pyro.plate, got the empty string")
+    return value
+
+
 def finite_float(
     value: Any, name: str, minimum: float | None = None, maximum: float | None = None
 ) -> float:
@@ -363,12 +372,14 @@ def check_pair_data(
     batch_size: int,
     get_batch: Callable[[Data, torch.Tensor], tuple],
     who: str = "fit",
+    data_plate: str = "data",
 ) -> tuple[Any, Any]:
     """All data checks of ``data`` against the pair, once (see the module's docstring).
 
     ``batch_size`` rows (a real batch) are the probe, so that a pair whose data plate
     subsamples with ``subsample_size=batch_size`` runs as it will in training.
     ``guide=None``: a model alone, as a sampler runs it (every check but the guide's coverage).
+    ``data_plate``: the name of the plate holding the datapoints.
 
     :returns: the probe's ``(model_trace, guide_trace)``, for further checks of the pair.
     """
@@ -376,7 +387,8 @@ def check_pair_data(
     n = _length(data)
     batch = get_batch(data, torch.arange(min(batch_size, n)))
     model_trace, guide_trace = _probe_traces(model, guide or _no_guide, batch, name)
-    check_data_plate(model_trace, guide_trace, batch[0].shape[0] if batch else 0, who)
+    rows = batch[0].shape[0] if batch else 0
+    check_data_plate(model_trace, guide_trace, rows, who, plate=data_plate)
     if guide is not None:
         check_guide_covers_model(model_trace, guide_trace, who)
     check_support(model_trace, batch, data, name)

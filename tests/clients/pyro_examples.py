@@ -1,6 +1,7 @@
-"""Client code written the way Pyro's own examples write it, on 8x8 digits.
+"""Client code written the way Pyro's own examples write it, on 8x8 digits (and, for the
+DMM, on binary sequences).
 
-Three pairs, each with the structure of one of Pyro's examples (written here, not copied):
+Four pairs, each with the structure of one of Pyro's examples (written here, not copied):
 
 - :class:`VAE` (Pyro's VAE example): ``Encoder``/``Decoder`` ``nn.Module``s, ``model`` and
   ``guide`` methods, each registering its own network with ``pyro.module``, a data plate sized
@@ -14,12 +15,19 @@ Three pairs, each with the structure of one of Pyro's examples (written here, no
   observed through a one-hot categorical, x ~ Bernoulli(decoder([z, y])); the guide
   q(z | x, y); networks fed with lists of inputs concatenated on the last dim (which cannot be
   vectorised over particles either); every network registered in the model; unsized plate.
+- :class:`DMM` (Pyro's deep Markov model, Krishnan et al. 2017): a gated transition
+  p(z_t | z_{t-1}), a Bernoulli emitter p(x_t | z_t), and a guide q(z_t | z_{t-1}, h_t) that
+  combines the previous latent with a backward RNN's state; the datapoints (sequences) in a
+  plate named ``"z_minibatch"``, time steps in ``pyro.markov``, padding masked, the latents
+  under ``poutine.scale(annealing_factor)``; the model's arguments are the example's
+  ``(mini_batch, mini_batch_reversed, mini_batch_mask, mini_batch_seq_lengths)``.
 """
 
 from __future__ import annotations
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import torch
 from torch import nn
 
@@ -265,3 +273,170 @@ class SSVAE(nn.Module):
                 ys = pyro.sample("y", dist.OneHotCategorical(alpha))
             loc, raw_scale = self.encoder_z([xs, ys])
             pyro.sample("z", dist.Normal(loc, torch.exp(raw_scale)).to_event(1))
+
+
+# ---- Pyro's deep Markov model ------------------------------------------------------------------
+
+
+def reverse_sequences(mini_batch: torch.Tensor, seq_lengths: torch.Tensor) -> torch.Tensor:
+    """Each sequence of ``(B, T, D)`` reversed in time within its own length (padding stays
+    at the end)."""
+    reversed_batch = torch.zeros_like(mini_batch)
+    for b, length in enumerate(seq_lengths.tolist()):
+        reversed_batch[b, :length] = mini_batch[b, :length].flip(0)
+    return reversed_batch
+
+
+def pad_and_reverse(rnn_output: torch.Tensor, seq_lengths: torch.Tensor) -> torch.Tensor:
+    """The RNN's outputs on the reversed sequences put back in forward time."""
+    return reverse_sequences(rnn_output, seq_lengths)
+
+
+def sequences(n: int = 96, t_max: int = 6, dim: int = 8, seed: int = 0):
+    """Binary sequences with a persistent pattern (each step keeps the previous one's notes
+    with probability 0.9), lengths 3..t_max, padded with zeros: the DMM's four arguments
+    ``(mini_batch, mini_batch_reversed, mini_batch_mask, mini_batch_seq_lengths)`` as one
+    tuple of tensors sharing their first dimension."""
+    generator = torch.Generator().manual_seed(seed)
+    notes = torch.zeros(n, t_max, dim)
+    notes[:, 0] = (torch.rand(n, dim, generator=generator) < 0.3).float()
+    for t in range(1, t_max):
+        keep = torch.rand(n, dim, generator=generator) < 0.9
+        fresh = (torch.rand(n, dim, generator=generator) < 0.3).float()
+        notes[:, t] = torch.where(keep, notes[:, t - 1], fresh)
+    lengths = torch.randint(3, t_max + 1, (n,), generator=generator)
+    mask = (torch.arange(t_max)[None, :] < lengths[:, None]).float()
+    notes = notes * mask[:, :, None]
+    return notes, reverse_sequences(notes, lengths), mask, lengths
+
+
+class Emitter(nn.Module):
+    """p(x_t | z_t): Bernoulli probabilities from a two-layer network."""
+
+    def __init__(self, input_dim: int, z_dim: int, emission_dim: int):
+        super().__init__()
+        self.lin_z_to_hidden = nn.Linear(z_dim, emission_dim)
+        self.lin_hidden_to_hidden = nn.Linear(emission_dim, emission_dim)
+        self.lin_hidden_to_input = nn.Linear(emission_dim, input_dim)
+        self.relu = nn.ReLU()
+
+    def forward(self, z_t):
+        h1 = self.relu(self.lin_z_to_hidden(z_t))
+        h2 = self.relu(self.lin_hidden_to_hidden(h1))
+        return torch.sigmoid(self.lin_hidden_to_input(h2))
+
+
+class GatedTransition(nn.Module):
+    """p(z_t | z_{t-1}): a gate mixes a linear and a nonlinear proposal for the mean; the
+    scale is a softplus of the nonlinear proposal."""
+
+    def __init__(self, z_dim: int, transition_dim: int):
+        super().__init__()
+        self.lin_gate_z_to_hidden = nn.Linear(z_dim, transition_dim)
+        self.lin_gate_hidden_to_z = nn.Linear(transition_dim, z_dim)
+        self.lin_proposed_mean_z_to_hidden = nn.Linear(z_dim, transition_dim)
+        self.lin_proposed_mean_hidden_to_z = nn.Linear(transition_dim, z_dim)
+        self.lin_sig = nn.Linear(z_dim, z_dim)
+        self.lin_z_to_loc = nn.Linear(z_dim, z_dim)
+        with torch.no_grad():  # the linear path starts as the identity
+            self.lin_z_to_loc.weight.copy_(torch.eye(z_dim))
+            self.lin_z_to_loc.bias.zero_()
+        self.relu = nn.ReLU()
+        self.softplus = nn.Softplus()
+
+    def forward(self, z_t_1):
+        gate = torch.sigmoid(self.lin_gate_hidden_to_z(self.relu(self.lin_gate_z_to_hidden(z_t_1))))
+        proposed = self.lin_proposed_mean_hidden_to_z(
+            self.relu(self.lin_proposed_mean_z_to_hidden(z_t_1))
+        )
+        loc = (1 - gate) * self.lin_z_to_loc(z_t_1) + gate * proposed
+        scale = self.softplus(self.lin_sig(self.relu(proposed)))
+        return loc, scale
+
+
+class Combiner(nn.Module):
+    """q(z_t | z_{t-1}, h_t): the previous latent, through a tanh layer, averaged with the
+    backward RNN's state h_t, then a mean and a softplus scale."""
+
+    def __init__(self, z_dim: int, rnn_dim: int):
+        super().__init__()
+        self.lin_z_to_hidden = nn.Linear(z_dim, rnn_dim)
+        self.lin_hidden_to_loc = nn.Linear(rnn_dim, z_dim)
+        self.lin_hidden_to_scale = nn.Linear(rnn_dim, z_dim)
+        self.tanh = nn.Tanh()
+        self.softplus = nn.Softplus()
+
+    def forward(self, z_t_1, h_rnn):
+        h_combined = 0.5 * (self.tanh(self.lin_z_to_hidden(z_t_1)) + h_rnn)
+        return self.lin_hidden_to_loc(h_combined), self.softplus(
+            self.lin_hidden_to_scale(h_combined)
+        )
+
+
+class DMM(nn.Module):
+    """The deep Markov model and its guide, in a plate named ``"z_minibatch"``."""
+
+    def __init__(self, input_dim=8, z_dim=4, emission_dim=16, transition_dim=16, rnn_dim=16):
+        super().__init__()
+        self.emitter = Emitter(input_dim, z_dim, emission_dim)
+        self.trans = GatedTransition(z_dim, transition_dim)
+        self.combiner = Combiner(z_dim, rnn_dim)
+        self.rnn = nn.RNN(
+            input_size=input_dim, hidden_size=rnn_dim, nonlinearity="relu", batch_first=True
+        )
+        self.z_0 = nn.Parameter(torch.zeros(z_dim))
+        self.z_q_0 = nn.Parameter(torch.zeros(z_dim))
+        self.h_0 = nn.Parameter(torch.zeros(1, 1, rnn_dim))
+
+    def model(
+        self,
+        mini_batch,
+        mini_batch_reversed,
+        mini_batch_mask,
+        mini_batch_seq_lengths,
+        annealing_factor=1.0,
+    ):
+        T_max = mini_batch.size(1)
+        pyro.module("dmm", self)
+        z_prev = self.z_0.expand(mini_batch.size(0), self.z_0.size(0))
+        with pyro.plate("z_minibatch", len(mini_batch)):
+            for t in pyro.markov(range(1, T_max + 1)):
+                z_loc, z_scale = self.trans(z_prev)
+                with poutine.scale(scale=annealing_factor):
+                    z_t = pyro.sample(
+                        f"z_{t}",
+                        dist.Normal(z_loc, z_scale).mask(mini_batch_mask[:, t - 1 : t]).to_event(1),
+                    )
+                emission_probs_t = self.emitter(z_t)
+                pyro.sample(
+                    f"obs_x_{t}",
+                    dist.Bernoulli(emission_probs_t)
+                    .mask(mini_batch_mask[:, t - 1 : t])
+                    .to_event(1),
+                    obs=mini_batch[:, t - 1, :],
+                )
+                z_prev = z_t
+
+    def guide(
+        self,
+        mini_batch,
+        mini_batch_reversed,
+        mini_batch_mask,
+        mini_batch_seq_lengths,
+        annealing_factor=1.0,
+    ):
+        T_max = mini_batch.size(1)
+        pyro.module("dmm", self)
+        h_0_contig = self.h_0.expand(1, mini_batch.size(0), self.rnn.hidden_size).contiguous()
+        rnn_output, _ = self.rnn(mini_batch_reversed, h_0_contig)
+        rnn_output = pad_and_reverse(rnn_output, mini_batch_seq_lengths)
+        z_prev = self.z_q_0.expand(mini_batch.size(0), self.z_q_0.size(0))
+        with pyro.plate("z_minibatch", len(mini_batch)):
+            for t in pyro.markov(range(1, T_max + 1)):
+                z_loc, z_scale = self.combiner(z_prev, rnn_output[:, t - 1, :])
+                z_dist = dist.Normal(z_loc, z_scale)
+                with pyro.poutine.scale(scale=annealing_factor):
+                    z_t = pyro.sample(
+                        f"z_{t}", z_dist.mask(mini_batch_mask[:, t - 1 : t]).to_event(1)
+                    )
+                z_prev = z_t

@@ -14,7 +14,7 @@ import torch
 
 import pvae
 from pvae.inference import ELBO, LinearAnnealing
-from pvae.train import AggressiveEncoder, _Distributed, _encoder_steps
+from pvae.train import AggressiveEncoder, StepContext, _encoder_steps
 
 
 class RecordingPair:
@@ -132,19 +132,32 @@ def test_aggressive_encoder_steps_move_only_the_guide_and_leave_the_engine_state
     before = _params(["encoder_v", "encoder_s", "decoder_w"])
     state = pvae.steps.snapshot_engine_state(engine)
     assert state == {"step": 1}
+
+    def update(params):  # what fit's StepContext.update does in one process
+        keep = {id(p) for p in params}
+        for p in guide_params + model_params:
+            if id(p) not in keep:
+                p.grad = None
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    context = StepContext(
+        engine=engine,
+        model=pair.model,
+        guide=pair.guide,
+        batch=(x[:4],),
+        epoch=0,
+        step=0,
+        seed=0,
+        params=guide_params + model_params,
+        model_params=model_params,
+        guide_params=guide_params,
+        random_batch=lambda generator: (x[torch.randperm(10, generator=generator)[:4]],),
+        update=update,
+        average=float,
+    )
     taken = _encoder_steps(
-        engine,
-        pair.model,
-        pair.guide,
-        x,
-        opt,
-        guide_params,
-        model_params,
-        max_steps=6,
-        batch_size=4,
-        generator=torch.Generator().manual_seed(0),
-        ddp=_Distributed(),
-        window=2,
+        context, max_steps=6, generator=torch.Generator().manual_seed(0), window=2
     )
     after = _params(["encoder_v", "encoder_s", "decoder_w"])
     assert 1 <= taken <= 6
@@ -158,7 +171,7 @@ def test_aggressive_phase_trains_the_model_only_and_ends_after_the_first_flat_ep
     model_p = torch.zeros(3, requires_grad=True)
     guide_p.grad, model_p.grad = torch.ones(2), torch.ones(3)
     training = SimpleNamespace(
-        guide_params=[guide_p], model_params=[model_p], param_list=[guide_p, model_p]
+        guide_params=[guide_p], model_params=[model_p], params=[guide_p, model_p]
     )
     policy = AggressiveEncoder(max_steps=5)
     assert policy.select_grads(training) == [model_p]
