@@ -64,7 +64,7 @@ from pvae.diagnostics import (
     latent_relevance,
     posterior_mean,
 )
-from pvae.diagnostics.figures import activity_bars, kl_bars, relevance_curve
+from pvae.diagnostics.figures import activity_bars, kl_bars, path_grid, relevance_curve
 from pvae.evaluate import as_tensors
 from pvae.protocol import param_split, trace_guide_site
 from pvae.train import CHECKPOINT, load_checkpoint
@@ -372,9 +372,11 @@ def traversals(
 def posterior_paths(
     guide: Callable, batch: tuple, site: str = "z", channels_first: bool = False
 ) -> Figure | None:
-    """One panel per channel: the posterior mean of ``site`` ``(T, C)`` (``(C, T)`` when
-    ``channels_first``) of the first sequence of ``batch`` over the steps, with a band of ±2
-    posterior standard deviations; None when the site's event is not two-dimensional."""
+    """One panel per channel, in a grid with shared axes
+    (:func:`pvae.diagnostics.figures.path_grid`): the posterior mean of ``site`` ``(T, C)``
+    (``(C, T)`` when ``channels_first``) of the first sequence of ``batch`` over the steps,
+    with a band of ±2 posterior standard deviations; None when the site's event is not
+    two-dimensional."""
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         node, _ = trace_guide_site(guide, batch, {}, site)
         fn: Any = node["fn"]
@@ -387,20 +389,7 @@ def posterior_paths(
         return None
     if channels_first:
         mean, sd = mean.mT, sd.mT
-    steps = torch.arange(mean.shape[0]).numpy()
-    mean_np, sd_np = mean.double().cpu().numpy(), sd.double().cpu().numpy()
-    count = mean.shape[1]
-    fig = Figure(figsize=(min(16.0, 3.2 * count), 2.8), layout="constrained")
-    axes = fig.subplots(1, count, squeeze=False)[0]
-    for c, ax in enumerate(axes):
-        ax.plot(steps, mean_np[:, c], color="C0")
-        ax.fill_between(
-            steps, mean_np[:, c] - 2 * sd_np[:, c], mean_np[:, c] + 2 * sd_np[:, c], alpha=0.3
-        )
-        ax.set_title(f"channel {c}", fontsize=10)
-        ax.set_xlabel("step t")
-    axes[0].set_ylabel(f"E_q[{site}_t | x] ± 2 sd")
-    return fig
+    return path_grid(mean, sd, site)
 
 
 def _numbers(value: Any) -> str:
