@@ -16,6 +16,7 @@ from pvae.diagnostics.figures import (
     selection_curves,
 )
 from pvae.diagnostics.relevance import LatentRelevance
+from pvae.models.bayesian_ae import PriorSelection
 from pvae.train import Run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -222,9 +223,9 @@ def test_selection_curves_give_each_metric_its_axis_and_mark_its_minimum(tmp_pat
     # the distances of tutorial 08: SW about 0.46-0.50, DSWD about 9.9-10.3, minima apart
     sw = [0.499, 0.478, 0.459, 0.473, 0.473]
     dswd = [10.004, 9.913, 10.228, 10.249, 10.252]
-    recorded = {"metric": "dswd", "chosen": 0.1, "candidates": list(SCALES), "distances": dswd}
     path = tmp_path / "selection.png"
-    fig = selection_curves({"sw": (SCALES, sw), "dswd": recorded}, path=path)
+    chosen = PriorSelection(SCALES[1], 1, "dswd", dswd, list(SCALES))  # select_prior's answer
+    fig = selection_curves({"sw": (SCALES, sw), "dswd": chosen}, path=path)
     assert_png(fig, path)
     assert overlapping_text(fig) == []
     for ax, distances in zip(fig.axes, (sw, dswd), strict=True):
@@ -236,6 +237,9 @@ def test_selection_curves_give_each_metric_its_axis_and_mark_its_minimum(tmp_pat
         low, high = ax.get_ylim()  # the curve fills its own axis: the minimum stands out
         assert (max(distances) - min(distances)) / (high - low) > 0.8
         assert ax.get_xscale() == "log"
+    recorded = {"metric": "dswd", "chosen": 1.0, "candidates": [0.1, 1.0], "distances": [2, 1]}
+    fig = selection_curves({"dswd": recorded})  # as a pvae sample run records it
+    assert list(fig.axes[0].get_lines()[-1].get_xdata()) == [1.0]
     fig = selection_curves({"dswd": ([{"decoder": 0.1}, {"decoder": 1.0}], [2.0, 1.0])})
     assert fig.axes[0].get_xscale() == "linear" and "minimum at" in fig.axes[0].get_title()
 
