@@ -227,16 +227,18 @@ def path_grid(
     steps, count = mean_np.shape
     rows, columns = _grid_shape(count)
     # fixed margins in inches (a constrained layout of 40 panels takes seconds to draw):
-    # panels 1.75 x 1.05, gaps for the tick labels (left, bottom) and the titles (top)
-    width, height = 0.75 + 1.9 * columns, 0.55 + 1.45 * rows
+    # panels 1.75 to 3.2 inches wide (about 13 inches in all), 0.6 as tall; gaps for the
+    # tick labels (left, bottom) and the titles (top)
+    panel = min(3.2, max(1.75, 13.0 / columns))
+    width, height = 0.75 + (panel + 0.15) * columns, 0.55 + (0.6 * panel + 0.4) * rows
     fig = Figure(figsize=(width, height))
     fig.subplots_adjust(
         left=0.7 / width,
         right=1 - 0.05 / width,
         bottom=0.5 / height,
         top=1 - 0.25 / height,
-        wspace=0.15 / 1.75,
-        hspace=0.3 / 1.05,
+        wspace=0.15 / panel,
+        hspace=0.4 / (0.6 * panel),
     )
     axes = fig.subplots(rows, columns, sharex=True, sharey=True, squeeze=False)
     t = np.arange(steps)
