@@ -27,7 +27,13 @@ zoo model with its options), loads the trained parameters
 - ``traversals.png``: for the three most relevant dimensions, the decoded mean of p(x | z)
   when that dimension moves from -3 to +3 around the posterior mean of the first test point
   and the others stay at it (one row per dimension for images; one panel of lines per
-  dimension otherwise).
+  dimension otherwise);
+- ``paths.png`` (models whose sites are reported per latent channel): the posterior path of
+  each channel of the first test sequence, one panel per channel in a grid on shared axes.
+
+The figures stay legible for tens of latent dimensions (:mod:`pvae.diagnostics.figures`). A
+``pvae sample`` run gets R-hat, ESS and trace plots (:func:`pvae.app.sample.diagnose_sample`)
+and, when its prior scale was chosen from the data, ``prior_selection.png``.
 
 For a compare run each bound is diagnosed into its own subfolder and a top-level
 ``diagnostics.md`` summarises them all. The diagnostics use the first ``num_points`` test
