@@ -27,7 +27,13 @@ zoo model with its options), loads the trained parameters
 - ``traversals.png``: for the three most relevant dimensions, the decoded mean of p(x | z)
   when that dimension moves from -3 to +3 around the posterior mean of the first test point
   and the others stay at it (one row per dimension for images; one panel of lines per
-  dimension otherwise).
+  dimension otherwise);
+- ``paths.png`` (models whose sites are reported per latent channel): the posterior path of
+  each channel of the first test sequence, one panel per channel in a grid on shared axes.
+
+The figures stay legible for tens of latent dimensions (:mod:`pvae.diagnostics.figures`). A
+``pvae sample`` run gets R-hat, ESS and trace plots (:func:`pvae.app.sample.diagnose_sample`)
+and, when its prior scale was chosen from the data, ``prior_selection.png``.
 
 For a compare run each bound is diagnosed into its own subfolder and a top-level
 ``diagnostics.md`` summarises them all. The diagnostics use the first ``num_points`` test
@@ -64,7 +70,13 @@ from pvae.diagnostics import (
     latent_relevance,
     posterior_mean,
 )
-from pvae.diagnostics.figures import activity_bars, kl_bars, relevance_curve
+from pvae.diagnostics.figures import (
+    activity_bars,
+    kl_bars,
+    path_grid,
+    relevance_curve,
+    selection_curves,
+)
 from pvae.evaluate import as_tensors
 from pvae.protocol import param_split, trace_guide_site
 from pvae.train import CHECKPOINT, load_checkpoint
@@ -158,6 +170,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
+def _recorded_command(run_dir: Path) -> Any:
+    """The ``command`` the folder's ``config.json`` records; None without a readable one."""
+    try:
+        return json.loads((run_dir / CONFIG).read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _kind(run_dir: Path) -> str:
     """ "train" or "compare", or a :class:`DiagnoseError` saying what is missing."""
     if not run_dir.exists():
@@ -169,12 +189,7 @@ def _kind(run_dir: Path) -> str:
     if (run_dir / RESULTS).is_file():
         return "compare"
     has_config, has_checkpoint = (run_dir / CONFIG).is_file(), (run_dir / CHECKPOINT).is_file()
-    command = None
-    if has_config:
-        try:
-            command = json.loads((run_dir / CONFIG).read_text()).get("command")
-        except (OSError, ValueError, AttributeError):
-            command = None
+    command = _recorded_command(run_dir)
     bound_folders = [p.name for p in sorted(run_dir.iterdir()) if (p / CHECKPOINT).is_file()]
     if command == "compare" or (bound_folders and not has_config and not has_checkpoint):
         raise DiagnoseError(
@@ -207,14 +222,6 @@ def _rebuild(run_dir: Path) -> tuple[runs.RunConfig, dict[str, Any], data.Splits
     except (ValueError, TypeError, KeyError, OSError, ImportError) as error:
         raise DiagnoseError(f"cannot rebuild the dataset {config.dataset!r}: {error}") from error
     return config, document, ds
-
-
-def _build_model(config: runs.RunConfig, ds: data.Splits) -> PyroModule:
-    pyro.clear_param_store()
-    try:
-        return config.build_model(ds)
-    except (ValueError, KeyError, TypeError) as error:
-        raise DiagnoseError(f"cannot rebuild the model {config.model!r}: {error}") from error
 
 
 def load_parameters(model: PyroModule, ds: data.Splits, checkpoint: Path) -> dict[str, Any]:
@@ -293,6 +300,25 @@ class LoadedRun:
     model_name: str = "vae"
 
 
+def _load_model(
+    config: runs.RunConfig,
+    ds: data.Splits,
+    checkpoint: Path,
+    title: str,
+    command: Sequence[str],
+    metrics: dict[str, Any] | None = None,
+) -> LoadedRun:
+    """The model of ``config`` rebuilt on ``ds`` (Pyro's parameter store cleared first) with
+    the trained parameters of ``checkpoint``."""
+    pyro.clear_param_store()
+    try:
+        model = config.build_model(ds)
+    except (ValueError, KeyError, TypeError) as error:
+        raise DiagnoseError(f"cannot rebuild the model {config.model!r}: {error}") from error
+    state = load_parameters(model, ds, checkpoint)
+    return LoadedRun(ds, model, config.seed, title, list(command), state, metrics, config.model)
+
+
 def load_run(run_dir: str | Path) -> LoadedRun:
     """Rebuild a ``pvae train`` run: data and model from its :class:`RunConfig`
     (``config.json``), parameters from ``checkpoint.pt``. Clears Pyro's parameter store."""
@@ -302,25 +328,14 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     config, document, ds = _rebuild(run_dir)
     if config.command != "train":
         raise DiagnoseError(f"{run_dir / CONFIG} is not the config of a 'pvae train' run")
-    model = _build_model(config, ds)
-    state = load_parameters(model, ds, run_dir / CHECKPOINT)
     metrics = None
-    if (run_dir / "metrics.json").is_file():
-        try:
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-        except (OSError, ValueError):
-            metrics = None
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        pass
+    title = f"{config.model} / {config.engine or '?'} on {config.dataset}"
     argv = document.get("argv") or []
-    return LoadedRun(
-        ds=ds,
-        model=model,
-        seed=config.seed,
-        title=f"{config.model} / {config.engine or '?'} on {config.dataset}",
-        command=["pvae", *argv],
-        checkpoint=state,
-        metrics=metrics,
-        model_name=config.model,
-    )
+    return _load_model(config, ds, run_dir / CHECKPOINT, title, ["pvae", *argv], metrics)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,9 +387,11 @@ def traversals(
 def posterior_paths(
     guide: Callable, batch: tuple, site: str = "z", channels_first: bool = False
 ) -> Figure | None:
-    """One panel per channel: the posterior mean of ``site`` ``(T, C)`` (``(C, T)`` when
-    ``channels_first``) of the first sequence of ``batch`` over the steps, with a band of ±2
-    posterior standard deviations; None when the site's event is not two-dimensional."""
+    """One panel per channel, in a grid with shared axes
+    (:func:`pvae.diagnostics.figures.path_grid`): the posterior mean of ``site`` ``(T, C)``
+    (``(C, T)`` when ``channels_first``) of the first sequence of ``batch`` over the steps,
+    with a band of ±2 posterior standard deviations; None when the site's event is not
+    two-dimensional."""
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         node, _ = trace_guide_site(guide, batch, {}, site)
         fn: Any = node["fn"]
@@ -387,20 +404,7 @@ def posterior_paths(
         return None
     if channels_first:
         mean, sd = mean.mT, sd.mT
-    steps = torch.arange(mean.shape[0]).numpy()
-    mean_np, sd_np = mean.double().cpu().numpy(), sd.double().cpu().numpy()
-    count = mean.shape[1]
-    fig = Figure(figsize=(min(16.0, 3.2 * count), 2.8), layout="constrained")
-    axes = fig.subplots(1, count, squeeze=False)[0]
-    for c, ax in enumerate(axes):
-        ax.plot(steps, mean_np[:, c], color="C0")
-        ax.fill_between(
-            steps, mean_np[:, c] - 2 * sd_np[:, c], mean_np[:, c] + 2 * sd_np[:, c], alpha=0.3
-        )
-        ax.set_title(f"channel {c}", fontsize=10)
-        ax.set_xlabel("step t")
-    axes[0].set_ylabel(f"E_q[{site}_t | x] ± 2 sd")
-    return fig
+    return path_grid(mean, sd, site)
 
 
 def _numbers(value: Any) -> str:
@@ -464,23 +468,56 @@ def _table(
     return "\n".join(lines)
 
 
+@dataclass
+class _Findings:
+    """What the diagnostics of one trained model found: the collapse report, the activity per
+    site, the site scored for relevance, the relevance (None without a decoder of z alone),
+    the relevant dimensions, the ones traversed and notes for the report."""
+
+    report: CollapseReport
+    activity: dict[str, ActiveUnits]
+    site: str
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    relevance: LatentRelevance | None = None
+    relevant: list[int] = field(default_factory=list)
+    top: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _relevance_lines(found: _Findings) -> list[str]:
+    """The report's sections on the relevance and the traversals (none without relevance)."""
+    relevance, top = found.relevance, found.top
+    if relevance is None:
+        return []
+    return [
+        "## Latent relevance",
+        "",
+        f"{len(found.relevant)} of {relevance.scores.numel()} dimensions of {found.site} are "
+        f"relevant: {', '.join(map(str, found.relevant)) or 'none'} (ranking by score "
+        f"{', '.join(map(str, relevance.ranking))}).",
+        "",
+        "![relevance](relevance.png)",
+        "",
+        "## Latent traversals",
+        "",
+        f"Dimensions {', '.join(map(str, top))} (the most relevant) moved from "
+        f"{-TRAVERSAL_RANGE:g} to {TRAVERSAL_RANGE:+g} around the posterior mean of the "
+        "first test point, the others held at it; decoded means of p(x | z).",
+        "",
+        "![traversals](traversals.png)",
+        "",
+    ]
+
+
 def _markdown(
-    title: str,
-    run_dir: Path,
-    command: Sequence[str],
-    facts: Sequence[str],
-    report: CollapseReport,
-    activity: Mapping[str, ActiveUnits],
-    relevance: LatentRelevance | None,
-    relevant: Sequence[int],
-    site: str,
-    top: Sequence[int],
-    notes: Sequence[str],
+    run: LoadedRun, run_dir: Path, facts: Sequence[str], found: _Findings, paths: bool
 ) -> str:
-    count, dims = runs.count_active(activity)
-    lines = [f"# Diagnostics: {title}", "", f"Run folder: `{run_dir}`", ""]
-    if command:
-        lines += ["```", " ".join(command), "```", ""]
+    """``diagnostics.md`` of one trained model (``paths``: ``paths.png`` was written)."""
+    report, relevance = found.report, found.relevance
+    count, dims = runs.count_active(found.activity)
+    lines = [f"# Diagnostics: {run.title}", "", f"Run folder: `{run_dir}`", ""]
+    if run.command:
+        lines += ["```", " ".join(run.command), "```", ""]
     lines += [f"- {fact}" for fact in facts]
     lines += [
         f"- active units: {count}/{dims} (Var_x E[z_d | x] > 0.01; the number 'pvae compare' "
@@ -500,126 +537,127 @@ def _markdown(
             else "."
         ),
         "",
-        _table(report, activity, relevance, relevant, site),
+        _table(report, found.activity, relevance, found.relevant, found.site),
         "",
         "![KL per dimension](kl_per_dim.png)",
         "",
         "![activity per dimension](activity.png)",
         "",
+        *_relevance_lines(found),
     ]
-    if relevance is not None:
-        lines += [
-            "## Latent relevance",
-            "",
-            f"{len(relevant)} of {relevance.scores.numel()} dimensions of {site} are relevant: "
-            f"{', '.join(map(str, relevant)) or 'none'} (ranking by score "
-            f"{', '.join(map(str, relevance.ranking))}).",
-            "",
-            "![relevance](relevance.png)",
-            "",
-            "## Latent traversals",
-            "",
-            f"Dimensions {', '.join(map(str, top))} (the most relevant) moved from "
-            f"{-TRAVERSAL_RANGE:g} to {TRAVERSAL_RANGE:+g} around the posterior mean of the "
-            "first test point, the others held at it; decoded means of p(x | z).",
-            "",
-            "![traversals](traversals.png)",
-            "",
-        ]
-    if notes:
-        lines += ["## Notes", "", *[f"- {note}" for note in notes], ""]
-    return "\n".join(lines)
-
-
-def _diagnose_model(
-    model: PyroModule,
-    model_name: str,
-    ds: data.Splits,
-    out_dir: Path,
-    seed: int,
-    num_points: int,
-    title: str,
-    run_dir: Path,
-    command: Sequence[str],
-    facts: Sequence[str],
-) -> Diagnosis:
-    batch = tuple(t[:num_points] for t in as_tensors(ds.test))
-    x: Any = batch if len(batch) > 1 else batch[0]
-    files: list[Path] = []
-    notes: list[str] = []
-    channels = MODELS[model_name].channels
-    model.eval()  # e.g. no self-supervised masking while measuring
-    activity = runs.latent_activity(model, x, seed, channels=channels)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
-            report = collapse_report(model.model, model.guide, x, channels=channels)
-        except ValueError as error:
-            raise DiagnoseError(f"cannot diagnose the {model_name} model: {error}") from error
-        sites = runs.latent_sites(model)
-        site = sites[0] if sites[0] in report.layers else next(iter(report.layers))
-        relevance = None
-        relevant: list[int] = []
-        top: list[int] = []
-        decode = MODELS[model_name].decoder(model)
-        if callable(decode):
-            relevance = latent_relevance(model.guide, decode, x, site=site)
-            relevant = relevant_in_use(relevance, report.layers[site].collapsed_dims)
-            top = relevance.ranking[: min(TRAVERSAL_DIMS, len(relevance.ranking))]
-        elif channels:
-            notes.append(
-                f"sites {', '.join(channels)} are reported per channel (dimension map "
-                f"{channels}): KL summed (for a smoothed path, the KLs of the 1-d marginals) "
-                "and activity averaged over the other event axes (time); no relevance score "
-                "or traversal of one z vector: paths.png shows the posterior paths"
-            )
-        else:
-            notes.append(
-                "the model has no decoder of z alone: no relevance score and no traversals"
-            )
-        kl_figure = kl_bars(report, threshold=report.kl_threshold)
-        files.append(plots.save(kl_figure, out_dir / "kl_per_dim.png"))
-        files.append(plots.save(activity_bars(report), out_dir / "activity.png"))
-        if relevance is not None and callable(decode):
-            files.append(plots.save(relevance_curve(relevance), out_dir / "relevance.png"))
-            mu = posterior_mean(model.guide, tuple(t[:1] for t in batch), site)[0].reshape(-1)
-            files.append(
-                plots.save(traversals(decode, mu, top, ds.image_shape), out_dir / "traversals.png")
-            )
-        if channels and site in channels:
-            first = channels[site] in (0, -2, "channels_first")
-            figure = posterior_paths(model.guide, tuple(t[:1] for t in batch), site, first)
-            if figure is not None:
-                files.append(plots.save(figure, out_dir / "paths.png"))
-    text = _markdown(
-        title, run_dir, command, facts, report, activity, relevance, relevant, site, top, notes
-    )
-    hyperparameters = getattr(model, "hyperparameters", None)
+    if found.notes:
+        lines += ["## Notes", "", *[f"- {note}" for note in found.notes], ""]
+    text = "\n".join(lines)
+    hyperparameters = getattr(run.model, "hyperparameters", None)
     if callable(hyperparameters):  # e.g. a GP prior's learned lengthscales
         rows = [f"- {name}: {_numbers(value)}" for name, value in hyperparameters().items()]
         text += "\n## Learned hyperparameters\n\n" + "\n".join(rows) + "\n"
-    if any(path.name == "paths.png" for path in files):
+    if paths:
         text += (
             "\n## Posterior paths\n\nE_q[z_tc | x] ± 2 sd per channel c over the steps t of "
             "the first test sequence.\n\n![posterior paths](paths.png)\n"
         )
+    return text
+
+
+def _measure(run: LoadedRun, x: Any, activity: dict[str, ActiveUnits]) -> _Findings:
+    """The collapse report and, for a model with a decoder of z alone, the relevance of the
+    first latent site's dimensions (under the caller's seed)."""
+    entry = MODELS[run.model_name]
+    try:
+        report = collapse_report(run.model.model, run.model.guide, x, channels=entry.channels)
+    except ValueError as error:
+        raise DiagnoseError(f"cannot diagnose the {run.model_name} model: {error}") from error
+    sites = runs.latent_sites(run.model)
+    site = sites[0] if sites[0] in report.layers else next(iter(report.layers))
+    found = _Findings(report, activity, site)
+    decode = entry.decoder(run.model)
+    if callable(decode):
+        found.decode = decode
+        found.relevance = latent_relevance(run.model.guide, decode, x, site=site)
+        found.relevant = relevant_in_use(found.relevance, report.layers[site].collapsed_dims)
+        found.top = found.relevance.ranking[:TRAVERSAL_DIMS]
+    elif entry.channels:
+        found.notes.append(
+            f"sites {', '.join(entry.channels)} are reported per channel (dimension map "
+            f"{entry.channels}): KL summed (for a smoothed path, the KLs of the 1-d marginals) "
+            "and activity averaged over the other event axes (time); no relevance score "
+            "or traversal of one z vector: paths.png shows the posterior paths"
+        )
+    else:
+        found.notes.append(
+            "the model has no decoder of z alone: no relevance score and no traversals"
+        )
+    return found
+
+
+def _figures(run: LoadedRun, first: tuple, found: _Findings) -> dict[str, Figure]:
+    """The figures by file name; ``first``: the first test point, as the model's arguments."""
+    report = found.report
+    figures = {
+        "kl_per_dim.png": kl_bars(report, threshold=report.kl_threshold),
+        "activity.png": activity_bars(report),
+    }
+    if found.relevance is not None and found.decode is not None:
+        figures["relevance.png"] = relevance_curve(found.relevance)
+        mu = posterior_mean(run.model.guide, first, found.site)[0].reshape(-1)
+        figures["traversals.png"] = traversals(found.decode, mu, found.top, run.ds.image_shape)
+    channels = MODELS[run.model_name].channels
+    if channels and found.site in channels:
+        channels_first = channels[found.site] in (0, -2, "channels_first")
+        paths = posterior_paths(run.model.guide, first, found.site, channels_first)
+        if paths is not None:
+            figures["paths.png"] = paths
+    return figures
+
+
+def _diagnose_model(
+    run: LoadedRun, run_dir: Path, out_dir: Path, num_points: int, facts: Sequence[str]
+) -> Diagnosis:
+    """Diagnose ``run``'s model on the first ``num_points`` test points, seeded with the
+    run's seed; writes ``diagnostics.md`` and the figures into ``out_dir``."""
+    batch = tuple(t[:num_points] for t in as_tensors(run.ds.test))
+    x: Any = batch if len(batch) > 1 else batch[0]
+    run.model.eval()  # e.g. no self-supervised masking while measuring
+    channels = MODELS[run.model_name].channels
+    activity = runs.latent_activity(run.model, x, run.seed, channels=channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.seed)
+        found = _measure(run, x, activity)
+        figures = _figures(run, tuple(t[:1] for t in batch), found)
+        files = [plots.save(figure, out_dir / name) for name, figure in figures.items()]
+    text = _markdown(run, run_dir, facts, found, paths="paths.png" in figures)
     files.insert(0, atomic.write_text(out_dir / REPORT, text))
     return Diagnosis(
         kind="train",
         run_dir=run_dir,
         out_dir=out_dir,
         files=files,
-        verdict=report.verdict,
-        collapse=report,
-        relevance=relevance,
+        verdict=found.report.verdict,
+        collapse=found.report,
+        relevance=found.relevance,
         activity=activity,
-        relevant=relevant,
+        relevant=found.relevant,
+    )
+
+
+def _log_likelihood_fact(mean: Any, stderr: Any, samples: Any) -> str:
+    return f"test log-likelihood {_number(mean, 5)} +- {_number(stderr, 2)} nats (K={samples})"
+
+
+def _common_facts(run: LoadedRun, num_points: int) -> tuple[str, str]:
+    """The epochs trained and the number of test points diagnosed."""
+    count = as_tensors(run.ds.test)[0].shape[0]
+    return (
+        f"epochs trained: {int(run.checkpoint.get('epoch', -1)) + 1}",
+        f"diagnostics on the first {min(num_points, count)} test points",
     )
 
 
 def _train_facts(run: LoadedRun, num_points: int) -> list[str]:
+    epochs, points = _common_facts(run, num_points)
     history = run.checkpoint.get("history") or []
-    facts = [f"epochs trained: {int(run.checkpoint.get('epoch', -1)) + 1}"]
+    facts = [epochs]
     if history:
         last = history[-1]
         facts.append(
@@ -629,28 +667,14 @@ def _train_facts(run: LoadedRun, num_points: int) -> list[str]:
     test = (run.metrics or {}).get("test_log_likelihood")
     if isinstance(test, dict):
         facts.append(
-            f"test log-likelihood {_number(test.get('mean'), 5)} +- "
-            f"{_number(test.get('stderr'), 2)} nats (K={test.get('num_samples')})"
+            _log_likelihood_fact(test.get("mean"), test.get("stderr"), test.get("num_samples"))
         )
-    count = as_tensors(run.ds.test)[0].shape[0]
-    facts.append(f"diagnostics on the first {min(num_points, count)} test points")
-    return facts
+    return [*facts, points]
 
 
 def _diagnose_train(run_dir: Path, out_dir: Path, num_points: int) -> Diagnosis:
     run = load_run(run_dir)
-    return _diagnose_model(
-        run.model,
-        run.model_name,
-        run.ds,
-        out_dir,
-        run.seed,
-        num_points,
-        run.title,
-        run_dir,
-        run.command,
-        _train_facts(run, num_points),
-    )
+    return _diagnose_model(run, run_dir, out_dir, num_points, _train_facts(run, num_points))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,31 +712,19 @@ def _diagnose_compare(
             diagnosis.skipped[label] = f"no checkpoint ({row.get('status')})"
             diagnosis.bounds[label] = None
             continue
-        model = _build_model(config, ds)
-        state = load_parameters(model, ds, checkpoint)
-        count = as_tensors(ds.test)[0].shape[0]
+        title = f"{config.model} / {label} on {config.dataset}"
+        run = _load_model(config, ds, checkpoint, title, command)
+        epochs, points = _common_facts(run, num_points)
+        ll = (row.get("log_likelihood"), row.get("log_likelihood_stderr"))
         facts = [
             f"bound {label}: {row.get('engine', '')}",
-            f"epochs trained: {int(state.get('epoch', -1)) + 1}",
-            f"test log-likelihood {_number(row.get('log_likelihood'), 5)} +- "
-            f"{_number(row.get('log_likelihood_stderr'), 2)} nats "
-            f"(K={summary.get('ll_samples')})",
-            f"diagnostics on the first {min(num_points, count)} test points",
+            epochs,
+            _log_likelihood_fact(*ll, summary.get("ll_samples")),
+            points,
         ]
         if row.get("status") != "ok":
             facts.append(f"status: {row.get('status')} (the last good checkpoint)")
-        child = _diagnose_model(
-            model,
-            config.model,
-            ds,
-            out_dir / folder,
-            config.seed,
-            num_points,
-            f"{config.model} / {label} on {config.dataset}",
-            run_dir / folder,
-            command,
-            facts,
-        )
+        child = _diagnose_model(run, run_dir / folder, out_dir / folder, num_points, facts)
         diagnosis.bounds[label] = child
         diagnosis.files += child.files
         if say is not None:
@@ -784,23 +796,40 @@ def _compare_markdown(
 
 def _is_sample_run(run_dir: Path) -> bool:
     """A ``pvae sample`` run folder (its config.json says so)."""
-    try:
-        return json.loads((run_dir / CONFIG).read_text()).get("command") == "sample"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return _recorded_command(run_dir) == "sample"
 
 
 def _diagnose_sample(run_dir: Path, out: Path) -> Diagnosis:
     """R-hat, ESS, the ArviZ summary and trace plots of a sampler run
-    (:func:`pvae.app.sample.diagnose_sample`)."""
+    (:func:`pvae.app.sample.diagnose_sample`); when the run chose its prior scale from the
+    data, ``prior_selection.png``: the distance of every candidate, its minimum marked."""
     from pvae.app.sample import diagnose_sample
 
     try:
         found = diagnose_sample(run_dir, out)
     except ValueError as error:
         raise DiagnoseError(str(error)) from error
-    report = atomic.write_text(out / REPORT, "\n".join(found.lines) + "\n")
-    return Diagnosis("sample", run_dir, out, files=[report, *found.files], verdict=found.verdict)
+    lines, files = list(found.lines), list(found.files)
+    selection = _read_json(run_dir / CONFIG).get("prior_selection")
+    if isinstance(selection, dict):
+        metric = str(selection.get("metric", "distance"))
+        try:
+            figure = selection_curves({metric: selection})
+        except ValueError as error:
+            raise DiagnoseError(f"{run_dir / CONFIG}: prior_selection: {error}") from error
+        files.append(plots.save(figure, out / "prior_selection.png"))
+        candidates = ", ".join(map(str, selection["candidates"]))
+        lines += [
+            "",
+            "## Prior scale",
+            "",
+            f"Chosen by {metric.upper()} among {candidates}: {selection.get('chosen')}, the "
+            "candidate whose prior-predictive outputs lie closest to the training data.",
+            "",
+            "![prior selection](prior_selection.png)",
+        ]
+    report = atomic.write_text(out / REPORT, "\n".join(lines) + "\n")
+    return Diagnosis("sample", run_dir, out, files=[report, *files], verdict=found.verdict)
 
 
 def diagnose(

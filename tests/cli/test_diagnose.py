@@ -207,3 +207,50 @@ def test_verdict_on_a_run_whose_collapse_is_known(train_run, tmp_path, collapsed
     assert verdict in text
     if collapsed and active:
         assert "Partial collapse: " in text and f"{len(active)} of 3 dimensions in use" in text
+
+
+def test_posterior_paths_grid_per_channel():
+    """A (C, T) site (channels first) of 20 channels: one panel per channel in a grid with
+    shared axes, each panel the channel's path; no drawn labels overlap."""
+    from tests.core.test_plots import overlapping_text
+
+    mean = torch.randn(1, 20, 30, generator=torch.Generator().manual_seed(0)).cumsum(-1)
+
+    def guide(x):
+        with pyro.plate("data", 1):
+            pyro.sample("z", pyro.distributions.Normal(mean, 0.5).to_event(2))
+
+    fig = diagnose.posterior_paths(guide, (torch.zeros(1, 3),), "z", channels_first=True)
+    panels = [ax for ax in fig.axes if ax.axison]
+    assert len(panels) == 20 and len({ax.get_ylim() for ax in panels}) == 1
+    for c, ax in enumerate(panels):
+        assert ax.get_title() == f"channel {c}"
+        assert torch.allclose(torch.as_tensor(ax.get_lines()[0].get_ydata()), mean[0, c].double())
+    assert overlapping_text(fig) == []
+
+
+def test_sample_run_draws_its_prior_selection(tmp_path, monkeypatch):
+    """A sampler run that chose its prior scale by DSWD: prior_selection.png and a section
+    naming the choice (the minimum of the recorded distances). R-hat and the trace plots
+    (ArviZ, tens of seconds) are stubbed: tests/cli/test_bae.py checks them."""
+    from pvae.app import sample
+
+    stub = sample.SampleDiagnosis(lines=["# Diagnostics of a sampler run"], verdict="stub")
+    monkeypatch.setattr(sample, "diagnose_sample", lambda run_dir, out: stub)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    selection = {"metric": "dswd", "chosen": 0.3, "candidates": [0.1, 0.3, 1, 3]}
+    selection["distances"] = [10.2, 9.9, 10.25, 10.3]
+    config = {"command": "sample", "prior_selection": selection}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    result = diagnose.diagnose(run_dir)
+    assert result.kind == "sample" and run_dir / "prior_selection.png" in result.files
+    assert (run_dir / "prior_selection.png").read_bytes()[:8] == PNG_MAGIC
+    text = result.report.read_text()
+    assert text.startswith("# Diagnostics of a sampler run\n")
+    assert "Chosen by DSWD among 0.1, 0.3, 1, 3: 0.3" in text
+    assert "![prior selection](prior_selection.png)" in text
+    selection["distances"] = [1.0]  # one distance for four candidates
+    (run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(diagnose.DiagnoseError, match="prior_selection: each selection must"):
+        diagnose.diagnose(run_dir)

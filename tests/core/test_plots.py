@@ -1,11 +1,22 @@
 """Plots: every function returns a Figure and writes a PNG, for image and non-image data,
 atomically (a failed save leaves the previous file and no temporary file)."""
 
+import numpy as np
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pvae import plots
+from pvae.diagnostics.figures import (
+    activity_bars,
+    kl_bars,
+    path_grid,
+    relevance_curve,
+    selection_curves,
+)
+from pvae.diagnostics.relevance import LatentRelevance
+from pvae.models.bayesian_ae import PriorSelection
 from pvae.train import Run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -118,3 +129,125 @@ def test_save_follows_the_suffix_and_creates_the_folder(tmp_path):
     path = tmp_path / "new" / "figure.svg"
     plots.learning_curve(HISTORY, path=path)
     assert path.read_text().lstrip().startswith("<?xml")
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnostic figures stay legible from 2 to 40 latent dimensions
+# ---------------------------------------------------------------------------------------------
+
+
+def _drawn_text(fig):
+    """Every non-empty text a reader sees: tick labels inside the view, titles, axis labels
+    and the figure's own labels, after a real draw (Agg)."""
+    FigureCanvasAgg(fig).draw()
+    texts = [text for text in fig.texts if text.get_visible()]
+    for ax in fig.axes:
+        if not ax.get_visible() or not ax.axison:
+            continue
+        texts += [ax.title, ax.xaxis.label, ax.yaxis.label]
+        for axis, limits in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+            low, high = sorted(limits)
+            for tick in axis.get_major_ticks():
+                if tick.get_visible() and low <= tick.get_loc() <= high:
+                    texts += [tick.label1, tick.label2]
+    return [t for t in texts if t.get_visible() and t.get_text().strip()]
+
+
+def overlapping_text(fig):
+    """The pairs of drawn texts whose bounding boxes overlap (by more than a pixel each way)."""
+    texts = _drawn_text(fig)
+    renderer = fig.canvas.get_renderer()
+    boxes = np.array([t.get_window_extent(renderer).extents for t in texts])  # x0 y0 x1 y1
+    if len(boxes) < 2:
+        return []
+    wide = np.minimum(boxes[:, None, 2], boxes[None, :, 2]) - np.maximum(
+        boxes[:, None, 0], boxes[None, :, 0]
+    )
+    tall = np.minimum(boxes[:, None, 3], boxes[None, :, 3]) - np.maximum(
+        boxes[:, None, 1], boxes[None, :, 1]
+    )
+    hits = np.argwhere(np.triu((wide > 1.0) & (tall > 1.0), k=1))
+    return [(texts[i].get_text(), texts[j].get_text()) for i, j in hits]
+
+
+def _relevance(dims, generator):
+    scores = torch.rand(dims, generator=generator, dtype=torch.float64) ** 4
+    ranking = torch.argsort(scores, descending=True).tolist()
+    cumulative = torch.cumsum(scores[ranking], 0) / scores.sum()
+    k = int((cumulative < 0.99).sum()) + 1
+    return LatentRelevance(scores, ranking, cumulative, ranking[:k], 0.99, scores, scores, scores)
+
+
+@pytest.mark.parametrize("dims", [2, 20, pytest.param(40, marks=pytest.mark.slow)])
+def test_diagnostic_figures_have_no_overlapping_labels(dims):
+    generator = torch.Generator().manual_seed(dims)
+    kl = 3 * torch.rand(dims, generator=generator, dtype=torch.float64)
+    kl[::3] = 1e-4  # some collapsed dimensions
+    steps = 50
+    paths = 0.3 * torch.randn(steps, dims, generator=generator, dtype=torch.float64).cumsum(0)
+    relevance = _relevance(dims, generator)
+    figures = {
+        "kl_per_dim": kl_bars({"z": kl}),
+        "kl_two_layers": kl_bars({"z1": kl, "z2": kl[: max(1, dims // 2)]}),
+        "activity": activity_bars({"z": kl / 2}),
+        "relevance": relevance_curve(relevance),
+        "paths": path_grid(paths, torch.full_like(paths, 0.2), "z"),
+    }
+    for name, fig in figures.items():  # (saving is checked in test_collapse.py)
+        assert overlapping_text(fig) == [], name
+    # every dimension has a tick; the bars' labels name the dimensions under them
+    ax = figures["kl_per_dim"].axes[0]
+    ticks = {*ax.get_xticks(minor=True), *ax.get_xticks()}  # minor ones where no major one is
+    assert sorted(ticks) == list(range(dims))
+    for tick, label in zip(ax.get_xticks(), ax.get_xticklabels(), strict=True):
+        assert label.get_text() == str(int(tick))
+    ax = figures["relevance"].axes[0]
+    for tick, label in zip(ax.get_xticks(), ax.get_xticklabels(), strict=True):
+        assert label.get_text() == str(relevance.ranking[int(tick)])
+    # the paths share their axes, and every channel has its panel
+    drawn = [ax for ax in figures["paths"].axes if ax.axison]
+    assert len(drawn) == dims and len({ax.get_ylim() for ax in drawn}) == 1
+
+
+def test_path_grid_checks_its_shapes():
+    with pytest.raises(ValueError, match=r"mean must have shape \(T, C\)"):
+        path_grid(torch.zeros(5))
+    with pytest.raises(ValueError, match="sd must have the shape of mean"):
+        path_grid(torch.zeros(5, 2), torch.zeros(5, 3))
+
+
+SCALES = (0.03, 0.1, 0.3, 1.0, 3.0)
+
+
+def test_selection_curves_give_each_metric_its_axis_and_mark_its_minimum(tmp_path):
+    # the distances of tutorial 08: SW about 0.46-0.50, DSWD about 9.9-10.3, minima apart
+    sw = [0.499, 0.478, 0.459, 0.473, 0.473]
+    dswd = [10.004, 9.913, 10.228, 10.249, 10.252]
+    path = tmp_path / "selection.png"
+    chosen = PriorSelection(SCALES[1], 1, "dswd", dswd, list(SCALES))  # select_prior's answer
+    fig = selection_curves({"sw": (SCALES, sw), "dswd": chosen}, path=path)
+    assert_png(fig, path)
+    assert overlapping_text(fig) == []
+    for ax, distances in zip(fig.axes, (sw, dswd), strict=True):
+        best = int(np.argmin(distances))
+        (star,) = [line for line in ax.get_lines() if line.get_marker() == "*"]
+        assert list(star.get_xdata()) == [SCALES[best]]
+        assert list(star.get_ydata()) == [distances[best]]
+        assert f"minimum at {SCALES[best]:g}" in ax.get_title()
+        low, high = ax.get_ylim()  # the curve fills its own axis: the minimum stands out
+        assert (max(distances) - min(distances)) / (high - low) > 0.8
+        assert ax.get_xscale() == "log"
+    recorded = {"metric": "dswd", "chosen": 1.0, "candidates": [0.1, 1.0], "distances": [2, 1]}
+    fig = selection_curves({"dswd": recorded})  # as a pvae sample run records it
+    assert list(fig.axes[0].get_lines()[-1].get_xdata()) == [1.0]
+    fig = selection_curves({"dswd": ([{"decoder": 0.1}, {"decoder": 1.0}], [2.0, 1.0])})
+    assert fig.axes[0].get_xscale() == "linear" and "minimum at" in fig.axes[0].get_title()
+
+
+@pytest.mark.parametrize(
+    "selections, match",
+    [({}, "selections is empty"), ({"sw": (SCALES, [1.0])}, "as many candidates as distances")],
+)
+def test_selection_curves_refuse_bad_input(selections, match):
+    with pytest.raises(ValueError, match=match):
+        selection_curves(selections)
