@@ -440,6 +440,7 @@ class StructuredVAE(PyroModule):
 
 from pvae.app.registry import ModelCard, Option, Real, conv_image_shape  # noqa: E402
 from pvae.data import Splits  # noqa: E402
+from pvae.metrics import imputation_metrics  # noqa: E402
 
 
 def _build(
@@ -464,12 +465,6 @@ def _build(
     )
 
 
-def _metrics(model: StructuredVAE, ds: Splits, split: str = "test", seed: int = 0) -> dict:
-    from pvae.metrics import imputation_metrics
-
-    return imputation_metrics(model, ds, split, seed)
-
-
 CARD = ModelCard(
     name="svae",
     description="structured VAE: linear dynamical prior, encoder potentials smoothed exactly "
@@ -479,6 +474,6 @@ CARD = ModelCard(
     options=(Option.of(StructuredVAE, "drop_fraction", Real(0.0, 1.0)),),
     capabilities=("impute", "forecast", "sample", "per-channel", "state-space"),
     decoder=lambda model: None,  # its latent is a (T, D) path: no traversal of one z
-    metrics=_metrics,
+    metrics=imputation_metrics,
     channels={"z": -1},
 )

