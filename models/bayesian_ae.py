@@ -595,7 +595,7 @@ def _build(
         z_dim=z_dim,
         hidden=tuple(hidden),
         likelihood=likelihood,
-        prior_scale=1.0 if auto else prior_scale,
+        prior_scale=1.0 if auto else float(prior_scale),
         likelihood_kw=kw,
     )
     if auto:

@@ -650,7 +650,7 @@ def _build(
     )
 
 
-def _metrics(model: KoopmanVAE, ds: Splits, split: str = "test", seed: int = 0) -> dict:
+def _metrics(model: KoopmanVAE, ds: Splits, split: str = "test", seed: int = 0) -> dict[str, float]:
     """The Koopman VAE's generation scores (discriminative: mean and sd over 5 post-hoc
     classifiers; predictive) on ``split``."""
     return generation_metrics(model, ds, split, seed=seed)

@@ -233,7 +233,7 @@ without clean frames in its truth."""
 
 
 def imputation_metrics(
-    model: nn.Module, ds: Splits, split: str = "test", seed: int = 0
+    model: Any, ds: Splits, split: str = "test", seed: int = 0
 ) -> dict[str, float]:
     """The imputation error of a sequence model with ``impute(values, mask)`` on a split of
     :class:`pvae.data.SequenceSplits`:
@@ -274,7 +274,7 @@ def imputation_metrics(
 
 
 def gp_imputation_metrics(
-    model: nn.Module, ds: Splits, split: str = "test", seed: int = 0
+    model: Any, ds: Splits, split: str = "test", seed: int = 0
 ) -> dict[str, float]:
     """The imputation error of a GP-VAE (``impute(values, times, mask[, observed])``) on a
     split of :class:`pvae.data.SequenceSplits`, or of its entry-masked view

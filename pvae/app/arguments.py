@@ -59,7 +59,7 @@ class _Parser(argparse.ArgumentParser):
 
     def _get_formatter(self) -> argparse.HelpFormatter:
         width = min(WIDTH, shutil.get_terminal_size().columns) - 2
-        return self.formatter_class(prog=self.prog, width=width)
+        return self.formatter_class(prog=self.prog, width=width)  # type: ignore[call-arg]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -362,7 +362,7 @@ def data_kind(ds: data.Splits) -> str:
     return "images" if ds.image_shape is not None else "vectors"
 
 
-MetricsFn = Callable[["PyroModule", "data.Splits", str, int], dict[str, float]]
+MetricsFn = Callable[[Any, "data.Splits", str, int], dict[str, float]]
 """``metrics(model, ds, split, seed) -> {name: number}``: a model's own measures (seeded; the
 global random state may be left changed: callers fork it)."""
 
@@ -465,7 +465,7 @@ class ModelCard(ModelInfo):
     factory: ModelFactory
     prepare: Callable[[data.Splits, Mapping[str, Any]], data.Splits] | None = None
     callbacks: Callable[[PyroModule, data.Splits], list[Callable]] | None = None
-    decoder: Callable[[PyroModule], Callable[[torch.Tensor], torch.Tensor] | None] = field(
+    decoder: Callable[[Any], Callable[[torch.Tensor], torch.Tensor] | None] = field(
         default=_decode_method
     )
     metrics: MetricsFn | None = None
