@@ -651,6 +651,11 @@ def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
         particles_help="samples of z per datapoint and step, the same for every bound",
         resumable=False,
     )
+    _add_compare_output_arguments(parser, quick)
+
+
+def _add_compare_output_arguments(parser: argparse.ArgumentParser, quick: dict[str, Any]) -> None:
+    """``pvae compare``'s diagnostics, run folder, seeds, devices and executors."""
     group = parser.add_argument_group("diagnostics and output")
     group.add_argument(
         "--snr-repeats",
