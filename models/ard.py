@@ -203,3 +203,34 @@ class ARDVAE(VAE):
         """Means of p(x | z) for ``z ~ N(0, v)``, ``(num_samples, x_dim)``."""
         z = torch.randn(num_samples, self.z_dim) * self.prior_variance.sqrt()
         return self.decode(z)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model card: what `pvae` reads of this family (see pvae.app.registry)
+# ---------------------------------------------------------------------------------------------
+
+from pvae.app.registry import ModelCard, Option, Real, require_mlp  # noqa: E402
+from pvae.data import Splits  # noqa: E402
+
+
+def _build(
+    ds: Splits, z_dim: int, hidden: Sequence[int], net: str, likelihood: str, min_variance: float
+) -> ARDVAE:
+    require_mlp("ard", net)
+    return ARDVAE(
+        x_dim=ds.x_dim,
+        z_dim=z_dim,
+        hidden=tuple(hidden),
+        likelihood=likelihood,
+        min_variance=min_variance,
+    )
+
+
+CARD = ModelCard(
+    name="ard",
+    description="VAE with an ARD prior re-estimated every epoch (Saha et al. 2025)",
+    factory=_build,
+    options=(Option.of(ARDVAE, "min_variance", Real(0.0, open_below=True)),),
+    capabilities=("sample",),
+    callbacks=lambda model, ds: [model.prior_callback(ds.valid)],
+)

@@ -556,3 +556,73 @@ def _num_draws(posterior: Any) -> int:
 
 def _generator(seed: int | None) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed) if seed is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The model card: what `pvae` reads of this family (see pvae.app.registry)
+# ---------------------------------------------------------------------------------------------
+
+from pvae.app.registry import ModelCard, Option, Real, RealOrAuto, require_mlp  # noqa: E402
+from pvae.data import Splits  # noqa: E402
+
+AUTO = "auto"
+"""The value of ``--bae-prior-scale`` that chooses the scale from the data."""
+
+PRIOR_SCALES = (0.1, 0.3, 1.0, 3.0)
+"""The candidates of ``--bae-prior-scale auto``."""
+
+
+def _build(
+    ds: Splits,
+    z_dim: int,
+    hidden: Sequence[int],
+    net: str,
+    likelihood: str,
+    prior_scale: float | str,
+    noise_scale: float,
+) -> BayesianAE:
+    """The BayesianAE; ``prior_scale="auto"``: the scale among :data:`PRIOR_SCALES` whose
+    prior-predictive outputs on the training data are closest to them in the distributional
+    sliced-Wasserstein distance (``BayesianAE.select_prior``, Tran et al. 2021), kept with
+    its distances in the model's ``prior_selection`` attribute."""
+    from pvae.evaluate import as_tensors
+
+    require_mlp("bae", net)
+    kw = {"scale": noise_scale} if likelihood == "gaussian" else {}
+    auto = isinstance(prior_scale, str) and prior_scale.strip().lower() == AUTO
+    model = BayesianAE(
+        x_dim=ds.x_dim,
+        z_dim=z_dim,
+        hidden=tuple(hidden),
+        likelihood=likelihood,
+        prior_scale=1.0 if auto else float(prior_scale),
+        likelihood_kw=kw,
+    )
+    if auto:
+        x = as_tensors(ds.train)[0].reshape(-1, ds.x_dim).to(torch.get_default_dtype())
+        model.prior_selection = model.select_prior(x, scales=PRIOR_SCALES, metric="dswd")
+    return model
+
+
+CARD = ModelCard(
+    name="bae",
+    description="Bayesian autoencoder: priors on every weight, sampled with SGHMC by "
+    "'pvae sample' (Tran et al. 2021)",
+    factory=_build,
+    options=(
+        Option(
+            "prior_scale",
+            RealOrAuto(),
+            AUTO,
+            "sd of the N(0, s^2) weight prior; 'auto': the one of "
+            f"{', '.join(map(str, PRIOR_SCALES))} whose prior predictive is closest to the "
+            "training data in distributional sliced Wasserstein (DSWD)",
+        ),
+        Option(
+            "noise_scale", Real(0.0, open_below=True), 0.1, "the fixed sd of a gaussian likelihood"
+        ),
+    ),
+    capabilities=("sample",),
+    decoder=lambda model: None,
+    sampled=True,
+)

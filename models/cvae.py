@@ -344,3 +344,65 @@ class CVAE(PyroModule):
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean of p(y | x, z) at the recognition mean of z, ``(batch, y_dim)``."""
         return self.decode(x, self.encode(x, y)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The model card: what `pvae` reads of this family (see pvae.app.registry)
+# ---------------------------------------------------------------------------------------------
+
+from typing import Any  # noqa: E402
+
+from pvae.app.registry import Choice, Integer, ModelCard, Option, Real, require_mlp  # noqa: E402
+from pvae.data import Splits  # noqa: E402
+
+
+def _build(
+    ds: Splits,
+    z_dim: int,
+    hidden: Sequence[int],
+    net: str,
+    likelihood: str,
+    given: int,
+    objective: str,
+    alpha: float,
+    kl_weight: float,
+) -> CVAE:
+    require_mlp("cvae", net)
+    given_dim = int(ds.info.get("x_dim_given", 0))
+    if not given_dim:
+        raise ValueError("model 'cvae' needs the quadrant task of an image dataset")
+    return CVAE(
+        x_dim=given_dim,
+        y_dim=ds.x_dim,
+        z_dim=z_dim,
+        hidden=tuple(hidden),
+        likelihood=likelihood,
+        objective=objective,
+        alpha=alpha,
+        kl_weight=kl_weight,
+    )
+
+
+def _quadrant_task(ds: Splits, options: Any) -> Splits:
+    """x = the first ``given`` quadrants of each image, y = the rest (a conditional task)."""
+    from pvae.data.quadrants import quadrant_task
+
+    return quadrant_task(ds, int(options["given"]))
+
+
+CARD = ModelCard(
+    name="cvae",
+    description="conditional VAE p(y | x) on image quadrants: x the given ones, y the rest "
+    "(Sohn et al. 2015)",
+    factory=_build,
+    accepts=("images",),
+    options=(
+        Option("given", Integer(1, 3), 1, "quadrants given as the input x (1, 2 or 3)"),
+        Option.of(CVAE, "objective", Choice(OBJECTIVES), help="objective"),
+        Option.of(CVAE, "alpha", Real(0.0, 1.0)),
+        Option.of(CVAE, "kl_weight", Real(0.0, open_below=True)),
+    ),
+    capabilities=("sample",),
+    prepare=_quadrant_task,
+    decoder=lambda model: None,  # decode(x, z) needs the input x too
+)

@@ -595,3 +595,66 @@ def imputation_metrics(
     log_p = model.likelihood(model.decoder(z.mT)).log_prob(target)  # (S, B, T, x_dim)
     log_mean = torch.logsumexp(log_p, 0) - math.log(num_samples)
     return {"mse": float(mse), "nll": float(-log_mean[missing].mean())}
+
+
+# ---------------------------------------------------------------------------------------------
+# The model card: what `pvae` reads of this family (see pvae.app.registry)
+# ---------------------------------------------------------------------------------------------
+
+from pvae.app.registry import Choice, ModelCard, Option, Real  # noqa: E402
+from pvae.data import Splits  # noqa: E402
+from pvae.metrics import gp_imputation_metrics  # noqa: E402
+
+
+def _build(
+    ds: Splits,
+    z_dim: int,
+    hidden: Sequence[int],
+    net: str,
+    likelihood: str,
+    kernel: str,
+    length_scale: float,
+    learn_kernel: str,
+) -> GPVAE:
+    return GPVAE(
+        x_dim=ds.x_dim,
+        z_dim=z_dim,
+        hidden=tuple(hidden),
+        likelihood=likelihood,
+        kernel=kernel,
+        length_scale=length_scale,
+        learn_kernel=learn_kernel == "yes",
+    )
+
+
+def _entry_masked_view(ds: Splits, options: Any) -> Splits:
+    """A set with a per-entry mask (``hmnist-like``) as 4-tuple splits ``(values, times,
+    mask, observed)``, so that the GP-VAE scores observed entries only; other sequence sets
+    as they are."""
+    from pvae import data
+    from pvae.data import gp_sets
+
+    truth = getattr(ds, "truth", {})
+    has_mask = all("observed" in truth.get(split, {}) for split in ("train", "valid", "test"))
+    if isinstance(ds, data.SequenceSplits) and has_mask:
+        return gp_sets.entry_masked(ds)
+    return ds
+
+
+CARD = ModelCard(
+    name="gpvae",
+    description="GP-VAE: a dense GP prior over time per latent channel, banded-precision guide "
+    "(Fortuin et al. 2020)",
+    factory=_build,
+    accepts=("sequences",),
+    options=(
+        Option.of(GPVAE, "kernel", Choice(KERNELS), help="the GP kernel over time"),
+        Option.of(GPVAE, "length_scale", Real(0.0, open_below=True)),
+        Option.of(GPVAE, "learn_kernel"),
+    ),
+    capabilities=("impute", "sample", "per-channel"),
+    prepare=_entry_masked_view,
+    decoder=lambda model: None,  # its latent is an (L, T) path: no traversal of one z
+    metrics=gp_imputation_metrics,
+    channels={"z": -2},  # event (L, T): channels first
+)

@@ -347,3 +347,50 @@ class HierarchicalVAE(PyroModule):
     def reconstruct(self, x: Tensor) -> Tensor:
         """Mean of p(x | z_1) at the guide's mean of z_1 (:meth:`encode`), ``(batch, x_dim)``."""
         return self.decode(self.encode(x)[0][0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The model card: what `pvae` reads of this family (see pvae.app.registry)
+# ---------------------------------------------------------------------------------------------
+
+import inspect  # noqa: E402
+
+from pvae.app.registry import Choice, Integer, ModelCard, Option, require_mlp  # noqa: E402
+from pvae.data import Splits  # noqa: E402
+
+
+def _build(
+    ds: Splits,
+    z_dim: int,
+    hidden: Sequence[int],
+    net: str,
+    likelihood: str,
+    layers: int,
+    inference: str,
+) -> HierarchicalVAE:
+    require_mlp("hvae", net)
+    z_dims = tuple(max(1, z_dim // 2**layer) for layer in range(layers))
+    return HierarchicalVAE(
+        x_dim=ds.x_dim,
+        z_dims=z_dims,
+        hidden=tuple(tuple(hidden) for _ in range(layers)),
+        likelihood=likelihood,
+        inference=inference,
+    )
+
+
+CARD = ModelCard(
+    name="hvae",
+    description="hierarchical VAE, --z-dim halving per layer up (Sonderby et al. 2016)",
+    factory=_build,
+    options=(
+        Option(  # as many layers as the constructor's default z_dims
+            "layers",
+            Integer(1),
+            len(inspect.signature(HierarchicalVAE).parameters["z_dims"].default),
+            "stochastic layers",
+        ),
+        Option.of(HierarchicalVAE, "inference", Choice(INFERENCE), help="guide"),
+    ),
+    capabilities=("sample",),
+)

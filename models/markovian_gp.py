@@ -342,3 +342,50 @@ class MarkovianGPVAE(PyroModule):
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         z = self.prior(times).sample(torch.Size([num_samples]))
         return self.decode(z[..., : self.z_dim])
+
+
+# ---------------------------------------------------------------------------------------------
+# The model card: what `pvae` reads of this family (see pvae.app.registry)
+# ---------------------------------------------------------------------------------------------
+
+from pvae.app.registry import ModelCard, Option, Real, conv_image_shape  # noqa: E402
+from pvae.data import Splits  # noqa: E402
+from pvae.metrics import gp_imputation_metrics  # noqa: E402
+
+
+def _build(
+    ds: Splits,
+    z_dim: int,
+    hidden: Sequence[int],
+    net: str,
+    likelihood: str,
+    nu: float,
+    lengthscale: float,
+) -> MarkovianGPVAE:
+    return MarkovianGPVAE(
+        x_dim=ds.x_dim,
+        z_dim=z_dim,
+        nu=nu,
+        hidden=tuple(hidden),
+        likelihood=likelihood,
+        net=net,
+        image_shape=conv_image_shape(ds, net),
+        lengthscale=lengthscale,
+    )
+
+
+CARD = ModelCard(
+    name="mgpvae",
+    description="Markovian GP-VAE: Matérn GP prior per latent channel as an SDE on the "
+    "(irregular) time stamps, encoder potentials smoothed exactly in O(T) (Zhu et al. 2023)",
+    factory=_build,
+    accepts=("sequences",),
+    options=(
+        Option.of(MarkovianGPVAE, "nu", Real(), choices=gp.NUS),
+        Option.of(MarkovianGPVAE, "lengthscale", Real(0.0, open_below=True)),
+    ),
+    capabilities=("impute", "sample", "per-channel", "state-space"),
+    decoder=lambda model: None,  # its latent is a (T, d L) state path: no traversal of one z
+    metrics=gp_imputation_metrics,
+    channels={"z": -1},  # the L GP values, then their derivatives
+)

@@ -719,3 +719,100 @@ class MultimodalGPVAE(PyroModule):
         rates = self.neural_decoder(z[..., self.neural_channels]).exp()
         images = self.image_likelihood.mean(self.image_decoder(z[..., self.image_channels]))
         return z, rates, images.reshape(num_samples, num_steps, *self.image_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model card: what `pvae` reads of this family (see pvae.app.registry)
+# ---------------------------------------------------------------------------------------------
+
+from pvae.app.registry import Integer, ModelCard, Option, Real, require_mlp  # noqa: E402
+from pvae.data import Splits  # noqa: E402
+
+
+@torch.no_grad()
+def identification_metrics(
+    model: MultimodalGPVAE, ds: Splits, split: str = "test", seed: int = 0
+) -> dict[str, float]:
+    """How well a trained MM-GPVAE identifies the true latent groups of a
+    :class:`pvae.data.MultimodalSequenceSplits` split (:func:`pvae.diagnostics.
+    identification_r2`, held-out trials): ``r2_<group>`` the R^2 of the true group from the
+    inferred one of the same name (``shared``, ``neural``, ``image``, those the model has), and
+    ``r2_cross_max`` the largest R^2 between different groups (low when the groups are
+    disentangled). Empty when the split has no truth or fewer than 4 trials. Deterministic
+    (``seed`` unused)."""
+    from pvae.diagnostics import identification_r2
+
+    parts = tuple(getattr(ds, split))
+    trials = int(parts[0].shape[0])
+    truth = getattr(ds, "truth", {}).get(split, {})
+    groups = [g for g in ("shared", "neural", "image") if g in truth and model.dims[g] > 0]
+    if not groups or trials < 4:
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        inferred = model.latents(*parts)
+    finally:
+        model.train(was_training)
+    result = identification_r2(
+        {g: inferred[g] for g in groups}, {g: truth[g][:trials] for g in groups}
+    )  # a subset keeps the first trials: cut the truth alike
+    out = {f"r2_{g}": float(result.diagonal[g]) for g in groups}
+    out["r2_cross_max"] = float(result.off_diagonal_max())
+    return out
+
+
+def _build(
+    ds: Splits,
+    z_dim: int,
+    hidden: Sequence[int],
+    net: str,
+    likelihood: str,
+    private_dim: int,
+    lengthscale: float,
+    analytic_poisson: str,
+) -> MultimodalGPVAE:
+    require_mlp("mmgpvae", net)
+    if ds.image_shape is None:
+        raise ValueError(f"model 'mmgpvae' needs image frames; {ds.name!r} has no image_shape")
+    return MultimodalGPVAE(
+        int(getattr(ds, "num_neurons", 0)),
+        image_shape=tuple(ds.image_shape),
+        shared_dim=z_dim,
+        neural_dim=private_dim,
+        image_dim=private_dim,
+        hidden=tuple(hidden),
+        prior="fourier",
+        lengthscale=lengthscale,
+        image_likelihood=likelihood,
+        analytic_poisson=analytic_poisson == "yes",
+    )
+
+
+CARD = ModelCard(
+    name="mmgpvae",
+    description="MM-GPVAE: shared (--z-dim channels) and modality-private GP latents over time "
+    "behind Poisson spike counts and images, Fourier-domain RBF prior (Gondur et al. 2024)",
+    factory=_build,
+    accepts=("multimodal-sequences",),
+    options=(
+        Option.of(
+            MultimodalGPVAE,
+            "neural_dim",
+            Integer(0),
+            name="private_dim",
+            help="latent channels private to each modality",
+        ),
+        Option.of(MultimodalGPVAE, "lengthscale", Real(0.0, open_below=True)),
+        Option.of(
+            MultimodalGPVAE,
+            "analytic_poisson",
+            help="closed-form expected Poisson log-likelihood in the ELBO (IWAE and log p(x) "
+            "keep the Poisson density)",
+        ),
+    ),
+    capabilities=("sample", "per-channel"),
+    decoder=lambda model: None,  # its latent is a set of paths: no traversal of one z
+    metrics=identification_metrics,
+    channels={"z": -2},  # Fourier coefficients (channels, frequencies): channels first
+)

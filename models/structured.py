@@ -432,3 +432,48 @@ class StructuredVAE(PyroModule):
             gaps = validation.check_times(times) if num_steps > 1 else None
         z = self.prior(num_steps, gaps).sample(torch.Size([num_samples]))
         return self.decode(z)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model card: what `pvae` reads of this family (see pvae.app.registry)
+# ---------------------------------------------------------------------------------------------
+
+from pvae.app.registry import ModelCard, Option, Real, conv_image_shape  # noqa: E402
+from pvae.data import Splits  # noqa: E402
+from pvae.metrics import imputation_metrics  # noqa: E402
+
+
+def _build(
+    ds: Splits,
+    z_dim: int,
+    hidden: Sequence[int],
+    net: str,
+    likelihood: str,
+    drop_fraction: float,
+) -> StructuredVAE:
+    times = ds.train[1]  # the dynamics' time unit: the median gap between training frames
+    gaps = times[:, 1:] - times[:, :-1] if times.shape[-1] > 1 else times.new_ones(1)
+    return StructuredVAE(
+        x_dim=ds.x_dim,
+        z_dim=z_dim,
+        hidden=tuple(hidden),
+        likelihood=likelihood,
+        net=net,
+        image_shape=conv_image_shape(ds, net),
+        drop_fraction=drop_fraction,
+        time_scale=float(gaps.median()),
+    )
+
+
+CARD = ModelCard(
+    name="svae",
+    description="structured VAE: linear dynamical prior, encoder potentials smoothed exactly "
+    "(Johnson et al. 2016; Zhao & Linderman 2023)",
+    factory=_build,
+    accepts=("sequences",),
+    options=(Option.of(StructuredVAE, "drop_fraction", Real(0.0, 1.0)),),
+    capabilities=("impute", "forecast", "sample", "per-channel", "state-space"),
+    decoder=lambda model: None,  # its latent is a (T, D) path: no traversal of one z
+    metrics=imputation_metrics,
+    channels={"z": -1},
+)

@@ -114,3 +114,30 @@ class VAE(PyroModule):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of p(x | z) at the posterior mean of ``z``, shape ``(batch, x_dim)``."""
         return self.decode(self.encoder(x)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The model card: what `pvae` reads of this family (see pvae.app.registry)
+# ---------------------------------------------------------------------------------------------
+
+from pvae.app.registry import ModelCard, conv_image_shape  # noqa: E402
+from pvae.data import Splits  # noqa: E402
+
+
+def _build(ds: Splits, z_dim: int, hidden: Sequence[int], net: str, likelihood: str) -> VAE:
+    return VAE(
+        x_dim=ds.x_dim,
+        z_dim=z_dim,
+        hidden=tuple(hidden),
+        likelihood=likelihood,
+        net=net,
+        image_shape=conv_image_shape(ds, net),
+    )
+
+
+CARD = ModelCard(
+    name="vae",
+    description="variational autoencoder, Gaussian latents (Kingma & Welling 2014)",
+    factory=_build,
+    capabilities=("sample",),
+)

@@ -1,17 +1,21 @@
-"""The registries through which ``pvae train``, ``pvae compare`` and ``pvae diagnose`` reach
-every zoo model and every engine by name.
+"""The registries through which ``pvae train``, ``pvae compare``, ``pvae sample`` and
+``pvae diagnose`` reach every zoo model and every engine by name: the mechanism only.
 
-A **model** registration (:func:`register_model`) carries its factory, the kinds of dataset it
-accepts (:data:`DATA_KINDS`), how it views a dataset (``prepare``: e.g. the CVAE's quadrant
-task), its own command-line options (:class:`Option`, added to every command's parser as
-``--<model>-<option>``), the callbacks it trains with (the ARD prior update) and the decoder
-the diagnostics traverse. An **engine** registration (:func:`register_engine`) carries its
-name, factory, the syntax of its ``:PARAMETER`` (:class:`Parameter`), a description and how many
-particles it needs; the bound grammar, the parser, ``pvae compare``'s description of each
-bound and the default particle budget all read it. Adding either is one call::
+A **model** declares itself in its own file with a :class:`ModelCard` (named ``CARD``, at the
+end of the file): its factory, the kinds of dataset it accepts (:data:`DATA_KINDS`), how it
+views a dataset (``prepare``), its command-line options (:class:`Option`, derived from the
+constructor's signature and docstring by :meth:`Option.of`, so that defaults are never
+copied), its metrics, callbacks, decoder and capabilities (:data:`CAPABILITIES`). Adding a
+family is its file's card plus one name in :data:`MODEL_MODULES`; :data:`MODELS` imports those
+files on first use, so that importing this module imports neither torch nor Pyro (the
+command line parses its arguments from :mod:`pvae.app._index`, generated from the cards).
+
+An **engine** registration (:func:`register_engine`) carries its name, factory, the syntax of
+its ``:PARAMETER`` (:class:`Parameter`), a description, how many particles it needs and the
+capability it requires of a model; the bound grammar, the parser, ``pvae compare``'s
+description of each bound and the default particle budget all read it::
 
     register_engine("iwae", _iwae, "importance-weighted bound IWAE_K (Burda et al. 2016)",
-                    describe=lambda spec, particles: f"IWAE_{particles}",
                     min_particles=2, default_particles=64)
 
 Bounds are written ``NAME[-ESTIMATOR][:PARAMETER]`` (:func:`bound_grammar`,
@@ -27,40 +31,49 @@ engines in the dependency order: core modules never import it.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 import math
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import pyro
-import torch
-from pyro.nn import PyroModule
+if TYPE_CHECKING:
+    import pyro
+    import torch
+    from pyro.nn import PyroModule
 
-from pvae import data
-from pvae.inference import CIWAE, ELBO, IWAE, MIWAE, PIWAE, KalmanELBO
-from pvae.models import VAE
+    from pvae import data
 
 __all__ = [
+    "CAPABILITIES",
     "DATA_KINDS",
     "ENGINES",
     "ESTIMATORS",
     "MODELS",
+    "MODEL_MODULES",
     "BoundSpec",
+    "Choice",
     "EngineEntry",
+    "Integer",
     "MetricsFn",
+    "ModelCard",
     "ModelEntry",
+    "ModelInfo",
     "Option",
     "Parameter",
+    "Real",
+    "RealOrAuto",
     "Registry",
     "UnknownName",
     "bound_grammar",
+    "conv_image_shape",
     "data_kind",
-    "gp_imputation_metrics",
-    "identification_metrics",
-    "imputation_metrics",
     "parse_bound",
     "register_engine",
     "register_model",
+    "require_mlp",
     "split_particles",
 ]
 
@@ -78,11 +91,31 @@ class Registry(Mapping[str, Entry], Generic[Entry]):
     """A read-only mapping ``name -> entry`` (each entry has a ``name``), filled by :meth:`add`.
 
     :param kind: what the names name ("model", "engine"), used in error messages.
+    :param load: ``load(registry)``, run once before the first look-up (or :meth:`add`): it
+        registers the built-in entries (importing their modules only then).
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, load: Callable[[Registry[Entry]], None] | None = None) -> None:
         self.kind = kind
-        self._entries: dict[str, Entry] = {}
+        self._load = load
+        self._found: dict[str, Entry] = {}
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the built-in entries are registered (their modules imported)."""
+        return self._load is None
+
+    @property
+    def _entries(self) -> dict[str, Entry]:
+        if self._load is not None:
+            load, self._load = self._load, None
+            try:
+                load(self)
+            except BaseException:
+                self._found.clear()
+                self._load = load
+                raise
+        return self._found
 
     def add(self, entry: Entry) -> Entry:
         """Register ``entry`` under ``entry.name`` (lower case); returns it.
@@ -136,6 +169,169 @@ class Registry(Mapping[str, Entry], Generic[Entry]):
 
 
 # ---------------------------------------------------------------------------------------------
+# Option types: text -> value, raising ValueError; their repr is the Python that rebuilds them
+# (the generated index of the command line stores them so)
+# ---------------------------------------------------------------------------------------------
+
+
+def _bounds_text(minimum: float | None, maximum: float | None, open_below: bool) -> str:
+    parts = [f"{'>' if open_below else '>='} {minimum:g}"] if minimum is not None else []
+    parts += [f"<= {maximum:g}"] if maximum is not None else []
+    return " and ".join(parts)
+
+
+@dataclass(frozen=True)
+class Integer:
+    """An integer ``>= minimum`` (and ``<= maximum``)."""
+
+    minimum: int = 0
+    maximum: int | None = None
+
+    def __call__(self, text: str) -> int:
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            value = self.minimum - 1
+        if value < self.minimum or (self.maximum is not None and value > self.maximum):
+            bounds = _bounds_text(self.minimum, self.maximum, False)
+            raise ValueError(f"expected an integer {bounds}, got {text!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class Real:
+    """A finite number ``>= minimum`` (``> minimum`` when ``open_below``), ``<= maximum``."""
+
+    minimum: float | None = None
+    maximum: float | None = None
+    open_below: bool = False
+
+    def __call__(self, text: str) -> float:
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            value = math.nan
+        low = self.minimum
+        ok = math.isfinite(value) and (
+            low is None or (value > low if self.open_below else value >= low)
+        )
+        if not ok or (self.maximum is not None and value > self.maximum):
+            bounds = _bounds_text(self.minimum, self.maximum, self.open_below)
+            raise ValueError(f"expected a number {bounds}".rstrip() + f", got {text!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class RealOrAuto:
+    """The word ``auto`` or a number ``> 0``."""
+
+    def __call__(self, text: str) -> float | str:
+        if str(text).strip().lower() == "auto":
+            return "auto"
+        try:
+            return Real(0.0, open_below=True)(text)
+        except ValueError:
+            raise ValueError(f"expected 'auto' or a number > 0, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of ``choices`` (case-insensitive)."""
+
+    choices: tuple[str, ...]
+
+    def __call__(self, text: str) -> str:
+        key = str(text).strip().lower()
+        if key not in self.choices:
+            raise ValueError(f"expected one of {', '.join(self.choices)}, got {text!r}")
+        return key
+
+
+YES_NO = Choice(("no", "yes"))
+
+
+def _param_help(owner: Callable[..., Any], name: str) -> str:
+    """The first sentence of ``:param name:`` in the docstring of ``owner`` (or its
+    ``__init__``), continuation lines joined."""
+    docs = [inspect.getdoc(owner) or ""]
+    if inspect.isclass(owner):
+        docs.append(inspect.getdoc(owner.__init__) or "")
+    for doc in docs:
+        match = re.search(
+            rf":param (?:[\w, ]*\b)?{name}\b[\w, ]*:(.*?)(?=\n\s*:|\n\s*\n|\Z)", doc, re.S
+        )
+        if match:
+            text = " ".join(match.group(1).replace("``", "").split())
+            return re.split(r"(?<=[a-z0-9)\]])\.(?: |$)", text, maxsplit=1)[0].strip()
+    raise ValueError(f"{owner.__qualname__} documents no parameter {name!r}")
+
+
+def _cli_value(value: Any) -> Any:
+    """A constructor default as the command line spells it (``no``/``yes``, ``none``)."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "none" if value is None else value
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a model: the factory's keyword ``name``, parsed from text by ``type``
+    (which raises ValueError or ``argparse.ArgumentTypeError``), its ``default`` and a
+    ``help`` line; ``choices`` restricts the values. On the command line it is
+    ``--<model>-<name>`` (underscores become dashes). :meth:`of` derives it from a
+    constructor."""
+
+    name: str
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+
+    @classmethod
+    def of(
+        cls,
+        owner: Callable[..., Any],
+        parameter: str,
+        type: Callable[[str], Any] | None = None,
+        name: str | None = None,
+        help: str | None = None,
+        choices: tuple[Any, ...] | None = None,
+    ) -> Option:
+        """The option for ``owner``'s keyword ``parameter``: its default from the signature
+        (a bool as ``no``/``yes``, None as ``none``), its help from the docstring's
+        ``:param parameter:`` unless given; ``type`` defaults to ``no``/``yes`` for a bool.
+
+        :raises ValueError: when ``owner`` has no such keyword with a default.
+        """
+        found = inspect.signature(owner).parameters.get(parameter)
+        if found is None or found.default is inspect.Parameter.empty:
+            raise ValueError(f"{owner.__qualname__} has no keyword {parameter!r} with a default")
+        if type is None:
+            if not isinstance(found.default, bool):
+                raise ValueError(f"option {parameter!r} of {owner.__qualname__} needs a type")
+            type = YES_NO
+        text = help if help is not None else _param_help(owner, parameter)
+        return cls(name or parameter, type, _cli_value(found.default), text, choices)
+
+    @property
+    def values(self) -> tuple[Any, ...] | None:
+        """The admissible values, when they are a list (``choices`` or a :class:`Choice`)."""
+        if self.choices is not None:
+            return self.choices
+        return self.type.choices if isinstance(self.type, Choice) else None
+
+    def parse(self, text: str) -> Any:
+        """``type(text)``, checked against ``choices``.
+
+        :raises ValueError: saying what was expected.
+        """
+        value = self.type(text)
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"expected one of {', '.join(map(str, self.choices))}, got {text!r}")
+        return value
+
+
+# ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
 
@@ -146,9 +342,17 @@ DATA_KINDS = ("images", "vectors", "multimodal", "sequences", "multimodal-sequen
 ``multimodal-sequences``: :class:`pvae.data.MultimodalSequenceSplits` (``(counts, frames,
 times, modality_mask)`` per split)."""
 
+CAPABILITIES = ("impute", "forecast", "sample", "per-channel", "state-space")
+"""What a model can do beyond ``model``/``guide``: ``impute`` missing frames, ``forecast``
+future ones, ``sample`` new data, ``per-channel`` diagnostics (a latent with several event
+axes, see :attr:`ModelCard.channels`), ``state-space``: its guide's latent is a Kalman-smoothed
+posterior (what the ``kalman`` engine needs)."""
+
 
 def data_kind(ds: data.Splits) -> str:
     """The kind of ``ds``, one of :data:`DATA_KINDS`."""
+    from pvae import data
+
     if isinstance(ds, data.SequenceSplits):
         return "sequences"
     if isinstance(ds, data.MultimodalSequenceSplits):
@@ -158,65 +362,42 @@ def data_kind(ds: data.Splits) -> str:
     return "images" if ds.image_shape is not None else "vectors"
 
 
-@dataclass(frozen=True)
-class Option:
-    """One option of a model: the factory's keyword ``name``, parsed from text by ``type``
-    (which raises ValueError or ``argparse.ArgumentTypeError``), its ``default`` and a
-    ``help`` line; ``choices`` restricts the values. On the command line it is
-    ``--<model>-<name>`` (underscores become dashes)."""
-
-    name: str
-    type: Callable[[str], Any]
-    default: Any
-    help: str
-    choices: tuple[Any, ...] | None = None
-
-
-MetricsFn = Callable[[PyroModule, data.Splits, str, int], dict[str, float]]
+MetricsFn = Callable[[Any, "data.Splits", str, int], dict[str, float]]
 """``metrics(model, ds, split, seed) -> {name: number}``: a model's own measures (seeded; the
 global random state may be left changed: callers fork it)."""
 
-ModelFactory = Callable[..., PyroModule]
+ModelFactory = Callable[..., "PyroModule"]
 """``factory(ds, z_dim, hidden, net, likelihood, **options)``: a ``PyroModule`` with ``model``
-and ``guide`` that fits the prepared dataset ``ds``; ``options`` are the model's own."""
+and ``guide`` that fits the prepared dataset ``ds``; ``options`` are the model's own, every
+one given (defaults resolved)."""
 
 
-@dataclass(frozen=True)
-class ModelEntry:
-    """A registered model.
-
-    :param factory: see :class:`ModelFactory`.
-    :param accepts: the dataset kinds it trains on (:data:`DATA_KINDS`).
-    :param options: its own options (:class:`Option`).
-    :param prepare: ``prepare(ds, options) -> Splits``: the model's view of a loaded dataset
-        (what ``model(*batch)`` receives); None: the dataset as loaded.
-    :param callbacks: ``callbacks(model, ds) -> list``: extra ``pvae.fit`` callbacks.
-    :param decoder: ``decoder(model) -> (z -> mean of the data)`` for the relevance score and
-        the traversals of ``pvae diagnose``, or None when the model has no such decoder.
-    :param metrics: ``metrics(model, ds, split, seed) -> {name: number}``: the model's own
-        measures of a trained pair on a split (e.g. the imputation error of a sequence
-        model), added to ``pvae compare``'s table and ``pvae train``'s metrics; None: none.
-    :param channels: the dimension map of the diagnostics, ``{site: channel axes}`` (see
-        :mod:`pvae.diagnostics.latents`), for latent sites with more than one event axis
-        (e.g. ``{"z": -1}`` for a ``(T, C)`` state path): they are reported per channel.
-    :param sampled: its global latent sites (weights with priors) are what a sampler draws:
-        ``pvae sample`` takes it (and only such models: a VAE's per-datapoint latents under an
-        untrained network are nothing to sample).
-    """
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    """What the command line knows of a model without importing it (its
+    :class:`ModelCard` less the code): ``name``, one line of ``description``, the data kinds
+    it ``accepts``, its ``options``, its ``capabilities`` (:data:`CAPABILITIES`) and whether
+    it is ``sampled`` (its global latent sites, weights with priors, are what ``pvae sample``
+    draws; only such models are sampled and they are not trained)."""
 
     name: str
-    factory: ModelFactory
     description: str
     accepts: tuple[str, ...] = ("images", "vectors")
     options: tuple[Option, ...] = ()
-    prepare: Callable[[data.Splits, Mapping[str, Any]], data.Splits] | None = None
-    callbacks: Callable[[PyroModule, data.Splits], list[Callable]] | None = None
-    decoder: Callable[[PyroModule], Callable[[torch.Tensor], torch.Tensor] | None] = field(
-        default=lambda model: getattr(model, "decode", None)
-    )
-    metrics: MetricsFn | None = None
-    channels: Mapping[str, Any] | None = None
+    capabilities: tuple[str, ...] = ()
     sampled: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", self.name.strip().lower())
+        for what, given, known in (
+            ("accepts", self.accepts, DATA_KINDS),
+            ("capabilities", self.capabilities, CAPABILITIES),
+        ):
+            if (what == "accepts" and not given) or set(given) - set(known):
+                raise ValueError(f"{what} must name some of {', '.join(known)}, got {given}")
+        names = [option.name for option in self.options]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model {self.name!r}: an option is declared twice in {names}")
 
     def flag(self, option: Option) -> str:
         """``--<model>-<option>``."""
@@ -225,6 +406,11 @@ class ModelEntry:
     def dest(self, option: Option) -> str:
         """The attribute of the parsed arguments that holds ``option``."""
         return f"{self.name}_{option.name}".replace("-", "_")
+
+    def info(self) -> ModelInfo:
+        """This model's :class:`ModelInfo` (what the generated index stores)."""
+        names = [f.name for f in dataclasses.fields(ModelInfo)]
+        return ModelInfo(**{name: getattr(self, name) for name in names})
 
     def resolve_options(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Every option, ``given`` values (not None) over the defaults.
@@ -251,6 +437,46 @@ class ModelEntry:
                 )
             resolved[name] = value
         return resolved
+
+
+def _decode_method(model: PyroModule) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    return getattr(model, "decode", None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelCard(ModelInfo):
+    """A model's declaration of itself (a :class:`ModelInfo` and its code).
+
+    :param factory: see :class:`ModelFactory`.
+    :param prepare: ``prepare(ds, options) -> Splits``: the model's view of a loaded dataset
+        (what ``model(*batch)`` receives); None: the dataset as loaded.
+    :param callbacks: ``callbacks(model, ds) -> list``: extra ``pvae.fit`` callbacks.
+    :param decoder: ``decoder(model) -> (z -> mean of the data)`` for the relevance score and
+        the traversals of ``pvae diagnose``, or None when the model has no such decoder
+        (default: its ``decode`` method, if any).
+    :param metrics: ``metrics(model, ds, split, seed) -> {name: number}``: the model's own
+        measures of a trained pair on a split (e.g. the imputation error of a sequence
+        model), added to ``pvae compare``'s table and ``pvae train``'s metrics; None: none.
+    :param channels: the dimension map of the diagnostics, ``{site: channel axes}`` (see
+        :mod:`pvae.diagnostics.latents`), for latent sites with more than one event axis
+        (e.g. ``{"z": -1}`` for a ``(T, C)`` state path): they are reported per channel.
+    """
+
+    factory: ModelFactory
+    prepare: Callable[[data.Splits, Mapping[str, Any]], data.Splits] | None = None
+    callbacks: Callable[[PyroModule, data.Splits], list[Callable]] | None = None
+    decoder: Callable[[Any], Callable[[torch.Tensor], torch.Tensor] | None] = field(
+        default=_decode_method
+    )
+    metrics: MetricsFn | None = None
+    channels: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.channels is not None:
+            object.__setattr__(self, "channels", dict(self.channels))
+        if (self.channels is not None) != ("per-channel" in self.capabilities):
+            raise ValueError(f"model {self.name!r}: 'per-channel' goes with channels")
 
     def check_data(self, ds: data.Splits) -> None:
         """:raises ValueError: when the kind of ``ds`` is not one this model accepts."""
@@ -287,93 +513,53 @@ class ModelEntry:
         )
 
 
-MODELS: Registry[ModelEntry] = Registry("model")
+ModelEntry = ModelCard
+"""The former name of :class:`ModelCard`."""
+
+MODEL_MODULES = (
+    "vae",
+    "cvae",
+    "hierarchical",
+    "multimodal",
+    "ard",
+    "structured",
+    "bayesian_ae",
+    "gp_vae",
+    "markovian_gp",
+    "multimodal_gp",
+    "koopman",
+)
+"""The files of :mod:`pvae.models` whose ``CARD`` :data:`MODELS` registers, in this order
+(the order of ``--help`` and of the contract suite): one line per family."""
+
+
+def _load_models(registry: Registry[ModelCard]) -> None:
+    for module in MODEL_MODULES:
+        registry.add(importlib.import_module(f"pvae.models.{module}").CARD)
+
+
+MODELS: Registry[ModelCard] = Registry("model", load=_load_models)
 
 
 def register_model(
-    name: str,
-    factory: ModelFactory,
-    description: str,
-    accepts: Sequence[str] = ("images", "vectors"),
-    options: Sequence[Option] = (),
-    prepare: Callable[[data.Splits, Mapping[str, Any]], data.Splits] | None = None,
-    callbacks: Callable[[PyroModule, data.Splits], list[Callable]] | None = None,
-    decoder: Callable[[PyroModule], Callable[[torch.Tensor], torch.Tensor] | None] | None = None,
-    metrics: MetricsFn | None = None,
-    channels: Mapping[str, Any] | None = None,
-    sampled: bool = False,
-) -> ModelEntry:
-    """Register a model (see :class:`ModelEntry`); returns its entry.
+    name: str, factory: ModelFactory, description: str, **declared: Any
+) -> ModelCard:
+    """Register a model given by its parts (see :class:`ModelCard`); returns its card.
 
     :raises ValueError: a name already taken, an unknown data kind, or an option twice.
     """
-    unknown = sorted(set(accepts) - set(DATA_KINDS))
-    if unknown or not accepts:
-        raise ValueError(f"accepts must name some of {', '.join(DATA_KINDS)}, got {accepts}")
-    names = [option.name for option in options]
-    if len(set(names)) != len(names):
-        raise ValueError(f"model {name!r}: an option is declared twice in {names}")
-    extra = {"decoder": decoder} if decoder is not None else {}
-    entry = ModelEntry(
-        name.strip().lower(),
-        factory,
-        description,
-        tuple(accepts),
-        tuple(options),
-        prepare,
-        callbacks,
-        **extra,
-        metrics=metrics,
-        channels=dict(channels) if channels is not None else None,
-        sampled=sampled,
-    )
-    return MODELS.add(entry)
+    for key in ("accepts", "options", "capabilities"):
+        if key in declared:
+            declared[key] = tuple(declared[key])
+    card = ModelCard(name=name, factory=factory, description=description, **declared)
+    return MODELS.add(card)
 
 
-def _choice(choices: Sequence[str]) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        key = text.strip().lower()
-        if key not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}")
-        return key
+def conv_image_shape(ds: data.Splits, net: str) -> tuple[int, int, int] | None:
+    """``(C, H, W)`` of ``ds`` for ``net="conv"``, None for another net.
 
-    parse.__name__ = "choice"
-    return parse
-
-
-def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum or (maximum is not None and value > maximum):
-            upper = f" and <= {maximum}" if maximum is not None else ""
-            raise ValueError(f"expected an integer >= {minimum}{upper}, got {text!r}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
-
-
-def _number(minimum: float, maximum: float = math.inf, open_below: bool = False) -> Callable:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        low_ok = value > minimum if open_below else value >= minimum
-        if not (math.isfinite(value) and low_ok and value <= maximum):
-            bounds = f"{'>' if open_below else '>='} {minimum:g}"
-            bounds += f" and <= {maximum:g}" if math.isfinite(maximum) else ""
-            raise ValueError(f"expected a number {bounds}, got {text!r}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
-
-
-def _image_shape(ds: data.Splits, net: str) -> tuple[int, int, int] | None:
+    :raises ValueError: for ``conv`` on a dataset without a 3-d ``image_shape``.
+    """
     if net != "conv":
         return None
     if ds.image_shape is None or len(ds.image_shape) != 3:
@@ -385,430 +571,27 @@ def _image_shape(ds: data.Splits, net: str) -> tuple[int, int, int] | None:
     return (channels, height, width)
 
 
-def _mlp_only(model: str, net: str) -> None:
+def require_mlp(model: str, net: str) -> None:
+    """:raises ValueError: when ``net`` is not ``mlp`` for a model that has MLPs only."""
     if net != "mlp":
         raise ValueError(f"model {model!r} has MLP networks only: use --net mlp, not {net!r}")
 
 
-def _vae(
-    ds: data.Splits, z_dim: int, hidden: Sequence[int], net: str, likelihood: str
-) -> PyroModule:
-    return VAE(
-        x_dim=ds.x_dim,
-        z_dim=z_dim,
-        hidden=tuple(hidden),
-        likelihood=likelihood,
-        net=net,
-        image_shape=_image_shape(ds, net),
-    )
+_MOVED = {  # former names of this module, now declared beside their models
+    "AUTO": "pvae.models.bayesian_ae",
+    "PRIOR_SCALES": "pvae.models.bayesian_ae",
+    "QuadrantPairs": "pvae.data.quadrants",
+    "IMPUTATION_HIDDEN": "pvae.metrics",
+    "imputation_metrics": "pvae.metrics",
+    "gp_imputation_metrics": "pvae.metrics",
+    "identification_metrics": "pvae.models.multimodal_gp",
+}
 
 
-class QuadrantPairs(torch.utils.data.Dataset):
-    """``(given, rest)`` pairs of image quadrants (:func:`pvae.data.quadrants`) of an image
-    split, row by row, so that a dynamically binarised training set stays dynamic."""
-
-    def __init__(self, images: Any, given_mask: torch.Tensor) -> None:
-        self.images, self.given_mask = images, given_mask
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        row = self.images[index]
-        return row[self.given_mask], row[~self.given_mask]
-
-    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self.images[list(indices)]
-        return rows[:, self.given_mask], rows[:, ~self.given_mask]
-
-
-def _quadrant_task(ds: data.Splits, options: Mapping[str, Any]) -> data.Splits:
-    """x = the first ``given`` quadrants of each image, y = the rest (a conditional task)."""
-    given = int(options["given"])
-    mask = data.quadrants(torch.zeros(1, ds.x_dim), given, ds.image_shape).given_mask
-
-    def split(values: Any) -> Any:
-        if isinstance(values, torch.Tensor):
-            task = data.quadrants(values, given, ds.image_shape)
-            return (task.given, task.rest)
-        return QuadrantPairs(values, mask)
-
-    info = {**ds.info, "given_quadrants": given, "x_dim_given": int(mask.sum())}
-    return dataclasses.replace(
-        ds,
-        train=split(ds.train),
-        valid=split(ds.valid),
-        test=split(ds.test),
-        x_dim=int((~mask).sum()),
-        image_shape=None,
-        info=info,
-    )
-
-
-def _cvae(
-    ds: data.Splits,
-    z_dim: int,
-    hidden: Sequence[int],
-    net: str,
-    likelihood: str,
-    given: int = 1,
-    objective: str = "cvae",
-    alpha: float = 0.5,
-    kl_weight: float = 1.0,
-) -> PyroModule:
-    from pvae.models.cvae import CVAE
-
-    _mlp_only("cvae", net)
-    given_dim = int(ds.info.get("x_dim_given", 0))
-    if not given_dim:
-        raise ValueError("model 'cvae' needs the quadrant task of an image dataset")
-    return CVAE(
-        x_dim=given_dim,
-        y_dim=ds.x_dim,
-        z_dim=z_dim,
-        hidden=tuple(hidden),
-        likelihood=likelihood,
-        objective=objective,
-        alpha=alpha,
-        kl_weight=kl_weight,
-    )
-
-
-def _hvae(
-    ds: data.Splits,
-    z_dim: int,
-    hidden: Sequence[int],
-    net: str,
-    likelihood: str,
-    layers: int = 2,
-    inference: str = "bottom-up",
-) -> PyroModule:
-    from pvae.models.hierarchical import HierarchicalVAE
-
-    _mlp_only("hvae", net)
-    z_dims = tuple(max(1, z_dim // 2**layer) for layer in range(layers))
-    return HierarchicalVAE(
-        x_dim=ds.x_dim,
-        z_dims=z_dims,
-        hidden=tuple(tuple(hidden) for _ in range(layers)),
-        likelihood=likelihood,
-        inference=inference,
-    )
-
-
-def _multimodal(
-    ds: data.Splits,
-    z_dim: int,
-    hidden: Sequence[int],
-    net: str,
-    likelihood: str,
-    fusion: str = "poe",
-) -> PyroModule:
-    from pvae.models.multimodal import MultimodalVAE
-
-    _mlp_only("multimodal", net)
-    modalities = getattr(ds, "modalities", None)
-    if not modalities:
-        raise ValueError(f"dataset {ds.name!r} names no modalities")
-    return MultimodalVAE(dict(modalities), z_dim=z_dim, fusion=fusion, hidden=tuple(hidden))
-
-
-def _first_modality(model: PyroModule) -> Callable[[torch.Tensor], torch.Tensor]:
-    first = model.names[0]
-
-    def decode(z: torch.Tensor) -> torch.Tensor:
-        return model.decode(z)[first]
-
-    return decode
-
-
-def _ard(
-    ds: data.Splits,
-    z_dim: int,
-    hidden: Sequence[int],
-    net: str,
-    likelihood: str,
-    min_variance: float = 1e-6,
-) -> PyroModule:
-    from pvae.models.ard import ARDVAE
-
-    _mlp_only("ard", net)
-    return ARDVAE(
-        x_dim=ds.x_dim,
-        z_dim=z_dim,
-        hidden=tuple(hidden),
-        likelihood=likelihood,
-        min_variance=min_variance,
-    )
-
-
-register_model("vae", _vae, "variational autoencoder, Gaussian latents (Kingma & Welling 2014)")
-register_model(
-    "cvae",
-    _cvae,
-    "conditional VAE p(y | x) on image quadrants: x the given ones, y the rest (Sohn et al. 2015)",
-    accepts=("images",),
-    options=(
-        Option("given", _integer(1, 3), 1, "quadrants given as the input x (1, 2 or 3)"),
-        Option(
-            "objective",
-            _choice(("cvae", "gsnn", "hybrid")),
-            "cvae",
-            "objective",
-            ("cvae", "gsnn", "hybrid"),
-        ),
-        Option("alpha", _number(0.0, 1.0), 0.5, "weight of the CVAE part of the hybrid"),
-        Option("kl_weight", _number(0.0, open_below=True), 1.0, "weight of the KL term"),
-    ),
-    prepare=_quadrant_task,
-    decoder=lambda model: None,  # decode(x, z) needs the input x too
-)
-register_model(
-    "hvae",
-    _hvae,
-    "hierarchical VAE, --z-dim halving per layer up (Sonderby et al. 2016)",
-    options=(
-        Option("layers", _integer(1), 2, "stochastic layers"),
-        Option(
-            "inference",
-            _choice(("bottom-up", "ladder")),
-            "bottom-up",
-            "guide",
-            ("bottom-up", "ladder"),
-        ),
-    ),
-)
-
-
-def _multimodal_metrics(
-    model: PyroModule, ds: data.Splits, split: str = "test", seed: int = 0
-) -> dict[str, float]:
-    """Cross coherence (Shi et al. 2019) for every ordered pair of modalities, when the data
-    set has labels (``<split>_labels``, or a one-hot ``label`` modality): the fraction of
-    samples of the target modality, generated from the source alone, whose label is right. A
-    one-hot label modality is read by its argmax; any other target by a small classifier
-    trained on the train split (seeded)."""
-    from pvae.evaluate import as_tensors
-    from pvae.models.multimodal import coherence, train_classifier
-
-    names = list(model.names)
-    parts = {
-        n: dict(zip(names, as_tensors(getattr(ds, s)), strict=True))
-        for n, s in (("train", "train"), (split, split))
-    }
-
-    def labels_of(which: str):
-        given = getattr(ds, f"{which}_labels", None)
-        if given is not None:
-            return torch.as_tensor(given).long()
-        if "label" in names:
-            return parts[which]["label"].argmax(-1)
-        return None
-
-    labels, train_labels = labels_of(split), labels_of("train")
-    if labels is None or train_labels is None or len(names) < 2:
-        return {}
-    metrics: dict[str, float] = {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for target in names:
-            classifier = None
-            if target != "label":
-                classifier = train_classifier(parts["train"][target], train_labels, seed=seed)
-            for source in names:
-                if source != target:
-                    given = {source: parts[split][source]}
-                    value = coherence(model, given, target, labels, classifier)
-                    metrics[f"coherence_{source}_to_{target}"] = value
-    return metrics
-
-
-register_model(
-    "multimodal",
-    _multimodal,
-    "multimodal VAE over paired modalities, PoE/MoE/MoPoE posterior",
-    accepts=("multimodal",),
-    options=(Option("fusion", _choice(("poe", "moe", "mopoe")), "poe", "joint posterior", None),),
-    decoder=_first_modality,
-    metrics=_multimodal_metrics,
-)
-register_model(
-    "ard",
-    _ard,
-    "VAE with an ARD prior re-estimated every epoch (Saha et al. 2025)",
-    options=(
-        Option("min_variance", _number(0.0, open_below=True), 1e-6, "floor of the prior variances"),
-    ),
-    callbacks=lambda model, ds: [model.prior_callback(ds.valid)],
-)
-
-
-IMPUTATION_HIDDEN = 0.2
-"""Share of the observed frames hidden at random for the imputation error of a sequence set
-without clean frames in its truth."""
-
-
-def imputation_metrics(
-    model: PyroModule, ds: data.Splits, split: str = "test", seed: int = 0
-) -> dict[str, float]:
-    """The imputation error of a sequence model with ``impute(values, mask)`` on a split of
-    :class:`pvae.data.SequenceSplits`:
-
-    - ``imputation_mse``: the mean squared error per element of ``model.impute`` at the
-      held-out frames against the clean frames: the missing steps scored against
-      ``ds.truth[split]["frames"]`` where the dataset has it; otherwise (or when no step is
-      missing) :data:`IMPUTATION_HIDDEN` of the observed frames are hidden at random (seeded
-      with ``seed``) and scored against their values;
-    - ``imputation_mse_mean_frame``: the same error of the mean observed frame (a baseline
-      that knows no dynamics);
-    - ``held_out_frames``: how many frames were scored.
-
-    The model is evaluated in eval mode (no self-supervised masking) and left as found.
-    """
-    values, _, mask = getattr(ds, split)
-    truth = getattr(ds, "truth", {}).get(split, {}).get("frames")
-    if truth is not None and bool((~mask).any()):
-        observed, target, held_out = mask, truth.to(values.dtype), ~mask
-    else:
-        generator = torch.Generator().manual_seed(seed)
-        hide = torch.rand(mask.shape, generator=generator) < IMPUTATION_HIDDEN
-        observed, target, held_out = mask & ~hide, values, mask & hide
-    if not bool(held_out.any()) or not bool(observed.any()):
-        return {"imputation_mse": math.nan, "imputation_mse_mean_frame": math.nan}
-    was_training = model.training
-    model.eval()
-    try:
-        filled = model.impute(values, observed)  # the frames at held-out steps are not read
-    finally:
-        model.train(was_training)
-    mean_frame = values[observed].mean(0)
-    return {
-        "imputation_mse": float((filled - target).pow(2)[held_out].mean()),
-        "imputation_mse_mean_frame": float((mean_frame - target[held_out]).pow(2).mean()),
-        "held_out_frames": int(held_out.sum()),
-    }
-
-
-def _svae(
-    ds: data.Splits,
-    z_dim: int,
-    hidden: Sequence[int],
-    net: str,
-    likelihood: str,
-    drop_fraction: float = 0.0,
-) -> PyroModule:
-    from pvae.models.structured import StructuredVAE
-
-    times = ds.train[1]  # the dynamics' time unit: the median gap between training frames
-    gaps = times[:, 1:] - times[:, :-1] if times.shape[-1] > 1 else times.new_ones(1)
-    return StructuredVAE(
-        x_dim=ds.x_dim,
-        z_dim=z_dim,
-        hidden=tuple(hidden),
-        likelihood=likelihood,
-        net=net,
-        image_shape=_image_shape(ds, net),
-        drop_fraction=drop_fraction,
-        time_scale=float(gaps.median()),
-    )
-
-
-register_model(
-    "svae",
-    _svae,
-    "structured VAE: linear dynamical prior, encoder potentials smoothed exactly "
-    "(Johnson et al. 2016; Zhao & Linderman 2023)",
-    accepts=("sequences",),
-    options=(
-        Option(
-            "drop_fraction",
-            _number(0.0, 1.0),
-            0.0,
-            "share of frames hidden from the encoder in random windows (self-supervised)",
-        ),
-    ),
-    decoder=lambda model: None,  # its latent is a (T, D) path: no traversal of one z
-    metrics=imputation_metrics,
-    channels={"z": -1},
-)
-
-
-AUTO = "auto"
-"""The value of ``--bae-prior-scale`` that chooses the scale from the data."""
-
-PRIOR_SCALES = (0.1, 0.3, 1.0, 3.0)
-"""The candidates of ``--bae-prior-scale auto``."""
-
-
-def _scale_or_auto(text: str) -> float | str:
-    if str(text).strip().lower() == AUTO:
-        return AUTO
-    try:
-        return _number(0.0, open_below=True)(text)
-    except ValueError:
-        raise ValueError(f"expected 'auto' or a number > 0, got {text!r}") from None
-
-
-_scale_or_auto.__name__ = "scale"
-
-
-def _bae(
-    ds: data.Splits,
-    z_dim: int,
-    hidden: Sequence[int],
-    net: str,
-    likelihood: str,
-    prior_scale: float | str = AUTO,
-    noise_scale: float = 0.1,
-) -> PyroModule:
-    """The BayesianAE; ``prior_scale="auto"``: the scale among :data:`PRIOR_SCALES` whose
-    prior-predictive outputs on the training data are closest to them in the distributional
-    sliced-Wasserstein distance (``BayesianAE.select_prior``, Tran et al. 2021), kept with
-    its distances in the model's ``prior_selection`` attribute."""
-    from pvae.evaluate import as_tensors
-    from pvae.models import BayesianAE
-
-    _mlp_only("bae", net)
-    kw = {"scale": noise_scale} if likelihood == "gaussian" else {}
-    auto = isinstance(prior_scale, str) and prior_scale.strip().lower() == AUTO
-    model = BayesianAE(
-        x_dim=ds.x_dim,
-        z_dim=z_dim,
-        hidden=tuple(hidden),
-        likelihood=likelihood,
-        prior_scale=1.0 if auto else prior_scale,
-        likelihood_kw=kw,
-    )
-    if auto:
-        x = as_tensors(ds.train)[0].reshape(-1, ds.x_dim).to(torch.get_default_dtype())
-        model.prior_selection = model.select_prior(x, scales=PRIOR_SCALES, metric="dswd")
-    return model
-
-
-register_model(
-    "bae",
-    _bae,
-    "Bayesian autoencoder: priors on every weight, sampled with SGHMC by 'pvae sample' "
-    "(Tran et al. 2021)",
-    options=(
-        Option(
-            "prior_scale",
-            _scale_or_auto,
-            AUTO,
-            "sd of the N(0, s^2) weight prior; 'auto': the one of "
-            f"{', '.join(map(str, PRIOR_SCALES))} whose prior predictive is closest to the "
-            "training data in distributional sliced Wasserstein (DSWD)",
-        ),
-        Option(
-            "noise_scale",
-            _number(0.0, open_below=True),
-            0.1,
-            "the fixed sd of a gaussian likelihood",
-        ),
-    ),
-    decoder=lambda model: None,
-    sampled=True,
-)
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -816,6 +599,8 @@ register_model(
 # ---------------------------------------------------------------------------------------------
 
 ESTIMATORS = ("reparam", "stl", "dreg")
+"""The gradient estimators of the guide (those of :mod:`pvae.inference.importance`, spelt out
+here so that parsing a bound imports no torch; a test checks they agree)."""
 
 
 def split_particles(
@@ -877,7 +662,8 @@ class EngineEntry:
     """A registered engine: ``factory(particles, estimator=..., **values)`` returns a
     ``pyro.infer.ELBO``; ``describe(spec, particles)`` says in words what a resolved bound
     trains; ``min_particles``: fewer is refused (IWAE with one particle is the ELBO);
-    ``default_particles``: the budget when none is given."""
+    ``default_particles``: the budget when none is given; ``requires``: the capability
+    (:data:`CAPABILITIES`) a model must declare for this engine to apply (None: any)."""
 
     name: str
     factory: Callable[..., pyro.infer.ELBO]
@@ -887,6 +673,7 @@ class EngineEntry:
     estimators: tuple[str, ...] = ESTIMATORS
     min_particles: int = 1
     default_particles: int = 1
+    requires: str | None = None
 
 
 ENGINES: Registry[EngineEntry] = Registry("engine")
@@ -901,6 +688,7 @@ def register_engine(
     estimators: Sequence[str] = ESTIMATORS,
     min_particles: int = 1,
     default_particles: int = 1,
+    requires: str | None = None,
 ) -> EngineEntry:
     """Register an engine (see :class:`EngineEntry`); returns its entry."""
     if min_particles < 1 or default_particles < min_particles:
@@ -910,6 +698,8 @@ def register_engine(
         )
     if "reparam" not in estimators or set(estimators) - set(ESTIMATORS):
         raise ValueError(f"estimators must include 'reparam' and be among {ESTIMATORS}")
+    if requires is not None and requires not in CAPABILITIES:
+        raise ValueError(f"requires must be one of {', '.join(CAPABILITIES)}, got {requires!r}")
     key = name.strip().lower()
     return ENGINES.add(
         EngineEntry(
@@ -921,6 +711,7 @@ def register_engine(
             tuple(estimators),
             min_particles,
             default_particles,
+            requires,
         )
     )
 
@@ -1068,10 +859,12 @@ def parse_bound(text: str) -> BoundSpec:
     return replace_values(spec, values)
 
 
-# -- the engines of pvae.inference ------------------------------------------------------------
+# -- the engines of pvae.inference (imported when one is built) --------------------------------
 
 
 def _elbo(particles: int, estimator: str = "reparam") -> pyro.infer.ELBO:
+    from pvae.inference import ELBO, MIWAE
+
     if estimator == "reparam":
         return ELBO(num_particles=particles)
     return MIWAE(particles, 1, estimator=estimator)  # the P-sample ELBO, Monte-Carlo KL
@@ -1083,6 +876,8 @@ def _describe_elbo(spec: BoundSpec, particles: int) -> str:
 
 
 def _iwae(particles: int, estimator: str = "reparam") -> pyro.infer.ELBO:
+    from pvae.inference import IWAE
+
     return IWAE(num_particles=particles, estimator=estimator)
 
 
@@ -1117,9 +912,11 @@ GROUP_SPLIT = Parameter(
 )
 
 
-def _grouped(engine: Callable[..., pyro.infer.ELBO]) -> Callable[..., pyro.infer.ELBO]:
+def _grouped(engine: str) -> Callable[..., pyro.infer.ELBO]:
     def factory(particles: int, estimator: str = "reparam", outer: int = 1, inner: int = 1):
-        return engine(outer, inner, estimator=estimator)
+        return getattr(importlib.import_module("pvae.inference"), engine)(
+            outer, inner, estimator=estimator
+        )
 
     return factory
 
@@ -1149,11 +946,19 @@ BETA = Parameter(
 
 
 def _ciwae(particles: int, estimator: str = "reparam", beta: float = 0.5) -> pyro.infer.ELBO:
+    from pvae.inference import CIWAE
+
     return CIWAE(num_particles=particles, beta=beta, estimator=estimator)
 
 
 def _describe_ciwae(spec: BoundSpec, particles: int) -> str:
     return f"CIWAE_{particles}, beta={spec.options.get('beta', 0.5):g}"
+
+
+def _kalman(particles: int, estimator: str = "reparam") -> pyro.infer.ELBO:
+    from pvae.inference import KalmanELBO
+
+    return KalmanELBO(num_particles=particles)
 
 
 register_engine(
@@ -1168,7 +973,7 @@ register_engine(
 )
 register_engine(
     "miwae",
-    _grouped(MIWAE),
+    _grouped("MIWAE"),
     "average of M IWAE_K bounds (Rainforth et al. 2018)",
     describe=_describe_grouped,
     parameter=GROUP_SPLIT,
@@ -1185,7 +990,7 @@ register_engine(
 )
 register_engine(
     "piwae",
-    _grouped(PIWAE),
+    _grouped("PIWAE"),
     "model follows IWAE_MK, guide MIWAE(M, K) (Rainforth et al. 2018)",
     describe=_describe_grouped,
     parameter=GROUP_SPLIT,
@@ -1193,316 +998,9 @@ register_engine(
 )
 register_engine(
     "kalman",
-    lambda particles, estimator="reparam": KalmanELBO(num_particles=particles),
+    _kalman,
     "ELBO with the exact Kalman KL and linear-Gaussian expectations (state-space pairs)",
     describe=lambda spec, particles: f"KalmanELBO, {particles} smoothed draws",
     estimators=("reparam",),
-)
-
-
-def gp_imputation_metrics(
-    model: PyroModule, ds: data.Splits, split: str = "test", seed: int = 0
-) -> dict[str, float]:
-    """The imputation error of a GP-VAE (``impute(values, times, mask[, observed])``) on a
-    split of :class:`pvae.data.SequenceSplits`, or of its entry-masked view
-    (:class:`pvae.data.gp_sets.EntryMaskedSplits`: the per-entry mask is passed on):
-
-    - ``imputation_mse``: the mean squared error per entry of ``model.impute`` on the held-out
-      entries: the missing entries (hidden pixels and frames) scored against the clean frames
-      ``ds.truth[split]["frames"]`` where the dataset has them; otherwise (or when nothing is
-      missing) :data:`IMPUTATION_HIDDEN` of the observed frames are hidden at random (seeded
-      with ``seed``) and scored against their values;
-    - ``imputation_mse_mean_frame``: the same error of the mean of each entry over the given
-      entries (a baseline that knows no dynamics);
-    - ``held_out_entries``: how many entries were scored.
-
-    The model is evaluated in eval mode and left as found.
-    """
-    parts = tuple(getattr(ds, split))
-    values, times, mask = parts[:3]
-    observed = parts[3] if len(parts) > 3 else None
-    event = (1,) * (values.dim() - 2)
-    given = mask.reshape(*mask.shape, *event).expand(values.shape)
-    if observed is not None:
-        given = given & observed
-    truth = getattr(ds, "truth", {}).get(split, {}).get("frames")
-    if truth is not None and bool((~given).any()):
-        frame_mask, target, held_out = mask, truth.to(values.dtype), ~given
-    else:
-        generator = torch.Generator().manual_seed(seed)
-        hide = torch.rand(mask.shape, generator=generator) < IMPUTATION_HIDDEN
-        frame_mask, target = mask & ~hide, values
-        held_out = given & hide.reshape(*hide.shape, *event)
-        given = given & ~hide.reshape(*hide.shape, *event)
-    if not bool(held_out.any()) or not bool(given.any()):
-        return {"imputation_mse": math.nan, "imputation_mse_mean_frame": math.nan}
-    entries = () if observed is None else (observed & frame_mask.reshape(*mask.shape, *event),)
-    was_training = model.training
-    model.eval()
-    try:
-        filled = model.impute(values, times, frame_mask, *entries)
-    finally:
-        model.train(was_training)
-    counts = given.sum((0, 1)).clamp(min=1)
-    mean_frame = (values * given).sum((0, 1)) / counts  # per-entry mean of the given entries
-    baseline = mean_frame.expand(values.shape)
-    return {
-        "imputation_mse": float((filled - target).pow(2)[held_out].mean()),
-        "imputation_mse_mean_frame": float((baseline - target).pow(2)[held_out].mean()),
-        "held_out_entries": int(held_out.sum()),
-    }
-
-
-def _entry_masked_view(ds: data.Splits, options: Mapping[str, Any]) -> data.Splits:
-    """A set with a per-entry mask (``hmnist-like``) as 4-tuple splits ``(values, times,
-    mask, observed)``, so that the GP-VAE scores observed entries only; other sequence sets
-    as they are."""
-    from pvae.data import gp_sets
-
-    truth = getattr(ds, "truth", {})
-    has_mask = all("observed" in truth.get(split, {}) for split in ("train", "valid", "test"))
-    if isinstance(ds, data.SequenceSplits) and has_mask:
-        return gp_sets.entry_masked(ds)
-    return ds
-
-
-def _gpvae(
-    ds: data.Splits,
-    z_dim: int,
-    hidden: Sequence[int],
-    net: str,
-    likelihood: str,
-    kernel: str = "cauchy",
-    length_scale: float = 2.0,
-    learn_kernel: str = "no",
-) -> PyroModule:
-    from pvae.models.gp_vae import GPVAE
-
-    return GPVAE(
-        x_dim=ds.x_dim,
-        z_dim=z_dim,
-        hidden=tuple(hidden),
-        likelihood=likelihood,
-        kernel=kernel,
-        length_scale=length_scale,
-        learn_kernel=learn_kernel == "yes",
-    )
-
-
-register_model(
-    "gpvae",
-    _gpvae,
-    "GP-VAE: a dense GP prior over time per latent channel, banded-precision guide "
-    "(Fortuin et al. 2020)",
-    accepts=("sequences",),
-    options=(
-        Option(
-            "kernel",
-            _choice(("cauchy", "rbf", "matern12", "matern32", "matern52")),
-            "cauchy",
-            "the GP kernel over time",
-        ),
-        Option("length_scale", _number(0.0, open_below=True), 2.0, "the kernel's length scale"),
-        Option("learn_kernel", _choice(("no", "yes")), "no", "learn the kernel's hyper-parameters"),
-    ),
-    prepare=_entry_masked_view,
-    decoder=lambda model: None,  # its latent is an (L, T) path: no traversal of one z
-    metrics=gp_imputation_metrics,
-    channels={"z": -2},  # event (L, T): channels first
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# Markovian GP-VAE (Zhu et al. 2023)
-# ---------------------------------------------------------------------------------------------
-
-
-def _mgpvae(
-    ds: data.Splits,
-    z_dim: int,
-    hidden: Sequence[int],
-    net: str,
-    likelihood: str,
-    nu: float = 1.5,
-    lengthscale: float = 1.0,
-) -> PyroModule:
-    from pvae.models.markovian_gp import MarkovianGPVAE
-
-    return MarkovianGPVAE(
-        x_dim=ds.x_dim,
-        z_dim=z_dim,
-        nu=nu,
-        hidden=tuple(hidden),
-        likelihood=likelihood,
-        net=net,
-        image_shape=_image_shape(ds, net),
-        lengthscale=lengthscale,
-    )
-
-
-register_model(
-    "mgpvae",
-    _mgpvae,
-    "Markovian GP-VAE: Matérn GP prior per latent channel as an SDE on the (irregular) time "
-    "stamps, encoder potentials smoothed exactly in O(T) (Zhu et al. 2023)",
-    accepts=("sequences",),
-    options=(
-        Option("nu", float, 1.5, "Matérn smoothness", choices=(0.5, 1.5, 2.5)),
-        Option("lengthscale", _number(0.0, open_below=True), 1.0, "initial GP lengthscale"),
-    ),
-    decoder=lambda model: None,  # its latent is a (T, d L) state path: no traversal of one z
-    metrics=gp_imputation_metrics,
-    channels={"z": -1},  # the L GP values, then their derivatives
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# MM-GPVAE (Gondur et al. 2024)
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def identification_metrics(
-    model: PyroModule, ds: data.Splits, split: str = "test", seed: int = 0
-) -> dict[str, float]:
-    """How well a trained MM-GPVAE identifies the true latent groups of a
-    :class:`pvae.data.MultimodalSequenceSplits` split (:func:`pvae.diagnostics.
-    identification_r2`, held-out trials): ``r2_<group>`` the R^2 of the true group from the
-    inferred one of the same name (``shared``, ``neural``, ``image``, those the model has), and
-    ``r2_cross_max`` the largest R^2 between different groups (low when the groups are
-    disentangled). Empty when the split has no truth or fewer than 4 trials. Deterministic
-    (``seed`` unused)."""
-    from pvae.diagnostics import identification_r2
-
-    parts = tuple(getattr(ds, split))
-    trials = int(parts[0].shape[0])
-    truth = getattr(ds, "truth", {}).get(split, {})
-    groups = [g for g in ("shared", "neural", "image") if g in truth and model.dims[g] > 0]
-    if not groups or trials < 4:
-        return {}
-    was_training = model.training
-    model.eval()
-    try:
-        inferred = model.latents(*parts)
-    finally:
-        model.train(was_training)
-    result = identification_r2(
-        {g: inferred[g] for g in groups}, {g: truth[g][:trials] for g in groups}
-    )  # a subset keeps the first trials: cut the truth alike
-    out = {f"r2_{g}": float(result.diagonal[g]) for g in groups}
-    out["r2_cross_max"] = float(result.off_diagonal_max())
-    return out
-
-
-def _mmgpvae(
-    ds: data.Splits,
-    z_dim: int,
-    hidden: Sequence[int],
-    net: str,
-    likelihood: str,
-    private_dim: int = 1,
-    lengthscale: float = 5.0,
-    analytic_poisson: str = "no",
-) -> PyroModule:
-    from pvae.models.multimodal_gp import MultimodalGPVAE
-
-    _mlp_only("mmgpvae", net)
-    if ds.image_shape is None:
-        raise ValueError(f"model 'mmgpvae' needs image frames; {ds.name!r} has no image_shape")
-    return MultimodalGPVAE(
-        int(getattr(ds, "num_neurons", 0)),
-        image_shape=tuple(ds.image_shape),
-        shared_dim=z_dim,
-        neural_dim=private_dim,
-        image_dim=private_dim,
-        hidden=tuple(hidden),
-        prior="fourier",
-        lengthscale=lengthscale,
-        image_likelihood=likelihood,
-        analytic_poisson=analytic_poisson == "yes",
-    )
-
-
-register_model(
-    "mmgpvae",
-    _mmgpvae,
-    "MM-GPVAE: shared (--z-dim channels) and modality-private GP latents over time behind "
-    "Poisson spike counts and images, Fourier-domain RBF prior (Gondur et al. 2024)",
-    accepts=("multimodal-sequences",),
-    options=(
-        Option("private_dim", _integer(0), 1, "latent channels private to each modality"),
-        Option("lengthscale", _number(0.0, open_below=True), 5.0, "initial GP lengthscale"),
-        Option(
-            "analytic_poisson",
-            _choice(("no", "yes")),
-            "no",
-            "closed-form expected Poisson log-likelihood in the ELBO (IWAE and log p(x) keep the "
-            "Poisson density)",
-        ),
-    ),
-    decoder=lambda model: None,  # its latent is a set of paths: no traversal of one z
-    metrics=identification_metrics,
-    channels={"z": -2},  # Fourier coefficients (channels, frequencies): channels first
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# Koopman VAE (sequences)
-# ---------------------------------------------------------------------------------------------
-
-
-def _kvae(
-    ds: data.Splits,
-    z_dim: int,
-    hidden: Sequence[int],
-    net: str,
-    likelihood: str,
-    predictive_weight: float = 1.0,
-    horizon: int = 1,
-    constraint: str = "none",
-) -> PyroModule:
-    from pvae.models.koopman import KoopmanVAE
-
-    _mlp_only("kvae", net)
-    return KoopmanVAE(
-        x_dim=ds.x_dim,
-        z_dim=z_dim,
-        hidden=int(hidden[0]) if hidden else 32,
-        likelihood=likelihood,
-        predictive_weight=predictive_weight,
-        horizon=horizon,
-        constraint=None if constraint == "none" else constraint,
-    )
-
-
-def _kvae_metrics(
-    model: PyroModule, ds: data.Splits, split: str = "test", seed: int = 0
-) -> dict[str, float]:
-    """The Koopman VAE's generation scores (discriminative: mean and sd over 5 post-hoc
-    classifiers; predictive) on ``split``."""
-    from pvae.models.koopman import generation_metrics
-
-    return generation_metrics(model, ds, split, seed=seed)
-
-
-register_model(
-    "kvae",
-    _kvae,
-    "Koopman VAE: sequential GRU prior linearised by a least-squares Koopman operator "
-    "(Naiman et al. 2024); generation metrics: pvae.models.koopman.generation_metrics",
-    accepts=("sequences",),
-    options=(
-        Option("predictive_weight", _number(0.0), 1.0, "weight of the Koopman predictive loss"),
-        Option("horizon", _integer(1), 1, "steps the Koopman operator is rolled forward"),
-        Option(
-            "constraint",
-            _choice(("none", "stable", "unit")),
-            "none",
-            "penalty on the Koopman eigenvalues",
-            ("none", "stable", "unit"),
-        ),
-    ),
-    metrics=_kvae_metrics,
-    channels={"z": -1},
-    decoder=lambda model: None,
+    requires="state-space",
 )

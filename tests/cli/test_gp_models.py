@@ -14,8 +14,9 @@ import torch
 
 from pvae import data
 from pvae.app import cli, diagnose
-from pvae.app.registry import MODELS, data_kind, gp_imputation_metrics
+from pvae.app.registry import MODELS, data_kind
 from pvae.data import gp_sets
+from pvae.metrics import gp_imputation_metrics
 from pvae.models import GPVAE
 
 TINY = ["--z-dim", "2", "--hidden", "16", "--ll-samples", "4", "--quiet"]

@@ -3,14 +3,18 @@ budgets); ``diagnose`` and ``compare`` report the same active-unit count; engine
 particles get a default or are refused; a model and an engine added by one registration each
 appear in the parser and train."""
 
+import inspect
 import json
+import re
+import subprocess
+import sys
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 
-from pvae.app import cli, diagnose, registry, runs
+from pvae.app import cli, diagnose, index, registry, runs
 from pvae.app.registry import ENGINES, MODELS, Option, parse_bound
 from pvae.inference import ELBO
 
@@ -227,3 +231,121 @@ def test_multimodal_compare_reports_cross_coherence(tmp_path):
     (row,) = json.loads((run_dir / "results.json").read_text())["results"]
     for key in ("coherence_image_to_label", "coherence_label_to_image"):
         assert 0.0 <= row[key] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Cards, the generated index, and a parser that imports no torch
+# ---------------------------------------------------------------------------------------------
+
+_NO_TORCH = """
+import sys
+from pvae.app.arguments import main
+code = main(sys.argv[1:])
+heavy = sorted(name for name in ("torch", "pyro") if name in sys.modules)
+print("EXIT", code, "IMPORTED", ",".join(heavy) or "none", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    "argv, code",
+    [
+        (["--help"], 0),
+        (["compare", "--help"], 0),
+        (["train", "--help"], 0),
+        (["sample", "--help"], 0),
+        (["datasets"], 0),
+        (["train", "--epochs", "x"], 2),
+        (["train", "--dataset", "digits", "--engine", "kalman", "--run-dir", "r"], 2),
+    ],
+)
+def test_help_and_argument_errors_import_neither_torch_nor_pyro(argv, code):
+    result = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH, *argv], capture_output=True, text=True, timeout=60
+    )
+    assert f"EXIT {code} IMPORTED none" in result.stderr, result.stderr
+
+
+def test_the_index_of_the_cards_is_current():
+    stale = index.stale()
+    assert not stale, (
+        f"pvae/app/_index.py is stale in {', '.join(stale)}: regenerate it with "
+        "`python -m pvae.app.index`"
+    )
+
+
+def _help(command, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    return cli._subparsers(cli.build_parser())[command].format_help()
+
+
+def test_option_defaults_are_the_constructors(monkeypatch):
+    """The help shows the constructor's default, read from its signature (never copied)."""
+    from pvae.models import GPVAE, KoopmanVAE, MarkovianGPVAE
+
+    help_text = _help("train", monkeypatch)
+    for owner, flag, name in (
+        (GPVAE, "--gpvae-length-scale", "length_scale"),
+        (MarkovianGPVAE, "--mgpvae-lengthscale", "lengthscale"),
+        (KoopmanVAE, "--kvae-horizon", "horizon"),
+    ):
+        default = inspect.signature(owner).parameters[name].default
+        entries = [" ".join(e.split("\n\n")[0].split()) for e in re.split(r"\n  (?=-)", help_text)]
+        (entry,) = [e for e in entries if e.startswith(flag + " ")]
+        assert entry.endswith(f"(default: {default})"), entry
+    assert MODELS["gpvae"].resolve_options({})["learn_kernel"] == "no"  # GPVAE's False
+    assert "learn l and s by the bound" in help_text  # the docstring's :param learn_kernel:
+
+
+def test_option_help_lists_choices_and_bae_only_where_it_samples(monkeypatch):
+    train, sample = _help("train", monkeypatch), _help("sample", monkeypatch)
+    assert "--hvae-inference {ladder,bottom-up}" in train
+    assert "--mgpvae-nu {0.5,1.5,2.5}" in train
+    flat = " ".join(train.split())
+    trained = re.search(r"--model NAME one of: (.*?) \(default: vae\)", flat).group(1)
+    assert "bae" not in trained.split(", ") and "--bae-" not in train
+    assert "--bae-prior-scale" in sample and "--hvae-layers" not in sample
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--dataset", "digits", "--engine", "kalman"],
+        ["compare", "--bounds", "elbo,kalman", "--model", "hvae"],
+    ],
+)
+def test_an_engine_the_model_cannot_take_is_refused_at_parse_time(argv, tmp_path, capsys):
+    assert cli.main([*argv, "--run-dir", str(tmp_path / "run")]) == 2
+    err = error_line(capsys)
+    assert "kalman engine applies to models" in err and "(svae, mgpvae)" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_datasets_fit_100_columns(capsys):
+    assert cli.main(["datasets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(map(len, lines)) <= 100
+    assert all(line.strip() for line in lines)  # no blank line between rows
+
+
+def test_install_hints_name_the_distribution():
+    from pvae import data
+
+    sources = " ".join(info.source for info in data.available())
+    assert 'pip install "pyro-vae[data]"' in sources and "pvae[data]" not in sources
+
+
+def test_one_estimator_list():
+    from pvae.inference import importance
+
+    assert registry.ESTIMATORS == importance.ESTIMATORS
+
+
+def test_a_card_declares_what_it_can_do():
+    assert {"impute", "forecast", "state-space"} <= set(MODELS["svae"].capabilities)
+    assert MODELS["bae"].sampled and "state-space" not in MODELS["vae"].capabilities
+    with pytest.raises(ValueError, match="capabilities must name"):
+        registry.ModelCard(name="x", description="", factory=None, capabilities=("fly",))
+    with pytest.raises(ValueError, match="'per-channel' goes with channels"):
+        registry.ModelCard(name="x", description="", factory=None, channels={"z": -1})
+    with pytest.raises(ValueError, match="documents no parameter"):
+        registry.Option.of(lambda flag=1.0: None, "flag", registry.Real())

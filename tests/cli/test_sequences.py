@@ -12,7 +12,8 @@ import torch
 
 from pvae import data
 from pvae.app import cli, compare, diagnose, runs
-from pvae.app.registry import MODELS, imputation_metrics
+from pvae.app.registry import MODELS
+from pvae.metrics import imputation_metrics
 from pvae.models import StructuredVAE
 
 TINY = ["--z-dim", "3", "--hidden", "16", "--ll-samples", "4", "--quiet"]
