@@ -65,8 +65,10 @@ from torch import Tensor, nn
 from pvae import likelihoods, nets, validation
 from pvae.distributions.banded import BandedGaussian, bidiagonal_solve
 from pvae.gp import KERNELS, exact_gp_settings, gp_kernel, kernel_matrix
+from pvae.metrics import imputation_error
 
 from ._names import claim
+from ._sequence import legacy_sample_order
 
 __all__ = [
     "KERNELS",
@@ -303,17 +305,56 @@ class GPVAE(PyroModule):
         observed: Tensor | None = None,
     ) -> Tensor:
         """The observed entries as given, the others the decoded posterior mean; shape of
-        ``values``."""
+        ``values`` (:class:`pvae.protocol.SequenceVAE`, plus the per-entry mask ``observed``,
+        True = entry observed, shaped like ``values``)."""
         x, _, entries = self._check(values, times, mask, observed)
         mean = self.decode(self.posterior(x, entries).mean.mT)
         return torch.where(entries, x, mean).reshape(values.shape)
 
     @torch.no_grad()
-    def sample(self, times: Tensor, num_samples: int = 1) -> Tensor:
-        """Decoded means of latent paths drawn from the prior at ``times (T,)``,
-        ``(num_samples, T, x_dim)``."""
+    def forecast(
+        self,
+        values: Tensor,
+        steps: int,
+        times: Tensor | None = None,
+        mask: Tensor | None = None,
+        observed: Tensor | None = None,
+        gap: float = 1.0,
+    ) -> Tensor:
+        """Decoded means of the ``steps`` frames after each sequence, ``(B, steps,
+        *event_shape)``, at stamps ``t_T + gap, t_T + 2 gap, ...``: the GP's conditional mean
+        ``K_fp K_pp^{-1} m`` of the future values given the posterior mean ``m`` of the
+        sequence's own (``K`` the prior covariance over past and future stamps, jitter on its
+        diagonal); exact for the mean since ``E[z_f | z_p]`` is linear in ``z_p``."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        gap = validation.finite_float(gap, "gap")
+        if not gap > 0:
+            raise ValueError(f"gap must be a finite positive number, got {gap!r}")
+        x, times, entries = self._check(values, times, mask, observed)
+        T = x.shape[1]
+        ahead = torch.arange(1, steps + 1, dtype=x.dtype, device=x.device) * gap
+        stamps = torch.cat([times, times[:, -1:] + ahead], -1)  # (B, T + steps)
+        covariance = kernel_matrix(self.kernel, stamps, self.jitter)
+        cholesky = torch.linalg.cholesky(covariance[:, :T, :T])
+        mean = self.posterior(x, entries).mean  # (B, L, T)
+        weights = torch.cholesky_solve(mean.mT, cholesky)  # K_pp^{-1} m: (B, T, L)
+        future = covariance[:, T:, :T] @ weights  # (B, steps, L)
+        return self.decode(future).reshape(x.shape[0], steps, *values.shape[2:])
+
+    @torch.no_grad()
+    def sample(self, num_steps: int, num_samples: int = 1, times: Tensor | None = None) -> Tensor:
+        """Decoded means of latent paths drawn from the prior at ``times (num_steps,)`` (None:
+        ``0, 1, ..., num_steps - 1``), ``(num_samples, num_steps, x_dim)``."""
+        num_steps, times = legacy_sample_order(num_steps, times)
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        if times is None:
+            times = torch.arange(num_steps, dtype=next(self.decoder.parameters()).dtype)
+        elif not isinstance(times, Tensor) or times.shape != (num_steps,):
+            raise ValueError(f"times must be a tensor of shape ({num_steps},)")
         z = self.prior(times).sample(torch.Size([num_samples]))
         return self.decode(z.mT)
 
@@ -331,7 +372,8 @@ def imputation_metrics(
     """Imputation scored on the missing entries (``~(mask & observed)``) against the clean
     frames ``truth`` (shaped like ``values``):
 
-    - ``mse``: mean squared error of :meth:`GPVAE.impute` (decoded posterior mean);
+    - ``mse``: :func:`pvae.metrics.imputation_error`'s ``imputation_mse`` (the decoded
+      posterior mean of :meth:`GPVAE.impute`);
     - ``nll``: mean over missing entries of ``-log (1/S) sum_s p(x_e | z_s)``, ``z_s ~ q``
       (``S = num_samples``), nats per entry.
     """
@@ -342,9 +384,8 @@ def imputation_metrics(
     if not bool(missing.any()):
         raise ValueError("no missing entries to score")
     target = truth.reshape(x.shape).to(x.dtype)
-    imputed = model.impute(values, times, mask, observed).reshape(x.shape)
-    mse = (imputed - target)[missing].pow(2).mean()
+    mse = imputation_error(model, (values, times, mask, observed), truth)["imputation_mse"]
     z = model.posterior(x, entries).sample(torch.Size([num_samples]))  # (S, B, L, T)
     log_p = model.likelihood(model.decoder(z.mT)).log_prob(target)  # (S, B, T, x_dim)
     log_mean = torch.logsumexp(log_p, 0) - math.log(num_samples)
-    return {"mse": float(mse), "nll": float(-log_mean[missing].mean())}
+    return {"mse": mse, "nll": float(-log_mean[missing].mean())}

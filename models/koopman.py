@@ -78,6 +78,7 @@ from pvae.distributions.sequential import PriorNet, SequentialPrior
 from pvae.gp import natural_cubic_spline
 
 from ._names import claim
+from ._sequence import legacy_frame_order
 
 __all__ = [
     "KoopmanVAE",
@@ -384,18 +385,50 @@ class KoopmanVAE(PyroModule):
         return self.likelihood.mean(self.decoder(z))
 
     @torch.no_grad()
-    def impute(self, values: Tensor, mask: Tensor, times: Tensor | None = None) -> Tensor:
+    def impute(
+        self, values: Tensor, times: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
         """Fill the hidden rows: observed rows as given, the others the decoded posterior
-        mean; ``(B, T, x_dim)``."""
+        mean; ``(B, T, x_dim)``. ``times (B, T)`` (None: ``0..T-1``), ``mask (B, T)`` bool,
+        True = observed (:class:`pvae.protocol.SequenceVAE`)."""
+        times, mask = legacy_frame_order(times, mask, "impute")
         values, times, mask = self._check(values, times, mask)
         mean = self.decode(self.posterior(values, times, mask).mean)
         return torch.where(mask[..., None], values, mean)
 
     @torch.no_grad()
-    def sample(self, num_steps: int, num_samples: int = 1) -> Tensor:
-        """Decoded means of paths drawn from the sequential prior, ``(num_samples, T, x_dim)``."""
+    def forecast(
+        self,
+        values: Tensor,
+        steps: int,
+        times: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """Decoded means of the next ``steps`` rows after each sequence, ``(B, steps, x_dim)``:
+        the sequential prior's mean rollout continued from the posterior mean path
+        (:meth:`pvae.distributions.PriorNet.continue_means`); with the standard-normal prior
+        (``sequential_prior=False``) the decoded prior mean."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        times, mask = legacy_frame_order(times, mask, "forecast")
+        values, times, mask = self._check(values, times, mask)
+        path = self.posterior(values, times, mask).mean
+        if not self.sequential_prior:
+            return self.decode(path.new_zeros(path.shape[0], steps, self.z_dim))
+        return self.decode(self.prior_net.continue_means(path, steps))
+
+    @torch.no_grad()
+    def sample(self, num_steps: int, num_samples: int = 1, times: Tensor | None = None) -> Tensor:
+        """Decoded means of paths drawn from the sequential prior, ``(num_samples, T, x_dim)``.
+        ``times (num_steps,)`` is accepted for :class:`pvae.protocol.SequenceVAE`: the prior is
+        over steps, so the stamps do not change the draws."""
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        num_samples = validation.positive_int(num_samples, "num_samples")
+        if times is not None:
+            if not isinstance(times, Tensor) or times.shape != (num_steps,):
+                raise ValueError(f"times must be a tensor of shape ({num_steps},)")
+            validation.check_times(times)
         if not self.sequential_prior:
             return self.decode(self.prior(num_steps).sample(torch.Size([num_samples])))
         return self.decode(self.prior_net.rollout(num_samples, num_steps))

@@ -14,6 +14,12 @@
 
 All inputs are ``(N, T, C)`` float tensors of complete sequences. Everything runs on the CPU
 with its own seeded generator (torch's global random state is left as found).
+
+And one imputation metric for every :class:`pvae.protocol.SequenceVAE`:
+
+- :func:`imputation_error`: the mean squared error of ``model.impute`` on held-out frames or
+  entries (missing ones scored against clean frames where given, else a seeded share of the
+  observed frames hidden and scored against their values), beside the error of the mean frame.
 """
 
 from __future__ import annotations
@@ -24,7 +30,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["discriminative_score", "generation_figure", "predictive_score"]
+__all__ = [
+    "IMPUTATION_HIDDEN",
+    "discriminative_score",
+    "generation_figure",
+    "imputation_error",
+    "predictive_score",
+]
+
+IMPUTATION_HIDDEN = 0.2
+"""Share of the observed frames :func:`imputation_error` hides at random when nothing is
+missing or no clean frames are given."""
 
 
 def _check(real: Tensor, generated: Tensor) -> tuple[Tensor, Tensor]:
@@ -209,3 +225,92 @@ def generation_figure(real: Tensor, generated: Tensor, max_points: int = 500, se
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def _imputation_split(split: Any) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    parts = tuple(split)
+    if len(parts) not in (3, 4):
+        raise ValueError(
+            "split must be (values, times, mask) or (values, times, mask, observed), got "
+            f"{len(parts)} parts"
+        )
+    values, times, mask = parts[:3]
+    observed = parts[3] if len(parts) == 4 else None
+    if not isinstance(values, Tensor) or values.dim() < 3 or not values.is_floating_point():
+        raise ValueError("values must be a floating-point tensor (B, T, *event_shape)")
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != values.shape[:2]:
+        raise ValueError(f"mask must be a bool tensor of shape (B, T) = {tuple(values.shape[:2])}")
+    if observed is not None and (
+        not isinstance(observed, Tensor)
+        or observed.dtype != torch.bool
+        or observed.shape != values.shape
+    ):
+        raise ValueError(f"observed must be a bool tensor shaped like values {tuple(values.shape)}")
+    return values, times, mask, observed
+
+
+@torch.no_grad()
+def imputation_error(
+    model: Any,
+    split: Any,
+    truth: Tensor | None = None,
+    seed: int = 0,
+    hidden: float = IMPUTATION_HIDDEN,
+) -> dict[str, float]:
+    """The imputation error of a sequence model (:class:`pvae.protocol.SequenceVAE`).
+
+    :param model: has ``impute(values, times, mask)`` (and, for a split with a per-entry mask,
+        ``impute(..., observed=...)``); it is evaluated in eval mode and left as found.
+    :param split: ``(values (B, T, *event_shape), times (B, T) or None, mask (B, T) bool)``,
+        optionally followed by ``observed`` (bool, shaped like ``values``: True = entry
+        observed), e.g. a :class:`pvae.data.SequenceSplit`.
+    :param truth: the clean frames, shaped like ``values``, or None.
+    :param seed: seeds the frames hidden when they are (see below).
+    :param hidden: share of the observed frames hidden then.
+    :returns: ``imputation_mse``: the mean squared error per entry of ``model.impute`` on the
+        held-out entries: the missing ones (hidden frames, and unobserved entries of observed
+        frames) scored against ``truth`` when it is given and something is missing; otherwise
+        a share ``hidden`` of the observed frames is hidden at random (seeded) and scored
+        against its values. ``imputation_mse_mean_frame``: the same error of the per-entry
+        mean of the given entries (a baseline that knows no dynamics). ``held_out_frames`` and
+        ``held_out_entries``: how many frames (with at least one held-out entry) and entries
+        were scored. Both errors are NaN (and the counts absent) when nothing can be held out
+        or nothing is left given.
+    """
+    values, times, mask, observed = _imputation_split(split)
+    if truth is not None and (not isinstance(truth, Tensor) or truth.shape != values.shape):
+        raise ValueError(f"truth must be a tensor shaped like values {tuple(values.shape)}")
+    if not (isinstance(hidden, float | int) and 0.0 < hidden < 1.0):
+        raise ValueError(f"hidden must be a number in (0, 1), got {hidden!r}")
+    event = (1,) * (values.dim() - 2)
+    given = mask.reshape(*mask.shape, *event).expand(values.shape)
+    if observed is not None:
+        given = given & observed
+    if truth is not None and bool((~given).any()):
+        frame_mask, target, held_out = mask, truth.to(values.dtype), ~given
+    else:
+        generator = torch.Generator().manual_seed(int(seed))
+        hide = torch.rand(mask.shape, generator=generator) < hidden
+        frame_mask, target = mask & ~hide, values
+        held_out = given & hide.reshape(*hide.shape, *event)
+        given = given & ~hide.reshape(*hide.shape, *event)
+    if not bool(held_out.any()) or not bool(given.any()):
+        return {"imputation_mse": math.nan, "imputation_mse_mean_frame": math.nan}
+    extra = {}
+    if observed is not None:
+        extra["observed"] = observed & frame_mask.reshape(*mask.shape, *event)
+    was_training = model.training
+    model.eval()
+    try:  # the frames and entries held out are not read
+        filled = model.impute(values, times, frame_mask, **extra)
+    finally:
+        model.train(was_training)
+    counts = given.sum((0, 1)).clamp(min=1)
+    mean_frame = torch.where(given, values, 0.0).sum((0, 1)) / counts
+    baseline = mean_frame.expand(values.shape)
+    return {
+        "imputation_mse": float((filled - target).pow(2)[held_out].mean()),
+        "imputation_mse_mean_frame": float((baseline - target).pow(2)[held_out].mean()),
+        "held_out_frames": int(held_out.flatten(2).any(-1).sum()),
+        "held_out_entries": int(held_out.sum()),
+    }

@@ -38,6 +38,7 @@ from pyro.nn import PyroModule
 
 from pvae import data
 from pvae.inference import CIWAE, ELBO, IWAE, MIWAE, PIWAE, KalmanELBO
+from pvae.metrics import imputation_error
 from pvae.models import VAE
 
 __all__ = [
@@ -643,50 +644,19 @@ register_model(
 )
 
 
-IMPUTATION_HIDDEN = 0.2
-"""Share of the observed frames hidden at random for the imputation error of a sequence set
-without clean frames in its truth."""
+def _clean_frames(ds: data.Splits, split: str) -> Any:
+    return getattr(ds, "truth", {}).get(split, {}).get("frames")
 
 
 def imputation_metrics(
     model: PyroModule, ds: data.Splits, split: str = "test", seed: int = 0
 ) -> dict[str, float]:
-    """The imputation error of a sequence model with ``impute(values, mask)`` on a split of
-    :class:`pvae.data.SequenceSplits`:
-
-    - ``imputation_mse``: the mean squared error per element of ``model.impute`` at the
-      held-out frames against the clean frames: the missing steps scored against
-      ``ds.truth[split]["frames"]`` where the dataset has it; otherwise (or when no step is
-      missing) :data:`IMPUTATION_HIDDEN` of the observed frames are hidden at random (seeded
-      with ``seed``) and scored against their values;
-    - ``imputation_mse_mean_frame``: the same error of the mean observed frame (a baseline
-      that knows no dynamics);
-    - ``held_out_frames``: how many frames were scored.
-
-    The model is evaluated in eval mode (no self-supervised masking) and left as found.
-    """
-    values, _, mask = getattr(ds, split)
-    truth = getattr(ds, "truth", {}).get(split, {}).get("frames")
-    if truth is not None and bool((~mask).any()):
-        observed, target, held_out = mask, truth.to(values.dtype), ~mask
-    else:
-        generator = torch.Generator().manual_seed(seed)
-        hide = torch.rand(mask.shape, generator=generator) < IMPUTATION_HIDDEN
-        observed, target, held_out = mask & ~hide, values, mask & hide
-    if not bool(held_out.any()) or not bool(observed.any()):
-        return {"imputation_mse": math.nan, "imputation_mse_mean_frame": math.nan}
-    was_training = model.training
-    model.eval()
-    try:
-        filled = model.impute(values, observed)  # the frames at held-out steps are not read
-    finally:
-        model.train(was_training)
-    mean_frame = values[observed].mean(0)
-    return {
-        "imputation_mse": float((filled - target).pow(2)[held_out].mean()),
-        "imputation_mse_mean_frame": float((mean_frame - target[held_out]).pow(2).mean()),
-        "held_out_frames": int(held_out.sum()),
-    }
+    """:func:`pvae.metrics.imputation_error` of a sequence model on a split of
+    :class:`pvae.data.SequenceSplits` (against ``ds.truth[split]["frames"]`` where the set has
+    them): ``imputation_mse``, ``imputation_mse_mean_frame``, ``held_out_frames``."""
+    out = imputation_error(model, getattr(ds, split), _clean_frames(ds, split), seed)
+    out.pop("held_out_entries", None)
+    return out
 
 
 def _svae(
@@ -1203,54 +1173,13 @@ register_engine(
 def gp_imputation_metrics(
     model: PyroModule, ds: data.Splits, split: str = "test", seed: int = 0
 ) -> dict[str, float]:
-    """The imputation error of a GP-VAE (``impute(values, times, mask[, observed])``) on a
-    split of :class:`pvae.data.SequenceSplits`, or of its entry-masked view
+    """:func:`pvae.metrics.imputation_error` of a GP-VAE on a split of
+    :class:`pvae.data.SequenceSplits` or of its entry-masked view
     (:class:`pvae.data.gp_sets.EntryMaskedSplits`: the per-entry mask is passed on):
-
-    - ``imputation_mse``: the mean squared error per entry of ``model.impute`` on the held-out
-      entries: the missing entries (hidden pixels and frames) scored against the clean frames
-      ``ds.truth[split]["frames"]`` where the dataset has them; otherwise (or when nothing is
-      missing) :data:`IMPUTATION_HIDDEN` of the observed frames are hidden at random (seeded
-      with ``seed``) and scored against their values;
-    - ``imputation_mse_mean_frame``: the same error of the mean of each entry over the given
-      entries (a baseline that knows no dynamics);
-    - ``held_out_entries``: how many entries were scored.
-
-    The model is evaluated in eval mode and left as found.
-    """
-    parts = tuple(getattr(ds, split))
-    values, times, mask = parts[:3]
-    observed = parts[3] if len(parts) > 3 else None
-    event = (1,) * (values.dim() - 2)
-    given = mask.reshape(*mask.shape, *event).expand(values.shape)
-    if observed is not None:
-        given = given & observed
-    truth = getattr(ds, "truth", {}).get(split, {}).get("frames")
-    if truth is not None and bool((~given).any()):
-        frame_mask, target, held_out = mask, truth.to(values.dtype), ~given
-    else:
-        generator = torch.Generator().manual_seed(seed)
-        hide = torch.rand(mask.shape, generator=generator) < IMPUTATION_HIDDEN
-        frame_mask, target = mask & ~hide, values
-        held_out = given & hide.reshape(*hide.shape, *event)
-        given = given & ~hide.reshape(*hide.shape, *event)
-    if not bool(held_out.any()) or not bool(given.any()):
-        return {"imputation_mse": math.nan, "imputation_mse_mean_frame": math.nan}
-    entries = () if observed is None else (observed & frame_mask.reshape(*mask.shape, *event),)
-    was_training = model.training
-    model.eval()
-    try:
-        filled = model.impute(values, times, frame_mask, *entries)
-    finally:
-        model.train(was_training)
-    counts = given.sum((0, 1)).clamp(min=1)
-    mean_frame = (values * given).sum((0, 1)) / counts  # per-entry mean of the given entries
-    baseline = mean_frame.expand(values.shape)
-    return {
-        "imputation_mse": float((filled - target).pow(2)[held_out].mean()),
-        "imputation_mse_mean_frame": float((baseline - target).pow(2)[held_out].mean()),
-        "held_out_entries": int(held_out.sum()),
-    }
+    ``imputation_mse``, ``imputation_mse_mean_frame``, ``held_out_entries``."""
+    out = imputation_error(model, getattr(ds, split), _clean_frames(ds, split), seed)
+    out.pop("held_out_frames", None)
+    return out
 
 
 def _entry_masked_view(ds: data.Splits, options: Mapping[str, Any]) -> data.Splits:

@@ -56,6 +56,20 @@ class PriorNet(nn.Module):
             steps.append(z)
         return torch.cat(steps, 1)
 
+    def continue_means(self, path: Tensor, num_steps: int) -> Tensor:
+        """The mean path after ``path (B, T, k)``: ``(B, num_steps, k)``, each step the mean
+        ``mu(h_t)`` of ``p(z_t | z_<t)`` with the GRU run over ``path`` and then over its own
+        means (a plug-in rollout; the exact predictive mean of the nonlinear prior differs)."""
+        inputs = torch.cat([torch.zeros_like(path[:, :1]), path], 1)
+        out, hidden = self.gru(inputs)
+        loc, _ = self._gaussian(out[:, -1:])
+        means = [loc]
+        for _ in range(num_steps - 1):
+            out, hidden = self.gru(loc, hidden)
+            loc, _ = self._gaussian(out)
+            means.append(loc)
+        return torch.cat(means, 1)
+
 
 class SequentialPrior(TorchDistribution):
     """``p(z_1..z_T) = prod_t N(z_t | mu(h_t), sigma(h_t))`` with ``h_t`` a GRU over ``z_<t``.
