@@ -313,6 +313,17 @@ class MultimodalGPVAE(PyroModule):
         loc, precision = self.potentials(counts, frames, modality_mask)
         return self.prior_process.posterior(loc, precision, dt)
 
+    def shared_parameters(self) -> tuple[str, ...]:
+        """Parameters meant to feed both the model and the guide (declared, so the pair's
+        parameter split does not warn; :func:`pvae.protocol.declared_shared`): the temporal
+        prior's (the guide is the prior times the encoders' potentials) and, with
+        ``analytic_poisson``, the encoders' (the closed-form expected Poisson likelihood reads
+        the guide's moments)."""
+        shared = [f"{self._pyro_name}.prior"]
+        if self.analytic_poisson:
+            shared += [f"{self._pyro_name}.neural_encoder", f"{self._pyro_name}.image_encoder"]
+        return tuple(shared)
+
     def _register(self, part: str) -> None:
         pyro.module(f"{self._pyro_name}.prior", self.prior_process)  # type: ignore[arg-type]
         if part == "decoder":

@@ -883,18 +883,48 @@ def declared_shared(model: Callable, guide: Callable) -> tuple[str, ...]:
     """
     names: list[str] = []
     for fn in (model, guide):
-        owner = getattr(fn, "__self__", None)
-        declared = getattr(owner, "shared_parameters", None)
-        if callable(declared):
-            declared = declared()
+        declared = _declared(fn, "shared_parameters")
         if declared:
             names.extend(str(name) for name in declared)
     return tuple(dict.fromkeys(names))
 
 
+def declares_monte_carlo_kl(model: Callable, guide: Callable) -> bool:
+    """Whether the pair declares that its guide samples the latents in another order than the
+    model by design (a bottom-up guide of a top-down hierarchy), so that the KL terms are
+    Monte-Carlo estimates: ``monte_carlo_kl`` (an attribute or method) of the object that
+    ``model`` or ``guide`` is a bound method of is True. The ELBO engine then falls back to
+    Monte-Carlo KL estimates without its warning about the order."""
+    return any(bool(_declared(fn, "monte_carlo_kl")) for fn in (model, guide))
+
+
+def _declared(fn: Any, attribute: str) -> Any:
+    """``attribute`` of the object ``fn`` is a bound method of, looked up through wrappers
+    (``functools.wraps``, ``functools.partial`` and Pyro's handlers such as
+    :func:`scale_to_data`, whose partials hold the wrapped function among their arguments),
+    called if callable; None when no owner has it."""
+    queue, seen = [fn], 0
+    while queue and seen < 16:
+        fn = queue.pop(0)
+        seen += 1
+        owner = getattr(fn, "__self__", None)
+        if owner is not None and hasattr(owner, attribute):
+            value = getattr(owner, attribute)
+            return value() if callable(value) else value
+        for inner in (getattr(fn, "__wrapped__", None), getattr(fn, "func", None)):
+            if callable(inner) and inner is not fn:
+                queue.append(inner)
+        queue.extend(arg for arg in getattr(fn, "args", ()) or () if callable(arg))
+    return None
+
+
 def is_declared(name: str, declared: Iterable[str]) -> bool:
-    """Whether parameter ``name`` is one of ``declared`` or under one of them (``prefix.``)."""
-    return any(name == prefix or name.startswith(prefix + ".") for prefix in declared)
+    """Whether parameter ``name`` is one of ``declared`` or under one of them: a module name
+    given to ``pyro.module`` covers its parameters (``"svae.dynamics$$$generator_raw"``, in
+    Pyro's ``module$$$parameter`` naming) and its submodules' (``"svae.dynamics.sub..."``)."""
+    return any(
+        name == prefix or name.startswith((prefix + ".", prefix + "$$$")) for prefix in declared
+    )
 
 
 # -- what a sequence model offers -------------------------------------------------------------
