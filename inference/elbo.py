@@ -33,6 +33,7 @@ import torch
 from pvae.kl import kl_elements
 from pvae.protocol import (
     check_reparameterized,
+    declares_monte_carlo_kl,
     detach_distribution,
     expected_log_prob,
     latent_sites,
@@ -151,6 +152,7 @@ class ELBO(Engine):
         self.free_bits = float(free_bits)
         self.analytic_kl = analytic_kl
         self._warned_order = False
+        self._order_declared = False  # the pair declares its order (declares_monte_carlo_kl)
 
     def settings(self) -> dict[str, Any]:
         """``num_particles``, ``estimator``, ``free_bits``, ``analytic_kl`` and ``beta`` (a
@@ -182,7 +184,7 @@ class ELBO(Engine):
         guide_order = [n for n, _, _ in latent_sites(model_trace, guide_trace)]
         model_order = [n for n in model_trace.nodes if n in set(guide_order)]
         if guide_order != model_order:
-            if not self._warned_order:
+            if not self._warned_order and not self._order_declared:
                 warnings.warn(
                     "model and guide sample their latents in different orders "
                     f"({model_order} vs {guide_order}); using Monte-Carlo KL estimates",
@@ -193,6 +195,7 @@ class ELBO(Engine):
         return True
 
     def objective(self, model, guide, args, kwargs):
+        self._order_declared = declares_monte_carlo_kl(model, guide)
         beta = self.current_beta()
         plain = beta == 1.0 and self.free_bits == 0  # then the loss is the negative bound
         bound: torch.Tensor | float = 0.0

@@ -50,283 +50,38 @@ and IWAE (and every other variational engine).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import gpytorch
 import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.distributions import TorchDistribution
 from pyro.nn import PyroModule
 from torch import Tensor, nn
-from torch.distributions import MultivariateNormal, constraints, register_kl
 
 from pvae import likelihoods, nets, validation
+from pvae.distributions.banded import BandedGaussian, bidiagonal_solve
+from pvae.gp import KERNELS, exact_gp_settings, gp_kernel, kernel_matrix
+from pvae.metrics import imputation_error
 
 from ._names import claim
+from ._sequence import legacy_sample_order
 
 __all__ = [
     "KERNELS",
     "BandedGaussian",
     "GPVAE",
+    "bidiagonal_solve",
     "exact_gp_settings",
     "gp_kernel",
     "imputation_metrics",
+    "kernel_matrix",
 ]
 
-KERNELS = ("cauchy", "rbf", "matern12", "matern32", "matern52")
-_LOG_2PI = math.log(2 * math.pi)
 _MIN_DIAGONAL = 1e-3
-
-
-# ---------------------------------------------------------------------------------------------
-# Kernels and exact solves
-# ---------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def exact_gp_settings(max_size: int = 10**9) -> Iterator[None]:
-    """gpytorch settings under which covariances are factorised by Cholesky, never by
-    conjugate gradients or Lanczos: ``max_cholesky_size(max_size)`` (gpytorch's default is 800
-    points) and ``fast_computations`` off for log-probabilities, solves and root
-    decompositions."""
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(gpytorch.settings.max_cholesky_size(max_size))
-        stack.enter_context(
-            gpytorch.settings.fast_computations(
-                covar_root_decomposition=False, log_prob=False, solves=False
-            )
-        )
-        yield
-
-
-def gp_kernel(name: str = "cauchy", length_scale: float = 2.0, scale: float = 1.0) -> nn.Module:
-    """A gpytorch kernel ``s^2 k_l(t, t')`` by name (a ``ScaleKernel`` around the base kernel).
-
-    :param name: one of :data:`KERNELS`. ``"cauchy"`` is ``s^2 / (1 + (t - t')^2 / l^2)``:
-        gpytorch's ``RQKernel`` with alpha = 1 (fixed) and lengthscale ``l / sqrt(2)``.
-    :param length_scale: l, in the units of the time stamps.
-    :param scale: s (the kernel's output scale is ``s^2``).
-    """
-    if name not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {name!r}")
-    for label, value in (("length_scale", length_scale), ("scale", scale)):
-        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-            raise ValueError(f"{label} must be a positive number, got {value!r}")
-    base: gpytorch.kernels.Kernel
-    if name == "cauchy":
-        base = gpytorch.kernels.RQKernel()
-        base.alpha = 1.0
-        base.raw_alpha.requires_grad_(False)
-        base.lengthscale = length_scale / math.sqrt(2)
-    elif name == "rbf":
-        base = gpytorch.kernels.RBFKernel()
-        base.lengthscale = length_scale
-    else:
-        base = gpytorch.kernels.MaternKernel(nu={"12": 0.5, "32": 1.5, "52": 2.5}[name[-2:]])
-        base.lengthscale = length_scale
-    kernel = gpytorch.kernels.ScaleKernel(base)
-    kernel.outputscale = scale**2
-    return kernel
-
-
-def kernel_matrix(kernel: nn.Module, times: Tensor, jitter: float = 0.0) -> Tensor:
-    """The dense covariance ``k(t_i, t_j) + jitter * delta_ij``, ``(..., T, T)`` for ``times
-    (..., T)`` (evaluated under :func:`exact_gp_settings`)."""
-    with exact_gp_settings():
-        covariance = kernel(times[..., None]).to_dense()
-    if jitter:
-        covariance = covariance + jitter * torch.eye(
-            times.shape[-1], dtype=covariance.dtype, device=covariance.device
-        )
-    return covariance
-
-
-# ---------------------------------------------------------------------------------------------
-# The banded guide
-# ---------------------------------------------------------------------------------------------
-
-
-def _linear_recurrence(coefficient: Tensor, offset: Tensor) -> Tensor:
-    """``x_0 = b_0``, ``x_i = a_i x_{i-1} + b_i`` along the last dimension, in ``ceil(log2 T)``
-    vectorised steps (a Hillis-Steele scan of the affine maps ``x -> a_i x + b_i``).
-
-    :param coefficient: ``a``, broadcastable to ``offset``'s shape; ``a_0`` is ignored.
-    :param offset: ``b``, ``(..., T)``.
-    """
-    T = offset.shape[-1]
-    a = coefficient.expand(offset.shape)
-    a = torch.cat([torch.zeros_like(a[..., :1]), a[..., 1:]], -1)
-    b = offset
-    step = 1
-    while step < T:
-        b = torch.cat([b[..., :step], b[..., step:] + a[..., step:] * b[..., :-step]], -1)
-        a = torch.cat([a[..., :step], a[..., step:] * a[..., :-step]], -1)
-        step *= 2
-    return b
-
-
-def bidiagonal_solve(
-    diagonal: Tensor, superdiagonal: Tensor, rhs: Tensor, transpose: bool = False
-) -> Tensor:
-    """Solve ``B x = y`` (or ``B^T x = y`` when ``transpose``) for the upper-bidiagonal
-    ``B`` with ``B_ii = diagonal_i`` and ``B_{i,i+1} = superdiagonal_i``, along the last
-    dimension.
-
-    :param diagonal: ``(..., T)``, non-zero.
-    :param superdiagonal: ``(..., T - 1)``.
-    :param rhs: ``(..., T)``; extra leading dimensions broadcast (e.g. ``(..., K, T)`` with
-        ``diagonal[..., None, :]`` solves K right-hand sides at once).
-    """
-    if transpose:  # x_i = (y_i - s_{i-1} x_{i-1}) / d_i
-        coefficient = -F.pad(superdiagonal, (1, 0)) / diagonal
-        return _linear_recurrence(coefficient, rhs / diagonal)
-    # x_i = (y_i - s_i x_{i+1}) / d_i: the same recurrence run backwards
-    flip_d, flip_y = diagonal.flip(-1), rhs.flip(-1)
-    coefficient = -F.pad(superdiagonal.flip(-1), (1, 0)) / flip_d
-    return _linear_recurrence(coefficient, flip_y / flip_d).flip(-1)
-
-
-class BandedGaussian(TorchDistribution):
-    """``N(loc, (B B^T)^{-1})`` over ``(T,)`` with ``B`` upper bidiagonal: the precision
-    ``Lambda = B B^T`` is tridiagonal (Fortuin et al. 2020, the GP-VAE's guide).
-
-    :param loc: m, ``(..., T)``.
-    :param diagonal: ``B_ii > 0``, ``(..., T)``.
-    :param superdiagonal: ``B_{i,i+1}``, ``(..., T - 1)`` (any real).
-
-    ``rsample``: ``z = m + B^{-T} eps`` (one banded triangular solve, O(T log T) work in
-    log-depth). ``log_prob(z) = sum_i log B_ii - ||B^T (z - m)||^2 / 2 - T log(2 pi) / 2``;
-    ``entropy = T (1 + log 2 pi) / 2 - sum_i log B_ii``. Batch shape ``(...)``, event ``(T,)``.
-    """
-
-    arg_constraints = {
-        "loc": constraints.real_vector,
-        "diagonal": constraints.independent(constraints.positive, 1),
-        "superdiagonal": constraints.real_vector,
-    }
-    support = constraints.real_vector
-    has_rsample = True
-
-    def __init__(
-        self,
-        loc: Tensor,
-        diagonal: Tensor,
-        superdiagonal: Tensor,
-        validate_args: bool | None = None,
-    ) -> None:
-        if loc.dim() < 1:
-            raise ValueError("loc must have at least one dimension (..., T)")
-        T = loc.shape[-1]
-        if superdiagonal.shape[-1] != T - 1:
-            raise ValueError(
-                f"superdiagonal must have T - 1 = {T - 1} entries, got {superdiagonal.shape[-1]}"
-            )
-        batch_shape = torch.broadcast_shapes(
-            loc.shape[:-1], diagonal.shape[:-1], superdiagonal.shape[:-1]
-        )
-        self.loc = loc.expand(*batch_shape, T)
-        self.diagonal = diagonal.expand(*batch_shape, T)
-        self.superdiagonal = superdiagonal.expand(*batch_shape, T - 1)
-        super().__init__(batch_shape, torch.Size([T]), validate_args=validate_args)
-
-    def expand(self, batch_shape, _instance=None):
-        batch_shape = torch.Size(batch_shape)
-        T = self.event_shape[0]
-        return BandedGaussian(
-            self.loc.expand(*batch_shape, T),
-            self.diagonal.expand(*batch_shape, T),
-            self.superdiagonal.expand(*batch_shape, T - 1),
-        )
-
-    @property
-    def mean(self) -> Tensor:
-        return self.loc
-
-    @property
-    def precision_matrix(self) -> Tensor:
-        """``B B^T``, dense ``(..., T, T)``."""
-        return self.bidiagonal @ self.bidiagonal.mT
-
-    @property
-    def bidiagonal(self) -> Tensor:
-        """``B``, dense ``(..., T, T)``."""
-        return torch.diag_embed(self.diagonal) + torch.diag_embed(self.superdiagonal, 1)
-
-    def _inverse_transpose_rows(self) -> Tensor:
-        """``(B^{-T})^T = B^{-1}``, dense ``(..., T, T)`` (row k is ``B^{-T} e_k``)."""
-        T = self.event_shape[0]
-        eye = torch.eye(T, dtype=self.loc.dtype, device=self.loc.device)
-        return bidiagonal_solve(
-            self.diagonal[..., None, :], self.superdiagonal[..., None, :], eye, transpose=True
-        )
-
-    @property
-    def covariance_matrix(self) -> Tensor:
-        """``(B B^T)^{-1} = B^{-T} B^{-1}``, dense ``(..., T, T)``."""
-        inverse = self._inverse_transpose_rows()  # = B^{-1}
-        return inverse.mT @ inverse
-
-    @property
-    def variance(self) -> Tensor:
-        return self._inverse_transpose_rows().pow(2).sum(-2)
-
-    def rsample(self, sample_shape=torch.Size()) -> Tensor:  # noqa: B008
-        shape = self._extended_shape(sample_shape)
-        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
-        return self.loc + bidiagonal_solve(self.diagonal, self.superdiagonal, eps, transpose=True)
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        r = value - self.loc
-        u = self.diagonal * r + F.pad(self.superdiagonal * r[..., :-1], (1, 0))  # B^T r
-        T = self.event_shape[0]
-        return self.diagonal.log().sum(-1) - 0.5 * u.pow(2).sum(-1) - 0.5 * T * _LOG_2PI
-
-    def entropy(self) -> Tensor:
-        T = self.event_shape[0]
-        return 0.5 * T * (1 + _LOG_2PI) - self.diagonal.log().sum(-1)
-
-
-@register_kl(BandedGaussian, MultivariateNormal)
-def _kl_banded_gaussian_mvn(q: BandedGaussian, p: MultivariateNormal) -> Tensor:
-    """``KL(N(m, S) || N(mu, K))``, ``S = (B B^T)^{-1}``, ``K = L L^T``::
-
-        (tr(K^{-1} S) + (m - mu)^T K^{-1} (m - mu) - T + log|K| - log|S|) / 2
-
-    with ``tr(K^{-1} S) = ||B^{-1} L^{-T}||_F^2`` (a banded solve of ``L^{-T}``),
-    ``log|S| = -2 sum log B_ii``. ``L^{-1}`` is computed once per distinct prior covariance
-    (e.g. once per sequence, shared by the channels)."""
-    if q.event_shape != p.event_shape:
-        raise ValueError(f"KL between shapes {q.event_shape} and {p.event_shape}")
-    T = q.event_shape[0]
-    scale_tril = p._unbroadcasted_scale_tril
-    eye = torch.eye(T, dtype=scale_tril.dtype, device=scale_tril.device)
-    tril_inverse = torch.linalg.solve_triangular(scale_tril, eye, upper=False)  # L^{-1}
-    # rows of L^{-1} are the columns of L^{-T}: solve B X = L^{-T} column by column
-    solved = bidiagonal_solve(
-        q.diagonal[..., None, :], q.superdiagonal[..., None, :], tril_inverse, transpose=False
-    )
-    trace = solved.pow(2).sum((-2, -1))
-    whitened = _whiten(scale_tril, q.loc - p.loc)
-    mahalanobis = whitened.pow(2).sum((-2, -1))
-    log_det_prior = 2 * scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    return 0.5 * (trace + mahalanobis - T + log_det_prior) + q.diagonal.log().sum(-1)
-
-
-def _whiten(scale_tril: Tensor, difference: Tensor) -> Tensor:
-    """``L^{-1} d`` as ``(..., T, 1)`` with ``L`` broadcast against ``d (..., T)``."""
-    shape = torch.broadcast_shapes(scale_tril.shape[:-2], difference.shape[:-1])
-    T = difference.shape[-1]
-    return torch.linalg.solve_triangular(
-        scale_tril.expand(*shape, T, T), difference.expand(*shape, T)[..., None], upper=False
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,17 +305,56 @@ class GPVAE(PyroModule):
         observed: Tensor | None = None,
     ) -> Tensor:
         """The observed entries as given, the others the decoded posterior mean; shape of
-        ``values``."""
+        ``values`` (:class:`pvae.protocol.SequenceVAE`, plus the per-entry mask ``observed``,
+        True = entry observed, shaped like ``values``)."""
         x, _, entries = self._check(values, times, mask, observed)
         mean = self.decode(self.posterior(x, entries).mean.mT)
         return torch.where(entries, x, mean).reshape(values.shape)
 
     @torch.no_grad()
-    def sample(self, times: Tensor, num_samples: int = 1) -> Tensor:
-        """Decoded means of latent paths drawn from the prior at ``times (T,)``,
-        ``(num_samples, T, x_dim)``."""
+    def forecast(
+        self,
+        values: Tensor,
+        steps: int,
+        times: Tensor | None = None,
+        mask: Tensor | None = None,
+        observed: Tensor | None = None,
+        gap: float = 1.0,
+    ) -> Tensor:
+        """Decoded means of the ``steps`` frames after each sequence, ``(B, steps,
+        *event_shape)``, at stamps ``t_T + gap, t_T + 2 gap, ...``: the GP's conditional mean
+        ``K_fp K_pp^{-1} m`` of the future values given the posterior mean ``m`` of the
+        sequence's own (``K`` the prior covariance over past and future stamps, jitter on its
+        diagonal); exact for the mean since ``E[z_f | z_p]`` is linear in ``z_p``."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        gap = validation.finite_float(gap, "gap")
+        if not gap > 0:
+            raise ValueError(f"gap must be a finite positive number, got {gap!r}")
+        x, times, entries = self._check(values, times, mask, observed)
+        T = x.shape[1]
+        ahead = torch.arange(1, steps + 1, dtype=x.dtype, device=x.device) * gap
+        stamps = torch.cat([times, times[:, -1:] + ahead], -1)  # (B, T + steps)
+        covariance = kernel_matrix(self.kernel, stamps, self.jitter)
+        cholesky = torch.linalg.cholesky(covariance[:, :T, :T])
+        mean = self.posterior(x, entries).mean  # (B, L, T)
+        weights = torch.cholesky_solve(mean.mT, cholesky)  # K_pp^{-1} m: (B, T, L)
+        future = covariance[:, T:, :T] @ weights  # (B, steps, L)
+        return self.decode(future).reshape(x.shape[0], steps, *values.shape[2:])
+
+    @torch.no_grad()
+    def sample(self, num_steps: int, num_samples: int = 1, times: Tensor | None = None) -> Tensor:
+        """Decoded means of latent paths drawn from the prior at ``times (num_steps,)`` (None:
+        ``0, 1, ..., num_steps - 1``), ``(num_samples, num_steps, x_dim)``."""
+        num_steps, times = legacy_sample_order(num_steps, times)
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        if times is None:
+            times = torch.arange(num_steps, dtype=next(self.decoder.parameters()).dtype)
+        elif not isinstance(times, Tensor) or times.shape != (num_steps,):
+            raise ValueError(f"times must be a tensor of shape ({num_steps},)")
         z = self.prior(times).sample(torch.Size([num_samples]))
         return self.decode(z.mT)
 
@@ -578,7 +372,8 @@ def imputation_metrics(
     """Imputation scored on the missing entries (``~(mask & observed)``) against the clean
     frames ``truth`` (shaped like ``values``):
 
-    - ``mse``: mean squared error of :meth:`GPVAE.impute` (decoded posterior mean);
+    - ``mse``: :func:`pvae.metrics.imputation_error`'s ``imputation_mse`` (the decoded
+      posterior mean of :meth:`GPVAE.impute`);
     - ``nll``: mean over missing entries of ``-log (1/S) sum_s p(x_e | z_s)``, ``z_s ~ q``
       (``S = num_samples``), nats per entry.
     """
@@ -589,12 +384,11 @@ def imputation_metrics(
     if not bool(missing.any()):
         raise ValueError("no missing entries to score")
     target = truth.reshape(x.shape).to(x.dtype)
-    imputed = model.impute(values, times, mask, observed).reshape(x.shape)
-    mse = (imputed - target)[missing].pow(2).mean()
+    mse = imputation_error(model, (values, times, mask, observed), truth)["imputation_mse"]
     z = model.posterior(x, entries).sample(torch.Size([num_samples]))  # (S, B, L, T)
     log_p = model.likelihood(model.decoder(z.mT)).log_prob(target)  # (S, B, T, x_dim)
     log_mean = torch.logsumexp(log_p, 0) - math.log(num_samples)
-    return {"mse": float(mse), "nll": float(-log_mean[missing].mean())}
+    return {"mse": mse, "nll": float(-log_mean[missing].mean())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,7 +446,7 @@ CARD = ModelCard(
         Option.of(GPVAE, "length_scale", Real(0.0, open_below=True)),
         Option.of(GPVAE, "learn_kernel"),
     ),
-    capabilities=("impute", "sample", "per-channel"),
+    capabilities=("impute", "forecast", "sample", "per-channel"),
     prepare=_entry_masked_view,
     decoder=lambda model: None,  # its latent is an (L, T) path: no traversal of one z
     metrics=gp_imputation_metrics,

@@ -24,7 +24,8 @@ Inference networks (guides), ``inference=``:
 - ``"bottom-up"``: a Markov chain upward, q(z_1 | x) prod_{l>1} q(z_l | z_{l-1}), each an
   MLP with a diagonal Gaussian head (Burda et al.'s two-layer architecture). The guide
   samples z_1 first, the model z_L first, so the ELBO engine falls back to Monte-Carlo KL
-  estimates (it warns once; pass ``ELBO(analytic_kl=False)`` to silence it).
+  estimates (the model declares it, :attr:`HierarchicalVAE.monte_carlo_kl`, so the engine's
+  warning about the order, meant for pairs where it is a mistake, stays silent).
 
 Latent sites, each inside ``pyro.plate("data")`` and each a ``Normal(...).to_event(1)``
 over ``(batch, z_dims[l - 1])``: ``"z1"`` (bottom, next to x), ``"z2"``, ..., ``"zL"`` (top);
@@ -218,6 +219,20 @@ class HierarchicalVAE(PyroModule):
             raise ValueError(
                 f"HierarchicalVAE expects x of shape (batch, {self.x_dim}), got {tuple(x.shape)}"
             )
+
+    @property
+    def monte_carlo_kl(self) -> bool:
+        """True for the bottom-up guide: it samples z_1 first and the model z_L first, so the
+        ELBO engine uses Monte-Carlo KL estimates by design (declared, so it does not warn;
+        :func:`pvae.protocol.declares_monte_carlo_kl`)."""
+        return self.inference == "bottom-up"
+
+    def shared_parameters(self) -> tuple[str, ...]:
+        """The ladder guide evaluates the model's top-down networks (the prior it merges with
+        the evidence): declared shared (:func:`pvae.protocol.declared_shared`)."""
+        if self.inference == "ladder" and len(self.top_down):
+            return (f"{self._pyro_name}.top_down",)
+        return ()
 
     # -- the pair -------------------------------------------------------------------------------
     def model(self, x: Tensor) -> None:

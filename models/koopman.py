@@ -70,14 +70,15 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.nn import PyroModule
 from torch import Tensor, nn
-from torch.distributions import constraints
 
 from pvae import likelihoods, nets, validation
+from pvae.distributions.sequential import PriorNet, SequentialPrior
+from pvae.gp import natural_cubic_spline
 
 from ._names import claim
+from ._sequence import legacy_frame_order
 
 __all__ = [
     "KoopmanVAE",
@@ -177,170 +178,6 @@ def _modulus_penalty(modulus: Tensor, constraint: str, max_modulus: float) -> Te
     if constraint == "unit":
         return (modulus - 1.0).pow(2).sum()
     raise ValueError(f"constraint must be one of {CONSTRAINTS} or a tensor, got {constraint!r}")
-
-
-# --------------------------------------------------------------------------------------------
-# Natural cubic splines through observed rows
-
-
-def natural_cubic_spline(times: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-    """Interpolate each sequence through its observed rows, evaluated at every row.
-
-    Per sequence with knots ``t_0 < ... < t_{n-1}`` (the rows where ``mask`` is True) the
-    natural cubic spline has second derivatives ``M`` solving, for ``0 < i < n - 1``,
-
-        h_{i-1} M_{i-1} + 2 (h_{i-1} + h_i) M_i + h_i M_{i+1}
-            = 6 ((y_{i+1} - y_i) / h_i - (y_i - y_{i-1}) / h_{i-1}),  M_0 = M_{n-1} = 0,
-
-    with ``h_i = t_{i+1} - t_i``; all sequences are solved at once (padded knots get the rows
-    ``M_i = 0``). Before the first and after the last knot the value is held constant; a
-    sequence with one observed row is constant, one with none is zero.
-
-    :param times: ``(B, T)`` increasing.
-    :param values: ``(B, T, C)`` (entries at hidden rows are ignored).
-    :param mask: ``(B, T)`` bool, True = observed.
-    :returns: ``(B, T, C)``, equal to ``values`` at observed rows.
-    """
-    B, T, C = values.shape
-    dtype = values.dtype
-    count = mask.sum(1)  # knots per sequence
-    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # observed first
-    valid = torch.arange(T, device=values.device) < count[:, None]  # (B, T) real knot
-    knot_t = times.to(dtype).gather(1, order)
-    knot_y = values.gather(1, order[..., None].expand(B, T, C))
-    # pad: knots after the last real one repeat its time + 1, 2, ... (never used for values)
-    last = (count - 1).clamp(min=0)
-    last_t = knot_t.gather(1, last[:, None])
-    pad_t = last_t + (torch.arange(T, device=values.device) - last[:, None]).to(dtype)
-    knot_t = torch.where(valid, knot_t, pad_t)
-    knot_y = torch.where(
-        valid[..., None], knot_y, knot_y.gather(1, last[:, None, None].expand(B, 1, C))
-    )
-    h = (knot_t[:, 1:] - knot_t[:, :-1]).clamp(min=1e-12)  # (B, T-1)
-    slope = (knot_y[:, 1:] - knot_y[:, :-1]) / h[..., None]  # (B, T-1, C)
-    index = torch.arange(T, device=values.device)
-    interior = (index[None, :] >= 1) & (index[None, :] < count[:, None] - 1)  # (B, T)
-    system = torch.zeros(B, T, T, dtype=dtype, device=values.device)
-    rhs = torch.zeros(B, T, C, dtype=dtype, device=values.device)
-    rows = index[1:-1]
-    h_prev, h_next = h[:, :-1], h[:, 1:]  # (B, T-2)
-    inner = interior[:, 1:-1]
-    system[:, rows, rows - 1] = torch.where(inner, h_prev, 0.0)
-    system[:, rows, rows] = torch.where(inner, 2 * (h_prev + h_next), 1.0)
-    system[:, rows, rows + 1] = torch.where(inner, h_next, 0.0)
-    system[:, 0, 0] = 1.0
-    system[:, -1, -1] = 1.0
-    rhs[:, 1:-1] = torch.where(inner[..., None], 6 * (slope[:, 1:] - slope[:, :-1]), 0.0)
-    second = torch.linalg.solve(system, rhs)  # (B, T, C)
-    # evaluate at every row's time
-    query = times.to(dtype)
-    upper = (count - 2).clamp(min=0)
-    interval = torch.searchsorted(knot_t.contiguous(), query.contiguous(), right=True) - 1
-    interval = torch.minimum(interval.clamp(min=0), upper[:, None])  # (B, T)
-    t0 = knot_t.gather(1, interval)
-    t1 = knot_t.gather(1, (interval + 1).clamp(max=T - 1))
-    gather = interval[..., None].expand(B, T, C)
-    y0, y1 = knot_y.gather(1, gather), knot_y.gather(1, (gather + 1).clamp(max=T - 1))
-    m0, m1 = second.gather(1, gather), second.gather(1, (gather + 1).clamp(max=T - 1))
-    width = (t1 - t0).clamp(min=1e-12)[..., None]
-    a = ((t1 - query)[..., None] / width).clamp(0, 1)
-    b = 1.0 - a
-    spline = a * y0 + b * y1 + ((a**3 - a) * m0 + (b**3 - b) * m1) * width**2 / 6
-    first_t = knot_t[:, :1]
-    before = query < first_t
-    after = query > last_t
-    spline = torch.where(before[..., None], knot_y[:, :1], spline)
-    spline = torch.where(
-        after[..., None], knot_y.gather(1, last[:, None, None].expand(B, 1, C)), spline
-    )
-    spline = torch.where((count <= 1)[:, None, None], knot_y[:, :1].expand(B, T, C), spline)
-    spline = torch.where((count == 0)[:, None, None], torch.zeros_like(spline), spline)
-    return torch.where(mask[..., None], values, spline)
-
-
-# --------------------------------------------------------------------------------------------
-# The sequential prior as a distribution over whole paths
-
-
-class PriorNet(nn.Module):
-    """The sequential prior's GRU and Gaussian head: ``h_t = GRU(z_{t-1}, h_{t-1})``,
-    ``(mu_t, sigma_t) = head(h_t)``."""
-
-    def __init__(self, z_dim: int, hidden: int) -> None:
-        super().__init__()
-        self.z_dim = z_dim
-        self.gru = nn.GRU(z_dim, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, 2 * z_dim)
-
-    def _gaussian(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        loc, raw = self.head(h).chunk(2, -1)
-        return loc, F.softplus(raw) + 1e-4
-
-    def conditionals(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """``(mu_t, sigma_t)`` of ``p(z_t | z_<t)`` at a path ``z (..., T, k)`` (teacher
-        forcing: one GRU pass over ``[0, z_1..z_{T-1}]``)."""
-        lead = z.shape[:-2]
-        flat = z.reshape(-1, *z.shape[-2:])
-        shifted = torch.cat([torch.zeros_like(flat[:, :1]), flat[:, :-1]], 1)
-        out, _ = self.gru(shifted)
-        loc, scale = self._gaussian(out)
-        return loc.reshape(*lead, *loc.shape[1:]), scale.reshape(*lead, *scale.shape[1:])
-
-    def rollout(self, num_paths: int, num_steps: int) -> Tensor:
-        """``(num_paths, num_steps, k)`` reparameterised paths drawn from the prior."""
-        weight = self.head.weight
-        z = weight.new_zeros(num_paths, 1, self.z_dim)
-        hidden = None
-        steps = []
-        for _ in range(num_steps):
-            out, hidden = self.gru(z, hidden)
-            loc, scale = self._gaussian(out)
-            z = loc + scale * torch.randn_like(loc)
-            steps.append(z)
-        return torch.cat(steps, 1)
-
-
-class SequentialPrior(TorchDistribution):
-    """``p(z_1..z_T) = prod_t N(z_t | mu(h_t), sigma(h_t))`` with ``h_t`` a GRU over ``z_<t``.
-
-    Batch shape ``batch_shape``, event shape ``(T, k)``. ``log_prob`` teacher-forces the GRU
-    on the value's own past (so replayed on a guide's draw it scores the draw's path);
-    ``rsample`` rolls the prior out step by step.
-    """
-
-    arg_constraints: dict = {}
-    support = constraints.independent(constraints.real, 2)
-    has_rsample = True
-
-    def __init__(
-        self,
-        net: PriorNet,
-        num_steps: int,
-        batch_shape: Any = (),
-        validate_args: Any = None,  # noqa: ARG002 (Pyro's signature)
-    ) -> None:
-        self.net = net
-        self.num_steps = int(num_steps)
-        super().__init__(
-            torch.Size(batch_shape), torch.Size([self.num_steps, net.z_dim]), validate_args=False
-        )
-
-    def expand(self, batch_shape, _instance=None):
-        return SequentialPrior(self.net, self.num_steps, torch.Size(batch_shape))
-
-    def rsample(self, sample_shape: Any = ()) -> Tensor:
-        shape = torch.Size(sample_shape) + self.batch_shape
-        paths = self.net.rollout(max(1, math.prod(shape)), self.num_steps)
-        return paths[: math.prod(shape)].reshape(*shape, *self.event_shape)
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        return self.log_prob_elements(value).sum((-2, -1))
-
-    def log_prob_elements(self, value: Tensor) -> Tensor:
-        """log p(z_tc | z_<t) per element, ``batch + (T, k)`` (they sum to :meth:`log_prob`;
-        per-channel collapse diagnostics read them)."""
-        loc, scale = self.net.conditionals(value)
-        return dist.Normal(loc, scale).log_prob(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -548,18 +385,50 @@ class KoopmanVAE(PyroModule):
         return self.likelihood.mean(self.decoder(z))
 
     @torch.no_grad()
-    def impute(self, values: Tensor, mask: Tensor, times: Tensor | None = None) -> Tensor:
+    def impute(
+        self, values: Tensor, times: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
         """Fill the hidden rows: observed rows as given, the others the decoded posterior
-        mean; ``(B, T, x_dim)``."""
+        mean; ``(B, T, x_dim)``. ``times (B, T)`` (None: ``0..T-1``), ``mask (B, T)`` bool,
+        True = observed (:class:`pvae.protocol.SequenceVAE`)."""
+        times, mask = legacy_frame_order(times, mask, "impute")
         values, times, mask = self._check(values, times, mask)
         mean = self.decode(self.posterior(values, times, mask).mean)
         return torch.where(mask[..., None], values, mean)
 
     @torch.no_grad()
-    def sample(self, num_steps: int, num_samples: int = 1) -> Tensor:
-        """Decoded means of paths drawn from the sequential prior, ``(num_samples, T, x_dim)``."""
+    def forecast(
+        self,
+        values: Tensor,
+        steps: int,
+        times: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """Decoded means of the next ``steps`` rows after each sequence, ``(B, steps, x_dim)``:
+        the sequential prior's mean rollout continued from the posterior mean path
+        (:meth:`pvae.distributions.PriorNet.continue_means`); with the standard-normal prior
+        (``sequential_prior=False``) the decoded prior mean."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        times, mask = legacy_frame_order(times, mask, "forecast")
+        values, times, mask = self._check(values, times, mask)
+        path = self.posterior(values, times, mask).mean
+        if not self.sequential_prior:
+            return self.decode(path.new_zeros(path.shape[0], steps, self.z_dim))
+        return self.decode(self.prior_net.continue_means(path, steps))
+
+    @torch.no_grad()
+    def sample(self, num_steps: int, num_samples: int = 1, times: Tensor | None = None) -> Tensor:
+        """Decoded means of paths drawn from the sequential prior, ``(num_samples, T, x_dim)``.
+        ``times (num_steps,)`` is accepted for :class:`pvae.protocol.SequenceVAE`: the prior is
+        over steps, so the stamps do not change the draws."""
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        num_samples = validation.positive_int(num_samples, "num_samples")
+        if times is not None:
+            if not isinstance(times, Tensor) or times.shape != (num_steps,):
+                raise ValueError(f"times must be a tensor of shape ({num_steps},)")
+            validation.check_times(times)
         if not self.sequential_prior:
             return self.decode(self.prior(num_steps).sample(torch.Size([num_samples])))
         return self.decode(self.prior_net.rollout(num_samples, num_steps))
@@ -672,7 +541,7 @@ CARD = ModelCard(
             help="penalty on the Koopman eigenvalues",
         ),
     ),
-    capabilities=("impute", "sample", "per-channel"),
+    capabilities=("impute", "forecast", "sample", "per-channel"),
     decoder=lambda model: None,
     metrics=_metrics,
     channels={"z": -1},

@@ -46,18 +46,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import pyro
 import torch
 import torch.nn.functional as F
-from pyro.nn import PyroModule
 from torch import Tensor, nn
 
-from pvae import gp, likelihoods, nets, validation
-from pvae.distributions import KalmanSmoothedPosterior, LinearGaussianEmission, StateSpacePrior
+from pvae import gp, validation
+from pvae.distributions import KalmanSmoothedPosterior, StateSpacePrior
 
-from ._names import claim
+from .structured import StateSpaceVAE
 
-__all__ = ["MaternPrior", "MarkovianGPVAE"]
+__all__ = ["MaternPrior", "MaternSDEPrior", "MarkovianGPVAE"]
 
 NETS = ("mlp", "conv", "linear")
 LENGTHSCALE_FLOOR = 1e-4  # lengthscale = softplus(raw) + floor: nothing below it is reachable
@@ -76,7 +74,7 @@ def _channel_blocks(blocks: Tensor) -> Tensor:
     return full.transpose(-3, -2).reshape(*blocks.shape[:-3], d * L, d * L)
 
 
-class MaternPrior(nn.Module):
+class MaternSDEPrior(nn.Module):
     """L independent Matérn-``nu`` GPs with learned lengthscales and variances, as one
     state-space model on the derivative-first state of size ``d L``.
 
@@ -139,10 +137,46 @@ class MaternPrior(nn.Module):
         loc = P.new_zeros(self.state_dim)
         return StateSpacePrior(A, Q, loc, P, times.shape[-1], method=method)
 
+    # -- the prior interface of StateSpaceVAE -----------------------------------------------
+    def grid(self, times: Tensor | None, x: Tensor) -> Tensor:
+        """The stamps for frames ``x (B, T, ...)``: ``times`` ``(B, T)`` or ``(T,)`` checked
+        (strictly increasing) and cast to ``x``'s dtype, ``(T,)`` when every sequence shares
+        them; None gives ``0, 1, ..., T-1``."""
+        B, T = x.shape[:2]
+        if times is None:
+            times = torch.arange(T, dtype=x.dtype, device=x.device)
+        elif not isinstance(times, Tensor) or not times.is_floating_point():
+            raise TypeError("times must be a floating-point tensor (B, T)")
+        elif times.shape not in ((B, T), (T,)):
+            raise ValueError(f"times must have shape (B, T) = {(B, T)}, got {tuple(times.shape)}")
+        gp.check_times(times)
+        times = times.to(x.dtype)
+        if times.dim() == 2 and bool((times == times[:1]).all()):
+            times = times[0]
+        return times
 
-class MarkovianGPVAE(PyroModule):
+    def trajectory(self, times: Tensor, num_steps: int, method: str) -> StateSpacePrior:
+        """:meth:`state_space` at ``times`` (``num_steps`` is ``times.shape[-1]``)."""
+        return self.state_space(times, method)
+
+    def transition_matrix(self, gap: float | None = None) -> Tensor:
+        """``A (d L, d L)`` over one gap (default 1, the spacing of the default stamps)."""
+        step = self.lengthscale_raw.new_full((1,), 1.0 if gap is None else float(gap))
+        A, _, _ = gp.matern_discretisation(self.nu, self.lengthscale(), self.variance(), step)
+        return _channel_blocks(A[:, 0])  # (L, 1, d, d) -> (d L, d L)
+
+
+MaternPrior = MaternSDEPrior
+"""The former name of :class:`MaternSDEPrior` (kept for imports)."""
+
+
+class MarkovianGPVAE(StateSpaceVAE):
     """Markovian GP-VAE: Matérn GP priors per latent channel as SDEs, per-frame decoder,
     encoder potentials smoothed exactly in O(T).
+
+    A :class:`pvae.models.structured.StateSpaceVAE` with the :class:`MaternSDEPrior`
+    registered as ``gp`` (the decoder reads the L GP values, the first L of the ``d L``
+    state coordinates).
 
     :param x_dim: size of one frame (flattened; ``prod(event_shape)``).
     :param z_dim: number of latent channels L.
@@ -162,6 +196,8 @@ class MarkovianGPVAE(PyroModule):
     :param name: prefix of the model's names in Pyro's parameter store (unique per instance).
     """
 
+    gp: MaternSDEPrior
+
     def __init__(
         self,
         x_dim: int,
@@ -178,25 +214,22 @@ class MarkovianGPVAE(PyroModule):
         likelihood_kw: dict | None = None,
         name: str = "mgpvae",
     ):
-        if net not in NETS:
-            raise ValueError(f"net must be one of {NETS}, got {net!r}")
-        if net == "linear" and likelihood != "gaussian":
-            raise ValueError(f"net 'linear' needs likelihood 'gaussian', got {likelihood!r}")
-        if exact_potentials and net != "linear":
-            raise ValueError("exact_potentials needs the linear-Gaussian decoder (net='linear')")
         if method not in ("sequential", "parallel"):
             raise ValueError(f"method must be 'sequential' or 'parallel', got {method!r}")
         if isinstance(z_dim, bool) or not isinstance(z_dim, int) or z_dim < 1:
             raise ValueError(f"z_dim must be a positive integer, got {z_dim!r}")
-        super().__init__(claim(name, self))
-        self.x_dim, self.z_dim = int(x_dim), z_dim
-        self.net, self.method = net, method
-        self.exact_potentials = bool(exact_potentials)
-        self.gp = MaternPrior(z_dim, nu, lengthscale, variance)
-        self.likelihood = likelihoods.get(likelihood, self.x_dim, **(likelihood_kw or {}))
-        self._likelihood_learns = any(True for _ in self.likelihood.parameters())
-        self.encoder, self.decoder = nets.build_frame_networks(
-            net, self.x_dim, self.z_dim, hidden, self.likelihood.param_size, image_shape
+        super().__init__(
+            x_dim,
+            MaternSDEPrior(z_dim, nu, lengthscale, variance),
+            "gp",
+            hidden=hidden,
+            likelihood=likelihood,
+            net=net,
+            image_shape=image_shape,
+            exact_potentials=exact_potentials,
+            method=method,
+            likelihood_kw=likelihood_kw,
+            name=name,
         )
 
     # -- pieces -------------------------------------------------------------------------------
@@ -206,36 +239,7 @@ class MarkovianGPVAE(PyroModule):
         """Frames ``(B, T, x_dim)`` (zero at hidden frames, which may hold NaN: replaced before
         any arithmetic), time stamps ``(B, T)`` or ``(T,)`` when every sequence shares them,
         and the ``(B, T)`` bool mask."""
-        if not isinstance(values, Tensor) or not values.is_floating_point():
-            raise TypeError("values must be a floating-point tensor (B, T, *event_shape)")
-        if values.dim() < 3 or math.prod(values.shape[2:]) != self.x_dim:
-            raise ValueError(
-                f"values must have shape (B, T, *event_shape) with prod(event_shape) = "
-                f"{self.x_dim}, got {tuple(values.shape)}"
-            )
-        x = values.reshape(*values.shape[:2], self.x_dim)
-        B, T = x.shape[:2]
-        if times is None:
-            times = torch.arange(T, dtype=x.dtype, device=x.device)
-        elif not isinstance(times, Tensor) or not times.is_floating_point():
-            raise TypeError("times must be a floating-point tensor (B, T)")
-        elif times.shape not in ((B, T), (T,)):
-            raise ValueError(f"times must have shape (B, T) = {(B, T)}, got {tuple(times.shape)}")
-        gp.check_times(times)
-        times = times.to(x.dtype)
-        if times.dim() == 2 and bool((times == times[:1]).all()):
-            times = times[0]
-        if mask is None:
-            mask = torch.ones((B, T), dtype=torch.bool, device=x.device)
-        elif not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise TypeError(
-                f"mask must be a bool tensor (True = observed), got "
-                f"{getattr(mask, 'dtype', type(mask).__name__)}"
-            )
-        elif mask.shape != (B, T):
-            raise ValueError(f"mask must have shape (B, T) = {(B, T)}, got {tuple(mask.shape)}")
-        x = torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-        return x, times, mask
+        return self._prepare(values, times, mask)
 
     def hyperparameters(self) -> dict[str, list[float]]:
         """The learned GP hyper-parameters per channel: ``lengthscale`` l_l and ``variance``
@@ -250,13 +254,6 @@ class MarkovianGPVAE(PyroModule):
         """``p(z)`` at ``times (..., T)``: event shape ``(T, d L)``."""
         return self.gp.state_space(times, self.method)
 
-    def _emission_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``(C H, c, R)`` of the linear-Gaussian decoder on the state, R = diag(r^2)."""
-        assert isinstance(self.decoder, nn.Linear)
-        scale = self.likelihood.scale.expand(self.x_dim)  # type: ignore[operator]
-        matrix = self.decoder.weight @ self.gp.observation_matrix()
-        return matrix, self.decoder.bias, torch.diag_embed(scale.pow(2))
-
     def smoothed(
         self, loc: Tensor, scale: Tensor, times: Tensor, mask: Tensor | None = None
     ) -> KalmanSmoothedPosterior:
@@ -270,51 +267,7 @@ class MarkovianGPVAE(PyroModule):
         self, x: Tensor, times: Tensor, mask: Tensor | None = None
     ) -> KalmanSmoothedPosterior:
         """``q(z | y)`` for frames ``x (B, T, x_dim)`` at ``times``; batch shape ``(B,)``."""
-        if self.exact_potentials:
-            C, c, R = self._emission_parameters()
-            return KalmanSmoothedPosterior(self.prior(times), x - c, C, R, mask=mask)
-        loc, scale = self.encoder(x)
-        return self.smoothed(loc, scale, times, mask)
-
-    def _register(self, part: str) -> None:
-        pyro.module(f"{self._pyro_name}.gp", self.gp)
-        if part == "decoder" or self.exact_potentials:
-            pyro.module(f"{self._pyro_name}.decoder", self.decoder)
-            if self._likelihood_learns:
-                pyro.module(f"{self._pyro_name}.likelihood", self.likelihood)
-        if part == "encoder" and not self.exact_potentials:
-            pyro.module(f"{self._pyro_name}.encoder", self.encoder)
-
-    # -- the pair -----------------------------------------------------------------------------
-    def model(self, values: Tensor, times: Tensor | None = None, mask: Tensor | None = None):
-        """p(y, z) for a batch of sequences; frames are scored where ``mask`` is True."""
-        x, times, mask = self._check(values, times, mask)
-        self._register("decoder")
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", self.prior(times))
-            if self.net == "linear":
-                C, c, R = self._emission_parameters()
-                emission = LinearGaussianEmission(z, C, c, R, mask=mask, latent_site="z")
-                pyro.sample("x", emission, obs=x)
-            else:
-                f = z[..., : self.z_dim]
-                frames = self.likelihood(self.decoder(f)).to_event(1)  # batch (..., B, T)
-                pyro.sample("x", frames.mask(mask).to_event(1), obs=x)
-
-    def guide(self, values: Tensor, times: Tensor | None = None, mask: Tensor | None = None):
-        """q(z | y): the prior times the encoder's potentials at the observed frames."""
-        x, times, mask = self._check(values, times, mask)
-        self._register("encoder")
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", self.posterior(x, times, mask))
-
-    # -- conveniences (no engine needs them) --------------------------------------------------
-    @torch.no_grad()
-    def decode(self, f: Tensor) -> Tensor:
-        """Mean of p(y_t | f_t) per step, ``(..., x_dim)`` for GP values ``f (..., L)``."""
-        if self.net == "linear":
-            return self.decoder(f)
-        return self.likelihood.mean(self.decoder(f))
+        return self._posterior(x, times, mask)
 
     @torch.no_grad()
     def encode(
@@ -324,24 +277,6 @@ class MarkovianGPVAE(PyroModule):
         x, times, mask = self._check(values, times, mask)
         q = self.posterior(x, times, mask)
         return q.mean[..., : self.z_dim], q.variance[..., : self.z_dim]
-
-    @torch.no_grad()
-    def impute(
-        self, values: Tensor, times: Tensor | None = None, mask: Tensor | None = None
-    ) -> Tensor:
-        """Fill the hidden frames with the decoded smoothed posterior mean; observed frames as
-        given; shape of ``values``. Hidden frames may hold anything, NaN included."""
-        x, _, mask = self._check(values, times, mask)
-        mean = self.decode(self.encode(values, times, mask)[0])
-        return torch.where(mask[..., None], x, mean).reshape(values.shape)
-
-    @torch.no_grad()
-    def sample(self, times: Tensor, num_samples: int = 1) -> Tensor:
-        """Decoded means of GP draws at ``times (T,)``, ``(num_samples, T, x_dim)``."""
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        z = self.prior(times).sample(torch.Size([num_samples]))
-        return self.decode(z[..., : self.z_dim])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +319,7 @@ CARD = ModelCard(
         Option.of(MarkovianGPVAE, "nu", Real(), choices=gp.NUS),
         Option.of(MarkovianGPVAE, "lengthscale", Real(0.0, open_below=True)),
     ),
-    capabilities=("impute", "sample", "per-channel", "state-space"),
+    capabilities=("impute", "forecast", "sample", "per-channel", "state-space"),
     decoder=lambda model: None,  # its latent is a (T, d L) state path: no traversal of one z
     metrics=gp_imputation_metrics,
     channels={"z": -1},  # the L GP values, then their derivatives

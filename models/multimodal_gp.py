@@ -80,7 +80,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
 
 import pyro
 import pyro.distributions as dist
@@ -89,7 +88,10 @@ from pyro.nn import PyroModule
 from torch import Tensor, nn
 
 from pvae import likelihoods, nets, validation
-from pvae.distributions import KalmanSmoothedPosterior, StateSpacePrior
+from pvae.distributions._checks import positive_int as _positive_int
+from pvae.distributions.fourier import FourierRBFPrior, fourier_basis, rbf_spectral_density
+from pvae.distributions.state_space import MarkovianPrior
+from pvae.distributions.temporal import TemporalPrior
 from pvae.gaussian import product_of_experts
 from pvae.protocol import EXPECTED_LOG_PROB
 
@@ -108,300 +110,13 @@ __all__ = [
 
 MODALITIES = ("neural", "image")
 GROUPS = ("shared", "neural", "image")
-_TRUNCATION = 1e-8  # S(w_max) / S(0) for the shortest current lengthscale
 _NO_PRECISION = 1e-10  # precision of an absent potential where a finite one is needed
-
-
-def _positive_int(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _positive_float(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a positive number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-# ---------------------------------------------------------------------------------------------
-# Math
-# ---------------------------------------------------------------------------------------------
-
-
-def rbf_spectral_density(frequency: Tensor, lengthscale: Tensor, variance: float = 1.0) -> Tensor:
-    """``S(w) = s^2 sqrt(2 pi) l exp(-2 pi^2 l^2 w^2)``, the Fourier transform of the RBF kernel
-    ``s^2 exp(-tau^2 / (2 l^2))`` with w in cycles per time unit; shapes broadcast."""
-    return (
-        variance
-        * math.sqrt(2 * math.pi)
-        * lengthscale
-        * torch.exp(-2 * (math.pi * lengthscale * frequency) ** 2)
-    )
-
-
-def fourier_basis(
-    num_steps: int, padded_steps: int, max_index: int, dtype: torch.dtype = torch.float32
-) -> tuple[Tensor, Tensor]:
-    """The real orthonormal Fourier basis of ``padded_steps`` points, first ``num_steps`` rows.
-
-    :returns: ``(basis (num_steps, K), index (K,))``: the columns are, for frequency index
-        ``k = 0 .. max_index`` (at most ``padded_steps // 2``): ``1 / sqrt(T')`` (k = 0),
-        ``sqrt(2 / T') cos(2 pi k t / T')`` and ``sqrt(2 / T') sin(2 pi k t / T')``
-        (``0 < k < T' / 2``), ``cos(pi t) / sqrt(T')`` (k = T' / 2); ``index`` holds each
-        column's k. On all ``T'`` rows with ``max_index = T' // 2`` the basis is orthogonal.
-    """
-    _positive_int(num_steps, "num_steps")
-    _positive_int(padded_steps, "padded_steps", num_steps)
-    max_index = min(int(max_index), padded_steps // 2)
-    t = torch.arange(num_steps, dtype=torch.float64)
-    columns, index = [torch.full((num_steps,), padded_steps**-0.5, dtype=torch.float64)], [0]
-    for k in range(1, max_index + 1):
-        phase = 2 * math.pi * k * t / padded_steps
-        if 2 * k == padded_steps:
-            columns.append(torch.cos(phase) * padded_steps**-0.5)
-            index.append(k)
-        else:
-            columns += [torch.cos(phase) * (2 / padded_steps) ** 0.5]
-            columns += [torch.sin(phase) * (2 / padded_steps) ** 0.5]
-            index += [k, k]
-    return torch.stack(columns, -1).to(dtype), torch.tensor(index, dtype=dtype)
 
 
 def poisson_expected_log_likelihood(counts: Tensor, mean: Tensor, variance: Tensor) -> Tensor:
     """``E[log Poisson(y | exp(eta))]`` for ``eta ~ N(mean, variance)``, elementwise:
     ``y mean - exp(mean + variance / 2) - log y!`` (shapes broadcast)."""
     return counts * mean - torch.exp(mean + 0.5 * variance) - torch.lgamma(counts + 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Priors over time: one interface, two parameterisations
-# ---------------------------------------------------------------------------------------------
-
-
-@runtime_checkable
-class TemporalPrior(Protocol):
-    """What :class:`MultimodalGPVAE` needs of a GP prior over ``num_channels`` latent paths.
-
-    The latent site's value may be any representation (Fourier coefficients, a state-space
-    trajectory); ``paths`` turns it into the paths ``(..., B, T, num_channels)``.
-
-    - ``prior(batch, num_steps, dt)``: the prior distribution of the site, batch shape
-      ``(batch,)``.
-    - ``posterior(loc, precision, dt)``: the prior times Gaussian potentials
-      ``N(loc_t | z_t, diag(1 / precision_t))`` (``(B, T, C)``; precision 0 = no potential),
-      normalised; batch shape ``(B,)``, the same event shape as ``prior``.
-    - ``paths(value, num_steps, dt)``: ``(..., B, T, C)`` from a value of the site.
-    - ``path_moments(posterior, num_steps, dt)``: the marginal means and variances of the paths
-      under ``posterior``, each ``(B, T, C)``; channels are independent under the posterior.
-    """
-
-    num_channels: int
-
-    def prior(self, batch: int, num_steps: int, dt: float) -> dist.TorchDistribution: ...
-
-    def posterior(self, loc: Tensor, precision: Tensor, dt: float) -> dist.TorchDistribution: ...
-
-    def paths(self, value: Tensor, num_steps: int, dt: float) -> Tensor: ...
-
-    def path_moments(
-        self, posterior: dist.TorchDistribution, num_steps: int, dt: float
-    ) -> tuple[Tensor, Tensor]: ...
-
-
-class FourierRBFPrior(nn.Module):
-    """Independent RBF GPs per channel in the Fourier domain (see the module docstring).
-
-    :param num_channels: number of latent paths C.
-    :param lengthscale: initial lengthscale (time units) of every channel, learned.
-    :param padding: padding of the trial, in time units. Default None: ``4 * lengthscale`` of
-        the longest current lengthscale (wrap-around error below ``exp(-8)`` of the variance),
-        recomputed whenever the lengthscales move. A number fixes it (the prior then drifts
-        from the RBF once a lengthscale grows past ``padding / 4``).
-    :param max_frequency: highest frequency kept (cycles per time unit). Default None: where
-        ``S(w) / S(0) = 1e-8`` for the shortest current lengthscale, recomputed like the
-        padding. A number fixes it.
-    :param learn_lengthscale: whether the lengthscales are parameters.
-
-    The site's value: coefficients ``(..., B, C, K)``; the guide is one ``K``-variate Gaussian
-    per trial and channel (``MultivariateNormal(...).to_event(1)``), the prior a diagonal one,
-    so the KL is analytic. With the default padding and cut-off, ``K`` follows the current
-    lengthscales (the model and the guide of one step read the same ones), so the covariance
-    ``B diag(lambda) B^T`` stays the RBF kernel of the lengthscale the model reports, whatever
-    value it learns.
-    """
-
-    def __init__(
-        self,
-        num_channels: int,
-        lengthscale: float = 5.0,
-        padding: float | None = None,
-        max_frequency: float | None = None,
-        learn_lengthscale: bool = True,
-    ) -> None:
-        super().__init__()
-        self.num_channels = _positive_int(num_channels, "num_channels")
-        lengthscale = _positive_float(lengthscale, "lengthscale")
-        if padding is not None and not (
-            isinstance(padding, int | float) and math.isfinite(padding) and padding >= 0
-        ):
-            raise ValueError(f"padding must be a number >= 0 or None, got {padding!r}")
-        self.fixed_padding = None if padding is None else float(padding)
-        self.fixed_max_frequency = (
-            None if max_frequency is None else _positive_float(max_frequency, "max_frequency")
-        )
-        log_lengthscale = torch.full((self.num_channels,), math.log(lengthscale))
-        if learn_lengthscale:
-            self.log_lengthscale = nn.Parameter(log_lengthscale)
-        else:
-            self.register_buffer("log_lengthscale", log_lengthscale)
-
-    @property
-    def lengthscale(self) -> Tensor:
-        """``(C,)`` lengthscales in time units."""
-        return self.log_lengthscale.exp()
-
-    def _lengthscale_range(self) -> tuple[float, float]:
-        values = self.log_lengthscale.detach().exp()
-        shortest, longest = float(values.min()), float(values.max())
-        if not (math.isfinite(shortest) and math.isfinite(longest) and shortest > 0):
-            raise ValueError(
-                f"FourierRBFPrior: lengthscales must be finite and positive, got {values.tolist()}"
-            )
-        return shortest, longest
-
-    @property
-    def padding(self) -> float:
-        """Padding in time units: the fixed value, or ``4 *`` the longest lengthscale."""
-        if self.fixed_padding is not None:
-            return self.fixed_padding
-        return 4 * self._lengthscale_range()[1]
-
-    @property
-    def max_frequency(self) -> float:
-        """Cut-off in cycles per time unit: the fixed value, or where ``S(w) / S(0) = 1e-8``
-        for the shortest lengthscale."""
-        if self.fixed_max_frequency is not None:
-            return self.fixed_max_frequency
-        shortest = self._lengthscale_range()[0]
-        return math.sqrt(math.log(1 / _TRUNCATION) / 2) / (math.pi * shortest)
-
-    def padded_steps(self, num_steps: int, dt: float) -> int:
-        """``T' = T + ceil(padding / dt)``."""
-        return num_steps + math.ceil(self.padding / dt - 1e-9)
-
-    def basis(self, num_steps: int, dt: float) -> tuple[Tensor, Tensor]:
-        """``(B (T, K), lambda (C, K))``: the truncated basis and each coefficient's prior
-        variance ``S(w_k) / dt``, floored at ``1e-8 S(0) / dt`` per channel."""
-        padded = self.padded_steps(num_steps, dt)
-        max_index = math.floor(self.max_frequency * padded * dt + 1e-9)
-        ref = self.log_lengthscale
-        basis, index = fourier_basis(num_steps, padded, max_index, dtype=ref.dtype)
-        basis, index = basis.to(ref.device), index.to(ref.device)
-        frequency = index / (padded * dt)
-        lengthscale = self.lengthscale[:, None]
-        variance = rbf_spectral_density(frequency, lengthscale) / dt
-        # the cut-off serves the shortest lengthscale; a longer one's high frequencies would get
-        # variances far below 1e-8 of its S(0) (1e-22 at 1.6x): floored there, its precision
-        # stays conditioned as at the cut-off, and the covariance moves by < 1e-7 of s^2
-        floor = _TRUNCATION * rbf_spectral_density(frequency.new_zeros(()), lengthscale) / dt
-        return basis, torch.maximum(variance, floor)
-
-    def prior(self, batch: int, num_steps: int, dt: float) -> dist.TorchDistribution:
-        _, variance = self.basis(num_steps, dt)
-        scale_tril = torch.diag_embed(variance.sqrt())
-        mvn = dist.MultivariateNormal(torch.zeros_like(variance), scale_tril=scale_tril)
-        return mvn.expand(torch.Size([batch, self.num_channels])).to_event(1)
-
-    def posterior(self, loc: Tensor, precision: Tensor, dt: float) -> dist.TorchDistribution:
-        basis, variance = self.basis(loc.shape[-2], dt)
-        # P = diag(1 / lambda) + B^T diag(precision) B per trial and channel: (B, C, K, K)
-        weighted = precision.mT[..., :, :, None] * basis  # (B, C, T, K)
-        matrix = basis.mT @ weighted + torch.diag_embed(variance.reciprocal())
-        linear = (weighted * loc.mT[..., None]).sum(-2)  # B^T (precision * loc): (B, C, K)
-        cholesky = torch.linalg.cholesky(matrix)
-        mean = torch.cholesky_solve(linear[..., None], cholesky)[..., 0]
-        scale_tril = _precision_cholesky_to_scale_tril(cholesky)
-        return dist.MultivariateNormal(mean, scale_tril=scale_tril).to_event(1)
-
-    def paths(self, value: Tensor, num_steps: int, dt: float) -> Tensor:
-        basis, _ = self.basis(num_steps, dt)
-        return (value @ basis.mT).mT
-
-    def path_moments(
-        self, posterior: dist.TorchDistribution, num_steps: int, dt: float
-    ) -> tuple[Tensor, Tensor]:
-        mvn = posterior.base_dist  # type: ignore[attr-defined]
-        basis, _ = self.basis(num_steps, dt)
-        mean = (mvn.loc @ basis.mT).mT
-        variance = (basis @ mvn.scale_tril).pow(2).sum(-1).mT
-        return mean, variance
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_channels={self.num_channels}, padding={self.padding:g}, "
-            f"max_frequency={self.max_frequency:g}"
-        )
-
-
-def _precision_cholesky_to_scale_tril(cholesky: Tensor) -> Tensor:
-    """The lower Cholesky factor of ``P^-1`` from the Cholesky factor ``L`` of ``P``."""
-    return torch.linalg.cholesky(torch.cholesky_inverse(cholesky))
-
-
-class MarkovianPrior(nn.Module):
-    """Independent GPs per channel as a linear state-space model in the time domain.
-
-    Each channel is a stationary Ornstein-Uhlenbeck process (Matérn-1/2 kernel
-    ``exp(-|tau| / l)``, unit variance): ``z_t = a z_{t-1} + q_t``, ``a = exp(-dt / l)``,
-    ``q_t ~ N(0, 1 - a^2)``, ``z_1 ~ N(0, 1)``. The site's value is the state trajectory
-    ``(..., B, T, D)``; the guide is the Kalman-smoothed prior times the potentials
-    (:class:`pvae.distributions.KalmanSmoothedPosterior`, exact KL against the prior).
-
-    Extension point: a higher-order Matérn SDE (state of ``order`` components per channel)
-    plugs in by overriding :meth:`state_space` to return its ``(A, Q, P_1, H)`` with
-    ``H (C, D)`` picking each channel's path out of the state; nothing else changes.
-
-    :param num_channels: number of latent paths C.
-    :param lengthscale: initial lengthscale (time units), learned per channel.
-    """
-
-    def __init__(self, num_channels: int, lengthscale: float = 5.0) -> None:
-        super().__init__()
-        self.num_channels = _positive_int(num_channels, "num_channels")
-        lengthscale = _positive_float(lengthscale, "lengthscale")
-        self.log_lengthscale = nn.Parameter(torch.full((self.num_channels,), math.log(lengthscale)))
-
-    def state_space(self, dt: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(A (D, D), Q (D, D), P_1 (D, D), H (C, D))`` of the state-space form, D = C."""
-        decay = torch.exp(-dt / self.log_lengthscale.exp())
-        eye = torch.eye(self.num_channels, dtype=decay.dtype, device=decay.device)
-        return torch.diag_embed(decay), torch.diag_embed(1 - decay**2), eye, eye
-
-    def prior(self, batch: int, num_steps: int, dt: float) -> StateSpacePrior:
-        A, Q, P1, _ = self.state_space(dt)
-        initial_loc = A.new_zeros(batch, A.shape[-1])
-        return StateSpacePrior(A, Q, initial_loc, P1, num_steps)
-
-    def posterior(self, loc: Tensor, precision: Tensor, dt: float) -> KalmanSmoothedPosterior:
-        _, _, _, H = self.state_space(dt)
-        prior = self.prior(loc.shape[0], loc.shape[-2], dt)
-        covariance = torch.diag_embed(precision.clamp_min(_NO_PRECISION).reciprocal())
-        return KalmanSmoothedPosterior(prior, loc, H, covariance)
-
-    def paths(self, value: Tensor, num_steps: int, dt: float) -> Tensor:
-        _, _, _, H = self.state_space(dt)
-        return value @ H.mT
-
-    def path_moments(
-        self, posterior: dist.TorchDistribution, num_steps: int, dt: float
-    ) -> tuple[Tensor, Tensor]:
-        _, _, _, H = self.state_space(dt)
-        assert isinstance(posterior, KalmanSmoothedPosterior)
-        covariance = H @ posterior.smoother.smoothed_covs @ H.mT
-        return posterior.mean @ H.mT, covariance.diagonal(dim1=-2, dim2=-1)
 
 
 PRIORS = {"fourier": FourierRBFPrior, "markovian": MarkovianPrior}
@@ -597,6 +312,17 @@ class MultimodalGPVAE(PyroModule):
         counts, frames, dt, modality_mask = self._check(counts, frames, times, modality_mask)
         loc, precision = self.potentials(counts, frames, modality_mask)
         return self.prior_process.posterior(loc, precision, dt)
+
+    def shared_parameters(self) -> tuple[str, ...]:
+        """Parameters meant to feed both the model and the guide (declared, so the pair's
+        parameter split does not warn; :func:`pvae.protocol.declared_shared`): the temporal
+        prior's (the guide is the prior times the encoders' potentials) and, with
+        ``analytic_poisson``, the encoders' (the closed-form expected Poisson likelihood reads
+        the guide's moments)."""
+        shared = [f"{self._pyro_name}.prior"]
+        if self.analytic_poisson:
+            shared += [f"{self._pyro_name}.neural_encoder", f"{self._pyro_name}.image_encoder"]
+        return tuple(shared)
 
     def _register(self, part: str) -> None:
         pyro.module(f"{self._pyro_name}.prior", self.prior_process)  # type: ignore[arg-type]

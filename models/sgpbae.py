@@ -16,7 +16,7 @@ too; everything is sampled jointly by SGHMC (:class:`pvae.inference.SGHMC`):
 with ``K_uu = k(Z_u, Z_u) + jitter I`` on M inducing inputs ``Z_u`` (fixed), ``K_nu = k(t_n,
 Z_u)``, ``Q_nn = K_nu K_uu^{-1} K_un`` and the kernel ``k(t, t') = s2 k_1(t / ell, t' / ell)``,
 ``k_1`` a gpytorch kernel of unit length scale (``"rbf"``, ``"matern12"/"32"/"52"``,
-``"cauchy"``, as :func:`pvae.models.gp_vae.gp_kernel` builds them). The conditional of z given u
+``"cauchy"``, as :func:`pvae.gp.gp_kernel` builds them). The conditional of z given u
 is FITC's: per datapoint and channel, independently, with the diagonal of the Nystrom residual as
 its variance (:func:`fitc_conditional`); with M = N inducing inputs at the data inputs it is the
 exact GP. Hyper-parameters share one kernel across the L channels. The sampler works in
@@ -55,9 +55,9 @@ from pyro.nn import PyroModule, pyro_method
 from torch import Tensor, nn
 
 from pvae import likelihoods, nets
+from pvae.gp import KERNELS, exact_gp_settings, gp_kernel
 
 from .bayesian_ae import _positive, bayesian_layers, read_weights, run_layers
-from .gp_vae import KERNELS, exact_gp_settings, gp_kernel
 
 __all__ = [
     "SGPBAE",

@@ -13,9 +13,10 @@ The generator F (contracting: its symmetric part is at most -1e-3), the diffusio
 and P_1 are learned; ``(A_t, Q_t)`` is the exact discretisation on each sequence's own gaps
 (:func:`pvae.gp.lti_discretisation`), so an irregular grid is modelled as such. On a regular
 grid every step shares one ``(A, Q)``, computed once, and any stable discrete-time pair with a
-real logarithm and a positive-definite Sigma is reachable (:meth:`LinearDynamics.set_transition`
-sets one). The decoder is an MLP or a small conv net with a likelihood chosen by name, or the
-linear-Gaussian emission ``N(y_t | C z_t + d, diag(s^2))`` (``net="linear"``).
+real logarithm and a positive-definite Sigma is reachable
+(:meth:`LinearDynamicsPrior.set_transition` sets one). The decoder is an MLP or a small conv
+net with a likelihood chosen by name, or the linear-Gaussian emission
+``N(y_t | C z_t + d, diag(s^2))`` (``net="linear"``).
 
 Inference network (guide): an encoder maps each observed frame to a Gaussian potential
 ``N(y~_t | z_t, diag(v_t))`` on the state, and the guide is the prior times the potentials,
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import pyro
 import torch
@@ -55,8 +57,9 @@ from pvae import gp, likelihoods, nets, validation
 from pvae.distributions import KalmanSmoothedPosterior, LinearGaussianEmission, StateSpacePrior
 
 from ._names import claim
+from ._sequence import legacy_frame_order, legacy_sample_order
 
-__all__ = ["StructuredVAE"]
+__all__ = ["LinearDynamicsPrior", "StateSpaceVAE", "StructuredVAE"]
 
 NETS = ("mlp", "conv", "linear")
 CONTRACTION = 1e-3  # the generator's symmetric part is <= -1e-3: ||A_k||_2 <= exp(-1e-3 dt_k)
@@ -73,7 +76,7 @@ def _tril(raw: Tensor) -> Tensor:
     return raw.tril(-1) + torch.diag_embed(diagonal)
 
 
-class LinearDynamics(nn.Module):
+class LinearDynamicsPrior(nn.Module):
     """The learned continuous-time prior: generator F, diffusion Sigma = L L^T, m_1, P_1.
 
     The state follows the linear SDE ``dz = F z dt + dW``, ``Cov(dW) = Sigma dt``, with time
@@ -184,9 +187,324 @@ class LinearDynamics(nn.Module):
         self.generator_raw.copy_(generator.to(self.generator_raw))
         self.diffusion_raw.copy_(raw.to(self.diffusion_raw))
 
+    # -- the prior interface of StateSpaceVAE -----------------------------------------------
+    @property
+    def channels(self) -> int:
+        """L = D: the decoder reads the whole state."""
+        return self.generator_raw.shape[-1]
 
-class StructuredVAE(PyroModule):
+    @property
+    def state_dim(self) -> int:
+        """D."""
+        return self.generator_raw.shape[-1]
+
+    def observation_matrix(self) -> None:
+        """None: the encoder's potentials sit on the whole state."""
+        return None
+
+    def grid(self, times: Tensor | None, x: Tensor) -> Tensor | None:
+        """The gaps of ``times`` ``(B, T)`` or ``(T,)`` for frames ``x (B, T, ...)``: None
+        when ``times`` is None (every gap ``time_scale``) or T = 1, ``(1,)`` on a regular grid
+        (equal gaps to 1e-5 relative: the transition is then computed once), ``(T-1,)`` when
+        every sequence shares the stamps, ``(B, T-1)`` otherwise."""
+        if times is None:
+            return None
+        B, T = x.shape[:2]
+        if not isinstance(times, Tensor) or times.shape not in ((B, T), (T,)):
+            raise ValueError(
+                f"times must be a tensor of shape (B, T) = {(B, T)}, got "
+                f"{tuple(getattr(times, 'shape', ()))}"
+            )
+        gaps = validation.check_times(times).to(x.dtype)
+        if T == 1:
+            return None
+        if gaps.dim() == 2 and bool((gaps == gaps[:1]).all()):
+            gaps = gaps[0]
+        first = gaps.flatten()[0]
+        if bool(((gaps - first).abs() <= REGULAR_RTOL * first).all()):
+            return gaps.mean().reshape(1)
+        return gaps
+
+    def trajectory(self, gaps: Tensor | None, num_steps: int, method: str) -> StateSpacePrior:
+        """``p(z_1..z_T)`` (event ``(T, D)``) on the grid of ``gaps`` (see :meth:`grid`)."""
+        if gaps is None:
+            gaps = self.generator_raw.new_full((1,), self.time_scale)
+        A, Q = self.transitions(gaps)
+        return StateSpacePrior(A, Q, self.initial_loc, self.initial_cov(), num_steps, method=method)
+
+
+LinearDynamics = LinearDynamicsPrior
+"""The former name of :class:`LinearDynamicsPrior` (kept for imports)."""
+
+
+class StateSpaceVAE(PyroModule):
+    """A VAE whose latent path is a linear-Gaussian state-space model, with a pluggable prior.
+
+    Generative story for a sequence with frames ``y_1..y_T`` at stamps ``t_1 < ... < t_T``::
+
+        s_1..s_T ~ p(s)                  a StateSpacePrior of the prior object, state size D
+        y_t | s_t ~ p_theta(y_t | s_t[:L])  for observed t only (the decoder reads the first L
+                                            coordinates of the state, L = prior.channels)
+
+    and the guide is the prior times the encoder's Gaussian potentials
+    ``N(y~_t | H s_t, diag(v_t))`` on those L coordinates (``H = [I_L, 0]``, or the identity
+    when L = D), smoothed exactly (:class:`pvae.distributions.KalmanSmoothedPosterior`). The
+    prior object is an ``nn.Module`` registered under ``prior_name`` (its parameters are named
+    ``<name>.<prior_name>.*``) that offers:
+
+    - ``channels`` (L) and ``state_dim`` (D);
+    - ``grid(times, x)``: the validated grid of ``times`` (None: the prior's default spacing)
+      for frames ``x (B, T, x_dim)``, in the form ``trajectory`` takes;
+    - ``trajectory(grid, num_steps, method)``: the :class:`~pvae.distributions.StateSpacePrior`
+      over ``(T, D)`` on that grid;
+    - ``observation_matrix()``: ``H (L, D)``, or None when the potentials sit on the whole
+      state (L = D);
+    - ``transition_matrix(gap)``: ``A (D, D)`` over one gap (None: the prior's unit).
+
+    :class:`StructuredVAE` plugs in :class:`LinearDynamicsPrior` (learned linear dynamics) and
+    :class:`pvae.models.markovian_gp.MarkovianGPVAE` a Matérn SDE prior
+    (:class:`pvae.models.markovian_gp.MaternSDEPrior`); their constructors document the rest.
+    The pair implements :class:`pvae.protocol.SequenceVAE` (``impute``, ``forecast``,
+    ``sample``). The prior's parameters feed the guide (the smoother runs on the prior) and
+    the model; the class declares them in :meth:`shared_parameters`, so the pair's parameter
+    split does not warn about them.
+
+    :param x_dim: size of one frame (flattened).
+    :param prior: the prior object (see above).
+    :param prior_name: the attribute (and Pyro name part) the prior is registered under.
+    :param hidden, likelihood, net, image_shape, exact_potentials, drop_fraction, window,
+        method, likelihood_kw, name: as :class:`StructuredVAE`'s.
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        prior: nn.Module,
+        prior_name: str,
+        hidden: Sequence[int] = (128,),
+        likelihood: str = "continuous_bernoulli",
+        net: str = "mlp",
+        image_shape: tuple[int, int, int] | None = None,
+        exact_potentials: bool = False,
+        drop_fraction: float = 0.0,
+        window: int = 5,
+        method: str = "sequential",
+        likelihood_kw: dict | None = None,
+        name: str = "ssvae",
+    ):
+        if net not in NETS:
+            raise ValueError(f"net must be one of {NETS}, got {net!r}")
+        if net == "linear" and likelihood != "gaussian":
+            raise ValueError(f"net 'linear' needs likelihood 'gaussian', got {likelihood!r}")
+        if exact_potentials and net != "linear":
+            raise ValueError("exact_potentials needs the linear-Gaussian decoder (net='linear')")
+        if not 0.0 <= float(drop_fraction) < 1.0:
+            raise ValueError(f"drop_fraction must lie in [0, 1), got {drop_fraction!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive integer, got {window!r}")
+        if not isinstance(prior, nn.Module) or not isinstance(prior_name, str):
+            raise TypeError("prior must be an nn.Module and prior_name a str")
+        super().__init__(claim(name, self))
+        self.x_dim, self.z_dim = int(x_dim), int(prior.channels)  # type: ignore[arg-type]
+        self.net, self.method = net, method
+        self.exact_potentials = bool(exact_potentials)
+        self.drop_fraction, self.window = float(drop_fraction), window
+        self.prior_name = prior_name
+        setattr(self, prior_name, prior)
+        self.likelihood = likelihoods.get(likelihood, self.x_dim, **(likelihood_kw or {}))
+        self._likelihood_learns = any(True for _ in self.likelihood.parameters())
+        self.encoder, self.decoder = nets.build_frame_networks(
+            net, self.x_dim, self.z_dim, hidden, self.likelihood.param_size, image_shape
+        )
+
+    @property
+    def state_prior(self) -> Any:
+        """The prior object (registered under ``prior_name``)."""
+        return getattr(self, self.prior_name)
+
+    def shared_parameters(self) -> tuple[str, ...]:
+        """Pyro names (prefixes) of the parameters meant to feed both the model and the guide:
+        the prior's, since the guide is the prior times the encoder's potentials (and, with
+        ``exact_potentials``, the decoder's and the likelihood's: the potentials are the
+        emission). :func:`pvae.protocol.param_split` does not warn about them."""
+        shared = [f"{self._pyro_name}.{self.prior_name}"]
+        if self.exact_potentials:
+            shared += [f"{self._pyro_name}.decoder", f"{self._pyro_name}.likelihood"]
+        return tuple(shared)
+
+    # -- pieces -------------------------------------------------------------------------------
+    def _frames(self, values: Tensor) -> Tensor:
+        """``values (B, T, *event_shape)`` as ``(B, T, x_dim)``, checked."""
+        if not isinstance(values, Tensor) or not values.is_floating_point():
+            raise TypeError("values must be a floating-point tensor (B, T, *event_shape)")
+        if values.dim() < 3 or math.prod(values.shape[2:]) != self.x_dim:
+            raise ValueError(
+                f"values must have shape (B, T, *event_shape) with prod(event_shape) = "
+                f"{self.x_dim}, got {tuple(values.shape)}"
+            )
+        return values.reshape(*values.shape[:2], self.x_dim)
+
+    def _prepare(
+        self, values: Tensor, times: Tensor | None, mask: Tensor | None
+    ) -> tuple[Tensor, Any, Tensor]:
+        """Frames ``(B, T, x_dim)`` (zero at hidden frames, which may hold NaN: replaced before
+        any arithmetic), the prior's grid of ``times`` and the ``(B, T)`` bool mask (all True
+        when None)."""
+        x = self._frames(values)
+        B, T = x.shape[:2]
+        grid = self.state_prior.grid(times, x)
+        if mask is None:
+            return x, grid, torch.ones((B, T), dtype=torch.bool, device=x.device)
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(
+                f"mask must be a bool tensor (True = observed), got "
+                f"{getattr(mask, 'dtype', type(mask).__name__)}"
+            )
+        if mask.shape != (B, T):
+            raise ValueError(f"mask must have shape (B, T) = {(B, T)}, got {tuple(mask.shape)}")
+        x = torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        return x, grid, mask
+
+    def _trajectory_prior(self, num_steps: int, grid: Any) -> StateSpacePrior:
+        return self.state_prior.trajectory(grid, num_steps, self.method)
+
+    def _emission_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(C H, d, R)`` of the linear-Gaussian decoder on the state, R = diag(scale^2)."""
+        assert isinstance(self.decoder, nn.Linear)
+        scale = self.likelihood.scale.expand(self.x_dim)  # type: ignore[operator]
+        H = self.state_prior.observation_matrix()
+        matrix = self.decoder.weight if H is None else self.decoder.weight @ H
+        return matrix, self.decoder.bias, torch.diag_embed(scale.pow(2))
+
+    def _posterior(self, x: Tensor, grid: Any, mask: Tensor | None) -> KalmanSmoothedPosterior:
+        """``q(z | y)`` for frames ``x (B, T, x_dim)`` on ``grid``; batch shape ``(B,)``."""
+        prior = self._trajectory_prior(x.shape[-2], grid)
+        if self.exact_potentials:
+            C, d, R = self._emission_parameters()
+            return KalmanSmoothedPosterior(prior, x - d, C, R, mask=mask)
+        loc, scale = self.encoder(x)
+        H = self.state_prior.observation_matrix()
+        if H is None:
+            return KalmanSmoothedPosterior.from_diagonal_potentials(prior, loc, scale, mask=mask)
+        cov = torch.diag_embed(scale.pow(2))
+        return KalmanSmoothedPosterior(prior, loc, H.to(loc.dtype), cov, mask=mask)
+
+    def _drop_windows(self, mask: Tensor) -> Tensor:
+        """``mask`` with random windows of ``window`` steps hidden, about ``drop_fraction`` of
+        each sequence (torch's global generator)."""
+        B, T = mask.shape
+        window = min(self.window, T)
+        count = math.ceil(self.drop_fraction * T / window)
+        starts = torch.randint(0, T - window + 1, (B, count), device=mask.device)
+        steps = torch.arange(T, device=mask.device)
+        hidden = (steps >= starts[..., None]) & (steps < starts[..., None] + window)
+        return mask & ~hidden.any(1)
+
+    def _register(self, part: str) -> None:
+        pyro.module(f"{self._pyro_name}.{self.prior_name}", self.state_prior)
+        if part == "decoder" or self.exact_potentials:
+            pyro.module(f"{self._pyro_name}.decoder", self.decoder)
+            if self._likelihood_learns:
+                pyro.module(f"{self._pyro_name}.likelihood", self.likelihood)
+        if part == "encoder" and not self.exact_potentials:
+            pyro.module(f"{self._pyro_name}.encoder", self.encoder)
+
+    # -- the pair -----------------------------------------------------------------------------
+    def model(self, values: Tensor, times: Tensor | None = None, mask: Tensor | None = None):
+        """p(y, z) for a batch of sequences; frames are scored where ``mask`` is True."""
+        x, grid, mask = self._prepare(values, times, mask)
+        self._register("decoder")
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", self._trajectory_prior(x.shape[1], grid))
+            if self.net == "linear":
+                C, d, R = self._emission_parameters()
+                emission = LinearGaussianEmission(z, C, d, R, mask=mask, latent_site="z")
+                pyro.sample("x", emission, obs=x)
+            else:
+                frames = self.likelihood(self.decoder(z[..., : self.z_dim])).to_event(1)
+                pyro.sample("x", frames.mask(mask).to_event(1), obs=x)
+
+    def guide(self, values: Tensor, times: Tensor | None = None, mask: Tensor | None = None):
+        """q(z | y): the prior times the encoder's potentials at the observed frames (while
+        training with ``drop_fraction > 0``, random windows are withheld from the encoder)."""
+        x, grid, mask = self._prepare(values, times, mask)
+        self._register("encoder")
+        if self.training and self.drop_fraction > 0:
+            mask = self._drop_windows(mask)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", self._posterior(x, grid, mask))
+
+    # -- the SequenceVAE protocol (no engine needs these) -------------------------------------
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        """Mean of p(y_t | z_t) per step, ``(..., x_dim)`` for ``z (..., z_dim)`` (the first
+        ``z_dim`` coordinates of the state)."""
+        if self.net == "linear":
+            return self.decoder(z)
+        return self.likelihood.mean(self.decoder(z))
+
+    @torch.no_grad()
+    def impute(
+        self, values: Tensor, times: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """Fill the hidden frames: the observed frames as given, the others the decoded
+        smoothed posterior mean; shape of ``values`` ``(B, T, *event_shape)``. Hidden frames
+        may hold anything, NaN included (they are never read). ``times (B, T)`` or ``(T,)``,
+        ``mask (B, T)`` bool, True = observed (None: every frame)."""
+        times, mask = legacy_frame_order(times, mask, "impute")
+        x, grid, mask = self._prepare(values, times, mask)
+        mean = self.decode(self._posterior(x, grid, mask).mean[..., : self.z_dim])
+        return torch.where(mask[..., None], x, mean).reshape(values.shape)
+
+    @torch.no_grad()
+    def forecast(
+        self,
+        values: Tensor,
+        steps: int,
+        times: Tensor | None = None,
+        mask: Tensor | None = None,
+        gap: float | None = None,
+    ) -> Tensor:
+        """Decoded means of the next ``steps`` frames after each sequence,
+        ``(B, steps, *event_shape)``: the last smoothed state mean ``m`` rolled forward by the
+        prior, ``A^k m`` with ``A`` the prior's transition over ``gap`` (default: the prior's
+        unit of time)."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if gap is not None and not validation.finite_float(gap, "gap") > 0:
+            raise ValueError(f"gap must be a finite positive number, got {gap!r}")
+        times, mask = legacy_frame_order(times, mask, "forecast")
+        x, grid, mask = self._prepare(values, times, mask)
+        state = self._posterior(x, grid, mask).mean[..., -1, :]
+        A = self.state_prior.transition_matrix(gap)
+        states = []
+        for _ in range(steps):
+            state = state @ A.mT
+            states.append(state)
+        paths = torch.stack(states, -2)[..., : self.z_dim]
+        return self.decode(paths).reshape(x.shape[0], steps, *values.shape[2:])
+
+    @torch.no_grad()
+    def sample(self, num_steps: int, num_samples: int = 1, times: Tensor | None = None) -> Tensor:
+        """Decoded means of paths drawn from the prior, ``(num_samples, num_steps, x_dim)``,
+        at ``times (num_steps,)`` (None: the prior's default spacing)."""
+        num_steps, times = legacy_sample_order(num_steps, times)
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        num_samples = validation.positive_int(num_samples, "num_samples")
+        if times is not None and (not isinstance(times, Tensor) or times.shape != (num_steps,)):
+            raise ValueError(f"times must be a tensor of shape ({num_steps},)")
+        like = next(self.state_prior.parameters())
+        grid = self.state_prior.grid(times, like.new_zeros(1, num_steps, 1))
+        z = self._trajectory_prior(num_steps, grid).sample(torch.Size([num_samples]))
+        return self.decode(z[..., : self.z_dim])
+
+
+class StructuredVAE(StateSpaceVAE):
     """Structured VAE: LDS prior, per-frame decoder, encoder potentials smoothed exactly.
+
+    A :class:`StateSpaceVAE` with the :class:`LinearDynamicsPrior` registered as ``dynamics``
+    (the state is the latent: ``z_dim`` = D, potentials on the whole state).
 
     :param x_dim: size of one frame (flattened; ``prod(event_shape)``).
     :param z_dim: state dimension D.
@@ -210,6 +528,8 @@ class StructuredVAE(PyroModule):
     :param name: prefix of the model's names in Pyro's parameter store (unique per instance).
     """
 
+    dynamics: LinearDynamicsPrior
+
     def __init__(
         self,
         x_dim: int,
@@ -226,212 +546,46 @@ class StructuredVAE(PyroModule):
         time_scale: float = 1.0,
         name: str = "svae",
     ):
-        if net not in NETS:
-            raise ValueError(f"net must be one of {NETS}, got {net!r}")
-        if net == "linear" and likelihood != "gaussian":
-            raise ValueError(f"net 'linear' needs likelihood 'gaussian', got {likelihood!r}")
-        if exact_potentials and net != "linear":
-            raise ValueError("exact_potentials needs the linear-Gaussian decoder (net='linear')")
-        if not 0.0 <= float(drop_fraction) < 1.0:
-            raise ValueError(f"drop_fraction must lie in [0, 1), got {drop_fraction!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be a positive integer, got {window!r}")
         time_scale = validation.finite_float(time_scale, "time_scale")
         if not time_scale > 0:
             raise ValueError(f"time_scale must be a finite positive number, got {time_scale!r}")
-        super().__init__(claim(name, self))
-        self.x_dim, self.z_dim = int(x_dim), int(z_dim)
-        self.net, self.method = net, method
-        self.exact_potentials = bool(exact_potentials)
-        self.drop_fraction, self.window = float(drop_fraction), window
-        self.likelihood = likelihoods.get(likelihood, self.x_dim, **(likelihood_kw or {}))
-        self._likelihood_learns = any(True for _ in self.likelihood.parameters())
-        self.dynamics = LinearDynamics(self.z_dim, time_scale)
-        self.encoder, self.decoder = nets.build_frame_networks(
-            net, self.x_dim, self.z_dim, hidden, self.likelihood.param_size, image_shape
+        super().__init__(
+            x_dim,
+            LinearDynamicsPrior(int(z_dim), time_scale),
+            "dynamics",
+            hidden=hidden,
+            likelihood=likelihood,
+            net=net,
+            image_shape=image_shape,
+            exact_potentials=exact_potentials,
+            drop_fraction=drop_fraction,
+            window=window,
+            method=method,
+            likelihood_kw=likelihood_kw,
+            name=name,
         )
 
-    # -- pieces -------------------------------------------------------------------------------
     def prior(self, num_steps: int, gaps: Tensor | None = None) -> StateSpacePrior:
         """``p(z_1..z_T)`` (event shape ``(T, z_dim)``) on a grid with ``gaps`` between
         frames: ``None`` (every gap ``time_scale``), ``(1,)`` (one gap shared by every step),
         ``(T-1,)`` (one grid for the batch) or ``(B, T-1)`` (batch shape ``(B,)``)."""
-        d = self.dynamics
-        if gaps is None:
-            gaps = d.generator_raw.new_full((1,), d.time_scale)
-        A, Q = d.transitions(gaps)
-        return StateSpacePrior(A, Q, d.initial_loc, d.initial_cov(), num_steps, method=self.method)
-
-    def _emission_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``(C, d, R)`` of the linear-Gaussian decoder, R = diag(scale^2)."""
-        assert isinstance(self.decoder, nn.Linear)
-        scale = self.likelihood.scale.expand(self.x_dim)  # type: ignore[operator]
-        return self.decoder.weight, self.decoder.bias, torch.diag_embed(scale.pow(2))
+        return self._trajectory_prior(num_steps, gaps)
 
     def _check(
         self, values: Tensor, mask: Tensor | None, times: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Frames flattened to ``(B, T, x_dim)`` (zero at hidden frames, which may hold NaN:
-        they are replaced before any arithmetic), the ``(B, T)`` bool mask (all True when
-        None) and the gaps between frames for :meth:`prior` (None when ``times`` is)."""
-        if not isinstance(values, Tensor) or not values.is_floating_point():
-            raise TypeError("values must be a floating-point tensor (B, T, *event_shape)")
-        if values.dim() < 3 or math.prod(values.shape[2:]) != self.x_dim:
-            raise ValueError(
-                f"values must have shape (B, T, *event_shape) with prod(event_shape) = "
-                f"{self.x_dim}, got {tuple(values.shape)}"
-            )
-        x = values.reshape(*values.shape[:2], self.x_dim)
-        gaps = self._gaps(times, x)
-        if mask is None:
-            return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), gaps
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise TypeError(
-                f"mask must be a bool tensor (True = observed), got "
-                f"{getattr(mask, 'dtype', type(mask).__name__)}"
-            )
-        if mask.shape != x.shape[:2]:
-            raise ValueError(
-                f"mask must have shape (B, T) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}"
-            )
-        x = torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        """Frames flattened to ``(B, T, x_dim)`` (zero at hidden frames), the ``(B, T)`` bool
+        mask (all True when None) and the gaps between frames for :meth:`prior` (None when
+        ``times`` is)."""
+        x, gaps, mask = self._prepare(values, times, mask)
         return x, mask, gaps
-
-    def _gaps(self, times: Tensor | None, x: Tensor) -> Tensor | None:
-        """The gaps of ``times`` ``(B, T)`` or ``(T,)``, reduced to ``(1,)`` on a regular grid
-        (equal gaps to 1e-5 relative: the transition is then computed once) or ``(T-1,)`` when
-        every sequence shares the stamps; ``(B, T-1)`` otherwise."""
-        if times is None:
-            return None
-        B, T = x.shape[:2]
-        if not isinstance(times, Tensor) or times.shape not in ((B, T), (T,)):
-            raise ValueError(
-                f"times must be a tensor of shape (B, T) = {(B, T)}, got "
-                f"{tuple(getattr(times, 'shape', ()))}"
-            )
-        gaps = validation.check_times(times).to(x.dtype)
-        if T == 1:
-            return None
-        if gaps.dim() == 2 and bool((gaps == gaps[:1]).all()):
-            gaps = gaps[0]
-        first = gaps.flatten()[0]
-        if bool(((gaps - first).abs() <= REGULAR_RTOL * first).all()):
-            return gaps.mean().reshape(1)
-        return gaps
-
-    def _drop_windows(self, mask: Tensor) -> Tensor:
-        """``mask`` with random windows of ``window`` steps hidden, about ``drop_fraction`` of
-        each sequence (torch's global generator)."""
-        B, T = mask.shape
-        window = min(self.window, T)
-        count = math.ceil(self.drop_fraction * T / window)
-        starts = torch.randint(0, T - window + 1, (B, count), device=mask.device)
-        steps = torch.arange(T, device=mask.device)
-        hidden = (steps >= starts[..., None]) & (steps < starts[..., None] + window)
-        return mask & ~hidden.any(1)
 
     def posterior(
         self, x: Tensor, mask: Tensor, gaps: Tensor | None = None
     ) -> KalmanSmoothedPosterior:
         """``q(z | y)`` for frames ``x (B, T, x_dim)`` with potentials at the True steps of
         ``mask``, on the grid of ``gaps`` (see :meth:`prior`); batch shape ``(B,)``."""
-        prior = self.prior(x.shape[-2], gaps)
-        if self.exact_potentials:
-            C, d, R = self._emission_parameters()
-            return KalmanSmoothedPosterior(prior, x - d, C, R, mask=mask)
-        loc, scale = self.encoder(x)
-        return KalmanSmoothedPosterior.from_diagonal_potentials(prior, loc, scale, mask=mask)
-
-    def _register(self, part: str) -> None:
-        pyro.module(f"{self._pyro_name}.dynamics", self.dynamics)
-        if part == "decoder" or self.exact_potentials:
-            pyro.module(f"{self._pyro_name}.decoder", self.decoder)
-            if self._likelihood_learns:
-                pyro.module(f"{self._pyro_name}.likelihood", self.likelihood)
-        if part == "encoder" and not self.exact_potentials:
-            pyro.module(f"{self._pyro_name}.encoder", self.encoder)
-
-    # -- the pair -----------------------------------------------------------------------------
-    def model(self, values: Tensor, times: Tensor | None = None, mask: Tensor | None = None):
-        """p(y, z) for a batch of sequences; frames are scored where ``mask`` is True."""
-        x, mask, gaps = self._check(values, mask, times)
-        self._register("decoder")
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", self.prior(x.shape[1], gaps))
-            if self.net == "linear":
-                C, d, R = self._emission_parameters()
-                emission = LinearGaussianEmission(z, C, d, R, mask=mask, latent_site="z")
-                pyro.sample("x", emission, obs=x)
-            else:
-                frames = self.likelihood(self.decoder(z)).to_event(1)  # batch (..., B, T)
-                pyro.sample("x", frames.mask(mask).to_event(1), obs=x)
-
-    def guide(self, values: Tensor, times: Tensor | None = None, mask: Tensor | None = None):
-        """q(z | y): the prior times the encoder's potentials at the observed frames."""
-        x, mask, gaps = self._check(values, mask, times)
-        self._register("encoder")
-        if self.training and self.drop_fraction > 0:
-            mask = self._drop_windows(mask)
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", self.posterior(x, mask, gaps))
-
-    # -- conveniences (no engine needs them) --------------------------------------------------
-    @torch.no_grad()
-    def decode(self, z: Tensor) -> Tensor:
-        """Mean of p(y_t | z_t) per step, ``(..., x_dim)`` for ``z (..., z_dim)``."""
-        if self.net == "linear":
-            return self.decoder(z)
-        return self.likelihood.mean(self.decoder(z))
-
-    @torch.no_grad()
-    def impute(self, values: Tensor, mask: Tensor, times: Tensor | None = None) -> Tensor:
-        """Fill the hidden frames: the observed frames as given, the others the decoded
-        smoothed posterior mean; shape of ``values``. Hidden frames may hold anything, NaN
-        included (they are never read)."""
-        x, mask, gaps = self._check(values, mask, times)
-        mean = self.decode(self.posterior(x, mask, gaps).mean)
-        return torch.where(mask[..., None], x, mean).reshape(values.shape)
-
-    @torch.no_grad()
-    def forecast(
-        self,
-        values: Tensor,
-        steps: int,
-        mask: Tensor | None = None,
-        times: Tensor | None = None,
-        gap: float | None = None,
-    ) -> Tensor:
-        """Decoded means of the next ``steps`` frames after each sequence,
-        ``(B, steps, *event_shape)``: the last smoothed state mean ``m`` rolled forward by the
-        prior (``A^k m`` with ``A = expm(F gap / time_scale)``); ``gap`` defaults to
-        ``time_scale`` (the model's unit of time)."""
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        if gap is not None and not validation.finite_float(gap, "gap") > 0:
-            raise ValueError(f"gap must be a finite positive number, got {gap!r}")
-        x, mask, gaps = self._check(values, mask, times)
-        state = self.posterior(x, mask, gaps).mean[..., -1, :]
-        A = self.dynamics.transition_matrix(gap)
-        states = []
-        for _ in range(steps):
-            state = state @ A.mT
-            states.append(state)
-        return self.decode(torch.stack(states, -2)).reshape(x.shape[0], steps, *values.shape[2:])
-
-    @torch.no_grad()
-    def sample(self, num_steps: int, num_samples: int = 1, times: Tensor | None = None) -> Tensor:
-        """Decoded means of trajectories drawn from the prior, ``(num_samples, T, x_dim)``, on
-        frames ``time_scale`` apart or at ``times (T,)``."""
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-        num_samples = validation.positive_int(num_samples, "num_samples")
-        gaps = None
-        if times is not None:
-            if not isinstance(times, Tensor) or times.shape != (num_steps,):
-                raise ValueError(f"times must be a tensor of shape ({num_steps},)")
-            gaps = validation.check_times(times) if num_steps > 1 else None
-        z = self.prior(num_steps, gaps).sample(torch.Size([num_samples]))
-        return self.decode(z)
+        return self._posterior(x, gaps, mask)
 
 
 # ---------------------------------------------------------------------------------------------

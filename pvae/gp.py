@@ -31,19 +31,39 @@ not finite and positive, a noise variance that is negative or not finite, and un
 repeated stamps are refused with a ``ValueError`` naming the argument (any positive length
 scale is a valid GP: one much shorter than the gaps gives ``A_k -> 0``, ``Q_k -> P_inf``,
 nearly independent values, which the exact discretisation handles).
+
+Two more tools over time stamps live here:
+
+- dense GP kernels by name (:func:`gp_kernel`, gpytorch kernels: ``"cauchy"``, ``"rbf"``,
+  ``"matern12"/"32"/"52"``), their covariance matrices (:func:`kernel_matrix`) and the settings
+  under which gpytorch factorises them exactly by Cholesky (:func:`exact_gp_settings`), as the
+  GP-VAE and SGP-BAE use them;
+- :func:`natural_cubic_spline`, interpolation through the observed rows of irregularly sampled
+  sequences. It sits beside the GP tools because it is one: the natural cubic spline is the
+  noise-free posterior mean of GP regression under an integrated-Wiener prior with a flat prior
+  on the linear trend (Wahba 1978), the smoothest member of the regression family above, and
+  like them it works on any spacing of the stamps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from pvae import ssm, validation
 
 __all__ = [
+    "KERNELS",
     "NUS",
+    "exact_gp_settings",
+    "gp_kernel",
+    "kernel_matrix",
+    "natural_cubic_spline",
     "check_times",
     "lti_discretisation",
     "matern_discretisation",
@@ -54,6 +74,7 @@ __all__ = [
 ]
 
 NUS = (0.5, 1.5, 2.5)
+KERNELS = ("cauchy", "rbf", "matern12", "matern32", "matern52")
 
 
 def state_dim(nu: float) -> int:
@@ -256,3 +277,150 @@ def matern_regression(
     means and marginal variances of f at every stamp, ``(..., T)`` each."""
     result = _smoother(nu, values, times, lengthscale, variance, noise, mask, method)
     return result.smoothed_means[..., 0], result.smoothed_covs[..., 0, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense kernels (gpytorch), factorised exactly
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def exact_gp_settings(max_size: int = 10**9) -> Iterator[None]:
+    """gpytorch settings under which covariances are factorised by Cholesky, never by
+    conjugate gradients or Lanczos: ``max_cholesky_size(max_size)`` (gpytorch's default is 800
+    points) and ``fast_computations`` off for log-probabilities, solves and root
+    decompositions."""
+    import gpytorch
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(gpytorch.settings.max_cholesky_size(max_size))
+        stack.enter_context(
+            gpytorch.settings.fast_computations(
+                covar_root_decomposition=False, log_prob=False, solves=False
+            )
+        )
+        yield
+
+
+def gp_kernel(name: str = "cauchy", length_scale: float = 2.0, scale: float = 1.0) -> nn.Module:
+    """A gpytorch kernel ``s^2 k_l(t, t')`` by name (a ``ScaleKernel`` around the base kernel).
+
+    :param name: one of :data:`KERNELS`. ``"cauchy"`` is ``s^2 / (1 + (t - t')^2 / l^2)``:
+        gpytorch's ``RQKernel`` with alpha = 1 (fixed) and lengthscale ``l / sqrt(2)``.
+    :param length_scale: l, in the units of the time stamps.
+    :param scale: s (the kernel's output scale is ``s^2``).
+    """
+    if name not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {name!r}")
+    import gpytorch
+
+    for label, value in (("length_scale", length_scale), ("scale", scale)):
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{label} must be a positive number, got {value!r}")
+    base: Any
+    if name == "cauchy":
+        base = gpytorch.kernels.RQKernel()
+        base.alpha = 1.0
+        base.raw_alpha.requires_grad_(False)
+        base.lengthscale = length_scale / math.sqrt(2)
+    elif name == "rbf":
+        base = gpytorch.kernels.RBFKernel()
+        base.lengthscale = length_scale
+    else:
+        base = gpytorch.kernels.MaternKernel(nu={"12": 0.5, "32": 1.5, "52": 2.5}[name[-2:]])
+        base.lengthscale = length_scale
+    kernel = gpytorch.kernels.ScaleKernel(base)
+    kernel.outputscale = scale**2
+    return kernel
+
+
+def kernel_matrix(kernel: nn.Module, times: Tensor, jitter: float = 0.0) -> Tensor:
+    """The dense covariance ``k(t_i, t_j) + jitter * delta_ij``, ``(..., T, T)`` for ``times
+    (..., T)`` (evaluated under :func:`exact_gp_settings`)."""
+    with exact_gp_settings():
+        covariance = kernel(times[..., None]).to_dense()
+    if jitter:
+        covariance = covariance + jitter * torch.eye(
+            times.shape[-1], dtype=covariance.dtype, device=covariance.device
+        )
+    return covariance
+
+
+# ---------------------------------------------------------------------------------------------
+# Natural cubic splines through observed rows
+# ---------------------------------------------------------------------------------------------
+
+
+def natural_cubic_spline(times: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """Interpolate each sequence through its observed rows, evaluated at every row.
+
+    Per sequence with knots ``t_0 < ... < t_{n-1}`` (the rows where ``mask`` is True) the
+    natural cubic spline has second derivatives ``M`` solving, for ``0 < i < n - 1``,
+
+        h_{i-1} M_{i-1} + 2 (h_{i-1} + h_i) M_i + h_i M_{i+1}
+            = 6 ((y_{i+1} - y_i) / h_i - (y_i - y_{i-1}) / h_{i-1}),  M_0 = M_{n-1} = 0,
+
+    with ``h_i = t_{i+1} - t_i``; all sequences are solved at once (padded knots get the rows
+    ``M_i = 0``). Before the first and after the last knot the value is held constant; a
+    sequence with one observed row is constant, one with none is zero.
+
+    :param times: ``(B, T)`` increasing.
+    :param values: ``(B, T, C)`` (entries at hidden rows are ignored).
+    :param mask: ``(B, T)`` bool, True = observed.
+    :returns: ``(B, T, C)``, equal to ``values`` at observed rows.
+    """
+    B, T, C = values.shape
+    dtype = values.dtype
+    count = mask.sum(1)  # knots per sequence
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # observed first
+    valid = torch.arange(T, device=values.device) < count[:, None]  # (B, T) real knot
+    knot_t = times.to(dtype).gather(1, order)
+    knot_y = values.gather(1, order[..., None].expand(B, T, C))
+    # pad: knots after the last real one repeat its time + 1, 2, ... (never used for values)
+    last = (count - 1).clamp(min=0)
+    last_t = knot_t.gather(1, last[:, None])
+    pad_t = last_t + (torch.arange(T, device=values.device) - last[:, None]).to(dtype)
+    knot_t = torch.where(valid, knot_t, pad_t)
+    knot_y = torch.where(
+        valid[..., None], knot_y, knot_y.gather(1, last[:, None, None].expand(B, 1, C))
+    )
+    h = (knot_t[:, 1:] - knot_t[:, :-1]).clamp(min=1e-12)  # (B, T-1)
+    slope = (knot_y[:, 1:] - knot_y[:, :-1]) / h[..., None]  # (B, T-1, C)
+    index = torch.arange(T, device=values.device)
+    interior = (index[None, :] >= 1) & (index[None, :] < count[:, None] - 1)  # (B, T)
+    system = torch.zeros(B, T, T, dtype=dtype, device=values.device)
+    rhs = torch.zeros(B, T, C, dtype=dtype, device=values.device)
+    rows = index[1:-1]
+    h_prev, h_next = h[:, :-1], h[:, 1:]  # (B, T-2)
+    inner = interior[:, 1:-1]
+    system[:, rows, rows - 1] = torch.where(inner, h_prev, 0.0)
+    system[:, rows, rows] = torch.where(inner, 2 * (h_prev + h_next), 1.0)
+    system[:, rows, rows + 1] = torch.where(inner, h_next, 0.0)
+    system[:, 0, 0] = 1.0
+    system[:, -1, -1] = 1.0
+    rhs[:, 1:-1] = torch.where(inner[..., None], 6 * (slope[:, 1:] - slope[:, :-1]), 0.0)
+    second = torch.linalg.solve(system, rhs)  # (B, T, C)
+    # evaluate at every row's time
+    query = times.to(dtype)
+    upper = (count - 2).clamp(min=0)
+    interval = torch.searchsorted(knot_t.contiguous(), query.contiguous(), right=True) - 1
+    interval = torch.minimum(interval.clamp(min=0), upper[:, None])  # (B, T)
+    t0 = knot_t.gather(1, interval)
+    t1 = knot_t.gather(1, (interval + 1).clamp(max=T - 1))
+    gather = interval[..., None].expand(B, T, C)
+    y0, y1 = knot_y.gather(1, gather), knot_y.gather(1, (gather + 1).clamp(max=T - 1))
+    m0, m1 = second.gather(1, gather), second.gather(1, (gather + 1).clamp(max=T - 1))
+    width = (t1 - t0).clamp(min=1e-12)[..., None]
+    a = ((t1 - query)[..., None] / width).clamp(0, 1)
+    b = 1.0 - a
+    spline = a * y0 + b * y1 + ((a**3 - a) * m0 + (b**3 - b) * m1) * width**2 / 6
+    first_t = knot_t[:, :1]
+    before = query < first_t
+    after = query > last_t
+    spline = torch.where(before[..., None], knot_y[:, :1], spline)
+    spline = torch.where(
+        after[..., None], knot_y.gather(1, last[:, None, None].expand(B, 1, C)), spline
+    )
+    spline = torch.where((count <= 1)[:, None, None], knot_y[:, :1].expand(B, T, C), spline)
+    spline = torch.where((count == 0)[:, None, None], torch.zeros_like(spline), spline)
+    return torch.where(mask[..., None], values, spline)

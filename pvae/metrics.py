@@ -15,9 +15,11 @@
 All inputs are ``(N, T, C)`` float tensors of complete sequences. Everything runs on the CPU
 with its own seeded generator (torch's global random state is left as found).
 
-The imputation error of a trained sequence model on a split, the metric its model card
-declares: :func:`imputation_metrics` (``impute(values, mask)``) and
-:func:`gp_imputation_metrics` (``impute(values, times, mask[, observed])``).
+And one imputation metric for every :class:`pvae.protocol.SequenceVAE`:
+
+- :func:`imputation_error`: the mean squared error of ``model.impute`` on held-out frames or
+  entries (missing ones scored against clean frames where given, else a seeded share of the
+  observed frames hidden and scored against their values), beside the error of the mean frame.
 """
 
 from __future__ import annotations
@@ -36,9 +38,14 @@ __all__ = [
     "discriminative_score",
     "generation_figure",
     "gp_imputation_metrics",
+    "imputation_error",
     "imputation_metrics",
     "predictive_score",
 ]
+
+IMPUTATION_HIDDEN = 0.2
+"""Share of the observed frames :func:`imputation_error` hides at random when nothing is
+missing or no clean frames are given."""
 
 
 def _check(real: Tensor, generated: Tensor) -> tuple[Tensor, Tensor]:
@@ -225,102 +232,122 @@ def generation_figure(real: Tensor, generated: Tensor, max_points: int = 500, se
     return fig
 
 
-# -- the imputation error of sequence models (their cards' metrics) ---------------------------
-
-IMPUTATION_HIDDEN = 0.2
-"""Share of the observed frames hidden at random for the imputation error of a sequence set
-without clean frames in its truth."""
-
-
-def imputation_metrics(
-    model: Any, ds: Splits, split: str = "test", seed: int = 0
-) -> dict[str, float]:
-    """The imputation error of a sequence model with ``impute(values, mask)`` on a split of
-    :class:`pvae.data.SequenceSplits`:
-
-    - ``imputation_mse``: the mean squared error per element of ``model.impute`` at the
-      held-out frames against the clean frames: the missing steps scored against
-      ``ds.truth[split]["frames"]`` where the dataset has it; otherwise (or when no step is
-      missing) :data:`IMPUTATION_HIDDEN` of the observed frames are hidden at random (seeded
-      with ``seed``) and scored against their values;
-    - ``imputation_mse_mean_frame``: the same error of the mean observed frame (a baseline
-      that knows no dynamics);
-    - ``held_out_frames``: how many frames were scored.
-
-    The model is evaluated in eval mode (no self-supervised masking) and left as found.
-    """
-    values, _, mask = getattr(ds, split)
-    truth = getattr(ds, "truth", {}).get(split, {}).get("frames")
-    if truth is not None and bool((~mask).any()):
-        observed, target, held_out = mask, truth.to(values.dtype), ~mask
-    else:
-        generator = torch.Generator().manual_seed(seed)
-        hide = torch.rand(mask.shape, generator=generator) < IMPUTATION_HIDDEN
-        observed, target, held_out = mask & ~hide, values, mask & hide
-    if not bool(held_out.any()) or not bool(observed.any()):
-        return {"imputation_mse": math.nan, "imputation_mse_mean_frame": math.nan}
-    was_training = model.training
-    model.eval()
-    try:
-        filled = model.impute(values, observed)  # the frames at held-out steps are not read
-    finally:
-        model.train(was_training)
-    mean_frame = values[observed].mean(0)
-    return {
-        "imputation_mse": float((filled - target).pow(2)[held_out].mean()),
-        "imputation_mse_mean_frame": float((mean_frame - target[held_out]).pow(2).mean()),
-        "held_out_frames": int(held_out.sum()),
-    }
-
-
-def gp_imputation_metrics(
-    model: Any, ds: Splits, split: str = "test", seed: int = 0
-) -> dict[str, float]:
-    """The imputation error of a GP-VAE (``impute(values, times, mask[, observed])``) on a
-    split of :class:`pvae.data.SequenceSplits`, or of its entry-masked view
-    (:class:`pvae.data.gp_sets.EntryMaskedSplits`: the per-entry mask is passed on):
-
-    - ``imputation_mse``: the mean squared error per entry of ``model.impute`` on the held-out
-      entries: the missing entries (hidden pixels and frames) scored against the clean frames
-      ``ds.truth[split]["frames"]`` where the dataset has them; otherwise (or when nothing is
-      missing) :data:`IMPUTATION_HIDDEN` of the observed frames are hidden at random (seeded
-      with ``seed``) and scored against their values;
-    - ``imputation_mse_mean_frame``: the same error of the mean of each entry over the given
-      entries (a baseline that knows no dynamics);
-    - ``held_out_entries``: how many entries were scored.
-
-    The model is evaluated in eval mode and left as found.
-    """
-    parts = tuple(getattr(ds, split))
+def _imputation_split(split: Any) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    parts = tuple(split)
+    if len(parts) not in (3, 4):
+        raise ValueError(
+            "split must be (values, times, mask) or (values, times, mask, observed), got "
+            f"{len(parts)} parts"
+        )
     values, times, mask = parts[:3]
-    observed = parts[3] if len(parts) > 3 else None
+    observed = parts[3] if len(parts) == 4 else None
+    if not isinstance(values, Tensor) or values.dim() < 3 or not values.is_floating_point():
+        raise ValueError("values must be a floating-point tensor (B, T, *event_shape)")
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != values.shape[:2]:
+        raise ValueError(f"mask must be a bool tensor of shape (B, T) = {tuple(values.shape[:2])}")
+    if observed is not None and (
+        not isinstance(observed, Tensor)
+        or observed.dtype != torch.bool
+        or observed.shape != values.shape
+    ):
+        raise ValueError(f"observed must be a bool tensor shaped like values {tuple(values.shape)}")
+    return values, times, mask, observed
+
+
+@torch.no_grad()
+def imputation_error(
+    model: Any,
+    split: Any,
+    truth: Tensor | None = None,
+    seed: int = 0,
+    hidden: float = IMPUTATION_HIDDEN,
+) -> dict[str, float]:
+    """The imputation error of a sequence model (:class:`pvae.protocol.SequenceVAE`).
+
+    :param model: has ``impute(values, times, mask)`` (and, for a split with a per-entry mask,
+        ``impute(..., observed=...)``); it is evaluated in eval mode and left as found.
+    :param split: ``(values (B, T, *event_shape), times (B, T) or None, mask (B, T) bool)``,
+        optionally followed by ``observed`` (bool, shaped like ``values``: True = entry
+        observed), e.g. a :class:`pvae.data.SequenceSplit`.
+    :param truth: the clean frames, shaped like ``values``, or None.
+    :param seed: seeds the frames hidden when they are (see below).
+    :param hidden: share of the observed frames hidden then.
+    :returns: ``imputation_mse``: the mean squared error per entry of ``model.impute`` on the
+        held-out entries: the missing ones (hidden frames, and unobserved entries of observed
+        frames) scored against ``truth`` when it is given and something is missing; otherwise
+        a share ``hidden`` of the observed frames is hidden at random (seeded) and scored
+        against its values. ``imputation_mse_mean_frame``: the same error of the per-entry
+        mean of the given entries (a baseline that knows no dynamics). ``held_out_frames`` and
+        ``held_out_entries``: how many frames (with at least one held-out entry) and entries
+        were scored. Both errors are NaN (and the counts absent) when nothing can be held out
+        or nothing is left given.
+    """
+    values, times, mask, observed = _imputation_split(split)
+    if truth is not None and (not isinstance(truth, Tensor) or truth.shape != values.shape):
+        raise ValueError(f"truth must be a tensor shaped like values {tuple(values.shape)}")
+    if not (isinstance(hidden, float | int) and 0.0 < hidden < 1.0):
+        raise ValueError(f"hidden must be a number in (0, 1), got {hidden!r}")
     event = (1,) * (values.dim() - 2)
     given = mask.reshape(*mask.shape, *event).expand(values.shape)
     if observed is not None:
         given = given & observed
-    truth = getattr(ds, "truth", {}).get(split, {}).get("frames")
     if truth is not None and bool((~given).any()):
         frame_mask, target, held_out = mask, truth.to(values.dtype), ~given
     else:
-        generator = torch.Generator().manual_seed(seed)
-        hide = torch.rand(mask.shape, generator=generator) < IMPUTATION_HIDDEN
+        generator = torch.Generator().manual_seed(int(seed))
+        hide = torch.rand(mask.shape, generator=generator) < hidden
         frame_mask, target = mask & ~hide, values
         held_out = given & hide.reshape(*hide.shape, *event)
         given = given & ~hide.reshape(*hide.shape, *event)
     if not bool(held_out.any()) or not bool(given.any()):
         return {"imputation_mse": math.nan, "imputation_mse_mean_frame": math.nan}
-    entries = () if observed is None else (observed & frame_mask.reshape(*mask.shape, *event),)
+    extra = {}
+    if observed is not None:
+        extra["observed"] = observed & frame_mask.reshape(*mask.shape, *event)
     was_training = model.training
     model.eval()
-    try:
-        filled = model.impute(values, times, frame_mask, *entries)
+    try:  # the frames and entries held out are not read
+        filled = model.impute(values, times, frame_mask, **extra)
     finally:
         model.train(was_training)
     counts = given.sum((0, 1)).clamp(min=1)
-    mean_frame = (values * given).sum((0, 1)) / counts  # per-entry mean of the given entries
+    mean_frame = torch.where(given, values, 0.0).sum((0, 1)) / counts
     baseline = mean_frame.expand(values.shape)
     return {
         "imputation_mse": float((filled - target).pow(2)[held_out].mean()),
         "imputation_mse_mean_frame": float((baseline - target).pow(2)[held_out].mean()),
+        "held_out_frames": int(held_out.flatten(2).any(-1).sum()),
         "held_out_entries": int(held_out.sum()),
     }
+
+
+# -- the card metrics of the sequence models: imputation_error on a split of a data set ------
+
+
+def _split_imputation(
+    model: Any, ds: Splits, split: str, seed: int, count: str
+) -> dict[str, float]:
+    """:func:`imputation_error` of ``model`` on ``getattr(ds, split)`` against the set's clean
+    frames (``ds.truth[split]["frames"]``) where it has them, keeping the ``count`` entry."""
+    truth = getattr(ds, "truth", {}).get(split, {}).get("frames")
+    out = imputation_error(model, getattr(ds, split), truth, seed)
+    drop = {"held_out_frames", "held_out_entries"} - {count}
+    return {key: value for key, value in out.items() if key not in drop}
+
+
+def imputation_metrics(
+    model: Any, ds: Splits, split: str = "test", seed: int = 0
+) -> dict[str, float]:
+    """The card metric of a frame-masked sequence model (svae, mgpvae):
+    :func:`imputation_error` on a split of :class:`pvae.data.SequenceSplits` with
+    ``imputation_mse``, ``imputation_mse_mean_frame`` and ``held_out_frames``."""
+    return _split_imputation(model, ds, split, seed, "held_out_frames")
+
+
+def gp_imputation_metrics(
+    model: Any, ds: Splits, split: str = "test", seed: int = 0
+) -> dict[str, float]:
+    """The card metric of the GP-VAE, whose sets may mask single entries
+    (:class:`pvae.data.gp_sets.EntryMaskedSplits`): :func:`imputation_error` with
+    ``imputation_mse``, ``imputation_mse_mean_frame`` and ``held_out_entries``."""
+    return _split_imputation(model, ds, split, seed, "held_out_entries")

@@ -22,7 +22,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import pyro
 import pyro.poutine as poutine
@@ -710,7 +710,8 @@ def param_split(
             with torch.enable_grad():
                 model_trace = replayed.get_trace(*args, **kwargs)
             model_uses = used_by_model(model_trace, guide_trace, suspects)
-    both = guide_uses & model_uses
+    declared = declared_shared(model, guide)
+    both = {name for name in guide_uses & model_uses if not is_declared(name, declared)}
     if both:
         warnings.warn(
             f"parameters {sorted(both)} feed both the guide's latent sites and the model's "
@@ -882,3 +883,118 @@ def describe_scales(found: dict[str, Any]) -> str:
         value = f"{scale:g}" if isinstance(scale, float) else "a per-element tensor"
         parts.append(f"{name!r} (scale {value})")
     return ", ".join(parts)
+
+
+# -- declared sharing of parameters between model and guide ---------------------------------
+
+
+def declared_shared(model: Callable, guide: Callable) -> tuple[str, ...]:
+    """The Pyro parameter names (or name prefixes) that the pair declares as meant to feed
+    both the guide's latent sites and the model's densities.
+
+    A pair declares them through the object its ``model`` or ``guide`` is a bound method of:
+    a method (or attribute) ``shared_parameters`` returning names such as ``"svae.dynamics"``
+    (a prefix covers ``"svae.dynamics.generator_raw"`` ...). A structured guide that runs the
+    prior's smoother, or a ladder guide that evaluates the prior's top-down networks, shares
+    them by design; :func:`param_split` warns only about shared parameters not declared.
+    """
+    names: list[str] = []
+    for fn in (model, guide):
+        declared = _declared(fn, "shared_parameters")
+        if declared:
+            names.extend(str(name) for name in declared)
+    return tuple(dict.fromkeys(names))
+
+
+def declares_monte_carlo_kl(model: Callable, guide: Callable) -> bool:
+    """Whether the pair declares that its guide samples the latents in another order than the
+    model by design (a bottom-up guide of a top-down hierarchy), so that the KL terms are
+    Monte-Carlo estimates: ``monte_carlo_kl`` (an attribute or method) of the object that
+    ``model`` or ``guide`` is a bound method of is True. The ELBO engine then falls back to
+    Monte-Carlo KL estimates without its warning about the order."""
+    return any(bool(_declared(fn, "monte_carlo_kl")) for fn in (model, guide))
+
+
+def _declared(fn: Any, attribute: str) -> Any:
+    """``attribute`` of the object ``fn`` is a bound method of, looked up through wrappers
+    (``functools.wraps``, ``functools.partial`` and Pyro's handlers such as
+    :func:`scale_to_data`, whose partials hold the wrapped function among their arguments),
+    called if callable; None when no owner has it."""
+    queue, seen = [fn], 0
+    while queue and seen < 16:
+        fn = queue.pop(0)
+        seen += 1
+        owner = getattr(fn, "__self__", None)
+        if owner is not None and hasattr(owner, attribute):
+            value = getattr(owner, attribute)
+            return value() if callable(value) else value
+        for inner in (getattr(fn, "__wrapped__", None), getattr(fn, "func", None)):
+            if callable(inner) and inner is not fn:
+                queue.append(inner)
+        queue.extend(arg for arg in getattr(fn, "args", ()) or () if callable(arg))
+    return None
+
+
+def is_declared(name: str, declared: Iterable[str]) -> bool:
+    """Whether parameter ``name`` is one of ``declared`` or under one of them: a module name
+    given to ``pyro.module`` covers its parameters (``"svae.dynamics$$$generator_raw"``, in
+    Pyro's ``module$$$parameter`` naming) and its submodules' (``"svae.dynamics.sub..."``)."""
+    return any(
+        name == prefix or name.startswith((prefix + ".", prefix + "$$$")) for prefix in declared
+    )
+
+
+# -- what a sequence model offers -------------------------------------------------------------
+
+
+@runtime_checkable
+class SequenceVAE(Protocol):
+    """A VAE over sequences of frames: the pair and three conveniences, one signature each.
+
+    Data: ``values (B, T, *event_shape)`` floating point (hidden frames may hold anything,
+    NaN included: they are never read), ``times (B, T)`` strictly increasing per sequence (or
+    ``(T,)`` shared; None: the model's default spacing), ``mask (B, T)`` bool, True =
+    observed (None: every frame). The order is the pair's own, so ``model.impute(*split)``
+    works for a :class:`pvae.data.SequenceSplit` ``(values, times, mask)``. A model may take
+    further keyword arguments after these (the GP-VAE's per-entry ``observed``, a forecast's
+    ``gap``).
+
+    - ``model(values, times=None, mask=None)`` and ``guide(...)``: the Pyro pair, per-sequence
+      sites inside ``pyro.plate("data")``.
+    - ``impute(values, times=None, mask=None) -> (B, T, *event_shape)``: the observed frames
+      as given, the hidden ones the decoded posterior mean.
+    - ``forecast(values, steps, times=None, mask=None) -> (B, steps, *event_shape)``: decoded
+      means of the ``steps`` frames after each sequence, given its observed frames.
+    - ``sample(num_steps, num_samples=1, times=None) -> (num_samples, num_steps, x_dim)``:
+      decoded means of paths drawn from the prior (frames flattened), at ``times (num_steps,)``
+      or the model's default spacing.
+
+    :func:`pvae.metrics.imputation_error` scores ``impute`` for any such model.
+    """
+
+    def model(
+        self, values: torch.Tensor, times: torch.Tensor | None = None, mask: Any = None
+    ) -> Any: ...
+
+    def guide(
+        self, values: torch.Tensor, times: torch.Tensor | None = None, mask: Any = None
+    ) -> Any: ...
+
+    def impute(
+        self,
+        values: torch.Tensor,
+        times: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+    def forecast(
+        self,
+        values: torch.Tensor,
+        steps: int,
+        times: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+    def sample(
+        self, num_steps: int, num_samples: int = 1, times: torch.Tensor | None = None
+    ) -> torch.Tensor: ...

@@ -219,3 +219,21 @@ def test_log_likelihood_estimator_with_the_exact_posterior():
     model, guide, x, truth = linear_gaussian_pair()
     ll = pvae.log_likelihood(model, guide, x, num_samples=8, batch_size=4)
     torch.testing.assert_close(ll.to(truth.dtype), truth, atol=1e-6, rtol=1e-6)
+
+
+def test_every_former_import_path_names_the_package_s_object():
+    """The distributions moved out of the model files into ``pvae.distributions``; the model
+    modules re-export them, so code importing them from there gets the same objects."""
+    import pvae.distributions as package
+    from pvae import gp
+    from pvae.models import gp_vae, koopman, multimodal, multimodal_gp, sgpbae
+
+    assert gp_vae.BandedGaussian is package.BandedGaussian
+    assert gp_vae.bidiagonal_solve is package.bidiagonal_solve
+    assert multimodal.StratifiedMixture is package.StratifiedMixture
+    assert koopman.SequentialPrior is package.SequentialPrior
+    for name in ("FourierRBFPrior", "MarkovianPrior", "TemporalPrior", "fourier_basis"):
+        assert getattr(multimodal_gp, name) is getattr(package, name)
+    assert gp_vae.gp_kernel is gp.gp_kernel and sgpbae.gp_kernel is gp.gp_kernel
+    assert gp_vae.exact_gp_settings is gp.exact_gp_settings and gp_vae.KERNELS is gp.KERNELS
+    assert koopman.natural_cubic_spline is gp.natural_cubic_spline

@@ -23,22 +23,36 @@ those of :mod:`pvae.ssm`: ``x_1 ~ N(initial_loc, initial_cov)`` is the state at 
   ``expected_log_prob(q, y)`` is the closed form of ``E_q[log p(y | x)]`` under a
   :class:`KalmanSmoothedPosterior` q, which :class:`pvae.inference.KalmanELBO` uses in place of
   Monte-Carlo draws.
+- :class:`MarkovianPrior`: independent Ornstein-Uhlenbeck GPs per channel in this state-space
+  form, with the interface of :class:`pvae.distributions.temporal.TemporalPrior` (the
+  multimodal GP-VAE's time-domain prior).
 """
 
 from __future__ import annotations
 
 import math
 
+import pyro.distributions as dist
 import torch
 from pyro.distributions import TorchDistribution
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import constraints, register_kl
 
 from pvae import ssm
 
-__all__ = ["KalmanSmoothedPosterior", "LinearGaussianEmission", "StateSpacePrior"]
+from ._checks import positive_float as _positive_float
+from ._checks import positive_int as _positive_int
+
+__all__ = [
+    "KalmanSmoothedPosterior",
+    "LinearGaussianEmission",
+    "MarkovianPrior",
+    "StateSpacePrior",
+    "same_state_space_prior",
+]
 
 _LOG_2PI = math.log(2 * math.pi)
+_NO_PRECISION = 1e-10  # precision of an absent potential where a finite one is needed
 _Shape = torch.Size | list[int] | tuple[int, ...]
 
 
@@ -531,3 +545,56 @@ class LinearGaussianEmission(TorchDistribution):
         if mask is not None:
             y = torch.where(mask.unsqueeze(-1), y, torch.zeros_like(y))
         return ssm.expected_log_potentials(q.smoother, y, self.matrix, self.cov, mask)
+
+
+class MarkovianPrior(nn.Module):
+    """Independent GPs per channel as a linear state-space model in the time domain.
+
+    Each channel is a stationary Ornstein-Uhlenbeck process (Matérn-1/2 kernel
+    ``exp(-|tau| / l)``, unit variance): ``z_t = a z_{t-1} + q_t``, ``a = exp(-dt / l)``,
+    ``q_t ~ N(0, 1 - a^2)``, ``z_1 ~ N(0, 1)``. The site's value is the state trajectory
+    ``(..., B, T, D)``; the guide is the Kalman-smoothed prior times the potentials
+    (:class:`pvae.distributions.KalmanSmoothedPosterior`, exact KL against the prior).
+
+    Extension point: a higher-order Matérn SDE (state of ``order`` components per channel)
+    plugs in by overriding :meth:`state_space` to return its ``(A, Q, P_1, H)`` with
+    ``H (C, D)`` picking each channel's path out of the state; nothing else changes.
+
+    :param num_channels: number of latent paths C.
+    :param lengthscale: initial lengthscale (time units), learned per channel.
+    """
+
+    def __init__(self, num_channels: int, lengthscale: float = 5.0) -> None:
+        super().__init__()
+        self.num_channels = _positive_int(num_channels, "num_channels")
+        lengthscale = _positive_float(lengthscale, "lengthscale")
+        self.log_lengthscale = nn.Parameter(torch.full((self.num_channels,), math.log(lengthscale)))
+
+    def state_space(self, dt: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(A (D, D), Q (D, D), P_1 (D, D), H (C, D))`` of the state-space form, D = C."""
+        decay = torch.exp(-dt / self.log_lengthscale.exp())
+        eye = torch.eye(self.num_channels, dtype=decay.dtype, device=decay.device)
+        return torch.diag_embed(decay), torch.diag_embed(1 - decay**2), eye, eye
+
+    def prior(self, batch: int, num_steps: int, dt: float) -> StateSpacePrior:
+        A, Q, P1, _ = self.state_space(dt)
+        initial_loc = A.new_zeros(batch, A.shape[-1])
+        return StateSpacePrior(A, Q, initial_loc, P1, num_steps)
+
+    def posterior(self, loc: Tensor, precision: Tensor, dt: float) -> KalmanSmoothedPosterior:
+        _, _, _, H = self.state_space(dt)
+        prior = self.prior(loc.shape[0], loc.shape[-2], dt)
+        covariance = torch.diag_embed(precision.clamp_min(_NO_PRECISION).reciprocal())
+        return KalmanSmoothedPosterior(prior, loc, H, covariance)
+
+    def paths(self, value: Tensor, num_steps: int, dt: float) -> Tensor:
+        _, _, _, H = self.state_space(dt)
+        return value @ H.mT
+
+    def path_moments(
+        self, posterior: dist.TorchDistribution, num_steps: int, dt: float
+    ) -> tuple[Tensor, Tensor]:
+        _, _, _, H = self.state_space(dt)
+        assert isinstance(posterior, KalmanSmoothedPosterior)
+        covariance = H @ posterior.smoother.smoothed_covs @ H.mT
+        return posterior.mean @ H.mT, covariance.diagonal(dim1=-2, dim2=-1)
