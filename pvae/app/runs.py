@@ -103,7 +103,9 @@ class RunConfig:
         knobs are resolved) with the model's given ``model_options`` (resolved here against
         the model's defaults). Arguments a command does not have keep the defaults."""
         names = {f.name for f in dataclasses.fields(cls)} - {"command", "model_options"}
-        values = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+        values = {
+            name: getattr(args, name) for name in names if getattr(args, name, None) is not None
+        }
         if command == "compare":
             values.pop("engine", None)
             values["seeds"] = list(getattr(args, "seeds", None) or [args.seed])
