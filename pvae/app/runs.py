@@ -57,6 +57,10 @@ class RunFolderError(ValueError):
     """A run folder or its configuration cannot be read or rebuilt; the message says why."""
 
 
+class ModelDataError(ValueError):
+    """The model does not take the loaded data set (its registration's ``dataset_for``)."""
+
+
 @dataclass
 class RunConfig:
     """Everything that rebuilds a run's data and model (and what it trained with).
@@ -151,7 +155,10 @@ class RunConfig:
             limits = QUICK_SEQUENCE_LIMITS if sequences else QUICK_LIMITS
             self.max_train, self.max_eval = limits["max_train"], limits["max_eval"]
         ds = subset(ds, self.max_train, self.max_eval)
-        ds = MODELS[self.model].dataset_for(ds, self.model_options)
+        try:
+            ds = MODELS[self.model].dataset_for(ds, self.model_options)
+        except ValueError as error:
+            raise ModelDataError(f"model {self.model!r}: {error}") from error
         if self.likelihood is None:
             self.likelihood = ds.likelihood
         return ds
