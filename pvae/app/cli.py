@@ -1226,9 +1226,8 @@ def _compare(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, NotImplementedError) as error:
         raise CliError(f"--model {args.model} on --dataset {args.dataset}: {error}") from error
     plan = compare.Plan(specs, list(config.seeds), args.jobs, args.executor)
-    unit = "sequence" if isinstance(ds, data.SequenceSplits) else None
     with _locked(folder) as run_dir:
-        return _compare_locked(args, config, plan, run_dir, unit, started)
+        return _compare_locked(args, (config, ds), plan, run_dir, started)
 
 
 def _refuse_earlier_comparison(run_dir: Path, args: argparse.Namespace) -> None:
@@ -1279,14 +1278,15 @@ def _compare_outputs(run_dir: Path) -> list[Path]:
 
 def _compare_locked(
     args: argparse.Namespace,
-    config: runs.RunConfig,
+    run: tuple[runs.RunConfig, data.Splits],
     plan: compare.Plan,
     run_dir: Path,
-    unit: str | None,
     started: float,
 ) -> int:
-    """``pvae compare`` once ``run_dir`` is locked: clear an earlier comparison
-    (--overwrite), compare, report."""
+    """``pvae compare`` of ``run`` (the config and its data) once ``run_dir`` is locked:
+    clear an earlier comparison (--overwrite), compare, report."""
+    config, ds = run
+    unit = "sequence" if isinstance(ds, data.SequenceSplits) else None
     if args.overwrite:
         for path in _compare_outputs(run_dir):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -1299,6 +1299,7 @@ def _compare_locked(
             progress=not args.quiet,
             argv=[PROG, *canonical_argv("compare", args)],
             loggers=tracking.children(loggers) if args.log else None,
+            ds=ds,
         )
         tracking.log_outputs(loggers, run_dir)
     except KeyboardInterrupt:

@@ -859,6 +859,7 @@ def compare(
     progress: bool = True,
     argv: Sequence[str] | None = None,
     loggers: Callable[[str, Mapping[str, Any]], Sequence[Any]] | None = None,
+    ds: data.Splits | None = None,
 ) -> list[BoundResult]:
     """Train ``config``'s model once per cell of ``plan`` (default: :meth:`Plan.of`
     ``config``) with the same data and budget, measure each, and (with ``run_dir``) write
@@ -877,6 +878,8 @@ def compare(
     :param argv: the command line recorded in ``results.md``.
     :param loggers: experiment tracking, ``loggers(label, params)`` the loggers of one cell:
         they see its steps and epochs when the cells run in this process, its numbers always.
+    :param ds: the data as ``config.load_data()`` gives them (loaded here when None; cells
+        run in other processes load their own from ``config``).
     :returns: one :class:`BoundResult` per cell, bounds in order and seeds within each.
     :raises ValueError: bad bounds, or data outside the likelihood's support, before anything
         is trained.
@@ -889,7 +892,7 @@ def compare(
         plan.seeds,
         plan.seeds[0],
     )
-    ds = config.load_data()
+    ds = ds if ds is not None else config.load_data()
     check(config, plan, ds)
     out = Path(run_dir) if run_dir is not None else None
     argv = list(argv) if argv is not None else _command(config)
