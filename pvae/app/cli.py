@@ -1218,6 +1218,8 @@ def _compare(args: argparse.Namespace) -> int:
     config = _config("compare", args)
     config.yardstick = None if args.yardstick == "none" else args.yardstick
     ds = _load(config, args)
+    if args.resume:
+        _check_compare_resume(folder.path, config)
     pyro.clear_param_store()
     model = _build(config, ds)
     _check_support(model, ds)
@@ -1234,15 +1236,9 @@ def _refuse_earlier_comparison(run_dir: Path, args: argparse.Namespace) -> None:
     """An earlier comparison in ``run_dir`` is refused unless --overwrite (replaced) or
     --resume (continued: its config.json must hold these arguments)."""
     earlier = _compare_outputs(run_dir)
-    if args.resume:
-        if not (run_dir / runs.CONFIG).is_file():
-            raise CliError(f"--resume: {run_dir} holds no comparison to continue")
-        try:
-            previous = json.loads((run_dir / runs.CONFIG).read_text())["args"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise CliError(f"cannot read {run_dir / runs.CONFIG} to resume: {error}") from error
-        _refuse_changed_arguments(run_dir, previous or {}, _json_args(args), _COMPARE_RESUMABLE)
-    elif earlier and not args.overwrite:
+    if args.resume and not (run_dir / runs.CONFIG).is_file():
+        raise CliError(f"--resume: {run_dir} holds no comparison ({runs.CONFIG}) to continue")
+    if earlier and not (args.overwrite or args.resume):
         raise CliError(
             f"{run_dir} already holds a comparison ({', '.join(p.name for p in earlier[:4])}"
             f"{', ...' if len(earlier) > 4 else ''}); use another --run-dir, --resume to "
@@ -1250,9 +1246,14 @@ def _refuse_earlier_comparison(run_dir: Path, args: argparse.Namespace) -> None:
         )
 
 
-# Arguments that may change between a comparison and its --resume.
-_COMPARE_RESUMABLE = {"resume", "overwrite", "quiet", "run_dir", "data_path", "threads", "log"}
-_COMPARE_RESUMABLE |= {"jobs", "executor"}
+def _check_compare_resume(run_dir: Path, config: runs.RunConfig) -> None:
+    """With --resume, the comparison recorded in ``run_dir`` must be ``config`` (the data
+    path may change)."""
+    try:
+        previous = runs.read_config(run_dir)[0].to_json()
+    except runs.RunFolderError as error:
+        raise CliError(f"--resume: {error}") from error
+    _refuse_changed_arguments(run_dir, previous, config.to_json(), {"data_path"})
 
 
 def _compare_outputs(run_dir: Path) -> list[Path]:
