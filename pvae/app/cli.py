@@ -1544,21 +1544,7 @@ def _sample(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as error:
         raise CliError(f"sampler: {error}") from error
     folder = _check_sample_folder(run_dir, args)
-    config = _config("sample", args)
-    config.engine, config.max_eval = "sghmc", None
-    ds = _load(config, args)
-    pyro.clear_param_store()
-    pyro.set_rng_seed(args.seed)
-    recorded = _check_sample_resume(run_dir, args) if args.resume else None
-    if recorded is not None:
-        config.model_options = MODELS[args.model].resolve_options(recorded["run"]["model_options"])
-    model = _build(config, ds)
-    _check_support(model, ds)
-    selection = _prior_selection(model)
-    if recorded is not None:
-        selection = recorded.get("prior_selection")
-    if selection is not None:
-        config.model_options["prior_scale"] = selection["chosen"]
+    config, ds, model, selection = _sample_run(args, run_dir)
     settings = {
         "num_samples": args.num_samples,
         "warmup": args.warmup,
@@ -1619,6 +1605,29 @@ def _sample(args: argparse.Namespace) -> int:
         f"(pvae diagnose {run_dir}: R-hat, ESS, traces)"
     )
     return EXIT_OK
+
+
+def _sample_run(
+    args: argparse.Namespace, run_dir: Path
+) -> tuple[runs.RunConfig, data.Splits, PyroModule, dict[str, Any] | None]:
+    """The config, data, model and prior selection of ``pvae sample`` (with --resume, the
+    recorded model options and prior selection)."""
+    config = _config("sample", args)
+    config.engine, config.max_eval = "sghmc", None
+    ds = _load(config, args)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)
+    recorded = _check_sample_resume(run_dir, args) if args.resume else None
+    if recorded is not None:
+        config.model_options = MODELS[args.model].resolve_options(recorded["run"]["model_options"])
+    model = _build(config, ds)
+    _check_support(model, ds)
+    selection = _prior_selection(model)
+    if recorded is not None:
+        selection = recorded.get("prior_selection")
+    if selection is not None:
+        config.model_options["prior_scale"] = selection["chosen"]
+    return config, ds, model, selection
 
 
 def _describe_prior(options: dict[str, Any], selection: dict[str, Any] | None) -> str:

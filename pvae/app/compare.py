@@ -477,7 +477,9 @@ class BoundResult:
     @classmethod
     def from_json(cls, row: Mapping[str, Any]) -> BoundResult:
         names = {f.name for f in dataclasses.fields(cls)}
-        known = {k: (math.nan if v is None and k in _NUMBERS else v) for k, v in row.items()}
+        known: dict[str, Any] = {
+            k: (math.nan if v is None and k in _NUMBERS else v) for k, v in row.items()
+        }
         metrics = {k: v for k, v in known.items() if k not in names}
         return cls(**{k: v for k, v in known.items() if k in names}, metrics=metrics)
 
@@ -578,18 +580,6 @@ def _stderr(values: torch.Tensor) -> float:
     return float(values.double().std() / math.sqrt(n)) if n > 1 else math.nan
 
 
-def rows(values: Any, start: int, stop: int) -> Any:
-    """Rows ``start:stop`` of a split (a tensor, a tuple of them, a sequence split or a
-    dynamically binarised set)."""
-    if isinstance(values, data.SequenceSplit):
-        return data.SequenceSplit(*(item[start:stop] for item in values))
-    if isinstance(values, tuple):
-        return tuple(rows(item, start, stop) for item in values)
-    if isinstance(values, data.DynamicBinarized):
-        return data.DynamicBinarized(values.probs[start:stop])
-    return values[start:stop]
-
-
 def log_likelihood(
     model: PyroModule,
     test: Any,
@@ -608,7 +598,7 @@ def log_likelihood(
     parts, began, said = [], time.perf_counter(), time.perf_counter()
     for start in range(0, n, step):
         part = pvae.log_likelihood(
-            model.model, model.guide, rows(test, start, start + step), num_samples=num_samples,
+            model.model, model.guide, runs.rows(test, start, start + step), num_samples=num_samples,
             batch_size=step, chunk_size=min(num_samples, chunk_size), progress=False,
         )  # fmt: skip
         parts.append(part)
@@ -689,7 +679,7 @@ def _ll_vs_k(
     :data:`LL_K_POINTS` test points, ``{str(K): nats}``. The largest K reuses the table's
     per-point estimates ``ll``; every other K is drawn with the fixed ``seed``."""
     points = min(LL_K_POINTS, ll.shape[0])
-    subset = rows(test, 0, points)
+    subset = runs.rows(test, 0, points)
     curve: dict[str, float] = {}
     for k in ll_ks(largest):
         if k == largest:
@@ -775,6 +765,7 @@ def read_cell(folder: Path) -> tuple[BoundResult, list[float]] | None:
 # ---------------------------------------------------------------------------------------------
 
 Done = Callable[[Cell, BoundResult, list[float]], None]
+Finished = Callable[[Cell, BoundResult, list[float], Sequence[Any]], None]
 
 
 def _run_local(config: runs.RunConfig, cells: Sequence[Cell], jobs: int, out: Path | None,
@@ -812,27 +803,7 @@ def _run_ray(config: runs.RunConfig, cells: Sequence[Cell], out: Path | None, do
 # The comparison
 # ---------------------------------------------------------------------------------------------
 
-_NUMBERS = (
-    "log_likelihood",
-    "log_likelihood_stderr",
-    "delta_log_likelihood",
-    "delta_stderr",
-    "elbo",
-    "iwae_64",
-    "inference_gap",
-    "active_units",
-    "latent_dims",
-    "snr_guide",
-    "snr_model",
-    "seconds_per_epoch",
-    "train_bound",
-    "valid_bound",
-    "yardstick",
-    "train_seconds",
-    "yardstick_seconds",
-    "eval_seconds",
-    "peak_memory_mb",
-)
+_NUMBERS = report.NUMBERS
 
 
 def check(config: runs.RunConfig, plan: Plan, ds: data.Splits) -> None:
@@ -907,16 +878,20 @@ def compare(
         else:
             todo.append(cell)
 
-    def done(cell: Cell, result: BoundResult, per_point: list[float]) -> None:
-        finished[cell] = (result, per_point)
-        logged = loggers(cell.folder, {**config.to_json(), "bound": cell.bound}) if loggers else []
+    def open_loggers(cell: Cell) -> Sequence[Any]:
+        name = f"{cell.bound}/seed-{cell.seed}" if plan.several else cell.bound
+        params = {**config.to_json(), "seed": cell.seed, "bound": cell.bound}
+        return loggers(name, params) if loggers else []
+
+    def done(cell: Cell, result: BoundResult, ll: list[float], logged: Sequence[Any]) -> None:
+        finished[cell] = (result, ll)
         for logger in logged:
             logger.log_metrics({k: v for k, v in result.to_json().items() if k in _NUMBERS})
             logger.close(failed=not result.ok)
         if progress:
             tqdm.write(report.summary_line(result.to_json(), config.ll_samples, plan.several))
 
-    _run(config, plan, todo, ds, out, progress, done)
+    _run(config, plan, todo, (ds, out, progress), done, open_loggers)
     results = [finished[cell][0] for cell in plan.cells()]
     add_deltas(results, {(c.bound, c.seed): finished[c][1] for c in plan.cells()})
     if out is not None:
@@ -935,17 +910,28 @@ def _fill_settings(config: runs.RunConfig) -> None:
         config.yardstick = None
 
 
-def _run(config: runs.RunConfig, plan: Plan, todo: Sequence[Cell], ds: data.Splits,
-         out: Path | None, progress: bool, done: Done) -> None:  # fmt: skip
-    """The unfinished cells ``todo`` by the plan's executor."""
+def _run(
+    config: runs.RunConfig,
+    plan: Plan,
+    todo: Sequence[Cell],
+    where: tuple[data.Splits, Path | None, bool],
+    done: Finished,
+    open_loggers: Callable[[Cell], Sequence[Any]],
+) -> None:
+    """The unfinished cells ``todo`` by the plan's executor; ``where``: the data, the output
+    folder and whether to show progress. Loggers see the steps and epochs of the cells run in
+    this process, the numbers of every cell."""
+    ds, out, progress = where
     if plan.executor == "ray":
-        _run_ray(config, todo, out, done)
+        _run_ray(config, todo, out, lambda cell, *got: done(cell, *got, open_loggers(cell)))
     elif plan.jobs > 1 and len(todo) > 1:
-        _run_local(config, todo, min(plan.jobs, len(todo)), out, done)
+        jobs = min(plan.jobs, len(todo))
+        _run_local(config, todo, jobs, out, lambda cell, *got: done(cell, *got, open_loggers(cell)))
     else:
         on_device = _dataset_on(ds, torch.device(config.device))
         for cell in todo:
-            done(cell, *run_cell(config, cell, out, progress, on_device))
+            logged = open_loggers(cell)
+            done(cell, *run_cell(config, cell, out, progress, on_device, logged), logged)
 
 
 def add_deltas(

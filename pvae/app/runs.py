@@ -273,21 +273,25 @@ class RunFolder:
             folder = folder.parent
 
 
+def rows(values: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of a split: a tensor, a tuple of them (modalities), a sequence
+    split ``(values, times, mask)`` or a dynamically binarised set."""
+    if isinstance(values, data.SequenceSplit):
+        return data.SequenceSplit(*(item[start:stop] for item in values))
+    if isinstance(values, tuple):
+        return tuple(rows(item, start, stop) for item in values)
+    if isinstance(values, data.DynamicBinarized):
+        return data.DynamicBinarized(values.probs[start:stop])
+    return values[start:stop]
+
+
 def subset(ds: data.Splits, max_train: int | None, max_eval: int | None) -> data.Splits:
     """The first ``max_train`` training and ``max_eval`` valid/test points (the splits are
     already shuffled); tuples of modalities, sequence splits ``(values, times, mask)`` and
     their generating truth are cut row-wise."""
 
     def head(values: Any, limit: int | None) -> Any:
-        if limit is None or values is None:
-            return values
-        if isinstance(values, data.SequenceSplit):  # (values, times, mask): rows cut
-            return data.SequenceSplit(*(item[:limit] for item in values))
-        if isinstance(values, tuple):
-            return tuple(head(item, limit) for item in values)
-        if isinstance(values, data.DynamicBinarized):
-            return data.DynamicBinarized(values.probs[:limit])
-        return values[:limit]
+        return values if limit is None or values is None else rows(values, 0, limit)
 
     extra: dict[str, Any] = {}
     if isinstance(ds, data.SequenceSplits):  # the generating truth has a row per sequence

@@ -114,9 +114,7 @@ def test_yardstick_leaves_training_untouched():
     config = compare.run_config("digits", yardstick="elbo:8", **common)
     measured = compare.compare(config, progress=False)[0]
     assert "yardstick" not in plain.history[0]
-    assert [r["train_bound"] for r in plain.history] == [
-        r["train_bound"] for r in measured.history
-    ]
+    assert [r["train_bound"] for r in plain.history] == [r["train_bound"] for r in measured.history]
     assert plain.log_likelihood == measured.log_likelihood
     assert measured.yardstick == measured.history[-1]["yardstick"]
 
