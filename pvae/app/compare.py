@@ -922,11 +922,14 @@ def _run(
     folder and whether to show progress. Loggers see the steps and epochs of the cells run in
     this process, the numbers of every cell."""
     ds, out, progress = where
+
+    def finish(cell: Cell, result: BoundResult, ll: list[float]) -> None:
+        done(cell, result, ll, open_loggers(cell))
+
     if plan.executor == "ray":
-        _run_ray(config, todo, out, lambda cell, *got: done(cell, *got, open_loggers(cell)))
+        _run_ray(config, todo, out, finish)
     elif plan.jobs > 1 and len(todo) > 1:
-        jobs = min(plan.jobs, len(todo))
-        _run_local(config, todo, jobs, out, lambda cell, *got: done(cell, *got, open_loggers(cell)))
+        _run_local(config, todo, min(plan.jobs, len(todo)), out, finish)
     else:
         on_device = _dataset_on(ds, torch.device(config.device))
         for cell in todo:
