@@ -35,14 +35,21 @@ keeps ``iwae/``) and :func:`summarize` gives per bound the mean ± sd over seeds
 and of the per-seed paired Δ to the reference bound, flagging a difference *within seed noise*
 when ``|mean Δ| < 2 sd`` of the per-seed Δ.
 
+A comparison is a :class:`Plan` of independent cells (bound x seed). Each cell is its own run
+folder, trained and measured by :func:`run_cell` from the :class:`~pvae.app.runs.RunConfig`
+alone (it loads its data, builds its model and engine), so the cells run one after the other,
+in ``jobs`` local processes or as Ray tasks with the same numbers, bit for bit; a finished
+cell leaves ``cell.json`` (its :class:`BoundResult` and per-point log p(x)), which a resumed
+comparison keeps. The report (:mod:`pvae.app.report`) is built from the cells' results.
+
 :func:`compare` writes into ``run_dir`` (every file atomically): ``results.md`` (the table,
 the command and the configuration), ``results.json``, ``results.csv``, ``learning_curves.png``
 (the yardstick for every bound on one axis, and each bound's own train/valid bound per epoch),
 ``log_likelihood.png`` (with error bars), ``snr.png`` (log scale), ``ll_vs_k.png``,
 ``results.json``'s ``environment`` (git commit, versions, CPU/GPU, threads), ``config.json``
 (the :class:`pvae.app.runs.RunConfig` that ``pvae diagnose`` rebuilds the data and models
-from), and one folder per bound (per bound and seed) with ``pvae.fit``'s checkpoint and
-``run.json``.
+from), and one folder per bound (per bound and seed) with ``pvae.fit``'s checkpoint,
+``run.json`` and ``cell.json``.
 
 Speed: Pyro's per-call argument checks cost about half of an importance-weighted step on
 MNIST (every log-prob of every particle is validated), so training and evaluation run with

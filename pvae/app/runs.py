@@ -1,7 +1,8 @@
 """Run folders: one :class:`RunConfig`, written by ``pvae train`` and ``pvae compare`` into
 ``config.json`` (atomically) and read back by ``pvae diagnose``, which rebuilds the data and
 the model from it through the registries; and the measures every command reports the same
-way (:func:`latent_activity`).
+way (:func:`latent_activity`); and the :class:`RunFolder` every command writes into (checked,
+locked, left as found on failure).
 
 ``config.json`` holds ``{"pvae_version", "command", "run": RunConfig, "args", "argv",
 "data", "versions"}``: ``run`` is what rebuilds the run; ``args`` and ``argv`` record the
