@@ -679,10 +679,16 @@ def _add_compare_output_arguments(parser: argparse.ArgumentParser, quick: dict[s
         "nothing else)",
     )
     group.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted comparison in DIR: only its unfinished cells (bound, "
+        "seed) run, each from its own checkpoint",
+    )
+    group.add_argument(
         "--quick",
         action="store_true",
-        help=f"a smoke run in under a minute: {quick['max_train']} training and "
-        f"{quick['max_eval']} valid/test points and the --quick defaults above",
+        help=f"a smoke run in under a minute: {_index.QUICK_LIMITS['max_train']} training and "
+        f"{_index.QUICK_LIMITS['max_eval']} valid/test points and the --quick defaults above",
     )
     group.add_argument(
         "--threads",

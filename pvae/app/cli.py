@@ -58,6 +58,7 @@ there (reuse ``_add_data_arguments``, ``_add_model_arguments``, ``_add_training_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import inspect
 import io
@@ -67,7 +68,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,15 +92,14 @@ from pvae.app.arguments import (  # the parser (no torch): `pvae` parses there, 
     SAMPLE_CHECKPOINT_EVERY,
     CliError,
     _model_options,
-    _schedule,
     _subparsers,
     build_parser,
     main,
 )
 from pvae.app.registry import MODELS, parse_bound
-from pvae.checkpoint import RUN_JSON, RunDirInUse, load_checkpoint, run_lock
+from pvae.checkpoint import RUN_JSON, RunDirInUse, load_checkpoint
 from pvae.evaluate import as_tensors
-from pvae.inference import ELBO, SGHMC
+from pvae.inference import SGHMC
 from pvae.train import CHECKPOINT, Run, TrainingDiverged
 
 __all__ = [  # the parser's names too, as this module has always offered them
@@ -130,52 +130,67 @@ _BINARIZE = runs.BINARIZE
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_dataset(args: argparse.Namespace) -> data.Splits:
-    """``pvae.data.load`` with the data arguments; failures become :class:`CliError`."""
-    kwargs: dict[str, Any] = {"seed": args.seed}
-    if args.binarize is not None:
-        kwargs["binarize"] = _BINARIZE[args.binarize]
-    if args.data_path is not None:
-        kwargs["path"] = args.data_path
+def _config(command: str, args: argparse.Namespace) -> runs.RunConfig:
+    """The command line as a :class:`~pvae.app.runs.RunConfig` (once, arguments resolved)."""
+    return runs.RunConfig.from_args(command, args, _model_options(args))
+
+
+def _load(config: runs.RunConfig, args: argparse.Namespace) -> data.Splits:
+    """``config.load_data()``; failures become :class:`CliError`; ``args.likelihood`` is
+    resolved to the dataset's default when it was None."""
     try:
-        return data.load(args.dataset, **kwargs)
+        ds = config.load_data()
+    except runs.ModelDataError as error:
+        raise CliError(str(error)) from error
     except (ValueError, TypeError, OSError, ImportError) as error:
         if isinstance(error, TypeError) and "unexpected keyword" not in str(error):
             raise
-        raise CliError(f"dataset {args.dataset!r}: {error}") from error
+        raise CliError(f"dataset {config.dataset!r}: {error}") from error
+    args.likelihood = config.likelihood
+    return ds
 
 
-def _prepare(args: argparse.Namespace, ds: data.Splits) -> data.Splits:
-    """The model's view of the loaded ``ds`` (e.g. the CVAE's quadrant task); a dataset of a
-    kind the model does not take is refused."""
+def _build(config: runs.RunConfig, ds: data.Splits) -> PyroModule:
+    """``config.build_model(ds)``; a refusal becomes :class:`CliError`."""
     try:
-        return MODELS[args.model].dataset_for(
-            ds, MODELS[args.model].resolve_options(_model_options(args))
-        )
+        return config.build_model(ds)
     except ValueError as error:
-        raise CliError(f"model {args.model!r}: {error}") from error
+        raise CliError(f"model {config.model!r}: {error}") from error
 
 
-def _build_model(args: argparse.Namespace, ds: data.Splits) -> PyroModule:
-    """The model ``args.model`` (with its options) for the prepared ``ds``; resolves
-    ``args.likelihood`` to the dataset's default when it is None."""
-    if args.likelihood is None:
-        args.likelihood = ds.likelihood
+def _engine(config: runs.RunConfig) -> pyro.infer.ELBO:
+    """``config.build_engine()``; a refusal becomes :class:`CliError`."""
     try:
-        return MODELS[args.model].build(
-            ds, args.z_dim, args.hidden, args.net, args.likelihood, _model_options(args)
-        )
+        return config.build_engine()
     except ValueError as error:
-        raise CliError(f"model {args.model!r}: {error}") from error
+        raise CliError(f"engine {config.engine!r}: {error}") from error
 
 
-def _build_engine(name: str, particles: int) -> pyro.infer.ELBO:
-    """The engine of the bound ``name`` (``NAME[-stl|-dreg][:PARAMETER]``) with ``particles``
-    samples per datapoint."""
+def _folder(run_dir: str | Path) -> runs.RunFolder:
+    """The checked :class:`~pvae.app.runs.RunFolder` of ``--run-dir``."""
     try:
-        return parse_bound(name).build(particles)
-    except ValueError as error:
-        raise CliError(f"engine {name!r}: {error}") from error
+        return runs.RunFolder(run_dir)
+    except runs.RunFolderError as error:
+        raise CliError(str(error)) from error
+
+
+@contextlib.contextmanager
+def _locked(folder: runs.RunFolder) -> Iterator[Path]:
+    """``with folder``, its lock and creation failures as :class:`CliError`."""
+    try:
+        with folder:
+            yield folder.path
+    except RunDirInUse as error:
+        raise CliError(f"--run-dir: {error}") from error
+    except OSError as error:  # creating or locking the folder
+        raise CliError(f"cannot write to --run-dir {folder.path}: {error}") from error
+
+
+def _refuse_run(folder: runs.RunFolder, resume: bool, overwrite: bool | None) -> None:
+    try:
+        folder.refuse_run(resume, overwrite)
+    except runs.RunFolderError as error:
+        raise CliError(str(error)) from error
 
 
 def _check_pair(
@@ -272,13 +287,13 @@ def _train_and_evaluate(
     model.eval()  # e.g. no self-supervised masking while measuring
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
-        log_likelihood = pvae.log_likelihood(
-            model.model,
-            model.guide,
+        log_likelihood = compare.log_likelihood(
+            model,
             ds.test,
-            num_samples=args.ll_samples,
+            args.ll_samples,
             batch_size=args.batch_size,
-            progress=_show_progress(args),
+            chunk_size=max(1, 10_000 // args.batch_size),
+            progress=not args.quiet,
         )
         torch.manual_seed(args.seed)
         own = entry.metrics(model, ds, "test", args.seed) if entry.metrics is not None else {}
@@ -414,31 +429,6 @@ def canonical_argv(command: str, args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def _run_config(args: argparse.Namespace) -> runs.RunConfig:
-    """The :class:`~pvae.app.runs.RunConfig` of a resolved ``pvae train`` invocation."""
-    return runs.RunConfig(
-        command="train",
-        dataset=args.dataset,
-        seed=args.seed,
-        binarize=args.binarize,
-        data_path=args.data_path,
-        max_train=getattr(args, "max_train", None),
-        max_eval=getattr(args, "max_eval", None),
-        model=args.model,
-        model_options=MODELS[args.model].resolve_options(_model_options(args)),
-        z_dim=args.z_dim,
-        hidden=tuple(args.hidden),
-        net=args.net,
-        likelihood=args.likelihood,
-        engine=args.engine,
-        particles=args.particles,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        ll_samples=args.ll_samples,
-    )
-
-
 # Arguments that may change between a run and its --resume.
 _RESUMABLE = {"epochs", "resume", "overwrite", "quiet", "ll_samples", "run_dir", "data_path"}
 _RESUMABLE.add("log")  # experiment tracking may change between a run and its --resume
@@ -495,72 +485,32 @@ def _refuse_changed_arguments(
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_run_dir(run_dir: Path) -> Path:
-    """Refuse, before any work, a ``--run-dir`` that exists and is not a folder, or that
-    cannot be created or written to; return the nearest folder above it that exists now
-    (what a refusal later on restores the disk to, see :func:`_remove_created`)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise CliError(f"--run-dir {run_dir} exists and is not a folder")
-    existing = run_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise CliError(f"cannot create --run-dir {run_dir}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        what = "write into" if existing == run_dir else f"create {run_dir} in"
-        raise CliError(f"--run-dir {run_dir}: no permission to {what} {existing}")
-    return existing
-
-
-def _remove_created(run_dir: Path, existing: Path) -> None:
-    """Remove the folders from ``run_dir`` up to (not including) ``existing`` that this
-    command created and left empty: a refused or failed command leaves the disk as found."""
-    folder = run_dir
-    while folder != existing and folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
-        folder = folder.parent
-
-
 def _train(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
-    existing = _check_run_dir(run_dir)
-    if _folder_command(run_dir) == "sample":
+    folder = _folder(args.run_dir)
+    if _folder_command(folder.path) == "sample":
         raise CliError(
-            f"--run-dir {run_dir} holds a 'pvae sample' run (a posterior over weights, not a "
-            "trained model); 'pvae train' neither continues nor overwrites it: "
+            f"--run-dir {folder.path} holds a 'pvae sample' run (a posterior over weights, not "
+            "a trained model); 'pvae train' neither continues nor overwrites it: "
             + ("continue it with 'pvae sample --resume', or " if args.resume else "")
             + "choose another --run-dir"
         )
-    if (run_dir / CHECKPOINT).exists() and not (args.resume or args.overwrite):
-        raise CliError(
-            f"{run_dir} already holds a run ({CHECKPOINT}); pass --resume to continue it or "
-            "--overwrite to start again"
-        )
+    if not args.resume:
+        _refuse_run(folder, args.resume, args.overwrite)
     if args.particles is None:
         args.particles = parse_bound(args.engine).default_particles()
-    ds = _prepare(args, runs.subset(_load_dataset(args), args.max_train, args.max_eval))
+    config = _config("train", args)
+    ds = _load(config, args)
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     _check_memory(args, ds)
-    model = _build_model(args, ds)  # resolves args.likelihood
-    engine = _build_engine(args.engine, args.particles)
-    if args.beta_schedule is not None:
-        if not isinstance(engine, ELBO):
-            raise CliError(f"--beta-schedule anneals the ELBO; --engine is {args.engine}")
-        engine.beta = _schedule(args.beta_schedule)
+    model = _build(config, ds)
+    engine = _engine(config)
     _check_support(model, ds)
     if args.resume:
-        _check_resume(run_dir, args)
+        _check_resume(folder.path, args)
     _check_pair(args, model, engine, ds)  # everything is checked before the folder is touched
-    try:
-        with run_lock(run_dir), _open_loggers(args, run_dir, fresh=args.overwrite) as loggers:
-            return _train_locked(args, ds, model, engine, run_dir, loggers)
-    except RunDirInUse as error:
-        raise CliError(f"--run-dir: {error}") from error
-    except OSError as error:  # creating or locking the folder
-        raise CliError(f"cannot write to --run-dir {run_dir}: {error}") from error
-    finally:
-        _remove_created(run_dir, existing)
+    with _locked(folder) as run_dir, _open_loggers(args, run_dir, fresh=args.overwrite) as logs:
+        return _train_locked(args, config, ds, (model, engine), run_dir, logs)
 
 
 # What ``pvae train`` and ``pvae diagnose`` write into a run folder: --overwrite removes these
@@ -611,21 +561,22 @@ def _check_memory(args: argparse.Namespace, ds: data.Splits, limit: float = 0.5)
 
 def _train_locked(
     args: argparse.Namespace,
+    config: runs.RunConfig,
     ds: data.Splits,
-    model: PyroModule,
-    engine: pyro.infer.ELBO,
+    pair: tuple[PyroModule, pyro.infer.ELBO],
     run_dir: Path,
     loggers: Sequence[tracking.Logger] = (),
 ) -> int:
     """``pvae train`` once ``run_dir`` is locked: clear it (--overwrite), write config.json,
-    train, write the outputs (and log them to ``loggers``)."""
+    train ``pair`` (model, engine), write the outputs (and log them to ``loggers``)."""
+    model, engine = pair
     if args.overwrite:
         for name in _RUN_OUTPUTS:
             (run_dir / name).unlink(missing_ok=True)
     try:
         runs.write_config(
             run_dir,
-            _run_config(args),
+            config,
             ds,
             args=_json_args(args),
             argv=canonical_argv(args.command, args),
@@ -665,19 +616,11 @@ def _threads() -> str:
 
 def _compare(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    started_wall = time.time() - 1.0  # file times may be coarser than this clock
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    knobs = compare.settings(
-        args.quick,
-        epochs=args.epochs,
-        z_dim=args.z_dim,
-        hidden=args.hidden,
-        ll_samples=args.ll_samples,
-        snr_repeats=args.snr_repeats,
+    vars(args).update(
+        compare.settings(args.quick, **{key: getattr(args, key) for key in compare.DEFAULTS})
     )
-    for key in ("epochs", "z_dim", "hidden", "ll_samples", "snr_repeats"):
-        setattr(args, key, knobs[key])
     try:
         compare.resolve_device(args.device)
     except ValueError as error:
@@ -689,34 +632,48 @@ def _compare(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise CliError(f"--bounds: {error}") from error
     args.bounds = [spec.label for spec in specs]
-    run_dir = Path(args.run_dir if args.run_dir is not None else f"runs/compare-{args.dataset}")
-    args.run_dir = str(run_dir)
-    existing = _check_run_dir(run_dir)
-    earlier = _compare_outputs(run_dir)
-    if earlier and not args.overwrite:
-        raise CliError(
-            f"{run_dir} already holds a comparison ({', '.join(p.name for p in earlier[:4])}"
-            f"{', ...' if len(earlier) > 4 else ''}); use another --run-dir, or --overwrite to "
-            "replace it"
-        )
-    raw = _load_dataset(args)
-    ds = _prepare(args, raw)
+    args.run_dir = args.run_dir if args.run_dir is not None else f"runs/compare-{args.dataset}"
+    folder = _folder(args.run_dir)
+    _refuse_earlier_comparison(folder.path, args)
+    config = _config("compare", args)
+    config.yardstick = None if args.yardstick == "none" else args.yardstick
+    ds = _load(config, args)
+    if args.resume:
+        _check_compare_resume(folder.path, config)
     pyro.clear_param_store()
-    model = _build_model(args, ds)  # resolves args.likelihood
+    model = _build(config, ds)
     _check_support(model, ds)
     try:  # every bound's engine on the model, before the folder is touched
         compare.check_pairs(model, ds, specs, args.particles, args.batch_size)
     except (ValueError, TypeError, NotImplementedError) as error:
         raise CliError(f"--model {args.model} on --dataset {args.dataset}: {error}") from error
+    plan = compare.Plan(specs, list(config.seeds), args.jobs, args.executor)
+    with _locked(folder) as run_dir:
+        return _compare_locked(args, (config, ds), plan, run_dir, started)
+
+
+def _refuse_earlier_comparison(run_dir: Path, args: argparse.Namespace) -> None:
+    """An earlier comparison in ``run_dir`` is refused unless --overwrite (replaced) or
+    --resume (continued: its config.json must hold these arguments)."""
+    earlier = _compare_outputs(run_dir)
+    if args.resume and not (run_dir / runs.CONFIG).is_file():
+        raise CliError(f"--resume: {run_dir} holds no comparison ({runs.CONFIG}) to continue")
+    if earlier and not (args.overwrite or args.resume):
+        raise CliError(
+            f"{run_dir} already holds a comparison ({', '.join(p.name for p in earlier[:4])}"
+            f"{', ...' if len(earlier) > 4 else ''}); use another --run-dir, --resume to "
+            "continue it, or --overwrite to replace it"
+        )
+
+
+def _check_compare_resume(run_dir: Path, config: runs.RunConfig) -> None:
+    """With --resume, the comparison recorded in ``run_dir`` must be ``config`` (the data
+    path may change)."""
     try:
-        with run_lock(run_dir):
-            return _compare_locked(args, raw, specs, run_dir, started, started_wall)
-    except RunDirInUse as error:
-        raise CliError(f"--run-dir: {error}") from error
-    except OSError as error:  # creating or locking the folder
-        raise CliError(f"cannot write to --run-dir {run_dir}: {error}") from error
-    finally:
-        _remove_created(run_dir, existing)
+        previous = runs.read_config(run_dir)[0].to_json()
+    except runs.RunFolderError as error:
+        raise CliError(f"--resume: {error}") from error
+    _refuse_changed_arguments(run_dir, previous, config.to_json(), {"data_path"})
 
 
 def _compare_outputs(run_dir: Path) -> list[Path]:
@@ -742,60 +699,36 @@ def _compare_outputs(run_dir: Path) -> list[Path]:
 
 def _compare_locked(
     args: argparse.Namespace,
-    raw: data.Splits,
-    specs: list,
+    run: tuple[runs.RunConfig, data.Splits],
+    plan: compare.Plan,
     run_dir: Path,
     started: float,
-    started_wall: float,
 ) -> int:
-    """``pvae compare`` once ``run_dir`` is locked: clear an earlier comparison
-    (--overwrite), compare, report."""
-    for path in _compare_outputs(run_dir):  # only with --overwrite: refused above otherwise
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+    """``pvae compare`` of ``run`` (the config and its data) once ``run_dir`` is locked:
+    clear an earlier comparison (--overwrite), compare, report."""
+    config, ds = run
+    unit = "sequence" if isinstance(ds, data.SequenceSplits) else None
+    if args.overwrite:
+        for path in _compare_outputs(run_dir):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     loggers, results = _open_loggers(args, run_dir, run_name="compare"), None
     try:
         results = compare.compare(
-            dataset=raw,
-            bounds=specs,
-            particles=args.particles,
-            epochs=args.epochs,
-            model=args.model,
-            model_options=_model_options(args),
-            binarize=args.binarize,
-            data_path=args.data_path,
-            z_dim=args.z_dim,
-            hidden=args.hidden,
-            net=args.net,
-            likelihood=args.likelihood,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-            ll_samples=args.ll_samples,
-            snr_repeats=args.snr_repeats,
-            inner=args.inner,
+            config,
+            plan,
             run_dir=run_dir,
-            quick=args.quick,
             progress=not args.quiet,
             argv=[PROG, *canonical_argv("compare", args)],
             loggers=tracking.children(loggers) if args.log else None,
-            seeds=args.seeds,
-            yardstick=args.yardstick,
-            device=args.device,
+            ds=ds,
         )
         tracking.log_outputs(loggers, run_dir)
     except KeyboardInterrupt:
-        written = sorted(
-            path.name for path in run_dir.glob("results.*") if path.stat().st_mtime >= started_wall
+        print(
+            f"{PROG}: interrupted; the finished cells (bound folders with {compare.CELL}) are "
+            f"kept in {run_dir}: continue with the same command and --resume",
+            file=sys.stderr,
         )
-        what = (
-            f"{', '.join(written)} in {run_dir} were written before the interruption"
-            if written
-            else f"nothing was written to {run_dir}/results.*"
-        )
-        print(f"{PROG}: interrupted; {what}", file=sys.stderr)
         return 130
     except OSError as error:
         raise CliError(f"cannot write the outputs into {run_dir}: {error}", EXIT_FAILURE) from error
@@ -803,21 +736,18 @@ def _compare_locked(
         raise CliError(f"compare failed: {error}", EXIT_FAILURE) from error
     finally:
         loggers.close(failed=results is None)
-    unit = "sequence" if isinstance(raw, data.SequenceSplits) else None
-    several = args.seeds is not None and len(args.seeds) > 1
-    if several:
-        print(compare.format_seed_table(compare.summarize(results), args.ll_samples, unit))
+    rows = [result.to_json() for result in results]
+    if plan.several:
+        print(compare.format_seed_table(compare.summarize(rows), args.ll_samples, unit))
     else:
-        print(compare.format_table(results, args.ll_samples, unit))
-    seeds = f" x {len(args.seeds)} seeds" if several else ""
+        print(compare.format_table(rows, args.ll_samples, unit))
+    seeds = f" x {len(plan.seeds)} seeds" if plan.several else ""
     print(
-        f"{len(specs)} bounds{seeds} compared in {time.perf_counter() - started:.0f} s "
+        f"{len(plan.bounds)} bounds{seeds} compared in {time.perf_counter() - started:.0f} s "
         f"({_threads()}, {args.device}); results.md, results.json, results.csv, "
         f"learning_curves.png, log_likelihood.png, snr.png and ll_vs_k.png in {run_dir}"
     )
-    failed = [
-        result.get("run") or result["bound"] for result in results if result["status"] != "ok"
-    ]
+    failed = [result.run or result.bound for result in results if not result.ok]
     if failed:
         print(f"{PROG}: error: training failed for {', '.join(failed)}", file=sys.stderr)
         return EXIT_FAILURE
@@ -867,11 +797,10 @@ def _folder_command(run_dir: Path) -> str | None:
     return "train" if (run_dir / CHECKPOINT).exists() else None
 
 
-def _check_sample_folder(run_dir: Path, args: argparse.Namespace) -> None:
-    """Refuse a ``--run-dir`` that ``pvae sample`` cannot write (or, with --resume,
-    continue): checked before the data are loaded."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise CliError(f"--run-dir {run_dir} exists and is not a folder")
+def _check_sample_folder(run_dir: Path, args: argparse.Namespace) -> runs.RunFolder:
+    """The run folder of ``pvae sample``, refused where it cannot be written (or, with
+    --resume, continued): checked before the data are loaded."""
+    folder = _folder(run_dir)
     command = _folder_command(run_dir)
     if command not in (None, "sample"):
         raise CliError(
@@ -883,16 +812,8 @@ def _check_sample_folder(run_dir: Path, args: argparse.Namespace) -> None:
             )
             + "choose another --run-dir"
         )
-    has_run = (run_dir / CHECKPOINT).exists()
-    if has_run and not args.resume:
-        raise CliError(
-            f"{run_dir} already holds a run ({CHECKPOINT}); pass --resume to continue it"
-        )
-    if args.resume and not has_run:
-        raise CliError(
-            f"--resume: {run_dir} holds no {CHECKPOINT} to continue; drop --resume to start a "
-            "new run"
-        )
+    _refuse_run(folder, args.resume, None)
+    return folder
 
 
 def _check_sample_resume(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -937,46 +858,8 @@ def _sample(args: argparse.Namespace) -> int:
         sampler = SGHMC(lr=args.lr, friction=args.friction, init_radius=args.init_radius)
     except (ValueError, TypeError) as error:
         raise CliError(f"sampler: {error}") from error
-    _check_sample_folder(run_dir, args)
-    ds = _prepare(args, _load_dataset(args))
-    ds = runs.subset(ds, args.max_train, None)
-    pyro.clear_param_store()
-    pyro.set_rng_seed(args.seed)
-    if args.likelihood is None:
-        args.likelihood = ds.likelihood
-    recorded = _check_sample_resume(run_dir, args) if args.resume else None
-    options = MODELS[args.model].resolve_options(
-        recorded["run"]["model_options"] if recorded is not None else _model_options(args)
-    )
-    try:
-        model = MODELS[args.model].build(
-            ds, args.z_dim, args.hidden, args.net, args.likelihood, options
-        )
-    except ValueError as error:
-        raise CliError(f"model {args.model!r}: {error}") from error
-    _check_support(model, ds)
-    selection = _prior_selection(model)
-    if recorded is not None:
-        selection = recorded.get("prior_selection")
-    if selection is not None:
-        options["prior_scale"] = selection["chosen"]
-    config = runs.RunConfig(
-        command="sample",
-        dataset=args.dataset,
-        seed=args.seed,
-        binarize=args.binarize,
-        data_path=args.data_path,
-        max_train=args.max_train,
-        model=args.model,
-        model_options=options,
-        z_dim=args.z_dim,
-        hidden=tuple(args.hidden),
-        net=args.net,
-        likelihood=args.likelihood,
-        engine="sghmc",
-        batch_size=args.batch_size,
-        lr=args.lr,
-    )
+    folder = _check_sample_folder(run_dir, args)
+    config, ds, model, selection = _sample_run(args, run_dir)
     settings = {
         "num_samples": args.num_samples,
         "warmup": args.warmup,
@@ -987,7 +870,7 @@ def _sample(args: argparse.Namespace) -> int:
         "resume": args.resume,
         "checkpoint_every": args.checkpoint_every,
     }
-    prior = _describe_prior(options, selection)
+    prior = _describe_prior(config.model_options, selection)
     if not args.quiet:
         print(
             f"{'continuing' if args.resume else 'sampling'} {args.chains} chain(s) of "
@@ -995,9 +878,8 @@ def _sample(args: argparse.Namespace) -> int:
             flush=True,
         )
     started = time.perf_counter()
-    created = not run_dir.exists()
     try:
-        with run_lock(run_dir):
+        with _locked(folder):
             if not args.resume:
                 runs.write_config(
                     run_dir,
@@ -1027,13 +909,8 @@ def _sample(args: argparse.Namespace) -> int:
         return 130
     except pvae.SamplingDiverged as error:
         raise CliError(f"sampling diverged: {error} (lower --lr)", EXIT_FAILURE) from error
-    except RunDirInUse as error:
-        raise CliError(f"--run-dir: {error}") from error
     except ValueError as error:
         raise CliError(f"sampling failed: {error}", EXIT_FAILURE) from error
-    finally:
-        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()
     print(
         f"{posterior.num_chains} chain(s) x {posterior.num_samples} draws of "
         f"{len(posterior.samples)} sites in {time.perf_counter() - started:.0f} s"
@@ -1043,6 +920,29 @@ def _sample(args: argparse.Namespace) -> int:
         f"(pvae diagnose {run_dir}: R-hat, ESS, traces)"
     )
     return EXIT_OK
+
+
+def _sample_run(
+    args: argparse.Namespace, run_dir: Path
+) -> tuple[runs.RunConfig, data.Splits, PyroModule, dict[str, Any] | None]:
+    """The config, data, model and prior selection of ``pvae sample`` (with --resume, the
+    recorded model options and prior selection)."""
+    config = _config("sample", args)
+    config.engine, config.max_eval = "sghmc", None
+    ds = _load(config, args)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)
+    recorded = _check_sample_resume(run_dir, args) if args.resume else None
+    if recorded is not None:
+        config.model_options = MODELS[args.model].resolve_options(recorded["run"]["model_options"])
+    model = _build(config, ds)
+    _check_support(model, ds)
+    selection = _prior_selection(model)
+    if recorded is not None:
+        selection = recorded.get("prior_selection")
+    if selection is not None:
+        config.model_options["prior_scale"] = selection["chosen"]
+    return config, ds, model, selection
 
 
 def _describe_prior(options: dict[str, Any], selection: dict[str, Any] | None) -> str:

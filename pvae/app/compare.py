@@ -35,14 +35,21 @@ keeps ``iwae/``) and :func:`summarize` gives per bound the mean ± sd over seeds
 and of the per-seed paired Δ to the reference bound, flagging a difference *within seed noise*
 when ``|mean Δ| < 2 sd`` of the per-seed Δ.
 
+A comparison is a :class:`Plan` of independent cells (bound x seed). Each cell is its own run
+folder, trained and measured by :func:`run_cell` from the :class:`~pvae.app.runs.RunConfig`
+alone (it loads its data, builds its model and engine), so the cells run one after the other,
+in ``jobs`` local processes or as Ray tasks with the same numbers, bit for bit; a finished
+cell leaves ``cell.json`` (its :class:`BoundResult` and per-point log p(x)), which a resumed
+comparison keeps. The report (:mod:`pvae.app.report`) is built from the cells' results.
+
 :func:`compare` writes into ``run_dir`` (every file atomically): ``results.md`` (the table,
 the command and the configuration), ``results.json``, ``results.csv``, ``learning_curves.png``
 (the yardstick for every bound on one axis, and each bound's own train/valid bound per epoch),
 ``log_likelihood.png`` (with error bars), ``snr.png`` (log scale), ``ll_vs_k.png``,
 ``results.json``'s ``environment`` (git commit, versions, CPU/GPU, threads), ``config.json``
 (the :class:`pvae.app.runs.RunConfig` that ``pvae diagnose`` rebuilds the data and models
-from), and one folder per bound (per bound and seed) with ``pvae.fit``'s checkpoint and
-``run.json``.
+from), and one folder per bound (per bound and seed) with ``pvae.fit``'s checkpoint,
+``run.json`` and ``cell.json``.
 
 Speed: Pyro's per-call argument checks cost about half of an importance-weighted step on
 MNIST (every log-prob of every particle is validated), so training and evaluation run with
@@ -63,17 +70,17 @@ minute. Explicit arguments always win over either set of defaults.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import io
+import json
 import math
+import multiprocessing
 import os
-import platform
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +90,19 @@ from pyro.nn import PyroModule
 from tqdm.auto import tqdm
 
 import pvae
-from pvae import atomic, data, plots
-from pvae.app import runs
+from pvae import data, plots, validation
+from pvae.app import report, runs
 from pvae.app.registry import MODELS, BoundSpec, parse_bound
+from pvae.app.report import (
+    ELBO_SAMPLES,
+    IWAE_SAMPLES,
+    WITHIN_NOISE,
+    environment,
+    format_seed_table,
+    format_table,
+    summarize,
+)
+from pvae.checkpoint import CHECKPOINT
 from pvae.diagnostics import gradient_snr
 from pvae.evaluate import as_tensors, num_items
 from pvae.inference import ELBO, IWAE
@@ -93,18 +110,23 @@ from pvae.train import Run, TrainingDiverged
 
 __all__ = [
     "DEFAULT_BOUNDS",
-    "LL_KS",
     "DEFAULTS",
+    "LL_KS",
     "QUICK",
+    "BoundResult",
+    "Cell",
+    "Plan",
+    "WITHIN_NOISE",
     "bound_folder",
     "check_support",
     "compare",
-    "format_table",
-    "resolve_bounds",
     "environment",
     "format_seed_table",
+    "format_table",
     "parse_yardstick",
+    "resolve_bounds",
     "resolve_device",
+    "run_config",
     "settings",
     "summarize",
 ]
@@ -128,8 +150,6 @@ DEFAULTS: dict[str, Any] = {
     "hidden": (200, 200),
     "ll_samples": 5000,
     "snr_repeats": 20,
-    "max_train": None,  # datapoints kept of each split (None: all)
-    "max_eval": None,
 }
 QUICK: dict[str, Any] = {
     "epochs": 2,
@@ -137,15 +157,10 @@ QUICK: dict[str, Any] = {
     "hidden": (64,),
     "ll_samples": 100,
     "snr_repeats": 5,
-    "max_train": 500,
-    "max_eval": 100,
 }
-
-# --quick on sequence data: a sequence holds T frames, so fewer rows keep the run as short.
-QUICK_SEQUENCES: dict[str, Any] = {"max_train": 32, "max_eval": 16}
-
-ELBO_SAMPLES = 16  # particles of the test ELBO (analytic KL: only the likelihood term varies)
-IWAE_SAMPLES = 64  # the IWAE-64 column
+# --quick also keeps the first points of each split (RunConfig.load_data): 500 training and
+# 100 valid/test points, or on sequence data (a sequence holds T frames) these.
+QUICK_SEQUENCES: dict[str, Any] = runs.QUICK_SEQUENCE_LIMITS
 SNR_POINTS = 100  # test points of the fixed SNR batch
 EVAL_BATCH = 100  # test points per call of the test ELBO and IWAE-64
 # log p(x): 100 test points x 100 particles per vectorised run. Larger runs are no faster on
@@ -156,8 +171,6 @@ LL_KS = (1, 10, 100, 1000, 5000)  # log p(x) against K: these K up to ll_samples
 LL_K_POINTS = 100  # ... on the first 100 test points
 YARDSTICK = "iwae:64"  # the common estimator evaluated after every epoch
 YARDSTICK_POINTS = 200  # ... on the first 200 validation points
-CPU = torch.device("cpu")
-WITHIN_NOISE = 2.0  # a mean Δ within this many sd of the per-seed Δ is "within seed noise"
 
 ProgressFn = Callable[[str], None]
 
@@ -176,6 +189,22 @@ def settings(quick: bool = False, **given: Any) -> dict[str, Any]:
         raise TypeError(f"unknown settings {sorted(unknown)}; known: {sorted(resolved)}")
     resolved.update({key: value for key, value in given.items() if value is not None})
     return resolved
+
+
+def run_config(dataset: str, quick: bool = False, **values: Any) -> runs.RunConfig:
+    """The :class:`~pvae.app.runs.RunConfig` of a comparison on ``dataset``: the budget knobs
+    of :data:`DEFAULTS` (:data:`QUICK` when ``quick``) unless given, the batch size of Burda
+    et al. (20), 64 particles, the yardstick :data:`YARDSTICK` and the other ``values`` (its
+    fields, e.g. ``bounds=["elbo", "iwae"]``, ``seeds=[0, 1]``, ``model="hvae"``).
+
+    Batches of 20 at lr 1e-3 as Burda et al.: at the same cost per epoch small batches reach
+    a far better model in a short budget (MNIST-5k, 5 epochs, 64 particles: valid ELBO -145
+    nats with batches of 25, -189 with batches of 100).
+    """
+    knobs = settings(quick, **{k: values.pop(k) for k in DEFAULTS if k in values})
+    knobs["hidden"] = tuple(knobs["hidden"])
+    given = {"batch_size": 20, "particles": 64, "yardstick": YARDSTICK, **knobs, **values}
+    return runs.RunConfig(command="compare", dataset=dataset, quick=quick, **given)
 
 
 def resolve_bounds(
@@ -237,12 +266,6 @@ def check_pairs(
             raise TypeError(f"bound {spec.label!r}: {error}") from error
         except (ValueError, NotImplementedError) as error:
             raise ValueError(f"bound {spec.label!r}: {error}") from error
-
-
-def describe(spec: BoundSpec, particles: int) -> str:
-    """What a resolved bound trains, in words, e.g. ``MIWAE(M=8, K=8)`` (the engine's
-    registration says it)."""
-    return spec.describe(particles)
 
 
 def bound_folder(spec: BoundSpec, seed: int | None = None) -> str:
@@ -345,78 +368,127 @@ def _peak_memory_mb(device: torch.device) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes / KiB
 
 
-def _memory_kind(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "torch.cuda.max_memory_allocated during the bound's training and evaluation"
-    return (
-        "the process's peak resident set size so far (ru_maxrss: whole process, cumulative, "
-        "so it never decreases from one bound to the next)"
-    )
-
-
-def _git_commit() -> str | None:
-    """``git rev-parse HEAD`` of the repository holding the working directory, or None."""
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = done.stdout.strip()
-    return commit if done.returncode == 0 and commit else None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(module: str) -> str | None:
-    try:
-        return str(__import__(module).__version__)
-    except Exception:  # not installed, or no __version__
-        return None
-
-
-def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Where a comparison ran: the git commit of the working directory's checkout (None
-    outside one), library versions, the platform, CPU model, GPU name (if any), torch's
-    threads and ``device``."""
-    gpu = None
-    if torch.cuda.is_available():
-        gpu = torch.cuda.get_device_name(torch.device(device) if str(device) != "cpu" else 0)
-    return {
-        "git_commit": _git_commit(),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "pyro": pyro.__version__,
-            "gpytorch": _version("gpytorch"),
-            "numpy": _version("numpy"),
-            "pvae": pvae.__version__,
-        },
-        "platform": platform.platform(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "gpu": gpu,
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-
-
 # ---------------------------------------------------------------------------------------------
-# One bound
+# The plan: cells of (bound, seed)
 # ---------------------------------------------------------------------------------------------
+
+CELL = "cell.json"  # a finished cell's result, in its run folder
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training of the comparison: ``bound`` (a resolved label) with ``seed``, in the
+    run folder ``folder`` (relative to the comparison's)."""
+
+    bound: str
+    seed: int
+    folder: str
+
+
+@dataclass
+class Plan:
+    """What a comparison trains: every bound of ``bounds`` once per seed of ``seeds`` (the
+    cells, bounds in order and seeds within each), run by ``executor`` (``"local"``: ``jobs``
+    processes, 1 runs them in this process; ``"ray"``: one Ray task per cell)."""
+
+    bounds: list[BoundSpec]
+    seeds: list[int]
+    jobs: int = 1
+    executor: str = "local"
+
+    def __post_init__(self) -> None:
+        if not self.bounds:
+            raise ValueError("no bounds to compare")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ValueError(f"seeds must be distinct non-negative integers, got {self.seeds}")
+        validation.positive_int(self.jobs, "jobs")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, got {self.executor!r}")
+
+    @classmethod
+    def of(cls, config: runs.RunConfig, jobs: int = 1, executor: str = "local") -> Plan:
+        """The plan of ``config``'s bounds (default :data:`DEFAULT_BOUNDS`) and seeds.
+
+        :raises ValueError: see :func:`resolve_bounds`.
+        """
+        specs = resolve_bounds(config.bounds or DEFAULT_BOUNDS, config.particles, config.inner)
+        return cls(specs, list(config.seeds or [config.seed]), jobs, executor)
+
+    @property
+    def several(self) -> bool:
+        return len(self.seeds) > 1
+
+    def cells(self) -> list[Cell]:
+        return [
+            Cell(spec.label, seed, bound_folder(spec, seed if self.several else None))
+            for spec in self.bounds
+            for seed in self.seeds
+        ]
+
+    def spec(self, bound: str) -> BoundSpec:
+        return next(spec for spec in self.bounds if spec.label == bound)
+
+
+@dataclass
+class BoundResult:
+    """One cell's numbers (see the module docstring); NaN where the training failed
+    (``status`` says why). ``metrics``: the model's own test metrics; ``history``: the
+    per-epoch records of ``pvae.fit``; ``run``: the folder, with several seeds."""
+
+    bound: str
+    seed: int
+    folder: str
+    engine: str
+    status: str = "ok"
+    run: str | None = None
+    log_likelihood: float = math.nan
+    log_likelihood_stderr: float = math.nan
+    elbo: float = math.nan
+    iwae_64: float = math.nan
+    inference_gap: float = math.nan
+    active_units: int | float = math.nan
+    latent_dims: int | float = math.nan
+    snr_guide: float = math.nan
+    snr_model: float = math.nan
+    seconds_per_epoch: float = math.nan
+    train_bound: float | None = math.nan
+    valid_bound: float | None = math.nan
+    yardstick: float | None = math.nan
+    train_seconds: float = math.nan
+    yardstick_seconds: float = math.nan
+    eval_seconds: float = math.nan
+    peak_memory_mb: float = math.nan
+    exact_log_likelihood: float | None = None
+    ll_vs_k: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    reference: str | None = None
+    delta_log_likelihood: float = math.nan
+    delta_stderr: float = math.nan
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        """The row of ``results.json``: the fields, the model's metrics among them, ``run``
+        only with several seeds and ``exact_log_likelihood`` only where the data set knows it."""
+        row = dataclasses.asdict(self)
+        row.update(row.pop("metrics"))
+        for key in ("run", "exact_log_likelihood"):
+            if row[key] is None:
+                del row[key]
+        return row
+
+    @classmethod
+    def from_json(cls, row: Mapping[str, Any]) -> BoundResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        known: dict[str, Any] = {
+            k: (math.nan if v is None and k in _NUMBERS else v) for k, v in row.items()
+        }
+        metrics = {k: v for k, v in known.items() if k not in names}
+        return cls(**{k: v for k, v in known.items() if k in names}, metrics=metrics)
 
 
 def _yardstick_callback(
@@ -451,67 +523,59 @@ def _yardstick_callback(
     return callback
 
 
-def _train_one(
-    spec: BoundSpec,
-    build_model: Callable[[], PyroModule],
+def _fit_cell(
+    config: runs.RunConfig,
+    cell: Cell,
     ds: data.Splits,
-    config: Mapping[str, Any],
-    run_dir: Path | None,
-    progress: bool,
+    out: Path | None,
     say: ProgressFn | None,
     loggers: Sequence[Any] = (),
-    folder: str | None = None,
-    device: torch.device = CPU,
 ) -> tuple[PyroModule, Run, float]:
-    """Train one bound with ``config["seed"]``; returns the model, its run and the seconds
-    the yardstick took (not training)."""
+    """Train ``cell`` (resumed from its checkpoint where it has one); returns the model, its
+    run and the seconds the yardstick took (not training)."""
+    device = torch.device(config.device)
     pyro.clear_param_store()
-    pyro.set_rng_seed(config["seed"])  # the same initial weights for every bound
-    model = build_model()
-    if device.type != "cpu":
-        model.to(device)
-    entry = MODELS[config["model"]]
+    pyro.set_rng_seed(cell.seed)  # the same initial weights for every bound
+    model = config.build_model(ds).to(device)
+    entry = MODELS[config.model]
     extra = entry.callbacks(model, ds) if entry.callbacks is not None else []
-    engine = spec.build(config["particles"])
-    epochs = config["epochs"]
-    tag = spec.label if len(config.get("seeds", ())) <= 1 else f"{spec.label} seed {config['seed']}"
     spent = [0.0]
-    yardstick = parse_yardstick(config.get("yardstick"))
+    yardstick = parse_yardstick(config.yardstick)
     if yardstick is not None and ds.valid is not None:
-        points = config.get("yardstick_points", YARDSTICK_POINTS)
         with _fork_rng(device):  # a dynamically binarised set draws its pixels once, here
-            torch.manual_seed(config["seed"])
-            valid = tuple(t[:points] for t in as_tensors(ds.valid))
-        extra = [
-            *extra,
-            _yardstick_callback(model, valid, yardstick, config["seed"], device, spent),
-        ]
-    label = str(config.get("yardstick") or "").upper().replace(":", "-")
+            torch.manual_seed(cell.seed)
+            valid = tuple(t[:YARDSTICK_POINTS] for t in as_tensors(ds.valid))
+        extra.append(_yardstick_callback(model, valid, yardstick, cell.seed, device, spent))
+    tag = cell.folder.replace("_", ":").replace("/seed-", " seed ")
+    label = str(config.yardstick or "").upper().replace(":", "-")
 
     def report(run: Run, record: dict[str, Any]) -> None:
         if say is None:
             return
         valid = record.get("valid_bound")
-        valid_text = f", valid {valid:.3f}" if valid is not None else ""
         common = record.get("yardstick")
-        common_text = f", {label} {common:.3f}" if common is not None else ""
         say(
-            f"[{tag}] epoch {record['epoch'] + 1}/{epochs}: train "
-            f"{record['train_bound']:.3f}{valid_text}{common_text} nats ({record['seconds']:.1f} s)"
+            f"[{tag}] epoch {record['epoch'] + 1}/{config.epochs}: train "
+            f"{record['train_bound']:.3f}"
+            + (f", valid {valid:.3f}" if valid is not None else "")
+            + (f", {label} {common:.3f}" if common is not None else "")
+            + f" nats ({record['seconds']:.1f} s)"
         )
 
+    folder = out / cell.folder if out is not None else None
     run = pvae.fit(
         model.model,
         model.guide,
         ds.train,
-        engine=engine,
-        epochs=epochs,
-        batch_size=config["batch_size"],
-        lr=config["lr"],
+        engine=config.build_engine(cell.bound),
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
         valid=ds.valid,
-        seed=config["seed"],
-        run_dir=run_dir / (folder or bound_folder(spec)) if run_dir is not None else None,
-        progress=progress,
+        seed=cell.seed,
+        run_dir=folder,
+        resume=folder is not None and (folder / CHECKPOINT).is_file(),
+        progress=False,
         callbacks=[*extra, report, *(logger.epoch for logger in loggers)],
         step_callbacks=[logger.step for logger in loggers],
     )
@@ -523,69 +587,90 @@ def _stderr(values: torch.Tensor) -> float:
     return float(values.double().std() / math.sqrt(n)) if n > 1 else math.nan
 
 
-def _evaluate(
-    spec: BoundSpec,
+def log_likelihood(
     model: PyroModule,
-    run: Run,
-    ds: data.Splits,
-    config: Mapping[str, Any],
-    progress: bool,
-    device: torch.device = CPU,
+    test: Any,
+    num_samples: int,
+    batch_size: int = LL_BATCH,
+    chunk_size: int = LL_CHUNK,
+    progress: bool = False,
+) -> torch.Tensor:
+    """:func:`pvae.log_likelihood` of ``test``, ``(N,)`` nats, evaluated a tenth of the points
+    (at most ``batch_size``) at a time; with ``progress``, a bar on a terminal and otherwise
+    (output piped to a file) a line on stderr at least every 10 s and after the last part."""
+    n = num_items(test)
+    step = max(1, min(batch_size, math.ceil(n / 10)))
+    tty = progress and sys.stderr.isatty()
+    bar = tqdm(total=n, desc=f"log p(x), K={num_samples}", unit="point", disable=not tty)
+    parts, began, said = [], time.perf_counter(), time.perf_counter()
+    for start in range(0, n, step):
+        part = pvae.log_likelihood(
+            model.model, model.guide, runs.rows(test, start, start + step), num_samples=num_samples,
+            batch_size=step, chunk_size=min(num_samples, chunk_size), progress=False,
+        )  # fmt: skip
+        parts.append(part)
+        bar.update(part.shape[0])
+        done, now = start + part.shape[0], time.perf_counter()
+        if progress and not tty and (now - said >= 10.0 or done == n):
+            print(f"log p(x), K={num_samples}: {done}/{n} points ({now - began:.0f} s)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            said = now
+    bar.close()
+    return torch.cat(parts)
+
+
+def exact_log_likelihood(ds: data.Splits) -> torch.Tensor | None:
+    """The test points' exact log p(x), ``(N,)`` nats, where the data set knows it
+    (``linear-gaussian``, ``lds``); None otherwise."""
+    info = getattr(ds, "info", None) or {}
+    if ds.name == "lds" and isinstance(ds, data.SequenceSplits):
+        return data.lds_log_likelihood(ds, "test")
+    if ds.name == "linear-gaussian" and {"W", "b", "noise"} <= set(info):
+        x = as_tensors(ds.test)[0]
+        return data.linear_gaussian_log_likelihood(x, info["W"], info["b"], info["noise"])
+    return None
+
+
+def _evaluate(
+    config: runs.RunConfig, cell: Cell, model: PyroModule, ds: data.Splits, progress: bool
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """The table's numbers for one trained pair, and its per-point log-likelihoods (the
-    model in eval mode), with the model's own metrics (its registration's ``metrics``) and
-    log p(x) against K (:func:`_ll_vs_k`)."""
-    seed, test = config["seed"], ds.test
-    entry = MODELS[config["model"]]
+    """The table's numbers for one trained cell and its per-point log-likelihoods (the model
+    in eval mode), with the model's own metrics and log p(x) against K."""
+    seed, test, ll_samples = cell.seed, ds.test, int(config.ll_samples)
+    entry = MODELS[config.model]
     model.eval()
-    with _fork_rng(device):
+    with _fork_rng(torch.device(config.device)):
         torch.manual_seed(seed)  # the same random numbers for every bound
-        ll = pvae.log_likelihood(
-            model.model,
-            model.guide,
-            test,
-            num_samples=config["ll_samples"],
-            batch_size=LL_BATCH,
-            chunk_size=LL_CHUNK,
-            progress=progress,
-        )
+        ll = log_likelihood(model, test, ll_samples, progress=progress)
         torch.manual_seed(seed)
-        batch = EVAL_BATCH
-        elbo = pvae.evaluate_bound(model.model, model.guide, test, ELBO(ELBO_SAMPLES), batch)
-        iwae = pvae.evaluate_bound(model.model, model.guide, test, IWAE(IWAE_SAMPLES), batch)
+        elbo = pvae.evaluate_bound(model.model, model.guide, test, ELBO(ELBO_SAMPLES), EVAL_BATCH)
+        iwae = pvae.evaluate_bound(model.model, model.guide, test, IWAE(IWAE_SAMPLES), EVAL_BATCH)
         units = runs.count_active(runs.latent_activity(model, test, seed, channels=entry.channels))
         torch.manual_seed(seed)
-        extra = entry.metrics(model, ds, "test", seed) if entry.metrics is not None else {}
+        metrics = entry.metrics(model, ds, "test", seed) if entry.metrics is not None else {}
         torch.manual_seed(seed)
-        snr_batch = tuple(t[: config["snr_points"]] for t in as_tensors(test))
+        snr_batch = tuple(t[:SNR_POINTS] for t in as_tensors(test))
+        engine = config.build_engine(cell.bound)
         snr = gradient_snr(
-            model.model,
-            model.guide,
-            snr_batch,
-            spec.build(config["particles"]),
-            num_repeats=config["snr_repeats"],
+            model.model, model.guide, snr_batch, engine, num_repeats=int(config.snr_repeats or 2)
         )
-        curve = _ll_vs_k(model, test, config, ll, seed)
-    seconds = [float(record["seconds"]) for record in run.history]
-    last = run.history[-1] if run.history else {}
-    mean = float(ll.mean())
-    return {
-        "log_likelihood": mean,
+        curve = _ll_vs_k(model, test, ll_samples, ll, seed)
+    exact = exact_log_likelihood(ds)
+    numbers = {
+        "log_likelihood": float(ll.mean()),
         "log_likelihood_stderr": _stderr(ll),
         "elbo": float(elbo),
         "iwae_64": float(iwae),
-        "inference_gap": mean - float(elbo),
+        "inference_gap": float(ll.mean()) - float(elbo),
         "active_units": units[0],
         "latent_dims": units[1],
         "snr_guide": snr.guide,
         "snr_model": snr.model,
-        "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else math.nan,
-        "train_bound": last.get("train_bound"),
-        "valid_bound": last.get("valid_bound"),
-        "yardstick": last.get("yardstick"),
         "ll_vs_k": curve,
-        **extra,
-    }, ll
+        "metrics": dict(metrics),
+        "exact_log_likelihood": float(exact.double().mean()) if exact is not None else None,
+    }
+    return numbers, ll
 
 
 def ll_ks(ll_samples: int) -> list[int]:
@@ -595,17 +680,13 @@ def ll_ks(ll_samples: int) -> list[int]:
 
 
 def _ll_vs_k(
-    model: PyroModule, test: Any, config: Mapping[str, Any], ll: torch.Tensor, seed: int
+    model: PyroModule, test: Any, largest: int, ll: torch.Tensor, seed: int
 ) -> dict[str, float]:
     """log p(x) by importance sampling with each K of :func:`ll_ks`, the mean over the first
     :data:`LL_K_POINTS` test points, ``{str(K): nats}``. The largest K reuses the table's
-    per-point estimates ``ll`` (the same estimator on the same points); every other K is
-    drawn with the fixed ``seed``."""
-    points = min(config.get("ll_k_points", LL_K_POINTS), ll.shape[0])
-    subset = tuple(t[:points] for t in as_tensors(test))
-    if isinstance(test, data.SequenceSplit):
-        subset = data.SequenceSplit(*subset)
-    largest = config["ll_samples"]
+    per-point estimates ``ll``; every other K is drawn with the fixed ``seed``."""
+    points = min(LL_K_POINTS, ll.shape[0])
+    subset = runs.rows(test, 0, points)
     curve: dict[str, float] = {}
     for k in ll_ks(largest):
         if k == largest:
@@ -613,812 +694,310 @@ def _ll_vs_k(
             continue
         torch.manual_seed(seed)
         values = pvae.log_likelihood(
-            model.model,
-            model.guide,
-            subset if len(subset) > 1 else subset[0],
-            num_samples=k,
-            batch_size=LL_BATCH,
-            chunk_size=min(k, LL_CHUNK),
-            progress=False,
-        )
+            model.model, model.guide, subset, num_samples=k, batch_size=LL_BATCH,
+            chunk_size=min(k, LL_CHUNK), progress=False,
+        )  # fmt: skip
         curve[str(k)] = float(values.double().mean())
     return curve
+
+
+def run_cell(
+    config: runs.RunConfig,
+    cell: Cell,
+    out: Path | None = None,
+    progress: bool = False,
+    ds: data.Splits | None = None,
+    loggers: Sequence[Any] = (),
+) -> tuple[BoundResult, list[float]]:
+    """Train and measure one cell (its data loaded from ``config`` unless given ``ds``), with
+    Pyro's validation off; with ``out``, its result is written to ``out/folder/cell.json``.
+    Returns the result and the per-point test log-likelihoods (empty when it failed)."""
+    device = torch.device(config.device)
+    ds = ds if ds is not None else _dataset_on(config.load_data(), device)
+    several = "/seed-" in cell.folder
+    engine = parse_bound(cell.bound).describe(config.particles)
+    result = BoundResult(cell.bound, cell.seed, cell.folder, engine,
+                         run=cell.folder if several else None)  # fmt: skip
+    say: ProgressFn | None = (lambda line: tqdm.write(line, file=sys.stdout)) if progress else None
+    _memory_start(device)
+    scope = torch.device(device) if device.type != "cpu" else contextlib.nullcontext()
+    with pyro.validation_enabled(False), scope:
+        try:
+            began = time.perf_counter()
+            model, run, spent = _fit_cell(config, cell, ds, out, say, loggers)
+            train_seconds = time.perf_counter() - began - spent
+            began = time.perf_counter()
+            numbers, ll = _evaluate(config, cell, model, ds, progress)
+        except TrainingDiverged as error:
+            result.status = f"diverged: {error}"
+            ll = torch.zeros(0)
+        else:
+            seconds = [float(record["seconds"]) for record in run.history]
+            last = run.history[-1] if run.history else {}
+            vars(result).update(numbers)
+            result.seconds_per_epoch = sum(seconds) / len(seconds) if seconds else math.nan
+            for key in ("train_bound", "valid_bound", "yardstick"):
+                setattr(result, key, last.get(key))
+            result.train_seconds, result.yardstick_seconds = train_seconds, spent
+            result.eval_seconds = time.perf_counter() - began
+            result.peak_memory_mb = _peak_memory_mb(device)
+            result.history = run.history
+    per_point = [float(value) for value in ll.cpu()]
+    if out is not None:
+        plots.write_json(out / cell.folder / CELL, {"result": result.to_json(), "ll": per_point})
+    return result, per_point
+
+
+def _worker(
+    config: dict[str, Any], cell: Cell, out: str | None, threads: int
+) -> tuple[BoundResult, list[float]]:
+    """:func:`run_cell` in a worker process or Ray task (``threads`` torch threads)."""
+    torch.set_num_threads(threads)
+    folder = Path(out) if out is not None else None
+    return run_cell(runs.RunConfig.from_json(config), cell, folder)
+
+
+def read_cell(folder: Path) -> tuple[BoundResult, list[float]] | None:
+    """A finished cell's result and per-point log-likelihoods from its ``cell.json``; None
+    when the cell has not finished (or its file cannot be read)."""
+    try:
+        document = json.loads((folder / CELL).read_text())
+        return BoundResult.from_json(document["result"]), [float(v) for v in document["ll"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Executors
+# ---------------------------------------------------------------------------------------------
+
+Done = Callable[[Cell, BoundResult, list[float]], None]
+Finished = Callable[[Cell, BoundResult, list[float], Sequence[Any]], None]
+
+
+def _run_local(config: runs.RunConfig, cells: Sequence[Cell], jobs: int, out: Path | None,
+               done: Done) -> None:  # fmt: skip
+    """The cells in ``jobs`` processes (spawned, each with its share of torch's threads)."""
+    threads = max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")
+    folder = str(out) if out is not None else None
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {
+            pool.submit(_worker, config.to_json(), cell, folder, threads): cell for cell in cells
+        }
+        for future in as_completed(futures):
+            done(futures[future], *future.result())
+
+
+def _run_ray(config: runs.RunConfig, cells: Sequence[Cell], out: Path | None, done: Done) -> None:
+    """The cells as Ray tasks: on the cluster of ``RAY_ADDRESS`` when set (``ray.init(
+    address="auto")``), else on a local Ray instance (one CPU, one torch thread per task)."""
+    try:
+        import ray
+    except ImportError as error:
+        raise ImportError('the ray executor needs Ray: pip install "pyro-vae[ray]"') from error
+    if not ray.is_initialized():
+        ray.init(address="auto" if os.environ.get("RAY_ADDRESS") else None)
+    task = ray.remote(num_cpus=1)(_worker)
+    folder = str(out) if out is not None else None
+    pending = {task.remote(config.to_json(), cell, folder, 1): cell for cell in cells}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        done(pending.pop(ready[0]), *ray.get(ready[0]))
 
 
 # ---------------------------------------------------------------------------------------------
 # The comparison
 # ---------------------------------------------------------------------------------------------
 
-_NUMBERS = (
-    "log_likelihood",
-    "log_likelihood_stderr",
-    "delta_log_likelihood",
-    "delta_stderr",
-    "elbo",
-    "iwae_64",
-    "inference_gap",
-    "active_units",
-    "latent_dims",
-    "snr_guide",
-    "snr_model",
-    "seconds_per_epoch",
-    "train_bound",
-    "valid_bound",
-    "yardstick",
-    "train_seconds",
-    "yardstick_seconds",
-    "eval_seconds",
-    "peak_memory_mb",
-)
+_NUMBERS = report.NUMBERS
+
+
+def check(config: runs.RunConfig, plan: Plan, ds: data.Splits) -> None:
+    """Refuse, before anything is trained or written, data outside the likelihood's support,
+    a model that cannot read the data and a bound that does not apply to the model.
+
+    :raises ValueError, TypeError: naming the bound.
+    """
+    for name, value in (("batch_size", config.batch_size), ("snr_repeats", config.snr_repeats)):
+        if value is not None and value < (2 if name == "snr_repeats" else 1):
+            raise ValueError(f"{name} must be >= {2 if name == 'snr_repeats' else 1}, got {value}")
+    parse_yardstick(config.yardstick)
+    resolve_device(config.device)
+    pyro.clear_param_store()
+    probe = config.build_model(ds)
+    check_support(probe, ds)
+    check_pairs(probe, ds, plan.bounds, config.particles, config.batch_size)
 
 
 def compare(
-    dataset: str | data.Splits = "mnist5k",
-    bounds: Sequence[str | BoundSpec] = DEFAULT_BOUNDS,
-    particles: int = 64,
-    epochs: int | None = None,
-    model: str = "vae",
-    model_options: Mapping[str, Any] | None = None,
-    z_dim: int | None = None,
-    hidden: Sequence[int] | None = None,
-    net: str = "mlp",
-    likelihood: str | None = None,
-    batch_size: int = 20,
-    lr: float = 1e-3,
-    seed: int = 0,
-    ll_samples: int | None = None,
-    snr_repeats: int | None = None,
-    snr_points: int = SNR_POINTS,
-    inner: int | None = None,
+    config: runs.RunConfig,
+    plan: Plan | None = None,
     run_dir: str | os.PathLike[str] | None = None,
-    quick: bool = False,
     progress: bool = True,
     argv: Sequence[str] | None = None,
-    binarize: str | None = None,
-    data_path: str | None = None,
     loggers: Callable[[str, Mapping[str, Any]], Sequence[Any]] | None = None,
-    seeds: Sequence[int] | None = None,
-    yardstick: str | None = YARDSTICK,
-    yardstick_points: int = YARDSTICK_POINTS,
-    device: str | torch.device = "cpu",
-) -> list[dict[str, Any]]:
-    """Train ``model`` once per bound with the same seed, data and budget, and measure each.
+    ds: data.Splits | None = None,
+) -> list[BoundResult]:
+    """Train ``config``'s model once per cell of ``plan`` (default: :meth:`Plan.of`
+    ``config``) with the same data and budget, measure each, and (with ``run_dir``) write
+    the report built from the cells' folders.
 
-    :param dataset: a name from ``pvae datasets`` (loaded with ``seed``) or loaded
-        :class:`pvae.data.Splits`.
-    :param bounds: bound specifications (``"iwae"``, ``"miwae:8x8"``, ``"ciwae:0.5"``,
-        ``"iwae-dreg"``; see :func:`pvae.app.registry.bound_grammar`) or :class:`BoundSpec`.
-    :param particles: samples of z per datapoint per step, the same for every bound.
-    :param inner: K for miwae/piwae given without MxK (default: sqrt(particles)).
-    :param epochs, z_dim, hidden, ll_samples, snr_repeats: None takes :data:`DEFAULTS`, or
-        :data:`QUICK` when ``quick`` (which also keeps 500 training and 100 valid/test points).
-    :param model, model_options, net, likelihood: the model from
-        :data:`pvae.app.registry.MODELS` and its own options (None: its defaults; likelihood
-        None: the dataset's).
-    :param binarize, data_path: passed to :func:`pvae.data.load` with a dataset name.
-    :param batch_size, lr: minibatch size and Adam's learning rate. Burda et al. trained with
-        batches of 20 at lr 1e-3. At the same cost per epoch, small batches reach a far better
-        model in a short budget (MNIST-5k, 5 epochs, 64 particles: valid ELBO -145 nats with
-        batches of 25, -189 with batches of 100).
-    :param run_dir: where the results, plots and per-bound checkpoints are written (None:
-        nothing is written).
-    :param progress: progress bars (on a terminal) and one line per epoch and per bound.
-    :param argv: the command line to record in ``results.md`` (default: the ``pvae compare``
-        command equivalent to these arguments).
-    :param loggers: experiment tracking: ``loggers(label, params)`` returns the
-        :class:`pvae.tracking.Logger` objects of one bound (e.g.
-        :func:`pvae.tracking.children`), which see its steps and epochs, get its numbers as
-        metrics and are closed after it (``FAILED`` when it diverged).
-    :param seeds: train every bound once per seed (``seed`` is ignored; the data are loaded
-        and subset with the first seed, so every run sees the same test points): one run
-        folder per (bound, seed), ``iwae/seed-1``; :func:`summarize` gives mean ± sd over
-        seeds and the paired Δ per seed. None: ``[seed]``, one folder per bound (``iwae/``).
-    :param yardstick: the estimator every bound's model is evaluated with on the first
-        ``yardstick_points`` validation points after every epoch (``"iwae:64"``,
-        ``"elbo:16"``; None or ``"none"``: no yardstick), recorded as ``"yardstick"`` in each
-        epoch record: the learning curves compare like with like.
-    :param device: ``"cpu"``, ``"cuda"`` or ``"mps"``: the model and the data are moved there
-        up front (:func:`resolve_device` raises when it is not available).
-    :returns: one dict per (bound, seed), bounds in order and seeds within each:
-        ``bound`` (its resolved label), ``seed``, ``folder`` (its run folder), ``engine``,
-        ``status`` ("ok", or why it failed: its numbers are then NaN), the numbers listed in
-        this module's docstring, ``ll_vs_k``, ``train_seconds``, ``eval_seconds``,
-        ``peak_memory_mb``, plus ``history`` (the per-epoch records of ``pvae.fit``).
+    A cell whose folder already holds its ``cell.json`` is not run again (an interrupted
+    comparison continues with the unfinished cells; a cell with a checkpoint resumes from
+    it). The cells are independent: run in ``plan.jobs`` processes or as Ray tasks they give
+    the same numbers, bit for bit, as one after the other (with equal torch threads).
 
-    :raises ValueError: for bad bounds, M*K not equal to ``particles``, or data outside the
-        likelihood's support, before anything is trained.
+    :param config: the run (``command="compare"``); ``bounds``, ``seeds``, ``yardstick``,
+        ``snr_repeats``, ``device`` are the comparison's. Build one with
+        :meth:`pvae.app.runs.RunConfig.from_args` or directly, e.g.
+        ``RunConfig("compare", "digits", bounds=["elbo", "iwae"], particles=4, quick=True)``.
+    :param progress: one line per epoch and per cell (and progress bars on a terminal).
+    :param argv: the command line recorded in ``results.md``.
+    :param loggers: experiment tracking, ``loggers(label, params)`` the loggers of one cell:
+        they see its steps and epochs when the cells run in this process, its numbers always.
+    :param ds: the data as ``config.load_data()`` gives them (loaded here when None; cells
+        run in other processes load their own from ``config``).
+    :returns: one :class:`BoundResult` per cell, bounds in order and seeds within each.
+    :raises ValueError: bad bounds, or data outside the likelihood's support, before anything
+        is trained.
     """
     started, cpu_started = time.perf_counter(), time.process_time()
-    target = resolve_device(device)
-    seed_list = [int(item) for item in seeds] if seeds is not None else [int(seed)]
-    if not seed_list or len(set(seed_list)) != len(seed_list) or min(seed_list) < 0:
-        raise ValueError(f"seeds must be distinct non-negative integers, got {seed_list}")
-    seed = seed_list[0]
-    parse_yardstick(yardstick)
-    yardstick = None if yardstick == "none" else yardstick
-    if yardstick_points < 1:
-        raise ValueError(f"yardstick_points must be >= 1, got {yardstick_points}")
-    knobs = settings(
-        quick,
-        epochs=epochs,
-        z_dim=z_dim,
-        hidden=tuple(hidden) if hidden is not None else None,
-        ll_samples=ll_samples,
-        snr_repeats=snr_repeats,
+    _fill_settings(config)
+    plan = plan if plan is not None else Plan.of(config)
+    config.bounds, config.seeds, config.seed = (
+        [s.label for s in plan.bounds],
+        plan.seeds,
+        plan.seeds[0],
     )
-    specs = resolve_bounds(bounds, particles, inner)
-    for name, value in (("batch_size", batch_size), ("snr_points", snr_points)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if knobs["snr_repeats"] < 2:
-        raise ValueError(f"snr_repeats must be >= 2, got {knobs['snr_repeats']}")
-    entry = MODELS[model]
-    options = entry.resolve_options(model_options)
-    if isinstance(dataset, str):
-        loader: dict[str, Any] = {"seed": seed}
-        if binarize is not None:
-            loader["binarize"] = runs.BINARIZE.get(binarize, binarize)
-        if data_path is not None:
-            loader["path"] = data_path
-        ds = data.load(dataset, **loader)
-    else:
-        ds = dataset
-    if quick and isinstance(ds, data.SequenceSplits):
-        knobs.update(QUICK_SEQUENCES)
-    ds = entry.dataset_for(runs.subset(ds, knobs["max_train"], knobs["max_eval"]), options)
-    likelihood = likelihood or ds.likelihood
-
-    def build_model() -> PyroModule:
-        return entry.build(ds, knobs["z_dim"], knobs["hidden"], net, likelihood, options)
-
-    pyro.clear_param_store()
-    probe = build_model()
-    check_support(probe, ds)
-    check_pairs(probe, ds, specs, particles, batch_size)
-    del probe
-    config: dict[str, Any] = {
-        "dataset": ds.name,
-        "bounds": [spec.label for spec in specs],
-        "particles": particles,
-        "inner": inner,
-        "model": model,
-        "model_options": options,
-        "z_dim": knobs["z_dim"],
-        "hidden": list(knobs["hidden"]),
-        "net": net,
-        "likelihood": likelihood,
-        "epochs": knobs["epochs"],
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "seeds": seed_list,
-        "yardstick": yardstick,
-        "yardstick_points": yardstick_points,
-        "device": str(target),
-        "ll_samples": knobs["ll_samples"],
-        "ll_ks": ll_ks(knobs["ll_samples"]),
-        "ll_k_points": LL_K_POINTS,
-        "snr_repeats": knobs["snr_repeats"],
-        "snr_points": snr_points,
-        "quick": quick,
-        "num_train": num_items(ds.train),
-        "num_valid": num_items(ds.valid),
-        "num_test": num_items(ds.test),
-    }
-    if isinstance(ds, data.SequenceSplits):
-        config["unit"] = "sequence"  # log p(x) per sequence
-    run_config = runs.RunConfig(
-        command="compare",
-        dataset=ds.name,
-        seed=seed,
-        binarize=binarize,
-        data_path=data_path,
-        max_train=knobs["max_train"],
-        max_eval=knobs["max_eval"],
-        model=model,
-        model_options=options,
-        z_dim=knobs["z_dim"],
-        hidden=tuple(knobs["hidden"]),
-        net=net,
-        likelihood=likelihood,
-        bounds=config["bounds"],
-        particles=particles,
-        inner=inner,
-        epochs=knobs["epochs"],
-        batch_size=batch_size,
-        lr=lr,
-        ll_samples=knobs["ll_samples"],
-        quick=quick,
-    )
-    command = list(argv) if argv is not None else _command(config)
+    ds = ds if ds is not None else config.load_data()
+    check(config, plan, ds)
     out = Path(run_dir) if run_dir is not None else None
+    argv = list(argv) if argv is not None else _command(config)
     if out is not None:
-        runs.write_config(out, run_config, ds, argv=command)
-    say: ProgressFn | None = (lambda line: tqdm.write(line, file=sys.stdout)) if progress else None
-    bar_on = progress and sys.stderr.isatty()
+        runs.write_config(out, config, ds, argv=argv)
+    finished: dict[Cell, tuple[BoundResult, list[float]]] = {}
+    todo = []
+    for cell in plan.cells():
+        found = read_cell(out / cell.folder) if out is not None else None
+        if found is not None:
+            finished[cell] = found
+        else:
+            todo.append(cell)
 
-    results: list[dict[str, Any]] = []
-    per_point: dict[tuple[str, int], torch.Tensor] = {}
-    trained_runs: dict[str, list[Run]] = {}
-    several = len(seed_list) > 1
-    on_device = _dataset_on(ds, target)
-    scope = torch.device(target) if target.type != "cpu" else contextlib.nullcontext()
-    bar = tqdm(
-        [(spec, s) for spec in specs for s in seed_list],
-        desc="runs",
-        unit="run",
-        disable=not bar_on,
-    )
-    with pyro.validation_enabled(False), scope:
-        for spec, run_seed in bar:
-            bar.set_postfix(bound=spec.label, seed=run_seed)
-            folder = bound_folder(spec, run_seed if several else None)
-            result: dict[str, Any] = {
-                "bound": spec.label,
-                "seed": run_seed,
-                "folder": folder,
-                "engine": spec.describe(particles),
-                "status": "ok",
-            }
-            if several:
-                result["run"] = folder
-            seed_config = {**config, "seed": run_seed}
-            name = f"{spec.label}/seed-{run_seed}" if several else spec.label
-            logged = loggers(name, {**seed_config, "bound": spec.label}) if loggers else []
-            _memory_start(target)
-            try:
-                began = time.perf_counter()
-                trained, run, spent = _train_one(
-                    spec, build_model, on_device, seed_config, out, bar_on, say, logged,
-                    folder, target,
-                )  # fmt: skip
-                train_seconds = time.perf_counter() - began - spent
-                began = time.perf_counter()
-                numbers, ll = _evaluate(spec, trained, run, on_device, seed_config, bar_on, target)
-                eval_seconds = time.perf_counter() - began
-            except TrainingDiverged as error:
-                result["status"] = f"diverged: {error}"
-                result.update({key: math.nan for key in _NUMBERS})
-                result["history"] = []
-            else:
-                result.update(numbers)
-                result.update(
-                    train_seconds=train_seconds,
-                    yardstick_seconds=spent,
-                    eval_seconds=eval_seconds,
-                    peak_memory_mb=_peak_memory_mb(target),
-                )
-                result["history"] = run.history
-                trained_runs.setdefault(spec.label, []).append(run)
-                per_point[spec.label, run_seed] = ll.cpu()
-            results.append(result)
-            for logger in logged:
-                logger.log_metrics({k: v for k, v in result.items() if k in _NUMBERS})
-                logger.close(failed=result["status"] != "ok")
-            if say is not None:
-                say(_summary_line(result, knobs["ll_samples"], several))
-    bar.close()
-    _add_deltas(results, per_point)
-    elapsed = time.perf_counter() - started
+    def open_loggers(cell: Cell) -> Sequence[Any]:
+        name = f"{cell.bound}/seed-{cell.seed}" if plan.several else cell.bound
+        params = {**config.to_json(), "seed": cell.seed, "bound": cell.bound}
+        return loggers(name, params) if loggers else []
+
+    def done(cell: Cell, result: BoundResult, ll: list[float], logged: Sequence[Any]) -> None:
+        finished[cell] = (result, ll)
+        for logger in logged:
+            logger.log_metrics({k: v for k, v in result.to_json().items() if k in _NUMBERS})
+            logger.close(failed=not result.ok)
+        if progress:
+            tqdm.write(report.summary_line(result.to_json(), config.ll_samples, plan.several))
+
+    _run(config, plan, todo, (ds, out, progress), done, open_loggers)
+    results = [finished[cell][0] for cell in plan.cells()]
+    add_deltas(results, {(c.bound, c.seed): finished[c][1] for c in plan.cells()})
     if out is not None:
-        write_outputs(
-            out,
-            results,
-            trained_runs,
-            config,
-            command,
-            elapsed=elapsed,
-            cpu_seconds=time.process_time() - cpu_started,
-        )
+        report.write(out, [r.to_json() for r in results], _report_config(config, ds), argv,
+                     time.perf_counter() - started, time.process_time() - cpu_started)  # fmt: skip
     return results
 
 
-def _add_deltas(
-    results: list[dict[str, Any]], per_point: Mapping[tuple[str, int], torch.Tensor]
+def _fill_settings(config: runs.RunConfig) -> None:
+    """The budget knobs of :data:`DEFAULTS` (:data:`QUICK`) where ``config`` leaves them
+    None, and ``yardstick="none"`` as None."""
+    knobs = settings(config.quick)
+    if config.snr_repeats is None:
+        config.snr_repeats = knobs["snr_repeats"]
+    if config.yardstick == "none":
+        config.yardstick = None
+
+
+def _run(
+    config: runs.RunConfig,
+    plan: Plan,
+    todo: Sequence[Cell],
+    where: tuple[data.Splits, Path | None, bool],
+    done: Finished,
+    open_loggers: Callable[[Cell], Sequence[Any]],
+) -> None:
+    """The unfinished cells ``todo`` by the plan's executor; ``where``: the data, the output
+    folder and whether to show progress. Loggers see the steps and epochs of the cells run in
+    this process, the numbers of every cell."""
+    ds, out, progress = where
+
+    def finish(cell: Cell, result: BoundResult, ll: list[float]) -> None:
+        done(cell, result, ll, open_loggers(cell))
+
+    if plan.executor == "ray":
+        _run_ray(config, todo, out, finish)
+    elif plan.jobs > 1 and len(todo) > 1:
+        _run_local(config, todo, min(plan.jobs, len(todo)), out, finish)
+    else:
+        on_device = _dataset_on(ds, torch.device(config.device))
+        for cell in todo:
+            logged = open_loggers(cell)
+            done(cell, *run_cell(config, cell, out, progress, on_device, logged), logged)
+
+
+def add_deltas(
+    results: Sequence[BoundResult], per_point: Mapping[tuple[str, int], Sequence[float]]
 ) -> None:
     """Paired differences of log p(x) to the first bound that trained, seed by seed (the
     same test points and random numbers)."""
-    reference: str | None = next(
-        (r["bound"] for r in results if (r["bound"], r["seed"]) in per_point), None
-    )
+    trained = {key: torch.tensor(values) for key, values in per_point.items() if len(values)}
+    reference = next((r.bound for r in results if (r.bound, r.seed) in trained), None)
     for result in results:
-        result["reference"] = reference
-        key: tuple[str, int] = (result["bound"], result["seed"])
-        paired: tuple[str, int] = (str(reference), result["seed"])
-        if reference is None or key not in per_point or paired not in per_point:
-            result["delta_log_likelihood"] = result["delta_stderr"] = math.nan
+        result.reference = reference
+        key, paired = (result.bound, result.seed), (str(reference), result.seed)
+        if reference is None or key not in trained or paired not in trained:
+            result.delta_log_likelihood = result.delta_stderr = math.nan
             continue
-        diff = (per_point[key] - per_point[paired]).double()
-        result["delta_log_likelihood"] = float(diff.mean())
-        result["delta_stderr"] = _stderr(diff) if result["bound"] != reference else 0.0
+        diff = (trained[key] - trained[paired]).double()
+        result.delta_log_likelihood = float(diff.mean())
+        result.delta_stderr = _stderr(diff) if result.bound != reference else 0.0
 
 
-def _summary_line(result: Mapping[str, Any], ll_samples: int, several: bool = False) -> str:
-    tag = f"{result['bound']} seed {result['seed']}" if several else result["bound"]
-    if result["status"] != "ok":
-        return f"[{tag}] {result['status']}"
-    return (
-        f"[{tag}] test log p(x) {result['log_likelihood']:.2f} +- "
-        f"{result['log_likelihood_stderr']:.2f} (K={ll_samples}), ELBO {result['elbo']:.2f}, "
-        f"gap {result['inference_gap']:.2f}, active units {result['active_units']}/"
-        f"{result['latent_dims']}, SNR guide {result['snr_guide']:.3g} model "
-        f"{result['snr_model']:.3g}, {result['seconds_per_epoch']:.1f} s/epoch"
-        + "".join(f", {name} {_metric(result.get(name))}" for name in extra_metrics([result]))
-    )
+def _report_config(config: runs.RunConfig, ds: data.Splits) -> dict[str, Any]:
+    """The ``config`` block of ``results.json`` (its keys as before this module held a
+    :class:`~pvae.app.runs.RunConfig`)."""
+    values = config.to_json()
+    keys = ("bounds", "particles", "inner", "model", "model_options", "z_dim", "hidden", "net",
+            "likelihood", "epochs", "batch_size", "lr", "seed", "seeds", "yardstick")  # fmt: skip
+    result = {"dataset": ds.name, **{key: values[key] for key in keys}}
+    result.update(
+        yardstick_points=YARDSTICK_POINTS, device=config.device, ll_samples=config.ll_samples,
+        ll_ks=ll_ks(config.ll_samples), ll_k_points=LL_K_POINTS, snr_repeats=config.snr_repeats,
+        snr_points=SNR_POINTS, quick=config.quick, num_train=num_items(ds.train),
+        num_valid=num_items(ds.valid), num_test=num_items(ds.test),
+    )  # fmt: skip
+    if isinstance(ds, data.SequenceSplits):
+        result["unit"] = "sequence"  # log p(x) per sequence
+    return result
 
 
-# ---------------------------------------------------------------------------------------------
-# Outputs
-# ---------------------------------------------------------------------------------------------
-
-
-def _command(config: Mapping[str, Any]) -> list[str]:
+def _command(config: runs.RunConfig) -> list[str]:
     """The ``pvae compare`` command line equivalent to ``config``."""
-    argv = ["pvae", "compare", "--dataset", str(config["dataset"])]
-    argv += ["--bounds", ",".join(config["bounds"]), "--particles", str(config["particles"])]
-    for key in ("epochs", "model", "z_dim", "net", "likelihood", "batch_size", "lr", "seed"):
-        argv += [f"--{key.replace('_', '-')}", str(config[key])]
-    argv += ["--hidden", ",".join(str(width) for width in config["hidden"])]
-    argv += ["--ll-samples", str(config["ll_samples"])]
-    argv += ["--snr-repeats", str(config["snr_repeats"])]
-    entry = MODELS[config["model"]]
+    argv = ["pvae", "compare", "--dataset", config.dataset, "--bounds", ",".join(config.bounds)]
+    for key in ("particles", "epochs", "model", "z_dim", "net", "likelihood", "batch_size"):
+        argv += [f"--{key.replace('_', '-')}", str(getattr(config, key))]
+    argv += ["--lr", str(config.lr), "--seed", str(config.seed)]
+    argv += ["--hidden", ",".join(str(width) for width in config.hidden)]
+    argv += ["--ll-samples", str(config.ll_samples), "--snr-repeats", str(config.snr_repeats)]
+    entry = MODELS[config.model]
     for option in entry.options:
-        value = config.get("model_options", {}).get(option.name)
+        value = config.model_options.get(option.name)
         if value is not None:
             argv += [entry.flag(option), str(value)]
-    if config.get("inner") is not None:
-        argv += ["--inner", str(config["inner"])]
-    if len(config.get("seeds") or ()) > 1:
-        argv += ["--seeds", ",".join(str(seed) for seed in config["seeds"])]
-    argv += ["--yardstick", str(config.get("yardstick") or "none")]
-    if config.get("device", "cpu") != "cpu":
-        argv += ["--device", str(config["device"])]
-    if config.get("quick"):
-        argv.append("--quick")
-    return argv
-
-
-def _number(value: Any, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.{digits}f}"
-
-
-def _metric(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return "n/a"
-    return str(value) if isinstance(value, int) else _snr(value)
-
-
-def _snr(value: Any) -> str:
-    if value is None or not math.isfinite(value):
-        return "n/a"
-    return f"{value:.3g}"
-
-
-_KNOWN = {"bound", "engine", "status", "history", "reference", "seed", "folder", "run", "ll_vs_k"}
-_KNOWN |= set(_NUMBERS)
-
-
-def extra_metrics(results: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The names of the model's own metrics (its registration's ``metrics``) in ``results``,
-    in order of first appearance: the table's and the CSV's last columns."""
-    names: list[str] = []
-    for result in results:
-        names += [key for key in result if key not in _KNOWN and key not in names]
-    return names
-
-
-def format_table(
-    results: Sequence[Mapping[str, Any]], ll_samples: int | None = None, unit: str | None = None
-) -> str:
-    """The results as a markdown table (one row per bound); ``unit``: what one datapoint is
-    (``"sequence"``: log p(x) is per sequence). The model's own metrics come last."""
-    reference = next((r.get("reference") for r in results if r.get("reference")), None)
-    extras = extra_metrics(results)
-    k = f" (K={ll_samples})" if ll_samples else ""
-    per = f" per {unit}" if unit else ""
-    header = [
-        "bound",
-        "trains",
-        f"test log p(x){per}{k}",
-        f"Δ vs {reference}" if reference else "Δ",
-        "ELBO",
-        "IWAE-64",
-        "gap",
-        "active units",
-        "SNR guide",
-        "SNR model",
-        "s/epoch",
-        "train s",
-        "eval s",
-        "peak MB",
-        *extras,
-    ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    for r in results:
-        if r["status"] != "ok":
-            cells = [r.get("run") or r["bound"], r["engine"], r["status"].split(":")[0]]
-            cells += ["n/a"] * (len(header) - 3)
-        else:
-            cells = [
-                r.get("run") or r["bound"],
-                r["engine"],
-                f"{_number(r['log_likelihood'])} ± {_number(r['log_likelihood_stderr'])}",
-                "reference"
-                if r["bound"] == r.get("reference")
-                else f"{r['delta_log_likelihood']:+.2f} ± {_number(r['delta_stderr'])}",
-                _number(r["elbo"]),
-                _number(r["iwae_64"]),
-                _number(r["inference_gap"]),
-                f"{r['active_units']}/{r['latent_dims']}",
-                _snr(r["snr_guide"]),
-                _snr(r["snr_model"]),
-                _number(r["seconds_per_epoch"], 1),
-                _number(r.get("train_seconds"), 1),
-                _number(r.get("eval_seconds"), 1),
-                _number(r.get("peak_memory_mb"), 0),
-                *[_metric(r.get(name)) for name in extras],
-            ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _mean_sd(values: Sequence[Any]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; NaN for one value) of the finite values."""
-    kept = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not kept:
-        return math.nan, math.nan
-    mean = sum(kept) / len(kept)
-    if len(kept) < 2:
-        return mean, math.nan
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in kept) / (len(kept) - 1))
-
-
-def summarize(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per bound from :func:`compare`'s rows (one per bound and seed): every number
-    as its mean over the seeds that trained (``key``) and their sample standard deviation
-    (``key_sd``); ``delta_log_likelihood`` is the mean of the per-seed paired Δ to the
-    reference bound and ``delta_sd`` their sd; ``within_seed_noise`` is True when
-    ``|mean Δ|`` < :data:`WITHIN_NOISE` x ``delta_sd`` (None for the reference, or with fewer
-    than two seeds); ``ll_vs_k`` holds the mean over seeds at each K; ``seeds`` the seeds
-    that trained and ``status`` "ok" or how many failed."""
-    order = list(dict.fromkeys(r["bound"] for r in results))
-    extras = extra_metrics(results)
-    numeric = [key for key in (*_NUMBERS, *extras) if key not in ("delta_stderr",)]
-    summary: list[dict[str, Any]] = []
-    for bound in order:
-        rows = [r for r in results if r["bound"] == bound]
-        good = [r for r in rows if r["status"] == "ok"]
-        failed = len(rows) - len(good)
-        row: dict[str, Any] = {
-            "bound": bound,
-            "engine": rows[0]["engine"],
-            "status": "ok" if not failed else f"failed: {failed}/{len(rows)} seeds",
-            "seeds": [r["seed"] for r in good],
-            "reference": rows[0].get("reference"),
-        }
-        if not good:
-            row["status"] = f"failed: {rows[0]['status'].split(':')[0]} ({len(rows)} seeds)"
-        for key in numeric:
-            values = [r.get(key) for r in good]
-            if not any(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-                continue
-            row[key], row[f"{key}_sd"] = _mean_sd(values)
-        row["delta_sd"] = row.pop("delta_log_likelihood_sd", math.nan)
-        if bound == row["reference"] or not math.isfinite(row["delta_sd"]):
-            row["within_seed_noise"] = None
-        else:
-            row["within_seed_noise"] = abs(row["delta_log_likelihood"]) < (
-                WITHIN_NOISE * row["delta_sd"]
-            )
-        curves = [r.get("ll_vs_k") or {} for r in good]
-        ks = list(dict.fromkeys(k for curve in curves for k in curve))
-        row["ll_vs_k"] = {k: _mean_sd([c.get(k, math.nan) for c in curves])[0] for k in ks}
-        summary.append(row)
-    return summary
-
-
-def _pm(row: Mapping[str, Any], key: str, digits: int = 2) -> str:
-    mean, sd = row.get(key), row.get(f"{key}_sd")
-    if mean is None or not math.isfinite(mean):
-        return "n/a"
-    return f"{mean:.{digits}f} ± {_number(sd, digits)}"
-
-
-def format_seed_table(
-    summary: Sequence[Mapping[str, Any]], ll_samples: int | None = None, unit: str | None = None
-) -> str:
-    """:func:`summarize`'s rows as a markdown table: mean ± sd over seeds of every number,
-    the per-seed paired Δ to the reference (mean ± sd over seeds) and whether that
-    difference is within seed noise."""
-    reference = next((r.get("reference") for r in summary if r.get("reference")), None)
-    extras = [key for key in extra_metrics(summary) if not key.endswith("_sd")]
-    extras = [key for key in extras if key not in ("seeds", "within_seed_noise", "delta_sd")]
-    k = f" (K={ll_samples})" if ll_samples else ""
-    per = f" per {unit}" if unit else ""
-    header = [
-        "bound",
-        "trains",
-        "seeds",
-        f"test log p(x){per}{k}",
-        f"paired Δ vs {reference}" if reference else "paired Δ",
-        "within seed noise",
-        "ELBO",
-        "IWAE-64",
-        "gap",
-        "active units",
-        "SNR guide",
-        "SNR model",
-        "s/epoch",
-        "train s",
-        "eval s",
-        *extras,
-    ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    for r in summary:
-        if not r["seeds"]:
-            cells = [r["bound"], r["engine"], "0", r["status"]]
-            cells += ["n/a"] * (len(header) - 4)
-        else:
-            noise = r.get("within_seed_noise")
-            cells = [
-                r["bound"],
-                r["engine"],
-                ",".join(str(seed) for seed in r["seeds"]),
-                _pm(r, "log_likelihood"),
-                "reference"
-                if r["bound"] == r.get("reference")
-                else f"{r['delta_log_likelihood']:+.2f} ± {_number(r.get('delta_sd'))}",
-                "n/a" if noise is None else ("yes" if noise else "no"),
-                _pm(r, "elbo"),
-                _pm(r, "iwae_64"),
-                _pm(r, "inference_gap"),
-                f"{_pm(r, 'active_units', 1)}/{r['latent_dims']:.0f}",
-                _snr(r.get("snr_guide")),
-                _snr(r.get("snr_model")),
-                _number(r.get("seconds_per_epoch"), 1),
-                _number(r.get("train_seconds"), 1),
-                _number(r.get("eval_seconds"), 1),
-                *[_pm(r, name, 3) for name in extras],
-            ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-_CSV_COLUMNS = ["bound", "seed", "folder", "engine", "status", *_NUMBERS, "reference"]
-
-
-def _csv(results: Sequence[Mapping[str, Any]]) -> str:
-    columns = [*_CSV_COLUMNS, *extra_metrics(results)]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for result in results:
-        row = {}
-        for key in columns:
-            value = result.get(key)
-            missing = value is None or (isinstance(value, float) and not math.isfinite(value))
-            row[key] = "" if missing else value
-        writer.writerow(row)
-    return buffer.getvalue()
-
-
-def _markdown(
-    results: Sequence[Mapping[str, Any]],
-    config: Mapping[str, Any],
-    command: Sequence[str],
-    elapsed: float,
-    cpu_seconds: float,
-    env: Mapping[str, Any] | None = None,
-) -> str:
-    hidden = "-".join(str(width) for width in config["hidden"])
-    seeds = list(config.get("seeds") or [config["seed"]])
-    several = len(seeds) > 1
-    unit = config.get("unit")
-    if several:
-        table = (
-            f"{format_seed_table(summarize(results), config['ll_samples'], unit)}\n\n"
-            f"Per seed:\n\n{format_table(results, config['ll_samples'], unit)}"
-        )
-        trained = f"once per bound and seed ({', '.join(str(s) for s in seeds)})"
-        seed_text = f"seeds {', '.join(str(s) for s in seeds)}"
-    else:
-        table = format_table(results, config["ll_samples"], unit)
-        trained, seed_text = "once per bound", f"seed {config['seed']}"
-    seed_notes = (
-        "- **seeds**: every number of the first table is the mean ± sample sd (n-1) over the "
-        "seeds; a seed sets the initial weights, the minibatch order and the evaluation's "
-        "random numbers (the data and test points are the same for every seed).\n"
-        "- **paired Δ**: for each seed, the mean over the same test points of log p(x) minus "
-        "the reference bound's log p(x) with that seed; then the mean ± sd of these per-seed "
-        "Δ over the seeds. **within seed noise**: yes when |mean Δ| < "
-        f"{WITHIN_NOISE:g} × sd of the per-seed Δ (the rule used here; with "
-        f"{len(seeds)} seeds it is a rough screen, not a test).\n"
-        if several
-        else ""
-    )
-    yardstick = config.get("yardstick")
-    yardstick_note = (
-        f"- **yardstick**: after every epoch each bound's model is evaluated with the same "
-        f"estimator, {str(yardstick).upper().replace(':', '-')}, on the first "
-        f"{config.get('yardstick_points')} "
-        "validation points (no gradients, a fixed seed in a forked RNG: training is "
-        "untouched); `learning_curves.png` plots it for every bound on one axis (left) next "
-        "to each bound's own objective (right).\n"
-        if yardstick
-        else "- no yardstick (`--yardstick none`): the learning curves are each bound's own "
-        "objective.\n"
-    )
-    env = env or {}
-    versions = env.get("versions", {})
-    return f"""# pvae compare: {config["dataset"]}
-
-{config["model"]} ({config["net"]} {hidden}, z_dim {config["z_dim"]}, {config["likelihood"]} \
-likelihood) trained {trained} for {config["epochs"]} epochs on {config["num_train"]} points \
-(batch {config["batch_size"]}, Adam lr {config["lr"]:g}, {seed_text}), \
-{config["particles"]} samples of z per datapoint and step for every bound; measured on \
-{config["num_test"]} test points; device {config.get("device", "cpu")}.
-
-{table}
-
-- **test log p(x)**: importance-sampled with K={config["ll_samples"]}, mean ± standard error \
-over test points (nats; higher is better).
-- **Δ**: the paired difference of log p(x) to the first bound on the same test points and \
-random numbers, ± its standard error (the errors of the column before are mostly shared).
-{seed_notes}\
-- **ELBO**: {ELBO_SAMPLES} samples, analytic KL; **IWAE-64**: IWAE with 64 samples; \
-**gap**: log p(x) - ELBO, the inference gap.
-- **active units**: latent dimensions with Var_x(E_q[z|x]) > 0.01 (Burda et al. 2016), over \
-all latent layers; `pvae diagnose` reports the same number.
-- **SNR**: the mean over parameter elements of \\|E g\\| / std g for each bound's own gradient \
-estimator, from {config["snr_repeats"]} gradients on {config["snr_points"]} test points \
-(Rainforth et al. 2018).
-- **s/epoch**: training steps only; **train s**: the whole training (steps, validation, \
-checkpoints; the yardstick's time is left out); **eval s**: every test-set number of the row \
-(log p(x), ELBO, IWAE-64, active units, the model's metrics, SNR, log p(x) against K); \
-**peak MB**: {_memory_kind(torch.device(config.get("device", "cpu")))}. Total wall time \
-{elapsed:.0f} s ({cpu_seconds:.0f} s CPU, torch threads: {torch.get_num_threads()}).
-{yardstick_note}\
-- **log p(x) against K** (`ll_vs_k.png`, `ll_vs_k` in results.json): K in \
-{", ".join(str(k) for k in config.get("ll_ks", []))} on the first \
-{min(config.get("ll_k_points", LL_K_POINTS), config["num_test"])} test points (the largest K \
-is the table's estimate on those points): where the estimate stops rising, K is large enough.
-{_extras_note(results)}
-Plots: `learning_curves.png`, `log_likelihood.png`, `snr.png`, `ll_vs_k.png`.
-
-## Command
-
-```
-{" ".join(command)}
-```
-
-## Configuration
-
-```
-{chr(10).join(f"{key}: {value}" for key, value in config.items())}
-pvae {pvae.__version__}, torch {torch.__version__}, pyro {pyro.__version__}, \
-python {platform.python_version()}
-```
-
-## Environment
-
-```
-git commit: {env.get("git_commit")}
-versions: {", ".join(f"{name} {version}" for name, version in versions.items())}
-platform: {env.get("platform")}
-CPU: {env.get("cpu")} ({env.get("cpu_count")} cores), GPU: {env.get("gpu")}, \
-torch threads: {env.get("torch_threads")}, device: {env.get("device")}
-```
-"""
-
-
-_EXTRA_NOTES = {
-    "imputation_mse": "**imputation_mse**: mean squared error per element of the model's "
-    "imputation at held-out frames (the missing test frames against the clean truth where the "
-    "dataset has it, else randomly hidden observed frames); **imputation_mse_mean_frame**: "
-    "the same for the mean observed frame (a baseline without dynamics); "
-    "**held_out_frames**: how many frames were scored.",
-}
-
-
-def _extras_note(results: Sequence[Mapping[str, Any]]) -> str:
-    names = extra_metrics(results)
-    if not names:
-        return ""
-    notes = [note for key, note in _EXTRA_NOTES.items() if key in names]
-    notes = notes or [f"the model's own metrics: {', '.join(names)}."]
-    return "".join(f"- {note}\n" for note in notes)
-
-
-def write_outputs(
-    run_dir: str | os.PathLike[str],
-    results: Sequence[Mapping[str, Any]],
-    runs: Mapping[str, Run | Sequence[Run]],
-    config: Mapping[str, Any],
-    command: Sequence[str],
-    elapsed: float = math.nan,
-    cpu_seconds: float = math.nan,
-) -> None:
-    """``results.md``, ``results.json`` (with the :func:`environment` block and, per bound,
-    the :func:`summarize` rows), ``results.csv`` and the four plots, atomically. ``runs``:
-    each bound's trained run, or its runs (one per seed)."""
-    out = Path(run_dir)
-    env = environment(config.get("device", "cpu"))
-    summary = summarize(results)
-    several = len(config.get("seeds") or [config["seed"]]) > 1
-    atomic.write_text(
-        out / "results.md", _markdown(results, config, command, elapsed, cpu_seconds, env)
-    )
-    plots.write_json(
-        out / "results.json",
-        {
-            "pvae_version": pvae.__version__,
-            "command": list(command),
-            "config": dict(config),
-            "elapsed_seconds": elapsed,
-            "cpu_seconds": cpu_seconds,
-            "threads": torch.get_num_threads(),
-            "versions": env["versions"],
-            "environment": env,
-            "memory": _memory_kind(torch.device(config.get("device", "cpu"))),
-            "within_seed_noise_rule": f"|mean paired delta| < {WITHIN_NOISE:g} sd of the "
-            "per-seed paired deltas",
-            "results": [dict(r) for r in results],
-            "summary": summary,
-        },
-    )
-    atomic.write_text(out / "results.csv", _csv(results))
-    histories = {
-        label: [run.history for run in (value if isinstance(value, Sequence) else [value])]
-        for label, value in runs.items()
-    }
-    yardstick = config.get("yardstick")
-    plots.compared_learning_curves(
-        histories,
-        yardstick=str(yardstick).upper().replace(":", "-") if yardstick else None,
-        path=out / "learning_curves.png",
-        title=f"{config['dataset']}" + (f", mean over seeds {config['seeds']}" if several else ""),
-    )
-    plots.ll_vs_k(
-        {
-            row["bound"]: {int(k): v for k, v in row["ll_vs_k"].items()}
-            for row in summary
-            if row.get("ll_vs_k")
-        },
-        path=out / "ll_vs_k.png",
-        title=f"log p(x) against K, first {min(LL_K_POINTS, config['num_test'])} test points"
-        + (" (mean over seeds)" if several else ""),
-    )
-
-    rows = summary if several else results
-
-    def column(key: str) -> list[float]:
-        return [float(r[key]) if r.get(key) is not None else math.nan for r in rows]
-
-    spread = "sd over seeds" if several else "standard error over test points"
-    plots.comparison(
-        [r["bound"] for r in rows],
-        {
-            f"log p(x), K={config['ll_samples']}": (
-                column("log_likelihood"),
-                column("log_likelihood_sd" if several else "log_likelihood_stderr"),
-            ),
-            f"IWAE-{IWAE_SAMPLES}": (column("iwae_64"), None),
-            "ELBO": (column("elbo"), None),
-        },
-        ylabel="nats per test point",
-        path=out / "log_likelihood.png",
-        title=f"test set of {config['dataset']} ({config['num_test']} points)",
-        note=f"error bars: ±1 {spread} (see the Δ column of results.md for paired differences)",
-    )
-    plots.comparison(
-        [r["bound"] for r in rows],
-        {"guide": (column("snr_guide"), None), "model": (column("snr_model"), None)},
-        ylabel="gradient SNR, mean |E g| / std g",
-        path=out / "snr.png",
-        title=f"gradient signal-to-noise ratio, {config['particles']} particles",
-        log_scale=True,
-    )
+    if config.inner is not None:
+        argv += ["--inner", str(config.inner)]
+    if len(config.seeds) > 1:
+        argv += ["--seeds", ",".join(str(seed) for seed in config.seeds)]
+    argv += ["--yardstick", str(config.yardstick or "none")]
+    if config.device != "cpu":
+        argv += ["--device", config.device]
+    return argv + (["--quick"] if config.quick else [])

@@ -46,6 +46,7 @@ def values() -> dict[str, Any]:
         "MAX_SEED": validation.MAX_SEED,
         "COMPARE_DEFAULTS": dict(compare.DEFAULTS),
         "COMPARE_QUICK": dict(compare.QUICK),
+        "QUICK_LIMITS": dict(runs.QUICK_LIMITS),
         "DEFAULT_BOUNDS": tuple(compare.DEFAULT_BOUNDS),
         "YARDSTICK": compare.YARDSTICK,
         "YARDSTICK_POINTS": compare.YARDSTICK_POINTS,

@@ -1,7 +1,8 @@
 """Run folders: one :class:`RunConfig`, written by ``pvae train`` and ``pvae compare`` into
 ``config.json`` (atomically) and read back by ``pvae diagnose``, which rebuilds the data and
 the model from it through the registries; and the measures every command reports the same
-way (:func:`latent_activity`).
+way (:func:`latent_activity`); and the :class:`RunFolder` every command writes into (checked,
+locked, left as found on failure).
 
 ``config.json`` holds ``{"pvae_version", "command", "run": RunConfig, "args", "argv",
 "data", "versions"}``: ``run`` is what rebuilds the run; ``args`` and ``argv`` record the
@@ -10,12 +11,15 @@ command line (``argv`` parses back to ``args``); ``data`` and ``versions`` are f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import platform
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import pyro
@@ -24,7 +28,8 @@ from pyro.nn import PyroModule
 
 import pvae
 from pvae import data
-from pvae.app.registry import MODELS
+from pvae.app.registry import MODELS, parse_bound
+from pvae.checkpoint import CHECKPOINT, run_lock
 from pvae.diagnostics import ActiveUnits, active_units
 from pvae.evaluate import as_tensors, num_items
 from pvae.plots import write_json
@@ -32,6 +37,7 @@ from pvae.plots import write_json
 __all__ = [
     "CONFIG",
     "RunConfig",
+    "RunFolder",
     "RunFolderError",
     "latent_activity",
     "latent_sites",
@@ -43,10 +49,17 @@ __all__ = [
 
 CONFIG = "config.json"
 BINARIZE = {"dynamic": "dynamic", "static": "static", "none": None}
+# ``--quick`` keeps the first points of each split: (max_train, max_eval), by kind of data.
+QUICK_LIMITS = {"max_train": 500, "max_eval": 100}
+QUICK_SEQUENCE_LIMITS = {"max_train": 32, "max_eval": 16}  # a sequence holds T frames
 
 
 class RunFolderError(ValueError):
     """A run folder or its configuration cannot be read or rebuilt; the message says why."""
+
+
+class ModelDataError(ValueError):
+    """The model does not take the loaded data set (its registration's ``dataset_for``)."""
 
 
 @dataclass
@@ -83,6 +96,28 @@ class RunConfig:
     lr: float = 1e-3
     ll_samples: int = 1000
     quick: bool = False
+    beta_schedule: str | None = None
+    seeds: list[int] = field(default_factory=list)
+    yardstick: str | None = None
+    snr_repeats: int | None = None
+    device: str = "cpu"
+
+    @classmethod
+    def from_args(cls, command: str, args: Any, model_options: Mapping[str, Any]) -> RunConfig:
+        """The run of a parsed command line ``args`` (an ``argparse.Namespace`` whose budget
+        knobs are resolved) with the model's given ``model_options`` (resolved here against
+        the model's defaults). Arguments a command does not have keep the defaults."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"command", "model_options"}
+        values = {
+            name: getattr(args, name) for name in names if getattr(args, name, None) is not None
+        }
+        if command == "compare":
+            values.pop("engine", None)
+            values["seeds"] = list(getattr(args, "seeds", None) or [args.seed])
+            values["seed"] = values["seeds"][0]  # the data are split with the first seed
+        values["hidden"] = tuple(int(width) for width in values.get("hidden", (200, 200)))
+        options = MODELS[args.model].resolve_options(dict(model_options))
+        return cls(command=command, model_options=options, **values)
 
     def to_json(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -116,8 +151,18 @@ class RunConfig:
         if self.data_path is not None:
             kwargs["path"] = self.data_path
         ds = data.load(self.dataset, **kwargs)
+        if self.quick and self.max_train is None and self.max_eval is None:
+            sequences = isinstance(ds, data.SequenceSplits)
+            limits = QUICK_SEQUENCE_LIMITS if sequences else QUICK_LIMITS
+            self.max_train, self.max_eval = limits["max_train"], limits["max_eval"]
         ds = subset(ds, self.max_train, self.max_eval)
-        return MODELS[self.model].dataset_for(ds, self.model_options)
+        try:
+            ds = MODELS[self.model].dataset_for(ds, self.model_options)
+        except ValueError as error:
+            raise ModelDataError(f"model {self.model!r}: {error}") from error
+        if self.likelihood is None:
+            self.likelihood = ds.likelihood
+        return ds
 
     def build_model(self, ds: data.Splits) -> PyroModule:
         """The model of the prepared ``ds`` (fresh parameters).
@@ -129,6 +174,117 @@ class RunConfig:
             ds, self.z_dim, self.hidden, self.net, self.likelihood, self.model_options
         )
 
+    def build_engine(self, bound: str | None = None) -> Any:
+        """The engine of ``bound`` (default: the run's ``engine``), ``NAME[-stl|-dreg][:P]``,
+        with ``particles`` samples per datapoint, and the run's ``beta_schedule``.
+
+        :raises ValueError: an unknown bound, or a schedule on an engine without a KL weight.
+        """
+        name = bound if bound is not None else self.engine
+        if name is None:
+            raise ValueError("the run has no engine; pass the bound to build")
+        engine = parse_bound(name).build(self.particles)
+        if self.beta_schedule is not None:
+            from pvae.inference import ELBO, CyclicalAnnealing, LinearAnnealing
+
+            if not isinstance(engine, ELBO):
+                raise ValueError(f"--beta-schedule anneals the ELBO; --engine is {name}")
+            kind, _, rest = self.beta_schedule.partition(":")
+            parts = [float(item) for item in rest.split(":")]
+            if kind == "linear":
+                engine.beta = LinearAnnealing(int(parts[0]))
+            else:
+                engine.beta = CyclicalAnnealing(int(parts[0]), *parts[1:])
+        return engine
+
+
+class RunFolder:
+    """A command's run folder, checked before any work and locked while the command writes.
+
+    ``RunFolder(path)`` refuses (:class:`RunFolderError`) a path that exists and is not a
+    folder, or that cannot be created or written to; :meth:`refuse_run` refuses a folder that
+    already holds a run unless the command continues (``resume``) or replaces it
+    (``overwrite``). ``with folder:`` creates the folder, holds its lock
+    (:func:`pvae.checkpoint.run_lock`: :class:`~pvae.checkpoint.RunDirInUse` when another
+    process holds it) and, on leaving, removes the folders it created that are still empty,
+    so a refused or failed command leaves the disk as found.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], flag: str = "--run-dir") -> None:
+        self.path, self.flag = Path(path), flag
+        if self.path.exists() and not self.path.is_dir():
+            raise RunFolderError(f"{flag} {self.path} exists and is not a folder")
+        existing = self.path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise RunFolderError(f"cannot create {flag} {self.path}: {existing} is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            what = "write into" if existing == self.path else f"create {self.path} in"
+            raise RunFolderError(f"{flag} {self.path}: no permission to {what} {existing}")
+        self.existing = existing  # the nearest folder above that exists now
+        self._lock: contextlib.ExitStack | None = None
+
+    @property
+    def has_checkpoint(self) -> bool:
+        return (self.path / CHECKPOINT).is_file()
+
+    def refuse_run(self, resume: bool, overwrite: bool | None = False) -> None:
+        """Refuse a folder holding a checkpoint unless ``resume`` or ``overwrite`` (None: the
+        command has no ``--overwrite``), and a ``resume`` without one."""
+        if self.has_checkpoint and not (resume or overwrite):
+            hint = " or --overwrite to start again" if overwrite is not None else ""
+            raise RunFolderError(
+                f"{self.path} already holds a run ({CHECKPOINT}); pass --resume to continue "
+                f"it{hint}"
+            )
+        if resume and not self.has_checkpoint:
+            raise RunFolderError(
+                f"--resume: {self.path} holds no {CHECKPOINT} to continue; drop --resume to "
+                "start a new run"
+            )
+
+    def __enter__(self) -> RunFolder:
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(run_lock(self.path))
+        except BaseException:
+            self._remove_created()
+            raise
+        self._lock = stack
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            if self._lock is not None:
+                self._lock.close()
+        finally:
+            self._lock = None
+            self._remove_created()
+
+    def _remove_created(self) -> None:
+        folder = self.path
+        while folder != self.existing and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
+
+
+def rows(values: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of a split: a tensor, a tuple of them (modalities), a sequence
+    split ``(values, times, mask)`` or a dynamically binarised set."""
+    if isinstance(values, data.SequenceSplit):
+        return data.SequenceSplit(*(item[start:stop] for item in values))
+    if isinstance(values, tuple):
+        return tuple(rows(item, start, stop) for item in values)
+    if isinstance(values, data.DynamicBinarized):
+        return data.DynamicBinarized(values.probs[start:stop])
+    return values[start:stop]
+
 
 def subset(ds: data.Splits, max_train: int | None, max_eval: int | None) -> data.Splits:
     """The first ``max_train`` training and ``max_eval`` valid/test points (the splits are
@@ -136,15 +292,7 @@ def subset(ds: data.Splits, max_train: int | None, max_eval: int | None) -> data
     their generating truth are cut row-wise."""
 
     def head(values: Any, limit: int | None) -> Any:
-        if limit is None or values is None:
-            return values
-        if isinstance(values, data.SequenceSplit):  # (values, times, mask): rows cut
-            return data.SequenceSplit(*(item[:limit] for item in values))
-        if isinstance(values, tuple):
-            return tuple(head(item, limit) for item in values)
-        if isinstance(values, data.DynamicBinarized):
-            return data.DynamicBinarized(values.probs[:limit])
-        return values[:limit]
+        return values if limit is None or values is None else rows(values, 0, limit)
 
     extra: dict[str, Any] = {}
     if isinstance(ds, data.SequenceSplits):  # the generating truth has a row per sequence

@@ -232,22 +232,7 @@ def diagnose_sample(
     reduced = Posterior(subset, posterior.log_joint, posterior.warmup_log_joint)
     summary = reduced.summary().to_string()
 
-    files = []
-    fig, ax = plt.subplots(figsize=(7, 3))
-    for chain in range(posterior.num_chains):
-        warm = posterior.warmup_log_joint
-        head = warm[chain].double() if warm.dim() == 2 else torch.zeros(0, dtype=torch.float64)
-        trace = torch.cat([head, posterior.log_joint[chain].double()])
-        ax.plot(trace.numpy(), lw=0.8, label=f"chain {chain}")
-    if posterior.warmup_log_joint.numel():
-        ax.axvline(
-            posterior.warmup_log_joint.shape[1], color="grey", ls=":", label="end of warm-up"
-        )
-    ax.set_xlabel("step (warm-up, then kept draws)")
-    ax.set_ylabel("log joint (minibatch estimate)")
-    ax.legend(fontsize=7)
-    files.append(plots.save(fig, out_dir / "trace.png"))
-    plt.close(fig)
+    files = [_log_joint_trace(posterior, out_dir / "trace.png")]
     with warnings.catch_warnings():  # arviz's matplotlib backend warns on newer matplotlib
         warnings.simplefilter("ignore")
         axes = arviz.plot_trace(reduced.to_arviz(), compact=False)
@@ -283,6 +268,28 @@ def diagnose_sample(
         "coordinates above).",
     ]
     return SampleDiagnosis(lines, files, worst_rhat, lowest_ess, verdict)
+
+
+def _log_joint_trace(posterior: Posterior, path: Path) -> Path:
+    """``trace.png``: the log joint of every chain over warm-up and kept draws."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for chain in range(posterior.num_chains):
+        warm = posterior.warmup_log_joint
+        head = warm[chain].double() if warm.dim() == 2 else torch.zeros(0, dtype=torch.float64)
+        trace = torch.cat([head, posterior.log_joint[chain].double()])
+        ax.plot(trace.numpy(), lw=0.8, label=f"chain {chain}")
+    if posterior.warmup_log_joint.numel():
+        ax.axvline(
+            posterior.warmup_log_joint.shape[1], color="grey", ls=":", label="end of warm-up"
+        )
+    ax.set_xlabel("step (warm-up, then kept draws)")
+    ax.set_ylabel("log joint (minibatch estimate)")
+    ax.legend(fontsize=7)
+    saved = plots.save(fig, path)
+    plt.close(fig)
+    return saved
 
 
 def _rhat_text(worst_rhat: float, num_chains: int) -> str:

@@ -114,19 +114,19 @@ def test_every_bound_starts_from_the_same_weights_and_samples(quick_run):
 
 
 def test_library_call_without_files():
-    results = compare.compare(
+    config = compare.run_config(
         "digits",
+        quick=True,
         bounds=["elbo", "iwae-dreg"],
         particles=4,
-        quick=True,
         epochs=1,
         ll_samples=8,
         snr_repeats=2,
-        progress=False,
     )
-    assert [r["bound"] for r in results] == ["elbo", "iwae-dreg"]
-    assert results[1]["engine"] == "IWAE_4, DREG"
-    assert all(math.isfinite(r["log_likelihood"]) for r in results)
+    results = compare.compare(config, progress=False)
+    assert [r.bound for r in results] == ["elbo", "iwae-dreg"]
+    assert results[1].engine == "IWAE_4, DREG"
+    assert all(math.isfinite(r.log_likelihood) for r in results)
 
 
 # ---------------------------------------------------------------------------------------------

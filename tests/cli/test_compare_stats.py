@@ -21,20 +21,20 @@ def test_paired_delta_and_its_standard_error():
     ref0, ref1 = torch.tensor([-1.0, -2.0, -3.0, -4.0]), torch.tensor([-1.5, -2.5, -3.5, -4.5])
     diff0 = torch.tensor([0.5, 1.0, 0.0, 1.5])
     per_point = {("elbo", 0): ref0, ("iwae", 0): ref0 + diff0, ("elbo", 1): ref1}
+    per_point = {key: value.tolist() for key, value in per_point.items()}
+    per_point[("iwae", 1)] = []  # failed: no per-point values
     results = [
-        {"bound": "elbo", "seed": 0},
-        {"bound": "iwae", "seed": 0},
-        {"bound": "elbo", "seed": 1},
-        {"bound": "iwae", "seed": 1},  # failed: no per-point values
+        compare.BoundResult(bound, seed, bound, bound)
+        for bound, seed in (("elbo", 0), ("iwae", 0), ("elbo", 1), ("iwae", 1))
     ]
-    compare._add_deltas(results, per_point)
-    assert [r["reference"] for r in results] == ["elbo"] * 4
-    assert results[0]["delta_log_likelihood"] == 0.0 and results[0]["delta_stderr"] == 0.0
-    assert results[1]["delta_log_likelihood"] == pytest.approx(0.75)
+    compare.add_deltas(results, per_point)
+    assert [r.reference for r in results] == ["elbo"] * 4
+    assert results[0].delta_log_likelihood == 0.0 and results[0].delta_stderr == 0.0
+    assert results[1].delta_log_likelihood == pytest.approx(0.75)
     # the standard error of the mean of 4 paired differences: sd / sqrt(4)
     sd = math.sqrt(sum((d - 0.75) ** 2 for d in (0.5, 1.0, 0.0, 1.5)) / 3)
-    assert results[1]["delta_stderr"] == pytest.approx(sd / 2)
-    assert math.isnan(results[3]["delta_log_likelihood"])
+    assert results[1].delta_stderr == pytest.approx(sd / 2)
+    assert math.isnan(results[3].delta_log_likelihood)
 
 
 @pytest.mark.parametrize("name,samples", [("iwae", 7), ("elbo", 3)])

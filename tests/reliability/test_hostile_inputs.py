@@ -321,8 +321,9 @@ def test_compare_refuses_a_bound_that_does_not_apply_before_writing(tmp_path):
 
     ds = data.load("linear-gaussian", n=60, x_dim=4, z_dim=2)
     with pytest.raises(ValueError, match="bound 'kalman'.*KalmanSmoothedPosterior"):
-        compare.compare(
-            ds, bounds=["elbo", "kalman"], particles=2, z_dim=2, hidden=(8,), quick=True,
-            run_dir=tmp_path / "r", progress=False,
+        config = compare.run_config(
+            "linear-gaussian", quick=True, bounds=["elbo", "kalman"], particles=2, z_dim=2,
+            hidden=(8,),
         )  # fmt: skip
+        compare.compare(config, run_dir=tmp_path / "r", progress=False, ds=ds)
     assert not (tmp_path / "r").exists()

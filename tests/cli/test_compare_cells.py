@@ -1,0 +1,141 @@
+"""``pvae compare`` as a plan of cells: each (bound, seed) is its own run folder with its
+``cell.json``; ``--jobs 2`` and ``--executor ray`` give the same numbers, bit for bit, as the
+cells run one after the other; ``--resume`` runs only the unfinished cells; data sets that
+know their exact log p(x) report it beside the estimates; long evaluations report progress
+also when the output is piped."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from pvae import data
+from pvae.app import cli, compare
+
+TINY = ["compare", "--quick", "--dataset", "digits", "--bounds", "elbo,iwae", "--epochs", "1"]
+TINY += ["--particles", "4", "--ll-samples", "4", "--snr-repeats", "2", "--z-dim", "2"]
+TINY += ["--hidden", "8", "--threads", "1", "--yardstick", "iwae:4"]
+TIMINGS = {"train_seconds", "eval_seconds", "yardstick_seconds", "peak_memory_mb"}
+TIMINGS |= {"seconds_per_epoch", "history"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def numbers(run_dir):
+    """Every row of results.json without its timings (and each history without seconds)."""
+    rows = json.loads((run_dir / "results.json").read_text())["results"]
+    kept = []
+    for row in rows:
+        history = [{k: v for k, v in r.items() if k != "seconds"} for r in row["history"]]
+        kept.append({**{k: v for k, v in row.items() if k not in TIMINGS}, "history": history})
+    return kept
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sequential")
+    assert cli.main([*TINY, "--quiet", "--run-dir", str(run_dir)]) == 0
+    return run_dir
+
+
+def test_each_cell_is_a_run_folder_with_its_result(sequential):
+    report = numbers(sequential)
+    for row in report:
+        cell = json.loads((sequential / row["folder"] / compare.CELL).read_text())
+        assert cell["result"]["log_likelihood"] == row["log_likelihood"]
+        assert (
+            len(cell["ll"])
+            == json.loads((sequential / "config.json").read_text())["data"]["num_test"]
+        )
+        assert (sequential / row["folder"] / "checkpoint.pt").is_file()
+
+
+@pytest.mark.slow
+def test_jobs_give_the_sequential_numbers_bit_for_bit(sequential, tmp_path):
+    run_dir = tmp_path / "jobs"
+    assert cli.main([*TINY, "--quiet", "--jobs", "2", "--run-dir", str(run_dir)]) == 0
+    assert numbers(run_dir) == numbers(sequential)
+    assert all(math.isfinite(row["log_likelihood"]) for row in numbers(run_dir))
+
+
+@pytest.mark.slow
+def test_ray_tasks_give_the_sequential_numbers_bit_for_bit(sequential, tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        run_dir = tmp_path / "ray"
+        argv = [*TINY, "--quiet", "--executor", "ray", "--run-dir", str(run_dir)]
+        assert cli.main(argv) == 0
+    finally:
+        ray.shutdown()
+    assert numbers(run_dir) == numbers(sequential)
+
+
+def test_ray_missing_names_the_extra(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("No module named 'ray'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    config = compare.run_config("digits", quick=True)
+    with pytest.raises(ImportError, match=r'pip install "pyro-vae\[ray\]"'):
+        compare._run_ray(config, [], None, lambda *done: None)
+
+
+def test_resume_runs_only_the_unfinished_cells(sequential, tmp_path, capsys):
+    """An interrupted comparison (the first cell finished, the second not started, no report
+    yet) continues with the second cell only, and reports the uninterrupted run's numbers;
+    a --resume with other arguments is refused, naming them."""
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(sequential, run_dir)
+    shutil.rmtree(run_dir / "iwae")
+    for name in compare.OUTPUTS:  # as if interrupted before the second cell
+        (run_dir / name).unlink()
+    before = (run_dir / "elbo" / compare.CELL).stat().st_mtime_ns
+    assert cli.main([*TINY, "--quiet", "--run-dir", str(run_dir)]) == 2
+    assert "--resume to continue it" in capsys.readouterr().err
+    argv = [*TINY, "--quiet", "--resume", "--run-dir", str(run_dir)]
+    assert cli.main([*argv, "--lr", "0.01"]) == 2
+    assert "--lr (was 0.001, now 0.01)" in capsys.readouterr().err
+    assert cli.main(argv) == 0
+    assert (run_dir / "elbo" / compare.CELL).stat().st_mtime_ns == before  # not run again
+    assert (run_dir / "iwae" / compare.CELL).is_file()
+    assert numbers(run_dir) == numbers(sequential)
+
+
+def test_exact_log_likelihood_beside_every_estimate(tmp_path):
+    run_dir = tmp_path / "lg"
+    argv = [*TINY, "--quiet", "--dataset", "linear-gaussian", "--run-dir", str(run_dir)]
+    assert cli.main(argv) == 0
+    config = compare.run_config("linear-gaussian", quick=True)
+    ds = config.load_data()
+    info = ds.info
+    x = ds.test if isinstance(ds.test, torch.Tensor) else ds.test[0]
+    exact = float(data.linear_gaussian_log_likelihood(x, info["W"], info["b"], info["noise"])
+                  .double().mean())  # fmt: skip
+    for row in json.loads((run_dir / "results.json").read_text())["results"]:
+        assert row["exact_log_likelihood"] == pytest.approx(exact, rel=1e-12)
+        # an importance-sampled estimate lies below the truth up to Monte-Carlo noise
+        assert row["log_likelihood"] < exact + 3 * row["log_likelihood_stderr"]
+    text = (run_dir / "results.md").read_text()
+    assert "exact log p(x)" in text and "exact - ELBO" in text
+    assert f"{exact:.2f}" in text
+
+
+def test_progress_lines_when_piped(tmp_path, capsys):
+    run_dir = tmp_path / "piped"
+    assert cli.main([*TINY, "--bounds", "elbo", "--run-dir", str(run_dir)]) == 0
+    err = capsys.readouterr().err  # not a terminal: lines, not a bar
+    assert "log p(x), K=4:" in err and "points (" in err
