@@ -165,9 +165,6 @@ class Engine(pyro.infer.ELBO):
         # pair's nesting to a pair with more plates).
         self._guess_nesting = max_plate_nesting == float("inf")
         self._pair: tuple[Any, Any] | None = None
-        # What the checks of every draw read of the traces (the data plate's frame, whether
-        # latents carry scales of their own), by the traces' structure (structure_key).
-        self._structures: dict[tuple, tuple[Any, bool]] = {}
 
     # -- settings a resume must match ----------------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -197,7 +194,6 @@ class Engine(pyro.infer.ELBO):
     def _forget_pair(self) -> None:
         """Drop what was cached about the last pair traced (subclasses add their caches)."""
         self._pair = None
-        self._structures = {}
         if self._guess_nesting:
             self.max_plate_nesting = float("inf")
 
@@ -216,7 +212,6 @@ class Engine(pyro.infer.ELBO):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_pair"] = None  # weak references do not pickle; the pair is traced again
-        state["_structures"] = {}
         return state
 
     def traces(
@@ -228,21 +223,12 @@ class Engine(pyro.infer.ELBO):
             model, guide, args, kwargs, num_particles, nesting, data_plate=self.data_plate
         )
         plate = self.data_plate
-        key = structure_key(model_trace, guide_trace, plate)
-        known = self._structures.get(key) if key is not None else None
-        if known is None:
-            frame = find_data_frame(guide_trace, model_trace, plate=plate)
-            scaled = bool(scaled_latent_sites(model_trace, guide_trace, plate=plate))
-            known = (frame, scaled)
-            if key is not None:
-                if len(self._structures) >= _MAX_STRUCTURES:  # a pair of ever-new shapes
-                    self._structures.clear()
-                self._structures[key] = known
-        frame, self.scaled_latents = known
+        frame = find_data_frame(guide_trace, model_trace, plate=plate)
         if frame is None:  # the plate rule, only for pairs without a data plate
             check_data_plate(
                 model_trace, guide_trace, batch_rows(args), type(self).__name__, plate=plate
             )
+        self.scaled_latents = bool(scaled_latent_sites(model_trace, guide_trace, plate=plate))
         return model_trace, guide_trace, Reducer(nesting, frame)
 
     def particles(
@@ -313,37 +299,6 @@ class Engine(pyro.infer.ELBO):
     def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """Backpropagate the surrogate and return the negative bound (as ``Trace_ELBO`` does)."""
         return -self.train_step(model, guide, *args, **kwargs).bound  # type: ignore[operator]
-
-
-_MAX_STRUCTURES = 64
-"""Structures an engine remembers (:func:`structure_key`); past that it starts afresh."""
-
-
-def structure_key(model_trace: Trace, guide_trace: Trace, plate: str) -> tuple | None:
-    """Everything :func:`~pvae.protocol.find_data_frame` and
-    :func:`~pvae.protocol.scaled_latent_sites` read of the two traces, as a hashable key:
-    per sample site its name, whether it is observed, its distribution's type, its scale and
-    its plates (names, dims, sizes, full sizes), and whether it is auxiliary. Two draws with
-    the same key give the same data frame and the same scaled latents, so an engine computes
-    them once per key. None (compute them every time) when a site's scale is a tensor or a
-    plate named ``plate`` has no size (both are read from values, not from the structure).
-    """
-    key: list[Any] = [plate]
-    for trace in (guide_trace, model_trace):
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            scale, stack = site["scale"], site["cond_indep_stack"]
-            if isinstance(scale, torch.Tensor):
-                return None
-            for frame in stack:
-                if frame.name == plate and (frame.size is None or frame.size < 0):
-                    return None
-            infer = site["infer"]
-            auxiliary = bool(infer.get("is_auxiliary")) if infer else False
-            key.append((name, site["is_observed"], type(site["fn"]), scale, stack, auxiliary))
-        key.append(None)  # the guide's sites end here
-    return tuple(key)
 
 
 def _identity(fn: Any) -> Any:
