@@ -19,6 +19,13 @@ optimiser: ``SVI.step`` without its param-store bookkeeping).
 Reference side: plain ``nn.Linear`` layers holding copies of the same initial weights, the loss
 written out by hand, ``loss.backward()``, the same Adam.
 
+With ``--breakdown``, a fourth row splits pvae's overhead in two: the pair's arithmetic as
+pvae computes it (the same ``torch.distributions`` objects, the same analytic KL from
+``kl_divergence`` and the same likelihood class, on the same modules) but without Pyro (no
+handlers, plates, parameter sites or traces). Its distance to the hand-written row is the cost
+of computing the bound through distribution objects; pvae's distance to it is the cost of
+running the pair through Pyro and the engine.
+
 The three are measured in one process, interleaved (blocks of ``--steps`` steps, rotating
 which row goes first), after a warm-up; the figure is the median over ``--repeats`` blocks.
 Before timing, one step of pvae and of Pyro on the same batch with the same seed checks that
@@ -29,6 +36,7 @@ each agrees with the reference in loss and gradients (all draw the same ``eps``)
     python benchmarks/step_overhead.py --validation        # Pyro's argument checks on every step
     python benchmarks/step_overhead.py --threads 1 --clock cpu --repeats 15   # on a busy machine
     python benchmarks/step_overhead.py --threads 1 --profile 200   # cProfile of 200 pvae steps
+    python benchmarks/step_overhead.py --threads 1 --clock cpu --breakdown   # + the no-Pyro row
 
 Timings taken while other jobs load the CPU are meaningless with two threads (blocks slow down
 by orders of magnitude); the script warns when its blocks vary more than 1.5-fold.
@@ -48,6 +56,7 @@ from torch import nn
 
 import pvae
 from pvae.inference import ELBO
+from pvae.kl import kl_elements
 
 X_DIM, HIDDEN, Z_DIM = 784, 400, 20
 MIN_SCALE = pvae.nets.MIN_SCALE
@@ -83,6 +92,33 @@ def plain_pair() -> tuple[Callable, Callable, nn.Module, nn.Module]:
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     return model, guide, encoder, decoder
+
+
+LIKELIHOODS: dict[str, Callable[[torch.Tensor], dist.TorchDistribution]] = {
+    "zoo": pvae.likelihoods.get("bernoulli", X_DIM),  # the zoo VAE's likelihood class
+    "plain": lambda logits: dist.Bernoulli(logits=logits),
+}
+"""The likelihood of each pair, for the ``--breakdown`` row (no parameters of its own)."""
+
+
+def distributions_loss(
+    encoder: nn.Module,
+    decoder: nn.Module,
+    likelihood: Callable[[torch.Tensor], dist.TorchDistribution],
+    x: torch.Tensor,
+    num_data: int,
+) -> torch.Tensor:
+    """The pair's negative full-data ELBO estimate as pvae computes it, without Pyro: the
+    guide's and the prior's ``Normal(...).to_event(1)``, ``rsample``, the analytic KL of
+    :func:`pvae.kl.kl_elements` and the likelihood's ``log_prob``, each summed and scaled by
+    N/B. ``x``: ``(B, 784)``."""
+    loc, scale = encoder(x)
+    q = dist.Normal(loc, scale).to_event(1)
+    z = q.rsample()
+    prior = dist.Normal(x.new_zeros(loc.shape), 1.0).to_event(1)
+    kl = kl_elements(q, prior, z)[0].sum(-1).sum()
+    log_lik = likelihood(decoder(z)).to_event(1).log_prob(x).sum()
+    return -(log_lik - kl) * (num_data / x.shape[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,6 +175,11 @@ def main(argv: list[str] | None = None) -> None:
     harness.add_clock_arg(parser)
     harness.add_validation_arg(parser)
     harness.add_profile_arg(parser)
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="add a row computing the same distributions and KL without Pyro (see above)",
+    )
     args = parser.parse_args(argv)
 
     num_data, batches = harness.prepare(args)
@@ -161,7 +202,18 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         return loss.item()
 
-    for name, grads in (("pvae ELBO", pvae_grads), ("Pyro TraceMeanField_ELBO", pyro_grads)):
+    likelihood = LIKELIHOODS[args.pair]
+    no_pyro_opt = torch.optim.Adam(pvae_params, lr=args.lr)
+
+    def no_pyro_grads(x: torch.Tensor) -> float:
+        loss = distributions_loss(encoder, decoder, likelihood, x, num_data)
+        loss.backward()
+        return loss.item()
+
+    sides = [("pvae ELBO", pvae_grads), ("Pyro TraceMeanField_ELBO", pyro_grads)]
+    if args.breakdown:
+        sides.append(("distributions, no Pyro", no_pyro_grads))
+    for name, grads in sides:
         harness.check_agreement(
             grads, reference_grads, pvae_params, _ordered(reference), batches[0], name
         )
@@ -171,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         "Pyro TraceMeanField_ELBO": harness.with_optimizer(pyro_grads, pyro_opt),
         "hand-written": harness.with_optimizer(reference_grads, reference_opt),
     }
+    if args.breakdown:
+        steps["distributions, no Pyro"] = harness.with_optimizer(no_pyro_grads, no_pyro_opt)
     ms = harness.interleave(steps, batches, args.repeats, args.warmup, args.clock)
 
     print(

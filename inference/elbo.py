@@ -208,8 +208,8 @@ class ELBO(Engine):
 
             def total(term, local, _scale=scale):
                 """Full-data value of a reduced (K', B', D) term, averaged over particles."""
-                if term.shape[0] == 1 and term.shape[-1] == 1:  # the same sum, fewer ops
-                    value = term.sum()
+                if term.shape[0] == 1:  # one particle: the mean over it is the identity
+                    value = term.sum() if term.shape[-1] == 1 else term.sum(-1).sum()
                 else:
                     value = term.sum(-1).mean(0).sum()
                 return _scale * value if local else value

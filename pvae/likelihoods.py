@@ -157,10 +157,10 @@ class _SummedBernoulli(dist.Independent):
         if self._validate_args:
             self._validate_sample(value)
         logits = self.base_dist.logits
-        value = value.expand(torch.broadcast_shapes(logits.shape, value.shape))
-        bce = nn.functional.binary_cross_entropy_with_logits(
-            logits.expand_as(value), value, reduction="none"
-        )
+        if value.shape != logits.shape:  # torch.broadcast_shapes costs ~50 us in Python
+            value = value.expand(torch.broadcast_shapes(logits.shape, value.shape))
+            logits = logits.expand_as(value)
+        bce = nn.functional.binary_cross_entropy_with_logits(logits, value, reduction="none")
         return -bce.sum(tuple(range(-self.reinterpreted_batch_ndims, 0)))
 
 
