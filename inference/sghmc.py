@@ -453,7 +453,8 @@ class SGHMC(SamplerEngine):
             return potential
         warnings.warn(
             "SGHMC's fast potential does not reproduce the model's traced log joint "
-            f"({float(fast.detach()):.9g} against {float(slow.detach()):.9g}); using the traced log joint",
+            f"({float(fast.detach()):.9g} against {float(slow.detach()):.9g}); using the "
+            "traced log joint",
             RuntimeWarning,
             stacklevel=3,
         )
