@@ -58,6 +58,18 @@ variance, I the per-datapoint Fisher information) when every step sees all the d
 of about ``1 + lr * I * N / (2 * friction * B)``, so keep ``lr * N / B`` well below
 ``friction / I`` there.
 
+The log joint is evaluated by a fast potential (``fast=True``, :mod:`pvae.potential`): at
+:meth:`SGHMC.setup` the model's sites are learned from one trace, and every step then runs the
+model under one light handler that substitutes the state and sums the log densities, with the
+Normal priors of fixed ``PyroSample`` attributes (the zoo's ``BayesianAE``) in closed form
+(one dot product and one fused backward product per weight tensor) and the data plate's N/B
+applied once to the summed likelihood. It is checked against the traced log joint (value and
+gradient) at setup and left off, with a warning, if they differ; a structure change (another
+site sequence, a prior replaced) is detected on every step by comparing site names and
+distribution objects (no tensor work), that step's sites fall back to their own ``log_prob``
+and the structure is learned again. The fast and the plain potentials agree to rounding, not
+bit for bit: see ``tests/inference/test_sghmc_potential.py``.
+
 Divergence: a chain whose log joint becomes NaN or infinite, or falls more than 100 times its
 best value's magnitude (plus the dimension) below that best value (a state that has exploded
 while staying finite), raises :class:`pvae.SamplingDiverged`.
@@ -710,7 +722,8 @@ def _average(tensors: list[torch.Tensor]) -> float:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
-    """Whether ``a`` and ``b`` agree to ``rtol`` relative to the largest magnitude of ``b``."""
+    """Whether ``a`` and ``b`` agree to ``rtol`` relative to the largest magnitude of ``b``
+    (at least 1)."""
     scale = float(b.detach().abs().max()) if b.numel() else 0.0
     return (
         bool((a.detach() - b.detach()).abs().max() <= rtol * max(scale, 1e-30))
