@@ -230,3 +230,31 @@ def test_closed_form_refuses_other_distributions():
     assert pvae.potential.closed_form(dist.Normal(loc, 1.0).to_event(1), shape) is None
     assert pvae.potential.closed_form(dist.Normal(0.0, 1.0).expand((2,)).to_event(1), shape) is None
     assert biject_to(dist.Normal(0.0, 1.0).support)  # real support: no transform
+
+
+def test_normal_sum_matches_log_prob_and_refuses_the_rest():
+    loc = torch.randn(4, 3).requires_grad_(True)
+    value = torch.randn(4, 3).requires_grad_(True)
+    cases = [
+        dist.Normal(loc, 0.7),
+        dist.Normal(loc, 0.7).to_event(2),
+        dist.Normal(torch.tensor(0.3), 2.0).expand([4, 3]).to_event(1),
+        torch.distributions.Normal(loc, torch.tensor(1.5)),
+    ]
+    for fn in cases:
+        fast = pvae.potential.normal_sum(fn, value)
+        ref = fn.log_prob(value).sum()
+        assert abs(float(fast - ref)) <= RTOL * abs(float(ref))
+        for g, r in zip(
+            torch.autograd.grad(fast, [value, loc], allow_unused=True),
+            torch.autograd.grad(ref, [value, loc], allow_unused=True),
+            strict=True,
+        ):
+            assert (g is None) == (r is None)
+            if g is not None:
+                assert float((g - r).abs().max()) <= RTOL * float(r.abs().max())
+    sigma = torch.tensor(0.5, requires_grad=True)
+    assert pvae.potential.normal_sum(dist.Normal(loc, sigma), value) is None  # sigma is latent
+    assert pvae.potential.normal_sum(dist.Normal(loc, torch.ones(4, 3)), value) is None
+    assert pvae.potential.normal_sum(dist.Normal(0.0, 1.0), value) is None  # broadcast value
+    assert pvae.potential.normal_sum(dist.StudentT(3.0, loc, 1.0), value) is None
