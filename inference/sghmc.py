@@ -108,6 +108,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to, transforms
 
+from pvae.checkpoint import rng_state, set_rng_state
 from pvae.potential import FastLogJoint, Potential
 from pvae.protocol import find_data_frame
 from pvae.sampling import SamplingDiverged
@@ -449,13 +450,19 @@ class SGHMC(SamplerEngine):
         None (with a warning) if not."""
         identity = [transform is None for transform in self._maps]
         potential = Potential.from_trace(trace, self.names, identity)
-        with torch.random.fork_rng(devices=[]):
+        # Both runs see the same draws of a model that uses torch's, numpy's or Python's
+        # global generators, and the chain's global random streams are left as they were.
+        streams = rng_state()
+        try:
             self._potential = None
             slow = self.log_joint(model, *args, **kwargs)
             slow_grads = torch.autograd.grad(slow, self.theta, allow_unused=True)
+            set_rng_state(streams)
             self._potential = potential
             fast = self.log_joint(model, *args, **kwargs)
             fast_grads = torch.autograd.grad(fast, self.theta, allow_unused=True)
+        finally:
+            set_rng_state(streams)
         rtol = 1e-10 if slow.dtype == torch.float64 else 1e-4
         agree = _close(fast, slow, rtol) and all(
             (a is None and b is None) or (a is not None and b is not None and _close(a, b, rtol))

@@ -258,3 +258,30 @@ def test_normal_sum_matches_log_prob_and_refuses_the_rest():
     assert pvae.potential.normal_sum(dist.Normal(loc, torch.ones(4, 3)), value) is None
     assert pvae.potential.normal_sum(dist.Normal(0.0, 1.0), value) is None  # broadcast value
     assert pvae.potential.normal_sum(dist.StudentT(3.0, loc, 1.0), value) is None
+
+
+def test_setup_check_sees_the_same_global_draws_and_leaves_the_streams():
+    """A model drawing from numpy's global generator: the setup's check runs the traced and
+    the fast log joint on the same draws (no spurious warning), and the streams after setup
+    are those of a sampler without the fast path."""
+    import warnings
+
+    import numpy as np
+
+    def jittery(y):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        jitter = 0.1 * float(np.random.standard_normal())
+        with pyro.plate("data", y.shape[0]):
+            pyro.sample("y", dist.Normal(w + jitter, 1.0), obs=y)
+
+    y = torch.randn(6)
+    after = []
+    for fast in (True, False):
+        np.random.seed(5)
+        sampler = SGHMC(fast=fast)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            sampler.setup(jittery, (y,), seed=0)
+        assert (sampler.potential is not None) == fast
+        after.append(np.random.standard_normal())
+    assert after[0] == after[1]
