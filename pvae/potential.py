@@ -99,10 +99,11 @@ def closed_form(fn: Any, shape: Sequence[int]) -> ClosedForm | None:
         return None
     with torch.no_grad():
         numel = math.prod(shape)
-        if scale.numel() == 1:
-            sd = float(scale.reshape(()))
+        if _one_number(scale):  # one number, or one number broadcast (zero strides)
+            one = scale.reshape(-1)[0]
+            sd = float(one)
             half_precision: Any = 0.5 / (sd * sd)
-            constant = (-scale.reshape(()).log() - _HALF_LOG_TWO_PI) * numel
+            constant = (-one.log() - _HALF_LOG_TWO_PI) * numel
         else:
             half_precision = 0.5 / scale.square()
             constant = (-scale.log() - _HALF_LOG_TWO_PI).expand(shape).sum()
@@ -137,6 +138,12 @@ def normal_log_density(value: torch.Tensor, form: ClosedForm) -> torch.Tensor:
     return _NormalLogDensity.apply(value, form)  # type: ignore[no-untyped-call]
 
 
+def _one_number(tensor: torch.Tensor) -> bool:
+    """Whether every element of ``tensor`` is one stored number (one element, or a view that
+    broadcasts one: zero strides, as ``expand`` and ``broadcast_all`` make)."""
+    return tensor.numel() == 1 or all(stride == 0 for stride in tensor.stride())
+
+
 def _unwrap(fn: Any) -> Any:
     """The distribution under ``Independent`` and ``ExpandedDistribution`` wrappers."""
     while True:
@@ -161,8 +168,8 @@ def normal_sum(fn: Any, value: torch.Tensor) -> torch.Tensor | None:
     scale = base.scale
     if scale.requires_grad or value.shape != fn.batch_shape + fn.event_shape:
         return None
-    if scale.numel() != 1 and any(stride != 0 for stride in scale.stride()):
-        return None  # not one number (a scale broadcast from one number has zero strides)
+    if not _one_number(scale):
+        return None
     sd = float(scale.reshape(-1)[0])
     centred = (value - base.loc).reshape(-1)
     constant = value.numel() * (math.log(sd) + _HALF_LOG_TWO_PI)

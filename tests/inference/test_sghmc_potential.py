@@ -232,6 +232,30 @@ def test_closed_form_refuses_other_distributions():
     assert biject_to(dist.Normal(0.0, 1.0).support)  # real support: no transform
 
 
+@pytest.mark.parametrize(
+    "make, one_scale",
+    [
+        (lambda: dist.Normal(0.4, 2.0).expand([4, 3]).to_event(2), True),  # zero strides
+        (lambda: dist.ExpandedDistribution(dist.Normal(0.0, 0.5), (4, 3)).to_event(1), True),
+        (
+            lambda: dist.Normal(torch.linspace(-1, 1, 3), torch.linspace(0.5, 2, 3)).expand([4, 3]),
+            False,
+        ),
+    ],
+)
+def test_closed_form_matches_log_prob(make, one_scale):
+    fn = make()  # built in float64 (the module's fixture)
+    form = pvae.potential.closed_form(fn, (4, 3))
+    # one scale broadcast is kept as one number (a dot product), not a tensor of 12 copies
+    assert isinstance(form.half_precision, float) == one_scale
+    value = torch.randn(4, 3).requires_grad_(True)
+    fast = pvae.potential.normal_log_density(value, form)
+    ref = fn.log_prob(value).sum()
+    assert abs(float(fast - ref)) <= RTOL * abs(float(ref))
+    (g,), (r,) = torch.autograd.grad(fast, [value]), torch.autograd.grad(ref, [value])
+    assert float((g - r).abs().max()) <= RTOL * float(r.abs().max())
+
+
 def test_normal_sum_matches_log_prob_and_refuses_the_rest():
     loc = torch.randn(4, 3).requires_grad_(True)
     value = torch.randn(4, 3).requires_grad_(True)
