@@ -8,7 +8,8 @@ N = 5000).
 
 pvae side: what ``pvae.sample`` does per step after warm-up: ``sampler.train_step(model, None,
 x)`` on the model wrapped with ``pvae.scale_to_data`` (the adaptive sampler, its preconditioner
-frozen). Reference side: the same weights as plain tensors, the log joint written out by hand
+frozen), with its fast potential (the default) and, as ``pvae fast=False``, the plain handler.
+Reference side: the same weights as plain tensors, the log joint written out by hand
 (log priors with torch's ``Normal`` density of a scalar loc and scale broadcast over each
 weight tensor, as the model's priors compute it, + N/B *
 Bernoulli log-likelihood), ``torch.autograd.grad``, and the same update
@@ -112,9 +113,17 @@ def main() -> None:
     def pvae_step(x: torch.Tensor) -> float:
         return sampler.train_step(model, None, x).loss
 
+    plain = SGHMC(fast=False)
+    plain.setup(model, (batches[0],), num_data=num_data, num_warmup=10, seed=0)
+    plain.load_state_dict(sampler.state_dict())
+
+    def plain_step(x: torch.Tensor) -> float:
+        return plain.train_step(model, None, x).loss
+
     hand_prior = reference_step(sampler, num_data, bae.site_names, prior_as_pyro=False)
+    steps = {"pvae": pvae_step, "pvae fast=False": plain_step}
     ms = harness.interleave(
-        {"pvae": pvae_step, "reference": reference, "hand-prior": hand_prior},
+        {**steps, "reference": reference, "hand-prior": hand_prior},
         batches,
         args.repeats,
         args.warmup,

@@ -58,6 +58,18 @@ variance, I the per-datapoint Fisher information) when every step sees all the d
 of about ``1 + lr * I * N / (2 * friction * B)``, so keep ``lr * N / B`` well below
 ``friction / I`` there.
 
+The log joint is evaluated by a fast potential (``fast=True``, :mod:`pvae.potential`): at
+:meth:`SGHMC.setup` the model's sites are learned from one trace, and every step then runs the
+model under one light handler that substitutes the state and sums the log densities, with the
+Normal priors of fixed ``PyroSample`` attributes (the zoo's ``BayesianAE``) in closed form
+(one dot product and one fused backward product per weight tensor) and the data plate's N/B
+applied once to the summed likelihood. It is checked against the traced log joint (value and
+gradient) at setup and left off, with a warning, if they differ; a structure change (another
+site sequence, a prior replaced) is detected on every step by comparing site names and
+distribution objects (no tensor work), that step's sites fall back to their own ``log_prob``
+and the structure is learned again. The fast and the plain potentials agree to rounding, not
+bit for bit: see ``tests/inference/test_sghmc_potential.py``.
+
 Divergence: a chain whose log joint becomes NaN or infinite, or falls more than 100 times its
 best value's magnitude (plus the dimension) below that best value (a state that has exploded
 while staying finite), raises :class:`pvae.SamplingDiverged`.
@@ -85,6 +97,7 @@ thinning, chains and checkpoints. By hand::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -95,6 +108,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to, transforms
 
+from pvae.checkpoint import rng_state, set_rng_state
+from pvae.potential import FastLogJoint, Potential
 from pvae.protocol import find_data_frame
 from pvae.sampling import SamplingDiverged
 from pvae.steps import SamplerEngine, StepRecord, attribute_settings
@@ -214,6 +229,14 @@ class SGHMC(SamplerEngine):
         ``(-init_radius, init_radius)`` (Pyro's ``init_to_uniform``).
     :param data_plate: the name of the plate holding the datapoints (``"data"``; ``pvae.sample``
         sets it for its run from its own ``data_plate=``).
+    :param fast: evaluate the log joint through a :class:`pvae.potential.Potential` learned at
+        :meth:`setup` (closed-form Normal priors, the N/B scale applied once, no trace; checked
+        there against the traced log joint, and left off with a warning if they differ);
+        False: the plain handler (every site's ``log_prob``). The two give the same log joint
+        and gradient to rounding (float64: within 1e-12 relative), not bit for bit (sums
+        taken in another order), so a chain's draws agree to float tolerance; ``pvae.sample``
+        does not record the choice, so resume a run with the setting it started with for
+        bit-identical draws.
 
     State (``state_dict``): the unconstrained values and velocities of every site, the
     optimiser's moments, the preconditioner, the gradient-noise estimate, the open window's
@@ -230,6 +253,7 @@ class SGHMC(SamplerEngine):
         adaptive: bool = True,
         init_radius: float = 2.0,
         data_plate: str = "data",
+        fast: bool = True,
     ):
         self.lr = finite_float(lr, "lr", minimum=0.0)
         if self.lr <= 0:
@@ -242,6 +266,9 @@ class SGHMC(SamplerEngine):
         self.adaptive = adaptive
         self.init_radius = finite_float(init_radius, "init_radius", minimum=0.0)
         self.data_plate = plate_name(data_plate)
+        if not isinstance(fast, bool):
+            raise TypeError(f"fast must be True or False, got {fast!r}")
+        self.fast = fast
         self.reset()
 
     def settings(self) -> dict[str, Any]:
@@ -279,6 +306,7 @@ class SGHMC(SamplerEngine):
         self._window_ends: list[int] = []
         self._eta: list[torch.Tensor | float] = []
         self._noise: list[torch.Tensor | float] = []
+        self._potential: Potential | None = None
 
     def setup(
         self,
@@ -346,6 +374,8 @@ class SGHMC(SamplerEngine):
                 "nothing to sample"
             )
         self.num_dims = sum(t.numel() for t in self.theta)
+        if self.fast:
+            self._potential = self._checked_potential(model, trace, args, dict(kwargs or {}))
         self.velocity = [torch.zeros_like(t) for t in self.theta]
         self.adam_m = [torch.zeros_like(t) for t in self.theta]
         self.adam_v = [torch.zeros_like(t) for t in self.theta]
@@ -412,6 +442,49 @@ class SGHMC(SamplerEngine):
                 for name, transform, t in zip(self.names, self.transforms, self.theta, strict=True)
             }
 
+    def _checked_potential(
+        self, model: Callable, trace: Any, args: tuple, kwargs: dict
+    ) -> Potential | None:
+        """The fast potential learned from the setup's trace, if it gives the traced log joint
+        and gradient at the initial state (relative 1e-10 in float64, 1e-4 otherwise);
+        None (with a warning) if not."""
+        identity = [transform is None for transform in self._maps]
+        potential = Potential.from_trace(trace, self.names, identity)
+        # Both runs see the same draws of a model that uses torch's, numpy's or Python's
+        # global generators, and the chain's global random streams are left as they were.
+        streams = rng_state()
+        try:
+            self._potential = None
+            slow = self.log_joint(model, *args, **kwargs)
+            slow_grads = torch.autograd.grad(slow, self.theta, allow_unused=True)
+            set_rng_state(streams)
+            self._potential = potential
+            fast = self.log_joint(model, *args, **kwargs)
+            fast_grads = torch.autograd.grad(fast, self.theta, allow_unused=True)
+        finally:
+            set_rng_state(streams)
+        rtol = 1e-10 if slow.dtype == torch.float64 else 1e-4
+        agree = _close(fast, slow, rtol) and all(
+            (a is None and b is None) or (a is not None and b is not None and _close(a, b, rtol))
+            for a, b in zip(fast_grads, slow_grads, strict=True)
+        )
+        if agree:
+            return potential
+        warnings.warn(
+            "SGHMC's fast potential does not reproduce the model's traced log joint "
+            f"({float(fast.detach()):.9g} against {float(slow.detach()):.9g}); using the "
+            "traced log joint",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+    @property
+    def potential(self) -> Potential | None:
+        """The fast potential of the chain's model (None before :meth:`setup`, with
+        ``fast=False``, or when it failed its check at setup)."""
+        return self._potential
+
     def log_joint(self, model: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         """log p(x, theta) in unconstrained space at the current state (Jacobian included),
         differentiable with respect to the state.
@@ -429,9 +502,13 @@ class SGHMC(SamplerEngine):
             values[name] = value
             term = transform.log_abs_det_jacobian(t, value).sum()
             jacobian = term if jacobian is None else jacobian + term
-        messenger = _LogJoint(values)
-        with messenger:
-            model(*args, **kwargs)
+        messenger: _LogJoint | FastLogJoint
+        if self._potential is not None:
+            messenger = self._potential.run(model, values, args, kwargs)
+        else:
+            messenger = _LogJoint(values)
+            with messenger:
+                model(*args, **kwargs)
         if messenger.unknown:
             raise ValueError(
                 f"the model sampled latent sites {messenger.unknown} that it did not sample "
@@ -649,6 +726,17 @@ class SGHMC(SamplerEngine):
 def _average(tensors: list[torch.Tensor]) -> float:
     """The mean of every element of ``tensors``."""
     return float(sum(t.sum() for t in tensors)) / max(1, sum(t.numel() for t in tensors))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
+    """Whether ``a`` and ``b`` agree to ``rtol`` relative to the largest magnitude of ``b``
+    (at least 1)."""
+    scale = float(b.detach().abs().max()) if b.numel() else 0.0
+    return (
+        bool((a.detach() - b.detach()).abs().max() <= rtol * max(scale, 1e-30))
+        if b.numel()
+        else True
+    )
 
 
 def _is_identity(transform: Any) -> bool:
