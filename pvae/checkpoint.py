@@ -9,13 +9,15 @@ every random number generator's state, and the run's history. Loading uses
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -63,6 +65,62 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
             if stream is not None:  # unlink while held, then release: no file is left
                 (path / LOCK).unlink(missing_ok=True)
                 stream.close()
+
+
+class RunFolder:
+    """A run folder, checked before any work and locked while a run writes into it.
+
+    ``RunFolder(path)`` refuses (``error``, a :class:`ValueError`) a path that exists and is
+    not a folder. ``with folder:`` creates the folder, holds its lock (:func:`run_lock`:
+    :class:`RunDirInUse` when another process holds it) and, on leaving, removes the folders
+    it created that are still empty, so a refused or failed run leaves the disk as found.
+    ``flag`` names the folder in messages (``run_dir``; the command line's ``--run-dir``).
+    """
+
+    error: type[ValueError] = ValueError
+
+    def __init__(self, path: str | os.PathLike[str], flag: str = "run_dir") -> None:
+        self.path, self.flag = Path(path), flag
+        if self.path.exists() and not self.path.is_dir():
+            raise self.error(f"{flag} {self.path} exists and is not a folder")
+        existing = self.path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        self.existing = existing  # the nearest folder above that exists now
+        self._lock: contextlib.ExitStack | None = None
+
+    @property
+    def has_checkpoint(self) -> bool:
+        return (self.path / CHECKPOINT).is_file()
+
+    def __enter__(self) -> Self:
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(run_lock(self.path))
+        except BaseException:
+            self._remove_created()
+            raise
+        self._lock = stack
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            if self._lock is not None:
+                self._lock.close()
+        finally:
+            self._lock = None
+            self._remove_created()
+
+    def _remove_created(self) -> None:
+        folder = self.path
+        while folder != self.existing and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
 
 
 def _acquire(lock: Path) -> Any:

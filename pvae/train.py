@@ -36,10 +36,10 @@ from pvae import validation
 from pvae.checkpoint import (
     CHECKPOINT,
     CHECKPOINT_FORMAT,
+    RunFolder,
     load_checkpoint,
     non_finite,
     rng_state,
-    run_lock,
     set_rng_state,
     write_checkpoint,
 )
@@ -861,26 +861,19 @@ def _step_policy(step_policy: Any, aggressive_encoder: Any) -> StepPolicy:
 
 
 def _in_run_folder(run_dir: str | os.PathLike | None, resume: bool, work: Callable[[], Any]) -> Any:
-    """``work()`` in the run folder ``run_dir`` (None: no folder): locked while it runs; a
-    folder that already holds a checkpoint is refused unless ``resume``; a folder created here
-    that is still empty when ``work`` fails is removed again."""
+    """``work()`` in the run folder ``run_dir`` (None: no folder), a
+    :class:`~pvae.checkpoint.RunFolder`: locked while it runs; a folder that already holds a
+    checkpoint is refused unless ``resume``; the folders created here that are still empty
+    when ``work`` ends (it failed) are removed again."""
     if run_dir is None:
         return work()
-    if Path(run_dir).exists() and not Path(run_dir).is_dir():
-        raise ValueError(f"run_dir {run_dir} exists and is not a folder")
-    created = not Path(run_dir).exists()
-    try:
-        with run_lock(run_dir):
-            if (Path(run_dir) / CHECKPOINT).exists() and not resume:
-                raise ValueError(
-                    f"run_dir {run_dir} already holds a run ({CHECKPOINT}); pass resume=True "
-                    "to continue it, or choose another folder"
-                )
-            return work()
-    except BaseException:
-        if created and Path(run_dir).is_dir() and not any(Path(run_dir).iterdir()):
-            Path(run_dir).rmdir()  # a refused or failed run leaves no empty folder behind
-        raise
+    with RunFolder(run_dir) as folder:
+        if (folder.path / CHECKPOINT).exists() and not resume:
+            raise ValueError(
+                f"run_dir {run_dir} already holds a run ({CHECKPOINT}); pass resume=True "
+                "to continue it, or choose another folder"
+            )
+        return work()
 
 
 def check_fit(

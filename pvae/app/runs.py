@@ -11,7 +11,6 @@ command line (``argv`` parses back to ``args``); ``data`` and ``versions`` are f
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -19,7 +18,6 @@ import platform
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import pyro
@@ -27,9 +25,9 @@ import torch
 from pyro.nn import PyroModule
 
 import pvae
-from pvae import data
+from pvae import checkpoint, data
 from pvae.app.registry import MODELS, parse_bound
-from pvae.checkpoint import CHECKPOINT, run_lock
+from pvae.checkpoint import CHECKPOINT
 from pvae.diagnostics import ActiveUnits, active_units
 from pvae.evaluate import as_tensors, num_items
 from pvae.plots import write_json
@@ -198,7 +196,7 @@ class RunConfig:
         return engine
 
 
-class RunFolder:
+class RunFolder(checkpoint.RunFolder):
     """A command's run folder, checked before any work and locked while the command writes.
 
     ``RunFolder(path)`` refuses (:class:`RunFolderError`) a path that exists and is not a
@@ -207,27 +205,20 @@ class RunFolder:
     (``overwrite``). ``with folder:`` creates the folder, holds its lock
     (:func:`pvae.checkpoint.run_lock`: :class:`~pvae.checkpoint.RunDirInUse` when another
     process holds it) and, on leaving, removes the folders it created that are still empty,
-    so a refused or failed command leaves the disk as found.
+    so a refused or failed command leaves the disk as found
+    (:class:`pvae.checkpoint.RunFolder`).
     """
 
+    error = RunFolderError
+
     def __init__(self, path: str | os.PathLike[str], flag: str = "--run-dir") -> None:
-        self.path, self.flag = Path(path), flag
-        if self.path.exists() and not self.path.is_dir():
-            raise RunFolderError(f"{flag} {self.path} exists and is not a folder")
-        existing = self.path
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
+        super().__init__(path, flag)
+        existing = self.existing
         if not existing.is_dir():
             raise RunFolderError(f"cannot create {flag} {self.path}: {existing} is not a folder")
         if not os.access(existing, os.W_OK | os.X_OK):
             what = "write into" if existing == self.path else f"create {self.path} in"
             raise RunFolderError(f"{flag} {self.path}: no permission to {what} {existing}")
-        self.existing = existing  # the nearest folder above that exists now
-        self._lock: contextlib.ExitStack | None = None
-
-    @property
-    def has_checkpoint(self) -> bool:
-        return (self.path / CHECKPOINT).is_file()
 
     def refuse_run(self, resume: bool, overwrite: bool | None = False) -> None:
         """Refuse a folder holding a checkpoint unless ``resume`` or ``overwrite`` (None: the
@@ -243,35 +234,6 @@ class RunFolder:
                 f"--resume: {self.path} holds no {CHECKPOINT} to continue; drop --resume to "
                 "start a new run"
             )
-
-    def __enter__(self) -> RunFolder:
-        stack = contextlib.ExitStack()
-        try:
-            stack.enter_context(run_lock(self.path))
-        except BaseException:
-            self._remove_created()
-            raise
-        self._lock = stack
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        try:
-            if self._lock is not None:
-                self._lock.close()
-        finally:
-            self._lock = None
-            self._remove_created()
-
-    def _remove_created(self) -> None:
-        folder = self.path
-        while folder != self.existing and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-            folder = folder.parent
 
 
 def rows(values: Any, start: int, stop: int) -> Any:

@@ -50,12 +50,13 @@ from torch import Tensor
 
 from pvae.data.containers import Splits
 from pvae.data.images import _digits_pool
-from pvae.data.registry import register
+from pvae.data.registry import register_options
 from pvae.data.sequences import SPLITS, _check_sizes, _split_streams
 
 __all__ = ["MultimodalSequenceSplit", "MultimodalSequenceSplits", "MODALITY_COLUMNS"]
 
 MODALITY_COLUMNS = ("neural", "image")
+_NAME = "mm-gp-sim"
 
 
 class MultimodalSequenceSplit(NamedTuple):
@@ -126,97 +127,132 @@ def _rotate_and_scale(image: Tensor, angles: Tensor, scales: Tensor) -> Tensor:
     return out.clamp(0.0, 1.0).float()
 
 
-@register(
-    "mm-gp-sim",
+@dataclass(frozen=True)
+class _MMGPSimOptions:
+    """The keywords of ``mm-gp-sim`` (see the module docstring), checked on construction;
+    ``sizes`` are ``(train, valid, test)`` trial counts."""
+
+    sizes: Sequence[int] = (400, 100, 100)
+    num_steps: int = 50
+    dt: float = 1.0
+    lengthscale: float = 6.0
+    num_neurons: int = 20
+    shared_dim: int = 1
+    neural_dim: int = 1
+    image_dim: int = 1
+    base_rate: float = 2.0
+    loading: float = 0.6
+    angle_scale: float = math.pi / 4
+    scale_amount: float = 0.2
+    digit: int = 2
+    missing: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        name = _NAME
+        _check_sizes(name, self.sizes)
+        for label, value in (
+            ("num_steps", self.num_steps),
+            ("num_neurons", self.num_neurons),
+            ("shared_dim", self.shared_dim),
+        ):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (2 if label == "num_steps" else 1)
+            ):
+                raise ValueError(
+                    f"dataset {name!r}: {label} must be a positive integer, got {value!r}"
+                )
+        for label, value in (("neural_dim", self.neural_dim), ("image_dim", self.image_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"dataset {name!r}: {label} must be an integer >= 0, got {value!r}"
+                )
+        for label, number in (
+            ("dt", self.dt),
+            ("lengthscale", self.lengthscale),
+            ("base_rate", self.base_rate),
+        ):
+            if not (isinstance(number, int | float) and math.isfinite(number) and number > 0):
+                raise ValueError(
+                    f"dataset {name!r}: {label} must be a positive number, got {number!r}"
+                )
+        for label, number in (
+            ("loading", self.loading),
+            ("angle_scale", self.angle_scale),
+            ("scale_amount", self.scale_amount),
+        ):
+            if not (isinstance(number, int | float) and math.isfinite(number) and number >= 0):
+                raise ValueError(f"dataset {name!r}: {label} must be a number >= 0, got {number!r}")
+        if not (isinstance(self.missing, int | float) and 0 <= self.missing <= 1):
+            raise ValueError(
+                f"dataset {name!r}: missing must be a fraction in [0, 1], got {self.missing!r}"
+            )
+        if isinstance(self.digit, bool) or self.digit not in range(10):
+            raise ValueError(f"dataset {name!r}: digit must be a class 0..9, got {self.digit!r}")
+
+
+def _mm_gp_split(
+    o: _MMGPSimOptions,
+    rng: np.random.Generator,
+    n: int,
+    image: Tensor,
+    C: np.ndarray,
+    d: np.ndarray,
+) -> tuple[MultimodalSequenceSplit, dict[str, Tensor]]:
+    """``n`` trials drawn from ``rng``: the split and its truth (``C``, ``d``: the neural
+    loading and offset)."""
+    z = _rbf_paths(
+        rng, n, o.num_steps, o.shared_dim + o.neural_dim + o.image_dim, o.lengthscale, o.dt
+    )
+    z_s, z_n, z_i = np.split(z, [o.shared_dim, o.shared_dim + o.neural_dim], axis=-1)
+    rates = np.exp(np.concatenate([z_s, z_n], -1) @ C.T + d)
+    counts = rng.poisson(rates).astype(np.float32)
+    angles = torch.as_tensor(o.angle_scale * z_s[..., 0]).reshape(-1)
+    scaled = z_i[..., 0] if o.image_dim else np.zeros((n, o.num_steps))
+    scales = torch.as_tensor(np.exp(o.scale_amount * scaled)).reshape(-1)
+    frames = _rotate_and_scale(image, angles, scales).reshape(n, o.num_steps, 1, 8, 8)
+    drop = rng.random(n)
+    modality_mask = np.ones((n, 2), dtype=bool)
+    modality_mask[drop < o.missing / 2, 0] = False
+    modality_mask[(drop >= o.missing / 2) & (drop < o.missing), 1] = False
+    mask = torch.as_tensor(modality_mask)
+    observed_counts = torch.as_tensor(counts) * mask[:, 0, None, None]
+    observed_frames = frames * mask[:, 1, None, None, None, None]
+    times = torch.as_tensor(np.arange(o.num_steps) * o.dt, dtype=torch.float32).expand(n, -1)
+    split = MultimodalSequenceSplit(observed_counts, observed_frames, times.clone(), mask)
+    truth = {
+        "shared": torch.as_tensor(z_s, dtype=torch.float32),
+        "neural": torch.as_tensor(z_n, dtype=torch.float32),
+        "image": torch.as_tensor(z_i, dtype=torch.float32),
+        "rates": torch.as_tensor(rates, dtype=torch.float32),
+        "frames": frames,
+    }
+    return split, truth
+
+
+@register_options(
+    _NAME,
     "multimodal trials (Gondur et al. 2024): Poisson spikes of 20 neurons and a rotating, "
     "scaling digit, driven by shared and private RBF-GP latents (T=50): true latents known",
     "seeded generator over a scikit-learn 8x8 digit (pvae.data)",
+    _MMGPSimOptions,
 )
-def _mm_gp_sim(
-    sizes: Sequence[int] = (400, 100, 100),
-    num_steps: int = 50,
-    dt: float = 1.0,
-    lengthscale: float = 6.0,
-    num_neurons: int = 20,
-    shared_dim: int = 1,
-    neural_dim: int = 1,
-    image_dim: int = 1,
-    base_rate: float = 2.0,
-    loading: float = 0.6,
-    angle_scale: float = math.pi / 4,
-    scale_amount: float = 0.2,
-    digit: int = 2,
-    missing: float = 0.0,
-    seed: int = 0,
-) -> MultimodalSequenceSplits:
+def _mm_gp_sim(o: _MMGPSimOptions) -> MultimodalSequenceSplits:
     """Draw ``mm-gp-sim`` (see the module docstring); ``sizes`` are ``(train, valid, test)``
     trial counts. With ``image_dim > 1`` or ``shared_dim > 1`` the rotation and scale are
     driven by the groups' first channels."""
-    name = "mm-gp-sim"
-    counts_ = _check_sizes(name, sizes)
-    for label, value in (
-        ("num_steps", num_steps),
-        ("num_neurons", num_neurons),
-        ("shared_dim", shared_dim),
-    ):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or value < (2 if label == "num_steps" else 1)
-        ):
-            raise ValueError(f"dataset {name!r}: {label} must be a positive integer, got {value!r}")
-    for label, value in (("neural_dim", neural_dim), ("image_dim", image_dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"dataset {name!r}: {label} must be an integer >= 0, got {value!r}")
-    for label, number in (("dt", dt), ("lengthscale", lengthscale), ("base_rate", base_rate)):
-        if not (isinstance(number, int | float) and math.isfinite(number) and number > 0):
-            raise ValueError(f"dataset {name!r}: {label} must be a positive number, got {number!r}")
-    for label, number in (
-        ("loading", loading),
-        ("angle_scale", angle_scale),
-        ("scale_amount", scale_amount),
-    ):
-        if not (isinstance(number, int | float) and math.isfinite(number) and number >= 0):
-            raise ValueError(f"dataset {name!r}: {label} must be a number >= 0, got {number!r}")
-    if not (isinstance(missing, int | float) and 0 <= missing <= 1):
-        raise ValueError(f"dataset {name!r}: missing must be a fraction in [0, 1], got {missing!r}")
-    if isinstance(digit, bool) or digit not in range(10):
-        raise ValueError(f"dataset {name!r}: digit must be a class 0..9, got {digit!r}")
-    images, labels = _digits_pool(f"dataset {name!r} needs")
-    image = images[int(torch.nonzero(labels == digit)[0, 0])].reshape(1, 8, 8)
-    streams = _split_streams(seed)
-    loading_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(4)[3])
-    C = loading * loading_rng.standard_normal((num_neurons, shared_dim + neural_dim))
-    d = np.full(num_neurons, math.log(base_rate))
+    images, labels = _digits_pool(f"dataset {_NAME!r} needs")
+    image = images[int(torch.nonzero(labels == o.digit)[0, 0])].reshape(1, 8, 8)
+    streams = _split_streams(o.seed)
+    loading_rng = np.random.default_rng(np.random.SeedSequence(o.seed).spawn(4)[3])
+    C = o.loading * loading_rng.standard_normal((o.num_neurons, o.shared_dim + o.neural_dim))
+    d = np.full(o.num_neurons, math.log(o.base_rate))
     splits: dict[str, MultimodalSequenceSplit] = {}
     truth: dict[str, dict[str, Tensor]] = {}
-    for split, rng, n in zip(SPLITS, streams, counts_, strict=True):
-        z = _rbf_paths(rng, n, num_steps, shared_dim + neural_dim + image_dim, lengthscale, dt)
-        z_s, z_n, z_i = np.split(z, [shared_dim, shared_dim + neural_dim], axis=-1)
-        rates = np.exp(np.concatenate([z_s, z_n], -1) @ C.T + d)
-        counts = rng.poisson(rates).astype(np.float32)
-        angles = torch.as_tensor(angle_scale * z_s[..., 0]).reshape(-1)
-        scaled = z_i[..., 0] if image_dim else np.zeros((n, num_steps))
-        scales = torch.as_tensor(np.exp(scale_amount * scaled)).reshape(-1)
-        frames = _rotate_and_scale(image, angles, scales).reshape(n, num_steps, 1, 8, 8)
-        drop = rng.random(n)
-        modality_mask = np.ones((n, 2), dtype=bool)
-        modality_mask[drop < missing / 2, 0] = False
-        modality_mask[(drop >= missing / 2) & (drop < missing), 1] = False
-        mask = torch.as_tensor(modality_mask)
-        observed_counts = torch.as_tensor(counts) * mask[:, 0, None, None]
-        observed_frames = frames * mask[:, 1, None, None, None, None]
-        times = torch.as_tensor(np.arange(num_steps) * dt, dtype=torch.float32).expand(n, -1)
-        splits[split] = MultimodalSequenceSplit(
-            observed_counts, observed_frames, times.clone(), mask
-        )
-        truth[split] = {
-            "shared": torch.as_tensor(z_s, dtype=torch.float32),
-            "neural": torch.as_tensor(z_n, dtype=torch.float32),
-            "image": torch.as_tensor(z_i, dtype=torch.float32),
-            "rates": torch.as_tensor(rates, dtype=torch.float32),
-            "frames": frames,
-        }
+    for split, rng, n in zip(SPLITS, streams, _check_sizes(_NAME, o.sizes), strict=True):
+        splits[split], truth[split] = _mm_gp_split(o, rng, n, image, C, d)
     info: dict[str, Any] = {
         "description": (
             "RBF-GP latents (shared, neural-only, image-only); Poisson counts with rates "
@@ -225,18 +261,18 @@ def _mm_gp_sim(
         ),
         "loading": torch.as_tensor(C, dtype=torch.float32),
         "offset": torch.as_tensor(d, dtype=torch.float32),
-        "dims": {"shared": shared_dim, "neural": neural_dim, "image": image_dim},
+        "dims": {"shared": o.shared_dim, "neural": o.neural_dim, "image": o.image_dim},
         "modalities": MODALITY_COLUMNS,
-        "lengthscale": float(lengthscale),
-        "dt": float(dt),
-        "angle_scale": float(angle_scale),
-        "scale_amount": float(scale_amount),
-        "digit": digit,
-        "missing": float(missing),
-        "seed": seed,
+        "lengthscale": float(o.lengthscale),
+        "dt": float(o.dt),
+        "angle_scale": float(o.angle_scale),
+        "scale_amount": float(o.scale_amount),
+        "digit": o.digit,
+        "missing": float(o.missing),
+        "seed": o.seed,
     }
     return MultimodalSequenceSplits(
-        name=name,
+        name=_NAME,
         train=splits["train"],  # type: ignore[arg-type]  # Splits annotates single tensors
         valid=splits["valid"],  # type: ignore[arg-type]
         test=splits["test"],  # type: ignore[arg-type]
@@ -244,7 +280,7 @@ def _mm_gp_sim(
         image_shape=(1, 8, 8),
         likelihood="continuous_bernoulli",
         info=info,
-        num_neurons=num_neurons,
-        num_steps=num_steps,
+        num_neurons=o.num_neurons,
+        num_steps=o.num_steps,
         truth=truth,
     )

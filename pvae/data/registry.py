@@ -43,6 +43,30 @@ def register(name: str, description: str, source: str) -> Callable[[Loader], Loa
     return decorator
 
 
+def register_options(
+    name: str, description: str, source: str, options: type
+) -> Callable[[Callable[[Any], Splits]], Loader]:
+    """Decorator registering ``build(options) -> Splits`` under ``name`` (as :func:`register`)
+    for a loader whose keywords are many: ``options`` is a dataclass whose fields (names,
+    annotations, defaults, order) are the loader's keywords and whose ``__post_init__``
+    checks them. The registered loader, returned, is ``loader(*args, **kwargs) =
+    build(options(*args, **kwargs))`` with the signature of ``options``, which :func:`load`
+    reads."""
+
+    def decorator(build: Callable[[Any], Splits]) -> Loader:
+        def loader(*args: Any, **kwargs: Any) -> Splits:
+            return build(options(*args, **kwargs))
+
+        loader.__name__ = loader.__qualname__ = build.__name__
+        loader.__module__, loader.__doc__ = build.__module__, build.__doc__
+        returns = inspect.signature(build).return_annotation
+        signature = inspect.signature(options).replace(return_annotation=returns)
+        loader.__signature__ = signature  # type: ignore[attr-defined]
+        return register(name, description, source)(loader)
+
+    return decorator
+
+
 def available() -> list[DatasetInfo]:
     """All registered datasets, sorted by name."""
     return [info for info, _ in sorted(_REGISTRY.values(), key=lambda entry: entry[0].name)]

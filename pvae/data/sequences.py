@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -40,7 +41,7 @@ from torch import Tensor
 from pvae import ssm
 from pvae.data.containers import SequenceSplit, SequenceSplits, _permutation_split
 from pvae.data.images import _digits_pool, _mnist5k_pool
-from pvae.data.registry import register
+from pvae.data.registry import register, register_options
 
 SPLITS: tuple[str, str, str] = ("train", "valid", "test")
 
@@ -226,26 +227,47 @@ def _render_pendulum(angles: np.ndarray, size: int, radius: float, width: float)
     return frames[..., None, :, :]
 
 
-@register(
+@dataclass(frozen=True)
+class _PendulumOptions:
+    """The keywords of ``pendulum`` (see :func:`_pendulum`), checked on construction."""
+
+    sizes: Sequence[int] = (800, 100, 100)
+    num_steps: int = 50
+    dt: float = 0.1
+    size: int = 16
+    gravity: float = 9.81
+    length: float = 1.0
+    damping: float = 0.0
+    max_angle: float = math.pi / 2
+    noise: float = 0.0
+    missing: float = 0.0
+    irregular: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        name, size = "pendulum", self.size
+        _check_sizes(name, self.sizes)
+        _check_options(name, self.num_steps, self.dt, self.noise, self.missing, self.irregular)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 4:
+            raise ValueError(f"dataset {name!r}: size must be an integer >= 4, got {size!r}")
+        for label, value in (("gravity", self.gravity), ("length", self.length)):
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"dataset {name!r}: {label} must be positive, got {value!r}")
+        damping, max_angle = self.damping, self.max_angle
+        if not (isinstance(damping, int | float) and math.isfinite(damping) and damping >= 0):
+            raise ValueError(f"dataset {name!r}: damping must be a number >= 0, got {damping!r}")
+        if not (isinstance(max_angle, int | float) and 0 <= max_angle <= math.pi):
+            raise ValueError(f"dataset {name!r}: max_angle must lie in [0, pi], got {max_angle!r}")
+
+
+@register_options(
     "pendulum",
     "a swinging pendulum as 16x16 frames, T=50: true angles known; noise, missing frames, "
     "irregular times optional",
     "seeded generator (pvae.data), RK4-integrated and rendered with numpy",
+    _PendulumOptions,
 )
-def _pendulum(
-    sizes: Sequence[int] = (800, 100, 100),
-    num_steps: int = 50,
-    dt: float = 0.1,
-    size: int = 16,
-    gravity: float = 9.81,
-    length: float = 1.0,
-    damping: float = 0.0,
-    max_angle: float = math.pi / 2,
-    noise: float = 0.0,
-    missing: float = 0.0,
-    irregular: bool = False,
-    seed: int = 0,
-) -> SequenceSplits:
+def _pendulum(o: _PendulumOptions) -> SequenceSplits:
     """Videos of a pendulum.
 
     Per sequence, ``theta_0 ~ U(-max_angle, max_angle)`` and ``omega_0 ~ U(-1/2, 1/2)
@@ -257,29 +279,19 @@ def _pendulum(
     ``noise > 0``). Truth per split: ``angles`` and ``angular_velocity`` ``(N, T)`` (radians,
     rad/s) and the clean, complete ``frames`` ``(N, T, 1, size, size)``.
     """
-    name = "pendulum"
-    counts = _check_sizes(name, sizes)
-    _check_options(name, num_steps, dt, noise, missing, irregular)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 4:
-        raise ValueError(f"dataset {name!r}: size must be an integer >= 4, got {size!r}")
-    for label, value in (("gravity", gravity), ("length", length)):
-        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-            raise ValueError(f"dataset {name!r}: {label} must be positive, got {value!r}")
-    if not (isinstance(damping, int | float) and math.isfinite(damping) and damping >= 0):
-        raise ValueError(f"dataset {name!r}: damping must be a number >= 0, got {damping!r}")
-    if not (isinstance(max_angle, int | float) and 0 <= max_angle <= math.pi):
-        raise ValueError(f"dataset {name!r}: max_angle must lie in [0, pi], got {max_angle!r}")
+    name, size, num_steps, dt = "pendulum", o.size, o.num_steps, o.dt
+    counts = _check_sizes(name, o.sizes)
     radius, width = 0.35 * size, size / 16
-    speed = 0.5 * math.sqrt(gravity / length)
+    speed = 0.5 * math.sqrt(o.gravity / o.length)
     parts = []
-    for rng, n in zip(_split_streams(seed), counts, strict=True):
-        theta0 = rng.uniform(-max_angle, max_angle, size=n)
+    for rng, n in zip(_split_streams(o.seed), counts, strict=True):
+        theta0 = rng.uniform(-o.max_angle, o.max_angle, size=n)
         omega0 = rng.uniform(-speed, speed, size=n)
-        times = _time_grid(rng, n, num_steps, dt, irregular)
-        angles, velocity = _pendulum_path(theta0, omega0, times, gravity, length, damping)
+        times = _time_grid(rng, n, num_steps, dt, o.irregular)
+        angles, velocity = _pendulum_path(theta0, omega0, times, o.gravity, o.length, o.damping)
         frames = _render_pendulum(angles, size, radius, width)
-        values = _add_noise(rng, frames, noise)
-        mask = _missing_mask(rng, n, num_steps, missing)
+        values = _add_noise(rng, frames, o.noise)
+        mask = _missing_mask(rng, n, num_steps, o.missing)
         truth = {"angles": angles, "angular_velocity": velocity, "frames": frames}
         parts.append(_SequencePart(values, times, mask, truth))
     info = {
@@ -288,18 +300,18 @@ def _pendulum(
             "a Gaussian bob at (row, col) = c + radius (cos theta, sin theta); pixel noise "
             "N(0, noise^2) clipped to [0, 1]; hidden steps hold zeros"
         ),
-        "gravity": float(gravity),
-        "length": float(length),
-        "damping": float(damping),
+        "gravity": float(o.gravity),
+        "length": float(o.length),
+        "damping": float(o.damping),
         "dt": float(dt),
-        "max_angle": float(max_angle),
+        "max_angle": float(o.max_angle),
         "size": size,
         "radius": radius,
         "width": width,
-        "noise": float(noise),
-        "missing": float(missing),
-        "irregular": irregular,
-        "seed": seed,
+        "noise": float(o.noise),
+        "missing": float(o.missing),
+        "irregular": o.irregular,
+        "seed": o.seed,
     }
     return _sequence_splits(name, parts, "continuous_bernoulli", info)
 

@@ -175,6 +175,79 @@ def _marginal_kl(guide_site: dict, model_site: dict) -> tuple[torch.Tensor, bool
     return None
 
 
+def _check_sites(
+    found: Mapping[str, Any], local: Sequence[str], sites: Sequence[str] | None
+) -> list[str]:
+    """The sites to report, in order: ``sites`` (each checked to be a latent inside the data
+    plate), or every local latent in natural order for ``None``."""
+    if sites is None:
+        order = sorted(local, key=_natural_key)
+        if not order:
+            raise ValueError("the guide has no latent site inside pyro.plate('data')")
+        return order
+    for name in sites:
+        if name not in found:
+            raise ValueError(
+                f"the guide has no latent site {name!r}; its latent sites are: "
+                f"{', '.join(found) or 'none'}"
+            )
+        if name not in local:
+            raise ValueError(
+                f"latent site {name!r} is outside pyro.plate('data') (a global "
+                "latent); KL per datapoint needs a per-datapoint site"
+            )
+    return list(sites)
+
+
+def _not_per_channel(name: str, event_shape: tuple[int, ...]) -> str:
+    return (
+        f"site {name!r}: its KL does not separate over the event axes {event_shape} (the "
+        "guide's distribution is not factorised), so it cannot be reported per channel"
+    )
+
+
+def _site_term(
+    name: str,
+    guide_site: dict,
+    model_site: dict,
+    reducer: Reducer,
+    use_analytic: bool,
+    channels: Mapping[str, Channels] | None,
+) -> tuple[torch.Tensor, bool, bool]:
+    """One batch's KL terms of site ``name``: ``(B, D)`` (``(B, C)`` per channel), whether they
+    are analytic, and whether they are per-element marginal KLs."""
+    # The KL of the distributions themselves: drop the site's scale (a per-layer beta, a
+    # kl_weight), keep its mask.
+    unscaled = {**guide_site, "scale": 1.0}
+    q, p = guide_site["fn"], model_site["fn"]
+    elements, event_dims = kl_elements(q, p, guide_site["value"], use_analytic)
+    marginal = False
+    event_shape = tuple(q.event_shape)
+    event_size = math.prod(event_shape)
+    if event_dims == 0 and event_size > 1:
+        marginal_kl = _marginal_kl(guide_site, model_site)
+        if marginal_kl is not None:
+            (elements, use_site_analytic), event_dims = marginal_kl, 1
+            if tuple(elements.shape[-len(event_shape) :]) == event_shape:
+                event_dims = len(event_shape)  # per element of a (T, C) event
+            marginal = True
+        else:
+            use_site_analytic = use_analytic
+    else:
+        use_site_analytic = use_analytic and is_analytic(q, p)
+    term = reducer(elements, unscaled, event_dims).mean(0).double()  # (B, D)
+    axes = channel_layout(channels, name, event_shape)
+    if axes is not None and 0 < event_dims < len(event_shape):
+        if axes != tuple(range(event_dims)):  # KL_c separates over channels first
+            raise ValueError(_not_per_channel(name, event_shape))
+    elif axes is not None:
+        if event_dims != len(event_shape):
+            raise ValueError(_not_per_channel(name, event_shape))
+        term = to_channels(term.reshape(term.shape[:1] + event_shape), event_shape, axes)
+        term = term.sum(-2)  # KL_c = sum_t KL_tc
+    return term, use_site_analytic, marginal
+
+
 def _site_kls(
     model: Callable,
     guide: Callable,
@@ -214,66 +287,13 @@ def _site_kls(
             found = {name: (g, m) for name, g, m in latent_sites(model_trace, guide_trace)}
             if order is None:
                 local = [name for name, (g, _) in found.items() if reducer.is_local(g)]
-                if sites is None:
-                    order = sorted(local, key=_natural_key)
-                    if not order:
-                        raise ValueError("the guide has no latent site inside pyro.plate('data')")
-                else:
-                    for name in sites:
-                        if name not in found:
-                            raise ValueError(
-                                f"the guide has no latent site {name!r}; its latent sites are: "
-                                f"{', '.join(found) or 'none'}"
-                            )
-                        if name not in local:
-                            raise ValueError(
-                                f"latent site {name!r} is outside pyro.plate('data') (a global "
-                                "latent); KL per datapoint needs a per-datapoint site"
-                            )
-                    order = list(sites)
+                order = _check_sites(found, local, sites)
                 conditional = _conditioned_on_later(model_trace, guide_trace, order)
             use_analytic = analytic and same_sampling_order(model_trace, guide_trace)
             for name in order:
-                guide_site, model_site = found[name]
-                # The KL of the distributions themselves: drop the site's scale (a per-layer
-                # beta, a kl_weight), keep its mask.
-                unscaled = {**guide_site, "scale": 1.0}
-                q, p = guide_site["fn"], model_site["fn"]
-                elements, event_dims = kl_elements(q, p, guide_site["value"], use_analytic)
-                marginal = False
-                event_shape = tuple(q.event_shape)
-                event_size = math.prod(event_shape)
-                if event_dims == 0 and event_size > 1:
-                    marginal_kl = _marginal_kl(guide_site, model_site)
-                    if marginal_kl is not None:
-                        (elements, use_site_analytic), event_dims = marginal_kl, 1
-                        if tuple(elements.shape[-len(event_shape) :]) == event_shape:
-                            event_dims = len(event_shape)  # per element of a (T, C) event
-                        marginal = True
-                    else:
-                        use_site_analytic = use_analytic
-                else:
-                    use_site_analytic = use_analytic and is_analytic(q, p)
-                term = reducer(elements, unscaled, event_dims).mean(0).double()  # (B, D)
-                axes = channel_layout(channels, name, event_shape)
-                if axes is not None and 0 < event_dims < len(event_shape):
-                    if axes != tuple(range(event_dims)):  # KL_c separates over channels first
-                        raise ValueError(
-                            f"site {name!r}: its KL does not separate over the event axes "
-                            f"{tuple(event_shape)} (the guide's distribution is not "
-                            "factorised), so it cannot be reported per channel"
-                        )
-                elif axes is not None:
-                    if event_dims != len(event_shape):
-                        raise ValueError(
-                            f"site {name!r}: its KL does not separate over the event axes "
-                            f"{tuple(event_shape)} (the guide's distribution is not "
-                            "factorised), so it cannot be reported per channel"
-                        )
-                    term = to_channels(
-                        term.reshape(term.shape[:1] + event_shape), event_shape, axes
-                    )
-                    term = term.sum(-2)  # KL_c = sum_t KL_tc
+                term, use_site_analytic, marginal = _site_term(
+                    name, *found[name], reducer, use_analytic, channels
+                )
                 rows.setdefault(name, []).append(term)
                 flags[name] = (use_site_analytic, marginal)
     assert order is not None
@@ -378,6 +398,37 @@ def _mean_and_stderr(terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return terms.mean(0), terms.std(0) / math.sqrt(m)
 
 
+def _log_q(
+    fn: Any, base: Any, z: torch.Tensor, axes: tuple[int, ...] | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``log q(z_n^s | x_j)`` for the draws ``z (S, M, *event)`` of ``fn`` (batch ``(M,)``)
+    against every datapoint j: ``(S, M, M)``, and, where ``base`` is the factorised guide's
+    per-element distribution, per dimension ``(S, M, M, D)`` (per channel ``(S, M, M, C)``,
+    summed over time, for channel ``axes``), else None. Chunked over n so that at most ~4e6
+    densities are alive at once."""
+    num_samples, m = z.shape[0], z.shape[1]
+    event_shape = tuple(fn.event_shape)
+    dims = int(math.prod(event_shape)) if event_shape else 1
+    chunk = max(1, int(4e6 // (num_samples * m * max(dims, 1))))
+    joint_parts: list[torch.Tensor] = []
+    dim_parts: list[torch.Tensor] = []
+    for start in range(0, m, chunk):
+        zc = z[:, start : start + chunk]  # (S, c, *event)
+        zc = zc.unsqueeze(2)  # (S, c, 1, *event): against every x_j
+        if base is not None:
+            per = base.log_prob(zc).double()  # (S, c, M, *event)
+            if axes is None:
+                per = per.reshape(per.shape[:3] + (-1,))
+            else:  # (S, c, M, C): summed over time
+                per = to_channels(per, event_shape, axes).sum(-2)
+            dim_parts.append(per)
+            joint_parts.append(per.sum(-1))
+        else:
+            joint_parts.append(fn.log_prob(zc).double())  # (S, c, M)
+    per_element = torch.cat(dim_parts, 1) if base is not None else None
+    return torch.cat(joint_parts, 1), per_element
+
+
 def mutual_information(
     guide: Callable,
     data: Data,
@@ -431,36 +482,17 @@ def mutual_information(
         base = fn.base_dist if isinstance(fn, Independent) else None
         factorised = base is not None and not base.event_shape and len(fn.event_shape) >= 1
         event_shape = tuple(fn.event_shape)
-        event_ndim = len(event_shape)
-        dims = int(math.prod(event_shape)) if event_ndim else 1
         axes = channel_layout(channels, site, event_shape)
         if axes is not None and not factorised:
             raise ValueError(
                 f"site {site!r}: the guide's distribution does not factorise over its event "
                 f"axes {event_shape}, so its mutual information cannot be split per channel"
             )
-        # chunk over n so that at most ~4e6 densities are alive at once
-        chunk = max(1, int(4e6 // (num_samples * m * max(dims, 1))))
-        joint_parts: list[torch.Tensor] = []
-        dim_parts: list[torch.Tensor] = []
-        for start in range(0, m, chunk):
-            zc = z[:, start : start + chunk]  # (S, c, *event)
-            zc = zc.unsqueeze(2)  # (S, c, 1, *event): against every x_j
-            if factorised:
-                assert base is not None
-                per = base.log_prob(zc).double()  # (S, c, M, *event)
-                if axes is None:
-                    per = per.reshape(per.shape[:3] + (-1,))
-                else:  # (S, c, M, C): summed over time
-                    per = to_channels(per, event_shape, axes).sum(-2)
-                dim_parts.append(per)
-                joint_parts.append(per.sum(-1))
-            else:
-                joint_parts.append(fn.log_prob(zc).double())  # (S, c, M)
-        estimate, stderr = _mean_and_stderr(_mi_terms(torch.cat(joint_parts, 1)))
+        joint, per_element = _log_q(fn, base if factorised else None, z, axes)
+        estimate, stderr = _mean_and_stderr(_mi_terms(joint))
         per_dim = per_dim_stderr = None
-        if factorised:
-            per_dim, per_dim_stderr = _mean_and_stderr(_mi_terms(torch.cat(dim_parts, 1)))
+        if per_element is not None:
+            per_dim, per_dim_stderr = _mean_and_stderr(_mi_terms(per_element))
             per_dim = per_dim.clamp(min=0.0)
     return MutualInformation(
         site,

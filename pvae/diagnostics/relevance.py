@@ -105,6 +105,46 @@ def _jacobian_columns(decode: Callable, mu: torch.Tensor, step: float) -> torch.
     return torch.stack(columns)
 
 
+def _decoder_sums(
+    guide: Callable,
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    data: Data,
+    site: str,
+    batch_size: int,
+    step: float,
+    kwargs: dict,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Over the datapoints: the sums of ``|d decode(mu) / d mu_d|`` ``(D, pixels)`` and of
+    ``mu_d^2 + var_d`` ``(D,)`` (mu, var: the guide's mean and variance of ``site``), and N."""
+    abs_sum: torch.Tensor | None = None
+    second_moment: torch.Tensor | None = None
+    n = 0
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        for batch in iter_batches(data, batch_size):
+            node, _ = trace_guide_site(guide, batch, kwargs, site)
+            rows = batch[0].shape[0]
+            fn: Any = node["fn"]
+            try:
+                mu, var = fn.mean, fn.variance
+            except (NotImplementedError, AttributeError):
+                draws = fn.sample((64,))
+                mu, var = draws.mean(0), draws.var(0)
+            if mu.dim() < 1 or mu.shape[0] != rows:
+                raise ValueError(
+                    f"site {site!r} has a mean of shape {tuple(mu.shape)}; latent_relevance "
+                    f"needs one row per datapoint ({rows} in this batch)"
+                )
+            mu, var = mu.reshape(rows, -1), var.reshape(rows, -1)
+            columns = _jacobian_columns(decode, mu, step)  # (D, B, pixels)
+            part = columns.sum(1)
+            abs_sum = part if abs_sum is None else abs_sum + part
+            moment = (mu.double() ** 2 + var.double()).sum(0)
+            second_moment = moment if second_moment is None else second_moment + moment
+            n += rows
+    assert abs_sum is not None and second_moment is not None
+    return abs_sum, second_moment, n
+
+
 def latent_relevance(
     guide: Callable,
     decode: Callable[[torch.Tensor], torch.Tensor],
@@ -134,32 +174,7 @@ def latent_relevance(
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     if num_items(data) < 1:
         raise ValueError("latent_relevance needs at least one datapoint")
-    abs_sum: torch.Tensor | None = None
-    second_moment: torch.Tensor | None = None
-    n = 0
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        for batch in iter_batches(data, batch_size):
-            node, _ = trace_guide_site(guide, batch, kwargs, site)
-            rows = batch[0].shape[0]
-            fn: Any = node["fn"]
-            try:
-                mu, var = fn.mean, fn.variance
-            except (NotImplementedError, AttributeError):
-                draws = fn.sample((64,))
-                mu, var = draws.mean(0), draws.var(0)
-            if mu.dim() < 1 or mu.shape[0] != rows:
-                raise ValueError(
-                    f"site {site!r} has a mean of shape {tuple(mu.shape)}; latent_relevance "
-                    f"needs one row per datapoint ({rows} in this batch)"
-                )
-            mu, var = mu.reshape(rows, -1), var.reshape(rows, -1)
-            columns = _jacobian_columns(decode, mu, step)  # (D, B, pixels)
-            part = columns.sum(1)
-            abs_sum = part if abs_sum is None else abs_sum + part
-            moment = (mu.double() ** 2 + var.double()).sum(0)
-            second_moment = moment if second_moment is None else second_moment + moment
-            n += rows
-    assert abs_sum is not None and second_moment is not None
+    abs_sum, second_moment, n = _decoder_sums(guide, decode, data, site, batch_size, step, kwargs)
     jacobian_norm = relevance_scores(torch.ones(()), abs_sum / n)  # (D,)
     if prior_variance is not None:
         variance = torch.as_tensor(prior_variance, dtype=torch.float64).flatten()

@@ -257,6 +257,90 @@ def _positive(**values: float | None) -> None:
             raise ValueError(f"{name} must be positive and finite, got {value}")
 
 
+def _spectrum(
+    Sxx: torch.Tensor | None, x: torch.Tensor | None, theta: torch.Tensor | None
+) -> torch.Tensor:
+    """The data's second-moment eigenvalues, descending, from ``theta``, ``x`` or ``Sxx`` (the
+    first of them given)."""
+    if theta is not None:
+        values = torch.as_tensor(theta, dtype=torch.float64).flatten().sort(descending=True).values
+        if not (torch.isfinite(values).all() and (values >= 0).all()):
+            raise ValueError(f"theta must be finite and >= 0 (eigenvalues), got {values.tolist()}")
+        return values
+    if x is not None:
+        x = torch.as_tensor(x, dtype=torch.float64)
+        if x.dim() != 2 or x.shape[0] < 1 or not torch.isfinite(x).all():
+            raise ValueError(
+                f"x must be a finite (N, d_0) array with N >= 1, shape {tuple(x.shape)}"
+            )
+        return _eigenvalues(x.T @ x / x.shape[0])
+    if Sxx is not None:
+        Sxx = torch.as_tensor(Sxx, dtype=torch.float64)
+        if Sxx.dim() != 2 or Sxx.shape[0] != Sxx.shape[1] or not torch.isfinite(Sxx).all():
+            raise ValueError(
+                f"Sxx must be a finite square (d_0, d_0) matrix, got {tuple(Sxx.shape)}"
+            )
+        return _eigenvalues(Sxx)
+    raise ValueError("give Sxx, or the data x, or theta")
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """The scalars of the linear HVAE's loss: ``s1`` = sigma1, ``s2`` = z2's std where its mode
+    is off (sigma2, or eta_enc when Sigma2 is ``learned``), ``b1``, ``b2`` = beta1, beta2,
+    ``ee``, ``ed`` = eta_enc, eta_dec."""
+
+    s1: float
+    s2: float
+    b1: float
+    b2: float
+    ee: float
+    ed: float
+    learned: bool
+
+    @property
+    def d_min(self) -> float:
+        """D when z2's mode is off (omega = 0)."""
+        return self.b2 * self.ed**2
+
+
+def _optimum(
+    th: torch.Tensor, paired: torch.Tensor, w: _Weights
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per mode ``(d_1,)``, the ``(t, D)`` of least loss among the corner, the two one-sided
+    optima and the joint stationary point (``paired``: the modes that have a z2 partner)."""
+    s1, s2, b1, b2, ee, ed, learned = w.s1, w.s2, w.b1, w.b2, w.ee, w.ed, w.learned
+    d_min = w.d_min
+
+    def t_given(D: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(s1 * (th * D / (ed**2 * b1 * b2)).sqrt(), min=s1**2)
+
+    def d_given(t: torch.Tensor) -> torch.Tensor:
+        best = b1 * t if learned else ed * ee * (b1 * b2 * t).sqrt() / s2
+        return torch.where(paired, best.clamp(min=d_min), torch.full_like(t, d_min))
+
+    def loss(t: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+        rest = b2 * D.log() if learned else s2**2 * D / (ed**2 * ee**2)
+        return th * s1**2 / (ed**2 * t) + b1 * b2 * t / D + rest
+
+    if learned:
+        d_joint = th * s1**2 * b1 / (b2 * ed**2)
+    else:
+        d_joint = ((th * b1 * b2).sqrt() * s1 * ee**2 * ed / s2**2) ** (2.0 / 3.0)
+    d_joint = torch.where(paired, d_joint.clamp(min=d_min), torch.full_like(th, d_min))
+    corner = torch.full_like(th, s1**2), torch.full_like(th, d_min)
+    candidates = [
+        corner,
+        (t_given(corner[1]), corner[1]),
+        (corner[0], d_given(corner[0])),
+        (t_given(d_joint), d_joint),
+    ]
+    t = torch.stack([c[0] for c in candidates])
+    D = torch.stack([c[1] for c in candidates])
+    best = loss(t, D).argmin(0, keepdim=True)
+    return t.gather(0, best)[0], D.gather(0, best)[0]
+
+
 def linear_hvae_collapse(
     Sxx: torch.Tensor | None = None,
     z1_dim: int = 1,
@@ -290,68 +374,41 @@ def linear_hvae_collapse(
     _positive(
         sigma1=sigma1, sigma2=sigma2, beta1=beta1, beta2=beta2, eta_enc=eta_enc, eta_dec=eta_dec
     )
-    if theta is not None:
-        values = torch.as_tensor(theta, dtype=torch.float64).flatten().sort(descending=True).values
-        if not (torch.isfinite(values).all() and (values >= 0).all()):
-            raise ValueError(f"theta must be finite and >= 0 (eigenvalues), got {values.tolist()}")
-    elif x is not None:
-        x = torch.as_tensor(x, dtype=torch.float64)
-        if x.dim() != 2 or x.shape[0] < 1 or not torch.isfinite(x).all():
-            raise ValueError(
-                f"x must be a finite (N, d_0) array with N >= 1, shape {tuple(x.shape)}"
-            )
-        values = _eigenvalues(x.T @ x / x.shape[0])
-    elif Sxx is not None:
-        Sxx = torch.as_tensor(Sxx, dtype=torch.float64)
-        if Sxx.dim() != 2 or Sxx.shape[0] != Sxx.shape[1] or not torch.isfinite(Sxx).all():
-            raise ValueError(
-                f"Sxx must be a finite square (d_0, d_0) matrix, got {tuple(Sxx.shape)}"
-            )
-        values = _eigenvalues(Sxx)
-    else:
-        raise ValueError("give Sxx, or the data x, or theta")
-    s1, b1, b2, ee, ed = float(sigma1), float(beta1), float(beta2), float(eta_enc), float(eta_dec)
-    learned = sigma2 is None
-    s2 = ee if sigma2 is None else float(sigma2)  # z2's std where its mode is off
+    values = _spectrum(Sxx, x, theta)
+    w = _Weights(
+        s1=float(sigma1),
+        s2=float(eta_enc) if sigma2 is None else float(sigma2),
+        b1=float(beta1),
+        b2=float(beta2),
+        ee=float(eta_enc),
+        ed=float(eta_dec),
+        learned=sigma2 is None,
+    )
     th = torch.zeros(z1_dim, dtype=torch.float64)
     k = min(z1_dim, values.numel())
     th[:k] = values[:k]
-    paired = torch.arange(z1_dim) < z2_dim
-    d_min = b2 * ed**2  # D when z2's mode is off (omega = 0)
+    t, D = _optimum(th, torch.arange(z1_dim) < z2_dim, w)
+    return _collapse_at(values, th, t, D, w, z2_dim)
 
-    def t_given(D: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(s1 * (th * D / (ed**2 * b1 * b2)).sqrt(), min=s1**2)
 
-    def d_given(t: torch.Tensor) -> torch.Tensor:
-        best = b1 * t if learned else ed * ee * (b1 * b2 * t).sqrt() / s2
-        return torch.where(paired, best.clamp(min=d_min), torch.full_like(t, d_min))
-
-    def loss(t: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
-        rest = b2 * D.log() if learned else s2**2 * D / (ed**2 * ee**2)
-        return th * s1**2 / (ed**2 * t) + b1 * b2 * t / D + rest
-
-    if learned:
-        d_joint = th * s1**2 * b1 / (b2 * ed**2)
-    else:
-        d_joint = ((th * b1 * b2).sqrt() * s1 * ee**2 * ed / s2**2) ** (2.0 / 3.0)
-    d_joint = torch.where(paired, d_joint.clamp(min=d_min), torch.full_like(th, d_min))
-    corner = torch.full_like(th, s1**2), torch.full_like(th, d_min)
-    candidates = [
-        corner,
-        (t_given(corner[1]), corner[1]),
-        (corner[0], d_given(corner[0])),
-        (t_given(d_joint), d_joint),
-    ]
-    t = torch.stack([c[0] for c in candidates])
-    D = torch.stack([c[1] for c in candidates])
-    best = loss(t, D).argmin(0, keepdim=True)
-    t, D = t.gather(0, best)[0], D.gather(0, best)[0]
-
+def _collapse_at(
+    values: torch.Tensor,
+    th: torch.Tensor,
+    t: torch.Tensor,
+    D: torch.Tensor,
+    w: _Weights,
+    z2_dim: int,
+) -> LinearHVAECollapse:
+    """The :class:`LinearHVAECollapse` of the optimum ``(t, D)`` per z1 mode ``(d_1,)``;
+    ``values`` the full spectrum, ``th`` its first d_1 entries (zero-padded)."""
+    s1, s2, b1, b2, ee, ed = w.s1, w.s2, w.b1, w.b2, w.ee, w.ed
+    d_min = w.d_min
+    z1_dim = th.shape[0]
     lam = (t - s1**2).clamp(min=0.0).sqrt()
     omega = ((D - d_min) / (b1 * ee**2)).clamp(min=0.0).sqrt()
     u1 = lam * th.sqrt() / t
     w2 = b1 * omega * ee**2 / D
-    std2 = (b2 * ed**2 * ee**2 / D).sqrt() if learned else torch.full_like(th, s2)
+    std2 = (b2 * ed**2 * ee**2 / D).sqrt() if w.learned else torch.full_like(th, s2)
     # per-mode expectations under q: E(z1 - U2 z2)^2 and E(W2 z1)^2
     resid1 = (1 - omega * w2) ** 2 * t + omega**2 * std2**2
     kl1 = 0.5 * (resid1 / ed**2 - 1) - math.log(s1 / ed)
