@@ -172,15 +172,6 @@ def _beta_schedule(text: str) -> str:
     return text
 
 
-def _schedule(text: str) -> Any:
-    """The annealing schedule ``--beta-schedule`` names (a ``LinearAnnealing`` or a
-    ``CyclicalAnnealing`` of :mod:`pvae.inference`)."""
-    from pvae.inference import CyclicalAnnealing, LinearAnnealing
-
-    kind, steps, ratio = _schedule_parts(text)
-    return LinearAnnealing(steps) if kind == "linear" else CyclicalAnnealing(steps, ratio)
-
-
 def _hidden(text: str) -> tuple[int, ...]:
     """``"200,200"`` -> ``(200, 200)``."""
     try:
@@ -716,6 +707,12 @@ def _add_compare_output_arguments(parser: argparse.ArgumentParser, quick: dict[s
         f"{_index.YARDSTICK_POINTS} validation points after every epoch, for learning curves "
         f"that compare like with like (default: {_index.YARDSTICK})",
     )
+    _add_compare_executor_arguments(group)
+    _add_log_argument(group, "one run per bound (steps, epochs, its results) and the results")
+
+
+def _add_compare_executor_arguments(group: Any) -> None:
+    """``pvae compare``'s device and where its cells run."""
     group.add_argument(
         "--device",
         default="cpu",
@@ -736,7 +733,6 @@ def _add_compare_output_arguments(parser: argparse.ArgumentParser, quick: dict[s
         help="where the cells run: local processes, or Ray tasks on a Ray cluster "
         "(needs pip install 'pyro-vae[ray]') (default: local)",
     )
-    _add_log_argument(group, "one run per bound (steps, epochs, its results) and the results")
 
 
 def _add_diagnose_arguments(parser: argparse.ArgumentParser) -> None:
@@ -938,6 +934,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`pvae datasets | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 141  # 128 + SIGPIPE, as a process the signal ended
 
 
 if __name__ == "__main__":

@@ -49,10 +49,9 @@ Set ``PVAE_DEBUG=1`` to get the traceback instead.
 
 The arguments are parsed by :mod:`pvae.app.arguments` (without importing torch), which then
 runs a command of this module. Adding a subcommand: write ``_add_<name>_arguments(parser)``
-there (reuse ``_add_data_arguments``, ``_add_model_arguments``, ``_add_training_arguments``),
-``_<name>(args) -> int`` here (reuse :func:`_load_dataset`, :func:`_build_model`,
-:func:`_check_support`, :func:`_train_and_evaluate`, :func:`_write_outputs`), then add a
-``Command`` to ``pvae.app.arguments.COMMANDS``.
+there, ``_<name>(args) -> int`` here (reuse :func:`_load`, :func:`_build`,
+:func:`_train_and_evaluate`, :func:`_write_outputs`), then add a ``Command`` to
+``pvae.app.arguments.COMMANDS``.
 """
 
 from __future__ import annotations
@@ -96,7 +95,7 @@ from pvae.app.arguments import (  # the parser (no torch): `pvae` parses there, 
     build_parser,
     main,
 )
-from pvae.app.registry import MODELS, parse_bound
+from pvae.app.registry import MODELS, ModelCard, parse_bound
 from pvae.checkpoint import RUN_JSON, RunDirInUse, load_checkpoint
 from pvae.evaluate import as_tensors
 from pvae.inference import SGHMC
@@ -116,13 +115,8 @@ __all__ = [  # the parser's names too, as this module has always offered them
 
 def _open_loggers(args: argparse.Namespace, run_dir: Path, **options: Any) -> Any:
     """The loggers of ``--log`` (a context manager); a missing package is a usage error."""
-    try:
+    with _refused("--log: ", (ImportError,)):
         return tracking.open_loggers(args.log, run_dir, params=_json_args(args), **options)
-    except ImportError as error:
-        raise CliError(f"--log: {error}") from error
-
-
-_BINARIZE = runs.BINARIZE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,28 +144,30 @@ def _load(config: runs.RunConfig, args: argparse.Namespace) -> data.Splits:
     return ds
 
 
+@contextlib.contextmanager
+def _refused(
+    prefix: str = "", errors: tuple[type[Exception], ...] = (ValueError,)
+) -> Iterator[None]:
+    """A refusal (one of ``errors``) inside becomes :class:`CliError` ``prefix + message``."""
+    try:
+        yield
+    except errors as error:
+        raise CliError(f"{prefix}{error}") from error
+
+
 def _build(config: runs.RunConfig, ds: data.Splits) -> PyroModule:
-    """``config.build_model(ds)``; a refusal becomes :class:`CliError`."""
-    try:
-        return config.build_model(ds)
-    except ValueError as error:
-        raise CliError(f"model {config.model!r}: {error}") from error
-
-
-def _engine(config: runs.RunConfig) -> pyro.infer.ELBO:
-    """``config.build_engine()``; a refusal becomes :class:`CliError`."""
-    try:
-        return config.build_engine()
-    except ValueError as error:
-        raise CliError(f"engine {config.engine!r}: {error}") from error
+    """``config.build_model(ds)``, its data checked against the likelihood's support."""
+    with _refused(f"model {config.model!r}: "):
+        model = config.build_model(ds)
+    with _refused():
+        compare.check_support(model, ds)
+    return model
 
 
 def _folder(run_dir: str | Path) -> runs.RunFolder:
     """The checked :class:`~pvae.app.runs.RunFolder` of ``--run-dir``."""
-    try:
+    with _refused(errors=(runs.RunFolderError,)):
         return runs.RunFolder(run_dir)
-    except runs.RunFolderError as error:
-        raise CliError(str(error)) from error
 
 
 @contextlib.contextmanager
@@ -186,13 +182,6 @@ def _locked(folder: runs.RunFolder) -> Iterator[Path]:
         raise CliError(f"cannot write to --run-dir {folder.path}: {error}") from error
 
 
-def _refuse_run(folder: runs.RunFolder, resume: bool, overwrite: bool | None) -> None:
-    try:
-        folder.refuse_run(resume, overwrite)
-    except runs.RunFolderError as error:
-        raise CliError(str(error)) from error
-
-
 def _check_pair(
     args: argparse.Namespace, model: PyroModule, engine: pyro.infer.ELBO, ds: data.Splits
 ) -> None:
@@ -205,14 +194,6 @@ def _check_pair(
         raise CliError(
             f"--model {args.model} with --engine {args.engine} on --dataset {args.dataset}: {error}"
         ) from error
-
-
-def _check_support(model: PyroModule, ds: data.Splits) -> None:
-    """Every split must lie in the support of ``model.likelihood`` (checked once, up front)."""
-    try:
-        compare.check_support(model, ds)
-    except ValueError as error:
-        raise CliError(str(error)) from error
 
 
 @dataclass
@@ -360,13 +341,15 @@ def _write_outputs(
     plots.learning_curve(
         result.run.history, path=run_dir / "learning_curve.png", title=_title(args)
     )
-    _figures(result.model, ds, args.seed, run_dir)
+    _figures(result.model, MODELS[args.model], ds, args.seed, run_dir)
     return metrics
 
 
-def _figures(model: PyroModule, ds: data.Splits, seed: int, run_dir: Path) -> None:
+def _figures(model: PyroModule, card: ModelCard, ds: data.Splits, seed: int, run_dir: Path) -> None:
     """``reconstructions.png`` and ``samples.png`` where the model has ``reconstruct`` and
-    ``sample(num_samples)``. A model over several tensors shows the first modality (its
+    draws data unconditionally (``sample(num_samples)``: a card with the ``sample``
+    capability, neither over sequences, whose ``sample`` draws paths, nor a conditional task
+    with its own view of the data). A model over several tensors shows the first modality (its
     outputs a dict) or the last argument (a conditional model's y)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -378,11 +361,10 @@ def _figures(model: PyroModule, ds: data.Splits, seed: int, run_dir: Path) -> No
                 shown, target = next(iter(shown.values())), batch[0]
             shape = ds.image_shape if target.shape[1] == ds.x_dim else None
             plots.reconstructions(target, shown, shape, path=run_dir / "reconstructions.png")
-        sample = getattr(model, "sample", None)
-        parameters = list(inspect.signature(sample).parameters) if callable(sample) else []
-        if callable(sample) and parameters[:1] == ["num_samples"]:
+        sequences = {"sequences", "multimodal-sequences"} & set(card.accepts)
+        if "sample" in card.capabilities and card.prepare is None and not sequences:
             count = 64 if ds.image_shape is not None else 500
-            drawn = sample(count)
+            drawn = model.sample(count)
             if isinstance(drawn, dict):
                 drawn = next(iter(drawn.values()))
             test = as_tensors(ds.test)[0]
@@ -495,7 +477,8 @@ def _train(args: argparse.Namespace) -> int:
             + "choose another --run-dir"
         )
     if not args.resume:
-        _refuse_run(folder, args.resume, args.overwrite)
+        with _refused(errors=(runs.RunFolderError,)):
+            folder.refuse_run(args.resume, args.overwrite)
     if args.particles is None:
         args.particles = parse_bound(args.engine).default_particles()
     config = _config("train", args)
@@ -503,9 +486,12 @@ def _train(args: argparse.Namespace) -> int:
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     _check_memory(args, ds)
-    model = _build(config, ds)
-    engine = _engine(config)
-    _check_support(model, ds)
+    with _refused(f"model {config.model!r}: "):
+        model = config.build_model(ds)
+    with _refused(f"engine {config.engine!r}: "):
+        engine = config.build_engine()
+    with _refused():
+        compare.check_support(model, ds)
     if args.resume:
         _check_resume(folder.path, args)
     _check_pair(args, model, engine, ds)  # everything is checked before the folder is touched
@@ -642,7 +628,6 @@ def _compare(args: argparse.Namespace) -> int:
         _check_compare_resume(folder.path, config)
     pyro.clear_param_store()
     model = _build(config, ds)
-    _check_support(model, ds)
     try:  # every bound's engine on the model, before the folder is touched
         compare.check_pairs(model, ds, specs, args.particles, args.batch_size)
     except (ValueError, TypeError, NotImplementedError) as error:
@@ -782,12 +767,9 @@ _SAMPLE_RESUMABLE = {"resume", "quiet", "run_dir", "data_path", "checkpoint_ever
 def _folder_command(run_dir: Path) -> str | None:
     """The command that wrote ``run_dir`` (its config.json's ``command``, else its
     checkpoint's kind), None for a folder without a pvae run."""
-    try:
-        command = json.loads((run_dir / runs.CONFIG).read_text()).get("command")
-        if isinstance(command, str):
-            return command
-    except (OSError, ValueError, AttributeError):
-        pass
+    command = runs.recorded_command(run_dir)
+    if isinstance(command, str):
+        return command
     try:
         kind = json.loads((run_dir / RUN_JSON).read_text()).get("kind")
     except (OSError, ValueError, AttributeError):
@@ -812,7 +794,8 @@ def _check_sample_folder(run_dir: Path, args: argparse.Namespace) -> runs.RunFol
             )
             + "choose another --run-dir"
         )
-    _refuse_run(folder, args.resume, None)
+    with _refused(errors=(runs.RunFolderError,)):
+        folder.refuse_run(args.resume, None)
     return folder
 
 
@@ -936,7 +919,6 @@ def _sample_run(
     if recorded is not None:
         config.model_options = MODELS[args.model].resolve_options(recorded["run"]["model_options"])
     model = _build(config, ds)
-    _check_support(model, ds)
     selection = _prior_selection(model)
     if recorded is not None:
         selection = recorded.get("prior_selection")

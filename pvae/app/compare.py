@@ -75,7 +75,6 @@ import json
 import math
 import multiprocessing
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -92,6 +91,7 @@ from tqdm.auto import tqdm
 import pvae
 from pvae import data, plots, validation
 from pvae.app import report, runs
+from pvae.app.arguments import parse_yardstick
 from pvae.app.registry import MODELS, BoundSpec, parse_bound
 from pvae.app.report import (
     ELBO_SAMPLES,
@@ -273,22 +273,6 @@ def bound_folder(spec: BoundSpec, seed: int | None = None) -> str:
     ``miwae_8x8/seed-1`` for one seed of a run with several (``seed`` given)."""
     folder = spec.label.replace(":", "_")
     return folder if seed is None else f"{folder}/seed-{seed}"
-
-
-def parse_yardstick(text: str | None) -> tuple[str, int] | None:
-    """``"iwae:64"`` -> ``("iwae", 64)``, ``"elbo:16"`` -> ``("elbo", 16)``; ``None`` or
-    ``"none"`` -> None (no yardstick).
-
-    :raises ValueError: for anything else, naming the expected form.
-    """
-    if text is None or text == "none":
-        return None
-    match = re.fullmatch(r"(iwae|elbo):([1-9][0-9]*)", str(text))
-    if match is None:
-        raise ValueError(
-            f"yardstick must be iwae:K or elbo:K with K >= 1 (e.g. iwae:64), or none; got {text!r}"
-        )
-    return match.group(1), int(match.group(2))
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

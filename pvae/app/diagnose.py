@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,14 +170,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def _recorded_command(run_dir: Path) -> Any:
-    """The ``command`` the folder's ``config.json`` records; None without a readable one."""
-    try:
-        return json.loads((run_dir / CONFIG).read_text()).get("command")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def _kind(run_dir: Path) -> str:
     """ "train" or "compare", or a :class:`DiagnoseError` saying what is missing."""
     if not run_dir.exists():
@@ -189,7 +181,7 @@ def _kind(run_dir: Path) -> str:
     if (run_dir / RESULTS).is_file():
         return "compare"
     has_config, has_checkpoint = (run_dir / CONFIG).is_file(), (run_dir / CHECKPOINT).is_file()
-    command = _recorded_command(run_dir)
+    command = runs.recorded_command(run_dir)
     bound_folders = [p.name for p in sorted(run_dir.iterdir()) if (p / CHECKPOINT).is_file()]
     if command == "compare" or (bound_folders and not has_config and not has_checkpoint):
         raise DiagnoseError(
@@ -246,7 +238,7 @@ def load_parameters(model: PyroModule, ds: data.Splits, checkpoint: Path) -> dic
     saved = state.get("params")
     if not isinstance(saved, Mapping):
         raise DiagnoseError(f"{checkpoint} holds no parameters")
-    saved = _renamed(saved, getattr(model, "_pyro_name", None))
+    saved = _renamed(saved, params)
     missing = sorted(set(saved) ^ set(params))
     if missing:
         raise DiagnoseError(
@@ -269,21 +261,24 @@ def load_parameters(model: PyroModule, ds: data.Splits, checkpoint: Path) -> dic
     return state
 
 
-def _renamed(saved: Mapping[str, Any], prefix: str | None) -> Mapping[str, Any]:
-    """The checkpoint's parameters under the rebuilt zoo model's own name prefix.
+def _renamed(saved: Mapping[str, Any], params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The checkpoint's parameters under the rebuilt model's own name prefix.
 
     A zoo model names its parameters ``<prefix>.<part>`` with a prefix of its own
     (``vae``, ``vae_1``, ... when several live in one process, as in ``pvae compare``); the
     rebuilt model may hold another prefix than the trained one. When every saved name shares
-    one prefix, it is replaced by the rebuilt model's.
+    one prefix and every rebuilt one (``params``) another, the saved prefix is replaced.
     """
-    if prefix is None:
+
+    def prefix(names: Iterable[str]) -> str | None:
+        names = list(names)
+        found = {name.split(".", 1)[0] for name in names}
+        return found.pop() if len(found) == 1 and all("." in name for name in names) else None
+
+    old, new = prefix(saved), prefix(params)
+    if old is None or new is None:
         return saved
-    prefixes = {name.split(".", 1)[0] for name in saved}
-    if len(prefixes) != 1 or not all("." in name for name in saved):
-        return saved
-    (old,) = prefixes
-    return {prefix + name[len(old) :]: value for name, value in saved.items()}
+    return {new + name[len(old) :]: value for name, value in saved.items()}
 
 
 @dataclass
@@ -794,11 +789,6 @@ def _compare_markdown(
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_sample_run(run_dir: Path) -> bool:
-    """A ``pvae sample`` run folder (its config.json says so)."""
-    return _recorded_command(run_dir) == "sample"
-
-
 def _diagnose_sample(run_dir: Path, out: Path) -> Diagnosis:
     """R-hat, ESS, the ArviZ summary and trace plots of a sampler run
     (:func:`pvae.app.sample.diagnose_sample`); when the run chose its prior scale from the
@@ -850,7 +840,7 @@ def diagnose(
     if num_points < 1:
         raise DiagnoseError(f"num_points must be >= 1, got {num_points}")
     run_dir = Path(run_dir)
-    sampled = _is_sample_run(run_dir)
+    sampled = runs.recorded_command(run_dir) == "sample"
     kind = "sample" if sampled else _kind(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir
     try:

@@ -330,6 +330,14 @@ def read_config(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
         raise RunFolderError(f"{path}: {error}") from error
 
 
+def recorded_command(run_dir: Path) -> Any:
+    """The ``command`` that ``run_dir``'s ``config.json`` records; None without a readable one."""
+    try:
+        return json.loads((run_dir / CONFIG).read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Measures shared by the commands
 # ---------------------------------------------------------------------------------------------

@@ -73,6 +73,20 @@ def test_console_script():
     assert "digits" in result.stdout and "linear-gaussian" in result.stdout
 
 
+@pytest.mark.parametrize("reader", ["head -1", "head -c 0"])  # leaves mid-table, at once
+def test_datasets_into_a_closed_pipe_is_quiet(reader):
+    script = Path(sys.executable).parent / "pvae"
+    result = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", f"'{script}' datasets | {reader}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.stderr == ""  # no BrokenPipeError traceback
+    assert result.returncode in (0, 141)  # head may read all before leaving; else 128 + SIGPIPE
+
+
 def test_help_exits_zero(capsys):
     assert cli.main(["train", "--help"]) == 0
     assert "--run-dir" in capsys.readouterr().out
