@@ -88,10 +88,11 @@ def test_aggressive_inner_steps_train_only_the_guide(dataset, monkeypatch):
     seen = {}
     original = train_module._encoder_steps
 
-    def spy(engine, model, guide, train, opt, guide_params, model_params, **kw):
+    def spy(context, **kw):
+        guide_params, model_params = context.guide_params, context.model_params
         before = [p.detach().clone() for p in model_params]
         guide_before = [p.detach().clone() for p in guide_params]
-        taken = original(engine, model, guide, train, opt, guide_params, model_params, **kw)
+        taken = original(context, **kw)
         seen.setdefault("model_moved", False)
         seen["model_moved"] |= any(
             not torch.equal(b, p) for b, p in zip(before, model_params, strict=True)
