@@ -272,8 +272,9 @@ class StateSpaceVAE(PyroModule):
     :param x_dim: size of one frame (flattened).
     :param prior: the prior object (see above).
     :param prior_name: the attribute (and Pyro name part) the prior is registered under.
-    :param hidden, likelihood, net, image_shape, exact_potentials, drop_fraction, window,
-        method, likelihood_kw, name: as :class:`StructuredVAE`'s.
+    :param hidden: and ``likelihood``, ``net``, ``image_shape``, ``exact_potentials``,
+        ``drop_fraction``, ``window``, ``method``, ``likelihood_kw``, ``name``: as
+        :class:`StructuredVAE`'s.
     """
 
     def __init__(
