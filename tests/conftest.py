@@ -13,14 +13,6 @@ import torch
 from pvae.data import linear_gaussian_log_likelihood, linear_gaussian_posterior
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules holding a slow test run first, each module kept together (its module-scoped
-    fixtures are built once per worker): with two pytest-xdist workers, a minute-long
-    statistical test handed out last would leave the other worker idle at the end."""
-    slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_modules)
-
-
 class LinearGaussian:
     """z ~ N(0, I_d), x | z ~ N(W z + b, s^2 I_D), with a Gaussian guide.
 
