@@ -3,12 +3,12 @@
 Parsing imports neither torch nor Pyro: ``pvae --help``, ``pvae <command> --help`` and every
 argument error answer in the time Python starts. What the parser must know of modules that
 import torch (the models' options, the datasets, the likelihoods, the compare and sampler
-defaults) it reads from :mod:`pvae.app._index`, a module generated from those sources (``python
--m pvae.app.index`` rewrites it; a test fails when it is stale). Where those modules are already
-imported (a test, a notebook), the parser reads them instead, so that a model, an engine or a
-dataset registered at run time is on the command line too. A command's own module (torch and
-all) is imported only once its arguments have parsed (:attr:`Command.run`).
+defaults) it reads from :mod:`pvae.app._index`, generated from those sources (``python -m
+pvae.app.index``; a test fails when it is stale), or from the modules themselves where they are
+imported already (a model or dataset registered at run time is then on the command line too).
+A command's own module is imported only once its arguments have parsed (:attr:`Command.run`).
 
+Each command's options are declared as data (:class:`Arg`, in groups) and added in one loop.
 Every argument type raises ``argparse.ArgumentTypeError`` with a message argparse shows as it
 is; every error becomes one line ``pvae: error: ...`` and exit status 2 (:class:`CliError`).
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
 import re
 import shutil
@@ -25,11 +24,19 @@ import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import pvae
 from pvae.app import _index
-from pvae.app.registry import ENGINES, MODELS, ModelInfo, Option, bound_grammar, parse_bound
+from pvae.app.registry import (
+    ENGINES,
+    MODELS,
+    Integer,
+    ModelInfo,
+    Real,
+    bound_grammar,
+    parse_bound,
+)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the run itself failed (diverged, ...)
@@ -67,11 +74,6 @@ class _Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------------------------------------
 
 
-def _live(module: str) -> Any:
-    """``module`` if it is imported already, else None."""
-    return sys.modules.get(module)
-
-
 def model_infos(sampled: bool | None = None) -> list[ModelInfo]:
     """The models (their :class:`~pvae.app.registry.ModelInfo`), in registration order;
     ``sampled``: only those that are (True) or are not (False) sampled."""
@@ -85,14 +87,14 @@ def _model_info(name: str) -> ModelInfo:
 
 def dataset_infos() -> list[tuple[str, str, str]]:
     """``(name, description, source)`` of every dataset of :mod:`pvae.data`."""
-    data = _live("pvae.data")
+    data = sys.modules.get("pvae.data")
     if data is None:
         return list(_index.DATASETS)
     return [(info.name, info.description, info.source) for info in data.available()]
 
 
 def likelihood_names() -> list[str]:
-    likelihoods = _live("pvae.likelihoods")
+    likelihoods = sys.modules.get("pvae.likelihoods")
     return list(likelihoods.available() if likelihoods is not None else _index.LIKELIHOODS)
 
 
@@ -101,147 +103,48 @@ def likelihood_names() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _int(text: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < minimum:
-        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
+def _argument_type(parse: Callable[[str], Any], expected: str | None = None) -> Callable:
+    """``parse`` as an argparse type: its ValueError or TypeError becomes an
+    ``ArgumentTypeError`` with its own message, or ``expected <expected>, got <text>``."""
+
+    def checked(text: str) -> Any:
+        try:
+            return parse(text)
+        except (ValueError, TypeError) as error:
+            message = str(error) if expected is None else f"expected {expected}, got {text!r}"
+            raise argparse.ArgumentTypeError(message) from None
+
+    return checked
 
 
-def _positive_int(text: str) -> int:
-    return _int(text, 1)
+def _one_of(kind: str, names: Callable[[], list[str]], key: Callable[[str], str] = str):
+    """A name among ``names()`` once ``key`` has normalised it."""
+
+    def parse(text: str) -> str:
+        if key(text) not in names():
+            raise ValueError(f"unknown {kind} {text!r}; valid choices: {', '.join(names())}")
+        return key(text)
+
+    return _argument_type(parse)
 
 
-def _non_negative_int(text: str) -> int:
-    return _int(text, 0)
-
-
-def _seed(text: str) -> int:
-    value = _int(text, 0)
-    if value > _index.MAX_SEED:
-        raise argparse.ArgumentTypeError(
-            f"expected an integer in [0, {_index.MAX_SEED}] (numpy's limit), got {text!r}"
-        )
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _friction(text: str) -> float:
-    value = _positive_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
-
-
-def _schedule_parts(text: str) -> tuple[str, int, float]:
-    """``linear:STEPS`` -> ``("linear", STEPS, 0.5)``, ``cyclical:PERIOD[:RATIO]`` ->
-    ``("cyclical", PERIOD, RATIO)``."""
-    kind, _, rest = text.partition(":")
-    parts = rest.split(":") if rest else []
-    try:
-        if kind == "linear" and len(parts) == 1 and int(parts[0]) >= 1:
-            return kind, int(parts[0]), 0.5
-        if kind == "cyclical" and len(parts) in (1, 2) and int(parts[0]) >= 1:
-            ratio = float(parts[1]) if len(parts) == 2 else 0.5
-            if 0.0 <= ratio <= 1.0:
-                return kind, int(parts[0]), ratio
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(
-        f"expected linear:STEPS or cyclical:PERIOD[:RATIO] (positive integers, 0 <= RATIO <= 1), "
-        f"got {text!r}"
-    )
-
-
-def _beta_schedule(text: str) -> str:
+def _schedule(text: str) -> str:
     """``linear:STEPS`` or ``cyclical:PERIOD[:RATIO]`` (checked; kept as written)."""
-    _schedule_parts(text)
+    kind, *parts = text.split(":")
+    if len(parts) not in {"linear": (1,), "cyclical": (1, 2)}.get(kind, ()):
+        raise ValueError(text)
+    Integer(1)(parts[0])
+    if len(parts) == 2:
+        Real(0.0, 1.0)(parts[1])
     return text
 
 
-def _hidden(text: str) -> tuple[int, ...]:
-    """``"200,200"`` -> ``(200, 200)``."""
-    try:
-        widths = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        widths = ()
-    if not widths or any(width < 1 for width in widths):
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated positive layer widths such as 200,200, got {text!r}"
-        )
-    return widths
-
-
-def _model_name(sampled: bool) -> Callable[[str], str]:
-    """``--model`` of ``pvae sample`` (``sampled``: the models with weights to sample) or of
-    ``train``/``compare`` (the others)."""
-
-    def parse(text: str) -> str:
-        names = [info.name for info in model_infos()]
-        name = text.strip().lower()
-        if name not in names:
-            raise argparse.ArgumentTypeError(
-                f"unknown model {text!r}; valid choices: {', '.join(names)}"
-            )
-        if _model_info(name).sampled == sampled:
-            return name
-        if sampled:
-            raise argparse.ArgumentTypeError(
-                f"model {name!r} has no weights with a prior to sample (its latents are "
-                "per-datapoint codes under a network that only 'pvae train' fits); "
-                f"'pvae sample' takes {', '.join(_model_names(sampled=True))}"
-            )
-        raise argparse.ArgumentTypeError(
-            f"model {name!r} is sampled, not trained: use 'pvae sample --model {name}'"
-        )
-
-    parse.__name__ = "model"
-    return parse
-
-
-def _model_names(sampled: bool) -> list[str]:
-    return [info.name for info in model_infos(sampled)]
-
-
-def _bound(text: str) -> str:
-    """One bound, ``NAME[-stl|-dreg][:MxK|:BETA]``, in its canonical spelling."""
-    try:
-        return parse_bound(text).label
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-_bound.__name__ = "bound"
-
-
-def _bounds(text: str) -> list[str]:
-    """Comma-separated bounds, e.g. ``elbo,iwae,miwae:8x8``."""
-    return [_bound(part) for part in text.split(",")]
-
-
-_bounds.__name__ = "bounds"
-
-
 def _seeds(text: str) -> list[int]:
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError(f"expected comma-separated seeds, got {text!r}")
-    seeds = [_seed(item) for item in items]
+    seeds = [SEED(item.strip()) for item in text.split(",") if item.strip()]
+    if not seeds:
+        raise ValueError(f"expected comma-separated seeds, got {text!r}")
     if len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"a seed is given twice in {text!r}")
+        raise ValueError(f"a seed is given twice in {text!r}")
     return seeds
 
 
@@ -262,10 +165,7 @@ def parse_yardstick(text: str | None) -> tuple[str, int] | None:
 
 
 def _yardstick(text: str) -> str:
-    try:
-        parse_yardstick(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from error
+    parse_yardstick(text)
     return text
 
 
@@ -276,41 +176,58 @@ def _loggers(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in LOGGERS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(
+        raise ValueError(
             f"unknown logger {', '.join(unknown) or repr(text)}; choose from "
             f"{', '.join(LOGGERS)} (several separated by commas)"
         )
     return list(dict.fromkeys(names))
 
 
-def _dataset_name(text: str) -> str:
-    names = [name for name, _, _ in dataset_infos()]
-    key = text.strip().lower().replace("_", "-")  # as pvae.data.load matches names
-    if key not in names:
+def _model_name(sampled: bool) -> Callable[[str], str]:
+    """``--model`` of ``pvae sample`` (``sampled``: the models with weights to sample) or of
+    ``train``/``compare`` (the others)."""
+    known = _one_of("model", lambda: [i.name for i in model_infos()], lambda t: t.strip().lower())
+
+    def parse(text: str) -> str:
+        name = known(text)
+        if _model_info(name).sampled == sampled:
+            return name
+        if sampled:
+            raise argparse.ArgumentTypeError(
+                f"model {name!r} has no weights with a prior to sample (its latents are "
+                "per-datapoint codes under a network that only 'pvae train' fits); "
+                f"'pvae sample' takes {', '.join(i.name for i in model_infos(sampled=True))}"
+            )
         raise argparse.ArgumentTypeError(
-            f"unknown dataset {text!r}; valid choices: {', '.join(names)}"
+            f"model {name!r} is sampled, not trained: use 'pvae sample --model {name}'"
         )
-    return key
 
-
-def _likelihood_name(text: str) -> str:
-    names = likelihood_names()
-    if text not in names:
-        raise argparse.ArgumentTypeError(
-            f"unknown likelihood {text!r}; valid choices: {', '.join(names)}"
-        )
-    return text
-
-
-def _option_type(option: Option) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            return option.parse(text)
-        except (ValueError, TypeError) as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    parse.__name__ = option.name
     return parse
+
+
+POSITIVE = _argument_type(Integer(1), "a positive integer")
+NON_NEGATIVE = _argument_type(Integer(0))
+SEED = _argument_type(
+    Integer(0, _index.MAX_SEED), f"an integer in [0, {_index.MAX_SEED}] (numpy's limit)"
+)
+POSITIVE_REAL = _argument_type(Real(0.0, open_below=True), "a positive number")
+FRICTION = _argument_type(Real(0.0, 1.0, open_below=True), "a number in (0, 1]")
+HIDDEN = _argument_type(
+    lambda text: tuple(map(Integer(1), text.split(","))),
+    "comma-separated positive layer widths such as 200,200",
+)
+SCHEDULE = _argument_type(
+    _schedule,
+    "linear:STEPS or cyclical:PERIOD[:RATIO] (positive integers, 0 <= RATIO <= 1)",
+)
+BOUND = _argument_type(lambda text: parse_bound(text).label)
+BOUNDS = _argument_type(lambda text: [parse_bound(part).label for part in text.split(",")])
+YARDSTICK = _argument_type(_yardstick)
+DATASET = _one_of(
+    "dataset",
+    lambda: [name for name, _, _ in dataset_infos()],
+    lambda text: text.strip().lower().replace("_", "-"),  # as pvae.data.load matches names
+)
 
 
 def _model_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -349,8 +266,25 @@ def _check_engines(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared argument groups
+# The options, as data
 # ---------------------------------------------------------------------------------------------
+
+
+class Arg(NamedTuple):
+    """One option: its ``flag``, parsed by ``type`` (None: kept as text), its ``default`` and
+    ``help``, to which ``(default: ...)`` is added unless it says the default itself or the
+    default is None or a bool; the rest as for ``ArgumentParser.add_argument`` (None and
+    False: not given)."""
+
+    flag: str
+    type: Callable[[str], Any] | None
+    default: Any
+    help: str
+    metavar: str | None = None
+    choices: Sequence[str] | None = None
+    action: str | None = None
+    required: bool = False
+    dest: str | None = None
 
 
 def _show(item: Any) -> str:
@@ -368,53 +302,67 @@ def _default(name: str, value: Any, quick: dict[str, Any] | None) -> str:
     return shown + ")"
 
 
-def _add_log_argument(parser: Any, what: str) -> None:
+def _add(container: Any, title: str | None, *arguments: Arg) -> Any:
+    """Add ``arguments`` to ``container``, in a new group ``title`` unless None; returns the
+    group (or ``container``)."""
+    group = container.add_argument_group(title) if title else container
+    for arg in arguments:
+        keywords = {k: v for k, v in arg._asdict().items() if v is not None and v is not False}
+        shown = arg.default is not None and not isinstance(arg.default, bool)
+        if shown and "(default" not in arg.help:
+            keywords["help"] = f"{arg.help} (default: {_show(arg.default)})"
+        group.add_argument(keywords.pop("flag"), **keywords)
+    return group
+
+
+def _log(what: str) -> Arg:
     """``--log tensorboard|mlflow``: experiment tracking (:mod:`pvae.tracking`)."""
-    parser.add_argument(
+    return Arg(
         "--log",
-        type=_loggers,
-        default=None,
-        metavar="LOGGER",
-        help=f"also log {what} to tensorboard (into DIR/tensorboard) or mlflow (into the file "
+        _argument_type(_loggers),
+        None,
+        f"also log {what} to tensorboard (into DIR/tensorboard) or mlflow (into the file "
         "store DIR/mlruns, or MLFLOW_TRACKING_URI when set); both: tensorboard,mlflow "
         "(needs pip install 'pyro-vae[tensorboard]' or 'pyro-vae[mlflow]')",
+        "LOGGER",
     )
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser, dataset: str | None = None) -> None:
+def _data_arguments(parser: argparse.ArgumentParser, dataset: str | None = None) -> None:
     """``--dataset`` (required unless ``dataset`` gives a default), ``--data-path``,
     ``--binarize``, ``--seed``."""
-    group = parser.add_argument_group("data")
-    group.add_argument(
-        "--dataset",
-        required=dataset is None,
-        default=dataset,
-        type=_dataset_name,
-        metavar="NAME",
-        help="a dataset from 'pvae datasets'"
-        + (f" {_default('dataset', dataset, None)}" if dataset else ""),
-    )
-    group.add_argument(
-        "--data-path",
-        default=None,
-        metavar="DIR",
-        help="folder of the IDX files for datasets read from files (mnist, fashion-mnist)",
-    )
-    group.add_argument(
-        "--binarize",
-        choices=list(_index.BINARIZE),
-        default=None,
-        help="binarisation of image datasets (default: the dataset's, dynamic for images)",
-    )
-    group.add_argument(
-        "--seed",
-        type=_seed,
-        default=0,
-        help="seeds the data split, the initialisation and the training (default: 0)",
+    _add(
+        parser,
+        "data",
+        Arg(
+            "--dataset",
+            DATASET,
+            dataset,
+            "a dataset from 'pvae datasets'",
+            "NAME",
+            None,
+            None,
+            dataset is None,
+        ),
+        Arg(
+            "--data-path",
+            None,
+            None,
+            "folder of the IDX files for datasets read from files (mnist, fashion-mnist)",
+            "DIR",
+        ),
+        Arg(
+            "--binarize",
+            None,
+            None,
+            "binarisation of image datasets (default: the dataset's, dynamic for images)",
+            choices=_index.BINARIZE,
+        ),
+        Arg("--seed", SEED, 0, "seeds the data split, the initialisation and the training"),
     )
 
 
-def _add_model_arguments(
+def _model_arguments(
     parser: argparse.ArgumentParser,
     z_dim: int | None = 20,
     hidden: tuple[int, ...] | None = (200, 200),
@@ -424,57 +372,57 @@ def _add_model_arguments(
     """``--model``, ``--z-dim``, ``--hidden``, ``--net``, ``--likelihood`` and every model's
     own options. A None default is resolved by the command (``quick``: the values it takes
     under ``--quick``). ``sampled``: the models of ``pvae sample``, else the trained ones."""
-    group = parser.add_argument_group("model")
-    names = _model_names(sampled)
-    default = names[0] if sampled else "vae"
-    group.add_argument(
-        "--model",
-        type=_model_name(sampled),
-        default=default,
-        metavar="NAME",
-        help=f"one of: {', '.join(names)} (default: {default})",
-    )
-    group.add_argument(
-        "--z-dim",
-        type=_positive_int,
-        default=z_dim,
-        help=f"latent dimension {_default('z_dim', z_dim, quick)}",
-    )
-    group.add_argument(
-        "--hidden",
-        type=_hidden,
-        default=hidden,
-        metavar="W1,W2,...",
-        help=f"hidden layer widths {_default('hidden', hidden, quick)}",
-    )
-    group.add_argument(
-        "--net", choices=["mlp", "conv"], default="mlp", help="network kind (default: mlp)"
-    )
-    group.add_argument(
-        "--likelihood",
-        type=_likelihood_name,
-        default=None,
-        metavar="NAME",
-        help=f"one of: {', '.join(likelihood_names())} (default: the dataset's, "
-        "bernoulli for binarised images)",
+    names = [info.name for info in model_infos(sampled)]
+    _add(
+        parser,
+        "model",
+        Arg(
+            "--model",
+            _model_name(sampled),
+            names[0] if sampled else "vae",
+            f"one of: {', '.join(names)}",
+            "NAME",
+        ),
+        Arg("--z-dim", POSITIVE, z_dim, f"latent dimension {_default('z_dim', z_dim, quick)}"),
+        Arg(
+            "--hidden",
+            HIDDEN,
+            hidden,
+            "hidden layer widths " + _default("hidden", hidden, quick),
+            "W1,W2,...",
+        ),
+        Arg("--net", None, "mlp", "network kind", choices=["mlp", "conv"]),
+        Arg(
+            "--likelihood",
+            _one_of("likelihood", likelihood_names),
+            None,
+            f"one of: {', '.join(likelihood_names())} (default: the dataset's, bernoulli for "
+            "binarised images)",
+            "NAME",
+        ),
     )
     for info in model_infos(sampled):
-        if not info.options:
-            continue
-        options = parser.add_argument_group(f"options of --model {info.name}")
-        for option in info.options:
-            values = option.values
-            options.add_argument(
-                info.flag(option),
-                dest=info.dest(option),
-                type=_option_type(option),
-                default=None,
-                metavar="{" + ",".join(map(str, values)) + "}" if values else option.name.upper(),
-                help=f"{option.help} (default: {option.default})",
+        if info.options:
+            _add(
+                parser,
+                f"options of --model {info.name}",
+                *(
+                    Arg(
+                        info.flag(option),
+                        _argument_type(option.parse),
+                        None,
+                        f"{option.help} (default: {option.default})",
+                        "{" + ",".join(map(str, option.values)) + "}"
+                        if option.values
+                        else option.name.upper(),
+                        dest=info.dest(option),
+                    )
+                    for option in info.options
+                ),
             )
 
 
-def _add_training_arguments(
+def _training_arguments(
     parser: argparse.ArgumentParser,
     epochs: int | None = 10,
     particles: int | None = 1,
@@ -486,58 +434,50 @@ def _add_training_arguments(
 ) -> None:
     """``--epochs``, ``--batch-size``, ``--lr``, ``--particles``, ``--ll-samples``,
     ``--quiet``. A None default is resolved by the command (``quick``: as for the model)."""
-    group = parser.add_argument_group("training and evaluation")
-    group.add_argument(
-        "--epochs",
-        type=_positive_int,
-        default=epochs,
-        help="total epochs"
-        + ("; with --resume, training continues up to this many " if resumable else " ")
-        + _default("epochs", epochs, quick),
-    )
-    group.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=batch_size,
-        help=f"datapoints per step {_default('batch_size', batch_size, None)}",
-    )
-    group.add_argument(
-        "--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default: 1e-3)"
-    )
-    engine_defaults = ", ".join(f"{e.name} {e.default_particles}" for e in ENGINES.entries())
-    group.add_argument(
-        "--particles",
-        type=_positive_int,
-        default=particles,
-        help=f"{particles_help} "
-        + (
-            _default("particles", particles, None)
-            if particles is not None
-            else f"(default: the engine's: {engine_defaults}; MxK implies M*K)"
+    engines = ", ".join(f"{e.name} {e.default_particles}" for e in ENGINES.entries())
+    _add(
+        parser,
+        "training and evaluation",
+        Arg(
+            "--epochs",
+            POSITIVE,
+            epochs,
+            "total epochs"
+            + ("; with --resume, training continues up to this many " if resumable else " ")
+            + _default("epochs", epochs, quick),
         ),
-    )
-    group.add_argument(
-        "--ll-samples",
-        type=_positive_int,
-        default=ll_samples,
-        metavar="K",
-        help="importance samples per test point for the log-likelihood "
-        + _default("ll_samples", ll_samples, quick),
-    )
-    group.add_argument(
-        "--quiet",
-        action="store_true",
-        help="no progress bars and no per-epoch lines (the final result is still printed)",
+        Arg("--batch-size", POSITIVE, batch_size, "datapoints per step"),
+        Arg("--lr", POSITIVE_REAL, 1e-3, "Adam learning rate (default: 1e-3)"),
+        Arg(
+            "--particles",
+            POSITIVE,
+            particles,
+            particles_help
+            + (
+                f" (default: the engine's: {engines}; MxK implies M*K)" if particles is None else ""
+            ),
+        ),
+        Arg(
+            "--ll-samples",
+            POSITIVE,
+            ll_samples,
+            "importance samples per test point for the "
+            f"log-likelihood {_default('ll_samples', ll_samples, quick)}",
+            "K",
+        ),
+        Arg(
+            "--quiet",
+            None,
+            False,
+            "no progress bars and no per-epoch lines (the final result is still printed)",
+            action="store_true",
+        ),
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # The commands' arguments
 # ---------------------------------------------------------------------------------------------
-
-
-def _add_datasets_arguments(parser: argparse.ArgumentParser) -> None:
-    del parser  # no options
 
 
 def _datasets(args: argparse.Namespace) -> int:
@@ -555,84 +495,105 @@ def _datasets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_data_arguments(parser)
-    group = parser.add_argument_group("subset")
-    group.add_argument(
-        "--max-train",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="train on the first N training points (sequences) only (default: all)",
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    _data_arguments(parser)
+    _add(
+        parser,
+        "subset",
+        Arg(
+            "--max-train",
+            POSITIVE,
+            None,
+            "train on the first N training points (sequences) only (default: all)",
+            "N",
+        ),
+        Arg(
+            "--max-eval",
+            POSITIVE,
+            None,
+            "validate and test on the first N points (sequences) of each split (default: all)",
+            "N",
+        ),
     )
-    group.add_argument(
-        "--max-eval",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="validate and test on the first N points (sequences) of each split (default: all)",
+    _model_arguments(parser)
+    _add(
+        parser,
+        "engine",
+        Arg(
+            "--engine",
+            BOUND,
+            "elbo",
+            f"one of: {', '.join(ENGINES.names())}, written as {bound_grammar()}",
+            "BOUND",
+        ),
+        Arg(
+            "--beta-schedule",
+            SCHEDULE,
+            None,
+            "anneal the ELBO's KL weight over training "
+            "steps: linear:STEPS (Bowman et al. 2016) or cyclical:PERIOD[:RATIO] (Fu et al. "
+            "2019) (default: none, beta = 1)",
+            "SCHEDULE",
+        ),
     )
-    _add_model_arguments(parser)
-    group = parser.add_argument_group("engine")
-    group.add_argument(
-        "--engine",
-        type=_bound,
-        default="elbo",
-        metavar="BOUND",
-        help=f"one of: {', '.join(ENGINES.names())}, written as {bound_grammar()} (default: elbo)",
+    _training_arguments(parser, particles=None)
+    group = _add(
+        parser,
+        "run folder",
+        Arg(
+            "--run-dir",
+            None,
+            None,
+            "where config, checkpoint, metrics and plots are written",
+            "DIR",
+            required=True,
+        ),
     )
-    group.add_argument(
-        "--beta-schedule",
-        type=_beta_schedule,
-        default=None,
-        metavar="SCHEDULE",
-        help="anneal the ELBO's KL weight over training steps: linear:STEPS (Bowman et al. 2016) "
-        "or cyclical:PERIOD[:RATIO] (Fu et al. 2019) (default: none, beta = 1)",
+    _add(
+        group.add_mutually_exclusive_group(),
+        None,
+        Arg(
+            "--resume",
+            None,
+            False,
+            "continue the run in DIR from its checkpoint up to --epochs",
+            action="store_true",
+        ),
+        Arg(
+            "--overwrite",
+            None,
+            False,
+            "start afresh even if DIR already holds a run",
+            action="store_true",
+        ),
     )
-    _add_training_arguments(parser, particles=None)
-    group = parser.add_argument_group("run folder")
-    group.add_argument(
-        "--run-dir",
-        required=True,
-        metavar="DIR",
-        help="where config, checkpoint, metrics and plots are written",
-    )
-    exclusive = group.add_mutually_exclusive_group()
-    exclusive.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in DIR from its checkpoint up to --epochs",
-    )
-    exclusive.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start afresh even if DIR already holds a run",
-    )
-    _add_log_argument(group, "every step and epoch, the config and the outputs")
+    _add(group, None, _log("every step and epoch, the config and the outputs"))
 
 
-def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     quick = _index.COMPARE_QUICK
-    _add_data_arguments(parser, dataset="mnist5k")
-    _add_model_arguments(parser, z_dim=None, hidden=None, quick=quick)
-    group = parser.add_argument_group("bounds")
-    group.add_argument(
-        "--bounds",
-        type=_bounds,
-        default=list(_index.DEFAULT_BOUNDS),
-        metavar="B1,B2,...",
-        help=f"comma-separated bounds, each {bound_grammar()} "
-        f"(default: {','.join(_index.DEFAULT_BOUNDS)})",
+    _data_arguments(parser, dataset="mnist5k")
+    _model_arguments(parser, z_dim=None, hidden=None, quick=quick)
+    _add(
+        parser,
+        "bounds",
+        Arg(
+            "--bounds",
+            BOUNDS,
+            list(_index.DEFAULT_BOUNDS),
+            f"comma-separated bounds, each {bound_grammar()}",
+            "B1,B2,...",
+        ),
+        Arg(
+            "--inner",
+            POSITIVE,
+            None,
+            "K of miwae and piwae written without MxK; M = "
+            "--particles / K (default: K = M = sqrt(--particles))",
+            "K",
+        ),
     )
-    group.add_argument(
-        "--inner",
-        type=_positive_int,
-        default=None,
-        metavar="K",
-        help="K of miwae and piwae written without MxK; M = --particles / K "
-        "(default: K = M = sqrt(--particles))",
-    )
-    _add_training_arguments(
+    _training_arguments(
         parser,
         epochs=None,
         particles=64,
@@ -642,204 +603,202 @@ def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
         particles_help="samples of z per datapoint and step, the same for every bound",
         resumable=False,
     )
-    _add_compare_output_arguments(parser, quick)
-
-
-def _add_compare_output_arguments(parser: argparse.ArgumentParser, quick: dict[str, Any]) -> None:
-    """``pvae compare``'s diagnostics, run folder, seeds, devices and executors."""
-    group = parser.add_argument_group("diagnostics and output")
-    group.add_argument(
-        "--snr-repeats",
-        type=lambda text: _int(text, 2),
-        default=None,
-        metavar="N",
-        help="gradients per bound for the gradient signal-to-noise ratio "
-        + _default("snr_repeats", None, quick),
-    )
-    group.add_argument(
-        "--run-dir",
-        default=None,
-        metavar="DIR",
-        help="where results.md/.json/.csv, the plots and one checkpoint folder per bound are "
-        "written (default: runs/compare-DATASET)",
-    )
-    group.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an earlier comparison in DIR (its results, plots and bound folders; "
-        "nothing else)",
-    )
-    group.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue an interrupted comparison in DIR: only its unfinished cells (bound, "
-        "seed) run, each from its own checkpoint",
-    )
-    group.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"a smoke run in under a minute: {_index.QUICK_LIMITS['max_train']} training and "
-        f"{_index.QUICK_LIMITS['max_eval']} valid/test points and the --quick defaults above",
-    )
-    group.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="torch's intra-op threads (default: torch's own, one per core; on a machine "
-        "busy with other jobs, 1 is often several times faster)",
-    )
-    group.add_argument(
-        "--seeds",
-        type=_seeds,
-        default=None,
-        metavar="S1,S2,...",
-        help="train every bound once per seed (one run folder per bound and seed, "
-        "BOUND/seed-S); the table gives mean ± sd over seeds and the per-seed paired Δ to the "
-        "first bound (default: --seed alone, one folder per bound)",
-    )
-    group.add_argument(
-        "--yardstick",
-        type=_yardstick,
-        default=_index.YARDSTICK,
-        metavar="iwae:K|elbo:K|none",
-        help="the estimator every bound's model is evaluated with on "
-        f"{_index.YARDSTICK_POINTS} validation points after every epoch, for learning curves "
-        f"that compare like with like (default: {_index.YARDSTICK})",
-    )
-    _add_compare_executor_arguments(group)
-    _add_log_argument(group, "one run per bound (steps, epochs, its results) and the results")
-
-
-def _add_compare_executor_arguments(group: Any) -> None:
-    """``pvae compare``'s device and where its cells run."""
-    group.add_argument(
-        "--device",
-        default="cpu",
-        choices=["cpu", "cuda", "mps"],
-        help="where the models train and are evaluated (default: cpu)",
-    )
-    group.add_argument(
-        "--jobs",
-        type=_positive_int,
-        default=1,
-        metavar="N",
-        help="cells (bound x seed) run in N processes at once (default: 1)",
-    )
-    group.add_argument(
-        "--executor",
-        choices=["local", "ray"],
-        default="local",
-        help="where the cells run: local processes, or Ray tasks on a Ray cluster "
-        "(needs pip install 'pyro-vae[ray]') (default: local)",
+    _add(
+        parser,
+        "diagnostics and output",
+        Arg(
+            "--snr-repeats",
+            _argument_type(Integer(2)),
+            None,
+            "gradients per bound for the "
+            "gradient signal-to-noise ratio " + _default("snr_repeats", None, quick),
+            "N",
+        ),
+        Arg(
+            "--run-dir",
+            None,
+            None,
+            "where results.md/.json/.csv, the plots and one "
+            "checkpoint folder per bound are written (default: runs/compare-DATASET)",
+            "DIR",
+        ),
+        Arg(
+            "--overwrite",
+            None,
+            False,
+            "replace an earlier comparison in DIR (its results, "
+            "plots and bound folders; nothing else)",
+            action="store_true",
+        ),
+        Arg(
+            "--resume",
+            None,
+            False,
+            "continue an interrupted comparison in DIR: only its "
+            "unfinished cells (bound, seed) run, each from its own checkpoint",
+            action="store_true",
+        ),
+        Arg(
+            "--quick",
+            None,
+            False,
+            "a smoke run in under a minute: "
+            f"{_index.QUICK_LIMITS['max_train']} training and {_index.QUICK_LIMITS['max_eval']} "
+            "valid/test points and the --quick defaults above",
+            action="store_true",
+        ),
+        Arg(
+            "--threads",
+            POSITIVE,
+            None,
+            "torch's intra-op threads (default: torch's own, one "
+            "per core; on a machine busy with other jobs, 1 is often several times faster)",
+            "N",
+        ),
+        Arg(
+            "--seeds",
+            _argument_type(_seeds),
+            None,
+            "train every bound once per seed (one run "
+            "folder per bound and seed, BOUND/seed-S); the table gives mean ± sd over seeds and "
+            "the per-seed paired Δ to the first bound (default: --seed alone, one folder per "
+            "bound)",
+            "S1,S2,...",
+        ),
+        Arg(
+            "--yardstick",
+            YARDSTICK,
+            _index.YARDSTICK,
+            "the estimator every bound's model is "
+            f"evaluated with on {_index.YARDSTICK_POINTS} validation points after every epoch, "
+            "for learning curves that compare like with like",
+            "iwae:K|elbo:K|none",
+        ),
+        Arg(
+            "--device",
+            None,
+            "cpu",
+            "where the models train and are evaluated",
+            choices=["cpu", "cuda", "mps"],
+        ),
+        Arg("--jobs", POSITIVE, 1, "cells (bound x seed) run in N processes at once", "N"),
+        Arg(
+            "--executor",
+            None,
+            "local",
+            "where the cells run: local processes, or Ray tasks "
+            "on a Ray cluster (needs pip install 'pyro-vae[ray]')",
+            choices=["local", "ray"],
+        ),
+        _log("one run per bound (steps, epochs, its results) and the results"),
     )
 
 
-def _add_diagnose_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "run_dir",
-        metavar="RUN_DIR",
-        help="a run folder of 'pvae train' (config.json, checkpoint.pt) or 'pvae compare' "
-        "(results.json and one folder per bound)",
-    )
-    parser.add_argument(
-        "--out",
-        default=None,
-        metavar="DIR",
-        help="where diagnostics.md and the plots are written (default: RUN_DIR)",
-    )
-    parser.add_argument(
-        "--points",
-        type=_positive_int,
-        default=500,
-        metavar="N",
-        help="test points the diagnostics use, the first N (default: 500)",
-    )
-    parser.add_argument(
-        "--quiet", action="store_true", help="only the final line (no verdict, no per-bound lines)"
+def _diagnose_arguments(parser: argparse.ArgumentParser) -> None:
+    _add(
+        parser,
+        None,
+        Arg(
+            "run_dir",
+            None,
+            None,
+            "a run folder of 'pvae train' (config.json, checkpoint.pt) "
+            "or 'pvae compare' (results.json and one folder per bound)",
+            "RUN_DIR",
+        ),
+        Arg(
+            "--out",
+            None,
+            None,
+            "where diagnostics.md and the plots are written (default: RUN_DIR)",
+            "DIR",
+        ),
+        Arg("--points", POSITIVE, 500, "test points the diagnostics use, the first N", "N"),
+        Arg(
+            "--quiet",
+            None,
+            False,
+            "only the final line (no verdict, no per-bound lines)",
+            action="store_true",
+        ),
     )
 
 
-def _add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     sghmc = _index.SAMPLER_DEFAULTS
-    _add_data_arguments(parser)
-    _add_model_arguments(parser, z_dim=10, hidden=(100,), sampled=True)
-    group = parser.add_argument_group("sampling (SGHMC over every latent site)")
-    group.add_argument(
-        "--num-samples", type=_positive_int, default=100, help="draws kept per chain (default: 100)"
+    _data_arguments(parser)
+    _model_arguments(parser, z_dim=10, hidden=(100,), sampled=True)
+    _add(
+        parser,
+        "sampling (SGHMC over every latent site)",
+        Arg("--num-samples", POSITIVE, 100, "draws kept per chain"),
+        Arg("--warmup", NON_NEGATIVE, 500, "warm-up steps per chain"),
+        Arg("--thin", POSITIVE, 1, "keep every THIN-th step"),
+        Arg(
+            "--chains", POSITIVE, SAMPLE_CHAINS, "chains, one after another; R-hat needs at least 2"
+        ),
+        Arg("--batch-size", POSITIVE, 100, "datapoints per step"),
+        Arg(
+            "--lr",
+            POSITIVE_REAL,
+            None,
+            "SGHMC learning rate per datapoint; the step is lr / "
+            f"N (default: SGHMC's, {sghmc['lr']})",
+        ),
+        Arg(
+            "--friction",
+            FRICTION,
+            None,
+            f"SGHMC friction in (0, 1] (default: SGHMC's, {sghmc['friction']})",
+        ),
+        Arg(
+            "--init-radius",
+            POSITIVE_REAL,
+            None,
+            "chains start with unconstrained values "
+            f"uniform in (-R, R) (default: SGHMC's, {sghmc['init_radius']}; 0.1 starts a "
+            "network's weights small, as its initialisation does, and reconstructs better "
+            "given a warm-up of hundreds of steps)",
+        ),
+        Arg(
+            "--max-train",
+            POSITIVE,
+            None,
+            "sample on the first N training points only (default: all)",
+            "N",
+        ),
     )
-    group.add_argument(
-        "--warmup",
-        type=_non_negative_int,
-        default=500,
-        help="warm-up steps per chain (default: 500)",
+    _add(
+        parser,
+        "run folder",
+        Arg("--run-dir", None, None, "where the run is written", "DIR", required=True),
+        Arg(
+            "--resume",
+            None,
+            False,
+            "continue the interrupted run in DIR from its checkpoint (bit-identical samples)",
+            action="store_true",
+        ),
+        Arg(
+            "--checkpoint-every",
+            POSITIVE,
+            SAMPLE_CHECKPOINT_EVERY,
+            "steps between "
+            "checkpoints within a chain; one is also written after every chain and on Ctrl-C",
+            "STEPS",
+        ),
+        Arg("--quiet", None, False, "no progress bar", action="store_true"),
     )
-    group.add_argument(
-        "--thin", type=_positive_int, default=1, help="keep every THIN-th step (default: 1)"
-    )
-    group.add_argument(
-        "--chains",
-        type=_positive_int,
-        default=SAMPLE_CHAINS,
-        help=f"chains, one after another; R-hat needs at least 2 (default: {SAMPLE_CHAINS})",
-    )
-    group.add_argument(
-        "--batch-size", type=_positive_int, default=100, help="datapoints per step (default: 100)"
-    )
-    group.add_argument(
-        "--lr",
-        type=_positive_float,
-        default=None,
-        help=f"SGHMC learning rate per datapoint; the step is lr / N (default: SGHMC's, "
-        f"{sghmc['lr']})",
-    )
-    group.add_argument(
-        "--friction",
-        type=_friction,
-        default=None,
-        help=f"SGHMC friction in (0, 1] (default: SGHMC's, {sghmc['friction']})",
-    )
-    group.add_argument(
-        "--init-radius",
-        type=_positive_float,
-        default=None,
-        help="chains start with unconstrained values uniform in (-R, R) (default: SGHMC's, "
-        f"{sghmc['init_radius']}; 0.1 starts a network's weights small, as its "
-        "initialisation does, and reconstructs better given a warm-up of hundreds of steps)",
-    )
-    group.add_argument(
-        "--max-train",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="sample on the first N training points only (default: all)",
-    )
-    group = parser.add_argument_group("run folder")
-    group.add_argument("--run-dir", required=True, metavar="DIR", help="where the run is written")
-    group.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the interrupted run in DIR from its checkpoint (bit-identical samples)",
-    )
-    group.add_argument(
-        "--checkpoint-every",
-        type=_positive_int,
-        default=SAMPLE_CHECKPOINT_EVERY,
-        metavar="STEPS",
-        help="steps between checkpoints within a chain; one is also written after every chain "
-        f"and on Ctrl-C (default: {SAMPLE_CHECKPOINT_EVERY})",
-    )
-    group.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: its name, one line of help, its arguments and what it runs: ``run``,
-    ``"module:function"``, imported once the arguments have parsed."""
+    """A subcommand: its name, one line of help, its arguments (None: none) and what it runs:
+    ``run``, ``"module:function"``, imported once the arguments have parsed."""
 
     name: str
     help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None
     run: str
 
     def function(self) -> Callable[[argparse.Namespace], int]:
@@ -851,26 +810,26 @@ COMMANDS: list[Command] = [
     Command(
         "compare",
         "train one model once per bound (same seed, data and particles) and compare them",
-        _add_compare_arguments,
+        _compare_arguments,
         "pvae.app.cli:_compare",
     ),
     Command(
         "diagnose",
         "diagnose a trained run: posterior collapse, latent relevance and traversals",
-        _add_diagnose_arguments,
+        _diagnose_arguments,
         "pvae.app.cli:_diagnose",
     ),
     Command(
         "train",
         "train one model with one engine and evaluate it",
-        _add_train_arguments,
+        _train_arguments,
         "pvae.app.cli:_train",
     ),
-    Command("datasets", "list the datasets", _add_datasets_arguments, f"{__name__}:_datasets"),
+    Command("datasets", "list the datasets", None, f"{__name__}:_datasets"),
     Command(
         "sample",
         "sample a model's weights with SGHMC (e.g. --model bae) and save the posterior",
-        _add_sample_arguments,
+        _sample_arguments,
         "pvae.app.cli:_sample",
     ),
 ]
@@ -893,7 +852,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     for command in COMMANDS:
         subparser = subparsers.add_parser(command.name, help=command.help, description=command.help)
-        command.add_arguments(subparser)
+        if command.add_arguments is not None:
+            command.add_arguments(subparser)
         subparser.set_defaults(func=command.run)
     return parser
 

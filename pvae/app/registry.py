@@ -1,31 +1,23 @@
-"""The registries through which ``pvae train``, ``pvae compare``, ``pvae sample`` and
-``pvae diagnose`` reach every zoo model and every engine by name: the mechanism only.
+"""The registries through which the ``pvae`` commands reach every zoo model and every engine
+by name: the mechanism only. Importing this module imports neither torch nor Pyro.
 
-A **model** declares itself in its own file with a :class:`ModelCard` (named ``CARD``, at the
-end of the file): its factory, the kinds of dataset it accepts (:data:`DATA_KINDS`), how it
-views a dataset (``prepare``), its command-line options (:class:`Option`, derived from the
-constructor's signature and docstring by :meth:`Option.of`, so that defaults are never
-copied), its metrics, callbacks, decoder and capabilities (:data:`CAPABILITIES`). Adding a
-family is its file's card plus one name in :data:`MODEL_MODULES`; :data:`MODELS` imports those
-files on first use, so that importing this module imports neither torch nor Pyro (the
-command line parses its arguments from :mod:`pvae.app._index`, generated from the cards).
+A **model** declares itself in its own file with a :class:`ModelCard` named ``CARD``: its
+factory, the kinds of dataset it accepts (:data:`DATA_KINDS`), how it views a dataset, its
+command-line options (:class:`Option`, derived from the constructor by :meth:`Option.of`, so
+that defaults are never copied), metrics, callbacks, decoder and capabilities
+(:data:`CAPABILITIES`). Adding a family is its card plus one name in :data:`MODEL_MODULES`;
+:data:`MODELS` imports those files on first use (the command line reads
+:mod:`pvae.app._index`, generated from the cards, instead).
 
-An **engine** registration (:func:`register_engine`) carries its name, factory, the syntax of
-its ``:PARAMETER`` (:class:`Parameter`), a description, how many particles it needs and the
-capability it requires of a model; the bound grammar, the parser, ``pvae compare``'s
-description of each bound and the default particle budget all read it::
+An **engine** (:func:`register_engine`) declares its factory, the syntax of its ``:PARAMETER``
+(:class:`Parameter`), the particles it needs and the capability it requires of a model; the
+bound grammar, the parser and ``pvae compare``'s descriptions read it. Bounds are written
+``NAME[-ESTIMATOR][:PARAMETER]`` (:func:`bound_grammar`, :func:`parse_bound`): ``elbo``,
+``iwae-dreg``, ``miwae:8x8``, ``ciwae:0.5``; ``elbo-stl`` (or ``-dreg``) is the P-sample ELBO
+as MIWAE(P, 1) with that estimator (Monte-Carlo KL).
 
-    register_engine("iwae", _iwae, "importance-weighted bound IWAE_K (Burda et al. 2016)",
-                    min_particles=2, default_particles=64)
-
-Bounds are written ``NAME[-ESTIMATOR][:PARAMETER]`` (:func:`bound_grammar`,
-:func:`parse_bound`), e.g. ``elbo``, ``iwae-dreg``, ``miwae:8x8``, ``ciwae:0.5``,
-``piwae-stl:4x16``. ``elbo-stl`` (or ``-dreg``) is the P-sample ELBO as MIWAE(P, 1) with that
-estimator (Monte-Carlo KL).
-
-An unknown name raises :class:`UnknownName`, both a ``KeyError`` and a ``ValueError`` whose
-message lists the valid choices (in registration order). This module sits above models and
-engines in the dependency order: core modules never import it.
+An unknown name raises :class:`UnknownName` (a ``KeyError`` and a ``ValueError``) listing the
+valid choices in registration order. Core modules never import this module.
 """
 
 from __future__ import annotations
@@ -59,7 +51,6 @@ __all__ = [
     "Integer",
     "MetricsFn",
     "ModelCard",
-    "ModelEntry",
     "ModelInfo",
     "Option",
     "Parameter",
@@ -88,11 +79,12 @@ class UnknownName(KeyError, ValueError):
 
 
 class Registry(Mapping[str, Entry], Generic[Entry]):
-    """A read-only mapping ``name -> entry`` (each entry has a ``name``), filled by :meth:`add`.
+    """A read-only mapping ``name -> entry`` (each entry has a ``name``; look-ups ignore case),
+    filled by :meth:`add`.
 
     :param kind: what the names name ("model", "engine"), used in error messages.
-    :param load: ``load(registry)``, run once before the first look-up (or :meth:`add`): it
-        registers the built-in entries (importing their modules only then).
+    :param load: ``load(registry)``, run once before the first look-up: it registers the
+        built-in entries (importing their modules only then).
     """
 
     def __init__(self, kind: str, load: Callable[[Registry[Entry]], None] | None = None) -> None:
@@ -120,7 +112,7 @@ class Registry(Mapping[str, Entry], Generic[Entry]):
     def add(self, entry: Entry) -> Entry:
         """Register ``entry`` under ``entry.name`` (lower case); returns it.
 
-        :raises ValueError: if the name is already registered.
+        :raises ValueError: if the name is already registered or empty.
         """
         key = str(entry.name).strip().lower()  # type: ignore[attr-defined]
         if not key or key in self._entries:
@@ -141,9 +133,9 @@ class Registry(Mapping[str, Entry], Generic[Entry]):
         return list(self._entries)
 
     def normalise(self, name: str) -> str:
-        """The registered spelling of ``name`` (case-insensitive).
+        """The registered spelling of ``name``.
 
-        :raises UnknownName: (a ``ValueError``) naming the valid choices.
+        :raises UnknownName: naming the valid choices.
         """
         key = name.strip().lower() if isinstance(name, str) else name
         if key not in self._entries:
@@ -155,17 +147,11 @@ class Registry(Mapping[str, Entry], Generic[Entry]):
     def __getitem__(self, name: str) -> Entry:
         return self._entries[self.normalise(name)]
 
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.strip().lower() in self._entries
-
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def __repr__(self) -> str:
-        return f"Registry({self.kind!r}, {self.names()})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,10 +160,16 @@ class Registry(Mapping[str, Entry], Generic[Entry]):
 # ---------------------------------------------------------------------------------------------
 
 
-def _bounds_text(minimum: float | None, maximum: float | None, open_below: bool) -> str:
+def _in_range(
+    value: float, minimum: float | None, maximum: float | None, open_below: bool = False
+) -> bool:
+    below = minimum is None or (value > minimum if open_below else value >= minimum)
+    return math.isfinite(value) and below and (maximum is None or value <= maximum)
+
+
+def _range_text(minimum: float | None, maximum: float | None, open_below: bool = False) -> str:
     parts = [f"{'>' if open_below else '>='} {minimum:g}"] if minimum is not None else []
-    parts += [f"<= {maximum:g}"] if maximum is not None else []
-    return " and ".join(parts)
+    return " and ".join(parts + ([f"<= {maximum:g}"] if maximum is not None else []))
 
 
 @dataclass(frozen=True)
@@ -192,9 +184,9 @@ class Integer:
             value = int(text)
         except (TypeError, ValueError):
             value = self.minimum - 1
-        if value < self.minimum or (self.maximum is not None and value > self.maximum):
-            bounds = _bounds_text(self.minimum, self.maximum, False)
-            raise ValueError(f"expected an integer {bounds}, got {text!r}")
+        if not _in_range(value, self.minimum, self.maximum):
+            expected = _range_text(self.minimum, self.maximum)
+            raise ValueError(f"expected an integer {expected}, got {text!r}")
         return value
 
 
@@ -211,13 +203,9 @@ class Real:
             value = float(text)
         except (TypeError, ValueError):
             value = math.nan
-        low = self.minimum
-        ok = math.isfinite(value) and (
-            low is None or (value > low if self.open_below else value >= low)
-        )
-        if not ok or (self.maximum is not None and value > self.maximum):
-            bounds = _bounds_text(self.minimum, self.maximum, self.open_below)
-            raise ValueError(f"expected a number {bounds}".rstrip() + f", got {text!r}")
+        if not _in_range(value, self.minimum, self.maximum, self.open_below):
+            expected = _range_text(self.minimum, self.maximum, self.open_below)
+            raise ValueError(f"expected a number {expected}".rstrip() + f", got {text!r}")
         return value
 
 
@@ -247,9 +235,6 @@ class Choice:
         return key
 
 
-YES_NO = Choice(("no", "yes"))
-
-
 def _param_help(owner: Callable[..., Any], name: str) -> str:
     """The first sentence of ``:param name:`` in the docstring of ``owner`` (or its
     ``__init__``), continuation lines joined."""
@@ -266,20 +251,12 @@ def _param_help(owner: Callable[..., Any], name: str) -> str:
     raise ValueError(f"{owner.__qualname__} documents no parameter {name!r}")
 
 
-def _cli_value(value: Any) -> Any:
-    """A constructor default as the command line spells it (``no``/``yes``, ``none``)."""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return "none" if value is None else value
-
-
 @dataclass(frozen=True)
 class Option:
     """One option of a model: the factory's keyword ``name``, parsed from text by ``type``
     (which raises ValueError or ``argparse.ArgumentTypeError``), its ``default`` and a
     ``help`` line; ``choices`` restricts the values. On the command line it is
-    ``--<model>-<name>`` (underscores become dashes). :meth:`of` derives it from a
-    constructor."""
+    ``--<model>-<name>`` (underscores become dashes)."""
 
     name: str
     type: Callable[[str], Any]
@@ -306,12 +283,13 @@ class Option:
         found = inspect.signature(owner).parameters.get(parameter)
         if found is None or found.default is inspect.Parameter.empty:
             raise ValueError(f"{owner.__qualname__} has no keyword {parameter!r} with a default")
-        if type is None:
-            if not isinstance(found.default, bool):
-                raise ValueError(f"option {parameter!r} of {owner.__qualname__} needs a type")
-            type = YES_NO
+        default = found.default
+        if type is None and not isinstance(default, bool):
+            raise ValueError(f"option {parameter!r} of {owner.__qualname__} needs a type")
+        if isinstance(default, bool) or default is None:
+            default = {True: "yes", False: "no", None: "none"}[default]
         text = help if help is not None else _param_help(owner, parameter)
-        return cls(name or parameter, type, _cli_value(found.default), text, choices)
+        return cls(name or parameter, type or Choice(("no", "yes")), default, text, choices)
 
     @property
     def values(self) -> tuple[Any, ...] | None:
@@ -374,11 +352,10 @@ one given (defaults resolved)."""
 
 @dataclass(frozen=True, kw_only=True)
 class ModelInfo:
-    """What the command line knows of a model without importing it (its
-    :class:`ModelCard` less the code): ``name``, one line of ``description``, the data kinds
-    it ``accepts``, its ``options``, its ``capabilities`` (:data:`CAPABILITIES`) and whether
-    it is ``sampled`` (its global latent sites, weights with priors, are what ``pvae sample``
-    draws; only such models are sampled and they are not trained)."""
+    """What the command line knows of a model without importing it (its :class:`ModelCard`
+    less the code): ``name``, one line of ``description``, the data kinds it ``accepts``, its
+    ``options``, its ``capabilities`` (:data:`CAPABILITIES`) and whether it is ``sampled`` (its
+    weights, with priors, are what ``pvae sample`` draws; such models are not trained)."""
 
     name: str
     description: str
@@ -428,14 +405,12 @@ class ModelInfo:
             )
         resolved = {}
         for name, option in known.items():
-            value = given.get(name)
-            value = option.default if value is None else value
-            if option.choices is not None and value not in option.choices:
+            resolved[name] = option.default if given.get(name) is None else given[name]
+            if option.choices is not None and resolved[name] not in option.choices:
                 raise ValueError(
-                    f"{self.flag(option)}: {value!r} is not one of "
+                    f"{self.flag(option)}: {resolved[name]!r} is not one of "
                     f"{', '.join(map(str, option.choices))}"
                 )
-            resolved[name] = value
         return resolved
 
 
@@ -447,7 +422,7 @@ def _decode_method(model: PyroModule) -> Callable[[torch.Tensor], torch.Tensor] 
 class ModelCard(ModelInfo):
     """A model's declaration of itself (a :class:`ModelInfo` and its code).
 
-    :param factory: see :class:`ModelFactory`.
+    :param factory: see :data:`ModelFactory`.
     :param prepare: ``prepare(ds, options) -> Splits``: the model's view of a loaded dataset
         (what ``model(*batch)`` receives); None: the dataset as loaded.
     :param callbacks: ``callbacks(model, ds) -> list``: extra ``pvae.fit`` callbacks.
@@ -513,9 +488,6 @@ class ModelCard(ModelInfo):
         )
 
 
-ModelEntry = ModelCard
-"""The former name of :class:`ModelCard`."""
-
 MODEL_MODULES = (
     "vae",
     "cvae",
@@ -544,7 +516,7 @@ MODELS: Registry[ModelCard] = Registry("model", load=_load_models)
 def register_model(
     name: str, factory: ModelFactory, description: str, **declared: Any
 ) -> ModelCard:
-    """Register a model given by its parts (see :class:`ModelCard`); returns its card.
+    """Register a model given by its parts (the fields of :class:`ModelCard`); returns its card.
 
     :raises ValueError: a name already taken, an unknown data kind, or an option twice.
     """
@@ -575,23 +547,6 @@ def require_mlp(model: str, net: str) -> None:
     """:raises ValueError: when ``net`` is not ``mlp`` for a model that has MLPs only."""
     if net != "mlp":
         raise ValueError(f"model {model!r} has MLP networks only: use --net mlp, not {net!r}")
-
-
-_MOVED = {  # former names of this module, now declared beside their models
-    "AUTO": "pvae.models.bayesian_ae",
-    "PRIOR_SCALES": "pvae.models.bayesian_ae",
-    "QuadrantPairs": "pvae.data.quadrants",
-    "IMPUTATION_HIDDEN": "pvae.metrics",
-    "imputation_metrics": "pvae.metrics",
-    "gp_imputation_metrics": "pvae.metrics",
-    "identification_metrics": "pvae.models.multimodal_gp",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -661,93 +616,74 @@ class Parameter:
 class EngineEntry:
     """A registered engine: ``factory(particles, estimator=..., **values)`` returns a
     ``pyro.infer.ELBO``; ``describe(spec, particles)`` says in words what a resolved bound
-    trains; ``min_particles``: fewer is refused (IWAE with one particle is the ELBO);
-    ``default_particles``: the budget when none is given; ``requires``: the capability
-    (:data:`CAPABILITIES`) a model must declare for this engine to apply (None: any)."""
+    trains (default ``NAME_P``); ``min_particles``: fewer is refused (IWAE with one particle
+    is the ELBO); ``default_particles``: the budget when none is given; ``requires``: the
+    capability (:data:`CAPABILITIES`) a model must declare for this engine to apply.
+
+    :raises ValueError: for particle counts out of order, estimators without ``reparam`` or
+        unknown, or an unknown capability.
+    """
 
     name: str
     factory: Callable[..., pyro.infer.ELBO]
     description: str
-    describe: Callable[[BoundSpec, int], str]
+    describe: Callable[[BoundSpec, int], str] | None = None
     parameter: Parameter | None = None
     estimators: tuple[str, ...] = ESTIMATORS
     min_particles: int = 1
     default_particles: int = 1
     requires: str | None = None
 
+    def __post_init__(self) -> None:
+        name = self.name.strip().lower()
+        if not 1 <= self.min_particles <= self.default_particles:
+            raise ValueError(
+                f"engine {name!r}: need 1 <= min_particles <= default_particles, got "
+                f"{self.min_particles}, {self.default_particles}"
+            )
+        if "reparam" not in self.estimators or set(self.estimators) - set(ESTIMATORS):
+            raise ValueError(f"estimators must include 'reparam' and be among {ESTIMATORS}")
+        if self.requires is not None and self.requires not in CAPABILITIES:
+            raise ValueError(
+                f"requires must be one of {', '.join(CAPABILITIES)}, got {self.requires!r}"
+            )
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "estimators", tuple(self.estimators))
+
 
 ENGINES: Registry[EngineEntry] = Registry("engine")
 
 
 def register_engine(
-    name: str,
-    factory: Callable[..., pyro.infer.ELBO],
-    description: str,
-    describe: Callable[[BoundSpec, int], str] | None = None,
-    parameter: Parameter | None = None,
-    estimators: Sequence[str] = ESTIMATORS,
-    min_particles: int = 1,
-    default_particles: int = 1,
-    requires: str | None = None,
+    name: str, factory: Callable[..., pyro.infer.ELBO], description: str, **declared: Any
 ) -> EngineEntry:
-    """Register an engine (see :class:`EngineEntry`); returns its entry."""
-    if min_particles < 1 or default_particles < min_particles:
-        raise ValueError(
-            f"engine {name!r}: need 1 <= min_particles <= default_particles, got "
-            f"{min_particles}, {default_particles}"
-        )
-    if "reparam" not in estimators or set(estimators) - set(ESTIMATORS):
-        raise ValueError(f"estimators must include 'reparam' and be among {ESTIMATORS}")
-    if requires is not None and requires not in CAPABILITIES:
-        raise ValueError(f"requires must be one of {', '.join(CAPABILITIES)}, got {requires!r}")
-    key = name.strip().lower()
-    return ENGINES.add(
-        EngineEntry(
-            key,
-            factory,
-            description,
-            describe or (lambda spec, particles: f"{key.upper()}_{particles}"),
-            parameter,
-            tuple(estimators),
-            min_particles,
-            default_particles,
-            requires,
-        )
-    )
+    """Register an engine given by its parts (the fields of :class:`EngineEntry`); returns
+    its entry.
+
+    :raises ValueError: a name already taken, or as :class:`EngineEntry`.
+    """
+    return ENGINES.add(EngineEntry(name, factory, description, **declared))
+
+
+def _parameter_engines() -> list[tuple[str, Parameter]]:
+    """``(names, parameter)`` of the engines with a parameter, those sharing one syntax
+    grouped (``miwae/piwae``, MxK)."""
+    groups: dict[tuple[str, str], tuple[list[str], Parameter]] = {}
+    for entry in ENGINES.entries():
+        if (parameter := entry.parameter) is not None:
+            key = (parameter.syntax, parameter.help)
+            groups.setdefault(key, ([], parameter))[0].append(entry.name)
+    return [("/".join(names), parameter) for names, parameter in groups.values()]
 
 
 def bound_grammar() -> str:
     """The bound grammar, from the registered engines."""
-    parameters = "; ".join(
-        f"{entry.syntax_name} {entry.parameter.syntax} ({entry.parameter.help})"
-        for entry in _parameter_engines()
-    )
+    parameters = "; ".join(f"{n} {p.syntax} ({p.help})" for n, p in _parameter_engines())
     return (
         f"NAME[-stl|-dreg][:PARAMETER]: NAME one of {', '.join(ENGINES.names())}; -stl/-dreg "
         f"the guide's gradient estimator; PARAMETER: {parameters or 'none'}; e.g. iwae-dreg, "
         "miwae:8x8, ciwae:0.5"
     )
-
-
-@dataclass(frozen=True)
-class _Named:
-    syntax_name: str
-    parameter: Parameter
-
-
-def _parameter_engines() -> list[_Named]:
-    """Engines with a parameter, those sharing one syntax grouped (``miwae/piwae MxK``)."""
-    groups: dict[tuple[str, str], list[str]] = {}
-    for entry in ENGINES.entries():
-        if entry.parameter is not None:
-            key = (entry.parameter.syntax, entry.parameter.help)
-            groups.setdefault(key, []).append(entry.name)
-    named = []
-    for names in groups.values():
-        parameter = ENGINES[names[0]].parameter
-        assert parameter is not None
-        named.append(_Named("/".join(names), parameter))
-    return named
 
 
 @dataclass(frozen=True)
@@ -780,6 +716,10 @@ class BoundSpec:
     def __str__(self) -> str:
         return self.label
 
+    def with_values(self, values: Mapping[str, Any]) -> BoundSpec:
+        """This spec with the parameter ``values``."""
+        return dataclasses.replace(self, values=tuple(sorted(values.items())))
+
     def default_particles(self) -> int:
         """The particle budget when none is given: the one the parameter implies (``MxK``),
         else the engine's default."""
@@ -801,8 +741,7 @@ class BoundSpec:
             )
         if entry.parameter is None:
             return self
-        values = entry.parameter.resolve(self.name, particles, self.options, inner)
-        return replace_values(self, values)
+        return self.with_values(entry.parameter.resolve(self.name, particles, self.options, inner))
 
     def build(self, particles: int, inner: int | None = None) -> pyro.infer.ELBO:
         """The engine, with ``particles`` samples of z per datapoint.
@@ -814,12 +753,9 @@ class BoundSpec:
 
     def describe(self, particles: int) -> str:
         """What this (resolved) bound trains, in words, e.g. ``MIWAE(M=8, K=8), DREG``."""
-        text = self.engine.describe(self, particles)
+        describe = self.engine.describe
+        text = describe(self, particles) if describe else f"{self.name.upper()}_{particles}"
         return text if self.estimator == "reparam" else f"{text}, {self.estimator.upper()}"
-
-
-def replace_values(spec: BoundSpec, values: Mapping[str, Any]) -> BoundSpec:
-    return dataclasses.replace(spec, values=tuple(sorted(values.items())))
 
 
 def parse_bound(text: str) -> BoundSpec:
@@ -847,16 +783,15 @@ def parse_bound(text: str) -> BoundSpec:
     if not colon:
         return spec
     if entry.parameter is None:
-        takes = "; ".join(f"{n.syntax_name} {n.parameter.syntax}" for n in _parameter_engines())
+        takes = "; ".join(f"{names} {p.syntax}" for names, p in _parameter_engines())
         raise ValueError(
             f"bound {text!r}: {entry.name} takes no parameter (its K is --particles); "
             f"parameters: {takes}"
         )
     try:
-        values = entry.parameter.parse(parameter)
+        return spec.with_values(entry.parameter.parse(parameter))
     except ValueError as error:
         raise ValueError(f"bound {text!r}: {entry.name} takes {error}") from None
-    return replace_values(spec, values)
 
 
 # -- the engines of pvae.inference (imported when one is built) --------------------------------
@@ -870,15 +805,31 @@ def _elbo(particles: int, estimator: str = "reparam") -> pyro.infer.ELBO:
     return MIWAE(particles, 1, estimator=estimator)  # the P-sample ELBO, Monte-Carlo KL
 
 
-def _describe_elbo(spec: BoundSpec, particles: int) -> str:
-    kl = " (Monte-Carlo KL)" if spec.estimator != "reparam" else ""
-    return f"ELBO, {particles} samples averaged{kl}"
-
-
 def _iwae(particles: int, estimator: str = "reparam") -> pyro.infer.ELBO:
     from pvae.inference import IWAE
 
     return IWAE(num_particles=particles, estimator=estimator)
+
+
+def _grouped(engine: str) -> Callable[..., pyro.infer.ELBO]:
+    def factory(particles: int, estimator: str = "reparam", outer: int = 1, inner: int = 1):
+        return getattr(importlib.import_module("pvae.inference"), engine)(
+            outer, inner, estimator=estimator
+        )
+
+    return factory
+
+
+def _ciwae(particles: int, estimator: str = "reparam", beta: float = 0.5) -> pyro.infer.ELBO:
+    from pvae.inference import CIWAE
+
+    return CIWAE(num_particles=particles, beta=beta, estimator=estimator)
+
+
+def _kalman(particles: int, estimator: str = "reparam") -> pyro.infer.ELBO:
+    from pvae.inference import KalmanELBO
+
+    return KalmanELBO(num_particles=particles)
 
 
 def _parse_split(text: str) -> dict[str, Any]:
@@ -891,39 +842,8 @@ def _parse_split(text: str) -> dict[str, Any]:
 def _resolve_split(
     name: str, particles: int, values: Mapping[str, Any], inner: int | None
 ) -> dict[str, Any]:
-    given_inner = values.get("inner", inner)
-    m, k = split_particles(name, particles, values.get("outer"), given_inner)
+    m, k = split_particles(name, particles, values.get("outer"), values.get("inner", inner))
     return {"outer": m, "inner": k}
-
-
-def _split_particles(values: Mapping[str, Any]) -> int | None:
-    if values.get("outer") is not None and values.get("inner") is not None:
-        return int(values["outer"]) * int(values["inner"])
-    return None
-
-
-GROUP_SPLIT = Parameter(
-    "MxK",
-    "M groups of K particles, M*K = --particles",
-    _parse_split,
-    _resolve_split,
-    lambda values: f"{values['outer']}x{values['inner']}",
-    _split_particles,
-)
-
-
-def _grouped(engine: str) -> Callable[..., pyro.infer.ELBO]:
-    def factory(particles: int, estimator: str = "reparam", outer: int = 1, inner: int = 1):
-        return getattr(importlib.import_module("pvae.inference"), engine)(
-            outer, inner, estimator=estimator
-        )
-
-    return factory
-
-
-def _describe_grouped(spec: BoundSpec, particles: int) -> str:
-    values = spec.options
-    return f"{spec.name.upper()}(M={values.get('outer')}, K={values.get('inner')})"
 
 
 def _parse_beta(text: str) -> dict[str, Any]:
@@ -936,6 +856,14 @@ def _parse_beta(text: str) -> dict[str, Any]:
     return {"beta": beta}
 
 
+GROUP_SPLIT = Parameter(
+    "MxK",
+    "M groups of K particles, M*K = --particles",
+    _parse_split,
+    _resolve_split,
+    lambda values: f"{values['outer']}x{values['inner']}",
+    lambda values: values["outer"] * values["inner"] if {"outer", "inner"} <= set(values) else None,
+)
 BETA = Parameter(
     "BETA",
     "in [0, 1], the weight of the ELBO; default 0.5",
@@ -945,24 +873,18 @@ BETA = Parameter(
 )
 
 
-def _ciwae(particles: int, estimator: str = "reparam", beta: float = 0.5) -> pyro.infer.ELBO:
-    from pvae.inference import CIWAE
-
-    return CIWAE(num_particles=particles, beta=beta, estimator=estimator)
-
-
-def _describe_ciwae(spec: BoundSpec, particles: int) -> str:
-    return f"CIWAE_{particles}, beta={spec.options.get('beta', 0.5):g}"
-
-
-def _kalman(particles: int, estimator: str = "reparam") -> pyro.infer.ELBO:
-    from pvae.inference import KalmanELBO
-
-    return KalmanELBO(num_particles=particles)
+def _describe_grouped(spec: BoundSpec, particles: int) -> str:
+    return f"{spec.name.upper()}(M={spec.options.get('outer')}, K={spec.options.get('inner')})"
 
 
 register_engine(
-    "elbo", _elbo, "evidence lower bound (Kingma & Welling 2014)", describe=_describe_elbo
+    "elbo",
+    _elbo,
+    "evidence lower bound (Kingma & Welling 2014)",
+    describe=lambda spec, particles: (
+        f"ELBO, {particles} samples averaged"
+        + (" (Monte-Carlo KL)" if spec.estimator != "reparam" else "")
+    ),
 )
 register_engine(
     "iwae",
@@ -983,7 +905,7 @@ register_engine(
     "ciwae",
     _ciwae,
     "beta * ELBO + (1 - beta) * IWAE (Rainforth et al. 2018)",
-    describe=_describe_ciwae,
+    describe=lambda spec, particles: f"CIWAE_{particles}, beta={spec.options.get('beta', 0.5):g}",
     parameter=BETA,
     min_particles=2,
     default_particles=64,
