@@ -33,6 +33,7 @@ from pvae.app.registry import (
     MODELS,
     Integer,
     ModelInfo,
+    Option,
     Real,
     bound_grammar,
     parse_bound,
@@ -271,20 +272,23 @@ def _check_engines(args: argparse.Namespace) -> None:
 
 
 class Arg(NamedTuple):
-    """One option: its ``flag``, parsed by ``type`` (None: kept as text), its ``default`` and
-    ``help``, to which ``(default: ...)`` is added unless it says the default itself or the
-    default is None or a bool; the rest as for ``ArgumentParser.add_argument`` (None and
-    False: not given)."""
+    """One option: its ``flag`` (``"--flag METAVAR"``, or a positional's ``"name METAVAR"``),
+    its ``help``, parsed by ``type`` (None: kept as text); the rest as for
+    ``ArgumentParser.add_argument`` (None and False: not given). ``(default: ...)`` is added to
+    the help unless it says the default itself or the default is None or a bool."""
 
     flag: str
-    type: Callable[[str], Any] | None
-    default: Any
     help: str
-    metavar: str | None = None
+    type: Callable[[str], Any] | None = None
+    default: Any = None
     choices: Sequence[str] | None = None
     action: str | None = None
     required: bool = False
     dest: str | None = None
+
+
+def _switch(flag: str, help: str) -> Arg:
+    return Arg(flag, help, action="store_true")
 
 
 def _show(item: Any) -> str:
@@ -308,23 +312,24 @@ def _add(container: Any, title: str | None, *arguments: Arg) -> Any:
     group = container.add_argument_group(title) if title else container
     for arg in arguments:
         keywords = {k: v for k, v in arg._asdict().items() if v is not None and v is not False}
+        flag, _, keywords["metavar"] = keywords.pop("flag").partition(" ")
+        if not keywords["metavar"]:
+            del keywords["metavar"]
         shown = arg.default is not None and not isinstance(arg.default, bool)
         if shown and "(default" not in arg.help:
             keywords["help"] = f"{arg.help} (default: {_show(arg.default)})"
-        group.add_argument(keywords.pop("flag"), **keywords)
+        group.add_argument(flag, **keywords)
     return group
 
 
 def _log(what: str) -> Arg:
     """``--log tensorboard|mlflow``: experiment tracking (:mod:`pvae.tracking`)."""
     return Arg(
-        "--log",
-        _argument_type(_loggers),
-        None,
+        "--log LOGGER",
         f"also log {what} to tensorboard (into DIR/tensorboard) or mlflow (into the file "
         "store DIR/mlruns, or MLFLOW_TRACKING_URI when set); both: tensorboard,mlflow "
         "(needs pip install 'pyro-vae[tensorboard]' or 'pyro-vae[mlflow]')",
-        "LOGGER",
+        _argument_type(_loggers),
     )
 
 
@@ -335,30 +340,22 @@ def _data_arguments(parser: argparse.ArgumentParser, dataset: str | None = None)
         parser,
         "data",
         Arg(
-            "--dataset",
+            "--dataset NAME",
+            "a dataset from 'pvae datasets'",
             DATASET,
             dataset,
-            "a dataset from 'pvae datasets'",
-            "NAME",
-            None,
-            None,
-            dataset is None,
+            required=dataset is None,
         ),
         Arg(
-            "--data-path",
-            None,
-            None,
+            "--data-path DIR",
             "folder of the IDX files for datasets read from files (mnist, fashion-mnist)",
-            "DIR",
         ),
         Arg(
             "--binarize",
-            None,
-            None,
             "binarisation of image datasets (default: the dataset's, dynamic for images)",
             choices=_index.BINARIZE,
         ),
-        Arg("--seed", SEED, 0, "seeds the data split, the initialisation and the training"),
+        Arg("--seed", "seeds the data split, the initialisation and the training", SEED, 0),
     )
 
 
@@ -373,53 +370,44 @@ def _model_arguments(
     own options. A None default is resolved by the command (``quick``: the values it takes
     under ``--quick``). ``sampled``: the models of ``pvae sample``, else the trained ones."""
     names = [info.name for info in model_infos(sampled)]
+    likelihoods = f"one of: {', '.join(likelihood_names())}"
     _add(
         parser,
         "model",
         Arg(
-            "--model",
+            "--model NAME",
+            f"one of: {', '.join(names)}",
             _model_name(sampled),
             names[0] if sampled else "vae",
-            f"one of: {', '.join(names)}",
-            "NAME",
         ),
-        Arg("--z-dim", POSITIVE, z_dim, f"latent dimension {_default('z_dim', z_dim, quick)}"),
+        Arg("--z-dim", f"latent dimension {_default('z_dim', z_dim, quick)}", POSITIVE, z_dim),
         Arg(
-            "--hidden",
+            "--hidden W1,W2,...",
+            f"hidden layer widths {_default('hidden', hidden, quick)}",
             HIDDEN,
             hidden,
-            "hidden layer widths " + _default("hidden", hidden, quick),
-            "W1,W2,...",
         ),
-        Arg("--net", None, "mlp", "network kind", choices=["mlp", "conv"]),
+        Arg("--net", "network kind", None, "mlp", choices=["mlp", "conv"]),
         Arg(
-            "--likelihood",
+            "--likelihood NAME",
+            f"{likelihoods} (default: the dataset's, bernoulli for binarised images)",
             _one_of("likelihood", likelihood_names),
-            None,
-            f"one of: {', '.join(likelihood_names())} (default: the dataset's, bernoulli for "
-            "binarised images)",
-            "NAME",
         ),
     )
     for info in model_infos(sampled):
         if info.options:
-            _add(
-                parser,
-                f"options of --model {info.name}",
-                *(
-                    Arg(
-                        info.flag(option),
-                        _argument_type(option.parse),
-                        None,
-                        f"{option.help} (default: {option.default})",
-                        "{" + ",".join(map(str, option.values)) + "}"
-                        if option.values
-                        else option.name.upper(),
-                        dest=info.dest(option),
-                    )
-                    for option in info.options
-                ),
-            )
+            arguments = [_model_option(info, option) for option in info.options]
+            _add(parser, f"options of --model {info.name}", *arguments)
+
+
+def _model_option(info: ModelInfo, option: Option) -> Arg:
+    """``--<model>-<option>``: parsed by the option, default None (the model's default)."""
+    values = option.values
+    metavar = "{" + ",".join(map(str, values)) + "}" if values else option.name.upper()
+    help = f"{option.help} (default: {option.default})"
+    return Arg(
+        f"{info.flag(option)} {metavar}", help, _argument_type(option.parse), dest=info.dest(option)
+    )
 
 
 def _training_arguments(
@@ -435,42 +423,30 @@ def _training_arguments(
     """``--epochs``, ``--batch-size``, ``--lr``, ``--particles``, ``--ll-samples``,
     ``--quiet``. A None default is resolved by the command (``quick``: as for the model)."""
     engines = ", ".join(f"{e.name} {e.default_particles}" for e in ENGINES.entries())
+    epochs_help = "; with --resume, training continues up to this many " if resumable else " "
+    if particles is None:
+        particles_help += f" (default: the engine's: {engines}; MxK implies M*K)"
     _add(
         parser,
         "training and evaluation",
         Arg(
             "--epochs",
+            f"total epochs{epochs_help}{_default('epochs', epochs, quick)}",
             POSITIVE,
             epochs,
-            "total epochs"
-            + ("; with --resume, training continues up to this many " if resumable else " ")
-            + _default("epochs", epochs, quick),
         ),
-        Arg("--batch-size", POSITIVE, batch_size, "datapoints per step"),
-        Arg("--lr", POSITIVE_REAL, 1e-3, "Adam learning rate (default: 1e-3)"),
+        Arg("--batch-size", "datapoints per step", POSITIVE, batch_size),
+        Arg("--lr", "Adam learning rate (default: 1e-3)", POSITIVE_REAL, 1e-3),
+        Arg("--particles", particles_help, POSITIVE, particles),
         Arg(
-            "--particles",
-            POSITIVE,
-            particles,
-            particles_help
-            + (
-                f" (default: the engine's: {engines}; MxK implies M*K)" if particles is None else ""
-            ),
-        ),
-        Arg(
-            "--ll-samples",
+            "--ll-samples K",
+            "importance samples per test point for the log-likelihood "
+            + _default("ll_samples", ll_samples, quick),
             POSITIVE,
             ll_samples,
-            "importance samples per test point for the "
-            f"log-likelihood {_default('ll_samples', ll_samples, quick)}",
-            "K",
         ),
-        Arg(
-            "--quiet",
-            None,
-            False,
-            "no progress bars and no per-epoch lines (the final result is still printed)",
-            action="store_true",
+        _switch(
+            "--quiet", "no progress bars and no per-epoch lines (the final result is still printed)"
         ),
     )
 
@@ -501,18 +477,14 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "subset",
         Arg(
-            "--max-train",
-            POSITIVE,
-            None,
+            "--max-train N",
             "train on the first N training points (sequences) only (default: all)",
-            "N",
+            POSITIVE,
         ),
         Arg(
-            "--max-eval",
-            POSITIVE,
-            None,
+            "--max-eval N",
             "validate and test on the first N points (sequences) of each split (default: all)",
-            "N",
+            POSITIVE,
         ),
     )
     _model_arguments(parser)
@@ -520,52 +492,27 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "engine",
         Arg(
-            "--engine",
+            "--engine BOUND",
+            f"one of: {', '.join(ENGINES.names())}, written as {bound_grammar()}",
             BOUND,
             "elbo",
-            f"one of: {', '.join(ENGINES.names())}, written as {bound_grammar()}",
-            "BOUND",
         ),
         Arg(
-            "--beta-schedule",
+            "--beta-schedule SCHEDULE",
+            "anneal the ELBO's KL weight over training steps: "
+            "linear:STEPS (Bowman et al. 2016) or cyclical:PERIOD[:RATIO] (Fu et al. 2019) "
+            "(default: none, beta = 1)",
             SCHEDULE,
-            None,
-            "anneal the ELBO's KL weight over training "
-            "steps: linear:STEPS (Bowman et al. 2016) or cyclical:PERIOD[:RATIO] (Fu et al. "
-            "2019) (default: none, beta = 1)",
-            "SCHEDULE",
         ),
     )
     _training_arguments(parser, particles=None)
-    group = _add(
-        parser,
-        "run folder",
-        Arg(
-            "--run-dir",
-            None,
-            None,
-            "where config, checkpoint, metrics and plots are written",
-            "DIR",
-            required=True,
-        ),
-    )
+    run_dir = "where config, checkpoint, metrics and plots are written"
+    group = _add(parser, "run folder", Arg("--run-dir DIR", run_dir, required=True))
     _add(
         group.add_mutually_exclusive_group(),
         None,
-        Arg(
-            "--resume",
-            None,
-            False,
-            "continue the run in DIR from its checkpoint up to --epochs",
-            action="store_true",
-        ),
-        Arg(
-            "--overwrite",
-            None,
-            False,
-            "start afresh even if DIR already holds a run",
-            action="store_true",
-        ),
+        _switch("--resume", "continue the run in DIR from its checkpoint up to --epochs"),
+        _switch("--overwrite", "start afresh even if DIR already holds a run"),
     )
     _add(group, None, _log("every step and epoch, the config and the outputs"))
 
@@ -578,19 +525,16 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "bounds",
         Arg(
-            "--bounds",
+            "--bounds B1,B2,...",
+            f"comma-separated bounds, each {bound_grammar()}",
             BOUNDS,
             list(_index.DEFAULT_BOUNDS),
-            f"comma-separated bounds, each {bound_grammar()}",
-            "B1,B2,...",
         ),
         Arg(
-            "--inner",
+            "--inner K",
+            "K of miwae and piwae written without MxK; M = --particles / K "
+            "(default: K = M = sqrt(--particles))",
             POSITIVE,
-            None,
-            "K of miwae and piwae written without MxK; M = "
-            "--particles / K (default: K = M = sqrt(--particles))",
-            "K",
         ),
     )
     _training_arguments(
@@ -603,95 +547,78 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
         particles_help="samples of z per datapoint and step, the same for every bound",
         resumable=False,
     )
-    _add(
-        parser,
-        "diagnostics and output",
+    _add(parser, "diagnostics and output", *_compare_output_arguments(quick))
+
+
+def _compare_output_arguments(quick: dict[str, Any]) -> list[Arg]:
+    """``pvae compare``'s diagnostics, run folder, seeds, devices and executors."""
+    limits = _index.QUICK_LIMITS
+    return [
         Arg(
-            "--snr-repeats",
+            "--snr-repeats N",
+            "gradients per bound for the gradient signal-to-noise ratio "
+            + _default("snr_repeats", None, quick),
             _argument_type(Integer(2)),
-            None,
-            "gradients per bound for the "
-            "gradient signal-to-noise ratio " + _default("snr_repeats", None, quick),
-            "N",
         ),
         Arg(
-            "--run-dir",
-            None,
-            None,
-            "where results.md/.json/.csv, the plots and one "
-            "checkpoint folder per bound are written (default: runs/compare-DATASET)",
-            "DIR",
+            "--run-dir DIR",
+            "where results.md/.json/.csv, the plots and one checkpoint folder "
+            "per bound are written (default: runs/compare-DATASET)",
         ),
-        Arg(
+        _switch(
             "--overwrite",
-            None,
-            False,
-            "replace an earlier comparison in DIR (its results, "
-            "plots and bound folders; nothing else)",
-            action="store_true",
+            "replace an earlier comparison in DIR (its results, plots and "
+            "bound folders; nothing else)",
         ),
-        Arg(
+        _switch(
             "--resume",
-            None,
-            False,
-            "continue an interrupted comparison in DIR: only its "
-            "unfinished cells (bound, seed) run, each from its own checkpoint",
-            action="store_true",
+            "continue an interrupted comparison in DIR: only its unfinished "
+            "cells (bound, seed) run, each from its own checkpoint",
         ),
-        Arg(
+        _switch(
             "--quick",
-            None,
-            False,
-            "a smoke run in under a minute: "
-            f"{_index.QUICK_LIMITS['max_train']} training and {_index.QUICK_LIMITS['max_eval']} "
-            "valid/test points and the --quick defaults above",
-            action="store_true",
+            f"a smoke run in under a minute: {limits['max_train']} training and "
+            f"{limits['max_eval']} valid/test points and the --quick defaults above",
         ),
         Arg(
-            "--threads",
+            "--threads N",
+            "torch's intra-op threads (default: torch's own, one per core; on a "
+            "machine busy with other jobs, 1 is often several times faster)",
             POSITIVE,
-            None,
-            "torch's intra-op threads (default: torch's own, one "
-            "per core; on a machine busy with other jobs, 1 is often several times faster)",
-            "N",
         ),
         Arg(
-            "--seeds",
+            "--seeds S1,S2,...",
+            "train every bound once per seed (one run folder per bound "
+            "and seed, BOUND/seed-S); the table gives mean ± sd over seeds and the per-seed "
+            "paired Δ to the first bound (default: --seed alone, one folder per bound)",
             _argument_type(_seeds),
-            None,
-            "train every bound once per seed (one run "
-            "folder per bound and seed, BOUND/seed-S); the table gives mean ± sd over seeds and "
-            "the per-seed paired Δ to the first bound (default: --seed alone, one folder per "
-            "bound)",
-            "S1,S2,...",
         ),
         Arg(
-            "--yardstick",
+            "--yardstick iwae:K|elbo:K|none",
+            "the estimator every bound's model is evaluated "
+            f"with on {_index.YARDSTICK_POINTS} validation points after every epoch, for "
+            "learning curves that compare like with like",
             YARDSTICK,
             _index.YARDSTICK,
-            "the estimator every bound's model is "
-            f"evaluated with on {_index.YARDSTICK_POINTS} validation points after every epoch, "
-            "for learning curves that compare like with like",
-            "iwae:K|elbo:K|none",
         ),
         Arg(
             "--device",
+            "where the models train and are evaluated",
             None,
             "cpu",
-            "where the models train and are evaluated",
             choices=["cpu", "cuda", "mps"],
         ),
-        Arg("--jobs", POSITIVE, 1, "cells (bound x seed) run in N processes at once", "N"),
+        Arg("--jobs N", "cells (bound x seed) run in N processes at once", POSITIVE, 1),
         Arg(
             "--executor",
+            "where the cells run: local processes, or Ray tasks on a Ray cluster "
+            "(needs pip install 'pyro-vae[ray]')",
             None,
             "local",
-            "where the cells run: local processes, or Ray tasks "
-            "on a Ray cluster (needs pip install 'pyro-vae[ray]')",
             choices=["local", "ray"],
         ),
         _log("one run per bound (steps, epochs, its results) and the results"),
-    )
+    ]
 
 
 def _diagnose_arguments(parser: argparse.ArgumentParser) -> None:
@@ -699,28 +626,13 @@ def _diagnose_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         None,
         Arg(
-            "run_dir",
-            None,
-            None,
-            "a run folder of 'pvae train' (config.json, checkpoint.pt) "
-            "or 'pvae compare' (results.json and one folder per bound)",
-            "RUN_DIR",
+            "run_dir RUN_DIR",
+            "a run folder of 'pvae train' (config.json, checkpoint.pt) or "
+            "'pvae compare' (results.json and one folder per bound)",
         ),
-        Arg(
-            "--out",
-            None,
-            None,
-            "where diagnostics.md and the plots are written (default: RUN_DIR)",
-            "DIR",
-        ),
-        Arg("--points", POSITIVE, 500, "test points the diagnostics use, the first N", "N"),
-        Arg(
-            "--quiet",
-            None,
-            False,
-            "only the final line (no verdict, no per-bound lines)",
-            action="store_true",
-        ),
+        Arg("--out DIR", "where diagnostics.md and the plots are written (default: RUN_DIR)"),
+        Arg("--points N", "test points the diagnostics use, the first N", POSITIVE, 500),
+        _switch("--quiet", "only the final line (no verdict, no per-bound lines)"),
     )
 
 
@@ -731,63 +643,50 @@ def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     _add(
         parser,
         "sampling (SGHMC over every latent site)",
-        Arg("--num-samples", POSITIVE, 100, "draws kept per chain"),
-        Arg("--warmup", NON_NEGATIVE, 500, "warm-up steps per chain"),
-        Arg("--thin", POSITIVE, 1, "keep every THIN-th step"),
+        Arg("--num-samples", "draws kept per chain", POSITIVE, 100),
+        Arg("--warmup", "warm-up steps per chain", NON_NEGATIVE, 500),
+        Arg("--thin", "keep every THIN-th step", POSITIVE, 1),
         Arg(
-            "--chains", POSITIVE, SAMPLE_CHAINS, "chains, one after another; R-hat needs at least 2"
+            "--chains", "chains, one after another; R-hat needs at least 2", POSITIVE, SAMPLE_CHAINS
         ),
-        Arg("--batch-size", POSITIVE, 100, "datapoints per step"),
+        Arg("--batch-size", "datapoints per step", POSITIVE, 100),
         Arg(
             "--lr",
+            "SGHMC learning rate per datapoint; the step is lr / N (default: SGHMC's, "
+            f"{sghmc['lr']})",
             POSITIVE_REAL,
-            None,
-            "SGHMC learning rate per datapoint; the step is lr / "
-            f"N (default: SGHMC's, {sghmc['lr']})",
         ),
         Arg(
             "--friction",
-            FRICTION,
-            None,
             f"SGHMC friction in (0, 1] (default: SGHMC's, {sghmc['friction']})",
+            FRICTION,
         ),
         Arg(
             "--init-radius",
+            "chains start with unconstrained values uniform in (-R, R) "
+            f"(default: SGHMC's, {sghmc['init_radius']}; 0.1 starts a network's weights small, "
+            "as its initialisation does, and reconstructs better given a warm-up of hundreds "
+            "of steps)",
             POSITIVE_REAL,
-            None,
-            "chains start with unconstrained values "
-            f"uniform in (-R, R) (default: SGHMC's, {sghmc['init_radius']}; 0.1 starts a "
-            "network's weights small, as its initialisation does, and reconstructs better "
-            "given a warm-up of hundreds of steps)",
         ),
-        Arg(
-            "--max-train",
-            POSITIVE,
-            None,
-            "sample on the first N training points only (default: all)",
-            "N",
-        ),
+        Arg("--max-train N", "sample on the first N training points only (default: all)", POSITIVE),
     )
     _add(
         parser,
         "run folder",
-        Arg("--run-dir", None, None, "where the run is written", "DIR", required=True),
-        Arg(
+        Arg("--run-dir DIR", "where the run is written", required=True),
+        _switch(
             "--resume",
-            None,
-            False,
             "continue the interrupted run in DIR from its checkpoint (bit-identical samples)",
-            action="store_true",
         ),
         Arg(
-            "--checkpoint-every",
+            "--checkpoint-every STEPS",
+            "steps between checkpoints within a chain; one is also "
+            "written after every chain and on Ctrl-C",
             POSITIVE,
             SAMPLE_CHECKPOINT_EVERY,
-            "steps between "
-            "checkpoints within a chain; one is also written after every chain and on Ctrl-C",
-            "STEPS",
         ),
-        Arg("--quiet", None, False, "no progress bar", action="store_true"),
+        _switch("--quiet", "no progress bar"),
     )
 
 
