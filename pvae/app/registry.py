@@ -137,7 +137,7 @@ class Registry(Mapping[str, Entry], Generic[Entry]):
 
         :raises UnknownName: naming the valid choices.
         """
-        key = name.strip().lower() if isinstance(name, str) else name
+        key = name.strip().lower() if isinstance(name, str) else None
         if key not in self._entries:
             raise UnknownName(
                 f"unknown {self.kind} {name!r}; valid choices: {', '.join(self.names())}"
@@ -547,6 +547,23 @@ def require_mlp(model: str, net: str) -> None:
     """:raises ValueError: when ``net`` is not ``mlp`` for a model that has MLPs only."""
     if net != "mlp":
         raise ValueError(f"model {model!r} has MLP networks only: use --net mlp, not {net!r}")
+
+
+_MOVED = {  # former names of this module, now declared beside their models
+    "AUTO": "pvae.models.bayesian_ae",
+    "PRIOR_SCALES": "pvae.models.bayesian_ae",
+    "QuadrantPairs": "pvae.data.quadrants",
+    "IMPUTATION_HIDDEN": "pvae.metrics",
+    "imputation_metrics": "pvae.metrics",
+    "gp_imputation_metrics": "pvae.metrics",
+    "identification_metrics": "pvae.models.multimodal_gp",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
