@@ -104,7 +104,9 @@ def likelihood_names() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _argument_type(parse: Callable[[str], Any], expected: str | None = None) -> Callable:
+def _argument_type(
+    parse: Callable[[str], Any], expected: str | None = None
+) -> Callable[[str], Any]:
     """``parse`` as an argparse type: its ValueError or TypeError becomes an
     ``ArgumentTypeError`` with its own message, or ``expected <expected>, got <text>``."""
 
@@ -118,7 +120,9 @@ def _argument_type(parse: Callable[[str], Any], expected: str | None = None) -> 
     return checked
 
 
-def _one_of(kind: str, names: Callable[[], list[str]], key: Callable[[str], str] = str):
+def _one_of(
+    kind: str, names: Callable[[], list[str]], key: Callable[[str], str] = str
+) -> Callable[[str], Any]:
     """A name among ``names()`` once ``key`` has normalised it."""
 
     def parse(text: str) -> str:
@@ -141,7 +145,7 @@ def _schedule(text: str) -> str:
 
 
 def _seeds(text: str) -> list[int]:
-    seeds = [SEED(item.strip()) for item in text.split(",") if item.strip()]
+    seeds = [_SEED(item.strip()) for item in text.split(",") if item.strip()]
     if not seeds:
         raise ValueError(f"expected comma-separated seeds, got {text!r}")
     if len(set(seeds)) != len(seeds):
@@ -206,25 +210,25 @@ def _model_name(sampled: bool) -> Callable[[str], str]:
     return parse
 
 
-POSITIVE = _argument_type(Integer(1), "a positive integer")
-NON_NEGATIVE = _argument_type(Integer(0))
-SEED = _argument_type(
+_POSITIVE = _argument_type(Integer(1), "a positive integer")
+_NON_NEGATIVE = _argument_type(Integer(0))
+_SEED = _argument_type(
     Integer(0, _index.MAX_SEED), f"an integer in [0, {_index.MAX_SEED}] (numpy's limit)"
 )
-POSITIVE_REAL = _argument_type(Real(0.0, open_below=True), "a positive number")
-FRICTION = _argument_type(Real(0.0, 1.0, open_below=True), "a number in (0, 1]")
-HIDDEN = _argument_type(
+_POSITIVE_REAL = _argument_type(Real(0.0, open_below=True), "a positive number")
+_FRICTION = _argument_type(Real(0.0, 1.0, open_below=True), "a number in (0, 1]")
+_HIDDEN = _argument_type(
     lambda text: tuple(map(Integer(1), text.split(","))),
     "comma-separated positive layer widths such as 200,200",
 )
-SCHEDULE = _argument_type(
+_SCHEDULE = _argument_type(
     _schedule,
     "linear:STEPS or cyclical:PERIOD[:RATIO] (positive integers, 0 <= RATIO <= 1)",
 )
-BOUND = _argument_type(lambda text: parse_bound(text).label)
-BOUNDS = _argument_type(lambda text: [parse_bound(part).label for part in text.split(",")])
-YARDSTICK = _argument_type(_yardstick)
-DATASET = _one_of(
+_BOUND = _argument_type(lambda text: parse_bound(text).label)
+_BOUNDS = _argument_type(lambda text: [parse_bound(part).label for part in text.split(",")])
+_YARDSTICK = _argument_type(_yardstick)
+_DATASET = _one_of(
     "dataset",
     lambda: [name for name, _, _ in dataset_infos()],
     lambda text: text.strip().lower().replace("_", "-"),  # as pvae.data.load matches names
@@ -342,7 +346,7 @@ def _data_arguments(parser: argparse.ArgumentParser, dataset: str | None = None)
         Arg(
             "--dataset NAME",
             "a dataset from 'pvae datasets'",
-            DATASET,
+            _DATASET,
             dataset,
             required=dataset is None,
         ),
@@ -355,7 +359,7 @@ def _data_arguments(parser: argparse.ArgumentParser, dataset: str | None = None)
             "binarisation of image datasets (default: the dataset's, dynamic for images)",
             choices=_index.BINARIZE,
         ),
-        Arg("--seed", "seeds the data split, the initialisation and the training", SEED, 0),
+        Arg("--seed", "seeds the data split, the initialisation and the training", _SEED, 0),
     )
 
 
@@ -380,11 +384,11 @@ def _model_arguments(
             _model_name(sampled),
             names[0] if sampled else "vae",
         ),
-        Arg("--z-dim", f"latent dimension {_default('z_dim', z_dim, quick)}", POSITIVE, z_dim),
+        Arg("--z-dim", f"latent dimension {_default('z_dim', z_dim, quick)}", _POSITIVE, z_dim),
         Arg(
             "--hidden W1,W2,...",
             f"hidden layer widths {_default('hidden', hidden, quick)}",
-            HIDDEN,
+            _HIDDEN,
             hidden,
         ),
         Arg("--net", "network kind", None, "mlp", choices=["mlp", "conv"]),
@@ -432,17 +436,17 @@ def _training_arguments(
         Arg(
             "--epochs",
             f"total epochs{epochs_help}{_default('epochs', epochs, quick)}",
-            POSITIVE,
+            _POSITIVE,
             epochs,
         ),
-        Arg("--batch-size", "datapoints per step", POSITIVE, batch_size),
-        Arg("--lr", "Adam learning rate (default: 1e-3)", POSITIVE_REAL, 1e-3),
-        Arg("--particles", particles_help, POSITIVE, particles),
+        Arg("--batch-size", "datapoints per step", _POSITIVE, batch_size),
+        Arg("--lr", "Adam learning rate (default: 1e-3)", _POSITIVE_REAL, 1e-3),
+        Arg("--particles", particles_help, _POSITIVE, particles),
         Arg(
             "--ll-samples K",
             "importance samples per test point for the log-likelihood "
             + _default("ll_samples", ll_samples, quick),
-            POSITIVE,
+            _POSITIVE,
             ll_samples,
         ),
         _switch(
@@ -479,12 +483,12 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         Arg(
             "--max-train N",
             "train on the first N training points (sequences) only (default: all)",
-            POSITIVE,
+            _POSITIVE,
         ),
         Arg(
             "--max-eval N",
             "validate and test on the first N points (sequences) of each split (default: all)",
-            POSITIVE,
+            _POSITIVE,
         ),
     )
     _model_arguments(parser)
@@ -494,7 +498,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         Arg(
             "--engine BOUND",
             f"one of: {', '.join(ENGINES.names())}, written as {bound_grammar()}",
-            BOUND,
+            _BOUND,
             "elbo",
         ),
         Arg(
@@ -502,7 +506,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
             "anneal the ELBO's KL weight over training steps: "
             "linear:STEPS (Bowman et al. 2016) or cyclical:PERIOD[:RATIO] (Fu et al. 2019) "
             "(default: none, beta = 1)",
-            SCHEDULE,
+            _SCHEDULE,
         ),
     )
     _training_arguments(parser, particles=None)
@@ -527,14 +531,14 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
         Arg(
             "--bounds B1,B2,...",
             f"comma-separated bounds, each {bound_grammar()}",
-            BOUNDS,
+            _BOUNDS,
             list(_index.DEFAULT_BOUNDS),
         ),
         Arg(
             "--inner K",
             "K of miwae and piwae written without MxK; M = --particles / K "
             "(default: K = M = sqrt(--particles))",
-            POSITIVE,
+            _POSITIVE,
         ),
     )
     _training_arguments(
@@ -584,7 +588,7 @@ def _compare_output_arguments(quick: dict[str, Any]) -> list[Arg]:
             "--threads N",
             "torch's intra-op threads (default: torch's own, one per core; on a "
             "machine busy with other jobs, 1 is often several times faster)",
-            POSITIVE,
+            _POSITIVE,
         ),
         Arg(
             "--seeds S1,S2,...",
@@ -598,7 +602,7 @@ def _compare_output_arguments(quick: dict[str, Any]) -> list[Arg]:
             "the estimator every bound's model is evaluated "
             f"with on {_index.YARDSTICK_POINTS} validation points after every epoch, for "
             "learning curves that compare like with like",
-            YARDSTICK,
+            _YARDSTICK,
             _index.YARDSTICK,
         ),
         Arg(
@@ -608,7 +612,7 @@ def _compare_output_arguments(quick: dict[str, Any]) -> list[Arg]:
             "cpu",
             choices=["cpu", "cuda", "mps"],
         ),
-        Arg("--jobs N", "cells (bound x seed) run in N processes at once", POSITIVE, 1),
+        Arg("--jobs N", "cells (bound x seed) run in N processes at once", _POSITIVE, 1),
         Arg(
             "--executor",
             "where the cells run: local processes, or Ray tasks on a Ray cluster "
@@ -631,7 +635,7 @@ def _diagnose_arguments(parser: argparse.ArgumentParser) -> None:
             "'pvae compare' (results.json and one folder per bound)",
         ),
         Arg("--out DIR", "where diagnostics.md and the plots are written (default: RUN_DIR)"),
-        Arg("--points N", "test points the diagnostics use, the first N", POSITIVE, 500),
+        Arg("--points N", "test points the diagnostics use, the first N", _POSITIVE, 500),
         _switch("--quiet", "only the final line (no verdict, no per-bound lines)"),
     )
 
@@ -643,23 +647,26 @@ def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     _add(
         parser,
         "sampling (SGHMC over every latent site)",
-        Arg("--num-samples", "draws kept per chain", POSITIVE, 100),
-        Arg("--warmup", "warm-up steps per chain", NON_NEGATIVE, 500),
-        Arg("--thin", "keep every THIN-th step", POSITIVE, 1),
+        Arg("--num-samples", "draws kept per chain", _POSITIVE, 100),
+        Arg("--warmup", "warm-up steps per chain", _NON_NEGATIVE, 500),
+        Arg("--thin", "keep every THIN-th step", _POSITIVE, 1),
         Arg(
-            "--chains", "chains, one after another; R-hat needs at least 2", POSITIVE, SAMPLE_CHAINS
+            "--chains",
+            "chains, one after another; R-hat needs at least 2",
+            _POSITIVE,
+            SAMPLE_CHAINS,
         ),
-        Arg("--batch-size", "datapoints per step", POSITIVE, 100),
+        Arg("--batch-size", "datapoints per step", _POSITIVE, 100),
         Arg(
             "--lr",
             "SGHMC learning rate per datapoint; the step is lr / N (default: SGHMC's, "
             f"{sghmc['lr']})",
-            POSITIVE_REAL,
+            _POSITIVE_REAL,
         ),
         Arg(
             "--friction",
             f"SGHMC friction in (0, 1] (default: SGHMC's, {sghmc['friction']})",
-            FRICTION,
+            _FRICTION,
         ),
         Arg(
             "--init-radius",
@@ -667,9 +674,11 @@ def _sample_arguments(parser: argparse.ArgumentParser) -> None:
             f"(default: SGHMC's, {sghmc['init_radius']}; 0.1 starts a network's weights small, "
             "as its initialisation does, and reconstructs better given a warm-up of hundreds "
             "of steps)",
-            POSITIVE_REAL,
+            _POSITIVE_REAL,
         ),
-        Arg("--max-train N", "sample on the first N training points only (default: all)", POSITIVE),
+        Arg(
+            "--max-train N", "sample on the first N training points only (default: all)", _POSITIVE
+        ),
     )
     _add(
         parser,
@@ -683,7 +692,7 @@ def _sample_arguments(parser: argparse.ArgumentParser) -> None:
             "--checkpoint-every STEPS",
             "steps between checkpoints within a chain; one is also "
             "written after every chain and on Ctrl-C",
-            POSITIVE,
+            _POSITIVE,
             SAMPLE_CHECKPOINT_EVERY,
         ),
         _switch("--quiet", "no progress bar"),
