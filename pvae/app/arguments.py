@@ -316,9 +316,9 @@ def _add(container: Any, title: str | None, *arguments: Arg) -> Any:
     group = container.add_argument_group(title) if title else container
     for arg in arguments:
         keywords = {k: v for k, v in arg._asdict().items() if v is not None and v is not False}
-        flag, _, keywords["metavar"] = keywords.pop("flag").partition(" ")
-        if not keywords["metavar"]:
-            del keywords["metavar"]
+        flag, _, metavar = keywords.pop("flag").partition(" ")
+        if metavar:
+            keywords["metavar"] = metavar
         shown = arg.default is not None and not isinstance(arg.default, bool)
         if shown and "(default" not in arg.help:
             keywords["help"] = f"{arg.help} (default: {_show(arg.default)})"
