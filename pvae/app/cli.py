@@ -11,11 +11,6 @@ torch) and runs one of the commands here.
     pvae sample --dataset mnist5k --model bae --max-train 500 --run-dir runs/bae
     pvae diagnose runs/bae             # R-hat, ESS, ArviZ summary and traces of a sampler run
 
-Every model of :data:`pvae.app.registry.MODELS` (vae, cvae, hvae, multimodal, ard, ...) is
-reachable from ``train``, ``compare`` and ``diagnose`` with its own options
-(``--<model>-<option>``, e.g. ``--hvae-layers 3``); engines come from
-:data:`pvae.app.registry.ENGINES` (those that need particles train with 64 by default).
-
 ``pvae train`` checks the likelihood's support on the data, trains with :func:`pvae.fit`,
 estimates the test log-likelihood with :func:`pvae.log_likelihood`, and writes into the run
 folder (every file atomically: a temporary name in the same folder, then a rename):
@@ -28,19 +23,14 @@ folder (every file atomically: a temporary name in the same folder, then a renam
   log-likelihood (mean and standard error over test points);
 - ``learning_curve.png``, ``reconstructions.png``, ``samples.png``.
 
-``pvae compare`` trains one model once per bound and seed (same data and particle budget) and
-writes ``results.md``/``.json``/``.csv`` and plots (:mod:`pvae.app.compare`); ``pvae diagnose
-RUN_DIR`` rebuilds a run from its ``config.json`` and writes ``diagnostics.md`` and figures
-(:mod:`pvae.app.diagnose`); ``pvae sample`` samples a model's weights (:mod:`pvae.app.sample`).
+``pvae compare``: :mod:`pvae.app.compare`; ``pvae diagnose``: :mod:`pvae.app.diagnose`;
+``pvae sample``: :mod:`pvae.app.sample`.
 
 Every command checks its run folder (:func:`_folder`), data, model and engine before it writes
 anything. Errors in the invocation (unknown names, bad numbers, missing data files, data outside
 the likelihood's support, a folder that does not match ``--resume``) print one line
 ``pvae: error: ...`` and exit with status 2; a run that fails exits with 1, an interrupted one
 with 130 (saying what its folder keeps). Set ``PVAE_DEBUG=1`` to get the traceback instead.
-Adding a subcommand: ``_add_<name>_arguments(parser)`` and a ``Command`` in
-:mod:`pvae.app.arguments`, ``_<name>(args) -> int`` here (reusing :func:`_folder`,
-:func:`_config_and_data`, :func:`_build` and :func:`_run`).
 """
 
 from __future__ import annotations
@@ -97,26 +87,19 @@ __all__ = [  # the parser's names too, as this module has always offered them
 # What a command (and ``pvae diagnose`` on its run) writes into its run folder: --overwrite
 # removes these and a comparison's bound folders, nothing else (the folder may hold the user's
 # own files).
+_FIGURES = ("learning_curve.png", "reconstructions.png", "samples.png")  # of pvae train
 _OUTPUTS = {
-    "train": (
-        CHECKPOINT,
-        RUN_JSON,
-        "metrics.json",
-        "metrics.csv",
-        "learning_curve.png",
-        "reconstructions.png",
-        "samples.png",
-    ),
+    "train": (CHECKPOINT, RUN_JSON, "metrics.json", "metrics.csv", *_FIGURES),
     "compare": compare.OUTPUTS,
 }
 # What a --resume may change, by command, and the entry of config.json it is checked against:
 # the arguments, or (a comparison's config.json records none) the RunConfig.
+_CONTINUING = {"resume", "quiet", "run_dir", "data_path"}  # how and where a run continues
 RESUMABLE: dict[str, tuple[str, set[str]]] = {
-    "train": ("args", {"epochs", "ll_samples", "overwrite", "log", "resume", "quiet", "run_dir"}),
-    "sample": ("args", {"checkpoint_every", "resume", "quiet", "run_dir", "data_path"}),
+    "train": ("args", {*_CONTINUING, "epochs", "ll_samples", "overwrite", "log"}),
+    "sample": ("args", {*_CONTINUING, "checkpoint_every"}),
     "compare": ("run", {"data_path"}),
 }
-RESUMABLE["train"][1].add("data_path")
 _FAILED = {"train": "training", "compare": "compare", "sample": "sampling"}  # "... failed: "
 
 

@@ -28,6 +28,7 @@ import pvae
 from pvae import checkpoint, data
 from pvae.app.registry import MODELS, parse_bound
 from pvae.checkpoint import RUN_JSON
+from pvae.data import rows, subset
 from pvae.diagnostics import ActiveUnits, active_units
 from pvae.evaluate import as_tensors, num_items
 from pvae.plots import write_json
@@ -40,6 +41,7 @@ __all__ = [
     "latent_activity",
     "latent_sites",
     "read_config",
+    "rows",
     "subset",
     "write_config",
     "write_json",
@@ -228,45 +230,6 @@ class RunFolder(checkpoint.RunFolder):
         return "train" if self.has_checkpoint else None
 
 
-def rows(values: Any, start: int, stop: int) -> Any:
-    """Rows ``start:stop`` of a split: a tensor, a tuple of them (modalities), a sequence
-    split ``(values, times, mask)`` or a dynamically binarised set."""
-    if isinstance(values, data.SequenceSplit):
-        return data.SequenceSplit(*(item[start:stop] for item in values))
-    if isinstance(values, tuple):
-        return tuple(rows(item, start, stop) for item in values)
-    if isinstance(values, data.DynamicBinarized):
-        return data.DynamicBinarized(values.probs[start:stop])
-    return values[start:stop]
-
-
-def subset(ds: data.Splits, max_train: int | None, max_eval: int | None) -> data.Splits:
-    """The first ``max_train`` training and ``max_eval`` valid/test points (the splits are
-    already shuffled); tuples of modalities, sequence splits ``(values, times, mask)`` and
-    their generating truth are cut row-wise."""
-
-    def head(values: Any, limit: int | None) -> Any:
-        return values if limit is None or values is None else rows(values, 0, limit)
-
-    extra: dict[str, Any] = {}
-    if isinstance(ds, data.SequenceSplits):  # the generating truth has a row per sequence
-        limits = {"train": max_train, "valid": max_eval, "test": max_eval}
-        extra["truth"] = {
-            split: {key: head(value, limits.get(split)) for key, value in truth.items()}
-            for split, truth in ds.truth.items()
-        }
-    return dataclasses.replace(
-        ds,
-        **extra,
-        train=head(ds.train, max_train),
-        train_labels=head(ds.train_labels, max_train),
-        valid=head(ds.valid, max_eval),
-        valid_labels=head(ds.valid_labels, max_eval),
-        test=head(ds.test, max_eval),
-        test_labels=head(ds.test_labels, max_eval),
-    )
-
-
 def write_config(
     run_dir: str | Path,
     config: RunConfig,
@@ -357,10 +320,10 @@ def latent_activity(
     sum of the counts over the layers. ``channels``: the model's dimension map (its
     registration's ``channels``): those sites are counted per channel.
     """
-    rows = as_tensors(test)
+    tensors = as_tensors(test)
     if num_points is not None:
-        rows = tuple(t[:num_points] for t in rows)
-    batch: Any = rows if len(rows) > 1 else rows[0]
+        tensors = tuple(t[:num_points] for t in tensors)
+    batch: Any = tensors if len(tensors) > 1 else tensors[0]
     with torch.random.fork_rng(devices=[]):
         result = {}
         for site in latent_sites(model):
