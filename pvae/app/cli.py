@@ -291,10 +291,11 @@ def _kept(command: str, run_dir: Path, stop: BaseException) -> str:
         return f"{cells} are kept in {run_dir}: {again}"
     if isinstance(stop, pvae.SamplingInterrupted):
         return f"checkpoint at chain {stop.chain}, step {stop.step} in {run_dir}: {again}"
+    train = command == "train"
     if (run_dir / CHECKPOINT).is_file():
-        kept = "of the last full epoch " if command == "train" else ""
-        return f"the last checkpoint {kept}is in {run_dir}: {again}"
-    return f"no checkpoint was written in {run_dir}"
+        which = "the checkpoint of the last full epoch" if train else "the last checkpoint"
+        return f"{which} is in {run_dir}: {again}"
+    return f"no checkpoint was written in {run_dir}" + (" (in the first epoch)" if train else "")
 
 
 def _threads() -> str:
@@ -540,6 +541,8 @@ def _compare(args: argparse.Namespace) -> int:
     with _refused(mismatch, (ValueError, TypeError, NotImplementedError)):
         compare.check(config, plan, ds)  # every bound's engine on the model, on the data
 
+    unit = "sequence" if isinstance(ds, data.SequenceSplits) else None
+
     def work(run_dir: Path) -> int:
         with _open_loggers(args, run_dir, run_name="compare") as loggers:
             results = compare.compare(
@@ -552,9 +555,7 @@ def _compare(args: argparse.Namespace) -> int:
                 ds=ds,
             )
             tracking.log_outputs(loggers, run_dir)
-        return _compare_summary(args, plan, results, unit, started)
-
-    unit = "sequence" if isinstance(ds, data.SequenceSplits) else None
+        return _compare_summary(args, plan, results, (run_dir, unit), started)
 
     return _run("compare", folder, earlier, work)
 
@@ -563,10 +564,12 @@ def _compare_summary(
     args: argparse.Namespace,
     plan: compare.Plan,
     results: Sequence[compare.BoundResult],
-    unit: str | None,
+    where: tuple[Path, str | None],
     started: float,
 ) -> int:
-    """The table of a finished comparison, where its files are, and its exit status."""
+    """The table of a finished comparison (``where``: its run folder and the data's unit), where
+    its files are, and its exit status."""
+    run_dir, unit = where
     rows = [result.to_json() for result in results]
     if plan.several:
         print(compare.format_seed_table(compare.summarize(rows), args.ll_samples, unit))
@@ -576,7 +579,7 @@ def _compare_summary(
     print(
         f"{len(plan.bounds)} bounds{seeds} compared in {time.perf_counter() - started:.0f} s "
         f"({_threads()}, {args.device}); results.md, results.json, results.csv, "
-        f"learning_curves.png, log_likelihood.png, snr.png and ll_vs_k.png in {args.run_dir}"
+        f"learning_curves.png, log_likelihood.png, snr.png and ll_vs_k.png in {run_dir}"
     )
     failed = [result.run or result.bound for result in results if not result.ok]
     if failed:
