@@ -14,8 +14,7 @@ A sample run folder holds (every file written atomically):
 - ``checkpoint.pt`` and ``run.json``: written by :func:`pvae.sample` every
   ``--checkpoint-every`` steps, after every chain and on Ctrl-C; ``--resume`` continues
   bit-identically;
-- ``posterior.pt``: the :class:`pvae.Posterior` (:meth:`pvae.Posterior.save`: ``samples`` site
-  -> ``(chains, draws, *shape)``, ``log_joint``, ``warmup_log_joint``, ``settings``);
+- ``posterior.pt``: the :class:`pvae.Posterior` (:meth:`pvae.Posterior.save`);
 - ``reconstructions.png`` (test images over their posterior-mean reconstructions) and
   ``reconstruction_sd.png`` (the per-pixel standard deviation over draws), for a model with
   ``reconstruct(posterior, x)``.
@@ -23,8 +22,8 @@ A sample run folder holds (every file written atomically):
 ``pvae diagnose`` on such a folder writes ``diagnostics.md``: the worst R-hat and the lowest
 bulk ESS over the coordinates checked (every coordinate of a small site, 50 evenly spaced ones
 of a larger one), a per-site table, and ``Posterior.summary()`` (ArviZ) of the coordinates
-with the worst R-hat; and ``trace.png`` (the log joint of every
-chain, warm-up included) and ``trace_sites.png`` (``arviz.plot_trace`` of those coordinates).
+with the worst R-hat; and ``trace.png`` (the log joint of every chain, warm-up included) and
+``trace_sites.png`` (``arviz.plot_trace`` of those coordinates).
 """
 
 from __future__ import annotations
