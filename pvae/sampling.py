@@ -41,7 +41,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pvae import validation
+from pvae import atomic, validation
 from pvae.checkpoint import (
     CHECKPOINT,
     load_checkpoint,
@@ -231,6 +231,36 @@ class Posterior:
             flat = {name: t[index] for name, t in flat.items()}
         predictive = pyro.infer.Predictive(model, posterior_samples=flat, return_sites=return_sites)
         return predictive(*args, **kwargs)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the posterior to ``path`` atomically (a temporary file, then a rename): a
+        dict of its ``samples``, ``log_joint``, ``warmup_log_joint`` and ``settings``, read
+        back by :meth:`load`. Returns the path."""
+        return atomic.save_torch({key: getattr(self, key) for key in _SAVED}, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], run_dir: str | None = None) -> Posterior:
+        """The posterior :meth:`save` wrote to ``path`` (on the CPU; tensors only, no code
+        is unpickled), its arrays checked as the constructor checks them.
+
+        :raises ValueError: the file cannot be read or holds no posterior.
+        """
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any unreadable file is reported the same way
+            raise ValueError(f"cannot read {path}: {error}") from error
+        if not isinstance(state, dict) or not {"samples", "log_joint"} <= set(state):
+            raise ValueError(f"{path} does not hold a saved Posterior (samples and log joint)")
+        return cls(
+            samples=dict(state["samples"]),
+            log_joint=state["log_joint"],
+            warmup_log_joint=state.get("warmup_log_joint", torch.zeros(0)),
+            run_dir=run_dir,
+            settings=dict(state.get("settings", {})),
+        )
+
+
+_SAVED = ("samples", "log_joint", "warmup_log_joint", "settings")  # what Posterior.save writes
 
 
 def _per_site(dataset: Any, samples: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,8 +1,7 @@
-"""Run folders: one :class:`RunConfig`, written by ``pvae train`` and ``pvae compare`` into
-``config.json`` (atomically) and read back by ``pvae diagnose``, which rebuilds the data and
-the model from it through the registries; and the measures every command reports the same
-way (:func:`latent_activity`); and the :class:`RunFolder` every command writes into (checked,
-locked, left as found on failure).
+"""Run folders: the :class:`RunConfig` that every command writes into ``config.json``
+(atomically) and ``pvae diagnose`` rebuilds the data and the model from (through the
+registries); the checked :class:`RunFolder` every command writes into; and the measures every
+command reports the same way (:func:`latent_activity`).
 
 ``config.json`` holds ``{"pvae_version", "command", "run": RunConfig, "args", "argv",
 "data", "versions"}``: ``run`` is what rebuilds the run; ``args`` and ``argv`` record the
@@ -11,6 +10,7 @@ command line (``argv`` parses back to ``args``); ``data`` and ``versions`` are f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,7 +27,8 @@ from pyro.nn import PyroModule
 import pvae
 from pvae import checkpoint, data
 from pvae.app.registry import MODELS, parse_bound
-from pvae.checkpoint import CHECKPOINT
+from pvae.checkpoint import RUN_JSON
+from pvae.data import rows, subset
 from pvae.diagnostics import ActiveUnits, active_units
 from pvae.evaluate import as_tensors, num_items
 from pvae.plots import write_json
@@ -40,6 +41,7 @@ __all__ = [
     "latent_activity",
     "latent_sites",
     "read_config",
+    "rows",
     "subset",
     "write_config",
     "write_json",
@@ -100,41 +102,42 @@ class RunConfig:
     snr_repeats: int | None = None
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        self.hidden = tuple(int(width) for width in self.hidden)
+        if not isinstance(self.model_options, dict):
+            raise RunFolderError(f"model_options must be a mapping, got {self.model_options!r}")
+
     @classmethod
     def from_args(cls, command: str, args: Any, model_options: Mapping[str, Any]) -> RunConfig:
         """The run of a parsed command line ``args`` (an ``argparse.Namespace`` whose budget
         knobs are resolved) with the model's given ``model_options`` (resolved here against
-        the model's defaults). Arguments a command does not have keep the defaults."""
+        the model's defaults). Arguments a command does not have keep the defaults; a
+        comparison's data are split with its first seed; a sample run's engine is SGHMC."""
         names = {f.name for f in dataclasses.fields(cls)} - {"command", "model_options"}
-        values = {
-            name: getattr(args, name) for name in names if getattr(args, name, None) is not None
-        }
+        values = {key: getattr(args, key) for key in names if getattr(args, key, None) is not None}
         if command == "compare":
-            values.pop("engine", None)
+            values["engine"] = None
             values["seeds"] = list(getattr(args, "seeds", None) or [args.seed])
-            values["seed"] = values["seeds"][0]  # the data are split with the first seed
-        values["hidden"] = tuple(int(width) for width in values.get("hidden", (200, 200)))
+            values["seed"] = values["seeds"][0]
+        if command == "sample":
+            values["engine"] = "sghmc"
         options = MODELS[args.model].resolve_options(dict(model_options))
         return cls(command=command, model_options=options, **values)
 
     def to_json(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        values["hidden"] = list(self.hidden)
-        return values
+        return {**dataclasses.asdict(self), "hidden": list(self.hidden)}
 
     @classmethod
     def from_json(cls, values: Mapping[str, Any]) -> RunConfig:
-        """:raises RunFolderError: a missing entry or one that is not a field."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        """:raises RunFolderError: a missing entry, one that is not a field, or options that
+        are not a mapping."""
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise RunFolderError(f"unknown run configuration entries {unknown}")
         for required in ("command", "dataset"):
             if required not in values:
                 raise RunFolderError(f"the run configuration lacks the entry {required!r}")
-        config = cls(**values)
-        config.hidden = tuple(int(width) for width in config.hidden)
-        return config
+        return cls(**values)
 
     # -- rebuilding -------------------------------------------------------------------------
     def load_data(self) -> data.Splits:
@@ -167,8 +170,8 @@ class RunConfig:
 
         :raises ValueError: options or data the model does not take.
         """
-        entry = MODELS[self.model]
-        return entry.build(
+        card = MODELS[self.model]
+        return card.build(
             ds, self.z_dim, self.hidden, self.net, self.likelihood, self.model_options
         )
 
@@ -187,26 +190,19 @@ class RunConfig:
 
             if not isinstance(engine, ELBO):
                 raise ValueError(f"--beta-schedule anneals the ELBO; --engine is {name}")
-            kind, _, rest = self.beta_schedule.partition(":")
-            parts = [float(item) for item in rest.split(":")]
-            if kind == "linear":
-                engine.beta = LinearAnnealing(int(parts[0]))
-            else:
-                engine.beta = CyclicalAnnealing(int(parts[0]), *parts[1:])
+            kind, *parts = self.beta_schedule.split(":")
+            schedule = LinearAnnealing if kind == "linear" else CyclicalAnnealing
+            engine.beta = schedule(int(parts[0]), *map(float, parts[1:]))
         return engine
 
 
 class RunFolder(checkpoint.RunFolder):
-    """A command's run folder, checked before any work and locked while the command writes.
+    """A command's run folder, checked before any work and locked while the command writes
+    (:class:`pvae.checkpoint.RunFolder`: ``with folder:`` creates it, holds its lock and, on
+    leaving, removes the folders it created that are still empty).
 
     ``RunFolder(path)`` refuses (:class:`RunFolderError`) a path that exists and is not a
-    folder, or that cannot be created or written to; :meth:`refuse_run` refuses a folder that
-    already holds a run unless the command continues (``resume``) or replaces it
-    (``overwrite``). ``with folder:`` creates the folder, holds its lock
-    (:func:`pvae.checkpoint.run_lock`: :class:`~pvae.checkpoint.RunDirInUse` when another
-    process holds it) and, on leaving, removes the folders it created that are still empty,
-    so a refused or failed command leaves the disk as found
-    (:class:`pvae.checkpoint.RunFolder`).
+    folder, or that cannot be created or written to.
     """
 
     error = RunFolderError
@@ -220,59 +216,18 @@ class RunFolder(checkpoint.RunFolder):
             what = "write into" if existing == self.path else f"create {self.path} in"
             raise RunFolderError(f"{flag} {self.path}: no permission to {what} {existing}")
 
-    def refuse_run(self, resume: bool, overwrite: bool | None = False) -> None:
-        """Refuse a folder holding a checkpoint unless ``resume`` or ``overwrite`` (None: the
-        command has no ``--overwrite``), and a ``resume`` without one."""
-        if self.has_checkpoint and not (resume or overwrite):
-            hint = " or --overwrite to start again" if overwrite is not None else ""
-            raise RunFolderError(
-                f"{self.path} already holds a run ({CHECKPOINT}); pass --resume to continue "
-                f"it{hint}"
-            )
-        if resume and not self.has_checkpoint:
-            raise RunFolderError(
-                f"--resume: {self.path} holds no {CHECKPOINT} to continue; drop --resume to "
-                "start a new run"
-            )
-
-
-def rows(values: Any, start: int, stop: int) -> Any:
-    """Rows ``start:stop`` of a split: a tensor, a tuple of them (modalities), a sequence
-    split ``(values, times, mask)`` or a dynamically binarised set."""
-    if isinstance(values, data.SequenceSplit):
-        return data.SequenceSplit(*(item[start:stop] for item in values))
-    if isinstance(values, tuple):
-        return tuple(rows(item, start, stop) for item in values)
-    if isinstance(values, data.DynamicBinarized):
-        return data.DynamicBinarized(values.probs[start:stop])
-    return values[start:stop]
-
-
-def subset(ds: data.Splits, max_train: int | None, max_eval: int | None) -> data.Splits:
-    """The first ``max_train`` training and ``max_eval`` valid/test points (the splits are
-    already shuffled); tuples of modalities, sequence splits ``(values, times, mask)`` and
-    their generating truth are cut row-wise."""
-
-    def head(values: Any, limit: int | None) -> Any:
-        return values if limit is None or values is None else rows(values, 0, limit)
-
-    extra: dict[str, Any] = {}
-    if isinstance(ds, data.SequenceSplits):  # the generating truth has a row per sequence
-        limits = {"train": max_train, "valid": max_eval, "test": max_eval}
-        extra["truth"] = {
-            split: {key: head(value, limits.get(split)) for key, value in truth.items()}
-            for split, truth in ds.truth.items()
-        }
-    return dataclasses.replace(
-        ds,
-        **extra,
-        train=head(ds.train, max_train),
-        train_labels=head(ds.train_labels, max_train),
-        valid=head(ds.valid, max_eval),
-        valid_labels=head(ds.valid_labels, max_eval),
-        test=head(ds.test, max_eval),
-        test_labels=head(ds.test_labels, max_eval),
-    )
+    @property
+    def command(self) -> str | None:
+        """The command whose run the folder holds: its ``config.json``'s ``command``, else
+        ``"sample"`` or ``"train"`` by its checkpoint (``run.json``'s ``kind``); None where
+        it holds no pvae run."""
+        command = recorded_command(self.path)
+        if isinstance(command, str):
+            return command
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if json.loads((self.path / RUN_JSON).read_text()).get("kind") == "sample":
+                return "sample"
+        return "train" if self.has_checkpoint else None
 
 
 def write_config(
@@ -365,10 +320,10 @@ def latent_activity(
     sum of the counts over the layers. ``channels``: the model's dimension map (its
     registration's ``channels``): those sites are counted per channel.
     """
-    rows = as_tensors(test)
+    tensors = as_tensors(test)
     if num_points is not None:
-        rows = tuple(t[:num_points] for t in rows)
-    batch: Any = rows if len(rows) > 1 else rows[0]
+        tensors = tuple(t[:num_points] for t in tensors)
+    batch: Any = tensors if len(tensors) > 1 else tensors[0]
     with torch.random.fork_rng(devices=[]):
         result = {}
         for site in latent_sites(model):

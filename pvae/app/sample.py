@@ -14,17 +14,16 @@ A sample run folder holds (every file written atomically):
 - ``checkpoint.pt`` and ``run.json``: written by :func:`pvae.sample` every
   ``--checkpoint-every`` steps, after every chain and on Ctrl-C; ``--resume`` continues
   bit-identically;
-- ``posterior.pt``: the :class:`pvae.Posterior` as a dict (``samples`` site ->
-  ``(chains, draws, *shape)``, ``log_joint``, ``warmup_log_joint``, ``settings``);
+- ``posterior.pt``: the :class:`pvae.Posterior` (:meth:`pvae.Posterior.save`);
 - ``reconstructions.png`` (test images over their posterior-mean reconstructions) and
   ``reconstruction_sd.png`` (the per-pixel standard deviation over draws), for a model with
   ``reconstruct(posterior, x)``.
 
 ``pvae diagnose`` on such a folder writes ``diagnostics.md``: the worst R-hat and the lowest
 bulk ESS over the coordinates checked (every coordinate of a small site, 50 evenly spaced ones
-of a larger one), a per-site table, and ``Posterior.summary()``
-(ArviZ) of the coordinates with the worst R-hat; and ``trace.png`` (the log joint of every
-chain, warm-up included) and ``trace_sites.png`` (``arviz.plot_trace`` of those coordinates).
+of a larger one), a per-site table, and ``Posterior.summary()`` (ArviZ) of the coordinates
+with the worst R-hat; and ``trace.png`` (the log joint of every chain, warm-up included) and
+``trace_sites.png`` (``arviz.plot_trace`` of those coordinates).
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,91 +39,53 @@ import torch
 from pyro.nn import PyroModule
 
 import pvae
-from pvae import atomic, data, plots
+from pvae import data, plots
 from pvae.evaluate import as_tensors
-from pvae.inference import SGHMC
 from pvae.sampling import Posterior
 
 __all__ = [
     "POSTERIOR",
-    "SAMPLE_FIGURES",
     "SampleDiagnosis",
+    "describe_prior",
     "diagnose_sample",
     "load_posterior",
+    "prior_selection",
     "run_sampler",
 ]
 
 POSTERIOR = "posterior.pt"
-SAMPLE_FIGURES = ("reconstructions.png", "reconstruction_sd.png", "trace.png", "trace_sites.png")
 
 
 def run_sampler(
     model: PyroModule,
     ds: data.Splits,
     run_dir: Path,
-    settings: Mapping[str, Any],
+    sampler: Any,
     progress: bool = False,
-    sampler: Any = None,
+    **settings: Any,
 ) -> Posterior:
-    """Sample ``model.model`` on ``ds.train`` with ``sampler`` (default
-    ``SGHMC(lr=settings["lr"], friction=settings["friction"], init_radius=...)``, SGHMC's own
-    defaults for those not given) into ``run_dir``; ``settings``: ``num_samples``,
-    ``warmup``, ``thin``, ``num_chains``, ``batch_size``, ``seed``, ``resume``,
-    ``checkpoint_every`` (optional).
-    Writes ``posterior.pt`` and the figures.
+    """:func:`pvae.sample` of ``model.model`` on ``ds.train`` with ``sampler`` (e.g.
+    :class:`pvae.inference.SGHMC`) into ``run_dir``; ``settings``: its other arguments
+    (``num_samples``, ``warmup``, ``thin``, ``num_chains``, ``batch_size``, ``seed``,
+    ``resume``, ``checkpoint_every``). Writes ``posterior.pt`` and the figures.
 
     :raises pvae.SamplingInterrupted: on Ctrl-C, once the checkpoint is written.
     """
-    if sampler is None:
-        given = {key: settings[key] for key in ("lr", "friction", "init_radius") if key in settings}
-        sampler = SGHMC(**given)
-    extra = {}
-    if "checkpoint_every" in settings:
-        extra["checkpoint_every"] = settings["checkpoint_every"]
     posterior = pvae.sample(
-        model.model,
-        ds.train,
-        sampler,
-        num_samples=settings["num_samples"],
-        warmup=settings["warmup"],
-        thin=settings["thin"],
-        num_chains=settings["num_chains"],
-        batch_size=settings["batch_size"],
-        seed=settings["seed"],
-        run_dir=run_dir,
-        resume=settings.get("resume", False),
-        progress=progress,
-        **extra,
+        model.model, ds.train, sampler, run_dir=run_dir, progress=progress, **settings
     )
-    atomic.save_torch(
-        {
-            "samples": posterior.samples,
-            "log_joint": posterior.log_joint,
-            "warmup_log_joint": posterior.warmup_log_joint,
-            "settings": posterior.settings,
-        },
-        run_dir / POSTERIOR,
-    )
-    _figures(model, posterior, ds, run_dir)
-    return posterior
-
-
-def _figures(model: PyroModule, posterior: Posterior, ds: data.Splits, run_dir: Path) -> None:
+    posterior.save(run_dir / POSTERIOR)
     reconstruct = getattr(model, "reconstruct", None)
     if not callable(reconstruct) or "posterior" not in inspect.signature(reconstruct).parameters:
-        return  # only a model whose reconstructions average over posterior draws
+        return posterior  # only a model whose reconstructions average over posterior draws
     x = as_tensors(ds.test)[0][:10]
     mean, sd = reconstruct(posterior, x)
-    shape = ds.image_shape
-    plots.reconstructions(x, mean, shape, path=run_dir / "reconstructions.png")
-    if shape is not None:
-        plots.samples(
-            sd,
-            shape,
-            path=run_dir / "reconstruction_sd.png",
-            nrow=10,
-            title="posterior sd of the reconstructions",
-        )
+    plots.reconstructions(x, mean, ds.image_shape, path=run_dir / "reconstructions.png")
+    if ds.image_shape is not None:
+        title = "posterior sd of the reconstructions"
+        path = run_dir / "reconstruction_sd.png"
+        plots.samples(sd, ds.image_shape, path=path, nrow=10, title=title)
+    return posterior
 
 
 def load_posterior(run_dir: str | Path) -> Posterior:
@@ -136,19 +96,33 @@ def load_posterior(run_dir: str | Path) -> Posterior:
     path = Path(run_dir) / POSTERIOR
     if not path.is_file():
         raise ValueError(f"{path} is missing: the sampler run did not finish")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise ValueError(f"cannot read {path}: {error}") from error
-    if not isinstance(state, dict) or "samples" not in state or "log_joint" not in state:
-        raise ValueError(f"{path} does not hold the samples of a pvae sample run")
-    return Posterior(
-        samples=dict(state["samples"]),
-        log_joint=state["log_joint"],
-        warmup_log_joint=state.get("warmup_log_joint", torch.zeros(0)),
-        run_dir=str(run_dir),
-        settings=dict(state.get("settings", {})),
-    )
+    return Posterior.load(path, run_dir=str(run_dir))
+
+
+def prior_selection(model: PyroModule) -> dict[str, Any] | None:
+    """What a model's data-driven prior choice found (``prior_selection``), as the JSON of
+    ``config.json``; None for a model without one."""
+    found = getattr(model, "prior_selection", None)
+    if found is None:
+        return None
+    return {
+        "metric": found.metric,
+        "chosen": found.best,
+        "candidates": list(found.candidates),
+        "distances": [round(float(d), 6) for d in found.distances],
+    }
+
+
+def describe_prior(options: dict[str, Any], selection: dict[str, Any] | None) -> str:
+    """``prior scale 0.3 (chosen by DSWD among 0.1, 0.3, 1, 3)``; empty for a model without
+    a prior scale."""
+    if not isinstance(options.get("prior_scale"), int | float):
+        return ""
+    text = f"prior scale {options['prior_scale']:g}"
+    if selection is not None:
+        among = ", ".join(f"{c:g}" for c in selection["candidates"])
+        text += f" (chosen by {selection['metric'].upper()} among {among})"
+    return text
 
 
 @dataclass
@@ -163,32 +137,23 @@ class SampleDiagnosis:
     verdict: str = ""
 
 
+def _checked(posterior: Posterior, per_site: int) -> tuple[Posterior, dict[str, torch.Tensor]]:
+    """The posterior of the coordinates checked, each site flattened: all of them, or
+    ``per_site`` evenly spaced ones; and their flat indices, per site."""
+    samples, index = {}, {}
+    for site, values in posterior.samples.items():
+        flat = values.reshape(posterior.num_chains, posterior.num_samples, -1)
+        size = flat.shape[-1]
+        index[site] = torch.linspace(0, size - 1, min(size, per_site)).round().long().unique()
+        samples[site] = flat[:, :, index[site]]
+    return Posterior(samples, posterior.log_joint, posterior.warmup_log_joint), index
+
+
 def _coordinate(site: str, shape: torch.Size, flat_index: int) -> str:
     if not shape:
         return site
     index = [int(i) for i in torch.unravel_index(torch.tensor(flat_index), shape)]
     return f"{site}[{', '.join(map(str, index))}]"
-
-
-def _site_index(posterior: Posterior, per_site: int) -> dict[str, torch.Tensor]:
-    """Per site, the flat indices of the coordinates checked: all of them, or ``per_site``
-    evenly spaced ones."""
-    index = {}
-    for site, values in posterior.samples.items():
-        size = values[0, 0].numel()
-        count = min(size, per_site)
-        index[site] = torch.linspace(0, size - 1, count).round().long().unique()
-    return index
-
-
-def _coordinates_checked(posterior: Posterior, per_site: int) -> Posterior:
-    samples = {
-        site: posterior.samples[site].reshape(posterior.num_chains, posterior.num_samples, -1)[
-            :, :, index
-        ]
-        for site, index in _site_index(posterior, per_site).items()
-    }
-    return Posterior(samples, posterior.log_joint, posterior.warmup_log_joint)
 
 
 def diagnose_sample(
@@ -206,32 +171,29 @@ def diagnose_sample(
     import matplotlib.pyplot as plt
 
     posterior = load_posterior(run_dir)
-    checked = _coordinates_checked(posterior, per_site)
+    checked, index = _checked(posterior, per_site)
     rhat, ess = checked.rhat(), checked.ess()
-    rows, scored = [], []
-    for site, index in _site_index(posterior, per_site).items():
+    rows, scored, worst_rhat, lowest_ess = [], [], math.nan, math.nan
+    for site, flat in index.items():
         r, e = rhat[site].reshape(-1).double(), ess[site].reshape(-1).double()
+        worst, lowest = _extreme(r, largest=True), _extreme(e, largest=False)
         rows.append(
             f"| {site} | {posterior.samples[site][0, 0].numel()} | {r.numel()} | "
-            f"{float(r.nanmedian()):.3f} | {float(_nanmax(r)):.3f} | "
-            f"{float(e.nanmedian()):.0f} | {float(_nanmin(e)):.0f} |"
+            f"{float(r.nanmedian()):.3f} | {worst:.3f} | {float(e.nanmedian()):.0f} | "
+            f"{lowest:.0f} |"
         )
-        count = min(top, r.numel())
-        worst = torch.topk(torch.nan_to_num(r, nan=math.inf), count).indices
-        scored += [(float(r[i]), site, int(index[i])) for i in worst]
+        worst_rhat = worst if math.isnan(worst_rhat) else max(worst_rhat, worst)
+        lowest_ess = lowest if math.isnan(lowest_ess) else min(lowest_ess, lowest)
+        ranked = torch.topk(torch.nan_to_num(r, nan=math.inf), min(top, r.numel())).indices
+        scored += [(float(r[i]), site, int(flat[i])) for i in ranked]
     scored.sort(key=lambda item: -item[0] if not math.isnan(item[0]) else -math.inf)
-    chosen = scored[:top]
-    worst_rhat = max((float(_nanmax(rhat[s].reshape(-1).double())) for s in rhat), default=math.nan)
-    lowest_ess = min((float(_nanmin(ess[s].reshape(-1).double())) for s in ess), default=math.nan)
     subset = {
         _coordinate(site, posterior.samples[site].shape[2:], i): posterior.samples[site].reshape(
             posterior.num_chains, posterior.num_samples, -1
         )[:, :, i]
-        for _, site, i in chosen
+        for _, site, i in scored[:top]
     }
     reduced = Posterior(subset, posterior.log_joint, posterior.warmup_log_joint)
-    summary = reduced.summary().to_string()
-
     files = [_log_joint_trace(posterior, out_dir / "trace.png")]
     with warnings.catch_warnings():  # arviz's matplotlib backend warns on newer matplotlib
         warnings.simplefilter("ignore")
@@ -240,12 +202,13 @@ def diagnose_sample(
     files.append(plots.save(fig, out_dir / "trace_sites.png"))
     plt.close(fig)
 
+    chains = posterior.num_chains
+    rhat_text, convergence = _judged(worst_rhat, chains)
     verdict = (
-        f"{_rhat_text(worst_rhat, posterior.num_chains)}, lowest bulk ESS {lowest_ess:.0f} over "
+        f"{rhat_text}, lowest bulk ESS {lowest_ess:.0f} over "
         f"{sum(t[0, 0].numel() for t in checked.samples.values())} checked coordinates of "
-        f"{len(posterior.samples)} sites ({posterior.num_chains} chain"
-        f"{'s' if posterior.num_chains != 1 else ''} x {posterior.num_samples} draws): "
-        + _convergence(worst_rhat, posterior.num_chains)
+        f"{len(posterior.samples)} sites ({chains} chain{'s' if chains != 1 else ''} x "
+        f"{posterior.num_samples} draws): {convergence}"
     )
     lines = [
         "# Diagnostics of a sampler run",
@@ -261,7 +224,7 @@ def diagnose_sample(
         f"## ArviZ summary of the {len(subset)} coordinates with the worst R-hat",
         "",
         "```",
-        summary,
+        reduced.summary().to_string(),
         "```",
         "",
         "Figures: `trace.png` (log joint of every chain), `trace_sites.png` (traces of the "
@@ -275,15 +238,13 @@ def _log_joint_trace(posterior: Posterior, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3))
+    warm = posterior.warmup_log_joint
     for chain in range(posterior.num_chains):
-        warm = posterior.warmup_log_joint
         head = warm[chain].double() if warm.dim() == 2 else torch.zeros(0, dtype=torch.float64)
         trace = torch.cat([head, posterior.log_joint[chain].double()])
         ax.plot(trace.numpy(), lw=0.8, label=f"chain {chain}")
-    if posterior.warmup_log_joint.numel():
-        ax.axvline(
-            posterior.warmup_log_joint.shape[1], color="grey", ls=":", label="end of warm-up"
-        )
+    if warm.numel():
+        ax.axvline(warm.shape[1], color="grey", ls=":", label="end of warm-up")
     ax.set_xlabel("step (warm-up, then kept draws)")
     ax.set_ylabel("log joint (minibatch estimate)")
     ax.legend(fontsize=7)
@@ -292,34 +253,25 @@ def _log_joint_trace(posterior: Posterior, path: Path) -> Path:
     return saved
 
 
-def _rhat_text(worst_rhat: float, num_chains: int) -> str:
+def _judged(worst_rhat: float, num_chains: int) -> tuple[str, str]:
+    """The worst R-hat as text, and the verdict on convergence it supports (R-hat compares
+    chains, so one chain gives none)."""
     if num_chains < 2:
-        return "R-hat undefined (one chain)"
-    if math.isnan(worst_rhat):
-        return "R-hat undefined"
-    return f"worst R-hat {worst_rhat:.3f}"
-
-
-def _convergence(worst_rhat: float, num_chains: int) -> str:
-    """The verdict on convergence that the worst R-hat supports (R-hat compares chains, so one
-    chain gives none)."""
-    if num_chains < 2:
-        return (
+        return "R-hat undefined (one chain)", (
             "convergence not judged: R-hat compares chains and is undefined with one chain "
             "(sample with --chains 2 or more)"
         )
     if math.isnan(worst_rhat):
-        return "convergence not judged: R-hat is undefined (every checked coordinate is constant)"
+        return "R-hat undefined", (
+            "convergence not judged: R-hat is undefined (every checked coordinate is constant)"
+        )
+    rhat_text = f"worst R-hat {worst_rhat:.3f}"
     if worst_rhat < 1.1:
-        return "no sign of non-convergence (R-hat < 1.1)"
-    return "not converged (R-hat >= 1.1)"
+        return rhat_text, "no sign of non-convergence (R-hat < 1.1)"
+    return rhat_text, "not converged (R-hat >= 1.1)"
 
 
-def _nanmax(t: torch.Tensor) -> torch.Tensor:
-    finite = t[~torch.isnan(t)]
-    return finite.max() if finite.numel() else torch.tensor(math.nan)
-
-
-def _nanmin(t: torch.Tensor) -> torch.Tensor:
-    finite = t[~torch.isnan(t)]
-    return finite.min() if finite.numel() else torch.tensor(math.nan)
+def _extreme(t: torch.Tensor, largest: bool) -> float:
+    """The largest (smallest) value of ``t`` that is not NaN; NaN where every value is."""
+    kept = t[~torch.isnan(t)]
+    return float(kept.max() if largest else kept.min()) if kept.numel() else math.nan

@@ -7,6 +7,7 @@ Usage::
     ds = data.load("digits", seed=0, binarize="dynamic")
     ds.train, ds.valid, ds.test      # (N, x_dim) float32 tensors (train may be a Dataset)
     data.available()                 # [DatasetInfo(name, description, source), ...]
+    data.subset(ds, 500, 100)        # its first 500 training, 100 valid and test points
 
 Every split is made by a permutation drawn from a ``torch.Generator`` seeded with ``seed``,
 so ``load`` is deterministic. Images are flattened to ``(N, x_dim)`` with values in
@@ -56,6 +57,8 @@ from pvae.data.containers import (
     SequenceSplit,
     SequenceSplits,
     Splits,
+    rows,
+    subset,
 )
 from pvae.data.containers import _check_binarize as _check_binarize
 from pvae.data.containers import _check_sequence_split as _check_sequence_split
@@ -120,4 +123,6 @@ __all__ = [
     "read_idx",
     "true_eigenvalues",
     "register",
+    "rows",
+    "subset",
 ]

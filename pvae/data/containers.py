@@ -5,6 +5,7 @@ split), with the seeded permutation that cuts a pool into splits."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -303,6 +304,48 @@ class SequenceSplits(Splits):
             f"event_shape={self.event_shape}, likelihood={self.likelihood!r}, "
             f"observed={self.observed_fraction:.0%})"
         )
+
+
+def rows(values: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of a split: a tensor ``(N, ...)``, a tuple of them (modalities), a
+    :class:`SequenceSplit` ``(values (N, T, ...), times (N, T), mask (N, T))`` or a
+    :class:`DynamicBinarized` set (the rows stay dynamically binarised)."""
+    if isinstance(values, SequenceSplit):
+        return SequenceSplit(*(item[start:stop] for item in values))
+    if isinstance(values, tuple):
+        return tuple(rows(item, start, stop) for item in values)
+    if isinstance(values, DynamicBinarized):
+        return DynamicBinarized(values.probs[start:stop])
+    return values[start:stop]
+
+
+def subset(ds: Splits, max_train: int | None = None, max_eval: int | None = None) -> Splits:
+    """``ds`` cut to its first ``max_train`` training and ``max_eval`` valid and test points
+    (:func:`load` has shuffled them; None keeps a split whole), labels included: a quick run
+    on a small part of a data set. Tuples of modalities, sequence splits and their generating
+    truth (``ds.truth[split]``, a row per sequence) are cut row-wise (:func:`rows`).
+
+    :raises ValueError, TypeError: ``max_train`` or ``max_eval`` not a positive integer.
+    """
+    from pvae.validation import positive_int
+
+    max_train = None if max_train is None else positive_int(max_train, "max_train")
+    max_eval = None if max_eval is None else positive_int(max_eval, "max_eval")
+    limits = {"train": max_train, "valid": max_eval, "test": max_eval}
+
+    def head(values: Any, limit: int | None) -> Any:
+        return values if limit is None or values is None else rows(values, 0, limit)
+
+    cut = {}
+    for split, limit in limits.items():
+        for key in (split, f"{split}_labels"):
+            cut[key] = head(getattr(ds, key), limit)
+    if isinstance(ds, SequenceSplits):
+        cut["truth"] = {
+            split: {key: head(value, limits.get(split)) for key, value in truth.items()}
+            for split, truth in ds.truth.items()
+        }
+    return dataclasses.replace(ds, **cut)
 
 
 def _check_binarize(binarize: str | None) -> None:
