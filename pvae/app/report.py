@@ -15,7 +15,7 @@ import math
 import os
 import platform
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,9 +132,14 @@ def _has_exact(rows: Sequence[Row]) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    return "\n".join([*out, *("| " + " | ".join(cells) + " |" for cells in lines)])
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A Markdown table of ``header`` and ``rows`` (sequences of cells; an empty cell is one
+    space), without a trailing newline."""
+
+    def line(cells: Sequence[str]) -> str:
+        return "|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|"
+
+    return "\n".join([line(header), "|" + "|".join(["---"] * len(header)) + "|", *map(line, rows)])
 
 
 def _head(rows: Sequence[Row], ll_samples: int | None, unit: str | None, delta: str) -> list[str]:
@@ -181,7 +186,7 @@ def format_table(
         cells += [_number(r.get(key), 1) for key in ("seconds_per_epoch", "train_seconds")]
         cells += [_number(r.get("eval_seconds"), 1), _number(r.get("peak_memory_mb"), 0)]
         lines.append([*cells, *(_metric(r.get(name)) for name in extras)])
-    return _table(header, lines)
+    return markdown_table(header, lines)
 
 
 def format_seed_table(
@@ -210,7 +215,7 @@ def format_seed_table(
         cells += [_number(r.get(k), 1) for k in ("seconds_per_epoch", "train_seconds")]
         cells += [_number(r.get("eval_seconds"), 1), *(_pm(r, name, 3) for name in extras)]
         lines.append(cells)
-    return _table(header, lines)
+    return markdown_table(header, lines)
 
 
 def _mean_sd(values: Sequence[Any]) -> tuple[float, float]:
