@@ -59,6 +59,9 @@ NUMBERS = (
     "peak_memory_mb",
 )
 EXACT = "exact_log_likelihood"
+PLOTS = ("learning_curves.png", "log_likelihood.png", "snr.png", "ll_vs_k.png")
+FILES = ("results.md", "results.json", "results.csv", *PLOTS)
+"""The files :func:`write` writes."""
 _KNOWN = {"bound", "engine", "status", "history", "reference", "seed", "folder", "run", "ll_vs_k"}
 _KNOWN |= {*NUMBERS, EXACT}
 _CSV_COLUMNS = ["bound", "seed", "folder", "engine", "status", *NUMBERS, "reference"]
