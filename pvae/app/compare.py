@@ -781,10 +781,8 @@ def compare(
     it). The cells are independent: run in ``plan.jobs`` processes or as Ray tasks they give
     the same numbers, bit for bit, as one after the other (with equal torch threads).
 
-    :param config: the run (``command="compare"``); ``bounds``, ``seeds``, ``yardstick``,
-        ``snr_repeats``, ``device`` are the comparison's. Build one with
-        :meth:`pvae.app.runs.RunConfig.from_args` or directly, e.g.
-        ``RunConfig("compare", "digits", bounds=["elbo", "iwae"], particles=4, quick=True)``.
+    :param config: the run (``command="compare"``, e.g. from :func:`run_config`); its
+        ``bounds``, ``seeds``, ``yardstick``, ``snr_repeats``, ``device`` are the comparison's.
     :param progress: one line per epoch and per cell (and progress bars on a terminal).
     :param argv: the command line recorded in ``results.md``.
     :param loggers: experiment tracking, ``loggers(label, params)`` the loggers of one cell:
