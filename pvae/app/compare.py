@@ -352,9 +352,6 @@ class Plan:
             for seed in self.seeds
         ]
 
-    def spec(self, bound: str) -> BoundSpec:
-        return next(spec for spec in self.bounds if spec.label == bound)
-
 
 @dataclass
 class BoundResult:
