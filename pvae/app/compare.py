@@ -1,70 +1,39 @@
 """``pvae compare``: variational bounds side by side on one dataset.
 
-The same architecture is trained once per bound, with the same seed (so every bound starts
-from the same weights and sees the same minibatches), the same data and the same budget:
-every bound draws ``particles`` samples of z per datapoint and step (ELBO averages them, IWAE
-uses all P in one log-mean-exp, MIWAE/PIWAE split them into M groups of K with M*K = P;
-see :mod:`pvae.app.registry`). Each trained pair is then measured on the test set:
+The same architecture is trained once per bound with the same seed (the same initial weights
+and minibatches), data and budget: every bound draws ``particles`` samples of z per datapoint
+and step (ELBO averages them, IWAE uses all P in one log-mean-exp, MIWAE/PIWAE split them into
+M groups of K with M*K = P; see :mod:`pvae.app.registry`). Each trained pair is measured on
+the test set (the columns are explained in ``results.md``, :mod:`pvae.app.report`):
+``log_likelihood`` (importance sampling with K = ``ll_samples``, mean and standard error);
+``delta_log_likelihood`` (the paired difference to the first bound, same test points and
+random numbers); ``elbo`` (16 samples, analytic KL), ``iwae_64``, ``inference_gap`` (log p(x)
+- ELBO); ``active_units`` (:func:`pvae.app.runs.latent_activity`, as ``pvae diagnose``);
+``snr_guide``/``snr_model`` (the gradient SNR of that bound's own estimator, Rainforth et al.
+2018, from ``snr_repeats`` gradients on ``snr_points`` test points); the times and the peak
+memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process's peak resident set);
+``yardstick`` (IWAE-64 on the first 200 validation points after every epoch, no gradients, a
+fixed seed in a forked RNG: :func:`_yardstick_callback`); ``ll_vs_k`` (log p(x) with K in
+:data:`LL_KS` up to ``ll_samples`` on the first 100 test points). With several ``seeds``
+every bound is trained once per seed (folders ``iwae/seed-1``) and :func:`summarize` gives
+the mean ± sd over seeds, flagging a Δ *within seed noise* when ``|mean Δ| < 2 sd``.
 
-- ``log_likelihood``: log p(x) by importance sampling with K = ``ll_samples`` (5000 by
-  default), the mean over test points and its standard error;
-- ``delta_log_likelihood``: the paired difference to the first bound (same test points and
-  same random numbers), with its standard error, far tighter than the two errors combined;
-- ``elbo`` (the ELBO with 16 samples and the analytic KL), ``iwae_64`` (IWAE_64), and the
-  ``inference_gap`` = log p(x) - ELBO (how far q is from the posterior, in nats);
-- ``active_units``: latent dimensions with Var_x(E_q[z|x]) > 0.01 (Burda et al. 2016), summed
-  over the latent layers, by :func:`pvae.app.runs.latent_activity` on the test points (the
-  number ``pvae diagnose`` reports for the same run);
-- ``snr_guide`` / ``snr_model``: the gradient signal-to-noise ratio of *that bound's own*
-  estimator for the guide's and the model's parameters (Rainforth et al. 2018), the mean
-  over parameter elements of ``|E g| / std g`` from ``snr_repeats`` gradients on a fixed batch of
-  ``snr_points`` test points;
-- ``seconds_per_epoch``: the mean time of an epoch's training steps (no validation);
-  ``train_seconds`` (the whole training without the yardstick), ``eval_seconds`` (every
-  number above), ``peak_memory_mb`` (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the
-  process's peak resident set size, whole-process and cumulative);
-- ``yardstick``: the common estimator (IWAE-64 by default) on the first 200 validation points,
-  recorded after every epoch in each epoch record, so that learning curves of different bounds
-  compare like with like (:func:`_yardstick_callback`: no gradients, a fixed seed in a forked
-  RNG: training is unchanged);
-- ``ll_vs_k``: log p(x) with K in :data:`LL_KS` up to ``ll_samples``, on the first 100 test
-  points: where the estimate converges.
+A comparison is a :class:`Plan` of independent cells (bound x seed), each its own run folder
+trained and measured by :func:`run_cell` from the :class:`~pvae.app.runs.RunConfig` alone:
+the cells run one after the other, in ``jobs`` local processes or as Ray tasks with the same
+numbers, bit for bit. A finished cell leaves ``cell.json`` (its :class:`BoundResult` and
+per-point log p(x)), which a resumed comparison keeps. :func:`compare` writes into
+``run_dir`` (atomically) ``config.json``, the files of :data:`OUTPUTS` and one folder per
+cell with ``pvae.fit``'s checkpoint, ``run.json`` and ``cell.json``.
 
-With several ``seeds`` every bound is trained once per seed (folders ``iwae/seed-1``; one seed
-keeps ``iwae/``) and :func:`summarize` gives per bound the mean ± sd over seeds of every number
-and of the per-seed paired Δ to the reference bound, flagging a difference *within seed noise*
-when ``|mean Δ| < 2 sd`` of the per-seed Δ.
-
-A comparison is a :class:`Plan` of independent cells (bound x seed). Each cell is its own run
-folder, trained and measured by :func:`run_cell` from the :class:`~pvae.app.runs.RunConfig`
-alone (it loads its data, builds its model and engine), so the cells run one after the other,
-in ``jobs`` local processes or as Ray tasks with the same numbers, bit for bit; a finished
-cell leaves ``cell.json`` (its :class:`BoundResult` and per-point log p(x)), which a resumed
-comparison keeps. The report (:mod:`pvae.app.report`) is built from the cells' results.
-
-:func:`compare` writes into ``run_dir`` (every file atomically): ``results.md`` (the table,
-the command and the configuration), ``results.json``, ``results.csv``, ``learning_curves.png``
-(the yardstick for every bound on one axis, and each bound's own train/valid bound per epoch),
-``log_likelihood.png`` (with error bars), ``snr.png`` (log scale), ``ll_vs_k.png``,
-``results.json``'s ``environment`` (git commit, versions, CPU/GPU, threads), ``config.json``
-(the :class:`pvae.app.runs.RunConfig` that ``pvae diagnose`` rebuilds the data and models
-from), and one folder per bound (per bound and seed) with ``pvae.fit``'s checkpoint,
-``run.json`` and ``cell.json``.
-
-Speed: Pyro's per-call argument checks cost about half of an importance-weighted step on
-MNIST (every log-prob of every particle is validated), so training and evaluation run with
-Pyro's validation switched off. The data are checked against the likelihood's support once,
-up front, and ``pvae.fit`` still stops on a non-finite bound.
-
-Budget: the defaults (5 bounds, 64 particles, MNIST-5k, a 784-200-200-50 ReLU MLP VAE, 10 epochs
-of batches of 20, log p(x) with K = 5000 on the 500 test points) are sized to finish within
-about 10 minutes on 2 CPU cores: measured 8.6 minutes with ``--threads 1`` on a 2-core machine
-shared with other jobs (6.8 minutes of CPU), before the yardstick (0.23 s per bound and
-epoch on MNIST-5k, about 12 s in all) and log p(x) against K (about 2 s per bound) were
-added. On a busy machine use ``--threads 1``: two threads
-competing for busy cores spin-wait and ran 2 to 4 times slower than one;
-``quick=True`` trains a smaller net for 2 epochs on a subset with K = 100, in well under a
-minute. Explicit arguments always win over either set of defaults.
+Speed: Pyro's argument checks cost about half of an importance-weighted step, so training and
+evaluation run with Pyro's validation off; the data are checked against the likelihood's
+support once, up front. Budget: the defaults (5 bounds, 64 particles, MNIST-5k, a
+784-200-200-50 MLP VAE, 10 epochs of batches of 20, K = 5000 on 500 test points) took 8.6
+minutes with ``--threads 1`` on a shared 2-core machine (before the yardstick, about 12 s,
+and log p(x) against K, about 2 s per bound, were added; two threads on busy cores ran 2 to
+4 times slower than one); ``quick=True`` trains a smaller net for 2 epochs on a subset with
+K = 100, in well under a minute. Explicit arguments win over either set of defaults.
 """
 
 from __future__ import annotations
@@ -95,6 +64,7 @@ from pvae.app.arguments import parse_yardstick
 from pvae.app.registry import MODELS, BoundSpec, parse_bound
 from pvae.app.report import (
     ELBO_SAMPLES,
+    EXACT,
     IWAE_SAMPLES,
     WITHIN_NOISE,
     environment,
@@ -132,35 +102,15 @@ __all__ = [
 ]
 
 DEFAULT_BOUNDS = ("elbo", "iwae", "miwae", "ciwae", "piwae")
-OUTPUTS = (
-    "results.md",
-    "results.json",
-    "results.csv",
-    "learning_curves.png",
-    "log_likelihood.png",
-    "snr.png",
-    "ll_vs_k.png",
-)
+OUTPUTS = report.FILES
 """The files :func:`compare` writes into its run folder (besides one folder per bound)."""
-
+Knobs = dict[str, Any]
 # The budget knobs, without and with --quick (explicit arguments win over both).
-DEFAULTS: dict[str, Any] = {
-    "epochs": 10,
-    "z_dim": 50,
-    "hidden": (200, 200),
-    "ll_samples": 5000,
-    "snr_repeats": 20,
-}
-QUICK: dict[str, Any] = {
-    "epochs": 2,
-    "z_dim": 10,
-    "hidden": (64,),
-    "ll_samples": 100,
-    "snr_repeats": 5,
-}
+DEFAULTS: Knobs = dict(epochs=10, z_dim=50, hidden=(200, 200), ll_samples=5000, snr_repeats=20)
+QUICK: Knobs = dict(epochs=2, z_dim=10, hidden=(64,), ll_samples=100, snr_repeats=5)
 # --quick also keeps the first points of each split (RunConfig.load_data): 500 training and
 # 100 valid/test points, or on sequence data (a sequence holds T frames) these.
-QUICK_SEQUENCES: dict[str, Any] = runs.QUICK_SEQUENCE_LIMITS
+QUICK_SEQUENCES: Knobs = runs.QUICK_SEQUENCE_LIMITS
 SNR_POINTS = 100  # test points of the fixed SNR batch
 EVAL_BATCH = 100  # test points per call of the test ELBO and IWAE-64
 # log p(x): 100 test points x 100 particles per vectorised run. Larger runs are no faster on
@@ -171,6 +121,8 @@ LL_KS = (1, 10, 100, 1000, 5000)  # log p(x) against K: these K up to ll_samples
 LL_K_POINTS = 100  # ... on the first 100 test points
 YARDSTICK = "iwae:64"  # the common estimator evaluated after every epoch
 YARDSTICK_POINTS = 200  # ... on the first 200 validation points
+CELL = "cell.json"  # a finished cell's result, in its run folder
+EXECUTORS = ("local", "ray")
 
 ProgressFn = Callable[[str], None]
 
@@ -180,7 +132,7 @@ ProgressFn = Callable[[str], None]
 # ---------------------------------------------------------------------------------------------
 
 
-def settings(quick: bool = False, **given: Any) -> dict[str, Any]:
+def settings(quick: bool = False, **given: Any) -> Knobs:
     """The budget knobs of :data:`DEFAULTS` (or :data:`QUICK`), overridden by the ``given``
     values that are not None."""
     resolved = dict(QUICK if quick else DEFAULTS)
@@ -240,11 +192,12 @@ def check_support(model: PyroModule, ds: data.Splits) -> None:
     if likelihood is None or not hasattr(likelihood, "check_support"):
         return
     for split in ("train", "valid", "test"):
-        with torch.random.fork_rng(devices=[]):  # a dynamically binarised set draws pixels
-            x = as_tensors(getattr(ds, split))[-1]  # a conditional model's y comes last
         if isinstance(ds, data.SequenceSplits):  # (values, times, mask): the observed frames
             values, _, mask = getattr(ds, split)[:3]
             x = values[mask].reshape(-1, ds.x_dim)
+        else:
+            with torch.random.fork_rng(devices=[]):  # a dynamically binarised set draws pixels
+                x = as_tensors(getattr(ds, split))[-1]  # a conditional model's y comes last
         likelihood.check_support(x, name=f"{ds.name} {split}")
 
 
@@ -258,10 +211,9 @@ def check_pairs(
     :raises ValueError, TypeError: naming the bound.
     """
     for spec in specs:
+        engine = spec.build(particles)
         try:
-            pvae.check_fit(
-                model.model, model.guide, ds.train, spec.build(particles), batch_size, ds.valid
-            )
+            pvae.check_fit(model.model, model.guide, ds.train, engine, batch_size, ds.valid)
         except TypeError as error:
             raise TypeError(f"bound {spec.label!r}: {error}") from error
         except (ValueError, NotImplementedError) as error:
@@ -275,6 +227,11 @@ def bound_folder(spec: BoundSpec, seed: int | None = None) -> str:
     return folder if seed is None else f"{folder}/seed-{seed}"
 
 
+# ---------------------------------------------------------------------------------------------
+# Devices
+# ---------------------------------------------------------------------------------------------
+
+
 def resolve_device(name: str | torch.device) -> torch.device:
     """``"cpu"``, ``"cuda"`` (``"cuda:1"``) or ``"mps"`` as a :class:`torch.device`, checked.
 
@@ -285,46 +242,38 @@ def resolve_device(name: str | torch.device) -> torch.device:
         device = torch.device(name)
     except RuntimeError as error:
         raise ValueError(f"device must be cpu, cuda or mps, got {name!r}") from error
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch was built without CUDA" if torch.version.cuda is None else "no GPU"
-            raise ValueError(f"device {name!r}: CUDA is not available ({why}); use cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
-            )
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"device {name!r}: Apple MPS is not available here; use cpu")
-    elif device.type != "cpu":
+    if device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device must be cpu, cuda or mps, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch was built without CUDA" if torch.version.cuda is None else "no GPU"
+        raise ValueError(f"device {name!r}: CUDA is not available ({why}); use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: Apple MPS is not available here; use cpu")
     return device
 
 
 def _fork_rng(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """Fork the random generators that sampling on ``device`` draws from (the CPU's, and the
     device's own), so that what runs inside leaves the training RNG untouched."""
-    if device.type == "cpu":
-        return torch.random.fork_rng(devices=[])
+    devices: list[int] | None = [] if device.type == "cpu" else None  # mps: its one generator
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return torch.random.fork_rng(devices=[index], device_type="cuda")
-    return torch.random.fork_rng(device_type=device.type)
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.random.fork_rng(devices=devices, device_type=device.type)
 
 
 def _on_device(values: Any, device: torch.device) -> Any:
     """Tensors, tuples of them, sequence splits and dynamically binarised sets on ``device``."""
-    if values is None:
-        return None
     if isinstance(values, data.SequenceSplit):
         return data.SequenceSplit(*(item.to(device) for item in values))
     if isinstance(values, tuple):
         return tuple(_on_device(item, device) for item in values)
     if isinstance(values, data.DynamicBinarized):
         return data.DynamicBinarized(values.probs.to(device))
-    if isinstance(values, torch.Tensor):
-        return values.to(device)
-    return values
+    return values.to(device) if isinstance(values, torch.Tensor) else values
 
 
 def _dataset_on(ds: data.Splits, device: torch.device) -> data.Splits:
@@ -334,14 +283,10 @@ def _dataset_on(ds: data.Splits, device: torch.device) -> data.Splits:
     return dataclasses.replace(ds, **splits)
 
 
-def _memory_start(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def _peak_memory_mb(device: torch.device) -> float:
-    """CUDA: the largest memory torch allocated on the device since :func:`_memory_start`;
-    otherwise the process's peak resident set size so far (whole process, never decreasing)."""
+    """CUDA: the largest memory torch allocated on the device since the peak was reset (at the
+    start of each cell); otherwise the process's peak resident set size so far (whole
+    process, never decreasing)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
@@ -355,9 +300,6 @@ def _peak_memory_mb(device: torch.device) -> float:
 # ---------------------------------------------------------------------------------------------
 # The plan: cells of (bound, seed)
 # ---------------------------------------------------------------------------------------------
-
-CELL = "cell.json"  # a finished cell's result, in its run folder
-EXECUTORS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -410,9 +352,6 @@ class Plan:
             for seed in self.seeds
         ]
 
-    def spec(self, bound: str) -> BoundSpec:
-        return next(spec for spec in self.bounds if spec.label == bound)
-
 
 @dataclass
 class BoundResult:
@@ -460,19 +399,22 @@ class BoundResult:
         only with several seeds and ``exact_log_likelihood`` only where the data set knows it."""
         row = dataclasses.asdict(self)
         row.update(row.pop("metrics"))
-        for key in ("run", "exact_log_likelihood"):
-            if row[key] is None:
-                del row[key]
-        return row
+        return {k: v for k, v in row.items() if v is not None or k not in ("run", EXACT)}
 
     @classmethod
     def from_json(cls, row: Mapping[str, Any]) -> BoundResult:
+        """The result of a row of :meth:`to_json` (a None number read back as NaN)."""
         names = {f.name for f in dataclasses.fields(cls)}
         known: dict[str, Any] = {
             k: (math.nan if v is None and k in _NUMBERS else v) for k, v in row.items()
         }
         metrics = {k: v for k, v in known.items() if k not in names}
         return cls(**{k: v for k, v in known.items() if k in names}, metrics=metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# One cell
+# ---------------------------------------------------------------------------------------------
 
 
 def _yardstick_callback(
@@ -507,6 +449,18 @@ def _yardstick_callback(
     return callback
 
 
+def _epoch_line(tag: str, epochs: int, yardstick: str | None, record: Mapping[str, Any]) -> str:
+    """The progress line of one epoch of the cell ``tag``."""
+    valid, common = record.get("valid_bound"), record.get("yardstick")
+    label = str(yardstick or "").upper().replace(":", "-")
+    return (
+        f"[{tag}] epoch {record['epoch'] + 1}/{epochs}: train {record['train_bound']:.3f}"
+        + (f", valid {valid:.3f}" if valid is not None else "")
+        + (f", {label} {common:.3f}" if common is not None else "")
+        + f" nats ({record['seconds']:.1f} s)"
+    )
+
+
 def _fit_cell(
     config: runs.RunConfig,
     cell: Cell,
@@ -522,30 +476,19 @@ def _fit_cell(
     pyro.set_rng_seed(cell.seed)  # the same initial weights for every bound
     model = config.build_model(ds).to(device)
     entry = MODELS[config.model]
-    extra = entry.callbacks(model, ds) if entry.callbacks is not None else []
+    callbacks = entry.callbacks(model, ds) if entry.callbacks is not None else []
     spent = [0.0]
     yardstick = parse_yardstick(config.yardstick)
     if yardstick is not None and ds.valid is not None:
         with _fork_rng(device):  # a dynamically binarised set draws its pixels once, here
             torch.manual_seed(cell.seed)
             valid = tuple(t[:YARDSTICK_POINTS] for t in as_tensors(ds.valid))
-        extra.append(_yardstick_callback(model, valid, yardstick, cell.seed, device, spent))
-    tag = cell.folder.replace("_", ":").replace("/seed-", " seed ")
-    label = str(config.yardstick or "").upper().replace(":", "-")
-
-    def report(run: Run, record: dict[str, Any]) -> None:
-        if say is None:
-            return
-        valid = record.get("valid_bound")
-        common = record.get("yardstick")
-        say(
-            f"[{tag}] epoch {record['epoch'] + 1}/{config.epochs}: train "
-            f"{record['train_bound']:.3f}"
-            + (f", valid {valid:.3f}" if valid is not None else "")
-            + (f", {label} {common:.3f}" if common is not None else "")
-            + f" nats ({record['seconds']:.1f} s)"
+        callbacks.append(_yardstick_callback(model, valid, yardstick, cell.seed, device, spent))
+    if say is not None:
+        tag = cell.folder.replace("_", ":").replace("/seed-", " seed ")
+        callbacks.append(
+            lambda run, record: say(_epoch_line(tag, config.epochs, config.yardstick, record))
         )
-
     folder = out / cell.folder if out is not None else None
     run = pvae.fit(
         model.model,
@@ -560,7 +503,7 @@ def _fit_cell(
         run_dir=folder,
         resume=folder is not None and (folder / CHECKPOINT).is_file(),
         progress=False,
-        callbacks=[*extra, report, *(logger.epoch for logger in loggers)],
+        callbacks=[*callbacks, *(logger.epoch for logger in loggers)],
         step_callbacks=[logger.step for logger in loggers],
     )
     return model, run, spent[0]
@@ -698,12 +641,12 @@ def run_cell(
     Returns the result and the per-point test log-likelihoods (empty when it failed)."""
     device = torch.device(config.device)
     ds = ds if ds is not None else _dataset_on(config.load_data(), device)
-    several = "/seed-" in cell.folder
     engine = parse_bound(cell.bound).describe(config.particles)
-    result = BoundResult(cell.bound, cell.seed, cell.folder, engine,
-                         run=cell.folder if several else None)  # fmt: skip
+    run_name = cell.folder if "/seed-" in cell.folder else None  # one seed of several
+    result = BoundResult(cell.bound, cell.seed, cell.folder, engine, run=run_name)
     say: ProgressFn | None = (lambda line: tqdm.write(line, file=sys.stdout)) if progress else None
-    _memory_start(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     scope = torch.device(device) if device.type != "cpu" else contextlib.nullcontext()
     with pyro.validation_enabled(False), scope:
         try:
@@ -732,15 +675,6 @@ def run_cell(
     return result, per_point
 
 
-def _worker(
-    config: dict[str, Any], cell: Cell, out: str | None, threads: int
-) -> tuple[BoundResult, list[float]]:
-    """:func:`run_cell` in a worker process or Ray task (``threads`` torch threads)."""
-    torch.set_num_threads(threads)
-    folder = Path(out) if out is not None else None
-    return run_cell(runs.RunConfig.from_json(config), cell, folder)
-
-
 def read_cell(folder: Path) -> tuple[BoundResult, list[float]] | None:
     """A finished cell's result and per-point log-likelihoods from its ``cell.json``; None
     when the cell has not finished (or its file cannot be read)."""
@@ -756,11 +690,20 @@ def read_cell(folder: Path) -> tuple[BoundResult, list[float]] | None:
 # ---------------------------------------------------------------------------------------------
 
 Done = Callable[[Cell, BoundResult, list[float]], None]
-Finished = Callable[[Cell, BoundResult, list[float], Sequence[Any]], None]
 
 
-def _run_local(config: runs.RunConfig, cells: Sequence[Cell], jobs: int, out: Path | None,
-               done: Done) -> None:  # fmt: skip
+def _worker(
+    config: dict[str, Any], cell: Cell, out: str | None, threads: int
+) -> tuple[BoundResult, list[float]]:
+    """:func:`run_cell` in a worker process or Ray task (``threads`` torch threads)."""
+    torch.set_num_threads(threads)
+    folder = Path(out) if out is not None else None
+    return run_cell(runs.RunConfig.from_json(config), cell, folder)
+
+
+def _run_local(
+    config: runs.RunConfig, cells: Sequence[Cell], jobs: int, out: Path | None, done: Done
+) -> None:
     """The cells in ``jobs`` processes (spawned, each with its share of torch's threads)."""
     threads = max(1, torch.get_num_threads() // jobs)
     context = multiprocessing.get_context("spawn")
@@ -803,9 +746,12 @@ def check(config: runs.RunConfig, plan: Plan, ds: data.Splits) -> None:
 
     :raises ValueError, TypeError: naming the bound.
     """
-    for name, value in (("batch_size", config.batch_size), ("snr_repeats", config.snr_repeats)):
-        if value is not None and value < (2 if name == "snr_repeats" else 1):
-            raise ValueError(f"{name} must be >= {2 if name == 'snr_repeats' else 1}, got {value}")
+    for name, value, least in (
+        ("batch_size", config.batch_size, 1),
+        ("snr_repeats", config.snr_repeats, 2),
+    ):
+        if value is not None and value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
     parse_yardstick(config.yardstick)
     resolve_device(config.device)
     pyro.clear_param_store()
@@ -832,10 +778,8 @@ def compare(
     it). The cells are independent: run in ``plan.jobs`` processes or as Ray tasks they give
     the same numbers, bit for bit, as one after the other (with equal torch threads).
 
-    :param config: the run (``command="compare"``); ``bounds``, ``seeds``, ``yardstick``,
-        ``snr_repeats``, ``device`` are the comparison's. Build one with
-        :meth:`pvae.app.runs.RunConfig.from_args` or directly, e.g.
-        ``RunConfig("compare", "digits", bounds=["elbo", "iwae"], particles=4, quick=True)``.
+    :param config: the run (``command="compare"``, e.g. from :func:`run_config`); its
+        ``bounds``, ``seeds``, ``yardstick``, ``snr_repeats``, ``device`` are the comparison's.
     :param progress: one line per epoch and per cell (and progress bars on a terminal).
     :param argv: the command line recorded in ``results.md``.
     :param loggers: experiment tracking, ``loggers(label, params)`` the loggers of one cell:
@@ -847,85 +791,53 @@ def compare(
         is trained.
     """
     started, cpu_started = time.perf_counter(), time.process_time()
-    _fill_settings(config)
+    if config.snr_repeats is None:
+        config.snr_repeats = settings(config.quick)["snr_repeats"]
+    config.yardstick = None if config.yardstick == "none" else config.yardstick
     plan = plan if plan is not None else Plan.of(config)
-    config.bounds, config.seeds, config.seed = (
-        [s.label for s in plan.bounds],
-        plan.seeds,
-        plan.seeds[0],
-    )
+    config.bounds, config.seeds = [s.label for s in plan.bounds], plan.seeds
+    config.seed = plan.seeds[0]
     ds = ds if ds is not None else config.load_data()
     check(config, plan, ds)
     out = Path(run_dir) if run_dir is not None else None
     argv = list(argv) if argv is not None else _command(config)
     if out is not None:
         runs.write_config(out, config, ds, argv=argv)
-    finished: dict[Cell, tuple[BoundResult, list[float]]] = {}
-    todo = []
-    for cell in plan.cells():
-        found = read_cell(out / cell.folder) if out is not None else None
-        if found is not None:
-            finished[cell] = found
-        else:
-            todo.append(cell)
+    found = {cell: read_cell(out / cell.folder) for cell in plan.cells()} if out else {}
+    finished = {cell: pair for cell, pair in found.items() if pair is not None}
 
     def open_loggers(cell: Cell) -> Sequence[Any]:
         name = f"{cell.bound}/seed-{cell.seed}" if plan.several else cell.bound
         params = {**config.to_json(), "seed": cell.seed, "bound": cell.bound}
         return loggers(name, params) if loggers else []
 
-    def done(cell: Cell, result: BoundResult, ll: list[float], logged: Sequence[Any]) -> None:
+    def done(cell: Cell, result: BoundResult, ll: list[float], logged: Any = None) -> None:
+        """Keep a cell's numbers, send them to its loggers (opened here when the cell ran in
+        another process) and print its summary line."""
         finished[cell] = (result, ll)
-        for logger in logged:
+        for logger in open_loggers(cell) if logged is None else logged:
             logger.log_metrics({k: v for k, v in result.to_json().items() if k in _NUMBERS})
             logger.close(failed=not result.ok)
         if progress:
             tqdm.write(report.summary_line(result.to_json(), config.ll_samples, plan.several))
 
-    _run(config, plan, todo, (ds, out, progress), done, open_loggers)
-    results = [finished[cell][0] for cell in plan.cells()]
-    add_deltas(results, {(c.bound, c.seed): finished[c][1] for c in plan.cells()})
-    if out is not None:
-        report.write(out, [r.to_json() for r in results], _report_config(config, ds), argv,
-                     time.perf_counter() - started, time.process_time() - cpu_started)  # fmt: skip
-    return results
-
-
-def _fill_settings(config: runs.RunConfig) -> None:
-    """The budget knobs of :data:`DEFAULTS` (:data:`QUICK`) where ``config`` leaves them
-    None, and ``yardstick="none"`` as None."""
-    knobs = settings(config.quick)
-    if config.snr_repeats is None:
-        config.snr_repeats = knobs["snr_repeats"]
-    if config.yardstick == "none":
-        config.yardstick = None
-
-
-def _run(
-    config: runs.RunConfig,
-    plan: Plan,
-    todo: Sequence[Cell],
-    where: tuple[data.Splits, Path | None, bool],
-    done: Finished,
-    open_loggers: Callable[[Cell], Sequence[Any]],
-) -> None:
-    """The unfinished cells ``todo`` by the plan's executor; ``where``: the data, the output
-    folder and whether to show progress. Loggers see the steps and epochs of the cells run in
-    this process, the numbers of every cell."""
-    ds, out, progress = where
-
-    def finish(cell: Cell, result: BoundResult, ll: list[float]) -> None:
-        done(cell, result, ll, open_loggers(cell))
-
+    todo = [cell for cell in plan.cells() if cell not in finished]
     if plan.executor == "ray":
-        _run_ray(config, todo, out, finish)
+        _run_ray(config, todo, out, done)
     elif plan.jobs > 1 and len(todo) > 1:
-        _run_local(config, todo, min(plan.jobs, len(todo)), out, finish)
+        _run_local(config, todo, min(plan.jobs, len(todo)), out, done)
     else:
         on_device = _dataset_on(ds, torch.device(config.device))
         for cell in todo:
             logged = open_loggers(cell)
             done(cell, *run_cell(config, cell, out, progress, on_device, logged), logged)
+    results = [finished[cell][0] for cell in plan.cells()]
+    add_deltas(results, {(c.bound, c.seed): finished[c][1] for c in plan.cells()})
+    if out is not None:
+        elapsed, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+        rows = [result.to_json() for result in results]
+        report.write(out, rows, _report_config(config, ds), argv, elapsed, cpu_seconds)
+    return results
 
 
 def add_deltas(
@@ -946,19 +858,30 @@ def add_deltas(
         result.delta_stderr = _stderr(diff) if result.bound != reference else 0.0
 
 
+# The configuration entries of results.json, in order: the run's, then the comparison's.
+_CONFIG_KEYS = (
+    *("bounds", "particles", "inner", "model", "model_options", "z_dim", "hidden", "net"),
+    *("likelihood", "epochs", "batch_size", "lr", "seed", "seeds", "yardstick"),
+)
+
+
 def _report_config(config: runs.RunConfig, ds: data.Splits) -> dict[str, Any]:
-    """The ``config`` block of ``results.json`` (its keys as before this module held a
-    :class:`~pvae.app.runs.RunConfig`)."""
+    """The ``config`` block of ``results.json``."""
     values = config.to_json()
-    keys = ("bounds", "particles", "inner", "model", "model_options", "z_dim", "hidden", "net",
-            "likelihood", "epochs", "batch_size", "lr", "seed", "seeds", "yardstick")  # fmt: skip
-    result = {"dataset": ds.name, **{key: values[key] for key in keys}}
+    result = {"dataset": ds.name, **{key: values[key] for key in _CONFIG_KEYS}}
     result.update(
-        yardstick_points=YARDSTICK_POINTS, device=config.device, ll_samples=config.ll_samples,
-        ll_ks=ll_ks(config.ll_samples), ll_k_points=LL_K_POINTS, snr_repeats=config.snr_repeats,
-        snr_points=SNR_POINTS, quick=config.quick, num_train=num_items(ds.train),
-        num_valid=num_items(ds.valid), num_test=num_items(ds.test),
-    )  # fmt: skip
+        yardstick_points=YARDSTICK_POINTS,
+        device=config.device,
+        ll_samples=config.ll_samples,
+        ll_ks=ll_ks(config.ll_samples),
+        ll_k_points=LL_K_POINTS,
+        snr_repeats=config.snr_repeats,
+        snr_points=SNR_POINTS,
+        quick=config.quick,
+        num_train=num_items(ds.train),
+        num_valid=num_items(ds.valid),
+        num_test=num_items(ds.test),
+    )
     if isinstance(ds, data.SequenceSplits):
         result["unit"] = "sequence"  # log p(x) per sequence
     return result
@@ -967,11 +890,11 @@ def _report_config(config: runs.RunConfig, ds: data.Splits) -> dict[str, Any]:
 def _command(config: runs.RunConfig) -> list[str]:
     """The ``pvae compare`` command line equivalent to ``config``."""
     argv = ["pvae", "compare", "--dataset", config.dataset, "--bounds", ",".join(config.bounds)]
-    for key in ("particles", "epochs", "model", "z_dim", "net", "likelihood", "batch_size"):
-        argv += [f"--{key.replace('_', '-')}", str(getattr(config, key))]
-    argv += ["--lr", str(config.lr), "--seed", str(config.seed)]
-    argv += ["--hidden", ",".join(str(width) for width in config.hidden)]
-    argv += ["--ll-samples", str(config.ll_samples), "--snr-repeats", str(config.snr_repeats)]
+    keys = ("particles", "epochs", "model", "z_dim", "net", "likelihood", "batch_size", "lr")
+    for key in (*keys, "seed", "hidden", "ll_samples", "snr_repeats"):
+        value = getattr(config, key)
+        text = ",".join(map(str, value)) if key == "hidden" else str(value)
+        argv += [f"--{key.replace('_', '-')}", text]
     entry = MODELS[config.model]
     for option in entry.options:
         value = config.model_options.get(option.name)

@@ -1,47 +1,32 @@
 """``pvae diagnose``: latent diagnostics of a trained run folder.
 
-:func:`diagnose` reads a folder written by ``pvae train`` (``config.json`` and
-``checkpoint.pt``) or by ``pvae compare`` (``config.json``, ``results.json`` and one folder per
-bound, each with its ``checkpoint.pt``), rebuilds the dataset and the model from the folder's
-:class:`pvae.app.runs.RunConfig` (:mod:`pvae.data`, :data:`pvae.app.registry.MODELS`: every
-zoo model with its options), loads the trained parameters
-(:func:`pvae.load_checkpoint`, ``weights_only=True``) and writes, next to the run (or into
-``out_dir``), every file atomically:
+:func:`diagnose` reads a folder written by ``pvae train`` (``config.json``, ``checkpoint.pt``)
+or by ``pvae compare`` (``config.json``, ``results.json``, one folder per bound with its
+``checkpoint.pt``), rebuilds the data and the model from the folder's
+:class:`pvae.app.runs.RunConfig`, loads the trained parameters (``weights_only=True``) and
+writes next to the run (or into ``out_dir``), every file atomically:
 
-- ``diagnostics.md``: the collapse verdict, the active units, a table per latent dimension
-  and the figures. The table's columns:
+- ``diagnostics.md``: the collapse verdict, the active units and a table per latent dimension:
+  **KL** (mean over the test points of KL(q(z_d | x) || p(z_d)), nats); **activity**
+  (Var_x E_q[z_d | x]) and **active** (> 0.01, Burda et al. 2016; the count is
+  :func:`pvae.app.runs.latent_activity`, the "active units" of ``pvae compare`` for the same
+  run and test points); **collapsed** (mean KL below the threshold and, in a layer whose term
+  is not a KL, inactive; :func:`pvae.diagnostics.collapse_report`); **relevance** and **rank**
+  (the decoder-Jacobian score of Saha et al. 2025); **relevant**
+  (:func:`pvae.diagnostics.relevant_in_use`: a collapsed dimension is never relevant);
+- ``kl_per_dim.png``, ``activity.png``, ``relevance.png``, ``traversals.png`` (the three most
+  relevant dimensions moved over ±3 around the posterior mean of the first test point) and,
+  for models whose sites are reported per latent channel, ``paths.png`` (the posterior paths
+  of the first test sequence): :mod:`pvae.diagnostics.figures`, legible for tens of
+  dimensions. A ``pvae sample`` run gets R-hat, ESS and trace plots
+  (:func:`pvae.app.sample.diagnose_sample`) and, when its prior scale was chosen from the
+  data, ``prior_selection.png``.
 
-  - **KL**: the mean over the test points of KL(q(z_d | x) || p(z_d)), in nats;
-  - **activity**: Var_x E_q[z_d | x]; **active**: activity > 0.01 (Burda et al. 2016). The
-    count of active dimensions is :func:`pvae.app.runs.latent_activity`, the very number
-    ``pvae compare`` reports as "active units" for the same run and test points;
-  - **collapsed**: the posterior of z_d is the prior: mean KL below the threshold (and, in a
-    layer whose term is not a KL, inactive) (:func:`pvae.diagnostics.collapse_report`);
-  - **relevance** and **rank**: the decoder-Jacobian score (Saha et al. 2025) and its rank;
-  - **relevant**: among the dimensions that are *not* collapsed, the fewest whose scores
-    carry the relevance threshold's share (99%) of their total score. A collapsed dimension
-    carries no information about x (the decoder may still react to it), so it is never
-    relevant: no dimension is both.
-- ``kl_per_dim.png`` and ``activity.png`` (:func:`pvae.diagnostics.collapse_report`, Dang et
-  al. 2024), ``relevance.png`` (:func:`pvae.diagnostics.latent_relevance`, Saha et al. 2025);
-- ``traversals.png``: for the three most relevant dimensions, the decoded mean of p(x | z)
-  when that dimension moves from -3 to +3 around the posterior mean of the first test point
-  and the others stay at it (one row per dimension for images; one panel of lines per
-  dimension otherwise);
-- ``paths.png`` (models whose sites are reported per latent channel): the posterior path of
-  each channel of the first test sequence, one panel per channel in a grid on shared axes.
-
-The figures stay legible for tens of latent dimensions (:mod:`pvae.diagnostics.figures`). A
-``pvae sample`` run gets R-hat, ESS and trace plots (:func:`pvae.app.sample.diagnose_sample`)
-and, when its prior scale was chosen from the data, ``prior_selection.png``.
-
-For a compare run each bound is diagnosed into its own subfolder and a top-level
-``diagnostics.md`` summarises them all. The diagnostics use the first ``num_points`` test
-points and are seeded with the run's seed (the global random state is left as found); the
-Pyro parameter store is cleared and left holding the last model diagnosed.
-
-Problems with the folder (missing, foreign, unreadable or not matching the rebuilt model)
-raise :class:`DiagnoseError`, whose message names what is missing and what the folder holds.
+A compare run is diagnosed bound by bound into subfolders under a summary ``diagnostics.md``.
+The diagnostics use the first ``num_points`` test points, seeded with the run's seed (the global
+random state is left as found); Pyro's parameter store is left holding the last model.
+Problems with the folder raise :class:`DiagnoseError`, naming what is missing and what the
+folder holds.
 """
 
 from __future__ import annotations
@@ -62,6 +47,7 @@ from pvae import atomic, data, plots
 from pvae.app import runs
 from pvae.app.compare import bound_folder
 from pvae.app.registry import MODELS, parse_bound
+from pvae.app.report import markdown_table
 from pvae.diagnostics import (
     ActiveUnits,
     CollapseReport,
@@ -69,16 +55,18 @@ from pvae.diagnostics import (
     collapse_report,
     latent_relevance,
     posterior_mean,
+    relevant_in_use,
 )
 from pvae.diagnostics.figures import (
     activity_bars,
     kl_bars,
-    path_grid,
+    posterior_paths,
     relevance_curve,
     selection_curves,
+    traversals,
 )
 from pvae.evaluate import as_tensors
-from pvae.protocol import param_split, trace_guide_site
+from pvae.protocol import param_split
 from pvae.train import CHECKPOINT, load_checkpoint
 
 __all__ = [
@@ -89,6 +77,8 @@ __all__ = [
     "diagnose",
     "load_parameters",
     "load_run",
+    "posterior_paths",
+    "relevant_in_use",
     "traversals",
 ]
 
@@ -99,7 +89,6 @@ FIGURES = ("kl_per_dim.png", "activity.png", "relevance.png", "traversals.png")
 FILES = (REPORT, *FIGURES)
 TRAVERSAL_DIMS = 3
 TRAVERSAL_RANGE = 3.0
-TRAVERSAL_STEPS = 9
 
 
 class DiagnoseError(runs.RunFolderError):
@@ -110,10 +99,11 @@ class DiagnoseError(runs.RunFolderError):
 class Diagnosis:
     """What :func:`diagnose` returns.
 
-    ``kind``: "train" or "compare"; ``files``: the paths written; ``verdict``: the collapse
-    verdict (a train run; a compare run: one line per bound); ``collapse`` and ``relevance``:
-    the diagnostics of a train run (None for a compare run); ``bounds``: for a compare run,
-    the :class:`Diagnosis` of each bound by label (None where the bound was skipped).
+    ``kind``: "train", "compare" or "sample"; ``files``: the paths written; ``verdict``: the
+    collapse verdict (a compare run: one line per bound); ``collapse``, ``relevance``,
+    ``activity``, ``relevant``: the diagnostics of one trained model (None/empty for a compare
+    run); ``bounds``: for a compare run, each bound's :class:`Diagnosis` by label (None where
+    the bound was skipped, ``skipped`` saying why).
     """
 
     kind: str
@@ -154,10 +144,8 @@ def _contents(folder: Path, limit: int = 10) -> str:
     if not entries:
         return "it is empty"
     names = [entry.name + ("/" if entry.is_dir() else "") for entry in entries]
-    shown = ", ".join(names[:limit])
-    if len(names) > limit:
-        shown += f", ... ({len(names)} entries in all)"
-    return f"it holds {shown}"
+    more = f", ... ({len(names)} entries in all)" if len(names) > limit else ""
+    return f"it holds {', '.join(names[:limit])}{more}"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -181,9 +169,9 @@ def _kind(run_dir: Path) -> str:
     if (run_dir / RESULTS).is_file():
         return "compare"
     has_config, has_checkpoint = (run_dir / CONFIG).is_file(), (run_dir / CHECKPOINT).is_file()
-    command = runs.recorded_command(run_dir)
     bound_folders = [p.name for p in sorted(run_dir.iterdir()) if (p / CHECKPOINT).is_file()]
-    if command == "compare" or (bound_folders and not has_config and not has_checkpoint):
+    compared = bound_folders and not has_config and not has_checkpoint
+    if runs.recorded_command(run_dir) == "compare" or compared:
         raise DiagnoseError(
             f"{run_dir} looks like a 'pvae compare' run (bound folders "
             f"{', '.join(bound_folders) or 'none'}) but {RESULTS} is missing: the comparison "
@@ -227,23 +215,24 @@ def load_parameters(model: PyroModule, ds: data.Splits, checkpoint: Path) -> dic
         state = load_checkpoint(checkpoint)
     except (OSError, ValueError) as error:  # torch's messages span lines: keep the first
         raise DiagnoseError(str(error).strip().splitlines()[0]) from error
-    batch = tuple(t[:2] for t in as_tensors(ds.test))
     try:
-        model_params, guide_params = param_split(model.model, model.guide, batch)
-        params = {**guide_params, **model_params}
+        model_params, guide_params = param_split(
+            model.model, model.guide, tuple(t[:2] for t in as_tensors(ds.test))
+        )
     except (ValueError, RuntimeError) as error:
         raise DiagnoseError(
             f"cannot create the parameters of the rebuilt model: {error}"
         ) from error
+    params = {**guide_params, **model_params}
     saved = state.get("params")
     if not isinstance(saved, Mapping):
         raise DiagnoseError(f"{checkpoint} holds no parameters")
     saved = _renamed(saved, params)
+    mismatch = f"{checkpoint} does not match the model rebuilt from its configuration"
     missing = sorted(set(saved) ^ set(params))
     if missing:
         raise DiagnoseError(
-            f"{checkpoint} does not match the model rebuilt from its configuration: parameters "
-            f"{', '.join(missing)} are in one but not the other"
+            f"{mismatch}: parameters {', '.join(missing)} are in one but not the other"
         )
     wrong = [
         f"{name} {tuple(saved[name].shape)} vs {tuple(params[name].shape)}"
@@ -252,8 +241,7 @@ def load_parameters(model: PyroModule, ds: data.Splits, checkpoint: Path) -> dic
     ]
     if wrong:
         raise DiagnoseError(
-            f"{checkpoint} does not match the model rebuilt from its configuration: shapes "
-            f"differ (checkpoint vs model) for {'; '.join(wrong)}"
+            f"{mismatch}: shapes differ (checkpoint vs model) for {'; '.join(wrong)}"
         )
     with torch.no_grad():
         for name, value in saved.items():
@@ -264,10 +252,9 @@ def load_parameters(model: PyroModule, ds: data.Splits, checkpoint: Path) -> dic
 def _renamed(saved: Mapping[str, Any], params: Mapping[str, Any]) -> Mapping[str, Any]:
     """The checkpoint's parameters under the rebuilt model's own name prefix.
 
-    A zoo model names its parameters ``<prefix>.<part>`` with a prefix of its own
-    (``vae``, ``vae_1``, ... when several live in one process, as in ``pvae compare``); the
-    rebuilt model may hold another prefix than the trained one. When every saved name shares
-    one prefix and every rebuilt one (``params``) another, the saved prefix is replaced.
+    A zoo model names its parameters ``<prefix>.<part>`` with a prefix of its own (``vae``,
+    ``vae_1``, ... when several live in one process, as in ``pvae compare``). When every saved
+    name shares one prefix and every rebuilt one (``params``) another, the prefix is replaced.
     """
 
     def prefix(names: Iterable[str]) -> str | None:
@@ -296,12 +283,7 @@ class LoadedRun:
 
 
 def _load_model(
-    config: runs.RunConfig,
-    ds: data.Splits,
-    checkpoint: Path,
-    title: str,
-    command: Sequence[str],
-    metrics: dict[str, Any] | None = None,
+    config: runs.RunConfig, ds: data.Splits, checkpoint: Path, title: str, command: Sequence[str]
 ) -> LoadedRun:
     """The model of ``config`` rebuilt on ``ds`` (Pyro's parameter store cleared first) with
     the trained parameters of ``checkpoint``."""
@@ -311,7 +293,7 @@ def _load_model(
     except (ValueError, KeyError, TypeError) as error:
         raise DiagnoseError(f"cannot rebuild the model {config.model!r}: {error}") from error
     state = load_parameters(model, ds, checkpoint)
-    return LoadedRun(ds, model, config.seed, title, list(command), state, metrics, config.model)
+    return LoadedRun(ds, model, config.seed, title, list(command), state, None, config.model)
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
@@ -323,83 +305,19 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     config, document, ds = _rebuild(run_dir)
     if config.command != "train":
         raise DiagnoseError(f"{run_dir / CONFIG} is not the config of a 'pvae train' run")
-    metrics = None
+    title = f"{config.model} / {config.engine or '?'} on {config.dataset}"
+    argv = ["pvae", *(document.get("argv") or [])]
+    run = _load_model(config, ds, run_dir / CHECKPOINT, title, argv)
     try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        run.metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
         pass
-    title = f"{config.model} / {config.engine or '?'} on {config.dataset}"
-    argv = document.get("argv") or []
-    return _load_model(config, ds, run_dir / CHECKPOINT, title, ["pvae", *argv], metrics)
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
 # Diagnosing one trained model
 # ---------------------------------------------------------------------------------------------
-
-
-def traversals(
-    decode: Callable[[torch.Tensor], torch.Tensor],
-    mu: torch.Tensor,
-    dims: Sequence[int],
-    image_shape: Sequence[int] | None,
-    path: plots.PathLike | None = None,
-    span: float = TRAVERSAL_RANGE,
-    steps: int = TRAVERSAL_STEPS,
-) -> Figure:
-    """Decoded means as each of ``dims`` moves over ``mu_d + [-span, span]`` with the other
-    dimensions at ``mu`` (``(D,)``): an image grid (one row per dimension) for images, one
-    panel of lines (one per observed dimension) per latent dimension otherwise."""
-    offsets = torch.linspace(-span, span, steps)
-    rows = []
-    for d in dims:
-        z = mu.reshape(1, -1).repeat(steps, 1)
-        z[:, d] = z[:, d] + offsets
-        with torch.no_grad():
-            rows.append(decode(z).reshape(steps, -1))
-    title = (
-        f"rows: dimensions {', '.join(map(str, dims))} by relevance; columns: "
-        f"mu_d {-span:+g} ... mu_d {span:+g}"
-    )
-    if image_shape is not None:
-        return plots.image_grid(torch.cat(rows), image_shape, nrow=steps, title=title, path=path)
-    fig = Figure(figsize=(max(4.0, 3.6 * len(dims)), 3.2), layout="constrained")
-    axes = fig.subplots(1, max(1, len(dims)), squeeze=False)[0]
-    for ax, d, decoded in zip(axes, dims, rows, strict=False):
-        values = decoded.detach().cpu().double().numpy()
-        for column in range(values.shape[1]):
-            ax.plot(offsets.numpy(), values[:, column], marker=".", label=f"x[{column}]")
-        ax.set_xlabel(f"z[{d}] - posterior mean")
-        ax.set_ylabel("decoded mean of x")
-        ax.set_title(f"dimension {d}", fontsize=10)
-        if values.shape[1] <= 10:
-            ax.legend(fontsize=7)
-    if path is not None:
-        plots.save(fig, path)
-    return fig
-
-
-def posterior_paths(
-    guide: Callable, batch: tuple, site: str = "z", channels_first: bool = False
-) -> Figure | None:
-    """One panel per channel, in a grid with shared axes
-    (:func:`pvae.diagnostics.figures.path_grid`): the posterior mean of ``site`` ``(T, C)``
-    (``(C, T)`` when ``channels_first``) of the first sequence of ``batch`` over the steps,
-    with a band of ±2 posterior standard deviations; None when the site's event is not
-    two-dimensional."""
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        node, _ = trace_guide_site(guide, batch, {}, site)
-        fn: Any = node["fn"]
-        mean = fn.mean[0]
-        try:
-            sd = fn.variance[0].clamp(min=0).sqrt()
-        except (NotImplementedError, AttributeError):
-            sd = torch.zeros_like(mean)
-    if mean.dim() != 2:
-        return None
-    if channels_first:
-        mean, sd = mean.mT, sd.mT
-    return path_grid(mean, sd, site)
 
 
 def _numbers(value: Any) -> str:
@@ -413,54 +331,6 @@ def _number(value: float | None, digits: int = 3) -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
     return f"{value:.{digits}g}"
-
-
-def relevant_in_use(relevance: LatentRelevance, collapsed: Sequence[int]) -> list[int]:
-    """The relevant set among the dimensions that are not ``collapsed``: the fewest of them,
-    by decreasing score, whose scores reach ``relevance.threshold`` of their total."""
-    in_use = [d for d in relevance.ranking if d not in set(collapsed)]
-    total = sum(float(relevance.scores[d]) for d in in_use)
-    chosen: list[int] = []
-    share = 0.0
-    for d in in_use:
-        if total <= 0 or share >= relevance.threshold - 1e-12:
-            break
-        chosen.append(d)
-        share += float(relevance.scores[d]) / total
-    return chosen
-
-
-def _table(
-    report: CollapseReport,
-    activity: Mapping[str, ActiveUnits],
-    relevance: LatentRelevance | None,
-    relevant: Sequence[int],
-    site: str,
-) -> str:
-    head = "| site | dim | KL (nats) | activity | active | collapsed |"
-    rule = "|---|---|---|---|---|---|"
-    if relevance is not None:
-        head += " relevance | rank | relevant |"
-        rule += "---|---|---|"
-    lines = [head, rule]
-    for name, layer in report.layers.items():
-        units = activity.get(name)
-        for d in range(layer.dims):
-            variance = float(units.variances[d]) if units is not None else float(layer.activity[d])
-            active = bool(units.active[d]) if units is not None else bool(layer.active[d])
-            row = (
-                f"| {name} | {d} | {_number(float(layer.kl[d]))} | {_number(variance)} | "
-                f"{'yes' if active else 'no'} | {'yes' if layer.collapsed[d] else 'no'} |"
-            )
-            if relevance is not None:
-                if name == site:
-                    rank = relevance.ranking.index(d) + 1
-                    mark = "yes" if d in relevant else "no"
-                    row += f" {_number(float(relevance.scores[d]))} | {rank} | {mark} |"
-                else:
-                    row += " | | |"
-            lines.append(row)
-    return "\n".join(lines)
 
 
 @dataclass
@@ -477,6 +347,28 @@ class _Findings:
     relevant: list[int] = field(default_factory=list)
     top: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+
+def _table(found: _Findings) -> str:
+    """The per-dimension table: every latent site's KL, activity and collapse, and the
+    relevance of the scored site's dimensions."""
+    relevance = found.relevance
+    header = ["site", "dim", "KL (nats)", "activity", "active", "collapsed"]
+    header += ["relevance", "rank", "relevant"] if relevance is not None else []
+    rows = []
+    for name, layer in found.report.layers.items():
+        units = found.activity.get(name)
+        variances = units.variances if units is not None else layer.activity
+        actives = units.active if units is not None else layer.active
+        for d in range(layer.dims):
+            yes = ["yes" if flag else "no" for flag in (actives[d], layer.collapsed[d])]
+            row = [name, str(d), _number(float(layer.kl[d])), _number(float(variances[d])), *yes]
+            if relevance is not None and name == found.site:
+                mark = "yes" if d in found.relevant else "no"
+                rank = str(relevance.ranking.index(d) + 1)
+                row += [_number(float(relevance.scores[d])), rank, mark]
+            rows.append(row + [""] * (len(header) - len(row)))
+    return markdown_table(header, rows)
 
 
 def _relevance_lines(found: _Findings) -> list[str]:
@@ -504,41 +396,37 @@ def _relevance_lines(found: _Findings) -> list[str]:
     ]
 
 
+def _header(title: str, run_dir: Path, command: Sequence[str]) -> list[str]:
+    """The first lines of a ``diagnostics.md``: its title, the run folder and the command."""
+    lines = [f"# Diagnostics: {title}", "", f"Run folder: `{run_dir}`", ""]
+    return lines + (["```", " ".join(command), "```", ""] if command else [])
+
+
 def _markdown(
     run: LoadedRun, run_dir: Path, facts: Sequence[str], found: _Findings, paths: bool
 ) -> str:
     """``diagnostics.md`` of one trained model (``paths``: ``paths.png`` was written)."""
     report, relevance = found.report, found.relevance
     count, dims = runs.count_active(found.activity)
-    lines = [f"# Diagnostics: {run.title}", "", f"Run folder: `{run_dir}`", ""]
-    if run.command:
-        lines += ["```", " ".join(run.command), "```", ""]
-    lines += [f"- {fact}" for fact in facts]
-    lines += [
+    relevant = (
+        "; **relevance** and **rank**, the decoder-Jacobian score; **relevant**, among the "
+        f"dimensions not collapsed, the fewest carrying {100 * relevance.threshold:g}% of "
+        "their score (a collapsed dimension is never relevant)."
+        if relevance is not None
+        else "."
+    )
+    lines = [
+        *_header(run.title, run_dir, run.command),
+        *(f"- {fact}" for fact in facts),
         f"- active units: {count}/{dims} (Var_x E[z_d | x] > 0.01; the number 'pvae compare' "
-        "reports)"
-    ]
-    lines += ["", "## Posterior collapse", "", "```", report.verdict, "```", ""]
-    lines += [
+        "reports)",
+        *["", "## Posterior collapse", "", "```", report.verdict, "```", ""],
         "Columns: **KL**, the mean KL(q(z_d | x) || p(z_d)) over the test points; "
         "**activity**, Var_x E[z_d | x]; **active**, activity > 0.01; **collapsed**, the "
         f"posterior is the prior: mean KL below {report.kl_threshold:g} nats (and, in a layer "
-        "whose term is not a KL, inactive)"
-        + (
-            "; **relevance** and **rank**, the decoder-Jacobian score; **relevant**, among "
-            f"the dimensions not collapsed, the fewest carrying {100 * relevance.threshold:g}% "
-            "of their score (a collapsed dimension is never relevant)."
-            if relevance is not None
-            else "."
-        ),
-        "",
-        _table(report, found.activity, relevance, found.relevant, found.site),
-        "",
-        "![KL per dimension](kl_per_dim.png)",
-        "",
-        "![activity per dimension](activity.png)",
-        "",
-        *_relevance_lines(found),
+        f"whose term is not a KL, inactive){relevant}",
+        *["", _table(found), "", "![KL per dimension](kl_per_dim.png)", ""],
+        *["![activity per dimension](activity.png)", "", *_relevance_lines(found)],
     ]
     if found.notes:
         lines += ["## Notes", "", *[f"- {note}" for note in found.notes], ""]
@@ -596,7 +484,9 @@ def _figures(run: LoadedRun, first: tuple, found: _Findings) -> dict[str, Figure
     if found.relevance is not None and found.decode is not None:
         figures["relevance.png"] = relevance_curve(found.relevance)
         mu = posterior_mean(run.model.guide, first, found.site)[0].reshape(-1)
-        figures["traversals.png"] = traversals(found.decode, mu, found.top, run.ds.image_shape)
+        figures["traversals.png"] = traversals(
+            found.decode, mu, found.top, run.ds.image_shape, span=TRAVERSAL_RANGE
+        )
     channels = MODELS[run.model_name].channels
     if channels and found.site in channels:
         channels_first = channels[found.site] in (0, -2, "channels_first")
@@ -623,17 +513,10 @@ def _diagnose_model(
         files = [plots.save(figure, out_dir / name) for name, figure in figures.items()]
     text = _markdown(run, run_dir, facts, found, paths="paths.png" in figures)
     files.insert(0, atomic.write_text(out_dir / REPORT, text))
-    return Diagnosis(
-        kind="train",
-        run_dir=run_dir,
-        out_dir=out_dir,
-        files=files,
-        verdict=found.report.verdict,
-        collapse=found.report,
-        relevance=found.relevance,
-        activity=activity,
-        relevant=found.relevant,
-    )
+    report, relevance = found.report, found.relevance
+    diagnosis = Diagnosis("train", run_dir, out_dir, files, report.verdict, report, relevance)
+    diagnosis.activity, diagnosis.relevant = activity, found.relevant
+    return diagnosis
 
 
 def _log_likelihood_fact(mean: Any, stderr: Any, samples: Any) -> str:
@@ -649,10 +532,11 @@ def _common_facts(run: LoadedRun, num_points: int) -> tuple[str, str]:
     )
 
 
-def _train_facts(run: LoadedRun, num_points: int) -> list[str]:
+def _diagnose_train(run_dir: Path, out_dir: Path, num_points: int) -> Diagnosis:
+    run = load_run(run_dir)
     epochs, points = _common_facts(run, num_points)
-    history = run.checkpoint.get("history") or []
     facts = [epochs]
+    history = run.checkpoint.get("history") or []
     if history:
         last = history[-1]
         facts.append(
@@ -664,12 +548,7 @@ def _train_facts(run: LoadedRun, num_points: int) -> list[str]:
         facts.append(
             _log_likelihood_fact(test.get("mean"), test.get("stderr"), test.get("num_samples"))
         )
-    return [*facts, points]
-
-
-def _diagnose_train(run_dir: Path, out_dir: Path, num_points: int) -> Diagnosis:
-    run = load_run(run_dir)
-    return _diagnose_model(run, run_dir, out_dir, num_points, _train_facts(run, num_points))
+    return _diagnose_model(run, run_dir, out_dir, num_points, [*facts, points])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -711,12 +590,8 @@ def _diagnose_compare(
         run = _load_model(config, ds, checkpoint, title, command)
         epochs, points = _common_facts(run, num_points)
         ll = (row.get("log_likelihood"), row.get("log_likelihood_stderr"))
-        facts = [
-            f"bound {label}: {row.get('engine', '')}",
-            epochs,
-            _log_likelihood_fact(*ll, summary.get("ll_samples")),
-            points,
-        ]
+        facts = [f"bound {label}: {row.get('engine', '')}", epochs]
+        facts += [_log_likelihood_fact(*ll, summary.get("ll_samples")), points]
         if row.get("status") != "ok":
             facts.append(f"status: {row.get('status')} (the last good checkpoint)")
         child = _diagnose_model(run, run_dir / folder, out_dir / folder, num_points, facts)
@@ -733,6 +608,23 @@ def _diagnose_compare(
     return diagnosis
 
 
+def _compare_row(
+    label: str, row: Mapping[str, Any], child: Diagnosis | None, skipped: str | None
+) -> list[str]:
+    """One bound's row of the compare summary (``row``: its row of ``results.json``)."""
+    ll = _number(row.get("log_likelihood"), 5)
+    if child is None or child.collapse is None:
+        return [label, ll, f"skipped: {skipped}", "", "", "", "", ""]
+    verdict = child.verdict.splitlines()[0].removeprefix("Verdict: ").rstrip(".")
+    layers = child.collapse.layers.values()
+    collapsed = sum(len(layer.collapsed_dims) for layer in layers)
+    active, dims = child.active_units
+    kl = _number(sum(float(layer.kl.sum()) for layer in layers))
+    relevant = ", ".join(map(str, child.relevant)) if child.relevance is not None else "n/a"
+    link = f"[{child.out_dir.name}/{REPORT}]({child.out_dir.name}/{REPORT})"
+    return [label, ll, verdict, f"{active}/{dims}", f"{collapsed}/{dims}", kl, relevant, link]
+
+
 def _compare_markdown(
     run_dir: Path,
     command: Sequence[str],
@@ -740,43 +632,21 @@ def _compare_markdown(
     rows: Sequence[Mapping[str, Any]],
     diagnosis: Diagnosis,
 ) -> str:
-    lines = [
-        f"# Diagnostics: {config.get('model')} on {config.get('dataset')}, {len(rows)} bounds",
-        "",
-        f"Run folder: `{run_dir}`",
-        "",
-    ]
-    if command:
-        lines += ["```", " ".join(command), "```", ""]
-    lines += [
-        "| bound | log p(x) | verdict | active units | collapsed | KL (nats) | relevant dims "
-        "| report |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    title = f"{config.get('model')} on {config.get('dataset')}, {len(rows)} bounds"
+    header = ["bound", "log p(x)", "verdict", "active units", "collapsed", "KL (nats)"]
     by_label = {str(row.get("bound")): row for row in rows}
-    for label, child in diagnosis.bounds.items():
-        ll = _number(by_label.get(label, {}).get("log_likelihood"), 5)
-        if child is None or child.collapse is None:
-            skipped = diagnosis.skipped.get(label)
-            lines.append(f"| {label} | {ll} | skipped: {skipped} | | | | | |")
-            continue
-        verdict = child.verdict.splitlines()[0].removeprefix("Verdict: ").rstrip(".")
-        layers = child.collapse.layers.values()
-        collapsed = sum(len(layer.collapsed_dims) for layer in layers)
-        active, dims = child.active_units
-        kl = sum(float(layer.kl.sum()) for layer in layers)
-        relevant = ", ".join(map(str, child.relevant)) if child.relevance is not None else "n/a"
-        link = f"[{child.out_dir.name}/{REPORT}]({child.out_dir.name}/{REPORT})"
-        lines.append(
-            f"| {label} | {ll} | {verdict} | {active}/{dims} | {collapsed}/{dims} | "
-            f"{_number(kl)} | {relevant} | {link} |"
-        )
-    lines.append("")
-    lines.append(
+    table = [
+        _compare_row(label, by_label.get(label, {}), child, diagnosis.skipped.get(label))
+        for label, child in diagnosis.bounds.items()
+    ]
+    lines = [
+        *_header(title, run_dir, command),
+        markdown_table([*header, "relevant dims", "report"], table),
+        "",
         "active units: Var_x E[z_d | x] > 0.01, the number of the 'active units' column of "
-        "results.md; collapsed: posterior equal to the prior (see each report)."
-    )
-    lines.append("")
+        "results.md; collapsed: posterior equal to the prior (see each report).",
+        "",
+    ]
     for label, child in diagnosis.bounds.items():
         if child is not None:
             lines += [f"## {label}", "", "```", child.verdict, "```", ""]
@@ -828,9 +698,9 @@ def diagnose(
     num_points: int = 500,
     say: Callable[[str], None] | None = None,
 ) -> Diagnosis:
-    """Diagnose the run in ``run_dir`` (``pvae train`` or ``pvae compare``) and write
-    ``diagnostics.md`` and the figures into ``out_dir`` (default: ``run_dir``; for a compare
-    run, one subfolder per bound and a summary on top).
+    """Diagnose the run in ``run_dir`` (``pvae train``, ``pvae compare`` or ``pvae sample``)
+    and write ``diagnostics.md`` and the figures into ``out_dir`` (default: ``run_dir``; for a
+    compare run, one subfolder per bound and a summary on top).
 
     :param num_points: test points the diagnostics use (the first ones).
     :param say: called with one line per diagnosed bound (compare runs), or None.

@@ -15,7 +15,7 @@ import math
 import os
 import platform
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,28 +37,16 @@ __all__ = [
 
 Row = Mapping[str, Any]
 
-NUMBERS = (
-    "log_likelihood",
-    "log_likelihood_stderr",
-    "delta_log_likelihood",
-    "delta_stderr",
-    "elbo",
-    "iwae_64",
-    "inference_gap",
-    "active_units",
-    "latent_dims",
-    "snr_guide",
-    "snr_model",
-    "seconds_per_epoch",
-    "train_bound",
-    "valid_bound",
-    "yardstick",
-    "train_seconds",
-    "yardstick_seconds",
-    "eval_seconds",
-    "peak_memory_mb",
+NUMBERS = (  # a cell's numbers, in the order of results.csv
+    *("log_likelihood", "log_likelihood_stderr", "delta_log_likelihood", "delta_stderr"),
+    *("elbo", "iwae_64", "inference_gap", "active_units", "latent_dims", "snr_guide"),
+    *("snr_model", "seconds_per_epoch", "train_bound", "valid_bound", "yardstick"),
+    *("train_seconds", "yardstick_seconds", "eval_seconds", "peak_memory_mb"),
 )
 EXACT = "exact_log_likelihood"
+PLOTS = ("learning_curves.png", "log_likelihood.png", "snr.png", "ll_vs_k.png")
+FILES = ("results.md", "results.json", "results.csv", *PLOTS)
+"""The files :func:`write` writes."""
 _KNOWN = {"bound", "engine", "status", "history", "reference", "seed", "folder", "run", "ll_vs_k"}
 _KNOWN |= {*NUMBERS, EXACT}
 _CSV_COLUMNS = ["bound", "seed", "folder", "engine", "status", *NUMBERS, "reference"]
@@ -78,24 +66,12 @@ _EXTRA_NOTES = {
 # ---------------------------------------------------------------------------------------------
 
 
-def _number(value: Any, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+def _text(value: Any, spec: str = ".2f") -> str:
+    """A number as text: an int as it is, a float by the format ``spec``; "n/a" for None,
+    NaN, infinity or anything else."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return "n/a"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.{digits}f}"
-
-
-def _snr(value: Any) -> str:
-    if value is None or not math.isfinite(value):
-        return "n/a"
-    return f"{value:.3g}"
-
-
-def _metric(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return "n/a"
-    return str(value) if isinstance(value, int) else _snr(value)
+    return str(value) if isinstance(value, int) else f"{value:{spec}}"
 
 
 def _pm(row: Row, key: str, digits: int = 2, spread: str = "_sd") -> str:
@@ -103,7 +79,7 @@ def _pm(row: Row, key: str, digits: int = 2, spread: str = "_sd") -> str:
     mean = row.get(key)
     if mean is None or not math.isfinite(mean):
         return "n/a"
-    return f"{mean:.{digits}f} ± {_number(row.get(f'{key}{spread}'), digits)}"
+    return f"{mean:.{digits}f} ± {_text(row.get(f'{key}{spread}'), f'.{digits}f')}"
 
 
 def _gap(row: Row, key: str) -> str:
@@ -132,9 +108,14 @@ def _has_exact(rows: Sequence[Row]) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    return "\n".join([*out, *("| " + " | ".join(cells) + " |" for cells in lines)])
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A Markdown table of ``header`` and ``rows`` (sequences of cells; an empty cell is one
+    space), without a trailing newline."""
+
+    def line(cells: Sequence[str]) -> str:
+        return "|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|"
+
+    return "\n".join([line(header), "|" + "|".join(["---"] * len(header)) + "|", *map(line, rows)])
 
 
 def _head(rows: Sequence[Row], ll_samples: int | None, unit: str | None, delta: str) -> list[str]:
@@ -150,13 +131,13 @@ def _head(rows: Sequence[Row], ll_samples: int | None, unit: str | None, delta: 
 def _exact_cells(row: Row, rows: Sequence[Row]) -> list[str]:
     if not _has_exact(rows):
         return []
-    return [_number(row.get(EXACT)), _gap(row, "log_likelihood"), _gap(row, "elbo")]
+    return [_text(row.get(EXACT)), _gap(row, "log_likelihood"), _gap(row, "elbo")]
 
 
 def _delta(row: Row, spread: str) -> str:
     if row["bound"] == row.get("reference"):
         return "reference"
-    return f"{row['delta_log_likelihood']:+.2f} ± {_number(row.get(spread))}"
+    return f"{row['delta_log_likelihood']:+.2f} ± {_text(row.get(spread))}"
 
 
 def format_table(
@@ -175,13 +156,13 @@ def format_table(
             lines.append([*cells, r["status"].split(":")[0], *["n/a"] * (len(header) - 3)])
             continue
         cells += [_pm(r, "log_likelihood", spread="_stderr"), *_exact_cells(r, results)]
-        cells += [_delta(r, "delta_stderr"), _number(r["elbo"]), _number(r["iwae_64"])]
-        cells += [_number(r["inference_gap"]), f"{r['active_units']}/{r['latent_dims']}"]
-        cells += [_snr(r["snr_guide"]), _snr(r["snr_model"])]
-        cells += [_number(r.get(key), 1) for key in ("seconds_per_epoch", "train_seconds")]
-        cells += [_number(r.get("eval_seconds"), 1), _number(r.get("peak_memory_mb"), 0)]
-        lines.append([*cells, *(_metric(r.get(name)) for name in extras)])
-    return _table(header, lines)
+        cells += [_delta(r, "delta_stderr"), _text(r["elbo"]), _text(r["iwae_64"])]
+        cells += [_text(r["inference_gap"]), f"{r['active_units']}/{r['latent_dims']}"]
+        cells += [_text(r["snr_guide"], ".3g"), _text(r["snr_model"], ".3g")]
+        cells += [_text(r.get(key), ".1f") for key in ("seconds_per_epoch", "train_seconds")]
+        cells += [_text(r.get("eval_seconds"), ".1f"), _text(r.get("peak_memory_mb"), ".0f")]
+        lines.append([*cells, *(_text(r.get(name), ".3g") for name in extras)])
+    return markdown_table(header, lines)
 
 
 def format_seed_table(
@@ -206,11 +187,11 @@ def format_seed_table(
         cells += ["n/a" if noise is None else ("yes" if noise else "no")]
         cells += [_pm(r, key) for key in ("elbo", "iwae_64", "inference_gap")]
         cells += [f"{_pm(r, 'active_units', 1)}/{r['latent_dims']:.0f}"]
-        cells += [_snr(r.get("snr_guide")), _snr(r.get("snr_model"))]
-        cells += [_number(r.get(k), 1) for k in ("seconds_per_epoch", "train_seconds")]
-        cells += [_number(r.get("eval_seconds"), 1), *(_pm(r, name, 3) for name in extras)]
+        cells += [_text(r.get("snr_guide"), ".3g"), _text(r.get("snr_model"), ".3g")]
+        cells += [_text(r.get(k), ".1f") for k in ("seconds_per_epoch", "train_seconds")]
+        cells += [_text(r.get("eval_seconds"), ".1f"), *(_pm(r, name, 3) for name in extras)]
         lines.append(cells)
-    return _table(header, lines)
+    return markdown_table(header, lines)
 
 
 def _mean_sd(values: Sequence[Any]) -> tuple[float, float]:
@@ -241,12 +222,11 @@ def _summary_row(bound: str, rows: Sequence[Row], numeric: Sequence[str]) -> dic
         if any(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
             row[key], row[f"{key}_sd"] = _mean_sd(values)
     row["delta_sd"] = row.pop("delta_log_likelihood_sd", math.nan)
-    if bound == row["reference"] or not math.isfinite(row["delta_sd"]):
-        row["within_seed_noise"] = None
-    else:
-        row["within_seed_noise"] = abs(row["delta_log_likelihood"]) < (
-            WITHIN_NOISE * row["delta_sd"]
-        )
+    spread = row["delta_sd"]  # NaN with one seed; the reference has no Δ of its own
+    noise = abs(row.get("delta_log_likelihood", math.nan)) < WITHIN_NOISE * spread
+    row["within_seed_noise"] = (
+        noise if bound != row["reference"] and math.isfinite(spread) else None
+    )
     curves = [r.get("ll_vs_k") or {} for r in good]
     ks = list(dict.fromkeys(k for curve in curves for k in curve))
     row["ll_vs_k"] = {k: _mean_sd([c.get(k, math.nan) for c in curves])[0] for k in ks}
@@ -282,7 +262,7 @@ def summary_line(result: Row, ll_samples: int, several: bool = False) -> str:
         f"{result['active_units']}/{result['latent_dims']}, SNR guide "
         f"{result['snr_guide']:.3g} model {result['snr_model']:.3g}, "
         f"{result['seconds_per_epoch']:.1f} s/epoch"
-        + "".join(f", {name} {_metric(result.get(name))}" for name in extra_metrics([result]))
+        + "".join(f", {name} {_text(result.get(name), '.3g')}" for name in extra_metrics([result]))
     )
 
 
@@ -345,16 +325,10 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
     gpu = None
     if torch.cuda.is_available():
         gpu = torch.cuda.get_device_name(torch.device(device) if str(device) != "cpu" else 0)
-    names = ("gpytorch", "numpy")
+    modules = ("torch", "pyro", "gpytorch", "numpy", "pvae")
     return {
         "git_commit": _git_commit(),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "pyro": pyro.__version__,
-            **{name: _version(name) for name in names},
-            "pvae": pvae.__version__,
-        },
+        "versions": {"python": platform.python_version(), **{m: _version(m) for m in modules}},
         "platform": platform.platform(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),

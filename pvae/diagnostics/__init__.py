@@ -7,7 +7,8 @@
   (Burda et al. 2016).
 - :func:`kl_per_dim`, :func:`mutual_information`, :func:`collapse_report`: posterior collapse
   per dimension and per layer (Dang et al. 2024).
-- :func:`latent_relevance`: the ARD-VAE decoder-Jacobian relevance score (Saha et al. 2025).
+- :func:`latent_relevance`: the ARD-VAE decoder-Jacobian relevance score (Saha et al. 2025);
+  :func:`relevant_in_use`: the relevant set among the dimensions not collapsed.
 - :func:`identification_r2`: R^2 of affine regressions from inferred to true latent groups
   (Gondur et al. 2024).
 - :func:`sliced_wasserstein`, :func:`distributional_sliced_wasserstein`: distances between two
@@ -28,7 +29,7 @@ from pvae.diagnostics.collapse import (
 )
 from pvae.diagnostics.identification import Identification, identification_r2
 from pvae.diagnostics.latents import ActiveUnits, active_units, posterior_mean
-from pvae.diagnostics.relevance import LatentRelevance, latent_relevance
+from pvae.diagnostics.relevance import LatentRelevance, latent_relevance, relevant_in_use
 from pvae.diagnostics.snr import GradientSNR, gradient_snr
 from pvae.diagnostics.wasserstein import distributional_sliced_wasserstein, sliced_wasserstein
 from pvae.evaluate import log_likelihood
@@ -52,5 +53,6 @@ __all__ = [
     "log_likelihood",
     "mutual_information",
     "posterior_mean",
+    "relevant_in_use",
     "sliced_wasserstein",
 ]

@@ -1,5 +1,6 @@
 """Matplotlib figures of the latent diagnostics: KL per dimension, activity, the relevance
-curve, posterior paths per latent channel, and the distance curves of a prior selection. As in
+curve, latent traversals, posterior paths per latent channel, and the distance curves of a
+prior selection. As in
 :mod:`pvae.plots`: no ``pyplot``, each function returns a :class:`matplotlib.figure.Figure`
 and, given ``path``, saves it atomically.
 
@@ -12,7 +13,7 @@ in a grid with shared axes.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,9 +27,18 @@ from matplotlib.ticker import MaxNLocator
 from pvae.diagnostics.collapse import CollapseReport, KLPerDim
 from pvae.diagnostics.latents import ActiveUnits
 from pvae.diagnostics.relevance import LatentRelevance
-from pvae.plots import PathLike, save
+from pvae.plots import PathLike, image_grid, save
+from pvae.protocol import trace_guide_site
 
-__all__ = ["activity_bars", "kl_bars", "path_grid", "relevance_curve", "selection_curves"]
+__all__ = [
+    "activity_bars",
+    "kl_bars",
+    "path_grid",
+    "posterior_paths",
+    "relevance_curve",
+    "selection_curves",
+    "traversals",
+]
 
 
 def _finish(fig: Figure, path: PathLike | None) -> Figure:
@@ -259,6 +269,77 @@ def path_grid(
     fig.supxlabel("step t", fontsize=9, y=0.05 / height, va="bottom")
     fig.supylabel(f"E_q[{site}_t | x] ± 2 sd", fontsize=9, x=0.05 / width, ha="left")
     return _finish(fig, path)
+
+
+def traversals(
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    mu: torch.Tensor,
+    dims: Sequence[int],
+    image_shape: Sequence[int] | None = None,
+    path: PathLike | None = None,
+    span: float = 3.0,
+    steps: int = 9,
+) -> Figure:
+    """Latent traversals: the decoded means as each dimension d of ``dims`` moves over
+    ``mu_d + linspace(-span, span, steps)`` with the other dimensions held at ``mu``.
+
+    :param decode: ``decode(z) -> x_hat``, the mean of p(x | z), ``(steps, D) -> (steps, ...)``.
+    :param mu: ``(D,)`` (or any shape of D elements), e.g. the posterior mean of one point.
+    :param image_shape: ``x_hat``'s image shape: an image grid, one row per dimension, one
+        column per step; None: one panel per dimension, one line per observed element.
+    """
+    offsets = torch.linspace(-span, span, steps)
+    rows = []
+    for d in dims:
+        z = mu.reshape(1, -1).repeat(steps, 1)
+        z[:, d] = z[:, d] + offsets
+        with torch.no_grad():
+            rows.append(decode(z).reshape(steps, -1))
+    title = (
+        f"rows: dimensions {', '.join(map(str, dims))} by relevance; columns: "
+        f"mu_d {-span:+g} ... mu_d {span:+g}"
+    )
+    if image_shape is not None:
+        return image_grid(torch.cat(rows), image_shape, nrow=steps, title=title, path=path)
+    fig = Figure(figsize=(max(4.0, 3.6 * len(dims)), 3.2), layout="constrained")
+    axes = fig.subplots(1, max(1, len(dims)), squeeze=False)[0]
+    for ax, d, decoded in zip(axes, dims, rows, strict=False):
+        values = decoded.detach().cpu().double().numpy()
+        for column in range(values.shape[1]):
+            ax.plot(offsets.numpy(), values[:, column], marker=".", label=f"x[{column}]")
+        ax.set_xlabel(f"z[{d}] - posterior mean")
+        ax.set_ylabel("decoded mean of x")
+        ax.set_title(f"dimension {d}", fontsize=10)
+        if values.shape[1] <= 10:
+            ax.legend(fontsize=7)
+    return _finish(fig, path)
+
+
+def posterior_paths(
+    guide: Callable,
+    batch: tuple,
+    site: str = "z",
+    channels_first: bool = False,
+    path: PathLike | None = None,
+) -> Figure | None:
+    """:func:`path_grid` of the posterior of ``site`` for the first sequence of ``batch``
+    (the guide's arguments): its mean ``(T, C)`` (``(C, T)`` when ``channels_first``) over the
+    steps with a band of ±2 posterior standard deviations (none where the distribution has no
+    variance); None when the site's event is not two-dimensional. The global RNG is untouched.
+    """
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        node, _ = trace_guide_site(guide, batch, {}, site)
+        fn: Any = node["fn"]
+        mean = fn.mean[0]
+        try:
+            sd = fn.variance[0].clamp(min=0).sqrt()
+        except (NotImplementedError, AttributeError):
+            sd = torch.zeros_like(mean)
+    if mean.dim() != 2:
+        return None
+    if channels_first:
+        mean, sd = mean.mT, sd.mT
+    return path_grid(mean, sd, site, path)
 
 
 def _selection_points(selection: Any) -> tuple[list[Any], np.ndarray]:

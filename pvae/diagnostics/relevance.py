@@ -20,7 +20,7 @@ The Jacobian columns d x_hat / d mu_d are computed with forward-mode autodiff
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,13 @@ from pvae.diagnostics.latents import active_units
 from pvae.evaluate import Data, iter_batches, num_items
 from pvae.protocol import trace_guide_site
 
-__all__ = ["LatentRelevance", "latent_relevance", "relevance_scores", "relevant_set"]
+__all__ = [
+    "LatentRelevance",
+    "latent_relevance",
+    "relevance_scores",
+    "relevant_in_use",
+    "relevant_set",
+]
 
 
 def relevance_scores(variance: torch.Tensor, mean_abs_jacobian: torch.Tensor) -> torch.Tensor:
@@ -84,6 +90,27 @@ class LatentRelevance:
     @property
     def num_relevant(self) -> int:
         return len(self.relevant)
+
+
+def relevant_in_use(relevance: LatentRelevance, collapsed: Sequence[int]) -> list[int]:
+    """The relevant set among the dimensions that are not ``collapsed``: the fewest of them,
+    by decreasing score, whose scores reach ``relevance.threshold`` of their total (a
+    collapsed dimension carries no information about x, so it is never relevant).
+
+    :param relevance: a :class:`LatentRelevance` of ``D`` dimensions.
+    :param collapsed: dimensions (in ``range(D)``) whose posterior is the prior.
+    :returns: the chosen dimensions by decreasing score; empty when their scores are all 0.
+    """
+    in_use = [d for d in relevance.ranking if d not in set(collapsed)]
+    total = sum(float(relevance.scores[d]) for d in in_use)
+    chosen: list[int] = []
+    share = 0.0
+    for d in in_use:
+        if total <= 0 or share >= relevance.threshold - 1e-12:
+            break
+        chosen.append(d)
+        share += float(relevance.scores[d]) / total
+    return chosen
 
 
 def _jacobian_columns(decode: Callable, mu: torch.Tensor, step: float) -> torch.Tensor:

@@ -437,3 +437,17 @@ def test_sequential_priors_get_chain_rule_terms_per_channel():
         )
         expected.append(float(torch.distributions.kl_divergence(q, p)))
     assert result.kl.tolist() == pytest.approx(expected, abs=0.1)
+
+
+def test_relevant_in_use_skips_collapsed_dimensions():
+    """Scores 5, 3, 1, 0.5: without dimension 0 the shares are 3/4.5, 1/4.5, 0.5/4.5, so a
+    90% threshold needs all three; with it, 5, 3, 1 reach 9/9.5 >= 0.9; all-zero scores: none."""
+    from pvae.diagnostics import LatentRelevance, relevant_in_use
+
+    scores = torch.tensor([5.0, 3.0, 1.0, 0.5])
+    relevance = LatentRelevance(scores, [0, 1, 2, 3], scores, [0, 1, 2], 0.9, *[scores] * 3)
+    assert relevant_in_use(relevance, collapsed=[0]) == [1, 2, 3]
+    assert relevant_in_use(relevance, collapsed=[]) == [0, 1, 2]
+    assert relevant_in_use(relevance, collapsed=[0, 1, 2, 3]) == []
+    relevance.scores = torch.zeros(4)
+    assert relevant_in_use(relevance, collapsed=[]) == []

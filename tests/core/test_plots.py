@@ -251,3 +251,39 @@ def test_selection_curves_give_each_metric_its_axis_and_mark_its_minimum(tmp_pat
 def test_selection_curves_refuse_bad_input(selections, match):
     with pytest.raises(ValueError, match=match):
         selection_curves(selections)
+
+
+def test_traversals_decode_the_moved_dimension_only(tmp_path):
+    """A linear decoder x = W z: each panel's line for x[i] is W[i] (mu + t e_d), t over the
+    span, so its slope is W[i, d]; an image decoder gives an image grid written to ``path``."""
+    from pvae.diagnostics.figures import traversals
+
+    weight = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, 1.0]])  # (x_dim 2, D 3)
+    mu = torch.tensor([0.2, -0.1, 0.4])
+    fig = traversals(lambda z: z @ weight.T, mu, [1, 2], span=2.0, steps=5)
+    offsets = torch.linspace(-2.0, 2.0, 5, dtype=torch.float64)
+    for ax, d in zip(fig.axes, [1, 2], strict=True):
+        assert ax.get_title() == f"dimension {d}"
+        for i, line in enumerate(ax.get_lines()):
+            expected = (weight[i].double() @ mu.double()) + weight[i, d].double() * offsets
+            assert torch.allclose(torch.as_tensor(line.get_ydata()), expected, atol=1e-6)
+    path = tmp_path / "traversals.png"
+    image = traversals(lambda z: z.repeat(1, 12), mu, [0], image_shape=(6, 6), path=path)
+    assert_png(image, path)
+
+
+def test_posterior_paths_are_none_without_a_two_dimensional_event(tmp_path):
+    import pyro
+
+    from pvae.diagnostics.figures import posterior_paths
+
+    def guide(x, event=(4, 2)):
+        with pyro.plate("data", 1):
+            prior = pyro.distributions.Normal(torch.zeros(1, *event), 1.0)
+            pyro.sample("z", prior.to_event(len(event)))
+
+    path = tmp_path / "paths.png"
+    fig = posterior_paths(guide, (torch.zeros(1, 3),), "z", path=path)
+    assert_png(fig, path)
+    assert len([ax for ax in fig.axes if ax.axison]) == 2  # (T 4, C 2): two channels
+    assert posterior_paths(lambda x: guide(x, (4, 2, 1)), (torch.zeros(1, 3),)) is None
