@@ -119,8 +119,9 @@ def time_bound(
         phases["active"] = clock() - began
         began = clock()
         snr_batch = tuple(t[: compare.SNR_POINTS] for t in as_tensors(test))
-        gradient_snr(model.model, model.guide, snr_batch, config.build_engine(bound),
-                     num_repeats=int(config.snr_repeats or compare.DEFAULTS["snr_repeats"]))  # fmt: skip
+        repeats = int(config.snr_repeats or compare.DEFAULTS["snr_repeats"])
+        engine = config.build_engine(bound)
+        gradient_snr(model.model, model.guide, snr_batch, engine, num_repeats=repeats)
         phases["snr"] = clock() - began
         began = clock()
         compare._ll_vs_k(model, test, k, ll, 0)
@@ -131,8 +132,9 @@ def time_bound(
             old = _legacy_log_likelihood(model, test, k)
             phases["legacy_ll"] = clock() - began
             gap = float((old.double() - ll.double()).abs().max())
-            print(f"  {bound}: log p(x) {float(ll.double().mean()):.4f} (previous path "
-                  f"{float(old.double().mean()):.4f}, largest per-point difference {gap:.2e})")  # fmt: skip
+            mean, before = float(ll.double().mean()), float(old.double().mean())
+            print(f"  {bound}: log p(x) {mean:.4f} (previous path {before:.4f}, largest "
+                  f"per-point difference {gap:.2e})")  # fmt: skip
     return phases
 
 
@@ -142,9 +144,15 @@ def _legacy_log_likelihood(model: Any, test: Any, k: int) -> torch.Tensor:
     n = as_tensors(test)[0].shape[0]
     step = max(1, min(100, math.ceil(n / 10)))
     parts = [
-        pvae.log_likelihood(model.model, model.guide, runs.rows(test, start, start + step),
-                            num_samples=k, batch_size=step, chunk_size=min(k, 100),
-                            reuse_guide=False)  # fmt: skip
+        pvae.log_likelihood(
+            model.model,
+            model.guide,
+            runs.rows(test, start, start + step),
+            num_samples=k,
+            batch_size=step,
+            chunk_size=min(k, 100),
+            reuse_guide=False,
+        )  # fmt: skip
         for start in range(0, n, step)
     ]
     return torch.cat(parts)

@@ -319,7 +319,7 @@ def _draw(guide_trace: Trace, k: int, nesting: int) -> Trace:
     for name, site in guide_trace.nodes.items():
         node = dict(site)
         if site["type"] == "sample" and not site["is_observed"]:
-            fn = site["fn"]
+            fn: Any = site["fn"]
             if k > 1:
                 batch_shape = fn.batch_shape
                 padding = (1,) * max(0, nesting - len(batch_shape))
