@@ -16,7 +16,10 @@ Run from the repository root::
     .venv/bin/python benchmarks/compare_phases.py --bounds iwae --train-epochs 1 --ll-samples 1000
 
 On a machine shared with other jobs use one thread and the CPU clock (idle worker threads spin);
-``--threads 2 --clock wall`` is the figure for 2 idle cores. Prints the load average.
+``--threads 2 --clock wall`` is the figure for 2 idle cores. Prints the load average, and per
+bound the page faults and system seconds of each phase (where the ``resource`` module exists):
+tensors of tens of MB are fresh ``mmap``s from glibc's allocator on every run, and the page
+faults of touching them cost a quarter or more of a phase.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any
 
 import pyro
@@ -39,6 +43,25 @@ from pvae.evaluate import as_tensors
 from pvae.inference import ELBO, IWAE
 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
+
+FAULTS: dict[str, tuple[int, float]] = {}  # phase: (minor page faults, system seconds)
+
+
+@contextmanager
+def faults(phase: str) -> Any:
+    """Record the minor page faults and system seconds of the block under ``phase``."""
+    if resource is None:
+        yield
+        return
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    yield
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    FAULTS[phase] = (after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -67,6 +90,9 @@ def main() -> None:
         phases = time_bound(config, ds, bound, clock, legacy=not args.no_legacy)
         line = ", ".join(f"{name} {seconds:.2f}" for name, seconds in phases.items())
         print(f"{bound}: {line} s", flush=True)
+        if FAULTS:
+            line = ", ".join(f"{k} {n} ({t:.1f} s)" for k, (n, t) in FAULTS.items())
+            print(f"  page faults (system seconds): {line}", flush=True)
         for name, seconds in phases.items():
             factor = scale if name in ("train", "yardstick") else 1.0
             totals[name] = totals.get(name, 0.0) + seconds * factor
@@ -93,9 +119,10 @@ def time_bound(
         pyro.set_rng_seed(0)
         model = config.build_model(ds)
         began = clock()
-        pvae.fit(model.model, model.guide, ds.train, engine=config.build_engine(bound),
-                 epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-                 valid=ds.valid, seed=0, progress=False)  # fmt: skip
+        with faults("train"):
+            pvae.fit(model.model, model.guide, ds.train, engine=config.build_engine(bound),
+                     epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+                     valid=ds.valid, seed=0, progress=False)  # fmt: skip
         phases["train"] = clock() - began
         model.eval()
         valid = tuple(t[: compare.YARDSTICK_POINTS] for t in as_tensors(ds.valid))
@@ -106,7 +133,8 @@ def time_bound(
         test, k = ds.test, int(config.ll_samples)
         torch.manual_seed(0)
         began = clock()
-        ll = compare.log_likelihood(model, test, k)
+        with faults("ll"):
+            ll = compare.log_likelihood(model, test, k)
         phases["ll"] = clock() - began
         with torch.no_grad():
             began = clock()
@@ -118,10 +146,11 @@ def time_bound(
         runs.count_active(runs.latent_activity(model, test, 0, channels=channels))
         phases["active"] = clock() - began
         began = clock()
-        snr_batch = tuple(t[: compare.SNR_POINTS] for t in as_tensors(test))
-        repeats = int(config.snr_repeats or compare.DEFAULTS["snr_repeats"])
-        engine = config.build_engine(bound)
-        gradient_snr(model.model, model.guide, snr_batch, engine, num_repeats=repeats)
+        with faults("snr"):
+            snr_batch = tuple(t[: compare.SNR_POINTS] for t in as_tensors(test))
+            repeats = int(config.snr_repeats or compare.DEFAULTS["snr_repeats"])
+            engine = config.build_engine(bound)
+            gradient_snr(model.model, model.guide, snr_batch, engine, num_repeats=repeats)
         phases["snr"] = clock() - began
         began = clock()
         compare._ll_vs_k(model, test, k, ll, 0)
@@ -129,7 +158,8 @@ def time_bound(
         if legacy:
             torch.manual_seed(0)
             began = clock()
-            old = _legacy_log_likelihood(model, test, k)
+            with faults("legacy_ll"):
+                old = _legacy_log_likelihood(model, test, k)
             phases["legacy_ll"] = clock() - began
             gap = float((old.double() - ll.double()).abs().max())
             mean, before = float(ll.double().mean()), float(old.double().mean())
