@@ -166,13 +166,9 @@ def log_likelihood(
         densities are left out, so the result is ``log p(x_n | w)`` per datapoint.
     :param data_plate: the name of the plate holding the datapoint dimension (Pyro's DMM
         example: ``"z_minibatch"``).
-    :param reuse_guide: run the guide once per batch and draw every run's particles from the
-        distributions it gave (the encoder is not recomputed per run), replaying only the
-        model. The particles are the same draws as the traced run's, and the first run of
-        every call is checked against the traced run (weights within a relative
-        :data:`AGREEMENT` and the same random numbers consumed); where they differ (a guide
-        whose later latents depend on earlier draws, or that draws random numbers outside its
-        sample sites) the call falls back to tracing the guide per run. False: always trace.
+    :param reuse_guide: run the guide once per batch and draw each run's particles from its
+        distributions (the same draws), replaying only the model; checked against the traced
+        run on the first run, tracing every run where they differ (a dependent guide).
     :param kwargs: keyword arguments of the model and the guide.
     :returns: tensor of shape ``(N,)``.
 
@@ -241,9 +237,12 @@ class _Runs:
     With ``reuse_guide`` the guide runs once per batch (:meth:`start`, in a forked random
     state: it draws nothing from the stream) and each run draws its particles from the
     distributions of that guide trace, expanded as the particle plate would expand them (so
-    the draws are the traced run's), and replays the model on them. The first run of the
-    call is computed both ways from the same random state (:meth:`_checked`); if the weights
-    or the random numbers consumed differ, every later run is traced as before.
+    the draws are the traced run's), and replays the model on them: the encoder is not
+    recomputed per run. The first run of the call is computed both ways from the same random
+    state (:meth:`_checked`); if the weights differ by more than a relative :data:`AGREEMENT`
+    or the random numbers consumed differ (a guide whose later latents depend on earlier
+    draws, or that draws random numbers outside its sample sites), every run of the call is
+    traced as before.
     """
 
     def __init__(
