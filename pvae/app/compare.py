@@ -581,8 +581,8 @@ def log_likelihood(
 ) -> torch.Tensor:
     """:func:`pvae.log_likelihood` of ``test``, ``(N,)`` nats, evaluated a tenth of the points
     (at most ``batch_size``) at a time, ``chunk_size`` particles per vectorised run (default:
-    :data:`pvae.evaluate.ROWS` rows per run, 40 particles for 50 points: the same draws as
-    runs of 100 particles, in cache-sized runs); with ``progress``, a bar on a terminal and
+    :data:`pvae.evaluate.ROWS` rows per run, 40 particles for 50 points; for the default VAE
+    the same draws as the runs of 100 particles used before); with ``progress``, a bar on a terminal and
     otherwise (output piped to a file) a line on stderr at least every 10 s and after the last
     part."""
     n = num_items(test)
