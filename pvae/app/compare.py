@@ -582,9 +582,9 @@ def log_likelihood(
     """:func:`pvae.log_likelihood` of ``test``, ``(N,)`` nats, evaluated a tenth of the points
     (at most ``batch_size``) at a time, ``chunk_size`` particles per vectorised run (default:
     :data:`pvae.evaluate.ROWS` rows per run, 40 particles for 50 points; for the default VAE
-    the same draws as the runs of 100 particles used before); with ``progress``, a bar on a terminal and
-    otherwise (output piped to a file) a line on stderr at least every 10 s and after the last
-    part."""
+    the same draws as the runs of 100 particles used before); with ``progress``, a bar on a
+    terminal and otherwise (output piped to a file) a line on stderr at least every 10 s and
+    after the last part."""
     n = num_items(test)
     step = max(1, min(batch_size, math.ceil(n / 10)))
     chunk = chunk_size if chunk_size is not None else max(1, evaluate.ROWS // step)
