@@ -124,8 +124,9 @@ def test_log_likelihood_loops_over_particles_with_the_same_draws():
     for vectorize in (True, False):
         BankNormal.used = 0
         estimates[vectorize] = pvae.log_likelihood(
-            lg.model, guide, x, num_samples=40, chunk_size=16, vectorize_particles=vectorize
-        )
+            lg.model, guide, x, num_samples=40, chunk_size=16, vectorize_particles=vectorize,
+            reuse_guide=False,  # the bank is not torch's stream: count the traced runs' draws
+        )  # fmt: skip
         # one draw for the data checks, one to read the plates, then 40 particles
         assert BankNormal.used == 42
     torch.testing.assert_close(estimates[False], estimates[True], rtol=0, atol=1e-12)
@@ -148,8 +149,10 @@ def test_chunks_are_pooled_over_all_samples():
     estimates = []
     for chunk_size in (40, 16, 7, 1):
         BankNormal.used = 0
-        estimates.append(
-            pvae.log_likelihood(lg.model, guide, x, num_samples=40, chunk_size=chunk_size)
+        estimates.append(  # the traced runs (the bank is not torch's random stream)
+            pvae.log_likelihood(
+                lg.model, guide, x, num_samples=40, chunk_size=chunk_size, reuse_guide=False
+            )
         )
     for estimate in estimates[1:]:
         torch.testing.assert_close(estimate, estimates[0], rtol=0, atol=1e-10)
@@ -184,3 +187,129 @@ def test_poor_guide_with_one_sample_chunks_still_pools():
         [pvae.log_likelihood(lg.model, lg.guide, x, num_samples=1) for _ in range(200)]
     ).mean(0)
     assert (exact - elbo).mean() > 0.6  # the guide is poor enough for the difference to show
+
+
+# ---- the guide once per batch (reuse_guide) -------------------------------------------------
+
+
+class CountingGuide:
+    """A guide that counts its runs."""
+
+    def __init__(self, guide):
+        self.guide, self.calls = guide, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.guide(*args, **kwargs)
+
+
+def second_moment_of_weights(lg, x):
+    """E_q[(p(z | x) / q(z | x))^2] per datapoint, exactly, for a mean-field Gaussian guide
+    N(m + offset, (s * f)^2) against the diagonal posterior N(m, s^2) (orthogonal W): per
+    dimension, with a = 1/s1^2, b = 1/(2 s2^2), c = a - b > 0,
+    s2 / (sqrt(2) s1^2 sqrt(c)) * exp(a b (m1 - m2)^2 / c); the product over dimensions."""
+    mean, cov = lg.posterior(x)
+    s1 = cov.diagonal().sqrt()
+    s2 = s1 * lg.scale_factor
+    a, b = 1 / s1**2, 1 / (2 * s2**2)
+    c = a - b
+    per_dim = s2 / (math.sqrt(2) * s1**2 * c.sqrt()) * torch.exp(a * b * lg.offset**2 / c)
+    return per_dim.prod().expand(x.shape[0])
+
+
+def test_reused_guide_draws_the_traced_particles_and_is_unbiased():
+    """The guide-once path against the traced path (same seed: the same draws, so the same
+    estimate to rounding) and against the exact log p(x) of a linear-Gaussian model with a
+    wrong guide, within 5 standard errors of the estimator (computed from the exact variance
+    of the normalised weights, Var = E[w^2] - 1: SD ~ sqrt(Var / K) per point, bias ~ -Var/2K).
+    """
+    lg = LinearGaussian(orthogonal=True)
+    lg.full_cov = False
+    lg.offset, lg.scale_factor = 0.15, 1.2  # Var(w / p(x)) = 0.55
+    x = lg.sample(40)
+    exact = lg.log_px(x)
+    estimates, calls = {}, {}
+    for reuse in (True, False):
+        guide = CountingGuide(lg.guide)
+        torch.manual_seed(0)
+        estimates[reuse] = pvae.log_likelihood(
+            lg.model, guide, x, num_samples=2000, batch_size=20, chunk_size=10, reuse_guide=reuse
+        )
+        calls[reuse] = guide.calls
+    assert calls[False] >= 2 * 200  # traced: the guide runs once per run of 10 particles
+    assert calls[True] < 20  # reused: the data checks, the plates, once per batch, the check
+    torch.testing.assert_close(estimates[True], estimates[False], rtol=0, atol=1e-10)
+    var = second_moment_of_weights(lg, x) - 1
+    assert 0.1 < float(var[0]) < 1  # a wrong guide, and the delta method's regime
+    bias, se = -var / (2 * 2000), (var / 2000).sqrt()
+    error = estimates[True] - exact
+    assert (error - bias).abs().max() < 5 * se.max()  # per point
+    se_mean = float(var.sum().sqrt() / 2000**0.5 / x.shape[0])
+    assert abs(float((error - bias).mean())) < 5 * se_mean
+    assert 5 * se_mean < 0.02  # the mean's band (0.013 nats) resolves a 0.02-nat error
+
+
+def test_reused_guide_with_one_particle_per_run():
+    lg = LinearGaussian(orthogonal=True)
+    lg.full_cov = False
+    lg.offset = 0.2
+    x = lg.sample(6)
+    estimates = {}
+    for reuse in (True, False):
+        torch.manual_seed(3)
+        estimates[reuse] = pvae.log_likelihood(
+            lg.model, lg.guide, x, num_samples=30, vectorize_particles=False, reuse_guide=reuse
+        )
+    torch.testing.assert_close(estimates[True], estimates[False], rtol=0, atol=1e-10)
+
+
+def dependent_pair(noise_in_guide=False):
+    """z1 ~ N(0, 1), z2 | z1 ~ N(z1, 1), x | z2 ~ N(z2, 0.5^2) per dimension (D = 3), so
+    x ~ N(0, 2.25) exactly; the guide draws z2 around its draw of z1 (a dependent guide), and
+    with ``noise_in_guide`` also perturbs its mean with torch's random stream."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z1 = pyro.sample("z1", dist.Normal(torch.zeros_like(x), 1.0).to_event(1))
+            z2 = pyro.sample("z2", dist.Normal(z1, 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z2, 0.5).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            loc = 0.4 * x
+            if noise_in_guide:
+                loc = loc + 0.1 * torch.randn(x.shape)
+            z1 = pyro.sample("z1", dist.Normal(loc, 0.9).to_event(1))
+            pyro.sample("z2", dist.Normal(0.5 * z1 + 0.4 * x, 0.6).to_event(1))
+
+    return model, guide
+
+
+@pytest.mark.parametrize("noise_in_guide", [False, True])
+def test_reused_guide_falls_back_where_it_does_not_apply(noise_in_guide):
+    """A guide whose second latent depends on the first's draw, or that draws random numbers
+    outside its sample sites, cannot be run once per batch: the first run's check sees it
+    and the whole call is traced, with the traced path's draws (the same values as
+    ``reuse_guide=False``)."""
+    model, guide = dependent_pair(noise_in_guide)
+    x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1.5
+    estimates, calls = {}, {}
+    for reuse in (True, False):
+        counting = CountingGuide(guide)
+        torch.manual_seed(0)
+        estimates[reuse] = pvae.log_likelihood(
+            model, counting, x, num_samples=300, batch_size=4, chunk_size=10, reuse_guide=reuse
+        )
+        calls[reuse] = counting.calls
+    assert calls[True] >= 60  # traced: once per run of 10 particles, 30 runs per batch
+    torch.testing.assert_close(estimates[True], estimates[False], rtol=0, atol=1e-10)
+    exact = dist.Normal(0.0, 1.5).log_prob(x).sum(-1)
+    assert (estimates[True] - exact).abs().max() < 0.3  # a sane estimate (K = 300)
+
+
+def test_reuse_guide_must_be_a_bool(linear_gaussian):
+    x = linear_gaussian.sample(3)
+    with pytest.raises(TypeError, match="reuse_guide must be True or False"):
+        pvae.log_likelihood(
+            linear_gaussian.model, linear_gaussian.guide, x, num_samples=2, reuse_guide="yes"
+        )

@@ -1,0 +1,192 @@
+"""Where the default ``pvae compare`` spends its time, phase by phase, and the projected total.
+
+The default comparison (MNIST-5k, a 784-200-200-50 MLP VAE, 5 bounds, 64 particles, batches of
+20, 10 epochs, the IWAE-64 yardstick after every epoch, log p(x) with K = 5000 on the 500 test
+points) is timed here one bound at a time, each phase on its own: a few training epochs (the
+projection scales them to the configured epochs), one yardstick evaluation, and every number of
+the final evaluation in the order ``pvae compare`` computes them (log p(x) with K = 5000, the
+test ELBO and IWAE-64, active units, gradient SNR, log p(x) against K). The log-likelihood phase
+is timed twice, with the evaluation's default path and with the estimator's traced path at the
+chunking used before (50 test points x 100 particles per run), and the two are compared point
+by point (they draw the same random numbers).
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/compare_phases.py --threads 1 --clock cpu
+    .venv/bin/python benchmarks/compare_phases.py --bounds iwae --train-epochs 1 --ll-samples 1000
+
+On a machine shared with other jobs use one thread and the CPU clock (idle worker threads spin);
+``--threads 2 --clock wall`` is the figure for 2 idle cores. Prints the load average, and per
+bound the page faults and system seconds of each phase (where the ``resource`` module exists):
+tensors of tens of MB are fresh ``mmap``s from glibc's allocator on every run, and the page
+faults of touching them cost a quarter or more of a phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import pyro
+import torch
+
+import pvae
+from pvae.app import compare, runs
+from pvae.app.registry import MODELS
+from pvae.diagnostics import gradient_snr
+from pvae.evaluate import as_tensors
+from pvae.inference import ELBO, IWAE
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
+
+FAULTS: dict[str, tuple[int, float]] = {}  # phase: (minor page faults, system seconds)
+
+
+@contextmanager
+def faults(phase: str) -> Any:
+    """Record the minor page faults and system seconds of the block under ``phase``."""
+    if resource is None:
+        yield
+        return
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    yield
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    FAULTS[phase] = (after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bounds", default=",".join(compare.DEFAULT_BOUNDS))
+    parser.add_argument("--dataset", default="mnist5k")
+    parser.add_argument("--train-epochs", type=int, default=1, help="epochs timed per bound")
+    parser.add_argument("--epochs", type=int, default=compare.DEFAULTS["epochs"],
+                        help="epochs of the comparison projected")  # fmt: skip
+    parser.add_argument("--ll-samples", type=int, default=compare.DEFAULTS["ll_samples"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="cpu")
+    parser.add_argument("--no-legacy", action="store_true", help="skip the traced-path timing")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
+    bounds = args.bounds.split(",")
+    print(f"load average {os.getloadavg()}, torch threads {torch.get_num_threads()}, "
+          f"{args.clock} clock, torch {torch.__version__}, pyro {pyro.__version__}")  # fmt: skip
+    config = compare.run_config(args.dataset, epochs=args.train_epochs, yardstick=None,
+                                ll_samples=args.ll_samples)  # fmt: skip
+    ds = config.load_data()
+    scale = args.epochs / args.train_epochs
+    totals: dict[str, float] = {}
+    for bound in bounds:
+        phases = time_bound(config, ds, bound, clock, legacy=not args.no_legacy)
+        line = ", ".join(f"{name} {seconds:.2f}" for name, seconds in phases.items())
+        print(f"{bound}: {line} s", flush=True)
+        if FAULTS:
+            line = ", ".join(f"{k} {n} ({t:.1f} s)" for k, (n, t) in FAULTS.items())
+            print(f"  page faults (system seconds): {line}", flush=True)
+        for name, seconds in phases.items():
+            factor = scale if name in ("train", "yardstick") else 1.0
+            totals[name] = totals.get(name, 0.0) + seconds * factor
+    per_bound = len(compare.DEFAULT_BOUNDS) / len(bounds)
+    print(f"\nprojected for {len(compare.DEFAULT_BOUNDS)} bounds x {args.epochs} epochs "
+          f"({args.clock} seconds):")  # fmt: skip
+    counted = {k: v * per_bound for k, v in totals.items() if not k.startswith("legacy")}
+    for name, seconds in counted.items():
+        print(f"  {name:>12}: {seconds:7.1f}")
+    print(f"  {'total':>12}: {sum(counted.values()):7.1f}")
+    if "legacy_ll" in totals:
+        before = sum(counted.values()) - counted["ll"] + totals["legacy_ll"] * per_bound
+        print(f"  with the previous log p(x) path ({totals['legacy_ll'] * per_bound:.1f} s for "
+              f"log p(x)): {before:.1f}")  # fmt: skip
+
+
+def time_bound(
+    config: runs.RunConfig, ds: Any, bound: str, clock: Callable[[], float], legacy: bool
+) -> dict[str, float]:
+    """Seconds of each phase for one bound (training for ``config.epochs`` epochs)."""
+    phases: dict[str, float] = {}
+    with pyro.validation_enabled(False):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        model = config.build_model(ds)
+        began = clock()
+        with faults("train"):
+            pvae.fit(model.model, model.guide, ds.train, engine=config.build_engine(bound),
+                     epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+                     valid=ds.valid, seed=0, progress=False)  # fmt: skip
+        phases["train"] = clock() - began
+        model.eval()
+        valid = tuple(t[: compare.YARDSTICK_POINTS] for t in as_tensors(ds.valid))
+        with torch.no_grad():
+            began = clock()
+            pvae.evaluate_bound(model.model, model.guide, valid, IWAE(64), compare.EVAL_BATCH)
+            phases["yardstick"] = clock() - began
+        test, k = ds.test, int(config.ll_samples)
+        torch.manual_seed(0)
+        began = clock()
+        with faults("ll"):
+            ll = compare.log_likelihood(model, test, k)
+        phases["ll"] = clock() - began
+        with torch.no_grad():
+            began = clock()
+            pvae.evaluate_bound(model.model, model.guide, test, ELBO(16), compare.EVAL_BATCH)
+            pvae.evaluate_bound(model.model, model.guide, test, IWAE(64), compare.EVAL_BATCH)
+            phases["elbo+iwae64"] = clock() - began
+        began = clock()
+        channels = MODELS[config.model].channels
+        runs.count_active(runs.latent_activity(model, test, 0, channels=channels))
+        phases["active"] = clock() - began
+        began = clock()
+        with faults("snr"):
+            snr_batch = tuple(t[: compare.SNR_POINTS] for t in as_tensors(test))
+            repeats = int(config.snr_repeats or compare.DEFAULTS["snr_repeats"])
+            engine = config.build_engine(bound)
+            gradient_snr(model.model, model.guide, snr_batch, engine, num_repeats=repeats)
+        phases["snr"] = clock() - began
+        began = clock()
+        compare._ll_vs_k(model, test, k, ll, 0)
+        phases["ll_vs_k"] = clock() - began
+        if legacy:
+            torch.manual_seed(0)
+            began = clock()
+            with faults("legacy_ll"):
+                old = _legacy_log_likelihood(model, test, k)
+            phases["legacy_ll"] = clock() - began
+            gap = float((old.double() - ll.double()).abs().max())
+            mean, before = float(ll.double().mean()), float(old.double().mean())
+            print(f"  {bound}: log p(x) {mean:.4f} (previous path {before:.4f}, largest "
+                  f"per-point difference {gap:.2e})")  # fmt: skip
+    return phases
+
+
+def _legacy_log_likelihood(model: Any, test: Any, k: int) -> torch.Tensor:
+    """The evaluation before this benchmark's changes: the traced estimator on tenths of the
+    test points (at most 100) with 100 particles per vectorised run."""
+    n = as_tensors(test)[0].shape[0]
+    step = max(1, min(100, math.ceil(n / 10)))
+    parts = [
+        pvae.log_likelihood(
+            model.model,
+            model.guide,
+            runs.rows(test, start, start + step),
+            num_samples=k,
+            batch_size=step,
+            chunk_size=min(k, 100),
+            reuse_guide=False,
+        )  # fmt: skip
+        for start in range(0, n, step)
+    ]
+    return torch.cat(parts)
+
+
+if __name__ == "__main__":
+    main()
