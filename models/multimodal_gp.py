@@ -140,13 +140,13 @@ class MultimodalGPVAE(PyroModule):
         ``Ls + Ln + Li`` channels.
     :param lengthscale: the prior's initial lengthscale (time units).
     :param image_likelihood: the frames' likelihood by name (:mod:`pvae.likelihoods`). For
-        noise-free frames on a constant background (``mm-gp-sim``) use ``"gaussian"`` (the
-        paper's choice) with a fixed scale of 1: measured on ``mm-gp-sim`` (tutorial 06's
-        recipe, held-out R^2 of the image-private latent), the continuous Bernoulli gives
-        about 0.45 and falls with training (its log-density at a grey level of exactly 0 or
-        1 grows without bound as the logit runs off, so training chases the background),
-        a Gaussian of scale 1 gives 0.97, one of scale 0.1 lets the 64 pixels outweigh the
-        spikes and mixes the groups.
+        noise-free frames on a constant background (``mm-gp-sim``) use ``"gaussian"`` (a
+        normal likelihood, as in the paper's model) with a fixed scale of 1: measured on
+        ``mm-gp-sim`` (tutorial 06's recipe, held-out R^2 of the image-private latent), the
+        continuous Bernoulli gives about 0.45 and falls with training (its log-density at a
+        grey level of exactly 0 or 1 grows without bound as the logit runs off, so training
+        chases the background), a Gaussian of scale 1 gives 0.97, one of scale 0.1 lets the
+        64 pixels outweigh the spikes and mixes the groups.
     :param image_likelihood_kw: keywords of that likelihood (``{"scale": 1.0}`` fixes a
         Gaussian's scale; learned scales train with the image decoder).
     :param analytic_poisson: declare the neural site's closed-form expectation under the guide
