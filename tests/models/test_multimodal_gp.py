@@ -233,24 +233,51 @@ def test_bad_input():
 
 
 # -- identification after training ------------------------------------------------------------
+def test_image_likelihood_keywords_and_its_learned_scale_trains():
+    counts, frames, times, mask = _batch()
+    fixed = MultimodalGPVAE(
+        6, image_likelihood="gaussian", image_likelihood_kw={"scale": 0.5}, name="mm_fixed"
+    )
+    assert float(fixed.image_likelihood.scale) == 0.5
+    with pytest.raises(TypeError, match="image_likelihood_kw"):
+        MultimodalGPVAE(6, image_likelihood="gaussian", image_likelihood_kw=[("scale", 1.0)])
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    learned = MultimodalGPVAE(6, image_likelihood="gaussian", name="mm_learned")
+    svi = pyro.infer.SVI(
+        learned.model, learned.guide, pyro.optim.Adam({"lr": 0.1}), loss=pyro.infer.Trace_ELBO()
+    )
+    svi.step(counts, frames, times, mask)
+    # the Gaussian's log-scale is a decoder parameter: registered, and moved by one Adam step
+    assert "mm_learned.image_likelihood$$$log_scale" in pyro.get_param_store().keys()
+    assert float(learned.image_likelihood.log_scale.detach().abs().min()) > 0.05
+
+
 @pytest.mark.slow
-def test_training_on_mm_gp_sim_identifies_the_shared_latent():
+def test_training_on_mm_gp_sim_identifies_every_latent_group():
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     ds = data.load("mm-gp-sim", sizes=(200, 0, 100), seed=0)
-    model = MultimodalGPVAE(ds.num_neurons, hidden=(128,), lengthscale=5.0, name="mm_identify")
+    model = MultimodalGPVAE(
+        ds.num_neurons,
+        hidden=(128,),
+        lengthscale=5.0,
+        image_likelihood="gaussian",
+        image_likelihood_kw={"scale": 1.0},
+        name="mm_identify",
+    )
     svi = pyro.infer.SVI(
-        model.model, model.guide, pyro.optim.Adam({"lr": 1e-2}), loss=pyro.infer.Trace_ELBO()
+        model.model, model.guide, pyro.optim.Adam({"lr": 5e-3}), loss=pyro.infer.Trace_ELBO()
     )
     counts, frames, times, mask = ds.train
-    # measured with this seed: shared 0.99, neural 0.96, image 0.64, cross-group |R^2| < 0.01
-    # (about 16 s on one loaded core; lr 5e-3 needed 900 steps for the same)
-    for _ in range(300):
+    # measured with this seed: shared 0.99, neural 0.93, image 0.97, cross-group < 0.04; with
+    # the continuous Bernoulli instead, image 0.46 after 450 steps and 0.44 after 900
+    for _ in range(450):
         index = torch.randint(0, 200, (50,))
         svi.step(counts[index], frames[index], times[index], mask[index])
     inferred = model.latents(*ds.test)
     true = {group: ds.truth["test"][group] for group in ("shared", "neural", "image")}
     result = identification_r2(inferred, true)
-    assert result.diagonal["shared"] >= 0.8, result.table()
-    assert result.diagonal["neural"] >= 0.8, result.table()
-    assert result.off_diagonal_max() < 0.2, result.table()
+    for group in ("shared", "neural", "image"):
+        assert result.diagonal[group] >= 0.9, result.table()
+    assert result.off_diagonal_max() < 0.1, result.table()
