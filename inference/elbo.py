@@ -123,6 +123,12 @@ class ELBO(Engine):
     :param max_plate_nesting: the pair's deepest plate nesting; guessed from a first run when
         omitted.
     :param data_plate: the name of the plate holding the datapoints (``"data"``).
+    :param fast: after the first step of a pair (traced and checked as always), run the guide
+        and the model under one light recorder each instead of ``poutine.trace`` and
+        ``poutine.replay`` (see :meth:`~pvae.inference.Engine.traces`): the same site
+        messages, so the same loss, bound and gradients, with the structural checks redone
+        whenever a site, shape, plate, scale, mask or distribution type differs from the last
+        draw checked. ``False`` traces every step. Not a setting: it changes no number.
     """
 
     estimators = ("reparam", "stl")
@@ -137,8 +143,12 @@ class ELBO(Engine):
         max_plate_nesting: float = float("inf"),
         estimator: str = "reparam",
         data_plate: str = "data",
+        fast: bool = True,
     ):
         super().__init__(num_particles, vectorize_particles, max_plate_nesting, data_plate)
+        if not isinstance(fast, bool):
+            raise TypeError(f"fast must be True or False, got {fast!r}")
+        self.fast = fast
         if estimator not in self.estimators:
             raise ValueError(
                 f"unknown estimator {estimator!r} for the ELBO; choose one of {self.estimators} "
