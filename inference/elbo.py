@@ -162,7 +162,7 @@ class ELBO(Engine):
         self.free_bits = float(free_bits)
         self.analytic_kl = analytic_kl
         self._warned_order = False
-        self._order_declared = False  # the pair declares its order (declares_monte_carlo_kl)
+        self._order_pair: tuple[Any, Any] | None = None  # for declares_monte_carlo_kl
 
     def settings(self) -> dict[str, Any]:
         """``num_particles``, ``estimator``, ``free_bits``, ``analytic_kl`` and ``beta`` (a
@@ -194,7 +194,10 @@ class ELBO(Engine):
         guide_order = [n for n, _, _ in latent_sites(model_trace, guide_trace)]
         model_order = [n for n in model_trace.nodes if n in set(guide_order)]
         if guide_order != model_order:
-            if not self._warned_order and not self._order_declared:
+            declared = self._order_pair is not None and declares_monte_carlo_kl(
+                *self._order_pair
+            )  # read only here: the warning is its only use
+            if not self._warned_order and not declared:
                 warnings.warn(
                     "model and guide sample their latents in different orders "
                     f"({model_order} vs {guide_order}); using Monte-Carlo KL estimates",
@@ -204,8 +207,13 @@ class ELBO(Engine):
             return False
         return True
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_order_pair"] = None
+        return state
+
     def objective(self, model, guide, args, kwargs):
-        self._order_declared = declares_monte_carlo_kl(model, guide)
+        self._order_pair = (model, guide)
         beta = self.current_beta()
         plain = beta == 1.0 and self.free_bits == 0  # then the loss is the negative bound
         bound: torch.Tensor | float = 0.0
@@ -260,6 +268,7 @@ class ELBO(Engine):
             else:
                 kl_objective = kl_objective if self.free_bits > 0 else kl
                 loss = loss - weight * (log_lik - beta * kl_objective)
+        self._order_pair = None  # not kept alive by the engine
         return torch.as_tensor(loss), torch.as_tensor(bound).detach()
 
 

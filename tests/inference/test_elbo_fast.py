@@ -28,7 +28,8 @@ class Pair(nn.Module):
     """A small VAE-like pair with the branches the fast path must reproduce.
 
     ``options``: ``subsample`` (the data plate subsamples B of N itself), ``mask`` (the
-    latent masked per datapoint by ``poutine.mask``, the observation by ``.mask``), ``scale`` (``poutine.scale`` on the latent), ``glob``
+    latent masked per datapoint by ``poutine.mask``, the observation by ``.mask``),
+    ``scale`` (``poutine.scale`` on the latent), ``glob``
     (a global latent outside the data plate), ``extra`` (an extra observed site, toggled
     between steps), ``discrete`` (the latent drawn from a Poisson: no ``rsample``).
     """
