@@ -35,6 +35,10 @@ closed-form site's shape is the shape of its latent value (fixed for a chain), a
 in a distribution's shape or parameters is a new distribution object, which takes the
 ``log_prob`` path. A distribution object mutated in place (its ``loc`` tensor written into)
 is not detected: distributions are treated as immutable, as Pyro and torch do.
+
+The ELBO engine's fast path uses the same idea with other handlers: :class:`SiteRecorder` keeps
+the guide's and the model's sample-site messages (replaying the guide's values into the model)
+without a ``Trace``, and :func:`site_signature` is the structure compared between draws.
 """
 
 from __future__ import annotations
