@@ -23,7 +23,9 @@ import pyro
 import torch
 from pyro.poutine.trace_struct import Trace
 
+from pvae.potential import LightTrace, SiteRecorder, site_signature
 from pvae.protocol import (
+    PARTICLE_PLATE,
     SCALED_LATENTS,
     LogWeights,
     Reducer,
@@ -165,6 +167,12 @@ class Engine(pyro.infer.ELBO):
         # pair's nesting to a pair with more plates).
         self._guess_nesting = max_plate_nesting == float("inf")
         self._pair: tuple[Any, Any] | None = None
+        # The light-recorder path of traces() (off unless an engine turns it on): the last
+        # checked draw's signature, data frame and scaled-latents flag; counters for tests.
+        self.fast = False
+        self._fast_state: tuple[tuple, Any, bool] | None = None
+        self.fast_learns = 0
+        self.fast_steps = 0
 
     # -- settings a resume must match ----------------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -194,6 +202,7 @@ class Engine(pyro.infer.ELBO):
     def _forget_pair(self) -> None:
         """Drop what was cached about the last pair traced (subclasses add their caches)."""
         self._pair = None
+        self._fast_state = None
         if self._guess_nesting:
             self.max_plate_nesting = float("inf")
 
@@ -212,16 +221,80 @@ class Engine(pyro.infer.ELBO):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_pair"] = None  # weak references do not pickle; the pair is traced again
+        state["_fast_state"] = None
         return state
 
     def traces(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, num_particles: int
     ) -> tuple[Trace, Trace, Reducer]:
-        """One vectorised draw of ``num_particles`` particles and its reducer."""
+        """One vectorised draw of ``num_particles`` particles and its reducer.
+
+        With ``fast`` (an engine's option), once a draw of this pair has been traced and
+        checked, later draws run the guide and the model under one light recorder each
+        (:class:`pvae.potential.SiteRecorder`, in place of ``poutine.trace`` and
+        ``poutine.replay``) and return :class:`pvae.potential.LightTrace` objects holding the
+        same site messages; the checks (data plate, scaled latents) are redone only when the
+        draw's :func:`pvae.potential.site_signature` differs from the last one checked."""
         nesting = self._nesting(model, guide, args, kwargs)
+        if self.fast and self._fast_state is not None:
+            light = self._light_traces(model, guide, args, kwargs, num_particles, nesting)
+            if light is not None:
+                return light
         model_trace, guide_trace = get_traces(
             model, guide, args, kwargs, num_particles, nesting, data_plate=self.data_plate
         )
+        frame = self._check_traces(model_trace, guide_trace, args)
+        if self.fast:
+            signature = _pair_signature(
+                num_particles, _sample_nodes(guide_trace), _sample_nodes(model_trace)
+            )
+            self._fast_state = (signature, frame, self.scaled_latents)
+            self.fast_learns += 1
+        return model_trace, guide_trace, Reducer(nesting, frame)
+
+    def _light_traces(
+        self,
+        model: Callable,
+        guide: Callable,
+        args: tuple,
+        kwargs: dict,
+        num_particles: int,
+        nesting: int,
+    ) -> tuple[Any, Any, Reducer] | None:
+        """The draw of :meth:`traces` under :class:`pvae.potential.SiteRecorder`s; None when
+        the pair raised (the caller then traces it, for the traced path's error messages)."""
+        guide_recorder = SiteRecorder()
+        model_recorder = SiteRecorder(replay=guide_recorder.nodes)
+        if num_particles > 1:
+            plate = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(nesting + 1))
+            guide, model = plate(guide), plate(model)
+        try:
+            with guide_recorder:
+                guide(*args, **kwargs)
+            with model_recorder:
+                model(*args, **kwargs)
+        except (RuntimeError, ValueError, IndexError):
+            self._fast_state = None
+            return None
+        guide_trace, model_trace = (
+            LightTrace(guide_recorder.nodes),
+            LightTrace(model_recorder.nodes),
+        )
+        signature = _pair_signature(num_particles, guide_trace.nodes, model_trace.nodes)
+        assert self._fast_state is not None
+        learned, frame, scaled = self._fast_state
+        if signature == learned:
+            self.scaled_latents = scaled
+        else:  # another structure: check this draw as the traced path does, and learn it
+            frame = self._check_traces(model_trace, guide_trace, args)
+            self._fast_state = (signature, frame, self.scaled_latents)
+            self.fast_learns += 1
+        self.fast_steps += 1
+        return model_trace, guide_trace, Reducer(nesting, frame)
+
+    def _check_traces(self, model_trace: Any, guide_trace: Any, args: tuple) -> Any:
+        """The data plate's frame (the plate rule checked when there is none); sets
+        ``scaled_latents``."""
         plate = self.data_plate
         frame = find_data_frame(guide_trace, model_trace, plate=plate)
         if frame is None:  # the plate rule, only for pairs without a data plate
@@ -229,7 +302,7 @@ class Engine(pyro.infer.ELBO):
                 model_trace, guide_trace, batch_rows(args), type(self).__name__, plate=plate
             )
         self.scaled_latents = bool(scaled_latent_sites(model_trace, guide_trace, plate=plate))
-        return model_trace, guide_trace, Reducer(nesting, frame)
+        return frame
 
     def particles(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, num_particles: int
@@ -253,7 +326,11 @@ class Engine(pyro.infer.ELBO):
         return (parts[0] if len(parts) == 1 else LogWeights.cat(parts)), draws
 
     def _get_trace(self, model, guide, args, kwargs):  # pyro.infer.ELBO's abstract hook
-        model_trace, guide_trace, _ = self.traces(model, guide, args, kwargs, 1)
+        fast, self.fast = self.fast, False  # Pyro's callers expect full traces
+        try:
+            model_trace, guide_trace, _ = self.traces(model, guide, args, kwargs, 1)
+        finally:
+            self.fast = fast
         return model_trace, guide_trace
 
     # -- the objective ------------------------------------------------------------------------
@@ -299,6 +376,16 @@ class Engine(pyro.infer.ELBO):
     def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """Backpropagate the surrogate and return the negative bound (as ``Trace_ELBO`` does)."""
         return -self.train_step(model, guide, *args, **kwargs).bound  # type: ignore[operator]
+
+
+def _sample_nodes(trace: Trace) -> dict[str, Any]:
+    """The sample sites of a pruned trace, by name, in order."""
+    return {name: site for name, site in trace.nodes.items() if site["type"] == "sample"}
+
+
+def _pair_signature(num_particles: int, guide_nodes: Mapping, model_nodes: Mapping) -> tuple:
+    """What a draw's structural checks depend on (:func:`pvae.potential.site_signature`)."""
+    return (num_particles, site_signature(guide_nodes), site_signature(model_nodes))
 
 
 def _identity(fn: Any) -> Any:

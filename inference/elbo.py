@@ -123,6 +123,12 @@ class ELBO(Engine):
     :param max_plate_nesting: the pair's deepest plate nesting; guessed from a first run when
         omitted.
     :param data_plate: the name of the plate holding the datapoints (``"data"``).
+    :param fast: after the first step of a pair (traced and checked as always), run the guide
+        and the model under one light recorder each instead of ``poutine.trace`` and
+        ``poutine.replay`` (see :meth:`~pvae.inference.Engine.traces`): the same site
+        messages, so the same loss, bound and gradients, with the structural checks redone
+        whenever a site, shape, plate, scale, mask or distribution type differs from the last
+        draw checked. ``False`` traces every step. Not a setting: it changes no number.
     """
 
     estimators = ("reparam", "stl")
@@ -137,8 +143,12 @@ class ELBO(Engine):
         max_plate_nesting: float = float("inf"),
         estimator: str = "reparam",
         data_plate: str = "data",
+        fast: bool = True,
     ):
         super().__init__(num_particles, vectorize_particles, max_plate_nesting, data_plate)
+        if not isinstance(fast, bool):
+            raise TypeError(f"fast must be True or False, got {fast!r}")
+        self.fast = fast
         if estimator not in self.estimators:
             raise ValueError(
                 f"unknown estimator {estimator!r} for the ELBO; choose one of {self.estimators} "
@@ -152,7 +162,7 @@ class ELBO(Engine):
         self.free_bits = float(free_bits)
         self.analytic_kl = analytic_kl
         self._warned_order = False
-        self._order_declared = False  # the pair declares its order (declares_monte_carlo_kl)
+        self._order_pair: tuple[Any, Any] | None = None  # for declares_monte_carlo_kl
 
     def settings(self) -> dict[str, Any]:
         """``num_particles``, ``estimator``, ``free_bits``, ``analytic_kl`` and ``beta`` (a
@@ -184,7 +194,10 @@ class ELBO(Engine):
         guide_order = [n for n, _, _ in latent_sites(model_trace, guide_trace)]
         model_order = [n for n in model_trace.nodes if n in set(guide_order)]
         if guide_order != model_order:
-            if not self._warned_order and not self._order_declared:
+            declared = self._order_pair is not None and declares_monte_carlo_kl(
+                *self._order_pair
+            )  # read only here: the warning is its only use
+            if not self._warned_order and not declared:
                 warnings.warn(
                     "model and guide sample their latents in different orders "
                     f"({model_order} vs {guide_order}); using Monte-Carlo KL estimates",
@@ -194,8 +207,13 @@ class ELBO(Engine):
             return False
         return True
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_order_pair"] = None
+        return state
+
     def objective(self, model, guide, args, kwargs):
-        self._order_declared = declares_monte_carlo_kl(model, guide)
+        self._order_pair = (model, guide)
         beta = self.current_beta()
         plain = beta == 1.0 and self.free_bits == 0  # then the loss is the negative bound
         bound: torch.Tensor | float = 0.0
@@ -250,6 +268,7 @@ class ELBO(Engine):
             else:
                 kl_objective = kl_objective if self.free_bits > 0 else kl
                 loss = loss - weight * (log_lik - beta * kl_objective)
+        self._order_pair = None  # not kept alive by the engine
         return torch.as_tensor(loss), torch.as_tensor(bound).detach()
 
 

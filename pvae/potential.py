@@ -35,6 +35,10 @@ closed-form site's shape is the shape of its latent value (fixed for a chain), a
 in a distribution's shape or parameters is a new distribution object, which takes the
 ``log_prob`` path. A distribution object mutated in place (its ``loc`` tensor written into)
 is not detected: distributions are treated as immutable, as Pyro and torch do.
+
+The ELBO engine's fast path uses the same idea with other handlers: :class:`SiteRecorder` keeps
+the guide's and the model's sample-site messages (replaying the guide's values into the model)
+without a ``Trace``, and :func:`site_signature` is the structure compared between draws.
 """
 
 from __future__ import annotations
@@ -49,7 +53,16 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, Normal
 
-__all__ = ["ClosedForm", "FastLogJoint", "Potential", "closed_form", "normal_sum"]
+__all__ = [
+    "ClosedForm",
+    "FastLogJoint",
+    "LightTrace",
+    "Potential",
+    "SiteRecorder",
+    "closed_form",
+    "normal_sum",
+    "site_signature",
+]
 
 _HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
 
@@ -325,3 +338,85 @@ class Potential:
         elif self._changed:
             self._changed = set()
         return handler
+
+
+class LightTrace:
+    """The sample sites of one run of a model or guide, as :class:`SiteRecorder` kept them:
+    ``nodes`` maps each non-subsample sample site's name to its message (a copy, as
+    ``poutine.trace`` keeps), in the order the sites ran. It stands in for a pruned
+    ``poutine.trace`` wherever only the sample sites are read (``trace.nodes``)."""
+
+    __slots__ = ("nodes",)
+
+    def __init__(self, nodes: dict[str, Any]):
+        self.nodes = nodes
+
+
+class SiteRecorder(Messenger):
+    """One light handler in place of ``poutine.trace`` (and ``poutine.replay``): it keeps a
+    copy of every non-subsample sample site's message, and with ``replay`` (the guide's
+    recorded sites) it substitutes the guide's value (and ``infer``) at every latent site of
+    the same name, as ``poutine.replay`` does. No ``Trace`` object, no graph, no parameter,
+    input or return nodes, no pruning pass.
+
+    The same checks as Pyro's: two sample sites of one name, and a latent site the guide
+    observed, raise ``RuntimeError``. Sites marked ``_do_not_trace`` are skipped as
+    ``poutine.trace`` skips them. Subsample sites are neither kept nor replayed (the traced
+    path replays the model on a pruned guide trace).
+    """
+
+    def __init__(self, replay: Mapping[str, Any] | None = None):
+        super().__init__()
+        self.replay = replay
+        self.nodes: dict[str, Any] = {}
+
+    def _process_message(self, msg: Any) -> None:
+        if self.replay is None or msg["type"] != "sample" or msg["is_observed"]:
+            return
+        guide_site = self.replay.get(msg["name"])
+        if guide_site is None:
+            return
+        if guide_site["is_observed"]:
+            raise RuntimeError(f"site {msg['name']} must be sampled in trace")
+        msg["done"] = True
+        msg["value"] = guide_site["value"]
+        msg["infer"] = guide_site["infer"]
+
+    def _postprocess_message(self, msg: Any) -> None:
+        if msg["type"] != "sample" or site_is_subsample(msg):
+            return
+        if msg["infer"].get("_do_not_trace"):
+            return
+        name = msg["name"]
+        if name in self.nodes:
+            raise RuntimeError(f"Multiple sample sites named '{name}'")
+        self.nodes[name] = msg.copy()
+
+
+def site_signature(nodes: Mapping[str, Any]) -> tuple:
+    """What fixes a run's structure, site by site: name, observed or not, distribution type
+    (and that of its base under ``Independent``), batch and event shapes, the value's shape,
+    the plates (their frames: name, dim, size, full size), the scale (a number, or a tensor's
+    identity: a tensor scale never matches another call's), the mask's kind (None, a bool, or a
+    tensor of a shape) and whether the distribution has ``rsample``. Two runs with equal
+    signatures give equal answers to every structural check an engine makes of its traces."""
+    signature = []
+    for name, site in nodes.items():
+        fn, value, scale, mask = site["fn"], site["value"], site["scale"], site["mask"]
+        base = getattr(fn, "base_dist", None)
+        signature.append(
+            (
+                name,
+                site["is_observed"],
+                type(fn),
+                type(base),
+                getattr(fn, "batch_shape", None),
+                getattr(fn, "event_shape", None),
+                getattr(value, "shape", None),
+                site["cond_indep_stack"],
+                ("tensor", id(scale)) if isinstance(scale, torch.Tensor) else scale,
+                ("tensor", mask.shape) if isinstance(mask, torch.Tensor) else mask,
+                bool(getattr(fn, "has_rsample", False)),
+            )
+        )
+    return tuple(signature)
