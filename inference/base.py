@@ -264,7 +264,9 @@ class Engine(pyro.infer.ELBO):
         """The draw of :meth:`traces` under :class:`pvae.potential.SiteRecorder`s; None when
         the pair raised (the caller then traces it, for the traced path's error messages)."""
         guide_recorder = SiteRecorder()
-        model_recorder = SiteRecorder(replay=guide_recorder.nodes)
+        model_recorder = SiteRecorder(
+            replay=guide_recorder.nodes, subsamples=guide_recorder.subsamples
+        )
         if num_particles > 1:
             plate = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(nesting + 1))
             guide, model = plate(guide), plate(model)

@@ -361,17 +361,30 @@ class SiteRecorder(Messenger):
 
     The same checks as Pyro's: two sample sites of one name, and a latent site the guide
     observed, raise ``RuntimeError``. Sites marked ``_do_not_trace`` are skipped as
-    ``poutine.trace`` skips them. Subsample sites are neither kept nor replayed (the traced
-    path replays the model on a pruned guide trace).
+    ``poutine.trace`` skips them. Subsample sites (a plate's indices) are kept apart, in
+    :attr:`subsamples`, and replayed from ``subsamples`` as the traced path replays them: a
+    plate that subsamples itself draws the guide's indices in the model.
     """
 
-    def __init__(self, replay: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        replay: Mapping[str, Any] | None = None,
+        subsamples: Mapping[str, Any] | None = None,
+    ):
         super().__init__()
         self.replay = replay
+        self.replay_subsamples = {} if subsamples is None else subsamples
         self.nodes: dict[str, Any] = {}
+        self.subsamples: dict[str, Any] = {}
 
     def _process_message(self, msg: Any) -> None:
         if self.replay is None or msg["type"] != "sample" or msg["is_observed"]:
+            return
+        if site_is_subsample(msg):
+            indices = self.replay_subsamples.get(msg["name"])
+            if indices is not None:
+                msg["done"] = True
+                msg["value"] = indices
             return
         guide_site = self.replay.get(msg["name"])
         if guide_site is None:
@@ -383,7 +396,10 @@ class SiteRecorder(Messenger):
         msg["infer"] = guide_site["infer"]
 
     def _postprocess_message(self, msg: Any) -> None:
-        if msg["type"] != "sample" or site_is_subsample(msg):
+        if msg["type"] != "sample":
+            return
+        if site_is_subsample(msg):
+            self.subsamples[msg["name"]] = msg["value"]
             return
         if msg["infer"].get("_do_not_trace"):
             return

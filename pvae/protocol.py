@@ -119,15 +119,21 @@ def scale_to_data(fn: Callable, num_data: int, plate: str = DATA_PLATE) -> Calla
 # Tracing.
 
 
-def _run_traced(tracer: Any, args: tuple, kwargs: dict) -> Trace:
+def _run_traced(tracer: Any, args: tuple, kwargs: dict, prune: bool = True) -> Trace:
     """Run a ``poutine.trace`` handler and return its own trace, subsample sites removed in
-    place: what ``prune_subsample_sites(tracer.get_trace(...))`` returns, without its two
-    copies of the trace."""
+    place (``prune``): what ``prune_subsample_sites(tracer.get_trace(...))`` returns, without
+    its two copies of the trace."""
     tracer(*args, **kwargs)
     trace = tracer.msngr.trace
+    if prune:
+        _prune(trace)
+    return trace
+
+
+def _prune(trace: Trace) -> None:
+    """Remove ``trace``'s subsample sites (a plate's indices) in place."""
     for name in [name for name, site in trace.nodes.items() if site_is_subsample(site)]:
         trace.remove_node(name)
-    return trace
 
 
 def _last_sample(*tracers: Any) -> str | None:
@@ -229,10 +235,13 @@ def get_traces(
     guide_tracer = poutine.trace(wrap(guide))
     model_tracer = None
     try:
-        guide_trace = _run_traced(guide_tracer, args, kwargs)
+        # The model is replayed on the guide's subsample sites too (a plate that subsamples
+        # itself draws the guide's indices), which are pruned afterwards, as Pyro's ELBOs do.
+        guide_trace = _run_traced(guide_tracer, args, kwargs, prune=False)
         where = "model"
         model_tracer = poutine.trace(poutine.replay(wrap(model), trace=guide_trace))
         model_trace = _run_traced(model_tracer, args, kwargs)
+        _prune(guide_trace)
     except (RuntimeError, ValueError, IndexError) as error:
         if num_particles == 1 or not vectorize:
             raise
