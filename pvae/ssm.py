@@ -88,13 +88,27 @@ def _mv(matrix: Tensor, vector: Tensor) -> Tensor:
     """
     if _shared(matrix):
         out = vector @ matrix.reshape(matrix.shape[-2:]).mT
-        shape = torch.broadcast_shapes(matrix.shape[:-2], vector.shape[:-1])
+        shape = _broadcast(matrix.shape[:-2], vector.shape[:-1])
         return out if out.shape[:-1] == shape else out.reshape(shape + out.shape[-1:])
     if matrix.dim() >= 3 and vector.dim() >= 2 and matrix.shape[-3] == 1 < vector.shape[-2]:
         out = vector @ matrix.squeeze(-3).mT
-        shape = torch.broadcast_shapes(matrix.shape[:-2], vector.shape[:-1])
+        shape = _broadcast(matrix.shape[:-2], vector.shape[:-1])
         return out if out.shape[:-1] == shape else out.expand(shape + out.shape[-1:])
     return (matrix @ vector.unsqueeze(-1)).squeeze(-1)
+
+
+def _broadcast(*shapes: tuple[int, ...]) -> torch.Size:
+    """``torch.broadcast_shapes`` for plain sizes, without its symbolic-shape machinery
+    (which costs tens of microseconds a call, a noticeable share of a small product)."""
+    ndim = max(len(shape) for shape in shapes)
+    out = [1] * ndim
+    for shape in shapes:
+        for i, size in enumerate(shape, ndim - len(shape)):
+            if size != 1:
+                if out[i] not in (1, size):
+                    raise RuntimeError(f"shapes {shapes} do not broadcast")
+                out[i] = size
+    return torch.Size(out)
 
 
 def _shared(value: Tensor) -> bool:
@@ -111,7 +125,7 @@ def _mm(a: Tensor, b: Tensor) -> Tensor:
     """
     if _shared(a) == _shared(b):
         return a @ b
-    shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    shape = _broadcast(a.shape[:-2], b.shape[:-2])
     if _shared(b):
         out = a @ b.reshape(b.shape[-2:])
     else:
@@ -568,13 +582,15 @@ def _blocked_recursion(
             value = torch.cat([value, value.new_zeros((pad, *value.shape[1:]))])
         return value.reshape((n, b, *value.shape[1:])).transpose(0, 1)
 
+    # (b, n, ...) unbound once: indexing one position at a time would make autograd
+    # allocate a zero gradient of the whole tensor per position
     shared = E.shape[0] == 1
-    Eb = E[0] if shared else blocks(E)  # (*b, D, D) or (b, n, *b, D, D)
-    cb = blocks(c)
-    Cb = None if C is None else blocks(C)
-    ys, Ys, Gs = [cb[0]], [None if Cb is None else Cb[0]], [Eb if shared else Eb[0]]
+    Eb = [E[0]] * b if shared else blocks(E).unbind(0)  # (*b, D, D) or (n, *b, D, D)
+    cb = blocks(c).unbind(0)
+    Cb = None if C is None else blocks(C).unbind(0)
+    ys, Ys, Gs = [cb[0]], [None if Cb is None else Cb[0]], [Eb[0]]
     for j in range(1, b):
-        Ej = Eb if shared else Eb[j]
+        Ej = Eb[j]
         ys.append(_mv(Ej, ys[-1]) + cb[j])
         if Cb is not None:
             Ys.append(_sym_add(_mm(_mm(Ej, Ys[-1]), Ej.mT), Cb[j]))
@@ -699,8 +715,9 @@ def _covariance_filter(inp: _Inputs) -> tuple[Tensor, Tensor, Tensor, int]:
     (:func:`_settled`), every later step would repeat it to rounding, and the loop stops.
     """
     T = inp.num_steps
-    observed = None if inp.mask is None else inp.mask.to(inp.P1.dtype)
-    can_settle = inp.mask is None and all(v.shape[0] == 1 for v in (inp.A, inp.Q, inp.H, inp.R))
+    every = inp.mask is None or bool(inp.mask.all())  # an all-True mask is no mask here
+    observed = None if every else inp.mask.to(inp.P1.dtype)  # type: ignore[union-attr]
+    can_settle = every and all(v.shape[0] == 1 for v in (inp.A, inp.Q, inp.H, inp.R))
     predicted = _Riccati.apply(inp.P1, inp.A, inp.Q, inp.H, inp.R, observed, T, can_settle)
     distinct = predicted.shape[0]
     H = inp.H if inp.H.shape[0] == 1 else inp.H[:distinct]
@@ -751,7 +768,7 @@ class _Riccati(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, P1, A, Q, H, R, observed, T, can_settle):  # type: ignore[override]
-        batch = torch.broadcast_shapes(
+        batch = _broadcast(
             P1.shape[:-2],
             A.shape[1:-2],
             Q.shape[1:-2],
@@ -759,35 +776,57 @@ class _Riccati(torch.autograd.Function):
             R.shape[1:-2],
             () if observed is None else observed.shape[1:],
         )
+        ctx.shapes = (P1.shape, Q.shape)
+        inputs = (A, H, R, observed)
+        # detached: views of tensors that require grad are slow to make, even without grad
+        P1, A, Q, H, R = (value.detach() for value in (P1, A, Q, H, R))
         transitions = max(T - 1, 1)
-        As, Ats, Qs = _steps(A, transitions), _steps(A.mT, transitions), _steps(Q, transitions)
-        Hs, Hts, Rs = _steps(H, T), _steps(H.mT, T), _steps(R, T)
-        seen: list = [None] * T if observed is None else list(observed[..., None, None].unbind(0))
-        P = P1.expand(batch + P1.shape[-2:])
+        D = P1.shape[-1]
+        flat = math.prod(batch) == 1  # one model for the whole batch: 2-D products (mm)
+        mm = torch.mm if flat else torch.matmul
+
+        def steps(value: Tensor, count: int) -> list[Tensor]:
+            if flat:
+                value = value.reshape((value.shape[0], *value.shape[-2:])).contiguous()
+            return _steps(value, count)
+
+        As, Ats, Qs = steps(A, transitions), steps(A.mT, transitions), steps(Q, transitions)
+        Hs, Hts, Rs = steps(H, T), steps(H.mT, T), steps(R, T)
+        seen: list = [None] * T
+        if observed is not None:
+            seen = list((observed.reshape(T) if flat else observed[..., None, None]).unbind(0))
+        P = P1.reshape(D, D) if flat else P1.expand(batch + P1.shape[-2:])
         predicted, updated = [P], []
         for t in range(T):
             if t:
-                P = _sym_add(As[t - 1] @ P @ Ats[t - 1], Qs[t - 1])
+                P = mm(mm(As[t - 1], P), Ats[t - 1])
+                P = torch.add(Qs[t - 1], P + P.mT, alpha=0.5)
                 predicted.append(P)
                 if can_settle and t >= 2 and t % _SETTLE_EVERY == 0:
                     if _settled(P, predicted[-2]):
                         break
-            HP = Hs[t] @ P
-            tril = torch.linalg.cholesky_ex(HP @ Hts[t] + Rs[t])[0]
+            HP = mm(Hs[t], P)
+            tril = torch.linalg.cholesky_ex(mm(HP, Hts[t]) + Rs[t])[0]
             V = torch.linalg.solve_triangular(tril, HP, upper=False)
             if seen[t] is not None:
                 V = V * seen[t]
-            P = P - V.mT @ V
+            P = P - mm(V.mT, V)
             updated.append(P)
+        if flat:
+            predicted = [P.reshape(batch + (D, D)) for P in predicted]
+            updated = [P.reshape(batch + (D, D)) for P in updated]
         out = torch.stack(predicted)
-        ctx.save_for_backward(out, torch.stack(updated), A, H, R, observed)
-        ctx.shapes = (P1.shape, Q.shape)
+        ctx.save_for_backward(*inputs, out)
+        ctx.updated = torch.stack(updated)  # not an output: no reference cycle
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        predicted, updated, A, H, R, observed = ctx.saved_tensors
+        A, H, R, observed, predicted = (
+            None if value is None else value.detach() for value in ctx.saved_tensors
+        )
+        updated = ctx.updated
         P1_shape, Q_shape = ctx.shapes
         n = predicted.shape[0]
         grads: list[Tensor | None] = [None] * 8
@@ -807,16 +846,29 @@ class _Riccati(torch.autograd.Function):
         eye = torch.eye(P_used.shape[-1], dtype=grad.dtype, device=grad.device)
         J = eye - _mm(K, H_n)
         A_n = A if A.shape[0] == 1 else A[: n - 1]
-        As, Ats = _steps(A_n, n - 1), _steps(A_n.mT, n - 1)
-        Js, Jts = _steps(J, n - 1), _steps(J.mT, n - 1)
-        sym_grad = _sym(grad).unbind(0)
+        flat = math.prod(predicted.shape[1:-2]) == 1
+        mm = torch.mm if flat else torch.matmul
+
+        def steps(value: Tensor, count: int) -> list[Tensor]:
+            if flat:
+                value = value.reshape((value.shape[0], *value.shape[-2:])).contiguous()
+            return _steps(value, count)
+
+        As, Ats = steps(A_n, n - 1), steps(A_n.mT, n - 1)
+        Js, Jts = steps(J, n - 1), steps(J.mT, n - 1)
+        sym_grad = steps(_sym(grad), n)
         lam = sym_grad[n - 1]
         lams, gammas = [], []
         for t in range(n - 2, -1, -1):
             lams.append(lam)
-            gamma = Ats[t] @ lam @ As[t]
+            gamma = mm(mm(Ats[t], lam), As[t])
             gammas.append(gamma)
-            lam = sym_grad[t] + Jts[t] @ gamma @ Js[t]
+            lam = sym_grad[t] + mm(mm(Jts[t], gamma), Js[t])
+        if flat:
+            lams = [value.reshape(grad.shape[1:]) for value in lams]
+            gammas = [value.reshape(grad.shape[1:]) for value in gammas]
+            lam = lam.reshape(grad.shape[1:])
+            sym_grad = [sym_grad[0].reshape(grad.shape[1:])]
         grads[0] = _reduce_to(lam - sym_grad[0] + grad[0], P1_shape)
         lam_next = torch.stack(lams[::-1])  # sym(Lambda_{t+1}), t = 1..n-1
         gamma = torch.stack(gammas[::-1])  # the gradient of P_t, t = 1..n-1
@@ -862,7 +914,7 @@ def _filter_sequential(inp: _Inputs) -> tuple[Tensor, Tensor, Tensor, int]:
 
 def _with_first(first: Tensor, rest: Tensor, steps: int) -> Tensor:
     """``first`` (no step dimension) before ``rest`` (``steps`` or 1 steps lead), broadcast."""
-    shape = torch.broadcast_shapes(first.shape, rest.shape[1:])
+    shape = _broadcast(first.shape, rest.shape[1:])
     return torch.cat([first.expand(shape).unsqueeze(0), rest.expand((steps, *shape))])
 
 
@@ -994,6 +1046,13 @@ def _smooth(
         )
         _, smoothed_means, smoothed_covs = _associative_scan(_combine_smoothing, elements)
         smoothed_means, smoothed_covs = smoothed_means.flip(0), smoothed_covs.flip(0)
+    elif T >= _BLOCKED_FROM:  # the RTS recursions of means and covariances, blockwise
+        gains = _with_first(torch.zeros_like(E[0]), E.flip(0), T - 1)
+        c = _with_first(means[-1], g.flip(0), T - 1)
+        C = _with_first(covs[-1], L.flip(0), T - 1)
+        smoothed_means, blocked_covs = _blocked_recursion(gains, c, C)
+        assert blocked_covs is not None
+        smoothed_means, smoothed_covs = smoothed_means.flip(0), blocked_covs.flip(0)
     else:
         zero = torch.zeros_like(E[0])
         c = _with_first(means[-1], g.flip(0), T - 1)
