@@ -588,7 +588,8 @@ def _blocked_recursion(
     Eb = [E[0]] * b if shared else blocks(E).unbind(0)  # (*b, D, D) or (n, *b, D, D)
     cb = blocks(c).unbind(0)
     Cb = None if C is None else blocks(C).unbind(0)
-    ys, Ys, Gs = [cb[0]], [None if Cb is None else Cb[0]], [Eb[0]]
+    ys, Gs = [cb[0]], [Eb[0]]
+    Ys: list[Tensor] = [] if Cb is None else [Cb[0]]
     for j in range(1, b):
         Ej = Eb[j]
         ys.append(_mv(Ej, ys[-1]) + cb[j])
