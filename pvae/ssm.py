@@ -26,7 +26,11 @@ Two methods compute the same numbers:
 
 - ``"sequential"``: the Kalman filter (Cholesky factor of the innovation covariance, whitened
   residuals; the log normaliser is summed after the loop) and the Rauch-Tung-Striebel smoother
-  as loops over time; memory O(T D^2) for the results.
+  as loops over time; memory O(T D^2) for the results. The covariance (Riccati) recursion is
+  one loop that autograd does not record, with its adjoint recursion as the backward pass
+  (:class:`_Riccati`); the linear recursions (filtered and smoothed means, smoothed
+  covariances, sampling) run blockwise from :data:`_BLOCKED_FROM` steps on
+  (:func:`_blocked_recursion`: the loop's sums regrouped, O(sqrt T) tensor operations).
 - ``"parallel"``: the associative scans of Särkkä & García-Fernández (2021, "Temporal
   parallelization of Bayesian smoothers"), filtering elements and smoothing elements, each
   combined in O(log T) depth with batched torch operations.
@@ -1066,18 +1070,27 @@ def _smooth(
 
 
 AUTO_SEQUENTIAL_MAX_STEPS = 48
+AUTO_SEQUENTIAL_SETTLED_FROM = 3000
 
 
 def _auto_method(inp: _Inputs) -> str:
-    """``"sequential"`` up to :data:`AUTO_SEQUENTIAL_MAX_STEPS` steps, ``"parallel"`` above.
+    """``"sequential"`` up to :data:`AUTO_SEQUENTIAL_MAX_STEPS` steps, ``"parallel"`` above,
+    except for a model shared by all steps with every step observed from
+    :data:`AUTO_SEQUENTIAL_SETTLED_FROM` steps on, which is sequential again.
 
     Measured (``benchmarks/kalman_scaling.py``, one thread, D = 4): the loops win below about
-    50 steps, where the scans' O(log T) levels of fixed per-level cost dominate; from 100 steps
-    on the scans win, by 1.2-3x with the model shared by all steps (the loops then stop the
-    covariance recursion at its steady state but still run the means step by step) and by
-    2-18x when it varies over time; batch size and gradients do not move the crossover.
+    50 steps, where the scans' O(log T) levels of fixed per-level cost dominate. Above, the
+    scans win by 1.1-1.4x up to about a thousand steps; a shared model's covariance loop then
+    stops at its steady state and the means run blockwise (O(sqrt T) operations), so from a
+    few thousand steps on the sequential method is faster (0.6x the scans' time at T = 1e4,
+    forward and gradient, batch 1 and 64). A model that varies over time (or a mask) keeps
+    the scans: its covariance loop runs every step.
     """
-    return "sequential" if inp.num_steps <= AUTO_SEQUENTIAL_MAX_STEPS else "parallel"
+    T = inp.num_steps
+    if T <= AUTO_SEQUENTIAL_MAX_STEPS:
+        return "sequential"
+    shared = inp.mask is None and all(v.shape[0] == 1 for v in (inp.A, inp.Q, inp.H, inp.R))
+    return "sequential" if shared and T >= AUTO_SEQUENTIAL_SETTLED_FROM else "parallel"
 
 
 def kalman_smoother(

@@ -3,7 +3,8 @@
 - A model shared by all steps, every step observed: the sequential filter stops its covariance
   loop once a step leaves the filtered covariance bitwise unchanged (steady state), and the
   smoother likewise; the same model given once per step takes no shortcut.
-- ``method="auto"`` is one of the two methods, chosen by the number of steps.
+- ``method="auto"`` is one of the two methods, chosen by the number of steps (and, above
+  :data:`pvae.ssm.AUTO_SEQUENTIAL_SETTLED_FROM` steps, by whether the model is shared).
 """
 
 from __future__ import annotations
@@ -86,10 +87,20 @@ def test_steady_state_shortcut_equals_the_full_loop(batch):
         assert torch.allclose(shared[name].grad, full[name].grad, rtol=1e-10, atol=1e-10), name
 
 
-@pytest.mark.parametrize("T", [5, ssm.AUTO_SEQUENTIAL_MAX_STEPS, ssm.AUTO_SEQUENTIAL_MAX_STEPS + 1])
+@pytest.mark.parametrize(
+    "T",
+    [
+        5,
+        ssm.AUTO_SEQUENTIAL_MAX_STEPS,
+        ssm.AUTO_SEQUENTIAL_MAX_STEPS + 1,
+        ssm.AUTO_SEQUENTIAL_SETTLED_FROM,
+    ],
+)
 def test_auto_is_one_of_the_methods(T):
     model = rotating_model(T, (2,))
-    chosen = "sequential" if T <= ssm.AUTO_SEQUENTIAL_MAX_STEPS else "parallel"
+    chosen = "sequential"
+    if ssm.AUTO_SEQUENTIAL_MAX_STEPS < T < ssm.AUTO_SEQUENTIAL_SETTLED_FROM:
+        chosen = "parallel"
     auto = kalman_smoother(**model, method="auto")
     assert auto.method == chosen
     assert kalman_smoother(**model).method == chosen  # the default
