@@ -1108,8 +1108,11 @@ def kalman_smoother(
 
     See the module docstring for the model, the conventions and the shapes. ``method`` is
     ``"sequential"`` (loops over time) or ``"parallel"`` (associative scans, O(log T) depth);
-    both are exact and differentiable in every argument, in float32 and float64. ``"auto"``
-    (the default) picks the faster of the two for the sequence length (:func:`_auto_method`).
+    both are exact and differentiable in every argument, in float32 and float64 (first
+    derivatives: the sequential covariance loop's hand-written backward pass is not itself
+    differentiable, so no gradient of a gradient through it). ``"auto"``
+    (the default) picks the faster of the two for the sequence length and whether the model
+    is shared by all steps (:func:`_auto_method`).
 
     :returns: A :class:`KalmanSmootherResult` with ``log_normalizer`` ``(...)``, filtered and
         smoothed means ``(..., T, D)`` and covariances ``(..., T, D, D)``, the lag-one smoothed
