@@ -26,7 +26,11 @@ Two methods compute the same numbers:
 
 - ``"sequential"``: the Kalman filter (Cholesky factor of the innovation covariance, whitened
   residuals; the log normaliser is summed after the loop) and the Rauch-Tung-Striebel smoother
-  as loops over time; memory O(T D^2) for the results.
+  as loops over time; memory O(T D^2) for the results. The covariance (Riccati) recursion is
+  one loop that autograd does not record, with its adjoint recursion as the backward pass
+  (:class:`_Riccati`); the linear recursions (filtered and smoothed means, smoothed
+  covariances, sampling) run blockwise from :data:`_BLOCKED_FROM` steps on
+  (:func:`_blocked_recursion`: the loop's sums regrouped, O(sqrt T) tensor operations).
 - ``"parallel"``: the associative scans of Särkkä & García-Fernández (2021, "Temporal
   parallelization of Bayesian smoothers"), filtering elements and smoothing elements, each
   combined in O(log T) depth with batched torch operations.
@@ -88,13 +92,27 @@ def _mv(matrix: Tensor, vector: Tensor) -> Tensor:
     """
     if _shared(matrix):
         out = vector @ matrix.reshape(matrix.shape[-2:]).mT
-        shape = torch.broadcast_shapes(matrix.shape[:-2], vector.shape[:-1])
+        shape = _broadcast(matrix.shape[:-2], vector.shape[:-1])
         return out if out.shape[:-1] == shape else out.reshape(shape + out.shape[-1:])
     if matrix.dim() >= 3 and vector.dim() >= 2 and matrix.shape[-3] == 1 < vector.shape[-2]:
         out = vector @ matrix.squeeze(-3).mT
-        shape = torch.broadcast_shapes(matrix.shape[:-2], vector.shape[:-1])
+        shape = _broadcast(matrix.shape[:-2], vector.shape[:-1])
         return out if out.shape[:-1] == shape else out.expand(shape + out.shape[-1:])
     return (matrix @ vector.unsqueeze(-1)).squeeze(-1)
+
+
+def _broadcast(*shapes: tuple[int, ...]) -> torch.Size:
+    """``torch.broadcast_shapes`` for plain sizes, without its symbolic-shape machinery
+    (which costs tens of microseconds a call, a noticeable share of a small product)."""
+    ndim = max(len(shape) for shape in shapes)
+    out = [1] * ndim
+    for shape in shapes:
+        for i, size in enumerate(shape, ndim - len(shape)):
+            if size != 1:
+                if out[i] not in (1, size):
+                    raise RuntimeError(f"shapes {shapes} do not broadcast")
+                out[i] = size
+    return torch.Size(out)
 
 
 def _shared(value: Tensor) -> bool:
@@ -111,7 +129,7 @@ def _mm(a: Tensor, b: Tensor) -> Tensor:
     """
     if _shared(a) == _shared(b):
         return a @ b
-    shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    shape = _broadcast(a.shape[:-2], b.shape[:-2])
     if _shared(b):
         out = a @ b.reshape(b.shape[-2:])
     else:
@@ -511,14 +529,17 @@ def _combine_affine(a: Elements, b: Elements) -> Elements:
 def _affine_recursion(E: Tensor, c: Tensor, method: str) -> Tensor:
     """``x_0 = c_0``, ``x_k = E_k x_{k-1} + c_k`` along dimension 0 (``E_0`` is ignored).
 
-    ``E`` is ``(K or 1, *b, D, D)``, ``c`` is ``(K, *B, D)``; the sequential loop is one fused
-    multiply-add per step when the matrices are shared by the batch.
+    ``E`` is ``(K or 1, *b, D, D)``, ``c`` is ``(K, *B, D)``. ``"parallel"``: an associative
+    scan; ``"sequential"``: the loop, evaluated blockwise above :data:`_BLOCKED_FROM` steps
+    (:func:`_blocked_recursion`: the same recursion in O(sqrt K) batched operations).
     """
     if method == "parallel":
         return _associative_scan(_combine_affine, (E, c))[1]
     count = c.shape[0]
     if count == 1:
         return c
+    if count >= _BLOCKED_FROM:
+        return _blocked_recursion(E, c)[0]
     xs, cs = [c[0]], c.unbind(0)
     if all(size == 1 for size in E.shape[1:-2]) and c.dim() <= 3:  # addmv / addmm per step
         E = E.reshape((E.shape[0], *E.shape[-2:]))
@@ -535,6 +556,75 @@ def _affine_recursion(E: Tensor, c: Tensor, method: str) -> Tensor:
         for k in range(1, count):
             xs.append(_mv(Es[k], xs[-1]) + cs[k])
     return torch.stack(xs)
+
+
+_BLOCKED_FROM = 24
+
+
+def _blocked_recursion(
+    E: Tensor, c: Tensor, C: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """The sequential recursions ``x_k = E_k x_{k-1} + c_k`` and, when ``C`` is given,
+    ``X_k = sym(E_k X_{k-1} E_k^T) + C_k`` (``x_0 = c_0``, ``X_0 = C_0``; ``E_0`` ignored),
+    evaluated in blocks of ``b ~ sqrt(K)`` steps.
+
+    ``E`` ``(K or 1, *b, D, D)``, ``c`` ``(K, *B, D)``, ``C`` ``(K, *b', D, D)``. Within each
+    block the recursion runs from zero with all blocks batched, together with the products
+    ``G_j = E_j ... E_0`` of the block's matrices; a loop over the blocks carries the state
+    from each block's end to the next (``z_i = G z_{i-1} + y``); one batched step adds the
+    carried state to every position (``x = y + G z``, ``X = Y + G Z G^T``). These are the
+    loop's sums regrouped (the same terms, rounded in another order), in about ``3 sqrt(K)``
+    tensor operations instead of ``K``, so autograd records as few.
+    """
+    K = c.shape[0]
+    b = max(2, math.isqrt(K - 1) + 1)
+    n = -(-K // b)
+    pad = n * b - K
+
+    def blocks(value: Tensor) -> Tensor:  # (K, ...) -> (b, n, ...): position in block first
+        if pad:
+            value = torch.cat([value, value.new_zeros((pad, *value.shape[1:]))])
+        return value.reshape((n, b, *value.shape[1:])).transpose(0, 1)
+
+    # (b, n, ...) unbound once: indexing one position at a time would make autograd
+    # allocate a zero gradient of the whole tensor per position
+    shared = E.shape[0] == 1
+    Eb = [E[0]] * b if shared else blocks(E).unbind(0)  # (*b, D, D) or (n, *b, D, D)
+    cb = blocks(c).unbind(0)
+    Cb = None if C is None else blocks(C).unbind(0)
+    ys, Gs = [cb[0]], [Eb[0]]
+    Ys: list[Tensor] = [] if Cb is None else [Cb[0]]
+    for j in range(1, b):
+        Ej = Eb[j]
+        ys.append(_mv(Ej, ys[-1]) + cb[j])
+        if Cb is not None:
+            Ys.append(_sym_add(_mm(_mm(Ej, Ys[-1]), Ej.mT), Cb[j]))
+        Gs.append(_mm(Ej, Gs[-1]))
+    G = torch.stack(Gs)  # (b, *b, D, D) shared or (b, n, *b, D, D)
+    G_last = G[-1] if not shared else G[-1].unsqueeze(0)  # (n or 1, *b, D, D)
+    y_last = ys[-1]  # (n, *B, D)
+    carried = [y_last[0]]
+    ends = G_last.unbind(0) if not shared else [G_last[0]] * n
+    y_ends = y_last.unbind(0)
+    for i in range(1, n - 1):
+        carried.append(_mv(ends[i], carried[-1]) + y_ends[i])
+    z_prev = torch.stack([torch.zeros_like(carried[0]), *carried][:n])  # (n, *B, D): z_{i-1}
+    y = torch.stack(ys)  # (b, n, *B, D)
+    Gn = G.unsqueeze(1) if shared else G  # (b, n or 1, *b, D, D)
+    x = y + _mv(Gn, z_prev.unsqueeze(0))
+    x = x.transpose(0, 1).reshape((n * b, *x.shape[2:]))[:K]
+    if Cb is None:
+        return x, None
+    Y_last = Ys[-1]
+    Y_ends = Y_last.unbind(0)
+    Z = [Y_ends[0]]
+    for i in range(1, n - 1):
+        Z.append(_sym_add(_mm(_mm(ends[i], Z[-1]), ends[i].mT), Y_ends[i]))
+    Z_prev = torch.stack([torch.zeros_like(Z[0]), *Z][:n]).unsqueeze(0)  # (1, n, *b', D, D)
+    Y = torch.stack(Ys)  # (b, n, *b', D, D)
+    X = _sym_add(_mm(_mm(Gn, Z_prev), Gn.mT), Y)
+    X = X.transpose(0, 1).reshape((n * b, *X.shape[2:]))[:K]
+    return x, X
 
 
 def _combine_smoothing(a: Elements, b: Elements) -> Elements:
@@ -617,49 +707,186 @@ def _settled(new: Tensor, old: Tensor) -> bool:
 
 
 def _covariance_filter(inp: _Inputs) -> tuple[Tensor, Tensor, Tensor, int]:
-    """The data-free half of the Kalman filter, as a loop over time.
+    """The data-free half of the Kalman filter.
 
     Returns the filtered covariances ``P_t`` ``(T, ..., D, D)``, the innovation factors
     ``L_t`` (``H_t P^-_t H_t^T + R_t = L_t L_t^T``) and ``V_t = L_t^{-1} H_t P^-_t`` (zero at
     missing steps), with the batch dimensions of the model's matrices and the mask only, and
-    the first step from which all three stay the same (``T`` if none). A model shared by all
-    steps with every step observed reaches its steady state: once a step (one in
-    :data:`_SETTLE_EVERY`) moves the filtered covariance by no more than rounding
+    the first step from which all three stay the same (``T`` if none). The Riccati recursion
+    of the predicted covariances ``P^-_t`` is one loop (:class:`_Riccati`, its own backward
+    pass); ``L_t``, ``V_t`` and ``P_t = P^-_t - V_t^T V_t`` follow for all steps at once. A
+    model shared by all steps with every step observed reaches its steady state: once a step
+    (one in :data:`_SETTLE_EVERY`) moves the predicted covariance by no more than rounding
     (:func:`_settled`), every later step would repeat it to rounding, and the loop stops.
     """
     T = inp.num_steps
-    A, Q = _steps(inp.A, max(T - 1, 1)), _steps(inp.Q, max(T - 1, 1))
-    At = _steps(inp.A.mT, max(T - 1, 1))
-    H, Ht, R = _steps(inp.H, T), _steps(inp.H.mT, T), _steps(inp.R, T)
-    observed = inp.mask.unbind(0) if inp.mask is not None else (None,) * T
-    can_settle = inp.mask is None and all(v.shape[0] == 1 for v in (inp.A, inp.Q, inp.H, inp.R))
-    P = inp.P1
-    covs, trils, Vs = [], [], []
-    steady = T
-    for t in range(T):
-        if t:
-            P = _sym_add(A[t - 1] @ P @ At[t - 1], Q[t - 1])
-        HP = H[t] @ P
-        tril = torch.linalg.cholesky(HP @ Ht[t] + R[t])
+    every = inp.mask is None or bool(inp.mask.all())  # an all-True mask is no mask here
+    observed = None if every else inp.mask.to(inp.P1.dtype)  # type: ignore[union-attr]
+    can_settle = every and all(v.shape[0] == 1 for v in (inp.A, inp.Q, inp.H, inp.R))
+    predicted = _Riccati.apply(inp.P1, inp.A, inp.Q, inp.H, inp.R, observed, T, can_settle)
+    distinct = predicted.shape[0]
+    H = inp.H if inp.H.shape[0] == 1 else inp.H[:distinct]
+    R = inp.R if inp.R.shape[0] == 1 else inp.R[:distinct]
+    HP = _mm(H, predicted)
+    tril = _innovation_cholesky(_mm(HP, H.mT) + R)
+    V = torch.linalg.solve_triangular(tril, HP, upper=False)
+    if observed is not None:
+        V = V * observed[..., None, None]
+    covs = predicted - V.mT @ V
+    if distinct == T:
+        return covs, tril, V, T
+    repeat = T - distinct
+
+    def extend(value: Tensor) -> Tensor:
+        return torch.cat([value, value[-1:].expand((repeat, *value.shape[1:]))])
+
+    return extend(covs), extend(tril), extend(V), distinct - 1
+
+
+def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """``grad`` summed over the dimensions where a tensor of ``shape`` was broadcast."""
+    return grad if grad.shape == shape else grad.sum_to_size(shape)
+
+
+class _Riccati(torch.autograd.Function):
+    """The predicted covariances ``P^-_t`` ``(T', *b, D, D)`` of the Kalman filter, as a loop
+    that autograd does not record, with the adjoint recursion as its backward pass.
+
+    Forward, t = 1..T (``P^-_1 = P_1``; ``S = H P^- H^T + R``, ``K = P^- H^T S^{-1}`` (zero
+    at a missing step), ``J = I - K H``)::
+
+        P_t = P^-_t - K_t S_t K_t^T                 (the update)
+        P^-_{t+1} = sym(A_t P_t A_t^T) + Q_t        (the prediction)
+
+    Backward, with ``G_t`` the incoming gradient of ``P^-_t``: the update's differential is
+    ``J dP^- J^T + K dR K^T - P_t dH^T K^T - K dH P_t``, so the adjoints are
+    ``Lambda_t = G_t + J_t^T Gamma_t J_t`` and ``Gamma_t = A_t^T sym(Lambda_{t+1}) A_t`` (the
+    gradient of ``P_t``), one loop backwards; then, for all steps at once,
+    ``dQ_t = sym(Lambda_{t+1})``, ``dA_t = 2 sym(Lambda_{t+1}) A_t sym(P_t)``,
+    ``dR_t = K_t^T Gamma_t K_t``, ``dH_t = -2 K_t^T Gamma_t P_t`` and ``dP_1 = Lambda_1``.
+
+    ``T' = T`` unless ``can_settle`` and the recursion settles (see
+    :func:`_covariance_filter`): then ``T'`` is one past the settled step, which later steps
+    repeat. ``*b`` are the batch dimensions of the model's matrices and of ``observed``
+    ``(T, *B)`` (a float mask, 1 = observed; None: every step).
+    """
+
+    @staticmethod
+    def forward(ctx, P1, A, Q, H, R, observed, T, can_settle):  # type: ignore[override]
+        batch = _broadcast(
+            P1.shape[:-2],
+            A.shape[1:-2],
+            Q.shape[1:-2],
+            H.shape[1:-2],
+            R.shape[1:-2],
+            () if observed is None else observed.shape[1:],
+        )
+        ctx.shapes = (P1.shape, Q.shape)
+        inputs = (A, H, R, observed)
+        # detached: views of tensors that require grad are slow to make, even without grad
+        P1, A, Q, H, R = (value.detach() for value in (P1, A, Q, H, R))
+        transitions = max(T - 1, 1)
+        D = P1.shape[-1]
+        flat = math.prod(batch) == 1  # one model for the whole batch: 2-D products (mm)
+        mm = torch.mm if flat else torch.matmul
+
+        def steps(value: Tensor, count: int) -> list[Tensor]:
+            if flat:
+                value = value.reshape((value.shape[0], *value.shape[-2:])).contiguous()
+            return _steps(value, count)
+
+        As, Ats, Qs = steps(A, transitions), steps(A.mT, transitions), steps(Q, transitions)
+        Hs, Hts, Rs = steps(H, T), steps(H.mT, T), steps(R, T)
+        seen: list = [None] * T
+        if observed is not None:
+            seen = list((observed.reshape(T) if flat else observed[..., None, None]).unbind(0))
+        P = P1.reshape(D, D) if flat else P1.expand(batch + P1.shape[-2:])
+        predicted, updated = [P], []
+        for t in range(T):
+            if t:
+                P = mm(mm(As[t - 1], P), Ats[t - 1])
+                P = torch.add(Qs[t - 1], P + P.mT, alpha=0.5)
+                predicted.append(P)
+                if can_settle and t >= 2 and t % _SETTLE_EVERY == 0:
+                    if _settled(P, predicted[-2]):
+                        break
+            HP = mm(Hs[t], P)
+            tril = torch.linalg.cholesky_ex(mm(HP, Hts[t]) + Rs[t])[0]
+            V = torch.linalg.solve_triangular(tril, HP, upper=False)
+            if seen[t] is not None:
+                V = V * seen[t]
+            P = P - mm(V.mT, V)
+            updated.append(P)
+        if flat:
+            predicted = [P.reshape(batch + (D, D)) for P in predicted]
+            updated = [P.reshape(batch + (D, D)) for P in updated]
+        out = torch.stack(predicted)
+        ctx.save_for_backward(*inputs, out)
+        ctx.updated = torch.stack(updated)  # not an output: no reference cycle
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        A, H, R, observed, predicted = (
+            None if value is None else value.detach() for value in ctx.saved_tensors
+        )
+        updated = ctx.updated
+        P1_shape, Q_shape = ctx.shapes
+        n = predicted.shape[0]
+        grads: list[Tensor | None] = [None] * 8
+        if n == 1:
+            grads[0] = _reduce_to(grad[0], P1_shape)
+            return tuple(grads)
+        # the update's gain K_t and J_t = I - K_t H_t at the steps whose P_t is used
+        P_used, updated = predicted[:-1], updated[: n - 1]
+        H_n = H if H.shape[0] == 1 else H[: n - 1]
+        R_n = R if R.shape[0] == 1 else R[: n - 1]
+        HP = _mm(H_n, P_used)
+        tril = torch.linalg.cholesky_ex(_mm(HP, H_n.mT) + R_n)[0]
         V = torch.linalg.solve_triangular(tril, HP, upper=False)
-        seen = observed[t]
-        if seen is not None:
-            V = V * seen[..., None, None]
-        P = P - V.mT @ V
-        covs.append(P)
-        trils.append(tril)
-        Vs.append(V)
-        if can_settle and t >= 2 and t % _SETTLE_EVERY == 0 and _settled(P, covs[-2]):
-            steady = t
-            break
-    for values in (covs, trils, Vs):
-        values.extend(values[-1:] * (T - len(values)))
-    return (
-        torch.stack(torch.broadcast_tensors(*covs)),
-        torch.stack(torch.broadcast_tensors(*trils)),
-        torch.stack(torch.broadcast_tensors(*Vs)),
-        steady,
-    )
+        if observed is not None:
+            V = V * observed[: n - 1, ..., None, None]
+        K = torch.linalg.solve_triangular(tril.mT, V, upper=True).mT  # (n-1, ..., D, M)
+        eye = torch.eye(P_used.shape[-1], dtype=grad.dtype, device=grad.device)
+        J = eye - _mm(K, H_n)
+        A_n = A if A.shape[0] == 1 else A[: n - 1]
+        flat = math.prod(predicted.shape[1:-2]) == 1
+        mm = torch.mm if flat else torch.matmul
+
+        def steps(value: Tensor, count: int) -> list[Tensor]:
+            if flat:
+                value = value.reshape((value.shape[0], *value.shape[-2:])).contiguous()
+            return _steps(value, count)
+
+        As, Ats = steps(A_n, n - 1), steps(A_n.mT, n - 1)
+        Js, Jts = steps(J, n - 1), steps(J.mT, n - 1)
+        sym_grad = steps(_sym(grad), n)
+        lam = sym_grad[n - 1]
+        lams, gammas = [], []
+        for t in range(n - 2, -1, -1):
+            lams.append(lam)
+            gamma = mm(mm(Ats[t], lam), As[t])
+            gammas.append(gamma)
+            lam = sym_grad[t] + mm(mm(Jts[t], gamma), Js[t])
+        if flat:
+            lams = [value.reshape(grad.shape[1:]) for value in lams]
+            gammas = [value.reshape(grad.shape[1:]) for value in gammas]
+            lam = lam.reshape(grad.shape[1:])
+            sym_grad = [sym_grad[0].reshape(grad.shape[1:])]
+        grads[0] = _reduce_to(lam - sym_grad[0] + grad[0], P1_shape)
+        lam_next = torch.stack(lams[::-1])  # sym(Lambda_{t+1}), t = 1..n-1
+        gamma = torch.stack(gammas[::-1])  # the gradient of P_t, t = 1..n-1
+        grads[1] = _reduce_to(2 * lam_next @ A_n @ _sym(updated), A.shape)
+        grads[2] = _reduce_to(lam_next, Q_shape)
+        Kt_gamma = K.mT @ gamma
+        dH, dR = -2 * Kt_gamma @ updated, Kt_gamma @ K
+        if H.shape[0] > 1:  # the last step's P_T is not used here: no gradient through it
+            dH = torch.cat([dH, dH.new_zeros((H.shape[0] - dH.shape[0], *dH.shape[1:]))])
+        if R.shape[0] > 1:
+            dR = torch.cat([dR, dR.new_zeros((R.shape[0] - dR.shape[0], *dR.shape[1:]))])
+        grads[3], grads[4] = _reduce_to(dH, H.shape), _reduce_to(dR, R.shape)
+        return tuple(grads)
 
 
 def _filter_sequential(inp: _Inputs) -> tuple[Tensor, Tensor, Tensor, int]:
@@ -692,7 +919,7 @@ def _filter_sequential(inp: _Inputs) -> tuple[Tensor, Tensor, Tensor, int]:
 
 def _with_first(first: Tensor, rest: Tensor, steps: int) -> Tensor:
     """``first`` (no step dimension) before ``rest`` (``steps`` or 1 steps lead), broadcast."""
-    shape = torch.broadcast_shapes(first.shape, rest.shape[1:])
+    shape = _broadcast(first.shape, rest.shape[1:])
     return torch.cat([first.expand(shape).unsqueeze(0), rest.expand((steps, *shape))])
 
 
@@ -824,6 +1051,13 @@ def _smooth(
         )
         _, smoothed_means, smoothed_covs = _associative_scan(_combine_smoothing, elements)
         smoothed_means, smoothed_covs = smoothed_means.flip(0), smoothed_covs.flip(0)
+    elif T >= _BLOCKED_FROM:  # the RTS recursions of means and covariances, blockwise
+        gains = _with_first(torch.zeros_like(E[0]), E.flip(0), T - 1)
+        c = _with_first(means[-1], g.flip(0), T - 1)
+        C = _with_first(covs[-1], L.flip(0), T - 1)
+        smoothed_means, blocked_covs = _blocked_recursion(gains, c, C)
+        assert blocked_covs is not None
+        smoothed_means, smoothed_covs = smoothed_means.flip(0), blocked_covs.flip(0)
     else:
         zero = torch.zeros_like(E[0])
         c = _with_first(means[-1], g.flip(0), T - 1)
@@ -836,18 +1070,27 @@ def _smooth(
 
 
 AUTO_SEQUENTIAL_MAX_STEPS = 48
+AUTO_SEQUENTIAL_SETTLED_FROM = 3000
 
 
 def _auto_method(inp: _Inputs) -> str:
-    """``"sequential"`` up to :data:`AUTO_SEQUENTIAL_MAX_STEPS` steps, ``"parallel"`` above.
+    """``"sequential"`` up to :data:`AUTO_SEQUENTIAL_MAX_STEPS` steps, ``"parallel"`` above,
+    except for a model shared by all steps with every step observed from
+    :data:`AUTO_SEQUENTIAL_SETTLED_FROM` steps on, which is sequential again.
 
     Measured (``benchmarks/kalman_scaling.py``, one thread, D = 4): the loops win below about
-    50 steps, where the scans' O(log T) levels of fixed per-level cost dominate; from 100 steps
-    on the scans win, by 1.2-3x with the model shared by all steps (the loops then stop the
-    covariance recursion at its steady state but still run the means step by step) and by
-    2-18x when it varies over time; batch size and gradients do not move the crossover.
+    50 steps, where the scans' O(log T) levels of fixed per-level cost dominate. Above, the
+    scans win by 1.1-1.4x up to about a thousand steps; a shared model's covariance loop then
+    stops at its steady state and the means run blockwise (O(sqrt T) operations), so from a
+    few thousand steps on the sequential method is faster (0.6x the scans' time at T = 1e4,
+    forward and gradient, batch 1 and 64). A model that varies over time (or a mask) keeps
+    the scans: its covariance loop runs every step.
     """
-    return "sequential" if inp.num_steps <= AUTO_SEQUENTIAL_MAX_STEPS else "parallel"
+    T = inp.num_steps
+    if T <= AUTO_SEQUENTIAL_MAX_STEPS:
+        return "sequential"
+    shared = inp.mask is None and all(v.shape[0] == 1 for v in (inp.A, inp.Q, inp.H, inp.R))
+    return "sequential" if shared and T >= AUTO_SEQUENTIAL_SETTLED_FROM else "parallel"
 
 
 def kalman_smoother(
@@ -865,8 +1108,11 @@ def kalman_smoother(
 
     See the module docstring for the model, the conventions and the shapes. ``method`` is
     ``"sequential"`` (loops over time) or ``"parallel"`` (associative scans, O(log T) depth);
-    both are exact and differentiable in every argument, in float32 and float64. ``"auto"``
-    (the default) picks the faster of the two for the sequence length (:func:`_auto_method`).
+    both are exact and differentiable in every argument, in float32 and float64 (first
+    derivatives: the sequential covariance loop's hand-written backward pass is not itself
+    differentiable, so no gradient of a gradient through it). ``"auto"``
+    (the default) picks the faster of the two for the sequence length and whether the model
+    is shared by all steps (:func:`_auto_method`).
 
     :returns: A :class:`KalmanSmootherResult` with ``log_normalizer`` ``(...)``, filtered and
         smoothed means ``(..., T, D)`` and covariances ``(..., T, D, D)``, the lag-one smoothed

@@ -6,10 +6,11 @@ import pyro
 import pytest
 import torch
 
-from pvae import data
+from pvae import data, gp
 from pvae.diagnostics import active_units
 from pvae.inference import ELBO, IWAE, KalmanELBO
 from pvae.models import MarkovianGPVAE
+from pvae.models.markovian_gp import matern_transitions
 from tests.core.test_gp_ssm import dense_kernel, dense_regression
 
 NUS = [0.5, 1.5, 2.5]
@@ -174,3 +175,22 @@ def test_bad_input_is_refused():
         MarkovianGPVAE(x_dim=4, exact_potentials=True)
     with pytest.raises(ValueError, match="lengthscale must be finite and greater than 0.0001"):
         MarkovianGPVAE(x_dim=4, lengthscale=0.0)
+
+
+@pytest.mark.parametrize("nu", NUS)
+def test_closed_form_transitions_equal_the_matrix_exponential(nu):
+    """A, Q, P_inf of the closed-form exponential equal pvae.gp.matern_discretisation's
+    (Padé matrix exponential) to rounding, values and gradients, over short and long gaps."""
+    g = torch.Generator().manual_seed(int(2 * nu))
+    lengthscale = torch.tensor(LENGTHSCALES, dtype=torch.float64, requires_grad=True)
+    variance = torch.tensor(VARIANCES, dtype=torch.float64, requires_grad=True)
+    gaps = (1e-3 + 4 * torch.rand(3, 1, 9, generator=g, dtype=torch.float64)).requires_grad_()
+    leaves = (lengthscale, variance, gaps)
+    results = []
+    for fn in (gp.matern_discretisation, matern_transitions):
+        out = fn(nu, lengthscale, variance, gaps)
+        weights = [torch.randn(v.shape, generator=g.manual_seed(1), dtype=v.dtype) for v in out]
+        loss = sum((v * w).sum() for v, w in zip(out, weights, strict=True))
+        results.append((*out, *torch.autograd.grad(loss, leaves)))
+    for mine, pade in zip(*results, strict=True):
+        torch.testing.assert_close(mine, pade, rtol=1e-10, atol=1e-12)
