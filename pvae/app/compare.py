@@ -67,7 +67,6 @@ from pvae.app.report import (
     EXACT,
     IWAE_SAMPLES,
     WITHIN_NOISE,
-    environment,
     format_seed_table,
     format_table,
     summarize,
@@ -76,6 +75,7 @@ from pvae.checkpoint import CHECKPOINT
 from pvae.diagnostics import gradient_snr
 from pvae.evaluate import as_tensors, num_items
 from pvae.inference import ELBO, IWAE
+from pvae.tracking import environment  # where a comparison ran (results.json)
 from pvae.train import Run, TrainingDiverged
 
 __all__ = [
@@ -263,24 +263,6 @@ def _fork_rng(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     if device.type == "cuda":
         devices = [device.index if device.index is not None else torch.cuda.current_device()]
     return torch.random.fork_rng(devices=devices, device_type=device.type)
-
-
-def _on_device(values: Any, device: torch.device) -> Any:
-    """Tensors, tuples of them, sequence splits and dynamically binarised sets on ``device``."""
-    if isinstance(values, data.SequenceSplit):
-        return data.SequenceSplit(*(item.to(device) for item in values))
-    if isinstance(values, tuple):
-        return tuple(_on_device(item, device) for item in values)
-    if isinstance(values, data.DynamicBinarized):
-        return data.DynamicBinarized(values.probs.to(device))
-    return values.to(device) if isinstance(values, torch.Tensor) else values
-
-
-def _dataset_on(ds: data.Splits, device: torch.device) -> data.Splits:
-    if device.type == "cpu":
-        return ds
-    splits = {name: _on_device(getattr(ds, name), device) for name in ("train", "valid", "test")}
-    return dataclasses.replace(ds, **splits)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -640,7 +622,7 @@ def run_cell(
     Pyro's validation off; with ``out``, its result is written to ``out/folder/cell.json``.
     Returns the result and the per-point test log-likelihoods (empty when it failed)."""
     device = torch.device(config.device)
-    ds = ds if ds is not None else _dataset_on(config.load_data(), device)
+    ds = ds if ds is not None else config.load_data().to(device)
     engine = parse_bound(cell.bound).describe(config.particles)
     run_name = cell.folder if "/seed-" in cell.folder else None  # one seed of several
     result = BoundResult(cell.bound, cell.seed, cell.folder, engine, run=run_name)
@@ -827,7 +809,7 @@ def compare(
     elif plan.jobs > 1 and len(todo) > 1:
         _run_local(config, todo, min(plan.jobs, len(todo)), out, done)
     else:
-        on_device = _dataset_on(ds, torch.device(config.device))
+        on_device = ds.to(config.device)
         for cell in todo:
             logged = open_loggers(cell)
             done(cell, *run_cell(config, cell, out, progress, on_device, logged), logged)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ import torch
 from matplotlib.figure import Figure
 from pyro.nn import PyroModule
 
+import pvae.checkpoint
 from pvae import atomic, data, plots
 from pvae.app import runs
 from pvae.app.compare import bound_folder
@@ -66,7 +67,6 @@ from pvae.diagnostics.figures import (
     traversals,
 )
 from pvae.evaluate import as_tensors
-from pvae.protocol import param_split
 from pvae.train import CHECKPOINT, load_checkpoint
 
 __all__ = [
@@ -205,8 +205,8 @@ def _rebuild(run_dir: Path) -> tuple[runs.RunConfig, dict[str, Any], data.Splits
 
 
 def load_parameters(model: PyroModule, ds: data.Splits, checkpoint: Path) -> dict[str, Any]:
-    """Create the parameters of ``model`` in Pyro's parameter store (as :func:`pvae.fit` does)
-    and copy the trained values of ``checkpoint`` into them; returns the checkpoint.
+    """:func:`pvae.checkpoint.load_parameters` of ``checkpoint`` into ``model`` (its parameters
+    created on two test points); returns the checkpoint.
 
     :raises DiagnoseError: an unreadable checkpoint, or one whose parameters (names or shapes)
         do not match the model.
@@ -215,57 +215,12 @@ def load_parameters(model: PyroModule, ds: data.Splits, checkpoint: Path) -> dic
         state = load_checkpoint(checkpoint)
     except (OSError, ValueError) as error:  # torch's messages span lines: keep the first
         raise DiagnoseError(str(error).strip().splitlines()[0]) from error
+    batch = tuple(t[:2] for t in as_tensors(ds.test))
     try:
-        model_params, guide_params = param_split(
-            model.model, model.guide, tuple(t[:2] for t in as_tensors(ds.test))
-        )
-    except (ValueError, RuntimeError) as error:
-        raise DiagnoseError(
-            f"cannot create the parameters of the rebuilt model: {error}"
-        ) from error
-    params = {**guide_params, **model_params}
-    saved = state.get("params")
-    if not isinstance(saved, Mapping):
-        raise DiagnoseError(f"{checkpoint} holds no parameters")
-    saved = _renamed(saved, params)
-    mismatch = f"{checkpoint} does not match the model rebuilt from its configuration"
-    missing = sorted(set(saved) ^ set(params))
-    if missing:
-        raise DiagnoseError(
-            f"{mismatch}: parameters {', '.join(missing)} are in one but not the other"
-        )
-    wrong = [
-        f"{name} {tuple(saved[name].shape)} vs {tuple(params[name].shape)}"
-        for name in sorted(params)
-        if not isinstance(saved[name], torch.Tensor) or saved[name].shape != params[name].shape
-    ]
-    if wrong:
-        raise DiagnoseError(
-            f"{mismatch}: shapes differ (checkpoint vs model) for {'; '.join(wrong)}"
-        )
-    with torch.no_grad():
-        for name, value in saved.items():
-            params[name].copy_(value)
+        pvae.checkpoint.load_parameters(model.model, model.guide, batch, state, checkpoint)
+    except ValueError as error:
+        raise DiagnoseError(str(error)) from error
     return state
-
-
-def _renamed(saved: Mapping[str, Any], params: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The checkpoint's parameters under the rebuilt model's own name prefix.
-
-    A zoo model names its parameters ``<prefix>.<part>`` with a prefix of its own (``vae``,
-    ``vae_1``, ... when several live in one process, as in ``pvae compare``). When every saved
-    name shares one prefix and every rebuilt one (``params``) another, the prefix is replaced.
-    """
-
-    def prefix(names: Iterable[str]) -> str | None:
-        names = list(names)
-        found = {name.split(".", 1)[0] for name in names}
-        return found.pop() if len(found) == 1 and all("." in name for name in names) else None
-
-    old, new = prefix(saved), prefix(params)
-    if old is None or new is None:
-        return saved
-    return {new + name[len(old) :]: value for name, value in saved.items()}
 
 
 @dataclass

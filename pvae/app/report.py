@@ -14,7 +14,6 @@ import io
 import math
 import os
 import platform
-import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,9 @@ import pyro
 import torch
 
 import pvae
-from pvae import atomic, plots
+from pvae import atomic, plots, tracking
 
 __all__ = [
-    "environment",
     "extra_metrics",
     "format_seed_table",
     "format_table",
@@ -288,56 +286,6 @@ def csv_text(results: Sequence[Row]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _git_commit() -> str | None:
-    """``git rev-parse HEAD`` of the repository holding the working directory, or None."""
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = done.stdout.strip()
-    return commit if done.returncode == 0 and commit else None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(module: str) -> str | None:
-    try:
-        return str(__import__(module).__version__)
-    except Exception:  # not installed, or no __version__
-        return None
-
-
-def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Where a comparison ran: the git commit of the working directory's checkout (None
-    outside one), library versions, the platform, CPU model, GPU name (if any), torch's
-    threads and ``device``."""
-    gpu = None
-    if torch.cuda.is_available():
-        gpu = torch.cuda.get_device_name(torch.device(device) if str(device) != "cpu" else 0)
-    modules = ("torch", "pyro", "gpytorch", "numpy", "pvae")
-    return {
-        "git_commit": _git_commit(),
-        "versions": {"python": platform.python_version(), **{m: _version(m) for m in modules}},
-        "platform": platform.platform(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "gpu": gpu,
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-
-
 def memory_kind(device: str) -> str:
     if torch.device(device).type == "cuda":
         return "torch.cuda.max_memory_allocated during the bound's training and evaluation"
@@ -547,7 +495,7 @@ def write(
     """``results.md``, ``results.json`` (with the :func:`environment` block and, per bound,
     the :func:`summarize` rows), ``results.csv`` and the four plots, atomically."""
     out = Path(run_dir)
-    env = environment(config.get("device", "cpu"))
+    env = tracking.environment(config.get("device", "cpu"))
     summary = summarize(results)
     text = markdown(results, config, command, elapsed, cpu_seconds, env)
     atomic.write_text(out / "results.md", text)
