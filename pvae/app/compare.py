@@ -8,7 +8,7 @@ the test set (the columns are explained in ``results.md``, :mod:`pvae.app.report
 ``log_likelihood`` (importance sampling with K = ``ll_samples``, mean and standard error);
 ``delta_log_likelihood`` (the paired difference to the first bound, same test points and
 random numbers); ``elbo`` (16 samples, analytic KL), ``iwae_64``, ``inference_gap`` (log p(x)
-- ELBO); ``active_units`` (:func:`pvae.app.runs.latent_activity`, as ``pvae diagnose``);
+- ELBO); ``active_units`` (:func:`pvae.app.latent_activity`, as ``pvae diagnose``);
 ``snr_guide``/``snr_model`` (the gradient SNR of that bound's own estimator, Rainforth et al.
 2018, from ``snr_repeats`` gradients on ``snr_points`` test points); the times and the peak
 memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process's peak resident set);
@@ -72,7 +72,7 @@ from pvae.app.report import (
     summarize,
 )
 from pvae.checkpoint import CHECKPOINT
-from pvae.diagnostics import gradient_snr
+from pvae.diagnostics import count_active, gradient_snr, latent_activity
 from pvae.evaluate import as_tensors, num_items
 from pvae.inference import ELBO, IWAE
 from pvae.tracking import environment  # where a comparison ran (results.json)
@@ -554,7 +554,7 @@ def _evaluate(
         torch.manual_seed(seed)
         elbo = pvae.evaluate_bound(model.model, model.guide, test, ELBO(ELBO_SAMPLES), EVAL_BATCH)
         iwae = pvae.evaluate_bound(model.model, model.guide, test, IWAE(IWAE_SAMPLES), EVAL_BATCH)
-        units = runs.count_active(runs.latent_activity(model, test, seed, channels=entry.channels))
+        units = count_active(latent_activity(model, test, seed, channels=entry.channels))
         torch.manual_seed(seed)
         metrics = entry.metrics(model, ds, "test", seed) if entry.metrics is not None else {}
         torch.manual_seed(seed)

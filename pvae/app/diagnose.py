@@ -9,7 +9,7 @@ writes next to the run (or into ``out_dir``), every file atomically:
 - ``diagnostics.md``: the collapse verdict, the active units and a table per latent dimension:
   **KL** (mean over the test points of KL(q(z_d | x) || p(z_d)), nats); **activity**
   (Var_x E_q[z_d | x]) and **active** (> 0.01, Burda et al. 2016; the count is
-  :func:`pvae.app.runs.latent_activity`, the "active units" of ``pvae compare`` for the same
+  :func:`pvae.app.latent_activity`, the "active units" of ``pvae compare`` for the same
   run and test points); **collapsed** (mean KL below the threshold and, in a layer whose term
   is not a KL, inactive; :func:`pvae.diagnostics.collapse_report`); **relevance** and **rank**
   (the decoder-Jacobian score of Saha et al. 2025); **relevant**
@@ -54,7 +54,10 @@ from pvae.diagnostics import (
     CollapseReport,
     LatentRelevance,
     collapse_report,
+    count_active,
+    latent_activity,
     latent_relevance,
+    layer_sites,
     posterior_mean,
     relevant_in_use,
 )
@@ -125,7 +128,7 @@ class Diagnosis:
     @property
     def active_units(self) -> tuple[int, int]:
         """``(active units, latent dimensions)``, as ``pvae compare`` counts them."""
-        return runs.count_active(self.activity)
+        return count_active(self.activity)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +365,7 @@ def _markdown(
 ) -> str:
     """``diagnostics.md`` of one trained model (``paths``: ``paths.png`` was written)."""
     report, relevance = found.report, found.relevance
-    count, dims = runs.count_active(found.activity)
+    count, dims = count_active(found.activity)
     relevant = (
         "; **relevance** and **rank**, the decoder-Jacobian score; **relevant**, among the "
         f"dimensions not collapsed, the fewest carrying {100 * relevance.threshold:g}% of "
@@ -406,7 +409,7 @@ def _measure(run: LoadedRun, x: Any, activity: dict[str, ActiveUnits]) -> _Findi
         report = collapse_report(run.model.model, run.model.guide, x, channels=entry.channels)
     except ValueError as error:
         raise DiagnoseError(f"cannot diagnose the {run.model_name} model: {error}") from error
-    sites = runs.latent_sites(run.model)
+    sites = layer_sites(run.model)
     site = sites[0] if sites[0] in report.layers else next(iter(report.layers))
     found = _Findings(report, activity, site)
     decode = entry.decoder(run.model)
@@ -460,7 +463,7 @@ def _diagnose_model(
     x: Any = batch if len(batch) > 1 else batch[0]
     run.model.eval()  # e.g. no self-supervised masking while measuring
     channels = MODELS[run.model_name].channels
-    activity = runs.latent_activity(run.model, x, run.seed, channels=channels)
+    activity = latent_activity(run.model, x, run.seed, channels=channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run.seed)
         found = _measure(run, x, activity)

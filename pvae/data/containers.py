@@ -136,8 +136,6 @@ class Splits:
             return self
         splits = ("train", "valid", "test")
         moved = {name: _on_device(getattr(self, name), device) for name in splits}
-            name: _on_device(getattr(self, name), device) for name in ("train", "valid", "test")
-        }
         return dataclasses.replace(self, **moved)
 
     def __repr__(self) -> str:
