@@ -28,6 +28,7 @@ __all__ = [
     "extra_metrics",
     "format_seed_table",
     "format_table",
+    "metrics_csv",
     "summarize",
     "summary_line",
     "write",
@@ -281,8 +282,28 @@ def csv_text(results: Sequence[Row]) -> str:
     return buffer.getvalue()
 
 
+HISTORY = ["epoch", "train_bound", "valid_bound", "seconds", "steps"]
+"""The per-epoch entries of ``pvae train``'s ``metrics.json`` and ``metrics.csv``."""
+
+
+def metrics_csv(metrics: dict[str, Any]) -> str:
+    """``metrics.csv`` of ``pvae train`` from its ``metrics.json`` ``metrics``: one row per
+    epoch (the columns of :data:`HISTORY`); the test log-likelihood columns are filled on the
+    last row."""
+    rows = [{k: "" if v is None else v for k, v in record.items()} for record in metrics["history"]]
+    test = metrics["test_log_likelihood"]
+    if rows:
+        rows[-1].update(test_log_likelihood=test["mean"], test_log_likelihood_stderr=test["stderr"])
+    buffer = io.StringIO()
+    columns = [*HISTORY, "test_log_likelihood", "test_log_likelihood_stderr"]
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 # ---------------------------------------------------------------------------------------------
-# Environment
+# Memory
 # ---------------------------------------------------------------------------------------------
 
 
