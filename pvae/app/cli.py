@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 import pvae
 from pvae import atomic, data, plots, tracking
-from pvae.app import compare, diagnose, report, runs
+from pvae.app import compare, diagnose, runs
 from pvae.app import sample as sample_app
 from pvae.app.arguments import (  # the parser (no torch): `pvae` parses there, runs here
     EXIT_FAILURE,
@@ -69,6 +69,7 @@ from pvae.app.arguments import (  # the parser (no torch): `pvae` parses there, 
     main,
 )
 from pvae.app.registry import MODELS, parse_bound
+from pvae.app.report import HISTORY, metrics_csv
 from pvae.checkpoint import RUN_JSON, RunDirInUse, load_checkpoint
 from pvae.evaluate import as_tensors
 from pvae.inference import SGHMC
@@ -361,7 +362,7 @@ def _train_in(
         runs.write_config(run_dir, config, ds, args=json_args(args), argv=argv)
         history, metrics = _train_and_evaluate(args, ds, pair, run_dir, loggers)
         runs.write_json(run_dir / "metrics.json", metrics)
-        atomic.write_text(run_dir / "metrics.csv", report.metrics_csv(metrics))
+        atomic.write_text(run_dir / "metrics.csv", metrics_csv(metrics))
         title = f"{args.model} / {args.engine} on {args.dataset}"
         plots.learning_curve(history, path=run_dir / "learning_curve.png", title=title)
         _figures(pair[0], args.model, ds, args.seed, run_dir)
@@ -429,7 +430,7 @@ def _train_and_evaluate(
         )
         torch.manual_seed(args.seed)
         own = card.metrics(model, ds, "test", args.seed) if card.metrics is not None else {}
-    history = [{key: record.get(key) for key in report.HISTORY} for record in run.history]
+    history = [{key: record.get(key) for key in HISTORY} for record in run.history]
     last, n = (history[-1] if history else {}), log_likelihood.numel()
     return run.history, {
         "history": history,
