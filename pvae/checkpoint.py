@@ -183,6 +183,17 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def fork_rng(device: str | torch.device = "cpu") -> contextlib.AbstractContextManager[Any]:
+    """Fork the random generators that sampling on ``device`` draws from (the CPU's, and the
+    device's own: the current or given CUDA device, or Apple MPS), so that what runs inside
+    leaves the caller's random stream untouched."""
+    device = torch.device(device)
+    devices: list[int] | None = [] if device.type == "cpu" else None  # mps: its one generator
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.random.fork_rng(devices=devices, device_type=device.type)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` returned."""
     torch.set_rng_state(state["torch"])

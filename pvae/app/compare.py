@@ -13,7 +13,7 @@ random numbers); ``elbo`` (16 samples, analytic KL), ``iwae_64``, ``inference_ga
 2018, from ``snr_repeats`` gradients on ``snr_points`` test points); the times and the peak
 memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process's peak resident set);
 ``yardstick`` (IWAE-64 on the first 200 validation points after every epoch, no gradients, a
-fixed seed in a forked RNG: :func:`_yardstick_callback`); ``ll_vs_k`` (log p(x) with K in
+fixed seed in a forked RNG: :class:`pvae.train.EpochBound`); ``ll_vs_k`` (log p(x) with K in
 :data:`LL_KS` up to ``ll_samples`` on the first 100 test points). With several ``seeds``
 every bound is trained once per seed (folders ``iwae/seed-1``) and :func:`summarize` gives
 the mean ± sd over seeds, flagging a Δ *within seed noise* when ``|mean Δ| < 2 sd``.
@@ -71,12 +71,12 @@ from pvae.app.report import (
     format_table,
     summarize,
 )
-from pvae.checkpoint import CHECKPOINT
+from pvae.checkpoint import CHECKPOINT, fork_rng
 from pvae.diagnostics import count_active, gradient_snr, latent_activity
 from pvae.evaluate import as_tensors, num_items
 from pvae.inference import ELBO, IWAE
 from pvae.tracking import environment  # where a comparison ran (results.json)
-from pvae.train import Run, TrainingDiverged
+from pvae.train import EpochBound, Run, TrainingDiverged
 
 __all__ = [
     "DEFAULT_BOUNDS",
@@ -256,15 +256,6 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def _fork_rng(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """Fork the random generators that sampling on ``device`` draws from (the CPU's, and the
-    device's own), so that what runs inside leaves the training RNG untouched."""
-    devices: list[int] | None = [] if device.type == "cpu" else None  # mps: its one generator
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    return torch.random.fork_rng(devices=devices, device_type=device.type)
-
-
 def _peak_memory_mb(device: torch.device) -> float:
     """CUDA: the largest memory torch allocated on the device since the peak was reset (at the
     start of each cell); otherwise the process's peak resident set size so far (whole
@@ -400,35 +391,16 @@ class BoundResult:
 
 
 def _yardstick_callback(
-    model: PyroModule,
-    valid: Any,
-    yardstick: tuple[str, int],
-    seed: int,
-    device: torch.device,
-    spent: list[float],
-) -> Callable[[Run, dict[str, Any]], None]:
-    """An epoch callback that records ``record["yardstick"]``: the common estimator (IWAE-K or
-    ELBO-K) on ``valid``, without gradients, with the fixed ``seed`` inside a forked RNG (the
-    training's random numbers are untouched), the model in eval mode; the seconds it took are
-    added to ``spent[0]``."""
+    model: PyroModule, valid: Any, yardstick: tuple[str, int], seed: int, device: torch.device
+) -> EpochBound:
+    """The epoch callback that records ``record["yardstick"]``: the common estimator (IWAE-K or
+    ELBO-K) on ``valid`` with the fixed ``seed``; its ``seconds`` are not training time."""
     name, samples = yardstick
     engine = IWAE(samples) if name == "iwae" else ELBO(samples)
-
-    def callback(run: Run, record: dict[str, Any]) -> None:
-        started = time.perf_counter()
-        training = model.training
-        model.eval()
-        try:
-            with _fork_rng(device), torch.no_grad():
-                torch.manual_seed(seed)
-                record["yardstick"] = float(
-                    pvae.evaluate_bound(model.model, model.guide, valid, engine, EVAL_BATCH)
-                )
-        finally:
-            model.train(training)
-        spent[0] += time.perf_counter() - started
-
-    return callback
+    return EpochBound(
+        model.model, model.guide, valid, engine, seed, batch_size=EVAL_BATCH, module=model,
+        device=device,
+    )  # fmt: skip
 
 
 def _epoch_line(tag: str, epochs: int, yardstick: str | None, record: Mapping[str, Any]) -> str:
@@ -459,13 +431,14 @@ def _fit_cell(
     model = config.build_model(ds).to(device)
     entry = MODELS[config.model]
     callbacks = entry.callbacks(model, ds) if entry.callbacks is not None else []
-    spent = [0.0]
     yardstick = parse_yardstick(config.yardstick)
+    timed: list[EpochBound] = []
     if yardstick is not None and ds.valid is not None:
-        with _fork_rng(device):  # a dynamically binarised set draws its pixels once, here
+        with fork_rng(device):  # a dynamically binarised set draws its pixels once, here
             torch.manual_seed(cell.seed)
             valid = tuple(t[:YARDSTICK_POINTS] for t in as_tensors(ds.valid))
-        callbacks.append(_yardstick_callback(model, valid, yardstick, cell.seed, device, spent))
+        timed.append(_yardstick_callback(model, valid, yardstick, cell.seed, device))
+        callbacks.append(timed[0])
     if say is not None:
         tag = cell.folder.replace("_", ":").replace("/seed-", " seed ")
         callbacks.append(
@@ -488,7 +461,7 @@ def _fit_cell(
         callbacks=[*callbacks, *(logger.epoch for logger in loggers)],
         step_callbacks=[logger.step for logger in loggers],
     )
-    return model, run, spent[0]
+    return model, run, sum(callback.seconds for callback in timed)
 
 
 def _stderr(values: torch.Tensor) -> float:
@@ -548,7 +521,7 @@ def _evaluate(
     seed, test, ll_samples = cell.seed, ds.test, int(config.ll_samples)
     entry = MODELS[config.model]
     model.eval()
-    with _fork_rng(torch.device(config.device)):
+    with fork_rng(torch.device(config.device)):
         torch.manual_seed(seed)  # the same random numbers for every bound
         ll = log_likelihood(model, test, ll_samples, progress=progress)
         torch.manual_seed(seed)
