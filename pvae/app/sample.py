@@ -171,8 +171,8 @@ def diagnose_sample(
     rhat_text, convergence = _judged(worst_rhat, chains)
     verdict = (
         f"{rhat_text}, lowest bulk ESS {lowest_ess:.0f} over "
-        f"{found.checked} checked coordinates of {len(posterior.samples)} sites ({chains} chain{'s' if chains != 1 else ''} x "
-        f"{posterior.num_samples} draws): {convergence}"
+        f"{found.checked} checked coordinates of {len(posterior.samples)} sites ({chains} "
+        f"chain{'s' if chains != 1 else ''} x {posterior.num_samples} draws): {convergence}"
     )
     lines = [
         "# Diagnostics of a sampler run",
