@@ -63,6 +63,7 @@ from pvae.app.arguments import (  # the parser (no torch): `pvae` parses there, 
     SAMPLE_CHECKPOINT_EVERY,
     CliError,
     _model_options,
+    _subparsers,  # noqa: F401 - the name the CLI tests read
     build_parser,
     canonical_argv,
     json_args,
