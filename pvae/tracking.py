@@ -42,6 +42,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -59,9 +60,11 @@ __all__ = [
     "TensorBoardLogger",
     "children",
     "environment",
+    "memory_kind",
     "flatten_params",
     "log_outputs",
     "open_loggers",
+    "peak_memory_mb",
     "run_files",
 ]
 
@@ -557,3 +560,32 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
     }
+
+
+def peak_memory_mb(device: str | torch.device = "cpu") -> float:
+    """CUDA: the largest memory torch allocated on the device since the peak was reset (at the
+    start of each cell); otherwise the process's peak resident set size so far (whole
+    process, never decreasing)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return math.nan
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes / KiB
+
+
+def memory_kind(device: str | torch.device = "cpu") -> str:
+    """What :func:`peak_memory_mb` measures on ``device``, in words."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return "torch.cuda.max_memory_allocated during the bound's training and evaluation"
+    return (
+        "the process's peak resident set size so far (ru_maxrss: whole process, cumulative, "
+        "so it never decreases from one bound to the next)"
+    )

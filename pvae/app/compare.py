@@ -58,7 +58,7 @@ from pyro.nn import PyroModule
 from tqdm.auto import tqdm
 
 import pvae
-from pvae import data, plots, validation
+from pvae import data, plots, tracking, validation
 from pvae.app import report, runs
 from pvae.app.arguments import parse_yardstick
 from pvae.app.registry import MODELS, BoundSpec, parse_bound
@@ -77,6 +77,7 @@ from pvae.evaluate import as_tensors, num_items
 from pvae.inference import ELBO, IWAE
 from pvae.tracking import environment  # where a comparison ran (results.json)
 from pvae.train import EpochBound, Run, TrainingDiverged
+from pvae.validation import device as resolve_device  # the name the CLI tests read
 
 __all__ = [
     "DEFAULT_BOUNDS",
@@ -230,44 +231,6 @@ def bound_folder(spec: BoundSpec, seed: int | None = None) -> str:
 # ---------------------------------------------------------------------------------------------
 # Devices
 # ---------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """``"cpu"``, ``"cuda"`` (``"cuda:1"``) or ``"mps"`` as a :class:`torch.device`, checked.
-
-    :raises ValueError: for another name, or a device this torch cannot use (no CUDA build,
-        no GPU, no Apple MPS), saying which.
-    """
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"device must be cpu, cuda or mps, got {name!r}") from error
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device must be cpu, cuda or mps, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        why = "this torch was built without CUDA" if torch.version.cuda is None else "no GPU"
-        raise ValueError(f"device {name!r}: CUDA is not available ({why}); use cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(
-            f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
-        )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r}: Apple MPS is not available here; use cpu")
-    return device
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    """CUDA: the largest memory torch allocated on the device since the peak was reset (at the
-    start of each cell); otherwise the process's peak resident set size so far (whole
-    process, never decreasing)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return math.nan
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes / KiB
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,18 +464,6 @@ def log_likelihood(
     return torch.cat(parts)
 
 
-def exact_log_likelihood(ds: data.Splits) -> torch.Tensor | None:
-    """The test points' exact log p(x), ``(N,)`` nats, where the data set knows it
-    (``linear-gaussian``, ``lds``); None otherwise."""
-    info = getattr(ds, "info", None) or {}
-    if ds.name == "lds" and isinstance(ds, data.SequenceSplits):
-        return data.lds_log_likelihood(ds, "test")
-    if ds.name == "linear-gaussian" and {"W", "b", "noise"} <= set(info):
-        x = as_tensors(ds.test)[0]
-        return data.linear_gaussian_log_likelihood(x, info["W"], info["b"], info["noise"])
-    return None
-
-
 def _evaluate(
     config: runs.RunConfig, cell: Cell, model: PyroModule, ds: data.Splits, progress: bool
 ) -> tuple[dict[str, Any], torch.Tensor]:
@@ -537,7 +488,7 @@ def _evaluate(
             model.model, model.guide, snr_batch, engine, num_repeats=int(config.snr_repeats or 2)
         )
         curve = _ll_vs_k(model, test, ll_samples, ll, seed)
-    exact = exact_log_likelihood(ds)
+    exact = data.exact_log_likelihood(ds)
     numbers = {
         "log_likelihood": float(ll.mean()),
         "log_likelihood_stderr": _stderr(ll),
@@ -622,7 +573,7 @@ def run_cell(
                 setattr(result, key, last.get(key))
             result.train_seconds, result.yardstick_seconds = train_seconds, spent
             result.eval_seconds = time.perf_counter() - began
-            result.peak_memory_mb = _peak_memory_mb(device)
+            result.peak_memory_mb = tracking.peak_memory_mb(device)
             result.history = run.history
     per_point = [float(value) for value in ll.cpu()]
     if out is not None:
@@ -708,7 +659,7 @@ def check(config: runs.RunConfig, plan: Plan, ds: data.Splits) -> None:
         if value is not None and value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
     parse_yardstick(config.yardstick)
-    resolve_device(config.device)
+    validation.device(config.device)
     pyro.clear_param_store()
     probe = config.build_model(ds)
     check_support(probe, ds)

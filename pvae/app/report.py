@@ -307,15 +307,6 @@ def metrics_csv(metrics: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def memory_kind(device: str) -> str:
-    if torch.device(device).type == "cuda":
-        return "torch.cuda.max_memory_allocated during the bound's training and evaluation"
-    return (
-        "the process's peak resident set size so far (ru_maxrss: whole process, cumulative, "
-        "so it never decreases from one bound to the next)"
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # results.md
 # ---------------------------------------------------------------------------------------------
@@ -409,7 +400,7 @@ def _notes(results: Sequence[Row], config: Row, elapsed: float, cpu_seconds: flo
         "**s/epoch**: training steps only; **train s**: the whole training (steps, validation, "
         "checkpoints; the yardstick's time is left out); **eval s**: every test-set number of "
         "the row (log p(x), ELBO, IWAE-64, active units, the model's metrics, SNR, log p(x) "
-        f"against K); **peak MB**: {memory_kind(config.get('device', 'cpu'))}. Total wall "
+        f"against K); **peak MB**: {tracking.memory_kind(config.get('device', 'cpu'))}. Total wall "
         f"time {elapsed:.0f} s ({cpu_seconds:.0f} s CPU, torch threads: "
         f"{torch.get_num_threads()}).",
         _yardstick_note(config),
@@ -531,7 +522,7 @@ def write(
             "threads": torch.get_num_threads(),
             "versions": env["versions"],
             "environment": env,
-            "memory": memory_kind(config.get("device", "cpu")),
+            "memory": tracking.memory_kind(config.get("device", "cpu")),
             "within_seed_noise_rule": f"|mean paired delta| < {WITHIN_NOISE:g} sd of the "
             "per-seed paired deltas",
             "results": [dict(r) for r in results],

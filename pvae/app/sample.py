@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from pyro.nn import PyroModule
 
 import pvae
@@ -159,7 +158,7 @@ def diagnose_sample(
         for site, c in found.sites.items()
     ]
     worst_rhat, lowest_ess, reduced = found.worst_rhat, found.lowest_ess, found.worst
-    files = [_log_joint_trace(posterior, out_dir / "trace.png")]
+    files = [plots.log_joint_trace(posterior, out_dir / "trace.png")]
     with warnings.catch_warnings():  # arviz's matplotlib backend warns on newer matplotlib
         warnings.simplefilter("ignore")
         axes = arviz.plot_trace(reduced.to_arviz(), compact=False)
@@ -195,26 +194,6 @@ def diagnose_sample(
         "coordinates above).",
     ]
     return SampleDiagnosis(lines, files, worst_rhat, lowest_ess, verdict)
-
-
-def _log_joint_trace(posterior: Posterior, path: Path) -> Path:
-    """``trace.png``: the log joint of every chain over warm-up and kept draws."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3))
-    warm = posterior.warmup_log_joint
-    for chain in range(posterior.num_chains):
-        head = warm[chain].double() if warm.dim() == 2 else torch.zeros(0, dtype=torch.float64)
-        trace = torch.cat([head, posterior.log_joint[chain].double()])
-        ax.plot(trace.numpy(), lw=0.8, label=f"chain {chain}")
-    if warm.numel():
-        ax.axvline(warm.shape[1], color="grey", ls=":", label="end of warm-up")
-    ax.set_xlabel("step (warm-up, then kept draws)")
-    ax.set_ylabel("log joint (minibatch estimate)")
-    ax.legend(fontsize=7)
-    saved = plots.save(fig, path)
-    plt.close(fig)
-    return saved
 
 
 def _judged(worst_rhat: float, num_chains: int) -> tuple[str, str]:

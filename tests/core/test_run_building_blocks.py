@@ -2,7 +2,8 @@
 trained parameters copied into a rebuilt pair (``pvae.checkpoint.load_parameters``), splits
 moved to a device (``Splits.to``), a bound recorded after every epoch
 (``pvae.train.EpochBound``), active units per layer (``pvae.diagnostics.latent_activity``) and
-a sampler's convergence per site (``Posterior.convergence``)."""
+a sampler's convergence per site (``Posterior.convergence``), with the device check, the peak
+memory, the exact log p(x) of the synthetic sets and the log-joint trace."""
 
 import math
 import platform
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 import pvae
-from pvae import checkpoint, data, tracking
+from pvae import checkpoint, data, plots, tracking, validation
 from pvae.diagnostics import count_active, latent_activity, layer_sites
 from pvae.inference import ELBO, IWAE
 from pvae.sampling import Posterior
@@ -166,3 +167,38 @@ def test_convergence_finds_the_coordinate_whose_chains_disagree():
     assert posterior.convergence(per_site=2).sites["a"].checked == 2  # coordinates 0 and 4
     assert found.lowest_ess == pytest.approx(min(float(e.min()) for e in posterior.ess().values()))
     assert not math.isnan(found.sites["b"].median_ess)
+
+
+def test_device_accepts_cpu_and_refuses_other_names_and_missing_devices():
+    assert validation.device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device must be cpu, cuda or mps, got 'tpu'"):
+        validation.device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            validation.device("cuda")
+
+
+def test_peak_memory_is_the_resident_set_on_the_cpu():
+    peak = tracking.peak_memory_mb("cpu")
+    assert math.isnan(peak) or peak > 1.0  # a Python process with torch holds > 1 MB
+    assert "ru_maxrss" in tracking.memory_kind("cpu")
+    assert "max_memory_allocated" in tracking.memory_kind("cuda")
+
+
+def test_exact_log_likelihood_is_the_dense_gaussian_density():
+    ds = data.load("linear-gaussian")
+    W, b, noise = ds.info["W"].double(), ds.info["b"].double(), float(ds.info["noise"])
+    covariance = W @ W.T + noise**2 * torch.eye(W.shape[0], dtype=torch.float64)
+    dense = dist.MultivariateNormal(b, covariance).log_prob(ds.test.double())
+    exact = data.exact_log_likelihood(ds)
+    assert exact.shape == (ds.test.shape[0],)
+    assert torch.allclose(exact.double(), dense, rtol=1e-5, atol=1e-5)  # float32 rounding
+    valid = data.exact_log_likelihood(ds, "valid")
+    assert valid.shape == (ds.valid.shape[0],)
+    assert data.exact_log_likelihood(data.load("digits")) is None
+
+
+def test_log_joint_trace_writes_a_png(tmp_path):
+    posterior = Posterior({"a": torch.randn(2, 5)}, torch.randn(2, 5), torch.randn(2, 3))
+    path = plots.log_joint_trace(posterior, tmp_path / "trace.png")
+    assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG"
