@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -183,6 +183,17 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def fork_rng(device: str | torch.device = "cpu") -> contextlib.AbstractContextManager[Any]:
+    """Fork the random generators that sampling on ``device`` draws from (the CPU's, and the
+    device's own: the current or given CUDA device, or Apple MPS), so that what runs inside
+    leaves the caller's random stream untouched."""
+    device = torch.device(device)
+    devices: list[int] | None = [] if device.type == "cpu" else None  # mps: its one generator
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.random.fork_rng(devices=devices, device_type=device.type)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` returned."""
     torch.set_rng_state(state["torch"])
@@ -224,3 +235,70 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if bad is not None:
         raise ValueError(f"refusing to load {path}: its {bad} holds NaN or infinite values")
     return state
+
+
+def load_parameters(
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    batch: tuple[Any, ...],
+    state: Mapping[str, Any],
+    path: str | os.PathLike = "the checkpoint",
+) -> None:
+    """Create the parameters of ``model`` and ``guide`` in Pyro's parameter store (one run of
+    each on ``batch``, as :func:`pvae.fit` does before training) and copy the trained values
+    of ``state`` (a checkpoint from :func:`load_checkpoint`, read from ``path``) into them.
+
+    :param batch: a few datapoints, e.g. ``(x[:2],)`` with ``x`` of shape ``(N, x_dim)``.
+    :param state: its ``"params"`` maps each parameter's name to a tensor of the parameter's
+        shape; a zoo model's names may carry another prefix (``vae_1.decoder...``, see
+        :func:`renamed`).
+    :raises ValueError: the model and guide cannot run on ``batch``; ``state`` holds no
+        parameters; names or shapes that do not match, naming each.
+    """
+    from pvae.protocol import param_split
+
+    try:
+        model_params, guide_params = param_split(model, guide, batch)
+    except (ValueError, RuntimeError) as error:
+        raise ValueError(f"cannot create the parameters of the rebuilt model: {error}") from error
+    params = {**guide_params, **model_params}
+    saved = state.get("params")
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"{path} holds no parameters")
+    saved = renamed(saved, params)
+    mismatch = f"{path} does not match the model rebuilt from its configuration"
+    missing = sorted(set(saved) ^ set(params))
+    if missing:
+        raise ValueError(
+            f"{mismatch}: parameters {', '.join(missing)} are in one but not the other"
+        )
+    wrong = [
+        f"{name} {tuple(saved[name].shape)} vs {tuple(params[name].shape)}"
+        for name in sorted(params)
+        if not isinstance(saved[name], torch.Tensor) or saved[name].shape != params[name].shape
+    ]
+    if wrong:
+        raise ValueError(f"{mismatch}: shapes differ (checkpoint vs model) for {'; '.join(wrong)}")
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value)
+
+
+def renamed(saved: Mapping[str, Any], params: Iterable[str]) -> Mapping[str, Any]:
+    """The saved parameters ``{name: tensor}`` under the prefix of the names ``params``.
+
+    A zoo model names its parameters ``<prefix>.<part>`` with a prefix of its own (``vae``,
+    ``vae_1``, ... when several live in one process, as in ``pvae compare``). When every saved
+    name shares one prefix and every name of ``params`` another, the prefix is replaced;
+    otherwise ``saved`` is returned as it is.
+    """
+
+    def prefix(names: Iterable[str]) -> str | None:
+        names = list(names)
+        found = {name.split(".", 1)[0] for name in names}
+        return found.pop() if len(found) == 1 and all("." in name for name in names) else None
+
+    old, new = prefix(saved), prefix(params)
+    if old is None or new is None:
+        return saved
+    return {new + name[len(old) :]: value for name, value in saved.items()}

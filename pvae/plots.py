@@ -23,7 +23,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,10 +33,14 @@ from matplotlib.ticker import MaxNLocator
 
 from pvae.atomic import atomic_write, write_text
 
+if TYPE_CHECKING:
+    from pvae.sampling import Posterior
+
 __all__ = [
     "comparison",
     "image_grid",
     "learning_curve",
+    "log_joint_trace",
     "reconstructions",
     "samples",
     "save",
@@ -572,3 +576,25 @@ def comparison(
     if note:
         fig.text(0.01, -0.02, note, fontsize=7, ha="left", va="top", color="0.3")
     return _finish(fig, path)
+
+
+def log_joint_trace(posterior: Posterior, path: PathLike) -> Path:
+    """The log joint of every chain of ``posterior`` (its ``warmup_log_joint``
+    ``(num_chains, warmup)``, then its ``log_joint`` ``(num_chains, num_samples)``) against the
+    step, the end of warm-up marked, saved to ``path``; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    warm = posterior.warmup_log_joint
+    for chain in range(posterior.num_chains):
+        head = warm[chain].double() if warm.dim() == 2 else torch.zeros(0, dtype=torch.float64)
+        trace = torch.cat([head, posterior.log_joint[chain].double()])
+        ax.plot(trace.numpy(), lw=0.8, label=f"chain {chain}")
+    if warm.numel():
+        ax.axvline(warm.shape[1], color="grey", ls=":", label="end of warm-up")
+    ax.set_xlabel("step (warm-up, then kept draws)")
+    ax.set_ylabel("log joint (minibatch estimate)")
+    ax.legend(fontsize=7)
+    saved = save(fig, path)
+    plt.close(fig)
+    return saved

@@ -54,7 +54,14 @@ from pvae.protocol import scale_to_data
 from pvae.steps import SamplerEngine, engine_data_plate, engine_settings, missing_sampler_methods
 from pvae.train import _in_run_folder
 
-__all__ = ["Posterior", "SamplingDiverged", "SamplingInterrupted", "sample"]
+__all__ = [
+    "Convergence",
+    "Posterior",
+    "SamplingDiverged",
+    "SamplingInterrupted",
+    "SiteConvergence",
+    "sample",
+]
 
 
 class SamplingDiverged(FloatingPointError):
@@ -206,6 +213,44 @@ class Posterior:
 
         return _per_site(arviz.ess(self.to_arviz()), self.samples)
 
+    def convergence(self, per_site: int = 50, top: int = 8) -> Convergence:
+        """R-hat and bulk ESS (:meth:`rhat`, :meth:`ess`) summarised per site, over the
+        coordinates checked: every coordinate of a site with at most ``per_site`` of them,
+        else ``per_site`` evenly spaced ones (ArviZ takes milliseconds per coordinate, and a
+        network holds tens of thousands of weights).
+
+        :returns: a :class:`Convergence` whose ``worst`` holds the ``top`` checked coordinates
+            with the largest R-hat (NaN last), each ``(num_chains, num_samples)``.
+        """
+        per_site = validation.positive_int(per_site, "per_site")
+        top = validation.positive_int(top, "top")
+        samples, index = {}, {}
+        for site, values in self.samples.items():
+            flat = values.reshape(self.num_chains, self.num_samples, -1)
+            size = flat.shape[-1]
+            index[site] = torch.linspace(0, size - 1, min(size, per_site)).round().long().unique()
+            samples[site] = flat[:, :, index[site]]
+        checked = Posterior(samples, self.log_joint, self.warmup_log_joint)
+        rhat, ess = checked.rhat(), checked.ess()
+        sites, scored = {}, []
+        for site, flat_index in index.items():
+            r, e = rhat[site].reshape(-1).double(), ess[site].reshape(-1).double()
+            sites[site] = SiteConvergence(
+                self.samples[site][0, 0].numel(), r.numel(), float(r.nanmedian()),
+                _extreme(r, largest=True), float(e.nanmedian()), _extreme(e, largest=False),
+            )  # fmt: skip
+            ranked = torch.topk(torch.nan_to_num(r, nan=math.inf), min(top, r.numel())).indices
+            scored += [(float(r[i]), site, int(flat_index[i])) for i in ranked]
+        scored.sort(key=lambda item: -item[0] if not math.isnan(item[0]) else -math.inf)
+        worst = {
+            _coordinate(site, self.samples[site].shape[2:], i): self.samples[site].reshape(
+                self.num_chains, self.num_samples, -1
+            )[:, :, i]
+            for _, site, i in scored[:top]
+        }
+        reduced = Posterior(worst, self.log_joint, self.warmup_log_joint)
+        return Convergence(sites, reduced)
+
     def predictive(
         self,
         model: Callable,
@@ -261,6 +306,61 @@ class Posterior:
 
 
 _SAVED = ("samples", "log_joint", "warmup_log_joint", "settings")  # what Posterior.save writes
+
+
+@dataclass
+class SiteConvergence:
+    """R-hat and bulk ESS of one site's checked coordinates (:meth:`Posterior.convergence`):
+    ``coordinates`` in the site, ``checked`` of them, the median and the worst (largest
+    R-hat, lowest ESS; NaN only where every value is)."""
+
+    coordinates: int
+    checked: int
+    median_rhat: float
+    worst_rhat: float
+    median_ess: float
+    lowest_ess: float
+
+
+@dataclass
+class Convergence:
+    """What :meth:`Posterior.convergence` returns: ``sites`` (site -> :class:`SiteConvergence`)
+    and ``worst``, a :class:`Posterior` of the coordinates with the largest R-hat, named
+    ``site[i, j]`` (``(num_chains, num_samples)`` each)."""
+
+    sites: dict[str, SiteConvergence]
+    worst: Posterior
+
+    @property
+    def worst_rhat(self) -> float:
+        """The largest R-hat over every checked coordinate (NaN where none is defined)."""
+        values = [site.worst_rhat for site in self.sites.values()]
+        return _extreme(torch.tensor(values, dtype=torch.float64), largest=True)
+
+    @property
+    def lowest_ess(self) -> float:
+        """The lowest bulk ESS over every checked coordinate (NaN where none is defined)."""
+        values = [site.lowest_ess for site in self.sites.values()]
+        return _extreme(torch.tensor(values, dtype=torch.float64), largest=False)
+
+    @property
+    def checked(self) -> int:
+        """How many coordinates were checked, over every site."""
+        return sum(s.checked for s in self.sites.values())
+
+
+def _coordinate(site: str, shape: torch.Size, flat_index: int) -> str:
+    """``site[i, j]``, the name of the coordinate ``flat_index`` of a site of ``shape``."""
+    if not shape:
+        return site
+    index = [int(i) for i in torch.unravel_index(torch.tensor(flat_index), shape)]
+    return f"{site}[{', '.join(map(str, index))}]"
+
+
+def _extreme(t: torch.Tensor, largest: bool) -> float:
+    """The largest (smallest) value of ``t`` that is not NaN; NaN where every value is."""
+    kept = t[~torch.isnan(t)]
+    return float(kept.max() if largest else kept.min()) if kept.numel() else math.nan
 
 
 def _per_site(dataset: Any, samples: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -39,13 +39,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pvae.steps import StepRecord
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "LOGGERS",
@@ -53,9 +59,12 @@ __all__ = [
     "MLflowLogger",
     "TensorBoardLogger",
     "children",
+    "environment",
+    "memory_kind",
     "flatten_params",
     "log_outputs",
     "open_loggers",
+    "peak_memory_mb",
     "run_files",
 ]
 
@@ -492,3 +501,91 @@ def children(
         return [logger.child(name, params) for logger in loggers]
 
     return make
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a run ran
+# ---------------------------------------------------------------------------------------------
+
+
+def _git_commit() -> str | None:
+    """``git rev-parse HEAD`` of the repository holding the working directory, or None."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and commit else None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> str | None:
+    try:
+        return str(__import__(module).__version__)
+    except Exception:  # not installed, or no __version__
+        return None
+
+
+def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Where a run ran, as a JSON-ready dict: ``git_commit`` (``git rev-parse HEAD`` of the
+    working directory's checkout, None outside one), ``versions`` (python, torch, pyro,
+    gpytorch, numpy, pvae; None where not installed), ``platform``, ``cpu`` (the CPU model),
+    ``cpu_count``, ``gpu`` (the CUDA device's name, None without CUDA), ``torch_threads`` and
+    ``device`` (``str(device)``)."""
+    import torch
+
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(torch.device(device) if str(device) != "cpu" else 0)
+    modules = ("torch", "pyro", "gpytorch", "numpy", "pvae")
+    return {
+        "git_commit": _git_commit(),
+        "versions": {"python": platform.python_version(), **{m: _version(m) for m in modules}},
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "gpu": gpu,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+
+
+def peak_memory_mb(device: str | torch.device = "cpu") -> float:
+    """CUDA: the largest memory torch allocated on the device since the peak was reset (at the
+    start of each cell); otherwise the process's peak resident set size so far (whole
+    process, never decreasing)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return math.nan
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes / KiB
+
+
+def memory_kind(device: str | torch.device = "cpu") -> str:
+    """What :func:`peak_memory_mb` measures on ``device``, in words."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return "torch.cuda.max_memory_allocated during the bound's training and evaluation"
+    return (
+        "the process's peak resident set size so far (ru_maxrss: whole process, cumulative, "
+        "so it never decreases from one bound to the next)"
+    )

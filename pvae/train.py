@@ -37,6 +37,7 @@ from pvae.checkpoint import (
     CHECKPOINT,
     CHECKPOINT_FORMAT,
     RunFolder,
+    fork_rng,
     load_checkpoint,
     non_finite,
     rng_state,
@@ -67,6 +68,7 @@ from pvae.steps import (
 __all__ = [
     "CHECKPOINT",
     "CHECKPOINT_FORMAT",
+    "EpochBound",
     "AggressiveEncoder",
     "Run",
     "StepContext",
@@ -1056,6 +1058,58 @@ def _fit(model: Callable, guide: Callable, train: Data, engine: Any, options: _O
         if name in pyro.get_param_store()
     }
     return run
+
+
+class EpochBound:
+    """An epoch callback for :func:`fit` that records ``record[key]``: ``engine``'s bound on
+    ``data`` (:func:`evaluate_bound`, nats per datapoint) after every epoch, a yardstick
+    common to runs trained with different engines.
+
+    It runs without gradients, with ``torch.manual_seed(seed)`` inside a forked RNG
+    (:func:`pvae.checkpoint.fork_rng` of ``device``: the training's random numbers are
+    untouched) and ``module`` (the model and guide's :class:`torch.nn.Module`, if any) in eval
+    mode, restored afterwards; :attr:`seconds` adds up the time it took.
+
+    :param data: ``(N, x_dim)``, or a tuple of tensors with ``N`` rows each, e.g. the first
+        200 validation points.
+    :param batch_size: datapoints per evaluation batch.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: Callable,
+        data: Data,
+        engine: Any,
+        seed: int,
+        *,
+        key: str = "yardstick",
+        batch_size: int = 100,
+        module: torch.nn.Module | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        validation.positive_int(batch_size, "batch_size")
+        self.model, self.guide, self.data, self.engine = model, guide, data, engine
+        self.seed, self.key, self.batch_size = int(seed), key, batch_size
+        self.module, self.device = module, torch.device(device)
+        self.seconds = 0.0
+
+    def __call__(self, run: Run | None, record: dict[str, Any]) -> None:
+        started = time.perf_counter()
+        training = self.module.training if self.module is not None else False
+        if self.module is not None:
+            self.module.eval()
+        try:
+            with fork_rng(self.device), torch.no_grad():
+                torch.manual_seed(self.seed)
+                bound = evaluate_bound(
+                    self.model, self.guide, self.data, self.engine, self.batch_size
+                )
+            record[self.key] = float(bound)
+        finally:
+            if self.module is not None:
+                self.module.train(training)
+        self.seconds += time.perf_counter() - started
 
 
 def evaluate_bound(

@@ -41,6 +41,30 @@ Data = Any
 # -- scalar arguments -------------------------------------------------------------------------
 
 
+def device(name: str | torch.device) -> torch.device:
+    """``"cpu"``, ``"cuda"`` (``"cuda:1"``) or ``"mps"`` as a :class:`torch.device`, checked.
+
+    :raises ValueError: for another name, or a device this torch cannot use (no CUDA build,
+        no GPU, no Apple MPS), saying which.
+    """
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"device must be cpu, cuda or mps, got {name!r}") from error
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device must be cpu, cuda or mps, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch was built without CUDA" if torch.version.cuda is None else "no GPU"
+        raise ValueError(f"device {name!r}: CUDA is not available ({why}); use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: Apple MPS is not available here; use cpu")
+    return device
+
+
 def positive_int(value: Any, name: str) -> int:
     """``value`` as an int >= 1; a bool, a non-integral float or NaN is refused."""
     return _int(value, name, 1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import re
 import shutil
@@ -771,6 +772,26 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
         if isinstance(action, argparse._SubParsersAction):
             return dict(action.choices)
     return {}
+
+
+def json_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments as JSON values (tuples become lists), without the dispatch entry."""
+    values = {key: value for key, value in vars(args).items() if key not in ("command", "func")}
+    return json.loads(json.dumps(values))
+
+
+def canonical_argv(command: str, args: argparse.Namespace) -> list[str]:
+    """A command line that parses back to ``args`` (every option spelled out)."""
+    argv = [command]
+    for action in _subparsers(build_parser())[command]._actions:
+        value = getattr(args, action.dest, None)
+        switch = isinstance(action, argparse._StoreTrueAction)
+        if not action.option_strings or action.dest == "help" or value is None or value is False:
+            continue
+        if isinstance(value, list | tuple):
+            value = ",".join(str(item) for item in value)
+        argv += [action.option_strings[-1]] if switch else [action.option_strings[-1], str(value)]
+    return argv
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

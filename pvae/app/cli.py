@@ -37,10 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import inspect
-import io
-import json
 import math
 import os
 import shutil
@@ -66,11 +63,14 @@ from pvae.app.arguments import (  # the parser (no torch): `pvae` parses there, 
     SAMPLE_CHECKPOINT_EVERY,
     CliError,
     _model_options,
-    _subparsers,
+    _subparsers,  # noqa: F401 - the name the CLI tests read
     build_parser,
+    canonical_argv,
+    json_args,
     main,
 )
 from pvae.app.registry import MODELS, parse_bound
+from pvae.app.report import HISTORY, metrics_csv
 from pvae.checkpoint import RUN_JSON, RunDirInUse, load_checkpoint
 from pvae.evaluate import as_tensors
 from pvae.inference import SGHMC
@@ -81,8 +81,11 @@ __all__ = [  # the parser's names too, as this module has always offered them
     "CliError",
     "build_parser",
     "canonical_argv",
+    "json_args",
     "main",
 ]
+
+_json_args = json_args  # the name the CLI tests read
 
 # What a command (and ``pvae diagnose`` on its run) writes into its run folder: --overwrite
 # removes these and a comparison's bound folders, nothing else (the folder may hold the user's
@@ -117,26 +120,6 @@ def _refused(
         yield
     except errors as error:
         raise CliError(f"{prefix}{error}") from error
-
-
-def _json_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The arguments as JSON values (tuples become lists), without the dispatch entry."""
-    values = {key: value for key, value in vars(args).items() if key not in ("command", "func")}
-    return json.loads(json.dumps(values))
-
-
-def canonical_argv(command: str, args: argparse.Namespace) -> list[str]:
-    """A command line that parses back to ``args`` (every option spelled out)."""
-    argv = [command]
-    for action in _subparsers(build_parser())[command]._actions:
-        value = getattr(args, action.dest, None)
-        switch = isinstance(action, argparse._StoreTrueAction)
-        if not action.option_strings or action.dest == "help" or value is None or value is False:
-            continue
-        if isinstance(value, list | tuple):
-            value = ",".join(str(item) for item in value)
-        argv += [action.option_strings[-1]] if switch else [action.option_strings[-1], str(value)]
-    return argv
 
 
 def _folder(command: str, args: argparse.Namespace) -> tuple[runs.RunFolder, list[Path]]:
@@ -199,7 +182,7 @@ def _check_resume(
     with _refused("--resume: ", (runs.RunFolderError,)):
         recorded, document = runs.read_config(folder.path)
     previous = recorded.to_json() if entry == "run" else document.get(entry)
-    current = config.to_json() if entry == "run" else _json_args(args)
+    current = config.to_json() if entry == "run" else json_args(args)
     if not isinstance(previous, dict):
         raise CliError(f"--resume: {folder.path / runs.CONFIG} records no {entry}")
     changed = [
@@ -247,7 +230,7 @@ def _build(config: runs.RunConfig, ds: data.Splits) -> PyroModule:
 def _open_loggers(args: argparse.Namespace, run_dir: Path, **options: Any) -> Any:
     """The loggers of ``--log`` (a context manager); a missing package is a usage error."""
     with _refused("--log: ", (ImportError,)):
-        return tracking.open_loggers(args.log, run_dir, params=_json_args(args), **options)
+        return tracking.open_loggers(args.log, run_dir, params=json_args(args), **options)
 
 
 def _run(
@@ -377,10 +360,10 @@ def _train_in(
     config, ds = run
     with _open_loggers(args, run_dir, fresh=args.overwrite) as loggers:
         argv = canonical_argv("train", args)
-        runs.write_config(run_dir, config, ds, args=_json_args(args), argv=argv)
+        runs.write_config(run_dir, config, ds, args=json_args(args), argv=argv)
         history, metrics = _train_and_evaluate(args, ds, pair, run_dir, loggers)
         runs.write_json(run_dir / "metrics.json", metrics)
-        atomic.write_text(run_dir / "metrics.csv", _metrics_csv(metrics))
+        atomic.write_text(run_dir / "metrics.csv", metrics_csv(metrics))
         title = f"{args.model} / {args.engine} on {args.dataset}"
         plots.learning_curve(history, path=run_dir / "learning_curve.png", title=title)
         _figures(pair[0], args.model, ds, args.seed, run_dir)
@@ -448,7 +431,7 @@ def _train_and_evaluate(
         )
         torch.manual_seed(args.seed)
         own = card.metrics(model, ds, "test", args.seed) if card.metrics is not None else {}
-    history = [{key: record.get(key) for key in _HISTORY} for record in run.history]
+    history = [{key: record.get(key) for key in HISTORY} for record in run.history]
     last, n = (history[-1] if history else {}), log_likelihood.numel()
     return run.history, {
         "history": history,
@@ -467,23 +450,6 @@ def _train_and_evaluate(
         "train_seconds": sum(float(record.get("seconds") or 0.0) for record in history),
         "test_metrics": dict(own),  # the model's registration's metrics
     }
-
-
-_HISTORY = ["epoch", "train_bound", "valid_bound", "seconds", "steps"]
-
-
-def _metrics_csv(metrics: dict[str, Any]) -> str:
-    """One row per epoch; the test log-likelihood columns are filled on the last row."""
-    rows = [{k: "" if v is None else v for k, v in record.items()} for record in metrics["history"]]
-    test = metrics["test_log_likelihood"]
-    if rows:
-        rows[-1].update(test_log_likelihood=test["mean"], test_log_likelihood_stderr=test["stderr"])
-    buffer = io.StringIO()
-    columns = [*_HISTORY, "test_log_likelihood", "test_log_likelihood_stderr"]
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def _figures(model: PyroModule, name: str, ds: data.Splits, seed: int, run_dir: Path) -> None:
@@ -646,7 +612,7 @@ def _sample(args: argparse.Namespace) -> int:
                 run_dir,
                 config,
                 ds,
-                args=_json_args(args),
+                args=json_args(args),
                 argv=[PROG, *canonical_argv("sample", args)],
                 extra={"prior_selection": selection} if selection is not None else None,
             )

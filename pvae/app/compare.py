@@ -8,12 +8,12 @@ the test set (the columns are explained in ``results.md``, :mod:`pvae.app.report
 ``log_likelihood`` (importance sampling with K = ``ll_samples``, mean and standard error);
 ``delta_log_likelihood`` (the paired difference to the first bound, same test points and
 random numbers); ``elbo`` (16 samples, analytic KL), ``iwae_64``, ``inference_gap`` (log p(x)
-- ELBO); ``active_units`` (:func:`pvae.app.runs.latent_activity`, as ``pvae diagnose``);
+- ELBO); ``active_units`` (:func:`pvae.app.latent_activity`, as ``pvae diagnose``);
 ``snr_guide``/``snr_model`` (the gradient SNR of that bound's own estimator, Rainforth et al.
 2018, from ``snr_repeats`` gradients on ``snr_points`` test points); the times and the peak
 memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process's peak resident set);
 ``yardstick`` (IWAE-64 on the first 200 validation points after every epoch, no gradients, a
-fixed seed in a forked RNG: :func:`_yardstick_callback`); ``ll_vs_k`` (log p(x) with K in
+fixed seed in a forked RNG: :class:`pvae.train.EpochBound`); ``ll_vs_k`` (log p(x) with K in
 :data:`LL_KS` up to ``ll_samples`` on the first 100 test points). With several ``seeds``
 every bound is trained once per seed (folders ``iwae/seed-1``) and :func:`summarize` gives
 the mean ± sd over seeds, flagging a Δ *within seed noise* when ``|mean Δ| < 2 sd``.
@@ -58,7 +58,7 @@ from pyro.nn import PyroModule
 from tqdm.auto import tqdm
 
 import pvae
-from pvae import data, evaluate, plots, validation
+from pvae import data, evaluate, plots, tracking, validation
 from pvae.app import report, runs
 from pvae.app.arguments import parse_yardstick
 from pvae.app.registry import MODELS, BoundSpec, parse_bound
@@ -67,16 +67,17 @@ from pvae.app.report import (
     EXACT,
     IWAE_SAMPLES,
     WITHIN_NOISE,
-    environment,
     format_seed_table,
     format_table,
     summarize,
 )
-from pvae.checkpoint import CHECKPOINT
-from pvae.diagnostics import gradient_snr
+from pvae.checkpoint import CHECKPOINT, fork_rng
+from pvae.diagnostics import count_active, gradient_snr, latent_activity
 from pvae.evaluate import as_tensors, num_items
 from pvae.inference import ELBO, IWAE
-from pvae.train import Run, TrainingDiverged
+from pvae.tracking import environment  # where a comparison ran (results.json)
+from pvae.train import EpochBound, Run, TrainingDiverged
+from pvae.validation import device as resolve_device  # the name the CLI tests read
 
 __all__ = [
     "DEFAULT_BOUNDS",
@@ -113,10 +114,9 @@ QUICK: Knobs = dict(epochs=2, z_dim=10, hidden=(64,), ll_samples=100, snr_repeat
 QUICK_SEQUENCES: Knobs = runs.QUICK_SEQUENCE_LIMITS
 SNR_POINTS = 100  # test points of the fixed SNR batch
 EVAL_BATCH = 100  # test points per call of the test ELBO and IWAE-64
-# log p(x): 100 test points x 100 particles per vectorised run. Larger runs are no faster on
-# a CPU: past ~32 MB per activation tensor every chunk is a fresh mmap and page faults.
+# log p(x): 100 test points per call, evaluate.ROWS rows (points x particles) per vectorised
+# run: larger runs are no faster on a CPU, each a fresh mmap that page-faults.
 LL_BATCH = 100
-LL_CHUNK = 100
 LL_KS = (1, 10, 100, 1000, 5000)  # log p(x) against K: these K up to ll_samples
 LL_K_POINTS = 100  # ... on the first 100 test points
 YARDSTICK = "iwae:64"  # the common estimator evaluated after every epoch
@@ -230,71 +230,6 @@ def bound_folder(spec: BoundSpec, seed: int | None = None) -> str:
 # ---------------------------------------------------------------------------------------------
 # Devices
 # ---------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """``"cpu"``, ``"cuda"`` (``"cuda:1"``) or ``"mps"`` as a :class:`torch.device`, checked.
-
-    :raises ValueError: for another name, or a device this torch cannot use (no CUDA build,
-        no GPU, no Apple MPS), saying which.
-    """
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"device must be cpu, cuda or mps, got {name!r}") from error
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device must be cpu, cuda or mps, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        why = "this torch was built without CUDA" if torch.version.cuda is None else "no GPU"
-        raise ValueError(f"device {name!r}: CUDA is not available ({why}); use cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(
-            f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
-        )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r}: Apple MPS is not available here; use cpu")
-    return device
-
-
-def _fork_rng(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """Fork the random generators that sampling on ``device`` draws from (the CPU's, and the
-    device's own), so that what runs inside leaves the training RNG untouched."""
-    devices: list[int] | None = [] if device.type == "cpu" else None  # mps: its one generator
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    return torch.random.fork_rng(devices=devices, device_type=device.type)
-
-
-def _on_device(values: Any, device: torch.device) -> Any:
-    """Tensors, tuples of them, sequence splits and dynamically binarised sets on ``device``."""
-    if isinstance(values, data.SequenceSplit):
-        return data.SequenceSplit(*(item.to(device) for item in values))
-    if isinstance(values, tuple):
-        return tuple(_on_device(item, device) for item in values)
-    if isinstance(values, data.DynamicBinarized):
-        return data.DynamicBinarized(values.probs.to(device))
-    return values.to(device) if isinstance(values, torch.Tensor) else values
-
-
-def _dataset_on(ds: data.Splits, device: torch.device) -> data.Splits:
-    if device.type == "cpu":
-        return ds
-    splits = {name: _on_device(getattr(ds, name), device) for name in ("train", "valid", "test")}
-    return dataclasses.replace(ds, **splits)
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    """CUDA: the largest memory torch allocated on the device since the peak was reset (at the
-    start of each cell); otherwise the process's peak resident set size so far (whole
-    process, never decreasing)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return math.nan
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes / KiB
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,35 +353,16 @@ class BoundResult:
 
 
 def _yardstick_callback(
-    model: PyroModule,
-    valid: Any,
-    yardstick: tuple[str, int],
-    seed: int,
-    device: torch.device,
-    spent: list[float],
-) -> Callable[[Run, dict[str, Any]], None]:
-    """An epoch callback that records ``record["yardstick"]``: the common estimator (IWAE-K or
-    ELBO-K) on ``valid``, without gradients, with the fixed ``seed`` inside a forked RNG (the
-    training's random numbers are untouched), the model in eval mode; the seconds it took are
-    added to ``spent[0]``."""
+    model: PyroModule, valid: Any, yardstick: tuple[str, int], seed: int, device: torch.device
+) -> EpochBound:
+    """The epoch callback that records ``record["yardstick"]``: the common estimator (IWAE-K or
+    ELBO-K) on ``valid`` with the fixed ``seed``; its ``seconds`` are not training time."""
     name, samples = yardstick
     engine = IWAE(samples) if name == "iwae" else ELBO(samples)
-
-    def callback(run: Run, record: dict[str, Any]) -> None:
-        started = time.perf_counter()
-        training = model.training
-        model.eval()
-        try:
-            with _fork_rng(device), torch.no_grad():
-                torch.manual_seed(seed)
-                record["yardstick"] = float(
-                    pvae.evaluate_bound(model.model, model.guide, valid, engine, EVAL_BATCH)
-                )
-        finally:
-            model.train(training)
-        spent[0] += time.perf_counter() - started
-
-    return callback
+    return EpochBound(
+        model.model, model.guide, valid, engine, seed, batch_size=EVAL_BATCH, module=model,
+        device=device,
+    )  # fmt: skip
 
 
 def _epoch_line(tag: str, epochs: int, yardstick: str | None, record: Mapping[str, Any]) -> str:
@@ -477,13 +393,14 @@ def _fit_cell(
     model = config.build_model(ds).to(device)
     entry = MODELS[config.model]
     callbacks = entry.callbacks(model, ds) if entry.callbacks is not None else []
-    spent = [0.0]
     yardstick = parse_yardstick(config.yardstick)
+    timed: list[EpochBound] = []
     if yardstick is not None and ds.valid is not None:
-        with _fork_rng(device):  # a dynamically binarised set draws its pixels once, here
+        with fork_rng(device):  # a dynamically binarised set draws its pixels once, here
             torch.manual_seed(cell.seed)
             valid = tuple(t[:YARDSTICK_POINTS] for t in as_tensors(ds.valid))
-        callbacks.append(_yardstick_callback(model, valid, yardstick, cell.seed, device, spent))
+        timed.append(_yardstick_callback(model, valid, yardstick, cell.seed, device))
+        callbacks.append(timed[0])
     if say is not None:
         tag = cell.folder.replace("_", ":").replace("/seed-", " seed ")
         callbacks.append(
@@ -506,7 +423,7 @@ def _fit_cell(
         callbacks=[*callbacks, *(logger.epoch for logger in loggers)],
         step_callbacks=[logger.step for logger in loggers],
     )
-    return model, run, spent[0]
+    return model, run, sum(callback.seconds for callback in timed)
 
 
 def _stderr(values: torch.Tensor) -> float:
@@ -550,18 +467,6 @@ def log_likelihood(
     return torch.cat(parts)
 
 
-def exact_log_likelihood(ds: data.Splits) -> torch.Tensor | None:
-    """The test points' exact log p(x), ``(N,)`` nats, where the data set knows it
-    (``linear-gaussian``, ``lds``); None otherwise."""
-    info = getattr(ds, "info", None) or {}
-    if ds.name == "lds" and isinstance(ds, data.SequenceSplits):
-        return data.lds_log_likelihood(ds, "test")
-    if ds.name == "linear-gaussian" and {"W", "b", "noise"} <= set(info):
-        x = as_tensors(ds.test)[0]
-        return data.linear_gaussian_log_likelihood(x, info["W"], info["b"], info["noise"])
-    return None
-
-
 def _evaluate(
     config: runs.RunConfig, cell: Cell, model: PyroModule, ds: data.Splits, progress: bool
 ) -> tuple[dict[str, Any], torch.Tensor]:
@@ -570,13 +475,13 @@ def _evaluate(
     seed, test, ll_samples = cell.seed, ds.test, int(config.ll_samples)
     entry = MODELS[config.model]
     model.eval()
-    with _fork_rng(torch.device(config.device)):
+    with fork_rng(torch.device(config.device)):
         torch.manual_seed(seed)  # the same random numbers for every bound
         ll = log_likelihood(model, test, ll_samples, progress=progress)
         torch.manual_seed(seed)
         elbo = pvae.evaluate_bound(model.model, model.guide, test, ELBO(ELBO_SAMPLES), EVAL_BATCH)
         iwae = pvae.evaluate_bound(model.model, model.guide, test, IWAE(IWAE_SAMPLES), EVAL_BATCH)
-        units = runs.count_active(runs.latent_activity(model, test, seed, channels=entry.channels))
+        units = count_active(latent_activity(model, test, seed, channels=entry.channels))
         torch.manual_seed(seed)
         metrics = entry.metrics(model, ds, "test", seed) if entry.metrics is not None else {}
         torch.manual_seed(seed)
@@ -586,7 +491,7 @@ def _evaluate(
             model.model, model.guide, snr_batch, engine, num_repeats=int(config.snr_repeats or 2)
         )
         curve = _ll_vs_k(model, test, ll_samples, ll, seed)
-    exact = exact_log_likelihood(ds)
+    exact = data.exact_log_likelihood(ds)
     numbers = {
         "log_likelihood": float(ll.mean()),
         "log_likelihood_stderr": _stderr(ll),
@@ -644,7 +549,7 @@ def run_cell(
     Pyro's validation off; with ``out``, its result is written to ``out/folder/cell.json``.
     Returns the result and the per-point test log-likelihoods (empty when it failed)."""
     device = torch.device(config.device)
-    ds = ds if ds is not None else _dataset_on(config.load_data(), device)
+    ds = ds if ds is not None else config.load_data().to(device)
     engine = parse_bound(cell.bound).describe(config.particles)
     run_name = cell.folder if "/seed-" in cell.folder else None  # one seed of several
     result = BoundResult(cell.bound, cell.seed, cell.folder, engine, run=run_name)
@@ -671,7 +576,7 @@ def run_cell(
                 setattr(result, key, last.get(key))
             result.train_seconds, result.yardstick_seconds = train_seconds, spent
             result.eval_seconds = time.perf_counter() - began
-            result.peak_memory_mb = _peak_memory_mb(device)
+            result.peak_memory_mb = tracking.peak_memory_mb(device)
             result.history = run.history
     per_point = [float(value) for value in ll.cpu()]
     if out is not None:
@@ -757,7 +662,7 @@ def check(config: runs.RunConfig, plan: Plan, ds: data.Splits) -> None:
         if value is not None and value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
     parse_yardstick(config.yardstick)
-    resolve_device(config.device)
+    validation.device(config.device)
     pyro.clear_param_store()
     probe = config.build_model(ds)
     check_support(probe, ds)
@@ -831,7 +736,7 @@ def compare(
     elif plan.jobs > 1 and len(todo) > 1:
         _run_local(config, todo, min(plan.jobs, len(todo)), out, done)
     else:
-        on_device = _dataset_on(ds, torch.device(config.device))
+        on_device = ds.to(config.device)
         for cell in todo:
             logged = open_loggers(cell)
             done(cell, *run_cell(config, cell, out, progress, on_device, logged), logged)

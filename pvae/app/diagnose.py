@@ -9,7 +9,7 @@ writes next to the run (or into ``out_dir``), every file atomically:
 - ``diagnostics.md``: the collapse verdict, the active units and a table per latent dimension:
   **KL** (mean over the test points of KL(q(z_d | x) || p(z_d)), nats); **activity**
   (Var_x E_q[z_d | x]) and **active** (> 0.01, Burda et al. 2016; the count is
-  :func:`pvae.app.runs.latent_activity`, the "active units" of ``pvae compare`` for the same
+  :func:`pvae.app.latent_activity`, the "active units" of ``pvae compare`` for the same
   run and test points); **collapsed** (mean KL below the threshold and, in a layer whose term
   is not a KL, inactive; :func:`pvae.diagnostics.collapse_report`); **relevance** and **rank**
   (the decoder-Jacobian score of Saha et al. 2025); **relevant**
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ import torch
 from matplotlib.figure import Figure
 from pyro.nn import PyroModule
 
+import pvae.checkpoint
 from pvae import atomic, data, plots
 from pvae.app import runs
 from pvae.app.compare import bound_folder
@@ -53,7 +54,10 @@ from pvae.diagnostics import (
     CollapseReport,
     LatentRelevance,
     collapse_report,
+    count_active,
+    latent_activity,
     latent_relevance,
+    layer_sites,
     posterior_mean,
     relevant_in_use,
 )
@@ -66,7 +70,6 @@ from pvae.diagnostics.figures import (
     traversals,
 )
 from pvae.evaluate import as_tensors
-from pvae.protocol import param_split
 from pvae.train import CHECKPOINT, load_checkpoint
 
 __all__ = [
@@ -125,7 +128,7 @@ class Diagnosis:
     @property
     def active_units(self) -> tuple[int, int]:
         """``(active units, latent dimensions)``, as ``pvae compare`` counts them."""
-        return runs.count_active(self.activity)
+        return count_active(self.activity)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,8 +208,8 @@ def _rebuild(run_dir: Path) -> tuple[runs.RunConfig, dict[str, Any], data.Splits
 
 
 def load_parameters(model: PyroModule, ds: data.Splits, checkpoint: Path) -> dict[str, Any]:
-    """Create the parameters of ``model`` in Pyro's parameter store (as :func:`pvae.fit` does)
-    and copy the trained values of ``checkpoint`` into them; returns the checkpoint.
+    """:func:`pvae.checkpoint.load_parameters` of ``checkpoint`` into ``model`` (its parameters
+    created on two test points); returns the checkpoint.
 
     :raises DiagnoseError: an unreadable checkpoint, or one whose parameters (names or shapes)
         do not match the model.
@@ -215,57 +218,12 @@ def load_parameters(model: PyroModule, ds: data.Splits, checkpoint: Path) -> dic
         state = load_checkpoint(checkpoint)
     except (OSError, ValueError) as error:  # torch's messages span lines: keep the first
         raise DiagnoseError(str(error).strip().splitlines()[0]) from error
+    batch = tuple(t[:2] for t in as_tensors(ds.test))
     try:
-        model_params, guide_params = param_split(
-            model.model, model.guide, tuple(t[:2] for t in as_tensors(ds.test))
-        )
-    except (ValueError, RuntimeError) as error:
-        raise DiagnoseError(
-            f"cannot create the parameters of the rebuilt model: {error}"
-        ) from error
-    params = {**guide_params, **model_params}
-    saved = state.get("params")
-    if not isinstance(saved, Mapping):
-        raise DiagnoseError(f"{checkpoint} holds no parameters")
-    saved = _renamed(saved, params)
-    mismatch = f"{checkpoint} does not match the model rebuilt from its configuration"
-    missing = sorted(set(saved) ^ set(params))
-    if missing:
-        raise DiagnoseError(
-            f"{mismatch}: parameters {', '.join(missing)} are in one but not the other"
-        )
-    wrong = [
-        f"{name} {tuple(saved[name].shape)} vs {tuple(params[name].shape)}"
-        for name in sorted(params)
-        if not isinstance(saved[name], torch.Tensor) or saved[name].shape != params[name].shape
-    ]
-    if wrong:
-        raise DiagnoseError(
-            f"{mismatch}: shapes differ (checkpoint vs model) for {'; '.join(wrong)}"
-        )
-    with torch.no_grad():
-        for name, value in saved.items():
-            params[name].copy_(value)
+        pvae.checkpoint.load_parameters(model.model, model.guide, batch, state, checkpoint)
+    except ValueError as error:
+        raise DiagnoseError(str(error)) from error
     return state
-
-
-def _renamed(saved: Mapping[str, Any], params: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The checkpoint's parameters under the rebuilt model's own name prefix.
-
-    A zoo model names its parameters ``<prefix>.<part>`` with a prefix of its own (``vae``,
-    ``vae_1``, ... when several live in one process, as in ``pvae compare``). When every saved
-    name shares one prefix and every rebuilt one (``params``) another, the prefix is replaced.
-    """
-
-    def prefix(names: Iterable[str]) -> str | None:
-        names = list(names)
-        found = {name.split(".", 1)[0] for name in names}
-        return found.pop() if len(found) == 1 and all("." in name for name in names) else None
-
-    old, new = prefix(saved), prefix(params)
-    if old is None or new is None:
-        return saved
-    return {new + name[len(old) :]: value for name, value in saved.items()}
 
 
 @dataclass
@@ -407,7 +365,7 @@ def _markdown(
 ) -> str:
     """``diagnostics.md`` of one trained model (``paths``: ``paths.png`` was written)."""
     report, relevance = found.report, found.relevance
-    count, dims = runs.count_active(found.activity)
+    count, dims = count_active(found.activity)
     relevant = (
         "; **relevance** and **rank**, the decoder-Jacobian score; **relevant**, among the "
         f"dimensions not collapsed, the fewest carrying {100 * relevance.threshold:g}% of "
@@ -451,7 +409,7 @@ def _measure(run: LoadedRun, x: Any, activity: dict[str, ActiveUnits]) -> _Findi
         report = collapse_report(run.model.model, run.model.guide, x, channels=entry.channels)
     except ValueError as error:
         raise DiagnoseError(f"cannot diagnose the {run.model_name} model: {error}") from error
-    sites = runs.latent_sites(run.model)
+    sites = layer_sites(run.model)
     site = sites[0] if sites[0] in report.layers else next(iter(report.layers))
     found = _Findings(report, activity, site)
     decode = entry.decoder(run.model)
@@ -505,7 +463,7 @@ def _diagnose_model(
     x: Any = batch if len(batch) > 1 else batch[0]
     run.model.eval()  # e.g. no self-supervised masking while measuring
     channels = MODELS[run.model_name].channels
-    activity = runs.latent_activity(run.model, x, run.seed, channels=channels)
+    activity = latent_activity(run.model, x, run.seed, channels=channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run.seed)
         found = _measure(run, x, activity)

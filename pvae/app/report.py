@@ -14,7 +14,6 @@ import io
 import math
 import os
 import platform
-import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,13 @@ import pyro
 import torch
 
 import pvae
-from pvae import atomic, plots
+from pvae import atomic, plots, tracking
 
 __all__ = [
-    "environment",
     "extra_metrics",
     "format_seed_table",
     "format_table",
+    "metrics_csv",
     "summarize",
     "summary_line",
     "write",
@@ -283,68 +282,29 @@ def csv_text(results: Sequence[Row]) -> str:
     return buffer.getvalue()
 
 
+HISTORY = ["epoch", "train_bound", "valid_bound", "seconds", "steps"]
+"""The per-epoch entries of ``pvae train``'s ``metrics.json`` and ``metrics.csv``."""
+
+
+def metrics_csv(metrics: dict[str, Any]) -> str:
+    """``metrics.csv`` of ``pvae train`` from its ``metrics.json`` ``metrics``: one row per
+    epoch (the columns of :data:`HISTORY`); the test log-likelihood columns are filled on the
+    last row."""
+    rows = [{k: "" if v is None else v for k, v in record.items()} for record in metrics["history"]]
+    test = metrics["test_log_likelihood"]
+    if rows:
+        rows[-1].update(test_log_likelihood=test["mean"], test_log_likelihood_stderr=test["stderr"])
+    buffer = io.StringIO()
+    columns = [*HISTORY, "test_log_likelihood", "test_log_likelihood_stderr"]
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 # ---------------------------------------------------------------------------------------------
-# Environment
+# Memory
 # ---------------------------------------------------------------------------------------------
-
-
-def _git_commit() -> str | None:
-    """``git rev-parse HEAD`` of the repository holding the working directory, or None."""
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = done.stdout.strip()
-    return commit if done.returncode == 0 and commit else None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(module: str) -> str | None:
-    try:
-        return str(__import__(module).__version__)
-    except Exception:  # not installed, or no __version__
-        return None
-
-
-def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Where a comparison ran: the git commit of the working directory's checkout (None
-    outside one), library versions, the platform, CPU model, GPU name (if any), torch's
-    threads and ``device``."""
-    gpu = None
-    if torch.cuda.is_available():
-        gpu = torch.cuda.get_device_name(torch.device(device) if str(device) != "cpu" else 0)
-    modules = ("torch", "pyro", "gpytorch", "numpy", "pvae")
-    return {
-        "git_commit": _git_commit(),
-        "versions": {"python": platform.python_version(), **{m: _version(m) for m in modules}},
-        "platform": platform.platform(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "gpu": gpu,
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-
-
-def memory_kind(device: str) -> str:
-    if torch.device(device).type == "cuda":
-        return "torch.cuda.max_memory_allocated during the bound's training and evaluation"
-    return (
-        "the process's peak resident set size so far (ru_maxrss: whole process, cumulative, "
-        "so it never decreases from one bound to the next)"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,7 +400,7 @@ def _notes(results: Sequence[Row], config: Row, elapsed: float, cpu_seconds: flo
         "**s/epoch**: training steps only; **train s**: the whole training (steps, validation, "
         "checkpoints; the yardstick's time is left out); **eval s**: every test-set number of "
         "the row (log p(x), ELBO, IWAE-64, active units, the model's metrics, SNR, log p(x) "
-        f"against K); **peak MB**: {memory_kind(config.get('device', 'cpu'))}. Total wall "
+        f"against K); **peak MB**: {tracking.memory_kind(config.get('device', 'cpu'))}. Total wall "
         f"time {elapsed:.0f} s ({cpu_seconds:.0f} s CPU, torch threads: "
         f"{torch.get_num_threads()}).",
         _yardstick_note(config),
@@ -547,7 +507,7 @@ def write(
     """``results.md``, ``results.json`` (with the :func:`environment` block and, per bound,
     the :func:`summarize` rows), ``results.csv`` and the four plots, atomically."""
     out = Path(run_dir)
-    env = environment(config.get("device", "cpu"))
+    env = tracking.environment(config.get("device", "cpu"))
     summary = summarize(results)
     text = markdown(results, config, command, elapsed, cpu_seconds, env)
     atomic.write_text(out / "results.md", text)
@@ -562,7 +522,7 @@ def write(
             "threads": torch.get_num_threads(),
             "versions": env["versions"],
             "environment": env,
-            "memory": memory_kind(config.get("device", "cpu")),
+            "memory": tracking.memory_kind(config.get("device", "cpu")),
             "within_seed_noise_rule": f"|mean paired delta| < {WITHIN_NOISE:g} sd of the "
             "per-seed paired deltas",
             "results": [dict(r) for r in results],

@@ -29,8 +29,7 @@ from pvae import checkpoint, data
 from pvae.app.registry import MODELS, parse_bound
 from pvae.checkpoint import RUN_JSON
 from pvae.data import rows, subset
-from pvae.diagnostics import ActiveUnits, active_units
-from pvae.evaluate import as_tensors, num_items
+from pvae.evaluate import num_items
 from pvae.plots import write_json
 
 __all__ = [
@@ -38,8 +37,6 @@ __all__ = [
     "RunConfig",
     "RunFolder",
     "RunFolderError",
-    "latent_activity",
-    "latent_sites",
     "read_config",
     "rows",
     "subset",
@@ -291,50 +288,3 @@ def recorded_command(run_dir: Path) -> Any:
         return json.loads((run_dir / CONFIG).read_text()).get("command")
     except (OSError, ValueError, AttributeError):
         return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Measures shared by the commands
-# ---------------------------------------------------------------------------------------------
-
-
-def latent_sites(model: PyroModule) -> tuple[str, ...]:
-    """The model's per-datapoint latent layers: ``layer_sites`` where it has them, else
-    ``("z",)``."""
-    return tuple(getattr(model, "layer_sites", ("z",)))
-
-
-def latent_activity(
-    model: PyroModule,
-    test: Any,
-    seed: int,
-    num_points: int | None = None,
-    channels: Mapping[str, Any] | None = None,
-) -> dict[str, ActiveUnits]:
-    """Active units per latent layer (:func:`pvae.diagnostics.active_units`, threshold 0.01,
-    Burda et al.) on the first ``num_points`` rows of ``test``, seeded with ``seed`` (the
-    global random state is left as found).
-
-    ``pvae compare`` (the "active units" column) and ``pvae diagnose`` (the "active" column
-    and the summary) both call this, on the same test points, so they report one number: the
-    sum of the counts over the layers. ``channels``: the model's dimension map (its
-    registration's ``channels``): those sites are counted per channel.
-    """
-    tensors = as_tensors(test)
-    if num_points is not None:
-        tensors = tuple(t[:num_points] for t in tensors)
-    batch: Any = tensors if len(tensors) > 1 else tensors[0]
-    with torch.random.fork_rng(devices=[]):
-        result = {}
-        for site in latent_sites(model):
-            torch.manual_seed(seed)
-            result[site] = active_units(model.guide, batch, site=site, channels=channels)
-    return result
-
-
-def count_active(activity: Mapping[str, ActiveUnits]) -> tuple[int, int]:
-    """``(active units, latent dimensions)`` summed over the layers."""
-    return (
-        sum(units.count for units in activity.values()),
-        sum(units.dims for units in activity.values()),
-    )

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from pyro.nn import PyroModule
 
 import pvae
@@ -137,25 +136,6 @@ class SampleDiagnosis:
     verdict: str = ""
 
 
-def _checked(posterior: Posterior, per_site: int) -> tuple[Posterior, dict[str, torch.Tensor]]:
-    """The posterior of the coordinates checked, each site flattened: all of them, or
-    ``per_site`` evenly spaced ones; and their flat indices, per site."""
-    samples, index = {}, {}
-    for site, values in posterior.samples.items():
-        flat = values.reshape(posterior.num_chains, posterior.num_samples, -1)
-        size = flat.shape[-1]
-        index[site] = torch.linspace(0, size - 1, min(size, per_site)).round().long().unique()
-        samples[site] = flat[:, :, index[site]]
-    return Posterior(samples, posterior.log_joint, posterior.warmup_log_joint), index
-
-
-def _coordinate(site: str, shape: torch.Size, flat_index: int) -> str:
-    if not shape:
-        return site
-    index = [int(i) for i in torch.unravel_index(torch.tensor(flat_index), shape)]
-    return f"{site}[{', '.join(map(str, index))}]"
-
-
 def diagnose_sample(
     run_dir: Path, out_dir: Path, top: int = 8, per_site: int = 50
 ) -> SampleDiagnosis:
@@ -171,30 +151,14 @@ def diagnose_sample(
     import matplotlib.pyplot as plt
 
     posterior = load_posterior(run_dir)
-    checked, index = _checked(posterior, per_site)
-    rhat, ess = checked.rhat(), checked.ess()
-    rows, scored, worst_rhat, lowest_ess = [], [], math.nan, math.nan
-    for site, flat in index.items():
-        r, e = rhat[site].reshape(-1).double(), ess[site].reshape(-1).double()
-        worst, lowest = _extreme(r, largest=True), _extreme(e, largest=False)
-        rows.append(
-            f"| {site} | {posterior.samples[site][0, 0].numel()} | {r.numel()} | "
-            f"{float(r.nanmedian()):.3f} | {worst:.3f} | {float(e.nanmedian()):.0f} | "
-            f"{lowest:.0f} |"
-        )
-        worst_rhat = worst if math.isnan(worst_rhat) else max(worst_rhat, worst)
-        lowest_ess = lowest if math.isnan(lowest_ess) else min(lowest_ess, lowest)
-        ranked = torch.topk(torch.nan_to_num(r, nan=math.inf), min(top, r.numel())).indices
-        scored += [(float(r[i]), site, int(flat[i])) for i in ranked]
-    scored.sort(key=lambda item: -item[0] if not math.isnan(item[0]) else -math.inf)
-    subset = {
-        _coordinate(site, posterior.samples[site].shape[2:], i): posterior.samples[site].reshape(
-            posterior.num_chains, posterior.num_samples, -1
-        )[:, :, i]
-        for _, site, i in scored[:top]
-    }
-    reduced = Posterior(subset, posterior.log_joint, posterior.warmup_log_joint)
-    files = [_log_joint_trace(posterior, out_dir / "trace.png")]
+    found = posterior.convergence(per_site, top)
+    rows = [
+        f"| {site} | {c.coordinates} | {c.checked} | {c.median_rhat:.3f} | {c.worst_rhat:.3f} | "
+        f"{c.median_ess:.0f} | {c.lowest_ess:.0f} |"
+        for site, c in found.sites.items()
+    ]
+    worst_rhat, lowest_ess, reduced = found.worst_rhat, found.lowest_ess, found.worst
+    files = [plots.log_joint_trace(posterior, out_dir / "trace.png")]
     with warnings.catch_warnings():  # arviz's matplotlib backend warns on newer matplotlib
         warnings.simplefilter("ignore")
         axes = arviz.plot_trace(reduced.to_arviz(), compact=False)
@@ -206,9 +170,8 @@ def diagnose_sample(
     rhat_text, convergence = _judged(worst_rhat, chains)
     verdict = (
         f"{rhat_text}, lowest bulk ESS {lowest_ess:.0f} over "
-        f"{sum(t[0, 0].numel() for t in checked.samples.values())} checked coordinates of "
-        f"{len(posterior.samples)} sites ({chains} chain{'s' if chains != 1 else ''} x "
-        f"{posterior.num_samples} draws): {convergence}"
+        f"{found.checked} checked coordinates of {len(posterior.samples)} sites ({chains} "
+        f"chain{'s' if chains != 1 else ''} x {posterior.num_samples} draws): {convergence}"
     )
     lines = [
         "# Diagnostics of a sampler run",
@@ -221,7 +184,7 @@ def diagnose_sample(
         "|---|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
-        f"## ArviZ summary of the {len(subset)} coordinates with the worst R-hat",
+        f"## ArviZ summary of the {len(reduced.samples)} coordinates with the worst R-hat",
         "",
         "```",
         reduced.summary().to_string(),
@@ -231,26 +194,6 @@ def diagnose_sample(
         "coordinates above).",
     ]
     return SampleDiagnosis(lines, files, worst_rhat, lowest_ess, verdict)
-
-
-def _log_joint_trace(posterior: Posterior, path: Path) -> Path:
-    """``trace.png``: the log joint of every chain over warm-up and kept draws."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3))
-    warm = posterior.warmup_log_joint
-    for chain in range(posterior.num_chains):
-        head = warm[chain].double() if warm.dim() == 2 else torch.zeros(0, dtype=torch.float64)
-        trace = torch.cat([head, posterior.log_joint[chain].double()])
-        ax.plot(trace.numpy(), lw=0.8, label=f"chain {chain}")
-    if warm.numel():
-        ax.axvline(warm.shape[1], color="grey", ls=":", label="end of warm-up")
-    ax.set_xlabel("step (warm-up, then kept draws)")
-    ax.set_ylabel("log joint (minibatch estimate)")
-    ax.legend(fontsize=7)
-    saved = plots.save(fig, path)
-    plt.close(fig)
-    return saved
 
 
 def _judged(worst_rhat: float, num_chains: int) -> tuple[str, str]:
@@ -269,9 +212,3 @@ def _judged(worst_rhat: float, num_chains: int) -> tuple[str, str]:
     if worst_rhat < 1.1:
         return rhat_text, "no sign of non-convergence (R-hat < 1.1)"
     return rhat_text, "not converged (R-hat >= 1.1)"
-
-
-def _extreme(t: torch.Tensor, largest: bool) -> float:
-    """The largest (smallest) value of ``t`` that is not NaN; NaN where every value is."""
-    kept = t[~torch.isnan(t)]
-    return float(kept.max() if largest else kept.min()) if kept.numel() else math.nan

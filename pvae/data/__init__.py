@@ -95,7 +95,7 @@ from pvae.data.registry import _normalise_name as _normalise_name
 from pvae.data.registry import available, load, register
 from pvae.data.sequences import _pendulum as _pendulum
 from pvae.data.sequences import _rotating_digits as _rotating_digits
-from pvae.data.sequences import lds_log_likelihood
+from pvae.data.sequences import exact_log_likelihood, lds_log_likelihood
 from pvae.data.synthetic import _check_positive as _check_positive
 from pvae.data.synthetic import _linear_gaussian as _linear_gaussian
 from pvae.data.synthetic import _synthetic_splits as _synthetic_splits
@@ -115,6 +115,7 @@ __all__ = [
     "Splits",
     "TWO_VIEW_TRANSFORMS",
     "available",
+    "exact_log_likelihood",
     "lds_log_likelihood",
     "linear_gaussian_log_likelihood",
     "linear_gaussian_posterior",

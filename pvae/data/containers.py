@@ -87,6 +87,17 @@ class DatasetInfo(NamedTuple):
     source: str
 
 
+def _on_device(values: Any, device: torch.device) -> Any:
+    """Tensors, tuples of them, sequence splits and dynamically binarised sets on ``device``."""
+    if isinstance(values, SequenceSplit):
+        return SequenceSplit(*(item.to(device) for item in values))
+    if isinstance(values, tuple):
+        return tuple(_on_device(item, device) for item in values)
+    if isinstance(values, DynamicBinarized):
+        return DynamicBinarized(values.probs.to(device))
+    return values.to(device) if isinstance(values, Tensor) else values
+
+
 @dataclass
 class Splits:
     """A dataset split three ways.
@@ -114,6 +125,18 @@ class Splits:
     valid_labels: Tensor | None = None
     test_labels: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: str | torch.device) -> Splits:
+        """These splits with their tensors on ``device`` (of the same class; labels, truth and
+        info stay where they are): each split's tensor, tuple of tensors or
+        :class:`SequenceSplit` moved with ``.to(device)``, a :class:`DynamicBinarized` set
+        rebuilt on its moved ``probs``. On the CPU, ``self`` itself."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self
+        splits = ("train", "valid", "test")
+        moved = {name: _on_device(getattr(self, name), device) for name in splits}
+        return dataclasses.replace(self, **moved)
 
     def __repr__(self) -> str:
         return (

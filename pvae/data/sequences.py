@@ -39,9 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pvae import ssm
-from pvae.data.containers import SequenceSplit, SequenceSplits, _permutation_split
+from pvae.data.containers import SequenceSplit, SequenceSplits, Splits, _permutation_split
 from pvae.data.images import _digits_pool, _mnist5k_pool
 from pvae.data.registry import register, register_options
+from pvae.data.synthetic import linear_gaussian_log_likelihood
 
 SPLITS: tuple[str, str, str] = ("train", "valid", "test")
 
@@ -608,3 +609,18 @@ def lds_log_likelihood(ds: SequenceSplits, split: str = "test") -> Tensor:
         mask=mask,
     )
     return result.log_normalizer
+
+
+def exact_log_likelihood(ds: Splits, split: str = "test") -> Tensor | None:
+    """The exact log p(x) of each point of a split, ``(N,)`` nats, where the data set knows it
+    (``linear-gaussian``: :func:`~pvae.data.linear_gaussian_log_likelihood` of its
+    generating ``W``, ``b``, ``noise``; ``lds``: :func:`lds_log_likelihood`, per sequence);
+    None for any other data set."""
+    info = getattr(ds, "info", None) or {}
+    if ds.name == "lds" and isinstance(ds, SequenceSplits):
+        return lds_log_likelihood(ds, split)
+    if ds.name == "linear-gaussian" and {"W", "b", "noise"} <= set(info):
+        x = getattr(ds, split)
+        x = x[0] if isinstance(x, tuple) else x
+        return linear_gaussian_log_likelihood(x, info["W"], info["b"], info["noise"])
+    return None

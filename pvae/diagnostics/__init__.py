@@ -4,7 +4,8 @@
 - :func:`gradient_snr`: the gradient signal-to-noise ratio of Rainforth et al. (2018).
 - :func:`posterior_mean`: E_q[z | x] of any guide's site (averaged over upstream draws).
 - :func:`active_units`: the latent dimensions whose posterior mean varies with the data
-  (Burda et al. 2016).
+  (Burda et al. 2016); :func:`latent_activity` per latent layer (:func:`layer_sites`),
+  :func:`count_active` summed over them.
 - :func:`kl_per_dim`, :func:`mutual_information`, :func:`collapse_report`: posterior collapse
   per dimension and per layer (Dang et al. 2024).
 - :func:`latent_relevance`: the ARD-VAE decoder-Jacobian relevance score (Saha et al. 2025);
@@ -28,7 +29,14 @@ from pvae.diagnostics.collapse import (
     mutual_information,
 )
 from pvae.diagnostics.identification import Identification, identification_r2
-from pvae.diagnostics.latents import ActiveUnits, active_units, posterior_mean
+from pvae.diagnostics.latents import (
+    ActiveUnits,
+    active_units,
+    count_active,
+    latent_activity,
+    layer_sites,
+    posterior_mean,
+)
 from pvae.diagnostics.relevance import LatentRelevance, latent_relevance, relevant_in_use
 from pvae.diagnostics.snr import GradientSNR, gradient_snr
 from pvae.diagnostics.wasserstein import distributional_sliced_wasserstein, sliced_wasserstein
@@ -45,11 +53,14 @@ __all__ = [
     "MutualInformation",
     "active_units",
     "collapse_report",
+    "count_active",
     "distributional_sliced_wasserstein",
     "gradient_snr",
     "identification_r2",
     "kl_per_dim",
+    "latent_activity",
     "latent_relevance",
+    "layer_sites",
     "log_likelihood",
     "mutual_information",
     "posterior_mean",

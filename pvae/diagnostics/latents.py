@@ -38,10 +38,19 @@ from typing import Any
 
 import torch
 
-from pvae.evaluate import Data, iter_batches, num_items
+from pvae.evaluate import Data, as_tensors, iter_batches, num_items
 from pvae.protocol import trace_guide_site
 
-__all__ = ["ActiveUnits", "Channels", "active_units", "channel_layout", "posterior_mean"]
+__all__ = [
+    "ActiveUnits",
+    "Channels",
+    "active_units",
+    "channel_layout",
+    "count_active",
+    "latent_activity",
+    "layer_sites",
+    "posterior_mean",
+]
 
 Channels = int | Sequence[int] | str
 """The channel axes of one site's event: an int, ints, ``"channels_last"`` or
@@ -247,3 +256,47 @@ def active_units(
     active = variances > threshold
     directions = torch.linalg.eigvalsh(covariance).flip(0).clamp(min=0.0)
     return ActiveUnits(int(active.sum()), variances, active, float(threshold), directions)
+
+
+def layer_sites(model: Any) -> tuple[str, ...]:
+    """The names of a model's per-datapoint latent layers: its ``layer_sites`` where it has
+    them (a hierarchical VAE: ``("z1", "z2")``), else ``("z",)``."""
+    return tuple(getattr(model, "layer_sites", ("z",)))
+
+
+def latent_activity(
+    model: Any,
+    test: Data,
+    seed: int,
+    num_points: int | None = None,
+    channels: Mapping[str, Any] | None = None,
+) -> dict[str, ActiveUnits]:
+    """:func:`active_units` (threshold 0.01, Burda et al.) of ``model.guide`` at each site of
+    :func:`layer_sites`, on the first ``num_points`` rows of ``test`` (all when None),
+    each site seeded with ``seed``; the global random state is left as found.
+
+    :param test: ``(N, x_dim)``, or a tuple of tensors with ``N`` rows each (passed to the
+        guide as its arguments).
+    :param channels: the model's dimension map (site -> channel layout, see
+        :func:`channel_layout`): those sites are counted per channel.
+    :returns: site -> :class:`ActiveUnits`; :func:`count_active` sums them.
+    """
+    tensors = as_tensors(test)
+    if num_points is not None:
+        tensors = tuple(t[:num_points] for t in tensors)
+    batch: Any = tensors if len(tensors) > 1 else tensors[0]
+    with torch.random.fork_rng(devices=[]):
+        result = {}
+        for site in layer_sites(model):
+            torch.manual_seed(seed)
+            result[site] = active_units(model.guide, batch, site=site, channels=channels)
+    return result
+
+
+def count_active(activity: Mapping[str, ActiveUnits]) -> tuple[int, int]:
+    """``(active units, latent dimensions)`` summed over the layers of
+    :func:`latent_activity`."""
+    return (
+        sum(units.count for units in activity.values()),
+        sum(units.dims for units in activity.values()),
+    )
