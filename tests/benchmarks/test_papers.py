@@ -24,7 +24,10 @@ QUOTED = {
     "collapse": [1.414, 0.721, 0.577, 0.811, 1.0],
     "ard": [3],
     "mmgpvae": [],  # the paper's R^2 values were not read: no paper number is quoted
+    "svae": [],  # the paper's pendulum results are figures on other videos: ordering only
 }
+# script -> extra files its report must list (beside the budget curve)
+FIGURES = {"svae": ["forecast_frames.png", "forecast_mse.json"]}
 VERDICTS = ("reproduced", "direction reproduced", "not reproduced")
 
 
@@ -66,6 +69,7 @@ def test_script_runs_at_tiny_budget_and_writes_its_report(script, tmp_path):
     for name in report["files"]:
         assert (tmp_path / name).stat().st_size > 0, name
     assert "budget_curve.json" in report["files"] and "budget_curve.png" in report["files"]
+    assert set(FIGURES.get(script, [])) <= set(report["files"]), report["files"]
     curves = json.loads((tmp_path / "budget_curve.json").read_text())["curves"]
     assert curves and all(points for points in curves.values())
     assert not list(tmp_path.glob(".*tmp*")) and not list(tmp_path.glob("*.tmp"))
