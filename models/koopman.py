@@ -48,7 +48,7 @@ the ELBO trains the prior only on the guide's paths (teacher forcing). Nothing b
 ties the two, and the eigenvalues of A are only those of the data when the encoder's basis
 makes the latent dynamics linear. Measured on ``oscillators`` (true eigenvalues
 0.913 +- 0.359i, 20 epochs of 500 sequences, z_dim 2): with the default weights the rollouts of
-2 seeds in 5 rotate by about 0.25 rad per step instead of 0.375 (the free-running GRU drifts
+3 seeds in 5 rotate by about 0.25 rad per step instead of 0.375 (the free-running GRU drifts
 from its teacher-forced behaviour, and the guide's paths are themselves warped); with
 ``predictive_weight = posterior_weight = 100`` (the per-sequence ELBO of that data is in the
 hundreds, so weights near 1 do not move it) 4 seeds in 5 land within 0.05. A spectral
