@@ -1,0 +1,238 @@
+"""Naiman et al. (ICLR 2024), "Generative Modeling of Regular and Irregular Time Series Data via
+Koopman VAEs" (KoVAE): Table 1 (sines) and the eigenvalue constraints.
+
+Claims checked:
+
+1. Generation on ``sines`` (5 channels, T = 24, ``(sin(f t + phi) + 1) / 2`` with f, phi ~
+   U(0, 0.1), Yoon et al.'s generator): discriminative score (``|accuracy - 0.5|`` of a post-hoc
+   GRU classifier of real against generated sequences) near zero, and predictive score
+   (train-on-synthetic, test-on-real next-step MAE) near that of the real data, on regular data
+   and with 30%, 50% and 70% of each sequence's rows dropped (``sines-30/50/70``). The issue's
+   goal: discriminative <= 0.05 at the CPU budget.
+2. Eigenvalue constraints recover known spectra: on ``oscillators`` (damped linear oscillator,
+   dt 0.25, omega 1.5, zeta 0.05) the Koopman matrix's eigenvalues lie within 0.05 of the true
+   ``exp(dt (-zeta omega +- i omega sqrt(1 - zeta^2))) = 0.913 +- 0.359i`` (the generator's
+   closed form, quoted in the paper column) with the ``"unit"`` constraint and with the true
+   eigenvalues prescribed.
+
+**The paper's numbers are not quoted.** Its Table 1 (regular sines) and its irregular table
+(30/50/70% dropped) could not be read this session: the stored copies of the paper
+(arXiv 2310.02619, ar5iv and arxiv.org HTML) return only their opening pages, and the
+authors' code (github.com/azencot-group/KoVAE) holds no result tables. The paper column of
+the generation rows is therefore empty; fill ``PAPER`` from Table 1's "KoVAE" row (sines,
+discriminative and predictive) and from the irregular table's sines rows (30%, 50%, 70%). The
+"real data" predictive score (a GRU trained and tested on real sequences) is reported as the
+floor the paper's "Original" row stands for.
+
+The recipe (ours, not the paper's architecture): ``pvae.models.KoopmanVAE`` (bidirectional-GRU
+guide, GRU prior, per-step MLP decoder, Gaussian likelihood of scale 0.05), ELBO, Adam; the
+authors train 3-layer GRUs with z_dim 16 for 600 epochs of 10,000 sequences. Eigenvalue runs:
+z_dim 2, ``predictive_weight = posterior_weight = 100`` and the spectral penalty (weight 200)
+switched on after 100 steps (``spectral_warmup``; the module docstring of
+``pvae.models.koopman`` says why each is needed). Scores: discriminative mean over 3 classifier
+runs (300 steps) on 1,000 real test sequences against 1,000 samples (so a perfect generator
+scores about 0.02 from the 400-sequence test split alone); the budget curve is the
+discriminative score (1 classifier run) at a few epochs of the regular-sines runs.
+
+By ``--budget``: ``tiny`` (seconds), ``cpu`` (1,000 training sequences, 20 epochs regular and
+irregular; oscillators 500 sequences, 30 epochs), ``paper`` (10,000 training sequences, 600
+epochs, batch 64, lr 7e-4, z_dim 16: the authors' run script's settings; for a GPU).
+Run: ``python benchmarks/papers/kovae.py --budget cpu``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import _common
+import torch
+
+import pvae
+from pvae.inference import ELBO
+from pvae.metrics import discriminative_score, predictive_score
+from pvae.models import KoopmanVAE
+
+TABLE = "Naiman et al. 2024, Table 1"
+# (setting, metric) -> the paper's number; None: not read (see the docstring).
+PAPER: dict[tuple[str, str], float | None] = {}
+SHARES = (0.0, 0.3, 0.5, 0.7)
+TOLERANCE = 0.05  # eigenvalue distance; and the discriminative-score goal
+EIG_SOURCE = "oscillators' closed form exp(dt(-zeta omega + i omega sqrt(1 - zeta^2)))"
+
+
+def setting_name(share: float) -> str:
+    return "sines, regular" if share == 0 else f"sines, {round(100 * share)}% dropped"
+
+
+def scores(model: KoopmanVAE, real: torch.Tensor, sizes: dict, runs: int, seed: int) -> dict:
+    """Discriminative (mean over ``runs`` classifiers) and predictive scores of samples."""
+    model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(10_000 + seed)
+        fake = model.sample(real.shape[1], real.shape[0])
+    model.train()
+    steps = sizes["classifier_steps"]
+    disc = discriminative_score(real, fake, num_runs=runs, num_steps=steps, seed=seed)
+    pred = predictive_score(real, fake, num_steps=steps, seed=seed)
+    return dict(discriminative=disc["mean"], predictive=pred)
+
+
+def generation_run(share: float, seed: int, sizes: dict, data: dict, curve: bool) -> dict:
+    """Train on sines (``share`` of rows dropped) and score samples against the test set."""
+    ds, real = data[share], data["real"]
+    _common.seed_all(seed)
+    model = KoopmanVAE(
+        5, z_dim=sizes["z_dim"], hidden=sizes["hidden"], likelihood_kw={"scale": 0.05}
+    )
+
+    def score() -> float:
+        return scores(model, real, sizes, 1, seed)["discriminative"]
+
+    run_sizes = dict(epochs=sizes["epochs"], batch_size=sizes["batch_size"], lr=sizes["lr"])
+    if curve:
+        seconds, points = _common.fit_with_curve(
+            model.model, model.guide, ds.train, ELBO(), score, run_sizes, seed
+        )
+    else:
+        start = time.perf_counter()
+        pvae.fit(
+            model.model,
+            model.guide,
+            ds.train,
+            engine=ELBO(),
+            seed=seed,
+            progress=False,
+            **run_sizes,
+        )
+        seconds, points = time.perf_counter() - start, []
+    result = scores(model, real, sizes, sizes["classifier_runs"], seed)
+    return dict(result, seconds=seconds, curve=points)
+
+
+def eigen_run(constraint: str, seed: int, sizes: dict, osc) -> dict:
+    """Train on oscillators with ``constraint`` ("none", "unit" or "prescribed"); the largest
+    distance from a true eigenvalue to its nearest learned one."""
+    true = pvae.data.true_eigenvalues(osc)
+    given = {"none": None, "unit": "unit", "prescribed": true}[constraint]
+    _common.seed_all(seed)
+    model = KoopmanVAE(
+        2,
+        z_dim=2,
+        hidden=32,
+        likelihood_kw={"scale": 0.05},
+        predictive_weight=100.0,
+        posterior_weight=100.0,
+        constraint=given,
+        spectral_weight=200.0,
+        spectral_warmup=sizes["warmup"],
+    )
+    start = time.perf_counter()
+    pvae.fit(
+        model.model,
+        model.guide,
+        osc.train,
+        engine=ELBO(),
+        epochs=sizes["osc_epochs"],
+        batch_size=50,
+        lr=3e-3,
+        seed=seed,
+        progress=False,
+    )
+    seconds = time.perf_counter() - start
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        learned = model.eigenvalues()
+    distance = float((learned[:, None] - true[None, :]).abs().min(0).values.max())
+    top = learned[learned.imag.argmax()]
+    return dict(distance=distance, real=float(top.real), imag=float(top.imag), seconds=seconds)
+
+
+def main() -> None:
+    args = _common.parse_args("kovae", __doc__)
+    sizes = _common.pick(
+        args,
+        tiny=dict(
+            train=48, test=32, epochs=1, batch_size=16, lr=3e-3, z_dim=4, hidden=8,
+            classifier_steps=10, classifier_runs=1, osc_train=40, osc_epochs=1, warmup=1,
+        ),
+        cpu=dict(
+            train=1000, test=1000, epochs=20, batch_size=64, lr=3e-3, z_dim=8, hidden=32,
+            classifier_steps=300, classifier_runs=3, osc_train=500, osc_epochs=30, warmup=100,
+        ),
+        paper=dict(
+            train=10000, test=2000, epochs=600, batch_size=64, lr=7e-4, z_dim=16, hidden=32,
+            classifier_steps=2000, classifier_runs=10, osc_train=500, osc_epochs=100, warmup=100,
+        ),
+    )  # fmt: skip
+    seeds = list(range(args.seeds))
+    report = _common.Report(args, "Naiman et al. 2024 (KoVAE), Table 1 and Section 5", seeds)
+    data: dict = {
+        share: pvae.data.load("sines", sizes=(sizes["train"], 8, sizes["test"]), missing=share)
+        for share in SHARES
+    }
+    data["real"] = data[0.0].truth["test"]["complete"].float()
+    report.notes.append(
+        f"sines: {sizes['train']} training and {sizes['test']} test sequences; {sizes['epochs']} "
+        f"epochs, batch {sizes['batch_size']}, Adam {sizes['lr']}; z_dim {sizes['z_dim']}, "
+        f"GRUs of {sizes['hidden']}; discriminative score over {sizes['classifier_runs']} "
+        f"classifier runs of {sizes['classifier_steps']} steps."
+    )
+    report.notes.append(
+        "The paper's Table 1 could not be read this session: its columns are left empty "
+        "(script docstring)."
+    )
+    curves: dict[str, list[dict]] = {}
+    floor = predictive_score(data["real"], data["real"], num_steps=sizes["classifier_steps"])
+    for share in SHARES:
+        name = setting_name(share)
+        runs = [generation_run(share, s, sizes, data, curve=share == 0) for s in seeds]
+        for metric in ("discriminative", "predictive"):
+            paper = PAPER.get((name, metric))
+            source = None if paper is None else f"{TABLE}, KoVAE row, {name}"
+            report.add(name, f"{metric} score", [r[metric] for r in runs], paper, source, 3)
+        report.add(name, "training seconds", [r["seconds"] for r in runs], digits=0)
+        disc = [r["discriminative"] for r in runs]
+        mean, _ = _common.mean_se(disc)
+        verdict, detail = _common.match_verdict(mean, 0.0, TOLERANCE)
+        report.claim(f"{name}: discriminative score <= {TOLERANCE} (goal)", verdict, detail)
+        pred = [r["predictive"] for r in runs]
+        verdict, detail = _common.match_verdict(_common.mean_se(pred)[0], floor, 0.01)
+        report.claim(f"{name}: predictive score within 0.01 of the real data's", verdict, detail)
+        for s, r in zip(seeds, runs, strict=True):
+            if r["curve"]:
+                curves[f"{name}, seed {s}"] = r["curve"]
+    report.add("sines, real data", "predictive score (floor)", [floor] * len(seeds), digits=3)
+    eigen_rows(report, seeds, sizes)
+    _common.write_curves(report, curves, "discriminative score (1 classifier run)")
+    report.write()
+
+
+def eigen_rows(report: _common.Report, seeds: list[int], sizes: dict) -> None:
+    """Eigenvalue recovery on oscillators, unconstrained, "unit" and prescribed."""
+    osc = pvae.data.load("oscillators", sizes=(sizes["osc_train"], 8, 8))
+    true = pvae.data.true_eigenvalues(osc)
+    top = true[true.imag.argmax()]
+    report.notes.append(
+        f"oscillators: {sizes['osc_train']} sequences, {sizes['osc_epochs']} epochs, batch 50, "
+        f"Adam 3e-3, z_dim 2, predictive and posterior weights 100, spectral weight 200 after "
+        f"{sizes['warmup']} steps; eigenvalues fitted on 512 fresh prior rollouts."
+    )
+    for constraint in ("none", "unit", "prescribed"):
+        runs = [eigen_run(constraint, s, sizes, osc) for s in seeds]
+        name = f"oscillators, constraint {constraint}"
+        for part, truth in (
+            ("real", round(float(top.real), 3)),
+            ("imag", round(float(top.imag), 3)),
+        ):
+            values = [r[part] for r in runs]
+            report.add(name, f"eigenvalue, {part} part", values, truth, EIG_SOURCE, 3)
+        report.add(name, "max distance to the truth", [r["distance"] for r in runs], digits=3)
+        report.add(name, "training seconds", [r["seconds"] for r in runs], digits=0)
+        worst = max(r["distance"] for r in runs)
+        verdict, detail = _common.match_verdict(worst, 0.0, TOLERANCE)
+        claim = f"{name}: every seed's eigenvalues within {TOLERANCE} of the truth"
+        report.claim(claim, verdict, detail + f" (worst of {len(runs)} seeds)")
+
+
+if __name__ == "__main__":
+    main()
