@@ -96,12 +96,7 @@ def matern_transitions(
     if d > 2:
         series = series + (0.5 * dt * dt) * (N @ N).unsqueeze(-3)
     A = torch.exp(-lam[..., None] * gaps)[..., None, None] * series
-    Pk = P.unsqueeze(-3)
-    Q = Pk - A @ Pk @ A.mT
-    Q = 0.5 * (Q + Q.mT)
-    jitter = 10 * torch.finfo(Q.dtype).eps * P.diagonal(dim1=-2, dim2=-1)
-    Q = Q + torch.diag_embed(jitter).unsqueeze(-3)
-    return A, Q, P
+    return A, gp.process_noise(A, P), P
 
 
 class MaternSDEPrior(nn.Module):

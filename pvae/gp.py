@@ -70,6 +70,7 @@ __all__ = [
     "matern_log_marginal",
     "matern_regression",
     "matern_sde",
+    "process_noise",
     "state_dim",
 ]
 
@@ -153,12 +154,18 @@ def matern_discretisation(
     """
     F, P = matern_sde(nu, lengthscale, variance)
     A = torch.linalg.matrix_exp(F.unsqueeze(-3) * gaps[..., None, None])
+    return A, process_noise(A, P), P
+
+
+def process_noise(A: Tensor, P: Tensor) -> Tensor:
+    """``Q (..., T-1, d, d) = P_inf - A P_inf A^T`` of a stationary SDE's transitions
+    ``A (..., T-1, d, d)`` and stationary covariance ``P_inf (..., d, d)``, symmetrised, with
+    the jitter ``10 eps diag(P_inf)`` of :func:`matern_discretisation`."""
     Pk = P.unsqueeze(-3)
     Q = Pk - A @ Pk @ A.mT
     Q = 0.5 * (Q + Q.mT)
     jitter = 10 * torch.finfo(Q.dtype).eps * P.diagonal(dim1=-2, dim2=-1)
-    Q = Q + torch.diag_embed(jitter).unsqueeze(-3)
-    return A, Q, P
+    return Q + torch.diag_embed(jitter).unsqueeze(-3)
 
 
 def lti_discretisation(drift: Tensor, diffusion: Tensor, gaps: Tensor) -> tuple[Tensor, Tensor]:
