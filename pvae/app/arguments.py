@@ -8,7 +8,7 @@ pvae.app.index``; a test fails when it is stale), or from the modules themselves
 imported already (a model or dataset registered at run time is then on the command line too).
 A command's own module is imported only once its arguments have parsed (:attr:`Command.run`).
 
-Each command's options are declared as data (:class:`Arg`, in groups) and added in one loop.
+Each command's options are declared as data (:class:`_Arg`, in groups) and added in one loop.
 Every argument type raises ``argparse.ArgumentTypeError`` with a message argparse shows as it
 is; every error becomes one line ``pvae: error: ...`` and exit status 2 (:class:`CliError`).
 """
@@ -276,7 +276,7 @@ def _check_engines(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-class Arg(NamedTuple):
+class _Arg(NamedTuple):
     """One option: its ``flag`` (``"--flag METAVAR"``, or a positional's ``"name METAVAR"``),
     its ``help``, parsed by ``type`` (None: kept as text); the rest as for
     ``ArgumentParser.add_argument`` (None and False: not given). ``(default: ...)`` is added to
@@ -292,8 +292,8 @@ class Arg(NamedTuple):
     dest: str | None = None
 
 
-def _switch(flag: str, help: str) -> Arg:
-    return Arg(flag, help, action="store_true")
+def _switch(flag: str, help: str) -> _Arg:
+    return _Arg(flag, help, action="store_true")
 
 
 def _show(item: Any) -> str:
@@ -311,7 +311,7 @@ def _default(name: str, value: Any, quick: dict[str, Any] | None) -> str:
     return shown + ")"
 
 
-def _add(container: Any, title: str | None, *arguments: Arg) -> Any:
+def _add(container: Any, title: str | None, *arguments: _Arg) -> Any:
     """Add ``arguments`` to ``container``, in a new group ``title`` unless None; returns the
     group (or ``container``)."""
     group = container.add_argument_group(title) if title else container
@@ -327,9 +327,9 @@ def _add(container: Any, title: str | None, *arguments: Arg) -> Any:
     return group
 
 
-def _log(what: str) -> Arg:
+def _log(what: str) -> _Arg:
     """``--log tensorboard|mlflow``: experiment tracking (:mod:`pvae.tracking`)."""
-    return Arg(
+    return _Arg(
         "--log LOGGER",
         f"also log {what} to tensorboard (into DIR/tensorboard) or mlflow (into the file "
         "store DIR/mlruns, or MLFLOW_TRACKING_URI when set); both: tensorboard,mlflow "
@@ -344,23 +344,23 @@ def _data_arguments(parser: argparse.ArgumentParser, dataset: str | None = None)
     _add(
         parser,
         "data",
-        Arg(
+        _Arg(
             "--dataset NAME",
             "a dataset from 'pvae datasets'",
             _DATASET,
             dataset,
             required=dataset is None,
         ),
-        Arg(
+        _Arg(
             "--data-path DIR",
             "folder of the IDX files for datasets read from files (mnist, fashion-mnist)",
         ),
-        Arg(
+        _Arg(
             "--binarize",
             "binarisation of image datasets (default: the dataset's, dynamic for images)",
             choices=_index.BINARIZE,
         ),
-        Arg("--seed", "seeds the data split, the initialisation and the training", _SEED, 0),
+        _Arg("--seed", "seeds the data split, the initialisation and the training", _SEED, 0),
     )
 
 
@@ -379,21 +379,21 @@ def _model_arguments(
     _add(
         parser,
         "model",
-        Arg(
+        _Arg(
             "--model NAME",
             f"one of: {', '.join(names)}",
             _model_name(sampled),
             names[0] if sampled else "vae",
         ),
-        Arg("--z-dim", f"latent dimension {_default('z_dim', z_dim, quick)}", _POSITIVE, z_dim),
-        Arg(
+        _Arg("--z-dim", f"latent dimension {_default('z_dim', z_dim, quick)}", _POSITIVE, z_dim),
+        _Arg(
             "--hidden W1,W2,...",
             f"hidden layer widths {_default('hidden', hidden, quick)}",
             _HIDDEN,
             hidden,
         ),
-        Arg("--net", "network kind", None, "mlp", choices=["mlp", "conv"]),
-        Arg(
+        _Arg("--net", "network kind", None, "mlp", choices=["mlp", "conv"]),
+        _Arg(
             "--likelihood NAME",
             f"{likelihoods} (default: the dataset's, bernoulli for binarised images)",
             _one_of("likelihood", likelihood_names),
@@ -405,12 +405,12 @@ def _model_arguments(
             _add(parser, f"options of --model {info.name}", *arguments)
 
 
-def _model_option(info: ModelInfo, option: Option) -> Arg:
+def _model_option(info: ModelInfo, option: Option) -> _Arg:
     """``--<model>-<option>``: parsed by the option, default None (the model's default)."""
     values = option.values
     metavar = "{" + ",".join(map(str, values)) + "}" if values else option.name.upper()
     help = f"{option.help} (default: {option.default})"
-    return Arg(
+    return _Arg(
         f"{info.flag(option)} {metavar}", help, _argument_type(option.parse), dest=info.dest(option)
     )
 
@@ -434,16 +434,16 @@ def _training_arguments(
     _add(
         parser,
         "training and evaluation",
-        Arg(
+        _Arg(
             "--epochs",
             f"total epochs{epochs_help}{_default('epochs', epochs, quick)}",
             _POSITIVE,
             epochs,
         ),
-        Arg("--batch-size", "datapoints per step", _POSITIVE, batch_size),
-        Arg("--lr", "Adam learning rate (default: 1e-3)", _POSITIVE_REAL, 1e-3),
-        Arg("--particles", particles_help, _POSITIVE, particles),
-        Arg(
+        _Arg("--batch-size", "datapoints per step", _POSITIVE, batch_size),
+        _Arg("--lr", "Adam learning rate (default: 1e-3)", _POSITIVE_REAL, 1e-3),
+        _Arg("--particles", particles_help, _POSITIVE, particles),
+        _Arg(
             "--ll-samples K",
             "importance samples per test point for the log-likelihood "
             + _default("ll_samples", ll_samples, quick),
@@ -481,12 +481,12 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     _add(
         parser,
         "subset",
-        Arg(
+        _Arg(
             "--max-train N",
             "train on the first N training points (sequences) only (default: all)",
             _POSITIVE,
         ),
-        Arg(
+        _Arg(
             "--max-eval N",
             "validate and test on the first N points (sequences) of each split (default: all)",
             _POSITIVE,
@@ -496,13 +496,13 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     _add(
         parser,
         "engine",
-        Arg(
+        _Arg(
             "--engine BOUND",
             f"one of: {', '.join(ENGINES.names())}, written as {bound_grammar()}",
             _BOUND,
             "elbo",
         ),
-        Arg(
+        _Arg(
             "--beta-schedule SCHEDULE",
             "anneal the ELBO's KL weight over training steps: "
             "linear:STEPS (Bowman et al. 2016) or cyclical:PERIOD[:RATIO] (Fu et al. 2019) "
@@ -512,7 +512,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _training_arguments(parser, particles=None)
     run_dir = "where config, checkpoint, metrics and plots are written"
-    group = _add(parser, "run folder", Arg("--run-dir DIR", run_dir, required=True))
+    group = _add(parser, "run folder", _Arg("--run-dir DIR", run_dir, required=True))
     _add(
         group.add_mutually_exclusive_group(),
         None,
@@ -529,13 +529,13 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     _add(
         parser,
         "bounds",
-        Arg(
+        _Arg(
             "--bounds B1,B2,...",
             f"comma-separated bounds, each {bound_grammar()}",
             _BOUNDS,
             list(_index.DEFAULT_BOUNDS),
         ),
-        Arg(
+        _Arg(
             "--inner K",
             "K of miwae and piwae written without MxK; M = --particles / K "
             "(default: K = M = sqrt(--particles))",
@@ -555,17 +555,17 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "diagnostics and output", *_compare_output_arguments(quick))
 
 
-def _compare_output_arguments(quick: dict[str, Any]) -> list[Arg]:
+def _compare_output_arguments(quick: dict[str, Any]) -> list[_Arg]:
     """``pvae compare``'s diagnostics, run folder, seeds, devices and executors."""
     limits = _index.QUICK_LIMITS
     return [
-        Arg(
+        _Arg(
             "--snr-repeats N",
             "gradients per bound for the gradient signal-to-noise ratio "
             + _default("snr_repeats", None, quick),
             _argument_type(Integer(2)),
         ),
-        Arg(
+        _Arg(
             "--run-dir DIR",
             "where results.md/.json/.csv, the plots and one checkpoint folder "
             "per bound are written (default: runs/compare-DATASET)",
@@ -585,20 +585,20 @@ def _compare_output_arguments(quick: dict[str, Any]) -> list[Arg]:
             f"a smoke run in under a minute: {limits['max_train']} training and "
             f"{limits['max_eval']} valid/test points and the --quick defaults above",
         ),
-        Arg(
+        _Arg(
             "--threads N",
             "torch's intra-op threads (default: torch's own, one per core; on a "
             "machine busy with other jobs, 1 is often several times faster)",
             _POSITIVE,
         ),
-        Arg(
+        _Arg(
             "--seeds S1,S2,...",
             "train every bound once per seed (one run folder per bound "
             "and seed, BOUND/seed-S); the table gives mean ± sd over seeds and the per-seed "
             "paired Δ to the first bound (default: --seed alone, one folder per bound)",
             _argument_type(_seeds),
         ),
-        Arg(
+        _Arg(
             "--yardstick iwae:K|elbo:K|none",
             "the estimator every bound's model is evaluated "
             f"with on {_index.YARDSTICK_POINTS} validation points after every epoch, for "
@@ -606,15 +606,15 @@ def _compare_output_arguments(quick: dict[str, Any]) -> list[Arg]:
             _YARDSTICK,
             _index.YARDSTICK,
         ),
-        Arg(
+        _Arg(
             "--device",
             "where the models train and are evaluated",
             None,
             "cpu",
             choices=["cpu", "cuda", "mps"],
         ),
-        Arg("--jobs N", "cells (bound x seed) run in N processes at once", _POSITIVE, 1),
-        Arg(
+        _Arg("--jobs N", "cells (bound x seed) run in N processes at once", _POSITIVE, 1),
+        _Arg(
             "--executor",
             "where the cells run: local processes, or Ray tasks on a Ray cluster "
             "(needs pip install 'pyro-vae[ray]')",
@@ -630,13 +630,13 @@ def _diagnose_arguments(parser: argparse.ArgumentParser) -> None:
     _add(
         parser,
         None,
-        Arg(
+        _Arg(
             "run_dir RUN_DIR",
             "a run folder of 'pvae train' (config.json, checkpoint.pt) or "
             "'pvae compare' (results.json and one folder per bound)",
         ),
-        Arg("--out DIR", "where diagnostics.md and the plots are written (default: RUN_DIR)"),
-        Arg("--points N", "test points the diagnostics use, the first N", _POSITIVE, 500),
+        _Arg("--out DIR", "where diagnostics.md and the plots are written (default: RUN_DIR)"),
+        _Arg("--points N", "test points the diagnostics use, the first N", _POSITIVE, 500),
         _switch("--quiet", "only the final line (no verdict, no per-bound lines)"),
     )
 
@@ -648,28 +648,28 @@ def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     _add(
         parser,
         "sampling (SGHMC over every latent site)",
-        Arg("--num-samples", "draws kept per chain", _POSITIVE, 100),
-        Arg("--warmup", "warm-up steps per chain", _NON_NEGATIVE, 500),
-        Arg("--thin", "keep every THIN-th step", _POSITIVE, 1),
-        Arg(
+        _Arg("--num-samples", "draws kept per chain", _POSITIVE, 100),
+        _Arg("--warmup", "warm-up steps per chain", _NON_NEGATIVE, 500),
+        _Arg("--thin", "keep every THIN-th step", _POSITIVE, 1),
+        _Arg(
             "--chains",
             "chains, one after another; R-hat needs at least 2",
             _POSITIVE,
             SAMPLE_CHAINS,
         ),
-        Arg("--batch-size", "datapoints per step", _POSITIVE, 100),
-        Arg(
+        _Arg("--batch-size", "datapoints per step", _POSITIVE, 100),
+        _Arg(
             "--lr",
             "SGHMC learning rate per datapoint; the step is lr / N (default: SGHMC's, "
             f"{sghmc['lr']})",
             _POSITIVE_REAL,
         ),
-        Arg(
+        _Arg(
             "--friction",
             f"SGHMC friction in (0, 1] (default: SGHMC's, {sghmc['friction']})",
             _FRICTION,
         ),
-        Arg(
+        _Arg(
             "--init-radius",
             "chains start with unconstrained values uniform in (-R, R) "
             f"(default: SGHMC's, {sghmc['init_radius']}; 0.1 starts a network's weights small, "
@@ -677,19 +677,19 @@ def _sample_arguments(parser: argparse.ArgumentParser) -> None:
             "of steps)",
             _POSITIVE_REAL,
         ),
-        Arg(
+        _Arg(
             "--max-train N", "sample on the first N training points only (default: all)", _POSITIVE
         ),
     )
     _add(
         parser,
         "run folder",
-        Arg("--run-dir DIR", "where the run is written", required=True),
+        _Arg("--run-dir DIR", "where the run is written", required=True),
         _switch(
             "--resume",
             "continue the interrupted run in DIR from its checkpoint (bit-identical samples)",
         ),
-        Arg(
+        _Arg(
             "--checkpoint-every STEPS",
             "steps between checkpoints within a chain; one is also "
             "written after every chain and on Ctrl-C",

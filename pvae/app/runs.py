@@ -126,8 +126,11 @@ class RunConfig:
 
     @classmethod
     def from_json(cls, values: Mapping[str, Any]) -> RunConfig:
-        """:raises RunFolderError: a missing entry, one that is not a field, or options that
-        are not a mapping."""
+        """The configuration that :meth:`to_json` wrote.
+
+        :raises RunFolderError: a missing entry, one that is not a field, or options that are
+            not a mapping.
+        """
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise RunFolderError(f"unknown run configuration entries {unknown}")
