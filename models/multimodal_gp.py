@@ -78,8 +78,9 @@ trial; None: step 1), ``modality_mask (B, 2)`` bool, True = observed, columns in
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -195,6 +196,7 @@ class MultimodalGPVAE(PyroModule):
         self.num_neurons, self.image_shape = num_neurons, shape
         self.x_dim = math.prod(shape)
         self.analytic_poisson = analytic_poisson
+        self._muted: frozenset[str] = frozenset()  # modalities whose private channels are off
         self.dims = {"shared": shared_dim, "neural": neural_dim, "image": image_dim}
         starts = [0, shared_dim, shared_dim + neural_dim, shared_dim + neural_dim + image_dim]
         self.groups = {g: slice(starts[i], starts[i + 1]) for i, g in enumerate(GROUPS)}
@@ -353,14 +355,42 @@ class MultimodalGPVAE(PyroModule):
             pyro.module(f"{self._pyro_name}.neural_encoder", self.neural_encoder)
             pyro.module(f"{self._pyro_name}.image_encoder", self.image_encoder)
 
+    def _decoder_input(self, z: Tensor, modality: str) -> Tensor:
+        """The channels ``modality``'s decoder reads, ``[shared, private]`` (the private ones
+        as zeros inside :meth:`private_off`)."""
+        channels = z[..., self.neural_channels if modality == "neural" else self.image_channels]
+        if modality not in self._muted:
+            return channels
+        shared = self.dims["shared"]
+        return torch.cat([channels[..., :shared], torch.zeros_like(channels[..., shared:])], -1)
+
+    @contextlib.contextmanager
+    def private_off(self, *modalities: str) -> Iterator[None]:
+        """Inside the block the decoders of ``modalities`` read only the shared channels:
+        their private channels enter as zeros (the guide still infers them, and their KL
+        pulls them to the prior). A staged start for identification: trained first with
+        ``private_off("image")``, the shared channels must carry what the images share with
+        the spikes before the image-private channels can take it (``mm-gp-sim``: without
+        it, the image-private channel often takes the rotation that the shared one should
+        carry, and the size is lost; ``benchmarks/papers/mmgpvae.py``)."""
+        unknown = [m for m in modalities if m not in MODALITIES]
+        if unknown or not modalities:
+            raise ValueError(f"modalities must be some of {MODALITIES}, got {modalities!r}")
+        before = self._muted
+        self._muted = before | frozenset(modalities)
+        try:
+            yield
+        finally:
+            self._muted = before
+
     def _eta_moments(
         self, q: dist.TorchDistribution, num_steps: int, dt: float
     ) -> tuple[Tensor, Tensor]:
         """Mean and variance of ``eta = C z + d`` under ``q``, each ``(B, T, num_neurons)``."""
         mean, variance = self.prior_process.path_moments(q, num_steps, dt)
-        channels = self.neural_channels
-        weight = self.neural_decoder.weight
-        return self.neural_decoder(mean[..., channels]), variance[..., channels] @ weight.pow(2).mT
+        mean = self._decoder_input(mean, "neural")
+        variance = self._decoder_input(variance, "neural")
+        return self.neural_decoder(mean), variance @ self.neural_decoder.weight.pow(2).mT
 
     # -- the pair -----------------------------------------------------------------------------
     def model(
@@ -378,7 +408,7 @@ class MultimodalGPVAE(PyroModule):
             value = pyro.sample("z", self.prior_process.prior(B, T, dt))
             z = self.prior_process.paths(value, T, dt)  # (..., B, T, C)
             neural_present, image_present = modality_mask[:, 0], modality_mask[:, 1]
-            rate = self.neural_decoder(z[..., self.neural_channels]).exp()
+            rate = self.neural_decoder(self._decoder_input(z, "neural")).exp()
             spikes = dist.Poisson(rate).to_event(2).mask(neural_present)
             infer: dict = {}  # a key of its own: not in Pyro's InferDict
             if self.analytic_poisson:  # read by ELBO engines only; the density stays exact
@@ -392,7 +422,7 @@ class MultimodalGPVAE(PyroModule):
 
                 infer[EXPECTED_LOG_PROB] = expected
             pyro.sample("neural", spikes, obs=counts, infer=infer)  # type: ignore[arg-type]
-            params = self.image_decoder(z[..., self.image_channels])
+            params = self.image_decoder(self._decoder_input(z, "image"))
             images = self.image_likelihood(params).to_event(1).to_event(1)
             pyro.sample("image", images.mask(image_present), obs=frames)
 
@@ -462,8 +492,8 @@ class MultimodalGPVAE(PyroModule):
         _positive_int(num_samples, "num_samples")
         value = self.prior_process.prior(num_samples, num_steps, dt).sample()
         z = self.prior_process.paths(value, num_steps, dt)
-        rates = self.neural_decoder(z[..., self.neural_channels]).exp()
-        images = self.image_likelihood.mean(self.image_decoder(z[..., self.image_channels]))
+        rates = self.neural_decoder(self._decoder_input(z, "neural")).exp()
+        images = self.image_likelihood.mean(self.image_decoder(self._decoder_input(z, "image")))
         return z, rates, images.reshape(num_samples, num_steps, *self.image_shape)
 
 

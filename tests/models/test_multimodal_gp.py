@@ -232,6 +232,52 @@ def test_bad_input():
         MultimodalGPVAE(6, shared_dim=0)
 
 
+def _site_log_probs(model, value, batch):
+    """log p of the "neural" and "image" sites at the latent draw ``value``, ``(B,)`` each."""
+    conditioned = poutine.condition(model.model, data={"z": value})
+    trace = poutine.trace(conditioned).get_trace(*batch)
+    return {
+        name: trace.nodes[name]["fn"].log_prob(trace.nodes[name]["value"])
+        for name in ("neural", "image")
+    }
+
+
+def test_private_off_cuts_exactly_the_private_channels_of_the_named_decoders():
+    torch.manual_seed(0)
+    model = MultimodalGPVAE(6, hidden=(16,), name="mm_private_off")
+    batch = _batch()
+    value = model.posterior(*batch).sample()  # (B, C, K): one row of coefficients per channel
+    moved = value.clone()  # the same draw with both private channels' paths changed
+    moved[:, model.groups["neural"]] += 1.0
+    moved[:, model.groups["image"]] += 1.0
+
+    both = batch[3].all(-1)  # trials with both modalities (a missing one scores 0)
+
+    def change():
+        base, other = _site_log_probs(model, value, batch), _site_log_probs(model, moved, batch)
+        return {site: (other[site] - base[site])[both].abs().min() for site in base}
+
+    assert min(change().values()) > 1e-3  # each decoder reads its private channel
+    with model.private_off("image"):
+        cut = change()
+    assert cut["image"] == 0 and cut["neural"] > 1e-3
+    with model.private_off("neural", "image"):
+        assert max(change().values()) == 0
+    # the closed-form Poisson term follows the cut: equal to zeroing the private loadings
+    with model.private_off("neural"):
+        cut = model.expected_log_likelihood(*batch)
+    with torch.no_grad():
+        model.neural_decoder.weight[:, model.groups["neural"]] = 0.0
+    torch.testing.assert_close(cut, model.expected_log_likelihood(*batch))
+    # left on exit, also after an error; a bad name refused
+    with pytest.raises(RuntimeError), model.private_off("image"):
+        raise RuntimeError
+    assert model._muted == frozenset()
+    with pytest.raises(ValueError, match="modalities"):
+        with model.private_off("images"):
+            pass
+
+
 # -- identification after training ------------------------------------------------------------
 def test_image_likelihood_keywords_and_its_learned_scale_trains():
     counts, frames, times, mask = _batch()
