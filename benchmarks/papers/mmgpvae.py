@@ -18,7 +18,7 @@ inferred posterior-mean paths of a group to the true ones, fitted on half of the
 trials and scored on the other half, over every time bin).
 
 Model: ``MultimodalGPVAE`` with the Fourier-domain RBF prior and the recipe of
-:func:`recipe` (tutorial 06's), trained with ``pvae.fit`` and ``pvae.inference.ELBO``. The
+:func:`recipe`, trained with ``pvae.fit`` and ``pvae.inference.ELBO``. The
 budget curve is the smallest of the three diagonal R^2 against training seconds.
 
 The image likelihood is the one setting that decides the image-private group. Measured with
@@ -29,22 +29,34 @@ metric either); Gaussian of scale 1 0.94 / 0.97 / 0.97; Gaussian of scale 0.1 -0
 (the shared group falls to 0.15: the pixels outweigh the spikes). The frames themselves carry
 the size: a linear map of the 64 clean pixels predicts it with R^2 0.998. The paper's model
 has a normal likelihood for images (so its OpenReview reviews summarise it; not read in the
-paper's text here); a fixed scale of 1 is the recipe here.
+paper's text here); a fixed scale is the recipe here (0.3 with the staged start below).
 
-Open: the recovery depends on the seed. At the cpu budget seed 0 identifies every group, seeds
-1 and 2 do not, from the first checkpoint to the last (the budget curve): with seed 1 after 36
-epochs the inferred image-private channel carries the rotation (R^2 0.40 on the true shared
-latent), the shared and neural channels share a rotated mix of the two neural-side latents
-(the Poisson loading is invariant to rotations of that 2-D subspace), and the size is lost.
-Twelve warm-up epochs with the private channels cut from the decoders did not escape it.
+A staged start decides which channel carries what. With a Gaussian of scale 1 from the first
+step, seeds 1 and 2 (of 0-3, 120 epochs) let the image-private channel take the rotation that
+the shared one should carry, and the size is lost (image R^2 0.00; the final training ELBO
+ranks the runs: -4731 for seed 0, which identifies every group, against -4781 to -4836). Cutting
+the image-private channel from the image decoder for the first epochs
+(:meth:`MultimodalGPVAE.private_off`), with the pixels weighted up (Gaussian scale 0.3), makes
+the shared channel follow the rotation before the private one may speak: shared R^2 >= 0.99
+and image R^2 >= 0.96 for each of seeds 0, 1, 2, 3, 6 (60 of 200 epochs). Weighting the
+pixels alone (scale 0.5), the closed-form Poisson term alone, or cutting both private channels
+did not. The neural-private channel is the weak group: the spikes see ``[z_s, z_n]`` through a
+linear map, so a path ``z_n + b z_s`` (renormalised) explains them as well, and only the
+prior's independence of the groups (a KL of about ``T log sqrt(1 + b^2)`` per trial) pulls ``b``
+to zero, slowly: neural R^2 0.65-0.83 after 200 epochs for seeds 1, 3, 6, 0.90 and 0.88 after
+400 for seeds 1 and 3. The cpu budget therefore trains 600 epochs, the first 60 with the cut:
+shared 0.999, neural 0.968 +- 0.013, image 0.990 +- 0.003, largest cross-group R^2 0.024, over
+seeds 0, 1, 2 (276 s of CPU).
 
-By ``--budget``: ``tiny`` (24 training trials, 2 epochs), ``cpu`` (200 trials, the recipe's
+By ``--budget``: ``tiny`` (24 training trials, 2 epochs), ``cpu`` (200 trials, 600
 epochs), ``paper`` (400 trials, T = 60, 100 neurons, 700 epochs of batch 20 as in the
 authors' released ``hyperparams.py``, with our learning rate). Run:
 ``python benchmarks/papers/mmgpvae.py --budget cpu``.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import _common
 import torch
@@ -60,15 +72,31 @@ CROSS = 0.1  # the largest cross-group R^2 counted as "small"
 
 
 def recipe() -> dict:
-    """The model and optimiser settings every budget shares (tutorial 06 uses the same)."""
+    """The model and optimiser settings every budget shares (tutorial 06 trains one seed
+    with a Gaussian of scale 1 and no staged start, which identifies every group for that seed)."""
     return dict(
         hidden=(128,),
         lengthscale=5.0,
         image_likelihood="gaussian",
-        image_likelihood_kw={"scale": 1.0},
+        image_likelihood_kw={"scale": 0.3},
         lr=5e-3,
         batch_size=50,
+        staged_fraction=0.1,  # of the epochs with the image-private channel cut
     )
+
+
+class StagedStart:
+    """A ``pvae.fit`` callback: ``model``'s image decoder reads only the shared channels
+    until ``epochs`` epochs are done (:meth:`MultimodalGPVAE.private_off`)."""
+
+    def __init__(self, model: MultimodalGPVAE, epochs: int):
+        self.epochs, self.stage = epochs, contextlib.ExitStack()
+        if epochs > 0:
+            self.stage.enter_context(model.private_off("image"))
+
+    def __call__(self, run, record: dict) -> None:
+        if record["epoch"] + 1 >= self.epochs:
+            self.stage.close()
 
 
 def run(ds, sizes: dict, seed: int, device: torch.device) -> dict:
@@ -94,9 +122,11 @@ def run(ds, sizes: dict, seed: int, device: torch.device) -> dict:
         batch_size=sizes.get("batch_size", settings["batch_size"]),
         lr=settings["lr"],
     )
-    seconds, curve = _common.fit_with_curve(
-        model.model, model.guide, train, ELBO(), worst, fit_sizes, seed
-    )
+    staged = StagedStart(model, round(settings["staged_fraction"] * sizes["epochs"]))
+    with staged.stage:  # closed after its epochs, or here if training stops early
+        seconds, curve = _common.fit_with_curve(
+            model.model, model.guide, train, ELBO(), worst, fit_sizes, seed, callbacks=[staged]
+        )
     model.cpu()
     metrics = identification_metrics(model, ds)
     return dict(metrics=metrics, seconds=seconds, curve=curve)
@@ -107,7 +137,7 @@ def main() -> None:
     sizes = _common.pick(
         args,
         tiny=dict(data=dict(sizes=(24, 0, 16), num_steps=20), epochs=2),
-        cpu=dict(data=dict(sizes=(200, 0, 100)), epochs=120),
+        cpu=dict(data=dict(sizes=(200, 0, 100)), epochs=600),
         paper=dict(
             data=dict(sizes=(400, 0, 100), num_steps=60, num_neurons=100),
             epochs=700,
@@ -140,7 +170,8 @@ def main() -> None:
     report.notes.append(
         f"mm-gp-sim {sizes['data']}, seed 0; MultimodalGPVAE(hidden={settings['hidden']}, "
         f"lengthscale={settings['lengthscale']}, Fourier prior, Gaussian image likelihood of "
-        f"scale 1), {sizes['epochs']} epochs, "
+        f"scale {settings['image_likelihood_kw']['scale']}), {sizes['epochs']} epochs, the first "
+        f"{settings['staged_fraction']:.0%} with the image-private channel cut, "
         f"batch {sizes.get('batch_size', settings['batch_size'])}, Adam {settings['lr']}, "
         "pvae.inference.ELBO; R^2 held out (fitted on half the test trials, scored on the "
         "other half)."
