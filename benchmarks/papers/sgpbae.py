@@ -33,20 +33,20 @@ then averaged over the sequences of a seed.
   time (length scale 3, learned), MLP 64, Gaussian likelihood of scale 0.1, amortised: trained
   by ELBO on the training sequences (Adam 3e-3, batch 32), then imputing the test sequences
   (decoded posterior mean): it learns from 256 other sequences, SGP-BAE from the test
-  sequence's own observed frames (as the paper's GP-VAE baselines and model do). With the continuous Bernoulli likelihood it collapsed to the
-  training set's mean frame (seed 0, 256 sequences of T = 100, 8 test sequences: missing-frame
-  MSE 0.075 after 30 epochs, as the global mean frame's 0.075, and still 0.075 after 60 with 2
-  channels; the Gaussian: 0.047 after 30 epochs), so the Gaussian is the recipe here.
+  sequence's own observed frames. With the continuous Bernoulli likelihood it collapsed to
+  the training set's mean frame (seed 0, 256 sequences of T = 100, 8 test sequences:
+  missing-frame MSE 0.075 after 30 epochs, the global mean frame's 0.075, and still 0.075
+  after 60 with 2 channels; the Gaussian: 0.047 after 30 epochs): the Gaussian is the recipe.
 - **mean frame**: the mean of the sequence's observed frames; **forward fill**: the last
   observed frame before (or, at the start, the first after), reported, not claimed.
 
 Codes against the angle: R^2 of the affine least-squares map from a model's posterior-mean
 codes of the observed frames to the angle (linear) and to (cos, sin) of the angle (circular),
 per sequence (the GP-VAE's 4 channels against SGP-BAE's 2 lift its R^2 by about 2 / 60 on
-chance alone, 60 observed frames); ``codes_vs_angle.png`` plots seed 0's first sequence. The budget curve: each
-model's imputation MSE against its process CPU seconds (SGP-BAE: sampling runs with a quarter,
-half and all of the warm-up on the first test sequence; GP-VAE: a few epochs of its run,
-scored on the validation sequences).
+chance alone, 60 observed frames); ``codes_vs_angle.png`` plots seed 0's first sequence. The
+budget curve: each model's imputation MSE against its process CPU seconds (SGP-BAE: sampling
+runs with a quarter, half and all of the warm-up on the first test sequence; GP-VAE: a few
+epochs of its run, scored on the validation sequences).
 
 By ``--budget``: ``tiny`` (seconds), ``cpu`` (T = 100, 256 training sequences, 4 test
 sequences per seed, SGHMC 1,000 warm-up steps and 200 draws every 2nd step, GP-VAE 60
