@@ -1,5 +1,5 @@
-"""The sparse-GP Bayesian autoencoder, SGP-BAE (Tran, Rossi, Milios, Filippone and Michiardi
-2023, "Fully Bayesian autoencoders with latent sparse Gaussian processes").
+"""The sparse-GP Bayesian autoencoder, SGP-BAE (Tran, Shahbaba, Mandt and Filippone 2023,
+"Fully Bayesian autoencoders with latent sparse Gaussian processes", ICML).
 
 Each datapoint n (a frame, say) comes with an auxiliary input ``t_n`` (its time stamp, or the
 angle of a rotating digit), ``(D,)``. Its code ``z_n`` ``(L,)`` is tied to the others through a

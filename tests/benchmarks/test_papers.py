@@ -26,9 +26,13 @@ QUOTED = {
     "mmgpvae": [],  # the paper's R^2 values were not read: no paper number is quoted
     "svae": [],  # the paper's pendulum results are figures on other videos: ordering only
     "kovae": [0.913, 0.359],  # the oscillators' true eigenvalue (the paper's Table 1 not read)
+    "sgpbae": [],  # the paper's rotated-MNIST table was not read: ordering only
 }
 # script -> extra files its report must list (beside the budget curve)
-FIGURES = {"svae": ["forecast_frames.png", "forecast_mse.json"]}
+FIGURES = {
+    "svae": ["forecast_frames.png", "forecast_mse.json"],
+    "sgpbae": ["codes_vs_angle.png", "per_sequence.json"],
+}
 VERDICTS = ("reproduced", "direction reproduced", "not reproduced")
 
 
