@@ -41,8 +41,8 @@ Scores on the test images (nats per image; higher is better unless said):
   (an MLP 784-256-64-10, its test accuracy reported): the Frechet distance between the 64
   features of its last hidden layer on the generated and on the test images (``FD``, lower
   is better; the validation images' FD is the floor a perfect generator would reach with
-  500 images), its mean top-class probability (``confidence``) and the entropy of its mean predicted class distribution
-  (``label entropy``; log 10 = 2.30 for balanced classes);
+  500 images), its mean top-class probability (``confidence``) and the entropy of its mean
+  predicted class distribution (``label entropy``; log 10 = 2.30 for balanced classes);
 - convergence: the rank-normalised split R-hat (ArviZ) across the 4 chains of the log joint
   and of each draw's mean test log-likelihood (the weights themselves are not identified:
   hidden units can be permuted).
