@@ -62,8 +62,8 @@ preconditioner, V the gradient's variance over an adaptation window). On this ne
 160,000 weights, full batches) one coordinate's P_i V_i, inflated by the warm-up's transient,
 sets it: measured on 200 images (prior scale 0.1, seed 0, 4 chains of 1,500 steps) the
 step was 0.00065 (77 times below ``lr``), max_i P_i V_i 306 while its median was 0.013 (at
-stationarity every P_i V_i >= 1: the preconditioner is far below the posterior variance for most weights). The
-chains then barely move after leaving the optimiser's mode: their log joint falls steadily
+stationarity every P_i V_i >= 1: the preconditioner is far below the posterior variance
+for most weights). The chains then barely move after leaving the optimiser's mode: their log joint falls steadily
 through the sampling phase (each chain at its own level: R-hat 2-4) while the test
 log-likelihood rises. Capping each coordinate's step on its own (``eta_i = min(lr P_i,
 2 * friction * 2 / V_i)``) diverged at step 349: the global cap is what keeps the transient's
