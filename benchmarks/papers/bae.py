@@ -59,20 +59,21 @@ SGHMC settings were not read).
 What limits the BAE here is the sampler's step, not the budget alone. ``SGHMC``'s adaptive
 step is ``min(lr, 2 * friction * 2 / max_i(P_i V_i))`` over every coordinate i (P the
 preconditioner, V the gradient's variance over an adaptation window). On this network (about
-160,000 weights, full batches) one coordinate's P_i V_i, inflated by the warm-up's transient,
-sets it: measured on 200 images (prior scale 0.1, seed 0, 4 chains of 1,500 steps) the
-step was 0.00065 (77 times below ``lr``), max_i P_i V_i 306 while its median was 0.013 (at
-stationarity every P_i V_i >= 1: the preconditioner is far below the posterior variance
-for most weights). The chains then barely move after leaving the optimiser's mode: their log joint falls steadily
-through the sampling phase (each chain at its own level: R-hat 2-4) while the test
-log-likelihood rises. Capping each coordinate's step on its own (``eta_i = min(lr P_i,
-2 * friction * 2 / V_i)``) diverged at step 349: the global cap is what keeps the transient's
-inflated P_i stable, so it was left as it is; the R-hat rows say how far the chains are from
-agreeing, and the BAE's numbers describe this sampler at this budget, not the posterior.
-With the scale 0.3 (DSWD's choice at 200 and 500 images) the step sits at its ``lr`` cap
-instead, and the default ``lr`` 0.05 diverged in 1 of 3 runs at 200 images and in all 3 at
-500, at steps 186-189, a few steps after the first adaptation window closed (step 183): such a
-run is restarted with ``lr`` 0.02 (then 0.008), and the report counts the restarts.
+160,000 weights, full batches) one coordinate's P_i V_i, inflated by the warm-up's
+transient, sets it: measured on 200 images (prior scale 0.1, seed 0, 4 chains of 1,500
+steps) the step was 0.00065 (77 times below ``lr``), max_i P_i V_i 306 while its median was
+0.013 (at stationarity every P_i V_i >= 1: the preconditioner is far below the posterior
+variance for most weights). The chains then barely move after leaving the optimiser's mode:
+their log joint falls steadily through the sampling phase (each chain at its own level:
+R-hat 2-4) while the test log-likelihood rises. Capping each coordinate's step on its own
+(``eta_i = min(lr P_i, 2 * friction * 2 / V_i)``) diverged at step 349: the global cap is
+what keeps the transient's inflated P_i stable, so it was left as it is; the R-hat rows say
+how far the chains are from agreeing, and the BAE's numbers describe this sampler at this
+budget, not the posterior. With the scale 0.3 (DSWD's choice at 200 and 500 images) the step
+sits at its ``lr`` cap instead, and the default ``lr`` 0.05 diverged in 1 of 3 runs at 200
+images and in all 3 at 500, at steps 186-189, a few steps after the first adaptation window
+closed (step 183): such a run is restarted with ``lr`` 0.02 (then 0.008), and the report
+counts the restarts.
 
 The DSWD hardly separates the candidate scales on this data: every zero-mean prior's
 prior-predictive images have mean 0.5 per pixel (symmetric biases) where MNIST's are mostly
