@@ -34,6 +34,8 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import arviz
 import numpy as np
@@ -59,18 +61,23 @@ def expected_calibration_error(probs: Tensor, x: Tensor, bins: int = 10) -> floa
     return total / probs.numel()
 
 
-def run_bae(train: Tensor, test: Tensor, args: argparse.Namespace) -> dict[str, float]:
+def sample_bae(train: Tensor, args: argparse.Namespace) -> tuple[BayesianAE, Any, float, SGHMC]:
+    """The BayesianAE (its prior scale chosen by DSWD with ``args.select_prior``, the choice
+    kept in its ``prior_selection``) and its posterior: ``args.chains`` chains of SGHMC on
+    full batches; also the sampling seconds and the sampler (its last chain's state)."""
     pyro.clear_param_store()
     bae = BayesianAE(
         784, args.z_dim, hidden=(args.hidden,), likelihood="bernoulli", prior_scale=args.prior_scale
     )
     if args.select_prior:
-        bae.select_prior(train, scales=(0.03, 0.1, 0.3, 1.0), metric="dswd")
+        selection = bae.select_prior(train, scales=(0.03, 0.1, 0.3, 1.0), metric="dswd")
+        bae.prior_selection = selection
+    sampler = SGHMC(**sampler_options(args))
     started = time.perf_counter()
     posterior = pvae.sample(
         bae.model,
         train,
-        SGHMC(**sampler_options(args)),
+        sampler,
         num_samples=args.draws,
         warmup=args.warmup,
         thin=args.thin,
@@ -79,24 +86,35 @@ def run_bae(train: Tensor, test: Tensor, args: argparse.Namespace) -> dict[str, 
         seed=args.seed,
         progress=False,
     )
-    seconds = time.perf_counter() - started
-    probs, _ = bae.reconstruct(posterior, test, num_samples=args.draws)
-    with torch.no_grad():
-        per_draw = torch.stack(
-            [
-                bae.likelihood(bae.network(test, e, d)).to_event(1).log_prob(test).mean()
-                for e, d in bae.draws(posterior)
-            ]
-        ).reshape(posterior.num_chains, posterior.num_samples)
+    return bae, posterior, time.perf_counter() - started, sampler
+
+
+@torch.no_grad()
+def bae_draw_log_likelihood(bae: BayesianAE, posterior: Any, test: Tensor) -> Tensor:
+    """Each draw's mean test log-likelihood log p(x | f(x; theta_s)), ``(chains, draws)``."""
+    per_draw = [
+        bae.likelihood(bae.network(test, e, d)).to_event(1).log_prob(test).mean()
+        for e, d in bae.draws(posterior)
+    ]
+    return torch.stack(per_draw).reshape(posterior.num_chains, posterior.num_samples)
+
+
+def bae_scores(bae: BayesianAE, posterior: Any, test: Tensor, draws: int) -> dict[str, float]:
+    """Test recon LL and ECE over ``draws`` evenly spaced posterior draws, and R-hat."""
+    probs, _ = bae.reconstruct(posterior, test, num_samples=draws)
     return {
-        "recon_ll": float(bae.log_likelihood(posterior, test, num_samples=args.draws).mean()),
+        "recon_ll": float(bae.log_likelihood(posterior, test, num_samples=draws).mean()),
         "eq_recon": math.nan,
         "ece": expected_calibration_error(probs, test),
-        "seconds": seconds,
         "scale": next(iter(bae.prior_scale.values())),
         "rhat_log_joint": _rhat(posterior.log_joint),
-        "rhat_test_ll": _rhat(per_draw),
+        "rhat_test_ll": _rhat(bae_draw_log_likelihood(bae, posterior, test)),
     }
+
+
+def run_bae(train: Tensor, test: Tensor, args: argparse.Namespace) -> dict[str, float]:
+    bae, posterior, seconds, _ = sample_bae(train, args)
+    return {**bae_scores(bae, posterior, test, args.draws), "seconds": seconds}
 
 
 def sampler_options(args: argparse.Namespace) -> dict:
@@ -125,13 +143,27 @@ def _vae_scores(vae: VAE, test: Tensor, draws: int) -> tuple[float, float, Tenso
     return recon_ll, float(log_p.mean()), torch.sigmoid(logits).mean(0)
 
 
-def run_vae(train: Tensor, valid: Tensor, test: Tensor, args: argparse.Namespace) -> dict:
+def build_vae(args: argparse.Namespace) -> VAE:
+    """The VAE of the BayesianAE's widths (a fresh parameter store, seeded by ``args.seed``)."""
     pyro.clear_param_store()
     torch.manual_seed(args.seed)
-    vae = VAE(784, args.z_dim, hidden=(args.hidden,), likelihood="bernoulli")
-    batch = min(100, len(train))
+    return VAE(784, args.z_dim, hidden=(args.hidden,), likelihood="bernoulli")
+
+
+def vae_schedule(num_data: int, args: argparse.Namespace) -> tuple[int, int]:
+    """The VAE's batch size and epochs: about as many steps as one chain of the sampler."""
+    batch = min(100, num_data)
     steps = args.warmup + args.draws * args.thin
-    epochs = max(1, steps // math.ceil(len(train) / batch))
+    return batch, max(1, steps // math.ceil(num_data / batch))
+
+
+def train_vae(
+    vae: VAE, train: Tensor, valid: Tensor, args: argparse.Namespace, callbacks: Sequence = ()
+) -> float:
+    """Train ``vae`` with the ELBO (Adam 1e-3, batches of 100) for as many steps as one chain
+    of the sampler takes and keep the parameters of its best validation epoch; returns the
+    training seconds (``callbacks`` go to ``pvae.fit`` after the keeper)."""
+    batch, epochs = vae_schedule(len(train), args)
     best = {"valid": -math.inf, "state": None}
 
     def keep_best(run, record) -> None:
@@ -151,22 +183,32 @@ def run_vae(train: Tensor, valid: Tensor, test: Tensor, args: argparse.Namespace
         valid=valid,
         seed=args.seed,
         progress=False,
-        callbacks=[keep_best],
+        callbacks=[keep_best, *callbacks],
     )
     seconds = time.perf_counter() - started
     if best["state"] is not None:
         vae.load_state_dict(best["state"])
-    torch.manual_seed(args.seed)
-    recon_ll, eq_recon, probs = _vae_scores(vae, test, args.draws)
+    return seconds
+
+
+def vae_scores(vae: VAE, test: Tensor, draws: int, seed: int) -> dict[str, float]:
+    """Test recon LL, E_q recon and ECE over ``draws`` codes z ~ q(z | x)."""
+    torch.manual_seed(seed)
+    recon_ll, eq_recon, probs = _vae_scores(vae, test, draws)
     return {
         "recon_ll": recon_ll,
         "eq_recon": eq_recon,
         "ece": expected_calibration_error(probs, test),
-        "seconds": seconds,
         "scale": math.nan,
         "rhat_log_joint": math.nan,
         "rhat_test_ll": math.nan,
     }
+
+
+def run_vae(train: Tensor, valid: Tensor, test: Tensor, args: argparse.Namespace) -> dict:
+    vae = build_vae(args)
+    seconds = train_vae(vae, train, valid, args)
+    return {**vae_scores(vae, test, args.draws, args.seed), "seconds": seconds}
 
 
 def main() -> None:

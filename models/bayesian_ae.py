@@ -449,7 +449,8 @@ class BayesianAE(PyroModule):
 
         The codes of different draws share one space while the draws come from one chain that
         moves slowly; chains started apart may use different code spaces: fit on one chain's
-        draws then (``{site: t[c:c+1] for site, t in posterior.samples.items()}``).
+        draws then (``{site: t[c] for site, t in posterior.samples.items()}``, chain c's
+        ``(draws, *shape)``).
         """
         x = self._check_x(x)
         total = _num_draws(posterior)

@@ -27,6 +27,7 @@ QUOTED = {
     "svae": [],  # the paper's pendulum results are figures on other videos: ordering only
     "kovae": [0.913, 0.359],  # the oscillators' true eigenvalue (the paper's Table 1 not read)
     "sgpbae": [],  # the paper's rotated-MNIST table was not read: ordering only
+    "bae": [],  # Tran et al. 2021's tables were not read: ordering and R-hat only
 }
 # script -> extra files its report must list (beside the budget curve)
 FIGURES = {

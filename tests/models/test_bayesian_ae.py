@@ -113,6 +113,20 @@ def test_sghmc_sampling_and_generation_end_to_end():
     assert torch.equal(generated, bae.generate(16, seed=0))
 
 
+def test_latent_mixture_of_one_chain_uses_that_chain_s_draws():
+    # the docstring's recipe: {site: t[c]} (chain c's (draws, *shape)) from (chains, draws, ...)
+    bae = BayesianAE(x_dim=5, z_dim=2, hidden=(3,))
+    chain0, chain1 = _two_draw_posterior(bae, seed=0), _two_draw_posterior(bae, seed=1)
+    samples = {k: torch.stack([chain0[k], chain1[k]]) for k in chain0}  # (2 chains, 2 draws)
+    x = _binary(12, 5, seed=4)
+    bae.fit_latent_mixture({k: t[1] for k, t in samples.items()}, x, max_components=2)
+    decoders = [name for name, _ in bae.site_names[len(bae.encoder) :]]
+    for s, weights in enumerate(bae._mixture_weights):
+        for (weight, _), name in zip(weights, decoders, strict=True):
+            assert torch.equal(weight, chain1[name][s])
+    assert bae.generate(4, seed=0).shape == (4, 5)
+
+
 def test_prior_selection_recovers_the_scale_that_generated_the_data():
     # Data from a linear decoder with weight and bias scale s_true = 2:
     #     x = W h + b,  h in {-1, +1}^k,  W, b ~ N(0, s_true^2).
