@@ -45,6 +45,17 @@ imputation is the decoded posterior mean at the hidden pixels, the observed ones
   lengthscales, initial lengthscale 2) with its likelihood masked per entry
   (:class:`EntryMaskedMarkovianGPVAE`: the model file takes a mask per frame only).
 
+The likelihood's fixed scale decides the GP-VAE-against-VAE gap. At a scale of 0.2 (the
+recipe of ``tests/models/test_gp_vae.py``), 100 epochs, 3 seeds: VAE 0.0456 ± 0.0008, GP-VAE
+0.0451 ± 0.0005, Markovian 0.0441 ± 0.0003, every validation curve flat from epoch 32 on; the
+decoded posterior mean missed even the *observed* pixels by an MSE of 0.039-0.040 (seed 0,
+60 epochs), about the likelihood's variance 0.2^2: the models fitted to the noise level the
+likelihood allowed, and the decoder, not the inference over time, set the floor. Seed 0, 60
+epochs, hidden-pixel MSE (VAE / GP-VAE): scale 0.2: 0.0469 / 0.0440; 0.1: 0.0439 / 0.0374
+(Markovian 0.0331); 0.05: 0.0451 / 0.0393 (the VAE now fits the observed pixels to 0.021
+and generalises worse). The GP-VAE at scale 0.1 with z_dim 4 / 8 / 16: 0.0395 / 0.0374 /
+0.0430. The recipe is scale 0.1, z_dim 8.
+
 Cost per step: the CPU clock (``time.process_time``) of one ELBO-and-gradient step (median
 of ``cost_repeats`` after a warm-up step), of the GP-VAE and the Markovian GP-VAE built as
 trained: on a training batch at T = 10, and on one sequence of the same kind of frames at
@@ -135,14 +146,14 @@ class EntryMaskedMarkovianGPVAE(MarkovianGPVAE):
 
 def sizes(args) -> dict:
     """Everything a budget sets: data, training and the cost measurement."""
-    recipe = dict(z_dim=8, hidden=(128, 128), scale=0.2, lr=3e-3, batch_size=64)
+    recipe = dict(z_dim=8, hidden=(128, 128), scale=0.1, lr=3e-3, batch_size=64)
     return _common.pick(
         args,
         tiny=recipe
         | dict(data=(16, 8, 8), source="digits", epochs=1, batch_size=8)
         | dict(cost_steps=(10, 20), cost_repeats=1),
         cpu=recipe
-        | dict(data=(1000, 100, 300), source="digits", epochs=100)
+        | dict(data=(1000, 100, 300), source="digits", epochs=60)
         | dict(cost_steps=(10, 100, 1000), cost_repeats=3),
         paper=recipe
         | dict(z_dim=256, hidden=(256, 256), data=(4000, 500, 500), source="mnist5k")
@@ -331,7 +342,8 @@ def main() -> None:
     setting = f"hmnist-like {side}x{side}, T=10, 60% pixels missing"
     source = "Fortuin et al. 2020, Table 1, HMNIST, MSE (not read: left empty)"
     for name in (*BASELINES, *MODELS):
-        report.add(setting, f"{name}: imputation MSE", mse[name], None, source, digits=4)
+        cited = None if name == "Markovian GP-VAE" else source  # not in Fortuin et al.'s table
+        report.add(setting, f"{name}: imputation MSE", mse[name], None, cited, digits=4)
     for name in MODELS:
         report.add(setting, f"{name}: training seconds", seconds[name], digits=1)
     for T in (0, *size["cost_steps"]):
