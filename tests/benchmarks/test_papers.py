@@ -28,6 +28,7 @@ QUOTED = {
     "kovae": [0.913, 0.359],  # the oscillators' true eigenvalue (the paper's Table 1 not read)
     "sgpbae": [],  # the paper's rotated-MNIST table was not read: ordering only
     "bae": [],  # Tran et al. 2021's tables were not read: ordering and R-hat only
+    "gpvae": [],  # Fortuin et al.'s Table 1 not read: ordering and step-cost claims only
 }
 # script -> extra files its report must list (beside the budget curve)
 FIGURES = {
