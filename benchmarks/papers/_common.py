@@ -285,11 +285,13 @@ def log_px_score(vae: Any, probe: Any, num_samples: int) -> Callable[[], float]:
 def fit_with_curve(model, guide, train, engine, score, sizes: dict, seed: int, callbacks=()):
     """``pvae.fit`` for ``sizes["epochs"]`` epochs (batch ``sizes["batch_size"]``, learning
     rate ``sizes.get("lr", 1e-3)``) with a :class:`BudgetCurve` of ``score`` (after the other
-    ``callbacks``); returns the training seconds (without the scoring) and the curve's
+    ``callbacks``; at the 1-based epochs ``sizes["curve_epochs"]`` where given, else at
+    :func:`checkpoints`); returns the training seconds (without the scoring) and the curve's
     points."""
     import pvae
 
-    curve = BudgetCurve(score, checkpoints(sizes["epochs"]))
+    at = sizes.get("curve_epochs")
+    curve = BudgetCurve(score, checkpoints(sizes["epochs"]) if at is None else [e - 1 for e in at])
     start = time.perf_counter()
     pvae.fit(
         model,

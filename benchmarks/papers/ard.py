@@ -15,7 +15,7 @@ that number being given; on real data it reports how many dimensions the model u
    the same model. The paper's MNIST figure was not read this session; no paper number.
 
 By ``--budget``: ``tiny`` (3 epochs on the generated set; 100 MNIST images, 1 epoch), ``cpu``
-(150 epochs; 4,000 images, 10 epochs), ``paper`` (500 epochs; 4,000 images, 200 epochs).
+(150 epochs; 4,000 images, 150 epochs), ``paper`` (500 epochs; 4,000 images, 200 epochs).
 Run: ``python benchmarks/papers/ard.py --budget cpu``.
 """
 
@@ -75,7 +75,7 @@ def main() -> None:
     mnist = _common.pick(
         args,
         tiny=dict(train=100, valid=50, epochs=1, batch_size=100, lr=1e-3),
-        cpu=dict(train=4000, valid=500, epochs=10, batch_size=100, lr=1e-3),
+        cpu=dict(train=4000, valid=500, epochs=150, batch_size=100, lr=1e-3),
         paper=dict(train=4000, valid=500, epochs=200, batch_size=100, lr=1e-3),
     )
     seeds = list(range(args.seeds))
