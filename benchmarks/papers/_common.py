@@ -329,10 +329,20 @@ def write_curves(
     if log_y:
         ax.set_yscale("log")
     ax.legend(fontsize=7)
+    report.files.append(f"{stem}.json")
+    save_figure(report, fig, f"{stem}.png")
+
+
+def save_figure(report: Report, fig: Any, name: str) -> None:
+    """``fig`` as ``name`` in the output folder (written whole or not at all), closed, and
+    listed in the report."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    png = folder / f"{stem}.png"
-    tmp = png.with_name(f".{stem}.tmp.png")
+    report.args.out.mkdir(parents=True, exist_ok=True)
+    path = report.args.out / name
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, png)
-    report.files += [f"{stem}.json", f"{stem}.png"]
+    os.replace(tmp, path)
+    report.files.append(name)

@@ -257,7 +257,6 @@ def gpvae(ds, sizes: dict, seed: int) -> tuple[dict, list[dict]]:
 def codes_figure(report, seq: dict, runs: dict) -> None:
     """``codes_vs_angle.png``: each code channel's posterior mean against the true angle, one
     panel per model (seed 0, first test sequence)."""
-    import os
 
     import matplotlib
 
@@ -273,14 +272,7 @@ def codes_figure(report, seq: dict, runs: dict) -> None:
         ax.set_xlabel("rotation angle (rad)")
         ax.legend(fontsize=6)
     axes[0][0].set_ylabel("posterior-mean code")
-    fig.tight_layout()
-    report.args.out.mkdir(parents=True, exist_ok=True)
-    path = report.args.out / "codes_vs_angle.png"
-    tmp = path.with_name(".codes_vs_angle.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    report.files.append("codes_vs_angle.png")
+    _common.save_figure(report, fig, "codes_vs_angle.png")
 
 
 def run_seed(sizes: dict, seed: int, curves: dict, figure: dict) -> dict:

@@ -37,7 +37,6 @@ By ``--budget``: ``tiny`` (16/8/8 sequences, 1 epoch), ``cpu`` (256/32/32, 80 ep
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import _common
@@ -168,14 +167,7 @@ def forecast_figure(report, truth: torch.Tensor, frames: dict, side: int) -> Non
                 axes[ax_row, k].imshow(image, cmap="gray", vmin=0, vmax=1)
                 axes[ax_row, k].axis("off")
             axes[ax_row, 0].set_title(f"seq {n}: {label}", fontsize=6, loc="left")
-    fig.tight_layout()
-    report.args.out.mkdir(parents=True, exist_ok=True)
-    path = report.args.out / "forecast_frames.png"
-    tmp = path.with_name(".forecast_frames.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    report.files.append("forecast_frames.png")
+    _common.save_figure(report, fig, "forecast_frames.png")
 
 
 def main() -> None:
