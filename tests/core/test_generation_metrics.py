@@ -23,7 +23,9 @@ def test_discriminative_score_tells_noise_apart_and_not_a_second_draw():
     assert told["mean"] > 0.4  # noise is always told apart: |acc - 0.5| near 0.5
     assert same["mean"] < 0.15  # two draws of one distribution: accuracy near chance
     assert len(told["scores"]) == 2 and told["sd"] >= 0
-    assert discriminative_score(real, noise, num_runs=2, num_steps=150) == told  # seeded
+    # seeded: two calls agree (checked at a smaller budget than the scores above)
+    small = {"num_runs": 2, "num_steps": 20}
+    assert discriminative_score(real, again, **small) == discriminative_score(real, again, **small)
 
 
 def test_predictive_score_is_small_when_trained_on_real_like_data():

@@ -124,16 +124,21 @@ def test_rainforth_toy_snr_trends():
     toy = RainforthToy()
     batch = toy.x[:1]
     snr = {}
-    for estimator in ("reparam", "dreg"):
-        for K in (1, 100):
-            pyro.set_rng_seed(K)
-            snr[estimator, K] = gradient_snr(
-                toy.model, toy.guide, batch, IWAE(K, estimator=estimator), num_repeats=2000
-            )
-            assert snr[estimator, K].guide_params == ["A", "b"]
-            assert snr[estimator, K].model_params == ["mu"]
-    # Measured (these seeds): model 0.70 -> 5.9 (8.5x); IWAE guide 0.062 -> 0.018 (0.30x); DReG
-    # guide 0.24 -> 0.81 (3.3x) (the lead measured 0.58 -> 5.2, 0.067 -> 0.022, 0.25 -> 0.84).
+    # Repeats per case: 2000 only where an SNR sits near the noise floor (IWAE's K = 100 guide);
+    # the other SNRs (>= 0.06 per element, averaged over 20 to 40 elements) are known to a few
+    # percent from 500.
+    repeats = {("reparam", 1): 500, ("reparam", 100): 2000, ("dreg", 1): 500, ("dreg", 100): 500}
+    for (estimator, K), num_repeats in repeats.items():
+        pyro.set_rng_seed(K)
+        snr[estimator, K] = gradient_snr(
+            toy.model, toy.guide, batch, IWAE(K, estimator=estimator), num_repeats=num_repeats
+        )
+        assert snr[estimator, K].guide_params == ["A", "b"]
+        assert snr[estimator, K].model_params == ["mu"]
+    # Measured with 2000 repeats each (these seeds): model 0.70 -> 5.9 (8.5x); IWAE guide 0.062 ->
+    # 0.018 (0.30x); DReG guide 0.24 -> 0.81 (3.3x) (the lead measured 0.58 -> 5.2, 0.067 ->
+    # 0.022, 0.25 -> 0.84). With the repeats above, seeds K + 0, 1000, 2000, 3000: model ratio
+    # 8.3-8.8, IWAE guide ratio 0.24-0.34, DReG guide ratio 3.1-3.4.
     # Theory: model SNR grows like sqrt(K) (10x), IWAE's guide SNR falls like 1/sqrt(K).
     # An SNR estimated from n repeats has a noise floor: a gradient of mean zero still shows
     # |mean| / std ~ sqrt(2 / pi) / sqrt(n) ~ 0.8 / sqrt(n) = 0.018 at n = 2000, which is

