@@ -198,3 +198,40 @@ def test_plain_sghmc_samples_the_gaussian():
     z = post.flat()["z"]
     assert torch.all((z.mean(0) - MEAN).abs() < 0.35)
     assert torch.all((torch.cov(z.T).diag() / COV.diag() - 1).abs() < 0.4)
+
+
+def _coupled(d=4, rho=0.95):
+    """A float64 Gaussian whose coordinates are strongly coupled: its precision matrix H."""
+    cov = (1 - rho) * torch.eye(d, dtype=torch.float64) + rho * torch.ones(
+        d, d, dtype=torch.float64
+    )
+
+    def model():
+        pyro.sample("z", dist.MultivariateNormal(torch.zeros(d, dtype=torch.float64), cov))
+
+    return model, torch.linalg.inv(cov)
+
+
+def test_window_close_measures_the_coupled_curvature_and_caps_the_step():
+    model, precision = _coupled()
+    sampler = SGHMC(lr=10.0)  # a cap the step rule never reaches: only the curvature binds
+    sampler.setup(model, num_warmup=200, seed=0)
+    scales = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    with torch.no_grad():
+        sampler.precond[0].copy_(scales)
+        sampler.grad_var[0].fill_(1e-6)  # the diagonal rule alone would allow eta = lr
+    root = scales.sqrt()
+    exact = float(torch.linalg.eigvalsh(root[:, None] * precision * root[None, :]).max())
+    state = [t.detach().clone() for t in sampler.theta]
+    measured = sampler._measure_curvature(lambda: sampler._gradient(model, (), {}))
+    # the power iteration's estimate of lambda_max(P^1/2 H P^1/2) (a linear gradient: the
+    # finite differences are exact up to rounding), and the state left where it was
+    assert measured == pytest.approx(exact, rel=0.02)
+    assert all(torch.equal(a, b) for a, b in zip(state, sampler.theta, strict=True))
+    sampler.adapted, sampler.curvature = True, measured
+    sampler._frozen()
+    # eta * lambda_max = 2, inside the stable region eta * lambda_max < 2 (2 - friction)
+    assert sampler.step_size * exact == pytest.approx(2.0, rel=0.02)
+    # and it is kept in the state a resume restores
+    state_dict = sampler.state_dict()
+    assert state_dict["curvature"] == measured
