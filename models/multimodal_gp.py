@@ -128,6 +128,30 @@ PRIORS = {"fourier": FourierRBFPrior, "markovian": MarkovianPrior}
 # ---------------------------------------------------------------------------------------------
 
 
+def _temporal_prior(
+    prior: str | TemporalPrior, num_channels: int, lengthscale: float
+) -> TemporalPrior:
+    """The prior process: built from its name in :data:`PRIORS`, or ``prior`` itself when it
+    is a :class:`TemporalPrior` module with ``num_channels`` channels.
+
+    :raises ValueError, TypeError: an unknown name, a wrong channel count or another type.
+    """
+    if isinstance(prior, str):
+        if prior not in PRIORS:
+            raise ValueError(
+                f"prior must be one of {tuple(PRIORS)} or a TemporalPrior, got {prior!r}"
+            )
+        return PRIORS[prior](num_channels, lengthscale)
+    if isinstance(prior, TemporalPrior) and isinstance(prior, nn.Module):
+        if prior.num_channels != num_channels:
+            raise ValueError(
+                f"prior has {prior.num_channels} channels, the model {num_channels} "
+                "(shared_dim + neural_dim + image_dim)"
+            )
+        return prior
+    raise TypeError(f"prior must be a name or a TemporalPrior module, got {type(prior).__name__}")
+
+
 class MultimodalGPVAE(PyroModule):
     """MM-GPVAE: shared and modality-private GP latents, Poisson spikes and images.
 
@@ -201,24 +225,7 @@ class MultimodalGPVAE(PyroModule):
         starts = [0, shared_dim, shared_dim + neural_dim, shared_dim + neural_dim + image_dim]
         self.groups = {g: slice(starts[i], starts[i + 1]) for i, g in enumerate(GROUPS)}
         self.num_channels = starts[-1]
-        self.prior_process: TemporalPrior
-        if isinstance(prior, str):
-            if prior not in PRIORS:
-                raise ValueError(
-                    f"prior must be one of {tuple(PRIORS)} or a TemporalPrior, got {prior!r}"
-                )
-            self.prior_process = PRIORS[prior](self.num_channels, lengthscale)
-        elif isinstance(prior, TemporalPrior) and isinstance(prior, nn.Module):
-            if prior.num_channels != self.num_channels:
-                raise ValueError(
-                    f"prior has {prior.num_channels} channels, the model {self.num_channels} "
-                    "(shared_dim + neural_dim + image_dim)"
-                )
-            self.prior_process = prior
-        else:
-            raise TypeError(
-                f"prior must be a name or a TemporalPrior module, got {type(prior).__name__}"
-            )
+        self.prior_process: TemporalPrior = _temporal_prior(prior, self.num_channels, lengthscale)
         # channels each modality drives: neural = [shared, neural], image = [shared, image]
         index = torch.arange(self.num_channels)
         self.register_buffer(

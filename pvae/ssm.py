@@ -1039,9 +1039,13 @@ def _smooth_covariances(E: Tensor, L: Tensor, last: Tensor, steady: int) -> Tens
 def _smooth(
     inp: _Inputs, means: Tensor, covs: Tensor, method: str, steady: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The smoother from the filtered moments (``T > 1``): ``E, g, L``, the smoothed means
-    and covariances and the lag-one cross-covariances, time-first."""
+    """The smoother from the filtered moments: ``E, g, L``, the smoothed means and
+    covariances and the lag-one cross-covariances, time-first (with one step: the filtered
+    moments and empty backward elements)."""
     T = inp.num_steps
+    if T == 1:
+        E = covs.new_zeros((0, *covs.shape[1:]))
+        return E, means.new_zeros((0, *means.shape[1:])), E, means, covs, E
     E, g, L = _backward_elements(inp, means, covs, steady)
     if method == "parallel":
         elements = (
@@ -1147,13 +1151,7 @@ def kalman_smoother(
         }
         raise _singular_innovation_error(arguments) from None
 
-    if T > 1:
-        E, g, L, smoothed_means, smoothed_covs, cross = _smooth(inp, means, covs, method, steady)
-    else:
-        smoothed_means, smoothed_covs = means, covs
-        E = covs.new_zeros((0, *covs.shape[1:]))
-        g = means.new_zeros((0, *means.shape[1:]))
-        L = cross = E
+    E, g, L, smoothed_means, smoothed_covs, cross = _smooth(inp, means, covs, method, steady)
 
     # covariances carry batch dimensions only where they vary; expanded (views) on return
     vectors, matrices = inp.batch_shape + (inp.state_dim,), inp.batch_shape + (D, D)
