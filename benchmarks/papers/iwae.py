@@ -69,6 +69,9 @@ PAPER: dict[tuple[int, str, int], tuple[float | None, int | None]] = {
 def add_args(parser) -> None:
     parser.add_argument("--data-path", default=None, help="MNIST IDX files (paper budget)")
     parser.add_argument("--layers", default="1,2", help="stochastic layers to run: 1, 2 or 1,2")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="train this many epochs (a longer budget curve)"
+    )
 
 
 def build(layers: int) -> nn.Module:
@@ -136,6 +139,12 @@ def main() -> None:
             train=None, test=None, probe=1000, epochs=3280, batch_size=20, test_k=5000, curve_k=1000
         ),
     )
+    if args.epochs is not None:  # the budget's sizes, trained longer: the curve goes on
+        if args.epochs < 1:
+            raise SystemExit(f"--epochs must be a positive integer, got {args.epochs}")
+        seen = [e for e in sizes.get("curve_epochs", []) if e <= args.epochs]
+        later = range(max(seen, default=0) + 2, args.epochs + 1, 4)
+        sizes.update(epochs=args.epochs, curve_epochs=sorted({*seen, *later, args.epochs}))
     ks = _common.pick(args, tiny=(50,), cpu=(50,), paper=(1, 5, 50))
     layer_list = [v.strip() for v in args.layers.split(",")]
     if not layer_list or any(v not in ("1", "2") for v in layer_list):
