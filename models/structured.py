@@ -575,11 +575,11 @@ class StructuredVAE(StateSpaceVAE):
     :param time_scale: the time unit of the dynamics, in the units of ``times`` (e.g. the
         usual gap between frames): the prior is initialised at ``A = 0.95 I``, ``Q = 0.1 I``
         over one ``time_scale``, and ``times=None`` means frames ``time_scale`` apart.
-    :param dynamics_init: ``"decay"`` (``A = 0.95 I`` over one ``time_scale``) or
-        ``"rotation"`` (2x2 rotation blocks of modulus 0.99 at the angles of
-        :func:`spread_angles`, stationary covariance I; see
-        :meth:`LinearDynamicsPrior.set_rotations`): for oscillating data, where a decay
-        start spends much of a short run before its eigenvalues turn complex.
+    :param dynamics_init: the start of the dynamics, ``"decay"`` (``A = 0.95 I`` over one
+        ``time_scale``) or ``"rotation"`` (2x2 rotation blocks of modulus 0.99 turning by
+        ``k pi / (2 (D // 2 + 1))`` per ``time_scale``, stationary covariance I, see
+        ``LinearDynamicsPrior.set_rotations``), for oscillating data. From a decay start
+        the eigenvalues must first turn complex, which can take most of a short run.
     :param name: prefix of the model's names in Pyro's parameter store (unique per instance).
     """
 
