@@ -37,7 +37,7 @@ start, A's eigenvalues stayed real (no rotation) until about epoch 50 of 80, the
 stayed at the mean frame's error (~9) until then, and the rotation that formed last (seed 2)
 left its test forecast at 2.7-4.0 after 80 epochs; seeds 0 and 1 turned earlier. A starting
 as rotations, or a larger rate, removes that plateau: seed 2's test forecast was 0.48-1.94
-with Adam 1e-2 alone, 0.81-1.07 with a rotation start at 3e-3, and 0.24-0.48 with both (the
+with Adam 1e-2 alone, 1.10-2.10 with the rotation start at 3e-3, and 0.30-0.60 with both (the
 recipe). The baselines keep Adam 3e-3: at 1e-2 the GRU-prior VAE forecast worse (means over
 3 seeds and horizons 1..5: 1.40-2.11 against 1.01-1.86 at 3e-3).
 
