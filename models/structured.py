@@ -62,6 +62,8 @@ from ._sequence import legacy_frame_order, legacy_sample_order
 __all__ = ["LinearDynamicsPrior", "StateSpaceVAE", "StructuredVAE"]
 
 NETS = ("mlp", "conv", "linear")
+DYNAMICS_INITS = ("decay", "rotation")
+ROTATION_RADIUS = 0.99  # |eigenvalue| of the rotation blocks of dynamics_init="rotation"
 CONTRACTION = 1e-3  # the generator's symmetric part is <= -1e-3: ||A_k||_2 <= exp(-1e-3 dt_k)
 REGULAR_RTOL = 1e-5  # gaps equal to this relative tolerance count as one regular grid
 
@@ -74,6 +76,13 @@ def _tril(raw: Tensor) -> Tensor:
     """A Cholesky factor from an unconstrained square matrix: softplus on the diagonal."""
     diagonal = F.softplus(raw.diagonal()) + 1e-4
     return raw.tril(-1) + torch.diag_embed(diagonal)
+
+
+def spread_angles(count: int) -> list[float]:
+    """``count`` rotation angles evenly spread over ``(0, pi / 2)``: ``k pi / (2 (count + 1))``
+    for ``k = 1..count`` (radians per step; for 2 blocks, pi / 6 and pi / 3). Chosen without
+    looking at any data: from slow turns to a little under a quarter turn per step."""
+    return [k * math.pi / (2 * (count + 1)) for k in range(1, count + 1)]
 
 
 class LinearDynamicsPrior(nn.Module):
@@ -90,14 +99,20 @@ class LinearDynamicsPrior(nn.Module):
     ``-1e-3``, so ``||A_k||_2 <= exp(-1e-3 dt_k / time_scale)`` (a contraction, the
     continuous-time form of the old bound ``||A||_2 <= 0.999`` per step) while rotations stay
     free. Initialised at ``F = log(0.95) I`` and Sigma such that one ``time_scale`` step
-    gives ``A = 0.95 I``, ``Q = 0.1 I`` (the former discrete-time initialisation), m_1 = 0,
-    P_1 = I.
+    gives ``A = 0.95 I``, ``Q = 0.1 I`` (the former discrete-time initialisation;
+    ``init="decay"``), m_1 = 0, P_1 = I. With ``init="rotation"`` the one-``time_scale``
+    transition starts as rotations instead (:meth:`set_rotations` with the angles of
+    :func:`spread_angles`): a pure decay has real eigenvalues, and gradient training must
+    first merge two of them into a complex pair before the state can oscillate, which on
+    oscillating data (the pendulum) can take most of a short training run.
 
     :meth:`set_transition` sets F and Sigma from a discrete-time pair (A, Q) over one gap.
     """
 
-    def __init__(self, z_dim: int, time_scale: float = 1.0) -> None:
+    def __init__(self, z_dim: int, time_scale: float = 1.0, init: str = "decay") -> None:
         super().__init__()
+        if init not in DYNAMICS_INITS:
+            raise ValueError(f"init must be one of {DYNAMICS_INITS}, got {init!r}")
         self.time_scale = float(time_scale)
         rate = math.log(0.95)
         sigma = 0.1 * 2 * rate / math.expm1(2 * rate)  # Q(1) = sigma (e^{2 rate} - 1) / 2 rate
@@ -105,6 +120,8 @@ class LinearDynamicsPrior(nn.Module):
         self.diffusion_raw = nn.Parameter(torch.eye(z_dim) * _inverse_softplus(sigma**0.5))
         self.initial_loc = nn.Parameter(torch.zeros(z_dim))
         self.initial_raw = nn.Parameter(torch.eye(z_dim) * _inverse_softplus(1.0))
+        if init == "rotation" and z_dim >= 2:
+            self.set_rotations(spread_angles(z_dim // 2))
 
     def generator(self) -> Tensor:
         """F ``(D, D)``, per ``time_scale``."""
@@ -186,6 +203,38 @@ class LinearDynamicsPrior(nn.Module):
         raw = tril.tril(-1) + torch.diag(torch.log(torch.expm1(tril.diagonal() - 1e-4)))
         self.generator_raw.copy_(generator.to(self.generator_raw))
         self.diffusion_raw.copy_(raw.to(self.diffusion_raw))
+
+    @torch.no_grad()
+    def set_rotations(self, angles: Sequence[float], radius: float = ROTATION_RADIUS) -> None:
+        """Set the one-``time_scale`` transition to rotations: ``A`` block-diagonal with
+        ``radius * [[cos a_k, -sin a_k], [sin a_k, cos a_k]]`` on coordinates ``(2k, 2k+1)``
+        for the ``angles`` ``a_k`` (radians per ``time_scale``, each in ``(0, pi)``), and
+        ``0.95`` on the coordinates left over; ``Q = diag(1 - |lambda|^2)``, so that a state
+        with covariance I keeps it (the stationary covariance is I). Uses
+        :meth:`set_transition`.
+
+        :param angles: at most ``D // 2`` rotation angles.
+        :param radius: modulus of the rotation eigenvalues, in ``(0, exp(-1e-3))`` (the
+            contraction bound of the class).
+        """
+        D = self.generator_raw.shape[-1]
+        angles = [validation.finite_float(a, "angles") for a in angles]
+        if not 1 <= len(angles) <= D // 2:
+            raise ValueError(f"angles must hold 1 to D // 2 = {D // 2} values, got {len(angles)}")
+        if not all(0.0 < a < math.pi for a in angles):
+            raise ValueError(f"angles must lie in (0, pi) radians, got {angles}")
+        radius = validation.finite_float(radius, "radius")
+        if not 0.0 < radius < math.exp(-CONTRACTION):
+            raise ValueError(
+                f"radius must lie in (0, exp(-{CONTRACTION:g})), got {radius!r} (a contraction)"
+            )
+        A = 0.95 * torch.eye(D, dtype=torch.float64)
+        moduli = torch.full((D,), 0.95, dtype=torch.float64)
+        for k, angle in enumerate(angles):
+            c, s = radius * math.cos(angle), radius * math.sin(angle)
+            A[2 * k : 2 * k + 2, 2 * k : 2 * k + 2] = torch.tensor([[c, -s], [s, c]])
+            moduli[2 * k : 2 * k + 2] = radius
+        self.set_transition(A, torch.diag(1.0 - moduli.pow(2)))
 
     # -- the prior interface of StateSpaceVAE -----------------------------------------------
     @property
@@ -526,6 +575,11 @@ class StructuredVAE(StateSpaceVAE):
     :param time_scale: the time unit of the dynamics, in the units of ``times`` (e.g. the
         usual gap between frames): the prior is initialised at ``A = 0.95 I``, ``Q = 0.1 I``
         over one ``time_scale``, and ``times=None`` means frames ``time_scale`` apart.
+    :param dynamics_init: the start of the dynamics, ``"decay"`` (``A = 0.95 I`` over one
+        ``time_scale``) or ``"rotation"`` (2x2 rotation blocks of modulus 0.99 turning by
+        ``k pi / (2 (D // 2 + 1))`` per ``time_scale``, stationary covariance I, see
+        ``LinearDynamicsPrior.set_rotations``), for oscillating data. From a decay start
+        the eigenvalues must first turn complex, which can take most of a short run.
     :param name: prefix of the model's names in Pyro's parameter store (unique per instance).
     """
 
@@ -546,13 +600,18 @@ class StructuredVAE(StateSpaceVAE):
         likelihood_kw: dict | None = None,
         time_scale: float = 1.0,
         name: str = "svae",
+        dynamics_init: str = "decay",
     ):
         time_scale = validation.finite_float(time_scale, "time_scale")
         if not time_scale > 0:
             raise ValueError(f"time_scale must be a finite positive number, got {time_scale!r}")
+        if dynamics_init not in DYNAMICS_INITS:
+            raise ValueError(
+                f"dynamics_init must be one of {DYNAMICS_INITS}, got {dynamics_init!r}"
+            )
         super().__init__(
             x_dim,
-            LinearDynamicsPrior(int(z_dim), time_scale),
+            LinearDynamicsPrior(int(z_dim), time_scale, dynamics_init),
             "dynamics",
             hidden=hidden,
             likelihood=likelihood,

@@ -215,6 +215,61 @@ def test_initialisation_is_the_former_discrete_time_one_over_one_time_scale():
     assert torch.linalg.matrix_norm(model.dynamics.transition_matrix(5.0), ord=2) < 1
 
 
+@pytest.mark.parametrize("z_dim", [4, 5])
+def test_rotation_initialisation_is_rotations_with_unit_stationary_covariance(z_dim):
+    """dynamics_init="rotation": over one time_scale, A has 2x2 blocks of modulus 0.99 turning
+    by pi/6 and pi/3 (spread_angles(2)), the coordinate left over (z_dim 5) decays by 0.95,
+    and Q = I - A A^T, so the stationary covariance (the solution S of S = A S A^T + Q) is I;
+    over half a time_scale the turn is half as large (A is expm(F t))."""
+    model = StructuredVAE(
+        x_dim=4, z_dim=z_dim, hidden=(8,), time_scale=0.1, dynamics_init="rotation"
+    ).double()
+    with torch.no_grad():
+        A, Q = model.dynamics.transition_matrix(), model.dynamics.transition_cov()
+        half = model.dynamics.transition_matrix(0.05)
+    eye = torch.eye(z_dim, dtype=torch.float64)
+    for k, angle in enumerate((math.pi / 6, math.pi / 3)):
+        c, s = 0.99 * math.cos(angle), 0.99 * math.sin(angle)
+        block = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+        torch.testing.assert_close(
+            A[2 * k : 2 * k + 2, 2 * k : 2 * k + 2], block, atol=1e-6, rtol=0
+        )
+        angles = torch.linalg.eigvals(half[2 * k : 2 * k + 2, 2 * k : 2 * k + 2]).angle()
+        torch.testing.assert_close(
+            angles.abs(), torch.full((2,), angle / 2, dtype=torch.float64), atol=1e-6, rtol=0
+        )
+    if z_dim == 5:
+        torch.testing.assert_close(
+            A[4, 4], torch.tensor(0.95, dtype=torch.float64), atol=1e-6, rtol=0
+        )
+    off_blocks = A.clone()
+    off_blocks[:2, :2] = off_blocks[2:4, 2:4] = 0
+    off_blocks[4:, 4:] = 0
+    assert float(off_blocks.abs().max()) < 1e-6
+    # 1e-6: the parameters were set in float32 at construction (then cast to float64)
+    torch.testing.assert_close(A @ A.mT + Q, eye, rtol=0, atol=1e-6)
+
+
+def test_set_rotations_checks_its_arguments():
+    model = StructuredVAE(x_dim=4, z_dim=4, hidden=(8,))
+    model.dynamics.set_rotations([0.3], radius=0.9)
+    eigenvalues = torch.linalg.eigvals(model.dynamics.transition_matrix().detach().double())
+    torch.testing.assert_close(
+        eigenvalues.abs().sort().values,
+        torch.tensor([0.9, 0.9, 0.95, 0.95], dtype=torch.float64),
+        rtol=0,
+        atol=1e-5,
+    )
+    for bad_angles in ([], [0.3, 0.3, 0.3], [0.0], [math.pi], [float("nan")]):
+        with pytest.raises(ValueError, match="angles"):
+            model.dynamics.set_rotations(bad_angles)
+    for bad_radius in (0.0, 1.0, 0.9995):
+        with pytest.raises(ValueError, match="radius"):
+            model.dynamics.set_rotations([0.3], radius=bad_radius)
+    with pytest.raises(ValueError, match="dynamics_init"):
+        StructuredVAE(x_dim=4, z_dim=4, dynamics_init="rotations")
+
+
 def test_time_scale_is_checked():
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="time_scale"):
