@@ -502,7 +502,10 @@ def _compare(args: argparse.Namespace) -> int:
     config.yardstick = None if args.yardstick == "none" else args.yardstick
     if args.resume:
         _check_resume("compare", folder, args, config)
-    plan = compare.Plan(specs, list(config.seeds), args.jobs, args.executor)
+    jobs = args.jobs
+    if jobs == "auto":
+        jobs = compare.auto_jobs(len(specs) * len(config.seeds), args.quick)
+    plan = compare.Plan(specs, list(config.seeds), jobs, args.executor)
     mismatch = f"--model {args.model} on --dataset {args.dataset}: "
     with _refused(mismatch, (ValueError, TypeError, NotImplementedError)):
         compare.check(config, plan, ds)  # every bound's engine on the model, on the data

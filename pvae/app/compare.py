@@ -241,6 +241,13 @@ def bound_folder(spec: BoundSpec, seed: int | None = None) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def auto_jobs(cells: int, quick: bool = False) -> int:
+    """``--jobs auto``: one process per core this process may use, at most one per cell; 1
+    with ``quick`` (a smoke run's seconds of work cost less than starting the processes)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 1 if quick else max(1, min(cores or 1, cells))
+
+
 @dataclass(frozen=True)
 class Cell:
     """One training of the comparison: ``bound`` (a resolved label) with ``seed``, in the
@@ -272,13 +279,17 @@ class Plan:
             raise ValueError(f"executor must be one of {EXECUTORS}, got {self.executor!r}")
 
     @classmethod
-    def of(cls, config: runs.RunConfig, jobs: int = 1, executor: str = "local") -> Plan:
-        """The plan of ``config``'s bounds (default :data:`DEFAULT_BOUNDS`) and seeds.
+    def of(cls, config: runs.RunConfig, jobs: int | str = "auto", executor: str = "local") -> Plan:
+        """The plan of ``config``'s bounds (default :data:`DEFAULT_BOUNDS`) and seeds, with
+        ``jobs="auto"``: :func:`auto_jobs`.
 
         :raises ValueError: see :func:`resolve_bounds`.
         """
         specs = resolve_bounds(config.bounds or DEFAULT_BOUNDS, config.particles, config.inner)
-        return cls(specs, list(config.seeds or [config.seed]), jobs, executor)
+        seeds = list(config.seeds or [config.seed])
+        if jobs == "auto":
+            jobs = auto_jobs(len(specs) * len(seeds), config.quick)
+        return cls(specs, seeds, int(jobs), executor)
 
     @property
     def several(self) -> bool:
