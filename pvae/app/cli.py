@@ -281,8 +281,10 @@ def _kept(command: str, run_dir: Path, stop: BaseException) -> str:
     return f"no checkpoint was written in {run_dir}" + (" (in the first epoch)" if train else "")
 
 
-def _threads() -> str:
-    threads = torch.get_num_threads()
+def _threads(jobs: int = 1) -> str:
+    threads = max(1, torch.get_num_threads() // jobs)
+    if jobs > 1:
+        return f"{jobs} processes x {threads} thread{'s' if threads != 1 else ''}"
     return f"{threads} thread{'s' if threads != 1 else ''}"
 
 
@@ -547,7 +549,8 @@ def _compare_summary(
     seeds = f" x {len(plan.seeds)} seeds" if plan.several else ""
     print(
         f"{len(plan.bounds)} bounds{seeds} compared in {time.perf_counter() - started:.0f} s "
-        f"({_threads()}, {args.device}); results.md, results.json, results.csv, "
+        f"({_threads(plan.jobs if plan.executor == 'local' else 1)}, {args.device}); "
+        "results.md, results.json, results.csv, "
         f"learning_curves.png, log_likelihood.png, snr.png and ll_vs_k.png in {run_dir}"
     )
     failed = [result.run or result.bound for result in results if not result.ok]

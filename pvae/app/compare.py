@@ -18,13 +18,22 @@ fixed seed in a forked RNG: :class:`pvae.train.EpochBound`); ``ll_vs_k`` (log p(
 every bound is trained once per seed (folders ``iwae/seed-1``) and :func:`summarize` gives
 the mean ± sd over seeds, flagging a Δ *within seed noise* when ``|mean Δ| < 2 sd``.
 
-A comparison is a :class:`Plan` of independent cells (bound x seed), each its own run folder
-trained and measured by :func:`run_cell` from the :class:`~pvae.app.runs.RunConfig` alone:
-the cells run one after the other, in ``jobs`` local processes or as Ray tasks with the same
-numbers, bit for bit. A finished cell leaves ``cell.json`` (its :class:`BoundResult` and
-per-point log p(x)), which a resumed comparison keeps. :func:`compare` writes into
-``run_dir`` (atomically) ``config.json``, the files of :data:`OUTPUTS` and one folder per
-cell with ``pvae.fit``'s checkpoint, ``run.json`` and ``cell.json``.
+A comparison is a :class:`Plan` of independent cells (bound x seed), each its own run folder,
+and a cell's work is :class:`Task` s run from the :class:`~pvae.app.runs.RunConfig` alone
+(:func:`run_task`): its training, then its evaluation in pieces, the other test numbers
+(``measures``) and log p(x) in chunks of a tenth of the test points
+(:func:`evaluation_tasks`), each chunk seeded from (seed, first point) (:func:`chunk_seed`) so
+that its numbers do not depend on where or in what order it runs. The tasks run in this
+process (a cell's evaluation right after its training), in ``jobs`` local processes
+(``"auto"``: :func:`auto_jobs`) or as Ray tasks, with the same numbers bit for bit (at equal
+torch threads per task); in processes the evaluation chunks keep every core busy to the end,
+where whole cells would leave one idle. A finished task leaves its part
+(``task-<name>.json``) in the cell's folder, a finished cell its ``cell.json`` (its
+:class:`BoundResult`, per-point log p(x), each task's seconds and CPU seconds) in their place;
+a resumed comparison runs only the tasks left (a trained cell resumes at its evaluation, with
+its checkpoint's parameters). :func:`compare` writes into ``run_dir`` (atomically)
+``config.json``, the files of :data:`OUTPUTS` and one folder per cell with ``pvae.fit``'s
+checkpoint, ``run.json`` and ``cell.json``.
 
 Speed: Pyro's argument checks cost about half of an importance-weighted step, so training and
 evaluation run with Pyro's validation off; the data are checked against the likelihood's
@@ -711,7 +720,8 @@ def _cell_result(
         **measures["metrics"], "history": history,
         "log_likelihood": float(ll.mean()), "log_likelihood_stderr": _stderr(ll),
         "inference_gap": float(ll.mean()) - _number(measures["elbo"]),
-        "seconds_per_epoch": sum(r["seconds"] for r in history) / max(1, len(history)),
+        "seconds_per_epoch": sum(r["seconds"] for r in history) / len(history) if history
+        else None,
         **{key: last.get(key) for key in ("train_bound", "valid_bound", "yardstick")},
         "train_seconds": train["train_seconds"], "yardstick_seconds": train["yardstick_seconds"],
         "eval_seconds": sum(part["seconds"] for part in evaluation),
