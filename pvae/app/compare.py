@@ -1006,7 +1006,7 @@ def _run_cells(
             tqdm.write(report.summary_line(result.to_json(), config.ll_samples, plan.several))
 
     say: ProgressFn | None = (lambda line: tqdm.write(line, file=sys.stderr)) if progress else None
-    _LOADED.pop("token", None)
+    _LOADED.clear()  # a model rebuilt by an earlier comparison in this process
     ledger = _Ledger(config, ds, out, finish, say)
     first = ledger.start(cells)
     if plan.executor == "ray":
@@ -1016,6 +1016,7 @@ def _run_cells(
     else:
         epochs = (lambda line: tqdm.write(line, file=sys.stdout)) if progress else None
         _run_here(config, first, ledger, epochs, open_loggers, logged)
+    _LOADED.clear()
 
 
 def add_deltas(
