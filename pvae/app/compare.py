@@ -935,14 +935,17 @@ def compare(
     ``config``) with the same data and budget, measure each, and (with ``run_dir``) write
     the report built from the cells' folders.
 
-    A cell whose folder already holds its ``cell.json`` is not run again (an interrupted
-    comparison continues with the unfinished cells; a cell with a checkpoint resumes from
-    it). The cells are independent: run in ``plan.jobs`` processes or as Ray tasks they give
-    the same numbers, bit for bit, as one after the other (with equal torch threads).
+    A cell whose folder already holds its ``cell.json`` is not run again, nor a task whose
+    part is there (an interrupted comparison continues with the tasks left: a cell with a
+    checkpoint resumes its training from it, a trained cell its evaluation). The tasks are
+    independent given their cell's training: run in ``plan.jobs`` processes or as Ray tasks
+    they give the same numbers, bit for bit, as one after the other (with equal torch
+    threads per task).
 
     :param config: the run (``command="compare"``, e.g. from :func:`run_config`); its
         ``bounds``, ``seeds``, ``yardstick``, ``snr_repeats``, ``device`` are the comparison's.
-    :param progress: one line per epoch and per cell (and progress bars on a terminal).
+    :param progress: one line per epoch (cells trained in this process), per 10 s of a
+        cell's log p(x) (stderr) and per cell.
     :param argv: the command line recorded in ``results.md``.
     :param loggers: experiment tracking, ``loggers(label, params)`` the loggers of one cell:
         they see its steps and epochs when the cells run in this process, its numbers always.
