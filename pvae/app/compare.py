@@ -579,7 +579,9 @@ def _trained_model(
         pyro.set_rng_seed(cell.seed)
         model = config.build_model(ds).to(config.device)
         batch = tuple(t[:2] for t in as_tensors(ds.test))
-        pvae.checkpoint.load_parameters(model.model, model.guide, batch, {"params": params})
+        with warnings.catch_warnings():  # the training warned about the pair already
+            warnings.simplefilter("ignore")
+            pvae.checkpoint.load_parameters(model.model, model.guide, batch, {"params": params})
         _LOADED.update(token=token, model=model.eval())
     return _LOADED["model"]
 
