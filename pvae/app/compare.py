@@ -776,6 +776,8 @@ class _Ledger:
             plots.write_json(self.out / task.cell.folder / f"task-{task.name}.json", part)
         if task.kind == "ll" and self.say is not None:
             self._progress(task.cell)
+        elif task.kind == "train" and self.say is not None and part["status"] == "ok":
+            self.say(f"[{_tag(task.cell)}] trained in {part['train_seconds']:.0f} s")
         return self._follow(task.cell, params, part.get("token", ""))
 
     def _follow(self, cell: Cell, params: Params | None = None, token: str = "") -> list[Job]:
