@@ -38,11 +38,12 @@ checkpoint, ``run.json`` and ``cell.json``.
 Speed: Pyro's argument checks cost about half of an importance-weighted step, so training and
 evaluation run with Pyro's validation off; the data are checked against the likelihood's
 support once, up front. Budget: the defaults (5 bounds, 64 particles, MNIST-5k, a
-784-200-200-50 MLP VAE, 10 epochs of batches of 20, K = 5000 on 500 test points) took 8.6
-minutes with ``--threads 1`` on a shared 2-core machine (before the yardstick, about 12 s,
-and log p(x) against K, about 2 s per bound, were added; two threads on busy cores ran 2 to
-4 times slower than one); ``quick=True`` trains a smaller net for 2 epochs on a subset with
-K = 100, in well under a minute. Explicit arguments win over either set of defaults.
+784-200-200-50 MLP VAE, 10 epochs of batches of 20, K = 5000 on 500 test points) are about
+540 s of CPU on an idle 2-core machine (per cell, one thread: training about 80 s, the
+measures 5 s, log p(x) 25 s in chunks of 2-3 s), so a projected 281 s with ``jobs="auto"`` (two
+processes; whole cells two at a time left one core idle for the last: 337 s);
+``quick=True`` trains a smaller net for 2 epochs on a subset with K = 100, in well under a
+minute, in this process. Explicit arguments win over either set of defaults.
 """
 
 from __future__ import annotations
