@@ -213,6 +213,9 @@ def _model_name(sampled: bool) -> Callable[[str], str]:
 
 _POSITIVE = _argument_type(Integer(1), "a positive integer")
 _NON_NEGATIVE = _argument_type(Integer(0))
+_JOBS = _argument_type(
+    lambda text: text if text == "auto" else Integer(1)(text), "'auto' or a positive integer"
+)
 _SEED = _argument_type(
     Integer(0, _index.MAX_SEED), f"an integer in [0, {_index.MAX_SEED}] (numpy's limit)"
 )
@@ -613,7 +616,14 @@ def _compare_output_arguments(quick: dict[str, Any]) -> list[_Arg]:
             "cpu",
             choices=["cpu", "cuda", "mps"],
         ),
-        _Arg("--jobs N", "cells (bound x seed) run in N processes at once", _POSITIVE, 1),
+        _Arg(
+            "--jobs N|auto",
+            "processes that run the cells' tasks at once (a cell trains in one, its "
+            "evaluation runs in chunks of test points across all); auto: one per core, at "
+            "most one per cell, 1 with --quick",
+            _JOBS,
+            "auto",
+        ),
         _Arg(
             "--executor",
             "where the cells run: local processes, or Ray tasks on a Ray cluster "

@@ -281,8 +281,10 @@ def _kept(command: str, run_dir: Path, stop: BaseException) -> str:
     return f"no checkpoint was written in {run_dir}" + (" (in the first epoch)" if train else "")
 
 
-def _threads() -> str:
-    threads = torch.get_num_threads()
+def _threads(jobs: int = 1) -> str:
+    threads = max(1, torch.get_num_threads() // jobs)
+    if jobs > 1:
+        return f"{jobs} processes x {threads} thread{'s' if threads != 1 else ''}"
     return f"{threads} thread{'s' if threads != 1 else ''}"
 
 
@@ -502,7 +504,10 @@ def _compare(args: argparse.Namespace) -> int:
     config.yardstick = None if args.yardstick == "none" else args.yardstick
     if args.resume:
         _check_resume("compare", folder, args, config)
-    plan = compare.Plan(specs, list(config.seeds), args.jobs, args.executor)
+    jobs = args.jobs
+    if jobs == "auto":
+        jobs = compare.auto_jobs(len(specs) * len(config.seeds), args.quick)
+    plan = compare.Plan(specs, list(config.seeds), jobs, args.executor)
     mismatch = f"--model {args.model} on --dataset {args.dataset}: "
     with _refused(mismatch, (ValueError, TypeError, NotImplementedError)):
         compare.check(config, plan, ds)  # every bound's engine on the model, on the data
@@ -544,7 +549,8 @@ def _compare_summary(
     seeds = f" x {len(plan.seeds)} seeds" if plan.several else ""
     print(
         f"{len(plan.bounds)} bounds{seeds} compared in {time.perf_counter() - started:.0f} s "
-        f"({_threads()}, {args.device}); results.md, results.json, results.csv, "
+        f"({_threads(plan.jobs if plan.executor == 'local' else 1)}, {args.device}); "
+        "results.md, results.json, results.csv, "
         f"learning_curves.png, log_likelihood.png, snr.png and ll_vs_k.png in {run_dir}"
     )
     failed = [result.run or result.bound for result in results if not result.ok]

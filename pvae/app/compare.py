@@ -18,22 +18,32 @@ fixed seed in a forked RNG: :class:`pvae.train.EpochBound`); ``ll_vs_k`` (log p(
 every bound is trained once per seed (folders ``iwae/seed-1``) and :func:`summarize` gives
 the mean ± sd over seeds, flagging a Δ *within seed noise* when ``|mean Δ| < 2 sd``.
 
-A comparison is a :class:`Plan` of independent cells (bound x seed), each its own run folder
-trained and measured by :func:`run_cell` from the :class:`~pvae.app.runs.RunConfig` alone:
-the cells run one after the other, in ``jobs`` local processes or as Ray tasks with the same
-numbers, bit for bit. A finished cell leaves ``cell.json`` (its :class:`BoundResult` and
-per-point log p(x)), which a resumed comparison keeps. :func:`compare` writes into
-``run_dir`` (atomically) ``config.json``, the files of :data:`OUTPUTS` and one folder per
-cell with ``pvae.fit``'s checkpoint, ``run.json`` and ``cell.json``.
+A comparison is a :class:`Plan` of independent cells (bound x seed), each its own run folder,
+and a cell's work is :class:`Task` s run from the :class:`~pvae.app.runs.RunConfig` alone
+(:func:`run_task`): its training, then its evaluation in pieces, the other test numbers
+(``measures``) and log p(x) in chunks of a tenth of the test points
+(:func:`evaluation_tasks`), each chunk seeded from (seed, first point) (:func:`chunk_seed`) so
+that its numbers do not depend on where or in what order it runs. The tasks run in this
+process (a cell's evaluation right after its training), in ``jobs`` local processes
+(``"auto"``: :func:`auto_jobs`) or as Ray tasks, with the same numbers bit for bit (at equal
+torch threads per task); in processes the evaluation chunks keep every core busy to the end,
+where whole cells would leave one idle. A finished task leaves its part
+(``task-<name>.json``) in the cell's folder, a finished cell its ``cell.json`` (its
+:class:`BoundResult`, per-point log p(x), each task's seconds and CPU seconds) in their place;
+a resumed comparison runs only the tasks left (a trained cell resumes at its evaluation, with
+its checkpoint's parameters). :func:`compare` writes into ``run_dir`` (atomically)
+``config.json``, the files of :data:`OUTPUTS` and one folder per cell with ``pvae.fit``'s
+checkpoint, ``run.json`` and ``cell.json``.
 
 Speed: Pyro's argument checks cost about half of an importance-weighted step, so training and
 evaluation run with Pyro's validation off; the data are checked against the likelihood's
 support once, up front. Budget: the defaults (5 bounds, 64 particles, MNIST-5k, a
-784-200-200-50 MLP VAE, 10 epochs of batches of 20, K = 5000 on 500 test points) took 8.6
-minutes with ``--threads 1`` on a shared 2-core machine (before the yardstick, about 12 s,
-and log p(x) against K, about 2 s per bound, were added; two threads on busy cores ran 2 to
-4 times slower than one); ``quick=True`` trains a smaller net for 2 epochs on a subset with
-K = 100, in well under a minute. Explicit arguments win over either set of defaults.
+784-200-200-50 MLP VAE, 10 epochs of batches of 20, K = 5000 on 500 test points) are about
+540 s of CPU on an idle 2-core machine (per cell, one thread: training about 80 s, the
+measures 5 s, log p(x) 25 s in chunks of 2-3 s), so a projected 281 s with ``jobs="auto"`` (two
+processes; whole cells two at a time left one core idle for the last: 337 s);
+``quick=True`` trains a smaller net for 2 epochs on a subset with K = 100, in well under a
+minute, in this process. Explicit arguments win over either set of defaults.
 """
 
 from __future__ import annotations
@@ -46,12 +56,15 @@ import multiprocessing
 import os
 import sys
 import time
+import uuid
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyro
 import torch
 from pyro.nn import PyroModule
@@ -71,10 +84,11 @@ from pvae.app.report import (
     format_table,
     summarize,
 )
-from pvae.checkpoint import CHECKPOINT, fork_rng
+from pvae.checkpoint import CHECKPOINT, fork_rng, load_checkpoint
 from pvae.diagnostics import count_active, gradient_snr, latent_activity
 from pvae.evaluate import as_tensors, num_items
 from pvae.inference import ELBO, IWAE
+from pvae.protocol import param_split
 from pvae.tracking import environment  # where a comparison ran (results.json)
 from pvae.train import EpochBound, Run, TrainingDiverged
 from pvae.validation import device as resolve_device  # the name the CLI tests read
@@ -237,6 +251,13 @@ def bound_folder(spec: BoundSpec, seed: int | None = None) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def auto_jobs(cells: int, quick: bool = False) -> int:
+    """``--jobs auto``: one process per core this process may use, at most one per cell; 1
+    with ``quick`` (a smoke run's seconds of work cost less than starting the processes)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 1 if quick else max(1, min(cores or 1, cells))
+
+
 @dataclass(frozen=True)
 class Cell:
     """One training of the comparison: ``bound`` (a resolved label) with ``seed``, in the
@@ -268,13 +289,17 @@ class Plan:
             raise ValueError(f"executor must be one of {EXECUTORS}, got {self.executor!r}")
 
     @classmethod
-    def of(cls, config: runs.RunConfig, jobs: int = 1, executor: str = "local") -> Plan:
-        """The plan of ``config``'s bounds (default :data:`DEFAULT_BOUNDS`) and seeds.
+    def of(cls, config: runs.RunConfig, jobs: int | str = "auto", executor: str = "local") -> Plan:
+        """The plan of ``config``'s bounds (default :data:`DEFAULT_BOUNDS`) and seeds, with
+        ``jobs="auto"``: :func:`auto_jobs`.
 
         :raises ValueError: see :func:`resolve_bounds`.
         """
         specs = resolve_bounds(config.bounds or DEFAULT_BOUNDS, config.particles, config.inner)
-        return cls(specs, list(config.seeds or [config.seed]), jobs, executor)
+        seeds = list(config.seeds or [config.seed])
+        if jobs == "auto":
+            jobs = auto_jobs(len(specs) * len(seeds), config.quick)
+        return cls(specs, seeds, int(jobs), executor)
 
     @property
     def several(self) -> bool:
@@ -365,6 +390,11 @@ def _yardstick_callback(
     )  # fmt: skip
 
 
+def _tag(cell: Cell) -> str:
+    """A cell as its progress lines name it: ``miwae:8x8`` or ``iwae seed 1``."""
+    return cell.folder.replace("_", ":").replace("/seed-", " seed ")
+
+
 def _epoch_line(tag: str, epochs: int, yardstick: str | None, record: Mapping[str, Any]) -> str:
     """The progress line of one epoch of the cell ``tag``."""
     valid, common = record.get("valid_bound"), record.get("yardstick")
@@ -402,9 +432,10 @@ def _fit_cell(
         timed.append(_yardstick_callback(model, valid, yardstick, cell.seed, device))
         callbacks.append(timed[0])
     if say is not None:
-        tag = cell.folder.replace("_", ":").replace("/seed-", " seed ")
         callbacks.append(
-            lambda run, record: say(_epoch_line(tag, config.epochs, config.yardstick, record))
+            lambda run, record: say(
+                _epoch_line(_tag(cell), config.epochs, config.yardstick, record)
+            )
         )
     folder = out / cell.folder if out is not None else None
     run = pvae.fit(
@@ -467,67 +498,18 @@ def log_likelihood(
     return torch.cat(parts)
 
 
-def _evaluate(
-    config: runs.RunConfig, cell: Cell, model: PyroModule, ds: data.Splits, progress: bool
-) -> tuple[dict[str, Any], torch.Tensor]:
-    """The table's numbers for one trained cell and its per-point log-likelihoods (the model
-    in eval mode), with the model's own metrics and log p(x) against K."""
-    seed, test, ll_samples = cell.seed, ds.test, int(config.ll_samples)
-    entry = MODELS[config.model]
-    model.eval()
-    with fork_rng(torch.device(config.device)):
-        torch.manual_seed(seed)  # the same random numbers for every bound
-        ll = log_likelihood(model, test, ll_samples, progress=progress)
-        torch.manual_seed(seed)
-        elbo = pvae.evaluate_bound(model.model, model.guide, test, ELBO(ELBO_SAMPLES), EVAL_BATCH)
-        iwae = pvae.evaluate_bound(model.model, model.guide, test, IWAE(IWAE_SAMPLES), EVAL_BATCH)
-        units = count_active(latent_activity(model, test, seed, channels=entry.channels))
-        torch.manual_seed(seed)
-        metrics = entry.metrics(model, ds, "test", seed) if entry.metrics is not None else {}
-        torch.manual_seed(seed)
-        snr_batch = tuple(t[:SNR_POINTS] for t in as_tensors(test))
-        engine = config.build_engine(cell.bound)
-        snr = gradient_snr(
-            model.model, model.guide, snr_batch, engine, num_repeats=int(config.snr_repeats or 2)
-        )
-        curve = _ll_vs_k(model, test, ll_samples, ll, seed)
-    exact = data.exact_log_likelihood(ds)
-    numbers = {
-        "log_likelihood": float(ll.mean()),
-        "log_likelihood_stderr": _stderr(ll),
-        "elbo": float(elbo),
-        "iwae_64": float(iwae),
-        "inference_gap": float(ll.mean()) - float(elbo),
-        "active_units": units[0],
-        "latent_dims": units[1],
-        "snr_guide": snr.guide,
-        "snr_model": snr.model,
-        "ll_vs_k": curve,
-        "metrics": dict(metrics),
-        "exact_log_likelihood": float(exact.double().mean()) if exact is not None else None,
-    }
-    return numbers, ll
-
-
 def ll_ks(ll_samples: int) -> list[int]:
     """The K of the log p(x)-against-K curve: :data:`LL_KS` up to ``ll_samples``, and
     ``ll_samples`` itself (the table's estimate)."""
     return sorted({k for k in LL_KS if k < ll_samples} | {ll_samples})
 
 
-def _ll_vs_k(
-    model: PyroModule, test: Any, largest: int, ll: torch.Tensor, seed: int
-) -> dict[str, float]:
-    """log p(x) by importance sampling with each K of :func:`ll_ks`, the mean over the first
-    :data:`LL_K_POINTS` test points, ``{str(K): nats}``. The largest K reuses the table's
-    per-point estimates ``ll``; every other K is drawn with the fixed ``seed``."""
-    points = min(LL_K_POINTS, ll.shape[0])
-    subset = runs.rows(test, 0, points)
+def _ll_vs_k(model: PyroModule, test: Any, ks: Sequence[int], seed: int) -> dict[str, float]:
+    """log p(x) by importance sampling with each K of ``ks``, the mean over the first
+    :data:`LL_K_POINTS` test points, ``{str(K): nats}``, each drawn with the fixed ``seed``."""
+    subset = runs.rows(test, 0, min(LL_K_POINTS, num_items(test)))
     curve: dict[str, float] = {}
-    for k in ll_ks(largest):
-        if k == largest:
-            curve[str(k)] = float(ll[:points].double().mean())
-            continue
+    for k in ks:
         torch.manual_seed(seed)
         values = pvae.log_likelihood(
             model.model, model.guide, subset, num_samples=k, batch_size=LL_BATCH,
@@ -537,51 +519,167 @@ def _ll_vs_k(
     return curve
 
 
-def run_cell(
+# ---------------------------------------------------------------------------------------------
+# Tasks: a cell's training, then its evaluation in pieces
+# ---------------------------------------------------------------------------------------------
+
+Part = dict[str, Any]  # what a task returns: JSON values
+Params = dict[str, torch.Tensor]  # a trained cell's parameters (unconstrained, by name)
+Job = tuple["Task", "Params | None", str]  # a task, the trained parameters and their token
+Done = Callable[["Task", Part, "Params | None"], list[Job]]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One piece of a cell's work: ``"train"``; ``"ll"``, log p(x) of the test points
+    ``start`` to ``stop``; ``"measures"``, every other test number. Until the cell is
+    finished its result is kept in ``task-<name>.json`` in the cell's folder."""
+
+    cell: Cell
+    kind: str
+    start: int = 0
+    stop: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"ll-{self.start}" if self.kind == "ll" else self.kind
+
+
+def evaluation_tasks(cell: Cell, num_test: int) -> list[Task]:
+    """The evaluation of a trained ``cell``: its measures, then log p(x) in chunks of a tenth
+    of the ``num_test`` test points (at most :data:`LL_BATCH`)."""
+    step = max(1, min(LL_BATCH, math.ceil(num_test / 10)))
+    chunks = [Task(cell, "ll", a, min(a + step, num_test)) for a in range(0, num_test, step)]
+    return [Task(cell, "measures"), *chunks]
+
+
+def chunk_seed(seed: int, start: int) -> int:
+    """The seed of the log p(x) chunk from test point ``start`` of a cell seeded ``seed``: the
+    same wherever and in whatever order the chunks run, and for every bound (paired Δ)."""
+    return int(np.random.SeedSequence([seed, start]).generate_state(1)[0])
+
+
+_LOADED: dict[str, Any] = {}  # this process's data (by configuration) and last rebuilt model
+
+
+def _data(config: runs.RunConfig) -> data.Splits:
+    """``config.load_data()`` on its device, loaded once per process and configuration."""
+    key = json.dumps(config.to_json(), sort_keys=True)
+    if _LOADED.get("data key") != key:
+        _LOADED.update({"data key": key, "data": config.load_data().to(config.device)})
+    return _LOADED["data"]
+
+
+def _trained_model(
+    config: runs.RunConfig, cell: Cell, ds: data.Splits, params: Params, token: str
+) -> PyroModule:
+    """``config``'s model of ``cell`` in eval mode with its trained ``params``, rebuilt once
+    per process and ``token`` (one training)."""
+    if _LOADED.get("token") != token:
+        pyro.clear_param_store()
+        pyro.set_rng_seed(cell.seed)
+        model = config.build_model(ds).to(config.device)
+        batch = tuple(t[:2] for t in as_tensors(ds.test))
+        with warnings.catch_warnings():  # the training warned about the pair already
+            warnings.simplefilter("ignore")
+            pvae.checkpoint.load_parameters(model.model, model.guide, batch, {"params": params})
+        _LOADED.update(token=token, model=model.eval())
+    return _LOADED["model"]
+
+
+def _train(
     config: runs.RunConfig,
     cell: Cell,
+    ds: data.Splits,
+    out: Path | None,
+    say: ProgressFn | None,
+    loggers: Sequence[Any],
+) -> tuple[Part, Params | None]:
+    """The training task: its history and seconds, and the trained parameters."""
+    _LOADED.pop("token", None)  # the parameter store is about to change
+    began = time.perf_counter()
+    try:
+        model, run, spent = _fit_cell(config, cell, ds, out, say, loggers)
+    except TrainingDiverged as error:
+        return {"status": f"diverged: {error}"}, None
+    train_seconds = time.perf_counter() - began - spent
+    batch = tuple(t[:2] for t in as_tensors(ds.test))
+    with warnings.catch_warnings():  # fit has warned about the pair already
+        warnings.simplefilter("ignore")
+        model_params, guide_params = param_split(model.model, model.guide, batch)
+    params = {**guide_params, **model_params}
+    trained = {name: value.detach().cpu().clone() for name, value in params.items()}
+    part = {"status": "ok", "history": run.history, "train_seconds": train_seconds,
+            "yardstick_seconds": spent, "token": uuid.uuid4().hex}  # fmt: skip
+    return part, trained
+
+
+def _ll_chunk(config: runs.RunConfig, task: Task, model: PyroModule, ds: data.Splits) -> Part:
+    """log p(x) with K = ``ll_samples`` of the test points of ``task``, ``{"ll": nats}``,
+    seeded by :func:`chunk_seed`."""
+    points, samples = task.stop - task.start, int(config.ll_samples)
+    torch.manual_seed(chunk_seed(task.cell.seed, task.start))
+    ll = pvae.log_likelihood(
+        model.model, model.guide, runs.rows(ds.test, task.start, task.stop), num_samples=samples,
+        batch_size=points, chunk_size=min(samples, max(1, evaluate.ROWS // points)),
+        progress=False,
+    )  # fmt: skip
+    return {"ll": [float(value) for value in ll.cpu()]}
+
+
+def _measures(config: runs.RunConfig, task: Task, model: PyroModule, ds: data.Splits) -> Part:
+    """Every test number but the table's log p(x), each drawn from ``manual_seed(seed)``: the
+    test ELBO and IWAE-64, the active units, the model's own metrics, the gradient SNR and
+    log p(x) with the K of :func:`ll_ks` below ``ll_samples``."""
+    seed, test, entry = task.cell.seed, ds.test, MODELS[config.model]
+    torch.manual_seed(seed)
+    elbo = pvae.evaluate_bound(model.model, model.guide, test, ELBO(ELBO_SAMPLES), EVAL_BATCH)
+    iwae = pvae.evaluate_bound(model.model, model.guide, test, IWAE(IWAE_SAMPLES), EVAL_BATCH)
+    active, dims = count_active(latent_activity(model, test, seed, channels=entry.channels))
+    torch.manual_seed(seed)
+    metrics = entry.metrics(model, ds, "test", seed) if entry.metrics is not None else {}
+    torch.manual_seed(seed)
+    snr = gradient_snr(
+        model.model, model.guide, tuple(t[:SNR_POINTS] for t in as_tensors(test)),
+        config.build_engine(task.cell.bound), num_repeats=int(config.snr_repeats or 2),
+    )  # fmt: skip
+    return {
+        "elbo": float(elbo), "iwae_64": float(iwae), "active_units": active, "latent_dims": dims,
+        "snr_guide": snr.guide, "snr_model": snr.model, "metrics": dict(metrics),
+        "ll_vs_k": _ll_vs_k(model, test, ll_ks(int(config.ll_samples))[:-1], seed),
+    }  # fmt: skip
+
+
+def run_task(
+    config: runs.RunConfig,
+    task: Task,
+    ds: data.Splits,
     out: Path | None = None,
-    progress: bool = False,
-    ds: data.Splits | None = None,
+    trained: tuple[Params | None, str] = (None, ""),
+    say: ProgressFn | None = None,
     loggers: Sequence[Any] = (),
-) -> tuple[BoundResult, list[float]]:
-    """Train and measure one cell (its data loaded from ``config`` unless given ``ds``), with
-    Pyro's validation off; with ``out``, its result is written to ``out/folder/cell.json``.
-    Returns the result and the per-point test log-likelihoods (empty when it failed)."""
+) -> tuple[Part, Params | None]:
+    """Run ``task`` with Pyro's validation off (an evaluation on the model rebuilt with the
+    ``trained`` parameters and their token); returns its part, with its seconds, CPU seconds
+    and peak memory, and after a training the trained parameters."""
     device = torch.device(config.device)
-    ds = ds if ds is not None else config.load_data().to(device)
-    engine = parse_bound(cell.bound).describe(config.particles)
-    run_name = cell.folder if "/seed-" in cell.folder else None  # one seed of several
-    result = BoundResult(cell.bound, cell.seed, cell.folder, engine, run=run_name)
-    say: ProgressFn | None = (lambda line: tqdm.write(line, file=sys.stdout)) if progress else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    began, cpu = time.perf_counter(), time.process_time()
     scope = torch.device(device) if device.type != "cpu" else contextlib.nullcontext()
+    params: Params | None = None
     with pyro.validation_enabled(False), scope:
-        try:
-            began = time.perf_counter()
-            model, run, spent = _fit_cell(config, cell, ds, out, say, loggers)
-            train_seconds = time.perf_counter() - began - spent
-            began = time.perf_counter()
-            numbers, ll = _evaluate(config, cell, model, ds, progress)
-        except TrainingDiverged as error:
-            result.status = f"diverged: {error}"
-            ll = torch.zeros(0)
+        if task.kind == "train":
+            part, params = _train(config, task.cell, ds, out, say, loggers)
         else:
-            seconds = [float(record["seconds"]) for record in run.history]
-            last = run.history[-1] if run.history else {}
-            vars(result).update(numbers)
-            result.seconds_per_epoch = sum(seconds) / len(seconds) if seconds else math.nan
-            for key in ("train_bound", "valid_bound", "yardstick"):
-                setattr(result, key, last.get(key))
-            result.train_seconds, result.yardstick_seconds = train_seconds, spent
-            result.eval_seconds = time.perf_counter() - began
-            result.peak_memory_mb = tracking.peak_memory_mb(device)
-            result.history = run.history
-    per_point = [float(value) for value in ll.cpu()]
-    if out is not None:
-        plots.write_json(out / cell.folder / CELL, {"result": result.to_json(), "ll": per_point})
-    return result, per_point
+            trained_params, token = trained
+            assert trained_params is not None, "an evaluation needs the trained parameters"
+            model = _trained_model(config, task.cell, ds, trained_params, token)
+            with fork_rng(device):
+                part = (_ll_chunk if task.kind == "ll" else _measures)(config, task, model, ds)
+    part.update(seconds=time.perf_counter() - began, cpu_seconds=time.process_time() - cpu,
+                peak_memory_mb=tracking.peak_memory_mb(device))  # fmt: skip
+    return part, params
 
 
 def read_cell(folder: Path) -> tuple[BoundResult, list[float]] | None:
@@ -589,57 +687,217 @@ def read_cell(folder: Path) -> tuple[BoundResult, list[float]] | None:
     when the cell has not finished (or its file cannot be read)."""
     try:
         document = json.loads((folder / CELL).read_text())
-        return BoundResult.from_json(document["result"]), [float(v) for v in document["ll"]]
+        ll = [math.nan if v is None else float(v) for v in document["ll"]]
+        return BoundResult.from_json(document["result"]), ll
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _number(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+_MEASURES = ("elbo", "iwae_64", "active_units", "latent_dims", "snr_guide", "snr_model")
+
+
+def _cell_result(
+    config: runs.RunConfig, cell: Cell, parts: Mapping[str, Part], tasks: Sequence[Task]
+) -> tuple[BoundResult, list[float]]:
+    """A cell's result from the parts of its ``tasks`` (JSON values, as read back from its
+    folder) and its per-point test log-likelihoods (empty when the training failed)."""
+    engine = parse_bound(cell.bound).describe(config.particles)
+    run_name = cell.folder if "/seed-" in cell.folder else None  # one seed of several
+    train = parts["train"]
+    if train["status"] != "ok":
+        return BoundResult(
+            cell.bound, cell.seed, cell.folder, engine, train["status"], run_name
+        ), []
+    per_point = [_number(v) for t in tasks if t.kind == "ll" for v in parts[t.name]["ll"]]
+    ll, measures = torch.tensor(per_point), parts["measures"]  # float32, as estimated
+    history = train["history"]
+    last = history[-1] if history else {}
+    evaluation = [parts[task.name] for task in tasks if task.kind != "train"]
+    row = {
+        "bound": cell.bound, "seed": cell.seed, "folder": cell.folder, "engine": engine,
+        "run": run_name, **{key: measures[key] for key in _MEASURES},
+        **measures["metrics"], "history": history,
+        "log_likelihood": float(ll.mean()), "log_likelihood_stderr": _stderr(ll),
+        "inference_gap": float(ll.mean()) - _number(measures["elbo"]),
+        "seconds_per_epoch": sum(r["seconds"] for r in history) / len(history) if history
+        else None,
+        **{key: last.get(key) for key in ("train_bound", "valid_bound", "yardstick")},
+        "train_seconds": train["train_seconds"], "yardstick_seconds": train["yardstick_seconds"],
+        "eval_seconds": sum(part["seconds"] for part in evaluation),
+        "peak_memory_mb": max(_number(p["peak_memory_mb"]) for p in (train, *evaluation)),
+    }  # fmt: skip
+    row["ll_vs_k"] = {
+        **measures["ll_vs_k"],
+        str(config.ll_samples): float(ll[:LL_K_POINTS].double().mean()),
+    }
+    return BoundResult.from_json(row), per_point
+
+
+@dataclass
+class _Ledger:
+    """The unfinished cells' parts, in memory and (with ``out``) in the cells' folders, and
+    what follows each part: a trained cell's evaluation; a finished cell's ``cell.json`` and
+    ``finish(cell, result, per_point)``."""
+
+    config: runs.RunConfig
+    ds: data.Splits
+    out: Path | None
+    finish: Callable[[Cell, BoundResult, list[float]], None]
+    say: ProgressFn | None = None
+    parts: dict[Cell, dict[str, Part]] = field(default_factory=dict)
+    said: dict[Cell, float] = field(default_factory=dict)
+
+    def start(self, cells: Sequence[Cell]) -> list[Job]:
+        """The jobs of ``cells``: the trainings left first, then the evaluations left of the
+        trained ones (their parameters from their checkpoints)."""
+        trainings, evaluations = [], []
+        for cell in cells:
+            folder = self.out / cell.folder if self.out is not None else None
+            found = sorted(folder.glob("task-*.json")) if folder is not None else []
+            self.parts[cell] = {path.stem[5:]: json.loads(path.read_text()) for path in found}
+            if "train" not in self.parts[cell]:
+                trainings.append((Task(cell, "train"), None, ""))
+            elif self.parts[cell]["train"]["status"] != "ok":
+                self._follow(cell)
+            else:
+                assert folder is not None
+                params = load_checkpoint(folder / CHECKPOINT)["params"]
+                evaluations += self._follow(cell, params, uuid.uuid4().hex)
+        return trainings + evaluations
+
+    def done(self, task: Task, part: Part, params: Params | None) -> list[Job]:
+        """Keep ``task``'s part; returns the jobs that follow it."""
+        part = json.loads(json.dumps(plots.json_safe(part)))  # as read back from its file
+        self.parts[task.cell][task.name] = part
+        if self.out is not None:
+            plots.write_json(self.out / task.cell.folder / f"task-{task.name}.json", part)
+        if task.kind == "ll" and self.say is not None:
+            self._progress(task.cell)
+        elif task.kind == "train" and self.say is not None and part["status"] == "ok":
+            self.say(f"[{_tag(task.cell)}] trained in {part['train_seconds']:.0f} s")
+        return self._follow(task.cell, params, part.get("token", ""))
+
+    def _follow(self, cell: Cell, params: Params | None = None, token: str = "") -> list[Job]:
+        """The evaluation jobs of a cell just trained (``params`` given); or when every part
+        of ``cell`` is in, its result."""
+        parts = self.parts[cell]
+        tasks = evaluation_tasks(cell, num_items(self.ds.test))
+        left = [task for task in tasks if task.name not in parts]
+        if left and parts["train"]["status"] == "ok":
+            return [(task, params, token) for task in left] if params is not None else []
+        result, per_point = _cell_result(self.config, cell, parts, [Task(cell, "train"), *tasks])
+        exact = data.exact_log_likelihood(self.ds)
+        result.exact_log_likelihood = float(exact.double().mean()) if exact is not None else None
+        if self.out is not None:
+            timings = {name: {k: part[k] for k in ("seconds", "cpu_seconds") if k in part}
+                       for name, part in parts.items()}  # fmt: skip
+            document = {"result": result.to_json(), "ll": per_point, "tasks": timings}
+            plots.write_json(self.out / cell.folder / CELL, document)
+            for name in parts:
+                (self.out / cell.folder / f"task-{name}.json").unlink(missing_ok=True)
+        self.finish(cell, result, per_point)
+        return []
+
+    def _progress(self, cell: Cell) -> None:
+        """A line on stderr every 10 s of a cell's log p(x) and after its last chunk."""
+        chunks = [part for name, part in self.parts[cell].items() if name.startswith("ll-")]
+        points, total = sum(len(part["ll"]) for part in chunks), num_items(self.ds.test)
+        now = time.perf_counter()
+        if points == total or now - self.said.get(cell, 0.0) >= 10.0:
+            seconds = sum(part["seconds"] for part in chunks)
+            assert self.say is not None
+            self.say(f"[{_tag(cell)}] log p(x), K={self.config.ll_samples}: {points}/{total} "
+                     f"points ({seconds:.0f} s)")  # fmt: skip
+            self.said[cell] = now
 
 
 # ---------------------------------------------------------------------------------------------
 # Executors
 # ---------------------------------------------------------------------------------------------
 
-Done = Callable[[Cell, BoundResult, list[float]], None]
-
 
 def _worker(
-    config: dict[str, Any], cell: Cell, out: str | None, threads: int
-) -> tuple[BoundResult, list[float]]:
-    """:func:`run_cell` in a worker process or Ray task (``threads`` torch threads)."""
+    config: dict[str, Any],
+    task: Task,
+    params: Params | None,
+    token: str,
+    out: str | None,
+    threads: int,
+) -> tuple[Part, Params | None]:
+    """:func:`run_task` in a worker process or Ray task (``threads`` torch threads), on the
+    data of ``config`` (loaded once per process)."""
     torch.set_num_threads(threads)
-    folder = Path(out) if out is not None else None
-    return run_cell(runs.RunConfig.from_json(config), cell, folder)
+    run = runs.RunConfig.from_json(config)
+    return run_task(run, task, _data(run), Path(out) if out is not None else None, (params, token))
+
+
+def _drive(first: Sequence[Job], submit: Callable[[Job], Future[Any]], done: Done) -> None:
+    """Submit ``first`` and, as each task finishes, the jobs that ``done`` says follow it."""
+    pending = {submit(job): job[0] for job in first}
+    while pending:
+        ready, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for future in ready:
+            for job in done(pending.pop(future), *future.result()):
+                pending[submit(job)] = job[0]
 
 
 def _run_local(
-    config: runs.RunConfig, cells: Sequence[Cell], jobs: int, out: Path | None, done: Done
+    config: runs.RunConfig, first: Sequence[Job], jobs: int, out: Path | None, done: Done
 ) -> None:
-    """The cells in ``jobs`` processes (spawned, each with its share of torch's threads)."""
+    """The tasks in ``jobs`` processes (spawned, each with its share of torch's threads)."""
     threads = max(1, torch.get_num_threads() // jobs)
     context = multiprocessing.get_context("spawn")
-    folder = str(out) if out is not None else None
+    values, folder = config.to_json(), str(out) if out is not None else None
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = {
-            pool.submit(_worker, config.to_json(), cell, folder, threads): cell for cell in cells
-        }
-        for future in as_completed(futures):
-            done(futures[future], *future.result())
+        _drive(first, lambda job: pool.submit(_worker, values, *job, folder, threads), done)
 
 
-def _run_ray(config: runs.RunConfig, cells: Sequence[Cell], out: Path | None, done: Done) -> None:
-    """The cells as Ray tasks: on the cluster of ``RAY_ADDRESS`` when set (``ray.init(
-    address="auto")``), else on a local Ray instance (one CPU, one torch thread per task)."""
+def _run_ray(config: runs.RunConfig, first: Sequence[Job], out: Path | None, done: Done) -> None:
+    """The tasks as Ray tasks: on the cluster of ``RAY_ADDRESS`` when set (``ray.init(
+    address="auto")``), else on a local Ray instance (one CPU, one torch thread per task);
+    a cell's trained parameters go once into Ray's object store."""
     try:
         import ray
     except ImportError as error:
         raise ImportError('the ray executor needs Ray: pip install "pyro-vae[ray]"') from error
     if not ray.is_initialized():
         ray.init(address="auto" if os.environ.get("RAY_ADDRESS") else None)
-    task = ray.remote(num_cpus=1)(_worker)
-    folder = str(out) if out is not None else None
-    pending = {task.remote(config.to_json(), cell, folder, 1): cell for cell in cells}
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        done(pending.pop(ready[0]), *ray.get(ready[0]))
+    remote = ray.remote(num_cpus=1)(_worker)
+    values, folder = config.to_json(), str(out) if out is not None else None
+    stored: dict[str, Any] = {}
+
+    def submit(job: Job) -> Future[Any]:
+        task, params, token = job
+        if params is not None and token not in stored:
+            stored[token] = ray.put(params)
+        shared = stored.get(token) if params is not None else None
+        return remote.remote(values, task, shared, token, folder, 1).future()
+
+    _drive(first, submit, done)
+
+
+def _run_here(
+    config: runs.RunConfig,
+    first: Sequence[Job],
+    ledger: _Ledger,
+    say: ProgressFn | None,
+    open_loggers: Callable[[Cell], Sequence[Any]],
+    logged: dict[Cell, Sequence[Any]],
+) -> None:
+    """The tasks in this process, a cell's evaluation right after its training."""
+    queue, ds = list(first), ledger.ds.to(config.device)
+    while queue:
+        task, params, token = queue.pop(0)
+        if task.kind == "train":
+            logged[task.cell] = open_loggers(task.cell)
+        part, trained = run_task(
+            config, task, ds, ledger.out, (params, token), say, logged.get(task.cell, ())
+        )
+        queue[:0] = ledger.done(task, part, trained)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -682,14 +940,17 @@ def compare(
     ``config``) with the same data and budget, measure each, and (with ``run_dir``) write
     the report built from the cells' folders.
 
-    A cell whose folder already holds its ``cell.json`` is not run again (an interrupted
-    comparison continues with the unfinished cells; a cell with a checkpoint resumes from
-    it). The cells are independent: run in ``plan.jobs`` processes or as Ray tasks they give
-    the same numbers, bit for bit, as one after the other (with equal torch threads).
+    A cell whose folder already holds its ``cell.json`` is not run again, nor a task whose
+    part is there (an interrupted comparison continues with the tasks left: a cell with a
+    checkpoint resumes its training from it, a trained cell its evaluation). The tasks are
+    independent given their cell's training: run in ``plan.jobs`` processes or as Ray tasks
+    they give the same numbers, bit for bit, as one after the other (with equal torch
+    threads per task).
 
     :param config: the run (``command="compare"``, e.g. from :func:`run_config`); its
         ``bounds``, ``seeds``, ``yardstick``, ``snr_repeats``, ``device`` are the comparison's.
-    :param progress: one line per epoch and per cell (and progress bars on a terminal).
+    :param progress: one line per epoch (cells trained in this process), per 10 s of a
+        cell's log p(x) (stderr) and per cell.
     :param argv: the command line recorded in ``results.md``.
     :param loggers: experiment tracking, ``loggers(label, params)`` the loggers of one cell:
         they see its steps and epochs when the cells run in this process, its numbers always.
@@ -714,32 +975,8 @@ def compare(
         runs.write_config(out, config, ds, argv=argv)
     found = {cell: read_cell(out / cell.folder) for cell in plan.cells()} if out else {}
     finished = {cell: pair for cell, pair in found.items() if pair is not None}
-
-    def open_loggers(cell: Cell) -> Sequence[Any]:
-        name = f"{cell.bound}/seed-{cell.seed}" if plan.several else cell.bound
-        params = {**config.to_json(), "seed": cell.seed, "bound": cell.bound}
-        return loggers(name, params) if loggers else []
-
-    def done(cell: Cell, result: BoundResult, ll: list[float], logged: Any = None) -> None:
-        """Keep a cell's numbers, send them to its loggers (opened here when the cell ran in
-        another process) and print its summary line."""
-        finished[cell] = (result, ll)
-        for logger in open_loggers(cell) if logged is None else logged:
-            logger.log_metrics({k: v for k, v in result.to_json().items() if k in _NUMBERS})
-            logger.close(failed=not result.ok)
-        if progress:
-            tqdm.write(report.summary_line(result.to_json(), config.ll_samples, plan.several))
-
     todo = [cell for cell in plan.cells() if cell not in finished]
-    if plan.executor == "ray":
-        _run_ray(config, todo, out, done)
-    elif plan.jobs > 1 and len(todo) > 1:
-        _run_local(config, todo, min(plan.jobs, len(todo)), out, done)
-    else:
-        on_device = ds.to(config.device)
-        for cell in todo:
-            logged = open_loggers(cell)
-            done(cell, *run_cell(config, cell, out, progress, on_device, logged), logged)
+    _run_cells(config, plan, todo, ds, out, progress, loggers, finished)
     results = [finished[cell][0] for cell in plan.cells()]
     add_deltas(results, {(c.bound, c.seed): finished[c][1] for c in plan.cells()})
     if out is not None:
@@ -747,6 +984,47 @@ def compare(
         rows = [result.to_json() for result in results]
         report.write(out, rows, _report_config(config, ds), argv, elapsed, cpu_seconds)
     return results
+
+
+def _run_cells(
+    config: runs.RunConfig,
+    plan: Plan,
+    cells: Sequence[Cell],
+    ds: data.Splits,
+    out: Path | None,
+    progress: bool,
+    loggers: Callable[[str, Mapping[str, Any]], Sequence[Any]] | None,
+    finished: dict[Cell, tuple[BoundResult, list[float]]],
+) -> None:
+    """Run the tasks left of ``cells`` by ``plan``'s executor into ``finished``, sending each
+    cell's numbers to its loggers and (``progress``) printing its summary line."""
+    logged: dict[Cell, Sequence[Any]] = {}  # the loggers of the cells trained here
+
+    def open_loggers(cell: Cell) -> Sequence[Any]:
+        name = f"{cell.bound}/seed-{cell.seed}" if plan.several else cell.bound
+        params = {**config.to_json(), "seed": cell.seed, "bound": cell.bound}
+        return loggers(name, params) if loggers else []
+
+    def finish(cell: Cell, result: BoundResult, ll: list[float]) -> None:
+        finished[cell] = (result, ll)
+        for logger in logged.pop(cell) if cell in logged else open_loggers(cell):
+            logger.log_metrics({k: v for k, v in result.to_json().items() if k in _NUMBERS})
+            logger.close(failed=not result.ok)
+        if progress:
+            tqdm.write(report.summary_line(result.to_json(), config.ll_samples, plan.several))
+
+    say: ProgressFn | None = (lambda line: tqdm.write(line, file=sys.stderr)) if progress else None
+    _LOADED.clear()  # a model rebuilt by an earlier comparison in this process
+    ledger = _Ledger(config, ds, out, finish, say)
+    first = ledger.start(cells)
+    if plan.executor == "ray":
+        _run_ray(config, first, out, ledger.done)
+    elif plan.jobs > 1 and len(first) > 1:
+        _run_local(config, first, plan.jobs, out, ledger.done)
+    else:
+        epochs = (lambda line: tqdm.write(line, file=sys.stdout)) if progress else None
+        _run_here(config, first, ledger, epochs, open_loggers, logged)
+    _LOADED.clear()
 
 
 def add_deltas(

@@ -121,6 +121,43 @@ def test_resume_runs_only_the_unfinished_cells(sequential, tmp_path, capsys):
     assert numbers(run_dir) == numbers(sequential)
 
 
+def test_resume_continues_an_interrupted_evaluation(sequential, tmp_path, monkeypatch):
+    """Interrupted in the second cell's log p(x) (its training, measures and first chunks
+    kept as task parts in its folder), a resumed comparison trains nothing and evaluates only
+    the chunks left, each seeded from (seed, first point): the uninterrupted numbers."""
+    run_dir, real = tmp_path / "evaluation", compare._ll_chunk
+
+    def interrupted(config, task, model, ds):
+        if task.cell.bound == "iwae" and task.start >= 50:
+            raise KeyboardInterrupt
+        return real(config, task, model, ds)
+
+    monkeypatch.setattr(compare, "_ll_chunk", interrupted)
+    argv = [*TINY, "--quiet", "--run-dir", str(run_dir)]
+    assert cli.main(argv) == 130
+    cell = run_dir / "iwae"
+    kept = {path.name for path in cell.glob("task-*.json")}
+    assert kept == {"task-train.json", "task-measures.json"} | {
+        f"task-ll-{start}.json" for start in range(0, 50, 10)
+    }
+    assert not (cell / compare.CELL).exists() and (run_dir / "elbo" / compare.CELL).is_file()
+    started = []
+
+    def counted(config, task, model, ds):
+        started.append(task.start)
+        return real(config, task, model, ds)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a trained cell was trained again")
+
+    monkeypatch.setattr(compare, "_ll_chunk", counted)
+    monkeypatch.setattr(compare, "_fit_cell", no_training)
+    assert cli.main([*argv, "--resume"]) == 0
+    assert started == [50, 60, 70, 80, 90]
+    assert numbers(run_dir) == numbers(sequential)
+    assert not list(cell.glob("task-*.json"))  # folded into cell.json
+
+
 def test_exact_log_likelihood_beside_every_estimate(tmp_path):
     run_dir = tmp_path / "lg"
     argv = [*TINY, "--quiet", "--dataset", "linear-gaussian", "--run-dir", str(run_dir)]

@@ -1,6 +1,8 @@
 """``pvae compare``'s log p(x): cache-sized vectorised runs and the guide once per batch give
 the numbers the traced estimator gives in runs of 100 particles (the same draws)."""
 
+from types import SimpleNamespace
+
 import pyro
 import torch
 
@@ -33,3 +35,29 @@ def test_compare_log_likelihood_keeps_the_previous_numbers():
     torch.manual_seed(1)  # other draws: a different estimate, so the comparison is not vacuous
     other = compare.log_likelihood(vae, test, 400)
     assert (other - old).abs().max() > 1e-3
+
+
+def test_a_log_likelihood_chunk_draws_from_its_own_seed():
+    """A chunk of the evaluation gives the same values whatever torch's random state before it
+    (so where and in what order the chunks run does not matter), other values for another
+    cell seed; every (seed, first point) has its own stream."""
+    pyro.set_rng_seed(0)
+    vae = VAE(x_dim=30, z_dim=4, hidden=(16,))
+    vae.eval()
+    ds = SimpleNamespace(
+        test=(torch.rand(40, 30, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    )
+    config = compare.run_config("digits", quick=True, ll_samples=50)
+    task = compare.Task(compare.Cell("elbo", 0, "elbo"), "ll", 10, 20)
+    with pyro.validation_enabled(False):
+        torch.manual_seed(1)
+        first = compare._ll_chunk(config, task, vae, ds)
+        torch.manual_seed(2)
+        again = compare._ll_chunk(config, task, vae, ds)
+        other = compare._ll_chunk(
+            config, compare.Task(compare.Cell("elbo", 1, "elbo"), "ll", 10, 20), vae, ds
+        )
+    assert len(first["ll"]) == 10 and first == again
+    assert max(abs(a - b) for a, b in zip(first["ll"], other["ll"], strict=True)) > 1e-3
+    seeds = {compare.chunk_seed(seed, start) for seed in range(3) for start in range(0, 500, 50)}
+    assert len(seeds) == 30
