@@ -38,7 +38,7 @@ import torch
 import pvae
 from pvae.app import compare, runs
 from pvae.app.registry import MODELS
-from pvae.diagnostics import gradient_snr
+from pvae.diagnostics import count_active, gradient_snr, latent_activity
 from pvae.evaluate import as_tensors
 from pvae.inference import ELBO, IWAE
 
@@ -143,7 +143,7 @@ def time_bound(
             phases["elbo+iwae64"] = clock() - began
         began = clock()
         channels = MODELS[config.model].channels
-        runs.count_active(runs.latent_activity(model, test, 0, channels=channels))
+        count_active(latent_activity(model, test, 0, channels=channels))
         phases["active"] = clock() - began
         began = clock()
         with faults("snr"):
@@ -153,7 +153,7 @@ def time_bound(
             gradient_snr(model.model, model.guide, snr_batch, engine, num_repeats=repeats)
         phases["snr"] = clock() - began
         began = clock()
-        compare._ll_vs_k(model, test, k, ll, 0)
+        compare._ll_vs_k(model, test, compare.ll_ks(k)[:-1], 0)
         phases["ll_vs_k"] = clock() - began
         if legacy:
             torch.manual_seed(0)
