@@ -431,9 +431,14 @@ class SGHMC(SamplerEngine):
             self._noise = [math.sqrt(2 * alpha * eta)] * len(self.theta)
             return
         share = max(float((p * v).max()) for p, v in zip(self.precond, self.grad_var, strict=True))
-        self.step_size = min(self.lr, 2 * alpha * _NOISE_SHARE / max(share, _EPS))
-        if self.curvature > 0:  # the stiffest direction, coupling included, stays stable
-            self.step_size = min(self.step_size, _STABLE / self.curvature)
+        if self.stochastic:  # the minibatch noise's share eta * P_i * V_i / (2 alpha) bounded
+            self.step_size = min(self.lr, 2 * alpha * _NOISE_SHARE / max(share, _EPS))
+            curvature = self.curvature
+        else:  # no minibatch noise: P_i V_i is the curvature seen along the window's path
+            self.step_size = self.lr
+            curvature = max(self.curvature, share)
+        if curvature > 0:  # the stiffest direction, coupling included, stays stable
+            self.step_size = min(self.step_size, _STABLE / curvature)
         for p, v in zip(self.precond, self.grad_var, strict=True):
             eta_i = self.step_size * p
             variance = 2 * alpha * eta_i
@@ -560,6 +565,11 @@ class SGHMC(SamplerEngine):
         with torch.no_grad():
             if self.optimising:
                 self._optimise(grads)
+                if self.step_count + 1 == self._init_steps:  # the first window's step capped too
+                    self.curvature = self._measure_curvature(
+                        lambda: self._gradient(model, args, kwargs)
+                    )
+                    self._frozen()
             else:
                 adapting = self.adapting
                 if adapting:

@@ -255,7 +255,9 @@ def run_bae(data: dict, train: Tensor, sizes: dict, seed: int, net: Classifier) 
     scores.update(seconds=seconds, cpu_seconds=time.process_time() - start, curve=curve)
     distances = bae.prior_selection.distances
     scores.update(dswd_spread=max(distances) - min(distances), step=sampler.step_size)
-    scores.update(lr=sampler.lr, diverged=diverged)
+    scores.update(lr=sampler.lr, diverged=diverged, curvature=sampler.curvature)
+    pairs = zip(sampler.precond, sampler.grad_var, strict=True)
+    scores.update(path=max(float((p * v).max()) for p, v in pairs))
     return scores
 
 
@@ -316,6 +318,10 @@ def add_rows(report: _common.Report, size: int, bae: list[dict], vae: list[dict]
             step = [r["step"] for r in runs]
             report.add(setting, "SGHMC step (last chain)", step, digits=5)
             report.add(setting, "SGHMC lr (cap of the step)", [r["lr"] for r in runs], digits=3)
+            curvature = [r["curvature"] for r in runs]
+            report.add(setting, "lambda_max(P^1/2 H P^1/2) (last chain)", curvature, digits=0)
+            path = [r["path"] for r in runs]
+            report.add(setting, "max_i P_i V_i (last chain)", path, digits=0)
             diverged = [r["diverged"] for r in runs]
             report.add(setting, "diverged runs before it (restarted, lower lr)", diverged, digits=1)
             for key in ("rhat_log_joint", "rhat_test_ll"):
