@@ -353,8 +353,46 @@ def add_claims(report: _common.Report, size: int, bae: list[dict], vae: list[dic
     report.claim(f"{size} images: the BAE's chains converged (R-hat < {RHAT_OK})", verdict, detail)
 
 
+def run_cell(task: tuple) -> dict:
+    """One (model, images, seed) cell, in a worker process with ``--jobs`` > 1 (the classifier
+    arrives as its state dict; the data are loaded again: the same static binarisation)."""
+    model, size, seed, sizes, state, threads = task
+    torch.set_num_threads(threads)
+    net = Classifier()
+    net.load_state_dict(state)
+    net.eval()
+    ds = pvae.data.load("mnist5k", binarize="static", seed=0)
+    data = dict(test=ds.test[: sizes["test"]], valid=ds.valid)
+    run = run_bae if model == "BAE" else run_vae
+    return run(data, ds.train[:size], sizes, seed, net)
+
+
+def run_cells(args: Any, sizes: dict, seeds: list[int], data: dict, ds: Any, net: Any) -> dict:
+    """Every cell's scores by (model, images, seed): in this process, or (``--jobs`` > 1) in
+    that many worker processes (each cell's CPU seconds are its own process's)."""
+    cells = [(m, size, s) for size in sizes["images"] for m in ("BAE", "VAE") for s in seeds]
+    if args.jobs <= 1:
+        out = {}
+        for m, size, s in cells:
+            run = run_bae if m == "BAE" else run_vae
+            out[(m, size, s)] = run(data, ds.train[:size], sizes, s, net)
+        return out
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    tasks = [(m, size, s, sizes, state, args.threads) for m, size, s in cells]
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        return dict(zip(cells, pool.map(run_cell, tasks), strict=True))
+
+
 def main() -> None:
-    args = _common.parse_args("bae", __doc__)
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--jobs", type=int, default=1, help="worker processes for the cells (default 1)"
+        )
+
+    args = _common.parse_args("bae", __doc__, add)
     sizes = _common.pick(
         args,
         tiny=dict(
@@ -412,10 +450,10 @@ def main() -> None:
         f"{floor['label_entropy']:.3f} (a perfect generator's level)."
     )
     curves: dict[str, list[dict]] = {}
+    scores = run_cells(args, sizes, seeds, data, ds, net)
     for size in sizes["images"]:
-        train = ds.train[:size]
-        bae = [run_bae(data, train, sizes, s, net) for s in seeds]
-        vae = [run_vae(data, train, sizes, s, net) for s in seeds]
+        bae = [scores[("BAE", size, s)] for s in seeds]
+        vae = [scores[("VAE", size, s)] for s in seeds]
         add_rows(report, size, bae, vae)
         add_claims(report, size, bae, vae)
         for s in seeds:
