@@ -395,9 +395,14 @@ def run_cells(args: Any, sizes: dict, seeds: list[int], data: dict, ds: Any, net
 
 
 def main() -> None:
+    def jobs(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"--jobs must be an integer >= 1, got {text!r}")
+        return int(text)
+
     def add(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
-            "--jobs", type=int, default=1, help="worker processes for the cells (default 1)"
+            "--jobs", type=jobs, default=1, help="worker processes for the cells (default 1)"
         )
 
     args = _common.parse_args("bae", __doc__, add)
