@@ -34,28 +34,43 @@ steps, then freezes everything, so that the sampling phase is a time-homogeneous
    window the preconditioner P_i becomes the window's sample variance of theta_i (shrunk towards
    1e-3 as Stan does), and V_hat_i the window's variance of the gradient. Each window starts
    from the estimates of the one before, so the transient's estimates are discarded.
-3. *The step.* With these, the step is the largest that keeps the minibatch-noise share small
-   in every coordinate: ``eta = min(lr, 2 * alpha * c / max_i(P_i * V_hat_i))`` with c = 2.
-   The gradient's variance over a window includes its variation along the posterior (at
-   stationarity P_i * V_hat_i >= 1, by Stein's identity Cov(theta_i, d_i log p) = -1 and
-   Cauchy-Schwarz), so the rule gives the step ``lr`` when every step sees all the data and a
-   step shrinking like B / N under minibatches. Minibatches are a
-   random reshuffling per epoch, whose noise sums to zero over an epoch and so heats the slow
-   dynamics far less than white noise of the same variance would: a fixed share (0.15) of
-   ``eta_i^2 * V_hat_i`` is removed from the injected noise.
-   The rule sees each coordinate alone; coupled coordinates can still make the step unstable
-   (on a quadratic this discretisation is stable iff ``eta * lambda_max(P^1/2 H P^1/2) <
-   2 (2 - alpha)``, H the curvature), notably when a window was estimated while the chain
-   still drifted: a 784-100-10 Bayesian autoencoder's log joint fell from -7e4 to -1.6e6
-   three steps after its first window closed. So at every window close lambda_max is
-   measured (power iteration with finite-difference Hessian-vector products, 12 gradients)
-   and the step is capped at ``2 / lambda_max``.
+3. *The step.* Under minibatches (a batch of B < N datapoints), the step is the largest that
+   keeps the minibatch-noise share small in every coordinate:
+   ``eta = min(lr, 2 * alpha * c / max_i(P_i * V_hat_i))`` with c = 2; it shrinks like B / N.
+   Minibatches are a random reshuffling per epoch, whose noise sums to zero over an epoch and
+   so heats the slow dynamics far less than white noise of the same variance would: a fixed
+   share (0.15) of ``eta_i^2 * V_hat_i`` is removed from the injected noise. When every step
+   sees all the data (``batch_size >= N``, or a model without data) there is no minibatch
+   noise: no such bound and no noise removed. The window's gradient variance then holds only
+   the gradient's variation along the chain's path, and ``P_i * V_hat_i`` is a curvature: for
+   a stationary chain on a quadratic it is ``(P^1/2 H P^1/2)_ii`` (H the curvature; P_i V_i >=
+   1 by Stein's identity Cov(theta_i, d_i log p) = -1 and Cauchy-Schwarz), at most lambda_max
+   below; a larger value says the gradient moved more along the path than the curvature at
+   the window's end explains (a drifting or non-quadratic window), and it is kept as the
+   curvature estimate then.
+   The step must also stay stable for coupled coordinates (on a quadratic this
+   discretisation is stable iff ``eta * lambda_max(P^1/2 H P^1/2) < 2 (2 - alpha)``),
+   notably when a window was estimated while the chain still drifted: a 784-100-10 Bayesian
+   autoencoder's log joint fell from -7e4 to -1.6e6 three steps after its first window
+   closed. So at the optimisation's end and at every window close lambda_max is measured
+   (power iteration with finite-difference Hessian-vector products, 12 gradients) and the
+   step is capped at ``2 / lambda_max`` (under full batches ``2 / max(lambda_max, max_i P_i
+   V_hat_i)``). The full-batch step is thus ``min(lr, 2 / max(lambda_max, max_i P_i
+   V_hat_i))``: the former rule, which also bounded a non-existent minibatch noise there,
+   gave up to 1.7 times less on a stationary quadratic and far less on a drifting window.
+   This cap, not ``lr``, sets the step of a Bayesian autoencoder's chains (784-100-10,
+   200-500 images: ``lambda_max`` 300-1,200 after the last window, the step 0.002-0.006
+   while the median P_i V_i is 1e-5 to 0.1, far below its stationary value 1: most weights'
+   preconditioner is far below their posterior variance), so such chains move slowly in
+   most coordinates (see ``benchmarks/papers/bae.py``).
 
 Measured on three conjugate Bayesian linear regressions (N = 400 to 1000, d = 3 to 5, batches
 of 50 or 100, equicorrelated features included), seeds 0-3, with the defaults (4 chains, 1000
 warm-up steps, 1000 draws): R-hat at most 1.031, bulk ESS at least 183, posterior sds within
 8% and means within 0.14 posterior sd of the exact ones; see
-``tests/inference/test_sghmc_defaults.py`` and ``benchmarks/sghmc_conjugate.py``.
+``tests/inference/test_sghmc_defaults.py`` and ``benchmarks/sghmc_conjugate.py``. On full
+batches (N = 1000, d = 5, equicorrelated features rho = 0.8, seed 0): R-hat 1.026, bulk ESS
+235, sds within 6%, means within 0.15 sd, the step at ``lr`` (``lambda_max`` 21).
 
 The plain sampler (``adaptive=False``; Chen et al. 2014) uses an identity mass, the step
 ``eta = lr / N`` (``lr`` per datapoint, N the number of datapoints, 1 without data) and no
@@ -225,10 +240,10 @@ class SGHMC(SamplerEngine):
     :class:`pvae.steps.SamplerEngine`).
 
     :param lr: adaptive (the default): the largest step in the preconditioned coordinates
-        (``eta * P_i <= lr * P_i``, P_i the posterior variance estimate; the step is usually set
-        lower by the minibatch noise, see the module's docstring). Plain (``adaptive=False``):
-        the learning rate per datapoint, each step using ``eta = lr / N`` (N datapoints; 1
-        without data).
+        (``eta * P_i <= lr * P_i``, P_i the posterior variance estimate; the step is often set
+        lower by the minibatch noise or the curvature, see the module's docstring). Plain
+        (``adaptive=False``): the learning rate per datapoint, each step using ``eta = lr / N``
+        (N datapoints; 1 without data).
     :param friction: alpha, the share of the velocity lost per step (Springenberg et al.'s
         "mdecay"), in (0, 1].
     :param adaptive: start near the mode and estimate the preconditioner, the gradient noise and
@@ -431,9 +446,14 @@ class SGHMC(SamplerEngine):
             self._noise = [math.sqrt(2 * alpha * eta)] * len(self.theta)
             return
         share = max(float((p * v).max()) for p, v in zip(self.precond, self.grad_var, strict=True))
-        self.step_size = min(self.lr, 2 * alpha * _NOISE_SHARE / max(share, _EPS))
-        if self.curvature > 0:  # the stiffest direction, coupling included, stays stable
-            self.step_size = min(self.step_size, _STABLE / self.curvature)
+        if self.stochastic:  # the minibatch noise's share eta * P_i * V_i / (2 alpha) bounded
+            self.step_size = min(self.lr, 2 * alpha * _NOISE_SHARE / max(share, _EPS))
+            curvature = self.curvature
+        else:  # no minibatch noise: P_i V_i is the curvature seen along the window's path
+            self.step_size = self.lr
+            curvature = max(self.curvature, share)
+        if curvature > 0:  # the stiffest direction, coupling included, stays stable
+            self.step_size = min(self.step_size, _STABLE / curvature)
         for p, v in zip(self.precond, self.grad_var, strict=True):
             eta_i = self.step_size * p
             variance = 2 * alpha * eta_i
@@ -560,6 +580,11 @@ class SGHMC(SamplerEngine):
         with torch.no_grad():
             if self.optimising:
                 self._optimise(grads)
+                if self.step_count + 1 == self._init_steps:  # the first window's step capped too
+                    self.curvature = self._measure_curvature(
+                        lambda: self._gradient(model, args, kwargs)
+                    )
+                    self._frozen()
             else:
                 adapting = self.adapting
                 if adapting:

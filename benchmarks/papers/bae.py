@@ -56,24 +56,32 @@ By ``--budget``: ``tiny`` (50 images, 2 chains of 40 steps, seconds), ``cpu`` (1
 as many), ``paper`` (the same images, 4 chains of 10,000 + 500 x 10 steps; the paper's own
 SGHMC settings were not read).
 
-What limits the BAE here is the sampler's step, not the budget alone. ``SGHMC``'s adaptive
-step is ``min(lr, 2 * friction * 2 / max_i(P_i V_i))`` over every coordinate i (P the
-preconditioner, V the gradient's variance over an adaptation window). On this network (about
-160,000 weights, full batches) one coordinate's P_i V_i, inflated by the warm-up's
-transient, sets it: measured on 200 images (prior scale 0.1, seed 0, 4 chains of 1,500
-steps) the step was 0.00065 (77 times below ``lr``), max_i P_i V_i 306 while its median was
-0.013 (at stationarity every P_i V_i >= 1: the preconditioner is far below the posterior
-variance for most weights). The chains then barely move after leaving the optimiser's mode:
-their log joint falls steadily through the sampling phase (each chain at its own level:
-R-hat 2-4) while the test log-likelihood rises. Capping each coordinate's step on its own
-(``eta_i = min(lr P_i, 2 * friction * 2 / V_i)``) diverged at step 349: the global cap is
-what keeps the transient's inflated P_i stable, so it was left as it is; the R-hat rows say
-how far the chains are from agreeing, and the BAE's numbers describe this sampler at this
-budget, not the posterior. With the scale 0.3 (DSWD's choice at 200 and 500 images) the step
-sits at its ``lr`` cap instead, and the default ``lr`` 0.05 diverged in 1 of 3 runs at 200
-images and in all 3 at 500, at steps 186-189, a few steps after the first adaptation window
-closed (step 183): such a run is restarted with ``lr`` 0.02 (then 0.008), and the report
-counts the restarts.
+What limits the BAE here is the sampler's step, set by the conditioning of the posterior under
+``SGHMC``'s diagonal preconditioner, not by ``lr`` nor by the budget alone. On full batches
+the step is ``min(lr, 2 / max(lambda_max, max_i P_i V_i))`` (P the preconditioner, the
+window variance of each weight; V the window variance of its gradient; lambda_max that of
+``P^1/2 H P^1/2``, H the curvature). Measured on 200 images (prior scale 0.1, seed 0, 4
+chains of 800 + 400 steps): after the last window lambda_max is 340-890 and the step
+0.0023-0.0058, while the median P_i V_i is 0.03-0.12 where a stationary chain has every P_i
+V_i >= 1: for most weights the preconditioner is one to two orders below the posterior
+variance, and they move over thousands of steps. The chains, started at the optimiser's
+mode, keep descending towards the typical set through the sampling phase (each at its own
+level: R-hat 2.4 and 3.6 on that probe). The earlier rule, which also bounded a minibatch
+noise that full batches do not have (``2 * friction * 2 / max_i P_i V_i``), was not what held
+the chains back once the curvature cap existed: on the same probe it gave steps 0.0025-0.0060
+and R-hat 2.5 and 3.2. Dropping that bound without keeping ``max_i P_i V_i`` as a curvature
+diverged (1 chain of 4, twice: a window's max_i P_i V_i reached 1.7e4 against lambda_max 225
+three steps before the log joint blew up); kept as a curvature, it did not.
+At the cpu budget (``--jobs 3``, 3 seeds) the last chain's lambda_max is 490-510 (100
+images), 980-1,270 (200) and 780-1,920 (500; one seed's last chain instead barely moved:
+max_i P_i V_i 0.002, lambda_max 8.5, the step at ``lr``), the step 0.001-0.004, R-hat 1.8-4.5:
+the BAE is 21-32 nats below the VAE (it was 21-40 with the earlier rule, before the curvature
+cap), and no run diverged (before the cap, the default ``lr`` had diverged in 1 of 3 runs at
+200 images and in all 3 at 500, a few steps after the first window closed). A diverged run is
+still restarted with ``lr`` 0.02 (then 0.008) and the report counts the restarts. The R-hat
+rows say how far the chains are from agreeing: the BAE's numbers describe this sampler at
+this budget, not the posterior; converged chains need a preconditioner that matches the
+posterior's scales (most weights' P_i V_i near 1) or far more steps.
 
 The DSWD hardly separates the candidate scales on this data: every zero-mean prior's
 prior-predictive images have mean 0.5 per pixel (symmetric biases) where MNIST's are mostly
@@ -81,7 +89,7 @@ prior-predictive images have mean 0.5 per pixel (symmetric biases) where MNIST's
 10.06 to 10.16 over s = 0.03 to 3, in no order), and the chosen scale is close to a coin
 flip; the report gives the spread of the 4 distances beside the chosen scale.
 
-Run: ``python benchmarks/papers/bae.py --budget cpu`` (writes
+Run: ``python benchmarks/papers/bae.py --budget cpu [--jobs 3]`` (writes
 ``benchmarks/papers/results/bae/bae.{md,json}`` and the budget curve).
 """
 
@@ -255,7 +263,9 @@ def run_bae(data: dict, train: Tensor, sizes: dict, seed: int, net: Classifier) 
     scores.update(seconds=seconds, cpu_seconds=time.process_time() - start, curve=curve)
     distances = bae.prior_selection.distances
     scores.update(dswd_spread=max(distances) - min(distances), step=sampler.step_size)
-    scores.update(lr=sampler.lr, diverged=diverged)
+    scores.update(lr=sampler.lr, diverged=diverged, curvature=sampler.curvature)
+    pairs = zip(sampler.precond, sampler.grad_var, strict=True)
+    scores.update(path=max(float((p * v).max()) for p, v in pairs))
     return scores
 
 
@@ -316,6 +326,10 @@ def add_rows(report: _common.Report, size: int, bae: list[dict], vae: list[dict]
             step = [r["step"] for r in runs]
             report.add(setting, "SGHMC step (last chain)", step, digits=5)
             report.add(setting, "SGHMC lr (cap of the step)", [r["lr"] for r in runs], digits=3)
+            curvature = [r["curvature"] for r in runs]
+            report.add(setting, "lambda_max(P^1/2 H P^1/2) (last chain)", curvature, digits=0)
+            path = [r["path"] for r in runs]
+            report.add(setting, "max_i P_i V_i (last chain)", path, digits=0)
             diverged = [r["diverged"] for r in runs]
             report.add(setting, "diverged runs before it (restarted, lower lr)", diverged, digits=1)
             for key in ("rhat_log_joint", "rhat_test_ll"):
@@ -347,8 +361,51 @@ def add_claims(report: _common.Report, size: int, bae: list[dict], vae: list[dic
     report.claim(f"{size} images: the BAE's chains converged (R-hat < {RHAT_OK})", verdict, detail)
 
 
+def run_cell(task: tuple) -> dict:
+    """One (model, images, seed) cell, in a worker process with ``--jobs`` > 1 (the classifier
+    arrives as its state dict; the data are loaded again: the same static binarisation)."""
+    model, size, seed, sizes, state, threads = task
+    torch.set_num_threads(threads)
+    net = Classifier()
+    net.load_state_dict(state)
+    net.eval()
+    ds = pvae.data.load("mnist5k", binarize="static", seed=0)
+    data = dict(test=ds.test[: sizes["test"]], valid=ds.valid)
+    run = run_bae if model == "BAE" else run_vae
+    return run(data, ds.train[:size], sizes, seed, net)
+
+
+def run_cells(args: Any, sizes: dict, seeds: list[int], data: dict, ds: Any, net: Any) -> dict:
+    """Every cell's scores by (model, images, seed): in this process, or (``--jobs`` > 1) in
+    that many worker processes (each cell's CPU seconds are its own process's)."""
+    cells = [(m, size, s) for size in sizes["images"] for m in ("BAE", "VAE") for s in seeds]
+    if args.jobs <= 1:
+        out = {}
+        for m, size, s in cells:
+            run = run_bae if m == "BAE" else run_vae
+            out[(m, size, s)] = run(data, ds.train[:size], sizes, s, net)
+        return out
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    tasks = [(m, size, s, sizes, state, args.threads) for m, size, s in cells]
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        return dict(zip(cells, pool.map(run_cell, tasks), strict=True))
+
+
 def main() -> None:
-    args = _common.parse_args("bae", __doc__)
+    def jobs(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"--jobs must be an integer >= 1, got {text!r}")
+        return int(text)
+
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--jobs", type=jobs, default=1, help="worker processes for the cells (default 1)"
+        )
+
+    args = _common.parse_args("bae", __doc__, add)
     sizes = _common.pick(
         args,
         tiny=dict(
@@ -406,10 +463,10 @@ def main() -> None:
         f"{floor['label_entropy']:.3f} (a perfect generator's level)."
     )
     curves: dict[str, list[dict]] = {}
+    scores = run_cells(args, sizes, seeds, data, ds, net)
     for size in sizes["images"]:
-        train = ds.train[:size]
-        bae = [run_bae(data, train, sizes, s, net) for s in seeds]
-        vae = [run_vae(data, train, sizes, s, net) for s in seeds]
+        bae = [scores[("BAE", size, s)] for s in seeds]
+        vae = [scores[("VAE", size, s)] for s in seeds]
         add_rows(report, size, bae, vae)
         add_claims(report, size, bae, vae)
         for s in seeds:

@@ -235,3 +235,70 @@ def test_window_close_measures_the_coupled_curvature_and_caps_the_step():
     # and it is kept in the state a resume restores
     state_dict = sampler.state_dict()
     assert state_dict["curvature"] == measured
+
+
+def _set_window(sampler, model, precision, scales, share):
+    """Give ``sampler`` the preconditioner ``scales`` and gradient variances whose largest
+    P_i V_i is ``share``; measure lambda_max(P^1/2 H P^1/2); return its exact value."""
+    with torch.no_grad():
+        sampler.precond[0].copy_(scales)
+        sampler.grad_var[0].copy_(share / scales)
+    root = scales.sqrt()
+    exact = float(torch.linalg.eigvalsh(root[:, None] * precision * root[None, :]).max())
+    sampler.adapted = True
+    sampler.curvature = sampler._measure_curvature(lambda: sampler._gradient(model, (), {}))
+    sampler._frozen()
+    return exact
+
+
+@pytest.mark.parametrize("ratio", [0.8, 3.0])
+def test_full_batch_step_is_set_by_curvature_not_by_a_noise_bound(ratio):
+    """Every step sees all the data (here: no data at all), so there is no minibatch noise to
+    bound: the step is min(lr, 2 / max(lambda_max, max_i P_i V_i)), P_i V_i being the
+    curvature met along the window's path (at most lambda_max for a stationary chain on a
+    quadratic; larger when the gradient moved more than lambda_max explains), and nothing is
+    removed from the injected noise. The former rule, min(lr, 1.2 / max_i P_i V_i, 2 /
+    lambda_max), gives 1.5 / lambda_max at ratio 0.8 and 0.4 / lambda_max at ratio 3."""
+    model, precision = _coupled()
+    sampler = SGHMC(lr=10.0)  # lr never binds
+    sampler.setup(model, num_warmup=200, seed=0)
+    assert not sampler.stochastic
+    scales = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    exact = _set_window(sampler, model, precision, scales, share=0.0)
+    share = ratio * exact
+    _set_window(sampler, model, precision, scales, share)
+    assert sampler.step_size == pytest.approx(2.0 / max(exact, share), rel=0.02)
+    eta = sampler._eta[0]
+    assert torch.allclose(sampler._noise[0], (2 * sampler.friction * eta).sqrt())
+
+
+def test_minibatch_step_keeps_its_noise_bound():
+    """Under minibatches the rule is unchanged: min(lr, 2 alpha c / max_i P_i V_i, 2 /
+    lambda_max) with c = 2, and 15% of eta_i^2 V_i removed from the injected noise."""
+    model, precision = _coupled()
+    sampler = SGHMC(lr=10.0)
+    sampler.setup(model, num_warmup=200, seed=0)
+    sampler.stochastic = True  # as if the data plate held fewer rows than N
+    scales = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    exact = _set_window(sampler, model, precision, scales, share=0.0)
+    _set_window(sampler, model, precision, scales, share=0.8 * exact)
+    assert sampler.step_size == pytest.approx(4 * sampler.friction / (0.8 * exact), rel=0.02)
+    eta, v = sampler._eta[0], sampler.grad_var[0]
+    expected = (2 * sampler.friction * eta - 0.15 * eta.square() * v).clamp(min=0).sqrt()
+    assert torch.allclose(sampler._noise[0], expected)
+
+
+def test_curvature_measured_when_the_optimisation_ends():
+    """The first window's step is capped too: lambda_max(P^1/2 H P^1/2) is measured under the
+    optimiser's preconditioner at the last optimisation step, before the first window."""
+    model, precision = _coupled()
+    sampler = SGHMC()
+    sampler.setup(model, num_warmup=200, seed=0)
+    while sampler.optimising:
+        assert sampler.curvature == 0.0
+        sampler.train_step(model, None)
+    root = sampler.precond[0].sqrt()
+    exact = float(torch.linalg.eigvalsh(root[:, None] * precision * root[None, :]).max())
+    # 12 power iterations: a Rayleigh quotient, below lambda_max by a few per cent at most here
+    assert 0.95 * exact <= sampler.curvature <= exact * (1 + 1e-6)
+    assert sampler.step_size * sampler.curvature <= 2.0 * (1 + 1e-9)
