@@ -652,7 +652,7 @@ class StructuredVAE(StateSpaceVAE):
 # The model card: what `pvae` reads of this family (see pvae.app.registry)
 # ---------------------------------------------------------------------------------------------
 
-from pvae.app.registry import ModelCard, Option, Real, conv_image_shape  # noqa: E402
+from pvae.app.registry import Choice, ModelCard, Option, Real, conv_image_shape  # noqa: E402
 from pvae.data import Splits  # noqa: E402
 from pvae.metrics import imputation_metrics  # noqa: E402
 
@@ -664,6 +664,7 @@ def _build(
     net: str,
     likelihood: str,
     drop_fraction: float,
+    dynamics_init: str,
 ) -> StructuredVAE:
     times = ds.train[1]  # the dynamics' time unit: the median gap between training frames
     gaps = times[:, 1:] - times[:, :-1] if times.shape[-1] > 1 else times.new_ones(1)
@@ -676,6 +677,7 @@ def _build(
         image_shape=conv_image_shape(ds, net),
         drop_fraction=drop_fraction,
         time_scale=float(gaps.median()),
+        dynamics_init=dynamics_init,
     )
 
 
@@ -685,7 +687,10 @@ CARD = ModelCard(
     "(Johnson et al. 2016; Zhao & Linderman 2023)",
     factory=_build,
     accepts=("sequences",),
-    options=(Option.of(StructuredVAE, "drop_fraction", Real(0.0, 1.0)),),
+    options=(
+        Option.of(StructuredVAE, "drop_fraction", Real(0.0, 1.0)),
+        Option.of(StructuredVAE, "dynamics_init", Choice(DYNAMICS_INITS)),
+    ),
     capabilities=("impute", "forecast", "sample", "per-channel", "state-space"),
     decoder=lambda model: None,  # its latent is a (T, D) path: no traversal of one z
     metrics=imputation_metrics,
