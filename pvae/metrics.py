@@ -86,18 +86,25 @@ def discriminative_score(
     generated: Tensor,
     num_runs: int = 5,
     hidden: int = 12,
-    num_steps: int = 300,
+    num_steps: int = 1000,
     batch_size: int = 128,
     test_fraction: float = 0.2,
-    lr: float = 1e-2,
+    lr: float = 3e-3,
     seed: int = 0,
 ) -> dict[str, Any]:
     """``|accuracy - 0.5|`` of a post-hoc two-layer GRU classifier of real against generated
     sequences on held-out data.
 
+    The classifier must be trained to convergence, or the score is biased towards 0 and
+    erratic: on the samples of a Koopman VAE whose rows jitter (1,000 against 1,000 sines),
+    300 Adam steps at learning rate 1e-2 (the earlier defaults) gave 0.06, 0.29, 0.21 and 0.37
+    in four runs, 1,000 steps at 3e-3 (the defaults) 0.30, 0.44, 0.44 and 0.44. A second draw
+    of the real distribution scores about 0.02 (the binomial noise of the held-out accuracy).
+
     :param real: ``(N, T, C)``. :param generated: ``(M, T, C)`` (the two are balanced to
         ``min(N, M)`` each).
     :param num_runs: seeded runs (seeds ``seed, seed + 1, ...``).
+    :param num_steps: Adam steps of each classifier (batches of ``batch_size``).
     :returns: ``{"mean", "sd", "scores"}`` (sd with ``ddof = 1``; 0 for one run).
     """
     real, generated = _check(real, generated)

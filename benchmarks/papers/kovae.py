@@ -64,7 +64,9 @@ def setting_name(share: float) -> str:
     return "sines, regular" if share == 0 else f"sines, {round(100 * share)}% dropped"
 
 
-def scores(model: KoopmanVAE, real: torch.Tensor, sizes: dict, runs: int, seed: int) -> dict:
+def scores(
+    model: KoopmanVAE, real: torch.Tensor, sizes: dict, runs: int, seed: int, predictive=True
+) -> dict:
     """Discriminative (mean over ``runs`` classifiers) and predictive scores of samples."""
     model.eval()
     with torch.random.fork_rng(devices=[]):
@@ -73,6 +75,8 @@ def scores(model: KoopmanVAE, real: torch.Tensor, sizes: dict, runs: int, seed: 
     model.train()
     steps = sizes["classifier_steps"]
     disc = discriminative_score(real, fake, num_runs=runs, num_steps=steps, seed=seed)
+    if not predictive:
+        return dict(discriminative=disc["mean"])
     pred = predictive_score(real, fake, num_steps=steps, seed=seed)
     return dict(discriminative=disc["mean"], predictive=pred)
 
@@ -86,10 +90,11 @@ def generation_run(share: float, seed: int, sizes: dict, data: dict, curve: bool
     )
 
     def score() -> float:
-        return scores(model, real, sizes, 1, seed)["discriminative"]
+        return scores(model, real, sizes, 1, seed, predictive=False)["discriminative"]
 
     run_sizes = dict(epochs=sizes["epochs"], batch_size=sizes["batch_size"], lr=sizes["lr"])
     if curve:
+        run_sizes["curve_epochs"] = sizes["curve_epochs"]
         seconds, points = _common.fit_with_curve(
             model.model, model.guide, ds.train, ELBO(), score, run_sizes, seed
         )
@@ -154,14 +159,17 @@ def main() -> None:
         tiny=dict(
             train=48, test=32, epochs=1, batch_size=16, lr=3e-3, z_dim=4, hidden=8,
             classifier_steps=10, classifier_runs=1, osc_train=40, osc_epochs=1, warmup=1,
+            curve_epochs=[1],
         ),
         cpu=dict(
-            train=1000, test=1000, epochs=20, batch_size=64, lr=3e-3, z_dim=8, hidden=32,
-            classifier_steps=300, classifier_runs=3, osc_train=500, osc_epochs=30, warmup=100,
+            train=1000, test=1000, epochs=40, batch_size=64, lr=1e-2, z_dim=8, hidden=32,
+            classifier_steps=1000, classifier_runs=2, osc_train=500, osc_epochs=30, warmup=100,
+            curve_epochs=[5, 10, 20, 40],
         ),
         paper=dict(
             train=10000, test=2000, epochs=600, batch_size=64, lr=7e-4, z_dim=16, hidden=32,
             classifier_steps=2000, classifier_runs=10, osc_train=500, osc_epochs=100, warmup=100,
+            curve_epochs=[10, 50, 150, 600],
         ),
     )  # fmt: skip
     seeds = list(range(args.seeds))
