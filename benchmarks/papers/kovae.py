@@ -53,6 +53,10 @@ Why the samples are told apart (measured on seed 0, regular sines; scores with t
   a learned scale stalled at 0.011 reconstruction MSE; the authors' decoder (a bidirectional
   GRU over the whole path, ``decoder="gru"``) gave 0.019 but scored 0.50 after 20 epochs at
   3e-3 (not tried longer at this budget).
+- The CPU-budget run (3 seeds) confirms it: the budget curve is flat, 0.04-0.46 at epochs 5,
+  10, 20 and 40 with no trend, so the remaining gap is this model's per-step decoding, not
+  the budget; the predictive score (0.022 regular, 0.018-0.055 irregular) is near the real
+  data's 0.009 where it was 0.081-0.087.
 - The authors' scores are easier than ours: their classifier is one GRU layer of width
   C/2 = 2 trained 2,000 steps at 1e-3, and their predictive score predicts the last channel
   from the other four (independent channels on sines); ours are two layers of 12 and every
