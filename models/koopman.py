@@ -102,6 +102,7 @@ from ._sequence import legacy_frame_order
 
 __all__ = [
     "KoopmanVAE",
+    "PathDecoder",
     "SequentialPrior",
     "generation_metrics",
     "koopman_operator",
@@ -113,6 +114,7 @@ __all__ = [
 
 SOLVERS = ("qr", "pinv")
 CONSTRAINTS = ("stable", "unit")
+DECODERS = ("mlp", "gru")
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,6 +206,25 @@ def _modulus_penalty(modulus: Tensor, constraint: str, max_modulus: float) -> Te
 # The model
 
 
+class PathDecoder(nn.Module):
+    """A decoder of whole latent paths: a bidirectional GRU over ``z_1..z_T``, then a linear
+    map of each step's two hidden states to the likelihood's parameters.
+
+    Shapes: ``(..., T, z_dim) -> (..., T, out_dim)``.
+    """
+
+    def __init__(self, z_dim: int, out_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(z_dim, hidden, batch_first=True, bidirectional=True)
+        self.out = nn.Linear(2 * hidden, out_dim)
+
+    def forward(self, z: Tensor) -> Tensor:
+        lead = z.shape[:-2]
+        states, _ = self.rnn(z.reshape(-1, *z.shape[-2:]))
+        params = self.out(states)
+        return params.reshape(*lead, *params.shape[-2:])
+
+
 class KoopmanVAE(PyroModule):
     """Koopman VAE: sequential GRU prior linearised by a per-batch Koopman operator.
 
@@ -226,6 +247,10 @@ class KoopmanVAE(PyroModule):
         paths under the rollouts' operator A (per sequence; 0: the paper's loss).
     :param spectral_warmup: training steps (model calls in training mode) before the spectral
         penalty is added (module docstring: a penalty from step 0 can trap A).
+    :param decoder: ``"mlp"`` (the default: row ``t`` decoded from ``z_t`` alone by an MLP) or
+        ``"gru"`` (a bidirectional GRU of width ``hidden`` over the whole latent path, then a
+        linear map per step, as in the authors' code: row ``t`` reads ``z_1..z_T``, so the
+        rows of a noisy prior path come out smooth; :class:`PathDecoder`).
     :param name: prefix of the model's names in Pyro's parameter store.
     """
 
@@ -245,6 +270,7 @@ class KoopmanVAE(PyroModule):
         sequential_prior: bool = True,
         posterior_weight: float = 0.0,
         spectral_warmup: int = 0,
+        decoder: str = "mlp",
         name: str = "kvae",
     ):
         label: str
@@ -272,6 +298,8 @@ class KoopmanVAE(PyroModule):
             raise ValueError(f"max_modulus must be positive, got {max_modulus!r}")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
         if constraint is not None and not isinstance(constraint, str):
             constraint = torch.as_tensor(constraint).to(torch.complex64).reshape(-1)
             if constraint.numel() == 0 or constraint.numel() > z_dim:
@@ -301,7 +329,13 @@ class KoopmanVAE(PyroModule):
         self.encoder_rnn = nn.GRU(x_dim, hidden, batch_first=True, bidirectional=True)
         self.encoder_head = nn.Linear(2 * hidden, 2 * z_dim)
         self.prior_net = PriorNet(z_dim, hidden)
-        self.decoder = nets.MLPDecoder(z_dim, x_dim * self.likelihood.param_size, (hidden,))
+        out_dim = x_dim * self.likelihood.param_size
+        self.decoder_kind = decoder
+        self.decoder: nn.Module = (
+            nets.MLPDecoder(z_dim, out_dim, (hidden,))
+            if decoder == "mlp"
+            else PathDecoder(z_dim, out_dim, hidden)
+        )
         self.penalties: dict[str, float] = {}
 
     # -- pieces -------------------------------------------------------------------------------
@@ -423,7 +457,13 @@ class KoopmanVAE(PyroModule):
     # -- conveniences (no engine needs them) --------------------------------------------------
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
-        """Mean of ``p(x_t | z_t)``, ``(..., x_dim)`` for ``z (..., z_dim)``."""
+        """Mean of ``p(x_t | z)``: ``(..., x_dim)`` for ``z (..., z_dim)`` with the ``"mlp"``
+        decoder (per step); ``(..., T, x_dim)`` for a path ``z (..., T, z_dim)`` with either."""
+        if self.decoder_kind == "gru" and z.dim() < 2:
+            raise ValueError(
+                "z must be a latent path (..., T, z_dim) for the 'gru' decoder, got "
+                f"{tuple(z.shape)}"
+            )
         return self.likelihood.mean(self.decoder(z))
 
     @torch.no_grad()
@@ -456,8 +496,12 @@ class KoopmanVAE(PyroModule):
         values, times, mask = self._check(values, times, mask)
         path = self.posterior(values, times, mask).mean
         if not self.sequential_prior:
-            return self.decode(path.new_zeros(path.shape[0], steps, self.z_dim))
-        return self.decode(self.prior_net.continue_means(path, steps))
+            future = path.new_zeros(path.shape[0], steps, self.z_dim)
+        else:
+            future = self.prior_net.continue_means(path, steps)
+        if self.decoder_kind == "gru":  # the path decoder reads the past path too
+            return self.decode(torch.cat([path, future], 1))[:, path.shape[1] :]
+        return self.decode(future)
 
     @torch.no_grad()
     def sample(self, num_steps: int, num_samples: int = 1, times: Tensor | None = None) -> Tensor:

@@ -86,18 +86,29 @@ def discriminative_score(
     generated: Tensor,
     num_runs: int = 5,
     hidden: int = 12,
-    num_steps: int = 300,
+    num_steps: int = 1000,
     batch_size: int = 128,
     test_fraction: float = 0.2,
-    lr: float = 1e-2,
+    lr: float = 3e-3,
     seed: int = 0,
 ) -> dict[str, Any]:
     """``|accuracy - 0.5|`` of a post-hoc two-layer GRU classifier of real against generated
     sequences on held-out data.
 
+    The score is a lower bound on how far apart the two sets are: a classifier run that stalls
+    at chance scores near 0 whatever the generator (read ``scores`` and ``sd``, not only the
+    mean). On the samples of a Koopman VAE whose rows jitter (1,000 against 1,000 sines), 300
+    Adam steps at learning rate 1e-2 (the earlier defaults) gave 0.06, 0.29, 0.21 and 0.37 in
+    four runs, 1,000 steps at 3e-3 (the defaults) 0.30, 0.44, 0.44 and 0.44. Jitter alone is
+    hard for this classifier: sines with Gaussian noise of sd 0.02 on every entry (400 against
+    400) scored 0.01-0.03 in 3 runs of the old settings and 0.0, 0.0, 0.46 with the defaults
+    (sd 0.05: 0.03 and 0.35). A second draw of the real distribution scores about 0.02 (the
+    binomial noise of the held-out accuracy).
+
     :param real: ``(N, T, C)``. :param generated: ``(M, T, C)`` (the two are balanced to
         ``min(N, M)`` each).
     :param num_runs: seeded runs (seeds ``seed, seed + 1, ...``).
+    :param num_steps: Adam steps of each classifier (batches of ``batch_size``).
     :returns: ``{"mean", "sd", "scores"}`` (sd with ``ddof = 1``; 0 for one run).
     """
     real, generated = _check(real, generated)

@@ -356,3 +356,43 @@ def test_constrained_eigenvalues_recover_the_oscillators(constraint):
     assert float((eig[:, None] - true[None, :]).abs().min(0).values.max()) < 0.05
     if constraint == "unit":
         assert float((eig.abs() - 1).abs().max()) < 0.05
+
+
+def test_path_decoder_reads_the_whole_path_and_the_mlp_one_step():
+    """With ``decoder="gru"`` row t of the decoded mean changes when another step's z
+    changes (the bidirectional GRU reads z_1..z_T); with the default MLP it does not. The
+    forecast of the path decoder is the tail of the decoded path-plus-continuation."""
+    torch.manual_seed(0)
+    z = torch.randn(3, 6, 2)
+    moved = z.clone()
+    moved[:, 4] += 1.0
+    for kind, coupled in (("mlp", False), ("gru", True)):
+        kvae = KoopmanVAE(4, z_dim=2, hidden=8, decoder=kind, name=f"dec_{kind}")
+        before, after = kvae.decode(z), kvae.decode(moved)
+        assert before.shape == (3, 6, 4)
+        changed = (after - before).abs().amax((0, 2)) > 1e-6  # per step
+        assert bool(changed[4])
+        assert bool(changed[[0, 1, 2, 3, 5]].all()) is coupled
+        assert bool(changed[[0, 1, 2, 3, 5]].any()) is coupled
+    values = torch.rand(3, 6, 4)
+    path = kvae.posterior(*kvae._check(values, None, None)).mean
+    future = kvae.prior_net.continue_means(path, 2)
+    expected = kvae.decode(torch.cat([path, future], 1))[:, 6:]
+    torch.testing.assert_close(kvae.forecast(values, 2), expected)
+    assert kvae.sample(6, 5).shape == (5, 6, 4)
+    with pytest.raises(ValueError, match="latent path"):
+        kvae.decode(torch.zeros(2))
+
+
+def test_path_decoder_trains_with_elbo_and_iwae():
+    ds = pvae.data.load("sines", sizes=(32, 8, 8), missing=0.5)
+    for engine in (ELBO(), IWAE(num_particles=3)):
+        pyro.clear_param_store()
+        kvae = KoopmanVAE(5, z_dim=3, hidden=8, decoder="gru")
+        run = pvae.fit(
+            kvae.model, kvae.guide, ds.train, engine=engine, epochs=2, batch_size=16, seed=0
+        )
+        assert all(math.isfinite(h["train_bound"]) for h in run.history)
+    assert kvae.impute(ds.test.values, ds.test.times, ds.test.mask).shape == (8, 24, 5)
+    with pytest.raises(ValueError, match="decoder"):
+        KoopmanVAE(5, decoder="lstm")
