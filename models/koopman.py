@@ -225,6 +225,30 @@ class PathDecoder(nn.Module):
         return params.reshape(*lead, *params.shape[-2:])
 
 
+def _constraint(
+    constraint: str | Tensor | Sequence[complex] | None, z_dim: int
+) -> str | Tensor | None:
+    """``constraint`` checked: None, a name of :data:`CONSTRAINTS`, or 1 to ``z_dim``
+    prescribed eigenvalues as a complex64 vector.
+
+    :raises ValueError: anything else.
+    """
+    if constraint is None or isinstance(constraint, str):
+        if constraint is not None and constraint not in CONSTRAINTS:
+            raise ValueError(
+                f"constraint must be None, one of {CONSTRAINTS} or prescribed eigenvalues, "
+                f"got {constraint!r}"
+            )
+        return constraint
+    values = torch.as_tensor(constraint).to(torch.complex64).reshape(-1)
+    if values.numel() == 0 or values.numel() > z_dim:
+        raise ValueError(
+            f"constraint: give between 1 and z_dim = {z_dim} prescribed eigenvalues, "
+            f"got {values.numel()}"
+        )
+    return values
+
+
 class KoopmanVAE(PyroModule):
     """Koopman VAE: sequential GRU prior linearised by a per-batch Koopman operator.
 
@@ -300,18 +324,7 @@ class KoopmanVAE(PyroModule):
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-        if constraint is not None and not isinstance(constraint, str):
-            constraint = torch.as_tensor(constraint).to(torch.complex64).reshape(-1)
-            if constraint.numel() == 0 or constraint.numel() > z_dim:
-                raise ValueError(
-                    f"constraint: give between 1 and z_dim = {z_dim} prescribed eigenvalues, "
-                    f"got {constraint.numel()}"
-                )
-        elif constraint is not None and constraint not in CONSTRAINTS:
-            raise ValueError(
-                f"constraint must be None, one of {CONSTRAINTS} or prescribed eigenvalues, "
-                f"got {constraint!r}"
-            )
+        constraint = _constraint(constraint, z_dim)
         super().__init__(claim(name, self))
         self.x_dim, self.z_dim, self.hidden = x_dim, z_dim, hidden
         self.predictive_weight, self.spectral_weight = (
