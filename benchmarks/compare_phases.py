@@ -15,6 +15,17 @@ Run from the repository root::
     .venv/bin/python benchmarks/compare_phases.py --threads 1 --clock cpu
     .venv/bin/python benchmarks/compare_phases.py --bounds iwae --train-epochs 1 --ll-samples 1000
 
+With ``--replay DIR`` nothing is timed: the tasks of a finished ``pvae compare --run-dir DIR``
+(each cell's ``cell.json`` keeps its tasks' seconds and CPU seconds) are replayed in the order
+the pool runs them (the trainings in the plan's order, each cell's evaluation queued when its
+training ends: the measures, then the log p(x) chunks) on ``--workers`` idle one-thread
+processes, from their CPU seconds: what two idle cores give for that run's work, whatever the
+load was when it ran. Per cell it prints the training's wall and CPU seconds; a wall time well
+above the CPU time is time the process was off the CPU (other processes, or the hypervisor's
+steal time on a virtual machine), not work of the bound::
+
+    .venv/bin/python benchmarks/compare_phases.py --replay DIR --workers 2
+
 On a machine shared with other jobs use one thread and the CPU clock (idle worker threads spin);
 ``--threads 2 --clock wall`` is the figure for 2 idle cores. Prints the load average, and per
 bound the page faults and system seconds of each phase (where the ``resource`` module exists):
@@ -25,11 +36,14 @@ faults of touching them cost a quarter or more of a phase.
 from __future__ import annotations
 
 import argparse
+import heapq
+import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pyro
@@ -75,7 +89,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="cpu")
     parser.add_argument("--no-legacy", action="store_true", help="skip the traced-path timing")
+    parser.add_argument("--replay", metavar="DIR", help="replay a finished run's tasks instead")
+    parser.add_argument("--workers", type=int, default=2, help="processes of the replay")
     args = parser.parse_args()
+    if args.replay is not None:
+        print_replay(Path(args.replay), args.workers)
+        return
     torch.set_num_threads(args.threads)
     clock = CLOCKS[args.clock]
     bounds = args.bounds.split(",")
@@ -166,6 +185,81 @@ def time_bound(
             print(f"  {bound}: log p(x) {mean:.4f} (previous path {before:.4f}, largest "
                   f"per-point difference {gap:.2e})")  # fmt: skip
     return phases
+
+
+# --------------------------------------------------------------------------------------------
+# Replay of a finished run's tasks
+
+Tasks = dict[str, float]  # a cell's tasks by name ("train", "measures", "ll-<start>"): seconds
+
+
+def evaluation_order(tasks: Mapping[str, float]) -> list[str]:
+    """A cell's evaluation tasks in the order the pool queues them: the measures, then the
+    log p(x) chunks by their first test point (``pvae.app.compare.evaluation_tasks``)."""
+    chunks = sorted((name for name in tasks if name.startswith("ll-")), key=lambda n: int(n[3:]))
+    return [name for name in ("measures",) if name in tasks] + chunks
+
+
+def replay(cells: Sequence[Tasks], workers: int = 2) -> float:
+    """The seconds ``workers`` idle processes take to run the tasks of ``cells`` (in plan
+    order) as ``pvae compare``'s pool runs them: every training queued first, in order; when
+    a training ends, its cell's evaluation tasks (:func:`evaluation_order`) join the end of the
+    queue; a free process takes the first task queued (the earliest free process first).
+
+    :raises ValueError: ``workers`` below 1, or a cell without a ``"train"`` task.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    for index, tasks in enumerate(cells):
+        if "train" not in tasks:
+            raise ValueError(f"cell {index} has no 'train' task: {sorted(tasks)}")
+    queue: list[tuple[int, str]] = [(index, "train") for index in range(len(cells))]
+    free = [(0.0, worker) for worker in range(workers)]
+    running: list[tuple[float, int, int, str]] = []  # (end, worker, cell, task)
+    now = 0.0  # the time of the last task's end: a task queued then cannot start before it
+    while queue or running:
+        while queue and free:
+            idle, worker = heapq.heappop(free)
+            cell, name = queue.pop(0)
+            start = max(idle, now)
+            heapq.heappush(running, (start + cells[cell][name], worker, cell, name))
+        now, worker, cell, name = heapq.heappop(running)
+        heapq.heappush(free, (now, worker))
+        if name == "train":
+            queue += [(cell, task) for task in evaluation_order(cells[cell])]
+    return now
+
+
+def read_run(folder: Path) -> list[tuple[str, dict[str, dict[str, float]]]]:
+    """The cells of a finished ``pvae compare --run-dir`` folder, in plan order (the rows of its
+    ``results.json``): ``(cell folder, {task: {"seconds": s, "cpu_seconds": s}})``.
+
+    :raises FileNotFoundError: no ``results.json`` or a cell without its ``cell.json``.
+    """
+    rows = json.loads((folder / "results.json").read_text())["results"]
+    cells = []
+    for row in rows:
+        document = json.loads((folder / row["folder"] / "cell.json").read_text())
+        cells.append((row["folder"], document["tasks"]))
+    return cells
+
+
+def print_replay(folder: Path, workers: int) -> None:
+    """Per cell its training's wall and CPU seconds and its evaluation's CPU seconds; the sum,
+    and :func:`replay` of the CPU seconds on ``workers`` processes."""
+    cells = read_run(folder)
+    summary = json.loads((folder / "results.json").read_text())
+    print(f"{folder}: {len(cells)} cells, compare's own clock {summary['elapsed_seconds']:.1f} s")
+    for name, tasks in cells:
+        train = tasks["train"]
+        evaluation = sum(t["cpu_seconds"] for task, t in tasks.items() if task != "train")
+        print(f"  {name:>12}: training {train['seconds']:.1f} s wall, {train['cpu_seconds']:.1f} "
+              f"s CPU; evaluation {evaluation:.1f} s CPU")  # fmt: skip
+    cpu = [{task: t["cpu_seconds"] for task, t in tasks.items()} for _, tasks in cells]
+    total = sum(sum(tasks.values()) for tasks in cpu)
+    print(f"tasks: {total:.1f} s CPU in all; replayed on {workers} idle one-thread processes "
+          f"{replay(cpu, workers):.1f} s (the sum / {workers}: {total / workers:.1f} s), plus "
+          "what runs outside the pool (imports, data, checks, the report)")  # fmt: skip
 
 
 def _legacy_log_likelihood(model: Any, test: Any, k: int) -> torch.Tensor:
