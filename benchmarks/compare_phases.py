@@ -41,6 +41,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +53,7 @@ import torch
 import pvae
 from pvae.app import compare, runs
 from pvae.app.registry import MODELS
+from pvae.checkpoint import load_checkpoint, load_parameters
 from pvae.diagnostics import count_active, gradient_snr, latent_activity
 from pvae.evaluate import as_tensors
 from pvae.inference import ELBO, IWAE
@@ -91,6 +93,18 @@ def main() -> None:
     parser.add_argument("--no-legacy", action="store_true", help="skip the traced-path timing")
     parser.add_argument("--replay", metavar="DIR", help="replay a finished run's tasks instead")
     parser.add_argument("--workers", type=int, default=2, help="processes of the replay")
+    parser.add_argument(
+        "--step-cost",
+        type=int,
+        metavar="STEPS",
+        help="time STEPS training steps per bound, interleaved, instead",
+    )
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of --step-cost")
+    parser.add_argument(
+        "--trained", metavar="DIR", help="--step-cost from the trained weights of a finished run"
+    )
+    parser.add_argument("--weights-of", metavar="FOLDER",
+                        help="with --trained: every bound from this cell's weights")  # fmt: skip
     args = parser.parse_args()
     if args.replay is not None:
         print_replay(Path(args.replay), args.workers)
@@ -103,6 +117,14 @@ def main() -> None:
     config = compare.run_config(args.dataset, epochs=args.train_epochs, yardstick=None,
                                 ll_samples=args.ll_samples)  # fmt: skip
     ds = config.load_data()
+    if args.step_cost is not None:
+        trained = Path(args.trained) if args.trained is not None else None
+        costs = step_costs(config, ds, bounds, args.step_cost, args.rounds, clock, trained,
+                           args.weights_of)  # fmt: skip
+        for bound, ms in costs.items():
+            print(f"{bound}: min {min(ms):.1f} ms per step, median {sorted(ms)[len(ms) // 2]:.1f}"
+                  f" ({', '.join(f'{m:.1f}' for m in ms)})")  # fmt: skip
+        return
     scale = args.epochs / args.train_epochs
     totals: dict[str, float] = {}
     for bound in bounds:
@@ -126,6 +148,53 @@ def main() -> None:
         before = sum(counted.values()) - counted["ll"] + totals["legacy_ll"] * per_bound
         print(f"  with the previous log p(x) path ({totals['legacy_ll'] * per_bound:.1f} s for "
               f"log p(x)): {before:.1f}")  # fmt: skip
+
+
+def step_costs(
+    config: runs.RunConfig,
+    ds: Any,
+    bounds: Sequence[str],
+    steps: int,
+    rounds: int,
+    clock: Callable[[], float],
+    trained: Path | None = None,
+    weights_of: str | None = None,
+) -> dict[str, list[float]]:
+    """Milliseconds per training step of each bound (what a cell's training step runs: the
+    bound's engine on the comparison's model, batches of ``config.batch_size``, Adam at
+    ``config.lr``), ``steps`` steps after 3 of warm-up, the bounds interleaved in each of
+    ``rounds`` rounds so that load drifts touch them alike. From the initial weights, or with
+    ``trained`` (a finished run's folder) from each bound's trained weights (``weights_of``: one
+    cell folder's weights for every bound)."""
+    x, size = as_tensors(ds.train)[0], config.batch_size
+    costs: dict[str, list[float]] = {bound: [] for bound in bounds}
+    with pyro.validation_enabled(False):
+        for _ in range(rounds):
+            for bound in bounds:
+                pyro.clear_param_store()
+                pyro.set_rng_seed(0)
+                model = config.build_model(ds)
+                engine = config.build_engine(bound)
+                engine.loss(model.model, model.guide, x[:size])  # the parameters, created
+                if trained is not None:
+                    spec = compare.resolve_bounds([bound], config.particles)[0]
+                    folder = weights_of or compare.bound_folder(spec)
+                    state = load_checkpoint(trained / folder / "checkpoint.pt")
+                    with warnings.catch_warnings():  # the pair's warnings, seen in training
+                        warnings.simplefilter("ignore")
+                        load_parameters(model.model, model.guide, (x[:2],), state)
+                params = [p.unconstrained() for p in pyro.get_param_store().values()]
+                optimizer = torch.optim.Adam(params, lr=config.lr)
+                began = 0.0
+                for step in range(steps + 3):
+                    if step == 3:
+                        began = clock()
+                    start = (step % (x.shape[0] // size)) * size
+                    engine.train_step(model.model, model.guide, x[start : start + size])
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                costs[bound].append((clock() - began) / steps * 1e3)
+    return costs
 
 
 def time_bound(

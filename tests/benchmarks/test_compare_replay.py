@@ -68,3 +68,18 @@ def test_print_replay_reads_a_run_folder(tmp_path: Path, capsys: pytest.CaptureF
     out = capsys.readouterr().out
     assert "training 20.0 s wall, 10.0 s CPU; evaluation 3.0 s CPU" in out
     assert "25.0 s CPU in all; replayed on 2 idle one-thread processes 13.0 s" in out
+
+
+@pytest.mark.slow  # about 9 s on the shared machine (the data, the first traces)
+def test_step_costs_times_every_bound_in_every_round():
+    from pvae.app import compare
+
+    config = compare.run_config("digits", quick=True, particles=4, z_dim=2, hidden=(8,))
+    ds = config.load_data()
+    ticks = iter(range(1000))
+    costs = compare_phases.step_costs(
+        config, ds, ["iwae", "miwae:2x2"], steps=2, rounds=2, clock=lambda: float(next(ticks))
+    )
+    assert list(costs) == ["iwae", "miwae:2x2"]
+    # each round reads the clock twice per bound (before and after its 2 steps): 1 tick / 2
+    assert costs == {"iwae": [500.0, 500.0], "miwae:2x2": [500.0, 500.0]}
