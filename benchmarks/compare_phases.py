@@ -26,6 +26,12 @@ steal time on a virtual machine), not work of the bound::
 
     .venv/bin/python benchmarks/compare_phases.py --replay DIR --workers 2
 
+``--step-cost STEPS`` times each bound's training step instead (:func:`step_costs`: the bounds
+interleaved in each of ``--rounds`` rounds; ``--trained DIR`` from a finished run's trained
+weights, ``--weights-of FOLDER`` one cell's weights for every bound)::
+
+    .venv/bin/python benchmarks/compare_phases.py --step-cost 40 --rounds 4
+
 On a machine shared with other jobs use one thread and the CPU clock (idle worker threads spin);
 ``--threads 2 --clock wall`` is the figure for 2 idle cores. Prints the load average, and per
 bound the page faults and system seconds of each phase (where the ``resource`` module exists):
