@@ -15,6 +15,23 @@ Run from the repository root::
     .venv/bin/python benchmarks/compare_phases.py --threads 1 --clock cpu
     .venv/bin/python benchmarks/compare_phases.py --bounds iwae --train-epochs 1 --ll-samples 1000
 
+With ``--replay DIR`` nothing is timed: the tasks of a finished ``pvae compare --run-dir DIR``
+(each cell's ``cell.json`` keeps its tasks' seconds and CPU seconds) are replayed in the order
+the pool runs them (the trainings in the plan's order, each cell's evaluation queued when its
+training ends: the measures, then the log p(x) chunks) on ``--workers`` idle one-thread
+processes, from their CPU seconds: what two idle cores give for that run's work, whatever the
+load was when it ran. Per cell it prints the training's wall and CPU seconds; a wall time well
+above the CPU time is time the process was off the CPU (other processes, or the hypervisor's
+steal time on a virtual machine), not work of the bound::
+
+    .venv/bin/python benchmarks/compare_phases.py --replay DIR --workers 2
+
+``--step-cost STEPS`` times each bound's training step instead (:func:`step_costs`: the bounds
+interleaved in each of ``--rounds`` rounds; ``--trained DIR`` from a finished run's trained
+weights, ``--weights-of FOLDER`` one cell's weights for every bound)::
+
+    .venv/bin/python benchmarks/compare_phases.py --step-cost 40 --rounds 4
+
 On a machine shared with other jobs use one thread and the CPU clock (idle worker threads spin);
 ``--threads 2 --clock wall`` is the figure for 2 idle cores. Prints the load average, and per
 bound the page faults and system seconds of each phase (where the ``resource`` module exists):
@@ -25,11 +42,15 @@ faults of touching them cost a quarter or more of a phase.
 from __future__ import annotations
 
 import argparse
+import heapq
+import json
 import math
 import os
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pyro
@@ -38,6 +59,7 @@ import torch
 import pvae
 from pvae.app import compare, runs
 from pvae.app.registry import MODELS
+from pvae.checkpoint import load_checkpoint, load_parameters
 from pvae.diagnostics import count_active, gradient_snr, latent_activity
 from pvae.evaluate import as_tensors
 from pvae.inference import ELBO, IWAE
@@ -75,7 +97,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="cpu")
     parser.add_argument("--no-legacy", action="store_true", help="skip the traced-path timing")
+    parser.add_argument("--replay", metavar="DIR", help="replay a finished run's tasks instead")
+    parser.add_argument("--workers", type=int, default=2, help="processes of the replay")
+    parser.add_argument(
+        "--step-cost",
+        type=int,
+        metavar="STEPS",
+        help="time STEPS training steps per bound, interleaved, instead",
+    )
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of --step-cost")
+    parser.add_argument(
+        "--trained", metavar="DIR", help="--step-cost from the trained weights of a finished run"
+    )
+    parser.add_argument("--weights-of", metavar="FOLDER",
+                        help="with --trained: every bound from this cell's weights")  # fmt: skip
     args = parser.parse_args()
+    if args.replay is not None:
+        print_replay(Path(args.replay), args.workers)
+        return
     torch.set_num_threads(args.threads)
     clock = CLOCKS[args.clock]
     bounds = args.bounds.split(",")
@@ -84,6 +123,14 @@ def main() -> None:
     config = compare.run_config(args.dataset, epochs=args.train_epochs, yardstick=None,
                                 ll_samples=args.ll_samples)  # fmt: skip
     ds = config.load_data()
+    if args.step_cost is not None:
+        trained = Path(args.trained) if args.trained is not None else None
+        costs = step_costs(config, ds, bounds, args.step_cost, args.rounds, clock, trained,
+                           args.weights_of)  # fmt: skip
+        for bound, ms in costs.items():
+            print(f"{bound}: min {min(ms):.1f} ms per step, median {sorted(ms)[len(ms) // 2]:.1f}"
+                  f" ({', '.join(f'{m:.1f}' for m in ms)})")  # fmt: skip
+        return
     scale = args.epochs / args.train_epochs
     totals: dict[str, float] = {}
     for bound in bounds:
@@ -107,6 +154,53 @@ def main() -> None:
         before = sum(counted.values()) - counted["ll"] + totals["legacy_ll"] * per_bound
         print(f"  with the previous log p(x) path ({totals['legacy_ll'] * per_bound:.1f} s for "
               f"log p(x)): {before:.1f}")  # fmt: skip
+
+
+def step_costs(
+    config: runs.RunConfig,
+    ds: Any,
+    bounds: Sequence[str],
+    steps: int,
+    rounds: int,
+    clock: Callable[[], float],
+    trained: Path | None = None,
+    weights_of: str | None = None,
+) -> dict[str, list[float]]:
+    """Milliseconds per training step of each bound (what a cell's training step runs: the
+    bound's engine on the comparison's model, batches of ``config.batch_size``, Adam at
+    ``config.lr``), ``steps`` steps after 3 of warm-up, the bounds interleaved in each of
+    ``rounds`` rounds so that load drifts touch them alike. From the initial weights, or with
+    ``trained`` (a finished run's folder) from each bound's trained weights (``weights_of``: one
+    cell folder's weights for every bound)."""
+    x, size = as_tensors(ds.train)[0], config.batch_size
+    costs: dict[str, list[float]] = {bound: [] for bound in bounds}
+    with pyro.validation_enabled(False):
+        for _ in range(rounds):
+            for bound in bounds:
+                pyro.clear_param_store()
+                pyro.set_rng_seed(0)
+                model = config.build_model(ds)
+                engine = config.build_engine(bound)
+                engine.loss(model.model, model.guide, x[:size])  # the parameters, created
+                if trained is not None:
+                    spec = compare.resolve_bounds([bound], config.particles)[0]
+                    folder = weights_of or compare.bound_folder(spec)
+                    state = load_checkpoint(trained / folder / "checkpoint.pt")
+                    with warnings.catch_warnings():  # the pair's warnings, seen in training
+                        warnings.simplefilter("ignore")
+                        load_parameters(model.model, model.guide, (x[:2],), state)
+                params = [p.unconstrained() for p in pyro.get_param_store().values()]
+                optimizer = torch.optim.Adam(params, lr=config.lr)
+                began = 0.0
+                for step in range(steps + 3):
+                    if step == 3:
+                        began = clock()
+                    start = (step % (x.shape[0] // size)) * size
+                    engine.train_step(model.model, model.guide, x[start : start + size])
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                costs[bound].append((clock() - began) / steps * 1e3)
+    return costs
 
 
 def time_bound(
@@ -166,6 +260,81 @@ def time_bound(
             print(f"  {bound}: log p(x) {mean:.4f} (previous path {before:.4f}, largest "
                   f"per-point difference {gap:.2e})")  # fmt: skip
     return phases
+
+
+# --------------------------------------------------------------------------------------------
+# Replay of a finished run's tasks
+
+Tasks = dict[str, float]  # a cell's tasks by name ("train", "measures", "ll-<start>"): seconds
+
+
+def evaluation_order(tasks: Mapping[str, float]) -> list[str]:
+    """A cell's evaluation tasks in the order the pool queues them: the measures, then the
+    log p(x) chunks by their first test point (``pvae.app.compare.evaluation_tasks``)."""
+    chunks = sorted((name for name in tasks if name.startswith("ll-")), key=lambda n: int(n[3:]))
+    return [name for name in ("measures",) if name in tasks] + chunks
+
+
+def replay(cells: Sequence[Tasks], workers: int = 2) -> float:
+    """The seconds ``workers`` idle processes take to run the tasks of ``cells`` (in plan
+    order) as ``pvae compare``'s pool runs them: every training queued first, in order; when
+    a training ends, its cell's evaluation tasks (:func:`evaluation_order`) join the end of the
+    queue; a free process takes the first task queued (the earliest free process first).
+
+    :raises ValueError: ``workers`` below 1, or a cell without a ``"train"`` task.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    for index, tasks in enumerate(cells):
+        if "train" not in tasks:
+            raise ValueError(f"cell {index} has no 'train' task: {sorted(tasks)}")
+    queue: list[tuple[int, str]] = [(index, "train") for index in range(len(cells))]
+    free = [(0.0, worker) for worker in range(workers)]
+    running: list[tuple[float, int, int, str]] = []  # (end, worker, cell, task)
+    now = 0.0  # the time of the last task's end: a task queued then cannot start before it
+    while queue or running:
+        while queue and free:
+            idle, worker = heapq.heappop(free)
+            cell, name = queue.pop(0)
+            start = max(idle, now)
+            heapq.heappush(running, (start + cells[cell][name], worker, cell, name))
+        now, worker, cell, name = heapq.heappop(running)
+        heapq.heappush(free, (now, worker))
+        if name == "train":
+            queue += [(cell, task) for task in evaluation_order(cells[cell])]
+    return now
+
+
+def read_run(folder: Path) -> list[tuple[str, dict[str, dict[str, float]]]]:
+    """The cells of a finished ``pvae compare --run-dir`` folder, in plan order (the rows of its
+    ``results.json``): ``(cell folder, {task: {"seconds": s, "cpu_seconds": s}})``.
+
+    :raises FileNotFoundError: no ``results.json`` or a cell without its ``cell.json``.
+    """
+    rows = json.loads((folder / "results.json").read_text())["results"]
+    cells = []
+    for row in rows:
+        document = json.loads((folder / row["folder"] / "cell.json").read_text())
+        cells.append((row["folder"], document["tasks"]))
+    return cells
+
+
+def print_replay(folder: Path, workers: int) -> None:
+    """Per cell its training's wall and CPU seconds and its evaluation's CPU seconds; the sum,
+    and :func:`replay` of the CPU seconds on ``workers`` processes."""
+    cells = read_run(folder)
+    summary = json.loads((folder / "results.json").read_text())
+    print(f"{folder}: {len(cells)} cells, compare's own clock {summary['elapsed_seconds']:.1f} s")
+    for name, tasks in cells:
+        train = tasks["train"]
+        evaluation = sum(t["cpu_seconds"] for task, t in tasks.items() if task != "train")
+        print(f"  {name:>12}: training {train['seconds']:.1f} s wall, {train['cpu_seconds']:.1f} "
+              f"s CPU; evaluation {evaluation:.1f} s CPU")  # fmt: skip
+    cpu = [{task: t["cpu_seconds"] for task, t in tasks.items()} for _, tasks in cells]
+    total = sum(sum(tasks.values()) for tasks in cpu)
+    print(f"tasks: {total:.1f} s CPU in all; replayed on {workers} idle one-thread processes "
+          f"{replay(cpu, workers):.1f} s (the sum / {workers}: {total / workers:.1f} s), plus "
+          "what runs outside the pool (imports, data, checks, the report)")  # fmt: skip
 
 
 def _legacy_log_likelihood(model: Any, test: Any, k: int) -> torch.Tensor:
