@@ -209,8 +209,9 @@ class ARDVAE(VAE):
 # The model card: what `pvae` reads of this family (see pvae.app.registry)
 # ---------------------------------------------------------------------------------------------
 
-from pvae.app.registry import ModelCard, Option, Real, require_mlp  # noqa: E402
+from pvae.app.registry import ModelCard, Option, Real  # noqa: E402
 from pvae.data import Splits  # noqa: E402
+from pvae.nets import require_mlp  # noqa: E402
 
 
 def _build(

@@ -563,8 +563,9 @@ def _generator(seed: int | None) -> torch.Generator | None:
 # The model card: what `pvae` reads of this family (see pvae.app.registry)
 # ---------------------------------------------------------------------------------------------
 
-from pvae.app.registry import ModelCard, Option, Real, RealOrAuto, require_mlp  # noqa: E402
+from pvae.app.registry import ModelCard, Option, Real, RealOrAuto  # noqa: E402
 from pvae.data import Splits  # noqa: E402
+from pvae.nets import require_mlp  # noqa: E402
 
 AUTO = "auto"
 """The value of ``--bae-prior-scale`` that chooses the scale from the data."""

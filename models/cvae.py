@@ -352,8 +352,9 @@ class CVAE(PyroModule):
 
 from typing import Any  # noqa: E402
 
-from pvae.app.registry import Choice, Integer, ModelCard, Option, Real, require_mlp  # noqa: E402
+from pvae.app.registry import Choice, Integer, ModelCard, Option, Real  # noqa: E402
 from pvae.data import Splits  # noqa: E402
+from pvae.nets import require_mlp  # noqa: E402
 
 
 def _build(

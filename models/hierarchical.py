@@ -370,8 +370,9 @@ class HierarchicalVAE(PyroModule):
 
 import inspect  # noqa: E402
 
-from pvae.app.registry import Choice, Integer, ModelCard, Option, require_mlp  # noqa: E402
+from pvae.app.registry import Choice, Integer, ModelCard, Option  # noqa: E402
 from pvae.data import Splits  # noqa: E402
+from pvae.nets import require_mlp  # noqa: E402
 
 
 def _build(

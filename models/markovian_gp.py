@@ -308,9 +308,10 @@ class MarkovianGPVAE(StateSpaceVAE):
 # The model card: what `pvae` reads of this family (see pvae.app.registry)
 # ---------------------------------------------------------------------------------------------
 
-from pvae.app.registry import ModelCard, Option, Real, conv_image_shape  # noqa: E402
+from pvae.app.registry import ModelCard, Option, Real  # noqa: E402
 from pvae.data import Splits  # noqa: E402
 from pvae.metrics import gp_imputation_metrics  # noqa: E402
+from pvae.nets import conv_image_shape  # noqa: E402
 
 
 def _build(

@@ -603,8 +603,9 @@ def coherence(
 # The model card: what `pvae` reads of this family (see pvae.app.registry)
 # ---------------------------------------------------------------------------------------------
 
-from pvae.app.registry import Choice, ModelCard, Option, require_mlp  # noqa: E402
+from pvae.app.registry import Choice, ModelCard, Option  # noqa: E402
 from pvae.data import Splits  # noqa: E402
+from pvae.nets import require_mlp  # noqa: E402
 
 
 def _build(

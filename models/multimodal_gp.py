@@ -508,8 +508,9 @@ class MultimodalGPVAE(PyroModule):
 # The model card: what `pvae` reads of this family (see pvae.app.registry)
 # ---------------------------------------------------------------------------------------------
 
-from pvae.app.registry import Integer, ModelCard, Option, Real, require_mlp  # noqa: E402
+from pvae.app.registry import Integer, ModelCard, Option, Real  # noqa: E402
 from pvae.data import Splits  # noqa: E402
+from pvae.nets import require_mlp  # noqa: E402
 
 
 @torch.no_grad()

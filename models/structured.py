@@ -652,9 +652,10 @@ class StructuredVAE(StateSpaceVAE):
 # The model card: what `pvae` reads of this family (see pvae.app.registry)
 # ---------------------------------------------------------------------------------------------
 
-from pvae.app.registry import Choice, ModelCard, Option, Real, conv_image_shape  # noqa: E402
+from pvae.app.registry import Choice, ModelCard, Option, Real  # noqa: E402
 from pvae.data import Splits  # noqa: E402
 from pvae.metrics import imputation_metrics  # noqa: E402
+from pvae.nets import conv_image_shape  # noqa: E402
 
 
 def _build(

@@ -120,8 +120,9 @@ class VAE(PyroModule):
 # The model card: what `pvae` reads of this family (see pvae.app.registry)
 # ---------------------------------------------------------------------------------------------
 
-from pvae.app.registry import ModelCard, conv_image_shape  # noqa: E402
+from pvae.app.registry import ModelCard  # noqa: E402
 from pvae.data import Splits  # noqa: E402
+from pvae.nets import conv_image_shape  # noqa: E402
 
 
 def _build(ds: Splits, z_dim: int, hidden: Sequence[int], net: str, likelihood: str) -> VAE:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +39,37 @@ __all__ = [
     "build_encoder",
     "build_decoder",
     "build_frame_networks",
+    "conv_image_shape",
+    "require_mlp",
 ]
 
 MIN_SCALE = 1e-6
 """Added to ``softplus(raw)`` so that encoder scales are strictly positive."""
 
 ImageShape = tuple[int, int, int]
+
+
+def conv_image_shape(ds: Any, net: str) -> ImageShape | None:
+    """``(C, H, W)``, the ``image_shape`` of the dataset ``ds`` (anything with ``image_shape``
+    and ``name``, e.g. :class:`pvae.data.Splits`) for ``net="conv"``; None for another net.
+
+    :raises ValueError: for ``conv`` on a dataset without a 3-d ``image_shape``.
+    """
+    if net != "conv":
+        return None
+    if ds.image_shape is None or len(ds.image_shape) != 3:
+        raise ValueError(
+            f"net 'conv' needs an image dataset; {ds.name!r} has no (channels, height, width) "
+            "image_shape: use net 'mlp'"
+        )
+    channels, height, width = ds.image_shape
+    return (channels, height, width)
+
+
+def require_mlp(model: str, net: str) -> None:
+    """:raises ValueError: when ``net`` is not ``mlp`` for the ``model`` that has MLPs only."""
+    if net != "mlp":
+        raise ValueError(f"model {model!r} has MLP networks only: use --net mlp, not {net!r}")
 
 
 def _positive_ints(values: Sequence[int]) -> tuple[int, ...] | None:

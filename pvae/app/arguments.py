@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
-import re
 import shutil
 import sys
 import textwrap
@@ -38,6 +36,7 @@ from pvae.app.registry import (
     Real,
     bound_grammar,
     parse_bound,
+    parse_yardstick,
 )
 
 EXIT_OK = 0
@@ -154,22 +153,6 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def parse_yardstick(text: str | None) -> tuple[str, int] | None:
-    """``"iwae:64"`` -> ``("iwae", 64)``, ``"elbo:16"`` -> ``("elbo", 16)``; ``None`` or
-    ``"none"`` -> None (no yardstick).
-
-    :raises ValueError: for anything else, naming the expected form.
-    """
-    if text is None or text == "none":
-        return None
-    match = re.fullmatch(r"(iwae|elbo):([1-9][0-9]*)", str(text))
-    if match is None:
-        raise ValueError(
-            f"yardstick must be iwae:K or elbo:K with K >= 1 (e.g. iwae:64), or none; got {text!r}"
-        )
-    return match.group(1), int(match.group(2))
-
-
 def _yardstick(text: str) -> str:
     parse_yardstick(text)
     return text
@@ -239,21 +222,14 @@ _DATASET = _one_of(
 )
 
 
-def _model_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The options of ``args.model`` given on the command line; an option of another model
-    is refused."""
-    given: dict[str, Any] = {}
+def _check_model_options(args: argparse.Namespace) -> None:
+    """Refuse an option of another model than ``args.model``."""
     for info in model_infos():
         for option in info.options:
-            value = getattr(args, info.dest(option), None)
-            if value is None:
-                continue
-            if info.name != args.model:
+            if info.name != args.model and getattr(args, info.dest(option), None) is not None:
                 raise CliError(
                     f"{info.flag(option)} is an option of --model {info.name}, not {args.model}"
                 )
-            given[option.name] = value
-    return given
 
 
 def _check_engines(args: argparse.Namespace) -> None:
@@ -784,12 +760,6 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
     return {}
 
 
-def json_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The arguments as JSON values (tuples become lists), without the dispatch entry."""
-    values = {key: value for key, value in vars(args).items() if key not in ("command", "func")}
-    return json.loads(json.dumps(values))
-
-
 def canonical_argv(command: str, args: argparse.Namespace) -> list[str]:
     """A command line that parses back to ``args`` (every option spelled out)."""
     argv = [command]
@@ -805,12 +775,15 @@ def canonical_argv(command: str, args: argparse.Namespace) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The parsed ``argv``, checked across arguments (an engine the model cannot take).
+    """The parsed ``argv``, checked across arguments (an engine the model cannot take, an
+    option of another model).
 
     :raises CliError: for any argument error; ``SystemExit`` for ``--help``/``--version``.
     """
     args = build_parser().parse_args(argv)
     _check_engines(args)
+    if getattr(args, "model", None) is not None:
+        _check_model_options(args)
     return args
 
 

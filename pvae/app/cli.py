@@ -44,6 +44,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +63,14 @@ from pvae.app.arguments import (  # the parser (no torch): `pvae` parses there, 
     PROG,
     SAMPLE_CHECKPOINT_EVERY,
     CliError,
-    _model_options,
     _subparsers,  # noqa: F401 - the name the CLI tests read
     build_parser,
     canonical_argv,
-    json_args,
     main,
 )
 from pvae.app.registry import MODELS, parse_bound
 from pvae.app.report import HISTORY, metrics_csv
+from pvae.app.runs import json_args
 from pvae.checkpoint import RUN_JSON, RunDirInUse, load_checkpoint
 from pvae.evaluate import as_tensors
 from pvae.inference import SGHMC
@@ -202,7 +202,7 @@ def _config_and_data(command: str, args: argparse.Namespace) -> tuple[runs.RunCo
     """The command line as a :class:`~pvae.app.runs.RunConfig` (once, arguments resolved) and
     ``config.load_data()``, failures as :class:`CliError`; ``args.likelihood`` is resolved to
     the dataset's default when it was None."""
-    config = runs.RunConfig.from_args(command, args, _model_options(args))
+    config = runs.RunConfig.from_args(command, args)
     try:
         ds = config.load_data()
     except runs.ModelDataError as error:
@@ -283,9 +283,8 @@ def _kept(command: str, run_dir: Path, stop: BaseException) -> str:
 
 def _threads(jobs: int = 1) -> str:
     threads = max(1, torch.get_num_threads() // jobs)
-    if jobs > 1:
-        return f"{jobs} processes x {threads} thread{'s' if threads != 1 else ''}"
-    return f"{threads} thread{'s' if threads != 1 else ''}"
+    text = f"{threads} thread{'s' if threads != 1 else ''}"
+    return f"{jobs} processes x {text}" if jobs > 1 else text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,18 +325,12 @@ def _check_memory(args: argparse.Namespace, ds: data.Splits, limit: float = 0.5)
     Adam's two moments: four float32 copies) would take more than ``limit`` of the machine's
     memory. The estimate counts an encoder ``x -> hidden -> 2 z`` and a decoder
     ``z -> hidden -> x``."""
-    x_dim = int(getattr(ds, "x_dim", 0) or 0)
+    x_dim, z_dim = int(getattr(ds, "x_dim", 0) or 0), args.z_dim
     widths = [int(h) for h in (args.hidden or ())]
-    if not x_dim or args.z_dim is None:
+    if not x_dim or z_dim is None:
         return
-    encoder = [x_dim, *widths, 2 * int(args.z_dim)]
-    decoder = [int(args.z_dim), *widths[::-1], x_dim]
-    count = sum(
-        (a + 1) * b
-        for layers in (encoder, decoder)
-        for a, b in zip(layers[:-1], layers[1:], strict=True)
-    )
-    total = count * 4 * 4
+    encoder, decoder = [x_dim, *widths, 2 * int(z_dim)], [int(z_dim), *widths[::-1], x_dim]
+    total = 4 * 4 * sum((a + 1) * b for net in (encoder, decoder) for a, b in pairwise(net))
     try:
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -504,10 +497,7 @@ def _compare(args: argparse.Namespace) -> int:
     config.yardstick = None if args.yardstick == "none" else args.yardstick
     if args.resume:
         _check_resume("compare", folder, args, config)
-    jobs = args.jobs
-    if jobs == "auto":
-        jobs = compare.auto_jobs(len(specs) * len(config.seeds), args.quick)
-    plan = compare.Plan(specs, list(config.seeds), jobs, args.executor)
+    plan = compare.Plan.of(config, args.jobs, args.executor)
     mismatch = f"--model {args.model} on --dataset {args.dataset}: "
     with _refused(mismatch, (ValueError, TypeError, NotImplementedError)):
         compare.check(config, plan, ds)  # every bound's engine on the model, on the data

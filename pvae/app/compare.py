@@ -1,49 +1,39 @@
 """``pvae compare``: variational bounds side by side on one dataset.
 
-The same architecture is trained once per bound with the same seed (the same initial weights
-and minibatches), data and budget: every bound draws ``particles`` samples of z per datapoint
-and step (ELBO averages them, IWAE uses all P in one log-mean-exp, MIWAE/PIWAE split them into
-M groups of K with M*K = P; see :mod:`pvae.app.registry`). Each trained pair is measured on
-the test set (the columns are explained in ``results.md``, :mod:`pvae.app.report`):
-``log_likelihood`` (importance sampling with K = ``ll_samples``, mean and standard error);
-``delta_log_likelihood`` (the paired difference to the first bound, same test points and
-random numbers); ``elbo`` (16 samples, analytic KL), ``iwae_64``, ``inference_gap`` (log p(x)
-- ELBO); ``active_units`` (:func:`pvae.app.latent_activity`, as ``pvae diagnose``);
-``snr_guide``/``snr_model`` (the gradient SNR of that bound's own estimator, Rainforth et al.
-2018, from ``snr_repeats`` gradients on ``snr_points`` test points); the times and the peak
-memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process's peak resident set);
-``yardstick`` (IWAE-64 on the first 200 validation points after every epoch, no gradients, a
-fixed seed in a forked RNG: :class:`pvae.train.EpochBound`); ``ll_vs_k`` (log p(x) with K in
-:data:`LL_KS` up to ``ll_samples`` on the first 100 test points). With several ``seeds``
-every bound is trained once per seed (folders ``iwae/seed-1``) and :func:`summarize` gives
-the mean ± sd over seeds, flagging a Δ *within seed noise* when ``|mean Δ| < 2 sd``.
+The same architecture is trained once per bound with the same seed (initial weights and
+minibatches), data and budget: every bound draws ``particles`` samples of z per datapoint and
+step (ELBO averages them, IWAE uses all P in one log-mean-exp, MIWAE/PIWAE split them into M
+groups of K with M*K = P; see :mod:`pvae.app.registry`). Each trained pair is measured on the
+test set (the columns are explained in ``results.md``, :mod:`pvae.app.report`): log p(x) by
+importance sampling with K = ``ll_samples`` and its paired Δ to the first bound (same test
+points and random numbers), the ELBO, IWAE-64 and inference gap, the active units
+(:func:`pvae.app.latent_activity`, as ``pvae diagnose``), the gradient SNR of each bound's
+own estimator (Rainforth et al. 2018), times and peak memory, the yardstick (IWAE-64 on the
+first 200 validation points after every epoch: :class:`pvae.train.EpochBound`) and log p(x)
+against K (:data:`LL_KS`, first 100 test points). With several ``seeds`` every bound is
+trained once per seed (folders ``iwae/seed-1``) and :func:`summarize` gives the mean ± sd over
+seeds, flagging a Δ *within seed noise* when ``|mean Δ| < 2 sd``.
 
-A comparison is a :class:`Plan` of independent cells (bound x seed), each its own run folder,
-and a cell's work is :class:`Task` s run from the :class:`~pvae.app.runs.RunConfig` alone
-(:func:`run_task`): its training, then its evaluation in pieces, the other test numbers
-(``measures``) and log p(x) in chunks of a tenth of the test points
-(:func:`evaluation_tasks`), each chunk seeded from (seed, first point) (:func:`chunk_seed`) so
-that its numbers do not depend on where or in what order it runs. The tasks run in this
-process (a cell's evaluation right after its training), in ``jobs`` local processes
-(``"auto"``: :func:`auto_jobs`) or as Ray tasks, with the same numbers bit for bit (at equal
-torch threads per task); in processes the evaluation chunks keep every core busy to the end,
-where whole cells would leave one idle. A finished task leaves its part
-(``task-<name>.json``) in the cell's folder, a finished cell its ``cell.json`` (its
-:class:`BoundResult`, per-point log p(x), each task's seconds and CPU seconds) in their place;
-a resumed comparison runs only the tasks left (a trained cell resumes at its evaluation, with
-its checkpoint's parameters). :func:`compare` writes into ``run_dir`` (atomically)
-``config.json``, the files of :data:`OUTPUTS` and one folder per cell with ``pvae.fit``'s
-checkpoint, ``run.json`` and ``cell.json``.
+A comparison is a :class:`Plan` of independent cells (bound x seed), each its own run folder.
+A cell's work is :class:`Task` s run from the :class:`~pvae.app.runs.RunConfig` alone
+(:func:`run_task`): its training, then its evaluation in pieces (:func:`evaluation_tasks`:
+the other test numbers, ``measures``, and log p(x) in chunks of a tenth of the test points,
+each seeded from (seed, first point) by :func:`chunk_seed`). The tasks run in this process,
+in ``jobs`` local processes (``"auto"``: :func:`auto_jobs`) or as Ray tasks, with the same
+numbers bit for bit (at equal torch threads per task). A finished task leaves
+``task-<name>.json`` in its cell's folder, a finished cell its ``cell.json`` (its
+:class:`BoundResult`, per-point log p(x), each task's seconds) in their place; a resumed
+comparison runs only the tasks left. :func:`compare` writes into ``run_dir`` (atomically)
+``config.json``, the files of :data:`OUTPUTS` and one folder per cell (``pvae.fit``'s
+checkpoint, ``run.json``, ``cell.json``).
 
-Speed: Pyro's argument checks cost about half of an importance-weighted step, so training and
-evaluation run with Pyro's validation off; the data are checked against the likelihood's
-support once, up front. Budget: the defaults (5 bounds, 64 particles, MNIST-5k, a
-784-200-200-50 MLP VAE, 10 epochs of batches of 20, K = 5000 on 500 test points) are about
-540 s of CPU on an idle 2-core machine (per cell, one thread: training about 80 s, the
-measures 5 s, log p(x) 25 s in chunks of 2-3 s), so a projected 281 s with ``jobs="auto"`` (two
-processes; whole cells two at a time left one core idle for the last: 337 s);
-``quick=True`` trains a smaller net for 2 epochs on a subset with K = 100, in well under a
-minute, in this process. Explicit arguments win over either set of defaults.
+Training and evaluation run with Pyro's validation off (its checks cost about half of an
+importance-weighted step); the data are checked against the likelihood's support once, up
+front. The defaults (5 bounds, 64 particles, MNIST-5k, a 784-200-200-50 MLP VAE, 10 epochs of
+batches of 20, K = 5000 on 500 test points) take about 540 s of CPU on an idle 2-core machine,
+about 281 s of wall time with ``jobs="auto"``; ``quick=True`` trains a smaller net for 2
+epochs on a subset with K = 100, in well under a minute. Explicit arguments win over either
+set of defaults.
 """
 
 from __future__ import annotations
@@ -73,8 +63,7 @@ from tqdm.auto import tqdm
 import pvae
 from pvae import data, evaluate, plots, tracking, validation
 from pvae.app import report, runs
-from pvae.app.arguments import parse_yardstick
-from pvae.app.registry import MODELS, BoundSpec, parse_bound
+from pvae.app.registry import MODELS, BoundSpec, parse_bound, parse_yardstick
 from pvae.app.report import (
     ELBO_SAMPLES,
     EXACT,
@@ -84,6 +73,7 @@ from pvae.app.report import (
     format_table,
     summarize,
 )
+from pvae.app.runs import bound_folder
 from pvae.checkpoint import CHECKPOINT, fork_rng, load_checkpoint
 from pvae.diagnostics import count_active, gradient_snr, latent_activity
 from pvae.evaluate import as_tensors, num_items
@@ -215,37 +205,6 @@ def check_support(model: PyroModule, ds: data.Splits) -> None:
         likelihood.check_support(x, name=f"{ds.name} {split}")
 
 
-def check_pairs(
-    model: PyroModule, ds: data.Splits, specs: Sequence[BoundSpec], particles: int, batch_size: int
-) -> None:
-    """``pvae.fit``'s checks (:func:`pvae.check_fit`) of ``model`` with every bound's engine
-    on ``ds``, before anything is trained or written: a model that cannot read the dataset's
-    batches, or a bound whose engine does not apply to the model, is refused up front.
-
-    :raises ValueError, TypeError: naming the bound.
-    """
-    for spec in specs:
-        engine = spec.build(particles)
-        try:
-            pvae.check_fit(model.model, model.guide, ds.train, engine, batch_size, ds.valid)
-        except TypeError as error:
-            raise TypeError(f"bound {spec.label!r}: {error}") from error
-        except (ValueError, NotImplementedError) as error:
-            raise ValueError(f"bound {spec.label!r}: {error}") from error
-
-
-def bound_folder(spec: BoundSpec, seed: int | None = None) -> str:
-    """The subfolder of a compare run that holds one bound's checkpoint: ``miwae_8x8``, or
-    ``miwae_8x8/seed-1`` for one seed of a run with several (``seed`` given)."""
-    folder = spec.label.replace(":", "_")
-    return folder if seed is None else f"{folder}/seed-{seed}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Devices
-# ---------------------------------------------------------------------------------------------
-
-
 # ---------------------------------------------------------------------------------------------
 # The plan: cells of (bound, seed)
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +325,7 @@ class BoundResult:
         """The result of a row of :meth:`to_json` (a None number read back as NaN)."""
         names = {f.name for f in dataclasses.fields(cls)}
         known: dict[str, Any] = {
-            k: (math.nan if v is None and k in _NUMBERS else v) for k, v in row.items()
+            k: (math.nan if v is None and k in report.NUMBERS else v) for k, v in row.items()
         }
         metrics = {k: v for k, v in known.items() if k not in names}
         return cls(**{k: v for k, v in known.items() if k in names}, metrics=metrics)
@@ -462,6 +421,16 @@ def _stderr(values: torch.Tensor) -> float:
     return float(values.double().std() / math.sqrt(n)) if n > 1 else math.nan
 
 
+def _estimate(
+    model: PyroModule, x: Any, samples: int, points: int, chunk: int | None = None
+) -> torch.Tensor:
+    """:func:`pvae.log_likelihood` of ``x``, ``(N,)`` nats, ``points`` per call and ``chunk``
+    particles per vectorised run (default: :data:`pvae.evaluate.ROWS` rows per run)."""
+    chunk = chunk if chunk is not None else max(1, evaluate.ROWS // points)
+    chunk_size = min(samples, chunk)
+    return pvae.log_likelihood(model.model, model.guide, x, samples, chunk_size, points)
+
+
 def log_likelihood(
     model: PyroModule,
     test: Any,
@@ -478,15 +447,11 @@ def log_likelihood(
     after the last part."""
     n = num_items(test)
     step = max(1, min(batch_size, math.ceil(n / 10)))
-    chunk = chunk_size if chunk_size is not None else max(1, evaluate.ROWS // step)
     tty = progress and sys.stderr.isatty()
     bar = tqdm(total=n, desc=f"log p(x), K={num_samples}", unit="point", disable=not tty)
     parts, began, said = [], time.perf_counter(), time.perf_counter()
     for start in range(0, n, step):
-        part = pvae.log_likelihood(
-            model.model, model.guide, runs.rows(test, start, start + step), num_samples=num_samples,
-            batch_size=step, chunk_size=min(num_samples, chunk), progress=False,
-        )  # fmt: skip
+        part = _estimate(model, runs.rows(test, start, start + step), num_samples, step, chunk_size)
         parts.append(part)
         bar.update(part.shape[0])
         done, now = start + part.shape[0], time.perf_counter()
@@ -511,11 +476,7 @@ def _ll_vs_k(model: PyroModule, test: Any, ks: Sequence[int], seed: int) -> dict
     curve: dict[str, float] = {}
     for k in ks:
         torch.manual_seed(seed)
-        values = pvae.log_likelihood(
-            model.model, model.guide, subset, num_samples=k, batch_size=LL_BATCH,
-            chunk_size=min(k, max(1, evaluate.ROWS // LL_BATCH)), progress=False,
-        )  # fmt: skip
-        curve[str(k)] = float(values.double().mean())
+        curve[str(k)] = float(_estimate(model, subset, k, LL_BATCH).double().mean())
     return curve
 
 
@@ -617,13 +578,9 @@ def _train(
 def _ll_chunk(config: runs.RunConfig, task: Task, model: PyroModule, ds: data.Splits) -> Part:
     """log p(x) with K = ``ll_samples`` of the test points of ``task``, ``{"ll": nats}``,
     seeded by :func:`chunk_seed`."""
-    points, samples = task.stop - task.start, int(config.ll_samples)
     torch.manual_seed(chunk_seed(task.cell.seed, task.start))
-    ll = pvae.log_likelihood(
-        model.model, model.guide, runs.rows(ds.test, task.start, task.stop), num_samples=samples,
-        batch_size=points, chunk_size=min(samples, max(1, evaluate.ROWS // points)),
-        progress=False,
-    )  # fmt: skip
+    x = runs.rows(ds.test, task.start, task.stop)
+    ll = _estimate(model, x, int(config.ll_samples), task.stop - task.start)
     return {"ll": [float(value) for value in ll.cpu()]}
 
 
@@ -904,12 +861,11 @@ def _run_here(
 # The comparison
 # ---------------------------------------------------------------------------------------------
 
-_NUMBERS = report.NUMBERS
-
 
 def check(config: runs.RunConfig, plan: Plan, ds: data.Splits) -> None:
     """Refuse, before anything is trained or written, data outside the likelihood's support,
-    a model that cannot read the data and a bound that does not apply to the model.
+    a model that cannot read the data and a bound whose engine does not apply to the model
+    (``pvae.fit``'s checks, :func:`pvae.check_fit`, with every bound's engine).
 
     :raises ValueError, TypeError: naming the bound.
     """
@@ -922,9 +878,16 @@ def check(config: runs.RunConfig, plan: Plan, ds: data.Splits) -> None:
     parse_yardstick(config.yardstick)
     validation.device(config.device)
     pyro.clear_param_store()
-    probe = config.build_model(ds)
-    check_support(probe, ds)
-    check_pairs(probe, ds, plan.bounds, config.particles, config.batch_size)
+    model = config.build_model(ds)
+    check_support(model, ds)
+    for spec in plan.bounds:
+        engine = spec.build(config.particles)
+        try:
+            pvae.check_fit(model.model, model.guide, ds.train, engine, config.batch_size, ds.valid)
+        except TypeError as error:
+            raise TypeError(f"bound {spec.label!r}: {error}") from error
+        except (ValueError, NotImplementedError) as error:
+            raise ValueError(f"bound {spec.label!r}: {error}") from error
 
 
 def compare(
@@ -1008,7 +971,7 @@ def _run_cells(
     def finish(cell: Cell, result: BoundResult, ll: list[float]) -> None:
         finished[cell] = (result, ll)
         for logger in logged.pop(cell) if cell in logged else open_loggers(cell):
-            logger.log_metrics({k: v for k, v in result.to_json().items() if k in _NUMBERS})
+            logger.log_metrics({k: v for k, v in result.to_json().items() if k in report.NUMBERS})
             logger.close(failed=not result.ok)
         if progress:
             tqdm.write(report.summary_line(result.to_json(), config.ll_samples, plan.several))

@@ -46,9 +46,9 @@ from pyro.nn import PyroModule
 import pvae.checkpoint
 from pvae import atomic, data, plots
 from pvae.app import runs
-from pvae.app.compare import bound_folder
 from pvae.app.registry import MODELS, parse_bound
 from pvae.app.report import markdown_table
+from pvae.app.runs import bound_folder
 from pvae.diagnostics import (
     ActiveUnits,
     CollapseReport,

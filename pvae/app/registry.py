@@ -59,12 +59,11 @@ __all__ = [
     "Registry",
     "UnknownName",
     "bound_grammar",
-    "conv_image_shape",
     "data_kind",
     "parse_bound",
+    "parse_yardstick",
     "register_engine",
     "register_model",
-    "require_mlp",
     "split_particles",
 ]
 
@@ -527,42 +526,11 @@ def register_model(
     return MODELS.add(card)
 
 
-def conv_image_shape(ds: data.Splits, net: str) -> tuple[int, int, int] | None:
-    """``(C, H, W)`` of ``ds`` for ``net="conv"``, None for another net.
-
-    :raises ValueError: for ``conv`` on a dataset without a 3-d ``image_shape``.
-    """
-    if net != "conv":
-        return None
-    if ds.image_shape is None or len(ds.image_shape) != 3:
-        raise ValueError(
-            f"net 'conv' needs an image dataset; {ds.name!r} has no (channels, height, width) "
-            "image_shape: use net 'mlp'"
-        )
-    channels, height, width = ds.image_shape
-    return (channels, height, width)
-
-
-def require_mlp(model: str, net: str) -> None:
-    """:raises ValueError: when ``net`` is not ``mlp`` for a model that has MLPs only."""
-    if net != "mlp":
-        raise ValueError(f"model {model!r} has MLP networks only: use --net mlp, not {net!r}")
-
-
-_MOVED = {  # former names of this module, now declared beside their models
-    "AUTO": "pvae.models.bayesian_ae",
-    "PRIOR_SCALES": "pvae.models.bayesian_ae",
-    "QuadrantPairs": "pvae.data.quadrants",
-    "IMPUTATION_HIDDEN": "pvae.metrics",
-    "imputation_metrics": "pvae.metrics",
-    "gp_imputation_metrics": "pvae.metrics",
-    "identification_metrics": "pvae.models.multimodal_gp",
-}
-
-
 def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
+    if name in ("conv_image_shape", "require_mlp"):  # the model cards' net checks
+        return getattr(importlib.import_module("pvae.nets"), name)
+    if name == "PRIOR_SCALES":  # a former name of this module, now beside its model
+        return importlib.import_module("pvae.models.bayesian_ae").PRIOR_SCALES
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -809,6 +777,22 @@ def parse_bound(text: str) -> BoundSpec:
         return spec.with_values(entry.parameter.parse(parameter))
     except ValueError as error:
         raise ValueError(f"bound {text!r}: {entry.name} takes {error}") from None
+
+
+def parse_yardstick(text: str | None) -> tuple[str, int] | None:
+    """``"iwae:64"`` -> ``("iwae", 64)``, ``"elbo:16"`` -> ``("elbo", 16)``; ``None`` or
+    ``"none"`` -> None (no yardstick).
+
+    :raises ValueError: for anything else, naming the expected form.
+    """
+    if text is None or text == "none":
+        return None
+    match = re.fullmatch(r"(iwae|elbo):([1-9][0-9]*)", str(text))
+    if match is None:
+        raise ValueError(
+            f"yardstick must be iwae:K or elbo:K with K >= 1 (e.g. iwae:64), or none; got {text!r}"
+        )
+    return match.group(1), int(match.group(2))
 
 
 # -- the engines of pvae.inference (imported when one is built) --------------------------------

@@ -269,16 +269,20 @@ def csv_text(results: Sequence[Row]) -> str:
     """``results.csv``: one row per cell, empty cells for missing or non-finite numbers."""
     exact = [EXACT] if _has_exact(results) else []
     columns = [*_CSV_COLUMNS, *exact, *extra_metrics(results)]
+
+    def cell(value: Any) -> Any:
+        missing = value is None or (isinstance(value, float) and not math.isfinite(value))
+        return "" if missing else value
+
+    return _csv(columns, [{key: cell(result.get(key)) for key in columns} for result in results])
+
+
+def _csv(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> str:
+    """A CSV text of ``rows`` under the header ``columns`` (lines end in a newline)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
-    for result in results:
-        row = {}
-        for key in columns:
-            value = result.get(key)
-            missing = value is None or (isinstance(value, float) and not math.isfinite(value))
-            row[key] = "" if missing else value
-        writer.writerow(row)
+    writer.writerows(rows)
     return buffer.getvalue()
 
 
@@ -294,17 +298,7 @@ def metrics_csv(metrics: dict[str, Any]) -> str:
     test = metrics["test_log_likelihood"]
     if rows:
         rows[-1].update(test_log_likelihood=test["mean"], test_log_likelihood_stderr=test["stderr"])
-    buffer = io.StringIO()
-    columns = [*HISTORY, "test_log_likelihood", "test_log_likelihood_stderr"]
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-# ---------------------------------------------------------------------------------------------
-# Memory
-# ---------------------------------------------------------------------------------------------
+    return _csv([*HISTORY, "test_log_likelihood", "test_log_likelihood_stderr"], rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from pyro.nn import PyroModule
 
 import pvae
 from pvae import checkpoint, data
-from pvae.app.registry import MODELS, parse_bound
+from pvae.app.registry import MODELS, BoundSpec, parse_bound
 from pvae.checkpoint import RUN_JSON
 from pvae.data import rows, subset
 from pvae.evaluate import num_items
@@ -37,6 +37,8 @@ __all__ = [
     "RunConfig",
     "RunFolder",
     "RunFolderError",
+    "bound_folder",
+    "json_args",
     "read_config",
     "rows",
     "subset",
@@ -105,11 +107,13 @@ class RunConfig:
             raise RunFolderError(f"model_options must be a mapping, got {self.model_options!r}")
 
     @classmethod
-    def from_args(cls, command: str, args: Any, model_options: Mapping[str, Any]) -> RunConfig:
+    def from_args(cls, command: str, args: Any) -> RunConfig:
         """The run of a parsed command line ``args`` (an ``argparse.Namespace`` whose budget
-        knobs are resolved) with the model's given ``model_options`` (resolved here against
-        the model's defaults). Arguments a command does not have keep the defaults; a
-        comparison's data are split with its first seed; a sample run's engine is SGHMC."""
+        knobs are resolved), the model's options given there resolved against its defaults.
+        Arguments a command does not have keep the defaults; a comparison's data are split
+        with its first seed; a sample run's engine is SGHMC."""
+        card = MODELS[args.model]
+        given = {option.name: getattr(args, card.dest(option), None) for option in card.options}
         names = {f.name for f in dataclasses.fields(cls)} - {"command", "model_options"}
         values = {key: getattr(args, key) for key in names if getattr(args, key, None) is not None}
         if command == "compare":
@@ -118,8 +122,7 @@ class RunConfig:
             values["seed"] = values["seeds"][0]
         if command == "sample":
             values["engine"] = "sghmc"
-        options = MODELS[args.model].resolve_options(dict(model_options))
-        return cls(command=command, model_options=options, **values)
+        return cls(command=command, model_options=card.resolve_options(given), **values)
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "hidden": list(self.hidden)}
@@ -230,6 +233,13 @@ class RunFolder(checkpoint.RunFolder):
         return "train" if self.has_checkpoint else None
 
 
+def bound_folder(spec: BoundSpec, seed: int | None = None) -> str:
+    """The subfolder of a compare run that holds one bound's checkpoint: ``miwae_8x8``, or
+    ``miwae_8x8/seed-1`` for one seed of a run with several (``seed`` given)."""
+    folder = spec.label.replace(":", "_")
+    return folder if seed is None else f"{folder}/seed-{seed}"
+
+
 def write_config(
     run_dir: str | Path,
     config: RunConfig,
@@ -265,6 +275,13 @@ def write_config(
             **dict(extra or {}),
         },
     )
+
+
+def json_args(args: Any) -> dict[str, Any]:
+    """The parsed arguments ``args`` (an ``argparse.Namespace``) as JSON values (tuples become
+    lists), without the dispatch entries: what ``config.json`` records as ``args``."""
+    values = {key: value for key, value in vars(args).items() if key not in ("command", "func")}
+    return json.loads(json.dumps(values))
 
 
 def read_config(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:

@@ -349,3 +349,23 @@ def test_a_card_declares_what_it_can_do():
         registry.ModelCard(name="x", description="", factory=None, channels={"z": -1})
     with pytest.raises(ValueError, match="documents no parameter"):
         registry.Option.of(lambda flag=1.0: None, "flag", registry.Real())
+
+
+def test_the_cards_net_checks_refuse_a_net_the_model_cannot_build():
+    """``pvae.nets.conv_image_shape`` and ``require_mlp`` (what the model cards call, also
+    reachable under their former names in the registry): a conv net needs a (C, H, W)
+    dataset, an MLP-only model refuses any other net, each naming what to use instead."""
+    from types import SimpleNamespace
+
+    from pvae import nets
+
+    images = SimpleNamespace(name="digits", image_shape=(1, 8, 8))
+    vectors = SimpleNamespace(name="linear-gaussian", image_shape=None)
+    assert nets.conv_image_shape(images, "conv") == (1, 8, 8)
+    assert nets.conv_image_shape(vectors, "mlp") is None
+    with pytest.raises(ValueError, match="'linear-gaussian' has no .* use net 'mlp'"):
+        nets.conv_image_shape(vectors, "conv")
+    with pytest.raises(ValueError, match="model 'hvae' has MLP networks only: use --net mlp"):
+        nets.require_mlp("hvae", "conv")
+    nets.require_mlp("hvae", "mlp")
+    assert registry.conv_image_shape is nets.conv_image_shape
