@@ -498,27 +498,28 @@ def _compare(args: argparse.Namespace) -> int:
     if args.resume:
         _check_resume("compare", folder, args, config)
     plan = compare.Plan.of(config, args.jobs, args.executor)
-    mismatch = f"--model {args.model} on --dataset {args.dataset}: "
-    with _refused(mismatch, (ValueError, TypeError, NotImplementedError)):
-        compare.check(config, plan, ds)  # every bound's engine on the model, on the data
+    with compare.workers(config, plan) as pool:  # started while the checks below run
+        mismatch = f"--model {args.model} on --dataset {args.dataset}: "
+        with _refused(mismatch, (ValueError, TypeError, NotImplementedError)):
+            compare.check(config, plan, ds)  # every bound's engine on the model, on the data
+        unit = "sequence" if isinstance(ds, data.SequenceSplits) else None
 
-    unit = "sequence" if isinstance(ds, data.SequenceSplits) else None
+        def work(run_dir: Path) -> int:
+            with _open_loggers(args, run_dir, run_name="compare") as loggers:
+                results = compare.compare(
+                    config,
+                    plan,
+                    run_dir=run_dir,
+                    progress=not args.quiet,
+                    argv=[PROG, *canonical_argv("compare", args)],
+                    loggers=tracking.children(loggers) if args.log else None,
+                    ds=ds,
+                    pool=pool,
+                )
+                tracking.log_outputs(loggers, run_dir)
+            return _compare_summary(args, plan, results, (run_dir, unit), started)
 
-    def work(run_dir: Path) -> int:
-        with _open_loggers(args, run_dir, run_name="compare") as loggers:
-            results = compare.compare(
-                config,
-                plan,
-                run_dir=run_dir,
-                progress=not args.quiet,
-                argv=[PROG, *canonical_argv("compare", args)],
-                loggers=tracking.children(loggers) if args.log else None,
-                ds=ds,
-            )
-            tracking.log_outputs(loggers, run_dir)
-        return _compare_summary(args, plan, results, (run_dir, unit), started)
-
-    return _run("compare", folder, earlier, work)
+        return _run("compare", folder, earlier, work)
 
 
 def _compare_summary(

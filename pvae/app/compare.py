@@ -44,11 +44,12 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -802,15 +803,50 @@ def _drive(first: Sequence[Job], submit: Callable[[Job], Future[Any]], done: Don
                 pending[submit(job)] = job[0]
 
 
-def _run_local(
-    config: runs.RunConfig, first: Sequence[Job], jobs: int, out: Path | None, done: Done
-) -> None:
-    """The tasks in ``jobs`` processes (spawned, each with its share of torch's threads)."""
-    threads = max(1, torch.get_num_threads() // jobs)
+@contextlib.contextmanager
+def workers(config: runs.RunConfig, plan: Plan) -> Iterator[ProcessPoolExecutor | None]:
+    """The local worker processes of ``plan`` (None when its tasks run in this process or on
+    Ray), started on entering, so that their imports and data loading overlap what the
+    caller does next (:func:`check`), and shut down on leaving.
+
+    Spawned, each with its share of torch's threads; Ctrl-C ends a worker at once (the
+    signal's default action: no traceback per worker) and this process reports it.
+    """
+    if plan.executor != "local" or plan.jobs < 2 or len(plan.cells()) < 2:
+        yield None
+        return
     context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(
+        plan.jobs, context, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_DFL)
+    )
+    for _ in range(plan.jobs):
+        pool.submit(_warm, config.to_json(), max(1, torch.get_num_threads() // plan.jobs))
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(cancel_futures=True)
+
+
+def _warm(config: dict[str, Any], threads: int) -> None:
+    """A worker's start: torch's threads and the data loaded (once per process)."""
+    torch.set_num_threads(threads)
+    _data(runs.RunConfig.from_json(config))
+
+
+def _run_local(
+    config: runs.RunConfig,
+    first: Sequence[Job],
+    pool: ProcessPoolExecutor,
+    jobs: int,
+    out: Path | None,
+    done: Done,
+) -> None:
+    """The tasks in ``pool``'s ``jobs`` processes (:func:`_pool`)."""
+    threads = max(1, torch.get_num_threads() // jobs)
     values, folder = config.to_json(), str(out) if out is not None else None
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        _drive(first, lambda job: pool.submit(_worker, values, *job, folder, threads), done)
+    _drive(first, lambda job: pool.submit(_worker, values, *job, folder, threads), done)
 
 
 def _run_ray(config: runs.RunConfig, first: Sequence[Job], out: Path | None, done: Done) -> None:
@@ -898,6 +934,7 @@ def compare(
     argv: Sequence[str] | None = None,
     loggers: Callable[[str, Mapping[str, Any]], Sequence[Any]] | None = None,
     ds: data.Splits | None = None,
+    pool: ProcessPoolExecutor | None = None,
 ) -> list[BoundResult]:
     """Train ``config``'s model once per cell of ``plan`` (default: :meth:`Plan.of`
     ``config``) with the same data and budget, measure each, and (with ``run_dir``) write
@@ -919,6 +956,7 @@ def compare(
         they see its steps and epochs when the cells run in this process, its numbers always.
     :param ds: the data as ``config.load_data()`` gives them (loaded here when None; cells
         run in other processes load their own from ``config``).
+    :param pool: ``plan``'s worker processes from :func:`workers` (started here when None).
     :returns: one :class:`BoundResult` per cell, bounds in order and seeds within each.
     :raises ValueError: bad bounds, or data outside the likelihood's support, before anything
         is trained.
@@ -930,16 +968,18 @@ def compare(
     plan = plan if plan is not None else Plan.of(config)
     config.bounds, config.seeds = [s.label for s in plan.bounds], plan.seeds
     config.seed = plan.seeds[0]
-    ds = ds if ds is not None else config.load_data()
-    check(config, plan, ds)
-    out = Path(run_dir) if run_dir is not None else None
-    argv = list(argv) if argv is not None else _command(config)
-    if out is not None:
-        runs.write_config(out, config, ds, argv=argv)
-    found = {cell: read_cell(out / cell.folder) for cell in plan.cells()} if out else {}
-    finished = {cell: pair for cell, pair in found.items() if pair is not None}
-    todo = [cell for cell in plan.cells() if cell not in finished]
-    _run_cells(config, plan, todo, ds, out, progress, loggers, finished)
+    with contextlib.ExitStack() as stack:
+        pool = pool if pool is not None else stack.enter_context(workers(config, plan))
+        ds = ds if ds is not None else config.load_data()
+        check(config, plan, ds)
+        out = Path(run_dir) if run_dir is not None else None
+        argv = list(argv) if argv is not None else _command(config)
+        if out is not None:
+            runs.write_config(out, config, ds, argv=argv)
+        found = {cell: read_cell(out / cell.folder) for cell in plan.cells()} if out else {}
+        finished = {cell: pair for cell, pair in found.items() if pair is not None}
+        todo = [cell for cell in plan.cells() if cell not in finished]
+        _run_cells(config, plan, todo, ds, out, progress, loggers, finished, pool)
     results = [finished[cell][0] for cell in plan.cells()]
     add_deltas(results, {(c.bound, c.seed): finished[c][1] for c in plan.cells()})
     if out is not None:
@@ -958,9 +998,11 @@ def _run_cells(
     progress: bool,
     loggers: Callable[[str, Mapping[str, Any]], Sequence[Any]] | None,
     finished: dict[Cell, tuple[BoundResult, list[float]]],
+    pool: ProcessPoolExecutor | None,
 ) -> None:
-    """Run the tasks left of ``cells`` by ``plan``'s executor into ``finished``, sending each
-    cell's numbers to its loggers and (``progress``) printing its summary line."""
+    """Run the tasks left of ``cells`` by ``plan``'s executor (local: in ``pool``'s processes)
+    into ``finished``, sending each cell's numbers to its loggers and (``progress``) printing
+    its summary line."""
     logged: dict[Cell, Sequence[Any]] = {}  # the loggers of the cells trained here
 
     def open_loggers(cell: Cell) -> Sequence[Any]:
@@ -982,8 +1024,8 @@ def _run_cells(
     first = ledger.start(cells)
     if plan.executor == "ray":
         _run_ray(config, first, out, ledger.done)
-    elif plan.jobs > 1 and len(first) > 1:
-        _run_local(config, first, plan.jobs, out, ledger.done)
+    elif pool is not None and len(first) > 1:
+        _run_local(config, first, pool, plan.jobs, out, ledger.done)
     else:
         epochs = (lambda line: tqdm.write(line, file=sys.stdout)) if progress else None
         _run_here(config, first, ledger, epochs, open_loggers, logged)
