@@ -182,3 +182,24 @@ def test_progress_lines_when_piped(tmp_path, capsys):
     assert cli.main([*TINY, "--bounds", "elbo", "--run-dir", str(run_dir)]) == 0
     err = capsys.readouterr().err  # not a terminal: lines, not a bar
     assert "log p(x), K=4:" in err and "points (" in err
+
+
+@pytest.mark.slow
+def test_workers_start_early_and_leave_ctrl_c_to_the_signal_default():
+    """``compare.workers``: no processes where the tasks run here or on Ray; otherwise one per
+    job, each with SIGINT's default action (Ctrl-C ends a worker without a traceback; the
+    main process reports the interruption)."""
+    import signal
+
+    config = compare.run_config("digits", quick=True, bounds=["elbo", "iwae"])
+    for plan in (
+        compare.Plan.of(config, jobs=1),
+        compare.Plan.of(config, jobs=2, executor="ray"),
+        compare.Plan(compare.resolve_bounds(["elbo"], 4), [0], 2),
+    ):
+        with compare.workers(config, plan) as pool:
+            assert pool is None
+    with compare.workers(config, compare.Plan.of(config, jobs=2)) as pool:
+        assert pool is not None
+        handlers = {pool.submit(signal.getsignal, signal.SIGINT).result() for _ in range(4)}
+    assert handlers == {signal.SIG_DFL}
