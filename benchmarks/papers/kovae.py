@@ -218,7 +218,7 @@ def main() -> None:
         ),
         cpu=dict(
             train=1000, test=1000, epochs=40, batch_size=64, lr=1e-2, z_dim=8, hidden=32,
-            classifier_steps=1000, classifier_runs=2, predictive_steps=300,
+            classifier_steps=1000, classifier_runs=1, predictive_steps=300,
             osc_train=500, osc_epochs=30, warmup=100, curve_epochs=[5, 10, 20, 40],
         ),
         paper=dict(
