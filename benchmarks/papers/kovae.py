@@ -29,12 +29,15 @@ guide, GRU prior, per-step MLP decoder, Gaussian likelihood of scale 0.05), ELBO
 the authors train 3-layer GRUs with z_dim 16 for 600 epochs of 10,000 sequences. Eigenvalue
 runs: z_dim 2, ``predictive_weight = posterior_weight = 100`` and the spectral penalty (weight
 200) switched on after 100 steps (``spectral_warmup``; the module docstring of
-``pvae.models.koopman`` says why each is needed). Scores: discriminative mean over 2 classifier
-runs (1,000 Adam steps at 3e-3, ``discriminative_score``'s defaults) on 1,000 real test
+``pvae.models.koopman`` says why each is needed). Scores: discriminative score of one classifier
+run a model (1,000 Adam steps at 3e-3, ``discriminative_score``'s defaults) on 1,000 real test
 sequences against 1,000 samples; predictive score 300 Adam steps at 1e-2
 (``predictive_score``'s defaults); the budget curve is the discriminative score (1 classifier
-run) at epochs 5, 10, 20 and 40 of the regular-sines runs, its last point the first of the
-final score's two classifier runs (the same samples and classifier seed, so not run twice).
+run) at epochs 5, 10, 20 and 40 of the regular-sines runs, its last point the final score
+(the same samples and classifier seed, so not run twice). The seeds' spread gives the standard
+errors, which include the classifier's own spread: in the previous run (2 classifier runs a
+model) the second run of the regular-sines seeds differed from the first by 0.04, 0.08 and
+0.25 (seed 0: 0.28 and 0.03, a run that stalled near chance).
 
 Why the samples are told apart (measured on seed 0, regular sines; scores with the earlier
 300-step classifier, mean of 3 runs):
