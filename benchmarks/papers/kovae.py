@@ -59,9 +59,10 @@ Why the samples are told apart (measured on seed 0, regular sines; scores with t
   (``decoder="gru"``, 40 epochs at 1e-2, seed 0) brings the jitter to 0.0095 (likelihood
   scale 0.05) and 0.0082 (scale 0.02), the channel correlation to 0.44 and 0.52 (real 0.48),
   the mean start to 0.517 and 0.523 (real 0.525; at scale 0.02 the per-step means and sds lie
-  within 0.03 of the real ones), and scores 0.36 and 0.30 (the per-step decoder 0.23 at 20 epochs, 1 run),
-  at 43-47 s of training CPU a model against 25 s. A Koopman loss on the guide's paths
-  (``posterior_weight`` 10, or 100 with ``predictive_weight`` 100) scores 0.40 and 0.41.
+  within 0.03 of the real ones), and scores 0.36 and 0.30 (the per-step decoder 0.23 at 20
+  epochs, 1 run), at 43-47 s of training CPU a model against 25 s. A Koopman loss on the
+  guide's paths (``posterior_weight`` 10, or 100 with ``predictive_weight`` 100) scores 0.40
+  and 0.41.
 - The prior's per-step noise is what carries the samples' diversity, so it cannot be turned
   down at generation: decoding the prior's mean path after a random first step gives smooth
   rows (jitter 0.0015) but an end-of-sequence sd of 0.058 against the real 0.134, score 0.48;
