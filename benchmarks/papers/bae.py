@@ -96,6 +96,7 @@ Run: ``python benchmarks/papers/bae.py --budget cpu [--jobs 3]`` (writes
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -260,6 +261,7 @@ def run_bae(data: dict, train: Tensor, sizes: dict, seed: int, net: Classifier) 
     for q, part in enumerate(per_draw.chunk(4, dim=1)):
         done = sizes["warmup"] + part.shape[1] * (q + 1) * sizes["thin"]
         curve.append(dict(step=done, seconds=seconds * done / steps, score=float(part.mean())))
+    scores.update(chain_drift(per_draw))
     scores.update(seconds=seconds, cpu_seconds=time.process_time() - start, curve=curve)
     distances = bae.prior_selection.distances
     scores.update(dswd_spread=max(distances) - min(distances), step=sampler.step_size)
@@ -267,6 +269,29 @@ def run_bae(data: dict, train: Tensor, sizes: dict, seed: int, net: Classifier) 
     pairs = zip(sampler.precond, sampler.grad_var, strict=True)
     scores.update(path=max(float((p * v).max()) for p, v in pairs))
     return scores
+
+
+def chain_drift(per_draw: Tensor) -> dict[str, float]:
+    """Whether the chains still move or sit at different levels, from each draw's mean test
+    log-likelihood ``(chains, draws)``: ``drift``, the mean over chains of (the second half's
+    mean - the first half's), in nats; ``drift_t``, the smallest |t| over chains of the slope
+    of a straight line fitted to the chain's trace (ordinary least squares, autocorrelation
+    ignored: a trend when |t| is large); ``level_spread``, the largest minus the smallest
+    chain mean, in units of the mean within-chain sd around each chain's line."""
+    values = per_draw.double()
+    draws = values.shape[1]
+    if draws < 4:
+        return dict(drift=math.nan, drift_t=math.nan, level_spread=math.nan)
+    half = draws // 2
+    drift = float((values[:, half:].mean(1) - values[:, :half].mean(1)).mean())
+    x = torch.arange(draws, dtype=values.dtype)
+    x = x - x.mean()
+    slope = (values * x).sum(1) / x.square().sum()
+    resid = values - values.mean(1, keepdim=True) - slope[:, None] * x
+    sd = (resid.square().sum(1) / (draws - 2)).sqrt()
+    t = slope / (sd / x.square().sum().sqrt()).clamp(min=1e-12)
+    spread = float(values.mean(1).max() - values.mean(1).min()) / max(float(sd.mean()), 1e-12)
+    return dict(drift=drift, drift_t=float(t.abs().min()), level_spread=spread)
 
 
 def run_vae(data: dict, train: Tensor, sizes: dict, seed: int, net: Classifier) -> dict:
@@ -332,6 +357,16 @@ def add_rows(report: _common.Report, size: int, bae: list[dict], vae: list[dict]
             report.add(setting, "max_i P_i V_i (last chain)", path, digits=0)
             diverged = [r["diverged"] for r in runs]
             report.add(setting, "diverged runs before it (restarted, lower lr)", diverged, digits=1)
+            drift = [r["drift"] for r in runs]
+            report.add(setting, "test LL drift: 2nd - 1st half of sampling (nats)", drift, digits=2)
+            report.add(
+                setting,
+                "smallest t-statistic (abs) of a chain's trend",
+                [r["drift_t"] for r in runs],
+                digits=1,
+            )
+            spread = [r["level_spread"] for r in runs]
+            report.add(setting, "chain means' range / within-chain sd", spread, digits=1)
             for key in ("rhat_log_joint", "rhat_test_ll"):
                 what = "log joint" if key == "rhat_log_joint" else "test log-likelihood"
                 report.add(setting, f"R-hat, {what}", [r[key] for r in runs], digits=2)
