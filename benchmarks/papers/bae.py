@@ -45,7 +45,10 @@ Scores on the test images (nats per image; higher is better unless said):
   predicted class distribution (``label entropy``; log 10 = 2.30 for balanced classes);
 - convergence: the rank-normalised split R-hat (ArviZ) across the 4 chains of the log joint
   and of each draw's mean test log-likelihood (the weights themselves are not identified:
-  hidden units can be permuted).
+  hidden units can be permuted); and, per chain, whether the single-draw test
+  log-likelihood still moves or sits at its own level (``chain_drift``: the second half's
+  mean minus the first's, the smallest t-statistic of a fitted line over the chains, and the
+  range of the chain means in within-chain sds).
 
 Budget curve: the mean test log-likelihood of single draws (the BAE: the 4 chains' draws in
 each quarter of the sampling phase; the VAE: E_q log p(x | z) at a few epochs) against the
