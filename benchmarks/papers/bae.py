@@ -107,6 +107,10 @@ between layers, which a diagonal P cannot straighten): larger P_i buys a proport
 smaller step. Neither rule was kept (neither fixed the badly scaled regression of
 ``tests/inference/test_sghmc_defaults.py`` on every seed either).
 
+The cpu run's drift rows (3 seeds): at 100 images the chains still climb (+3.7 nats over the
+sampling phase, every chain's trend t >= 10) and sit 10 within-chain sds apart; at 200 they
+barely move (+0.3, t 2.3) at levels 61 sds apart (stuck); at 500 both (+1.6, t 11, 344 sds).
+
 Budget or method, at 100 images (the same probe, ``results/bae/longer_run_100_images.json``;
 CPU seconds for the 4 chains at load 6-11): the BAE's test log-likelihood is -176.1 after
 1,200 steps (40 s CPU), -163.8 after 3,200 (92 s; R-hat 1.90), -163.0 after a 3,200-step
