@@ -116,9 +116,11 @@ CPU seconds for the 4 chains at load 6-11): the BAE's test log-likelihood is -17
 1,200 steps (40 s CPU), -163.8 after 3,200 (92 s; R-hat 1.90), -163.0 after a 3,200-step
 warm-up and 400 more (102 s; R-hat 1.83), and with 6,000 sampling steps after the 800-step
 warm-up (200 s) -164.4, -159.9, -158.5 and -158.0 on the draws of each successive quarter
-(steps 2,300 / 3,800 / 5,300 / 6,800; R-hat 1.41 and 1.07 over all of them) against the
-VAE's -153.6 +- 0.2. Most of the cpu row's 22-nat gap is budget (5.7 times the steps close
-18 nats); the last 4.5 do not close at this rate (the quarters gain 4.5, 1.4, 0.5 nats), so
+(steps 2,300 / 3,800 / 5,300 / 6,800; R-hat 1.41 and 1.07 over all of them); seeds 1 and 2
+(160 s CPU each) reach -158.02 and -157.99 in their last quarter (R-hat 1.27-1.30, log joint
+1.03-1.06): -158.01 +- 0.01 over 3 seeds against the VAE's -153.6 +- 0.2. Most of the cpu
+row's 22-nat gap is budget (5.7 times the steps close 18 nats); the last 4.5 do not close
+at this rate (the quarters gain 4.5-5.2, then 0.6-1.4, then 0.3-0.5 nats), so
 the BAE stays below the VAE at 100 images with this sampler: the headline is not reproduced,
 and the sampler (a diagonal preconditioner on a posterior whose stiff directions are
 coupled) is the remaining suspect, not the budget.
