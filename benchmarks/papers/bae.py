@@ -45,7 +45,10 @@ Scores on the test images (nats per image; higher is better unless said):
   predicted class distribution (``label entropy``; log 10 = 2.30 for balanced classes);
 - convergence: the rank-normalised split R-hat (ArviZ) across the 4 chains of the log joint
   and of each draw's mean test log-likelihood (the weights themselves are not identified:
-  hidden units can be permuted).
+  hidden units can be permuted); and, per chain, whether the single-draw test
+  log-likelihood still moves or sits at its own level (``chain_drift``: the second half's
+  mean minus the first's, the smallest t-statistic of a fitted line over the chains, and the
+  range of the chain means in within-chain sds).
 
 Budget curve: the mean test log-likelihood of single draws (the BAE: the 4 chains' draws in
 each quarter of the sampling phase; the VAE: E_q log p(x | z) at a few epochs) against the
@@ -80,8 +83,47 @@ cap), and no run diverged (before the cap, the default ``lr`` had diverged in 1 
 200 images and in all 3 at 500, a few steps after the first window closed). A diverged run is
 still restarted with ``lr`` 0.02 (then 0.008) and the report counts the restarts. The R-hat
 rows say how far the chains are from agreeing: the BAE's numbers describe this sampler at
-this budget, not the posterior; converged chains need a preconditioner that matches the
-posterior's scales (most weights' P_i V_i near 1) or far more steps.
+this budget, not the posterior.
+
+Still moving, or stuck? The report's drift rows fit a line to each chain's trace of the
+single-draw test log-likelihood over the sampling phase. On 100 images (prior 0.1, seed 0,
+``small_data.sample_bae`` with the cpu budget's 4 chains, varying their length): at 800 + 400
+steps every chain still climbs (2.3-7.2 nats over the 400 steps, residual sd 0.6-0.8, trend
+t 7-22) and the chains sit 12 nats apart; with 2,400 sampling steps they climb 11-24 nats
+more (t 26-49) and close up (second halves -176.9 to -178.9); with a 3,200-step warm-up and
+400 sampling steps the trend is gone (|t| <= 2.4, drift -1.1 to +0.2 nats) but the chains
+stay 3.5 nats apart against a within-chain sd of 0.5-0.9 (R-hat 1.83): first budget (the
+chains descend from the optimiser's mode, the log joint falling by thousands of nats), then
+mixing (the chains settle at different levels).
+
+A better-scaled preconditioner did not help. Raising each weight's P_i to the diagonal
+Fisher bound 1 / E_window[g_i^2] (the conditional variance, which a stationary chain's
+marginal variance never falls below) lifted the median P_i V_i from 0.18 to 0.62 on that
+probe, but lambda_max rose from 504 to 3,000, the step fell from 0.0040 to 0.00067 and the
+test log-likelihood from -176.1 to -188.8 (R-hat 2.4, 3.6); shrinking the window variance
+towards that bound instead of towards an absolute 1e-3 gave lambda_max 341, the step 0.0029,
+-184.8 (R-hat 3.1, 2.3). The stiff directions are coupled ones (hidden-unit rescalings
+between layers, which a diagonal P cannot straighten): larger P_i buys a proportionally
+smaller step. Neither rule was kept (neither fixed the badly scaled regression of
+``tests/inference/test_sghmc_defaults.py`` on every seed either).
+
+The cpu run's drift rows (3 seeds): at 100 images the chains still climb (+3.7 nats over the
+sampling phase, every chain's trend t >= 10) and sit 10 within-chain sds apart; at 200 they
+barely move (+0.3, t 2.3) at levels 61 sds apart (stuck); at 500 both (+1.6, t 11, 344 sds).
+
+Budget or method, at 100 images (the same probe, ``results/bae/longer_run_100_images.json``;
+CPU seconds for the 4 chains at load 6-11): the BAE's test log-likelihood is -176.1 after
+1,200 steps (40 s CPU), -163.8 after 3,200 (92 s; R-hat 1.90), -163.0 after a 3,200-step
+warm-up and 400 more (102 s; R-hat 1.83), and with 6,000 sampling steps after the 800-step
+warm-up (200 s) -164.4, -159.9, -158.5 and -158.0 on the draws of each successive quarter
+(steps 2,300 / 3,800 / 5,300 / 6,800; R-hat 1.41 and 1.07 over all of them); seeds 1 and 2
+(160 s CPU each) reach -158.02 and -157.99 in their last quarter (R-hat 1.27-1.30, log joint
+1.03-1.06): -158.01 +- 0.01 over 3 seeds against the VAE's -153.6 +- 0.2. Most of the cpu
+row's 22-nat gap is budget (5.7 times the steps close 18 nats); the last 4.5 do not close
+at this rate (the quarters gain 4.5-5.2, then 0.6-1.4, then 0.3-0.5 nats), so
+the BAE stays below the VAE at 100 images with this sampler: the headline is not reproduced,
+and the sampler (a diagonal preconditioner on a posterior whose stiff directions are
+coupled) is the remaining suspect, not the budget.
 
 The DSWD hardly separates the candidate scales on this data: every zero-mean prior's
 prior-predictive images have mean 0.5 per pixel (symmetric biases) where MNIST's are mostly
@@ -96,6 +138,7 @@ Run: ``python benchmarks/papers/bae.py --budget cpu [--jobs 3]`` (writes
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -260,6 +303,7 @@ def run_bae(data: dict, train: Tensor, sizes: dict, seed: int, net: Classifier) 
     for q, part in enumerate(per_draw.chunk(4, dim=1)):
         done = sizes["warmup"] + part.shape[1] * (q + 1) * sizes["thin"]
         curve.append(dict(step=done, seconds=seconds * done / steps, score=float(part.mean())))
+    scores.update(chain_drift(per_draw))
     scores.update(seconds=seconds, cpu_seconds=time.process_time() - start, curve=curve)
     distances = bae.prior_selection.distances
     scores.update(dswd_spread=max(distances) - min(distances), step=sampler.step_size)
@@ -267,6 +311,29 @@ def run_bae(data: dict, train: Tensor, sizes: dict, seed: int, net: Classifier) 
     pairs = zip(sampler.precond, sampler.grad_var, strict=True)
     scores.update(path=max(float((p * v).max()) for p, v in pairs))
     return scores
+
+
+def chain_drift(per_draw: Tensor) -> dict[str, float]:
+    """Whether the chains still move or sit at different levels, from each draw's mean test
+    log-likelihood ``(chains, draws)``: ``drift``, the mean over chains of (the second half's
+    mean - the first half's), in nats; ``drift_t``, the smallest |t| over chains of the slope
+    of a straight line fitted to the chain's trace (ordinary least squares, autocorrelation
+    ignored: a trend when |t| is large); ``level_spread``, the largest minus the smallest
+    chain mean, in units of the mean within-chain sd around each chain's line."""
+    values = per_draw.double()
+    draws = values.shape[1]
+    if draws < 4:
+        return dict(drift=math.nan, drift_t=math.nan, level_spread=math.nan)
+    half = draws // 2
+    drift = float((values[:, half:].mean(1) - values[:, :half].mean(1)).mean())
+    x = torch.arange(draws, dtype=values.dtype)
+    x = x - x.mean()
+    slope = (values * x).sum(1) / x.square().sum()
+    resid = values - values.mean(1, keepdim=True) - slope[:, None] * x
+    sd = (resid.square().sum(1) / (draws - 2)).sqrt()
+    t = slope / (sd / x.square().sum().sqrt()).clamp(min=1e-12)
+    spread = float(values.mean(1).max() - values.mean(1).min()) / max(float(sd.mean()), 1e-12)
+    return dict(drift=drift, drift_t=float(t.abs().min()), level_spread=spread)
 
 
 def run_vae(data: dict, train: Tensor, sizes: dict, seed: int, net: Classifier) -> dict:
@@ -332,6 +399,16 @@ def add_rows(report: _common.Report, size: int, bae: list[dict], vae: list[dict]
             report.add(setting, "max_i P_i V_i (last chain)", path, digits=0)
             diverged = [r["diverged"] for r in runs]
             report.add(setting, "diverged runs before it (restarted, lower lr)", diverged, digits=1)
+            drift = [r["drift"] for r in runs]
+            report.add(setting, "test LL drift: 2nd - 1st half of sampling (nats)", drift, digits=2)
+            report.add(
+                setting,
+                "smallest t-statistic (abs) of a chain's trend",
+                [r["drift_t"] for r in runs],
+                digits=1,
+            )
+            spread = [r["level_spread"] for r in runs]
+            report.add(setting, "chain means' range / within-chain sd", spread, digits=1)
             for key in ("rhat_log_joint", "rhat_test_ll"):
                 what = "log joint" if key == "rhat_log_joint" else "test log-likelihood"
                 report.add(setting, f"R-hat, {what}", [r[key] for r in runs], digits=2)

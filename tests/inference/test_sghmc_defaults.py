@@ -24,13 +24,16 @@ import pvae
 MIN_ESS = 150
 
 
-def conjugate_problem(n, d, noise, prior, rho=0.0, seed=0):
+def conjugate_problem(n, d, noise, prior, rho=0.0, seed=0, span=1.0):
     """Data, model and exact posterior (mean, covariance) of w ~ N(0, prior^2 I),
-    y ~ N(x w, noise^2); features with equicorrelation ``rho``."""
+    y ~ N(x w, noise^2); features with equicorrelation ``rho``, feature j scaled by
+    ``span ** (j / (d - 1))`` (scales from 1 to ``span``; the true weights divided by them)."""
     g = torch.Generator().manual_seed(seed)
     common = torch.randn(n, 1, generator=g)
     x = rho**0.5 * common + (1 - rho) ** 0.5 * torch.randn(n, d, generator=g)
-    y = x @ torch.linspace(-1.0, 1.5, d) + noise * torch.randn(n, generator=g)
+    scales = torch.tensor(float(span)) ** (torch.arange(d) / max(d - 1, 1))
+    x = x * scales
+    y = x @ (torch.linspace(-1.0, 1.5, d) / scales) + noise * torch.randn(n, generator=g)
 
     def model(x, y):
         w = pyro.sample("w", dist.Normal(0.0, prior).expand([d]).to_event(1))
@@ -119,3 +122,23 @@ def test_full_batch_equicorrelated_regression():
     share = float((sampler.precond[0] * sampler.grad_var[0]).max())
     expected = min(sampler.lr, 2.0 / max(sampler.curvature, share))
     assert sampler.step_size == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known: the window's shrinkage towards an absolute 1e-3")
+def test_full_batch_badly_scaled_regression():
+    """Full batches, features scaled from 1 to 100 (posterior sds from 3e-2 to 3e-4). A known
+    failure of the adaptive warm-up, kept as a strict xfail so that a fix shows up: each
+    window's variance is shrunk towards an absolute 1e-3 (Stan's rule), 5 / (n + 5) of it, about
+    1e-5 for the last window, 100 times the stiffest weight's posterior variance (1e-7): P is
+    100x too large there, lambda_max(P^1/2 H P^1/2) about 100 caps the step at 0.007-0.013 and
+    the loosest weights barely move (seeds 0-3: R-hat 1.12-1.77, bulk ESS 6-36, sd ratios
+    0.95-1.34, mean errors up to 0.92 sd). Shrinking towards 1 / E[g_i^2] instead (with the
+    first preconditioner's 1% floor lowered to 1e-6) gave seeds 0 and 3 a preconditioner within
+    0.9-1.9 of the posterior variances and the step at ``lr``, but bulk ESS 16, 11, 78, 274 on
+    seeds 0-3 (one chain left behind; on seeds 1-2 a window's variance, taken while the chain
+    still drifted, set the loosest weight's P 17-47x too large): not kept."""
+    model, x, y, mean, cov = conjugate_problem(1000, 5, noise=1.0, prior=10.0, span=100.0)
+    sampler = pvae.inference.SGHMC()
+    post = pvae.sample(model, (x, y), sampler=sampler, num_chains=4, batch_size=1000, seed=0)
+    check_against_exact(post, mean, cov)
