@@ -515,6 +515,7 @@ def _compare(args: argparse.Namespace) -> int:
                     loggers=tracking.children(loggers) if args.log else None,
                     ds=ds,
                     pool=pool,
+                    checked=True,
                 )
                 tracking.log_outputs(loggers, run_dir)
             return _compare_summary(args, plan, results, (run_dir, unit), started)

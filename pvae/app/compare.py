@@ -935,6 +935,7 @@ def compare(
     loggers: Callable[[str, Mapping[str, Any]], Sequence[Any]] | None = None,
     ds: data.Splits | None = None,
     pool: ProcessPoolExecutor | None = None,
+    checked: bool = False,
 ) -> list[BoundResult]:
     """Train ``config``'s model once per cell of ``plan`` (default: :meth:`Plan.of`
     ``config``) with the same data and budget, measure each, and (with ``run_dir``) write
@@ -957,6 +958,8 @@ def compare(
     :param ds: the data as ``config.load_data()`` gives them (loaded here when None; cells
         run in other processes load their own from ``config``).
     :param pool: ``plan``'s worker processes from :func:`workers` (started here when None).
+    :param checked: the caller has run :func:`check` on ``config``, ``plan`` and ``ds`` (the
+        CLI does, to word its refusals), so it is not run again.
     :returns: one :class:`BoundResult` per cell, bounds in order and seeds within each.
     :raises ValueError: bad bounds, or data outside the likelihood's support, before anything
         is trained.
@@ -971,7 +974,8 @@ def compare(
     with contextlib.ExitStack() as stack:
         pool = pool if pool is not None else stack.enter_context(workers(config, plan))
         ds = ds if ds is not None else config.load_data()
-        check(config, plan, ds)
+        if not checked:
+            check(config, plan, ds)
         out = Path(run_dir) if run_dir is not None else None
         argv = list(argv) if argv is not None else _command(config)
         if out is not None:
