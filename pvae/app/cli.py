@@ -270,7 +270,9 @@ def _kept(command: str, run_dir: Path, stop: BaseException) -> str:
     """What an interrupted command leaves in ``run_dir`` for its ``--resume``."""
     again = "continue with the same command and --resume"
     if command == "compare":
-        cells = f"the finished cells (bound folders with {compare.CELL})"
+        if not run_dir.is_dir() or not any(run_dir.iterdir()):
+            return f"nothing was written in {run_dir}"
+        cells = f"the finished cells (bound folders with {compare.CELL}) and tasks"
         return f"{cells} are kept in {run_dir}: {again}"
     if isinstance(stop, pvae.SamplingInterrupted):
         return f"checkpoint at chain {stop.chain}, step {stop.step} in {run_dir}: {again}"

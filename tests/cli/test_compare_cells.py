@@ -203,3 +203,15 @@ def test_workers_start_early_and_leave_ctrl_c_to_the_signal_default():
         assert pool is not None
         handlers = {pool.submit(signal.getsignal, signal.SIGINT).result() for _ in range(4)}
     assert handlers == {signal.SIG_DFL}
+
+
+def test_an_interrupted_comparison_says_what_it_kept(tmp_path):
+    """Ctrl-C before anything is written names no cells to resume; after, it names them."""
+    stop = KeyboardInterrupt()
+    empty, missing = tmp_path / "empty", tmp_path / "missing"
+    empty.mkdir()
+    for folder in (empty, missing):
+        assert cli._kept("compare", folder, stop) == f"nothing was written in {folder}"
+    (empty / "config.json").write_text("{}")
+    said = cli._kept("compare", empty, stop)
+    assert "finished cells" in said and "--resume" in said
