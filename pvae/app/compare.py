@@ -31,9 +31,9 @@ Training and evaluation run with Pyro's validation off (its checks cost about ha
 importance-weighted step); the data are checked against the likelihood's support once, up
 front. The defaults (5 bounds, 64 particles, MNIST-5k, a 784-200-200-50 MLP VAE, 10 epochs of
 batches of 20, K = 5000 on 500 test points) take about 540 s of CPU on an idle 2-core machine,
-about 281 s of wall time with ``jobs="auto"``; ``quick=True`` trains a smaller net for 2
-epochs on a subset with K = 100, in well under a minute. Explicit arguments win over either
-set of defaults.
+278-300 s of wall time with ``jobs="auto"`` (two idle timings); ``quick=True`` trains a
+smaller net for 2 epochs on a subset with K = 100, in well under a minute. Explicit arguments
+win over either set of defaults.
 """
 
 from __future__ import annotations
@@ -429,7 +429,9 @@ def _estimate(
     particles per vectorised run (default: :data:`pvae.evaluate.ROWS` rows per run)."""
     chunk = chunk if chunk is not None else max(1, evaluate.ROWS // points)
     chunk_size = min(samples, chunk)
-    return pvae.log_likelihood(model.model, model.guide, x, samples, chunk_size, points)
+    return pvae.log_likelihood(
+        model.model, model.guide, x, num_samples=samples, chunk_size=chunk_size, batch_size=points
+    )
 
 
 def log_likelihood(
@@ -843,7 +845,7 @@ def _run_local(
     out: Path | None,
     done: Done,
 ) -> None:
-    """The tasks in ``pool``'s ``jobs`` processes (:func:`_pool`)."""
+    """The tasks in ``pool``'s ``jobs`` processes (:func:`workers`)."""
     threads = max(1, torch.get_num_threads() // jobs)
     values, folder = config.to_json(), str(out) if out is not None else None
     _drive(first, lambda job: pool.submit(_worker, values, *job, folder, threads), done)
