@@ -4,10 +4,12 @@ cells run one after the other; ``--resume`` runs only the unfinished cells; data
 know their exact log p(x) report it beside the estimates; long evaluations report progress
 also when the output is piped."""
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -61,11 +63,25 @@ def test_each_cell_is_a_run_folder_with_its_result(sequential):
 
 
 @pytest.mark.slow
-def test_jobs_give_the_sequential_numbers_bit_for_bit(sequential, tmp_path):
+def test_jobs_give_the_sequential_numbers_bit_for_bit(sequential, tmp_path, monkeypatch):
+    """``--jobs 2``: the cells in two spawned workers give the sequential numbers, and each
+    worker has SIGINT's default action (Ctrl-C ends a worker without a traceback; the main
+    process reports the interruption)."""
+    real, handlers = compare.workers, set()
+
+    @contextlib.contextmanager
+    def watched(config, plan):
+        with real(config, plan) as pool:
+            yield pool
+            assert pool is not None
+            handlers.update(pool.submit(signal.getsignal, signal.SIGINT).result() for _ in range(4))
+
+    monkeypatch.setattr(compare, "workers", watched)
     run_dir = tmp_path / "jobs"
     assert cli.main([*TINY, "--quiet", "--jobs", "2", "--run-dir", str(run_dir)]) == 0
     assert numbers(run_dir) == numbers(sequential)
     assert all(math.isfinite(row["log_likelihood"]) for row in numbers(run_dir))
+    assert handlers == {signal.SIG_DFL}
 
 
 @pytest.mark.slow
@@ -184,13 +200,9 @@ def test_progress_lines_when_piped(tmp_path, capsys):
     assert "log p(x), K=4:" in err and "points (" in err
 
 
-@pytest.mark.slow
-def test_workers_start_early_and_leave_ctrl_c_to_the_signal_default():
-    """``compare.workers``: no processes where the tasks run here or on Ray; otherwise one per
-    job, each with SIGINT's default action (Ctrl-C ends a worker without a traceback; the
-    main process reports the interruption)."""
-    import signal
-
+def test_no_worker_processes_where_the_tasks_run_here_or_on_ray():
+    """``compare.workers`` starts processes only for local plans of 2 or more jobs and cells
+    (the spawned workers are checked in the ``--jobs 2`` test above)."""
     config = compare.run_config("digits", quick=True, bounds=["elbo", "iwae"])
     for plan in (
         compare.Plan.of(config, jobs=1),
@@ -199,10 +211,6 @@ def test_workers_start_early_and_leave_ctrl_c_to_the_signal_default():
     ):
         with compare.workers(config, plan) as pool:
             assert pool is None
-    with compare.workers(config, compare.Plan.of(config, jobs=2)) as pool:
-        assert pool is not None
-        handlers = {pool.submit(signal.getsignal, signal.SIGINT).result() for _ in range(4)}
-    assert handlers == {signal.SIG_DFL}
 
 
 def test_an_interrupted_comparison_says_what_it_kept(tmp_path):
