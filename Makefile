@@ -11,10 +11,11 @@ compare: setup
 	$(BIN)/pvae compare $(ARGS)
 
 # Two worker processes (pytest-xdist): the tests use one torch thread each. PYTEST_WORKERS=0
-# runs them in this process.
+# runs them in this process. Work stealing: a worker that runs out takes queued tests from the
+# other, so the suite does not end with one worker busy on a long tail and the other idle.
 PYTEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) $(ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) $(if $(filter 0,$(PYTEST_WORKERS)),,--dist worksteal) $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy pvae && $(BIN)/mypy models inference
