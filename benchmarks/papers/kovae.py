@@ -111,6 +111,12 @@ TABLE = "Naiman et al. 2024, Table 1"
 # (setting, metric) -> the paper's number; None: not read (see the docstring).
 PAPER: dict[tuple[str, str], float | None] = {}
 SHARES = (0.0, 0.3, 0.5, 0.7)
+# (result key, row label): the strict score, the paper's protocol, the predictive score
+METRICS = (
+    ("discriminative", "discriminative score (strict)"),
+    ("timegan", "discriminative score (paper's protocol)"),
+    ("predictive", "predictive score"),
+)
 TOLERANCE = 0.05  # eigenvalue distance; and the discriminative-score goal
 EIG_SOURCE = "oscillators' closed form exp(dt(-zeta omega + i omega sqrt(1 - zeta^2)))"
 
@@ -132,17 +138,33 @@ def scores(
     disc = discriminative_score(real, fake, num_runs=runs, num_steps=steps, seed=seed)
     if not predictive:
         return dict(discriminative=disc["mean"])
+    # the authors' (TimeGAN's) classifier, at its own settings (tiny budget: fewer steps)
+    paper_steps = sizes.get("timegan_steps")
+    timegan = discriminative_score(
+        real, fake, num_runs=runs, num_steps=paper_steps, seed=seed, protocol="timegan"
+    )
     pred = predictive_score(real, fake, num_steps=sizes["predictive_steps"], seed=seed)
     # the first run is the budget curve's score of these samples (same samples, same seed)
-    return dict(discriminative=disc["mean"], first_run=disc["scores"][0], predictive=pred)
+    return dict(
+        discriminative=disc["mean"],
+        timegan=timegan["mean"],
+        first_run=disc["scores"][0],
+        predictive=pred,
+        outside=float(((fake < 0.495) | (fake > 1.0)).flatten(1).any(1).float().mean()),
+    )
 
 
 def generation_run(share: float, seed: int, sizes: dict, data: dict, curve: bool) -> dict:
     """Train on sines (``share`` of rows dropped) and score samples against the test set."""
     ds, real = data[share], data["real"]
     _common.seed_all(seed)
+    observed = ds.train.values[ds.train.mask]  # (rows, C): the range seen at fit time
     model = KoopmanVAE(
-        5, z_dim=sizes["z_dim"], hidden=sizes["hidden"], likelihood_kw={"scale": 0.05}
+        5,
+        z_dim=sizes["z_dim"],
+        hidden=sizes["hidden"],
+        likelihood_kw={"scale": 0.05},
+        output_range=(float(observed.min()), float(observed.max())),
     )
 
     def score() -> float:
@@ -217,13 +239,13 @@ def main() -> None:
         args,
         tiny=dict(
             train=48, test=32, epochs=1, batch_size=16, lr=3e-3, z_dim=4, hidden=8,
-            classifier_steps=10, classifier_runs=1, predictive_steps=10,
+            classifier_steps=10, timegan_steps=10, classifier_runs=1, predictive_steps=10,
             osc_train=40, osc_epochs=1, warmup=1, curve_epochs=[1],
         ),
         cpu=dict(
             train=1000, test=1000, epochs=40, batch_size=64, lr=1e-2, z_dim=8, hidden=32,
             classifier_steps=1000, classifier_runs=1, predictive_steps=300,
-            osc_train=500, osc_epochs=30, warmup=100, curve_epochs=[5, 10, 20, 40],
+            osc_train=500, osc_epochs=30, warmup=100, curve_epochs=[10, 20, 40],
         ),
         paper=dict(
             train=10000, test=2000, epochs=600, batch_size=64, lr=7e-4, z_dim=16, hidden=32,
@@ -242,7 +264,9 @@ def main() -> None:
         f"sines: {sizes['train']} training and {sizes['test']} test sequences; {sizes['epochs']} "
         f"epochs, batch {sizes['batch_size']}, Adam {sizes['lr']}; z_dim {sizes['z_dim']}, "
         f"GRUs of {sizes['hidden']}; discriminative score over {sizes['classifier_runs']} "
-        f"classifier runs of {sizes['classifier_steps']} steps."
+        f"classifier runs of {sizes['classifier_steps']} steps (strict: "
+        f"``discriminative_score``'s default protocol) and of the paper's protocol "
+        f"(``protocol='timegan'``: one GRU layer of width 2, 2,000 steps at 1e-3)."
     )
     report.notes.append(
         "The paper's Table 1 could not be read this session: its columns are left empty "
@@ -253,15 +277,18 @@ def main() -> None:
     for share in SHARES:
         name = setting_name(share)
         runs = [generation_run(share, s, sizes, data, curve=share == 0) for s in seeds]
-        for metric in ("discriminative", "predictive"):
+        for metric, label in METRICS:
             paper = PAPER.get((name, metric))
             source = None if paper is None else f"{TABLE}, KoVAE row, {name}"
-            report.add(name, f"{metric} score", [r[metric] for r in runs], paper, source, 3)
+            report.add(name, label, [r[metric] for r in runs], paper, source, 3)
+        report.add(
+            name, "share of samples leaving [0.495, 1]", [r["outside"] for r in runs], digits=3
+        )
         report.add(name, "training seconds", [r["seconds"] for r in runs], digits=0)
-        disc = [r["discriminative"] for r in runs]
-        mean, _ = _common.mean_se(disc)
-        verdict, detail = _common.match_verdict(mean, 0.0, TOLERANCE)
-        report.claim(f"{name}: discriminative score <= {TOLERANCE} (goal)", verdict, detail)
+        for metric, label in METRICS[:2]:
+            mean, _ = _common.mean_se([r[metric] for r in runs])
+            verdict, detail = _common.match_verdict(mean, 0.0, TOLERANCE)
+            report.claim(f"{name}: {label} <= {TOLERANCE} (goal)", verdict, detail)
         pred = [r["predictive"] for r in runs]
         verdict, detail = _common.match_verdict(_common.mean_se(pred)[0], floor, 0.01)
         report.claim(f"{name}: predictive score within 0.01 of the real data's", verdict, detail)
