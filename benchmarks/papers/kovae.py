@@ -85,9 +85,9 @@ Why the samples are told apart (measured on seed 0, regular sines; scores with t
   [0.5, 1] scores 0.28 (from 0.30), keeping only samples whose five starts lie in the real
   range 0.35.
 - The CPU-budget runs (3 seeds) show no budget effect: the budget curve is flat, with no trend
-  between epochs 5 and 40 (with the bounded mean: 0.22-0.48 at epochs 10, 20 and 40) (README and ``budget_curve.json``), so the remaining gap is the
-  method at this scale (a Gaussian sequential prior without a per-sequence initial state),
-  not the number of epochs; the predictive score is near the real data's.
+  between epochs 5 and 40 (README and ``budget_curve.json``; with the bounded mean, 0.22-0.48
+  at epochs 10, 20 and 40), so the remaining gap is the method at this scale, not the number
+  of epochs; the predictive score is near the real data's.
 - The authors' scores are easier than ours. Checked in their code
   (``metrics/discriminative_torch.py`` and ``run_regular.py`` of azencot-group/KoVAE) and in
   Yoon et al.'s TimeGAN code it follows (``metrics/discriminative_metrics.py`` of
