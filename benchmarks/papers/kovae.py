@@ -25,13 +25,17 @@ discriminative and predictive) and from the irregular table's sines rows (30%, 5
 floor the paper's "Original" row stands for.
 
 The recipe (ours, not the paper's architecture): ``pvae.models.KoopmanVAE`` (bidirectional-GRU
-guide, GRU prior, per-step MLP decoder, Gaussian likelihood of scale 0.05), ELBO, Adam 1e-2;
+guide, GRU prior, per-step MLP decoder whose mean is squashed onto the training data's range,
+``output_range=(min, max)`` of the observed entries, i.e. (0.5, 1.0); Gaussian likelihood of
+scale 0.05), ELBO, Adam 1e-2;
 the authors train 3-layer GRUs with z_dim 16 for 600 epochs of 10,000 sequences. Eigenvalue
 runs: z_dim 2, ``predictive_weight = posterior_weight = 100`` and the spectral penalty (weight
 200) switched on after 100 steps (``spectral_warmup``; the module docstring of
 ``pvae.models.koopman`` says why each is needed). Scores: discriminative score of one classifier
-run a model (1,000 Adam steps at 3e-3, ``discriminative_score``'s defaults) on 1,000 real test
-sequences against 1,000 samples; predictive score 300 Adam steps at 1e-2
+run a model under each of two protocols, on 1,000 real test sequences against 1,000 samples:
+the strict one (two GRU layers of 12, 1,000 Adam steps at 3e-3, ``discriminative_score``'s
+defaults) and the paper's (``protocol="timegan"``; below); each is judged against the goal
+separately; predictive score 300 Adam steps at 1e-2
 (``predictive_score``'s defaults); the budget curve is the discriminative score (1 classifier
 run) at epochs 5, 10, 20 and 40 of the regular-sines runs, its last point the final score
 (the same samples and classifier seed, so not run twice). The seeds' spread gives the standard
@@ -81,13 +85,54 @@ Why the samples are told apart (measured on seed 0, regular sines; scores with t
   [0.5, 1] scores 0.28 (from 0.30), keeping only samples whose five starts lie in the real
   range 0.35.
 - The CPU-budget runs (3 seeds) show no budget effect: the budget curve is flat, with no trend
-  between epochs 5 and 40 (README and ``budget_curve.json``), so the remaining gap is the
-  method at this scale (a Gaussian sequential prior without a per-sequence initial state),
-  not the number of epochs; the predictive score is near the real data's.
-- The authors' scores are easier than ours: their classifier is one GRU layer of width
-  C/2 = 2 trained 2,000 steps at 1e-3, and their predictive score predicts the last channel
-  from the other four (independent channels on sines); ours are two layers of 12 and every
-  channel from every channel.
+  between epochs 5 and 40 (README and ``budget_curve.json``; with the bounded mean, 0.22-0.48
+  at epochs 10, 20 and 40), so the remaining gap is the method at this scale, not the number
+  of epochs; the predictive score is near the real data's.
+- The authors' scores are easier than ours. Checked in their code
+  (``metrics/discriminative_torch.py`` and ``run_regular.py`` of azencot-group/KoVAE) and in
+  Yoon et al.'s TimeGAN code it follows (``metrics/discriminative_metrics.py`` of
+  jsyoon0823/TimeGAN): one GRU layer of width ``int(C / 2)`` = 2, its last hidden state to
+  one logit, Adam at its default 1e-3 for 2,000 steps, each step 128 real and 128 generated
+  sequences, each set split 80/20 on its own, ``|accuracy - 0.5|`` on the two test parts,
+  averaged over 10 runs (KoVAE scores against the training sequences; we use held-out
+  ones). That is ``discriminative_score(..., protocol="timegan")``; its rows are what the
+  paper's numbers are comparable to, and the strict rows stay beside them. Their predictive
+  score predicts the last channel from the other four (independent channels on sines); ours
+  every channel from every channel.
+
+Method candidates (this session; seed 0, regular sines, 40 epochs at 1e-2, one classifier run
+of each protocol; "outside": share of samples with an entry outside [0.495, 1]; real sines:
+outside 0, start sd 0.0144, jitter (mean absolute second difference) 0.0011, end sd 0.134,
+predictive 0.014):
+
+  ===============================  ======  =======  ==========  =======  ========  ======  ======
+  candidate                        strict  timegan  predictive  outside  start sd  jitter  end sd
+  ===============================  ======  =======  ==========  =======  ========  ======  ======
+  unbounded mean (the old recipe)  0.277   0.218    0.0137      0.962    0.0287    0.041   0.129
+  step_scale 0.05                  0.457   0.198    0.0154      0.910    0.0259    0.046   0.110
+  step_scale 0.01, z_dim 16        0.433   0.228    0.0697      0.278    0.0478    0.033   0.053
+  same + output_range (0.5, 1)     0.480   0.243    0.0661      0       0.0584    0.039   0.060
+  step_scale 0.002, z_dim 16       -       -        -           0.492    0.1834    0.018   0.077
+  output_range (0.5, 1)            0.173   0.078    0.0134      0       0.0125    0.032   0.118
+  ===============================  ======  =======  ==========  =======  ========  ======  ======
+
+  A fixed small per-step scale after a learned first step (``step_scale``: each sequence's
+  identity drawn once, in ``z_1``) does not help at this budget: the samples lose their
+  spread at the end (0.05-0.08 against 0.134), start too spread, and still jitter (the prior's
+  mean dynamics, not its noise, make most of the jitter), and the predictive score degrades.
+  The bounded mean (``output_range``) keeps every sample inside the data's range, puts the
+  start values where the real ones are, and cuts both scores (0.28 to 0.17 strict, 0.22 to
+  0.08 under the paper's protocol, one run each); it is the recipe above. Neither reaches
+  0.05: what is left is the jitter (0.03 against 0.001), which the strict classifier reads.
+
+  The CPU-budget run with the bounded mean (3 seeds, one run of each classifier a model):
+  paper's protocol 0.083 +- 0.021 regular (seeds 0.052, 0.073, 0.123), 0.087, 0.108, 0.085
+  with 30/50/70% dropped; strict 0.412 +- 0.043 regular (0.48, 0.42, 0.33; seed 0's 0.17
+  above was a lucky single run: the strict classifier's runs are bimodal, 0.05-0.50 across
+  these seeds), 0.240, 0.321, 0.349; predictive 0.014 regular, at the real data's 0.014
+  (0.025 before); no sample outside [0.495, 1]. Against the previous recipe's 0.312 +- 0.022
+  strict (paper's protocol not measured then; 0.218 on seed 0) the bounded mean helps the
+  paper's score and the predictive score, not the strict score.
 
 By ``--budget``: ``tiny`` (seconds), ``cpu`` (1,000 training sequences, 40 epochs regular and
 irregular; oscillators 500 sequences, 30 epochs), ``paper`` (10,000 training sequences, 600
@@ -111,6 +156,12 @@ TABLE = "Naiman et al. 2024, Table 1"
 # (setting, metric) -> the paper's number; None: not read (see the docstring).
 PAPER: dict[tuple[str, str], float | None] = {}
 SHARES = (0.0, 0.3, 0.5, 0.7)
+# (result key, row label): the strict score, the paper's protocol, the predictive score
+METRICS = (
+    ("discriminative", "discriminative score (strict)"),
+    ("timegan", "discriminative score (paper's protocol)"),
+    ("predictive", "predictive score"),
+)
 TOLERANCE = 0.05  # eigenvalue distance; and the discriminative-score goal
 EIG_SOURCE = "oscillators' closed form exp(dt(-zeta omega + i omega sqrt(1 - zeta^2)))"
 
@@ -132,17 +183,33 @@ def scores(
     disc = discriminative_score(real, fake, num_runs=runs, num_steps=steps, seed=seed)
     if not predictive:
         return dict(discriminative=disc["mean"])
+    # the authors' (TimeGAN's) classifier, at its own settings (tiny budget: fewer steps)
+    paper_steps = sizes.get("timegan_steps")
+    timegan = discriminative_score(
+        real, fake, num_runs=runs, num_steps=paper_steps, seed=seed, protocol="timegan"
+    )
     pred = predictive_score(real, fake, num_steps=sizes["predictive_steps"], seed=seed)
     # the first run is the budget curve's score of these samples (same samples, same seed)
-    return dict(discriminative=disc["mean"], first_run=disc["scores"][0], predictive=pred)
+    return dict(
+        discriminative=disc["mean"],
+        timegan=timegan["mean"],
+        first_run=disc["scores"][0],
+        predictive=pred,
+        outside=float(((fake < 0.495) | (fake > 1.0)).flatten(1).any(1).float().mean()),
+    )
 
 
 def generation_run(share: float, seed: int, sizes: dict, data: dict, curve: bool) -> dict:
     """Train on sines (``share`` of rows dropped) and score samples against the test set."""
     ds, real = data[share], data["real"]
     _common.seed_all(seed)
+    observed = ds.train.values[ds.train.mask]  # (rows, C): the range seen at fit time
     model = KoopmanVAE(
-        5, z_dim=sizes["z_dim"], hidden=sizes["hidden"], likelihood_kw={"scale": 0.05}
+        5,
+        z_dim=sizes["z_dim"],
+        hidden=sizes["hidden"],
+        likelihood_kw={"scale": 0.05},
+        output_range=(float(observed.min()), float(observed.max())),
     )
 
     def score() -> float:
@@ -217,13 +284,13 @@ def main() -> None:
         args,
         tiny=dict(
             train=48, test=32, epochs=1, batch_size=16, lr=3e-3, z_dim=4, hidden=8,
-            classifier_steps=10, classifier_runs=1, predictive_steps=10,
+            classifier_steps=10, timegan_steps=10, classifier_runs=1, predictive_steps=10,
             osc_train=40, osc_epochs=1, warmup=1, curve_epochs=[1],
         ),
         cpu=dict(
             train=1000, test=1000, epochs=40, batch_size=64, lr=1e-2, z_dim=8, hidden=32,
             classifier_steps=1000, classifier_runs=1, predictive_steps=300,
-            osc_train=500, osc_epochs=30, warmup=100, curve_epochs=[5, 10, 20, 40],
+            osc_train=500, osc_epochs=30, warmup=100, curve_epochs=[10, 20, 40],
         ),
         paper=dict(
             train=10000, test=2000, epochs=600, batch_size=64, lr=7e-4, z_dim=16, hidden=32,
@@ -242,7 +309,9 @@ def main() -> None:
         f"sines: {sizes['train']} training and {sizes['test']} test sequences; {sizes['epochs']} "
         f"epochs, batch {sizes['batch_size']}, Adam {sizes['lr']}; z_dim {sizes['z_dim']}, "
         f"GRUs of {sizes['hidden']}; discriminative score over {sizes['classifier_runs']} "
-        f"classifier runs of {sizes['classifier_steps']} steps."
+        f"classifier runs of {sizes['classifier_steps']} steps (strict: "
+        f"``discriminative_score``'s default protocol) and of the paper's protocol "
+        f"(``protocol='timegan'``: one GRU layer of width 2, 2,000 steps at 1e-3)."
     )
     report.notes.append(
         "The paper's Table 1 could not be read this session: its columns are left empty "
@@ -253,15 +322,18 @@ def main() -> None:
     for share in SHARES:
         name = setting_name(share)
         runs = [generation_run(share, s, sizes, data, curve=share == 0) for s in seeds]
-        for metric in ("discriminative", "predictive"):
+        for metric, label in METRICS:
             paper = PAPER.get((name, metric))
             source = None if paper is None else f"{TABLE}, KoVAE row, {name}"
-            report.add(name, f"{metric} score", [r[metric] for r in runs], paper, source, 3)
+            report.add(name, label, [r[metric] for r in runs], paper, source, 3)
+        report.add(
+            name, "share of samples leaving [0.495, 1]", [r["outside"] for r in runs], digits=3
+        )
         report.add(name, "training seconds", [r["seconds"] for r in runs], digits=0)
-        disc = [r["discriminative"] for r in runs]
-        mean, _ = _common.mean_se(disc)
-        verdict, detail = _common.match_verdict(mean, 0.0, TOLERANCE)
-        report.claim(f"{name}: discriminative score <= {TOLERANCE} (goal)", verdict, detail)
+        for metric, label in METRICS[:2]:
+            mean, _ = _common.mean_se([r[metric] for r in runs])
+            verdict, detail = _common.match_verdict(mean, 0.0, TOLERANCE)
+            report.claim(f"{name}: {label} <= {TOLERANCE} (goal)", verdict, detail)
         pred = [r["predictive"] for r in runs]
         verdict, detail = _common.match_verdict(_common.mean_se(pred)[0], floor, 0.01)
         report.claim(f"{name}: predictive score within 0.01 of the real data's", verdict, detail)

@@ -396,3 +396,57 @@ def test_path_decoder_trains_with_elbo_and_iwae():
     assert kvae.impute(ds.test.values, ds.test.times, ds.test.mask).shape == (8, 24, 5)
     with pytest.raises(ValueError, match="decoder"):
         KoopmanVAE(5, decoder="lstm")
+
+
+def test_step_scale_fixes_the_priors_scale_after_the_first_step():
+    """With ``step_scale`` the site 'z' is sum_t log N(z_t | mu(h_t), s_t) with s_1 the learned
+    sigma(h_1) and s_t = step_scale after it (checked against the GRU cell), and prior rollouts
+    move from one step to the next by mu(h_t) plus noise of that scale."""
+    torch.manual_seed(0)
+    kvae = KoopmanVAE(5, z_dim=3, hidden=6, step_scale=0.01).eval()
+    values, times, mask = _data(4)
+    guide = poutine.trace(kvae.guide).get_trace(values, times, mask)
+    model = poutine.trace(poutine.replay(kvae.model, trace=guide)).get_trace(values, times, mask)
+    z = guide.nodes["z"]["value"]
+    net = kvae.prior_net
+    hidden = torch.zeros(1, 4, 6)
+    previous = torch.zeros(4, 1, 3)
+    expected = torch.zeros(4)
+    for t in range(z.shape[1]):
+        out, hidden = net.gru(previous, hidden)
+        loc, raw = net.head(out[:, 0]).chunk(2, -1)
+        scale = torch.nn.functional.softplus(raw) + 1e-4 if t == 0 else torch.tensor(0.01)
+        expected += torch.distributions.Normal(loc, scale).log_prob(z[:, t]).sum(-1)
+        previous = z[:, t : t + 1]
+    torch.testing.assert_close(model.nodes["z"]["fn"].log_prob(z), expected, atol=1e-4, rtol=1e-5)
+    # rollouts: the residual of each step after the first against mu(h_t) has sd 0.01
+    with torch.no_grad():
+        paths = net.rollout(2000, 5)
+        loc, _ = net.conditionals(paths)
+    residual = (paths - loc)[:, 1:]
+    # 2000 * 4 * 3 residuals: the sd's relative standard error is about 0.5%; 3% is 6 SE
+    assert abs(float(residual.std()) / 0.01 - 1) < 0.03
+    first = (paths - loc)[:, 0].std(0)  # the learned sigma(h_1), not 0.01
+    assert bool((first > 0.1).all())
+    with pytest.raises(ValueError, match="step_scale"):
+        KoopmanVAE(5, step_scale=0.0)
+
+
+def test_output_range_keeps_decoded_means_and_samples_inside_it():
+    """``output_range=(0.5, 1.0)`` squashes the Gaussian mean: decoded means of any latent,
+    samples and imputations lie inside the range, where the unbounded decoder's leave it."""
+    torch.manual_seed(0)
+    z = 20 * torch.randn(200, 24, 3)  # far-out latents
+    plain = KoopmanVAE(5, z_dim=3, hidden=8, name="plain")
+    bounded = KoopmanVAE(5, z_dim=3, hidden=8, output_range=(0.5, 1.0), name="bounded")
+    assert not bool(((plain.decode(z) > 0.5) & (plain.decode(z) < 1.0)).all())
+    for x in (bounded.decode(z), bounded.sample(24, 50)):
+        assert bool(((x >= 0.5) & (x <= 1.0)).all())
+    ds = pvae.data.load("sines", sizes=(32, 8, 8), missing=0.5)
+    run = pvae.fit(bounded.model, bounded.guide, ds.train, epochs=1, batch_size=16, seed=0)
+    assert math.isfinite(run.history[-1]["train_bound"])
+    for bad in ((1.0, 0.5), (0.0, math.inf), "wide", (1.0,)):
+        with pytest.raises(ValueError, match="output_range"):
+            KoopmanVAE(5, output_range=bad)
+    with pytest.raises(ValueError, match="gaussian"):
+        KoopmanVAE(5, likelihood="bernoulli", output_range=(0.0, 1.0))
