@@ -694,9 +694,15 @@ class SGHMC(SamplerEngine):
         if n >= 2:
             old = [e if isinstance(e, torch.Tensor) else torch.tensor(e) for e in self._eta]
             for p, gv, sums in zip(self.precond, self.grad_var, self.window, strict=True):
-                var = (sums[2] - sums[1].square() / n) / (n - 1)
-                p.copy_(n / (n + 5.0) * var.clamp(min=0.0) + 1e-3 * 5.0 / (n + 5.0))
-                gv.copy_(((sums[4] - sums[3].square() / n) / (n - 1)).clamp(min=0.0))
+                var = ((sums[2] - sums[1].square() / n) / (n - 1)).clamp(min=0.0)
+                var_g = ((sums[4] - sums[3].square() / n) / (n - 1)).clamp(min=0.0)
+                if self.stochastic:
+                    p.copy_(n / (n + 5.0) * var + 1e-3 * 5.0 / (n + 5.0))
+                else:
+                    ratio = (var / var_g).sqrt()
+                    usable = (var > 0) & (var_g > 0) & torch.isfinite(ratio)
+                    p.copy_(torch.where(usable, ratio, p))
+                gv.copy_(var_g)
             self.curvature = self._measure_curvature(gradient)
             self._frozen()
             for v, before, after in zip(self.velocity, old, self._eta, strict=True):
