@@ -305,11 +305,11 @@ def test_curvature_measured_when_the_optimisation_ends():
 
 
 
-def _drifting_path(sds):
-    """60 states of a chain far from stationary: drifting by 3 sds and spreading by only 1% of
-    each sd, ``(60, d)``."""
+def _drifting_path(sds, drift=3.0):
+    """60 states of a chain far from stationary: drifting by ``drift`` sds and spreading by
+    only 1% of each sd, ``(60, d)``."""
     draws = torch.Generator().manual_seed(1)
-    steps = torch.linspace(0.0, 3.0, 60, dtype=sds.dtype)[:, None]
+    steps = torch.linspace(0.0, drift, 60, dtype=sds.dtype)[:, None]
     return sds * (steps + 0.01 * torch.randn(60, len(sds), generator=draws, dtype=sds.dtype))
 
 
@@ -327,21 +327,26 @@ def _close_one_window(sampler, model, path, stochastic):
 
 
 def test_full_batch_window_preconditioner_is_scale_free():
-    """With every step on all the data, a window sets P_i = sqrt(Var theta_i / Var g_i): on a
-    quadratic with a diagonal curvature h_i, Var g_i = h_i^2 Var theta_i along any path, so
-    P_i = 1 / h_i, the posterior variance, however far the window's chain was from mixing and
-    whatever the coordinates' scales (here sds from 1e-4 to 30). The window's variance (the
-    rule kept under minibatches) gives about 0.8 sd_i^2 on this path, shrunk towards an
-    absolute 1e-3: 1e5 times the stiffest coordinate's posterior variance."""
+    """With every step on all the data, a window sets P_i = max(Var theta_i, sqrt(Var theta_i
+    / Var g_i)): on a quadratic with a diagonal curvature h_i, Var g_i = h_i^2 Var theta_i
+    along any path, so the second is 1 / h_i, the posterior variance, however far the window's
+    chain was from mixing and whatever the coordinates' scales (here sds from 1e-4 to 30). On
+    a path drifting by 3 sds the window variance is 0.79 sd_i^2 and P_i = sd_i^2; by 6 sds it
+    is 3.1 sd_i^2 and is kept. Under minibatches (Stan's rule) the variance is shrunk towards
+    an absolute 1e-3: 1e5 times the stiffest coordinate's posterior variance."""
     sds = torch.tensor([1e-4, 1e-2, 1.0, 30.0], dtype=torch.float64)
 
     def model():
         pyro.sample("z", dist.Normal(torch.zeros(4, dtype=torch.float64), sds).to_event(1))
 
-    path = _drifting_path(sds)
     sampler = SGHMC()
+    path = _drifting_path(sds)
     precond = _close_one_window(sampler, model, path, stochastic=False)
     assert torch.allclose(precond, sds.square(), rtol=1e-6)
+    far = _drifting_path(sds, drift=6.0)
+    precond = _close_one_window(sampler, model, far, stochastic=False)
+    assert torch.allclose(precond, far.var(0), rtol=1e-6)
+    assert torch.all(precond > 3 * sds.square())
     # under minibatches the rule is Stan's: the window variance, shrunk towards 1e-3
     precond = _close_one_window(sampler, model, path, stochastic=True)
     assert torch.allclose(precond, 60 / 65 * path.var(0) + 1e-3 * 5 / 65, rtol=1e-6)
