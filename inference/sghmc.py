@@ -705,9 +705,9 @@ class SGHMC(SamplerEngine):
     def _close_window(self, gradient: Callable[[], tuple[torch.Tensor, ...]]) -> None:
         """The window's estimates replace the preconditioner (under minibatches the window
         variance of theta, shrunk towards 1e-3; on full batches the larger of that variance
-        and ``sqrt(Var theta / Var g)``, see the module's docstring) and the gradient noise, the curvature is measured under
-        the new preconditioner (:meth:`_measure_curvature`); the velocity is rescaled to the
-        new step (it stays a draw of its stationary law)."""
+        and ``sqrt(Var theta / Var g)``, see the module's docstring) and the gradient noise,
+        the curvature is measured under the new preconditioner (:meth:`_measure_curvature`);
+        the velocity is rescaled to the new step (it stays a draw of its stationary law)."""
         n = self.window_count
         if n >= 2:
             old = [e if isinstance(e, torch.Tensor) else torch.tensor(e) for e in self._eta]
