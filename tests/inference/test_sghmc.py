@@ -304,7 +304,6 @@ def test_curvature_measured_when_the_optimisation_ends():
     assert sampler.step_size * sampler.curvature <= 2.0 * (1 + 1e-9)
 
 
-
 def _drifting_path(sds, drift=3.0):
     """60 states of a chain far from stationary: drifting by ``drift`` sds and spreading by
     only 1% of each sd, ``(60, d)``."""
