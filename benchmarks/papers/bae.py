@@ -125,6 +125,19 @@ the BAE stays below the VAE at 100 images with this sampler: the headline is not
 and the sampler (a diagonal preconditioner on a posterior whose stiff directions are
 coupled) is the remaining suspect, not the budget.
 
+A scale-free full-batch preconditioner did not close it either. SGHMC now sets each window's
+P_i to the larger of the window variance and ``sqrt(Var theta_i / Var g_i)`` (the posterior
+variance on a diagonal quadratic along any path; it fixed the badly scaled regression of
+``tests/inference/test_sghmc_defaults.py``). On the same probe (100 images, prior 0.1, seed 0,
+``results/bae/preconditioner_probe.json``): after 1,200 steps -174.9 (the variance rule:
+-176.1; the geometric mean alone: -170.7, lambda_max 344, but it halved a regression test's
+ESS), lambda_max 1,346, the step 0.0015, median P_i V_i 0.66 (0.18 before); after 6,800 steps
+-161.3 over all draws (the variance rule: -160.6; R-hat 1.87 / 1.41 against 1.41 / 1.07), the
+quarters' single-draw means -186.8 / -181.3 / -177.6 / -176.6: the larger P_i buy a
+proportionally smaller step, as the Fisher-scaled probe found, and the 4.5 nats remain. On
+200 images (prior 0.1, seed 0, 1,200 steps) -154.9, step 0.0035, lambda_max 570 (the cpu
+run's seed 0 with the variance rule: -159.8, step 0.0018, lambda_max 1,117).
+
 The DSWD hardly separates the candidate scales on this data: every zero-mean prior's
 prior-predictive images have mean 0.5 per pixel (symmetric biases) where MNIST's are mostly
 0, so each candidate is about equally far from the data (200 images, 20 prior draws: DSWD
