@@ -31,26 +31,9 @@ steps, then freezes everything, so that the sampling phase is a time-homogeneous
    deviations. Its squared-gradient average gives the first preconditioner.
 2. *Windowed adaptation* (as Stan's expanding windows): the rest of the warm-up is cut into
    windows of 50, 100, 200, ... steps (the last one takes what remains). At the end of every
-   window V_hat_i becomes the window's variance of the gradient g_i, and the preconditioner
-   P_i: under minibatches, the window's sample variance of theta_i (shrunk towards 1e-3 as
-   Stan does); when every step sees all the data, the larger of the window variance and
-   ``sqrt(Var theta_i / Var g_i)`` over the window (the geometric mean of the window variance
-   and the inverse gradient variance, as in nutpie's diagonal mass-matrix adaptation), with no
-   shrinkage. On a quadratic with a diagonal curvature h_i, ``Var g_i = h_i^2 Var theta_i``
-   along any path, so the geometric mean is the posterior variance 1 / h_i however little the
-   chain has yet crossed a coordinate or however far it drifts, in any units; the window
-   variance alone is too small for a coordinate the chain has not crossed yet (a smaller P_i,
-   a slower coordinate, a still smaller estimate next window), and Stan's absolute target 1e-3
-   is far too large for a stiff coordinate. For a stationary chain the window variance is the
-   larger (``Var theta_i Var g_i >= 1``, Stein's identity and Cauchy-Schwarz), and on a
-   coupled posterior it is what keeps the loose directions moving: on a full-batch regression
-   with equicorrelated features (rho = 0.8) the geometric mean alone was half the variance
-   and the bulk ESS fell from 234 to 68. (Under minibatches the gradient's variance is mostly
-   minibatch noise, about N / B times the curvature, which would make the geometric mean
-   sqrt(N / B) too small: the variance rule is kept there.) A coordinate whose value or
-   gradient did not move in
-   the window keeps its P_i. Each window starts from the estimates of the one before, so the
-   transient's estimates are discarded.
+   window the preconditioner P_i becomes the window's sample variance of theta_i (shrunk towards
+   1e-3 as Stan does), and V_hat_i the window's variance of the gradient. Each window starts
+   from the estimates of the one before, so the transient's estimates are discarded.
 3. *The step.* Under minibatches (a batch of B < N datapoints), the step is the largest that
    keeps the minibatch-noise share small in every coordinate:
    ``eta = min(lr, 2 * alpha * c / max_i(P_i * V_hat_i))`` with c = 2; it shrinks like B / N.
@@ -87,14 +70,22 @@ warm-up steps, 1000 draws): R-hat at most 1.031, bulk ESS at least 183, posterio
 8% and means within 0.14 posterior sd of the exact ones; see
 ``tests/inference/test_sghmc_defaults.py`` and ``benchmarks/sghmc_conjugate.py``. On full
 batches (N = 1000, d = 5, equicorrelated features rho = 0.8, seed 0): R-hat 1.026, bulk ESS
-234, sds within 6%, means within 0.15 sd, the step at ``lr`` (``lambda_max`` 21).
-On full batches with feature scales spanning 100x (N = 1000, d = 5, posterior sds 3e-2 to
-3e-4; seeds 0 and 1): every P_i 0.99-1.27 times its posterior variance, ``lambda_max`` 1.3,
-the step at ``lr``, R-hat 1.015-1.020, bulk ESS 275-341, sds within 5%, means within 0.16
-sd. With the window variance shrunk towards an absolute 1e-3 (the rule before, kept under
-minibatches) the stiffest weight's P_i was about 100 times its posterior variance,
-``lambda_max`` about 100 capped the step and the loosest weights barely moved (seeds 0-3:
-R-hat 1.12-1.77, bulk ESS 6-36).
+235, sds within 6%, means within 0.15 sd, the step at ``lr`` (``lambda_max`` 21).
+A known failure: on full batches with feature scales spanning 100x (N = 1000, d = 5,
+posterior sds 3e-2 to 3e-4), each window's shrinkage towards an absolute 1e-3 leaves the
+stiffest weight's P_i about 100 times its posterior variance, ``lambda_max`` about 100 caps the
+step and the loosest weights barely move (seeds 0-3: R-hat 1.12-1.77, bulk ESS 6-36; a strict
+xfail in ``tests/inference/test_sghmc_defaults.py``). Shrinking towards 1 / E[g_i^2] instead
+fixed two seeds of four, and on a Bayesian autoencoder raising P_i to that bound made the
+coupled ``lambda_max`` six times larger: neither was kept. Nor were three scale-free rules
+for the full-batch window (``benchmarks/papers/results/bae/preconditioner_probe.json``):
+``sqrt(Var theta_i / Var g_i)`` (the posterior variance on a diagonal quadratic along any
+path) fixed this regression on seeds 0-3 (R-hat <= 1.021, ESS >= 270) but halved the ESS of
+the rho = 0.8 one (234 to 68); the larger of it and the window variance passed both, but a
+Bayesian autoencoder's chains (200 and 500 images) then exploded a few steps after a window
+closed at every ``lr`` tried (0.05, 0.02, 0.008: the step was set by ``lambda_max``, not
+``lr``); capping it at 4 times the window variance kept those chains finite but brought back
+this regression's failure (R-hat 1.49, ESS 8).
 
 The plain sampler (``adaptive=False``; Chen et al. 2014) uses an identity mass, the step
 ``eta = lr / N`` (``lr`` per datapoint, N the number of datapoints, 1 without data) and no
@@ -704,24 +695,16 @@ class SGHMC(SamplerEngine):
             return torch.autograd.grad(self.log_joint(model, *args, **kwargs), self.theta)
 
     def _close_window(self, gradient: Callable[[], tuple[torch.Tensor, ...]]) -> None:
-        """The window's estimates replace the preconditioner (under minibatches the window
-        variance of theta, shrunk towards 1e-3; on full batches the larger of that variance
-        and ``sqrt(Var theta / Var g)``, see the module's docstring) and the gradient noise,
-        the curvature is measured under the new preconditioner (:meth:`_measure_curvature`);
-        the velocity is rescaled to the new step (it stays a draw of its stationary law)."""
+        """The window's estimates replace the preconditioner and the gradient noise, the
+        curvature is measured under the new preconditioner (:meth:`_measure_curvature`); the
+        velocity is rescaled to the new step (it stays a draw of its stationary law)."""
         n = self.window_count
         if n >= 2:
             old = [e if isinstance(e, torch.Tensor) else torch.tensor(e) for e in self._eta]
             for p, gv, sums in zip(self.precond, self.grad_var, self.window, strict=True):
-                var = ((sums[2] - sums[1].square() / n) / (n - 1)).clamp(min=0.0)
-                var_g = ((sums[4] - sums[3].square() / n) / (n - 1)).clamp(min=0.0)
-                if self.stochastic:
-                    p.copy_(n / (n + 5.0) * var + 1e-3 * 5.0 / (n + 5.0))
-                else:  # scale-free: at least 1 / h_i on a diagonal quadratic, along any path
-                    ratio = torch.maximum((var / var_g).sqrt(), var)
-                    moved = (var > 0) & (var_g > 0) & torch.isfinite(ratio)
-                    p.copy_(torch.where(moved, ratio, p))
-                gv.copy_(var_g)
+                var = (sums[2] - sums[1].square() / n) / (n - 1)
+                p.copy_(n / (n + 5.0) * var.clamp(min=0.0) + 1e-3 * 5.0 / (n + 5.0))
+                gv.copy_(((sums[4] - sums[3].square() / n) / (n - 1)).clamp(min=0.0))
             self.curvature = self._measure_curvature(gradient)
             self._frozen()
             for v, before, after in zip(self.velocity, old, self._eta, strict=True):
