@@ -81,7 +81,7 @@ coupled ``lambda_max`` six times larger: neither was kept. Nor were three scale-
 for the full-batch window (``benchmarks/papers/results/bae/preconditioner_probe.json``):
 ``sqrt(Var theta_i / Var g_i)`` (the posterior variance on a diagonal quadratic along any
 path) fixed this regression on seeds 0-3 (R-hat <= 1.021, ESS >= 270) but halved the ESS of
-the rho = 0.8 one (234 to 68); the larger of it and the window variance passed both, but a
+the rho = 0.8 one (235 to 68, seed 0); the larger of it and the window variance passed both, but a
 Bayesian autoencoder's chains (200 and 500 images) then exploded a few steps after a window
 closed at every ``lr`` tried (0.05, 0.02, 0.008: the step was set by ``lambda_max``, not
 ``lr``); capping it at 4 times the window variance kept those chains finite but brought back
