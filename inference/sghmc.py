@@ -77,7 +77,15 @@ stiffest weight's P_i about 100 times its posterior variance, ``lambda_max`` abo
 step and the loosest weights barely move (seeds 0-3: R-hat 1.12-1.77, bulk ESS 6-36; a strict
 xfail in ``tests/inference/test_sghmc_defaults.py``). Shrinking towards 1 / E[g_i^2] instead
 fixed two seeds of four, and on a Bayesian autoencoder raising P_i to that bound made the
-coupled ``lambda_max`` six times larger: neither was kept.
+coupled ``lambda_max`` six times larger: neither was kept. Nor were three scale-free rules
+for the full-batch window (``benchmarks/papers/results/bae/preconditioner_probe.json``):
+``sqrt(Var theta_i / Var g_i)`` (the posterior variance on a diagonal quadratic along any
+path) fixed this regression on seeds 0-3 (R-hat <= 1.021, ESS >= 270) but halved the ESS of
+the rho = 0.8 one (235 to 68, seed 0); the larger of it and the window variance passed both, but a
+Bayesian autoencoder's chains (200 and 500 images) then exploded a few steps after a window
+closed at every ``lr`` tried (0.05, 0.02, 0.008: the step was set by ``lambda_max``, not
+``lr``); capping it at 4 times the window variance kept those chains finite but brought back
+this regression's failure (R-hat 1.49, ESS 8).
 
 The plain sampler (``adaptive=False``; Chen et al. 2014) uses an identity mass, the step
 ``eta = lr / N`` (``lr`` per datapoint, N the number of datapoints, 1 without data) and no

@@ -125,6 +125,21 @@ the BAE stays below the VAE at 100 images with this sampler: the headline is not
 and the sampler (a diagonal preconditioner on a posterior whose stiff directions are
 coupled) is the remaining suspect, not the budget.
 
+Nor did a scale-free full-batch preconditioner (probes in
+``results/bae/preconditioner_probe.json``, none kept in SGHMC). On the same probe (100 images,
+prior 0.1, seed 0, 1,200 steps): each window's P_i = ``sqrt(Var theta_i / Var g_i)`` (the
+posterior variance on a diagonal quadratic, along any path) gave -170.7 (lambda_max 344, the
+step 0.0058; the variance rule -176.1), but it halved the ESS of a full-batch regression test;
+the larger of it and the window variance gave -174.9 (lambda_max 1,346, the step 0.0015,
+median P_i V_i 0.66 against 0.18) and after 6,800 steps -161.3 over all draws (the variance
+rule: -160.6; quarters' single-draw means -186.8 / -181.3 / -177.6 / -176.6): the larger P_i
+buy a proportionally smaller step, as the Fisher-scaled probe found, and the 4.5 nats remain.
+At the cpu budget that rule made chains explode a few steps after a window closed (steps
+186-271 and 822) at every lr tried (0.05, 0.02, 0.008) for seeds 0 and 1 at 200 and 500
+images (the step is set by lambda_max, so a smaller lr does not help); capping P_i at 4 times
+the window variance kept the 200-image chains finite (seed 0: -158.7) but froze them
+(lambda_max 4,407, the step 0.00045) and failed the badly scaled regression again.
+
 The DSWD hardly separates the candidate scales on this data: every zero-mean prior's
 prior-predictive images have mean 0.5 per pixel (symmetric biases) where MNIST's are mostly
 0, so each candidate is about equally far from the data (200 images, 20 prior draws: DSWD
