@@ -2,19 +2,34 @@
 
 Each row times ``pvae.ssm.kalman_smoother`` (D = 4, M = 2, float64, all smoothed moments:
 filtered and smoothed means and covariances, cross-covariances, backward conditionals, log
-normaliser) beside its peer, dynamax's jitted ``lgssm_smoother`` (sequential and parallel),
-on the same model; gradient rows time forward + backward of the log normaliser (pvae runs the
-whole smoother forward, dynamax its filter only). B = 64 rows batch the sequences over one
-shared model (dynamax: ``vmap``; Pyro's ``GaussianHMM.log_prob`` as a second peer). The two
-sides run interleaved in one process, one thread each (``torch.set_num_threads(1)``, XLA's
-CPU client single-threaded), timed with the process CPU clock; each cell is the median of the
-repeats. dynamax's compile time (its first call) is printed separately. Without ``jax`` and
-``dynamax`` (``pip install -e .[bench]``) the peer columns are skipped with a message. The
-log normalisers of the two sides are checked to agree (1e-6 a step: dynamax adds 1e-9 to the
-diagonal of the covariances it solves with) before anything is timed.
+normaliser) beside its peer, dynamax's jitted ``lgssm_smoother`` (sequential and parallel;
+for pvae's ``auto`` rows both, the faster one reported), on the same model; gradient rows time
+forward + backward of the log normaliser (pvae runs the whole smoother forward, dynamax its
+filter only). B = 64 rows batch the sequences over one shared model (dynamax: ``vmap``;
+Pyro's ``GaussianHMM.log_prob`` as a second peer).
 
-    python benchmarks/kalman_scaling.py            # the table (a few minutes)
+dynamax runs in its own jax-only process (``dynamax_worker.py``, started with
+``--peer-python``, default this interpreter): in a process that has imported torch, its
+parallel smoother at T = 10^4 stopped in compilation with every thread asleep. Each cell
+writes the model to a temporary ``.npz``; the worker loads it, compiles (timed apart on the
+wall clock: the ``jit s`` column) and warms up. Then the two sides are interleaved in
+blocks: pvae's first call sets k (about 0.25 s of pvae calls, 1 to 20), and each round times
+k pvae calls here, then asks the worker to time k calls of each dynamax method there, the
+order reversed every other round (at least 3 rounds, then until ``--budget`` seconds of
+timed calls or ``--max-rounds``). Both sides run one thread (``torch.set_num_threads(1)``,
+XLA's CPU client single-threaded) and time each call on their own process's CPU clock; each
+cell prints the median and min over the calls. While one side runs, the other waits on the
+pipe. Before anything is timed, both sides' log Z, smoothed means and smoothed covariances
+are checked to agree to 1e-8 on one input (T = 50, both methods of each side; dynamax's
+1e-9 diagonal boost turned off for the check), and each cell's log Z to 1e-9 a step with
+the boost on. A compilation over ``--compile-timeout`` seconds ends the worker and skips that
+peer method (a fresh worker serves the next cell); ``--parallel-peer-max-t`` skips
+dynamax's parallel method above a length. Without ``jax`` and ``dynamax`` in the worker's
+interpreter (``pip install -e .[bench]``) the peer columns print "skipped".
+
+    python benchmarks/kalman_scaling.py            # the table (an hour on a loaded machine)
     python benchmarks/kalman_scaling.py --quick    # T up to 1000
+    python benchmarks/kalman_scaling.py --rows 3 4 5 --parallel-peer-max-t 1000
     python benchmarks/kalman_scaling.py --scaling  # the older table: T^k exponents, float32
 """
 
@@ -421,6 +436,13 @@ def main() -> None:
     parser.add_argument("--max-rounds", type=int, default=8, help="most blocks per side per cell")
     parser.add_argument("--rows", type=int, nargs="+", help="indices into ROWS (default: all)")
     parser.add_argument("--max-t", type=int, default=None, help="skip longer sequences")
+    parser.add_argument("--min-t", type=int, default=None, help="skip shorter sequences")
+    parser.add_argument(
+        "--parallel-peer-max-t",
+        type=int,
+        default=None,
+        help="dynamax's parallel smoother is not compiled for longer sequences (say so)",
+    )
     parser.add_argument(
         "--peer-python",
         default=sys.executable,
@@ -466,6 +488,8 @@ def run_rows(args: argparse.Namespace, peer: DynamaxProcess | None) -> None:
         for T in lengths:
             if (args.quick and T > 1000) or (args.max_t is not None and T > args.max_t):
                 continue
+            if args.min_t is not None and T < args.min_t:
+                continue
             run_cell(args, peer, label, method, T, batch, grad)
     print(f"load average after: {os.getloadavg()}")
 
@@ -496,6 +520,10 @@ def run_cell(
     names = ["sequential", "parallel"] if method == "auto" else [method]
     compile_s: dict[str, float] = {}
     prefix = f"{label:<12} {method:<10} {batch:>3} {T:>6}"
+    limit = getattr(args, "parallel_peer_max_t", None)
+    if peer is not None and limit is not None and T > limit and "parallel" in names:
+        names.remove("parallel")
+        print(f"{prefix}  dynamax parallel: not compiled above T = {limit} (--parallel-peer-max-t)")
     if peer is not None:
         with torch.no_grad():
             ours = kalman_smoother(**model, method=method).log_normalizer
