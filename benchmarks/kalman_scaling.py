@@ -10,9 +10,7 @@ Pyro's ``GaussianHMM.log_prob`` as a second peer).
 
 dynamax runs in its own jax-only process (``dynamax_worker.py``, started with
 ``--peer-python``, default this interpreter): in a process that has imported torch, its
-parallel smoother at T = 10^4 stopped in compilation with every thread asleep; it does so in
-a jax-only process too when another shape was compiled there first, so every cell with a
-parallel peer starts a fresh worker and compiles the parallel method first. Each cell
+parallel smoother at T = 10^4 stopped in compilation with every thread asleep. Each cell
 writes the model to a temporary ``.npz``; the worker loads it, compiles (timed apart on the
 wall clock: the ``jit s`` column) and warms up. Then the two sides are interleaved in
 blocks: pvae's first call sets k (about 0.25 s of pvae calls, 1 to 20), and each round times
@@ -530,12 +528,6 @@ def run_cell(
         with torch.no_grad():
             ours = kalman_smoother(**model, method=method).log_normalizer
         path = peer.save(model)
-        if "parallel" in names:
-            # compiled after other shapes in the same process, dynamax's parallel smoother at
-            # T = 10^4 hangs with every thread asleep (first alone: about a minute): a fresh
-            # worker compiles it first
-            peer.close()
-            names.sort(key=lambda n: n != "parallel")
         for name in list(names):
             answer = load(peer, path, name, grad, args.compile_timeout)
             if answer.get("timeout"):
