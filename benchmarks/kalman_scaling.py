@@ -12,8 +12,9 @@ dynamax runs in its own jax-only process (``dynamax_worker.py``, started with
 ``--peer-python``, default this interpreter): in a process that has imported torch, its
 parallel smoother at T = 10^4 stopped in compilation with every thread asleep. (It can in the
 jax-only worker too: there, at T = 10^4, the CPU time stops after a minute or two with every
-thread asleep, while the same jitted function alone in a script compiles in 40-70 s; so each
-compilation is bounded by ``--compile-timeout``.) Each cell
+thread asleep, while the same jitted function alone in a script compiles in 40-70 s; a stack
+of the stopped worker shows the first call compiled and waiting for its result, a deadlock
+in XLA's CPU runtime. So each first call is bounded by ``--compile-timeout``.) Each cell
 writes the model to a temporary ``.npz``; the worker loads it, compiles (timed apart on the
 wall clock: the ``jit s`` column) and warms up. Then the two sides are interleaved in
 blocks: pvae's first call sets k (about 0.25 s of pvae calls, 1 to 20), and each round times
