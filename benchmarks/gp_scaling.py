@@ -25,12 +25,20 @@ at T = 1000.
 
     python benchmarks/gp_scaling.py            # the full table (1 thread)
     python benchmarks/gp_scaling.py --quick    # T up to 1000, one repeat, no figure
+    python benchmarks/gp_scaling.py --versus 200 1000 --repeats 5   # the issue-22 rows
+
+``--versus T ...`` times only those lengths, the three steps interleaved in one process (each
+warmed up once, then ``--repeats`` rounds of one step each, the order rotating every round),
+on the process's CPU clock, and prints min / median per step and the Markovian / dense ratios
+of the medians; no figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -150,14 +158,56 @@ def goal(series: dict[str, tuple[list[int], list[float]]]) -> None:
             )
 
 
+def versus(lengths: list[int], repeats: int) -> None:
+    """The three steps at each T interleaved: min / median CPU ms and the ratios to dense."""
+    print(
+        f"{'T':>6} " + " ".join(f"{name:>22}" for name, _, _ in ROWS) + "   (CPU ms, min / median)"
+    )
+    for T in lengths:
+        steps = [make(T) for _, make, _ in ROWS]  # each model keeps its own parameter names
+        for step in steps:
+            step()  # warm-up
+        times: list[list[float]] = [[] for _ in steps]
+        for r in range(repeats):
+            shift = r % len(steps)
+            for i in [*range(shift, len(steps)), *range(shift)]:
+                start = time.process_time()
+                steps[i]()
+                times[i].append(1e3 * (time.process_time() - start))
+        medians = [statistics.median(t) for t in times]
+        cells = [f"{min(t):.1f} / {m:.1f}" for t, m in zip(times, medians, strict=True)]
+        ratios = ", ".join(
+            f"{name} / dense {m / medians[-1]:.2f}"
+            for (name, _, _), m in zip(ROWS[:-1], medians[:-1], strict=True)
+        )
+        load = os.getloadavg()[0]
+        print(f"{T:>6} " + " ".join(f"{c:>22}" for c in cells) + f"   {ratios} (load {load:.1f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="T up to 1000, one repeat")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per cell (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument(
+        "--versus",
+        type=int,
+        nargs="+",
+        metavar="T",
+        help="only these lengths (at most DENSE_LARGEST), the three steps interleaved",
+    )
     args = parser.parse_args()
+    if args.versus is not None and not all(1 < T <= DENSE_LARGEST for T in args.versus):
+        raise SystemExit(f"--versus: lengths between 2 and {DENSE_LARGEST} expected")
+    if args.repeats < 1:
+        raise SystemExit("--repeats: at least 1 expected")
     torch.set_num_threads(args.threads)
+    if args.versus is not None:
+        print(f"load average before: {os.getloadavg()}  threads: {args.threads}")
+        versus(args.versus, args.repeats)
+        print(f"load average after: {os.getloadavg()}")
+        return
     lengths = [T for T in LENGTHS if T <= 1000] if args.quick else list(LENGTHS)
     repeats = 1 if args.quick else args.repeats
     print(f"load average before: {os.getloadavg()}  threads: {args.threads}")
