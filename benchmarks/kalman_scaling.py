@@ -57,6 +57,7 @@ import harness
 import numpy
 import pyro.distributions as dist
 import torch
+from dynamax_worker import KEYS  # the model's arrays, as the worker reads them (no jax import)
 
 from pvae.ssm import kalman_smoother
 
@@ -337,16 +338,6 @@ def check_against_dynamax(
             print(f"check T=50: pvae {ours_method} vs dynamax {method} (no boost): {text}")
             if max(worst.values()) > tolerance:
                 raise SystemExit(f"pvae and dynamax differ by more than {tolerance:g}")
-
-
-KEYS = (
-    "transition_matrix",
-    "transition_cov",
-    "observation_matrix",
-    "observation_cov",
-    "initial_loc",
-    "initial_cov",
-)
 
 
 def pvae_fn(model: dict, method: str, grad: bool) -> Callable:

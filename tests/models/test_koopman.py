@@ -94,6 +94,24 @@ def _data(n=8, missing=0.0):
     return pvae.data.load("sines", sizes=(n, 2, 2), missing=missing).train
 
 
+def _prior_by_hand(kvae, z, later_scale=None):
+    """sum_t log N(z_t | mu(h_t), s_t) of the GRU prior, h_t the GRU cell over z_<t and s_t
+    sigma(h_t) (``later_scale`` after the first step when given), one step at a time."""
+    net = kvae.prior_net
+    hidden = torch.zeros(1, z.shape[0], net.gru.hidden_size)
+    previous = torch.zeros(z.shape[0], 1, z.shape[-1])
+    expected = torch.zeros(z.shape[0])
+    for t in range(z.shape[1]):
+        out, hidden = net.gru(previous, hidden)
+        loc, raw = net.head(out[:, 0]).chunk(2, -1)
+        scale = torch.nn.functional.softplus(raw) + 1e-4
+        if later_scale is not None and t > 0:
+            scale = torch.tensor(later_scale)
+        expected += torch.distributions.Normal(loc, scale).log_prob(z[:, t]).sum(-1)
+        previous = z[:, t : t + 1]
+    return expected
+
+
 def test_model_scores_the_guides_path_with_the_prior_on_its_past():
     """The site 'z' replayed on the guide is sum_t log N(z_t | mu(h_t), sigma(h_t)) with h_t a
     GRU over the guide's own z_<t: checked step by step against the GRU cell."""
@@ -103,16 +121,7 @@ def test_model_scores_the_guides_path_with_the_prior_on_its_past():
     guide = poutine.trace(kvae.guide).get_trace(values, times, mask)
     model = poutine.trace(poutine.replay(kvae.model, trace=guide)).get_trace(values, times, mask)
     z = guide.nodes["z"]["value"]
-    net = kvae.prior_net
-    hidden = torch.zeros(1, 4, 6)
-    previous = torch.zeros(4, 1, 3)
-    expected = torch.zeros(4)
-    for t in range(z.shape[1]):
-        out, hidden = net.gru(previous, hidden)
-        loc, raw = net.head(out[:, 0]).chunk(2, -1)
-        scale = torch.nn.functional.softplus(raw) + 1e-4
-        expected += torch.distributions.Normal(loc, scale).log_prob(z[:, t]).sum(-1)
-        previous = z[:, t : t + 1]
+    expected = _prior_by_hand(kvae, z)
     got = model.nodes["z"]["fn"].log_prob(z)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert "koopman_penalty" not in model.nodes  # eval mode: no rollouts
@@ -409,15 +418,7 @@ def test_step_scale_fixes_the_priors_scale_after_the_first_step():
     model = poutine.trace(poutine.replay(kvae.model, trace=guide)).get_trace(values, times, mask)
     z = guide.nodes["z"]["value"]
     net = kvae.prior_net
-    hidden = torch.zeros(1, 4, 6)
-    previous = torch.zeros(4, 1, 3)
-    expected = torch.zeros(4)
-    for t in range(z.shape[1]):
-        out, hidden = net.gru(previous, hidden)
-        loc, raw = net.head(out[:, 0]).chunk(2, -1)
-        scale = torch.nn.functional.softplus(raw) + 1e-4 if t == 0 else torch.tensor(0.01)
-        expected += torch.distributions.Normal(loc, scale).log_prob(z[:, t]).sum(-1)
-        previous = z[:, t : t + 1]
+    expected = _prior_by_hand(kvae, z, later_scale=0.01)
     torch.testing.assert_close(model.nodes["z"]["fn"].log_prob(z), expected, atol=1e-4, rtol=1e-5)
     # rollouts: the residual of each step after the first against mu(h_t) has sd 0.01
     with torch.no_grad():
