@@ -84,3 +84,16 @@ def test_gp_scaling_versus_prints_the_three_steps_and_their_ratios(capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.split()[0] == "12"
     assert "markovian sequential / dense" in line and "markovian parallel / dense" in line
+
+
+@pytest.mark.slow  # about 11 s: Dynamo traces the two methods
+def test_kalman_compile_rows_agree_with_eager_and_print(capsys):
+    """``benchmarks/kalman_compile.py`` with Dynamo's ``eager`` backend (tracing without
+    Inductor's minutes of compiling): the compiled call returns the eager outputs exactly and
+    a row prints per length and method (no timing checked)."""
+    import kalman_compile
+
+    rows = kalman_compile.main(["--lengths", "8", "--backend", "eager", "--blocks", "1"])
+    assert [(row["T"], row["method"]) for row in rows] == [(8, "parallel"), (8, "sequential")]
+    assert all(row["max_diff"] == 0.0 for row in rows), rows
+    assert capsys.readouterr().out.count("T=8 ") == 2
