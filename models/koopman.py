@@ -248,25 +248,11 @@ class StepScalePriorNet(PriorNet):
         super().__init__(z_dim, hidden)
         self.step_scale = float(step_scale)
 
-    def _fixed_after_first(self, scale: Tensor) -> Tensor:
-        """``scale (..., T, k)`` with steps ``2..T`` replaced by ``step_scale``."""
-        steps = torch.arange(scale.shape[-2], device=scale.device)[:, None]
+    def _step_scales(self, scale: Tensor, first: int) -> Tensor:
+        """Steps ``first, first + 1, ...`` of ``scale (..., steps, k)``, every step after the
+        first replaced by ``step_scale``."""
+        steps = first + torch.arange(scale.shape[-2], device=scale.device)[:, None]
         return torch.where(steps > 0, scale.new_tensor(self.step_scale), scale)
-
-    def conditionals(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        loc, scale = super().conditionals(z)
-        return loc, self._fixed_after_first(scale)
-
-    def rollout(self, num_paths: int, num_steps: int) -> Tensor:
-        z = self.head.weight.new_zeros(num_paths, 1, self.z_dim)
-        hidden = None
-        steps = []
-        for t in range(num_steps):
-            out, hidden = self.gru(z, hidden)
-            loc, scale = self._gaussian(out)
-            z = loc + (scale if t == 0 else self.step_scale) * torch.randn_like(loc)
-            steps.append(z)
-        return torch.cat(steps, 1)
 
 
 class BoundedMean(nn.Module):

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from .validation import positive_int
+
 if TYPE_CHECKING:
     from pvae.data import Splits
 
@@ -146,18 +148,11 @@ def discriminative_score(
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {tuple(PROTOCOLS)}, got {protocol!r}")
     settings = dict(PROTOCOLS[protocol])
-    for label, value in (
-        ("num_runs", num_runs),
-        ("hidden", hidden),
-        ("num_steps", num_steps),
-        ("batch_size", batch_size),
-        ("layers", layers),
-    ):
-        if label != "num_runs" and label != "batch_size" and value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{label} must be a positive integer, got {value!r}")
-        settings[label] = value
+    num_runs = positive_int(num_runs, "num_runs")
+    settings["batch_size"] = positive_int(batch_size, "batch_size")
+    for label, value in (("hidden", hidden), ("num_steps", num_steps), ("layers", layers)):
+        if value is not None:
+            settings[label] = positive_int(value, label)
     if lr is not None:
         if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a positive number, got {lr!r}")
@@ -170,7 +165,7 @@ def discriminative_score(
     if n < 4:
         raise ValueError(f"need at least 4 real and 4 generated sequences, got {n}")
     run = _timegan_run if protocol == "timegan" else _strict_run
-    scores = [run(real, generated, n, settings, test_fraction, seed + r) for r in range(num_runs)]
+    scores = [run(real, generated, settings, test_fraction, seed + r) for r in range(num_runs)]
     mean = sum(scores) / len(scores)
     sd = (
         math.sqrt(sum((s - mean) ** 2 for s in scores) / (len(scores) - 1))
@@ -187,9 +182,10 @@ def _fresh_classifier(channels: int, settings: dict, seed: int) -> _Classifier:
 
 
 def _strict_run(
-    real: Tensor, generated: Tensor, n: int, settings: dict, test_fraction: float, seed: int
+    real: Tensor, generated: Tensor, settings: dict, test_fraction: float, seed: int
 ) -> float:
     """One run of the ``"strict"`` protocol: pooled, balanced split; ``|acc - 0.5|``."""
+    n = min(real.shape[0], generated.shape[0])
     generator = torch.Generator().manual_seed(seed)
     classifier = _fresh_classifier(real.shape[-1], settings, seed)
     pick_real = torch.randperm(real.shape[0], generator=generator)[:n]
@@ -212,11 +208,10 @@ def _strict_run(
 
 
 def _timegan_run(
-    real: Tensor, generated: Tensor, n: int, settings: dict, test_fraction: float, seed: int
+    real: Tensor, generated: Tensor, settings: dict, test_fraction: float, seed: int
 ) -> float:
-    """One run of the ``"timegan"`` protocol: each set split on its own, each step a batch of
-    each; ``|acc - 0.5|`` on the two test parts together."""
-    del n  # the sets are not balanced in this protocol
+    """One run of the ``"timegan"`` protocol: each set split on its own (not balanced), each
+    step a batch of each; ``|acc - 0.5|`` on the two test parts together."""
     generator = torch.Generator().manual_seed(seed)
     classifier = _fresh_classifier(real.shape[-1], settings, seed)
     parts = []

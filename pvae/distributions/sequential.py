@@ -41,7 +41,13 @@ class PriorNet(nn.Module):
         shifted = torch.cat([torch.zeros_like(flat[:, :1]), flat[:, :-1]], 1)
         out, _ = self.gru(shifted)
         loc, scale = self._gaussian(out)
+        scale = self._step_scales(scale, 0)
         return loc.reshape(*lead, *loc.shape[1:]), scale.reshape(*lead, *scale.shape[1:])
+
+    def _step_scales(self, scale: Tensor, first: int) -> Tensor:
+        """The scales of steps ``first, first + 1, ...`` (``scale (..., steps, k)``): the
+        head's, here; a subclass may fix some (every path through the prior asks this)."""
+        return scale
 
     def rollout(self, num_paths: int, num_steps: int) -> Tensor:
         """``(num_paths, num_steps, k)`` reparameterised paths drawn from the prior."""
@@ -49,10 +55,10 @@ class PriorNet(nn.Module):
         z = weight.new_zeros(num_paths, 1, self.z_dim)
         hidden = None
         steps = []
-        for _ in range(num_steps):
+        for t in range(num_steps):
             out, hidden = self.gru(z, hidden)
             loc, scale = self._gaussian(out)
-            z = loc + scale * torch.randn_like(loc)
+            z = loc + self._step_scales(scale, t) * torch.randn_like(loc)
             steps.append(z)
         return torch.cat(steps, 1)
 
