@@ -70,9 +70,7 @@ class _Parser(argparse.ArgumentParser):
         return self.formatter_class(prog=self.prog, width=width)  # type: ignore[call-arg]
 
 
-# ---------------------------------------------------------------------------------------------
-# What the parser knows: the live modules where they are imported, else the generated index
-# ---------------------------------------------------------------------------------------------
+# -- What the parser knows: the live modules where they are imported, else the generated index ---
 
 
 def model_infos(sampled: bool | None = None) -> list[ModelInfo]:
@@ -99,9 +97,7 @@ def likelihood_names() -> list[str]:
     return list(likelihoods.available() if likelihoods is not None else _index.LIKELIHOODS)
 
 
-# ---------------------------------------------------------------------------------------------
-# Argument types
-# ---------------------------------------------------------------------------------------------
+# -- Argument types ------------------------------------------------------------------------
 
 
 def _argument_type(
@@ -250,9 +246,7 @@ def _check_engines(args: argparse.Namespace) -> None:
             )
 
 
-# ---------------------------------------------------------------------------------------------
-# The options, as data
-# ---------------------------------------------------------------------------------------------
+# -- The options, as data ------------------------------------------------------------------
 
 
 class _Arg(NamedTuple):
@@ -435,9 +429,7 @@ def _training_arguments(
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# The commands' arguments
-# ---------------------------------------------------------------------------------------------
+# -- The commands' arguments ---------------------------------------------------------------
 
 
 def _datasets(args: argparse.Namespace) -> int:
@@ -730,9 +722,7 @@ COMMANDS: list[Command] = [
 ]
 
 
-# ---------------------------------------------------------------------------------------------
-# Entry point
-# ---------------------------------------------------------------------------------------------
+# -- Entry point ---------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -749,8 +739,18 @@ def build_parser() -> argparse.ArgumentParser:
         subparser = subparsers.add_parser(command.name, help=command.help, description=command.help)
         if command.add_arguments is not None:
             command.add_arguments(subparser)
-        subparser.set_defaults(func=command.run)
+        subparser.set_defaults(func=command.run, spelling=_spelling(subparser))
     return parser
+
+
+def _spelling(parser: argparse.ArgumentParser) -> tuple[tuple[str, str, bool], ...]:
+    """``(dest, flag, is a switch)`` of each option: what :func:`pvae.app.runs.canonical_argv`
+    spells a parsed command line back with (the commands need not reach back to the parser)."""
+    return tuple(
+        (action.dest, action.option_strings[-1], isinstance(action, argparse._StoreTrueAction))
+        for action in parser._actions
+        if action.option_strings and action.dest != "help"
+    )
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -758,20 +758,6 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
         if isinstance(action, argparse._SubParsersAction):
             return dict(action.choices)
     return {}
-
-
-def canonical_argv(command: str, args: argparse.Namespace) -> list[str]:
-    """A command line that parses back to ``args`` (every option spelled out)."""
-    argv = [command]
-    for action in _subparsers(build_parser())[command]._actions:
-        value = getattr(args, action.dest, None)
-        switch = isinstance(action, argparse._StoreTrueAction)
-        if not action.option_strings or action.dest == "help" or value is None or value is False:
-            continue
-        if isinstance(value, list | tuple):
-            value = ",".join(str(item) for item in value)
-        argv += [action.option_strings[-1]] if switch else [action.option_strings[-1], str(value)]
-    return argv
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

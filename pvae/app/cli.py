@@ -1,36 +1,17 @@
 """The ``pvae`` commands: :mod:`pvae.app.arguments` parses the command line (without importing
-torch) and runs one of the commands here.
+torch) and runs one of the commands here (``pvae compare``: :mod:`pvae.app.compare`,
+``pvae diagnose``: :mod:`pvae.app.diagnose`, ``pvae sample``: :mod:`pvae.app.sample`).
 
-::
-
-    pvae datasets
-    pvae train --dataset digits --engine elbo --epochs 10 --run-dir runs/digits-elbo
-    pvae compare                       # ELBO, IWAE, MIWAE, CIWAE, PIWAE on MNIST-5k
-    pvae compare --quick --dataset digits --bounds elbo,iwae-dreg,miwae:4x16
-    pvae diagnose runs/digits-elbo     # collapse, relevance and traversals of a trained run
-    pvae sample --dataset mnist5k --model bae --max-train 500 --run-dir runs/bae
-    pvae diagnose runs/bae             # R-hat, ESS, ArviZ summary and traces of a sampler run
-
-``pvae train`` checks the likelihood's support on the data, trains with :func:`pvae.fit`,
-estimates the test log-likelihood with :func:`pvae.log_likelihood`, and writes into the run
-folder (every file atomically: a temporary name in the same folder, then a rename):
-
-- ``config.json``: the run's :class:`pvae.app.runs.RunConfig` (``run``), every argument
-  (defaults resolved), the canonical command line that reproduces the run (``argv``), the
-  pvae/torch/pyro versions and facts about the data;
-- ``checkpoint.pt`` and ``run.json``: written by :func:`pvae.fit` after every epoch;
-- ``metrics.json`` and ``metrics.csv``: the per-epoch history and the final test
-  log-likelihood (mean and standard error over test points);
-- ``learning_curve.png``, ``reconstructions.png``, ``samples.png``.
-
-``pvae compare``: :mod:`pvae.app.compare`; ``pvae diagnose``: :mod:`pvae.app.diagnose`;
-``pvae sample``: :mod:`pvae.app.sample`.
+``pvae train`` checks the data against the likelihood's support, trains with :func:`pvae.fit`,
+estimates the test log-likelihood with :func:`pvae.log_likelihood` and writes into the run
+folder, each file atomically: ``config.json`` (the :class:`~pvae.app.runs.RunConfig`, every
+argument, the canonical command line, versions, facts about the data), ``pvae.fit``'s
+``checkpoint.pt`` and ``run.json``, ``metrics.json``/``metrics.csv`` and the figures.
 
 Every command checks its run folder (:func:`_folder`), data, model and engine before it writes
-anything. Errors in the invocation (unknown names, bad numbers, missing data files, data outside
-the likelihood's support, a folder that does not match ``--resume``) print one line
-``pvae: error: ...`` and exit with status 2; a run that fails exits with 1, an interrupted one
-with 130 (saying what its folder keeps). Set ``PVAE_DEBUG=1`` to get the traceback instead.
+anything. An invocation error prints one line ``pvae: error: ...`` and exits with 2; a failed
+run exits with 1, an interrupted one with 130 (saying what its folder keeps);
+``PVAE_DEBUG=1`` gives the traceback instead.
 """
 
 from __future__ import annotations
@@ -65,12 +46,11 @@ from pvae.app.arguments import (  # the parser (no torch): `pvae` parses there, 
     CliError,
     _subparsers,  # noqa: F401 - the name the CLI tests read
     build_parser,
-    canonical_argv,
     main,
 )
 from pvae.app.registry import MODELS, parse_bound
 from pvae.app.report import HISTORY, metrics_csv
-from pvae.app.runs import json_args
+from pvae.app.runs import canonical_argv, json_args
 from pvae.checkpoint import RUN_JSON, RunDirInUse, load_checkpoint
 from pvae.evaluate import as_tensors
 from pvae.inference import SGHMC
@@ -106,9 +86,7 @@ RESUMABLE: dict[str, tuple[str, set[str]]] = {
 _FAILED = {"train": "training", "compare": "compare", "sample": "sampling"}  # "... failed: "
 
 
-# ---------------------------------------------------------------------------------------------
-# Building blocks of a command
-# ---------------------------------------------------------------------------------------------
+# -- Building blocks of a command ----------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -289,9 +267,7 @@ def _threads(jobs: int = 1) -> str:
     return f"{jobs} processes x {text}" if jobs > 1 else text
 
 
-# ---------------------------------------------------------------------------------------------
-# pvae train
-# ---------------------------------------------------------------------------------------------
+# -- pvae train ----------------------------------------------------------------------------
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -474,9 +450,7 @@ def _figures(model: PyroModule, name: str, ds: data.Splits, seed: int, run_dir: 
             plots.samples(drawn, ds.image_shape, path=run_dir / "samples.png", data=test)
 
 
-# ---------------------------------------------------------------------------------------------
-# pvae compare, pvae diagnose
-# ---------------------------------------------------------------------------------------------
+# -- pvae compare, pvae diagnose -----------------------------------------------------------
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -570,9 +544,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---------------------------------------------------------------------------------------------
-# pvae sample
-# ---------------------------------------------------------------------------------------------
+# -- pvae sample ---------------------------------------------------------------------------
 
 
 def _sample(args: argparse.Namespace) -> int:

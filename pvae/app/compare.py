@@ -1,39 +1,22 @@
 """``pvae compare``: variational bounds side by side on one dataset.
 
-The same architecture is trained once per bound with the same seed (initial weights and
-minibatches), data and budget: every bound draws ``particles`` samples of z per datapoint and
-step (ELBO averages them, IWAE uses all P in one log-mean-exp, MIWAE/PIWAE split them into M
-groups of K with M*K = P; see :mod:`pvae.app.registry`). Each trained pair is measured on the
-test set (the columns are explained in ``results.md``, :mod:`pvae.app.report`): log p(x) by
-importance sampling with K = ``ll_samples`` and its paired Δ to the first bound (same test
-points and random numbers), the ELBO, IWAE-64 and inference gap, the active units
-(:func:`pvae.app.latent_activity`, as ``pvae diagnose``), the gradient SNR of each bound's
-own estimator (Rainforth et al. 2018), times and peak memory, the yardstick (IWAE-64 on the
-first 200 validation points after every epoch: :class:`pvae.train.EpochBound`) and log p(x)
-against K (:data:`LL_KS`, first 100 test points). With several ``seeds`` every bound is
-trained once per seed (folders ``iwae/seed-1``) and :func:`summarize` gives the mean ± sd over
-seeds, flagging a Δ *within seed noise* when ``|mean Δ| < 2 sd``.
+The same architecture is trained once per bound (and seed) with the same initial weights,
+minibatches, data and budget of ``particles`` samples of z per datapoint and step, then
+measured on the test set (the columns are explained in ``results.md``, :mod:`pvae.app.report`).
 
 A comparison is a :class:`Plan` of independent cells (bound x seed), each its own run folder.
 A cell's work is :class:`Task` s run from the :class:`~pvae.app.runs.RunConfig` alone
-(:func:`run_task`): its training, then its evaluation in pieces (:func:`evaluation_tasks`:
-the other test numbers, ``measures``, and log p(x) in chunks of a tenth of the test points,
-each seeded from (seed, first point) by :func:`chunk_seed`). The tasks run in this process,
-in ``jobs`` local processes (``"auto"``: :func:`auto_jobs`) or as Ray tasks, with the same
-numbers bit for bit (at equal torch threads per task). A finished task leaves
-``task-<name>.json`` in its cell's folder, a finished cell its ``cell.json`` (its
-:class:`BoundResult`, per-point log p(x), each task's seconds) in their place; a resumed
-comparison runs only the tasks left. :func:`compare` writes into ``run_dir`` (atomically)
-``config.json``, the files of :data:`OUTPUTS` and one folder per cell (``pvae.fit``'s
-checkpoint, ``run.json``, ``cell.json``).
+(:func:`run_task`): its training, then its evaluation in pieces (:func:`evaluation_tasks`),
+each seeded so that they run in this process, in ``jobs`` local processes or as Ray tasks
+with the same numbers bit for bit (at equal torch threads per task). A finished task leaves
+``task-<name>.json`` in its cell's folder, a finished cell its ``cell.json``; a resumed
+comparison runs only the tasks left. Training and evaluation run with Pyro's validation off;
+the data are checked against the likelihood's support once, up front.
 
-Training and evaluation run with Pyro's validation off (its checks cost about half of an
-importance-weighted step); the data are checked against the likelihood's support once, up
-front. The defaults (5 bounds, 64 particles, MNIST-5k, a 784-200-200-50 MLP VAE, 10 epochs of
+The defaults (5 bounds, 64 particles, MNIST-5k, a 784-200-200-50 MLP VAE, 10 epochs of
 batches of 20, K = 5000 on 500 test points) take about 540 s of CPU on an idle 2-core machine,
-278-300 s of wall time with ``jobs="auto"`` (two idle timings); ``quick=True`` trains a
-smaller net for 2 epochs on a subset with K = 100, in well under a minute. Explicit arguments
-win over either set of defaults.
+278-300 s of wall time with ``jobs="auto"``; ``quick=True`` trains a smaller net for 2 epochs
+on a subset with K = 100. Explicit arguments win over either set of defaults.
 """
 
 from __future__ import annotations
@@ -132,9 +115,7 @@ EXECUTORS = ("local", "ray")
 ProgressFn = Callable[[str], None]
 
 
-# ---------------------------------------------------------------------------------------------
-# Arguments
-# ---------------------------------------------------------------------------------------------
+# -- Arguments -----------------------------------------------------------------------------
 
 
 def settings(quick: bool = False, **given: Any) -> Knobs:
@@ -206,9 +187,7 @@ def check_support(model: PyroModule, ds: data.Splits) -> None:
         likelihood.check_support(x, name=f"{ds.name} {split}")
 
 
-# ---------------------------------------------------------------------------------------------
-# The plan: cells of (bound, seed)
-# ---------------------------------------------------------------------------------------------
+# -- The plan: cells of (bound, seed) ------------------------------------------------------
 
 
 def auto_jobs(cells: int, quick: bool = False) -> int:
@@ -332,9 +311,7 @@ class BoundResult:
         return cls(**{k: v for k, v in known.items() if k in names}, metrics=metrics)
 
 
-# ---------------------------------------------------------------------------------------------
-# One cell
-# ---------------------------------------------------------------------------------------------
+# -- One cell ------------------------------------------------------------------------------
 
 
 def _yardstick_callback(
@@ -483,9 +460,7 @@ def _ll_vs_k(model: PyroModule, test: Any, ks: Sequence[int], seed: int) -> dict
     return curve
 
 
-# ---------------------------------------------------------------------------------------------
-# Tasks: a cell's training, then its evaluation in pieces
-# ---------------------------------------------------------------------------------------------
+# -- Tasks: a cell's training, then its evaluation in pieces -------------------------------
 
 Part = dict[str, Any]  # what a task returns: JSON values
 Params = dict[str, torch.Tensor]  # a trained cell's parameters (unconstrained, by name)
@@ -775,9 +750,7 @@ class _Ledger:
             self.said[cell] = now
 
 
-# ---------------------------------------------------------------------------------------------
-# Executors
-# ---------------------------------------------------------------------------------------------
+# -- Executors -----------------------------------------------------------------------------
 
 
 def _worker(
@@ -895,9 +868,7 @@ def _run_here(
         queue[:0] = ledger.done(task, part, trained)
 
 
-# ---------------------------------------------------------------------------------------------
-# The comparison
-# ---------------------------------------------------------------------------------------------
+# -- The comparison ------------------------------------------------------------------------
 
 
 def check(config: runs.RunConfig, plan: Plan, ds: data.Splits) -> None:

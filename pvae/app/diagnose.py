@@ -1,30 +1,16 @@
 """``pvae diagnose``: latent diagnostics of a trained run folder.
 
-:func:`diagnose` reads a folder written by ``pvae train`` (``config.json``, ``checkpoint.pt``)
-or by ``pvae compare`` (``config.json``, ``results.json``, one folder per bound with its
-``checkpoint.pt``), rebuilds the data and the model from the folder's
-:class:`pvae.app.runs.RunConfig`, loads the trained parameters (``weights_only=True``) and
-writes next to the run (or into ``out_dir``), every file atomically:
+:func:`diagnose` reads a folder of ``pvae train`` or ``pvae compare`` (diagnosed bound by bound
+into subfolders under a summary), rebuilds data and model from its
+:class:`~pvae.app.runs.RunConfig`, loads the trained parameters (``weights_only=True``) and
+writes next to the run (or into ``out_dir``), atomically, ``diagnostics.md`` (the collapse
+verdict, the active units and per latent dimension its KL, activity, collapse
+(:func:`pvae.diagnostics.collapse_report`) and decoder-Jacobian relevance (Saha et al. 2025))
+and the figures of :mod:`pvae.diagnostics.figures`. A ``pvae sample`` run gets R-hat, ESS and
+trace plots (:func:`pvae.app.sample.diagnose_sample`).
 
-- ``diagnostics.md``: the collapse verdict, the active units and a table per latent dimension:
-  **KL** (mean over the test points of KL(q(z_d | x) || p(z_d)), nats); **activity**
-  (Var_x E_q[z_d | x]) and **active** (> 0.01, Burda et al. 2016; the count is
-  :func:`pvae.app.latent_activity`, the "active units" of ``pvae compare`` for the same
-  run and test points); **collapsed** (mean KL below the threshold and, in a layer whose term
-  is not a KL, inactive; :func:`pvae.diagnostics.collapse_report`); **relevance** and **rank**
-  (the decoder-Jacobian score of Saha et al. 2025); **relevant**
-  (:func:`pvae.diagnostics.relevant_in_use`: a collapsed dimension is never relevant);
-- ``kl_per_dim.png``, ``activity.png``, ``relevance.png``, ``traversals.png`` (the three most
-  relevant dimensions moved over ±3 around the posterior mean of the first test point) and,
-  for models whose sites are reported per latent channel, ``paths.png`` (the posterior paths
-  of the first test sequence): :mod:`pvae.diagnostics.figures`, legible for tens of
-  dimensions. A ``pvae sample`` run gets R-hat, ESS and trace plots
-  (:func:`pvae.app.sample.diagnose_sample`) and, when its prior scale was chosen from the
-  data, ``prior_selection.png``.
-
-A compare run is diagnosed bound by bound into subfolders under a summary ``diagnostics.md``.
-The diagnostics use the first ``num_points`` test points, seeded with the run's seed (the global
-random state is left as found); Pyro's parameter store is left holding the last model.
+The diagnostics use the first ``num_points`` test points, seeded with the run's seed (the
+global random state is left as found); Pyro's parameter store is left holding the last model.
 Problems with the folder raise :class:`DiagnoseError`, naming what is missing and what the
 folder holds.
 """
@@ -131,9 +117,7 @@ class Diagnosis:
         return count_active(self.activity)
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading a run folder
-# ---------------------------------------------------------------------------------------------
+# -- Reading a run folder ------------------------------------------------------------------
 
 
 def _contents(folder: Path, limit: int = 10) -> str:
@@ -273,9 +257,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     return run
 
 
-# ---------------------------------------------------------------------------------------------
-# Diagnosing one trained model
-# ---------------------------------------------------------------------------------------------
+# -- Diagnosing one trained model ----------------------------------------------------------
 
 
 def _numbers(value: Any) -> str:
@@ -509,9 +491,7 @@ def _diagnose_train(run_dir: Path, out_dir: Path, num_points: int) -> Diagnosis:
     return _diagnose_model(run, run_dir, out_dir, num_points, [*facts, points])
 
 
-# ---------------------------------------------------------------------------------------------
-# A compare run
-# ---------------------------------------------------------------------------------------------
+# -- A compare run -------------------------------------------------------------------------
 
 
 def _diagnose_compare(
@@ -612,9 +592,7 @@ def _compare_markdown(
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------
-# Entry point
-# ---------------------------------------------------------------------------------------------
+# -- Entry point ---------------------------------------------------------------------------
 
 
 def _diagnose_sample(run_dir: Path, out: Path) -> Diagnosis:

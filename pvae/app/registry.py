@@ -308,9 +308,7 @@ class Option:
         return value
 
 
-# ---------------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------------
+# -- Models --------------------------------------------------------------------------------
 
 DATA_KINDS = ("images", "vectors", "multimodal", "sequences", "multimodal-sequences")
 """``images``: :class:`pvae.data.Splits` with an ``image_shape``; ``vectors``: without one;
@@ -534,9 +532,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Engines
-# ---------------------------------------------------------------------------------------------
+# -- Engines -------------------------------------------------------------------------------
 
 ESTIMATORS = ("reparam", "stl", "dreg")
 """The gradient estimators of the guide (those of :mod:`pvae.inference.importance`, spelt out

@@ -38,6 +38,7 @@ __all__ = [
     "RunFolder",
     "RunFolderError",
     "bound_folder",
+    "canonical_argv",
     "json_args",
     "read_config",
     "rows",
@@ -280,8 +281,22 @@ def write_config(
 def json_args(args: Any) -> dict[str, Any]:
     """The parsed arguments ``args`` (an ``argparse.Namespace``) as JSON values (tuples become
     lists), without the dispatch entries: what ``config.json`` records as ``args``."""
-    values = {key: value for key, value in vars(args).items() if key not in ("command", "func")}
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "func", "spelling")}
     return json.loads(json.dumps(values))
+
+
+def canonical_argv(command: str, args: Any) -> list[str]:
+    """A command line that parses back to ``args`` (every option spelled out), from the
+    spelling the parser left in ``args.spelling``."""
+    argv = [command]
+    for dest, flag, switch in args.spelling:
+        value = getattr(args, dest, None)
+        if value is None or value is False:
+            continue
+        if isinstance(value, list | tuple):
+            value = ",".join(str(item) for item in value)
+        argv += [flag] if switch else [flag, str(value)]
+    return argv
 
 
 def read_config(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:

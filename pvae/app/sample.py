@@ -4,26 +4,15 @@ diagnosis by ``pvae diagnose``.
 ``pvae sample`` takes only models registered with ``sampled=True`` (weights with priors:
 ``bae``); 4 chains by default, so that R-hat is defined; ``--bae-prior-scale auto`` (the
 default) chooses the prior scale by DSWD (``BayesianAE.select_prior``) before sampling.
+Its run folder holds, each written atomically, ``config.json`` (the
+:class:`~pvae.app.runs.RunConfig`, with the scale used and, when chosen from the data,
+``prior_selection``), :func:`pvae.sample`'s ``checkpoint.pt`` and ``run.json`` (``--resume``
+continues bit-identically), ``posterior.pt`` (:meth:`pvae.Posterior.save`) and, for a model
+with ``reconstruct(posterior, x)``, the reconstructions and their per-pixel sd.
 
-A sample run folder holds (every file written atomically):
-
-- ``config.json``: the :class:`pvae.app.runs.RunConfig` (``command="sample"``,
-  ``engine="sghmc"``; ``model_options["prior_scale"]`` the scale used, a number), every
-  argument, the canonical command line and, when the scale was chosen from the data,
-  ``prior_selection`` (``metric``, ``chosen``, ``candidates``, ``distances``);
-- ``checkpoint.pt`` and ``run.json``: written by :func:`pvae.sample` every
-  ``--checkpoint-every`` steps, after every chain and on Ctrl-C; ``--resume`` continues
-  bit-identically;
-- ``posterior.pt``: the :class:`pvae.Posterior` (:meth:`pvae.Posterior.save`);
-- ``reconstructions.png`` (test images over their posterior-mean reconstructions) and
-  ``reconstruction_sd.png`` (the per-pixel standard deviation over draws), for a model with
-  ``reconstruct(posterior, x)``.
-
-``pvae diagnose`` on such a folder writes ``diagnostics.md``: the worst R-hat and the lowest
-bulk ESS over the coordinates checked (every coordinate of a small site, 50 evenly spaced ones
-of a larger one), a per-site table, and ``Posterior.summary()`` (ArviZ) of the coordinates
-with the worst R-hat; and ``trace.png`` (the log joint of every chain, warm-up included) and
-``trace_sites.png`` (``arviz.plot_trace`` of those coordinates).
+``pvae diagnose`` on such a folder (:func:`diagnose_sample`) writes ``diagnostics.md`` (the
+worst R-hat and lowest bulk ESS over the coordinates checked, a per-site table, ArviZ's
+summary of the worst coordinates), ``trace.png`` and ``trace_sites.png``.
 """
 
 from __future__ import annotations
