@@ -93,8 +93,8 @@ the better-explored P raised ``lambda_max`` to 2,640 and cut the step to 0.0003 
 directions again: hidden-unit rescalings that a diagonal P cannot straighten). At 100 images
 (1,200 steps): -176.1 with friction 0.3 fixed (R-hat 2.9), -168.6 with the rule (2.2), and a
 fixed per-step friction of 0.03 or 0.01, -162.7 / -163.6 (R-hat 1.41 / 1.51). SGHMC's default
-friction stays 0.3: 0.1 was not checked on its conjugate tests (under minibatches the step
-scales with the friction).
+friction stays 0.3: 0.1 was checked on two of its conjugate problems only (see its docstring;
+under minibatches the step scales with the friction).
 
 The cpu run (``--jobs 2``, 3 seeds; 1,054 s CPU, see the README): 100 images -162.8 +- 0.1
 against the VAE's -153.6 (9 nats below; 21 with friction 0.3 fixed), R-hat 1.12 (log joint) and
