@@ -236,7 +236,7 @@ def _reference_step(sampler, num_data: int):
     ``torch.autograd.grad``, and the sampler's update with its frozen eta and noise."""
     theta = sampler.theta[0].detach().clone().requires_grad_(True)
     velocity = sampler.velocity[0].clone()
-    eta, noise, alpha = sampler._eta[0], sampler._noise[0], sampler.friction
+    eta, noise, alpha = sampler._eta[0], sampler._noise[0], sampler.alpha
     generator = torch.Generator().manual_seed(0)
     half_log_2pi = 0.5 * float(np.log(2 * np.pi))
 

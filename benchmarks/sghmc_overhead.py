@@ -58,7 +58,7 @@ def reference_step(
     theta = [t.detach().clone().requires_grad_(True) for t in sampler.theta]
     velocity = [v.clone() for v in sampler.velocity]
     eta, noise = sampler._eta, sampler._noise
-    alpha = sampler.friction
+    alpha = sampler.alpha
     generator = torch.Generator().manual_seed(0)
     zero, one = torch.zeros(()), torch.ones(())
     order = {name: i for i, name in enumerate(sampler.names)}

@@ -59,10 +59,24 @@ steps, then freezes everything, so that the sampling phase is a time-homogeneous
    V_hat_i))``: the former rule, which also bounded a non-existent minibatch noise there,
    gave up to 1.7 times less on a stationary quadratic and far less on a drifting window.
    This cap, not ``lr``, sets the step of a Bayesian autoencoder's chains (784-100-10,
-   200-500 images: ``lambda_max`` 300-1,200 after the last window, the step 0.002-0.006
-   while the median P_i V_i is 1e-5 to 0.1, far below its stationary value 1: most weights'
-   preconditioner is far below their posterior variance), so such chains move slowly in
-   most coordinates (see ``benchmarks/papers/bae.py``).
+   100-500 images: ``lambda_max`` 300-17,000 after the last window, the step 1e-4 to 6e-3).
+4. *The friction.* The update is a discretisation of underdamped Langevin dynamics with time
+   step ``sqrt(eta)`` and friction ``alpha / sqrt(eta)`` per unit time. ``friction`` is the
+   friction per step at the step the noise bound and ``lr`` allow; when the curvature cap
+   shortens the step below that, the friction per step becomes ``friction * sqrt(step /
+   uncapped step)`` (``alpha`` below), so that the chain simulates the same dynamics more
+   finely instead of an overdamped random walk whose per-step friction, fixed while the step
+   fell 10-100 times, made its relaxation time in steps grow like ``friction / (eta *
+   lambda)``. A Bayesian autoencoder (200 images, prior 0.1, 4 chains of 1,200 steps) showed
+   it: its weights were under-preconditioned (P_i 2-8 times below the prior variance, which is
+   each weight's conditional variance there: the likelihood's share of the Hessian diagonal is
+   nil for most weights) and fixed per-step friction 0.3 left the chains at levels 26
+   within-chain sds apart (R-hat 3.6); this rule brought them within 7 sds (R-hat 2.3), and
+   with ``friction=0.1`` within 0.8 (R-hat 1.14; the windows' variances then reach 0.6-1 times
+   the prior variance; see ``benchmarks/papers/bae.py``). Where the cap does not bind (every
+   conjugate problem below) nothing changes. The default ``friction`` stays 0.3: 0.1 was
+   checked on two of those problems only (seed 0: the minibatch rho = 0.5 one, R-hat 1.025 and
+   bulk ESS 176; the full-batch rho = 0.8 one, 1.010 and 353 against 0.3's 1.026 and 236).
 
 Measured on three conjugate Bayesian linear regressions (N = 400 to 1000, d = 3 to 5, batches
 of 50 or 100, equicorrelated features included), seeds 0-3, with the defaults (4 chains, 1000
@@ -85,7 +99,9 @@ the rho = 0.8 one (235 to 68, seed 0); the larger of it and the window variance 
 Bayesian autoencoder's chains (200 and 500 images) then exploded a few steps after a window
 closed at every ``lr`` tried (0.05, 0.02, 0.008: the step was set by ``lambda_max``, not
 ``lr``); capping it at 4 times the window variance kept those chains finite but brought back
-this regression's failure (R-hat 1.49, ESS 8).
+this regression's failure (R-hat 1.49, ESS 8). The friction rule (4. above) does not fix it
+either (seed 0: R-hat 1.30, ESS 11; with ``friction=0.05``, 1.25 and 27): here the step, not the
+friction, is what the over-sized P of the stiffest weight wastes.
 
 The plain sampler (``adaptive=False``; Chen et al. 2014) uses an identity mass, the step
 ``eta = lr / N`` (``lr`` per datapoint, N the number of datapoints, 1 without data) and no
@@ -260,7 +276,8 @@ class SGHMC(SamplerEngine):
         (``adaptive=False``): the learning rate per datapoint, each step using ``eta = lr / N``
         (N datapoints; 1 without data).
     :param friction: alpha, the share of the velocity lost per step (Springenberg et al.'s
-        "mdecay"), in (0, 1].
+        "mdecay"), in (0, 1], at the uncapped step; a step that the curvature caps lowers it
+        by ``sqrt(step / uncapped step)`` (the friction in use: ``alpha``).
     :param adaptive: start near the mode and estimate the preconditioner, the gradient noise and
         the step during warm-up (windowed, then frozen); False: plain SGHMC (Chen et al. 2014)
         with an identity mass and no noise estimate (see the module's docstring for the regime
@@ -333,6 +350,7 @@ class SGHMC(SamplerEngine):
         self.window: list[list[torch.Tensor]] = []
         self.window_count = 0
         self.step_size = 0.0  # eta (adaptive, once adapted)
+        self.alpha = self.friction  # the friction per step in use (below friction: a capped step)
         self.curvature = 0.0  # lambda_max(P^1/2 H P^1/2) at the last window close (0: none)
         self.adapted = False
         self.best = -math.inf
@@ -455,6 +473,7 @@ class SGHMC(SamplerEngine):
         """Per-coordinate step eta_i and injected-noise std, from the current estimates."""
         alpha = self.friction
         self._eta, self._noise = [], []
+        self.alpha = alpha
         if not self.adapted:  # plain SGHMC, or an adaptive chain without warm-up
             eta = self.lr / self.num_data
             self._eta = [eta] * len(self.theta)
@@ -462,13 +481,19 @@ class SGHMC(SamplerEngine):
             return
         share = max(float((p * v).max()) for p, v in zip(self.precond, self.grad_var, strict=True))
         if self.stochastic:  # the minibatch noise's share eta * P_i * V_i / (2 alpha) bounded
-            self.step_size = min(self.lr, 2 * alpha * _NOISE_SHARE / max(share, _EPS))
+            design = min(self.lr, 2 * alpha * _NOISE_SHARE / max(share, _EPS))
             curvature = self.curvature
         else:  # no minibatch noise: P_i V_i is the curvature seen along the window's path
-            self.step_size = self.lr
+            design = self.lr
             curvature = max(self.curvature, share)
+        self.step_size = design
         if curvature > 0:  # the stiffest direction, coupling included, stays stable
-            self.step_size = min(self.step_size, _STABLE / curvature)
+            self.step_size = min(design, _STABLE / curvature)
+        # The same dynamics in continuous time (time step sqrt(eta), friction alpha / sqrt(eta)
+        # per unit time): a step capped below the one the friction was set for keeps the
+        # friction per unit time, so the chain is not turned into an overdamped random walk.
+        self.alpha = alpha * math.sqrt(self.step_size / design)
+        alpha = self.alpha
         for p, v in zip(self.precond, self.grad_var, strict=True):
             eta_i = self.step_size * p
             variance = 2 * alpha * eta_i
@@ -755,7 +780,7 @@ class SGHMC(SamplerEngine):
         return abs(estimate) if math.isfinite(estimate) else 0.0
 
     def _move(self, grads: tuple[torch.Tensor, ...]) -> None:
-        alpha = self.friction
+        alpha = self.alpha
         for theta, v, g, eta, noise in zip(
             self.theta, self.velocity, grads, self._eta, self._noise, strict=True
         ):

@@ -10,6 +10,8 @@ about 3-4, plus the bias.
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -269,7 +271,36 @@ def test_full_batch_step_is_set_by_curvature_not_by_a_noise_bound(ratio):
     _set_window(sampler, model, precision, scales, share)
     assert sampler.step_size == pytest.approx(2.0 / max(exact, share), rel=0.02)
     eta = sampler._eta[0]
-    assert torch.allclose(sampler._noise[0], (2 * sampler.friction * eta).sqrt())
+    assert torch.allclose(sampler._noise[0], (2 * sampler.alpha * eta).sqrt())
+
+
+def test_capped_step_keeps_the_friction_per_unit_time():
+    """The dynamics are a discretisation with time step sqrt(eta) and friction alpha /
+    sqrt(eta) per unit time: when the curvature caps the step below the one ``friction`` was set
+    for (``lr`` on full batches), the friction per step shrinks by sqrt(step / lr), so that the
+    capped chain is the same process more finely discretised, not an overdamped random walk;
+    the injected noise 2 alpha eta and the velocity's decay (1 - alpha) use that alpha."""
+    model, precision = _coupled()
+    sampler = SGHMC(lr=10.0)
+    sampler.setup(model, num_warmup=200, seed=0)
+    scales = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    exact = _set_window(sampler, model, precision, scales, share=0.0)
+    step = sampler.step_size
+    assert step == pytest.approx(2.0 / exact, rel=0.02) and step < sampler.lr
+    assert sampler.alpha == pytest.approx(sampler.friction * math.sqrt(step / sampler.lr))
+    eta = sampler._eta[0]
+    assert torch.allclose(sampler._noise[0], (2 * sampler.alpha * eta).sqrt())
+    with torch.no_grad():
+        sampler.velocity[0].fill_(1.0)
+        sampler._noise = [torch.zeros_like(eta)]
+        before = sampler.theta[0].detach().clone()
+        sampler._move((torch.zeros_like(eta),))
+    assert torch.allclose(sampler.velocity[0], torch.full_like(eta, 1 - sampler.alpha))
+    assert torch.allclose(sampler.theta[0].detach() - before, sampler.velocity[0])
+    # where lr binds, the friction is the user's
+    sampler.lr = 0.5 * step
+    sampler._frozen()
+    assert sampler.step_size == sampler.lr and sampler.alpha == sampler.friction
 
 
 def test_minibatch_step_keeps_its_noise_bound():
@@ -283,6 +314,7 @@ def test_minibatch_step_keeps_its_noise_bound():
     exact = _set_window(sampler, model, precision, scales, share=0.0)
     _set_window(sampler, model, precision, scales, share=0.8 * exact)
     assert sampler.step_size == pytest.approx(4 * sampler.friction / (0.8 * exact), rel=0.02)
+    assert sampler.alpha == sampler.friction  # the noise bound, not the curvature, set the step
     eta, v = sampler._eta[0], sampler.grad_var[0]
     expected = (2 * sampler.friction * eta - 0.15 * eta.square() * v).clamp(min=0).sqrt()
     assert torch.allclose(sampler._noise[0], expected)
