@@ -315,6 +315,45 @@ def _constraint(
     return values
 
 
+def _check_options(
+    sizes: dict[str, Any],
+    weights: dict[str, Any],
+    spectral_warmup: Any,
+    max_modulus: Any,
+    solver: Any,
+    decoder: Any,
+    step_scale: Any,
+) -> None:
+    """The scalar options of :class:`KoopmanVAE` checked: ``sizes`` positive integers,
+    ``weights`` finite numbers >= 0, the others as the class docstring says.
+
+    :raises ValueError: naming the first option that is wrong.
+    """
+    for label, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    if isinstance(spectral_warmup, bool) or not isinstance(spectral_warmup, int):
+        raise ValueError(f"spectral_warmup must be an integer >= 0, got {spectral_warmup!r}")
+    if spectral_warmup < 0:
+        raise ValueError(f"spectral_warmup must be an integer >= 0, got {spectral_warmup!r}")
+    for label, value in weights.items():
+        if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{label} must be a finite number >= 0, got {value!r}")
+    if not (isinstance(max_modulus, int | float) and max_modulus > 0):
+        raise ValueError(f"max_modulus must be positive, got {max_modulus!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if step_scale is not None and not (
+        isinstance(step_scale, int | float)
+        and not isinstance(step_scale, bool)
+        and math.isfinite(step_scale)
+        and step_scale > 0
+    ):
+        raise ValueError(f"step_scale must be None or a positive number, got {step_scale!r}")
+
+
 class KoopmanVAE(PyroModule):
     """Koopman VAE: sequential GRU prior linearised by a per-batch Koopman operator.
 
@@ -376,40 +415,19 @@ class KoopmanVAE(PyroModule):
         output_range: tuple[float, float] | None = None,
         name: str = "kvae",
     ):
-        label: str
-        value: Any
-        for label, value in (
-            ("x_dim", x_dim),
-            ("z_dim", z_dim),
-            ("hidden", hidden),
-            ("horizon", horizon),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{label} must be a positive integer, got {value!r}")
-        if isinstance(spectral_warmup, bool) or not isinstance(spectral_warmup, int):
-            raise ValueError(f"spectral_warmup must be an integer >= 0, got {spectral_warmup!r}")
-        if spectral_warmup < 0:
-            raise ValueError(f"spectral_warmup must be an integer >= 0, got {spectral_warmup!r}")
-        for label, value in (
-            ("predictive_weight", predictive_weight),
-            ("spectral_weight", spectral_weight),
-            ("posterior_weight", posterior_weight),
-        ):
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{label} must be a finite number >= 0, got {value!r}")
-        if not (isinstance(max_modulus, int | float) and max_modulus > 0):
-            raise ValueError(f"max_modulus must be positive, got {max_modulus!r}")
-        if solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-        if step_scale is not None and not (
-            isinstance(step_scale, int | float)
-            and not isinstance(step_scale, bool)
-            and math.isfinite(step_scale)
-            and step_scale > 0
-        ):
-            raise ValueError(f"step_scale must be None or a positive number, got {step_scale!r}")
+        _check_options(
+            dict(x_dim=x_dim, z_dim=z_dim, hidden=hidden, horizon=horizon),
+            dict(
+                predictive_weight=predictive_weight,
+                spectral_weight=spectral_weight,
+                posterior_weight=posterior_weight,
+            ),
+            spectral_warmup,
+            max_modulus,
+            solver,
+            decoder,
+            step_scale,
+        )
         bounds = _output_range(output_range, likelihood)
         constraint = _constraint(constraint, z_dim)
         super().__init__(claim(name, self))
