@@ -27,7 +27,9 @@ floor the paper's "Original" row stands for.
 The recipe (ours, not the paper's architecture): ``pvae.models.KoopmanVAE`` (bidirectional-GRU
 guide, GRU prior, per-step MLP decoder whose mean is squashed onto the training data's range,
 ``output_range=(min, max)`` of the observed entries, i.e. (0.5, 1.0); Gaussian likelihood of
-scale 0.05), ELBO, Adam 1e-2;
+scale 0.05), ELBO, Adam 1e-2; samples drawn with the prior's noise scaled by the factor of
+1.0, 1.1, ..., 1.5 whose samples' last-row sd is nearest the training data's
+(``noise_factor``, ``KoopmanVAE.sample(noise_scale=)``; it reads no test data);
 the authors train 3-layer GRUs with z_dim 16 for 600 epochs of 10,000 sequences. Eigenvalue
 runs: z_dim 2, ``predictive_weight = posterior_weight = 100`` and the spectral penalty (weight
 200) switched on after 100 steps (``spectral_warmup``; the module docstring of
@@ -177,24 +179,27 @@ fitted on 512 prior rollouts (``prior A``) or on the guide's mean paths of the t
   of the last rows: the free-running prior's ends are narrower than the data's (end sd
   0.10-0.12 against 0.134), and its scores track that. Scaling the trained prior's noise by
   1.3 when sampling (the recipe's models, no retraining) matches the end sd (0.133-0.139) and
-  scores 0.035, 0.058, 0.058 (mean 0.050; x 1.15: 0.066), strict 0.16-0.48. It is not the
-  recipe: the factor was read off these test scores, the mean sits on the goal within one
-  classifier run's noise, and the irregular rows were not measured; a factor calibrated on the
-  training data's end spread is the lead for a next session.
+  scores 0.035, 0.058, 0.058 (x 1.15: 0.038, 0.060, 0.100), strict 0.16-0.48. That factor
+  was read off these test scores; the recipe instead picks it from the training data alone
+  (``noise_factor``: the factor of 1.0-1.5 whose samples' last-row sd is nearest the training
+  set's), which gives 1.2, 1.3, 1.3 on the regular seeds. Honest caveat: the statistic and the
+  grid were chosen after seeing the test scores above.
 
-  The CPU-budget run with the bounded mean (3 seeds, one run of each classifier a model):
-  paper's protocol 0.083 +- 0.021 regular (seeds 0.052, 0.073, 0.123), 0.087, 0.108, 0.085
-  with 30/50/70% dropped; strict 0.412 +- 0.043 regular (0.48, 0.42, 0.33; seed 0's 0.17
-  above was a lucky single run: the strict classifier's runs are bimodal, 0.05-0.50 across
-  these seeds), 0.240, 0.321, 0.349; predictive 0.014 regular, at the real data's 0.014
-  (0.025 before); no sample outside [0.495, 1]. Against the previous recipe's 0.312 +- 0.022
-  strict (paper's protocol not measured then; 0.218 on seed 0) the bounded mean helps the
-  paper's score and the predictive score, not the strict score.
+  The CPU-budget run with the calibrated noise factor (3 seeds, one run of each classifier a
+  model): paper's protocol 0.046 +- 0.012 regular (seeds 0.022, 0.057, 0.057: the goal met on
+  the mean, not on every seed), 0.062, 0.088, 0.083 with 30/50/70% dropped (factors 1.2-1.5);
+  strict 0.260 +- 0.111 regular (0.14, 0.48, 0.16), 0.260, 0.180, 0.379; predictive 0.013,
+  0.014, 0.019, 0.034 (real data 0.014); no sample outside [0.495, 1]. Without the factor (the
+  run before, bounded mean only): paper's 0.083 +- 0.021 regular (0.052, 0.073, 0.123), 0.087,
+  0.108, 0.085; strict 0.412 +- 0.043 regular, 0.240, 0.321, 0.349 (the strict classifier's
+  single runs are bimodal, 0.03-0.50 across seeds, so its rows move by chance); before the
+  bounded mean, strict 0.312 +- 0.022 and predictive 0.025.
 
 By ``--budget``: ``tiny`` (seconds), ``cpu`` (1,000 training sequences, 40 epochs regular and
-irregular; oscillators 500 sequences, 30 epochs; 808 s of CPU on the idle machine), ``paper``
-(10,000 training sequences, 600 epochs, batch 64, lr 7e-4, z_dim 16: the authors' run script's
-settings; for a GPU).
+irregular; oscillators 500 sequences, 30 epochs; 808 s of CPU on the idle machine without the
+noise factor, which adds about 3 s; 1,094 s with it at load 1.5-3, the other helpers' jobs),
+``paper`` (10,000 training sequences, 600 epochs, batch 64, lr 7e-4, z_dim 16: the authors'
+run script's settings; for a GPU).
 Run: ``python benchmarks/papers/kovae.py --budget cpu``.
 """
 
@@ -221,6 +226,7 @@ METRICS = (
     ("predictive", "predictive score"),
 )
 TOLERANCE = 0.05  # eigenvalue distance; and the discriminative-score goal
+NOISE_GRID = (1.0, 1.1, 1.2, 1.3, 1.4, 1.5)  # factors of the prior's noise at sampling
 EIG_SOURCE = "oscillators' closed form exp(dt(-zeta omega + i omega sqrt(1 - zeta^2)))"
 
 
@@ -228,14 +234,31 @@ def setting_name(share: float) -> str:
     return "sines, regular" if share == 0 else f"sines, {round(100 * share)}% dropped"
 
 
+def noise_factor(model: KoopmanVAE, train, seed: int) -> float:
+    """The factor of :data:`NOISE_GRID` whose samples' last-row sd (mean over channels) is
+    nearest the training data's (observed last rows): the free-running prior's paths come out
+    narrower than the data (script docstring). Reads the training data only."""
+    last = train.values[:, -1][train.mask[:, -1]]
+    target = float(last.std(0).mean())
+    with torch.random.fork_rng(devices=[]):
+        spread = {}
+        for factor in NOISE_GRID:
+            torch.manual_seed(20_000 + seed)
+            rows = model.sample(train.values.shape[1], 1000, noise_scale=factor)[:, -1]
+            spread[factor] = abs(float(rows.std(0).mean()) - target)
+    return min(spread, key=spread.__getitem__)
+
+
 def scores(
-    model: KoopmanVAE, real: torch.Tensor, sizes: dict, runs: int, seed: int, predictive=True
+    model: KoopmanVAE, real: torch.Tensor, data, sizes: dict, runs: int, seed: int, predictive=True
 ) -> dict:
-    """Discriminative (mean over ``runs`` classifiers) and predictive scores of samples."""
+    """Discriminative (mean over ``runs`` classifiers) and predictive scores of samples, drawn
+    with the prior's noise scaled by :func:`noise_factor` on the training split ``data``."""
     model.eval()
+    factor = noise_factor(model, data, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(10_000 + seed)
-        fake = model.sample(real.shape[1], real.shape[0])
+        fake = model.sample(real.shape[1], real.shape[0], noise_scale=factor)
     model.train()
     steps = sizes["classifier_steps"]
     disc = discriminative_score(real, fake, num_runs=runs, num_steps=steps, seed=seed)
@@ -253,6 +276,7 @@ def scores(
         timegan=timegan["mean"],
         first_run=disc["scores"][0],
         predictive=pred,
+        noise_factor=factor,
         outside=float(((fake < 0.495) | (fake > 1.0)).flatten(1).any(1).float().mean()),
     )
 
@@ -271,7 +295,7 @@ def generation_run(share: float, seed: int, sizes: dict, data: dict, curve: bool
     )
 
     def score() -> float:
-        return scores(model, real, sizes, 1, seed, predictive=False)["discriminative"]
+        return scores(model, real, ds.train, sizes, 1, seed, predictive=False)["discriminative"]
 
     run_sizes = dict(epochs=sizes["epochs"], batch_size=sizes["batch_size"], lr=sizes["lr"])
     if curve:  # the last point (the final epoch) is read off the final scores below
@@ -291,7 +315,7 @@ def generation_run(share: float, seed: int, sizes: dict, data: dict, curve: bool
             **run_sizes,
         )
         seconds, points = time.perf_counter() - start, []
-    result = scores(model, real, sizes, sizes["classifier_runs"], seed)
+    result = scores(model, real, ds.train, sizes, sizes["classifier_runs"], seed)
     if curve:
         final = dict(epoch=sizes["epochs"], seconds=seconds, score=result["first_run"])
         points = [*points, final]
@@ -389,6 +413,8 @@ def main() -> None:
             name, "share of samples leaving [0.495, 1]", [r["outside"] for r in runs], digits=3
         )
         report.add(name, "training seconds", [r["seconds"] for r in runs], digits=0)
+        factors = [r["noise_factor"] for r in runs]
+        report.add(name, "noise factor at sampling (fit on training data)", factors, digits=1)
         for metric, label in METRICS[:2]:
             mean, _ = _common.mean_se([r[metric] for r in runs])
             verdict, detail = _common.match_verdict(mean, 0.0, TOLERANCE)
