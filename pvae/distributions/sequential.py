@@ -49,8 +49,9 @@ class PriorNet(nn.Module):
         head's, here; a subclass may fix some (every path through the prior asks this)."""
         return scale
 
-    def rollout(self, num_paths: int, num_steps: int) -> Tensor:
-        """``(num_paths, num_steps, k)`` reparameterised paths drawn from the prior."""
+    def rollout(self, num_paths: int, num_steps: int, noise_scale: float = 1.0) -> Tensor:
+        """``(num_paths, num_steps, k)`` reparameterised paths drawn from the prior; with
+        ``noise_scale`` each step's noise is ``noise_scale sigma(h_t)`` (1: the prior itself)."""
         weight = self.head.weight
         z = weight.new_zeros(num_paths, 1, self.z_dim)
         hidden = None
@@ -58,7 +59,7 @@ class PriorNet(nn.Module):
         for t in range(num_steps):
             out, hidden = self.gru(z, hidden)
             loc, scale = self._gaussian(out)
-            z = loc + self._step_scales(scale, t) * torch.randn_like(loc)
+            z = loc + noise_scale * self._step_scales(scale, t) * torch.randn_like(loc)
             steps.append(z)
         return torch.cat(steps, 1)
 
