@@ -12,6 +12,8 @@ sizes once per budget with :func:`pick`; every budget then runs the same code.
   ``benchmarks/papers/results/<script>``.
 - ``--threads``: ``torch.set_num_threads``; ``--device cpu|cuda``: where models and data live
   (:func:`to_device`).
+- ``--jobs N`` (the scripts that add it with :func:`add_jobs`): the independent runs (seed x
+  setting) in N worker processes (:func:`map_runs`), with the numbers of one process.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +72,33 @@ def parse_args(script: str, doc: str | None, add: Callable | None = None, argv=N
     torch.set_num_threads(args.threads)
     args.script = script
     return args
+
+
+def add_jobs(parser: argparse.ArgumentParser) -> None:
+    """The ``--jobs N`` flag (default 1): worker processes for :func:`map_runs`."""
+
+    def jobs(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"--jobs must be an integer >= 1, got {text!r}")
+        return int(text)
+
+    parser.add_argument(
+        "--jobs", type=jobs, default=1, help="worker processes for the runs (default 1)"
+    )
+
+
+def map_runs(run: Callable[..., Any], tasks: Sequence[tuple], jobs: int, threads: int) -> list:
+    """``[run(*task) for task in tasks]``, in this process, or (``jobs`` > 1) in that many
+    spawned worker processes of ``threads`` torch threads each. ``run`` must be a module-level
+    function that seeds what it draws, so either way gives the same numbers; each run's
+    process CPU seconds are then its worker's."""
+    if jobs <= 1 or len(tasks) <= 1:
+        return [run(*task) for task in tasks]
+    context = get_context("spawn")
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)
+    ) as pool:
+        return list(pool.map(run, *zip(*tasks, strict=True)))
 
 
 def pick(args: argparse.Namespace, tiny: Any, cpu: Any, paper: Any) -> Any:

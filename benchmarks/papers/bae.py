@@ -469,27 +469,13 @@ def run_cells(args: Any, sizes: dict, seeds: list[int], data: dict, ds: Any, net
             run = run_bae if m == "BAE" else run_vae
             out[(m, size, s)] = run(data, ds.train[:size], sizes, s, net)
         return out
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
     state = {k: v.clone() for k, v in net.state_dict().items()}
-    tasks = [(m, size, s, sizes, state, args.threads) for m, size, s in cells]
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        return dict(zip(cells, pool.map(run_cell, tasks), strict=True))
+    tasks = [((m, size, s, sizes, state, args.threads),) for m, size, s in cells]
+    return dict(zip(cells, _common.map_runs(run_cell, tasks, args.jobs, args.threads), strict=True))
 
 
 def main() -> None:
-    def jobs(text: str) -> int:
-        if not text.isdigit() or int(text) < 1:
-            raise argparse.ArgumentTypeError(f"--jobs must be an integer >= 1, got {text!r}")
-        return int(text)
-
-    def add(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "--jobs", type=jobs, default=1, help="worker processes for the cells (default 1)"
-        )
-
-    args = _common.parse_args("bae", __doc__, add)
+    args = _common.parse_args("bae", __doc__, _common.add_jobs)
     sizes = _common.pick(
         args,
         tiny=dict(

@@ -196,16 +196,18 @@ fitted on 512 prior rollouts (``prior A``) or on the guide's mean paths of the t
   bounded mean, strict 0.312 +- 0.022 and predictive 0.025.
 
 By ``--budget``: ``tiny`` (seconds), ``cpu`` (1,000 training sequences, 40 epochs regular and
-irregular; oscillators 500 sequences, 30 epochs; 808 s of CPU on the idle machine without the
-noise factor, which adds about 3 s; 1,094 s with it at load 1.5-3, the other helpers' jobs),
-``paper`` (10,000 training sequences, 600 epochs, batch 64, lr 7e-4, z_dim 16: the authors'
-run script's settings; for a GPU).
-Run: ``python benchmarks/papers/kovae.py --budget cpu``.
+irregular; oscillators 500 sequences, 30 epochs; 1,016 s of CPU on this session's idle machine,
+one process or two), ``paper`` (10,000 training sequences, 600 epochs, batch 64, lr 7e-4,
+z_dim 16: the authors' run script's settings; for a GPU).
+Run: ``python benchmarks/papers/kovae.py --budget cpu --jobs 2``: the seed x setting runs in two
+worker processes, with the numbers of one process (checked to the last digit), 541 s of wall on
+an idle 2-core machine (one process: 1,018 s, over the 15 minutes).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import _common
 import torch
@@ -361,7 +363,7 @@ def eigen_run(constraint: str, seed: int, sizes: dict, osc) -> dict:
 
 
 def main() -> None:
-    args = _common.parse_args("kovae", __doc__)
+    args = _common.parse_args("kovae", __doc__, _common.add_jobs)
     sizes = _common.pick(
         args,
         tiny=dict(
@@ -402,9 +404,11 @@ def main() -> None:
     )
     curves: dict[str, list[dict]] = {}
     floor = predictive_score(data["real"], data["real"], num_steps=sizes["predictive_steps"])
+    tasks = [(share, s, sizes, data, share == 0) for share in SHARES for s in seeds]
+    done = iter(_common.map_runs(generation_run, tasks, args.jobs, args.threads))
     for share in SHARES:
         name = setting_name(share)
-        runs = [generation_run(share, s, sizes, data, curve=share == 0) for s in seeds]
+        runs = [next(done) for _ in seeds]
         for metric, label in METRICS:
             paper = PAPER.get((name, metric))
             source = None if paper is None else f"{TABLE}, KoVAE row, {name}"
@@ -426,12 +430,12 @@ def main() -> None:
             if r["curve"]:
                 curves[f"{name}, seed {s}"] = r["curve"]
     report.add("sines, real data", "predictive score (floor)", [floor] * len(seeds), digits=3)
-    eigen_rows(report, seeds, sizes)
+    eigen_rows(report, seeds, sizes, args)
     _common.write_curves(report, curves, "discriminative score (1 classifier run)")
     report.write()
 
 
-def eigen_rows(report: _common.Report, seeds: list[int], sizes: dict) -> None:
+def eigen_rows(report: _common.Report, seeds: list[int], sizes: dict, args: Any) -> None:
     """Eigenvalue recovery on oscillators, "unit" and prescribed (and unconstrained, except at
     the cpu budget, whose 15 minutes it does not fit)."""
     osc = pvae.data.load("oscillators", sizes=(sizes["osc_train"], 8, 8))
@@ -442,8 +446,11 @@ def eigen_rows(report: _common.Report, seeds: list[int], sizes: dict) -> None:
         f"Adam 3e-3, z_dim 2, predictive and posterior weights 100, spectral weight 200 after "
         f"{sizes['warmup']} steps; eigenvalues fitted on 512 fresh prior rollouts."
     )
-    for constraint in sizes.get("constraints", ("none", "unit", "prescribed")):
-        runs = [eigen_run(constraint, s, sizes, osc) for s in seeds]
+    constraints = sizes.get("constraints", ("none", "unit", "prescribed"))
+    tasks = [(constraint, s, sizes, osc) for constraint in constraints for s in seeds]
+    done = iter(_common.map_runs(eigen_run, tasks, args.jobs, args.threads))
+    for constraint in constraints:
+        runs = [next(done) for _ in seeds]
         name = f"oscillators, constraint {constraint}"
         for part, truth in (
             ("real", round(float(top.real), 3)),

@@ -138,4 +138,8 @@ def test_bad_flags_are_refused_before_any_work(tmp_path, capsys):
         with pytest.raises(SystemExit) as stop:
             _common.parse_args("collapse", None, argv=flags)
         assert stop.value.code == 2 and message in capsys.readouterr().err, flags
+    for jobs in ("0", "-1", "two"):
+        with pytest.raises(SystemExit) as stop:
+            _common.parse_args("kovae", None, _common.add_jobs, argv=["--jobs", jobs])
+        assert stop.value.code == 2 and "--jobs" in capsys.readouterr().err, jobs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
